@@ -1,0 +1,97 @@
+"""The small protocol every ledger backend implements.
+
+A backend owns storage and atomicity; the semantics live in
+`runcap_server.ledger.core` (or, for Redis, in scripts that pass the same
+conformance suite). Arguments arrive validated by the edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from runcap_server.ledger.types import (
+    ChangePage,
+    CloseRunResult,
+    CommitResult,
+    CreateRunResult,
+    RefundResult,
+    ReserveResult,
+    RunSpec,
+    RunView,
+)
+
+
+class Backend(Protocol):
+    async def start(self) -> None:
+        """Open connections and prepare storage. Called once before use."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise BackendUnavailable unless storage answers."""
+        ...
+
+    async def create_run(self, tenant: str, spec: RunSpec) -> CreateRunResult: ...
+
+    async def get_run(self, tenant: str, run_id: str) -> RunView: ...
+
+    async def reserve(
+        self,
+        tenant: str,
+        run_id: str,
+        reservation_id: str,
+        amount_micros: int,
+        ttl_ms: int | None,
+    ) -> ReserveResult: ...
+
+    async def commit(
+        self, tenant: str, run_id: str, reservation_id: str, actual_micros: int
+    ) -> CommitResult: ...
+
+    async def refund(self, tenant: str, run_id: str, reservation_id: str) -> RefundResult: ...
+
+    async def close_run(self, tenant: str, run_id: str) -> CloseRunResult: ...
+
+    async def sweep(self, max_runs: int) -> int:
+        """Release due holds on up to max_runs runs. Returns holds released."""
+        ...
+
+    async def read_changes(
+        self, tenant: str, run_id: str, after_revision: int, limit: int
+    ) -> ChangePage:
+        """Up to `limit` logged changes with revision > after_revision, in order."""
+        ...
+
+    async def wait_for_change(
+        self, tenant: str, run_id: str, after_revision: int, timeout_s: float
+    ) -> None:
+        """Return once the run may be past after_revision, or after timeout_s.
+
+        A hint only (it may wake early); readers confirm with read_changes.
+        """
+        ...
+
+
+class ChangeBell:
+    """In-process doorbell: writers ring a run's key, feeds wait on it."""
+
+    def __init__(self) -> None:
+        self._events: dict[tuple[str, str], asyncio.Event] = {}
+
+    def ring(self, tenant: str, run_id: str) -> None:
+        event = self._events.pop((tenant, run_id), None)
+        if event is not None:
+            event.set()
+
+    def arm(self, tenant: str, run_id: str) -> asyncio.Event:
+        """An event set by the next ring. Arm before checking, then wait."""
+        return self._events.setdefault((tenant, run_id), asyncio.Event())
+
+
+async def wait_event(event: asyncio.Event, timeout_s: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout_s)
+    except TimeoutError:
+        pass

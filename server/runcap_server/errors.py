@@ -1,0 +1,272 @@
+"""Every failure the service reports, defined once.
+
+The ledger and the edge raise these typed exceptions; `to_status` is the one
+place that turns them into a `google.rpc.Status` with an ErrorInfo (reason from
+runcap.v1.ErrorReason) and at most one detail of each other type. Anything
+else becomes INTERNAL with a trace id and no stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from runcap.v1 import errors_pb2
+
+DOMAIN = "runcap.dev"
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class RuncapError(Exception):
+    """A failure with a fixed gRPC code and ErrorInfo reason."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: int = errors_pb2.ERROR_REASON_INTERNAL
+
+    def __init__(self, message: str, **metadata: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = metadata
+
+    def details(self) -> list[Message]:
+        """The error's detail messages besides ErrorInfo."""
+        return []
+
+
+class InvalidArgument(RuncapError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = errors_pb2.ERROR_REASON_INVALID_ARGUMENT
+
+    def __init__(self, violations: Sequence[FieldViolation]) -> None:
+        self.violations = list(violations)
+        summary = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
+        super().__init__(f"invalid request: {summary}", fields=",".join(self.fields))
+
+    @property
+    def fields(self) -> list[str]:
+        return [v.field for v in self.violations]
+
+    def details(self) -> list[Message]:
+        return [
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
+                    for v in self.violations
+                ]
+            )
+        ]
+
+
+class _ResourceError(RuncapError):
+    resource_type = ""
+
+    def __init__(self, message: str, resource_name: str, **metadata: str) -> None:
+        super().__init__(message, **metadata)
+        self.resource_name = resource_name
+
+    def details(self) -> list[Message]:
+        return [
+            error_details_pb2.ResourceInfo(
+                resource_type=self.resource_type,
+                resource_name=self.resource_name,
+                description=self.message,
+            )
+        ]
+
+
+class RunNotFound(_ResourceError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = errors_pb2.ERROR_REASON_RUN_NOT_FOUND
+    resource_type = "runcap.v1.Run"
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(
+            f"run {run_id!r} does not exist; create it with CreateRun first",
+            run_id,
+            run_id=run_id,
+        )
+
+
+class ReservationNotFound(_ResourceError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = errors_pb2.ERROR_REASON_RESERVATION_NOT_FOUND
+    resource_type = "runcap.v1.Reservation"
+
+    def __init__(self, run_id: str, reservation_id: str) -> None:
+        super().__init__(
+            f"run {run_id!r} has no reservation {reservation_id!r}",
+            f"{run_id}/{reservation_id}",
+            run_id=run_id,
+            reservation_id=reservation_id,
+        )
+
+
+class RunAlreadyExists(_ResourceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = errors_pb2.ERROR_REASON_RUN_ALREADY_EXISTS
+    resource_type = "runcap.v1.Run"
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(
+            f"run {run_id!r} already exists with different arguments; "
+            "use a new run id, or repeat the original arguments",
+            run_id,
+            run_id=run_id,
+        )
+
+
+class IdempotencyConflict(_ResourceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = errors_pb2.ERROR_REASON_IDEMPOTENCY_CONFLICT
+    resource_type = "runcap.v1.Reservation"
+
+    def __init__(self, run_id: str, reservation_id: str, what: str) -> None:
+        super().__init__(
+            f"reservation {reservation_id!r} of run {run_id!r} was already {what} "
+            "with different arguments; retry only with the original arguments, "
+            "or use a new reservation id",
+            f"{run_id}/{reservation_id}",
+            run_id=run_id,
+            reservation_id=reservation_id,
+        )
+
+
+class _PreconditionError(RuncapError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    violation_type = ""
+
+    def __init__(self, message: str, run_id: str, reservation_id: str) -> None:
+        super().__init__(message, run_id=run_id, reservation_id=reservation_id)
+        self.subject = f"{run_id}/{reservation_id}"
+
+    def details(self) -> list[Message]:
+        return [
+            error_details_pb2.PreconditionFailure(
+                violations=[
+                    error_details_pb2.PreconditionFailure.Violation(
+                        type=self.violation_type, subject=self.subject, description=self.message
+                    )
+                ]
+            )
+        ]
+
+
+class ReservationBlocked(_PreconditionError):
+    reason = errors_pb2.ERROR_REASON_RESERVATION_BLOCKED
+    violation_type = "RESERVATION_BLOCKED"
+
+    def __init__(self, run_id: str, reservation_id: str) -> None:
+        super().__init__(
+            f"reservation {reservation_id!r} of run {run_id!r} was blocked, "
+            "so nothing is held to commit or refund",
+            run_id,
+            reservation_id,
+        )
+
+
+class ReservationReleased(_PreconditionError):
+    reason = errors_pb2.ERROR_REASON_RESERVATION_RELEASED
+    violation_type = "RESERVATION_RELEASED"
+
+    def __init__(self, run_id: str, reservation_id: str) -> None:
+        super().__init__(
+            f"reservation {reservation_id!r} of run {run_id!r} was refunded and "
+            "can no longer be committed; reserve again under a new id",
+            run_id,
+            reservation_id,
+        )
+
+
+class RevisionOutOfRange(RuncapError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+    reason = errors_pb2.ERROR_REASON_REVISION_OUT_OF_RANGE
+
+    def __init__(self, run_id: str, after_revision: int, floor: int, head: int) -> None:
+        if after_revision > head:
+            why = f"the run is only at revision {head}"
+        else:
+            why = f"the oldest retained change is revision {floor}"
+        super().__init__(
+            f"cannot resume run {run_id!r} after revision {after_revision}: {why}; "
+            "watch again without after_revision to get a fresh snapshot",
+            run_id=run_id,
+            after_revision=str(after_revision),
+            floor=str(floor),
+            head=str(head),
+        )
+
+
+class _RetryableError(RuncapError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+    def details(self) -> list[Message]:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(self.retry_after_ms)
+        return [error_details_pb2.RetryInfo(retry_delay=delay)]
+
+
+class BackendUnavailable(_RetryableError):
+    reason = errors_pb2.ERROR_REASON_BACKEND_UNAVAILABLE
+
+    def __init__(self, what: str, retry_after_ms: int = 1000) -> None:
+        super().__init__(
+            f"the budget ledger is unavailable ({what}); nothing was decided, retry later",
+            retry_after_ms,
+        )
+
+
+class ShuttingDown(_RetryableError):
+    reason = errors_pb2.ERROR_REASON_SHUTTING_DOWN
+
+    def __init__(self, retry_after_ms: int = 100) -> None:
+        super().__init__(
+            "this server is shutting down; retry on another replica", retry_after_ms
+        )
+
+
+def reason_name(reason: int) -> str:
+    """The ErrorInfo reason string: the enum name without its prefix."""
+    return errors_pb2.ErrorReason.Name(reason).removeprefix("ERROR_REASON_")  # type: ignore[arg-type]
+
+
+def _pack(message: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def to_status(error: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status]:
+    """The gRPC code and rich status for any exception raised by a handler."""
+    if not isinstance(error, RuncapError):
+        trace_id = uuid.uuid4().hex
+        _log.error("internal error, trace id %s", trace_id, exc_info=error)
+        error = RuncapError(f"internal error; quote trace id {trace_id} when reporting it")
+        error.metadata["trace_id"] = trace_id
+    info = error_details_pb2.ErrorInfo(
+        reason=reason_name(error.reason), domain=DOMAIN, metadata=error.metadata
+    )
+    status = status_pb2.Status(
+        code=getattr(code_pb2, error.code.name),
+        message=error.message,
+        details=[_pack(info), *(_pack(d) for d in error.details())],
+    )
+    return error.code, status

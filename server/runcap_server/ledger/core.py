@@ -1,0 +1,334 @@
+"""The ledger's semantics, written once (docs/semantics.md describes them).
+
+Each operation works on one run through a `RunStore`, a view of that run's
+rows inside one transaction of some storage. Operations read and check
+everything first and write only when they cannot fail any more, so a failed
+operation changes nothing whatever the storage. Expiry is lazy: every
+operation first releases the run's holds that are due at `now_ms`.
+
+All functions are synchronous and pure apart from the store, so the
+reference model and the SQLite backend share them.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from runcap_server import errors
+from runcap_server.ledger.types import (
+    SETTLED_BY_COMMIT,
+    Account,
+    BudgetState,
+    Change,
+    CloseRunResult,
+    CommitResult,
+    Decision,
+    DecisionReason,
+    EventType,
+    RefundResult,
+    Reservation,
+    ReservationStatus,
+    ReserveResult,
+    RunSpec,
+    RunStatus,
+)
+
+
+class RunStore(Protocol):
+    """One run's rows inside one storage transaction."""
+
+    def load_account(self) -> Account | None: ...
+
+    def load_reservation(self, reservation_id: str) -> Reservation | None: ...
+
+    def due_reservations(self, now_ms: int) -> list[Reservation]:
+        """Held reservations with expires_ms <= now_ms, by (expires_ms, id)."""
+        ...
+
+    def save_account(self, account: Account) -> None: ...
+
+    def save_reservation(self, reservation: Reservation) -> None: ...
+
+    def append_change(self, change: Change) -> None: ...
+
+
+class _Txn:
+    """Collects one operation's changes; `store` sees nothing until `apply`."""
+
+    def __init__(self, store: RunStore, account: Account, now_ms: int) -> None:
+        self.store = store
+        self.account = account.copy()
+        self.now_ms = now_ms
+        self.reservations: dict[str, Reservation] = {}
+        self.changes: list[Change] = []
+
+    def record(self, type_: EventType, reservation: Reservation | None = None, **fields: int) -> None:
+        self.account.revision += 1
+        if reservation is not None:
+            self.reservations[reservation.reservation_id] = reservation
+        self.changes.append(
+            Change(
+                revision=self.account.revision,
+                type=type_,
+                time_ms=self.now_ms,
+                state=self.account.state(),
+                reservation_id=reservation.reservation_id if reservation else "",
+                **fields,  # type: ignore[arg-type]
+            )
+        )
+
+    def expire(self, reservation: Reservation) -> None:
+        held = reservation.held_micros
+        reservation.status = ReservationStatus.EXPIRED
+        reservation.settled_ms = self.now_ms
+        self.account.reserved_micros -= held
+        self.account.active_reservations -= 1
+        self.record(EventType.EXPIRED, reservation, amount_micros=held)
+
+    def apply(self) -> BudgetState:
+        for reservation in self.reservations.values():
+            self.store.save_reservation(reservation)
+        for change in self.changes:
+            self.store.append_change(change)
+        if self.changes:
+            self.store.save_account(self.account)
+        return self.account.state()
+
+
+def _open(store: RunStore, run_id: str, now_ms: int) -> _Txn:
+    """Start an operation on an existing run, with its due holds expired."""
+    account = store.load_account()
+    if account is None:
+        raise errors.RunNotFound(run_id)
+    txn = _Txn(store, account, now_ms)
+    for due in store.due_reservations(now_ms):
+        txn.expire(due.copy())
+    return txn
+
+
+def _reservation(txn: _Txn, reservation_id: str) -> Reservation | None:
+    """The reservation as it stands in this operation (expired if it was due)."""
+    if reservation_id in txn.reservations:
+        return txn.reservations[reservation_id]
+    found = txn.store.load_reservation(reservation_id)
+    if found is None:
+        return None
+    found = found.copy()
+    if (
+        found.status is ReservationStatus.HELD
+        and found.expires_ms is not None
+        and found.expires_ms <= txn.now_ms
+    ):
+        # Due but beyond what due_reservations returned (a bounded batch).
+        txn.expire(found)
+    return found
+
+
+def create_run(
+    store: RunStore, spec: RunSpec, now_ms: int
+) -> tuple[Account, bool]:
+    """Create a run, or find the identical one. Returns (account, replayed)."""
+    existing = store.load_account()
+    if existing is not None:
+        if existing.spec != spec:
+            raise errors.RunAlreadyExists(spec.run_id)
+        return existing, True
+    account = Account(spec=spec, created_ms=now_ms)
+    txn = _Txn(store, account, now_ms)
+    txn.record(EventType.CREATED)
+    txn.apply()
+    return txn.account, False
+
+
+def get_state(store: RunStore, run_id: str, now_ms: int) -> Account:
+    """The run with its due holds expired (the expiries are written)."""
+    txn = _open(store, run_id, now_ms)
+    txn.apply()
+    return txn.account
+
+
+def expire_due(store: RunStore, run_id: str, now_ms: int) -> int:
+    """Release the run's due holds. Returns how many were released."""
+    txn = _open(store, run_id, now_ms)
+    txn.apply()
+    return len(txn.changes)
+
+
+def reserve(
+    store: RunStore,
+    run_id: str,
+    reservation_id: str,
+    amount_micros: int,
+    requested_ttl_ms: int | None,
+    default_ttl_ms: int,
+    now_ms: int,
+) -> ReserveResult:
+    txn = _open(store, run_id, now_ms)
+    account = txn.account
+    previous = _reservation(txn, reservation_id)
+    if previous is not None:
+        if (previous.amount_micros, previous.requested_ttl_ms) != (
+            amount_micros,
+            requested_ttl_ms,
+        ):
+            raise errors.IdempotencyConflict(run_id, reservation_id, "reserved")
+        state = txn.apply()
+        return ReserveResult(
+            decision=previous.decision,
+            reason=previous.reason,
+            reservation_id=reservation_id,
+            held_micros=previous.held_micros,
+            expires_ms=previous.expires_ms,
+            state=state,
+            replayed=True,
+        )
+
+    if account.status is RunStatus.CLOSED:
+        reason = DecisionReason.RUN_CLOSED
+    elif account.committed_micros + account.reserved_micros + amount_micros > (
+        account.spec.limit_micros
+    ):
+        reason = DecisionReason.INSUFFICIENT_BUDGET
+    else:
+        reason = DecisionReason.WITHIN_BUDGET
+    reservation = Reservation(
+        reservation_id=reservation_id,
+        amount_micros=amount_micros,
+        requested_ttl_ms=requested_ttl_ms,
+        status=ReservationStatus.BLOCKED,
+        reason=reason,
+        created_ms=now_ms,
+    )
+    if reason is DecisionReason.WITHIN_BUDGET:
+        reservation.status = ReservationStatus.HELD
+        reservation.held_micros = amount_micros
+        reservation.expires_ms = now_ms + (requested_ttl_ms or default_ttl_ms)
+        account.reserved_micros += amount_micros
+        account.active_reservations += 1
+        txn.record(EventType.RESERVED, reservation, amount_micros=amount_micros)
+    else:
+        # A block changes no money and no revision, but is remembered so a
+        # retry cannot turn it into an allow once budget frees up.
+        txn.reservations[reservation_id] = reservation
+    state = txn.apply()
+    return ReserveResult(
+        decision=reservation.decision,
+        reason=reason,
+        reservation_id=reservation_id,
+        held_micros=reservation.held_micros,
+        expires_ms=reservation.expires_ms,
+        state=state,
+        replayed=False,
+    )
+
+
+def commit(
+    store: RunStore, run_id: str, reservation_id: str, actual_micros: int, now_ms: int
+) -> CommitResult:
+    txn = _open(store, run_id, now_ms)
+    account = txn.account
+    reservation = _reservation(txn, reservation_id)
+    if reservation is None:
+        raise errors.ReservationNotFound(run_id, reservation_id)
+    status = reservation.status
+    if status is ReservationStatus.BLOCKED:
+        raise errors.ReservationBlocked(run_id, reservation_id)
+    if status is ReservationStatus.RELEASED:
+        raise errors.ReservationReleased(run_id, reservation_id)
+    if status in SETTLED_BY_COMMIT:
+        if reservation.actual_micros != actual_micros:
+            raise errors.IdempotencyConflict(run_id, reservation_id, "committed")
+        return CommitResult(
+            state=txn.apply(),
+            reservation_status=status,
+            actual_micros=actual_micros,
+            held_micros=reservation.held_micros,
+            overrun_micros=reservation.overrun_micros,
+            replayed=True,
+        )
+
+    late = status is ReservationStatus.EXPIRED
+    if late:
+        # The hold is gone; the money was spent all the same.
+        overrun = actual_micros
+        reservation.status = ReservationStatus.LATE_COMMITTED
+    else:
+        overrun = max(0, actual_micros - reservation.held_micros)
+        reservation.status = ReservationStatus.COMMITTED
+        account.reserved_micros -= reservation.held_micros
+        account.active_reservations -= 1
+    reservation.actual_micros = actual_micros
+    reservation.overrun_micros = overrun
+    reservation.settled_ms = now_ms
+    account.committed_micros += actual_micros
+    account.overrun_micros += overrun
+    txn.record(
+        EventType.COMMITTED,
+        reservation,
+        amount_micros=reservation.held_micros,
+        actual_micros=actual_micros,
+        overrun_micros=overrun,
+        late=late,
+    )
+    return CommitResult(
+        state=txn.apply(),
+        reservation_status=reservation.status,
+        actual_micros=actual_micros,
+        held_micros=reservation.held_micros,
+        overrun_micros=overrun,
+        replayed=False,
+    )
+
+
+def refund(store: RunStore, run_id: str, reservation_id: str, now_ms: int) -> RefundResult:
+    txn = _open(store, run_id, now_ms)
+    account = txn.account
+    reservation = _reservation(txn, reservation_id)
+    if reservation is None:
+        raise errors.ReservationNotFound(run_id, reservation_id)
+    if reservation.status is ReservationStatus.BLOCKED:
+        raise errors.ReservationBlocked(run_id, reservation_id)
+    if reservation.status is not ReservationStatus.HELD:
+        # Already settled (refunded, committed or expired): nothing to release.
+        return RefundResult(
+            state=txn.apply(),
+            reservation_status=reservation.status,
+            released_micros=0,
+            replayed=True,
+        )
+    held = reservation.held_micros
+    reservation.status = ReservationStatus.RELEASED
+    reservation.settled_ms = now_ms
+    account.reserved_micros -= held
+    account.active_reservations -= 1
+    txn.record(EventType.REFUNDED, reservation, amount_micros=held)
+    return RefundResult(
+        state=txn.apply(),
+        reservation_status=ReservationStatus.RELEASED,
+        released_micros=held,
+        replayed=False,
+    )
+
+
+def close_run(store: RunStore, run_id: str, now_ms: int) -> CloseRunResult:
+    txn = _open(store, run_id, now_ms)
+    account = txn.account
+    if account.status is RunStatus.CLOSED:
+        return CloseRunResult(state=txn.apply(), replayed=True)
+    account.status = RunStatus.CLOSED
+    account.closed_ms = now_ms
+    txn.record(EventType.CLOSED)
+    return CloseRunResult(state=txn.apply(), replayed=False)
+
+
+__all__ = [
+    "Decision",
+    "RunStore",
+    "close_run",
+    "commit",
+    "create_run",
+    "expire_due",
+    "get_state",
+    "refund",
+    "reserve",
+]

@@ -1,0 +1,217 @@
+"""The ledger's values: runs, reservations, changes and operation results.
+
+Enum values equal the runcap.v1 proto values so conversion is a cast. Money is
+int micro-USD and time is int milliseconds of server time, everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+
+# Lua numbers are doubles: Redis scripts are exact only up to 2**53 - 1.
+MAX_MICROS = 2**53 - 1
+
+
+class RunStatus(IntEnum):
+    OPEN = 1
+    CLOSED = 2
+
+
+class Decision(IntEnum):
+    ALLOW = 1
+    BLOCK = 2
+
+
+class DecisionReason(IntEnum):
+    WITHIN_BUDGET = 1
+    INSUFFICIENT_BUDGET = 2
+    RUN_CLOSED = 3
+
+
+class ReservationStatus(IntEnum):
+    HELD = 1
+    COMMITTED = 2
+    RELEASED = 3
+    EXPIRED = 4
+    LATE_COMMITTED = 5
+    BLOCKED = 6
+
+
+SETTLED_BY_COMMIT = frozenset({ReservationStatus.COMMITTED, ReservationStatus.LATE_COMMITTED})
+
+
+class EventType(IntEnum):
+    CREATED = 1
+    RESERVED = 2
+    COMMITTED = 3
+    REFUNDED = 4
+    EXPIRED = 5
+    CLOSED = 6
+
+
+@dataclass(frozen=True, slots=True)
+class RunSpec:
+    """What a client asks for when it creates a run (compared for idempotency)."""
+
+    run_id: str
+    limit_micros: int
+    labels: Mapping[str, str]
+    # None: the server's default applies.
+    default_ttl_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetState:
+    run_id: str
+    limit_micros: int
+    committed_micros: int
+    reserved_micros: int
+    revision: int
+    status: RunStatus
+    active_reservations: int
+    overrun_micros: int
+
+    @property
+    def remaining_micros(self) -> int:
+        return max(0, self.limit_micros - self.committed_micros - self.reserved_micros)
+
+
+@dataclass(slots=True)
+class Account:
+    """A run's ledger row: its configuration and running totals."""
+
+    spec: RunSpec
+    created_ms: int
+    closed_ms: int | None = None
+    status: RunStatus = RunStatus.OPEN
+    committed_micros: int = 0
+    reserved_micros: int = 0
+    overrun_micros: int = 0
+    active_reservations: int = 0
+    revision: int = 0
+
+    @property
+    def run_id(self) -> str:
+        return self.spec.run_id
+
+    def state(self) -> BudgetState:
+        return BudgetState(
+            run_id=self.spec.run_id,
+            limit_micros=self.spec.limit_micros,
+            committed_micros=self.committed_micros,
+            reserved_micros=self.reserved_micros,
+            revision=self.revision,
+            status=self.status,
+            active_reservations=self.active_reservations,
+            overrun_micros=self.overrun_micros,
+        )
+
+    def copy(self) -> Account:
+        return dataclasses.replace(self)
+
+
+@dataclass(slots=True)
+class Reservation:
+    """One reservation of a run, from its decision to its settlement."""
+
+    reservation_id: str
+    # The request's arguments, compared when the same id is retried.
+    amount_micros: int
+    requested_ttl_ms: int | None
+    status: ReservationStatus
+    reason: DecisionReason
+    created_ms: int
+    # What is (or was) held: amount_micros when allowed, 0 when blocked.
+    held_micros: int = 0
+    expires_ms: int | None = None
+    actual_micros: int | None = None
+    overrun_micros: int = 0
+    settled_ms: int | None = None
+
+    @property
+    def decision(self) -> Decision:
+        return Decision.BLOCK if self.status is ReservationStatus.BLOCKED else Decision.ALLOW
+
+    def copy(self) -> Reservation:
+        return dataclasses.replace(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of a run's change log: what happened, and the state after it."""
+
+    revision: int
+    type: EventType
+    time_ms: int
+    state: BudgetState
+    reservation_id: str = ""
+    amount_micros: int = 0
+    actual_micros: int = 0
+    overrun_micros: int = 0
+    late: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RunView:
+    """A run's configuration with its state, as GetRun returns it."""
+
+    spec: RunSpec
+    default_ttl_ms: int
+    created_ms: int
+    closed_ms: int | None
+    state: BudgetState
+
+
+@dataclass(frozen=True, slots=True)
+class CreateRunResult:
+    run: RunView
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    decision: Decision
+    reason: DecisionReason
+    reservation_id: str
+    held_micros: int
+    expires_ms: int | None
+    state: BudgetState
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    state: BudgetState
+    reservation_status: ReservationStatus
+    actual_micros: int
+    held_micros: int
+    overrun_micros: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RefundResult:
+    state: BudgetState
+    reservation_status: ReservationStatus
+    released_micros: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CloseRunResult:
+    state: BudgetState
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChangePage:
+    """Changes read from a run's log, with the log's bounds at read time."""
+
+    changes: list[Change]
+    # The oldest revision still retained (head + 1 when the log is empty).
+    floor: int
+    # The run's current revision.
+    head: int
