@@ -1,0 +1,133 @@
+# runcap developer and CI entry points. `make` (or `make help`) lists the targets.
+#
+# Every recipe runs as one bash script with -euo pipefail (.ONESHELL), so a failing
+# command anywhere in a recipe fails the target.
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.ONESHELL:
+.DEFAULT_GOAL := help
+# Targets share the venv and the generated files: never run them in parallel.
+.NOTPARALLEL:
+MAKEFLAGS += --no-print-directory
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# Rebuilt when pyproject.toml changes; lives inside the venv so `rm -rf .venv` resets it.
+VENV_STAMP := $(VENV)/.runcap-installed
+GEN_PY := clients/python/runcap/v1
+# Hand-written Python checked by mypy (generated folders are excluded in pyproject).
+MYPY_DIRS := server clients/python/runcap tests
+# Extension-less Python scripts that ruff would not discover on its own.
+PY_SCRIPTS := tools/protoc-gen-grpc_python
+# The git revision `make breaking` compares the protos against.
+BREAKING_AGAINST ?= HEAD~1
+
+.PHONY: help venv serve gen check-gen lint breaking test ci bench clean
+
+help: ## Show this help.
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+venv: $(VENV_STAMP) ## Create .venv and install runcap with the dev extras (re-runs when pyproject.toml changes).
+
+$(VENV_STAMP): pyproject.toml
+	@if ! $(VENV)/bin/python -c '' 2>/dev/null; then
+	  echo "creating $(VENV) with $(PYTHON)"
+	  rm -rf $(VENV)
+	  $(PYTHON) -m venv $(VENV)
+	  $(VENV)/bin/python -m pip install -q --upgrade pip
+	fi
+	echo "installing runcap[dev] into $(VENV)"
+	$(VENV)/bin/python -m pip install -q -e '.[dev]'
+	touch $@
+
+serve: venv ## Run the server (settings from RUNCAP_* env; default 127.0.0.1:50051, ./runcap.db).
+	exec $(BIN)/runcap serve
+
+gen: venv ## Regenerate the committed client stubs from proto/ with buf.
+	@echo "removing old generated files in $(GEN_PY)"
+	if [ -d $(GEN_PY) ]; then
+	  find $(GEN_PY) -maxdepth 1 -type f \( -name '*_pb2*.py' -o -name '*_pb2*.pyi' \) -delete
+	fi
+	PATH="$(BIN):$$PATH" buf generate
+
+check-gen: gen ## Fail if `make gen` changes or adds any file under clients/.
+	@if ! git diff --quiet -- clients/ || [ -n "$$(git status --porcelain -- clients/)" ]; then
+	  git status --short -- clients/
+	  git --no-pager diff --stat -- clients/
+	  echo "generated code is out of date: run make gen and commit" >&2
+	  exit 1
+	fi
+	echo "generated code is up to date"
+
+lint: venv ## buf lint, ruff check, ruff format --check and mypy (all run; fails if any fails).
+	@export PATH="$(BIN):$$PATH"
+	rc=0
+	echo "--- buf lint";           buf lint || rc=1
+	echo "--- ruff check";         ruff check . $(PY_SCRIPTS) || rc=1
+	echo "--- ruff format --check"; ruff format --check . $(PY_SCRIPTS) || rc=1
+	# mypy refuses a directory with no Python files, so pass only those that have some.
+	dirs=()
+	for d in $(MYPY_DIRS); do
+	  if [ -n "$$(find "$$d" -name '*.py' -not -path '*/v1/*' -print -quit 2>/dev/null)" ]; then
+	    dirs+=("$$d")
+	  fi
+	done
+	echo "--- mypy $${dirs[*]}"
+	if [ $${#dirs[@]} -gt 0 ]; then mypy "$${dirs[@]}" || rc=1; fi
+	exit $$rc
+
+breaking: venv ## buf breaking against the previous commit (BREAKING_AGAINST=<git rev> to change).
+	@against='$(BREAKING_AGAINST)'
+	if ! git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+	  echo "breaking: skipped: not a git checkout"; exit 0
+	fi
+	# CI clones may be shallow: try to fetch the missing history once.
+	if ! git rev-parse --verify -q "$$against^{commit}" >/dev/null \
+	    && [ "$$(git rev-parse --is-shallow-repository)" = true ]; then
+	  echo "breaking: shallow clone, fetching more history"
+	  timeout 120 git fetch -q --deepen=50 2>/dev/null || true
+	fi
+	if ! rev=$$(git rev-parse --verify -q "$$against^{commit}"); then
+	  echo "breaking: skipped: $$against is not available (first commit or history not fetched)"
+	  exit 0
+	fi
+	if ! git cat-file -e "$$rev:buf.yaml" 2>/dev/null; then
+	  echo "breaking: skipped: $$against ($${rev:0:12}) has no buf.yaml"
+	  exit 0
+	fi
+	echo "breaking: comparing against $$against ($${rev:0:12})"
+	PATH="$(BIN):$$PATH" buf breaking --against ".git#ref=$$rev"
+
+test: venv ## Run the test suite (installs Debian's redis-server first when missing and root).
+	@if ! command -v redis-server >/dev/null; then
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+	    echo "installing redis-server with apt-get"
+	    export DEBIAN_FRONTEND=noninteractive
+	    { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } \
+	      || echo "warning: could not install redis-server; tests that need it will fail or skip" >&2
+	  else
+	    echo "warning: redis-server not on PATH (install it: apt-get install redis-server)" >&2
+	  fi
+	fi
+	echo "--- python tests"
+	$(BIN)/pytest -q
+	# --- Go client tests (clients/go) go here, added by a later issue. ---
+	# --- TypeScript client tests (clients/ts) go here, added by a later issue. ---
+
+ci: lint breaking check-gen test ## Everything CI runs: lint, breaking, check-gen, test.
+
+bench: venv ## Run every bench/*.py script (prints a note when there is none).
+	@shopt -s nullglob
+	scripts=(bench/*.py)
+	if [ $${#scripts[@]} -eq 0 ]; then echo "no benchmarks yet"; exit 0; fi
+	for s in "$${scripts[@]}"; do
+	  echo "--- $$s"
+	  $(BIN)/python "$$s"
+	done
+
+clean: ## Remove the venv, caches and build outputs (keeps runcap.db).
+	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	find . -path ./.git -prune -o -type d \( -name __pycache__ -o -name '*.egg-info' \) \
+	  -prune -exec rm -rf {} +

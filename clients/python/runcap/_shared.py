@@ -1,0 +1,310 @@
+"""What the sync and asyncio clients share: requests, retry policy, Watch
+cursor and the state of a reservation hold. Nothing here does I/O."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Final, Literal
+
+from google.protobuf import duration_pb2
+
+from runcap.errors import (
+    BudgetBlockedError,
+    RevisionOutOfRangeError,
+    RuncapError,
+    UnavailableError,
+)
+from runcap.v1 import budget_pb2, budget_service_pb2
+
+DEFAULT_TARGET: Final = "127.0.0.1:50051"
+"""The address a client connects to when given none."""
+
+Duration = timedelta | float
+"""A duration: a `timedelta`, or seconds as a number."""
+
+CallMetadata = Sequence[tuple[str, str | bytes]]
+"""Metadata sent with every call, for example ``[("authorization", "Bearer ...")]``."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Jittered exponential back-off for retrying UNAVAILABLE.
+
+    The n-th retry waits a random time between half and all of
+    ``min(max_backoff, initial_backoff * multiplier ** (n - 1))`` seconds, or
+    the server's RetryInfo delay when that is longer (capped at
+    `max_backoff`).
+
+    Attributes:
+        max_attempts: Attempts in all, the first included; 1 disables retries.
+            For Watch, the number of consecutive failed (re)connects.
+        initial_backoff: The ceiling of the first wait, in seconds.
+        max_backoff: The ceiling of any wait, in seconds.
+        multiplier: How much the ceiling grows per retry.
+    """
+
+    max_attempts: int = 4
+    initial_backoff: float = 0.1
+    max_backoff: float = 5.0
+    multiplier: float = 2.0
+
+    def delay(self, attempt: int, error: RuncapError) -> float | None:
+        """How long to wait before retrying after failed attempt `attempt`
+        (1-based), or None when `error` is final or the attempts are spent."""
+        if not isinstance(error, UnavailableError) or attempt >= self.max_attempts:
+            return None
+        ceiling = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        wait = random.uniform(ceiling / 2, ceiling)
+        hint = error.retry_after
+        if hint is not None:
+            wait = max(wait, min(hint, self.max_backoff))
+        return wait
+
+
+NO_RETRY: Final = RetryPolicy(max_attempts=1)
+"""A policy that never retries."""
+
+WATCH_RECONNECT: Final = RetryPolicy(max_attempts=10)
+"""The default reconnect policy of Watch: up to 10 consecutive failed connects
+(about 20 seconds of back-off) before the error reaches the caller."""
+
+
+def to_duration(value: Duration | None) -> duration_pb2.Duration | None:
+    """A protobuf Duration, or None when `value` is None. No rounding is done:
+    the server rejects durations that are not whole milliseconds."""
+    if value is None:
+        return None
+    result = duration_pb2.Duration()
+    if isinstance(value, timedelta):
+        result.FromTimedelta(value)
+    else:
+        result.FromNanoseconds(round(value * 1_000_000_000))
+    return result
+
+
+def new_reservation_id() -> str:
+    """A fresh client-side reservation id, so that retries are idempotent."""
+    return uuid.uuid4().hex
+
+
+def create_run_request(
+    run_id: str,
+    limit_micros: int,
+    labels: Mapping[str, str] | None,
+    default_ttl: Duration | None,
+) -> budget_service_pb2.CreateRunRequest:
+    return budget_service_pb2.CreateRunRequest(
+        run_id=run_id,
+        limit_micros=limit_micros,
+        labels=dict(labels or {}),
+        default_ttl=to_duration(default_ttl),
+    )
+
+
+def reserve_request(
+    run_id: str, amount_micros: int, reservation_id: str, ttl: Duration | None
+) -> budget_service_pb2.ReserveRequest:
+    return budget_service_pb2.ReserveRequest(
+        run_id=run_id,
+        reservation_id=reservation_id,
+        amount_micros=amount_micros,
+        ttl=to_duration(ttl),
+    )
+
+
+def commit_request(
+    run_id: str, reservation_id: str, actual_micros: int
+) -> budget_service_pb2.CommitRequest:
+    return budget_service_pb2.CommitRequest(
+        run_id=run_id, reservation_id=reservation_id, actual_micros=actual_micros
+    )
+
+
+def refund_request(run_id: str, reservation_id: str) -> budget_service_pb2.RefundRequest:
+    return budget_service_pb2.RefundRequest(run_id=run_id, reservation_id=reservation_id)
+
+
+class WatchCursor:
+    """The resume logic of a Watch stream, shared by both clients.
+
+    It remembers the last revision delivered, builds each (re)connect
+    request, filters out anything already delivered, and decides after each
+    disconnect whether and when to reconnect.
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        after_revision: int | None,
+        *,
+        resume: bool,
+        resnapshot_on_out_of_range: bool,
+        policy: RetryPolicy,
+    ) -> None:
+        self.run_id = run_id
+        self.last_revision = after_revision
+        self._resume = resume
+        self._resnapshot = resnapshot_on_out_of_range
+        self._policy = policy
+        self._failures = 0
+        self._final = False
+
+    def request(self) -> budget_service_pb2.WatchRequest:
+        """The request for the next (re)connect."""
+        self._final = False
+        return budget_service_pb2.WatchRequest(run_id=self.run_id, after_revision=self.last_revision)
+
+    def accept(self, message: budget_service_pb2.WatchResponse) -> bool:
+        """Records `message`; True when it should reach the caller."""
+        self._failures = 0
+        kind = message.WhichOneof("kind")
+        last = self.last_revision
+        if kind == "event":
+            if last is not None and message.revision <= last:
+                return False
+        elif kind == "progress":
+            if message.progress.final:
+                self._final = True
+                if self._resume:
+                    return False
+            if last is not None and message.revision < last:
+                return False
+        if last is None or message.revision > last:
+            self.last_revision = message.revision
+        return True
+
+    def _next_delay(self, error: RuncapError) -> float | None:
+        self._failures += 1
+        return self._policy.delay(self._failures, error)
+
+    def on_error(self, error: RuncapError) -> float:
+        """The wait before reconnecting after `error`; raises it when final."""
+        if (
+            isinstance(error, RevisionOutOfRangeError)
+            and self._resnapshot
+            and self.last_revision is not None
+        ):
+            # Start over from a fresh snapshot, which the caller sees next.
+            self.last_revision = None
+            return 0.0
+        if not self._resume:
+            raise error
+        delay = self._next_delay(error)
+        if delay is None:
+            raise error
+        return delay
+
+    def on_end(self) -> float | None:
+        """The wait before reconnecting after the server ended the stream, or
+        None when the stream is over (the server ended it without a final
+        progress message, or resuming is off)."""
+        if not (self._final and self._resume):
+            return None
+        # The server is draining: reconnect at once (another replica may take
+        # it); a failure then backs off as usual.
+        self._failures += 1
+        return 0.0
+
+
+HoldOutcome = tuple[Literal["commit"], int] | tuple[Literal["refund"], None]
+
+
+class HoldBase:
+    """The state of a reservation made by a `reserve(...)` context manager.
+
+    Inside the block the hold is live: `response`, `reservation_id`, `state`
+    and `amount_micros` describe it. On leaving the block:
+
+    * normally: the hold is committed with the amount given to
+      `set_actual`, or with the whole held amount when `set_actual` was not
+      called; after `release()` it is refunded instead;
+    * with an exception: the hold is refunded, unless `set_actual` was
+      called, in which case that cost is committed (the money was spent). The
+      exception propagates; a failure to settle is attached to it as a note
+      and the hold is left to expire at its ttl.
+
+    A block decision raises `BudgetBlockedError` on entering; nothing is held.
+    """
+
+    def __init__(
+        self, run_id: str, amount_micros: int, reservation_id: str | None, ttl: Duration | None
+    ) -> None:
+        self.run_id = run_id
+        self.requested_micros = amount_micros
+        self.reservation_id = reservation_id or new_reservation_id()
+        self.ttl = ttl
+        self._response: budget_service_pb2.ReserveResponse | None = None
+        self._actual: int | None = None
+        self._release = False
+        self._entered = False
+        self.commit_response: budget_service_pb2.CommitResponse | None = None
+        """The CommitResponse, once the hold was committed on exit."""
+        self.refund_response: budget_service_pb2.RefundResponse | None = None
+        """The RefundResponse, once the hold was refunded on exit."""
+
+    @property
+    def response(self) -> budget_service_pb2.ReserveResponse:
+        """The ReserveResponse (an allow decision)."""
+        if self._response is None:
+            raise RuntimeError("the hold is not reserved yet: use it as a context manager")
+        return self._response
+
+    @property
+    def amount_micros(self) -> int:
+        """The amount held."""
+        return self.response.amount_micros
+
+    @property
+    def state(self) -> budget_pb2.BudgetState:
+        """The run's latest known budget state: after the reserve inside the
+        block, after the commit or refund once it has left."""
+        if self.commit_response is not None:
+            return self.commit_response.state
+        if self.refund_response is not None:
+            return self.refund_response.state
+        return self.response.state
+
+    @property
+    def actual_micros(self) -> int | None:
+        """The actual cost given to `set_actual`, or None."""
+        return self._actual
+
+    def set_actual(self, micros: int) -> None:
+        """Commit `micros` (zero or more) on leaving the block."""
+        self._actual = micros
+        self._release = False
+
+    def release(self) -> None:
+        """Refund the whole hold on leaving the block (the call did not happen)."""
+        self._actual = None
+        self._release = True
+
+    def _start(self) -> budget_service_pb2.ReserveRequest:
+        if self._entered:
+            raise RuntimeError("a hold can be entered only once")
+        self._entered = True
+        return reserve_request(self.run_id, self.requested_micros, self.reservation_id, self.ttl)
+
+    def _accept(self, response: budget_service_pb2.ReserveResponse) -> None:
+        if response.decision == budget_pb2.DECISION_BLOCK:
+            raise BudgetBlockedError(self.run_id, response)
+        self._response = response
+
+    def _outcome(self, failed: bool) -> HoldOutcome:
+        if self._actual is not None:
+            return ("commit", self._actual)
+        if failed or self._release:
+            return ("refund", None)
+        return ("commit", self.response.amount_micros)
+
+
+def settle_note(hold: HoldBase, error: BaseException) -> str:
+    """The note attached to a body's exception when settling its hold failed."""
+    return (
+        f"runcap: settling reservation {hold.reservation_id!r} of run {hold.run_id!r} "
+        f"failed ({error}); the hold expires at its ttl"
+    )

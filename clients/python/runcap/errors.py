@@ -1,0 +1,362 @@
+"""Typed errors for runcap clients.
+
+The server reports every failure as a `google.rpc.Status` with exactly one
+`google.rpc.ErrorInfo` (domain ``runcap.dev``, reason a `runcap.v1.ErrorReason`
+name without its ``ERROR_REASON_`` prefix) and at most one detail of each other
+type. `from_rpc_error` turns such a status, read from the trailing metadata of a
+failed sync or asyncio call, back into one exception class per reason; the table
+`REASON_TO_ERROR` is the single place that mapping lives. A status without a
+runcap ErrorInfo (a proxy's or the transport's own error) maps by its gRPC code.
+
+A block decision is not a failure: `reserve_once` returns it in the response.
+Only the `reserve(...)` context managers turn it into `BudgetBlockedError`,
+which deliberately does not derive from `RuncapError`, so that code which fails
+open on service trouble (``except RuncapError``) never fails open on a block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Final, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+
+from runcap.v1 import budget_pb2, budget_service_pb2, errors_pb2
+
+DOMAIN: Final = "runcap.dev"
+"""The ErrorInfo domain of every error the runcap server sends."""
+
+STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
+"""The trailing metadata key that carries the serialized `google.rpc.Status`."""
+
+_DETAIL_TYPES: Final[tuple[type[Message], ...]] = (
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.BadRequest,
+    error_details_pb2.ResourceInfo,
+    error_details_pb2.PreconditionFailure,
+    error_details_pb2.RetryInfo,
+    error_details_pb2.QuotaFailure,
+    error_details_pb2.DebugInfo,
+    error_details_pb2.RequestInfo,
+    error_details_pb2.Help,
+    error_details_pb2.LocalizedMessage,
+)
+
+_M = TypeVar("_M", bound=Message)
+
+
+class RuncapError(Exception):
+    """A failed runcap call.
+
+    Attributes:
+        code: The gRPC status code.
+        reason: The ErrorInfo reason (for example ``"RUN_NOT_FOUND"``), or ``""``
+            when the status carried no runcap ErrorInfo.
+        message: The human-readable status message.
+        metadata: The ErrorInfo metadata (for example ``run_id``).
+        details: Every detail message of the status, unpacked (ErrorInfo,
+            BadRequest, ResourceInfo, ...). A detail of a type this module does
+            not know stays a packed `google.protobuf.Any`.
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        reason: str,
+        message: str,
+        metadata: Mapping[str, str] | None = None,
+        details: Sequence[Message] = (),
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.details: list[Message] = list(details)
+
+    def __str__(self) -> str:
+        label = f"{self.code.name} {self.reason}" if self.reason else self.code.name
+        return f"{label}: {self.message}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.code.name}, {self.reason!r}, {self.message!r})"
+
+    def detail(self, kind: type[_M]) -> _M | None:
+        """The first detail of type `kind`, or None."""
+        for detail in self.details:
+            if isinstance(detail, kind):
+                return detail
+        return None
+
+    @property
+    def resource_info(self) -> error_details_pb2.ResourceInfo | None:
+        """The ResourceInfo detail, when the status has one."""
+        return self.detail(error_details_pb2.ResourceInfo)
+
+
+class InvalidArgumentError(RuncapError):
+    """INVALID_ARGUMENT: a field is missing, malformed or out of range."""
+
+    @property
+    def field_violations(self) -> list[tuple[str, str]]:
+        """Every offending field as ``(field, description)``, from BadRequest."""
+        bad = self.detail(error_details_pb2.BadRequest)
+        if bad is None:
+            return []
+        return [(v.field, v.description) for v in bad.field_violations]
+
+
+class RunNotFoundError(RuncapError):
+    """NOT_FOUND: the run does not exist."""
+
+    @property
+    def run_id(self) -> str:
+        """The run that was not found."""
+        return self.metadata.get("run_id", "")
+
+
+class ReservationNotFoundError(RuncapError):
+    """NOT_FOUND: the run has no reservation with this id."""
+
+    @property
+    def run_id(self) -> str:
+        """The run that was searched."""
+        return self.metadata.get("run_id", "")
+
+    @property
+    def reservation_id(self) -> str:
+        """The reservation that was not found."""
+        return self.metadata.get("reservation_id", "")
+
+
+class RunAlreadyExistsError(RuncapError):
+    """ALREADY_EXISTS: a run with this id exists with different arguments."""
+
+    @property
+    def run_id(self) -> str:
+        """The run that already exists."""
+        return self.metadata.get("run_id", "")
+
+
+class IdempotencyConflictError(RuncapError):
+    """ALREADY_EXISTS: the reservation id was used before with other arguments.
+
+    Retry only with the original arguments, or use a new reservation id.
+    """
+
+    @property
+    def run_id(self) -> str:
+        """The run of the reservation."""
+        return self.metadata.get("run_id", "")
+
+    @property
+    def reservation_id(self) -> str:
+        """The reservation id that was reused."""
+        return self.metadata.get("reservation_id", "")
+
+
+class _PreconditionError(RuncapError):
+    @property
+    def violations(self) -> list[tuple[str, str, str]]:
+        """Each PreconditionFailure violation as ``(type, subject, description)``."""
+        failure = self.detail(error_details_pb2.PreconditionFailure)
+        if failure is None:
+            return []
+        return [(v.type, v.subject, v.description) for v in failure.violations]
+
+
+class ReservationBlockedError(_PreconditionError):
+    """FAILED_PRECONDITION: the reservation was blocked; nothing is held."""
+
+
+class ReservationReleasedError(_PreconditionError):
+    """FAILED_PRECONDITION: the reservation was refunded; it cannot be committed."""
+
+
+class RevisionOutOfRangeError(RuncapError):
+    """OUT_OF_RANGE: Watch cannot resume from the requested revision.
+
+    Watch again without ``after_revision`` to start from a fresh snapshot.
+    """
+
+    def _int(self, key: str) -> int | None:
+        value = self.metadata.get(key)
+        try:
+            return None if value is None else int(value)
+        except ValueError:
+            return None
+
+    @property
+    def after_revision(self) -> int | None:
+        """The requested resume point."""
+        return self._int("after_revision")
+
+    @property
+    def floor(self) -> int | None:
+        """The oldest revision the server still retains."""
+        return self._int("floor")
+
+    @property
+    def head(self) -> int | None:
+        """The run's current revision."""
+        return self._int("head")
+
+
+class UnavailableError(RuncapError):
+    """UNAVAILABLE: nothing was decided; the call can be retried.
+
+    Covers BACKEND_UNAVAILABLE (the ledger's storage is down), SHUTTING_DOWN
+    (this replica is draining) and the transport's own UNAVAILABLE (no
+    connection), which carries no ErrorInfo.
+    """
+
+    @property
+    def retry_after(self) -> float | None:
+        """The server's suggested delay in seconds, from RetryInfo, or None."""
+        info = self.detail(error_details_pb2.RetryInfo)
+        if info is None or not info.HasField("retry_delay"):
+            return None
+        return info.retry_delay.ToNanoseconds() / 1e9
+
+
+class InternalError(RuncapError):
+    """INTERNAL (or UNKNOWN, DATA_LOSS): an unexpected fault."""
+
+    @property
+    def trace_id(self) -> str:
+        """The server's trace id to quote in a bug report, or ``""``."""
+        return self.metadata.get("trace_id", "")
+
+
+def _reason(value: errors_pb2.ErrorReason.ValueType) -> str:
+    return errors_pb2.ErrorReason.Name(value).removeprefix("ERROR_REASON_")
+
+
+REASON_TO_ERROR: Final[Mapping[str, type[RuncapError]]] = {
+    _reason(errors_pb2.ERROR_REASON_INVALID_ARGUMENT): InvalidArgumentError,
+    _reason(errors_pb2.ERROR_REASON_RUN_NOT_FOUND): RunNotFoundError,
+    _reason(errors_pb2.ERROR_REASON_RESERVATION_NOT_FOUND): ReservationNotFoundError,
+    _reason(errors_pb2.ERROR_REASON_RUN_ALREADY_EXISTS): RunAlreadyExistsError,
+    _reason(errors_pb2.ERROR_REASON_IDEMPOTENCY_CONFLICT): IdempotencyConflictError,
+    _reason(errors_pb2.ERROR_REASON_RESERVATION_BLOCKED): ReservationBlockedError,
+    _reason(errors_pb2.ERROR_REASON_RESERVATION_RELEASED): ReservationReleasedError,
+    _reason(errors_pb2.ERROR_REASON_REVISION_OUT_OF_RANGE): RevisionOutOfRangeError,
+    _reason(errors_pb2.ERROR_REASON_BACKEND_UNAVAILABLE): UnavailableError,
+    _reason(errors_pb2.ERROR_REASON_SHUTTING_DOWN): UnavailableError,
+    _reason(errors_pb2.ERROR_REASON_INTERNAL): InternalError,
+}
+"""The one table from ErrorInfo reason to exception class."""
+
+_CODE_TO_ERROR: Final[Mapping[grpc.StatusCode, type[RuncapError]]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.OUT_OF_RANGE: RevisionOutOfRangeError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.INTERNAL: InternalError,
+    grpc.StatusCode.UNKNOWN: InternalError,
+    grpc.StatusCode.DATA_LOSS: InternalError,
+}
+"""The fallback for statuses without a known runcap reason."""
+
+_CODES_BY_NUMBER: Final[Mapping[int, grpc.StatusCode]] = {
+    code.value[0]: code for code in grpc.StatusCode
+}
+
+
+def _unpack(packed: any_pb2.Any) -> Message:
+    for kind in _DETAIL_TYPES:
+        if packed.Is(kind.DESCRIPTOR):
+            message = kind()
+            packed.Unpack(message)
+            return message
+    return packed
+
+
+def error_class(code: grpc.StatusCode, reason: str) -> type[RuncapError]:
+    """The exception class for a status code and a runcap ErrorInfo reason."""
+    return REASON_TO_ERROR.get(reason) or _CODE_TO_ERROR.get(code, RuncapError)
+
+
+def from_status(status: status_pb2.Status, code: grpc.StatusCode | None = None) -> RuncapError:
+    """The typed error for a `google.rpc.Status`.
+
+    `code` overrides the status's own code, for example with the code the
+    transport reported.
+    """
+    if code is None:
+        code = _CODES_BY_NUMBER.get(status.code, grpc.StatusCode.UNKNOWN)
+    details = [_unpack(packed) for packed in status.details]
+    reason = ""
+    metadata: Mapping[str, str] = {}
+    for detail in details:
+        if isinstance(detail, error_details_pb2.ErrorInfo):
+            reason, metadata = detail.reason, detail.metadata
+            if detail.domain == DOMAIN:
+                break
+    else:
+        # No ErrorInfo from runcap: keep a foreign reason for display, but
+        # choose the class by code alone.
+        return _CODE_TO_ERROR.get(code, RuncapError)(code, reason, status.message, metadata, details)
+    return error_class(code, reason)(code, reason, status.message, metadata, details)
+
+
+def _status_from_metadata(
+    trailing: Iterable[tuple[str, str | bytes]] | None,
+) -> status_pb2.Status | None:
+    for key, value in trailing or ():
+        if key == STATUS_DETAILS_KEY:
+            raw = value if isinstance(value, bytes) else value.encode("latin-1")
+            return status_pb2.Status.FromString(raw)
+    return None
+
+
+def from_rpc_error(error: grpc.RpcError) -> RuncapError:
+    """The typed error for a failed gRPC call.
+
+    Works for the errors of sync calls (which are `grpc.Call` objects) and of
+    asyncio calls (`grpc.aio.AioRpcError`), whose code, details and trailing
+    metadata are all available without awaiting.
+    """
+    code_of = getattr(error, "code", None)
+    code = code_of() if callable(code_of) else grpc.StatusCode.UNKNOWN
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN
+    details_of = getattr(error, "details", None)
+    message = (details_of() if callable(details_of) else None) or str(error)
+    trailing_of = getattr(error, "trailing_metadata", None)
+    status = _status_from_metadata(trailing_of() if callable(trailing_of) else None)
+    if status is None:
+        return _CODE_TO_ERROR.get(code, RuncapError)(code, "", message)
+    return from_status(status, code)
+
+
+class BudgetBlockedError(Exception):
+    """The server blocked a reservation made by a `reserve(...)` context manager.
+
+    Not a `RuncapError`: the call succeeded and the answer was no. Nothing is
+    held.
+
+    Attributes:
+        response: The ReserveResponse with the block decision.
+        reason: Why (`runcap.v1.DecisionReason`), for example
+            ``DECISION_REASON_INSUFFICIENT_BUDGET``.
+        state: The run's budget state at the decision.
+    """
+
+    def __init__(self, run_id: str, response: budget_service_pb2.ReserveResponse) -> None:
+        self.run_id = run_id
+        self.response = response
+        self.reason: budget_pb2.DecisionReason.ValueType = response.reason
+        self.state: budget_pb2.BudgetState = response.state
+        super().__init__(
+            f"reservation {response.reservation_id!r} of run {run_id!r} was blocked "
+            f"({budget_pb2.DecisionReason.Name(response.reason)}): "
+            f"{response.state.remaining_micros} of {response.state.limit_micros} micros remain"
+        )
+
+    @property
+    def reservation_id(self) -> str:
+        """The blocked reservation's id."""
+        return self.response.reservation_id

@@ -1,0 +1,136 @@
+"""Builds the gRPC server, runs it, and shuts it down gracefully.
+
+Shutdown (SIGTERM or SIGINT): health turns NOT_SERVING, every Watch stream
+ends with a final progress message (its resume point), in-flight calls get
+the grace period, then storage closes and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from runcap.v1 import budget_service_pb2, budget_service_pb2_grpc
+from runcap_server.backends.base import Backend
+from runcap_server.ledger.model import ModelLedger
+from runcap_server.servicer import BudgetServicer
+from runcap_server.settings import Settings
+from runcap_server.sweeper import sweep_forever
+from runcap_server.watch import WatchHub
+
+_log = logging.getLogger("runcap")
+SERVICE_NAME: str = budget_service_pb2.DESCRIPTOR.services_by_name["BudgetService"].full_name
+
+
+def build_backend(settings: Settings) -> Backend:
+    if settings.backend == "memory":
+        return ModelLedger(
+            default_ttl_ms=settings.default_ttl_ms, log_retention=settings.log_retention
+        )
+    from runcap_server.backends.sqlite import SqliteLedger
+
+    return SqliteLedger(
+        path=settings.sqlite_path,
+        default_ttl_ms=settings.default_ttl_ms,
+        log_retention=settings.log_retention,
+        synchronous=settings.sqlite_synchronous.upper(),
+    )
+
+
+def _server_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        # Spread long-lived clients over replicas; Watch clients resume.
+        ("grpc.max_connection_age_ms", settings.max_connection_age_ms),
+        ("grpc.max_connection_age_grace_ms", settings.shutdown_grace_ms),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.max_receive_message_length", 1 << 20),
+    ]
+
+
+class RuncapServer:
+    """The service on one port. `start` returns the bound port (0 picks one)."""
+
+    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
+        self.settings = settings
+        self.backend = backend or build_backend(settings)
+        self.hub = WatchHub(
+            self.backend,
+            queue_size=settings.watch_queue_size,
+            heartbeat_s=settings.watch_heartbeat_ms / 1000,
+        )
+        self.health = HealthServicer()
+        self.server = grpc.aio.server(options=_server_options(settings))
+        self._sweeper: asyncio.Task[None] | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        await self.backend.start()
+        budget_service_pb2_grpc.add_BudgetServiceServicer_to_server(
+            BudgetServicer(self.backend, self.hub, self.settings), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(self.settings.listen_addr)
+        await self.server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._sweeper = asyncio.create_task(
+            sweep_forever(self.backend, self.settings.sweep_interval_ms / 1000),
+            name="expiry-sweeper",
+        )
+        return self.port
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        self.hub.close()
+        # Give streams a moment to send their final progress message.
+        await asyncio.sleep(0.05)
+        await self.server.stop(self.settings.shutdown_grace_ms / 1000)
+        await self.hub.stop()
+        if self._sweeper:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self.backend.close()
+
+
+def _bound_address(listen_addr: str, port: int) -> str:
+    host = listen_addr.rsplit(":", 1)[0]
+    return f"{host}:{port}"
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    server = RuncapServer(settings)
+    port = await server.start()
+    if port == 0:
+        raise OSError(f"could not listen on {settings.listen_addr}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    location = settings.sqlite_path if settings.backend == "sqlite" else "memory"
+    _log.info(
+        "runcap listening on %s (backend %s: %s)",
+        _bound_address(settings.listen_addr, port),
+        settings.backend,
+        location,
+    )
+    await stop.wait()
+    _log.info("shutting down: draining for up to %d ms", settings.shutdown_grace_ms)
+    await server.stop()
+    _log.info("stopped")

@@ -1,0 +1,607 @@
+"""The SQLite backend: the ledger in one local database file.
+
+The semantics are `runcap_server.ledger.core`'s; this module only maps a
+`core.RunStore` onto SQL rows. One connection, used by one dedicated worker
+thread, runs every operation as one `BEGIN IMMEDIATE ... COMMIT` transaction,
+so operations are serialized (and linearizable) and a failed operation leaves
+nothing behind. Server time is read inside the transaction, so the change log's
+times follow the order of the transactions.
+
+Storage failures (disk I/O errors, a database locked beyond the busy timeout)
+are turned into `errors.BackendUnavailable` in one place, `_call`: the service
+fails closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar, cast
+
+from runcap_server import errors
+from runcap_server.backends.base import ChangeBell, wait_event
+from runcap_server.clock import Clock, SystemClock
+from runcap_server.ledger import core
+from runcap_server.ledger.types import (
+    Account,
+    BudgetState,
+    Change,
+    ChangePage,
+    CloseRunResult,
+    CommitResult,
+    CreateRunResult,
+    DecisionReason,
+    EventType,
+    RefundResult,
+    Reservation,
+    ReservationStatus,
+    ReserveResult,
+    RunSpec,
+    RunStatus,
+    RunView,
+)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+SYNCHRONOUS_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
+
+# Every table is keyed by (tenant, run_id, ...): a run's rows are one range of
+# each primary key. STRICT keeps every column an exact integer (or text).
+_HELD = int(ReservationStatus.HELD)
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS runs (
+    tenant TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    limit_micros INTEGER NOT NULL,
+    labels TEXT NOT NULL,
+    default_ttl_ms INTEGER,
+    created_ms INTEGER NOT NULL,
+    closed_ms INTEGER,
+    status INTEGER NOT NULL,
+    committed_micros INTEGER NOT NULL,
+    reserved_micros INTEGER NOT NULL,
+    overrun_micros INTEGER NOT NULL,
+    active_reservations INTEGER NOT NULL,
+    revision INTEGER NOT NULL,
+    PRIMARY KEY (tenant, run_id)
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS reservations (
+    tenant TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    reservation_id TEXT NOT NULL,
+    amount_micros INTEGER NOT NULL,
+    requested_ttl_ms INTEGER,
+    status INTEGER NOT NULL,
+    reason INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    held_micros INTEGER NOT NULL,
+    expires_ms INTEGER,
+    actual_micros INTEGER,
+    overrun_micros INTEGER NOT NULL,
+    settled_ms INTEGER,
+    PRIMARY KEY (tenant, run_id, reservation_id)
+) STRICT, WITHOUT ROWID;
+
+-- The sweeper's scan: due holds of every run, oldest first.
+CREATE INDEX IF NOT EXISTS reservations_held_by_expiry
+    ON reservations (expires_ms) WHERE status = {_HELD};
+
+-- One run's due holds, for the lazy expiry of every operation.
+CREATE INDEX IF NOT EXISTS reservations_held_by_run
+    ON reservations (tenant, run_id, expires_ms) WHERE status = {_HELD};
+
+CREATE TABLE IF NOT EXISTS changes (
+    tenant TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    type INTEGER NOT NULL,
+    time_ms INTEGER NOT NULL,
+    reservation_id TEXT NOT NULL,
+    amount_micros INTEGER NOT NULL,
+    actual_micros INTEGER NOT NULL,
+    overrun_micros INTEGER NOT NULL,
+    late INTEGER NOT NULL,
+    state_limit_micros INTEGER NOT NULL,
+    state_committed_micros INTEGER NOT NULL,
+    state_reserved_micros INTEGER NOT NULL,
+    state_status INTEGER NOT NULL,
+    state_active_reservations INTEGER NOT NULL,
+    state_overrun_micros INTEGER NOT NULL,
+    PRIMARY KEY (tenant, run_id, revision)
+) STRICT, WITHOUT ROWID;
+"""
+
+_ACCOUNT_COLUMNS = (
+    "limit_micros, labels, default_ttl_ms, created_ms, closed_ms, status, "
+    "committed_micros, reserved_micros, overrun_micros, active_reservations, revision"
+)
+_RESERVATION_COLUMNS = (
+    "reservation_id, amount_micros, requested_ttl_ms, status, reason, created_ms, "
+    "held_micros, expires_ms, actual_micros, overrun_micros, settled_ms"
+)
+_CHANGE_COLUMNS = (
+    "revision, type, time_ms, reservation_id, amount_micros, actual_micros, overrun_micros, "
+    "late, state_limit_micros, state_committed_micros, state_reserved_micros, state_status, "
+    "state_active_reservations, state_overrun_micros"
+)
+
+
+def _encode_labels(labels: Mapping[str, str]) -> str:
+    return json.dumps(dict(labels), sort_keys=True, separators=(",", ":"))
+
+
+def _decode_labels(text: str) -> dict[str, str]:
+    return cast(dict[str, str], json.loads(text))
+
+
+def _account(run_id: str, row: tuple[Any, ...]) -> Account:
+    return Account(
+        spec=RunSpec(
+            run_id=run_id,
+            limit_micros=row[0],
+            labels=_decode_labels(row[1]),
+            default_ttl_ms=row[2],
+        ),
+        created_ms=row[3],
+        closed_ms=row[4],
+        status=RunStatus(row[5]),
+        committed_micros=row[6],
+        reserved_micros=row[7],
+        overrun_micros=row[8],
+        active_reservations=row[9],
+        revision=row[10],
+    )
+
+
+def _reservation(row: tuple[Any, ...]) -> Reservation:
+    return Reservation(
+        reservation_id=row[0],
+        amount_micros=row[1],
+        requested_ttl_ms=row[2],
+        status=ReservationStatus(row[3]),
+        reason=DecisionReason(row[4]),
+        created_ms=row[5],
+        held_micros=row[6],
+        expires_ms=row[7],
+        actual_micros=row[8],
+        overrun_micros=row[9],
+        settled_ms=row[10],
+    )
+
+
+def _change(run_id: str, row: tuple[Any, ...]) -> Change:
+    return Change(
+        revision=row[0],
+        type=EventType(row[1]),
+        time_ms=row[2],
+        reservation_id=row[3],
+        amount_micros=row[4],
+        actual_micros=row[5],
+        overrun_micros=row[6],
+        late=bool(row[7]),
+        state=BudgetState(
+            run_id=run_id,
+            limit_micros=row[8],
+            committed_micros=row[9],
+            reserved_micros=row[10],
+            revision=row[0],
+            status=RunStatus(row[11]),
+            active_reservations=row[12],
+            overrun_micros=row[13],
+        ),
+    )
+
+
+class _SqlStore:
+    """core.RunStore over one run's rows, inside the worker's open transaction."""
+
+    def __init__(self, conn: sqlite3.Connection, tenant: str, run_id: str, retention: int) -> None:
+        self.conn = conn
+        self.tenant = tenant
+        self.run_id = run_id
+        self.retention = retention
+
+    def load_account(self) -> Account | None:
+        row = self.conn.execute(
+            f"SELECT {_ACCOUNT_COLUMNS} FROM runs WHERE tenant = ? AND run_id = ?",
+            (self.tenant, self.run_id),
+        ).fetchone()
+        return _account(self.run_id, row) if row is not None else None
+
+    def revision(self) -> int | None:
+        row = self.conn.execute(
+            "SELECT revision FROM runs WHERE tenant = ? AND run_id = ?",
+            (self.tenant, self.run_id),
+        ).fetchone()
+        return cast(int, row[0]) if row is not None else None
+
+    def load_reservation(self, reservation_id: str) -> Reservation | None:
+        row = self.conn.execute(
+            f"SELECT {_RESERVATION_COLUMNS} FROM reservations "
+            "WHERE tenant = ? AND run_id = ? AND reservation_id = ?",
+            (self.tenant, self.run_id, reservation_id),
+        ).fetchone()
+        return _reservation(row) if row is not None else None
+
+    def load_reservations(self) -> list[Reservation]:
+        rows = self.conn.execute(
+            f"SELECT {_RESERVATION_COLUMNS} FROM reservations "
+            "WHERE tenant = ? AND run_id = ? ORDER BY reservation_id",
+            (self.tenant, self.run_id),
+        ).fetchall()
+        return [_reservation(row) for row in rows]
+
+    def due_reservations(self, now_ms: int) -> list[Reservation]:
+        rows = self.conn.execute(
+            f"SELECT {_RESERVATION_COLUMNS} FROM reservations "
+            f"WHERE tenant = ? AND run_id = ? AND status = {_HELD} AND expires_ms <= ? "
+            "ORDER BY expires_ms, reservation_id",
+            (self.tenant, self.run_id, now_ms),
+        ).fetchall()
+        return [_reservation(row) for row in rows]
+
+    def save_account(self, account: Account) -> None:
+        spec = account.spec
+        self.conn.execute(
+            f"INSERT INTO runs (tenant, run_id, {_ACCOUNT_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (tenant, run_id) DO UPDATE SET "
+            "closed_ms = excluded.closed_ms, status = excluded.status, "
+            "committed_micros = excluded.committed_micros, "
+            "reserved_micros = excluded.reserved_micros, "
+            "overrun_micros = excluded.overrun_micros, "
+            "active_reservations = excluded.active_reservations, "
+            "revision = excluded.revision",
+            (
+                self.tenant,
+                self.run_id,
+                spec.limit_micros,
+                _encode_labels(spec.labels),
+                spec.default_ttl_ms,
+                account.created_ms,
+                account.closed_ms,
+                int(account.status),
+                account.committed_micros,
+                account.reserved_micros,
+                account.overrun_micros,
+                account.active_reservations,
+                account.revision,
+            ),
+        )
+
+    def save_reservation(self, reservation: Reservation) -> None:
+        r = reservation
+        self.conn.execute(
+            f"INSERT OR REPLACE INTO reservations (tenant, run_id, {_RESERVATION_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                self.tenant,
+                self.run_id,
+                r.reservation_id,
+                r.amount_micros,
+                r.requested_ttl_ms,
+                int(r.status),
+                int(r.reason),
+                r.created_ms,
+                r.held_micros,
+                r.expires_ms,
+                r.actual_micros,
+                r.overrun_micros,
+                r.settled_ms,
+            ),
+        )
+
+    def append_change(self, change: Change) -> None:
+        s = change.state
+        self.conn.execute(
+            f"INSERT INTO changes (tenant, run_id, {_CHANGE_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                self.tenant,
+                self.run_id,
+                change.revision,
+                int(change.type),
+                change.time_ms,
+                change.reservation_id,
+                change.amount_micros,
+                change.actual_micros,
+                change.overrun_micros,
+                int(change.late),
+                s.limit_micros,
+                s.committed_micros,
+                s.reserved_micros,
+                int(s.status),
+                s.active_reservations,
+                s.overrun_micros,
+            ),
+        )
+        cutoff = change.revision - self.retention
+        if cutoff > 0:
+            self.conn.execute(
+                "DELETE FROM changes WHERE tenant = ? AND run_id = ? AND revision <= ?",
+                (self.tenant, self.run_id, cutoff),
+            )
+
+    def read_changes(self, after_revision: int, limit: int) -> ChangePage | None:
+        head = self.revision()
+        if head is None:
+            return None
+        row = self.conn.execute(
+            "SELECT MIN(revision) FROM changes WHERE tenant = ? AND run_id = ?",
+            (self.tenant, self.run_id),
+        ).fetchone()
+        floor = cast(int, row[0]) if row[0] is not None else head + 1
+        rows = self.conn.execute(
+            f"SELECT {_CHANGE_COLUMNS} FROM changes "
+            "WHERE tenant = ? AND run_id = ? AND revision > ? ORDER BY revision LIMIT ?",
+            (self.tenant, self.run_id, after_revision, max(0, limit)),
+        ).fetchall()
+        return ChangePage(
+            changes=[_change(self.run_id, row) for row in rows], floor=floor, head=head
+        )
+
+
+class SqliteLedger:
+    """The ledger in a SQLite file; implements backends.base.Backend."""
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        default_ttl_ms: int,
+        clock: Clock | None = None,
+        log_retention: int = 10_000,
+        synchronous: str = "FULL",
+        busy_timeout_ms: int = 5_000,
+    ) -> None:
+        if synchronous.upper() not in SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous must be one of {sorted(SYNCHRONOUS_MODES)}")
+        if log_retention < 1:
+            raise ValueError("log_retention must be at least 1")
+        self.path = path
+        self.default_ttl_ms = default_ttl_ms
+        self.clock = clock or SystemClock()
+        self.log_retention = log_retention
+        self.synchronous = synchronous.upper()
+        self.busy_timeout_ms = busy_timeout_ms
+        self._bell = ChangeBell()
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    # -- the worker thread ---------------------------------------------------
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        """Run fn on the worker thread: the one place storage errors are narrowed."""
+        if self._executor is None:
+            raise errors.BackendUnavailable("the SQLite ledger is not open")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn)
+        except sqlite3.DatabaseError as exc:
+            # OperationalError: disk I/O, full disk, locked beyond the busy
+            # timeout; plain DatabaseError: an unreadable file. Anything else
+            # (an IntegrityError, say) is a bug and stays INTERNAL.
+            if isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError:
+                raise errors.BackendUnavailable(f"SQLite: {exc}") from exc
+            raise
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise errors.BackendUnavailable("the SQLite ledger is closed")
+        return self._conn
+
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
+        """fn inside one transaction, committed if it returns, rolled back otherwise."""
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
+        try:
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                # The original failure is the one worth reporting.
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+        return result
+
+    def _run_op(
+        self, tenant: str, run_id: str, op: Callable[[_SqlStore, int], T]
+    ) -> tuple[T, bool]:
+        """One operation on one run; returns its result and whether the run changed."""
+
+        def body(conn: sqlite3.Connection) -> tuple[T, bool]:
+            store = _SqlStore(conn, tenant, run_id, self.log_retention)
+            before = store.revision()
+            result = op(store, self.clock.now_ms())
+            return result, store.revision() != before
+
+        return self._transaction(body)
+
+    async def _op(self, tenant: str, run_id: str, op: Callable[[_SqlStore, int], T]) -> T:
+        result, changed = await self._call(lambda: self._run_op(tenant, run_id, op))
+        if changed:
+            self._bell.ring(tenant, run_id)
+        return result
+
+    def _open_connection(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout_ms / 1000)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            self._conn = conn
+            self._transaction(self._migrate)
+        except BaseException:
+            self._conn = None
+            conn.close()
+            raise
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        version = cast(int, conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"the SQLite ledger has schema version {version}; "
+                f"this server knows only up to {SCHEMA_VERSION}"
+            )
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _close_connection(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()
+
+    # -- Backend -------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._executor is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runcap-sqlite")
+        try:
+            await self._call(self._open_connection)
+        except BaseException:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+            raise
+
+    async def close(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(executor, self._close_connection)
+        finally:
+            executor.shutdown(wait=True)
+
+    async def ping(self) -> None:
+        await self._call(lambda: self._connection().execute("SELECT 1").fetchone())
+
+    def _view(self, account: Account) -> RunView:
+        return RunView(
+            spec=account.spec,
+            default_ttl_ms=account.spec.default_ttl_ms or self.default_ttl_ms,
+            created_ms=account.created_ms,
+            closed_ms=account.closed_ms,
+            state=account.state(),
+        )
+
+    async def create_run(self, tenant: str, spec: RunSpec) -> CreateRunResult:
+        account, replayed = await self._op(
+            tenant, spec.run_id, lambda store, now: core.create_run(store, spec, now)
+        )
+        return CreateRunResult(run=self._view(account), replayed=replayed)
+
+    async def get_run(self, tenant: str, run_id: str) -> RunView:
+        account = await self._op(
+            tenant, run_id, lambda store, now: core.get_state(store, run_id, now)
+        )
+        return self._view(account)
+
+    async def reserve(
+        self,
+        tenant: str,
+        run_id: str,
+        reservation_id: str,
+        amount_micros: int,
+        ttl_ms: int | None,
+    ) -> ReserveResult:
+        def op(store: _SqlStore, now_ms: int) -> ReserveResult:
+            account = store.load_account()
+            if account is None:
+                raise errors.RunNotFound(run_id)
+            default_ttl_ms = account.spec.default_ttl_ms or self.default_ttl_ms
+            return core.reserve(
+                store, run_id, reservation_id, amount_micros, ttl_ms, default_ttl_ms, now_ms
+            )
+
+        return await self._op(tenant, run_id, op)
+
+    async def commit(
+        self, tenant: str, run_id: str, reservation_id: str, actual_micros: int
+    ) -> CommitResult:
+        return await self._op(
+            tenant,
+            run_id,
+            lambda store, now: core.commit(store, run_id, reservation_id, actual_micros, now),
+        )
+
+    async def refund(self, tenant: str, run_id: str, reservation_id: str) -> RefundResult:
+        return await self._op(
+            tenant, run_id, lambda store, now: core.refund(store, run_id, reservation_id, now)
+        )
+
+    async def close_run(self, tenant: str, run_id: str) -> CloseRunResult:
+        return await self._op(tenant, run_id, lambda store, now: core.close_run(store, run_id, now))
+
+    def _due_runs(self, max_runs: int) -> list[tuple[str, str]]:
+        now_ms = self.clock.now_ms()
+        rows = (
+            self._connection()
+            .execute(
+                f"SELECT DISTINCT tenant, run_id FROM reservations INDEXED BY "
+                f"reservations_held_by_expiry WHERE status = {_HELD} AND expires_ms <= ? LIMIT ?",
+                (now_ms, max_runs),
+            )
+            .fetchall()
+        )
+        return [(cast(str, tenant), cast(str, run_id)) for tenant, run_id in rows]
+
+    async def sweep(self, max_runs: int) -> int:
+        if max_runs <= 0:
+            return 0
+        released = 0
+        # Each run expires in its own transaction, so operations interleave.
+        for tenant, run_id in await self._call(lambda: self._due_runs(max_runs)):
+            released += await self._expire_due(tenant, run_id)
+        return released
+
+    async def _expire_due(self, tenant: str, run_id: str) -> int:
+        return await self._op(
+            tenant, run_id, lambda store, now: core.expire_due(store, run_id, now)
+        )
+
+    async def read_changes(
+        self, tenant: str, run_id: str, after_revision: int, limit: int
+    ) -> ChangePage:
+        def body(conn: sqlite3.Connection) -> ChangePage | None:
+            store = _SqlStore(conn, tenant, run_id, self.log_retention)
+            return store.read_changes(after_revision, limit)
+
+        page = await self._call(lambda: self._transaction(body, write=False))
+        if page is None:
+            raise errors.RunNotFound(run_id)
+        return page
+
+    async def _revision(self, tenant: str, run_id: str) -> int | None:
+        def read() -> int | None:
+            return _SqlStore(self._connection(), tenant, run_id, self.log_retention).revision()
+
+        return await self._call(read)
+
+    async def wait_for_change(
+        self, tenant: str, run_id: str, after_revision: int, timeout_s: float
+    ) -> None:
+        event = self._bell.arm(tenant, run_id)
+        revision = await self._revision(tenant, run_id)
+        if revision is None or revision <= after_revision:
+            await wait_event(event, timeout_s)
+
+    async def snapshot(self, tenant: str, run_id: str) -> tuple[Account | None, list[Reservation]]:
+        """A run's stored rows as they are, with nothing expired (tests, debugging)."""
+
+        def body(conn: sqlite3.Connection) -> tuple[Account | None, list[Reservation]]:
+            store = _SqlStore(conn, tenant, run_id, self.log_retention)
+            return store.load_account(), store.load_reservations()
+
+        return await self._call(lambda: self._transaction(body, write=False))

@@ -1,0 +1,54 @@
+"""Ledger values to runcap.v1 messages. Enum values are shared, so enums are casts."""
+
+from __future__ import annotations
+
+from google.protobuf import timestamp_pb2
+
+from runcap.v1 import budget_pb2
+from runcap_server.ledger.types import BudgetState, Change, RunView
+
+
+def timestamp(ms: int) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromMilliseconds(ms)
+    return stamp
+
+
+def state_pb(state: BudgetState) -> budget_pb2.BudgetState:
+    return budget_pb2.BudgetState(
+        run_id=state.run_id,
+        limit_micros=state.limit_micros,
+        committed_micros=state.committed_micros,
+        reserved_micros=state.reserved_micros,
+        remaining_micros=state.remaining_micros,
+        revision=state.revision,
+        status=state.status.value,  # type: ignore[arg-type]
+        active_reservations=state.active_reservations,
+        overrun_micros=state.overrun_micros,
+    )
+
+
+def run_pb(view: RunView) -> budget_pb2.Run:
+    run = budget_pb2.Run(
+        run_id=view.spec.run_id,
+        limit_micros=view.spec.limit_micros,
+        labels=dict(view.spec.labels),
+        default_ttl_millis=view.default_ttl_ms,
+        create_time=timestamp(view.created_ms),
+    )
+    if view.closed_ms is not None:
+        run.close_time.CopyFrom(timestamp(view.closed_ms))
+    return run
+
+
+def event_pb(change: Change) -> budget_pb2.BudgetEvent:
+    return budget_pb2.BudgetEvent(
+        type=change.type.value,  # type: ignore[arg-type]
+        reservation_id=change.reservation_id,
+        amount_micros=change.amount_micros,
+        actual_micros=change.actual_micros,
+        overrun_micros=change.overrun_micros,
+        late=change.late,
+        time=timestamp(change.time_ms),
+        state=state_pb(change.state),
+    )

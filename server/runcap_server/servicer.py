@@ -1,0 +1,225 @@
+"""The runcap.v1.BudgetService servicer: proto in, validated ledger call, proto out."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from grpc_status import rpc_status
+
+from runcap.v1 import budget_pb2, budget_service_pb2, budget_service_pb2_grpc
+from runcap_server import convert, errors
+from runcap_server.backends.base import Backend
+from runcap_server.ledger.types import Change, RunSpec
+from runcap_server.settings import Settings
+from runcap_server.validation import Validator
+from runcap_server.watch import Progress, Snapshot, WatchHub, WatchItem
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Handler = Callable[["BudgetServicer", Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]]
+
+
+async def _abort(context: grpc.aio.ServicerContext[object, object], error: BaseException) -> None:
+    _, status = errors.to_status(error)
+    await context.abort_with_status(rpc_status.to_status(status))
+
+
+def _unary(handler: Handler[Request, Response]) -> Handler[Request, Response]:
+    """Turns every exception into its one documented status (errors.to_status)."""
+
+    @functools.wraps(handler)
+    async def wrapped(
+        self: BudgetServicer,
+        request: Request,
+        context: grpc.aio.ServicerContext[Request, Response],
+    ) -> Response:
+        try:
+            return await handler(self, request, context)
+        except Exception as error:
+            await _abort(context, error)  # type: ignore[arg-type]
+            raise AssertionError("abort_with_status returned") from error
+
+    return wrapped
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
+    def __init__(self, backend: Backend, hub: WatchHub, settings: Settings) -> None:
+        self.backend = backend
+        self.hub = hub
+        self.settings = settings
+        self.tenant = settings.tenant
+
+    @_unary
+    async def CreateRun(
+        self,
+        request: budget_service_pb2.CreateRunRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> budget_service_pb2.CreateRunResponse:
+        check = Validator()
+        run_id = check.identifier("run_id", request.run_id, required=False) or _new_id()
+        limit = check.micros("limit_micros", request.limit_micros, minimum=1)
+        labels = check.labels("labels", request.labels)
+        ttl = check.duration_ms(
+            "default_ttl",
+            request.default_ttl if request.HasField("default_ttl") else None,
+            max_ms=self.settings.max_ttl_ms,
+        )
+        check.done()
+        result = await self.backend.create_run(
+            self.tenant, RunSpec(run_id, limit, labels, ttl)
+        )
+        return budget_service_pb2.CreateRunResponse(
+            run=convert.run_pb(result.run),
+            state=convert.state_pb(result.run.state),
+            replayed=result.replayed,
+        )
+
+    @_unary
+    async def GetRun(
+        self,
+        request: budget_service_pb2.GetRunRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> budget_service_pb2.GetRunResponse:
+        check = Validator()
+        run_id = check.identifier("run_id", request.run_id)
+        check.done()
+        view = await self.backend.get_run(self.tenant, run_id)
+        return budget_service_pb2.GetRunResponse(
+            run=convert.run_pb(view), state=convert.state_pb(view.state)
+        )
+
+    @_unary
+    async def Reserve(
+        self,
+        request: budget_service_pb2.ReserveRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> budget_service_pb2.ReserveResponse:
+        check = Validator()
+        run_id = check.identifier("run_id", request.run_id)
+        reservation_id = (
+            check.identifier("reservation_id", request.reservation_id, required=False)
+            or _new_id()
+        )
+        amount = check.micros(
+            "amount_micros",
+            request.amount_micros if request.HasField("amount_micros") else None,
+            minimum=1,
+        )
+        ttl = check.duration_ms(
+            "ttl",
+            request.ttl if request.HasField("ttl") else None,
+            max_ms=self.settings.max_ttl_ms,
+        )
+        check.done()
+        result = await self.backend.reserve(self.tenant, run_id, reservation_id, amount, ttl)
+        response = budget_service_pb2.ReserveResponse(
+            decision=result.decision.value,  # type: ignore[arg-type]
+            reason=result.reason.value,  # type: ignore[arg-type]
+            reservation_id=result.reservation_id,
+            amount_micros=result.held_micros,
+            state=convert.state_pb(result.state),
+            replayed=result.replayed,
+        )
+        if result.expires_ms is not None:
+            response.expire_time.CopyFrom(convert.timestamp(result.expires_ms))
+        return response
+
+    @_unary
+    async def Commit(
+        self,
+        request: budget_service_pb2.CommitRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> budget_service_pb2.CommitResponse:
+        check = Validator()
+        run_id = check.identifier("run_id", request.run_id)
+        reservation_id = check.identifier("reservation_id", request.reservation_id)
+        actual = check.micros(
+            "actual_micros",
+            request.actual_micros if request.HasField("actual_micros") else None,
+            minimum=0,
+        )
+        check.done()
+        result = await self.backend.commit(self.tenant, run_id, reservation_id, actual)
+        return budget_service_pb2.CommitResponse(
+            state=convert.state_pb(result.state),
+            overrun_micros=result.overrun_micros,
+            replayed=result.replayed,
+            reservation_status=result.reservation_status.value,  # type: ignore[arg-type]
+            actual_micros=result.actual_micros,
+            held_micros=result.held_micros,
+        )
+
+    @_unary
+    async def Refund(
+        self,
+        request: budget_service_pb2.RefundRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> budget_service_pb2.RefundResponse:
+        check = Validator()
+        run_id = check.identifier("run_id", request.run_id)
+        reservation_id = check.identifier("reservation_id", request.reservation_id)
+        check.done()
+        result = await self.backend.refund(self.tenant, run_id, reservation_id)
+        return budget_service_pb2.RefundResponse(
+            state=convert.state_pb(result.state),
+            replayed=result.replayed,
+            reservation_status=result.reservation_status.value,  # type: ignore[arg-type]
+            released_micros=result.released_micros,
+        )
+
+    @_unary
+    async def CloseRun(
+        self,
+        request: budget_service_pb2.CloseRunRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> budget_service_pb2.CloseRunResponse:
+        check = Validator()
+        run_id = check.identifier("run_id", request.run_id)
+        check.done()
+        result = await self.backend.close_run(self.tenant, run_id)
+        return budget_service_pb2.CloseRunResponse(
+            state=convert.state_pb(result.state), replayed=result.replayed
+        )
+
+    async def Watch(
+        self,
+        request: budget_service_pb2.WatchRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> AsyncIterator[budget_service_pb2.WatchResponse]:
+        try:
+            check = Validator()
+            run_id = check.identifier("run_id", request.run_id)
+            after: int | None = None
+            if request.HasField("after_revision"):
+                after = request.after_revision
+                if after < 0:
+                    check.fail("after_revision", f"must not be negative (got {after})")
+            check.done()
+            items = self.hub.stream(self.tenant, run_id, after)
+            async with contextlib.aclosing(items):
+                async for item in items:
+                    yield _watch_response(item)
+        except Exception as error:
+            await _abort(context, error)
+
+
+def _watch_response(item: WatchItem) -> budget_service_pb2.WatchResponse:
+    if isinstance(item, Snapshot):
+        return budget_service_pb2.WatchResponse(
+            revision=item.state.revision, snapshot=convert.state_pb(item.state)
+        )
+    if isinstance(item, Progress):
+        return budget_service_pb2.WatchResponse(
+            revision=item.revision, progress=budget_pb2.Progress(final=item.final)
+        )
+    assert isinstance(item, Change)
+    return budget_service_pb2.WatchResponse(revision=item.revision, event=convert.event_pb(item))

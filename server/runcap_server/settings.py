@@ -1,0 +1,87 @@
+"""Settings: one frozen object, from RUNCAP_* environment variables and flags.
+
+Every setting has a documented default (README, "Configuration"). Durations
+accept a number with a unit: 250ms, 30s, 10m, 24h.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+_DURATION = re.compile(r"(\d+)(ms|s|m|h)")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+BACKENDS = ("sqlite", "memory")
+
+
+def parse_duration_ms(text: str) -> int:
+    match = _DURATION.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a duration such as 250ms, 30s, 10m or 24h")
+    return int(match.group(1)) * _UNIT_MS[match.group(2)]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen_addr: str = field(default="127.0.0.1:50051", metadata={"env": "LISTEN_ADDR"})
+    backend: str = field(default="sqlite", metadata={"env": "BACKEND"})
+    sqlite_path: str = field(default="./runcap.db", metadata={"env": "SQLITE_PATH"})
+    # FULL survives power loss; NORMAL survives process crashes only.
+    sqlite_synchronous: str = field(default="FULL", metadata={"env": "SQLITE_SYNCHRONOUS"})
+    default_ttl_ms: int = field(default=600_000, metadata={"env": "DEFAULT_TTL"})
+    max_ttl_ms: int = field(default=86_400_000, metadata={"env": "MAX_TTL"})
+    sweep_interval_ms: int = field(default=250, metadata={"env": "SWEEP_INTERVAL"})
+    watch_heartbeat_ms: int = field(default=15_000, metadata={"env": "WATCH_HEARTBEAT"})
+    watch_queue_size: int = field(default=1024, metadata={"env": "WATCH_QUEUE_SIZE"})
+    log_retention: int = field(default=10_000, metadata={"env": "LOG_RETENTION"})
+    shutdown_grace_ms: int = field(default=10_000, metadata={"env": "SHUTDOWN_GRACE"})
+    max_connection_age_ms: int = field(
+        default=1_800_000, metadata={"env": "MAX_CONNECTION_AGE"}
+    )
+    log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL"})
+    tenant: str = field(default="default", metadata={"env": "TENANT"})
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"RUNCAP_BACKEND must be one of {', '.join(BACKENDS)}")
+        if self.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise ValueError("RUNCAP_SQLITE_SYNCHRONOUS must be FULL, NORMAL or EXTRA")
+        if not 0 < self.default_ttl_ms <= self.max_ttl_ms:
+            raise ValueError("RUNCAP_DEFAULT_TTL must be positive and at most RUNCAP_MAX_TTL")
+        for name in ("sweep_interval_ms", "watch_heartbeat_ms", "watch_queue_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"RUNCAP_{_env_name(name)} must be positive")
+        if self.log_retention < 1:
+            raise ValueError("RUNCAP_LOG_RETENTION must be at least 1")
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: object
+    ) -> Settings:
+        """Defaults, then RUNCAP_* variables, then explicit overrides (flags)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get("RUNCAP_" + f.metadata["env"])
+            if raw is not None and raw != "":
+                values[f.name] = _convert(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _env_name(name: str) -> str:
+    return str(next(f for f in dataclasses.fields(Settings) if f.name == name).metadata["env"])
+
+
+def _convert(f: dataclasses.Field[object], raw: str) -> object:
+    try:
+        if f.name.endswith("_ms"):
+            return parse_duration_ms(raw)
+        if f.type in ("int", int):
+            return int(raw)
+    except ValueError as error:
+        raise ValueError(f"RUNCAP_{f.metadata['env']}: {error}") from None
+    return raw

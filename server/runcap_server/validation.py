@@ -1,0 +1,93 @@
+"""Edge validation: every request is checked here before the ledger sees it.
+
+Each check adds to one list of field violations, so a client learns about all
+of its mistakes in a single INVALID_ARGUMENT answer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from google.protobuf import duration_pb2
+
+from runcap_server.errors import FieldViolation, InvalidArgument
+from runcap_server.ledger.types import MAX_MICROS
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+LABEL_KEY_PATTERN = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
+MAX_LABELS = 64
+MAX_LABEL_VALUE = 256
+ID_RULE = (
+    "must be 1 to 128 characters of letters, digits and . _ - :, starting with a letter or digit"
+)
+
+
+class Validator:
+    """Collects the violations of one request."""
+
+    def __init__(self) -> None:
+        self.violations: list[FieldViolation] = []
+
+    def fail(self, field: str, description: str) -> None:
+        self.violations.append(FieldViolation(field, description))
+
+    def done(self) -> None:
+        if self.violations:
+            raise InvalidArgument(self.violations)
+
+    def identifier(self, field: str, value: str, *, required: bool = True) -> str:
+        if not value:
+            if required:
+                self.fail(field, "is required")
+        elif not ID_PATTERN.fullmatch(value):
+            shown = value if len(value) <= 40 else value[:40] + "..."
+            self.fail(field, f"{shown!r} {ID_RULE}")
+        return value
+
+    def micros(self, field: str, value: int | None, *, minimum: int) -> int:
+        if value is None:
+            self.fail(field, "is required")
+            return 0
+        if value < minimum:
+            rule = "positive" if minimum == 1 else f"at least {minimum}"
+            self.fail(field, f"must be {rule} (got {value})")
+        elif value > MAX_MICROS:
+            self.fail(field, f"must be at most {MAX_MICROS} micro-USD (got {value})")
+        return value
+
+    def duration_ms(
+        self, field: str, value: duration_pb2.Duration | None, *, max_ms: int
+    ) -> int | None:
+        """A Duration in whole milliseconds, or None when unset."""
+        if value is None:
+            return None
+        if value.seconds < 0 or value.nanos < 0:
+            self.fail(field, "must not be negative")
+            return None
+        if value.nanos % 1_000_000:
+            self.fail(field, "must be a whole number of milliseconds")
+            return None
+        ms = value.seconds * 1000 + value.nanos // 1_000_000
+        if ms < 1:
+            self.fail(field, "must be at least 1 ms")
+        elif ms > max_ms:
+            self.fail(field, f"must be at most {max_ms} ms (got {ms} ms)")
+        return ms
+
+    def labels(self, field: str, labels: Mapping[str, str]) -> dict[str, str]:
+        if len(labels) > MAX_LABELS:
+            self.fail(field, f"has {len(labels)} labels; at most {MAX_LABELS} are allowed")
+        for key, value in sorted(labels.items()):
+            if not LABEL_KEY_PATTERN.fullmatch(key):
+                self.fail(
+                    f"{field}[{key[:40]!r}]",
+                    "key must be 1 to 63 characters of lowercase letters, digits and _ . -, "
+                    "starting with a letter",
+                )
+            if len(value) > MAX_LABEL_VALUE:
+                self.fail(
+                    f"{field}[{key[:40]!r}]",
+                    f"value must be at most {MAX_LABEL_VALUE} characters (got {len(value)})",
+                )
+        return dict(labels)

@@ -1,0 +1,204 @@
+"""Watch: live, resumable streams of a run's changes.
+
+One feed per watched run per process reads the run's change log once per
+change and fans it out to every local stream. The log is the truth and the
+feed only a shortcut: a stream that sees a gap, or whose bounded queue
+overflowed, catches up from the log itself, and fails with OUT_OF_RANGE only
+when the log no longer holds what it missed. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from runcap_server import errors
+from runcap_server.backends.base import Backend
+from runcap_server.ledger.types import BudgetState, Change
+
+_log = logging.getLogger(__name__)
+PAGE_SIZE = 500
+# How long a feed waits on its doorbell before it polls the log anyway.
+FEED_POLL_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    state: BudgetState
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    revision: int
+    final: bool = False
+
+
+WatchItem = Snapshot | Change | Progress
+
+
+class _Subscription:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.pending: deque[Change] = deque()
+        self.overflowed = False
+        self.wake = asyncio.Event()
+
+    def offer(self, change: Change) -> None:
+        if len(self.pending) >= self.capacity:
+            # The stream will catch up from the log once it has drained.
+            self.overflowed = True
+        else:
+            self.pending.append(change)
+        self.wake.set()
+
+
+class _Feed:
+    """Reads one run's log as it grows and hands each change to every subscriber."""
+
+    def __init__(self, backend: Backend, tenant: str, run_id: str) -> None:
+        self.backend = backend
+        self.tenant = tenant
+        self.run_id = run_id
+        self.subscribers: set[_Subscription] = set()
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        try:
+            page = await self.backend.read_changes(self.tenant, self.run_id, 0, 0)
+            revision = page.head
+            while True:
+                await self.backend.wait_for_change(
+                    self.tenant, self.run_id, revision, FEED_POLL_S
+                )
+                page = await self.backend.read_changes(
+                    self.tenant, self.run_id, revision, PAGE_SIZE
+                )
+                for change in page.changes:
+                    for subscriber in self.subscribers:
+                        subscriber.offer(change)
+                # Past a trimmed gap the subscribers find out from the log.
+                revision = page.changes[-1].revision if page.changes else max(revision, page.head)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            _log.exception("watch feed for run %s failed; streams fall back to the log", self.run_id)
+            for subscriber in self.subscribers:
+                subscriber.overflowed = True
+                subscriber.wake.set()
+
+
+class WatchHub:
+    def __init__(
+        self, backend: Backend, *, queue_size: int, heartbeat_s: float
+    ) -> None:
+        self.backend = backend
+        self.queue_size = queue_size
+        self.heartbeat_s = heartbeat_s
+        self._feeds: dict[tuple[str, str], _Feed] = {}
+        self._closing = asyncio.Event()
+        self._streams: set[_Subscription] = set()
+
+    @property
+    def watchers(self) -> int:
+        return len(self._streams)
+
+    def close(self) -> None:
+        """End every stream with a final progress message."""
+        self._closing.set()
+        for subscription in self._streams:
+            subscription.wake.set()
+
+    async def stop(self) -> None:
+        self.close()
+        for feed in list(self._feeds.values()):
+            if feed.task:
+                feed.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await feed.task
+        self._feeds.clear()
+
+    def _subscribe(self, tenant: str, run_id: str) -> tuple[_Feed, _Subscription]:
+        key = (tenant, run_id)
+        feed = self._feeds.get(key)
+        if feed is None or feed.task is None or feed.task.done():
+            feed = _Feed(self.backend, tenant, run_id)
+            self._feeds[key] = feed
+            feed.task = asyncio.create_task(feed.run(), name=f"watch-feed-{run_id}")
+        subscription = _Subscription(self.queue_size)
+        feed.subscribers.add(subscription)
+        self._streams.add(subscription)
+        return feed, subscription
+
+    def _unsubscribe(self, feed: _Feed, subscription: _Subscription) -> None:
+        feed.subscribers.discard(subscription)
+        self._streams.discard(subscription)
+        if not feed.subscribers and feed.task:
+            feed.task.cancel()
+            if self._feeds.get((feed.tenant, feed.run_id)) is feed:
+                del self._feeds[(feed.tenant, feed.run_id)]
+
+    async def stream(
+        self, tenant: str, run_id: str, after_revision: int | None
+    ) -> AsyncIterator[WatchItem]:
+        """Snapshot (or replay after `after_revision`), then every change, in order."""
+        if self._closing.is_set():
+            raise errors.ShuttingDown()
+        # Subscribe before reading so no change can fall between the two.
+        feed, subscription = self._subscribe(tenant, run_id)
+        try:
+            if after_revision is None:
+                view = await self.backend.get_run(tenant, run_id)
+                cursor = view.state.revision
+                yield Snapshot(view.state)
+            else:
+                page = await self.backend.read_changes(tenant, run_id, after_revision, 0)
+                if after_revision > page.head:
+                    raise errors.RevisionOutOfRange(run_id, after_revision, page.floor, page.head)
+                cursor = after_revision
+            async for change in self._catch_up(tenant, run_id, cursor):
+                cursor = change.revision
+                yield change
+            while True:
+                try:
+                    await asyncio.wait_for(subscription.wake.wait(), self.heartbeat_s)
+                except TimeoutError:
+                    yield Progress(cursor)
+                    continue
+                subscription.wake.clear()
+                if self._closing.is_set():
+                    yield Progress(cursor, final=True)
+                    return
+                while subscription.pending:
+                    change = subscription.pending.popleft()
+                    if change.revision <= cursor:
+                        continue
+                    if change.revision > cursor + 1:
+                        break  # a gap: the log fills it below
+                    cursor = change.revision
+                    yield change
+                else:
+                    if not subscription.overflowed:
+                        continue
+                subscription.pending.clear()
+                subscription.overflowed = False
+                async for change in self._catch_up(tenant, run_id, cursor):
+                    cursor = change.revision
+                    yield change
+        finally:
+            self._unsubscribe(feed, subscription)
+
+    async def _catch_up(self, tenant: str, run_id: str, cursor: int) -> AsyncIterator[Change]:
+        """Every logged change after `cursor`, or OUT_OF_RANGE if it was trimmed."""
+        while True:
+            page = await self.backend.read_changes(tenant, run_id, cursor, PAGE_SIZE)
+            if page.floor > cursor + 1 and page.head > cursor:
+                raise errors.RevisionOutOfRange(run_id, cursor, page.floor, page.head)
+            if not page.changes:
+                return
+            for change in page.changes:
+                cursor = change.revision
+                yield change

@@ -1,0 +1,114 @@
+"""Real runcap server processes for tests, on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+_LISTENING = re.compile(r"runcap listening on (\S+)")
+
+
+class ServerProcess:
+    """`python -m runcap_server serve` in a subprocess; stderr is kept for asserts."""
+
+    def __init__(
+        self,
+        db_path: Path | None,
+        env: Mapping[str, str] | None = None,
+        listen: str = "127.0.0.1:0",
+    ) -> None:
+        self.db_path = db_path
+        self.extra_env = dict(env or {})
+        self.listen = listen
+        self.process: subprocess.Popen[str] | None = None
+        self.target = ""
+        self.log: list[str] = []
+        self._reader: threading.Thread | None = None
+        self._listening = threading.Event()
+
+    def start(self, timeout_s: float = 20.0) -> ServerProcess:
+        env = {**os.environ, "RUNCAP_LOG_LEVEL": "INFO", **self.extra_env}
+        args = [sys.executable, "-m", "runcap_server", "serve", "--listen", self.listen]
+        if self.db_path is None:
+            args += ["--backend", "memory"]
+        else:
+            args += ["--backend", "sqlite", "--sqlite-path", str(self.db_path)]
+        self.process = subprocess.Popen(
+            args, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        )
+        self._listening.clear()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._listening.wait(timeout_s):
+            self.kill()
+            raise RuntimeError("runcap server did not start:\n" + "".join(self.log))
+        wait_serving(self.target)
+        return self
+
+    def _read(self) -> None:
+        assert self.process is not None and self.process.stderr is not None
+        for line in self.process.stderr:
+            self.log.append(line)
+            match = _LISTENING.search(line)
+            if match:
+                self.target = match.group(1)
+                self._listening.set()
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def wait(self, timeout_s: float) -> int:
+        assert self.process is not None
+        code = self.process.wait(timeout_s)
+        if self._reader:
+            self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        if self.process and self.process.stderr:
+            if self._reader:
+                self._reader.join(5)
+            self.process.stderr.close()
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL if it has not exited within 15 s."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+        code = self.process.poll()
+        self.kill()
+        return code
+
+
+def wait_serving(target: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)
