@@ -21,6 +21,8 @@ GEN_PY := clients/python/runcap/v1
 MYPY_DIRS := server clients/python/runcap tests
 # Extension-less Python scripts that ruff would not discover on its own.
 PY_SCRIPTS := tools/protoc-gen-grpc_python
+# What `make ci` runs, in order.
+CI_STEPS := lint breaking check-gen test
 # The git revision `make breaking` compares the protos against.
 BREAKING_AGAINST ?= HEAD~1
 
@@ -70,7 +72,7 @@ lint: venv ## buf lint, ruff check, ruff format --check and mypy (all run; fails
 	# mypy refuses a directory with no Python files, so pass only those that have some.
 	dirs=()
 	for d in $(MYPY_DIRS); do
-	  if [ -n "$$(find "$$d" -name '*.py' -not -path '*/v1/*' -print -quit 2>/dev/null)" ]; then
+	  if [ -n "$$(find "$$d" -name '*.py' -not -path '$(GEN_PY)/*' -print -quit 2>/dev/null)" ]; then
 	    dirs+=("$$d")
 	  fi
 	done
@@ -116,7 +118,14 @@ test: venv ## Run the test suite (installs Debian's redis-server first when miss
 	# --- Go client tests (clients/go) go here, added by a later issue. ---
 	# --- TypeScript client tests (clients/ts) go here, added by a later issue. ---
 
-ci: lint breaking check-gen test ## Everything CI runs: lint, breaking, check-gen, test.
+ci: venv ## Everything CI runs: lint, breaking, check-gen, test (all run; fails if any fails).
+	@failed=()
+	for step in $(CI_STEPS); do
+	  echo "===== make $$step ====="
+	  $(MAKE) $$step || failed+=("$$step")
+	done
+	if [ $${#failed[@]} -gt 0 ]; then echo "===== ci FAILED: $${failed[*]} =====" >&2; exit 1; fi
+	echo "===== ci passed ====="
 
 bench: venv ## Run every bench/*.py script (prints a note when there is none).
 	@shopt -s nullglob

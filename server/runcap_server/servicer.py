@@ -11,7 +11,7 @@ from typing import TypeVar
 import grpc
 from grpc_status import rpc_status
 
-from runcap.v1 import budget_pb2, budget_service_pb2, budget_service_pb2_grpc
+from runcap.v1 import budget_service_pb2, budget_service_pb2_grpc
 from runcap_server import convert, errors
 from runcap_server.backends.base import Backend
 from runcap_server.ledger.types import Change, RunSpec
@@ -219,7 +219,7 @@ def _watch_response(item: WatchItem) -> budget_service_pb2.WatchResponse:
         )
     if isinstance(item, Progress):
         return budget_service_pb2.WatchResponse(
-            revision=item.revision, progress=budget_pb2.Progress(final=item.final)
+            revision=item.revision, progress=budget_service_pb2.Progress(final=item.final)
         )
     assert isinstance(item, Change)
     return budget_service_pb2.WatchResponse(revision=item.revision, event=convert.event_pb(item))

@@ -70,6 +70,9 @@ class _Feed:
         try:
             page = await self.backend.read_changes(self.tenant, self.run_id, 0, 0)
             revision = page.head
+            # Changes made before this baseline are not fanned out: streams
+            # that were already waiting must look at the log for them.
+            self.nudge()
             while True:
                 await self.backend.wait_for_change(
                     self.tenant, self.run_id, revision, FEED_POLL_S
@@ -77,18 +80,24 @@ class _Feed:
                 page = await self.backend.read_changes(
                     self.tenant, self.run_id, revision, PAGE_SIZE
                 )
+                if page.floor > revision + 1:
+                    # The log was trimmed past this feed: streams check it themselves.
+                    self.nudge()
                 for change in page.changes:
                     for subscriber in self.subscribers:
                         subscriber.offer(change)
-                # Past a trimmed gap the subscribers find out from the log.
                 revision = page.changes[-1].revision if page.changes else max(revision, page.head)
         except asyncio.CancelledError:
             raise
         except Exception:
             _log.exception("watch feed for run %s failed; streams fall back to the log", self.run_id)
-            for subscriber in self.subscribers:
-                subscriber.overflowed = True
-                subscriber.wake.set()
+            self.nudge()
+
+    def nudge(self) -> None:
+        """Send every subscriber to the log to find what it missed."""
+        for subscriber in self.subscribers:
+            subscriber.overflowed = True
+            subscriber.wake.set()
 
 
 class WatchHub:

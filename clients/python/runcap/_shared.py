@@ -52,13 +52,17 @@ class RetryPolicy:
     max_backoff: float = 5.0
     multiplier: float = 2.0
 
+    def backoff(self, retry: int) -> float:
+        """The jittered wait before retry number `retry` (1-based)."""
+        ceiling = min(self.max_backoff, self.initial_backoff * self.multiplier ** (retry - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
     def delay(self, attempt: int, error: RuncapError) -> float | None:
         """How long to wait before retrying after failed attempt `attempt`
         (1-based), or None when `error` is final or the attempts are spent."""
         if not isinstance(error, UnavailableError) or attempt >= self.max_attempts:
             return None
-        ceiling = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
-        wait = random.uniform(ceiling / 2, ceiling)
+        wait = self.backoff(attempt)
         hint = error.retry_after
         if hint is not None:
             wait = max(wait, min(hint, self.max_backoff))
@@ -152,16 +156,21 @@ class WatchCursor:
         self._policy = policy
         self._failures = 0
         self._final = False
+        self.connects = 0
 
     def request(self) -> budget_service_pb2.WatchRequest:
         """The request for the next (re)connect."""
         self._final = False
-        return budget_service_pb2.WatchRequest(run_id=self.run_id, after_revision=self.last_revision)
+        self.connects += 1
+        return budget_service_pb2.WatchRequest(
+            run_id=self.run_id, after_revision=self.last_revision
+        )
 
     def accept(self, message: budget_service_pb2.WatchResponse) -> bool:
         """Records `message`; True when it should reach the caller."""
-        self._failures = 0
         kind = message.WhichOneof("kind")
+        if not (kind == "progress" and message.progress.final):
+            self._failures = 0
         last = self.last_revision
         if kind == "event":
             if last is not None and message.revision <= last:
@@ -177,12 +186,9 @@ class WatchCursor:
             self.last_revision = message.revision
         return True
 
-    def _next_delay(self, error: RuncapError) -> float | None:
-        self._failures += 1
-        return self._policy.delay(self._failures, error)
-
-    def on_error(self, error: RuncapError) -> float:
-        """The wait before reconnecting after `error`; raises it when final."""
+    def on_error(self, error: RuncapError) -> float | None:
+        """The wait before reconnecting after `error`, or None when the error
+        is final and must reach the caller."""
         if (
             isinstance(error, RevisionOutOfRangeError)
             and self._resnapshot
@@ -192,11 +198,9 @@ class WatchCursor:
             self.last_revision = None
             return 0.0
         if not self._resume:
-            raise error
-        delay = self._next_delay(error)
-        if delay is None:
-            raise error
-        return delay
+            return None
+        self._failures += 1
+        return self._policy.delay(self._failures, error)
 
     def on_end(self) -> float | None:
         """The wait before reconnecting after the server ended the stream, or
@@ -204,10 +208,10 @@ class WatchCursor:
         progress message, or resuming is off)."""
         if not (self._final and self._resume):
             return None
-        # The server is draining: reconnect at once (another replica may take
-        # it); a failure then backs off as usual.
+        # The server is draining: reconnect at once, as another replica may
+        # take the stream; back off if streams keep ending without progress.
         self._failures += 1
-        return 0.0
+        return 0.0 if self._failures == 1 else self._policy.backoff(self._failures - 1)
 
 
 HoldOutcome = tuple[Literal["commit"], int] | tuple[Literal["refund"], None]

@@ -21,7 +21,7 @@ from typing import Final, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 
 from runcap.v1 import budget_pb2, budget_service_pb2, errors_pb2
@@ -219,7 +219,7 @@ class UnavailableError(RuncapError):
         info = self.detail(error_details_pb2.RetryInfo)
         if info is None or not info.HasField("retry_delay"):
             return None
-        return info.retry_delay.ToNanoseconds() / 1e9
+        return float(info.retry_delay.ToNanoseconds()) / 1e9
 
 
 class InternalError(RuncapError):
@@ -267,7 +267,7 @@ _CODES_BY_NUMBER: Final[Mapping[int, grpc.StatusCode]] = {
 
 def _unpack(packed: any_pb2.Any) -> Message:
     for kind in _DETAIL_TYPES:
-        if packed.Is(kind.DESCRIPTOR):
+        if packed.TypeName() == kind.DESCRIPTOR.full_name:
             message = kind()
             packed.Unpack(message)
             return message
@@ -288,18 +288,18 @@ def from_status(status: status_pb2.Status, code: grpc.StatusCode | None = None) 
     if code is None:
         code = _CODES_BY_NUMBER.get(status.code, grpc.StatusCode.UNKNOWN)
     details = [_unpack(packed) for packed in status.details]
-    reason = ""
-    metadata: Mapping[str, str] = {}
-    for detail in details:
-        if isinstance(detail, error_details_pb2.ErrorInfo):
-            reason, metadata = detail.reason, detail.metadata
-            if detail.domain == DOMAIN:
-                break
+    infos = [d for d in details if isinstance(d, error_details_pb2.ErrorInfo)]
+    ours = [info for info in infos if info.domain == DOMAIN]
+    if ours:
+        reason, metadata = ours[0].reason, dict(ours[0].metadata)
+        kind = error_class(code, reason)
     else:
-        # No ErrorInfo from runcap: keep a foreign reason for display, but
-        # choose the class by code alone.
-        return _CODE_TO_ERROR.get(code, RuncapError)(code, reason, status.message, metadata, details)
-    return error_class(code, reason)(code, reason, status.message, metadata, details)
+        # No ErrorInfo from runcap (a proxy's, say): keep its reason for
+        # display, but choose the class by the code alone.
+        reason = infos[0].reason if infos else ""
+        metadata = dict(infos[0].metadata) if infos else {}
+        kind = _CODE_TO_ERROR.get(code, RuncapError)
+    return kind(code, reason, status.message, metadata, details)
 
 
 def _status_from_metadata(
@@ -308,7 +308,10 @@ def _status_from_metadata(
     for key, value in trailing or ():
         if key == STATUS_DETAILS_KEY:
             raw = value if isinstance(value, bytes) else value.encode("latin-1")
-            return status_pb2.Status.FromString(raw)
+            try:
+                return status_pb2.Status.FromString(raw)
+            except DecodeError:
+                return None
     return None
 
 

@@ -412,9 +412,13 @@ class SqliteLedger:
         return result
 
     def _run_op(
-        self, tenant: str, run_id: str, op: Callable[[_SqlStore, int], T]
-    ) -> tuple[T, bool]:
-        """One operation on one run; returns its result and whether the run changed."""
+        self,
+        loop: asyncio.AbstractEventLoop,
+        tenant: str,
+        run_id: str,
+        op: Callable[[_SqlStore, int], T],
+    ) -> T:
+        """One operation on one run, in one transaction (on the worker thread)."""
 
         def body(conn: sqlite3.Connection) -> tuple[T, bool]:
             store = _SqlStore(conn, tenant, run_id, self.log_retention)
@@ -422,13 +426,17 @@ class SqliteLedger:
             result = op(store, self.clock.now_ms())
             return result, store.revision() != before
 
-        return self._transaction(body)
+        result, changed = self._transaction(body)
+        if changed:
+            # Rung on the event loop, and even if the caller was cancelled
+            # meanwhile: the change is committed, watchers must hear of it.
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(self._bell.ring, tenant, run_id)
+        return result
 
     async def _op(self, tenant: str, run_id: str, op: Callable[[_SqlStore, int], T]) -> T:
-        result, changed = await self._call(lambda: self._run_op(tenant, run_id, op))
-        if changed:
-            self._bell.ring(tenant, run_id)
-        return result
+        loop = asyncio.get_running_loop()
+        return await self._call(lambda: self._run_op(loop, tenant, run_id, op))
 
     def _open_connection(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout_ms / 1000)

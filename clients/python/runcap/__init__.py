@@ -1,0 +1,66 @@
+"""runcap: the Python client of the runcap budget authority.
+
+::
+
+    from runcap import RuncapClient, BudgetBlockedError
+
+    with RuncapClient("127.0.0.1:50051") as client:
+        client.create_run("run-1", limit_micros=5_000_000)
+        with client.reserve("run-1", 40_000) as hold:
+            hold.set_actual(call_the_model())
+
+`AsyncRuncapClient` offers the same API for asyncio. Responses are the
+generated `runcap.v1` protobuf messages; failures raise `RuncapError`
+subclasses (see `runcap.errors`).
+"""
+
+from __future__ import annotations
+
+from runcap._shared import NO_RETRY, WATCH_RECONNECT, HoldBase, RetryPolicy
+from runcap.aio import AsyncHold, AsyncRuncapClient, AsyncWatchStream
+from runcap.client import Hold, RuncapClient, WatchStream
+from runcap.errors import (
+    REASON_TO_ERROR,
+    BudgetBlockedError,
+    IdempotencyConflictError,
+    InternalError,
+    InvalidArgumentError,
+    ReservationBlockedError,
+    ReservationNotFoundError,
+    ReservationReleasedError,
+    RevisionOutOfRangeError,
+    RunAlreadyExistsError,
+    RuncapError,
+    RunNotFoundError,
+    UnavailableError,
+    from_rpc_error,
+    from_status,
+)
+
+__all__ = [
+    "NO_RETRY",
+    "REASON_TO_ERROR",
+    "WATCH_RECONNECT",
+    "AsyncHold",
+    "AsyncRuncapClient",
+    "AsyncWatchStream",
+    "BudgetBlockedError",
+    "Hold",
+    "HoldBase",
+    "IdempotencyConflictError",
+    "InternalError",
+    "InvalidArgumentError",
+    "ReservationBlockedError",
+    "ReservationNotFoundError",
+    "ReservationReleasedError",
+    "RetryPolicy",
+    "RevisionOutOfRangeError",
+    "RunAlreadyExistsError",
+    "RunNotFoundError",
+    "RuncapClient",
+    "RuncapError",
+    "UnavailableError",
+    "WatchStream",
+    "from_rpc_error",
+    "from_status",
+]

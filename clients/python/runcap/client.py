@@ -1,0 +1,363 @@
+"""The synchronous runcap client."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator, Mapping
+from types import TracebackType
+from typing import Protocol, Self, TypeVar, cast
+
+import grpc
+
+from runcap._shared import (
+    DEFAULT_TARGET,
+    WATCH_RECONNECT,
+    CallMetadata,
+    Duration,
+    HoldBase,
+    RetryPolicy,
+    WatchCursor,
+    commit_request,
+    create_run_request,
+    refund_request,
+    reserve_request,
+    settle_note,
+)
+from runcap.errors import RuncapError, from_rpc_error
+from runcap.v1 import budget_service_pb2, budget_service_pb2_grpc
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+
+
+class _Cancellable(Protocol):
+    def cancel(self) -> bool: ...
+
+
+def _cancel(call: object) -> None:
+    # grpc-stubs leaves RpcContext.cancel untyped.
+    cast(_Cancellable, call).cancel()
+
+
+class RuncapClient:
+    """A synchronous client of the runcap BudgetService.
+
+    Every failed call raises a `runcap.errors.RuncapError` subclass. Calls that
+    are idempotent (those that carry a client-side id, reads, and CloseRun)
+    are retried on UNAVAILABLE according to `retry`.
+
+    Use it as a context manager, or call `close()`, to close the channel it
+    created; a channel passed in stays open (it is the caller's).
+
+    Args:
+        target: The server's address, used when no `channel` is given.
+        channel: An existing channel to use instead of opening one.
+        credentials: Channel credentials for TLS; plaintext when None.
+        options: gRPC channel options for the channel the client opens.
+        timeout: The deadline of each unary attempt in seconds (None: none).
+            Watch streams have no deadline.
+        metadata: Metadata sent with every call (for example authorization).
+        retry: The retry policy of idempotent unary calls.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        channel: grpc.Channel | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: list[tuple[str, str | int]] | None = None,
+        timeout: float | None = 10.0,
+        metadata: CallMetadata | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self._owns_channel = channel is None
+        if channel is None:
+            if credentials is None:
+                channel = grpc.insecure_channel(target, options=options)
+            else:
+                channel = grpc.secure_channel(target, credentials, options=options)
+        self._channel = channel
+        self._stub = budget_service_pb2_grpc.BudgetServiceStub(channel)
+        self._timeout = timeout
+        self._metadata = tuple(metadata or ())
+        self._retry = retry or RetryPolicy()
+
+    def close(self) -> None:
+        """Closes the channel, if the client opened it."""
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _call(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[_Req, _Resp],
+        request: _Req,
+        *,
+        idempotent: bool,
+    ) -> _Resp:
+        attempt = 1
+        while True:
+            try:
+                return method(request, timeout=self._timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc)
+                delay = self._retry.delay(attempt, error) if idempotent else None
+                if delay is None:
+                    raise error from exc
+            time.sleep(delay)
+            attempt += 1
+
+    def create_run(
+        self,
+        run_id: str = "",
+        *,
+        limit_micros: int,
+        labels: Mapping[str, str] | None = None,
+        default_ttl: Duration | None = None,
+    ) -> budget_service_pb2.CreateRunResponse:
+        """Creates a run (or returns it, with `replayed` set, when it exists
+        with the same arguments). With an empty `run_id` the server picks one,
+        and the call is not retried."""
+        request = create_run_request(run_id, limit_micros, labels, default_ttl)
+        return self._call(self._stub.CreateRun, request, idempotent=bool(run_id))
+
+    def get_run(self, run_id: str) -> budget_service_pb2.GetRunResponse:
+        """Returns a run's configuration and current budget state."""
+        request = budget_service_pb2.GetRunRequest(run_id=run_id)
+        return self._call(self._stub.GetRun, request, idempotent=True)
+
+    def reserve_once(
+        self,
+        run_id: str,
+        amount_micros: int,
+        *,
+        reservation_id: str = "",
+        ttl: Duration | None = None,
+    ) -> budget_service_pb2.ReserveResponse:
+        """Asks to hold `amount_micros` against the run and returns the
+        decision; a block is a response, not an exception. Retried on
+        UNAVAILABLE only when `reservation_id` is given."""
+        request = reserve_request(run_id, amount_micros, reservation_id, ttl)
+        return self._call(self._stub.Reserve, request, idempotent=bool(reservation_id))
+
+    def commit(
+        self, run_id: str, reservation_id: str, actual_micros: int
+    ) -> budget_service_pb2.CommitResponse:
+        """Records a reservation's actual cost and releases the rest of its hold."""
+        request = commit_request(run_id, reservation_id, actual_micros)
+        return self._call(self._stub.Commit, request, idempotent=True)
+
+    def refund(self, run_id: str, reservation_id: str) -> budget_service_pb2.RefundResponse:
+        """Releases a reservation's whole hold."""
+        request = refund_request(run_id, reservation_id)
+        return self._call(self._stub.Refund, request, idempotent=True)
+
+    def close_run(self, run_id: str) -> budget_service_pb2.CloseRunResponse:
+        """Closes a run to new reservations; existing holds still settle."""
+        request = budget_service_pb2.CloseRunRequest(run_id=run_id)
+        return self._call(self._stub.CloseRun, request, idempotent=True)
+
+    def reserve(
+        self,
+        run_id: str,
+        amount_micros: int,
+        *,
+        reservation_id: str | None = None,
+        ttl: Duration | None = None,
+    ) -> Hold:
+        """A context manager that holds `amount_micros` for the block.
+
+        ::
+
+            with client.reserve(run_id, 50_000) as hold:
+                result = call_the_model()
+                hold.set_actual(cost_of(result))
+
+        Raises `BudgetBlockedError` on entering when the server blocks. On a
+        normal exit the hold is committed (with `set_actual`'s amount, or the
+        whole hold when it was not called); on an exception it is refunded.
+        See `HoldBase` for the details. Without `reservation_id` a random one
+        is generated, so the Reserve, Commit and Refund calls are all retried
+        safely.
+        """
+        return Hold(self, run_id, amount_micros, reservation_id, ttl)
+
+    def watch(
+        self,
+        run_id: str,
+        *,
+        after_revision: int | None = None,
+        resume: bool = True,
+        resnapshot_on_out_of_range: bool = False,
+        reconnect: RetryPolicy = WATCH_RECONNECT,
+    ) -> WatchStream:
+        """Streams a run's budget state.
+
+        Without `after_revision` the stream starts with a snapshot; with it,
+        with every change after that revision. When `resume` is true, a
+        disconnect (UNAVAILABLE, or the server ending the stream with a final
+        progress message) reconnects from the last revision seen, with
+        jittered back-off, and no event is delivered twice; the final
+        progress message itself is not delivered. After `reconnect`'s
+        attempts the last error is raised. A resume point the server no
+        longer retains raises `RevisionOutOfRangeError`, or, with
+        `resnapshot_on_out_of_range`, restarts with a fresh snapshot that the
+        caller must treat as a reset.
+
+        The stream ends when the server ends it otherwise, or on `close()`;
+        use it as a context manager so the call is cancelled::
+
+            with client.watch(run_id) as stream:
+                for message in stream:
+                    ...
+        """
+        cursor = WatchCursor(
+            run_id,
+            after_revision,
+            resume=resume,
+            resnapshot_on_out_of_range=resnapshot_on_out_of_range,
+            policy=reconnect,
+        )
+        return WatchStream(
+            lambda request: self._stub.Watch(request, metadata=self._metadata), cursor
+        )
+
+
+class Hold(HoldBase):
+    """A reservation held for the duration of a ``with`` block; see
+    `RuncapClient.reserve` and `HoldBase`."""
+
+    def __init__(
+        self,
+        client: RuncapClient,
+        run_id: str,
+        amount_micros: int,
+        reservation_id: str | None,
+        ttl: Duration | None,
+    ) -> None:
+        super().__init__(run_id, amount_micros, reservation_id, ttl)
+        self._client = client
+
+    def __enter__(self) -> Self:
+        request = self._start()
+        client = self._client
+        self._accept(client._call(client._stub.Reserve, request, idempotent=True))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        action, actual = self._outcome(failed=exc is not None)
+        try:
+            if action == "commit":
+                assert actual is not None
+                self.commit_response = self._client.commit(self.run_id, self.reservation_id, actual)
+            else:
+                self.refund_response = self._client.refund(self.run_id, self.reservation_id)
+        except RuncapError as error:
+            if exc is None:
+                raise
+            exc.add_note(settle_note(self, error))
+
+
+class WatchStream(Iterator[budget_service_pb2.WatchResponse]):
+    """An iterator of WatchResponse messages that resumes across disconnects.
+
+    `last_revision` is the resume point: the revision of the last message
+    delivered (None before the first). `close()` cancels the stream, from any
+    thread.
+    """
+
+    def __init__(
+        self,
+        open_call: Callable[
+            [budget_service_pb2.WatchRequest], grpc.CallIterator[budget_service_pb2.WatchResponse]
+        ],
+        cursor: WatchCursor,
+    ) -> None:
+        self._open = open_call
+        self._cursor = cursor
+        self._call: grpc.CallIterator[budget_service_pb2.WatchResponse] | None = None
+        self._closed = threading.Event()
+        self._messages = self._run()
+
+    @property
+    def last_revision(self) -> int | None:
+        """The revision of the last message delivered."""
+        return self._cursor.last_revision
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the stream has reconnected so far."""
+        return max(0, self._cursor.connects - 1)
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> budget_service_pb2.WatchResponse:
+        return next(self._messages)
+
+    def close(self) -> None:
+        """Cancels the stream; iteration then stops."""
+        self._closed.set()
+        call = self._call
+        if call is not None:
+            _cancel(call)
+        if inspect.getgeneratorstate(self._messages) != inspect.GEN_RUNNING:
+            self._messages.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _run(self) -> Generator[budget_service_pb2.WatchResponse, None, None]:
+        cursor = self._cursor
+        try:
+            while not self._closed.is_set():
+                self._call = call = self._open(cursor.request())
+                try:
+                    for message in call:
+                        if cursor.accept(message):
+                            yield message
+                except grpc.RpcError as exc:
+                    if self._closed.is_set():
+                        return
+                    error = from_rpc_error(exc)
+                    error_delay = cursor.on_error(error)
+                    if error_delay is None:
+                        raise error from exc
+                    delay = error_delay
+                else:
+                    end_delay = cursor.on_end()
+                    if end_delay is None:
+                        return
+                    delay = end_delay
+                finally:
+                    _cancel(call)
+                if self._closed.wait(delay):
+                    return
+        finally:
+            self._call = None

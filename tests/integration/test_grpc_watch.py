@@ -1,0 +1,146 @@
+"""Watch through the real server: ordered, unique, complete, resumable."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from runcap.v1 import budget_pb2
+from runcap.v1 import budget_service_pb2 as pb
+from runcap.v1.budget_service_pb2_grpc import BudgetServiceStub
+from tests.integration.rpc import create_run, error_info
+from tests.servers import ServerProcess
+
+Stream = grpc.aio.UnaryStreamCall[pb.WatchRequest, pb.WatchResponse]
+
+
+async def churn(stub: BudgetServiceStub, run_id: str, n: int, prefix: str = "c") -> None:
+    """n reserve+commit pairs: 2n changes."""
+    for i in range(n):
+        rid = f"{prefix}{i}"
+        await stub.Reserve(pb.ReserveRequest(run_id=run_id, reservation_id=rid, amount_micros=10))
+        await stub.Commit(pb.CommitRequest(run_id=run_id, reservation_id=rid, actual_micros=i % 10))
+
+
+async def collect_events(stream: Stream, until_revision: int) -> list[pb.WatchResponse]:
+    """Read events (skipping heartbeats) up to and including until_revision."""
+    seen = []
+    while True:
+        message = await stream.read()
+        assert message is not grpc.aio.EOF, f"stream ended after {len(seen)} events"
+        assert isinstance(message, pb.WatchResponse)
+        if message.HasField("event"):
+            seen.append(message)
+            if message.revision >= until_revision:
+                return seen
+
+
+async def test_snapshot_first_then_every_change_in_order(stub: BudgetServiceStub) -> None:
+    run_id = await create_run(stub, limit_micros=1_000_000)
+    stream = stub.Watch(pb.WatchRequest(run_id=run_id))
+    first = await stream.read()
+    assert isinstance(first, pb.WatchResponse)
+    assert first.HasField("snapshot")
+    assert (first.revision, first.snapshot.revision) == (1, 1)
+    await churn(stub, run_id, 20)
+    events = await collect_events(stream, 41)
+    stream.cancel()
+    assert [e.revision for e in events] == list(range(2, 42))
+    assert all(e.event.state.revision == e.revision for e in events)
+    final = (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).state
+    assert events[-1].event.state == final
+
+
+async def test_resume_after_disconnect_sees_each_event_exactly_once(
+    stub: BudgetServiceStub,
+) -> None:
+    run_id = await create_run(stub, limit_micros=10_000_000)
+    writer = asyncio.create_task(churn(stub, run_id, 100))
+    seen: list[int] = []
+    last = 0
+    # Reconnect every few events while the writer keeps going.
+    while last < 201:
+        stream = stub.Watch(pb.WatchRequest(run_id=run_id, after_revision=last))
+        for message in await collect_events(stream, min(last + 7, 201)):
+            seen.append(message.revision)
+            last = message.revision
+        stream.cancel()
+    await writer
+    assert seen == list(range(1, 202))
+
+
+async def test_200_watchers_see_the_same_ordered_events(stub: BudgetServiceStub) -> None:
+    run_id = await create_run(stub, limit_micros=10_000_000)
+    streams = [stub.Watch(pb.WatchRequest(run_id=run_id)) for _ in range(200)]
+    for stream in streams:
+        assert (await stream.read()).HasField("snapshot")
+    readers = [asyncio.create_task(collect_events(s, 61)) for s in streams]
+    await churn(stub, run_id, 30)
+    results = await asyncio.wait_for(asyncio.gather(*readers), 60)
+    for stream in streams:
+        stream.cancel()
+    expected = [e.event for e in results[0]]
+    assert [e.state.revision for e in expected] == list(range(2, 62))
+    for result in results:
+        assert [e.event for e in result] == expected
+
+
+async def test_unknown_run_and_future_revision_are_rejected(stub: BudgetServiceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await stub.Watch(pb.WatchRequest(run_id="no-such-run")).read()
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    run_id = await create_run(stub, limit_micros=1)
+    with pytest.raises(grpc.aio.AioRpcError) as future:
+        await stub.Watch(pb.WatchRequest(run_id=run_id, after_revision=5)).read()
+    assert future.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert error_info(future.value)[0].reason == "REVISION_OUT_OF_RANGE"
+
+
+@pytest.fixture
+def small_log_server(tmp_path: Path) -> ServerProcess:
+    server = ServerProcess(
+        tmp_path / "runcap.db",
+        env={"RUNCAP_LOG_RETENTION": "10"},
+    ).start()
+    yield server  # type: ignore[misc]
+    server.stop()
+
+
+async def test_resume_point_older_than_the_log_is_out_of_range(
+    small_log_server: ServerProcess,
+) -> None:
+    async with grpc.aio.insecure_channel(small_log_server.target) as channel:
+        stub = BudgetServiceStub(channel)
+        run_id = await create_run(stub, limit_micros=1_000_000)
+        await churn(stub, run_id, 10)  # revisions 2..21; the log keeps 12..21
+        with pytest.raises(grpc.aio.AioRpcError) as old:
+            await stub.Watch(pb.WatchRequest(run_id=run_id, after_revision=5)).read()
+        assert old.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        info, _ = error_info(old.value)
+        assert (info.reason, info.metadata["floor"], info.metadata["head"]) == (
+            "REVISION_OUT_OF_RANGE",
+            "12",
+            "21",
+        )
+        # The oldest retained point still resumes.
+        events = await collect_events(stub.Watch(pb.WatchRequest(run_id=run_id, after_revision=11)), 21)
+        assert [e.revision for e in events] == list(range(12, 22))
+
+
+async def test_closed_run_events(stub: BudgetServiceStub) -> None:
+    run_id = await create_run(stub, limit_micros=100)
+    await stub.Reserve(pb.ReserveRequest(run_id=run_id, reservation_id="a", amount_micros=50))
+    await stub.CloseRun(pb.CloseRunRequest(run_id=run_id))
+    await stub.Commit(pb.CommitRequest(run_id=run_id, reservation_id="a", actual_micros=40))
+    events = await collect_events(stub.Watch(pb.WatchRequest(run_id=run_id, after_revision=0)), 4)
+    assert [e.event.type for e in events] == [
+        budget_pb2.EVENT_TYPE_CREATED,
+        budget_pb2.EVENT_TYPE_RESERVED,
+        budget_pb2.EVENT_TYPE_CLOSED,
+        budget_pb2.EVENT_TYPE_COMMITTED,
+    ]
+    assert events[-1].event.state.status == budget_pb2.RUN_STATUS_CLOSED
+    assert events[-1].event.actual_micros == 40

@@ -1,0 +1,146 @@
+"""The watch hub on the reference model: slow consumers and trimmed logs.
+
+A gRPC stream buffers too much to make a consumer reliably slow, so these
+drive the hub directly and simply stop pulling from a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from runcap_server import errors
+from runcap_server.ledger.model import ModelLedger
+from runcap_server.ledger.types import Change, ChangePage, RunSpec
+from runcap_server.watch import Progress, Snapshot, WatchHub, WatchItem
+
+TENANT = "t"
+
+
+async def churn(ledger: ModelLedger, pairs: int, prefix: str) -> None:
+    for i in range(pairs):
+        await ledger.reserve(TENANT, "run", f"{prefix}{i}", 10, None)
+        await ledger.commit(TENANT, "run", f"{prefix}{i}", 5)
+
+
+async def settle() -> None:
+    """Let the feed task read and fan out what was written."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def events(stream: AsyncIterator[WatchItem], count: int) -> list[int]:
+    seen = []
+    while len(seen) < count:
+        item = await asyncio.wait_for(anext(stream), 5)
+        if isinstance(item, Change):
+            seen.append(item.revision)
+    return seen
+
+
+@pytest.fixture
+async def ledger() -> ModelLedger:
+    ledger = ModelLedger(default_ttl_ms=60_000, log_retention=10)
+    await ledger.create_run(TENANT, RunSpec("run", 1_000_000, {}, None))
+    return ledger
+
+
+async def live_stream(hub: WatchHub, ledger: ModelLedger) -> AsyncIterator[WatchItem]:
+    """A stream past its snapshot and catch-up, fed by the hub's live feed."""
+    stream = hub.stream(TENANT, "run", None)
+    assert isinstance(await anext(stream), Snapshot)
+    head = (await ledger.get_run(TENANT, "run")).state.revision
+    first = asyncio.ensure_future(anext(stream))
+    await settle()
+    await ledger.reserve(TENANT, "run", "warm-up", 1, None)
+    await settle()
+    item = await first
+    assert isinstance(item, Change) and item.revision == head + 1
+    return stream
+
+
+async def test_overflowed_stream_catches_up_from_the_log(ledger: ModelLedger) -> None:
+    hub = WatchHub(ledger, queue_size=4, heartbeat_s=30)
+    stream = await live_stream(hub, ledger)
+    seen: list[int] = []
+    for burst in range(3):
+        await churn(ledger, 4, f"b{burst}-")  # 8 changes: twice the queue, within the log
+        await settle()
+        seen += await events(stream, 8)
+    assert seen == list(range(3, 27))
+    await stream.aclose()
+    await hub.stop()
+
+
+async def test_stream_trimmed_past_ends_out_of_range(ledger: ModelLedger) -> None:
+    hub = WatchHub(ledger, queue_size=4, heartbeat_s=30)
+    stream = await live_stream(hub, ledger)
+    await churn(ledger, 15, "c")  # 30 changes: past the queue and the 10-entry log
+    await settle()
+    with pytest.raises(errors.RevisionOutOfRange):
+        await events(stream, 30)
+    await hub.stop()
+    assert hub.watchers == 0
+
+
+async def test_heartbeat_and_final_progress(ledger: ModelLedger) -> None:
+    hub = WatchHub(ledger, queue_size=4, heartbeat_s=0.05)
+    stream = hub.stream(TENANT, "run", None)
+    assert isinstance(await anext(stream), Snapshot)
+    beat = await asyncio.wait_for(anext(stream), 5)
+    assert beat == Progress(1)
+    hub.close()
+    assert await asyncio.wait_for(anext(stream), 5) == Progress(1, final=True)
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)
+    await hub.stop()
+
+
+async def test_one_feed_per_run_shared_by_all_streams(ledger: ModelLedger) -> None:
+    hub = WatchHub(ledger, queue_size=100, heartbeat_s=30)
+    streams = [hub.stream(TENANT, "run", None) for _ in range(50)]
+    for stream in streams:
+        assert isinstance(await anext(stream), Snapshot)
+    assert len(hub._feeds) == 1
+    await churn(ledger, 2, "x")
+    await settle()
+    for stream in streams:
+        assert await events(stream, 4) == [2, 3, 4, 5]
+        await stream.aclose()
+    await settle()
+    assert hub.watchers == 0
+    assert hub._feeds == {}
+    await hub.stop()
+
+
+class _GatedBaseline(ModelLedger):
+    """The reference ledger, with a feed's first (baseline) read held back."""
+
+    def __init__(self) -> None:
+        super().__init__(default_ttl_ms=60_000)
+        self.gate = asyncio.Event()
+
+    async def read_changes(
+        self, tenant: str, run_id: str, after_revision: int, limit: int
+    ) -> ChangePage:
+        if (after_revision, limit) == (0, 0):
+            await self.gate.wait()
+        return await super().read_changes(tenant, run_id, after_revision, limit)
+
+
+async def test_change_before_the_feed_baseline_still_reaches_waiting_streams() -> None:
+    ledger = _GatedBaseline()
+    await ledger.create_run(TENANT, RunSpec("run", 1_000, {}, None))
+    hub = WatchHub(ledger, queue_size=10, heartbeat_s=30)
+    stream = hub.stream(TENANT, "run", None)
+    assert isinstance(await anext(stream), Snapshot)
+    waiting = asyncio.ensure_future(anext(stream))
+    await settle()  # the stream has caught up and waits on the feed
+    await ledger.reserve(TENANT, "run", "r", 1, None)  # revision 2, before the baseline
+    ledger.gate.set()
+    item = await asyncio.wait_for(waiting, 5)
+    assert isinstance(item, Change) and item.revision == 2
+    await stream.aclose()
+    await hub.stop()
