@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
 
 from runcap.v1.budget_service_pb2_grpc import BudgetServiceStub
+
+if TYPE_CHECKING:
+    from runcap.v1.budget_service_pb2_grpc import BudgetServiceAsyncStub
 
 from tests.servers import ServerProcess
 
@@ -43,7 +47,7 @@ def fresh_server(tmp_path: Path) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture
-async def stub(server_target: str) -> AsyncIterator[BudgetServiceStub]:
+async def stub(server_target: str) -> AsyncIterator[BudgetServiceAsyncStub]:
     """A raw generated stub on an asyncio channel to the session server."""
     async with grpc.aio.insecure_channel(server_target) as channel:
         yield BudgetServiceStub(channel)

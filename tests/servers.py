@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -56,7 +57,8 @@ class ServerProcess:
         return self
 
     def _read(self) -> None:
-        assert self.process is not None and self.process.stderr is not None
+        assert self.process is not None
+        assert self.process.stderr is not None
         for line in self.process.stderr:
             self.log.append(line)
             match = _LISTENING.search(line)
@@ -90,10 +92,8 @@ class ServerProcess:
             return None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
         code = self.process.poll()
         self.kill()
         return code

@@ -42,9 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve", help="run the server (settings: RUNCAP_* variables, see README)"
     )
-    serve.add_argument("--listen", help="address to listen on (RUNCAP_LISTEN_ADDR, default 127.0.0.1:50051)")
-    serve.add_argument("--backend", choices=BACKENDS, help="ledger storage (RUNCAP_BACKEND, default sqlite)")
-    serve.add_argument("--sqlite-path", help="SQLite ledger file (RUNCAP_SQLITE_PATH, default ./runcap.db)")
+    serve.add_argument(
+        "--listen", help="address to listen on (RUNCAP_LISTEN_ADDR, default 127.0.0.1:50051)"
+    )
+    serve.add_argument(
+        "--backend", choices=BACKENDS, help="ledger storage (RUNCAP_BACKEND, default sqlite)"
+    )
+    serve.add_argument(
+        "--sqlite-path", help="SQLite ledger file (RUNCAP_SQLITE_PATH, default ./runcap.db)"
+    )
     serve.add_argument("--log-level", help="log level (RUNCAP_LOG_LEVEL, default INFO)")
     serve.set_defaults(func=_serve)
 

@@ -238,9 +238,7 @@ class ShuttingDown(_RetryableError):
     reason = errors_pb2.ERROR_REASON_SHUTTING_DOWN
 
     def __init__(self, retry_after_ms: int = 100) -> None:
-        super().__init__(
-            "this server is shutting down; retry on another replica", retry_after_ms
-        )
+        super().__init__("this server is shutting down; retry on another replica", retry_after_ms)
 
 
 def reason_name(reason: int) -> str:

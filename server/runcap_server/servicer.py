@@ -5,11 +5,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
 
 import grpc
-from grpc_status import rpc_status
 
 from runcap.v1 import budget_service_pb2, budget_service_pb2_grpc
 from runcap_server import convert, errors
@@ -19,32 +18,33 @@ from runcap_server.settings import Settings
 from runcap_server.validation import Validator
 from runcap_server.watch import Progress, Snapshot, WatchHub, WatchItem
 
-Request = TypeVar("Request")
-Response = TypeVar("Response")
-Handler = Callable[["BudgetServicer", Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]]
+# Where gRPC carries the google.rpc.Status with its details.
+_DETAILS_KEY = "grpc-status-details-bin"
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 
-async def _abort(context: grpc.aio.ServicerContext[object, object], error: BaseException) -> None:
-    _, status = errors.to_status(error)
-    await context.abort_with_status(rpc_status.to_status(status))
+async def _abort(context: Context, error: BaseException) -> NoReturn:
+    code, status = errors.to_status(error)
+    await context.abort(
+        code,
+        status.message,
+        trailing_metadata=((_DETAILS_KEY, status.SerializeToString()),),
+    )
+    raise AssertionError("abort returned")
 
 
-def _unary(handler: Handler[Request, Response]) -> Handler[Request, Response]:
+def _unary(handler: Handler) -> Handler:
     """Turns every exception into its one documented status (errors.to_status)."""
 
     @functools.wraps(handler)
-    async def wrapped(
-        self: BudgetServicer,
-        request: Request,
-        context: grpc.aio.ServicerContext[Request, Response],
-    ) -> Response:
+    async def wrapped(self: BudgetServicer, request: Any, context: Context) -> Any:
         try:
             return await handler(self, request, context)
         except Exception as error:
-            await _abort(context, error)  # type: ignore[arg-type]
-            raise AssertionError("abort_with_status returned") from error
+            await _abort(context, error)
 
-    return wrapped
+    return wrapped  # type: ignore[return-value]
 
 
 def _new_id() -> str:
@@ -62,7 +62,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
     async def CreateRun(
         self,
         request: budget_service_pb2.CreateRunRequest,
-        context: grpc.aio.ServicerContext[object, object],
+        context: Context,
     ) -> budget_service_pb2.CreateRunResponse:
         check = Validator()
         run_id = check.identifier("run_id", request.run_id, required=False) or _new_id()
@@ -74,9 +74,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             max_ms=self.settings.max_ttl_ms,
         )
         check.done()
-        result = await self.backend.create_run(
-            self.tenant, RunSpec(run_id, limit, labels, ttl)
-        )
+        result = await self.backend.create_run(self.tenant, RunSpec(run_id, limit, labels, ttl))
         return budget_service_pb2.CreateRunResponse(
             run=convert.run_pb(result.run),
             state=convert.state_pb(result.run.state),
@@ -87,7 +85,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
     async def GetRun(
         self,
         request: budget_service_pb2.GetRunRequest,
-        context: grpc.aio.ServicerContext[object, object],
+        context: Context,
     ) -> budget_service_pb2.GetRunResponse:
         check = Validator()
         run_id = check.identifier("run_id", request.run_id)
@@ -101,13 +99,12 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
     async def Reserve(
         self,
         request: budget_service_pb2.ReserveRequest,
-        context: grpc.aio.ServicerContext[object, object],
+        context: Context,
     ) -> budget_service_pb2.ReserveResponse:
         check = Validator()
         run_id = check.identifier("run_id", request.run_id)
         reservation_id = (
-            check.identifier("reservation_id", request.reservation_id, required=False)
-            or _new_id()
+            check.identifier("reservation_id", request.reservation_id, required=False) or _new_id()
         )
         amount = check.micros(
             "amount_micros",
@@ -137,7 +134,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
     async def Commit(
         self,
         request: budget_service_pb2.CommitRequest,
-        context: grpc.aio.ServicerContext[object, object],
+        context: Context,
     ) -> budget_service_pb2.CommitResponse:
         check = Validator()
         run_id = check.identifier("run_id", request.run_id)
@@ -162,7 +159,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
     async def Refund(
         self,
         request: budget_service_pb2.RefundRequest,
-        context: grpc.aio.ServicerContext[object, object],
+        context: Context,
     ) -> budget_service_pb2.RefundResponse:
         check = Validator()
         run_id = check.identifier("run_id", request.run_id)
@@ -180,7 +177,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
     async def CloseRun(
         self,
         request: budget_service_pb2.CloseRunRequest,
-        context: grpc.aio.ServicerContext[object, object],
+        context: Context,
     ) -> budget_service_pb2.CloseRunResponse:
         check = Validator()
         run_id = check.identifier("run_id", request.run_id)
@@ -193,8 +190,8 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
     async def Watch(
         self,
         request: budget_service_pb2.WatchRequest,
-        context: grpc.aio.ServicerContext[object, object],
-    ) -> AsyncIterator[budget_service_pb2.WatchResponse]:
+        context: Context,
+    ) -> AsyncGenerator[budget_service_pb2.WatchResponse, None]:
         try:
             check = Validator()
             run_id = check.identifier("run_id", request.run_id)

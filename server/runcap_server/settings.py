@@ -38,9 +38,7 @@ class Settings:
     watch_queue_size: int = field(default=1024, metadata={"env": "WATCH_QUEUE_SIZE"})
     log_retention: int = field(default=10_000, metadata={"env": "LOG_RETENTION"})
     shutdown_grace_ms: int = field(default=10_000, metadata={"env": "SHUTDOWN_GRACE"})
-    max_connection_age_ms: int = field(
-        default=1_800_000, metadata={"env": "MAX_CONNECTION_AGE"}
-    )
+    max_connection_age_ms: int = field(default=1_800_000, metadata={"env": "MAX_CONNECTION_AGE"})
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL"})
     tenant: str = field(default="default", metadata={"env": "TENANT"})
 
@@ -58,9 +56,7 @@ class Settings:
             raise ValueError("RUNCAP_LOG_RETENTION must be at least 1")
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: object
-    ) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Defaults, then RUNCAP_* variables, then explicit overrides (flags)."""
         environ = os.environ if environ is None else environ
         values: dict[str, object] = {}

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from runcap_server import errors
@@ -74,9 +74,7 @@ class _Feed:
             # that were already waiting must look at the log for them.
             self.nudge()
             while True:
-                await self.backend.wait_for_change(
-                    self.tenant, self.run_id, revision, FEED_POLL_S
-                )
+                await self.backend.wait_for_change(self.tenant, self.run_id, revision, FEED_POLL_S)
                 page = await self.backend.read_changes(
                     self.tenant, self.run_id, revision, PAGE_SIZE
                 )
@@ -90,7 +88,9 @@ class _Feed:
         except asyncio.CancelledError:
             raise
         except Exception:
-            _log.exception("watch feed for run %s failed; streams fall back to the log", self.run_id)
+            _log.exception(
+                "watch feed for run %s failed; streams fall back to the log", self.run_id
+            )
             self.nudge()
 
     def nudge(self) -> None:
@@ -101,9 +101,7 @@ class _Feed:
 
 
 class WatchHub:
-    def __init__(
-        self, backend: Backend, *, queue_size: int, heartbeat_s: float
-    ) -> None:
+    def __init__(self, backend: Backend, *, queue_size: int, heartbeat_s: float) -> None:
         self.backend = backend
         self.queue_size = queue_size
         self.heartbeat_s = heartbeat_s
@@ -152,7 +150,7 @@ class WatchHub:
 
     async def stream(
         self, tenant: str, run_id: str, after_revision: int | None
-    ) -> AsyncIterator[WatchItem]:
+    ) -> AsyncGenerator[WatchItem, None]:
         """Snapshot (or replay after `after_revision`), then every change, in order."""
         if self._closing.is_set():
             raise errors.ShuttingDown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -11,7 +12,10 @@ from google.protobuf import duration_pb2
 
 from runcap.v1 import budget_pb2
 from runcap.v1 import budget_service_pb2 as pb
-from runcap.v1.budget_service_pb2_grpc import BudgetServiceStub
+
+if TYPE_CHECKING:
+    from runcap.v1.budget_service_pb2_grpc import BudgetServiceAsyncStub
+
 from tests.integration.rpc import create_run, error_info, new_id
 
 ALLOW = budget_pb2.DECISION_ALLOW
@@ -24,12 +28,16 @@ def ms(millis: int) -> duration_pb2.Duration:
     return duration
 
 
-async def test_500_concurrent_reserves_allow_exactly_what_fits(stub: BudgetServiceStub) -> None:
+async def test_500_concurrent_reserves_allow_exactly_what_fits(
+    stub: BudgetServiceAsyncStub,
+) -> None:
     run_id = await create_run(stub, limit_micros=100_000_000)
     ids = [new_id("r") for _ in range(500)]
     replies = await asyncio.gather(
         *(
-            stub.Reserve(pb.ReserveRequest(run_id=run_id, reservation_id=i, amount_micros=1_000_000))
+            stub.Reserve(
+                pb.ReserveRequest(run_id=run_id, reservation_id=i, amount_micros=1_000_000)
+            )
             for i in ids
         )
     )
@@ -68,7 +76,7 @@ async def test_500_concurrent_reserves_allow_exactly_what_fits(stub: BudgetServi
     assert state.revision == 1 + 100 + 100
 
 
-async def test_every_mutation_is_idempotent(stub: BudgetServiceStub) -> None:
+async def test_every_mutation_is_idempotent(stub: BudgetServiceAsyncStub) -> None:
     run_id = new_id("run")
     create = pb.CreateRunRequest(run_id=run_id, limit_micros=5_000_000, labels={"agent": "a"})
     first = await stub.CreateRun(create)
@@ -76,7 +84,9 @@ async def test_every_mutation_is_idempotent(stub: BudgetServiceStub) -> None:
     assert (first.replayed, again.replayed) == (False, True)
     assert again.run == first.run
 
-    reserve = pb.ReserveRequest(run_id=run_id, reservation_id="r1", amount_micros=2_000_000, ttl=ms(60_000))
+    reserve = pb.ReserveRequest(
+        run_id=run_id, reservation_id="r1", amount_micros=2_000_000, ttl=ms(60_000)
+    )
     first_r = await stub.Reserve(reserve)
     retry_r = await stub.Reserve(reserve)
     assert (first_r.replayed, retry_r.replayed) == (False, True)
@@ -91,7 +101,9 @@ async def test_every_mutation_is_idempotent(stub: BudgetServiceStub) -> None:
     assert retry_c.state == first_c.state
     assert retry_c.reservation_status == budget_pb2.RESERVATION_STATUS_COMMITTED
 
-    await stub.Reserve(pb.ReserveRequest(run_id=run_id, reservation_id="r2", amount_micros=1_000_000))
+    await stub.Reserve(
+        pb.ReserveRequest(run_id=run_id, reservation_id="r2", amount_micros=1_000_000)
+    )
     refund = pb.RefundRequest(run_id=run_id, reservation_id="r2")
     first_f = await stub.Refund(refund)
     retry_f = await stub.Refund(refund)
@@ -120,10 +132,16 @@ async def test_every_mutation_is_idempotent(stub: BudgetServiceStub) -> None:
     # Same ids, different arguments: rejected, and nothing changes.
     before = (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).state
     conflicts = [
-        (stub.CreateRun, pb.CreateRunRequest(run_id=run_id, limit_micros=6_000_000), "RUN_ALREADY_EXISTS"),
+        (
+            stub.CreateRun,
+            pb.CreateRunRequest(run_id=run_id, limit_micros=6_000_000),
+            "RUN_ALREADY_EXISTS",
+        ),
         (
             stub.Reserve,
-            pb.ReserveRequest(run_id=run_id, reservation_id="r1", amount_micros=2_000_001, ttl=ms(60_000)),
+            pb.ReserveRequest(
+                run_id=run_id, reservation_id="r1", amount_micros=2_000_001, ttl=ms(60_000)
+            ),
             "IDEMPOTENCY_CONFLICT",
         ),
         (
@@ -152,11 +170,13 @@ async def test_every_mutation_is_idempotent(stub: BudgetServiceStub) -> None:
 
 
 async def test_expired_hold_is_released_and_a_late_commit_is_recorded(
-    stub: BudgetServiceStub,
+    stub: BudgetServiceAsyncStub,
 ) -> None:
     run_id = await create_run(stub, limit_micros=1_000_000)
     held = await stub.Reserve(
-        pb.ReserveRequest(run_id=run_id, reservation_id="slow", amount_micros=1_000_000, ttl=ms(300))
+        pb.ReserveRequest(
+            run_id=run_id, reservation_id="slow", amount_micros=1_000_000, ttl=ms(300)
+        )
     )
     assert held.decision == ALLOW
     assert (
@@ -196,10 +216,18 @@ async def test_expired_hold_is_released_and_a_late_commit_is_recorded(
     assert s.committed_micros + s.reserved_micros <= s.limit_micros + s.overrun_micros
 
 
-async def test_commit_above_the_hold_is_recorded_as_overrun(stub: BudgetServiceStub) -> None:
+async def test_commit_above_the_hold_is_recorded_as_overrun(stub: BudgetServiceAsyncStub) -> None:
     run_id = await create_run(stub, limit_micros=10_000_000)
-    await stub.Reserve(pb.ReserveRequest(run_id=run_id, reservation_id="r", amount_micros=1_000_000))
-    reply = await stub.Commit(pb.CommitRequest(run_id=run_id, reservation_id="r", actual_micros=1_250_000))
-    assert (reply.overrun_micros, reply.held_micros, reply.actual_micros) == (250_000, 1_000_000, 1_250_000)
+    await stub.Reserve(
+        pb.ReserveRequest(run_id=run_id, reservation_id="r", amount_micros=1_000_000)
+    )
+    reply = await stub.Commit(
+        pb.CommitRequest(run_id=run_id, reservation_id="r", actual_micros=1_250_000)
+    )
+    assert (reply.overrun_micros, reply.held_micros, reply.actual_micros) == (
+        250_000,
+        1_000_000,
+        1_250_000,
+    )
     assert reply.state.committed_micros == 1_250_000
     assert reply.state.overrun_micros == 250_000

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -11,13 +13,17 @@ import pytest
 from runcap.v1 import budget_pb2
 from runcap.v1 import budget_service_pb2 as pb
 from runcap.v1.budget_service_pb2_grpc import BudgetServiceStub
+
+if TYPE_CHECKING:
+    from runcap.v1.budget_service_pb2_grpc import BudgetServiceAsyncStub
+
 from tests.integration.rpc import create_run, error_info
 from tests.servers import ServerProcess
 
 Stream = grpc.aio.UnaryStreamCall[pb.WatchRequest, pb.WatchResponse]
 
 
-async def churn(stub: BudgetServiceStub, run_id: str, n: int, prefix: str = "c") -> None:
+async def churn(stub: BudgetServiceAsyncStub, run_id: str, n: int, prefix: str = "c") -> None:
     """n reserve+commit pairs: 2n changes."""
     for i in range(n):
         rid = f"{prefix}{i}"
@@ -27,18 +33,17 @@ async def churn(stub: BudgetServiceStub, run_id: str, n: int, prefix: str = "c")
 
 async def collect_events(stream: Stream, until_revision: int) -> list[pb.WatchResponse]:
     """Read events (skipping heartbeats) up to and including until_revision."""
-    seen = []
+    seen: list[pb.WatchResponse] = []
     while True:
         message = await stream.read()
-        assert message is not grpc.aio.EOF, f"stream ended after {len(seen)} events"
-        assert isinstance(message, pb.WatchResponse)
+        assert isinstance(message, pb.WatchResponse), f"stream ended after {len(seen)} events"
         if message.HasField("event"):
             seen.append(message)
             if message.revision >= until_revision:
                 return seen
 
 
-async def test_snapshot_first_then_every_change_in_order(stub: BudgetServiceStub) -> None:
+async def test_snapshot_first_then_every_change_in_order(stub: BudgetServiceAsyncStub) -> None:
     run_id = await create_run(stub, limit_micros=1_000_000)
     stream = stub.Watch(pb.WatchRequest(run_id=run_id))
     first = await stream.read()
@@ -55,7 +60,7 @@ async def test_snapshot_first_then_every_change_in_order(stub: BudgetServiceStub
 
 
 async def test_resume_after_disconnect_sees_each_event_exactly_once(
-    stub: BudgetServiceStub,
+    stub: BudgetServiceAsyncStub,
 ) -> None:
     run_id = await create_run(stub, limit_micros=10_000_000)
     writer = asyncio.create_task(churn(stub, run_id, 100))
@@ -72,11 +77,13 @@ async def test_resume_after_disconnect_sees_each_event_exactly_once(
     assert seen == list(range(1, 202))
 
 
-async def test_200_watchers_see_the_same_ordered_events(stub: BudgetServiceStub) -> None:
+async def test_200_watchers_see_the_same_ordered_events(stub: BudgetServiceAsyncStub) -> None:
     run_id = await create_run(stub, limit_micros=10_000_000)
     streams = [stub.Watch(pb.WatchRequest(run_id=run_id)) for _ in range(200)]
     for stream in streams:
-        assert (await stream.read()).HasField("snapshot")
+        first = await stream.read()
+        assert isinstance(first, pb.WatchResponse)
+        assert first.HasField("snapshot")
     readers = [asyncio.create_task(collect_events(s, 61)) for s in streams]
     await churn(stub, run_id, 30)
     results = await asyncio.wait_for(asyncio.gather(*readers), 60)
@@ -88,7 +95,7 @@ async def test_200_watchers_see_the_same_ordered_events(stub: BudgetServiceStub)
         assert [e.event for e in result] == expected
 
 
-async def test_unknown_run_and_future_revision_are_rejected(stub: BudgetServiceStub) -> None:
+async def test_unknown_run_and_future_revision_are_rejected(stub: BudgetServiceAsyncStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as missing:
         await stub.Watch(pb.WatchRequest(run_id="no-such-run")).read()
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
@@ -100,12 +107,12 @@ async def test_unknown_run_and_future_revision_are_rejected(stub: BudgetServiceS
 
 
 @pytest.fixture
-def small_log_server(tmp_path: Path) -> ServerProcess:
+def small_log_server(tmp_path: Path) -> Iterator[ServerProcess]:
     server = ServerProcess(
         tmp_path / "runcap.db",
         env={"RUNCAP_LOG_RETENTION": "10"},
     ).start()
-    yield server  # type: ignore[misc]
+    yield server
     server.stop()
 
 
@@ -126,11 +133,13 @@ async def test_resume_point_older_than_the_log_is_out_of_range(
             "21",
         )
         # The oldest retained point still resumes.
-        events = await collect_events(stub.Watch(pb.WatchRequest(run_id=run_id, after_revision=11)), 21)
+        events = await collect_events(
+            stub.Watch(pb.WatchRequest(run_id=run_id, after_revision=11)), 21
+        )
         assert [e.revision for e in events] == list(range(12, 22))
 
 
-async def test_closed_run_events(stub: BudgetServiceStub) -> None:
+async def test_closed_run_events(stub: BudgetServiceAsyncStub) -> None:
     run_id = await create_run(stub, limit_micros=100)
     await stub.Reserve(pb.ReserveRequest(run_id=run_id, reservation_id="a", amount_micros=50))
     await stub.CloseRun(pb.CloseRunRequest(run_id=run_id))

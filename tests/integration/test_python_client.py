@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
 from runcap import (
     AsyncRuncapClient,
     BudgetBlockedError,
@@ -29,7 +30,6 @@ from runcap import (
 )
 from runcap.v1 import budget_pb2
 from runcap.v1 import budget_service_pb2 as pb
-
 from tests.servers import ServerProcess
 
 ALLOW = budget_pb2.DECISION_ALLOW

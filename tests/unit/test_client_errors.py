@@ -19,10 +19,11 @@ from typing import Any, Literal
 
 import grpc
 import pytest
-import runcap
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+import runcap
 from runcap import (
     NO_RETRY,
     AsyncRuncapClient,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from runcap_server import errors
 from runcap_server.backends.sqlite import SqliteLedger
 from runcap_server.clock import ManualClock
@@ -25,7 +26,6 @@ from runcap_server.ledger.types import (
     RunSpec,
     RunStatus,
 )
-
 from tests.ledger_backends import BACKENDS, DEFAULT_TTL_MS, open_backend, snapshot
 
 Ledger = ModelLedger | SqliteLedger

@@ -18,6 +18,7 @@ from typing import Any
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
 from runcap_server import errors
 from runcap_server.backends.sqlite import SqliteLedger
 from runcap_server.clock import ManualClock
@@ -32,7 +33,6 @@ from runcap_server.ledger.types import (
     ReserveResult,
     RunSpec,
 )
-
 from tests.ledger_backends import make_backend, snapshot
 
 Ledger = ModelLedger | SqliteLedger

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from runcap_server import errors
 from runcap_server.backends.sqlite import SCHEMA_VERSION, SqliteLedger
 from runcap_server.clock import ManualClock
@@ -19,7 +20,6 @@ from runcap_server.ledger.types import (
     ReservationStatus,
     RunSpec,
 )
-
 from tests.ledger_backends import open_backend, snapshot
 
 T = "acme"

@@ -7,7 +7,7 @@ drive the hub directly and simply stop pulling from a stream.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import pytest
 
@@ -31,8 +31,8 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-async def events(stream: AsyncIterator[WatchItem], count: int) -> list[int]:
-    seen = []
+async def events(stream: AsyncGenerator[WatchItem, None], count: int) -> list[int]:
+    seen: list[int] = []
     while len(seen) < count:
         item = await asyncio.wait_for(anext(stream), 5)
         if isinstance(item, Change):
@@ -47,7 +47,7 @@ async def ledger() -> ModelLedger:
     return ledger
 
 
-async def live_stream(hub: WatchHub, ledger: ModelLedger) -> AsyncIterator[WatchItem]:
+async def live_stream(hub: WatchHub, ledger: ModelLedger) -> AsyncGenerator[WatchItem, None]:
     """A stream past its snapshot and catch-up, fed by the hub's live feed."""
     stream = hub.stream(TENANT, "run", None)
     assert isinstance(await anext(stream), Snapshot)
@@ -57,7 +57,8 @@ async def live_stream(hub: WatchHub, ledger: ModelLedger) -> AsyncIterator[Watch
     await ledger.reserve(TENANT, "run", "warm-up", 1, None)
     await settle()
     item = await first
-    assert isinstance(item, Change) and item.revision == head + 1
+    assert isinstance(item, Change)
+    assert item.revision == head + 1
     return stream
 
 
@@ -141,6 +142,7 @@ async def test_change_before_the_feed_baseline_still_reaches_waiting_streams() -
     await ledger.reserve(TENANT, "run", "r", 1, None)  # revision 2, before the baseline
     ledger.gate.set()
     item = await asyncio.wait_for(waiting, 5)
-    assert isinstance(item, Change) and item.revision == 2
+    assert isinstance(item, Change)
+    assert item.revision == 2
     await stream.aclose()
     await hub.stop()

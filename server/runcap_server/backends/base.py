@@ -8,6 +8,7 @@ conformance suite). Arguments arrive validated by the edge.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Protocol
 
 from runcap_server.ledger.types import (
@@ -91,7 +92,5 @@ class ChangeBell:
 
 
 async def wait_event(event: asyncio.Event, timeout_s: float) -> None:
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), timeout_s)
-    except TimeoutError:
-        pass

@@ -62,7 +62,9 @@ class _Txn:
         self.reservations: dict[str, Reservation] = {}
         self.changes: list[Change] = []
 
-    def record(self, type_: EventType, reservation: Reservation | None = None, **fields: int) -> None:
+    def record(
+        self, type_: EventType, reservation: Reservation | None = None, **fields: int
+    ) -> None:
         self.account.revision += 1
         if reservation is not None:
             self.reservations[reservation.reservation_id] = reservation
@@ -124,9 +126,7 @@ def _reservation(txn: _Txn, reservation_id: str) -> Reservation | None:
     return found
 
 
-def create_run(
-    store: RunStore, spec: RunSpec, now_ms: int
-) -> tuple[Account, bool]:
+def create_run(store: RunStore, spec: RunSpec, now_ms: int) -> tuple[Account, bool]:
     """Create a run, or find the identical one. Returns (account, replayed)."""
     existing = store.load_account()
     if existing is not None:
