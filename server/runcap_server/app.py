@@ -26,6 +26,7 @@ from runcap_server.sweeper import sweep_forever
 from runcap_server.watch import WatchHub
 
 _log = logging.getLogger("runcap")
+BACKEND_CHECK_S = 1.0
 SERVICE_NAME: str = budget_service_pb2.DESCRIPTOR.services_by_name["BudgetService"].full_name
 
 
@@ -70,7 +71,7 @@ class RuncapServer:
         )
         self.health = HealthServicer()
         self.server = grpc.aio.server(options=_server_options(settings))
-        self._sweeper: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.port = 0
 
     async def start(self) -> int:
@@ -91,11 +92,38 @@ class RuncapServer:
         await self.server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        self._sweeper = asyncio.create_task(
-            sweep_forever(self.backend, self.settings.sweep_interval_ms / 1000),
-            name="expiry-sweeper",
-        )
+        self._tasks = [
+            asyncio.create_task(
+                sweep_forever(self.backend, self.settings.sweep_interval_ms / 1000),
+                name="expiry-sweeper",
+            ),
+            asyncio.create_task(self._watch_backend(), name="backend-health"),
+        ]
         return self.port
+
+    async def _watch_backend(self) -> None:
+        """Report NOT_SERVING while storage does not answer, so meshes route around us."""
+        serving = True
+        while True:
+            await asyncio.sleep(BACKEND_CHECK_S)
+            try:
+                await asyncio.wait_for(self.backend.ping(), BACKEND_CHECK_S)
+                healthy = True
+            except Exception as error:
+                healthy = False
+                if serving:
+                    _log.error("backend unavailable, health is NOT_SERVING: %s", error)
+            if healthy != serving:
+                serving = healthy
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if healthy
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                if healthy:
+                    _log.info("backend answers again, health is SERVING")
+                for service in ("", SERVICE_NAME):
+                    await self.health.set(service, status)
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
@@ -104,10 +132,10 @@ class RuncapServer:
         await asyncio.sleep(0.05)
         await self.server.stop(self.settings.shutdown_grace_ms / 1000)
         await self.hub.stop()
-        if self._sweeper:
-            self._sweeper.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+                await task
         await self.backend.close()
 
 
