@@ -16,6 +16,7 @@ from typing import Protocol
 
 from runcap_server import errors
 from runcap_server.ledger.types import (
+    MAX_MICROS,
     SETTLED_BY_COMMIT,
     Account,
     BudgetState,
@@ -132,7 +133,7 @@ def create_run(store: RunStore, spec: RunSpec, now_ms: int) -> tuple[Account, bo
     if existing is not None:
         if existing.spec != spec:
             raise errors.RunAlreadyExists(spec.run_id)
-        return existing, True
+        return get_state(store, spec.run_id, now_ms), True
     account = Account(spec=spec, created_ms=now_ms)
     txn = _Txn(store, account, now_ms)
     txn.record(EventType.CREATED)
@@ -247,6 +248,16 @@ def commit(
             replayed=True,
         )
 
+    if account.committed_micros + actual_micros > MAX_MICROS:
+        # Totals must stay exact in every backend (Lua numbers are doubles).
+        raise errors.InvalidArgument(
+            [
+                errors.FieldViolation(
+                    "actual_micros",
+                    f"would bring run {run_id!r}'s committed total past {MAX_MICROS} micro-USD",
+                )
+            ]
+        )
     late = status is ReservationStatus.EXPIRED
     if late:
         # The hold is gone; the money was spent all the same.
