@@ -11,8 +11,18 @@ class Clock(Protocol):
 
 
 class SystemClock:
+    """Wall-clock time that never goes back within a process.
+
+    Holds expire by wall-clock time; if the system clock steps back, time
+    stands still until it catches up rather than un-expiring anything.
+    """
+
+    def __init__(self) -> None:
+        self._last_ms = 0
+
     def now_ms(self) -> int:
-        return time.time_ns() // 1_000_000
+        self._last_ms = max(self._last_ms, time.time_ns() // 1_000_000)
+        return self._last_ms
 
 
 class ManualClock:

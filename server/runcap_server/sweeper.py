@@ -24,6 +24,6 @@ async def sweep_forever(backend: Backend, interval_s: float) -> None:
             released = 0
         if released:
             _log.debug("released %d expired holds", released)
-        # A full pass may have left more: go again at once.
+        # A pass that released a full batch may have left more: go again at once.
         if released < RUNS_PER_PASS:
             await asyncio.sleep(interval_s)

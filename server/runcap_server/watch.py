@@ -24,6 +24,8 @@ _log = logging.getLogger(__name__)
 PAGE_SIZE = 500
 # How long a feed waits on its doorbell before it polls the log anyway.
 FEED_POLL_S = 1.0
+# How long a feed whose reads fail waits before it tries again.
+FEED_RETRY_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,31 +69,35 @@ class _Feed:
         self.task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
-        try:
-            page = await self.backend.read_changes(self.tenant, self.run_id, 0, 0)
-            revision = page.head
-            # Changes made before this baseline are not fanned out: streams
-            # that were already waiting must look at the log for them.
-            self.nudge()
-            while True:
+        revision: int | None = None
+        while True:
+            try:
+                if revision is None:
+                    page = await self.backend.read_changes(self.tenant, self.run_id, 0, 0)
+                    revision = page.head
+                    # Changes made before this baseline are not fanned out:
+                    # streams already waiting must look at the log for them.
+                    self.nudge()
                 await self.backend.wait_for_change(self.tenant, self.run_id, revision, FEED_POLL_S)
                 page = await self.backend.read_changes(
                     self.tenant, self.run_id, revision, PAGE_SIZE
                 )
-                if page.floor > revision + 1:
-                    # The log was trimmed past this feed: streams check it themselves.
-                    self.nudge()
-                for change in page.changes:
-                    for subscriber in self.subscribers:
-                        subscriber.offer(change)
-                revision = page.changes[-1].revision if page.changes else max(revision, page.head)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            _log.exception(
-                "watch feed for run %s failed; streams fall back to the log", self.run_id
-            )
-            self.nudge()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                _log.exception("watch feed for run %s failed; retrying", self.run_id)
+                # Streams go to the log themselves (and fail there if it is down).
+                self.nudge()
+                revision = None
+                await asyncio.sleep(FEED_RETRY_S)
+                continue
+            if page.floor > revision + 1:
+                # The log was trimmed past this feed: streams check it themselves.
+                self.nudge()
+            for change in page.changes:
+                for subscriber in self.subscribers:
+                    subscriber.offer(change)
+            revision = page.changes[-1].revision if page.changes else max(revision, page.head)
 
     def nudge(self) -> None:
         """Send every subscriber to the log to find what it missed."""

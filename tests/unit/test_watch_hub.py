@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator
 
 import pytest
 
-from runcap_server import errors
+from runcap_server import errors, watch
 from runcap_server.ledger.model import ModelLedger
 from runcap_server.ledger.types import Change, ChangePage, RunSpec
 from runcap_server.watch import Progress, Snapshot, WatchHub, WatchItem
@@ -144,5 +144,36 @@ async def test_change_before_the_feed_baseline_still_reaches_waiting_streams() -
     item = await asyncio.wait_for(waiting, 5)
     assert isinstance(item, Change)
     assert item.revision == 2
+    await stream.aclose()
+    await hub.stop()
+
+
+class _FailsOnce(ModelLedger):
+    """The reference ledger, whose next log read fails once when armed."""
+
+    def __init__(self) -> None:
+        super().__init__(default_ttl_ms=60_000)
+        self.armed = False
+
+    async def read_changes(
+        self, tenant: str, run_id: str, after_revision: int, limit: int
+    ) -> ChangePage:
+        if self.armed:
+            self.armed = False
+            raise errors.BackendUnavailable("injected by the test")
+        return await super().read_changes(tenant, run_id, after_revision, limit)
+
+
+async def test_feed_survives_a_failed_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watch, "FEED_RETRY_S", 0.01)
+    ledger = _FailsOnce()
+    await ledger.create_run(TENANT, RunSpec("run", 1_000, {}, None))
+    hub = WatchHub(ledger, queue_size=10, heartbeat_s=30)
+    stream = await live_stream(hub, ledger)
+    ledger.armed = True  # the feed's next read fails
+    await ledger.reserve(TENANT, "run", "a", 1, None)
+    assert await events(stream, 1) == [3]
+    await ledger.reserve(TENANT, "run", "b", 1, None)
+    assert await events(stream, 1) == [4]
     await stream.aclose()
     await hub.stop()

@@ -243,7 +243,8 @@ class ReserveResponse(_message.Message):
     """The amount held, in micro-USD; 0 when blocked."""
     replayed: _builtins.bool
     """True when this answers a retry: the decision is the one first made and
-    nothing changed.
+    this request held nothing. (As before any operation, holds of the run
+    that were due may have expired first; that is not this request's doing.)
     """
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
@@ -288,7 +289,9 @@ class CommitRequest(_message.Message):
     reservation_id: _builtins.str
     """The reservation to settle."""
     actual_micros: _builtins.int
-    """The actual cost in micro-USD. Zero or more."""
+    """The actual cost in micro-USD. Zero or more, and small enough that the
+    run's committed total stays at most 2^53 - 1.
+    """
     def __init__(
         self,
         *,
@@ -324,7 +327,7 @@ class CommitResponse(_message.Message):
     """
     replayed: _builtins.bool
     """True when this answers a retry: the reservation was already committed
-    with the same actual cost and nothing changed.
+    with the same actual cost, and this request recorded nothing.
     """
     reservation_status: _budget_pb2.ReservationStatus.ValueType
     """COMMITTED, or LATE_COMMITTED when the hold had expired first."""
@@ -394,7 +397,9 @@ class RefundResponse(_message.Message):
     RELEASED_MICROS_FIELD_NUMBER: _builtins.int
     replayed: _builtins.bool
     """True when the reservation was already settled (refunded, committed or
-    expired) and nothing changed; `reservation_status` says how it settled.
+    expired, including an expiry applied just now because the hold was due)
+    and this request released nothing; `reservation_status` says how it
+    settled.
     """
     reservation_status: _budget_pb2.ReservationStatus.ValueType
     """RELEASED for a refund; COMMITTED, LATE_COMMITTED or EXPIRED when the
@@ -487,8 +492,9 @@ class WatchRequest(_message.Message):
     after_revision: _builtins.int
     """Resume after this revision: the stream starts with every change whose
     revision is greater, with no snapshot. When unset, the stream starts with
-    a snapshot. 0 replays the run's whole retained history. A revision older
-    than the retained log, or newer than the run, fails with OUT_OF_RANGE.
+    a snapshot. 0 replays the run's whole history, as long as the log still
+    holds revision 1. A revision older than the retained log, or newer than
+    the run, fails with OUT_OF_RANGE.
     """
     def __init__(
         self,

@@ -38,11 +38,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     `google.rpc.ResourceInfo` detail names it.
     """
     ERROR_REASON_RUN_ALREADY_EXISTS: _ErrorReason.ValueType  # 4
-    """ALREADY_EXISTS: a run with this id exists with different arguments."""
+    """ALREADY_EXISTS: a run with this id exists with different arguments. A
+    `google.rpc.ResourceInfo` detail names it.
+    """
     ERROR_REASON_IDEMPOTENCY_CONFLICT: _ErrorReason.ValueType  # 5
     """ALREADY_EXISTS: this reservation id was used before with different
     arguments (a different amount, ttl, or actual cost). Use a new id for a
-    new request; retry only with the original arguments.
+    new request; retry only with the original arguments. A
+    `google.rpc.ResourceInfo` detail names the reservation.
     """
     ERROR_REASON_RESERVATION_BLOCKED: _ErrorReason.ValueType  # 6
     """FAILED_PRECONDITION: the reservation was blocked, so there is no hold to
@@ -55,7 +58,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_REVISION_OUT_OF_RANGE: _ErrorReason.ValueType  # 8
     """OUT_OF_RANGE: Watch was asked to resume from a revision the server no
     longer retains (or never had). Watch again without `after_revision` to
-    get a fresh snapshot.
+    get a fresh snapshot. ErrorInfo.metadata carries `after_revision`,
+    `floor` (the oldest retained revision) and `head` (the run's revision).
     """
     ERROR_REASON_BACKEND_UNAVAILABLE: _ErrorReason.ValueType  # 9
     """UNAVAILABLE: the ledger's storage cannot be reached. Nothing was decided.
@@ -94,11 +98,14 @@ ERROR_REASON_RESERVATION_NOT_FOUND: ErrorReason.ValueType  # 3
 `google.rpc.ResourceInfo` detail names it.
 """
 ERROR_REASON_RUN_ALREADY_EXISTS: ErrorReason.ValueType  # 4
-"""ALREADY_EXISTS: a run with this id exists with different arguments."""
+"""ALREADY_EXISTS: a run with this id exists with different arguments. A
+`google.rpc.ResourceInfo` detail names it.
+"""
 ERROR_REASON_IDEMPOTENCY_CONFLICT: ErrorReason.ValueType  # 5
 """ALREADY_EXISTS: this reservation id was used before with different
 arguments (a different amount, ttl, or actual cost). Use a new id for a
-new request; retry only with the original arguments.
+new request; retry only with the original arguments. A
+`google.rpc.ResourceInfo` detail names the reservation.
 """
 ERROR_REASON_RESERVATION_BLOCKED: ErrorReason.ValueType  # 6
 """FAILED_PRECONDITION: the reservation was blocked, so there is no hold to
@@ -111,7 +118,8 @@ committed. A `google.rpc.PreconditionFailure` detail says which.
 ERROR_REASON_REVISION_OUT_OF_RANGE: ErrorReason.ValueType  # 8
 """OUT_OF_RANGE: Watch was asked to resume from a revision the server no
 longer retains (or never had). Watch again without `after_revision` to
-get a fresh snapshot.
+get a fresh snapshot. ErrorInfo.metadata carries `after_revision`,
+`floor` (the oldest retained revision) and `head` (the run's revision).
 """
 ERROR_REASON_BACKEND_UNAVAILABLE: ErrorReason.ValueType  # 9
 """UNAVAILABLE: the ledger's storage cannot be reached. Nothing was decided.
