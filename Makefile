@@ -17,6 +17,15 @@ BIN := $(CURDIR)/$(VENV)/bin
 # Rebuilt when pyproject.toml changes; lives inside the venv so `rm -rf .venv` resets it.
 VENV_STAMP := $(VENV)/.runcap-installed
 GEN_PY := clients/python/runcap/v1
+GEN_GO := clients/go/runcap/v1
+# TypeScript stubs (buf.gen.ts.yaml); the folder holds nothing hand-written.
+GEN_TS := clients/ts/src/gen
+# The Go protoc plugins, pinned; `make go-plugins` installs them into .bin/ (gitignored).
+# Keep PROTOC_GEN_GO_VERSION equal to google.golang.org/protobuf in clients/go/go.mod.
+GO_BIN := $(CURDIR)/.bin
+PROTOC_GEN_GO_VERSION := v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
+GO_PLUGINS_STAMP := .bin/.go-plugins-$(PROTOC_GEN_GO_VERSION)-$(PROTOC_GEN_GO_GRPC_VERSION)
 # Hand-written Python checked by mypy (generated folders are excluded in pyproject).
 MYPY_DIRS := server clients/python/runcap tests
 # Extension-less Python scripts that ruff would not discover on its own.
@@ -47,12 +56,36 @@ $(VENV_STAMP): pyproject.toml
 serve: venv ## Run the server (settings from RUNCAP_* env; default 127.0.0.1:50051, ./runcap.db).
 	exec $(BIN)/runcap serve
 
-gen: venv ## Regenerate the committed client stubs from proto/ with buf.
-	@echo "removing old generated files in $(GEN_PY)"
+gen: venv go-plugins ts-deps ## Regenerate the committed client stubs from proto/ with buf.
+	@echo "removing old generated files in $(GEN_PY) $(GEN_GO)"
 	if [ -d $(GEN_PY) ]; then
 	  find $(GEN_PY) -maxdepth 1 -type f \( -name '*_pb2*.py' -o -name '*_pb2*.pyi' \) -delete
 	fi
+	if [ -d $(GEN_GO) ]; then
+	  find $(GEN_GO) -maxdepth 1 -type f -name '*.pb.go' -delete
+	fi
 	PATH="$(BIN):$$PATH" buf generate
+	echo "removing old generated files in $(GEN_TS)"
+	rm -rf $(GEN_TS)
+	PATH="$(BIN):$$PATH" buf generate --template buf.gen.ts.yaml
+
+.PHONY: ts-deps
+ts-deps: ## Install clients/ts's pinned npm packages (npm ci) when node_modules is missing or stale.
+	@lock=clients/ts/package-lock.json; installed=clients/ts/node_modules/.package-lock.json
+	if [ ! -f "$$installed" ] || [ "$$lock" -nt "$$installed" ]; then
+	  echo "npm ci in clients/ts"
+	  npm ci --prefix clients/ts --no-audit --no-fund
+	fi
+
+.PHONY: go-plugins
+go-plugins: $(GO_PLUGINS_STAMP) ## Install the pinned protoc-gen-go and protoc-gen-go-grpc into .bin/.
+
+$(GO_PLUGINS_STAMP):
+	@echo "installing protoc-gen-go $(PROTOC_GEN_GO_VERSION), protoc-gen-go-grpc $(PROTOC_GEN_GO_GRPC_VERSION) into .bin/"
+	rm -f .bin/.go-plugins-*
+	GOBIN=$(GO_BIN) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+	GOBIN=$(GO_BIN) go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+	touch $@
 
 check-gen: gen ## Fail if `make gen` changes or adds any file under clients/.
 	@if ! git diff --quiet -- clients/ || [ -n "$$(git status --porcelain -- clients/)" ]; then
@@ -78,6 +111,8 @@ lint: venv ## buf lint, ruff check, ruff format --check and mypy (all run; fails
 	done
 	echo "--- mypy $${dirs[*]}"
 	if [ $${#dirs[@]} -gt 0 ]; then mypy "$${dirs[@]}" || rc=1; fi
+	echo "--- go vet (clients/go)"; (cd clients/go && go vet ./...) || rc=1
+	echo "--- tsc --strict (clients/ts)"; { $(MAKE) ts-deps && npm --prefix clients/ts run -s typecheck; } || rc=1
 	exit $$rc
 
 breaking: venv ## buf breaking against the previous commit (BREAKING_AGAINST=<git rev> to change).
@@ -115,8 +150,11 @@ test: venv ## Run the test suite (installs Debian's redis-server first when miss
 	fi
 	echo "--- python tests"
 	$(BIN)/pytest -q
-	# --- Go client tests (clients/go) go here, added by a later issue. ---
-	# --- TypeScript client tests (clients/ts) go here, added by a later issue. ---
+	echo "--- go client tests (clients/go)"
+	(cd clients/go && go vet ./... && RUNCAP_PYTHON="$(BIN)/python" go test ./...)
+	echo "--- typescript client tests (clients/ts)"
+	$(MAKE) ts-deps
+	(cd clients/ts && RUNCAP_PYTHON="$(BIN)/python" npm test)
 
 ci: venv ## Everything CI runs: lint, breaking, check-gen, test (all run; fails if any fails).
 	@failed=()

@@ -1,0 +1,313 @@
+// Package runcap is the Go client of the runcap budget authority.
+//
+// Ask before every paid call, tell after:
+//
+//	client, err := runcap.Dial("127.0.0.1:50051")
+//	...
+//	err = client.WithReservation(ctx, runID, 50_000, func(ctx context.Context, h *runcap.Hold) error {
+//		cost, err := callTheModel(ctx)
+//		if err != nil {
+//			return err // the hold is refunded
+//		}
+//		h.SetActual(cost) // committed when the func returns
+//		return nil
+//	})
+//	if errors.Is(err, runcap.ErrBudgetBlocked) { ... downshift or stop ... }
+//
+// The generated stubs and messages are in package
+// github.com/runcap/runcap/clients/go/runcap/v1 (runcapv1); failed calls
+// return a *runcaperr.Error (package github.com/runcap/runcap/clients/go/runcaperr)
+// with the server's code, reason and details. A block decision is not an
+// error for Reserve: it is in the response. Only Hold and WithReservation,
+// which need a hold to go on, turn it into a *BudgetBlockedError.
+package runcap
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	runcapv1 "github.com/runcap/runcap/clients/go/runcap/v1"
+	"github.com/runcap/runcap/clients/go/runcaperr"
+)
+
+// DefaultTarget is the address of a runcap server started with its defaults.
+const DefaultTarget = "127.0.0.1:50051"
+
+// DefaultTimeout is the default deadline of each unary attempt.
+const DefaultTimeout = 10 * time.Second
+
+// Client is a client of the runcap BudgetService. It is safe for concurrent
+// use. Every failed call returns a *runcaperr.Error. Calls that are
+// idempotent (those that carry a client-side id, the reads, and CloseRun)
+// are retried on UNAVAILABLE according to the client's RetryPolicy.
+type Client struct {
+	conn    *grpc.ClientConn // nil when the connection is the caller's
+	stub    runcapv1.BudgetServiceClient
+	timeout time.Duration
+	retry   RetryPolicy
+	md      metadata.MD
+}
+
+type config struct {
+	creds    credentials.TransportCredentials
+	dialOpts []grpc.DialOption
+	timeout  time.Duration
+	retry    RetryPolicy
+	md       metadata.MD
+}
+
+// Option configures a Client.
+type Option func(*config)
+
+// WithTransportCredentials makes Dial use TLS (or other) credentials instead
+// of a plaintext connection.
+func WithTransportCredentials(creds credentials.TransportCredentials) Option {
+	return func(c *config) { c.creds = creds }
+}
+
+// WithDialOptions passes extra options to grpc.NewClient (keepalive, connect
+// back-off, interceptors...).
+func WithDialOptions(opts ...grpc.DialOption) Option {
+	return func(c *config) { c.dialOpts = append(c.dialOpts, opts...) }
+}
+
+// WithTimeout sets the deadline of each unary attempt (DefaultTimeout when
+// not given); 0 means none beyond the caller's context. Watch streams have
+// no deadline.
+func WithTimeout(d time.Duration) Option {
+	return func(c *config) { c.timeout = d }
+}
+
+// WithRetry sets the retry policy of idempotent unary calls
+// (DefaultRetryPolicy when not given; NoRetry disables retries).
+func WithRetry(p RetryPolicy) Option {
+	return func(c *config) { c.retry = p }
+}
+
+// WithMetadata sends the given key/value pairs (as for metadata.Pairs) with
+// every call, for example "authorization", "Bearer ...".
+func WithMetadata(kv ...string) Option {
+	return func(c *config) { c.md = metadata.Join(c.md, metadata.Pairs(kv...)) }
+}
+
+func newConfig(opts []Option) config {
+	c := config{timeout: DefaultTimeout, retry: DefaultRetryPolicy}
+	for _, o := range opts {
+		o(&c)
+	}
+	return c
+}
+
+// Dial creates a client of the server at target (for example
+// "127.0.0.1:50051" or "dns:///runcap.internal:50051") with grpc.NewClient.
+// The connection is plaintext unless WithTransportCredentials is given; it
+// is opened lazily, so Dial does not fail when the server is down. Close the
+// client when done.
+func Dial(target string, opts ...Option) (*Client, error) {
+	c := newConfig(opts)
+	creds := c.creds
+	if creds == nil {
+		creds = insecure.NewCredentials()
+	}
+	dialOpts := append([]grpc.DialOption{grpc.WithTransportCredentials(creds)}, c.dialOpts...)
+	conn, err := grpc.NewClient(target, dialOpts...)
+	if err != nil {
+		return nil, err
+	}
+	cl := newClient(runcapv1.NewBudgetServiceClient(conn), c)
+	cl.conn = conn
+	return cl, nil
+}
+
+// New creates a client over an existing connection, which stays the
+// caller's: Close does not close it. Credentials and dial options are
+// ignored.
+func New(conn grpc.ClientConnInterface, opts ...Option) *Client {
+	return newClient(runcapv1.NewBudgetServiceClient(conn), newConfig(opts))
+}
+
+func newClient(stub runcapv1.BudgetServiceClient, c config) *Client {
+	return &Client{stub: stub, timeout: c.timeout, retry: c.retry, md: c.md}
+}
+
+// Close closes the connection Dial opened.
+func (c *Client) Close() error {
+	if c.conn == nil {
+		return nil
+	}
+	return c.conn.Close()
+}
+
+// Stub returns the generated stub, for calls this client does not wrap.
+func (c *Client) Stub() runcapv1.BudgetServiceClient { return c.stub }
+
+func (c *Client) outgoing(ctx context.Context) context.Context {
+	if len(c.md) == 0 {
+		return ctx
+	}
+	return metadata.NewOutgoingContext(ctx, metadata.Join(outgoingMD(ctx), c.md))
+}
+
+func outgoingMD(ctx context.Context) metadata.MD {
+	md, _ := metadata.FromOutgoingContext(ctx)
+	return md
+}
+
+// call runs one unary RPC with the per-attempt timeout, retrying idempotent
+// calls on UNAVAILABLE, and returns failures as *runcaperr.Error.
+func call[Req, Resp any](
+	ctx context.Context, c *Client, idempotent bool,
+	method func(context.Context, Req, ...grpc.CallOption) (Resp, error), req Req,
+) (Resp, error) {
+	ctx = c.outgoing(ctx)
+	for attempt := 1; ; attempt++ {
+		actx, cancel := ctx, context.CancelFunc(func() {})
+		if c.timeout > 0 {
+			actx, cancel = context.WithTimeout(ctx, c.timeout)
+		}
+		resp, err := method(actx, req)
+		cancel()
+		if err == nil {
+			return resp, nil
+		}
+		var zero Resp
+		if ctx.Err() != nil {
+			return zero, ctx.Err()
+		}
+		rerr := runcaperr.FromError(err)
+		if rerr == nil {
+			return zero, err
+		}
+		delay, retry := c.retry.delay(attempt, rerr)
+		if !idempotent || !retry {
+			return zero, rerr
+		}
+		if err := sleep(ctx, delay); err != nil {
+			return zero, err
+		}
+	}
+}
+
+// CreateRun creates a run with a ceiling of limitMicros, or returns it (with
+// Replayed set) when it exists with the same arguments. With an empty runID
+// the server picks one, and the call is not retried.
+func (c *Client) CreateRun(ctx context.Context, runID string, limitMicros int64, opts ...RunOption) (*runcapv1.CreateRunResponse, error) {
+	req := &runcapv1.CreateRunRequest{RunId: runID, LimitMicros: limitMicros}
+	for _, o := range opts {
+		o(req)
+	}
+	return call(ctx, c, runID != "", c.stub.CreateRun, req)
+}
+
+// RunOption sets an optional field of CreateRun.
+type RunOption func(*runcapv1.CreateRunRequest)
+
+// Labels sets the run's labels (agent, team, feature...).
+func Labels(labels map[string]string) RunOption {
+	return func(r *runcapv1.CreateRunRequest) {
+		if r.Labels == nil {
+			r.Labels = make(map[string]string, len(labels))
+		}
+		for k, v := range labels {
+			r.Labels[k] = v
+		}
+	}
+}
+
+// DefaultTTL sets the run's default reservation ttl (whole milliseconds).
+func DefaultTTL(d time.Duration) RunOption {
+	return func(r *runcapv1.CreateRunRequest) { r.DefaultTtl = durationpb.New(d) }
+}
+
+// GetRun returns a run's configuration and current budget state.
+func (c *Client) GetRun(ctx context.Context, runID string) (*runcapv1.GetRunResponse, error) {
+	return call(ctx, c, true, c.stub.GetRun, &runcapv1.GetRunRequest{RunId: runID})
+}
+
+// ReserveOption sets an optional field of Reserve, Hold and WithReservation.
+type ReserveOption func(*runcapv1.ReserveRequest)
+
+// ReservationID sets the reservation id (the idempotency key). Without it a
+// random id is generated on the client, so retries stay idempotent.
+func ReservationID(id string) ReserveOption {
+	return func(r *runcapv1.ReserveRequest) { r.ReservationId = id }
+}
+
+// TTL sets how long the hold lives (whole milliseconds); the run's default
+// ttl applies otherwise.
+func TTL(d time.Duration) ReserveOption {
+	return func(r *runcapv1.ReserveRequest) { r.Ttl = durationpb.New(d) }
+}
+
+func reserveRequest(runID string, amountMicros int64, opts []ReserveOption) *runcapv1.ReserveRequest {
+	req := &runcapv1.ReserveRequest{
+		RunId:    runID,
+		Estimate: &runcapv1.ReserveRequest_AmountMicros{AmountMicros: amountMicros},
+	}
+	for _, o := range opts {
+		o(req)
+	}
+	if req.ReservationId == "" {
+		req.ReservationId = NewReservationID()
+	}
+	return req
+}
+
+// Reserve asks to hold amountMicros against the run and returns the
+// decision. A block is a response (Decision == DECISION_BLOCK), not an
+// error. The reservation id (generated when not given) is in the response.
+func (c *Client) Reserve(ctx context.Context, runID string, amountMicros int64, opts ...ReserveOption) (*runcapv1.ReserveResponse, error) {
+	return call(ctx, c, true, c.stub.Reserve, reserveRequest(runID, amountMicros, opts))
+}
+
+// Commit records a reservation's actual cost and releases the rest of its
+// hold. Repeating it with the same cost is a replay.
+func (c *Client) Commit(ctx context.Context, runID, reservationID string, actualMicros int64) (*runcapv1.CommitResponse, error) {
+	req := &runcapv1.CommitRequest{
+		RunId:         runID,
+		ReservationId: reservationID,
+		Actual:        &runcapv1.CommitRequest_ActualMicros{ActualMicros: actualMicros},
+	}
+	return call(ctx, c, true, c.stub.Commit, req)
+}
+
+// Refund releases a reservation's whole hold. A refund of a reservation
+// that already settled changes nothing (Replayed is set).
+func (c *Client) Refund(ctx context.Context, runID, reservationID string) (*runcapv1.RefundResponse, error) {
+	req := &runcapv1.RefundRequest{RunId: runID, ReservationId: reservationID}
+	return call(ctx, c, true, c.stub.Refund, req)
+}
+
+// CloseRun closes a run to new reservations; holds already made still settle.
+func (c *Client) CloseRun(ctx context.Context, runID string) (*runcapv1.CloseRunResponse, error) {
+	return call(ctx, c, true, c.stub.CloseRun, &runcapv1.CloseRunRequest{RunId: runID})
+}
+
+// NewReservationID returns a fresh random reservation id (32 hex digits).
+func NewReservationID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails
+	return hex.EncodeToString(b[:])
+}
+
+func sleep(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return ctx.Err()
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}

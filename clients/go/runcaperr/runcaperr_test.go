@@ -1,0 +1,119 @@
+package runcaperr_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/protoadapt"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	runcapv1 "github.com/runcap/runcap/clients/go/runcap/v1"
+	"github.com/runcap/runcap/clients/go/runcaperr"
+)
+
+func withDetails(t *testing.T, c codes.Code, msg string, details ...proto.Message) error {
+	t.Helper()
+	v1 := make([]protoadapt.MessageV1, len(details))
+	for i, d := range details {
+		v1[i] = protoadapt.MessageV1Of(d)
+	}
+	st, err := status.New(c, msg).WithDetails(v1...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Err()
+}
+
+func TestUnavailableWithRetryDelay(t *testing.T) {
+	err := withDetails(t, codes.Unavailable, "shutting down",
+		&errdetails.ErrorInfo{Domain: runcaperr.Domain, Reason: "SHUTTING_DOWN"},
+		&errdetails.RetryInfo{RetryDelay: durationpb.New(100 * time.Millisecond)},
+	)
+	wrapped := fmt.Errorf("calling runcap: %w", err)
+	typed := fmt.Errorf("calling runcap: %w", runcaperr.FromError(err))
+	if !runcaperr.IsUnavailable(wrapped) || !errors.Is(typed, runcaperr.ErrShuttingDown) ||
+		!errors.Is(typed, runcaperr.ErrUnavailable) || errors.Is(typed, runcaperr.ErrBackendUnavailable) {
+		t.Fatalf("predicates on %v", wrapped)
+	}
+	if d, ok := runcaperr.RetryDelay(wrapped); !ok || d != 100*time.Millisecond {
+		t.Fatalf("RetryDelay = %v, %v", d, ok)
+	}
+	e := runcaperr.FromError(wrapped)
+	if e.Reason != runcapv1.ErrorReason_ERROR_REASON_SHUTTING_DOWN || !e.Retryable() || len(e.Details) != 2 {
+		t.Fatalf("%+v", e)
+	}
+	if got := e.Error(); got != "runcap: SHUTTING_DOWN (Unavailable): shutting down" {
+		t.Fatalf("Error() = %q", got)
+	}
+	if status.Code(e) != codes.Unavailable {
+		t.Fatalf("status.Code = %v", status.Code(e))
+	}
+}
+
+func TestForeignErrorInfoMatchesByCodeOnly(t *testing.T) {
+	err := withDetails(t, codes.NotFound, "no route",
+		&errdetails.ErrorInfo{Domain: "proxy.example", Reason: "RUN_NOT_FOUND", Metadata: map[string]string{"k": "v"}})
+	if !runcaperr.IsNotFound(err) || runcaperr.IsRunNotFound(err) {
+		t.Fatalf("predicates on %v", err)
+	}
+	e := runcaperr.FromError(err)
+	if e.Reason != runcapv1.ErrorReason_ERROR_REASON_UNSPECIFIED || e.ReasonName != "RUN_NOT_FOUND" || e.Domain != "proxy.example" || e.Metadata["k"] != "v" {
+		t.Fatalf("%+v", e)
+	}
+	if _, ok := runcaperr.RetryDelay(err); ok {
+		t.Fatal("RetryDelay without RetryInfo")
+	}
+}
+
+func TestUnknownReasonAndBareStatus(t *testing.T) {
+	err := withDetails(t, codes.Internal, "new",
+		&errdetails.ErrorInfo{Domain: runcaperr.Domain, Reason: "SOMETHING_NEWER"})
+	if e := runcaperr.FromError(err); e.Reason != runcapv1.ErrorReason_ERROR_REASON_UNSPECIFIED || e.ReasonName != "SOMETHING_NEWER" || !runcaperr.IsInternal(err) {
+		t.Fatalf("%+v", e)
+	}
+	bare := status.Error(codes.DeadlineExceeded, "too slow")
+	if e := runcaperr.FromError(bare); e == nil || !errors.Is(e, context.DeadlineExceeded) || e.Error() != "runcap: DeadlineExceeded: too slow" {
+		t.Fatalf("%v", e)
+	}
+}
+
+func TestNilAndNonStatusErrors(t *testing.T) {
+	if runcaperr.FromError(nil) != nil || runcaperr.FromError(errors.New("plain")) != nil || runcaperr.FromError(context.Canceled) != nil {
+		t.Fatal("FromError of a non-status error must be nil")
+	}
+	if runcaperr.Code(nil) != codes.OK || runcaperr.Code(errors.New("plain")) != codes.Unknown {
+		t.Fatal("Code")
+	}
+	if runcaperr.IsNotFound(nil) || runcaperr.Reason(nil) != runcapv1.ErrorReason_ERROR_REASON_UNSPECIFIED {
+		t.Fatal("predicates on nil")
+	}
+}
+
+func TestBadRequestAndPrecondition(t *testing.T) {
+	err := withDetails(t, codes.InvalidArgument, "invalid request",
+		&errdetails.ErrorInfo{Domain: runcaperr.Domain, Reason: "INVALID_ARGUMENT"},
+		&errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{
+			{Field: "amount_micros", Description: "must be positive"},
+		}})
+	if v := runcaperr.FieldViolations(err); len(v) != 1 || v[0] != (runcaperr.FieldViolation{Field: "amount_micros", Description: "must be positive"}) {
+		t.Fatalf("violations %v", v)
+	}
+	err = withDetails(t, codes.FailedPrecondition, "blocked",
+		&errdetails.ErrorInfo{Domain: runcaperr.Domain, Reason: "RESERVATION_BLOCKED"},
+		&errdetails.PreconditionFailure{Violations: []*errdetails.PreconditionFailure_Violation{
+			{Type: "RESERVATION_BLOCKED", Subject: "run/res", Description: "blocked"},
+		}})
+	if !runcaperr.IsReservationBlocked(err) || runcaperr.IsReservationReleased(err) {
+		t.Fatalf("%v", err)
+	}
+	if e := runcaperr.FromError(err); len(e.PreconditionViolations) != 1 || e.PreconditionViolations[0].Subject != "run/res" {
+		t.Fatalf("%+v", e.PreconditionViolations)
+	}
+}

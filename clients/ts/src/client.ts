@@ -1,0 +1,268 @@
+/** The runcap client: one typed method per unary RPC, over Connect's gRPC transport. */
+
+import { randomUUID } from "node:crypto";
+import type * as http2 from "node:http2";
+
+import { create } from "@bufbuild/protobuf";
+import { durationFromMs, type Duration } from "@bufbuild/protobuf/wkt";
+import { createClient, type Client, type Interceptor, type Transport } from "@connectrpc/connect";
+import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
+
+import { toRuncapError } from "./errors.js";
+import {
+  BudgetService,
+  CloseRunRequestSchema,
+  CommitRequestSchema,
+  CreateRunRequestSchema,
+  GetRunRequestSchema,
+  RefundRequestSchema,
+  ReserveRequestSchema,
+  type CloseRunResponse,
+  type CommitResponse,
+  type CreateRunResponse,
+  type GetRunResponse,
+  type RefundResponse,
+  type ReserveResponse,
+} from "./gen/runcap/v1/budget_service_pb.js";
+import { DEFAULT_RETRY, retryDelayMs, sleep, type RetryPolicy } from "./retry.js";
+
+/** The address a client connects to when given none. */
+export const DEFAULT_TARGET = "127.0.0.1:50051";
+
+/** Headers as `new Headers(...)` takes them: a Headers, a record or a list of pairs. */
+export type HeadersInput = ConstructorParameters<typeof Headers>[0];
+
+/** A duration: milliseconds as a number, or a `google.protobuf.Duration`. */
+export type DurationInput = number | Duration;
+
+/** Options of {@link createRuncapClient}. */
+export interface RuncapClientOptions {
+  /** The server: `host:port` (plaintext, or TLS with `tls`), or an `http://` / `https://` URL. */
+  target?: string;
+  /** Use TLS for a `host:port` target. */
+  tls?: boolean;
+  /** Options for Node's `http2.connect` (CA, client certificates...). */
+  nodeOptions?: http2.ClientSessionOptions | http2.SecureClientSessionOptions;
+  /** Headers sent with every call, for example `{ authorization: "Bearer ..." }`. */
+  headers?: HeadersInput;
+  /** The deadline of each unary attempt in milliseconds; 0 for none. Watch streams have none. Default 10 s. */
+  timeoutMs?: number;
+  /** The retry policy of idempotent unary calls on UNAVAILABLE. Default {@link DEFAULT_RETRY}. */
+  retry?: RetryPolicy;
+  /**
+   * HTTP/2 keepalive: PING interval on connections with open streams, in
+   * milliseconds (the server accepts one every 10 s or more). Default 30 s.
+   */
+  pingIntervalMs?: number;
+  /** Connect interceptors applied to every call. */
+  interceptors?: Interceptor[];
+  /** A transport to use instead of opening one; `target`, `tls`, `nodeOptions`, `pingIntervalMs` and `interceptors` are then ignored. */
+  transport?: Transport;
+}
+
+/** Per-call options. */
+export interface CallOptions {
+  /** Aborts the call (and its retries); it then rejects with `CanceledError`. */
+  signal?: AbortSignal;
+  /** This call's deadline per attempt, in milliseconds, instead of the client's. */
+  timeoutMs?: number;
+  /** Headers for this call, on top of the client's. */
+  headers?: HeadersInput;
+}
+
+/** Arguments of `createRun`. */
+export interface CreateRunArgs {
+  /** The run's id. Give one so that a retry finds the same run; when omitted the server generates one (and the call is not retried). */
+  runId?: string;
+  /** The run's ceiling in micro-USD. */
+  limitMicros: bigint;
+  /** Free-form labels for reporting (agent, team, feature...). */
+  labels?: Record<string, string>;
+  /** The default ttl of the run's reservations (milliseconds, or a Duration). */
+  defaultTtl?: DurationInput;
+}
+
+/** Arguments of `reserve`. */
+export interface ReserveArgs {
+  /** The run to hold the estimate against. */
+  runId: string;
+  /** The estimate to hold, in micro-USD. */
+  amountMicros: bigint;
+  /** The idempotency key; a fresh one ({@link newReservationId}) when omitted, so a retry never holds twice. */
+  reservationId?: string;
+  /** How long the hold lives (milliseconds, or a Duration); the run's default when omitted. */
+  ttl?: DurationInput;
+}
+
+/** Arguments of `commit`. */
+export interface CommitArgs {
+  runId: string;
+  reservationId: string;
+  /** What the call actually cost, in micro-USD (zero or more). */
+  actualMicros: bigint;
+}
+
+/** Arguments of `refund`. */
+export interface RefundArgs {
+  runId: string;
+  reservationId: string;
+}
+
+/**
+ * A runcap client. Every method rejects with a {@link RuncapError} subclass;
+ * idempotent calls are retried on UNAVAILABLE with the same ids.
+ */
+export interface RuncapClient {
+  /** Creates a run, or returns it (`replayed`) when it exists with the same arguments. */
+  createRun(args: CreateRunArgs, options?: CallOptions): Promise<CreateRunResponse>;
+  /** A run's configuration and current budget state. */
+  getRun(runId: string, options?: CallOptions): Promise<GetRunResponse>;
+  /**
+   * Asks to hold an estimate. A block is not an error: check
+   * `response.decision` (`Decision.ALLOW` or `Decision.BLOCK`).
+   */
+  reserve(args: ReserveArgs, options?: CallOptions): Promise<ReserveResponse>;
+  /** Records a reservation's actual cost and releases the rest of its hold. */
+  commit(args: CommitArgs, options?: CallOptions): Promise<CommitResponse>;
+  /** Releases a reservation's whole hold. */
+  refund(args: RefundArgs, options?: CallOptions): Promise<RefundResponse>;
+  /** Closes a run to new reservations; holds already made still settle. */
+  closeRun(runId: string, options?: CallOptions): Promise<CloseRunResponse>;
+  /** The generated Connect client underneath, for calls the wrapper does not cover. */
+  readonly raw: Client<typeof BudgetService>;
+  /** The headers sent with every call. */
+  readonly headers: Headers;
+  /** Closes the HTTP/2 connection the client opened (open calls fail). Not needed for a `transport` passed in. */
+  close(): void;
+}
+
+/** A fresh client-side reservation id (a UUID without dashes), so that retries are idempotent. */
+export function newReservationId(): string {
+  return randomUUID().replaceAll("-", "");
+}
+
+/** A `google.protobuf.Duration` from milliseconds or a Duration; undefined stays undefined. */
+export function toDuration(value: DurationInput | undefined): Duration | undefined {
+  if (value === undefined || typeof value !== "number") return value;
+  if (!Number.isFinite(value)) throw new RangeError(`not a finite duration: ${value} ms`);
+  return durationFromMs(value);
+}
+
+function baseUrl(target: string, tls: boolean): string {
+  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(target)) return target;
+  return `${tls ? "https" : "http"}://${target}`;
+}
+
+function mergeHeaders(...all: (HeadersInput | undefined)[]): Headers {
+  const merged = new Headers();
+  for (const headers of all) {
+    if (headers === undefined) continue;
+    new Headers(headers).forEach((value, key) => merged.set(key, value));
+  }
+  return merged;
+}
+
+/**
+ * Connects to a runcap server. Nothing is sent until the first call.
+ *
+ * ```ts
+ * const client = createRuncapClient({ target: "127.0.0.1:50051" });
+ * const { run } = await client.createRun({ runId: "run-1", limitMicros: 5_000_000n });
+ * ```
+ */
+export function createRuncapClient(options: RuncapClientOptions = {}): RuncapClient {
+  const {
+    target = DEFAULT_TARGET,
+    tls = false,
+    timeoutMs = 10_000,
+    retry = DEFAULT_RETRY,
+    pingIntervalMs = 30_000,
+  } = options;
+  let sessionManager: Http2SessionManager | undefined;
+  let transport = options.transport;
+  if (transport === undefined) {
+    const url = baseUrl(target, tls);
+    sessionManager = new Http2SessionManager(url, { pingIntervalMs }, options.nodeOptions);
+    transport = createGrpcTransport({
+      baseUrl: url,
+      sessionManager,
+      interceptors: options.interceptors ?? [],
+    });
+  }
+  const raw = createClient(BudgetService, transport);
+  const headers = mergeHeaders(options.headers);
+
+  /** One unary call with the client's defaults, typed errors and (when idempotent) retries. */
+  async function call<Res>(
+    invoke: (opts: { signal?: AbortSignal; timeoutMs?: number; headers: Headers }) => Promise<Res>,
+    idempotent: boolean,
+    callOptions: CallOptions = {},
+  ): Promise<Res> {
+    const { signal } = callOptions;
+    const perAttempt = callOptions.timeoutMs ?? timeoutMs;
+    const callHeaders = mergeHeaders(headers, callOptions.headers);
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await invoke({
+          ...(signal ? { signal } : {}),
+          ...(perAttempt > 0 ? { timeoutMs: perAttempt } : {}),
+          headers: callHeaders,
+        });
+      } catch (thrown) {
+        const error = toRuncapError(thrown);
+        const delay = idempotent && !signal?.aborted ? retryDelayMs(retry, attempt, error) : undefined;
+        if (delay === undefined) throw error;
+        await sleep(delay, signal);
+      }
+    }
+  }
+
+  return {
+    raw,
+    headers,
+    createRun(args, opts) {
+      const request = create(CreateRunRequestSchema, {
+        runId: args.runId ?? "",
+        limitMicros: args.limitMicros,
+        labels: { ...(args.labels ?? {}) },
+        defaultTtl: toDuration(args.defaultTtl),
+      });
+      return call((o) => raw.createRun(request, o), Boolean(args.runId), opts);
+    },
+    getRun(runId, opts) {
+      const request = create(GetRunRequestSchema, { runId });
+      return call((o) => raw.getRun(request, o), true, opts);
+    },
+    reserve(args, opts) {
+      const request = create(ReserveRequestSchema, {
+        runId: args.runId,
+        reservationId: args.reservationId ?? newReservationId(),
+        estimate: { case: "amountMicros", value: args.amountMicros },
+        ttl: toDuration(args.ttl),
+      });
+      return call((o) => raw.reserve(request, o), true, opts);
+    },
+    commit(args, opts) {
+      const request = create(CommitRequestSchema, {
+        runId: args.runId,
+        reservationId: args.reservationId,
+        actual: { case: "actualMicros", value: args.actualMicros },
+      });
+      return call((o) => raw.commit(request, o), true, opts);
+    },
+    refund(args, opts) {
+      const request = create(RefundRequestSchema, {
+        runId: args.runId,
+        reservationId: args.reservationId,
+      });
+      return call((o) => raw.refund(request, o), true, opts);
+    },
+    closeRun(runId, opts) {
+      const request = create(CloseRunRequestSchema, { runId });
+      return call((o) => raw.closeRun(request, o), true, opts);
+    },
+    close() {
+      sessionManager?.abort();
+    },
+  };
+}

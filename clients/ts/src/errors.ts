@@ -1,0 +1,328 @@
+/**
+ * Typed errors for the runcap TypeScript client.
+ *
+ * The server reports every failure as a `google.rpc.Status` in the
+ * `grpc-status-details-bin` trailer, with exactly one `google.rpc.ErrorInfo`
+ * (domain `runcap.dev`, reason a `runcap.v1.ErrorReason` name without its
+ * `ERROR_REASON_` prefix) and at most one detail of each other type
+ * (BadRequest, ResourceInfo, PreconditionFailure, RetryInfo). Connect decodes
+ * that trailer into `ConnectError.details`; {@link toRuncapError} turns it back
+ * into one error class per reason. {@link ERROR_TABLE} is the single place
+ * that mapping lives. A status without a runcap ErrorInfo (the transport's own
+ * UNAVAILABLE, a proxy's error) maps by its code alone.
+ *
+ * A block decision is not a failure: `reserve()` returns it in the response.
+ * Only `withReservation()` turns it into {@link BudgetBlockedError}, which
+ * deliberately does not extend {@link RuncapError}, so that code which fails
+ * open on service trouble (`if (e instanceof RuncapError)`) never fails open
+ * on a block.
+ */
+
+import { Code, ConnectError } from "@connectrpc/connect";
+
+import {
+  BadRequestSchema,
+  ErrorInfoSchema,
+  PreconditionFailureSchema,
+  ResourceInfoSchema,
+  RetryInfoSchema,
+  type ErrorInfo,
+  type ResourceInfo,
+} from "./gen/google/rpc/error_details_pb.js";
+import { DecisionReason, type BudgetState } from "./gen/runcap/v1/budget_pb.js";
+import type { ReserveResponse } from "./gen/runcap/v1/budget_service_pb.js";
+import { ErrorReason } from "./gen/runcap/v1/errors_pb.js";
+
+/** The ErrorInfo domain of every error the runcap server sends. */
+export const ERROR_DOMAIN = "runcap.dev";
+
+/** One offending field of an INVALID_ARGUMENT error, from `google.rpc.BadRequest`. */
+export interface FieldViolation {
+  /** The field's path in the request, for example `amount_micros`. */
+  readonly field: string;
+  /** Why the value was rejected. */
+  readonly description: string;
+}
+
+/** One failed precondition, from `google.rpc.PreconditionFailure`. */
+export interface PreconditionViolation {
+  /** The kind of precondition, for example `RESERVATION_BLOCKED`. */
+  readonly type: string;
+  /** What it is about, for example `run-1/res-1`. */
+  readonly subject: string;
+  /** What went wrong. */
+  readonly description: string;
+}
+
+/** A failed runcap call. Every call of the client rejects with one of these. */
+export class RuncapError extends Error {
+  /** The gRPC status code, as a Connect `Code`. */
+  readonly code: Code;
+  /**
+   * The runcap reason, or `ErrorReason.UNSPECIFIED` when the status carried no
+   * runcap ErrorInfo (for example the transport's own UNAVAILABLE).
+   */
+  readonly reason: ErrorReason;
+  /** The ErrorInfo reason as sent (for example `"RUN_NOT_FOUND"`), or `""`. */
+  readonly reasonName: string;
+  /** The ErrorInfo metadata, for example `run_id`. */
+  readonly metadata: Readonly<Record<string, string>>;
+  /** Every offending field, from the BadRequest detail (empty when none). */
+  readonly fieldViolations: readonly FieldViolation[];
+  /** Every failed precondition, from the PreconditionFailure detail (empty when none). */
+  readonly preconditionViolations: readonly PreconditionViolation[];
+  /** The resource concerned, from the ResourceInfo detail. */
+  readonly resourceInfo: ResourceInfo | undefined;
+  /** The server's suggested delay before a retry, from RetryInfo, in milliseconds. */
+  readonly retryDelayMs: number | undefined;
+  /** The ConnectError this error was built from. */
+  override readonly cause: ConnectError;
+
+  constructor(error: ConnectError, info?: ErrorInfo) {
+    super(error.rawMessage);
+    this.name = new.target.name;
+    this.cause = error;
+    this.code = error.code;
+    this.reasonName = info?.reason ?? "";
+    this.reason = reasonOf(info);
+    this.metadata = { ...(info?.metadata ?? {}) };
+    this.fieldViolations = error
+      .findDetails(BadRequestSchema)
+      .flatMap((bad) => bad.fieldViolations)
+      .map((v) => ({ field: v.field, description: v.description }));
+    this.preconditionViolations = error
+      .findDetails(PreconditionFailureSchema)
+      .flatMap((failure) => failure.violations)
+      .map((v) => ({ type: v.type, subject: v.subject, description: v.description }));
+    this.resourceInfo = error.findDetails(ResourceInfoSchema)[0];
+    const delay = error.findDetails(RetryInfoSchema)[0]?.retryDelay;
+    this.retryDelayMs =
+      delay === undefined ? undefined : Number(delay.seconds) * 1000 + delay.nanos / 1e6;
+  }
+
+  /** Whether the call can be retried unchanged: nothing was decided (UNAVAILABLE). */
+  get retryable(): boolean {
+    return this.code === Code.Unavailable;
+  }
+
+  override toString(): string {
+    const label = this.reasonName ? `${Code[this.code]} ${this.reasonName}` : Code[this.code];
+    return `${this.name}: ${label}: ${this.message}`;
+  }
+}
+
+/** INVALID_ARGUMENT: a field is missing, malformed or out of range; see `fieldViolations`. */
+export class InvalidArgumentError extends RuncapError {
+  /** The names of the offending fields. */
+  get fields(): string[] {
+    return this.fieldViolations.map((v) => v.field);
+  }
+}
+
+/** NOT_FOUND: the run does not exist. */
+export class RunNotFoundError extends RuncapError {
+  /** The run that was not found. */
+  get runId(): string {
+    return this.metadata["run_id"] ?? "";
+  }
+}
+
+/** NOT_FOUND: the run has no reservation with this id. */
+export class ReservationNotFoundError extends RuncapError {
+  /** The run that was searched. */
+  get runId(): string {
+    return this.metadata["run_id"] ?? "";
+  }
+  /** The reservation that was not found. */
+  get reservationId(): string {
+    return this.metadata["reservation_id"] ?? "";
+  }
+}
+
+/** ALREADY_EXISTS: a run with this id exists with different arguments. */
+export class RunAlreadyExistsError extends RuncapError {
+  /** The run that already exists. */
+  get runId(): string {
+    return this.metadata["run_id"] ?? "";
+  }
+}
+
+/**
+ * ALREADY_EXISTS: the reservation id was used before with other arguments.
+ * Retry only with the original arguments, or use a new reservation id.
+ */
+export class IdempotencyConflictError extends RuncapError {
+  /** The run of the reservation. */
+  get runId(): string {
+    return this.metadata["run_id"] ?? "";
+  }
+  /** The reservation id that was reused. */
+  get reservationId(): string {
+    return this.metadata["reservation_id"] ?? "";
+  }
+}
+
+/** FAILED_PRECONDITION: the reservation was blocked; nothing is held to commit or refund. */
+export class ReservationBlockedError extends RuncapError {}
+
+/** FAILED_PRECONDITION: the reservation was refunded; it can no longer be committed. */
+export class ReservationReleasedError extends RuncapError {}
+
+/**
+ * OUT_OF_RANGE: Watch cannot resume from the requested revision (the server no
+ * longer retains it, or the run never reached it). Watch again without
+ * `afterRevision`, or with `resnapshotOnOutOfRange`, to start from a fresh snapshot.
+ */
+export class RevisionOutOfRangeError extends RuncapError {
+  private int(key: string): bigint | undefined {
+    const value = this.metadata[key];
+    if (value === undefined || !/^-?\d+$/.test(value)) return undefined;
+    return BigInt(value);
+  }
+  /** The requested resume point. */
+  get afterRevision(): bigint | undefined {
+    return this.int("after_revision");
+  }
+  /** The oldest revision the server still retains. */
+  get floor(): bigint | undefined {
+    return this.int("floor");
+  }
+  /** The run's current revision. */
+  get head(): bigint | undefined {
+    return this.int("head");
+  }
+}
+
+/**
+ * UNAVAILABLE: nothing was decided; the call can be retried (after
+ * `retryDelayMs` when set). Covers BACKEND_UNAVAILABLE, SHUTTING_DOWN and the
+ * transport's own UNAVAILABLE (no connection), which carries no ErrorInfo.
+ */
+export class UnavailableError extends RuncapError {}
+
+/** INTERNAL (or UNKNOWN, DATA_LOSS): an unexpected fault. */
+export class InternalError extends RuncapError {
+  /** The server's trace id to quote in a bug report, or `""`. */
+  get traceId(): string {
+    return this.metadata["trace_id"] ?? "";
+  }
+}
+
+/** DEADLINE_EXCEEDED: the call's timeout passed; the outcome is unknown, so retry with the same ids. */
+export class DeadlineExceededError extends RuncapError {}
+
+/** CANCELED: the call was aborted by the caller (its AbortSignal). */
+export class CanceledError extends RuncapError {}
+
+type ErrorClass = new (error: ConnectError, info?: ErrorInfo) => RuncapError;
+
+/** One row of the error table: a runcap reason, its gRPC code and its error class. */
+export interface ErrorRow {
+  readonly reason: ErrorReason;
+  readonly code: Code;
+  readonly error: ErrorClass;
+}
+
+/**
+ * The one table from `runcap.v1.ErrorReason` to gRPC code and error class,
+ * mirroring the server's error table. Statuses without a runcap reason map by
+ * code: to the class that every row with that code shares, or to
+ * {@link CODE_FALLBACK}.
+ */
+export const ERROR_TABLE: readonly ErrorRow[] = [
+  { reason: ErrorReason.INVALID_ARGUMENT, code: Code.InvalidArgument, error: InvalidArgumentError },
+  { reason: ErrorReason.RUN_NOT_FOUND, code: Code.NotFound, error: RunNotFoundError },
+  { reason: ErrorReason.RESERVATION_NOT_FOUND, code: Code.NotFound, error: ReservationNotFoundError },
+  { reason: ErrorReason.RUN_ALREADY_EXISTS, code: Code.AlreadyExists, error: RunAlreadyExistsError },
+  { reason: ErrorReason.IDEMPOTENCY_CONFLICT, code: Code.AlreadyExists, error: IdempotencyConflictError },
+  { reason: ErrorReason.RESERVATION_BLOCKED, code: Code.FailedPrecondition, error: ReservationBlockedError },
+  { reason: ErrorReason.RESERVATION_RELEASED, code: Code.FailedPrecondition, error: ReservationReleasedError },
+  { reason: ErrorReason.REVISION_OUT_OF_RANGE, code: Code.OutOfRange, error: RevisionOutOfRangeError },
+  { reason: ErrorReason.BACKEND_UNAVAILABLE, code: Code.Unavailable, error: UnavailableError },
+  { reason: ErrorReason.SHUTTING_DOWN, code: Code.Unavailable, error: UnavailableError },
+  { reason: ErrorReason.INTERNAL, code: Code.Internal, error: InternalError },
+];
+
+/** Codes no runcap reason uses, and the class a status with that code gets. */
+const CODE_FALLBACK: ReadonlyMap<Code, ErrorClass> = new Map<Code, ErrorClass>([
+  [Code.Unknown, InternalError],
+  [Code.DataLoss, InternalError],
+  [Code.DeadlineExceeded, DeadlineExceededError],
+  [Code.Canceled, CanceledError],
+]);
+
+const BY_REASON: ReadonlyMap<ErrorReason, ErrorClass> = new Map(
+  ERROR_TABLE.map((row) => [row.reason, row.error]),
+);
+
+const BY_CODE: ReadonlyMap<Code, ErrorClass> = (() => {
+  const byCode = new Map<Code, ErrorClass>(CODE_FALLBACK);
+  for (const code of new Set(ERROR_TABLE.map((row) => row.code))) {
+    const classes = new Set(ERROR_TABLE.filter((row) => row.code === code).map((r) => r.error));
+    if (classes.size === 1) byCode.set(code, [...classes][0] as ErrorClass);
+  }
+  return byCode;
+})();
+
+function reasonOf(info: ErrorInfo | undefined): ErrorReason {
+  if (info === undefined || info.domain !== ERROR_DOMAIN) return ErrorReason.UNSPECIFIED;
+  const value: unknown = (ErrorReason as unknown as Record<string, unknown>)[info.reason];
+  return typeof value === "number" ? (value as ErrorReason) : ErrorReason.UNSPECIFIED;
+}
+
+/** The error class for a gRPC code and a runcap reason. */
+export function errorClass(code: Code, reason: ErrorReason): ErrorClass {
+  return BY_REASON.get(reason) ?? BY_CODE.get(code) ?? RuncapError;
+}
+
+/**
+ * The typed error for anything a Connect call threw. A `RuncapError` is
+ * returned as is; any other value goes through `ConnectError.from` first.
+ */
+export function toRuncapError(error: unknown): RuncapError {
+  if (error instanceof RuncapError) return error;
+  const connectError = ConnectError.from(error);
+  const infos = connectError.findDetails(ErrorInfoSchema);
+  // Prefer runcap's own ErrorInfo; keep a foreign one (a proxy's) for display.
+  const info = infos.find((i) => i.domain === ERROR_DOMAIN) ?? infos[0];
+  const Class = errorClass(connectError.code, reasonOf(info));
+  return new Class(connectError, info);
+}
+
+/**
+ * The server blocked a reservation made by `withReservation()`. Not a
+ * `RuncapError`: the call succeeded and the answer was no. Nothing is held.
+ */
+export class BudgetBlockedError extends Error {
+  /** The run of the reservation. */
+  readonly runId: string;
+  /** The ReserveResponse with the block decision. */
+  readonly response: ReserveResponse;
+
+  constructor(runId: string, response: ReserveResponse) {
+    const state = response.state;
+    super(
+      `reservation ${JSON.stringify(response.reservationId)} of run ${JSON.stringify(runId)} ` +
+        `was blocked (${DecisionReason[response.reason] ?? response.reason}): ` +
+        `${state?.remainingMicros ?? 0n} of ${state?.limitMicros ?? 0n} micros remain`,
+    );
+    this.name = "BudgetBlockedError";
+    this.runId = runId;
+    this.response = response;
+  }
+
+  /** Why the reservation was blocked, for example `DecisionReason.INSUFFICIENT_BUDGET`. */
+  get reason(): DecisionReason {
+    return this.response.reason;
+  }
+
+  /** The blocked reservation's id. */
+  get reservationId(): string {
+    return this.response.reservationId;
+  }
+
+  /** The run's budget state at the decision. */
+  get state(): BudgetState | undefined {
+    return this.response.state;
+  }
+}

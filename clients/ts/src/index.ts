@@ -1,0 +1,53 @@
+/**
+ * @runcap/client: the TypeScript client of runcap, the budget authority for AI
+ * agent runs. The public API is re-exported from here; the generated
+ * protobuf-es code lives under ./gen and is re-exported for its types,
+ * schemas and enums.
+ */
+
+export {
+  DEFAULT_TARGET,
+  createRuncapClient,
+  newReservationId,
+  toDuration,
+  type CallOptions,
+  type CommitArgs,
+  type CreateRunArgs,
+  type DurationInput,
+  type HeadersInput,
+  type RefundArgs,
+  type ReserveArgs,
+  type RuncapClient,
+  type RuncapClientOptions,
+} from "./client.js";
+export {
+  BudgetBlockedError,
+  CanceledError,
+  DeadlineExceededError,
+  ERROR_DOMAIN,
+  ERROR_TABLE,
+  IdempotencyConflictError,
+  InternalError,
+  InvalidArgumentError,
+  ReservationBlockedError,
+  ReservationNotFoundError,
+  ReservationReleasedError,
+  RevisionOutOfRangeError,
+  RunAlreadyExistsError,
+  RunNotFoundError,
+  RuncapError,
+  UnavailableError,
+  errorClass,
+  toRuncapError,
+  type ErrorRow,
+  type FieldViolation,
+  type PreconditionViolation,
+} from "./errors.js";
+export { Hold, withReservation, type ReservationArgs } from "./reservation.js";
+export { DEFAULT_RETRY, NO_RETRY, WATCH_RECONNECT, type RetryPolicy } from "./retry.js";
+export { WatchStream, watch, type WatchOptions } from "./watch.js";
+
+export * from "./gen/runcap/v1/budget_pb.js";
+export * from "./gen/runcap/v1/budget_service_pb.js";
+export * from "./gen/runcap/v1/errors_pb.js";
+export { Code, ConnectError } from "@connectrpc/connect";

@@ -1,0 +1,172 @@
+/** `withReservation`: reserve, run the paid call, then commit or refund, whatever happens. */
+
+import { newReservationId, type CallOptions, type DurationInput, type RuncapClient } from "./client.js";
+import { BudgetBlockedError, toRuncapError, type RuncapError } from "./errors.js";
+import { Decision, type BudgetState } from "./gen/runcap/v1/budget_pb.js";
+import type {
+  CommitResponse,
+  RefundResponse,
+  ReserveResponse,
+} from "./gen/runcap/v1/budget_service_pb.js";
+
+/** Arguments of {@link withReservation}. */
+export interface ReservationArgs {
+  /** The run to hold the estimate against. */
+  runId: string;
+  /** The estimate to hold, in micro-USD. */
+  amountMicros: bigint;
+  /** The idempotency key; a fresh one when omitted. Reserve, commit and refund retries all reuse it. */
+  reservationId?: string;
+  /** How long the hold lives (milliseconds, or a Duration); the run's default when omitted. */
+  ttl?: DurationInput;
+  /**
+   * Options for the reserve, commit and refund calls (timeout, headers). The
+   * signal aborts the reserve only: the hold is settled even after an abort.
+   */
+  callOptions?: CallOptions;
+  /**
+   * Called when settling the hold fails after the callback threw (the
+   * callback's error is what `withReservation` rejects with, and the hold
+   * expires at its ttl). Default: `process.emitWarning`.
+   */
+  onSettleError?: (error: RuncapError, hold: Hold) => void;
+}
+
+/**
+ * A live reservation inside {@link withReservation}'s callback. When the
+ * callback resolves, the hold is committed with the amount given to
+ * `setActual`, or with the whole held amount when `setActual` was not called,
+ * or refunded after `release()`. When the callback throws, the hold is
+ * refunded, unless `setActual` was called (the money was spent), in which
+ * case that cost is committed.
+ */
+export class Hold {
+  /** The run of the reservation. */
+  readonly runId: string;
+  /** The reservation's id. */
+  readonly reservationId: string;
+  /** The ReserveResponse (an allow decision). */
+  readonly response: ReserveResponse;
+  /** The CommitResponse, once the hold was committed. */
+  commitResponse: CommitResponse | undefined;
+  /** The RefundResponse, once the hold was refunded. */
+  refundResponse: RefundResponse | undefined;
+  #actual: bigint | undefined;
+  #release = false;
+
+  /** @internal */
+  constructor(runId: string, response: ReserveResponse) {
+    this.runId = runId;
+    this.reservationId = response.reservationId;
+    this.response = response;
+  }
+
+  /** The amount held, in micro-USD. */
+  get amountMicros(): bigint {
+    return this.response.amountMicros;
+  }
+
+  /** The actual cost given to `setActual`, or undefined. */
+  get actualMicros(): bigint | undefined {
+    return this.#actual;
+  }
+
+  /** Whether `release()` was called (and `setActual` not since). */
+  get released(): boolean {
+    return this.#release;
+  }
+
+  /** The run's latest known budget state: after the reserve, or after the commit or refund once settled. */
+  get state(): BudgetState | undefined {
+    return this.commitResponse?.state ?? this.refundResponse?.state ?? this.response.state;
+  }
+
+  /** Commit `micros` (zero or more) when the callback ends. */
+  setActual(micros: bigint): void {
+    if (micros < 0n) throw new RangeError(`actual cost must be zero or more, not ${micros}`);
+    this.#actual = micros;
+    this.#release = false;
+  }
+
+  /** Refund the whole hold when the callback ends (the paid call did not happen). */
+  release(): void {
+    this.#actual = undefined;
+    this.#release = true;
+  }
+}
+
+function defaultSettleError(error: RuncapError, hold: Hold): void {
+  process.emitWarning(
+    `runcap: settling reservation ${JSON.stringify(hold.reservationId)} of run ` +
+      `${JSON.stringify(hold.runId)} failed (${error.message}); the hold expires at its ttl`,
+    { code: "RUNCAP_SETTLE_FAILED" },
+  );
+}
+
+/**
+ * Holds `amountMicros` against the run for the duration of `fn`, then settles:
+ *
+ * ```ts
+ * const answer = await withReservation(client, { runId, amountMicros: 50_000n }, async (hold) => {
+ *   const result = await callTheModel();
+ *   hold.setActual(costOf(result));
+ *   return result;
+ * });
+ * ```
+ *
+ * Rejects with {@link BudgetBlockedError} when the server blocks the
+ * reservation (nothing is held and `fn` is not called). Otherwise resolves
+ * with `fn`'s result once the hold is committed (see {@link Hold}), or, when
+ * `fn` throws, refunds the hold and rethrows `fn`'s error. Reserve, commit and
+ * refund use one reservation id, so their retries are idempotent.
+ */
+export async function withReservation<T>(
+  client: RuncapClient,
+  args: ReservationArgs,
+  fn: (hold: Hold) => Promise<T> | T,
+): Promise<T> {
+  const { runId, callOptions } = args;
+  const response = await client.reserve(
+    {
+      runId,
+      amountMicros: args.amountMicros,
+      reservationId: args.reservationId ?? newReservationId(),
+      ...(args.ttl !== undefined ? { ttl: args.ttl } : {}),
+    },
+    callOptions,
+  );
+  if (response.decision !== Decision.ALLOW) throw new BudgetBlockedError(runId, response);
+  const hold = new Hold(runId, response);
+  // Settle even when the caller's signal aborted the work: an unsettled hold
+  // stays reserved until its ttl.
+  const { signal: _signal, ...settleOptions } = callOptions ?? {};
+
+  const settle = async (failed: boolean): Promise<void> => {
+    const actual = hold.actualMicros;
+    if (actual === undefined && (failed || hold.released)) {
+      hold.refundResponse = await client.refund(
+        { runId, reservationId: hold.reservationId },
+        settleOptions,
+      );
+    } else {
+      hold.commitResponse = await client.commit(
+        { runId, reservationId: hold.reservationId, actualMicros: actual ?? hold.amountMicros },
+        settleOptions,
+      );
+    }
+  };
+
+  let result: T;
+  try {
+    result = await fn(hold);
+  } catch (error) {
+    try {
+      await settle(true);
+    } catch (settleError) {
+      (args.onSettleError ?? defaultSettleError)(toRuncapError(settleError), hold);
+    }
+    throw error;
+  }
+  await settle(false);
+  return result;
+}
