@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 from tests.servers import ServerProcess
 
+pytest_plugins = ["tests.redis_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:

@@ -1,24 +1,48 @@
 """Shared helpers for the ledger backend tests: every backend under test, one way.
 
 `BACKENDS` names them; `open_backend` starts one on a ManualClock (SQLite on a
-file under the given directory) and closes it afterwards; `snapshot` reads a
-run's stored rows without expiring anything, to compare backends.
+file under the given directory, Redis in a namespace of its own on the servers
+the fixtures started) and closes it afterwards; `snapshot` reads a run's
+stored rows without expiring anything, to compare backends.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from runcap_server.backends.base import Backend
+from runcap_server.backends.redis import RedisLedger
 from runcap_server.backends.sqlite import SqliteLedger
 from runcap_server.clock import ManualClock
 from runcap_server.ledger.model import ModelLedger
 from runcap_server.ledger.types import Account, Reservation
 
-BACKENDS = ("model", "sqlite")
+BACKENDS = ("model", "sqlite", "redis", "redis-cluster")
 DEFAULT_TTL_MS = 60_000
+Ledger = ModelLedger | SqliteLedger | RedisLedger
+
+
+@dataclass(frozen=True)
+class RedisTargets:
+    """Where the fixtures' Redis servers listen."""
+
+    url: str = ""
+    cluster_nodes: Sequence[str] = ()
+
+
+def redis_targets(request: pytest.FixtureRequest, kind: str) -> RedisTargets:
+    """Start (via fixtures) only the Redis topology `kind` needs."""
+    if kind == "redis":
+        return RedisTargets(url=request.getfixturevalue("redis_standalone").url)
+    if kind == "redis-cluster":
+        return RedisTargets(cluster_nodes=request.getfixturevalue("redis_cluster").startup_nodes)
+    return RedisTargets()
 
 
 def make_backend(
@@ -29,7 +53,8 @@ def make_backend(
     default_ttl_ms: int = DEFAULT_TTL_MS,
     log_retention: int = 10_000,
     synchronous: str = "FULL",
-) -> ModelLedger | SqliteLedger:
+    redis: RedisTargets = RedisTargets(),
+) -> Ledger:
     """A backend that is not started yet."""
     if kind == "model":
         return ModelLedger(default_ttl_ms=default_ttl_ms, clock=clock, log_retention=log_retention)
@@ -40,6 +65,18 @@ def make_backend(
             clock=clock,
             log_retention=log_retention,
             synchronous=synchronous,
+        )
+    if kind in ("redis", "redis-cluster"):
+        target = redis.url if kind == "redis" else ""
+        nodes = redis.cluster_nodes if kind == "redis-cluster" else ()
+        assert target or nodes, f"{kind} needs its fixture: use redis_targets()"
+        return RedisLedger(
+            url=target or None,
+            cluster_nodes=nodes,
+            default_ttl_ms=default_ttl_ms,
+            clock=clock,
+            log_retention=log_retention,
+            namespace=f"test-{uuid.uuid4().hex[:12]}",
         )
     raise ValueError(f"unknown backend {kind!r}")
 
@@ -53,7 +90,8 @@ async def open_backend(
     default_ttl_ms: int = DEFAULT_TTL_MS,
     log_retention: int = 10_000,
     synchronous: str = "FULL",
-) -> AsyncIterator[ModelLedger | SqliteLedger]:
+    redis: RedisTargets = RedisTargets(),
+) -> AsyncIterator[Ledger]:
     """A started backend, closed on exit."""
     backend = make_backend(
         kind,
@@ -62,6 +100,7 @@ async def open_backend(
         default_ttl_ms=default_ttl_ms,
         log_retention=log_retention,
         synchronous=synchronous,
+        redis=redis,
     )
     await backend.start()
     try:
@@ -71,10 +110,10 @@ async def open_backend(
 
 
 async def snapshot(
-    backend: ModelLedger | SqliteLedger, tenant: str, run_id: str
+    backend: Ledger, tenant: str, run_id: str
 ) -> tuple[Account | None, list[Reservation]]:
     """A run's account and reservations (by id) as stored, nothing expired."""
-    if isinstance(backend, SqliteLedger):
+    if isinstance(backend, SqliteLedger | RedisLedger):
         return await backend.snapshot(tenant, run_id)
     run = backend._runs.get((tenant, run_id))
     if run is None:
@@ -83,6 +122,6 @@ async def snapshot(
     return (run.account.copy() if run.account else None), reservations
 
 
-def as_backend(backend: ModelLedger | SqliteLedger) -> Backend:
-    """Both implement the Backend protocol (checked by mypy here)."""
+def as_backend(backend: Ledger) -> Backend:
+    """All implement the Backend protocol (checked by mypy here)."""
     return backend

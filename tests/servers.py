@@ -20,7 +20,11 @@ _LISTENING = re.compile(r"runcap listening on (\S+)")
 
 
 class ServerProcess:
-    """`python -m runcap_server serve` in a subprocess; stderr is kept for asserts."""
+    """`python -m runcap_server serve` in a subprocess; stderr is kept for asserts.
+
+    SQLite at `db_path`, the memory backend without one, or Redis when `env`
+    sets RUNCAP_BACKEND=redis (with RUNCAP_REDIS_URL or _CLUSTER_NODES).
+    """
 
     def __init__(
         self,
@@ -40,7 +44,9 @@ class ServerProcess:
     def start(self, timeout_s: float = 20.0) -> ServerProcess:
         env = {**os.environ, "RUNCAP_LOG_LEVEL": "INFO", **self.extra_env}
         args = [sys.executable, "-m", "runcap_server", "serve", "--listen", self.listen]
-        if self.db_path is None:
+        if env.get("RUNCAP_BACKEND") == "redis":
+            pass  # RUNCAP_REDIS_* in env say where
+        elif self.db_path is None:
             args += ["--backend", "memory"]
         else:
             args += ["--backend", "sqlite", "--sqlite-path", str(self.db_path)]

@@ -35,6 +35,19 @@ def build_backend(settings: Settings) -> Backend:
         return ModelLedger(
             default_ttl_ms=settings.default_ttl_ms, log_retention=settings.log_retention
         )
+    if settings.backend == "redis":
+        from runcap_server.backends.redis import RedisLedger
+
+        nodes = [n.strip() for n in settings.redis_cluster_nodes.split(",") if n.strip()]
+        return RedisLedger(
+            url=settings.redis_url or None,
+            cluster_nodes=nodes,
+            default_ttl_ms=settings.default_ttl_ms,
+            log_retention=settings.log_retention,
+            closed_retention_ms=settings.closed_run_retention_ms,
+            namespace=settings.redis_namespace,
+            max_connections=settings.redis_max_connections,
+        )
     from runcap_server.backends.sqlite import SqliteLedger
 
     return SqliteLedger(
@@ -154,7 +167,11 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    location = settings.sqlite_path if settings.backend == "sqlite" else "memory"
+    location = {
+        "sqlite": settings.sqlite_path,
+        "memory": "nothing survives a restart",
+        "redis": settings.redis_url or settings.redis_cluster_nodes,
+    }[settings.backend]
     _log.info(
         "runcap listening on %s (backend %s: %s)",
         _bound_address(settings.listen_addr, port),

@@ -72,6 +72,18 @@ class InvalidArgument(RuncapError):
         ]
 
 
+def committed_total_out_of_range(run_id: str) -> InvalidArgument:
+    """A commit whose actual cost would push the run's total past exact range."""
+    return InvalidArgument(
+        [
+            FieldViolation(
+                "actual_micros",
+                f"would bring run {run_id!r}'s committed total past {2**53 - 1} micro-USD",
+            )
+        ]
+    )
+
+
 class _ResourceError(RuncapError):
     resource_type = ""
 

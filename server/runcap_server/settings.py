@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 _DURATION = re.compile(r"(\d+)(ms|s|m|h)")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
-BACKENDS = ("sqlite", "memory")
+BACKENDS = ("sqlite", "memory", "redis")
 
 
 def parse_duration_ms(text: str) -> int:
@@ -31,6 +31,14 @@ class Settings:
     sqlite_path: str = field(default="./runcap.db", metadata={"env": "SQLITE_PATH"})
     # FULL survives power loss; NORMAL survives process crashes only.
     sqlite_synchronous: str = field(default="FULL", metadata={"env": "SQLITE_SYNCHRONOUS"})
+    redis_url: str = field(default="", metadata={"env": "REDIS_URL"})
+    # Comma-separated host:port of some cluster nodes; the rest are discovered.
+    redis_cluster_nodes: str = field(default="", metadata={"env": "REDIS_CLUSTER_NODES"})
+    redis_max_connections: int = field(default=64, metadata={"env": "REDIS_MAX_CONNECTIONS"})
+    redis_namespace: str = field(default="rc", metadata={"env": "REDIS_NAMESPACE"})
+    closed_run_retention_ms: int = field(
+        default=7 * 86_400_000, metadata={"env": "CLOSED_RUN_RETENTION"}
+    )
     default_ttl_ms: int = field(default=600_000, metadata={"env": "DEFAULT_TTL"})
     max_ttl_ms: int = field(default=86_400_000, metadata={"env": "MAX_TTL"})
     sweep_interval_ms: int = field(default=250, metadata={"env": "SWEEP_INTERVAL"})
@@ -45,11 +53,22 @@ class Settings:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"RUNCAP_BACKEND must be one of {', '.join(BACKENDS)}")
+        if self.backend == "redis" and bool(self.redis_url) == bool(self.redis_cluster_nodes):
+            raise ValueError(
+                "RUNCAP_BACKEND=redis needs exactly one of RUNCAP_REDIS_URL "
+                "(standalone) or RUNCAP_REDIS_CLUSTER_NODES (cluster)"
+            )
         if self.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError("RUNCAP_SQLITE_SYNCHRONOUS must be FULL, NORMAL or EXTRA")
         if not 0 < self.default_ttl_ms <= self.max_ttl_ms:
             raise ValueError("RUNCAP_DEFAULT_TTL must be positive and at most RUNCAP_MAX_TTL")
-        for name in ("sweep_interval_ms", "watch_heartbeat_ms", "watch_queue_size"):
+        for name in (
+            "sweep_interval_ms",
+            "watch_heartbeat_ms",
+            "watch_queue_size",
+            "redis_max_connections",
+            "closed_run_retention_ms",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"RUNCAP_{_env_name(name)} must be positive")
         if self.log_retention < 1:

@@ -13,9 +13,7 @@ from typing import Any
 import pytest
 
 from runcap_server import errors
-from runcap_server.backends.sqlite import SqliteLedger
 from runcap_server.clock import ManualClock
-from runcap_server.ledger.model import ModelLedger
 from runcap_server.ledger.types import (
     BudgetState,
     Change,
@@ -26,9 +24,14 @@ from runcap_server.ledger.types import (
     RunSpec,
     RunStatus,
 )
-from tests.ledger_backends import BACKENDS, DEFAULT_TTL_MS, open_backend, snapshot
-
-Ledger = ModelLedger | SqliteLedger
+from tests.ledger_backends import (
+    BACKENDS,
+    DEFAULT_TTL_MS,
+    Ledger,
+    open_backend,
+    redis_targets,
+    snapshot,
+)
 
 T = "acme"
 RUN = "run-1"
@@ -58,7 +61,8 @@ def clock() -> ManualClock:
 async def ledger(
     request: pytest.FixtureRequest, tmp_path: Path, clock: ManualClock
 ) -> AsyncIterator[Ledger]:
-    async with open_backend(request.param, tmp_path, clock) as backend:
+    redis = redis_targets(request, request.param)
+    async with open_backend(request.param, tmp_path, clock, redis=redis) as backend:
         yield backend
 
 
@@ -672,9 +676,10 @@ async def test_read_changes_pages(ledger: Ledger, run: RunSpec, clock: ManualClo
 
 @pytest.mark.parametrize("kind", BACKENDS)
 async def test_log_retention_trims_and_moves_the_floor(
-    kind: str, tmp_path: Path, clock: ManualClock
+    kind: str, tmp_path: Path, clock: ManualClock, request: pytest.FixtureRequest
 ) -> None:
-    async with open_backend(kind, tmp_path, clock, log_retention=3) as ledger:
+    redis = redis_targets(request, kind)
+    async with open_backend(kind, tmp_path, clock, log_retention=3, redis=redis) as ledger:
         await ledger.create_run(T, spec())
         page = await ledger.read_changes(T, RUN, 0, 10)
         assert (page.floor, page.head, len(page.changes)) == (1, 1, 1)

@@ -1,6 +1,6 @@
-"""The SQLite backend against the reference model, step by step, under Hypothesis.
+"""Every storage backend against the reference model, step by step, under Hypothesis.
 
-Both ledgers get the same operations at the same (manual) time; every result or
+All ledgers get the same operations at the same (manual) time; every result or
 error must be identical, and after every step the stored rows, the change logs
 and the ledger invariants are checked against what this test tracked itself.
 """
@@ -15,12 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from runcap_server import errors
-from runcap_server.backends.sqlite import SqliteLedger
 from runcap_server.clock import ManualClock
 from runcap_server.ledger.model import ModelLedger
 from runcap_server.ledger.types import (
@@ -33,9 +40,7 @@ from runcap_server.ledger.types import (
     ReserveResult,
     RunSpec,
 )
-from tests.ledger_backends import make_backend, snapshot
-
-Ledger = ModelLedger | SqliteLedger
+from tests.ledger_backends import Ledger, RedisTargets, make_backend, redis_targets, snapshot
 
 DEFAULT_TTL_MS = 2_000
 # (tenant, run id): mostly one run, so its holds pile up; the same run id under
@@ -100,12 +105,16 @@ Outcome = tuple[str, Any]
 
 
 class LedgerMachine(RuleBasedStateMachine):
+    # The backends held to the model, and where Redis listens (set per test).
+    kinds: tuple[str, ...] = ("sqlite",)
+    redis = RedisTargets()
+
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.directory = Path(tempfile.mkdtemp(prefix="runcap-stateful-"))
-        self.model_clock = ManualClock()
-        self.sql_clock = ManualClock()
+        self.clocks = [ManualClock() for _ in range(len(self.kinds) + 1)]
+        self.model_clock = self.clocks[0]
         model = make_backend(
             "model",
             self.directory,
@@ -113,19 +122,22 @@ class LedgerMachine(RuleBasedStateMachine):
             default_ttl_ms=DEFAULT_TTL_MS,
             log_retention=LOG_RETENTION,
         )
-        sql = make_backend(
-            "sqlite",
-            self.directory,
-            self.sql_clock,
-            default_ttl_ms=DEFAULT_TTL_MS,
-            log_retention=LOG_RETENTION,
-            synchronous="OFF",
-        )
         assert isinstance(model, ModelLedger)
-        assert isinstance(sql, SqliteLedger)
-        self.model, self.sql = model, sql
-        self.run(self.model.start())
-        self.run(self.sql.start())
+        self.model = model
+        self.others = [
+            make_backend(
+                kind,
+                self.directory,
+                clock,
+                default_ttl_ms=DEFAULT_TTL_MS,
+                log_retention=LOG_RETENTION,
+                synchronous="OFF",
+                redis=self.redis,
+            )
+            for kind, clock in zip(self.kinds, self.clocks[1:], strict=True)
+        ]
+        for ledger in (self.model, *self.others):
+            self.run(ledger.start())
         self.runs: dict[tuple[str, str], Tracked] = {}
         self.last: Op | None = None
 
@@ -134,8 +146,8 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         try:
-            self.run(self.sql.close())
-            self.run(self.model.close())
+            for ledger in (*self.others, self.model):
+                self.run(ledger.close())
         finally:
             self.loop.close()
             shutil.rmtree(self.directory, ignore_errors=True)
@@ -170,8 +182,9 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def apply(self, op: Op) -> None:
         model = self._outcome(self.model, op)
-        sql = self._outcome(self.sql, op)
-        assert model == sql, (op, model, sql)
+        for kind, ledger in zip(self.kinds, self.others, strict=True):
+            other = self._outcome(ledger, op)
+            assert model == other, (kind, op, model, other)
         self.last = op
         self.track(op, model)
 
@@ -350,8 +363,8 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(ms=ADVANCES)
     def advance_clock(self, ms: int) -> None:
-        self.model_clock.advance(ms)
-        self.sql_clock.advance(ms)
+        for clock in self.clocks:
+            clock.advance(ms)
 
     @precondition(lambda self: self.last is not None)
     @rule()
@@ -365,9 +378,9 @@ class LedgerMachine(RuleBasedStateMachine):
     def ledgers_agree(self) -> None:
         for (tenant, run_id), tracked in self.runs.items():
             model = self.run(snapshot(self.model, tenant, run_id))
-            sql = self.run(snapshot(self.sql, tenant, run_id))
-            assert model == sql
-            account, reservations = sql
+            for ledger in self.others:
+                assert self.run(snapshot(ledger, tenant, run_id)) == model
+            account, reservations = model
             assert account is not None
             state = account.state()
             assert state.committed_micros + state.reserved_micros <= (
@@ -380,9 +393,9 @@ class LedgerMachine(RuleBasedStateMachine):
             assert {r.reservation_id: r.status for r in reservations} == {
                 k: h.status for k, h in tracked.holds.items()
             }
-            model_log = self.run(self.model.read_changes(tenant, run_id, 0, 10_000))
-            sql_log = self.run(self.sql.read_changes(tenant, run_id, 0, 10_000))
-            assert model_log == sql_log
+            sql_log = self.run(self.model.read_changes(tenant, run_id, 0, 10_000))
+            for ledger in self.others:
+                assert self.run(ledger.read_changes(tenant, run_id, 0, 10_000)) == sql_log
             assert state.revision == tracked.revision
             retained = min(state.revision, LOG_RETENTION)
             assert (sql_log.floor, sql_log.head) == (state.revision - retained + 1, state.revision)
@@ -392,5 +405,28 @@ class LedgerMachine(RuleBasedStateMachine):
             assert sql_log.changes[-1].state == state
 
 
-LedgerMachine.TestCase.settings = settings(max_examples=200, deadline=None, stateful_step_count=30)
-TestLedgerMachine = LedgerMachine.TestCase
+SETTINGS = settings(max_examples=200, deadline=None, stateful_step_count=30)
+
+
+NO_REDIS = RedisTargets()
+
+
+def _check(kinds: tuple[str, ...], redis: RedisTargets = NO_REDIS) -> None:
+    machine = type("Machine", (LedgerMachine,), {"kinds": kinds, "redis": redis})
+    run_state_machine_as_test(machine, settings=SETTINGS)
+
+
+def test_sqlite_matches_the_model() -> None:
+    _check(("sqlite",))
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(600)
+def test_redis_standalone_matches_the_model(request: pytest.FixtureRequest) -> None:
+    _check(("redis",), redis_targets(request, "redis"))
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(600)
+def test_redis_cluster_matches_the_model(request: pytest.FixtureRequest) -> None:
+    _check(("redis-cluster",), redis_targets(request, "redis-cluster"))

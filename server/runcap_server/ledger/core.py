@@ -250,14 +250,7 @@ def commit(
 
     if account.committed_micros + actual_micros > MAX_MICROS:
         # Totals must stay exact in every backend (Lua numbers are doubles).
-        raise errors.InvalidArgument(
-            [
-                errors.FieldViolation(
-                    "actual_micros",
-                    f"would bring run {run_id!r}'s committed total past {MAX_MICROS} micro-USD",
-                )
-            ]
-        )
+        raise errors.committed_total_out_of_range(run_id)
     late = status is ReservationStatus.EXPIRED
     if late:
         # The hold is gone; the money was spent all the same.

@@ -1,0 +1,550 @@
+"""The Redis backend: the ledger in Redis, standalone or a Redis Cluster.
+
+Every key of a run carries the run's hash tag `{tenant/run_id}`, so every
+operation on a run is one Lua script (`redis_scripts/ledger.lua`) in one slot
+and one round trip. The script is run with EVALSHA and, when the node does not
+know it (NOSCRIPT: a restart, a failover or SCRIPT FLUSH), with EVAL, which
+also loads it. Server time comes from Redis `TIME` inside the script; a test
+clock replaces it only when one is passed to the constructor.
+
+Keys, for namespace `rc`:
+
+    rc:{t/run}:a    HASH    the account: limit, totals, revision, status, config
+    rc:{t/run}:r    HASH    reservation id -> record (held, settled or blocked)
+    rc:{t/run}:x    ZSET    ids of held reservations by expiry time
+    rc:{t/run}:log  STREAM  one entry per change; entry id = revision
+    rc:{t/run}:bell         shard channel rung (SPUBLISH) after each change
+    rc:due:{n}      ZSET    best-effort index of runs with holds, by next expiry
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from importlib import resources
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+from runcap_server import errors
+from runcap_server.backends.base import wait_event
+from runcap_server.clock import Clock
+from runcap_server.ledger.types import (
+    Account,
+    BudgetState,
+    Change,
+    ChangePage,
+    CloseRunResult,
+    CommitResult,
+    CreateRunResult,
+    Decision,
+    DecisionReason,
+    EventType,
+    RefundResult,
+    Reservation,
+    ReservationStatus,
+    ReserveResult,
+    RunSpec,
+    RunStatus,
+    RunView,
+)
+
+T = TypeVar("T")
+_log = logging.getLogger(__name__)
+_SCRIPT = resources.files("runcap_server.backends").joinpath("redis_scripts/ledger.lua").read_text()
+# EVALSHA needs no SCRIPT LOAD: a node that lacks the script answers NOSCRIPT
+# and the EVAL fallback loads it there.
+_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
+DUE_BUCKETS = 16
+# How often a replica tries to reconcile the due index, and its lease.
+RECONCILE_EVERY_S = 60.0
+RECONCILE_LEASE_MS = 30_000
+# No call waits on a silent server longer than this: it fails closed instead.
+SOCKET_TIMEOUT_S = 5.0
+# How long a replica may keep a due bucket to itself while it sweeps it.
+SWEEP_LEASE_MS = 5_000
+# Failures that mean "Redis cannot answer now": fail closed, retry later.
+_UNAVAILABLE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.MasterDownError,
+    OSError,
+)
+
+Client = aioredis.Redis | RedisCluster
+
+
+def _labels_json(labels: Mapping[str, str]) -> str:
+    return json.dumps(dict(labels), sort_keys=True, separators=(",", ":"))
+
+
+def _opt_int(value: bytes | str | None) -> int | None:
+    return None if value is None or value in (b"", "") else int(value)
+
+
+def _state(run_id: str, values: Sequence[Any]) -> BudgetState:
+    limit, committed, reserved, revision, status, active, overrun = (int(v) for v in values)
+    return BudgetState(
+        run_id=run_id,
+        limit_micros=limit,
+        committed_micros=committed,
+        reserved_micros=reserved,
+        revision=revision,
+        status=RunStatus(status),
+        active_reservations=active,
+        overrun_micros=overrun,
+    )
+
+
+def _change(run_id: str, entry_id: bytes, fields: Sequence[bytes]) -> Change:
+    revision = int(entry_id.split(b"-", 1)[0])
+    f = {fields[i].decode(): fields[i + 1] for i in range(0, len(fields), 2)}
+    state = BudgetState(
+        run_id=run_id,
+        limit_micros=int(f["L"]),
+        committed_micros=int(f["C"]),
+        reserved_micros=int(f["R"]),
+        revision=revision,
+        status=RunStatus(int(f["S"])),
+        active_reservations=int(f["N"]),
+        overrun_micros=int(f["O"]),
+    )
+    return Change(
+        revision=revision,
+        type=EventType(int(f["t"])),
+        time_ms=int(f["ts"]),
+        state=state,
+        reservation_id=f["r"].decode(),
+        amount_micros=int(f["a"]),
+        actual_micros=int(f["c"]),
+        overrun_micros=int(f["o"]),
+        late=f["l"] == b"1",
+    )
+
+
+class RedisLedger:
+    """The ledger on Redis; implements backends.base.Backend."""
+
+    def __init__(
+        self,
+        *,
+        url: str | None = None,
+        cluster_nodes: Sequence[str] = (),
+        default_ttl_ms: int,
+        clock: Clock | None = None,
+        log_retention: int = 10_000,
+        closed_retention_ms: int = 7 * 86_400_000,
+        namespace: str = "rc",
+        max_connections: int = 64,
+        expiry_batch: int = 100,
+        replica_id: str = "",
+    ) -> None:
+        if bool(url) == bool(cluster_nodes):
+            raise ValueError("give exactly one of a Redis URL or cluster nodes")
+        self.url = url
+        self.cluster_nodes = list(cluster_nodes)
+        self.default_ttl_ms = default_ttl_ms
+        self.clock = clock
+        self.log_retention = log_retention
+        self.closed_retention_ms = closed_retention_ms
+        self.namespace = namespace
+        self.max_connections = max_connections
+        self.expiry_batch = expiry_batch
+        self.replica_id = replica_id or f"replica-{id(self):x}"
+        self._client: Client | None = None
+        # Bursts wait here instead of failing on an exhausted pool.
+        self._slots = asyncio.Semaphore(max_connections)
+        self._bells: dict[tuple[str, str], asyncio.Event] = {}
+        self._pubsub: Any = None
+        self._pubsub_task: asyncio.Task[None] | None = None
+        self._subscribed: set[str] = set()
+        self._index_pending: dict[str, dict[str, int]] = {}
+        # The first sweep reconciles: a restarted replica repairs what it lost.
+        self._next_reconcile = 0.0
+
+    # -- connection ---------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.url:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.url,
+                max_connections=self.max_connections,
+                timeout=5,
+                socket_timeout=SOCKET_TIMEOUT_S,
+                socket_connect_timeout=SOCKET_TIMEOUT_S,
+            )
+            self._client = aioredis.Redis.from_pool(pool)  # owns and closes the pool
+        else:
+            nodes = []
+            for node in self.cluster_nodes:
+                host, _, port = node.rpartition(":")
+                nodes.append(ClusterNode(host, int(port)))
+            self._client = RedisCluster(startup_nodes=nodes, max_connections=self.max_connections)
+
+    async def close(self) -> None:
+        if self._pubsub_task:
+            self._pubsub_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pubsub_task
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._flush_index(), 2)
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            raise errors.BackendUnavailable("the Redis backend is not started")
+        return self._client
+
+    async def _call(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """Run one Redis call, narrowing every connectivity failure to UNAVAILABLE."""
+        async with self._slots:
+            try:
+                return await fn(self.client)
+            except _UNAVAILABLE as error:
+                raise errors.BackendUnavailable(f"Redis: {error}") from error
+
+    async def _cmd(self, command: str, *args: Any, **kwargs: Any) -> Any:
+        """One Redis command by its redis-py method name."""
+        return await self._call(lambda c: getattr(c, command)(*args, **kwargs))
+
+    async def ping(self) -> None:
+        await self._cmd("ping")
+
+    # -- keys and the script ------------------------------------------------
+
+    def _keys(self, tenant: str, run_id: str) -> list[str]:
+        tag = f"{self.namespace}:{{{tenant}/{run_id}}}"
+        return [f"{tag}:a", f"{tag}:r", f"{tag}:x", f"{tag}:log", f"{tag}:bell"]
+
+    async def _script(self, tenant: str, run_id: str, op: str, *args: object) -> list[Any]:
+        keys = self._keys(tenant, run_id)
+        argv = [
+            op,
+            "" if self.clock is None else str(self.clock.now_ms()),
+            str(self.log_retention),
+            str(self.expiry_batch),
+            str(self.closed_retention_ms),
+            *("" if a is None else str(a) for a in args),
+        ]
+
+        async def run(client: Any) -> list[Any]:
+            try:
+                return list(await client.evalsha(_SHA, len(keys), *keys, *argv))
+            except redis.exceptions.NoScriptError:
+                # This node lost its script cache; EVAL runs and caches it.
+                return list(await client.eval(_SCRIPT, len(keys), *keys, *argv))
+
+        reply = await self._call(run)
+        if reply[0] == b"ERR":
+            raise self._error(reply[1].decode(), reply[2].decode(), run_id, args)
+        return reply[1:]
+
+    @staticmethod
+    def _error(reason: str, detail: str, run_id: str, args: Sequence[object]) -> Exception:
+        reservation_id = str(args[0]) if args else ""
+        if reason == "RUN_NOT_FOUND":
+            return errors.RunNotFound(run_id)
+        if reason == "RUN_ALREADY_EXISTS":
+            return errors.RunAlreadyExists(run_id)
+        if reason == "RESERVATION_NOT_FOUND":
+            return errors.ReservationNotFound(run_id, reservation_id)
+        if reason == "RESERVATION_BLOCKED":
+            return errors.ReservationBlocked(run_id, reservation_id)
+        if reason == "RESERVATION_RELEASED":
+            return errors.ReservationReleased(run_id, reservation_id)
+        if reason == "IDEMPOTENCY_CONFLICT":
+            return errors.IdempotencyConflict(run_id, reservation_id, detail)
+        if reason == "TOTAL_OUT_OF_RANGE":
+            return errors.committed_total_out_of_range(run_id)
+        return RuntimeError(f"ledger script answered {reason} {detail}")
+
+    def _ring(self, tenant: str, run_id: str) -> None:
+        event = self._bells.pop((tenant, run_id), None)
+        if event is not None:
+            event.set()
+
+    # -- operations ---------------------------------------------------------
+
+    def _view(
+        self, run_id: str, spec_fields: Sequence[Any], state: BudgetState, limit: int
+    ) -> RunView:
+        created, closed, labels, ttl = spec_fields
+        spec = RunSpec(run_id, limit, json.loads(labels), _opt_int(ttl))
+        return RunView(
+            spec=spec,
+            default_ttl_ms=spec.default_ttl_ms or self.default_ttl_ms,
+            created_ms=int(created),
+            closed_ms=_opt_int(closed),
+            state=state,
+        )
+
+    async def create_run(self, tenant: str, spec: RunSpec) -> CreateRunResult:
+        reply = await self._script(
+            tenant,
+            spec.run_id,
+            "create",
+            spec.limit_micros,
+            _labels_json(spec.labels),
+            spec.default_ttl_ms,
+        )
+        state = _state(spec.run_id, reply[1:8])
+        view = self._view(spec.run_id, reply[8:12], state, spec.limit_micros)
+        return CreateRunResult(run=view, replayed=reply[0] == b"1")
+
+    async def get_run(self, tenant: str, run_id: str) -> RunView:
+        reply = await self._script(tenant, run_id, "get")
+        state = _state(run_id, reply[0:7])
+        return self._view(run_id, reply[7:11], state, state.limit_micros)
+
+    async def reserve(
+        self,
+        tenant: str,
+        run_id: str,
+        reservation_id: str,
+        amount_micros: int,
+        ttl_ms: int | None,
+    ) -> ReserveResult:
+        reply = await self._script(
+            tenant, run_id, "reserve", reservation_id, amount_micros, ttl_ms, self.default_ttl_ms
+        )
+        replayed, decision, reason, held, expires = reply[0:5]
+        result = ReserveResult(
+            decision=Decision(int(decision)),
+            reason=DecisionReason(int(reason)),
+            reservation_id=reservation_id,
+            held_micros=int(held),
+            expires_ms=_opt_int(expires),
+            state=_state(run_id, reply[5:12]),
+            replayed=replayed == b"1",
+        )
+        if result.expires_ms is not None and not result.replayed:
+            self._index(tenant, run_id, result.expires_ms)
+        return result
+
+    async def commit(
+        self, tenant: str, run_id: str, reservation_id: str, actual_micros: int
+    ) -> CommitResult:
+        reply = await self._script(tenant, run_id, "commit", reservation_id, actual_micros)
+        replayed, status, actual, held, overrun = reply[0:5]
+        return CommitResult(
+            state=_state(run_id, reply[5:12]),
+            reservation_status=ReservationStatus(int(status)),
+            actual_micros=int(actual),
+            held_micros=int(held),
+            overrun_micros=int(overrun),
+            replayed=replayed == b"1",
+        )
+
+    async def refund(self, tenant: str, run_id: str, reservation_id: str) -> RefundResult:
+        reply = await self._script(tenant, run_id, "refund", reservation_id)
+        replayed, status, released = reply[0:3]
+        return RefundResult(
+            state=_state(run_id, reply[3:10]),
+            reservation_status=ReservationStatus(int(status)),
+            released_micros=int(released),
+            replayed=replayed == b"1",
+        )
+
+    async def close_run(self, tenant: str, run_id: str) -> CloseRunResult:
+        reply = await self._script(tenant, run_id, "close")
+        return CloseRunResult(state=_state(run_id, reply[1:8]), replayed=reply[0] == b"1")
+
+    # -- the change log and watch doorbell -----------------------------------
+
+    async def read_changes(
+        self, tenant: str, run_id: str, after_revision: int, limit: int
+    ) -> ChangePage:
+        reply = await self._script(tenant, run_id, "read", after_revision, max(0, limit))
+        floor, head = int(reply[0]), int(reply[1])
+        entries = reply[2:]
+        changes = [_change(run_id, entries[i], entries[i + 1]) for i in range(0, len(entries), 2)]
+        return ChangePage(changes=changes, floor=floor, head=head)
+
+    async def wait_for_change(
+        self, tenant: str, run_id: str, after_revision: int, timeout_s: float
+    ) -> None:
+        key = (tenant, run_id)
+        event = self._bells.setdefault(key, asyncio.Event())
+        await self._subscribe(tenant, run_id)
+        revision = await self._cmd("hget", self._keys(tenant, run_id)[0], "rev")
+        if revision is None or int(revision) <= after_revision:
+            await wait_event(event, timeout_s)
+
+    async def _subscribe(self, tenant: str, run_id: str) -> None:
+        """SSUBSCRIBE the run's doorbell (once per process); a hint, never the truth."""
+        channel = self._keys(tenant, run_id)[4]
+        if channel in self._subscribed:
+            return
+        try:
+            if self._pubsub is None:
+                self._pubsub = self.client.pubsub()
+            await self._pubsub.ssubscribe(channel)
+            self._subscribed.add(channel)
+            if self._pubsub_task is None or self._pubsub_task.done():
+                self._pubsub_task = asyncio.create_task(self._listen(), name="redis-doorbell")
+        except Exception as error:  # the feed's periodic check still works
+            _log.warning("doorbell subscription for %s failed: %s", channel, error)
+
+    async def _listen(self) -> None:
+        prefix = f"{self.namespace}:{{"
+        while True:
+            try:
+                # Cluster pubsub reads shard messages apart; standalone mixes them in.
+                read = getattr(self._pubsub, "get_sharded_message", self._pubsub.get_message)
+                message = await read(ignore_subscribe_messages=True, timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                _log.warning("doorbell connection lost (%s); resubscribing", error)
+                self._subscribed.clear()
+                with contextlib.suppress(Exception):
+                    await self._pubsub.aclose()
+                self._pubsub = None
+                # Wake every feed: they re-check revisions and resubscribe.
+                for event in self._bells.values():
+                    event.set()
+                self._bells.clear()
+                return
+            if not message or message["type"] not in ("smessage", b"smessage"):
+                continue  # nothing, or a subscription confirmation
+            channel = message["channel"].decode()
+            if channel.startswith(prefix) and channel.endswith("}:bell"):
+                tenant, _, run_id = channel[len(prefix) : -len("}:bell")].partition("/")
+                self._ring(tenant, run_id)
+
+    # -- expiry sweeping ------------------------------------------------------
+
+    def _bucket(self, tenant: str, run_id: str) -> str:
+        return f"{self.namespace}:due:{{{zlib.crc32(f'{tenant}/{run_id}'.encode()) % DUE_BUCKETS}}}"
+
+    def _index(self, tenant: str, run_id: str, expires_ms: int) -> None:
+        """Note a run's hold for the due index; the next sweep writes it (batched).
+
+        Off the Reserve path, so a Reserve stays one round trip. A hold noted
+        here and lost in a crash is found by the reconciler.
+        """
+        members = self._index_pending.setdefault(self._bucket(tenant, run_id), {})
+        member = f"{tenant}/{run_id}"
+        members[member] = min(expires_ms, members.get(member, expires_ms))
+
+    async def _flush_index(self) -> None:
+        pending, self._index_pending = self._index_pending, {}
+        for bucket, members in pending.items():
+            # LT: only ever move a run's next expiry earlier.
+            await self._cmd("zadd", bucket, members, lt=True)
+
+    async def reconcile(self) -> int:
+        """Repair the due index from the runs' own expiry sets (slow; one replica at a time).
+
+        The index is best effort: a replica that crashed before its next sweep
+        never wrote what it noted. Returns the runs (re)indexed.
+        """
+        lease = f"{self.namespace}:due:reconcile-lease"
+        if not await self._cmd("set", lease, self.replica_id, nx=True, px=RECONCILE_LEASE_MS):
+            return 0
+        found = 0
+        prefix = f"{self.namespace}:{{"
+        async for key in self.client.scan_iter(match=f"{prefix}*}}:x", count=1000):
+            name = key.decode()
+            tenant, _, run_id = name[len(prefix) : -len("}:x")].partition("/")
+            first = await self._cmd("zrange", key, 0, 0, withscores=True)
+            if first:
+                self._index(tenant, run_id, int(first[0][1]))
+                found += 1
+        await self._flush_index()
+        return found
+
+    async def sweep(self, max_runs: int) -> int:
+        """Expire due holds of runs in the due index, one leased bucket at a time."""
+        now = time.monotonic()
+        if now >= self._next_reconcile:
+            self._next_reconcile = now + RECONCILE_EVERY_S
+            await self.reconcile()
+        # This replica's own holds first, so it never misses what it just made.
+        await self._flush_index()
+        now_ms = self.clock.now_ms() if self.clock else None
+        released = 0
+        for n in range(DUE_BUCKETS):
+            if max_runs <= 0:
+                break
+            bucket = f"{self.namespace}:due:{{{n}}}"
+            lease = f"{bucket}:lease"
+            got = await self._cmd("set", lease, self.replica_id, nx=True, px=SWEEP_LEASE_MS)
+            if not got:
+                continue  # another replica sweeps this bucket now
+            try:
+                limit = "+inf" if now_ms is None else now_ms
+                members = await self._cmd(
+                    "zrangebyscore", bucket, "-inf", limit, start=0, num=max_runs
+                )
+                for member in members:
+                    tenant, _, run_id = member.decode().partition("/")
+                    count, next_due = await self._script(tenant, run_id, "expire")
+                    released += int(count)
+                    max_runs -= 1
+                    if int(count):
+                        self._ring(tenant, run_id)
+                    if next_due:
+                        await self._cmd("zadd", bucket, {member: int(float(next_due))}, xx=True)
+                    else:
+                        await self._cmd("zrem", bucket, member)
+            finally:
+                await self._cmd("delete", lease)
+        return released
+
+    async def snapshot(self, tenant: str, run_id: str) -> tuple[Account | None, list[Reservation]]:
+        """A run's stored account and reservations, nothing expired (tests)."""
+        a, r = self._keys(tenant, run_id)[:2]
+        fields = await self._cmd("hgetall", a)
+        if not fields:
+            return None, []
+        f = {k.decode(): v.decode() for k, v in fields.items()}
+        account = Account(
+            spec=RunSpec(run_id, int(f["lim"]), json.loads(f["lab"]), _opt_int(f["ttl"])),
+            created_ms=int(f["cr"]),
+            closed_ms=_opt_int(f["cl"]),
+            status=RunStatus(int(f["st"])),
+            committed_micros=int(f["com"]),
+            reserved_micros=int(f["res"]),
+            overrun_micros=int(f["ovr"]),
+            active_reservations=int(f["act"]),
+            revision=int(f["rev"]),
+        )
+        records = await self._cmd("hgetall", r)
+        reservations = [_decode_reservation(k.decode(), v.decode()) for k, v in records.items()]
+        return account, sorted(reservations, key=lambda x: x.reservation_id)
+
+
+def _decode_reservation(reservation_id: str, record: str) -> Reservation:
+    f = record.split("|")
+    return Reservation(
+        reservation_id=reservation_id,
+        amount_micros=int(f[0]),
+        requested_ttl_ms=_opt_int(f[1]),
+        status=ReservationStatus(int(f[2])),
+        reason=DecisionReason(int(f[3])),
+        created_ms=int(f[4]),
+        held_micros=int(f[5]),
+        expires_ms=_opt_int(f[6]),
+        actual_micros=_opt_int(f[7]),
+        overrun_micros=int(f[8]),
+        settled_ms=_opt_int(f[9]),
+    )

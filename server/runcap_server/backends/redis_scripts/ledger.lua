@@ -1,0 +1,348 @@
+-- runcap ledger: every operation on one run, atomically, in one slot.
+--
+-- The semantics are those of runcap_server/ledger/core.py (docs/semantics.md);
+-- the conformance and stateful tests hold both to the same answers.
+--
+-- KEYS: 1 account HASH, 2 reservations HASH (id -> record), 3 expiry ZSET of
+--       held ids (score = expires_ms), 4 change log STREAM (entry id = revision),
+--       5 the run's shard channel (a doorbell for watchers; never read)
+-- ARGV: 1 operation, 2 now_ms ("" = the server's TIME; tests only), 3 log
+--       retention, 4 expiry batch, 5 closed-run retention ms, 6.. operation args
+--
+-- Replies are flat arrays: {"OK", ...} or {"ERR", reason, detail}. Nothing is
+-- written before every check has passed. Lua numbers are doubles: every amount
+-- is at most 2^53 - 1, and numbers are written with %d, never tostring.
+
+local A, R, X, LOG, BELL = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local op = ARGV[1]
+local retention = ARGV[3]
+local batch = tonumber(ARGV[4])
+local closed_retention_ms = tonumber(ARGV[5])
+local MAX_MICROS = 9007199254740991
+
+-- Enum values as in runcap.v1 (and ledger/types.py).
+local OPEN, CLOSED = 1, 2
+local ALLOW, BLOCK = 1, 2
+local WITHIN_BUDGET, INSUFFICIENT_BUDGET, RUN_CLOSED = 1, 2, 3
+local HELD, COMMITTED, RELEASED, EXPIRED, LATE_COMMITTED, BLOCKED = 1, 2, 3, 4, 5, 6
+local CREATED, RESERVED, EV_COMMITTED, REFUNDED, EV_EXPIRED, EV_CLOSED = 1, 2, 3, 4, 5, 6
+
+local function num(n)
+  return string.format('%d', n)
+end
+
+local function opt(n)
+  if n == nil then return '' end
+  return num(n)
+end
+
+local function now_ms()
+  if ARGV[2] ~= '' then return tonumber(ARGV[2]) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Reservation records: "amount|requested_ttl|status|reason|created|held|expires|actual|overrun|settled".
+local function decode(id, s)
+  local f = {}
+  for part in string.gmatch(s, '([^|]*)|?') do
+    f[#f + 1] = part
+    if #f == 10 then break end
+  end
+  return {
+    id = id, amount = tonumber(f[1]), requested_ttl = tonumber(f[2]), status = tonumber(f[3]),
+    reason = tonumber(f[4]), created = tonumber(f[5]), held = tonumber(f[6]),
+    expires = tonumber(f[7]), actual = tonumber(f[8]), overrun = tonumber(f[9]),
+    settled = tonumber(f[10]),
+  }
+end
+
+local function encode(r)
+  return table.concat({num(r.amount), opt(r.requested_ttl), num(r.status), num(r.reason),
+    num(r.created), num(r.held), opt(r.expires), opt(r.actual), num(r.overrun),
+    opt(r.settled)}, '|')
+end
+
+local FIELDS = {'lim', 'com', 'res', 'ovr', 'act', 'rev', 'st', 'cr', 'cl', 'lab', 'ttl', 'dig'}
+
+local function load_account()
+  local v = redis.call('HMGET', A, unpack(FIELDS))
+  if not v[1] then return nil end
+  return {
+    lim = tonumber(v[1]), com = tonumber(v[2]), res = tonumber(v[3]), ovr = tonumber(v[4]),
+    act = tonumber(v[5]), rev = tonumber(v[6]), st = tonumber(v[7]), cr = tonumber(v[8]),
+    cl = tonumber(v[9]), lab = v[10], ttl = tonumber(v[11]), dig = v[12],
+  }
+end
+
+-- One operation's pending writes: applied only once nothing can fail any more.
+local txn = {acc = nil, now = 0, res = {}, order = {}, changes = {}}
+
+local function state(acc)
+  return {num(acc.lim), num(acc.com), num(acc.res), num(acc.rev), num(acc.st), num(acc.act),
+    num(acc.ovr)}
+end
+
+local function put(r)
+  if not txn.res[r.id] then txn.order[#txn.order + 1] = r.id end
+  txn.res[r.id] = r
+end
+
+local function record(kind, r, amount, actual, overrun, late)
+  local acc = txn.acc
+  acc.rev = acc.rev + 1
+  if r then put(r) end
+  local rid = r and r.id or ''
+  acc.dig = redis.sha1hex(table.concat({acc.dig, num(acc.rev), num(kind), rid, num(amount or 0),
+    num(actual or 0), num(overrun or 0), late and '1' or '0'}, '|'))
+  txn.changes[#txn.changes + 1] = {
+    num(acc.rev) .. '-1',
+    't', num(kind), 'r', rid, 'a', num(amount or 0), 'c', num(actual or 0),
+    'o', num(overrun or 0), 'l', late and '1' or '0', 'ts', num(txn.now), 'd', acc.dig,
+    'L', num(acc.lim), 'C', num(acc.com), 'R', num(acc.res), 'S', num(acc.st),
+    'N', num(acc.act), 'O', num(acc.ovr),
+  }
+end
+
+local function expire(r)
+  r.status = EXPIRED
+  r.settled = txn.now
+  txn.acc.res = txn.acc.res - r.held
+  txn.acc.act = txn.acc.act - 1
+  record(EV_EXPIRED, r, r.held)
+end
+
+-- Start an operation on an existing run, with its due holds expired.
+local function open_run()
+  local acc = load_account()
+  if not acc then return false end
+  txn.acc = acc
+  txn.now = now_ms()
+  local due = redis.call('ZRANGEBYSCORE', X, '-inf', num(txn.now), 'LIMIT', 0, batch)
+  if #due > 0 then
+    local records = redis.call('HMGET', R, unpack(due))
+    for i, id in ipairs(due) do
+      expire(decode(id, records[i]))
+    end
+  end
+  return true
+end
+
+-- The reservation as it stands in this operation (expired if it was due).
+local function reservation(id)
+  if txn.res[id] then return txn.res[id] end
+  local s = redis.call('HGET', R, id)
+  if not s then return nil end
+  local r = decode(id, s)
+  if r.status == HELD and r.expires and r.expires <= txn.now then expire(r) end
+  return r
+end
+
+local function apply()
+  local acc = txn.acc
+  for _, id in ipairs(txn.order) do
+    local r = txn.res[id]
+    redis.call('HSET', R, id, encode(r))
+    if r.status == HELD then
+      redis.call('ZADD', X, num(r.expires), id)
+    else
+      redis.call('ZREM', X, id)
+    end
+  end
+  for _, c in ipairs(txn.changes) do
+    -- Exact trimming keeps the log's floor the same on every backend.
+    redis.call('XADD', LOG, 'MAXLEN', retention, unpack(c))
+  end
+  if #txn.changes > 0 then
+    redis.call('HSET', A, 'lim', num(acc.lim), 'com', num(acc.com), 'res', num(acc.res),
+      'ovr', num(acc.ovr), 'act', num(acc.act), 'rev', num(acc.rev), 'st', num(acc.st),
+      'cl', opt(acc.cl), 'dig', acc.dig)
+    redis.call('SPUBLISH', BELL, num(acc.rev))
+  end
+  if acc.st == CLOSED then
+    -- Closed runs age out; holds made before the close can still settle.
+    for _, key in ipairs({A, R, X, LOG}) do
+      redis.call('PEXPIRE', key, closed_retention_ms)
+    end
+  end
+  return state(acc)
+end
+
+local function ok(...)
+  local reply = {'OK'}
+  for _, part in ipairs({...}) do
+    if type(part) == 'table' then
+      for _, v in ipairs(part) do reply[#reply + 1] = v end
+    else
+      reply[#reply + 1] = part
+    end
+  end
+  return reply
+end
+
+local function err(reason, detail)
+  return {'ERR', reason, detail or ''}
+end
+
+local function config(acc)
+  return {num(acc.cr), opt(acc.cl), acc.lab, opt(acc.ttl)}
+end
+
+local ops = {}
+
+-- ARGV 6..: limit, labels (canonical JSON), default ttl ms or "".
+function ops.create()
+  local lim, lab, ttl = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
+  if open_run() then
+    local acc = txn.acc
+    if acc.lim ~= lim or acc.lab ~= lab or acc.ttl ~= ttl then
+      return err('RUN_ALREADY_EXISTS')
+    end
+    return ok('1', apply(), config(acc))
+  end
+  txn.now = now_ms()
+  txn.acc = {lim = lim, com = 0, res = 0, ovr = 0, act = 0, rev = 0, st = OPEN, cr = txn.now,
+    cl = nil, lab = lab, ttl = ttl, dig = ''}
+  redis.call('HSET', A, 'cr', num(txn.now), 'lab', lab, 'ttl', opt(ttl))
+  record(CREATED)
+  return ok('0', apply(), config(txn.acc))
+end
+
+function ops.get()
+  if not open_run() then return err('RUN_NOT_FOUND') end
+  return ok(apply(), config(txn.acc))
+end
+
+-- Replies with the number of holds released and the next expiry ("" if none).
+function ops.expire()
+  if not open_run() then return ok('0', '') end
+  local released = #txn.changes
+  apply()
+  local next_due = redis.call('ZRANGE', X, 0, 0, 'WITHSCORES')
+  return ok(num(released), next_due[2] or '')
+end
+
+-- ARGV 6..: reservation id, amount, requested ttl ms or "", server default ttl ms.
+function ops.reserve()
+  local id, amount, requested_ttl = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
+  local default_ttl = tonumber(ARGV[9])
+  if not open_run() then return err('RUN_NOT_FOUND') end
+  local acc = txn.acc
+  local prev = reservation(id)
+  if prev then
+    if prev.amount ~= amount or prev.requested_ttl ~= requested_ttl then
+      return err('IDEMPOTENCY_CONFLICT', 'reserved')
+    end
+    local decision = prev.status == BLOCKED and BLOCK or ALLOW
+    return ok('1', num(decision), num(prev.reason), num(prev.held), opt(prev.expires), apply())
+  end
+  local reason = WITHIN_BUDGET
+  if acc.st == CLOSED then
+    reason = RUN_CLOSED
+  elseif acc.com + acc.res + amount > acc.lim then
+    reason = INSUFFICIENT_BUDGET
+  end
+  local r = {id = id, amount = amount, requested_ttl = requested_ttl, status = BLOCKED,
+    reason = reason, created = txn.now, held = 0, overrun = 0}
+  if reason == WITHIN_BUDGET then
+    r.status = HELD
+    r.held = amount
+    r.expires = txn.now + (requested_ttl or acc.ttl or default_ttl)
+    acc.res = acc.res + amount
+    acc.act = acc.act + 1
+    record(RESERVED, r, amount)
+  else
+    -- A block changes no money and no revision, but is remembered.
+    put(r)
+  end
+  local decision = r.status == BLOCKED and BLOCK or ALLOW
+  return ok('0', num(decision), num(reason), num(r.held), opt(r.expires), apply())
+end
+
+-- ARGV 6..: reservation id, actual.
+function ops.commit()
+  local id, actual = ARGV[6], tonumber(ARGV[7])
+  if not open_run() then return err('RUN_NOT_FOUND') end
+  local acc = txn.acc
+  local r = reservation(id)
+  if not r then return err('RESERVATION_NOT_FOUND') end
+  if r.status == BLOCKED then return err('RESERVATION_BLOCKED') end
+  if r.status == RELEASED then return err('RESERVATION_RELEASED') end
+  if r.status == COMMITTED or r.status == LATE_COMMITTED then
+    if r.actual ~= actual then return err('IDEMPOTENCY_CONFLICT', 'committed') end
+    return ok('1', num(r.status), num(actual), num(r.held), num(r.overrun), apply())
+  end
+  if acc.com + actual > MAX_MICROS then return err('TOTAL_OUT_OF_RANGE') end
+  local late = r.status == EXPIRED
+  local overrun
+  if late then
+    overrun = actual
+    r.status = LATE_COMMITTED
+  else
+    overrun = math.max(0, actual - r.held)
+    r.status = COMMITTED
+    acc.res = acc.res - r.held
+    acc.act = acc.act - 1
+  end
+  r.actual = actual
+  r.overrun = overrun
+  r.settled = txn.now
+  acc.com = acc.com + actual
+  acc.ovr = acc.ovr + overrun
+  record(EV_COMMITTED, r, r.held, actual, overrun, late)
+  return ok('0', num(r.status), num(actual), num(r.held), num(overrun), apply())
+end
+
+-- ARGV 6..: reservation id.
+function ops.refund()
+  local id = ARGV[6]
+  if not open_run() then return err('RUN_NOT_FOUND') end
+  local acc = txn.acc
+  local r = reservation(id)
+  if not r then return err('RESERVATION_NOT_FOUND') end
+  if r.status == BLOCKED then return err('RESERVATION_BLOCKED') end
+  if r.status ~= HELD then
+    return ok('1', num(r.status), '0', apply())
+  end
+  local held = r.held
+  r.status = RELEASED
+  r.settled = txn.now
+  acc.res = acc.res - held
+  acc.act = acc.act - 1
+  record(REFUNDED, r, held)
+  return ok('0', num(RELEASED), num(held), apply())
+end
+
+function ops.close()
+  if not open_run() then return err('RUN_NOT_FOUND') end
+  local acc = txn.acc
+  if acc.st == CLOSED then return ok('1', apply()) end
+  acc.st = CLOSED
+  acc.cl = txn.now
+  record(EV_CLOSED)
+  return ok('0', apply())
+end
+
+-- ARGV 6..: after revision, limit. Read-only: the log's floor, the run's
+-- revision, then up to `limit` entries after `after`, each as its id, then its fields.
+function ops.read()
+  local after, limit = tonumber(ARGV[6]), tonumber(ARGV[7])
+  local rev = redis.call('HGET', A, 'rev')
+  if not rev then return err('RUN_NOT_FOUND') end
+  local first = redis.call('XRANGE', LOG, '-', '+', 'COUNT', 1)
+  local floor = tonumber(rev) + 1
+  if #first > 0 then floor = tonumber(string.match(first[1][1], '^(%d+)')) end
+  local reply = {'OK', num(floor), rev}
+  if limit > 0 then
+    local entries = redis.call('XRANGE', LOG, num(after + 1) .. '-0', '+', 'COUNT', limit)
+    for _, e in ipairs(entries) do
+      reply[#reply + 1] = e[1]
+      reply[#reply + 1] = e[2]
+    end
+  end
+  return reply
+end
+
+local handler = ops[op]
+if not handler then return err('UNKNOWN_OPERATION', op) end
+return handler()

@@ -1,0 +1,270 @@
+"""The Redis backend against real servers: round trips, lost scripts, failover, replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from runcap.v1 import budget_pb2
+from runcap.v1 import budget_service_pb2 as pb
+from runcap.v1.budget_service_pb2_grpc import BudgetServiceStub
+from runcap_server import errors
+from runcap_server.backends.redis import RedisLedger
+from runcap_server.ledger.types import Decision, RunSpec, RunStatus
+from tests.redis_servers import RedisCluster, RedisServer
+from tests.servers import ServerProcess
+
+if TYPE_CHECKING:
+    from runcap.v1.budget_service_pb2_grpc import BudgetServiceAsyncStub
+
+pytestmark = pytest.mark.redis
+T = "tenant"
+
+
+def namespace() -> str:
+    return f"it-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def standalone_ledger(redis_standalone: RedisServer) -> AsyncIterator[RedisLedger]:
+    ledger = RedisLedger(url=redis_standalone.url, default_ttl_ms=60_000, namespace=namespace())
+    await ledger.start()
+    yield ledger
+    await ledger.close()
+
+
+async def command_counts(client: aioredis.Redis) -> dict[str, int]:
+    stats = await client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+
+
+def monitor(url: str, ready: threading.Event, seen: list[dict[str, Any]]) -> None:
+    """Record every command Redis receives until the probe echoes "done"."""
+    with redis.Redis.from_url(url) as client, client.monitor() as stream:
+        ready.set()
+        for entry in stream.listen():
+            if entry["command"] == "ECHO done":
+                return
+            seen.append(entry)
+
+
+async def test_a_reserve_is_one_round_trip(
+    redis_standalone: RedisServer, standalone_ledger: RedisLedger
+) -> None:
+    await standalone_ledger.create_run(T, RunSpec("run", 1_000, {}, None))
+    await standalone_ledger.reserve(T, "run", "warm-up", 1, None)  # loads the script
+    ready, seen = threading.Event(), list[dict[str, Any]]()
+    watcher = threading.Thread(target=monitor, args=(redis_standalone.url, ready, seen))
+    async with aioredis.Redis.from_url(redis_standalone.url) as probe:
+        await probe.ping()  # connected before the monitor starts
+        watcher.start()
+        assert await asyncio.to_thread(ready.wait, 5)
+        await asyncio.sleep(0.1)
+        result = await standalone_ledger.reserve(T, "run", "r", 10, None)
+        await probe.echo("done")
+    await asyncio.to_thread(watcher.join, 5)
+    assert result.decision is Decision.ALLOW
+    from_clients = [e["command"].split()[0] for e in seen if e.get("client_type") != "lua"]
+    assert from_clients == ["EVALSHA"], seen
+    # The script itself did the rest, inside Redis.
+    assert any(e["command"].startswith("XADD") for e in seen)
+
+
+async def test_the_script_survives_script_flush(
+    redis_standalone: RedisServer, standalone_ledger: RedisLedger
+) -> None:
+    await standalone_ledger.create_run(T, RunSpec("run", 1_000, {}, None))
+    async with aioredis.Redis.from_url(redis_standalone.url) as probe:
+        await probe.script_flush()
+        await probe.config_resetstat()
+        assert (await standalone_ledger.reserve(T, "run", "a", 1, None)).decision is Decision.ALLOW
+        counts = await command_counts(probe)
+        # EVALSHA answered NOSCRIPT, then EVAL ran the script and cached it.
+        assert (counts.get("evalsha"), counts.get("eval")) == (1, 1)
+        assert (await standalone_ledger.reserve(T, "run", "b", 1, None)).state.revision == 3
+
+
+async def test_a_closed_run_gets_a_retention_ttl(
+    redis_standalone: RedisServer, standalone_ledger: RedisLedger
+) -> None:
+    standalone_ledger.closed_retention_ms = 60_000
+    await standalone_ledger.create_run(T, RunSpec("run", 1_000, {}, None))
+    await standalone_ledger.reserve(T, "run", "a", 1, None)
+    keys = standalone_ledger._keys(T, "run")[:4]
+    async with aioredis.Redis.from_url(redis_standalone.url) as probe:
+        assert [await probe.pttl(k) for k in keys] == [-1, -1, -1, -1]
+        await standalone_ledger.close_run(T, "run")
+        ttls = [await probe.pttl(k) for k in keys]
+    assert all(55_000 < ttl <= 60_000 for ttl in ttls), ttls
+
+
+async def test_unreachable_redis_fails_closed(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path).start()
+    ledger = RedisLedger(url=server.url, default_ttl_ms=60_000, namespace=namespace())
+    await ledger.start()
+    try:
+        await ledger.create_run(T, RunSpec("run", 1_000, {}, None))
+        server.kill()
+        with pytest.raises(errors.BackendUnavailable) as down:
+            await ledger.reserve(T, "run", "a", 1, None)
+        assert down.value.retry_after_ms > 0
+        with pytest.raises(errors.BackendUnavailable):
+            await ledger.ping()
+    finally:
+        await ledger.close()
+        server.stop()
+
+
+async def test_a_burst_larger_than_the_pool_waits_instead_of_failing(
+    redis_standalone: RedisServer,
+) -> None:
+    ledger = RedisLedger(
+        url=redis_standalone.url, default_ttl_ms=60_000, namespace=namespace(), max_connections=4
+    )
+    await ledger.start()
+    try:
+        await ledger.create_run(T, RunSpec("run", 1_000, {}, None))
+        results = await asyncio.gather(
+            *(ledger.reserve(T, "run", f"r{i}", 1, None) for i in range(300))
+        )
+        assert sum(r.decision is Decision.ALLOW for r in results) == 300
+    finally:
+        await ledger.close()
+
+
+async def test_cluster_runs_spread_and_stay_atomic(redis_cluster: RedisCluster) -> None:
+    ledger = RedisLedger(
+        cluster_nodes=redis_cluster.startup_nodes, default_ttl_ms=60_000, namespace=namespace()
+    )
+    await ledger.start()
+    try:
+        runs = [f"run-{i}" for i in range(12)]
+        for run_id in runs:
+            await ledger.create_run(T, RunSpec(run_id, 10, {}, None))
+        results = await asyncio.gather(
+            *(ledger.reserve(T, r, f"h{i}", 1, None) for r in runs for i in range(15))
+        )
+        for run_id in runs:
+            allowed = [
+                x for x in results if x.state.run_id == run_id and x.decision is Decision.ALLOW
+            ]
+            assert len(allowed) == 10
+        async with aioredis.RedisCluster.from_url(redis_cluster.url) as probe:
+            owners = {probe.keyslot(ledger._keys(T, r)[0]) for r in runs}
+        assert len(owners) == len(runs)  # every run in a slot of its own
+    finally:
+        await ledger.close()
+
+
+async def test_four_replicas_on_the_cluster_allow_exactly_what_fits(
+    redis_cluster: RedisCluster,
+) -> None:
+    """1,000 concurrent Reserves through 4 server processes on one run with room for 100."""
+    env = {
+        "RUNCAP_BACKEND": "redis",
+        "RUNCAP_REDIS_CLUSTER_NODES": ",".join(redis_cluster.startup_nodes),
+        "RUNCAP_REDIS_NAMESPACE": namespace(),
+    }
+    servers = [ServerProcess(None, env=env) for _ in range(4)]
+    try:
+        for server in servers:
+            server.start()
+        channels = [grpc.aio.insecure_channel(s.target) for s in servers]
+        stubs: list[BudgetServiceAsyncStub] = [BudgetServiceStub(c) for c in channels]
+        await stubs[0].CreateRun(pb.CreateRunRequest(run_id="shared", limit_micros=100_000_000))
+        replies = await asyncio.gather(
+            *(
+                stubs[i % 4].Reserve(
+                    pb.ReserveRequest(
+                        run_id="shared", reservation_id=f"r{i}", amount_micros=1_000_000
+                    )
+                )
+                for i in range(1_000)
+            )
+        )
+        allowed = [i for i, r in enumerate(replies) if r.decision == budget_pb2.DECISION_ALLOW]
+        assert len(allowed) == 100
+        # Settle through other replicas than the one that reserved.
+        await asyncio.gather(
+            *(
+                stubs[(i + 1) % 4].Commit(
+                    pb.CommitRequest(run_id="shared", reservation_id=f"r{i}", actual_micros=500_000)
+                )
+                for i in allowed
+            )
+        )
+        state = (await stubs[3].GetRun(pb.GetRunRequest(run_id="shared"))).state
+        assert (state.committed_micros, state.reserved_micros, state.revision) == (
+            50_000_000,
+            0,
+            201,
+        )
+        for channel in channels:
+            await channel.close(None)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.mark.slow
+async def test_primary_failover_keeps_the_invariants(
+    redis_cluster_with_replicas: RedisCluster,
+) -> None:
+    cluster = redis_cluster_with_replicas
+    ledger = RedisLedger(
+        cluster_nodes=cluster.startup_nodes, default_ttl_ms=60_000, namespace=namespace()
+    )
+    await ledger.start()
+    try:
+        await ledger.create_run(T, RunSpec("run", 1_000_000, {}, None))
+        async with aioredis.RedisCluster.from_url(cluster.url) as probe:
+            slot = probe.keyslot(ledger._keys(T, "run")[0])
+        stop = asyncio.Event()
+        acknowledged: list[str] = []
+
+        async def writer(worker: int) -> None:
+            i = 0
+            while not stop.is_set():
+                rid = f"w{worker}-{i}"
+                try:
+                    result = await ledger.reserve(T, "run", rid, 10, None)
+                    if result.decision is Decision.ALLOW:
+                        await ledger.commit(T, "run", rid, 7)
+                        acknowledged.append(rid)
+                except errors.BackendUnavailable:
+                    await asyncio.sleep(0.05)
+                i += 1
+
+        writers = [asyncio.create_task(writer(w)) for w in range(4)]
+        await asyncio.sleep(0.5)
+        primary = cluster.slot_owner(slot)
+        cluster.kill_primary(primary)
+        await asyncio.to_thread(cluster.wait_for_failover, primary)
+        before = len(acknowledged)
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.gather(*writers)
+        assert len(acknowledged) > before, "no reserve succeeded after the failover"
+
+        view = await ledger.get_run(T, "run")
+        state = view.state
+        assert state.status is RunStatus.OPEN
+        assert state.committed_micros + state.reserved_micros <= (
+            state.limit_micros + state.overrun_micros
+        )
+        page = await ledger.read_changes(T, "run", 0, 1_000_000)
+        assert [c.revision for c in page.changes] == list(range(page.floor, state.revision + 1))
+        assert page.changes[-1].state == state
+        # Replaying the log gives the state: nothing was half-applied.
+        assert state.committed_micros == sum(c.actual_micros for c in page.changes)
+    finally:
+        await ledger.close()
