@@ -35,7 +35,7 @@ CI_STEPS := lint breaking check-gen test
 # The git revision `make breaking` compares the protos against.
 BREAKING_AGAINST ?= HEAD~1
 
-.PHONY: help venv serve gen check-gen lint breaking test ci bench clean
+.PHONY: help venv serve gen check-gen prove-check-gen lint breaking test ci bench clean
 
 help: ## Show this help.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -86,6 +86,9 @@ $(GO_PLUGINS_STAMP):
 	GOBIN=$(GO_BIN) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
 	GOBIN=$(GO_BIN) go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
 	touch $@
+
+prove-check-gen: gen ## Prove check-gen fails on a proto change without regeneration (scratch clone).
+	@bash tools/prove_check_gen.sh
 
 check-gen: gen ## Fail if `make gen` changes or adds any file under clients/.
 	@if ! git diff --quiet -- clients/ || [ -n "$$(git status --porcelain -- clients/)" ]; then
