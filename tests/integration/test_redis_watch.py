@@ -1,0 +1,138 @@
+"""Watch on Redis under faults: a killed doorbell, a restarted replica, a trimmed log."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+
+from runcap.v1 import budget_service_pb2 as pb
+from runcap.v1.budget_service_pb2_grpc import BudgetServiceStub
+from tests.integration.rpc import error_info
+from tests.redis_servers import RedisServer
+from tests.servers import ServerProcess
+
+if TYPE_CHECKING:
+    from runcap.v1.budget_service_pb2_grpc import BudgetServiceAsyncStub
+
+pytestmark = pytest.mark.redis
+Stream = grpc.aio.UnaryStreamCall[pb.WatchRequest, pb.WatchResponse]
+
+
+@pytest.fixture
+def replicas(redis_standalone: RedisServer) -> Iterator[list[ServerProcess]]:
+    """Two server replicas on one Redis, with a namespace of their own."""
+    env = {
+        "RUNCAP_BACKEND": "redis",
+        "RUNCAP_REDIS_URL": redis_standalone.url,
+        "RUNCAP_REDIS_NAMESPACE": f"watch-{uuid.uuid4().hex[:8]}",
+    }
+    servers = [ServerProcess(None, env=env) for _ in range(2)]
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+async def write(stub: BudgetServiceAsyncStub, run_id: str, pairs: int, prefix: str) -> None:
+    for i in range(pairs):
+        rid = f"{prefix}{i}"
+        await stub.Reserve(pb.ReserveRequest(run_id=run_id, reservation_id=rid, amount_micros=5))
+        await stub.Commit(pb.CommitRequest(run_id=run_id, reservation_id=rid, actual_micros=3))
+
+
+async def events_until(stream: Stream, revision: int, timeout_s: float = 10) -> list[int]:
+    """Revisions of the events read, up to `revision` (each must arrive in time)."""
+    seen: list[int] = []
+    while not seen or seen[-1] < revision:
+        message = await asyncio.wait_for(stream.read(), timeout_s)
+        assert isinstance(message, pb.WatchResponse), f"stream ended after {seen}"
+        if message.HasField("event"):
+            seen.append(message.revision)
+        elif message.progress.final:
+            break
+    return seen
+
+
+async def test_killing_the_doorbell_loses_no_event(
+    replicas: list[ServerProcess], redis_standalone: RedisServer
+) -> None:
+    watched, writer = replicas
+    async with (
+        grpc.aio.insecure_channel(watched.target) as a,
+        grpc.aio.insecure_channel(writer.target) as b,
+        aioredis.Redis.from_url(redis_standalone.url) as probe,
+    ):
+        watch_stub: BudgetServiceAsyncStub = BudgetServiceStub(a)
+        write_stub: BudgetServiceAsyncStub = BudgetServiceStub(b)
+        await write_stub.CreateRun(pb.CreateRunRequest(run_id="bell", limit_micros=10**9))
+        stream = watch_stub.Watch(pb.WatchRequest(run_id="bell", after_revision=0))
+        await write(write_stub, "bell", 5, "a")
+        assert await events_until(stream, 11) == list(range(1, 12))
+        # The doorbell connection dies; the feed's periodic check and resubscription carry on.
+        killed = await probe.client_kill_filter(_type="pubsub")
+        assert killed >= 1
+        await write(write_stub, "bell", 5, "b")
+        assert await events_until(stream, 21) == list(range(12, 22))
+        await write(write_stub, "bell", 5, "c")
+        assert await events_until(stream, 31) == list(range(22, 32))
+        stream.cancel()
+
+
+async def test_a_restarted_replica_hands_watchers_over_without_a_gap(
+    replicas: list[ServerProcess],
+) -> None:
+    first, second = replicas
+    async with (
+        grpc.aio.insecure_channel(first.target) as a,
+        grpc.aio.insecure_channel(second.target) as b,
+    ):
+        stub_a: BudgetServiceAsyncStub = BudgetServiceStub(a)
+        stub_b: BudgetServiceAsyncStub = BudgetServiceStub(b)
+        await stub_b.CreateRun(pb.CreateRunRequest(run_id="handover", limit_micros=10**9))
+        stream = stub_a.Watch(pb.WatchRequest(run_id="handover"))
+        first_message = await stream.read()
+        assert isinstance(first_message, pb.WatchResponse)
+        assert first_message.HasField("snapshot")
+        writer = asyncio.create_task(write(stub_b, "handover", 30, "w"))
+        seen = await events_until(stream, 10)
+        first.stop()  # SIGTERM: the stream ends with a final progress message
+        seen += await events_until(stream, 10**9)
+        last = seen[-1]
+        await writer
+        resumed = stub_b.Watch(pb.WatchRequest(run_id="handover", after_revision=last))
+        seen += await events_until(resumed, 61)
+        resumed.cancel()
+        assert seen == list(range(2, 62))
+
+
+async def test_a_trimmed_log_is_out_of_range_never_a_silent_gap(
+    replicas: list[ServerProcess], redis_standalone: RedisServer
+) -> None:
+    server = replicas[0]
+    async with (
+        grpc.aio.insecure_channel(server.target) as channel,
+        aioredis.Redis.from_url(redis_standalone.url) as probe,
+    ):
+        stub: BudgetServiceAsyncStub = BudgetServiceStub(channel)
+        await stub.CreateRun(pb.CreateRunRequest(run_id="trim", limit_micros=10**9))
+        await write(stub, "trim", 10, "t")
+        logs = [key async for key in probe.scan_iter(match="*{default/trim}:log")]
+        assert len(logs) == 1
+        await probe.xtrim(logs[0], maxlen=5, approximate=False)
+        with pytest.raises(grpc.aio.AioRpcError) as old:
+            await stub.Watch(pb.WatchRequest(run_id="trim", after_revision=3)).read()
+        assert old.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        info, _ = error_info(old.value)
+        assert (info.metadata["floor"], info.metadata["head"]) == ("17", "21")
+        resumed = stub.Watch(pb.WatchRequest(run_id="trim", after_revision=16))
+        assert await events_until(resumed, 21) == [17, 18, 19, 20, 21]
+        resumed.cancel()
