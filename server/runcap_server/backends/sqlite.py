@@ -495,26 +495,17 @@ class SqliteLedger:
     async def ping(self) -> None:
         await self._call(lambda: self._connection().execute("SELECT 1").fetchone())
 
-    def _view(self, account: Account) -> RunView:
-        return RunView(
-            spec=account.spec,
-            default_ttl_ms=account.spec.default_ttl_ms or self.default_ttl_ms,
-            created_ms=account.created_ms,
-            closed_ms=account.closed_ms,
-            state=account.state(),
-        )
-
     async def create_run(self, tenant: str, spec: RunSpec) -> CreateRunResult:
         account, replayed = await self._op(
             tenant, spec.run_id, lambda store, now: core.create_run(store, spec, now)
         )
-        return CreateRunResult(run=self._view(account), replayed=replayed)
+        return CreateRunResult(run=account.view(self.default_ttl_ms), replayed=replayed)
 
     async def get_run(self, tenant: str, run_id: str) -> RunView:
         account = await self._op(
             tenant, run_id, lambda store, now: core.get_state(store, run_id, now)
         )
-        return self._view(account)
+        return account.view(self.default_ttl_ms)
 
     async def reserve(
         self,

@@ -112,15 +112,6 @@ class ModelLedger:
             raise errors.RunNotFound(run_id)
         return store
 
-    def _view(self, account: Account) -> RunView:
-        return RunView(
-            spec=account.spec,
-            default_ttl_ms=account.spec.default_ttl_ms or self.default_ttl_ms,
-            created_ms=account.created_ms,
-            closed_ms=account.closed_ms,
-            state=account.state(),
-        )
-
     def _rang(self, tenant: str, run_id: str, before: int, store: _MemoryStore) -> None:
         if store.run.account and store.run.account.revision != before:
             self._bell.ring(tenant, run_id)
@@ -129,14 +120,14 @@ class ModelLedger:
         store = self._store(tenant, spec.run_id, create=True)
         account, replayed = core.create_run(store, spec, self.clock.now_ms())
         self._bell.ring(tenant, spec.run_id)
-        return CreateRunResult(run=self._view(account), replayed=replayed)
+        return CreateRunResult(run=account.view(self.default_ttl_ms), replayed=replayed)
 
     async def get_run(self, tenant: str, run_id: str) -> RunView:
         store = self._existing(tenant, run_id)
         before = store.run.account.revision if store.run.account else 0
         account = core.get_state(store, run_id, self.clock.now_ms())
         self._rang(tenant, run_id, before, store)
-        return self._view(account)
+        return account.view(self.default_ttl_ms)
 
     async def reserve(
         self,

@@ -112,6 +112,16 @@ class Account:
     def copy(self) -> Account:
         return dataclasses.replace(self)
 
+    def view(self, server_default_ttl_ms: int) -> RunView:
+        """The run as GetRun shows it; the server's default ttl fills in the run's."""
+        return RunView(
+            spec=self.spec,
+            default_ttl_ms=self.spec.default_ttl_ms or server_default_ttl_ms,
+            created_ms=self.created_ms,
+            closed_ms=self.closed_ms,
+            state=self.state(),
+        )
+
 
 @dataclass(slots=True)
 class Reservation:
