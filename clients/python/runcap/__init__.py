@@ -16,7 +16,13 @@ subclasses (see `runcap.errors`).
 
 from __future__ import annotations
 
-from runcap._shared import NO_RETRY, WATCH_RECONNECT, HoldBase, RetryPolicy
+from runcap._shared import (
+    DEFAULT_CHANNEL_OPTIONS,
+    NO_RETRY,
+    WATCH_RECONNECT,
+    HoldBase,
+    RetryPolicy,
+)
 from runcap.aio import AsyncHold, AsyncRuncapClient, AsyncWatchStream
 from runcap.client import Hold, RuncapClient, WatchStream
 from runcap.errors import (
@@ -38,6 +44,7 @@ from runcap.errors import (
 )
 
 __all__ = [
+    "DEFAULT_CHANNEL_OPTIONS",
     "NO_RETRY",
     "REASON_TO_ERROR",
     "WATCH_RECONNECT",

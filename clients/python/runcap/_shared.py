@@ -29,6 +29,20 @@ Duration = timedelta | float
 CallMetadata = Sequence[tuple[str, str | bytes]]
 """Metadata sent with every call, for example ``[("authorization", "Bearer ...")]``."""
 
+ChannelOptions = Sequence[tuple[str, str | int]]
+"""gRPC channel options, for example ``[("grpc.primary_user_agent", "my-agent")]``."""
+
+DEFAULT_CHANNEL_OPTIONS: Final[tuple[tuple[str, int], ...]] = (
+    # Ping an idle connection every 30 s and drop it after 10 s without an
+    # answer, so a long Watch stream notices a dead peer (a NAT or load
+    # balancer that silently dropped it) and resumes instead of hanging.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+"""The options of every channel a client opens, unless the caller's say otherwise."""
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
@@ -75,6 +89,14 @@ NO_RETRY: Final = RetryPolicy(max_attempts=1)
 WATCH_RECONNECT: Final = RetryPolicy(max_attempts=10)
 """The default reconnect policy of Watch: up to 10 consecutive failed connects
 (about 20 seconds of back-off) before the error reaches the caller."""
+
+
+def channel_options(options: ChannelOptions | None) -> list[tuple[str, str | int]]:
+    """`DEFAULT_CHANNEL_OPTIONS` merged with the caller's `options`; on the
+    same key the caller's value wins."""
+    given = list(options or ())
+    keys = {key for key, _ in given}
+    return [option for option in DEFAULT_CHANNEL_OPTIONS if option[0] not in keys] + given
 
 
 def to_duration(value: Duration | None) -> duration_pb2.Duration | None:

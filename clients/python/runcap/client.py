@@ -15,10 +15,12 @@ from runcap._shared import (
     DEFAULT_TARGET,
     WATCH_RECONNECT,
     CallMetadata,
+    ChannelOptions,
     Duration,
     HoldBase,
     RetryPolicy,
     WatchCursor,
+    channel_options,
     commit_request,
     create_run_request,
     refund_request,
@@ -55,7 +57,9 @@ class RuncapClient:
         target: The server's address, used when no `channel` is given.
         channel: An existing channel to use instead of opening one.
         credentials: Channel credentials for TLS; plaintext when None.
-        options: gRPC channel options for the channel the client opens.
+        options: gRPC channel options for the channel the client opens,
+            added to `DEFAULT_CHANNEL_OPTIONS` (keepalive pings for long
+            Watch streams); on the same key these win.
         timeout: The deadline of each unary attempt in seconds (None: none).
             Watch streams have no deadline.
         metadata: Metadata sent with every call (for example authorization).
@@ -68,17 +72,18 @@ class RuncapClient:
         *,
         channel: grpc.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
-        options: list[tuple[str, str | int]] | None = None,
+        options: ChannelOptions | None = None,
         timeout: float | None = 10.0,
         metadata: CallMetadata | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
         self._owns_channel = channel is None
         if channel is None:
+            merged = channel_options(options)
             if credentials is None:
-                channel = grpc.insecure_channel(target, options=options)
+                channel = grpc.insecure_channel(target, options=merged)
             else:
-                channel = grpc.secure_channel(target, credentials, options=options)
+                channel = grpc.secure_channel(target, credentials, options=merged)
         self._channel = channel
         self._stub = budget_service_pb2_grpc.BudgetServiceStub(channel)
         self._timeout = timeout
