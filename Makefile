@@ -158,9 +158,11 @@ test: venv ## Run the test suite (installs Debian's redis-server first when miss
 	echo "--- typescript client tests (clients/ts)"
 	$(MAKE) ts-deps
 	(cd clients/ts && RUNCAP_PYTHON="$(BIN)/python" npm test)
-	echo "--- go and typescript conformance drivers on the Redis cluster backend"
+	echo "--- the three conformance drivers against one server on the Redis cluster backend"
 	$(BIN)/python tools/with_cluster_server.py -- bash -c \
-	  'cd clients/go && go test -count=1 ./conformance/ && cd ../ts && node --test dist/test/conformance.test.js'
+	  '$(BIN)/pytest -q -p no:cacheprovider tests/conformance -k external \
+	   && (cd clients/go && go test -count=1 ./conformance/) \
+	   && (cd clients/ts && node --test dist/test/conformance.test.js)'
 
 ci: venv ## Everything CI runs: lint, breaking, check-gen, test (all run; fails if any fails).
 	@failed=()

@@ -20,6 +20,7 @@ scenario that grows cannot be passed by a driver that silently skips checks.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -426,11 +427,21 @@ def redis_cluster_target(redis_cluster: RedisCluster) -> Iterator[str]:
         server.stop()
 
 
+@pytest.fixture
+def external_target() -> str:
+    """A server someone else started (RUNCAP_CONFORMANCE_TARGET), shared with the other drivers."""
+    target = os.environ.get("RUNCAP_CONFORMANCE_TARGET", "")
+    if not target:
+        pytest.skip("RUNCAP_CONFORMANCE_TARGET is not set")
+    return target
+
+
 @pytest.mark.parametrize(
     "target_fixture",
     [
         pytest.param("server_target", id="sqlite"),
         pytest.param("redis_cluster_target", id="redis-cluster", marks=pytest.mark.redis),
+        pytest.param("external_target", id="external"),
     ],
 )
 def test_conformance_scenario(request: pytest.FixtureRequest, target_fixture: str) -> None:
