@@ -25,6 +25,7 @@ def state_pb(state: BudgetState) -> budget_pb2.BudgetState:
         status=state.status.value,  # type: ignore[arg-type]
         active_reservations=state.active_reservations,
         overrun_micros=state.overrun_micros,
+        digest=state.digest,
     )
 
 

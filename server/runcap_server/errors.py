@@ -208,8 +208,15 @@ class RevisionOutOfRange(RuncapError):
     code = grpc.StatusCode.OUT_OF_RANGE
     reason = errors_pb2.ERROR_REASON_REVISION_OUT_OF_RANGE
 
-    def __init__(self, run_id: str, after_revision: int, floor: int, head: int) -> None:
-        if after_revision > head:
+    def __init__(
+        self, run_id: str, after_revision: int, floor: int, head: int, *, diverged: bool = False
+    ) -> None:
+        if diverged:
+            why = (
+                "the run's history at that revision is not the one the client saw "
+                "(a failover may have lost changes)"
+            )
+        elif after_revision > head:
             why = f"the run is only at revision {head}"
         else:
             why = f"the oldest retained change is revision {floor}"
@@ -220,6 +227,7 @@ class RevisionOutOfRange(RuncapError):
             after_revision=str(after_revision),
             floor=str(floor),
             head=str(head),
+            diverged="true" if diverged else "false",
         )
 
 

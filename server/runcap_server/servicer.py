@@ -201,7 +201,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
                 if after < 0:
                     check.fail("after_revision", f"must not be negative (got {after})")
             check.done()
-            items = self.hub.stream(self.tenant, run_id, after)
+            items = self.hub.stream(self.tenant, run_id, after, request.after_digest)
             async with contextlib.aclosing(items):
                 async for item in items:
                     yield _watch_response(item)

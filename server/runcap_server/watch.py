@@ -155,9 +155,13 @@ class WatchHub:
                 del self._feeds[(feed.tenant, feed.run_id)]
 
     async def stream(
-        self, tenant: str, run_id: str, after_revision: int | None
+        self, tenant: str, run_id: str, after_revision: int | None, after_digest: str = ""
     ) -> AsyncGenerator[WatchItem, None]:
-        """Snapshot (or replay after `after_revision`), then every change, in order."""
+        """Snapshot (or replay after `after_revision`), then every change, in order.
+
+        With `after_digest`, the resume point must still be in the log with that
+        digest: a history that changed under the client is OUT_OF_RANGE, never a gap.
+        """
         if self._closing.is_set():
             raise errors.ShuttingDown()
         # Subscribe before reading so no change can fall between the two.
@@ -171,6 +175,8 @@ class WatchHub:
                 page = await self.backend.read_changes(tenant, run_id, after_revision, 0)
                 if after_revision > page.head:
                     raise errors.RevisionOutOfRange(run_id, after_revision, page.floor, page.head)
+                if after_digest and after_revision > 0:
+                    await self._check_history(tenant, run_id, after_revision, after_digest)
                 cursor = after_revision
             async for change in self._catch_up(tenant, run_id, cursor):
                 cursor = change.revision
@@ -203,6 +209,14 @@ class WatchHub:
                     yield change
         finally:
             self._unsubscribe(feed, subscription)
+
+    async def _check_history(self, tenant: str, run_id: str, revision: int, digest: str) -> None:
+        page = await self.backend.read_changes(tenant, run_id, revision - 1, 1)
+        kept = page.changes[0] if page.changes else None
+        if kept is None or kept.revision != revision:
+            raise errors.RevisionOutOfRange(run_id, revision, page.floor, page.head)
+        if kept.state.digest != digest:
+            raise errors.RevisionOutOfRange(run_id, revision, page.floor, page.head, diverged=True)
 
     async def _catch_up(self, tenant: str, run_id: str, cursor: int) -> AsyncIterator[Change]:
         """Every logged change after `cursor`, or OUT_OF_RANGE if it was trimmed."""

@@ -136,3 +136,57 @@ async def test_a_trimmed_log_is_out_of_range_never_a_silent_gap(
         resumed = stub.Watch(pb.WatchRequest(run_id="trim", after_revision=16))
         assert await events_until(resumed, 21) == [17, 18, 19, 20, 21]
         resumed.cancel()
+
+
+async def test_a_failover_that_lost_writes_is_out_of_range_on_resume(
+    replicas: list[ServerProcess], redis_standalone: RedisServer
+) -> None:
+    """Rolls the run's keys back (as a failover to a lagging replica would) under a watcher."""
+    server = replicas[0]
+    async with (
+        grpc.aio.insecure_channel(server.target) as channel,
+        aioredis.Redis.from_url(redis_standalone.url) as probe,
+    ):
+        stub: BudgetServiceAsyncStub = BudgetServiceStub(channel)
+        await stub.CreateRun(pb.CreateRunRequest(run_id="lost", limit_micros=10**9))
+        await write(stub, "lost", 2, "x")  # revisions 2..5
+        keys = [key async for key in probe.scan_iter(match="*{default/lost}:*")]
+        saved = {key: await probe.dump(key) for key in keys}  # the replica's copy
+        await write(stub, "lost", 3, "y")  # revisions 6..11 reach the client...
+        stream = stub.Watch(pb.WatchRequest(run_id="lost", after_revision=0))
+        seen: list[pb.WatchResponse] = []
+        while not seen or seen[-1].revision < 11:
+            message = await stream.read()
+            assert isinstance(message, pb.WatchResponse)
+            if message.HasField("event"):
+                seen.append(message)
+        stream.cancel()
+        # ...then the primary dies and the replica, without them, takes over.
+        for key, value in saved.items():
+            assert value is not None
+            await probe.restore(key, 0, value, replace=True)
+        await write(stub, "lost", 4, "z")  # a different revisions 6..13
+        last = seen[-1]
+        with pytest.raises(grpc.aio.AioRpcError) as diverged:
+            await stub.Watch(
+                pb.WatchRequest(
+                    run_id="lost",
+                    after_revision=last.revision,
+                    after_digest=last.event.state.digest,
+                )
+            ).read()
+        assert diverged.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        info, _ = error_info(diverged.value)
+        assert info.metadata["diverged"] == "true"
+        # A resume point from before the loss still matches, and continues.
+        agreed = seen[4]
+        assert agreed.revision == 5
+        resumed = stub.Watch(
+            pb.WatchRequest(
+                run_id="lost",
+                after_revision=agreed.revision,
+                after_digest=agreed.event.state.digest,
+            )
+        )
+        assert await events_until(resumed, 13) == list(range(6, 14))
+        resumed.cancel()

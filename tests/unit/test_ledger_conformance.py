@@ -23,6 +23,7 @@ from runcap_server.ledger.types import (
     ReservationStatus,
     RunSpec,
     RunStatus,
+    chain_digest,
 )
 from tests.ledger_backends import (
     BACKENDS,
@@ -783,3 +784,35 @@ async def test_concurrent_reserves_never_oversell(ledger: Ledger, run: RunSpec) 
     assert final.revision == 1 + len(allowed)
     # Revisions were handed out one per allow, without gaps or repeats.
     assert sorted(r.state.revision for r in allowed) == list(range(2, 2 + len(allowed)))
+
+
+async def test_the_digest_chains_every_change(ledger: Ledger, run: RunSpec) -> None:
+    await ledger.reserve(T, RUN, "a", 10, None)
+    await ledger.commit(T, RUN, "a", 12)
+    await ledger.reserve(T, RUN, "b", 5, None)
+    await ledger.refund(T, RUN, "b")
+    await ledger.close_run(T, RUN)
+    page = await ledger.read_changes(T, RUN, 0, 100)
+    digest = ""
+    for change in page.changes:
+        digest = chain_digest(
+            digest,
+            change.revision,
+            change.type,
+            change.reservation_id,
+            change.amount_micros,
+            change.actual_micros,
+            change.overrun_micros,
+            change.late,
+        )
+        assert change.state.digest == digest
+    assert len({c.state.digest for c in page.changes}) == len(page.changes)
+    assert (await ledger.get_run(T, RUN)).state.digest == digest
+    # The same history elsewhere has the same digest; a different one does not.
+    await ledger.create_run(T, spec("twin"))
+    await ledger.create_run(T, spec("other"))
+    await ledger.reserve(T, "twin", "a", 10, None)
+    await ledger.reserve(T, "other", "a", 11, None)
+    twin, other = (await ledger.get_run(T, "twin")).state, (await ledger.get_run(T, "other")).state
+    assert twin.digest == page.changes[1].state.digest
+    assert other.digest != twin.digest

@@ -177,3 +177,40 @@ async def test_feed_survives_a_failed_read(monkeypatch: pytest.MonkeyPatch) -> N
     assert await events(stream, 1) == [4]
     await stream.aclose()
     await hub.stop()
+
+
+async def test_resuming_on_a_history_that_changed_is_out_of_range() -> None:
+    """A failover that lost writes: same revisions, other changes. Never a silent gap."""
+    seen_by_client = ModelLedger(default_ttl_ms=60_000)
+    after_failover = ModelLedger(default_ttl_ms=60_000)
+    for ledger, amounts in ((seen_by_client, (5, 6, 7)), (after_failover, (5, 9, 9, 9))):
+        await ledger.create_run(TENANT, RunSpec("run", 1_000, {}, None))
+        for i, amount in enumerate(amounts):
+            await ledger.reserve(TENANT, "run", f"r{i}", amount, None)
+    seen = (await seen_by_client.read_changes(TENANT, "run", 0, 10)).changes
+    hub = WatchHub(after_failover, queue_size=10, heartbeat_s=30)
+    # Up to revision 2 the histories agree: resuming there continues.
+    stream = hub.stream(TENANT, "run", 2, seen[1].state.digest)
+    assert await events(stream, 3) == [3, 4, 5]
+    await stream.aclose()
+    # Revision 4 exists on both, with different histories behind it.
+    with pytest.raises(errors.RevisionOutOfRange) as diverged:
+        await anext(hub.stream(TENANT, "run", 4, seen[3].state.digest))
+    assert diverged.value.metadata["diverged"] == "true"
+    # Without a digest the server cannot tell (old clients): it resumes.
+    stream = hub.stream(TENANT, "run", 4, "")
+    assert await events(stream, 1) == [5]
+    await stream.aclose()
+    await hub.stop()
+
+
+async def test_a_digest_for_a_trimmed_revision_cannot_be_checked(ledger: ModelLedger) -> None:
+    await churn(ledger, 10, "t")  # 21 revisions, the log keeps 12..21
+    hub = WatchHub(ledger, queue_size=10, heartbeat_s=30)
+    with pytest.raises(errors.RevisionOutOfRange):
+        await anext(hub.stream(TENANT, "run", 11, "whatever"))
+    kept = (await ledger.read_changes(TENANT, "run", 11, 1)).changes[0]
+    stream = hub.stream(TENANT, "run", 12, kept.state.digest)
+    assert await events(stream, 1) == [13]
+    await stream.aclose()
+    await hub.stop()

@@ -173,6 +173,9 @@ class WatchCursor:
     ) -> None:
         self.run_id = run_id
         self.last_revision = after_revision
+        # The digest of the history up to last_revision, sent back on resume so the
+        # server can tell when that history is no longer its own ("" = unknown).
+        self.last_digest = ""
         self._resume = resume
         self._resnapshot = resnapshot_on_out_of_range
         self._policy = policy
@@ -185,7 +188,9 @@ class WatchCursor:
         self._final = False
         self.connects += 1
         return budget_service_pb2.WatchRequest(
-            run_id=self.run_id, after_revision=self.last_revision
+            run_id=self.run_id,
+            after_revision=self.last_revision,
+            after_digest=self.last_digest if self.last_revision is not None else "",
         )
 
     def accept(self, message: budget_service_pb2.WatchResponse) -> bool:
@@ -206,6 +211,12 @@ class WatchCursor:
                 return False
         if last is None or message.revision > last:
             self.last_revision = message.revision
+            if kind == "event":
+                self.last_digest = message.event.state.digest
+            elif kind == "snapshot":
+                self.last_digest = message.snapshot.digest
+            else:
+                self.last_digest = ""
         return True
 
     def on_error(self, error: RuncapError) -> float | None:
@@ -218,6 +229,7 @@ class WatchCursor:
         ):
             # Start over from a fresh snapshot, which the caller sees next.
             self.last_revision = None
+            self.last_digest = ""
             return 0.0
         if not self._resume:
             return None

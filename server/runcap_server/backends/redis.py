@@ -95,7 +95,7 @@ def _opt_int(value: bytes | str | None) -> int | None:
 
 
 def _state(run_id: str, values: Sequence[Any]) -> BudgetState:
-    limit, committed, reserved, revision, status, active, overrun = (int(v) for v in values)
+    limit, committed, reserved, revision, status, active, overrun = (int(v) for v in values[:7])
     return BudgetState(
         run_id=run_id,
         limit_micros=limit,
@@ -105,6 +105,7 @@ def _state(run_id: str, values: Sequence[Any]) -> BudgetState:
         status=RunStatus(status),
         active_reservations=active,
         overrun_micros=overrun,
+        digest=values[7].decode(),
     )
 
 
@@ -120,6 +121,7 @@ def _change(run_id: str, entry_id: bytes, fields: Sequence[bytes]) -> Change:
         status=RunStatus(int(f["S"])),
         active_reservations=int(f["N"]),
         overrun_micros=int(f["O"]),
+        digest=f["d"].decode(),
     )
     return Change(
         revision=revision,
@@ -305,14 +307,14 @@ class RedisLedger:
             _labels_json(spec.labels),
             spec.default_ttl_ms,
         )
-        state = _state(spec.run_id, reply[1:8])
-        view = self._view(spec.run_id, reply[8:12], state, spec.limit_micros)
+        state = _state(spec.run_id, reply[1:9])
+        view = self._view(spec.run_id, reply[9:13], state, spec.limit_micros)
         return CreateRunResult(run=view, replayed=reply[0] == b"1")
 
     async def get_run(self, tenant: str, run_id: str) -> RunView:
         reply = await self._script(tenant, run_id, "get")
-        state = _state(run_id, reply[0:7])
-        return self._view(run_id, reply[7:11], state, state.limit_micros)
+        state = _state(run_id, reply[0:8])
+        return self._view(run_id, reply[8:12], state, state.limit_micros)
 
     async def reserve(
         self,
@@ -332,7 +334,7 @@ class RedisLedger:
             reservation_id=reservation_id,
             held_micros=int(held),
             expires_ms=_opt_int(expires),
-            state=_state(run_id, reply[5:12]),
+            state=_state(run_id, reply[5:13]),
             replayed=replayed == b"1",
         )
         if result.expires_ms is not None and not result.replayed:
@@ -345,7 +347,7 @@ class RedisLedger:
         reply = await self._script(tenant, run_id, "commit", reservation_id, actual_micros)
         replayed, status, actual, held, overrun = reply[0:5]
         return CommitResult(
-            state=_state(run_id, reply[5:12]),
+            state=_state(run_id, reply[5:13]),
             reservation_status=ReservationStatus(int(status)),
             actual_micros=int(actual),
             held_micros=int(held),
@@ -357,7 +359,7 @@ class RedisLedger:
         reply = await self._script(tenant, run_id, "refund", reservation_id)
         replayed, status, released = reply[0:3]
         return RefundResult(
-            state=_state(run_id, reply[3:10]),
+            state=_state(run_id, reply[3:11]),
             reservation_status=ReservationStatus(int(status)),
             released_micros=int(released),
             replayed=replayed == b"1",
@@ -365,7 +367,7 @@ class RedisLedger:
 
     async def close_run(self, tenant: str, run_id: str) -> CloseRunResult:
         reply = await self._script(tenant, run_id, "close")
-        return CloseRunResult(state=_state(run_id, reply[1:8]), replayed=reply[0] == b"1")
+        return CloseRunResult(state=_state(run_id, reply[1:9]), replayed=reply[0] == b"1")
 
     # -- the change log and watch doorbell -----------------------------------
 
@@ -527,6 +529,7 @@ class RedisLedger:
             overrun_micros=int(f["ovr"]),
             active_reservations=int(f["act"]),
             revision=int(f["rev"]),
+            digest=f["dig"],
         )
         records = await self._cmd("hgetall", r)
         reservations = [_decode_reservation(k.decode(), v.decode()) for k, v in records.items()]

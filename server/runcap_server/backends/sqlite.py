@@ -47,7 +47,7 @@ from runcap_server.ledger.types import (
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SYNCHRONOUS_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 
 # Every table is keyed by (tenant, run_id, ...): a run's rows are one range of
@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS runs (
     overrun_micros INTEGER NOT NULL,
     active_reservations INTEGER NOT NULL,
     revision INTEGER NOT NULL,
+    digest TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (tenant, run_id)
 ) STRICT, WITHOUT ROWID;
 
@@ -113,13 +114,14 @@ CREATE TABLE IF NOT EXISTS changes (
     state_status INTEGER NOT NULL,
     state_active_reservations INTEGER NOT NULL,
     state_overrun_micros INTEGER NOT NULL,
+    state_digest TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (tenant, run_id, revision)
 ) STRICT, WITHOUT ROWID;
 """
 
 _ACCOUNT_COLUMNS = (
     "limit_micros, labels, default_ttl_ms, created_ms, closed_ms, status, "
-    "committed_micros, reserved_micros, overrun_micros, active_reservations, revision"
+    "committed_micros, reserved_micros, overrun_micros, active_reservations, revision, digest"
 )
 _RESERVATION_COLUMNS = (
     "reservation_id, amount_micros, requested_ttl_ms, status, reason, created_ms, "
@@ -128,7 +130,7 @@ _RESERVATION_COLUMNS = (
 _CHANGE_COLUMNS = (
     "revision, type, time_ms, reservation_id, amount_micros, actual_micros, overrun_micros, "
     "late, state_limit_micros, state_committed_micros, state_reserved_micros, state_status, "
-    "state_active_reservations, state_overrun_micros"
+    "state_active_reservations, state_overrun_micros, state_digest"
 )
 
 
@@ -156,6 +158,7 @@ def _account(run_id: str, row: tuple[Any, ...]) -> Account:
         overrun_micros=row[8],
         active_reservations=row[9],
         revision=row[10],
+        digest=row[11],
     )
 
 
@@ -194,6 +197,7 @@ def _change(run_id: str, row: tuple[Any, ...]) -> Change:
             status=RunStatus(row[11]),
             active_reservations=row[12],
             overrun_micros=row[13],
+            digest=row[14],
         ),
     )
 
@@ -250,14 +254,14 @@ class _SqlStore:
         spec = account.spec
         self.conn.execute(
             f"INSERT INTO runs (tenant, run_id, {_ACCOUNT_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (tenant, run_id) DO UPDATE SET "
             "closed_ms = excluded.closed_ms, status = excluded.status, "
             "committed_micros = excluded.committed_micros, "
             "reserved_micros = excluded.reserved_micros, "
             "overrun_micros = excluded.overrun_micros, "
             "active_reservations = excluded.active_reservations, "
-            "revision = excluded.revision",
+            "revision = excluded.revision, digest = excluded.digest",
             (
                 self.tenant,
                 self.run_id,
@@ -272,6 +276,7 @@ class _SqlStore:
                 account.overrun_micros,
                 account.active_reservations,
                 account.revision,
+                account.digest,
             ),
         )
 
@@ -301,7 +306,7 @@ class _SqlStore:
         s = change.state
         self.conn.execute(
             f"INSERT INTO changes (tenant, run_id, {_CHANGE_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 self.tenant,
                 self.run_id,
@@ -319,6 +324,7 @@ class _SqlStore:
                 int(s.status),
                 s.active_reservations,
                 s.overrun_micros,
+                s.digest,
             ),
         )
         cutoff = change.revision - self.retention
@@ -462,6 +468,10 @@ class SqliteLedger:
         for statement in _SCHEMA.split(";"):
             if statement.strip():
                 conn.execute(statement)
+        if version == 1:
+            # Version 2 added the change-chain digest; older histories start from "".
+            conn.execute("ALTER TABLE runs ADD COLUMN digest TEXT NOT NULL DEFAULT ''")
+            conn.execute("ALTER TABLE changes ADD COLUMN state_digest TEXT NOT NULL DEFAULT ''")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _close_connection(self) -> None:

@@ -32,6 +32,7 @@ from runcap_server.ledger.types import (
     ReserveResult,
     RunSpec,
     RunStatus,
+    chain_digest,
 )
 
 
@@ -64,19 +65,42 @@ class _Txn:
         self.changes: list[Change] = []
 
     def record(
-        self, type_: EventType, reservation: Reservation | None = None, **fields: int
+        self,
+        type_: EventType,
+        reservation: Reservation | None = None,
+        *,
+        amount_micros: int = 0,
+        actual_micros: int = 0,
+        overrun_micros: int = 0,
+        late: bool = False,
     ) -> None:
-        self.account.revision += 1
+        account = self.account
+        account.revision += 1
+        reservation_id = ""
         if reservation is not None:
-            self.reservations[reservation.reservation_id] = reservation
+            reservation_id = reservation.reservation_id
+            self.reservations[reservation_id] = reservation
+        account.digest = chain_digest(
+            account.digest,
+            account.revision,
+            type_,
+            reservation_id,
+            amount_micros,
+            actual_micros,
+            overrun_micros,
+            late,
+        )
         self.changes.append(
             Change(
-                revision=self.account.revision,
+                revision=account.revision,
                 type=type_,
                 time_ms=self.now_ms,
-                state=self.account.state(),
-                reservation_id=reservation.reservation_id if reservation else "",
-                **fields,  # type: ignore[arg-type]
+                state=account.state(),
+                reservation_id=reservation_id,
+                amount_micros=amount_micros,
+                actual_micros=actual_micros,
+                overrun_micros=overrun_micros,
+                late=late,
             )
         )
 

@@ -7,6 +7,7 @@ int micro-USD and time is int milliseconds of server time, everywhere.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
@@ -73,6 +74,9 @@ class BudgetState:
     status: RunStatus
     active_reservations: int
     overrun_micros: int
+    # The hash chain of the run's changes up to `revision` (chain_digest). Left
+    # out of equality so states can be written down in tests; Account compares it.
+    digest: str = dataclasses.field(default="", compare=False)
 
     @property
     def remaining_micros(self) -> int:
@@ -92,6 +96,7 @@ class Account:
     overrun_micros: int = 0
     active_reservations: int = 0
     revision: int = 0
+    digest: str = ""
 
     @property
     def run_id(self) -> str:
@@ -107,6 +112,7 @@ class Account:
             status=self.status,
             active_reservations=self.active_reservations,
             overrun_micros=self.overrun_micros,
+            digest=self.digest,
         )
 
     def copy(self) -> Account:
@@ -147,6 +153,26 @@ class Reservation:
 
     def copy(self) -> Reservation:
         return dataclasses.replace(self)
+
+
+def chain_digest(
+    previous: str,
+    revision: int,
+    type_: EventType,
+    reservation_id: str,
+    amount_micros: int,
+    actual_micros: int,
+    overrun_micros: int,
+    late: bool,
+) -> str:
+    """The digest after one more change: sha1 over the previous digest and the change.
+
+    Every backend computes exactly this (the Redis script with redis.sha1hex), so
+    a digest names one history whatever stored it.
+    """
+    fields = (previous, revision, int(type_), reservation_id, amount_micros, actual_micros)
+    text = "|".join(str(f) for f in (*fields, overrun_micros, "1" if late else "0"))
+    return hashlib.sha1(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

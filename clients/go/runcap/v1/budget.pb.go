@@ -362,6 +362,12 @@ type BudgetState struct {
 	// commit. The ledger guarantees
 	// committed + reserved <= limit + overrun at every revision.
 	OverrunMicros int64 `protobuf:"varint,9,opt,name=overrun_micros,json=overrunMicros,proto3" json:"overrun_micros,omitempty"`
+	// A fingerprint of the run's whole change history up to `revision` (a hash
+	// chain over every change). Two states with the same revision and digest
+	// have the same history. Pass it back as WatchRequest.after_digest so a
+	// resumed Watch can tell when the history it saw is no longer the server's
+	// (for example after a failover lost writes).
+	Digest        string `protobuf:"bytes,10,opt,name=digest,proto3" json:"digest,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -457,6 +463,13 @@ func (x *BudgetState) GetOverrunMicros() int64 {
 		return x.OverrunMicros
 	}
 	return 0
+}
+
+func (x *BudgetState) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
 }
 
 // Run is a run's configuration, as given when it was created.
@@ -666,7 +679,7 @@ var File_runcap_v1_budget_proto protoreflect.FileDescriptor
 
 const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\n" +
-	"\x16runcap/v1/budget.proto\x12\truncap.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9e\x03\n" +
+	"\x16runcap/v1/budget.proto\x12\truncap.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbc\x03\n" +
 	"\vBudgetState\x12\x1b\n" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x03R\x05runId\x12'\n" +
 	"\flimit_micros\x18\x02 \x01(\x03B\x04\xe2A\x01\x03R\vlimitMicros\x12/\n" +
@@ -676,7 +689,9 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\brevision\x18\x06 \x01(\x03B\x04\xe2A\x01\x03R\brevision\x122\n" +
 	"\x06status\x18\a \x01(\x0e2\x14.runcap.v1.RunStatusB\x04\xe2A\x01\x03R\x06status\x125\n" +
 	"\x13active_reservations\x18\b \x01(\x03B\x04\xe2A\x01\x03R\x12activeReservations\x12+\n" +
-	"\x0eoverrun_micros\x18\t \x01(\x03B\x04\xe2A\x01\x03R\roverrunMicros\"\xf8\x02\n" +
+	"\x0eoverrun_micros\x18\t \x01(\x03B\x04\xe2A\x01\x03R\roverrunMicros\x12\x1c\n" +
+	"\x06digest\x18\n" +
+	" \x01(\tB\x04\xe2A\x01\x03R\x06digest\"\xf8\x02\n" +
 	"\x03Run\x12\x1b\n" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x03R\x05runId\x12'\n" +
 	"\flimit_micros\x18\x02 \x01(\x03B\x04\xe2A\x01\x03R\vlimitMicros\x128\n" +

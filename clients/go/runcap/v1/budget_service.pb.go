@@ -900,6 +900,13 @@ type WatchRequest struct {
 	// holds revision 1. A revision older than the retained log, or newer than
 	// the run, fails with OUT_OF_RANGE.
 	AfterRevision *int64 `protobuf:"varint,2,opt,name=after_revision,json=afterRevision,proto3,oneof" json:"after_revision,omitempty"`
+	// The digest of the state at `after_revision`, as the client last saw it
+	// (BudgetState.digest). When set, the server checks that its log still has
+	// that history and fails with OUT_OF_RANGE if not (the client then watches
+	// again without `after_revision` to get a fresh snapshot). It can check
+	// only while the change at `after_revision` is retained: an older resume
+	// point with a digest is also OUT_OF_RANGE. Clients should always send it.
+	AfterDigest   string `protobuf:"bytes,3,opt,name=after_digest,json=afterDigest,proto3" json:"after_digest,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -946,6 +953,13 @@ func (x *WatchRequest) GetAfterRevision() int64 {
 		return *x.AfterRevision
 	}
 	return 0
+}
+
+func (x *WatchRequest) GetAfterDigest() string {
+	if x != nil {
+		return x.AfterDigest
+	}
+	return ""
 }
 
 // WatchResponse is one message of a Watch stream.
@@ -1176,10 +1190,11 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\x05runId\"\\\n" +
 	"\x10CloseRunResponse\x12,\n" +
 	"\x05state\x18\x01 \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\x12\x1a\n" +
-	"\breplayed\x18\x02 \x01(\bR\breplayed\"p\n" +
+	"\breplayed\x18\x02 \x01(\bR\breplayed\"\x99\x01\n" +
 	"\fWatchRequest\x12\x1b\n" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\x05runId\x120\n" +
-	"\x0eafter_revision\x18\x02 \x01(\x03B\x04\xe2A\x01\x01H\x00R\rafterRevision\x88\x01\x01B\x11\n" +
+	"\x0eafter_revision\x18\x02 \x01(\x03B\x04\xe2A\x01\x01H\x00R\rafterRevision\x88\x01\x01\x12'\n" +
+	"\fafter_digest\x18\x03 \x01(\tB\x04\xe2A\x01\x01R\vafterDigestB\x11\n" +
 	"\x0f_after_revision\"\xcc\x01\n" +
 	"\rWatchResponse\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x03R\brevision\x124\n" +

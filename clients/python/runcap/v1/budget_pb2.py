@@ -26,7 +26,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16runcap/v1/budget.proto\x12\truncap.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9e\x03\n\x0b\x42udgetState\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x05runId\x12\'\n\x0climit_micros\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0blimitMicros\x12/\n\x10\x63ommitted_micros\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0f\x63ommittedMicros\x12-\n\x0freserved_micros\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0ereservedMicros\x12/\n\x10remaining_micros\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0fremainingMicros\x12 \n\x08revision\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x08revision\x12\x32\n\x06status\x18\x07 \x01(\x0e\x32\x14.runcap.v1.RunStatusB\x04\xe2\x41\x01\x03R\x06status\x12\x35\n\x13\x61\x63tive_reservations\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x12\x61\x63tiveReservations\x12+\n\x0eoverrun_micros\x18\t \x01(\x03\x42\x04\xe2\x41\x01\x03R\roverrunMicros\"\xf8\x02\n\x03Run\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x05runId\x12\'\n\x0climit_micros\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0blimitMicros\x12\x38\n\x06labels\x18\x03 \x03(\x0b\x32\x1a.runcap.v1.Run.LabelsEntryB\x04\xe2\x41\x01\x03R\x06labels\x12\x32\n\x12\x64\x65\x66\x61ult_ttl_millis\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x10\x64\x65\x66\x61ultTtlMillis\x12\x41\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\ncreateTime\x12?\n\nclose_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\tcloseTime\x1a\x39\n\x0bLabelsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\xc1\x02\n\x0b\x42udgetEvent\x12(\n\x04type\x18\x01 \x01(\x0e\x32\x14.runcap.v1.EventTypeR\x04type\x12%\n\x0ereservation_id\x18\x02 \x01(\tR\rreservationId\x12#\n\ramount_micros\x18\x03 \x01(\x03R\x0c\x61mountMicros\x12#\n\ractual_micros\x18\x04 \x01(\x03R\x0c\x61\x63tualMicros\x12%\n\x0eoverrun_micros\x18\x05 \x01(\x03R\roverrunMicros\x12\x12\n\x04late\x18\x06 \x01(\x08R\x04late\x12.\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x04time\x12,\n\x05state\x18\x08 \x01(\x0b\x32\x16.runcap.v1.BudgetStateR\x05state*S\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0fRUN_STATUS_OPEN\x10\x01\x12\x15\n\x11RUN_STATUS_CLOSED\x10\x02*L\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x12\n\x0e\x44\x45\x43ISION_BLOCK\x10\x02*\x9d\x01\n\x0e\x44\x65\x63isionReason\x12\x1f\n\x1b\x44\x45\x43ISION_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x44\x45\x43ISION_REASON_WITHIN_BUDGET\x10\x01\x12\'\n#DECISION_REASON_INSUFFICIENT_BUDGET\x10\x02\x12\x1e\n\x1a\x44\x45\x43ISION_REASON_RUN_CLOSED\x10\x03*\xfe\x01\n\x11ReservationStatus\x12\"\n\x1eRESERVATION_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17RESERVATION_STATUS_HELD\x10\x01\x12 \n\x1cRESERVATION_STATUS_COMMITTED\x10\x02\x12\x1f\n\x1bRESERVATION_STATUS_RELEASED\x10\x03\x12\x1e\n\x1aRESERVATION_STATUS_EXPIRED\x10\x04\x12%\n!RESERVATION_STATUS_LATE_COMMITTED\x10\x05\x12\x1e\n\x1aRESERVATION_STATUS_BLOCKED\x10\x06*\xba\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45VENT_TYPE_CREATED\x10\x01\x12\x17\n\x13\x45VENT_TYPE_RESERVED\x10\x02\x12\x18\n\x14\x45VENT_TYPE_COMMITTED\x10\x03\x12\x17\n\x13\x45VENT_TYPE_REFUNDED\x10\x04\x12\x16\n\x12\x45VENT_TYPE_EXPIRED\x10\x05\x12\x15\n\x11\x45VENT_TYPE_CLOSED\x10\x06\x42\x38Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16runcap/v1/budget.proto\x12\truncap.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbc\x03\n\x0b\x42udgetState\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x05runId\x12\'\n\x0climit_micros\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0blimitMicros\x12/\n\x10\x63ommitted_micros\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0f\x63ommittedMicros\x12-\n\x0freserved_micros\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0ereservedMicros\x12/\n\x10remaining_micros\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0fremainingMicros\x12 \n\x08revision\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x08revision\x12\x32\n\x06status\x18\x07 \x01(\x0e\x32\x14.runcap.v1.RunStatusB\x04\xe2\x41\x01\x03R\x06status\x12\x35\n\x13\x61\x63tive_reservations\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x12\x61\x63tiveReservations\x12+\n\x0eoverrun_micros\x18\t \x01(\x03\x42\x04\xe2\x41\x01\x03R\roverrunMicros\x12\x1c\n\x06\x64igest\x18\n \x01(\tB\x04\xe2\x41\x01\x03R\x06\x64igest\"\xf8\x02\n\x03Run\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x05runId\x12\'\n\x0climit_micros\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0blimitMicros\x12\x38\n\x06labels\x18\x03 \x03(\x0b\x32\x1a.runcap.v1.Run.LabelsEntryB\x04\xe2\x41\x01\x03R\x06labels\x12\x32\n\x12\x64\x65\x66\x61ult_ttl_millis\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x10\x64\x65\x66\x61ultTtlMillis\x12\x41\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\ncreateTime\x12?\n\nclose_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\tcloseTime\x1a\x39\n\x0bLabelsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\xc1\x02\n\x0b\x42udgetEvent\x12(\n\x04type\x18\x01 \x01(\x0e\x32\x14.runcap.v1.EventTypeR\x04type\x12%\n\x0ereservation_id\x18\x02 \x01(\tR\rreservationId\x12#\n\ramount_micros\x18\x03 \x01(\x03R\x0c\x61mountMicros\x12#\n\ractual_micros\x18\x04 \x01(\x03R\x0c\x61\x63tualMicros\x12%\n\x0eoverrun_micros\x18\x05 \x01(\x03R\roverrunMicros\x12\x12\n\x04late\x18\x06 \x01(\x08R\x04late\x12.\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x04time\x12,\n\x05state\x18\x08 \x01(\x0b\x32\x16.runcap.v1.BudgetStateR\x05state*S\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0fRUN_STATUS_OPEN\x10\x01\x12\x15\n\x11RUN_STATUS_CLOSED\x10\x02*L\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x12\n\x0e\x44\x45\x43ISION_BLOCK\x10\x02*\x9d\x01\n\x0e\x44\x65\x63isionReason\x12\x1f\n\x1b\x44\x45\x43ISION_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x44\x45\x43ISION_REASON_WITHIN_BUDGET\x10\x01\x12\'\n#DECISION_REASON_INSUFFICIENT_BUDGET\x10\x02\x12\x1e\n\x1a\x44\x45\x43ISION_REASON_RUN_CLOSED\x10\x03*\xfe\x01\n\x11ReservationStatus\x12\"\n\x1eRESERVATION_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17RESERVATION_STATUS_HELD\x10\x01\x12 \n\x1cRESERVATION_STATUS_COMMITTED\x10\x02\x12\x1f\n\x1bRESERVATION_STATUS_RELEASED\x10\x03\x12\x1e\n\x1aRESERVATION_STATUS_EXPIRED\x10\x04\x12%\n!RESERVATION_STATUS_LATE_COMMITTED\x10\x05\x12\x1e\n\x1aRESERVATION_STATUS_BLOCKED\x10\x06*\xba\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45VENT_TYPE_CREATED\x10\x01\x12\x17\n\x13\x45VENT_TYPE_RESERVED\x10\x02\x12\x18\n\x14\x45VENT_TYPE_COMMITTED\x10\x03\x12\x17\n\x13\x45VENT_TYPE_REFUNDED\x10\x04\x12\x16\n\x12\x45VENT_TYPE_EXPIRED\x10\x05\x12\x15\n\x11\x45VENT_TYPE_CLOSED\x10\x06\x42\x38Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,6 +52,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BUDGETSTATE'].fields_by_name['active_reservations']._serialized_options = b'\342A\001\003'
   _globals['_BUDGETSTATE'].fields_by_name['overrun_micros']._loaded_options = None
   _globals['_BUDGETSTATE'].fields_by_name['overrun_micros']._serialized_options = b'\342A\001\003'
+  _globals['_BUDGETSTATE'].fields_by_name['digest']._loaded_options = None
+  _globals['_BUDGETSTATE'].fields_by_name['digest']._serialized_options = b'\342A\001\003'
   _globals['_RUN_LABELSENTRY']._loaded_options = None
   _globals['_RUN_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_RUN'].fields_by_name['run_id']._loaded_options = None
@@ -66,22 +68,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUN'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
   _globals['_RUN'].fields_by_name['close_time']._loaded_options = None
   _globals['_RUN'].fields_by_name['close_time']._serialized_options = b'\342A\001\003'
-  _globals['_RUNSTATUS']._serialized_start=1223
-  _globals['_RUNSTATUS']._serialized_end=1306
-  _globals['_DECISION']._serialized_start=1308
-  _globals['_DECISION']._serialized_end=1384
-  _globals['_DECISIONREASON']._serialized_start=1387
-  _globals['_DECISIONREASON']._serialized_end=1544
-  _globals['_RESERVATIONSTATUS']._serialized_start=1547
-  _globals['_RESERVATIONSTATUS']._serialized_end=1801
-  _globals['_EVENTTYPE']._serialized_start=1804
-  _globals['_EVENTTYPE']._serialized_end=1990
+  _globals['_RUNSTATUS']._serialized_start=1253
+  _globals['_RUNSTATUS']._serialized_end=1336
+  _globals['_DECISION']._serialized_start=1338
+  _globals['_DECISION']._serialized_end=1414
+  _globals['_DECISIONREASON']._serialized_start=1417
+  _globals['_DECISIONREASON']._serialized_end=1574
+  _globals['_RESERVATIONSTATUS']._serialized_start=1577
+  _globals['_RESERVATIONSTATUS']._serialized_end=1831
+  _globals['_EVENTTYPE']._serialized_start=1834
+  _globals['_EVENTTYPE']._serialized_end=2020
   _globals['_BUDGETSTATE']._serialized_start=104
-  _globals['_BUDGETSTATE']._serialized_end=518
-  _globals['_RUN']._serialized_start=521
-  _globals['_RUN']._serialized_end=897
-  _globals['_RUN_LABELSENTRY']._serialized_start=840
-  _globals['_RUN_LABELSENTRY']._serialized_end=897
-  _globals['_BUDGETEVENT']._serialized_start=900
-  _globals['_BUDGETEVENT']._serialized_end=1221
+  _globals['_BUDGETSTATE']._serialized_end=548
+  _globals['_RUN']._serialized_start=551
+  _globals['_RUN']._serialized_end=927
+  _globals['_RUN_LABELSENTRY']._serialized_start=870
+  _globals['_RUN_LABELSENTRY']._serialized_end=927
+  _globals['_BUDGETEVENT']._serialized_start=930
+  _globals['_BUDGETEVENT']._serialized_end=1251
 # @@protoc_insertion_point(module_scope)

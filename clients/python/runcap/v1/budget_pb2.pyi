@@ -220,6 +220,7 @@ class BudgetState(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     ACTIVE_RESERVATIONS_FIELD_NUMBER: _builtins.int
     OVERRUN_MICROS_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id."""
     limit_micros: _builtins.int
@@ -248,6 +249,13 @@ class BudgetState(_message.Message):
     commit. The ledger guarantees
     committed + reserved <= limit + overrun at every revision.
     """
+    digest: _builtins.str
+    """A fingerprint of the run's whole change history up to `revision` (a hash
+    chain over every change). Two states with the same revision and digest
+    have the same history. Pass it back as WatchRequest.after_digest so a
+    resumed Watch can tell when the history it saw is no longer the server's
+    (for example after a failover lost writes).
+    """
     def __init__(
         self,
         *,
@@ -260,10 +268,11 @@ class BudgetState(_message.Message):
         status: Global___RunStatus.ValueType = ...,
         active_reservations: _builtins.int = ...,
         overrun_micros: _builtins.int = ...,
+        digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_reservations", b"active_reservations", "committed_micros", b"committed_micros", "limit_micros", b"limit_micros", "overrun_micros", b"overrun_micros", "remaining_micros", b"remaining_micros", "reserved_micros", b"reserved_micros", "revision", b"revision", "run_id", b"run_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_reservations", b"active_reservations", "committed_micros", b"committed_micros", "digest", b"digest", "limit_micros", b"limit_micros", "overrun_micros", b"overrun_micros", "remaining_micros", b"remaining_micros", "reserved_micros", b"reserved_micros", "revision", b"revision", "run_id", b"run_id", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -487,6 +487,7 @@ class WatchRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     AFTER_REVISION_FIELD_NUMBER: _builtins.int
+    AFTER_DIGEST_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run to watch."""
     after_revision: _builtins.int
@@ -496,15 +497,24 @@ class WatchRequest(_message.Message):
     holds revision 1. A revision older than the retained log, or newer than
     the run, fails with OUT_OF_RANGE.
     """
+    after_digest: _builtins.str
+    """The digest of the state at `after_revision`, as the client last saw it
+    (BudgetState.digest). When set, the server checks that its log still has
+    that history and fails with OUT_OF_RANGE if not (the client then watches
+    again without `after_revision` to get a fresh snapshot). It can check
+    only while the change at `after_revision` is retained: an older resume
+    point with a digest is also OUT_OF_RANGE. Clients should always send it.
+    """
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
         after_revision: _builtins.int | None = ...,
+        after_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_after_revision", b"_after_revision", "after_revision", b"after_revision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_revision", b"_after_revision", "after_revision", b"after_revision", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_revision", b"_after_revision", "after_digest", b"after_digest", "after_revision", b"after_revision", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__after_revision: _TypeAlias = _typing.Literal["after_revision"]  # noqa: Y015
     _WhichOneofArgType__after_revision: _TypeAlias = _typing.Literal["_after_revision", b"_after_revision"]  # noqa: Y015

@@ -80,7 +80,7 @@ local txn = {acc = nil, now = 0, res = {}, order = {}, changes = {}}
 
 local function state(acc)
   return {num(acc.lim), num(acc.com), num(acc.res), num(acc.rev), num(acc.st), num(acc.act),
-    num(acc.ovr)}
+    num(acc.ovr), acc.dig}
 end
 
 local function put(r)
