@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
@@ -164,7 +165,7 @@ class RedisLedger:
         self.namespace = namespace
         self.max_connections = max_connections
         self.expiry_batch = expiry_batch
-        self.replica_id = replica_id or f"replica-{id(self):x}"
+        self.replica_id = replica_id or f"replica-{uuid.uuid4().hex[:12]}"
         self._client: Client | None = None
         # Bursts wait here instead of failing on an exhausted pool.
         self._slots = asyncio.Semaphore(max_connections)
@@ -193,7 +194,12 @@ class RedisLedger:
             for node in self.cluster_nodes:
                 host, _, port = node.rpartition(":")
                 nodes.append(ClusterNode(host, int(port)))
-            self._client = RedisCluster(startup_nodes=nodes, max_connections=self.max_connections)
+            self._client = RedisCluster(
+                startup_nodes=nodes,
+                max_connections=self.max_connections,
+                socket_timeout=SOCKET_TIMEOUT_S,
+                socket_connect_timeout=SOCKET_TIMEOUT_S,
+            )
 
     async def close(self) -> None:
         if self._pubsub_task:
