@@ -18,16 +18,29 @@ import (
 type WatchOption func(*watchConfig)
 
 type watchConfig struct {
-	after      *int64
-	resume     bool
-	resnapshot bool
-	reconnect  RetryPolicy
+	after       *int64
+	afterDigest string
+	resume      bool
+	resnapshot  bool
+	reconnect   RetryPolicy
 }
 
 // AfterRevision starts the stream with every change after rev instead of a
 // snapshot (0 replays the run's whole retained history).
 func AfterRevision(rev int64) WatchOption {
 	return func(c *watchConfig) { c.after = &rev }
+}
+
+// AfterDigest gives the digest (BudgetState.digest) of the state at the
+// AfterRevision resume point, as the caller last saw it, so that the server
+// can tell when its history at that revision is no longer the one the caller
+// saw (for example after a failover lost writes) and fail with
+// runcaperr.ErrRevisionOutOfRange (ErrorInfo metadata diverged="true")
+// instead of silently resuming on another history. Ignored without
+// AfterRevision. Resumes after a disconnect always send the digest of the
+// last message delivered.
+func AfterDigest(digest string) WatchOption {
+	return func(c *watchConfig) { c.afterDigest = digest }
 }
 
 // NoResume turns automatic resuming off: a disconnect, or the server's final
@@ -64,15 +77,17 @@ type WatchStream struct {
 	stream   grpc.ServerStreamingClient[runcapv1.WatchResponse]
 	stop     context.CancelFunc // cancels the current call
 	last     *int64
+	digest   string // the digest of the history up to last; "" = unknown
 	failures int
 	final    bool
 	delay    time.Duration
 	connects int
 	done     error
 
-	mu         sync.Mutex
-	lastShared *int64
-	reconnects int
+	mu           sync.Mutex
+	lastShared   *int64
+	digestShared string
+	reconnects   int
 }
 
 // Watch streams a run's budget state: a snapshot first (or, with
@@ -83,9 +98,13 @@ type WatchStream struct {
 // progress message because it shuts down) reconnects from the last revision
 // delivered, with jittered exponential back-off, and no event is delivered
 // twice; the final progress message itself is not delivered. After the
-// reconnect policy's attempts the last error is returned. A resume point
-// the server no longer retains returns a runcaperr.ErrRevisionOutOfRange
-// error, or with ResnapshotOnOutOfRange restarts with a fresh snapshot.
+// reconnect policy's attempts the last error is returned. Each resume sends
+// the digest of the state last delivered (WatchRequest.after_digest), so a
+// server whose history at that revision differs (a failover lost writes)
+// refuses to resume instead of leaving a silent gap. A resume point the
+// server no longer retains, or whose history diverged, returns a
+// runcaperr.ErrRevisionOutOfRange error, or with ResnapshotOnOutOfRange
+// restarts with a fresh snapshot.
 //
 // The stream lives until ctx is done, Close is called, or it fails; nothing
 // is sent before the first Recv.
@@ -95,10 +114,14 @@ func (c *Client) Watch(ctx context.Context, runID string, opts ...WatchOption) *
 		o(&cfg)
 	}
 	ctx, cancel := context.WithCancel(c.outgoing(ctx))
-	return &WatchStream{
+	s := &WatchStream{
 		client: c, runID: runID, ctx: ctx, cancel: cancel, cfg: cfg,
 		last: cfg.after, lastShared: cfg.after,
 	}
+	if cfg.after != nil {
+		s.digest, s.digestShared = cfg.afterDigest, cfg.afterDigest
+	}
+	return s
 }
 
 // Recv returns the next message. It returns io.EOF when the stream ended
@@ -148,6 +171,17 @@ func (s *WatchStream) LastRevision() (int64, bool) {
 		return 0, false
 	}
 	return *s.lastShared, true
+}
+
+// LastDigest is the digest of the run's history up to LastRevision (the
+// digest of the last event's state or of the snapshot), to pass back with
+// AfterDigest along with AfterRevision(LastRevision) when watching again
+// later; "" when unknown (before the first message, or when the resume
+// point was last advanced by a progress message).
+func (s *WatchStream) LastDigest() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.digestShared
 }
 
 // Reconnects is how many times the stream has reconnected so far.
@@ -205,6 +239,7 @@ func (s *WatchStream) open() error {
 	if s.last != nil {
 		rev := *s.last
 		req.AfterRevision = &rev
+		req.AfterDigest = s.digest
 	}
 	s.final = false
 	callCtx, stop := context.WithCancel(s.ctx)
@@ -242,7 +277,9 @@ func (s *WatchStream) onError(err error) error {
 	}
 	if runcaperr.IsRevisionOutOfRange(rerr) && s.cfg.resnapshot && s.last != nil {
 		// Start over from a fresh snapshot, which the caller sees next.
-		s.last = nil
+		// (LastRevision and LastDigest keep reporting the last delivered
+		// message until then.)
+		s.last, s.digest = nil, ""
 		s.delay = 0
 		return nil
 	}
@@ -282,10 +319,24 @@ func (s *WatchStream) accept(msg *runcapv1.WatchResponse) bool {
 		}
 	}
 	if s.last == nil || rev > *s.last {
-		s.last = &rev
-		s.mu.Lock()
-		s.lastShared = &rev
-		s.mu.Unlock()
+		// Progress advancing the resume point carries no state: the digest
+		// at its revision is unknown.
+		digest := ""
+		switch kind := msg.GetKind().(type) {
+		case *runcapv1.WatchResponse_Event:
+			digest = kind.Event.GetState().GetDigest()
+		case *runcapv1.WatchResponse_Snapshot:
+			digest = kind.Snapshot.GetDigest()
+		}
+		s.setLast(&rev, digest)
 	}
 	return true
+}
+
+// setLast moves the resume point.
+func (s *WatchStream) setLast(rev *int64, digest string) {
+	s.last, s.digest = rev, digest
+	s.mu.Lock()
+	s.lastShared, s.digestShared = rev, digest
+	s.mu.Unlock()
 }

@@ -123,16 +123,19 @@ func TestWatchResumesAcrossServerRestart(t *testing.T) {
 	t.Cleanup(func() { _ = srv.Stop() })
 
 	patient := runcap.RetryPolicy{MaxAttempts: 30, InitialBackoff: 50 * time.Millisecond, MaxBackoff: 500 * time.Millisecond, Multiplier: 2}
-	c := dial(t, srv.Addr, runcap.WithRetry(patient))
+	var rec watchRequests
+	c := dial(t, srv.Addr, runcap.WithRetry(patient), rec.option())
 	ctx := testContext(t)
 	runID := newRun(t, c, 1_000_000)
 
 	stream := c.Watch(ctx, runID, runcap.WatchReconnect(patient))
 	defer stream.Close()
 	// Open the stream before any change, so the snapshot is at revision 1.
-	if first := nextEvent(t, stream); first.GetSnapshot() == nil || first.GetRevision() != 1 {
+	first := nextEvent(t, stream)
+	if first.GetSnapshot() == nil || first.GetRevision() != 1 {
 		t.Fatalf("first message %v", first)
 	}
+	digests := map[int64]string{1: first.GetSnapshot().GetDigest()} // by revision
 	type item struct {
 		msg *runcapv1.WatchResponse
 		err error
@@ -165,6 +168,7 @@ func TestWatchResumesAcrossServerRestart(t *testing.T) {
 					snapshots++
 				case it.msg.GetEvent() != nil:
 					revisions = append(revisions, it.msg.GetRevision())
+					digests[it.msg.GetRevision()] = it.msg.GetEvent().GetState().GetDigest()
 				case it.msg.GetProgress().GetFinal():
 					t.Fatalf("the final progress message reached the caller")
 				}
@@ -211,5 +215,15 @@ func TestWatchResumesAcrossServerRestart(t *testing.T) {
 	}
 	if stream.Reconnects() < 1 {
 		t.Fatalf("Reconnects() = %d; the stream never reconnected", stream.Reconnects())
+	}
+	// Every resume sent the digest of the state delivered at its revision.
+	reqs := rec.forRun(runID)
+	if len(reqs) < 2 {
+		t.Fatalf("%d Watch requests; want a resume", len(reqs))
+	}
+	for _, r := range reqs[1:] {
+		if r.AfterRevision == nil || r.GetAfterDigest() == "" || r.GetAfterDigest() != digests[r.GetAfterRevision()] {
+			t.Errorf("resume request %v; want the digest %q of revision %d", r, digests[r.GetAfterRevision()], r.GetAfterRevision())
+		}
 	}
 }
