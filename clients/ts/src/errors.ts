@@ -170,7 +170,8 @@ export class ReservationReleasedError extends RuncapError {}
 
 /**
  * OUT_OF_RANGE: Watch cannot resume from the requested revision (the server no
- * longer retains it, or the run never reached it). Watch again without
+ * longer retains it, the run never reached it, or the run's history up to it
+ * is not the one `afterDigest` describes: see `diverged`). Watch again without
  * `afterRevision`, or with `resnapshotOnOutOfRange`, to start from a fresh snapshot.
  */
 export class RevisionOutOfRangeError extends RuncapError {
@@ -190,6 +191,14 @@ export class RevisionOutOfRangeError extends RuncapError {
   /** The run's current revision. */
   get head(): bigint | undefined {
     return this.int("head");
+  }
+  /**
+   * True when the resume point is retained but the server's history up to it
+   * is not the one the client saw (its `afterDigest` differs), for example
+   * after a failover lost changes. Watch again without `afterRevision`.
+   */
+  get diverged(): boolean {
+    return this.metadata["diverged"] === "true";
   }
 }
 

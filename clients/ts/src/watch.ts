@@ -19,6 +19,15 @@ export interface WatchOptions {
    * whole retained history.
    */
   afterRevision?: bigint;
+  /**
+   * The digest of the state at `afterRevision` (`BudgetState.digest` of the
+   * message that brought the earlier stream there, for example its
+   * `lastDigest`). The server then checks that its history up to that
+   * revision is still the one seen, and fails with OUT_OF_RANGE
+   * ({@link RevisionOutOfRangeError} with `diverged` true) if not. Ignored
+   * without `afterRevision`.
+   */
+  afterDigest?: string;
   /** Stops the stream: iteration then ends quietly. */
   signal?: AbortSignal;
   /**
@@ -45,6 +54,12 @@ export interface WatchOptions {
  */
 class WatchCursor {
   lastRevision: bigint | undefined;
+  /**
+   * The digest of the history up to `lastRevision`, sent back on every resume
+   * so the server can tell when that history is no longer its own ("" when
+   * unknown, for example after a progress-only advance).
+   */
+  lastDigest: string;
   connects = 0;
   #failures = 0;
   #final = false;
@@ -52,11 +67,13 @@ class WatchCursor {
   constructor(
     readonly runId: string,
     afterRevision: bigint | undefined,
+    afterDigest: string | undefined,
     private readonly resume: boolean,
     private readonly resnapshot: boolean,
     private readonly policy: RetryPolicy,
   ) {
     this.lastRevision = afterRevision;
+    this.lastDigest = afterRevision !== undefined ? (afterDigest ?? "") : "";
   }
 
   /** The request for the next (re)connect. */
@@ -65,7 +82,9 @@ class WatchCursor {
     this.connects++;
     return create(WatchRequestSchema, {
       runId: this.runId,
-      ...(this.lastRevision !== undefined ? { afterRevision: this.lastRevision } : {}),
+      ...(this.lastRevision !== undefined
+        ? { afterRevision: this.lastRevision, afterDigest: this.lastDigest }
+        : {}),
     });
   }
 
@@ -84,7 +103,13 @@ class WatchCursor {
       }
       if (last !== undefined && message.revision < last) return false;
     }
-    if (last === undefined || message.revision > last) this.lastRevision = message.revision;
+    if (last === undefined || message.revision > last) {
+      this.lastRevision = message.revision;
+      if (kind.case === "event") this.lastDigest = kind.value.state?.digest ?? "";
+      else if (kind.case === "snapshot") this.lastDigest = kind.value.digest;
+      // A progress message carries no state, so the digest at its revision is unknown.
+      else this.lastDigest = "";
+    }
     return true;
   }
 
@@ -93,6 +118,7 @@ class WatchCursor {
     if (error instanceof RevisionOutOfRangeError && this.resnapshot && this.lastRevision !== undefined) {
       // Start over from a fresh snapshot, which the caller sees next.
       this.lastRevision = undefined;
+      this.lastDigest = "";
       return 0;
     }
     if (!this.resume) return undefined;
@@ -133,6 +159,7 @@ export class WatchStream implements AsyncIterableIterator<WatchResponse> {
     this.#cursor = new WatchCursor(
       runId,
       options.afterRevision,
+      options.afterDigest,
       options.resume ?? true,
       options.resnapshotOnOutOfRange ?? false,
       options.reconnect ?? WATCH_RECONNECT,
@@ -144,6 +171,14 @@ export class WatchStream implements AsyncIterableIterator<WatchResponse> {
   /** The resume point: the revision of the last message delivered (undefined before the first). */
   get lastRevision(): bigint | undefined {
     return this.#cursor.lastRevision;
+  }
+
+  /**
+   * The digest of the state at `lastRevision` ("" when unknown): pass it as
+   * `afterDigest` with `afterRevision: lastRevision` to resume in a later stream.
+   */
+  get lastDigest(): string {
+    return this.#cursor.lastDigest;
   }
 
   /** How many times the stream has reconnected so far. */
@@ -214,13 +249,16 @@ export class WatchStream implements AsyncIterableIterator<WatchResponse> {
  * Without `afterRevision` the stream starts with a snapshot; with it, with
  * every change after that revision. A disconnect (UNAVAILABLE, or the server
  * ending the stream with a final progress message because it shuts down)
- * reconnects from the last revision seen with jittered exponential back-off,
- * and no event is delivered twice or skipped; the final progress message
- * itself is not delivered. After `reconnect.maxAttempts` consecutive failures
- * the last error is thrown. A resume point the server no longer retains
- * throws {@link RevisionOutOfRangeError}, or, with `resnapshotOnOutOfRange`,
- * restarts with a fresh snapshot. The stream ends when the server ends it
- * otherwise, or when `signal` aborts.
+ * reconnects from the last revision seen, sending the digest of the state
+ * there so that a server whose history changed under the stream (for example
+ * after a failover lost writes) answers OUT_OF_RANGE instead of leaving a
+ * silent gap. Reconnects use jittered exponential back-off, and no event is
+ * delivered twice or skipped; the final progress message itself is not
+ * delivered. After `reconnect.maxAttempts` consecutive failures the last
+ * error is thrown. A resume point the server no longer retains, or whose
+ * history diverged, throws {@link RevisionOutOfRangeError}, or, with
+ * `resnapshotOnOutOfRange`, restarts with a fresh snapshot. The stream ends
+ * when the server ends it otherwise, or when `signal` aborts.
  */
 export function watch(client: RuncapClient, runId: string, options: WatchOptions = {}): WatchStream {
   return new WatchStream(client, runId, options);

@@ -6,12 +6,15 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 
+import type { Interceptor } from "@connectrpc/connect";
+
 import {
   EventType,
   RevisionOutOfRangeError,
   createRuncapClient,
   watch,
   type RuncapClient,
+  type WatchRequest,
   type WatchResponse,
   type WatchStream,
 } from "../src/index.js";
@@ -47,6 +50,29 @@ async function waitFor(condition: () => boolean, timeoutMs = 10_000): Promise<vo
 
 const events = (messages: WatchResponse[]): WatchResponse[] =>
   messages.filter((m) => m.kind.case === "event");
+
+/** The digest of the state a snapshot or event carries ("" for progress). */
+const digestOf = (message: WatchResponse | undefined): string => {
+  const kind = message?.kind;
+  if (kind?.case === "snapshot") return kind.value.digest;
+  if (kind?.case === "event") return kind.value.state?.digest ?? "";
+  return "";
+};
+
+/** An interceptor that records every Watch request sent (one per connect). */
+function recordWatchRequests(requests: WatchRequest[]): Interceptor {
+  return (next) => async (req) => {
+    if (req.method.name !== "Watch" || !req.stream) return next(req);
+    const messages = req.message as AsyncIterable<WatchRequest>;
+    async function* recorded(): AsyncGenerator<WatchRequest> {
+      for await (const message of messages) {
+        requests.push(message);
+        yield message;
+      }
+    }
+    return next({ ...req, message: recorded() });
+  };
+}
 
 describe("watch on one server", () => {
   let server: RuncapServer;
@@ -127,6 +153,80 @@ describe("watch on one server", () => {
     assert.equal(reset[0]?.revision, 9n);
   });
 
+  test("afterDigest: resumes on a matching history, OUT_OF_RANGE (diverged) on another", async () => {
+    const runId = uniqueId("run");
+    await client.createRun({ runId, limitMicros: 1_000n });
+    await client.reserve({ runId, amountMicros: 1n, reservationId: "a" });
+    const first = watch(client, runId);
+    const seen = await collect(first, (messages) => messages.some((m) => m.revision === 2n));
+    first.close();
+    assert.equal(seen[0]?.kind.case, "snapshot");
+    assert.match(digestOf(seen[0]), /.+/, "a snapshot carries a digest");
+    assert.equal(first.lastRevision, 2n);
+    assert.equal(first.lastDigest, digestOf(seen[0]), "the digest of the last message delivered");
+
+    // Two more changes; resuming with the digest seen at revision 2 continues from there.
+    await client.reserve({ runId, amountMicros: 1n, reservationId: "b" });
+    await client.reserve({ runId, amountMicros: 1n, reservationId: "c" });
+    const resumed = watch(client, runId, { afterRevision: first.lastRevision, afterDigest: first.lastDigest });
+    const later = await collect(resumed, (messages) => events(messages).length === 2);
+    resumed.close();
+    assert.deepEqual(events(later).map((m) => m.revision), [3n, 4n]);
+    assert.equal(resumed.lastDigest, digestOf(later.at(-1)));
+    assert.notEqual(resumed.lastDigest, first.lastDigest, "each change moves the digest on");
+
+    // A digest that is not the server's history at that revision: diverged.
+    const wrong = "0".repeat(first.lastDigest.length || 64);
+    const error = await collect(
+      watch(client, runId, { afterRevision: 2n, afterDigest: wrong }),
+      () => true,
+    ).catch((e: unknown) => e);
+    assert.ok(error instanceof RevisionOutOfRangeError, String(error));
+    assert.equal(error.diverged, true);
+    assert.equal(error.afterRevision, 2n);
+    assert.equal(error.head, 4n);
+
+    // A trimmed or too-new resume point is not a divergence.
+    const ahead = await collect(watch(client, runId, { afterRevision: 99n }), () => true).catch((e: unknown) => e);
+    assert.ok(ahead instanceof RevisionOutOfRangeError, String(ahead));
+    assert.equal(ahead.diverged, false);
+
+    // With resnapshotOnOutOfRange the stream starts over from a fresh snapshot,
+    // and its next resume point carries that snapshot's digest.
+    const reset = watch(client, runId, { afterRevision: 2n, afterDigest: wrong, resnapshotOnOutOfRange: true });
+    const fresh = await collect(reset, () => true);
+    reset.close();
+    assert.equal(fresh[0]?.kind.case, "snapshot");
+    assert.equal(fresh[0]?.revision, 4n);
+    assert.equal(reset.lastRevision, 4n);
+    assert.equal(reset.lastDigest, digestOf(later.at(-1)), "the snapshot at 4 has the digest of event 4");
+  });
+
+  test("afterDigest is sent on every resume, cleared on a re-snapshot", async () => {
+    const requests: WatchRequest[] = [];
+    const recording = createRuncapClient({ target: server.target, interceptors: [recordWatchRequests(requests)] });
+    try {
+      const runId = uniqueId("run");
+      await recording.createRun({ runId, limitMicros: 1_000n });
+      await recording.reserve({ runId, amountMicros: 1n });
+      const stream = watch(recording, runId, {
+        afterRevision: 1n,
+        afterDigest: "not-the-digest",
+        resnapshotOnOutOfRange: true,
+      });
+      const messages = await collect(stream, () => true);
+      stream.close();
+      assert.equal(messages[0]?.kind.case, "snapshot");
+      assert.equal(requests.length, 2);
+      assert.equal(requests[0]?.afterRevision, 1n);
+      assert.equal(requests[0]?.afterDigest, "not-the-digest");
+      assert.equal(requests[1]?.afterRevision, undefined, "the re-snapshot does not resume");
+      assert.equal(requests[1]?.afterDigest, "", "nor send the stale digest");
+    } finally {
+      recording.close();
+    }
+  });
+
   test("an aborted signal ends the iteration quietly", async () => {
     const runId = uniqueId("run");
     await client.createRun({ runId, limitMicros: 1_000n });
@@ -158,7 +258,11 @@ describe("watch across a server restart", () => {
     const options = { listen: `127.0.0.1:${port}`, sqlitePath: join(dir, "x.db") };
     server = await RuncapServer.start(options);
     const writer = createRuncapClient({ target: `127.0.0.1:${port}` });
-    const watcher = createRuncapClient({ target: `127.0.0.1:${port}` });
+    const requests: WatchRequest[] = [];
+    const watcher = createRuncapClient({
+      target: `127.0.0.1:${port}`,
+      interceptors: [recordWatchRequests(requests)],
+    });
     try {
       const runId = uniqueId("run");
       await writer.createRun({ runId, limitMicros: 1_000_000n });
@@ -192,6 +296,18 @@ describe("watch across a server restart", () => {
         delivered.every((m) => !(m.kind.case === "progress" && m.kind.value.final)),
         "the final progress message is not delivered",
       );
+      // Every reconnect resumed from the last revision delivered, with the
+      // digest of the state there, which the restarted server accepted.
+      assert.equal(requests[0]?.afterRevision, undefined);
+      const resumes = requests.slice(1);
+      assert.ok(resumes.length >= 1);
+      for (const request of resumes) {
+        assert.notEqual(request.afterRevision, undefined);
+        const at = delivered.find((m) => m.kind.case !== "progress" && m.revision === request.afterRevision);
+        assert.match(request.afterDigest, /.+/, "a resume sends the digest");
+        assert.equal(request.afterDigest, digestOf(at), `digest sent with afterRevision ${request.afterRevision}`);
+      }
+      assert.equal(stream.lastDigest, digestOf(delivered.at(-1)));
     } finally {
       writer.close();
       watcher.close();
