@@ -13,6 +13,7 @@ import grpc
 import pytest
 import redis
 import redis.asyncio as aioredis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from runcap.v1 import budget_pb2
 from runcap.v1 import budget_service_pb2 as pb
@@ -268,3 +269,48 @@ async def test_primary_failover_keeps_the_invariants(
         assert state.committed_micros == sum(c.actual_micros for c in page.changes)
     finally:
         await ledger.close()
+
+
+async def test_health_follows_redis_through_an_outage(tmp_path: Path) -> None:
+    """A replica reports NOT_SERVING while its Redis is down, SERVING once it is back."""
+    redis_server = RedisServer(tmp_path).start()
+    server = ServerProcess(
+        None,
+        env={
+            "RUNCAP_BACKEND": "redis",
+            "RUNCAP_REDIS_URL": redis_server.url,
+            "RUNCAP_REDIS_NAMESPACE": namespace(),
+        },
+    )
+    try:
+        server.start()
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            stub: BudgetServiceAsyncStub = BudgetServiceStub(channel)
+
+            async def status() -> int:
+                request = health_pb2.HealthCheckRequest(service="runcap.v1.BudgetService")
+                reply = await health.Check(request)
+                code: int = reply.status
+                return code
+
+            async def becomes(want: int) -> None:
+                for _ in range(100):
+                    if await status() == want:
+                        return
+                    await asyncio.sleep(0.1)
+                raise AssertionError(f"health never became {want}")
+
+            assert await status() == health_pb2.HealthCheckResponse.SERVING
+            redis_server.kill()
+            await becomes(health_pb2.HealthCheckResponse.NOT_SERVING)
+            with pytest.raises(grpc.aio.AioRpcError) as down:
+                await stub.CreateRun(pb.CreateRunRequest(run_id="outage", limit_micros=1))
+            assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+            redis_server.restart()
+            await becomes(health_pb2.HealthCheckResponse.SERVING)
+            created = await stub.CreateRun(pb.CreateRunRequest(run_id="outage", limit_micros=1))
+            assert created.state.revision == 1
+    finally:
+        server.stop()
+        redis_server.stop()
