@@ -153,6 +153,7 @@ class WatchHub:
             feed.task.cancel()
             if self._feeds.get((feed.tenant, feed.run_id)) is feed:
                 del self._feeds[(feed.tenant, feed.run_id)]
+                self.backend.forget(feed.tenant, feed.run_id)
 
     async def stream(
         self, tenant: str, run_id: str, after_revision: int | None, after_digest: str = ""

@@ -13,6 +13,9 @@ import redis.asyncio as aioredis
 
 from runcap.v1 import budget_service_pb2 as pb
 from runcap.v1.budget_service_pb2_grpc import BudgetServiceStub
+from runcap_server.backends.redis import RedisLedger
+from runcap_server.ledger.types import Change, RunSpec
+from runcap_server.watch import Snapshot, WatchHub
 from tests.integration.rpc import error_info
 from tests.redis_servers import RedisServer
 from tests.servers import ServerProcess
@@ -190,3 +193,40 @@ async def test_a_failover_that_lost_writes_is_out_of_range_on_resume(
         )
         assert await events_until(resumed, 13) == list(range(6, 14))
         resumed.cancel()
+
+
+async def test_a_run_no_longer_watched_is_unsubscribed(redis_standalone: RedisServer) -> None:
+    """Doorbell subscriptions end with the last watcher of a run, so they do not pile up."""
+    ledger = RedisLedger(
+        url=redis_standalone.url, default_ttl_ms=60_000, namespace=f"w-{uuid.uuid4().hex[:8]}"
+    )
+    await ledger.start()
+    hub = WatchHub(ledger, queue_size=10, heartbeat_s=30)
+    channel = ledger._keys("t", "run")[4]
+    try:
+        async with aioredis.Redis.from_url(redis_standalone.url) as probe:
+
+            async def subscribers() -> int:
+                reply = await probe.execute_command("PUBSUB", "SHARDNUMSUB", channel)  # type: ignore[no-untyped-call]
+                return int(reply[1])
+
+            await ledger.create_run("t", RunSpec("run", 1_000, {}, None))
+            stream = hub.stream("t", "run", None)
+            assert isinstance(await anext(stream), Snapshot)
+            waiting = asyncio.ensure_future(anext(stream))
+            for _ in range(50):
+                if await subscribers() == 1:
+                    break
+                await asyncio.sleep(0.02)
+            assert await subscribers() == 1
+            await ledger.reserve("t", "run", "r", 1, None)
+            assert isinstance(await asyncio.wait_for(waiting, 5), Change)
+            await stream.aclose()
+            for _ in range(50):
+                if await subscribers() == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert await subscribers() == 0
+    finally:
+        await hub.stop()
+        await ledger.close()

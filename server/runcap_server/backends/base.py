@@ -74,6 +74,10 @@ class Backend(Protocol):
         """
         ...
 
+    def forget(self, tenant: str, run_id: str) -> None:
+        """This process stopped watching the run: drop what wait_for_change kept."""
+        ...
+
 
 class ChangeBell:
     """In-process doorbell: writers ring a run's key, feeds wait on it."""
@@ -85,6 +89,9 @@ class ChangeBell:
         event = self._events.pop((tenant, run_id), None)
         if event is not None:
             event.set()
+
+    def forget(self, tenant: str, run_id: str) -> None:
+        self._events.pop((tenant, run_id), None)
 
     def arm(self, tenant: str, run_id: str) -> asyncio.Event:
         """An event set by the next ring. Arm before checking, then wait."""

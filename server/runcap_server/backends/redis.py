@@ -173,6 +173,7 @@ class RedisLedger:
         self._pubsub: Any = None
         self._pubsub_task: asyncio.Task[None] | None = None
         self._subscribed: set[str] = set()
+        self._unsubscribing: set[asyncio.Task[None]] = set()
         self._index_pending: dict[str, dict[str, int]] = {}
         # The first sweep reconciles: a restarted replica repairs what it lost.
         self._next_reconcile = 0.0
@@ -202,6 +203,9 @@ class RedisLedger:
             )
 
     async def close(self) -> None:
+        for task in list(self._unsubscribing):
+            with contextlib.suppress(Exception):
+                await task
         if self._pubsub_task:
             self._pubsub_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -395,6 +399,20 @@ class RedisLedger:
         revision = await self._cmd("hget", self._keys(tenant, run_id)[0], "rev")
         if revision is None or int(revision) <= after_revision:
             await wait_event(event, timeout_s)
+
+    def forget(self, tenant: str, run_id: str) -> None:
+        self._bells.pop((tenant, run_id), None)
+        channel = self._keys(tenant, run_id)[4]
+        if channel in self._subscribed and self._pubsub is not None:
+            self._subscribed.discard(channel)
+            task = asyncio.create_task(self._unsubscribe(self._pubsub, channel))
+            self._unsubscribing.add(task)
+            task.add_done_callback(self._unsubscribing.discard)
+
+    @staticmethod
+    async def _unsubscribe(pubsub: Any, channel: str) -> None:
+        with contextlib.suppress(Exception):  # a lost connection unsubscribed it anyway
+            await pubsub.sunsubscribe(channel)
 
     async def _subscribe(self, tenant: str, run_id: str) -> None:
         """SSUBSCRIBE the run's doorbell (once per process); a hint, never the truth."""

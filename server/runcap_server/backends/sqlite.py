@@ -598,6 +598,9 @@ class SqliteLedger:
 
         return await self._call(read)
 
+    def forget(self, tenant: str, run_id: str) -> None:
+        self._bell.forget(tenant, run_id)
+
     async def wait_for_change(
         self, tenant: str, run_id: str, after_revision: int, timeout_s: float
     ) -> None:

@@ -200,6 +200,9 @@ class ModelLedger:
         start = max(0, after_revision + 1 - floor)
         return ChangePage(changes=log[start : start + limit], floor=floor, head=head)
 
+    def forget(self, tenant: str, run_id: str) -> None:
+        self._bell.forget(tenant, run_id)
+
     async def wait_for_change(
         self, tenant: str, run_id: str, after_revision: int, timeout_s: float
     ) -> None:
