@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -195,38 +195,56 @@ async def test_a_failover_that_lost_writes_is_out_of_range_on_resume(
         resumed.cancel()
 
 
-async def test_a_run_no_longer_watched_is_unsubscribed(redis_standalone: RedisServer) -> None:
-    """Doorbell subscriptions end with the last watcher of a run, so they do not pile up."""
-    ledger = RedisLedger(
-        url=redis_standalone.url, default_ttl_ms=60_000, namespace=f"w-{uuid.uuid4().hex[:8]}"
-    )
+@pytest.mark.parametrize("topology", ["standalone", "cluster"])
+async def test_a_run_no_longer_watched_is_unsubscribed(
+    topology: str, request: pytest.FixtureRequest
+) -> None:
+    """Doorbell subscriptions end with the last watcher of a run, and the process stays live."""
+    ns = f"w-{uuid.uuid4().hex[:8]}"
+    if topology == "standalone":
+        url = request.getfixturevalue("redis_standalone").url
+        ledger = RedisLedger(url=url, default_ttl_ms=60_000, namespace=ns)
+        probe: Any = aioredis.Redis.from_url(url)
+    else:
+        nodes = request.getfixturevalue("redis_cluster").startup_nodes
+        ledger = RedisLedger(cluster_nodes=nodes, default_ttl_ms=60_000, namespace=ns)
+        probe = aioredis.RedisCluster.from_url(f"redis://{nodes[0]}")
     await ledger.start()
     hub = WatchHub(ledger, queue_size=10, heartbeat_s=30)
     channel = ledger._keys("t", "run")[4]
+
+    async def subscribers() -> int:
+        if topology == "standalone":
+            reply = await probe.execute_command("PUBSUB", "SHARDNUMSUB", channel)
+        else:
+            await probe.initialize()
+            node = probe.get_node_from_key(channel)
+            reply = await probe.execute_command("PUBSUB", "SHARDNUMSUB", channel, target_nodes=node)
+        return int(reply[1])
+
+    async def becomes(count: int) -> None:
+        for _ in range(100):
+            if await subscribers() == count:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{channel} never had {count} subscribers")
+
     try:
-        async with aioredis.Redis.from_url(redis_standalone.url) as probe:
-
-            async def subscribers() -> int:
-                reply = await probe.execute_command("PUBSUB", "SHARDNUMSUB", channel)  # type: ignore[no-untyped-call]
-                return int(reply[1])
-
-            await ledger.create_run("t", RunSpec("run", 1_000, {}, None))
-            stream = hub.stream("t", "run", None)
-            assert isinstance(await anext(stream), Snapshot)
-            waiting = asyncio.ensure_future(anext(stream))
-            for _ in range(50):
-                if await subscribers() == 1:
-                    break
-                await asyncio.sleep(0.02)
-            assert await subscribers() == 1
-            await ledger.reserve("t", "run", "r", 1, None)
-            assert isinstance(await asyncio.wait_for(waiting, 5), Change)
-            await stream.aclose()
-            for _ in range(50):
-                if await subscribers() == 0:
-                    break
-                await asyncio.sleep(0.02)
-            assert await subscribers() == 0
+        await ledger.create_run("t", RunSpec("run", 1_000, {}, None))
+        stream = hub.stream("t", "run", None)
+        assert isinstance(await anext(stream), Snapshot)
+        waiting = asyncio.ensure_future(anext(stream))
+        await becomes(1)
+        await ledger.reserve("t", "run", "r", 1, None)
+        assert isinstance(await asyncio.wait_for(waiting, 5), Change)
+        await stream.aclose()
+        await becomes(0)
+        # With nothing subscribed the doorbell task must not spin: the loop stays live.
+        started = asyncio.get_running_loop().time()
+        await asyncio.sleep(0.3)
+        assert asyncio.get_running_loop().time() - started < 1.0
+        assert (await ledger.get_run("t", "run")).state.revision == 2
     finally:
         await hub.stop()
         await ledger.close()
+        await probe.aclose()

@@ -68,6 +68,8 @@ DUE_BUCKETS = 16
 # How often a replica tries to reconcile the due index, and its lease.
 RECONCILE_EVERY_S = 60.0
 RECONCILE_LEASE_MS = 30_000
+# How often the doorbell task looks for subscriptions to change.
+DOORBELL_POLL_S = 0.1
 # No call waits on a silent server longer than this: it fails closed instead.
 SOCKET_TIMEOUT_S = 5.0
 # How long a replica may keep a due bucket to itself while it sweeps it.
@@ -170,10 +172,11 @@ class RedisLedger:
         # Bursts wait here instead of failing on an exhausted pool.
         self._slots = asyncio.Semaphore(max_connections)
         self._bells: dict[tuple[str, str], asyncio.Event] = {}
-        self._pubsub: Any = None
         self._pubsub_task: asyncio.Task[None] | None = None
+        # Doorbell channels the feeds want, and those subscribed right now.
+        self._wanted: set[str] = set()
         self._subscribed: set[str] = set()
-        self._unsubscribing: set[asyncio.Task[None]] = set()
+        self._doorbell_changed = asyncio.Event()
         self._index_pending: dict[str, dict[str, int]] = {}
         # The first sweep reconciles: a restarted replica repairs what it lost.
         self._next_reconcile = 0.0
@@ -203,18 +206,12 @@ class RedisLedger:
             )
 
     async def close(self) -> None:
-        for task in list(self._unsubscribing):
-            with contextlib.suppress(Exception):
-                await task
         if self._pubsub_task:
             self._pubsub_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pubsub_task
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush_index(), 2)
-        if self._pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -402,53 +399,72 @@ class RedisLedger:
 
     def forget(self, tenant: str, run_id: str) -> None:
         self._bells.pop((tenant, run_id), None)
-        channel = self._keys(tenant, run_id)[4]
-        if channel in self._subscribed and self._pubsub is not None:
-            self._subscribed.discard(channel)
-            task = asyncio.create_task(self._unsubscribe(self._pubsub, channel))
-            self._unsubscribing.add(task)
-            task.add_done_callback(self._unsubscribing.discard)
-
-    @staticmethod
-    async def _unsubscribe(pubsub: Any, channel: str) -> None:
-        with contextlib.suppress(Exception):  # a lost connection unsubscribed it anyway
-            await pubsub.sunsubscribe(channel)
+        self._wanted.discard(self._keys(tenant, run_id)[4])
+        self._doorbell_changed.set()
 
     async def _subscribe(self, tenant: str, run_id: str) -> None:
-        """SSUBSCRIBE the run's doorbell (once per process); a hint, never the truth."""
-        channel = self._keys(tenant, run_id)[4]
-        if channel in self._subscribed:
-            return
-        try:
-            if self._pubsub is None:
-                self._pubsub = self.client.pubsub()
-            await self._pubsub.ssubscribe(channel)
-            self._subscribed.add(channel)
-            if self._pubsub_task is None or self._pubsub_task.done():
-                self._pubsub_task = asyncio.create_task(self._listen(), name="redis-doorbell")
-        except Exception as error:  # the feed's periodic check still works
-            _log.warning("doorbell subscription for %s failed: %s", channel, error)
+        """Ask for the run's doorbell; the doorbell task (SSUBSCRIBE) does the rest.
 
-    async def _listen(self) -> None:
+        The doorbell is a hint, never the truth: feeds re-read the log anyway.
+        """
+        channel = self._keys(tenant, run_id)[4]
+        if channel not in self._wanted:
+            self._wanted.add(channel)
+            self._doorbell_changed.set()
+        if self._pubsub_task is None or self._pubsub_task.done():
+            self._pubsub_task = asyncio.create_task(self._doorbell(), name="redis-doorbell")
+
+    async def _doorbell(self) -> None:
+        """The one task that uses the pubsub connection: (un)subscribes and listens.
+
+        Sharing a pubsub connection between tasks hangs the cluster client, so
+        subscriptions change only here, between reads. A lost connection is
+        replaced and every wanted channel subscribed again.
+        """
         prefix = f"{self.namespace}:{{"
+        subscribed: set[str] = set()
+        pubsub: Any = None
         while True:
             try:
+                if pubsub is None:
+                    pubsub = self.client.pubsub()
+                    subscribed = set()
+                if self._doorbell_changed.is_set():
+                    self._doorbell_changed.clear()
+                    wanted = set(self._wanted)
+                    if wanted - subscribed:
+                        await pubsub.ssubscribe(*sorted(wanted - subscribed))
+                    if subscribed - wanted:
+                        await pubsub.sunsubscribe(*sorted(subscribed - wanted))
+                    subscribed = wanted
+                    self._subscribed = set(subscribed)
+                if not subscribed:
+                    # Nothing to read: a read would return at once and spin.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._doorbell_changed.wait(), DOORBELL_POLL_S)
+                    continue
                 # Cluster pubsub reads shard messages apart; standalone mixes them in.
-                read = getattr(self._pubsub, "get_sharded_message", self._pubsub.get_message)
-                message = await read(ignore_subscribe_messages=True, timeout=1.0)
+                read = getattr(pubsub, "get_sharded_message", pubsub.get_message)
+                started = time.monotonic()
+                message = await read(ignore_subscribe_messages=True, timeout=DOORBELL_POLL_S)
+                if message is None and time.monotonic() - started < DOORBELL_POLL_S / 2:
+                    await asyncio.sleep(DOORBELL_POLL_S)  # never spin on a read that won't wait
             except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    if pubsub is not None:
+                        await pubsub.aclose()
                 raise
             except Exception as error:
-                _log.warning("doorbell connection lost (%s); resubscribing", error)
-                self._subscribed.clear()
+                _log.warning("doorbell connection lost (%s); subscribing again", error)
                 with contextlib.suppress(Exception):
-                    await self._pubsub.aclose()
-                self._pubsub = None
-                # Wake every feed: they re-check revisions and resubscribe.
+                    await pubsub.aclose()
+                pubsub = None
+                self._doorbell_changed.set()
+                # Changes may have rung while nobody listened: wake every feed.
                 for event in self._bells.values():
                     event.set()
-                self._bells.clear()
-                return
+                await asyncio.sleep(DOORBELL_POLL_S)
+                continue
             if not message or message["type"] not in ("smessage", b"smessage"):
                 continue  # nothing, or a subscription confirmation
             channel = message["channel"].decode()
