@@ -526,12 +526,8 @@ class SqliteLedger:
         ttl_ms: int | None,
     ) -> ReserveResult:
         def op(store: _SqlStore, now_ms: int) -> ReserveResult:
-            account = store.load_account()
-            if account is None:
-                raise errors.RunNotFound(run_id)
-            default_ttl_ms = account.spec.default_ttl_ms or self.default_ttl_ms
             return core.reserve(
-                store, run_id, reservation_id, amount_micros, ttl_ms, default_ttl_ms, now_ms
+                store, run_id, reservation_id, amount_micros, ttl_ms, self.default_ttl_ms, now_ms
             )
 
         return await self._op(tenant, run_id, op)

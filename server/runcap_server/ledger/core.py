@@ -185,7 +185,7 @@ def reserve(
     reservation_id: str,
     amount_micros: int,
     requested_ttl_ms: int | None,
-    default_ttl_ms: int,
+    server_default_ttl_ms: int,
     now_ms: int,
 ) -> ReserveResult:
     txn = _open(store, run_id, now_ms)
@@ -227,7 +227,8 @@ def reserve(
     if reason is DecisionReason.WITHIN_BUDGET:
         reservation.status = ReservationStatus.HELD
         reservation.held_micros = amount_micros
-        reservation.expires_ms = now_ms + (requested_ttl_ms or default_ttl_ms)
+        ttl_ms = requested_ttl_ms or account.spec.default_ttl_ms or server_default_ttl_ms
+        reservation.expires_ms = now_ms + ttl_ms
         account.reserved_micros += amount_micros
         account.active_reservations += 1
         txn.record(EventType.RESERVED, reservation, amount_micros=amount_micros)

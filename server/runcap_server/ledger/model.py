@@ -146,7 +146,7 @@ class ModelLedger:
             reservation_id,
             amount_micros,
             ttl_ms,
-            store.run.account.spec.default_ttl_ms or self.default_ttl_ms,
+            self.default_ttl_ms,
             self.clock.now_ms(),
         )
         self._rang(tenant, run_id, before, store)
