@@ -111,9 +111,10 @@ async def test_a_restarted_replica_hands_watchers_over_without_a_gap(
         seen += await events_until(stream, 10**9)
         last = seen[-1]
         await writer
-        resumed = stub_b.Watch(pb.WatchRequest(run_id="handover", after_revision=last))
-        seen += await events_until(resumed, 61)
-        resumed.cancel()
+        if last < 61:  # the first replica may have delivered everything before it stopped
+            resumed = stub_b.Watch(pb.WatchRequest(run_id="handover", after_revision=last))
+            seen += await events_until(resumed, 61)
+            resumed.cancel()
         assert seen == list(range(2, 62))
 
 
