@@ -5,7 +5,8 @@ from __future__ import annotations
 from google.protobuf import timestamp_pb2
 
 from runcap.v1 import budget_pb2
-from runcap_server.ledger.types import BudgetState, Change, RunView
+from runcap_server.ledger.scopes import ScopeView
+from runcap_server.ledger.types import BudgetState, Change, RunView, ScopeRef
 
 
 def timestamp(ms: int) -> timestamp_pb2.Timestamp:
@@ -39,7 +40,37 @@ def run_pb(view: RunView) -> budget_pb2.Run:
     )
     if view.closed_ms is not None:
         run.close_time.CopyFrom(timestamp(view.closed_ms))
+    lineage = view.lineage
+    run.parent_run_id = lineage.ancestors[0] if lineage.ancestors else ""
+    run.api_key_id = lineage.api_key_id
+    run.user_id = lineage.user_id
+    run.team_id = lineage.team_id
+    run.ancestor_run_ids.extend(lineage.ancestors)
     return run
+
+
+def scope_ref_pb(ref: ScopeRef) -> budget_pb2.ScopeRef:
+    return budget_pb2.ScopeRef(kind=ref.kind.value, id=ref.id)
+
+
+def scope_pb(view: ScopeView) -> budget_pb2.Scope:
+    scope = budget_pb2.Scope(ref=scope_ref_pb(view.ref))
+    for usage in view.usage:
+        entry = scope.usage.add(
+            period=usage.period.value,  # type: ignore[arg-type]
+            committed_micros=usage.committed_micros,
+            reserved_micros=usage.reserved_micros,
+            remaining_micros=usage.remaining_micros,
+            overrun_micros=usage.overrun_micros,
+            active_reservations=usage.active_reservations,
+        )
+        if usage.limit_micros is not None:
+            entry.limit_micros = usage.limit_micros
+        if usage.window_start_ms is not None:
+            entry.window_start_time.CopyFrom(timestamp(usage.window_start_ms))
+        if usage.window_end_ms is not None:
+            entry.window_end_time.CopyFrom(timestamp(usage.window_end_ms))
+    return scope
 
 
 def event_pb(change: Change) -> budget_pb2.BudgetEvent:

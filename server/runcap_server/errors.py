@@ -158,6 +158,32 @@ class IdempotencyConflict(_ResourceError):
         )
 
 
+class ParentRunNotFound(_ResourceError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = errors_pb2.ERROR_REASON_PARENT_RUN_NOT_FOUND
+    resource_type = "runcap.v1.Run"
+
+    def __init__(self, run_id: str, parent_run_id: str) -> None:
+        super().__init__(
+            f"parent run {parent_run_id!r} of run {run_id!r} does not exist; "
+            "create the parent first",
+            parent_run_id,
+            run_id=run_id,
+            parent_run_id=parent_run_id,
+        )
+
+
+def run_too_deep(run_id: str, parent_run_id: str, max_depth: int) -> InvalidArgument:
+    return InvalidArgument(
+        [
+            FieldViolation(
+                "parent_run_id",
+                f"run {run_id!r} under {parent_run_id!r} would be more than {max_depth} runs deep",
+            )
+        ]
+    )
+
+
 class _PreconditionError(RuncapError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     violation_type = ""
@@ -202,6 +228,20 @@ class ReservationReleased(_PreconditionError):
             run_id,
             reservation_id,
         )
+
+
+class ParentRunClosed(_PreconditionError):
+    reason = errors_pb2.ERROR_REASON_PARENT_RUN_CLOSED
+    violation_type = "PARENT_RUN_CLOSED"
+
+    def __init__(self, run_id: str, parent_run_id: str) -> None:
+        super().__init__(
+            f"parent run {parent_run_id!r} of run {run_id!r} is closed and takes "
+            "no new subagent runs",
+            run_id,
+            "",
+        )
+        self.subject = parent_run_id
 
 
 class RevisionOutOfRange(RuncapError):

@@ -73,8 +73,21 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             request.default_ttl if request.HasField("default_ttl") else None,
             max_ms=self.settings.max_ttl_ms,
         )
+        parent = check.identifier("parent_run_id", request.parent_run_id, required=False)
+        if parent and parent == run_id:
+            check.fail("parent_run_id", "must not be the run itself")
+        spec = RunSpec(
+            run_id,
+            limit,
+            labels,
+            ttl,
+            parent_run_id=parent,
+            api_key_id=check.identifier("api_key_id", request.api_key_id, required=False),
+            user_id=check.identifier("user_id", request.user_id, required=False),
+            team_id=check.identifier("team_id", request.team_id, required=False),
+        )
         check.done()
-        result = await self.backend.create_run(self.tenant, RunSpec(run_id, limit, labels, ttl))
+        result = await self.backend.create_run(self.tenant, spec)
         return budget_service_pb2.CreateRunResponse(
             run=convert.run_pb(result.run),
             state=convert.state_pb(result.run.state),
@@ -126,6 +139,10 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             state=convert.state_pb(result.state),
             replayed=result.replayed,
         )
+        if result.blocking_scope is not None:
+            response.blocking_scope.CopyFrom(convert.scope_ref_pb(result.blocking_scope))
+        if result.blocking_period is not None:
+            response.blocking_period = result.blocking_period.value  # type: ignore[assignment]
         if result.expires_ms is not None:
             response.expire_time.CopyFrom(convert.timestamp(result.expires_ms))
         return response
@@ -186,6 +203,37 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         return budget_service_pb2.CloseRunResponse(
             state=convert.state_pb(result.state), replayed=result.replayed
         )
+
+    @_unary
+    async def SetScopeLimit(
+        self,
+        request: budget_service_pb2.SetScopeLimitRequest,
+        context: Context,
+    ) -> budget_service_pb2.SetScopeLimitResponse:
+        check = Validator()
+        ref = check.scope("scope", request.scope.kind, request.scope.id)
+        period = check.period("period", request.period)
+        limit: int | None = None
+        ceiling = request.WhichOneof("ceiling")
+        if ceiling == "limit_micros":
+            limit = check.micros("limit_micros", request.limit_micros, minimum=1)
+        elif ceiling != "clear" or not request.clear:
+            check.fail("limit_micros", "is required (or set clear to remove the ceiling)")
+        check.done()
+        view = await self.backend.set_scope_limit(self.tenant, ref, period, limit)
+        return budget_service_pb2.SetScopeLimitResponse(scope=convert.scope_pb(view))
+
+    @_unary
+    async def GetScope(
+        self,
+        request: budget_service_pb2.GetScopeRequest,
+        context: Context,
+    ) -> budget_service_pb2.GetScopeResponse:
+        check = Validator()
+        ref = check.scope("scope", request.scope.kind, request.scope.id)
+        check.done()
+        view = await self.backend.get_scope(self.tenant, ref)
+        return budget_service_pb2.GetScopeResponse(scope=convert.scope_pb(view))
 
     async def Watch(
         self,

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from google.protobuf import duration_pb2
 
 from runcap_server.errors import FieldViolation, InvalidArgument
-from runcap_server.ledger.types import MAX_MICROS
+from runcap_server.ledger.types import MAX_MICROS, Period, ScopeKind, ScopeRef
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 LABEL_KEY_PATTERN = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
@@ -74,6 +74,29 @@ class Validator:
         elif ms > max_ms:
             self.fail(field, f"must be at most {max_ms} ms (got {ms} ms)")
         return ms
+
+    def scope(self, field: str, kind: int, scope_id: str) -> ScopeRef:
+        """A parent scope (API key, user or team); runs are not set through scopes."""
+        if kind not in (ScopeKind.API_KEY, ScopeKind.USER, ScopeKind.TEAM):
+            if kind == ScopeKind.RUN:
+                self.fail(
+                    f"{field}.kind",
+                    "must be SCOPE_KIND_API_KEY, SCOPE_KIND_USER or SCOPE_KIND_TEAM "
+                    "(a run's limit is set by CreateRun and read by GetRun)",
+                )
+            else:
+                self.fail(
+                    f"{field}.kind",
+                    "must be SCOPE_KIND_API_KEY, SCOPE_KIND_USER or SCOPE_KIND_TEAM",
+                )
+            return ScopeRef(ScopeKind.TEAM, "")
+        return ScopeRef(ScopeKind(kind), self.identifier(f"{field}.id", scope_id))
+
+    def period(self, field: str, period: int) -> Period:
+        if period not in tuple(Period):
+            self.fail(field, "must be PERIOD_LIFETIME, PERIOD_DAILY or PERIOD_MONTHLY")
+            return Period.LIFETIME
+        return Period(period)
 
     def labels(self, field: str, labels: Mapping[str, str]) -> dict[str, str]:
         if len(labels) > MAX_LABELS:

@@ -11,15 +11,18 @@ import asyncio
 import contextlib
 from typing import Protocol
 
+from runcap_server.ledger.scopes import ScopeView
 from runcap_server.ledger.types import (
     ChangePage,
     CloseRunResult,
     CommitResult,
     CreateRunResult,
+    Period,
     RefundResult,
     ReserveResult,
     RunSpec,
     RunView,
+    ScopeRef,
 )
 
 
@@ -54,6 +57,14 @@ class Backend(Protocol):
     async def refund(self, tenant: str, run_id: str, reservation_id: str) -> RefundResult: ...
 
     async def close_run(self, tenant: str, run_id: str) -> CloseRunResult: ...
+
+    async def set_scope_limit(
+        self, tenant: str, ref: ScopeRef, period: Period, limit_micros: int | None
+    ) -> ScopeView:
+        """Set (or, with None, clear) one ceiling of an API key, user or team."""
+        ...
+
+    async def get_scope(self, tenant: str, ref: ScopeRef) -> ScopeView: ...
 
     async def sweep(self, max_runs: int) -> int:
         """Release due holds on up to max_runs runs. Returns holds released."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import sqlite3
 from collections.abc import Callable, Mapping
@@ -25,7 +26,8 @@ from typing import Any, TypeVar, cast
 from runcap_server import errors
 from runcap_server.backends.base import ChangeBell, wait_event
 from runcap_server.clock import Clock, SystemClock
-from runcap_server.ledger import core
+from runcap_server.ledger import core, saga, scopes
+from runcap_server.ledger.scopes import ScopeHold, ScopeView, WindowTotals
 from runcap_server.ledger.types import (
     Account,
     BudgetState,
@@ -36,6 +38,8 @@ from runcap_server.ledger.types import (
     CreateRunResult,
     DecisionReason,
     EventType,
+    Lineage,
+    Period,
     RefundResult,
     Reservation,
     ReservationStatus,
@@ -43,11 +47,12 @@ from runcap_server.ledger.types import (
     RunSpec,
     RunStatus,
     RunView,
+    ScopeRef,
 )
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SYNCHRONOUS_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 
 # Every table is keyed by (tenant, run_id, ...): a run's rows are one range of
@@ -69,6 +74,11 @@ CREATE TABLE IF NOT EXISTS runs (
     active_reservations INTEGER NOT NULL,
     revision INTEGER NOT NULL,
     digest TEXT NOT NULL DEFAULT '',
+    parent_run_id TEXT NOT NULL DEFAULT '',
+    api_key_id TEXT NOT NULL DEFAULT '',
+    user_id TEXT NOT NULL DEFAULT '',
+    team_id TEXT NOT NULL DEFAULT '',
+    lineage TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (tenant, run_id)
 ) STRICT, WITHOUT ROWID;
 
@@ -86,6 +96,8 @@ CREATE TABLE IF NOT EXISTS reservations (
     actual_micros INTEGER,
     overrun_micros INTEGER NOT NULL,
     settled_ms INTEGER,
+    blocking_scope TEXT,
+    blocking_period INTEGER,
     PRIMARY KEY (tenant, run_id, reservation_id)
 ) STRICT, WITHOUT ROWID;
 
@@ -117,15 +129,63 @@ CREATE TABLE IF NOT EXISTS changes (
     state_digest TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (tenant, run_id, revision)
 ) STRICT, WITHOUT ROWID;
+
+-- Parent scopes (API keys, users, teams): a scope is (tenant, scope), where
+-- scope is its ScopeRef token such as "team:acme".
+CREATE TABLE IF NOT EXISTS scope_limits (
+    tenant TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    period INTEGER NOT NULL,
+    limit_micros INTEGER NOT NULL,
+    PRIMARY KEY (tenant, scope, period)
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS scope_windows (
+    tenant TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    window TEXT NOT NULL,
+    committed_micros INTEGER NOT NULL,
+    reserved_micros INTEGER NOT NULL,
+    overrun_micros INTEGER NOT NULL,
+    active_reservations INTEGER NOT NULL,
+    PRIMARY KEY (tenant, scope, window)
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS scope_holds (
+    tenant TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    hold_id TEXT NOT NULL,
+    amount_micros INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    windows TEXT NOT NULL,
+    expires_ms INTEGER,
+    actual_micros INTEGER,
+    overrun_micros INTEGER NOT NULL,
+    settled_ms INTEGER,
+    blocking_period INTEGER,
+    PRIMARY KEY (tenant, scope, hold_id)
+) STRICT, WITHOUT ROWID;
+
+CREATE INDEX IF NOT EXISTS scope_holds_held_by_expiry
+    ON scope_holds (expires_ms) WHERE status = {_HELD};
+CREATE INDEX IF NOT EXISTS scope_holds_held_by_scope
+    ON scope_holds (tenant, scope, expires_ms) WHERE status = {_HELD};
 """
 
 _ACCOUNT_COLUMNS = (
     "limit_micros, labels, default_ttl_ms, created_ms, closed_ms, status, "
-    "committed_micros, reserved_micros, overrun_micros, active_reservations, revision, digest"
+    "committed_micros, reserved_micros, overrun_micros, active_reservations, revision, digest, "
+    "parent_run_id, api_key_id, user_id, team_id, lineage"
 )
 _RESERVATION_COLUMNS = (
     "reservation_id, amount_micros, requested_ttl_ms, status, reason, created_ms, "
-    "held_micros, expires_ms, actual_micros, overrun_micros, settled_ms"
+    "held_micros, expires_ms, actual_micros, overrun_micros, settled_ms, "
+    "blocking_scope, blocking_period"
+)
+_HOLD_COLUMNS = (
+    "hold_id, amount_micros, status, created_ms, windows, expires_ms, actual_micros, "
+    "overrun_micros, settled_ms, blocking_period"
 )
 _CHANGE_COLUMNS = (
     "revision, type, time_ms, reservation_id, amount_micros, actual_micros, overrun_micros, "
@@ -149,7 +209,12 @@ def _account(run_id: str, row: tuple[Any, ...]) -> Account:
             limit_micros=row[0],
             labels=_decode_labels(row[1]),
             default_ttl_ms=row[2],
+            parent_run_id=row[12],
+            api_key_id=row[13],
+            user_id=row[14],
+            team_id=row[15],
         ),
+        lineage=Lineage.decode(row[16]),
         created_ms=row[3],
         closed_ms=row[4],
         status=RunStatus(row[5]),
@@ -175,6 +240,23 @@ def _reservation(row: tuple[Any, ...]) -> Reservation:
         actual_micros=row[8],
         overrun_micros=row[9],
         settled_ms=row[10],
+        blocking_scope=ScopeRef.parse(row[11]) if row[11] else None,
+        blocking_period=Period(row[12]) if row[12] else None,
+    )
+
+
+def _hold(row: tuple[Any, ...]) -> ScopeHold:
+    return ScopeHold(
+        hold_id=row[0],
+        amount_micros=row[1],
+        status=ReservationStatus(row[2]),
+        created_ms=row[3],
+        windows=tuple(row[4].split(",")),
+        expires_ms=row[5],
+        actual_micros=row[6],
+        overrun_micros=row[7],
+        settled_ms=row[8],
+        blocking_period=Period(row[9]) if row[9] else None,
     )
 
 
@@ -254,7 +336,7 @@ class _SqlStore:
         spec = account.spec
         self.conn.execute(
             f"INSERT INTO runs (tenant, run_id, {_ACCOUNT_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (tenant, run_id) DO UPDATE SET "
             "closed_ms = excluded.closed_ms, status = excluded.status, "
             "committed_micros = excluded.committed_micros, "
@@ -277,6 +359,11 @@ class _SqlStore:
                 account.active_reservations,
                 account.revision,
                 account.digest,
+                spec.parent_run_id,
+                spec.api_key_id,
+                spec.user_id,
+                spec.team_id,
+                account.lineage.encode(),
             ),
         )
 
@@ -284,7 +371,7 @@ class _SqlStore:
         r = reservation
         self.conn.execute(
             f"INSERT OR REPLACE INTO reservations (tenant, run_id, {_RESERVATION_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 self.tenant,
                 self.run_id,
@@ -299,6 +386,8 @@ class _SqlStore:
                 r.actual_micros,
                 r.overrun_micros,
                 r.settled_ms,
+                r.blocking_scope.token if r.blocking_scope else None,
+                int(r.blocking_period) if r.blocking_period else None,
             ),
         )
 
@@ -351,6 +440,120 @@ class _SqlStore:
         return ChangePage(
             changes=[_change(self.run_id, row) for row in rows], floor=floor, head=head
         )
+
+
+class _SqlScopeStore:
+    """scopes.ScopeStore over one scope's rows, inside the worker's open transaction."""
+
+    def __init__(self, conn: sqlite3.Connection, tenant: str, ref: ScopeRef) -> None:
+        self.conn = conn
+        self.key = (tenant, ref.token)
+
+    def load_limits(self) -> dict[Period, int]:
+        rows = self.conn.execute(
+            "SELECT period, limit_micros FROM scope_limits WHERE tenant = ? AND scope = ?",
+            self.key,
+        ).fetchall()
+        return {Period(period): limit for period, limit in rows}
+
+    def save_limit(self, period: Period, limit_micros: int | None) -> None:
+        if limit_micros is None:
+            self.conn.execute(
+                "DELETE FROM scope_limits WHERE tenant = ? AND scope = ? AND period = ?",
+                (*self.key, int(period)),
+            )
+        else:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO scope_limits VALUES (?, ?, ?, ?)",
+                (*self.key, int(period), limit_micros),
+            )
+
+    def load_window(self, key: str) -> WindowTotals:
+        row = self.conn.execute(
+            "SELECT committed_micros, reserved_micros, overrun_micros, active_reservations "
+            "FROM scope_windows WHERE tenant = ? AND scope = ? AND window = ?",
+            (*self.key, key),
+        ).fetchone()
+        return WindowTotals(*row) if row is not None else WindowTotals()
+
+    def save_window(self, key: str, totals: WindowTotals) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO scope_windows VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                *self.key,
+                key,
+                totals.committed_micros,
+                totals.reserved_micros,
+                totals.overrun_micros,
+                totals.active_reservations,
+            ),
+        )
+
+    def load_hold(self, hold_id: str) -> ScopeHold | None:
+        row = self.conn.execute(
+            f"SELECT {_HOLD_COLUMNS} FROM scope_holds "
+            "WHERE tenant = ? AND scope = ? AND hold_id = ?",
+            (*self.key, hold_id),
+        ).fetchone()
+        return _hold(row) if row is not None else None
+
+    def due_holds(self, now_ms: int) -> list[ScopeHold]:
+        rows = self.conn.execute(
+            f"SELECT {_HOLD_COLUMNS} FROM scope_holds "
+            f"WHERE tenant = ? AND scope = ? AND status = {_HELD} AND expires_ms <= ? "
+            "ORDER BY expires_ms, hold_id",
+            (*self.key, now_ms),
+        ).fetchall()
+        return [_hold(row) for row in rows]
+
+    def save_hold(self, hold: ScopeHold) -> None:
+        self.conn.execute(
+            f"INSERT OR REPLACE INTO scope_holds (tenant, scope, {_HOLD_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                *self.key,
+                hold.hold_id,
+                hold.amount_micros,
+                int(hold.status),
+                hold.created_ms,
+                ",".join(hold.windows),
+                hold.expires_ms,
+                hold.actual_micros,
+                hold.overrun_micros,
+                hold.settled_ms,
+                int(hold.blocking_period) if hold.blocking_period else None,
+            ),
+        )
+
+
+class _SqlStores:
+    """saga.Stores inside one transaction; remembers each run's revision before it."""
+
+    def __init__(self, conn: sqlite3.Connection, tenant: str, retention: int) -> None:
+        self.conn = conn
+        self.tenant = tenant
+        self.retention = retention
+        self.before: dict[str, int | None] = {}
+
+    def run(self, run_id: str) -> _SqlStore:
+        store = _SqlStore(self.conn, self.tenant, run_id, self.retention)
+        if run_id not in self.before:
+            self.before[run_id] = store.revision()
+        return store
+
+    def scope(self, ref: ScopeRef) -> _SqlScopeStore:
+        return _SqlScopeStore(self.conn, self.tenant, ref)
+
+    def changed(self) -> list[str]:
+        return [r for r, rev in self.before.items() if self.run(r).revision() != rev]
+
+
+def _expire_run(run_id: str, stores: _SqlStores, now_ms: int) -> int:
+    return core.expire_due(stores.run(run_id), run_id, now_ms)
+
+
+def _expire_scope(token: str, stores: _SqlStores, now_ms: int) -> int:
+    return scopes.expire_due(stores.scope(ScopeRef.parse(token)), now_ms)
 
 
 class SqliteLedger:
@@ -421,28 +624,26 @@ class SqliteLedger:
         self,
         loop: asyncio.AbstractEventLoop,
         tenant: str,
-        run_id: str,
-        op: Callable[[_SqlStore, int], T],
+        op: Callable[[_SqlStores, int], T],
     ) -> T:
-        """One operation on one run, in one transaction (on the worker thread)."""
+        """One operation, over any runs and scopes, in one transaction (on the worker)."""
 
-        def body(conn: sqlite3.Connection) -> tuple[T, bool]:
-            store = _SqlStore(conn, tenant, run_id, self.log_retention)
-            before = store.revision()
-            result = op(store, self.clock.now_ms())
-            return result, store.revision() != before
+        def body(conn: sqlite3.Connection) -> tuple[T, list[str]]:
+            stores = _SqlStores(conn, tenant, self.log_retention)
+            result = op(stores, self.clock.now_ms())
+            return result, stores.changed()
 
         result, changed = self._transaction(body)
-        if changed:
+        for run_id in changed:
             # Rung on the event loop, and even if the caller was cancelled
             # meanwhile: the change is committed, watchers must hear of it.
             with contextlib.suppress(RuntimeError):  # the loop is already closed
                 loop.call_soon_threadsafe(self._bell.ring, tenant, run_id)
         return result
 
-    async def _op(self, tenant: str, run_id: str, op: Callable[[_SqlStore, int], T]) -> T:
+    async def _op(self, tenant: str, op: Callable[[_SqlStores, int], T]) -> T:
         loop = asyncio.get_running_loop()
-        return await self._call(lambda: self._run_op(loop, tenant, run_id, op))
+        return await self._call(lambda: self._run_op(loop, tenant, op))
 
     def _open_connection(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout_ms / 1000)
@@ -468,10 +669,16 @@ class SqliteLedger:
         for statement in _SCHEMA.split(";"):
             if statement.strip():
                 conn.execute(statement)
-        if version == 1:
+        if 0 < version < 2:
             # Version 2 added the change-chain digest; older histories start from "".
             conn.execute("ALTER TABLE runs ADD COLUMN digest TEXT NOT NULL DEFAULT ''")
             conn.execute("ALTER TABLE changes ADD COLUMN state_digest TEXT NOT NULL DEFAULT ''")
+        if 0 < version < 3:
+            # Version 3 added parent scopes; older runs have none.
+            for column in ("parent_run_id", "api_key_id", "user_id", "team_id", "lineage"):
+                conn.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+            conn.execute("ALTER TABLE reservations ADD COLUMN blocking_scope TEXT")
+            conn.execute("ALTER TABLE reservations ADD COLUMN blocking_period INTEGER")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _close_connection(self) -> None:
@@ -506,15 +713,11 @@ class SqliteLedger:
         await self._call(lambda: self._connection().execute("SELECT 1").fetchone())
 
     async def create_run(self, tenant: str, spec: RunSpec) -> CreateRunResult:
-        account, replayed = await self._op(
-            tenant, spec.run_id, lambda store, now: core.create_run(store, spec, now)
-        )
+        account, replayed = await self._op(tenant, lambda s, now: saga.create_run(s, spec, now))
         return CreateRunResult(run=account.view(self.default_ttl_ms), replayed=replayed)
 
     async def get_run(self, tenant: str, run_id: str) -> RunView:
-        account = await self._op(
-            tenant, run_id, lambda store, now: core.get_state(store, run_id, now)
-        )
+        account = await self._op(tenant, lambda s, now: core.get_state(s.run(run_id), run_id, now))
         return account.view(self.default_ttl_ms)
 
     async def reserve(
@@ -525,29 +728,35 @@ class SqliteLedger:
         amount_micros: int,
         ttl_ms: int | None,
     ) -> ReserveResult:
-        def op(store: _SqlStore, now_ms: int) -> ReserveResult:
-            return core.reserve(
-                store, run_id, reservation_id, amount_micros, ttl_ms, self.default_ttl_ms, now_ms
-            )
-
-        return await self._op(tenant, run_id, op)
+        return await self._op(
+            tenant,
+            lambda s, now: saga.reserve(
+                s, run_id, reservation_id, amount_micros, ttl_ms, self.default_ttl_ms, now
+            ),
+        )
 
     async def commit(
         self, tenant: str, run_id: str, reservation_id: str, actual_micros: int
     ) -> CommitResult:
         return await self._op(
-            tenant,
-            run_id,
-            lambda store, now: core.commit(store, run_id, reservation_id, actual_micros, now),
+            tenant, lambda s, now: saga.commit(s, run_id, reservation_id, actual_micros, now)
         )
 
     async def refund(self, tenant: str, run_id: str, reservation_id: str) -> RefundResult:
-        return await self._op(
-            tenant, run_id, lambda store, now: core.refund(store, run_id, reservation_id, now)
-        )
+        return await self._op(tenant, lambda s, now: saga.refund(s, run_id, reservation_id, now))
 
     async def close_run(self, tenant: str, run_id: str) -> CloseRunResult:
-        return await self._op(tenant, run_id, lambda store, now: core.close_run(store, run_id, now))
+        return await self._op(tenant, lambda s, now: core.close_run(s.run(run_id), run_id, now))
+
+    async def set_scope_limit(
+        self, tenant: str, ref: ScopeRef, period: Period, limit_micros: int | None
+    ) -> ScopeView:
+        return await self._op(
+            tenant, lambda s, now: scopes.set_limit(s.scope(ref), ref, period, limit_micros, now)
+        )
+
+    async def get_scope(self, tenant: str, ref: ScopeRef) -> ScopeView:
+        return await self._op(tenant, lambda s, now: scopes.view(s.scope(ref), ref, now))
 
     def _due_runs(self, max_runs: int) -> list[tuple[str, str]]:
         now_ms = self.clock.now_ms()
@@ -566,15 +775,24 @@ class SqliteLedger:
         if max_runs <= 0:
             return 0
         released = 0
-        # Each run expires in its own transaction, so operations interleave.
+        # Each run and scope expires in its own transaction, so operations interleave.
         for tenant, run_id in await self._call(lambda: self._due_runs(max_runs)):
-            released += await self._expire_due(tenant, run_id)
+            released += await self._op(tenant, functools.partial(_expire_run, run_id))
+        for tenant, token in await self._call(lambda: self._due_scopes(max_runs)):
+            released += await self._op(tenant, functools.partial(_expire_scope, token))
         return released
 
-    async def _expire_due(self, tenant: str, run_id: str) -> int:
-        return await self._op(
-            tenant, run_id, lambda store, now: core.expire_due(store, run_id, now)
+    def _due_scopes(self, max_scopes: int) -> list[tuple[str, str]]:
+        rows = (
+            self._connection()
+            .execute(
+                f"SELECT DISTINCT tenant, scope FROM scope_holds INDEXED BY "
+                f"scope_holds_held_by_expiry WHERE status = {_HELD} AND expires_ms <= ? LIMIT ?",
+                (self.clock.now_ms(), max_scopes),
+            )
+            .fetchall()
         )
+        return [(cast(str, tenant), cast(str, scope)) for tenant, scope in rows]
 
     async def read_changes(
         self, tenant: str, run_id: str, after_revision: int, limit: int

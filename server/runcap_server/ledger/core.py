@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from runcap_server import errors
+from runcap_server.ledger.scopes import ParentOutcome
 from runcap_server.ledger.types import (
     MAX_MICROS,
     SETTLED_BY_COMMIT,
@@ -26,12 +27,16 @@ from runcap_server.ledger.types import (
     Decision,
     DecisionReason,
     EventType,
+    Lineage,
+    Period,
     RefundResult,
     Reservation,
     ReservationStatus,
     ReserveResult,
     RunSpec,
     RunStatus,
+    ScopeKind,
+    ScopeRef,
     chain_digest,
 )
 
@@ -151,14 +156,19 @@ def _reservation(txn: _Txn, reservation_id: str) -> Reservation | None:
     return found
 
 
-def create_run(store: RunStore, spec: RunSpec, now_ms: int) -> tuple[Account, bool]:
-    """Create a run, or find the identical one. Returns (account, replayed)."""
+def create_run(
+    store: RunStore, spec: RunSpec, now_ms: int, lineage: Lineage | None = None
+) -> tuple[Account, bool]:
+    """Create a run, or find the identical one. Returns (account, replayed).
+
+    `lineage` is the run's place under its parent (saga.lineage_under).
+    """
     existing = store.load_account()
     if existing is not None:
         if existing.spec != spec:
             raise errors.RunAlreadyExists(spec.run_id)
         return get_state(store, spec.run_id, now_ms), True
-    account = Account(spec=spec, created_ms=now_ms)
+    account = Account(spec=spec, created_ms=now_ms, lineage=lineage or Lineage())
     txn = _Txn(store, account, now_ms)
     txn.record(EventType.CREATED)
     txn.apply()
@@ -187,9 +197,14 @@ def reserve(
     requested_ttl_ms: int | None,
     server_default_ttl_ms: int,
     now_ms: int,
+    parent_block: ParentOutcome | None = None,
 ) -> ReserveResult:
+    """Hold `amount` on the run if it fits; remember the decision either way.
+
+    `parent_block` is the reserve saga's verdict from the run's parent scopes:
+    when set (and this is not a retry), the reservation is blocked by it.
+    """
     txn = _open(store, run_id, now_ms)
-    account = txn.account
     previous = _reservation(txn, reservation_id)
     if previous is not None:
         if (previous.amount_micros, previous.requested_ttl_ms) != (
@@ -197,17 +212,41 @@ def reserve(
             requested_ttl_ms,
         ):
             raise errors.IdempotencyConflict(run_id, reservation_id, "reserved")
-        state = txn.apply()
-        return ReserveResult(
-            decision=previous.decision,
-            reason=previous.reason,
-            reservation_id=reservation_id,
-            held_micros=previous.held_micros,
-            expires_ms=previous.expires_ms,
-            state=state,
-            replayed=True,
-        )
+        return _reserve_result(previous, txn.apply(), replayed=True)
+    ttl_ms = requested_ttl_ms or txn.account.spec.default_ttl_ms or server_default_ttl_ms
+    reservation = _decide(
+        txn, reservation_id, amount_micros, requested_ttl_ms, ttl_ms, parent_block
+    )
+    return _reserve_result(reservation, txn.apply(), replayed=False)
 
+
+def _reserve_result(
+    reservation: Reservation, state: BudgetState, *, replayed: bool
+) -> ReserveResult:
+    return ReserveResult(
+        decision=reservation.decision,
+        reason=reservation.reason,
+        reservation_id=reservation.reservation_id,
+        held_micros=reservation.held_micros,
+        expires_ms=reservation.expires_ms,
+        state=state,
+        replayed=replayed,
+        blocking_scope=reservation.blocking_scope,
+        blocking_period=reservation.blocking_period,
+    )
+
+
+def _decide(
+    txn: _Txn,
+    reservation_id: str,
+    amount_micros: int,
+    requested_ttl_ms: int | None,
+    ttl_ms: int,
+    parent_block: ParentOutcome | None = None,
+) -> Reservation:
+    """A new reservation: held if the run is open and has room and no parent
+    blocked, else blocked (the run's own verdict takes precedence)."""
+    account = txn.account
     if account.status is RunStatus.CLOSED:
         reason = DecisionReason.RUN_CLOSED
     elif account.committed_micros + account.reserved_micros + amount_micros > (
@@ -222,13 +261,20 @@ def reserve(
         requested_ttl_ms=requested_ttl_ms,
         status=ReservationStatus.BLOCKED,
         reason=reason,
-        created_ms=now_ms,
+        created_ms=txn.now_ms,
+        blocking_scope=ScopeRef(ScopeKind.RUN, account.run_id),
+        blocking_period=Period.LIFETIME,
     )
-    if reason is DecisionReason.WITHIN_BUDGET:
+    if reason is DecisionReason.WITHIN_BUDGET and parent_block is not None:
+        reservation.reason = parent_block.reason
+        reservation.blocking_scope = parent_block.scope
+        reservation.blocking_period = parent_block.period
+        txn.reservations[reservation_id] = reservation
+    elif reason is DecisionReason.WITHIN_BUDGET:
+        reservation.blocking_scope = reservation.blocking_period = None
         reservation.status = ReservationStatus.HELD
         reservation.held_micros = amount_micros
-        ttl_ms = requested_ttl_ms or account.spec.default_ttl_ms or server_default_ttl_ms
-        reservation.expires_ms = now_ms + ttl_ms
+        reservation.expires_ms = txn.now_ms + ttl_ms
         account.reserved_micros += amount_micros
         account.active_reservations += 1
         txn.record(EventType.RESERVED, reservation, amount_micros=amount_micros)
@@ -236,23 +282,69 @@ def reserve(
         # A block changes no money and no revision, but is remembered so a
         # retry cannot turn it into an allow once budget frees up.
         txn.reservations[reservation_id] = reservation
-    state = txn.apply()
-    return ReserveResult(
-        decision=reservation.decision,
-        reason=reason,
-        reservation_id=reservation_id,
-        held_micros=reservation.held_micros,
-        expires_ms=reservation.expires_ms,
-        state=state,
-        replayed=False,
+    return reservation
+
+
+def hold_for_child(
+    store: RunStore, run_id: str, hold_id: str, amount_micros: int, ttl_ms: int, now_ms: int
+) -> ParentOutcome:
+    """The reserve saga's step on an ancestor run: hold a descendant's estimate.
+
+    Idempotent by hold id (a repeat answers what the hold is now). A missing
+    ancestor (its keys aged out after it closed) blocks like a closed one.
+    """
+    scope = ScopeRef(ScopeKind.RUN, run_id)
+    if store.load_account() is None:
+        return ParentOutcome(
+            scope, ReservationStatus.BLOCKED, False, DecisionReason.RUN_CLOSED, Period.LIFETIME
+        )
+    txn = _open(store, run_id, now_ms)
+    found = _reservation(txn, hold_id)
+    replayed = found is not None
+    if found is None:
+        found = _decide(txn, hold_id, amount_micros, ttl_ms, ttl_ms)
+    txn.apply()
+    blocked = found.status is ReservationStatus.BLOCKED
+    return ParentOutcome(
+        scope, found.status, replayed, found.reason, Period.LIFETIME if blocked else None
     )
+
+
+def settle_for_child(
+    store: RunStore, run_id: str, hold_id: str, actual_micros: int | None, now_ms: int
+) -> None:
+    """The commit (or, with None, refund) saga's step on an ancestor run.
+
+    Idempotent. The descendant's record is the truth: a commit always records
+    the money (late when the hold expired or never reached this run), and a
+    release after any settlement changes nothing.
+    """
+    if store.load_account() is None:
+        return  # the ancestor aged out after it closed: nothing left to charge
+    txn = _open(store, run_id, now_ms)
+    found = _reservation(txn, hold_id)
+    if actual_micros is None:
+        if found is not None and found.status is ReservationStatus.HELD:
+            _release(txn, found)
+    elif found is None:
+        found = Reservation(
+            reservation_id=hold_id,
+            amount_micros=0,
+            requested_ttl_ms=None,
+            status=ReservationStatus.EXPIRED,
+            reason=DecisionReason.WITHIN_BUDGET,
+            created_ms=now_ms,
+        )
+        _commit(txn, run_id, found, actual_micros)
+    elif found.status in (ReservationStatus.HELD, ReservationStatus.EXPIRED):
+        _commit(txn, run_id, found, actual_micros)
+    txn.apply()
 
 
 def commit(
     store: RunStore, run_id: str, reservation_id: str, actual_micros: int, now_ms: int
 ) -> CommitResult:
     txn = _open(store, run_id, now_ms)
-    account = txn.account
     reservation = _reservation(txn, reservation_id)
     if reservation is None:
         raise errors.ReservationNotFound(run_id, reservation_id)
@@ -273,10 +365,24 @@ def commit(
             replayed=True,
         )
 
+    overrun = _commit(txn, run_id, reservation, actual_micros)
+    return CommitResult(
+        state=txn.apply(),
+        reservation_status=reservation.status,
+        actual_micros=actual_micros,
+        held_micros=reservation.held_micros,
+        overrun_micros=overrun,
+        replayed=False,
+    )
+
+
+def _commit(txn: _Txn, run_id: str, reservation: Reservation, actual_micros: int) -> int:
+    """Settle a held or expired reservation with its actual cost. Returns the overrun."""
+    account = txn.account
     if account.committed_micros + actual_micros > MAX_MICROS:
         # Totals must stay exact in every backend (Lua numbers are doubles).
         raise errors.committed_total_out_of_range(run_id)
-    late = status is ReservationStatus.EXPIRED
+    late = reservation.status is ReservationStatus.EXPIRED
     if late:
         # The hold is gone; the money was spent all the same.
         overrun = actual_micros
@@ -288,7 +394,7 @@ def commit(
         account.active_reservations -= 1
     reservation.actual_micros = actual_micros
     reservation.overrun_micros = overrun
-    reservation.settled_ms = now_ms
+    reservation.settled_ms = txn.now_ms
     account.committed_micros += actual_micros
     account.overrun_micros += overrun
     txn.record(
@@ -299,19 +405,21 @@ def commit(
         overrun_micros=overrun,
         late=late,
     )
-    return CommitResult(
-        state=txn.apply(),
-        reservation_status=reservation.status,
-        actual_micros=actual_micros,
-        held_micros=reservation.held_micros,
-        overrun_micros=overrun,
-        replayed=False,
-    )
+    return overrun
+
+
+def _release(txn: _Txn, reservation: Reservation) -> int:
+    held = reservation.held_micros
+    reservation.status = ReservationStatus.RELEASED
+    reservation.settled_ms = txn.now_ms
+    txn.account.reserved_micros -= held
+    txn.account.active_reservations -= 1
+    txn.record(EventType.REFUNDED, reservation, amount_micros=held)
+    return held
 
 
 def refund(store: RunStore, run_id: str, reservation_id: str, now_ms: int) -> RefundResult:
     txn = _open(store, run_id, now_ms)
-    account = txn.account
     reservation = _reservation(txn, reservation_id)
     if reservation is None:
         raise errors.ReservationNotFound(run_id, reservation_id)
@@ -325,12 +433,7 @@ def refund(store: RunStore, run_id: str, reservation_id: str, now_ms: int) -> Re
             released_micros=0,
             replayed=True,
         )
-    held = reservation.held_micros
-    reservation.status = ReservationStatus.RELEASED
-    reservation.settled_ms = now_ms
-    account.reserved_micros -= held
-    account.active_reservations -= 1
-    txn.record(EventType.REFUNDED, reservation, amount_micros=held)
+    held = _release(txn, reservation)
     return RefundResult(
         state=txn.apply(),
         reservation_status=ReservationStatus.RELEASED,

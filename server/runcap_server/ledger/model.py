@@ -7,12 +7,16 @@ restart).
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from runcap_server import errors
 from runcap_server.backends.base import ChangeBell, wait_event
 from runcap_server.clock import Clock, SystemClock
-from runcap_server.ledger import core
+from runcap_server.ledger import core, saga, scopes
+from runcap_server.ledger.scopes import ScopeHold, ScopeView, WindowTotals
 from runcap_server.ledger.types import (
     Account,
     Change,
@@ -20,12 +24,14 @@ from runcap_server.ledger.types import (
     CloseRunResult,
     CommitResult,
     CreateRunResult,
+    Period,
     RefundResult,
     Reservation,
     ReservationStatus,
     ReserveResult,
     RunSpec,
     RunView,
+    ScopeRef,
 )
 
 
@@ -34,6 +40,9 @@ class _Run:
     account: Account | None = None
     reservations: dict[str, Reservation] = field(default_factory=dict)
     log: list[Change] = field(default_factory=list)
+
+
+T = TypeVar("T")
 
 
 class _MemoryStore:
@@ -72,6 +81,79 @@ class _MemoryStore:
             del self.run.log[: len(self.run.log) - self.retention]
 
 
+@dataclass
+class _Scope:
+    limits: dict[Period, int] = field(default_factory=dict)
+    windows: dict[str, WindowTotals] = field(default_factory=dict)
+    holds: dict[str, ScopeHold] = field(default_factory=dict)
+
+
+class _MemoryScopeStore:
+    """scopes.ScopeStore over one scope's dicts."""
+
+    def __init__(self, scope: _Scope) -> None:
+        self.scope = scope
+
+    def load_limits(self) -> dict[Period, int]:
+        return dict(self.scope.limits)
+
+    def save_limit(self, period: Period, limit_micros: int | None) -> None:
+        if limit_micros is None:
+            self.scope.limits.pop(period, None)
+        else:
+            self.scope.limits[period] = limit_micros
+
+    def load_window(self, key: str) -> WindowTotals:
+        return dataclasses.replace(self.scope.windows.get(key) or WindowTotals())
+
+    def save_window(self, key: str, totals: WindowTotals) -> None:
+        self.scope.windows[key] = dataclasses.replace(totals)
+
+    def load_hold(self, hold_id: str) -> ScopeHold | None:
+        found = self.scope.holds.get(hold_id)
+        return found.copy() if found else None
+
+    def due_holds(self, now_ms: int) -> list[ScopeHold]:
+        due = [
+            h.copy()
+            for h in self.scope.holds.values()
+            if h.status is ReservationStatus.HELD
+            and h.expires_ms is not None
+            and h.expires_ms <= now_ms
+        ]
+        return sorted(due, key=lambda h: (h.expires_ms or 0, h.hold_id))
+
+    def save_hold(self, hold: ScopeHold) -> None:
+        self.scope.holds[hold.hold_id] = hold.copy()
+
+
+class _MemoryStores:
+    """saga.Stores over the model's dicts; remembers which runs it handed out."""
+
+    def __init__(self, ledger: ModelLedger, tenant: str) -> None:
+        self.ledger = ledger
+        self.tenant = tenant
+        self.touched: dict[str, int] = {}
+
+    def run(self, run_id: str) -> _MemoryStore:
+        key = (self.tenant, run_id)
+        run = self.ledger._runs.setdefault(key, _Run())
+        if run_id not in self.touched:
+            self.touched[run_id] = run.account.revision if run.account else 0
+        return _MemoryStore(run, self.ledger.log_retention)
+
+    def scope(self, ref: ScopeRef) -> _MemoryScopeStore:
+        return _MemoryScopeStore(self.ledger._scopes.setdefault((self.tenant, ref), _Scope()))
+
+    def ring_changed(self, bell: ChangeBell) -> None:
+        for run_id, before in self.touched.items():
+            run = self.ledger._runs.get((self.tenant, run_id))
+            if run is not None and run.account is None:
+                del self.ledger._runs[(self.tenant, run_id)]  # looked up, never created
+            elif run is not None and run.account is not None and run.account.revision != before:
+                bell.ring(self.tenant, run_id)
+
+
 class ModelLedger:
     """The in-memory reference ledger; implements backends.base.Backend."""
 
@@ -86,6 +168,7 @@ class ModelLedger:
         self.clock = clock or SystemClock()
         self.log_retention = log_retention
         self._runs: dict[tuple[str, str], _Run] = {}
+        self._scopes: dict[tuple[str, ScopeRef], _Scope] = {}
         self._bell = ChangeBell()
 
     async def start(self) -> None:
@@ -97,36 +180,20 @@ class ModelLedger:
     async def ping(self) -> None:
         pass
 
-    def _store(self, tenant: str, run_id: str, create: bool = False) -> _MemoryStore:
-        key = (tenant, run_id)
-        run = self._runs.get(key)
-        if run is None:
-            run = _Run()
-            if create:
-                self._runs[key] = run
-        return _MemoryStore(run, self.log_retention)
-
-    def _existing(self, tenant: str, run_id: str) -> _MemoryStore:
-        store = self._store(tenant, run_id)
-        if store.run.account is None:
-            raise errors.RunNotFound(run_id)
-        return store
-
-    def _rang(self, tenant: str, run_id: str, before: int, store: _MemoryStore) -> None:
-        if store.run.account and store.run.account.revision != before:
-            self._bell.ring(tenant, run_id)
+    def _op(self, tenant: str, op: Callable[[_MemoryStores, int], T]) -> T:
+        """One operation over any runs and scopes, with nothing else in between."""
+        stores = _MemoryStores(self, tenant)
+        try:
+            return op(stores, self.clock.now_ms())
+        finally:
+            stores.ring_changed(self._bell)
 
     async def create_run(self, tenant: str, spec: RunSpec) -> CreateRunResult:
-        store = self._store(tenant, spec.run_id, create=True)
-        account, replayed = core.create_run(store, spec, self.clock.now_ms())
-        self._bell.ring(tenant, spec.run_id)
+        account, replayed = self._op(tenant, lambda s, now: saga.create_run(s, spec, now))
         return CreateRunResult(run=account.view(self.default_ttl_ms), replayed=replayed)
 
     async def get_run(self, tenant: str, run_id: str) -> RunView:
-        store = self._existing(tenant, run_id)
-        before = store.run.account.revision if store.run.account else 0
-        account = core.get_state(store, run_id, self.clock.now_ms())
-        self._rang(tenant, run_id, before, store)
+        account = self._op(tenant, lambda s, now: core.get_state(s.run(run_id), run_id, now))
         return account.view(self.default_ttl_ms)
 
     async def reserve(
@@ -137,43 +204,35 @@ class ModelLedger:
         amount_micros: int,
         ttl_ms: int | None,
     ) -> ReserveResult:
-        store = self._existing(tenant, run_id)
-        assert store.run.account is not None
-        before = store.run.account.revision
-        result = core.reserve(
-            store,
-            run_id,
-            reservation_id,
-            amount_micros,
-            ttl_ms,
-            self.default_ttl_ms,
-            self.clock.now_ms(),
+        return self._op(
+            tenant,
+            lambda s, now: saga.reserve(
+                s, run_id, reservation_id, amount_micros, ttl_ms, self.default_ttl_ms, now
+            ),
         )
-        self._rang(tenant, run_id, before, store)
-        return result
 
     async def commit(
         self, tenant: str, run_id: str, reservation_id: str, actual_micros: int
     ) -> CommitResult:
-        store = self._existing(tenant, run_id)
-        before = store.run.account.revision if store.run.account else 0
-        result = core.commit(store, run_id, reservation_id, actual_micros, self.clock.now_ms())
-        self._rang(tenant, run_id, before, store)
-        return result
+        return self._op(
+            tenant, lambda s, now: saga.commit(s, run_id, reservation_id, actual_micros, now)
+        )
 
     async def refund(self, tenant: str, run_id: str, reservation_id: str) -> RefundResult:
-        store = self._existing(tenant, run_id)
-        before = store.run.account.revision if store.run.account else 0
-        result = core.refund(store, run_id, reservation_id, self.clock.now_ms())
-        self._rang(tenant, run_id, before, store)
-        return result
+        return self._op(tenant, lambda s, now: saga.refund(s, run_id, reservation_id, now))
 
     async def close_run(self, tenant: str, run_id: str) -> CloseRunResult:
-        store = self._existing(tenant, run_id)
-        before = store.run.account.revision if store.run.account else 0
-        result = core.close_run(store, run_id, self.clock.now_ms())
-        self._rang(tenant, run_id, before, store)
-        return result
+        return self._op(tenant, lambda s, now: core.close_run(s.run(run_id), run_id, now))
+
+    async def set_scope_limit(
+        self, tenant: str, ref: ScopeRef, period: Period, limit_micros: int | None
+    ) -> ScopeView:
+        return self._op(
+            tenant, lambda s, now: scopes.set_limit(s.scope(ref), ref, period, limit_micros, now)
+        )
+
+    async def get_scope(self, tenant: str, ref: ScopeRef) -> ScopeView:
+        return self._op(tenant, lambda s, now: scopes.view(s.scope(ref), ref, now))
 
     async def sweep(self, max_runs: int) -> int:
         now_ms = self.clock.now_ms()
@@ -187,15 +246,18 @@ class ModelLedger:
             max_runs -= 1
             released += core.expire_due(store, run_id, now_ms)
             self._bell.ring(tenant, run_id)
+        for scope in self._scopes.values():
+            released += scopes.expire_due(_MemoryScopeStore(scope), now_ms)
         return released
 
     async def read_changes(
         self, tenant: str, run_id: str, after_revision: int, limit: int
     ) -> ChangePage:
-        store = self._existing(tenant, run_id)
-        assert store.run.account is not None
-        log = store.run.log
-        head = store.run.account.revision
+        run = self._runs.get((tenant, run_id))
+        if run is None or run.account is None:
+            raise errors.RunNotFound(run_id)
+        log = run.log
+        head = run.account.revision
         floor = log[0].revision if log else head + 1
         start = max(0, after_revision + 1 - floor)
         return ChangePage(changes=log[start : start + limit], floor=floor, head=head)
@@ -207,6 +269,6 @@ class ModelLedger:
         self, tenant: str, run_id: str, after_revision: int, timeout_s: float
     ) -> None:
         event = self._bell.arm(tenant, run_id)
-        account = self._store(tenant, run_id).run.account
-        if account is None or account.revision <= after_revision:
+        run = self._runs.get((tenant, run_id))
+        if run is None or run.account is None or run.account.revision <= after_revision:
             await wait_event(event, timeout_s)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
@@ -30,6 +31,20 @@ class DecisionReason(IntEnum):
     WITHIN_BUDGET = 1
     INSUFFICIENT_BUDGET = 2
     RUN_CLOSED = 3
+    RESERVATION_EXPIRED = 4
+
+
+class ScopeKind(IntEnum):
+    RUN = 1
+    API_KEY = 2
+    USER = 3
+    TEAM = 4
+
+
+class Period(IntEnum):
+    LIFETIME = 1
+    DAILY = 2
+    MONTHLY = 3
 
 
 class ReservationStatus(IntEnum):
@@ -53,6 +68,28 @@ class EventType(IntEnum):
     CLOSED = 6
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class ScopeRef:
+    """A scope a reservation is held on: a run, or an API key, user or team."""
+
+    kind: ScopeKind
+    id: str
+
+    @property
+    def token(self) -> str:
+        """A compact, unambiguous text form (stored by backends): "team:acme"."""
+        return f"{self.kind.name.lower()}:{self.id}"
+
+    @classmethod
+    def parse(cls, token: str) -> ScopeRef:
+        kind, _, id_ = token.partition(":")
+        return cls(ScopeKind[kind.upper()], id_)
+
+
+# Runs nest at most this deep (a run and 15 ancestors).
+MAX_RUN_DEPTH = 16
+
+
 @dataclass(frozen=True, slots=True)
 class RunSpec:
     """What a client asks for when it creates a run (compared for idempotency)."""
@@ -62,6 +99,63 @@ class RunSpec:
     labels: Mapping[str, str]
     # None: the server's default applies.
     default_ttl_ms: int | None
+    # Parent scopes as given; empty ones inherit the parent run's.
+    parent_run_id: str = ""
+    api_key_id: str = ""
+    user_id: str = ""
+    team_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Lineage:
+    """Where a run sits: its ancestors and the scopes it is charged to (effective)."""
+
+    ancestors: tuple[str, ...] = ()
+    api_key_id: str = ""
+    user_id: str = ""
+    team_id: str = ""
+
+    def parents(self) -> tuple[ScopeRef, ...]:
+        """Every scope a reservation of the run is also held on, in saga order."""
+        refs = [ScopeRef(ScopeKind.RUN, run_id) for run_id in self.ancestors]
+        for kind, id_ in (
+            (ScopeKind.API_KEY, self.api_key_id),
+            (ScopeKind.USER, self.user_id),
+            (ScopeKind.TEAM, self.team_id),
+        ):
+            if id_:
+                refs.append(ScopeRef(kind, id_))
+        return tuple(refs)
+
+    def child(self, spec: RunSpec) -> Lineage:
+        """The lineage of a run created under this one (this one is spec's parent)."""
+        return Lineage(
+            ancestors=(spec.parent_run_id, *self.ancestors) if spec.parent_run_id else (),
+            api_key_id=spec.api_key_id or self.api_key_id,
+            user_id=spec.user_id or self.user_id,
+            team_id=spec.team_id or self.team_id,
+        )
+
+    def encode(self) -> str:
+        return json.dumps(
+            [list(self.ancestors), self.api_key_id, self.user_id, self.team_id],
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def decode(cls, text: str) -> Lineage:
+        if not text:
+            return cls()
+        ancestors, key, user, team = json.loads(text)
+        return cls(tuple(ancestors), key, user, team)
+
+
+def hold_id(run_id: str, reservation_id: str) -> str:
+    """The id of a run's reservation as held on a parent scope.
+
+    "/" never appears in run or reservation ids, so clients cannot name it.
+    """
+    return f"{run_id}/{reservation_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +184,7 @@ class Account:
     spec: RunSpec
     created_ms: int
     closed_ms: int | None = None
+    lineage: Lineage = dataclasses.field(default_factory=Lineage)
     status: RunStatus = RunStatus.OPEN
     committed_micros: int = 0
     reserved_micros: int = 0
@@ -126,6 +221,7 @@ class Account:
             created_ms=self.created_ms,
             closed_ms=self.closed_ms,
             state=self.state(),
+            lineage=self.lineage,
         )
 
 
@@ -146,6 +242,9 @@ class Reservation:
     actual_micros: int | None = None
     overrun_micros: int = 0
     settled_ms: int | None = None
+    # For a block: the scope and period that blocked.
+    blocking_scope: ScopeRef | None = None
+    blocking_period: Period | None = None
 
     @property
     def decision(self) -> Decision:
@@ -199,6 +298,7 @@ class RunView:
     created_ms: int
     closed_ms: int | None
     state: BudgetState
+    lineage: Lineage = Lineage()
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +316,8 @@ class ReserveResult:
     expires_ms: int | None
     state: BudgetState
     replayed: bool
+    blocking_scope: ScopeRef | None = None
+    blocking_period: Period | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -143,8 +143,13 @@ const (
 	DecisionReason_DECISION_REASON_WITHIN_BUDGET DecisionReason = 1
 	// The estimate does not fit in what remains of the run's limit.
 	DecisionReason_DECISION_REASON_INSUFFICIENT_BUDGET DecisionReason = 2
-	// The run was closed before this reservation arrived.
+	// The run, or the ancestor run named by `blocking_scope`, was closed before
+	// this reservation arrived.
 	DecisionReason_DECISION_REASON_RUN_CLOSED DecisionReason = 3
+	// A retry arrived after the hold an earlier attempt with this reservation
+	// id had placed on a parent scope expired, and that attempt never reached
+	// the run. Nothing is held; reserve again with a new reservation id.
+	DecisionReason_DECISION_REASON_RESERVATION_EXPIRED DecisionReason = 4
 )
 
 // Enum value maps for DecisionReason.
@@ -154,12 +159,14 @@ var (
 		1: "DECISION_REASON_WITHIN_BUDGET",
 		2: "DECISION_REASON_INSUFFICIENT_BUDGET",
 		3: "DECISION_REASON_RUN_CLOSED",
+		4: "DECISION_REASON_RESERVATION_EXPIRED",
 	}
 	DecisionReason_value = map[string]int32{
 		"DECISION_REASON_UNSPECIFIED":         0,
 		"DECISION_REASON_WITHIN_BUDGET":       1,
 		"DECISION_REASON_INSUFFICIENT_BUDGET": 2,
 		"DECISION_REASON_RUN_CLOSED":          3,
+		"DECISION_REASON_RESERVATION_EXPIRED": 4,
 	}
 )
 
@@ -188,6 +195,128 @@ func (x DecisionReason) Number() protoreflect.EnumNumber {
 // Deprecated: Use DecisionReason.Descriptor instead.
 func (DecisionReason) EnumDescriptor() ([]byte, []int) {
 	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{2}
+}
+
+// ScopeKind names what a scope is. A run is charged on its own ledger and on
+// each of its parent scopes: its ancestor runs (for a subagent), its API key,
+// its user and its team.
+type ScopeKind int32
+
+const (
+	// The kind is not set. The server never returns this value.
+	ScopeKind_SCOPE_KIND_UNSPECIFIED ScopeKind = 0
+	// A run: the run itself or one of its ancestors.
+	ScopeKind_SCOPE_KIND_RUN ScopeKind = 1
+	// An API key, by the id the run was created with.
+	ScopeKind_SCOPE_KIND_API_KEY ScopeKind = 2
+	// A user.
+	ScopeKind_SCOPE_KIND_USER ScopeKind = 3
+	// A team.
+	ScopeKind_SCOPE_KIND_TEAM ScopeKind = 4
+)
+
+// Enum value maps for ScopeKind.
+var (
+	ScopeKind_name = map[int32]string{
+		0: "SCOPE_KIND_UNSPECIFIED",
+		1: "SCOPE_KIND_RUN",
+		2: "SCOPE_KIND_API_KEY",
+		3: "SCOPE_KIND_USER",
+		4: "SCOPE_KIND_TEAM",
+	}
+	ScopeKind_value = map[string]int32{
+		"SCOPE_KIND_UNSPECIFIED": 0,
+		"SCOPE_KIND_RUN":         1,
+		"SCOPE_KIND_API_KEY":     2,
+		"SCOPE_KIND_USER":        3,
+		"SCOPE_KIND_TEAM":        4,
+	}
+)
+
+func (x ScopeKind) Enum() *ScopeKind {
+	p := new(ScopeKind)
+	*p = x
+	return p
+}
+
+func (x ScopeKind) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ScopeKind) Descriptor() protoreflect.EnumDescriptor {
+	return file_runcap_v1_budget_proto_enumTypes[3].Descriptor()
+}
+
+func (ScopeKind) Type() protoreflect.EnumType {
+	return &file_runcap_v1_budget_proto_enumTypes[3]
+}
+
+func (x ScopeKind) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ScopeKind.Descriptor instead.
+func (ScopeKind) EnumDescriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{3}
+}
+
+// Period is the window a scope ceiling applies to. Daily and monthly windows
+// are calendar days and months in UTC; a reservation counts in the windows
+// current when it was made, also when it settles later.
+type Period int32
+
+const (
+	// The period is not set. The server never returns this value.
+	Period_PERIOD_UNSPECIFIED Period = 0
+	// For ever. A run's own limit is a lifetime ceiling.
+	Period_PERIOD_LIFETIME Period = 1
+	// One calendar day in UTC.
+	Period_PERIOD_DAILY Period = 2
+	// One calendar month in UTC.
+	Period_PERIOD_MONTHLY Period = 3
+)
+
+// Enum value maps for Period.
+var (
+	Period_name = map[int32]string{
+		0: "PERIOD_UNSPECIFIED",
+		1: "PERIOD_LIFETIME",
+		2: "PERIOD_DAILY",
+		3: "PERIOD_MONTHLY",
+	}
+	Period_value = map[string]int32{
+		"PERIOD_UNSPECIFIED": 0,
+		"PERIOD_LIFETIME":    1,
+		"PERIOD_DAILY":       2,
+		"PERIOD_MONTHLY":     3,
+	}
+)
+
+func (x Period) Enum() *Period {
+	p := new(Period)
+	*p = x
+	return p
+}
+
+func (x Period) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Period) Descriptor() protoreflect.EnumDescriptor {
+	return file_runcap_v1_budget_proto_enumTypes[4].Descriptor()
+}
+
+func (Period) Type() protoreflect.EnumType {
+	return &file_runcap_v1_budget_proto_enumTypes[4]
+}
+
+func (x Period) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Period.Descriptor instead.
+func (Period) EnumDescriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{4}
 }
 
 // ReservationStatus is where a reservation is in its state machine:
@@ -248,11 +377,11 @@ func (x ReservationStatus) String() string {
 }
 
 func (ReservationStatus) Descriptor() protoreflect.EnumDescriptor {
-	return file_runcap_v1_budget_proto_enumTypes[3].Descriptor()
+	return file_runcap_v1_budget_proto_enumTypes[5].Descriptor()
 }
 
 func (ReservationStatus) Type() protoreflect.EnumType {
-	return &file_runcap_v1_budget_proto_enumTypes[3]
+	return &file_runcap_v1_budget_proto_enumTypes[5]
 }
 
 func (x ReservationStatus) Number() protoreflect.EnumNumber {
@@ -261,7 +390,7 @@ func (x ReservationStatus) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ReservationStatus.Descriptor instead.
 func (ReservationStatus) EnumDescriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{3}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{5}
 }
 
 // EventType names what changed in a run.
@@ -318,11 +447,11 @@ func (x EventType) String() string {
 }
 
 func (EventType) Descriptor() protoreflect.EnumDescriptor {
-	return file_runcap_v1_budget_proto_enumTypes[4].Descriptor()
+	return file_runcap_v1_budget_proto_enumTypes[6].Descriptor()
 }
 
 func (EventType) Type() protoreflect.EnumType {
-	return &file_runcap_v1_budget_proto_enumTypes[4]
+	return &file_runcap_v1_budget_proto_enumTypes[6]
 }
 
 func (x EventType) Number() protoreflect.EnumNumber {
@@ -331,7 +460,239 @@ func (x EventType) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use EventType.Descriptor instead.
 func (EventType) EnumDescriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{4}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{6}
+}
+
+// ScopeRef names a scope.
+type ScopeRef struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What the scope is.
+	Kind ScopeKind `protobuf:"varint,1,opt,name=kind,proto3,enum=runcap.v1.ScopeKind" json:"kind,omitempty"`
+	// The scope's id: a run id for SCOPE_KIND_RUN, otherwise the id of the API
+	// key, user or team (same rules as run ids).
+	Id            string `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScopeRef) Reset() {
+	*x = ScopeRef{}
+	mi := &file_runcap_v1_budget_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScopeRef) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScopeRef) ProtoMessage() {}
+
+func (x *ScopeRef) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScopeRef.ProtoReflect.Descriptor instead.
+func (*ScopeRef) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *ScopeRef) GetKind() ScopeKind {
+	if x != nil {
+		return x.Kind
+	}
+	return ScopeKind_SCOPE_KIND_UNSPECIFIED
+}
+
+func (x *ScopeRef) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// ScopeUsage is a scope's ledger for one period, in its current window.
+type ScopeUsage struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The period.
+	Period Period `protobuf:"varint,1,opt,name=period,proto3,enum=runcap.v1.Period" json:"period,omitempty"`
+	// The ceiling for this period in micro-USD; unset when none is configured
+	// (the scope's spend is tracked all the same).
+	LimitMicros *int64 `protobuf:"varint,2,opt,name=limit_micros,json=limitMicros,proto3,oneof" json:"limit_micros,omitempty"`
+	// Where the current window starts, in server time. Unset for lifetime.
+	WindowStartTime *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=window_start_time,json=windowStartTime,proto3" json:"window_start_time,omitempty"`
+	// Where the current window ends (exclusive). Unset for lifetime.
+	WindowEndTime *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=window_end_time,json=windowEndTime,proto3" json:"window_end_time,omitempty"`
+	// The actual costs recorded in this window, including overruns and late
+	// commits.
+	CommittedMicros int64 `protobuf:"varint,5,opt,name=committed_micros,json=committedMicros,proto3" json:"committed_micros,omitempty"`
+	// The holds of this window that are active.
+	ReservedMicros int64 `protobuf:"varint,6,opt,name=reserved_micros,json=reservedMicros,proto3" json:"reserved_micros,omitempty"`
+	// max(0, limit - committed - reserved); 0 when there is no limit.
+	RemainingMicros int64 `protobuf:"varint,7,opt,name=remaining_micros,json=remainingMicros,proto3" json:"remaining_micros,omitempty"`
+	// The part of `committed_micros` that was not covered by a hold.
+	OverrunMicros int64 `protobuf:"varint,8,opt,name=overrun_micros,json=overrunMicros,proto3" json:"overrun_micros,omitempty"`
+	// The number of active holds in this window.
+	ActiveReservations int64 `protobuf:"varint,9,opt,name=active_reservations,json=activeReservations,proto3" json:"active_reservations,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *ScopeUsage) Reset() {
+	*x = ScopeUsage{}
+	mi := &file_runcap_v1_budget_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScopeUsage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScopeUsage) ProtoMessage() {}
+
+func (x *ScopeUsage) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScopeUsage.ProtoReflect.Descriptor instead.
+func (*ScopeUsage) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ScopeUsage) GetPeriod() Period {
+	if x != nil {
+		return x.Period
+	}
+	return Period_PERIOD_UNSPECIFIED
+}
+
+func (x *ScopeUsage) GetLimitMicros() int64 {
+	if x != nil && x.LimitMicros != nil {
+		return *x.LimitMicros
+	}
+	return 0
+}
+
+func (x *ScopeUsage) GetWindowStartTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.WindowStartTime
+	}
+	return nil
+}
+
+func (x *ScopeUsage) GetWindowEndTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.WindowEndTime
+	}
+	return nil
+}
+
+func (x *ScopeUsage) GetCommittedMicros() int64 {
+	if x != nil {
+		return x.CommittedMicros
+	}
+	return 0
+}
+
+func (x *ScopeUsage) GetReservedMicros() int64 {
+	if x != nil {
+		return x.ReservedMicros
+	}
+	return 0
+}
+
+func (x *ScopeUsage) GetRemainingMicros() int64 {
+	if x != nil {
+		return x.RemainingMicros
+	}
+	return 0
+}
+
+func (x *ScopeUsage) GetOverrunMicros() int64 {
+	if x != nil {
+		return x.OverrunMicros
+	}
+	return 0
+}
+
+func (x *ScopeUsage) GetActiveReservations() int64 {
+	if x != nil {
+		return x.ActiveReservations
+	}
+	return 0
+}
+
+// Scope is a parent scope's ceilings and usage. Scopes exist implicitly: a
+// scope nobody has charged or limited reads as all zeros with no limits.
+type Scope struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The scope.
+	Ref *ScopeRef `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
+	// One entry per period, lifetime, daily and monthly, in that order.
+	Usage         []*ScopeUsage `protobuf:"bytes,2,rep,name=usage,proto3" json:"usage,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Scope) Reset() {
+	*x = Scope{}
+	mi := &file_runcap_v1_budget_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Scope) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Scope) ProtoMessage() {}
+
+func (x *Scope) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Scope.ProtoReflect.Descriptor instead.
+func (*Scope) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Scope) GetRef() *ScopeRef {
+	if x != nil {
+		return x.Ref
+	}
+	return nil
+}
+
+func (x *Scope) GetUsage() []*ScopeUsage {
+	if x != nil {
+		return x.Usage
+	}
+	return nil
 }
 
 // BudgetState is the ledger of one run at one revision. All money is integer
@@ -374,7 +735,7 @@ type BudgetState struct {
 
 func (x *BudgetState) Reset() {
 	*x = BudgetState{}
-	mi := &file_runcap_v1_budget_proto_msgTypes[0]
+	mi := &file_runcap_v1_budget_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -386,7 +747,7 @@ func (x *BudgetState) String() string {
 func (*BudgetState) ProtoMessage() {}
 
 func (x *BudgetState) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_proto_msgTypes[0]
+	mi := &file_runcap_v1_budget_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -399,7 +760,7 @@ func (x *BudgetState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BudgetState.ProtoReflect.Descriptor instead.
 func (*BudgetState) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{0}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *BudgetState) GetRunId() string {
@@ -487,14 +848,25 @@ type Run struct {
 	// When the run was created, in server time.
 	CreateTime *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
 	// When the run was closed, in server time. Unset while the run is open.
-	CloseTime     *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=close_time,json=closeTime,proto3" json:"close_time,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	CloseTime *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=close_time,json=closeTime,proto3" json:"close_time,omitempty"`
+	// The parent run of a subagent run; empty for a root run.
+	ParentRunId string `protobuf:"bytes,7,opt,name=parent_run_id,json=parentRunId,proto3" json:"parent_run_id,omitempty"`
+	// The API key the run is charged to, given or inherited from the parent.
+	ApiKeyId string `protobuf:"bytes,8,opt,name=api_key_id,json=apiKeyId,proto3" json:"api_key_id,omitempty"`
+	// The user the run is charged to, given or inherited from the parent.
+	UserId string `protobuf:"bytes,9,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// The team the run is charged to, given or inherited from the parent.
+	TeamId string `protobuf:"bytes,10,opt,name=team_id,json=teamId,proto3" json:"team_id,omitempty"`
+	// Every ancestor run, the parent first and the root last. Each reservation
+	// of this run is held on all of them.
+	AncestorRunIds []string `protobuf:"bytes,11,rep,name=ancestor_run_ids,json=ancestorRunIds,proto3" json:"ancestor_run_ids,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Run) Reset() {
 	*x = Run{}
-	mi := &file_runcap_v1_budget_proto_msgTypes[1]
+	mi := &file_runcap_v1_budget_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -506,7 +878,7 @@ func (x *Run) String() string {
 func (*Run) ProtoMessage() {}
 
 func (x *Run) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_proto_msgTypes[1]
+	mi := &file_runcap_v1_budget_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -519,7 +891,7 @@ func (x *Run) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Run.ProtoReflect.Descriptor instead.
 func (*Run) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{1}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Run) GetRunId() string {
@@ -564,6 +936,41 @@ func (x *Run) GetCloseTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *Run) GetParentRunId() string {
+	if x != nil {
+		return x.ParentRunId
+	}
+	return ""
+}
+
+func (x *Run) GetApiKeyId() string {
+	if x != nil {
+		return x.ApiKeyId
+	}
+	return ""
+}
+
+func (x *Run) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *Run) GetTeamId() string {
+	if x != nil {
+		return x.TeamId
+	}
+	return ""
+}
+
+func (x *Run) GetAncestorRunIds() []string {
+	if x != nil {
+		return x.AncestorRunIds
+	}
+	return nil
+}
+
 // BudgetEvent is one change of a run, with the state right after it.
 type BudgetEvent struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -591,7 +998,7 @@ type BudgetEvent struct {
 
 func (x *BudgetEvent) Reset() {
 	*x = BudgetEvent{}
-	mi := &file_runcap_v1_budget_proto_msgTypes[2]
+	mi := &file_runcap_v1_budget_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -603,7 +1010,7 @@ func (x *BudgetEvent) String() string {
 func (*BudgetEvent) ProtoMessage() {}
 
 func (x *BudgetEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_proto_msgTypes[2]
+	mi := &file_runcap_v1_budget_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -616,7 +1023,7 @@ func (x *BudgetEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BudgetEvent.ProtoReflect.Descriptor instead.
 func (*BudgetEvent) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{2}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *BudgetEvent) GetType() EventType {
@@ -679,7 +1086,25 @@ var File_runcap_v1_budget_proto protoreflect.FileDescriptor
 
 const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\n" +
-	"\x16runcap/v1/budget.proto\x12\truncap.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbc\x03\n" +
+	"\x16runcap/v1/budget.proto\x12\truncap.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"D\n" +
+	"\bScopeRef\x12(\n" +
+	"\x04kind\x18\x01 \x01(\x0e2\x14.runcap.v1.ScopeKindR\x04kind\x12\x0e\n" +
+	"\x02id\x18\x02 \x01(\tR\x02id\"\xd3\x03\n" +
+	"\n" +
+	"ScopeUsage\x12)\n" +
+	"\x06period\x18\x01 \x01(\x0e2\x11.runcap.v1.PeriodR\x06period\x12&\n" +
+	"\flimit_micros\x18\x02 \x01(\x03H\x00R\vlimitMicros\x88\x01\x01\x12F\n" +
+	"\x11window_start_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x0fwindowStartTime\x12B\n" +
+	"\x0fwindow_end_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\rwindowEndTime\x12)\n" +
+	"\x10committed_micros\x18\x05 \x01(\x03R\x0fcommittedMicros\x12'\n" +
+	"\x0freserved_micros\x18\x06 \x01(\x03R\x0ereservedMicros\x12)\n" +
+	"\x10remaining_micros\x18\a \x01(\x03R\x0fremainingMicros\x12%\n" +
+	"\x0eoverrun_micros\x18\b \x01(\x03R\roverrunMicros\x12/\n" +
+	"\x13active_reservations\x18\t \x01(\x03R\x12activeReservationsB\x0f\n" +
+	"\r_limit_micros\"[\n" +
+	"\x05Scope\x12%\n" +
+	"\x03ref\x18\x01 \x01(\v2\x13.runcap.v1.ScopeRefR\x03ref\x12+\n" +
+	"\x05usage\x18\x02 \x03(\v2\x15.runcap.v1.ScopeUsageR\x05usage\"\xbc\x03\n" +
 	"\vBudgetState\x12\x1b\n" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x03R\x05runId\x12'\n" +
 	"\flimit_micros\x18\x02 \x01(\x03B\x04\xe2A\x01\x03R\vlimitMicros\x12/\n" +
@@ -691,7 +1116,7 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x13active_reservations\x18\b \x01(\x03B\x04\xe2A\x01\x03R\x12activeReservations\x12+\n" +
 	"\x0eoverrun_micros\x18\t \x01(\x03B\x04\xe2A\x01\x03R\roverrunMicros\x12\x1c\n" +
 	"\x06digest\x18\n" +
-	" \x01(\tB\x04\xe2A\x01\x03R\x06digest\"\xf8\x02\n" +
+	" \x01(\tB\x04\xe2A\x01\x03R\x06digest\"\xb4\x04\n" +
 	"\x03Run\x12\x1b\n" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x03R\x05runId\x12'\n" +
 	"\flimit_micros\x18\x02 \x01(\x03B\x04\xe2A\x01\x03R\vlimitMicros\x128\n" +
@@ -700,7 +1125,14 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\vcreate_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampB\x04\xe2A\x01\x03R\n" +
 	"createTime\x12?\n" +
 	"\n" +
-	"close_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampB\x04\xe2A\x01\x03R\tcloseTime\x1a9\n" +
+	"close_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampB\x04\xe2A\x01\x03R\tcloseTime\x12(\n" +
+	"\rparent_run_id\x18\a \x01(\tB\x04\xe2A\x01\x03R\vparentRunId\x12\"\n" +
+	"\n" +
+	"api_key_id\x18\b \x01(\tB\x04\xe2A\x01\x03R\bapiKeyId\x12\x1d\n" +
+	"\auser_id\x18\t \x01(\tB\x04\xe2A\x01\x03R\x06userId\x12\x1d\n" +
+	"\ateam_id\x18\n" +
+	" \x01(\tB\x04\xe2A\x01\x03R\x06teamId\x12.\n" +
+	"\x10ancestor_run_ids\x18\v \x03(\tB\x04\xe2A\x01\x03R\x0eancestorRunIds\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xc1\x02\n" +
@@ -720,12 +1152,24 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\bDecision\x12\x18\n" +
 	"\x14DECISION_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eDECISION_ALLOW\x10\x01\x12\x12\n" +
-	"\x0eDECISION_BLOCK\x10\x02*\x9d\x01\n" +
+	"\x0eDECISION_BLOCK\x10\x02*\xc6\x01\n" +
 	"\x0eDecisionReason\x12\x1f\n" +
 	"\x1bDECISION_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dDECISION_REASON_WITHIN_BUDGET\x10\x01\x12'\n" +
 	"#DECISION_REASON_INSUFFICIENT_BUDGET\x10\x02\x12\x1e\n" +
-	"\x1aDECISION_REASON_RUN_CLOSED\x10\x03*\xfe\x01\n" +
+	"\x1aDECISION_REASON_RUN_CLOSED\x10\x03\x12'\n" +
+	"#DECISION_REASON_RESERVATION_EXPIRED\x10\x04*}\n" +
+	"\tScopeKind\x12\x1a\n" +
+	"\x16SCOPE_KIND_UNSPECIFIED\x10\x00\x12\x12\n" +
+	"\x0eSCOPE_KIND_RUN\x10\x01\x12\x16\n" +
+	"\x12SCOPE_KIND_API_KEY\x10\x02\x12\x13\n" +
+	"\x0fSCOPE_KIND_USER\x10\x03\x12\x13\n" +
+	"\x0fSCOPE_KIND_TEAM\x10\x04*[\n" +
+	"\x06Period\x12\x16\n" +
+	"\x12PERIOD_UNSPECIFIED\x10\x00\x12\x13\n" +
+	"\x0fPERIOD_LIFETIME\x10\x01\x12\x10\n" +
+	"\fPERIOD_DAILY\x10\x02\x12\x12\n" +
+	"\x0ePERIOD_MONTHLY\x10\x03*\xfe\x01\n" +
 	"\x11ReservationStatus\x12\"\n" +
 	"\x1eRESERVATION_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n" +
 	"\x17RESERVATION_STATUS_HELD\x10\x01\x12 \n" +
@@ -755,33 +1199,44 @@ func file_runcap_v1_budget_proto_rawDescGZIP() []byte {
 	return file_runcap_v1_budget_proto_rawDescData
 }
 
-var file_runcap_v1_budget_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_runcap_v1_budget_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_runcap_v1_budget_proto_enumTypes = make([]protoimpl.EnumInfo, 7)
+var file_runcap_v1_budget_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_runcap_v1_budget_proto_goTypes = []any{
 	(RunStatus)(0),                // 0: runcap.v1.RunStatus
 	(Decision)(0),                 // 1: runcap.v1.Decision
 	(DecisionReason)(0),           // 2: runcap.v1.DecisionReason
-	(ReservationStatus)(0),        // 3: runcap.v1.ReservationStatus
-	(EventType)(0),                // 4: runcap.v1.EventType
-	(*BudgetState)(nil),           // 5: runcap.v1.BudgetState
-	(*Run)(nil),                   // 6: runcap.v1.Run
-	(*BudgetEvent)(nil),           // 7: runcap.v1.BudgetEvent
-	nil,                           // 8: runcap.v1.Run.LabelsEntry
-	(*timestamppb.Timestamp)(nil), // 9: google.protobuf.Timestamp
+	(ScopeKind)(0),                // 3: runcap.v1.ScopeKind
+	(Period)(0),                   // 4: runcap.v1.Period
+	(ReservationStatus)(0),        // 5: runcap.v1.ReservationStatus
+	(EventType)(0),                // 6: runcap.v1.EventType
+	(*ScopeRef)(nil),              // 7: runcap.v1.ScopeRef
+	(*ScopeUsage)(nil),            // 8: runcap.v1.ScopeUsage
+	(*Scope)(nil),                 // 9: runcap.v1.Scope
+	(*BudgetState)(nil),           // 10: runcap.v1.BudgetState
+	(*Run)(nil),                   // 11: runcap.v1.Run
+	(*BudgetEvent)(nil),           // 12: runcap.v1.BudgetEvent
+	nil,                           // 13: runcap.v1.Run.LabelsEntry
+	(*timestamppb.Timestamp)(nil), // 14: google.protobuf.Timestamp
 }
 var file_runcap_v1_budget_proto_depIdxs = []int32{
-	0, // 0: runcap.v1.BudgetState.status:type_name -> runcap.v1.RunStatus
-	8, // 1: runcap.v1.Run.labels:type_name -> runcap.v1.Run.LabelsEntry
-	9, // 2: runcap.v1.Run.create_time:type_name -> google.protobuf.Timestamp
-	9, // 3: runcap.v1.Run.close_time:type_name -> google.protobuf.Timestamp
-	4, // 4: runcap.v1.BudgetEvent.type:type_name -> runcap.v1.EventType
-	9, // 5: runcap.v1.BudgetEvent.time:type_name -> google.protobuf.Timestamp
-	5, // 6: runcap.v1.BudgetEvent.state:type_name -> runcap.v1.BudgetState
-	7, // [7:7] is the sub-list for method output_type
-	7, // [7:7] is the sub-list for method input_type
-	7, // [7:7] is the sub-list for extension type_name
-	7, // [7:7] is the sub-list for extension extendee
-	0, // [0:7] is the sub-list for field type_name
+	3,  // 0: runcap.v1.ScopeRef.kind:type_name -> runcap.v1.ScopeKind
+	4,  // 1: runcap.v1.ScopeUsage.period:type_name -> runcap.v1.Period
+	14, // 2: runcap.v1.ScopeUsage.window_start_time:type_name -> google.protobuf.Timestamp
+	14, // 3: runcap.v1.ScopeUsage.window_end_time:type_name -> google.protobuf.Timestamp
+	7,  // 4: runcap.v1.Scope.ref:type_name -> runcap.v1.ScopeRef
+	8,  // 5: runcap.v1.Scope.usage:type_name -> runcap.v1.ScopeUsage
+	0,  // 6: runcap.v1.BudgetState.status:type_name -> runcap.v1.RunStatus
+	13, // 7: runcap.v1.Run.labels:type_name -> runcap.v1.Run.LabelsEntry
+	14, // 8: runcap.v1.Run.create_time:type_name -> google.protobuf.Timestamp
+	14, // 9: runcap.v1.Run.close_time:type_name -> google.protobuf.Timestamp
+	6,  // 10: runcap.v1.BudgetEvent.type:type_name -> runcap.v1.EventType
+	14, // 11: runcap.v1.BudgetEvent.time:type_name -> google.protobuf.Timestamp
+	10, // 12: runcap.v1.BudgetEvent.state:type_name -> runcap.v1.BudgetState
+	13, // [13:13] is the sub-list for method output_type
+	13, // [13:13] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_runcap_v1_budget_proto_init() }
@@ -789,13 +1244,14 @@ func file_runcap_v1_budget_proto_init() {
 	if File_runcap_v1_budget_proto != nil {
 		return
 	}
+	file_runcap_v1_budget_proto_msgTypes[1].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_runcap_v1_budget_proto_rawDesc), len(file_runcap_v1_budget_proto_rawDesc)),
-			NumEnums:      5,
-			NumMessages:   4,
+			NumEnums:      7,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -38,7 +38,18 @@ type CreateRunRequest struct {
 	Labels map[string]string `protobuf:"bytes,3,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// The default time-to-live of this run's reservations. When unset, the
 	// server's default applies (10 minutes unless configured otherwise).
-	DefaultTtl    *durationpb.Duration `protobuf:"bytes,4,opt,name=default_ttl,json=defaultTtl,proto3" json:"default_ttl,omitempty"`
+	DefaultTtl *durationpb.Duration `protobuf:"bytes,4,opt,name=default_ttl,json=defaultTtl,proto3" json:"default_ttl,omitempty"`
+	// The run this run is a subagent of. Every reservation of this run is also
+	// held on the parent and on each of its ancestors, so a parent's limit
+	// covers its whole tree. The parent must exist; a closed parent blocks its
+	// descendants' reservations. Runs nest at most 16 levels deep.
+	ParentRunId string `protobuf:"bytes,5,opt,name=parent_run_id,json=parentRunId,proto3" json:"parent_run_id,omitempty"`
+	// The API key to charge. When empty, the parent's (if any) is inherited.
+	ApiKeyId string `protobuf:"bytes,6,opt,name=api_key_id,json=apiKeyId,proto3" json:"api_key_id,omitempty"`
+	// The user to charge. When empty, the parent's (if any) is inherited.
+	UserId string `protobuf:"bytes,7,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// The team to charge. When empty, the parent's (if any) is inherited.
+	TeamId        string `protobuf:"bytes,8,opt,name=team_id,json=teamId,proto3" json:"team_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -99,6 +110,34 @@ func (x *CreateRunRequest) GetDefaultTtl() *durationpb.Duration {
 		return x.DefaultTtl
 	}
 	return nil
+}
+
+func (x *CreateRunRequest) GetParentRunId() string {
+	if x != nil {
+		return x.ParentRunId
+	}
+	return ""
+}
+
+func (x *CreateRunRequest) GetApiKeyId() string {
+	if x != nil {
+		return x.ApiKeyId
+	}
+	return ""
+}
+
+func (x *CreateRunRequest) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *CreateRunRequest) GetTeamId() string {
+	if x != nil {
+		return x.TeamId
+	}
+	return ""
 }
 
 // CreateRunResponse describes the created (or existing) run.
@@ -388,9 +427,16 @@ type ReserveResponse struct {
 	// True when this answers a retry: the decision is the one first made and
 	// this request held nothing. (As before any operation, holds of the run
 	// that were due may have expired first; that is not this request's doing.)
-	Replayed      bool `protobuf:"varint,7,opt,name=replayed,proto3" json:"replayed,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Replayed bool `protobuf:"varint,7,opt,name=replayed,proto3" json:"replayed,omitempty"`
+	// For a block: the scope that blocked, the run itself or one of its parent
+	// scopes (an ancestor run, the API key, the user or the team). Unset when
+	// allowed.
+	BlockingScope *ScopeRef `protobuf:"bytes,8,opt,name=blocking_scope,json=blockingScope,proto3" json:"blocking_scope,omitempty"`
+	// For a block by a ceiling: the period of the ceiling that blocked
+	// (PERIOD_LIFETIME for runs).
+	BlockingPeriod Period `protobuf:"varint,9,opt,name=blocking_period,json=blockingPeriod,proto3,enum=runcap.v1.Period" json:"blocking_period,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *ReserveResponse) Reset() {
@@ -470,6 +516,20 @@ func (x *ReserveResponse) GetReplayed() bool {
 		return x.Replayed
 	}
 	return false
+}
+
+func (x *ReserveResponse) GetBlockingScope() *ScopeRef {
+	if x != nil {
+		return x.BlockingScope
+	}
+	return nil
+}
+
+func (x *ReserveResponse) GetBlockingPeriod() Period {
+	if x != nil {
+		return x.BlockingPeriod
+	}
+	return Period_PERIOD_UNSPECIFIED
 }
 
 // CommitRequest records the actual cost of a reservation.
@@ -1126,17 +1186,266 @@ func (x *Progress) GetFinal() bool {
 	return false
 }
 
+// SetScopeLimitRequest sets or clears one ceiling of a parent scope.
+type SetScopeLimitRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The scope: an API key, a user or a team.
+	Scope *ScopeRef `protobuf:"bytes,1,opt,name=scope,proto3" json:"scope,omitempty"`
+	// The period the ceiling applies to.
+	Period Period `protobuf:"varint,2,opt,name=period,proto3,enum=runcap.v1.Period" json:"period,omitempty"`
+	// What to set. Exactly one must be set.
+	//
+	// Types that are valid to be assigned to Ceiling:
+	//
+	//	*SetScopeLimitRequest_LimitMicros
+	//	*SetScopeLimitRequest_Clear
+	Ceiling       isSetScopeLimitRequest_Ceiling `protobuf_oneof:"ceiling"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetScopeLimitRequest) Reset() {
+	*x = SetScopeLimitRequest{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetScopeLimitRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetScopeLimitRequest) ProtoMessage() {}
+
+func (x *SetScopeLimitRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetScopeLimitRequest.ProtoReflect.Descriptor instead.
+func (*SetScopeLimitRequest) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *SetScopeLimitRequest) GetScope() *ScopeRef {
+	if x != nil {
+		return x.Scope
+	}
+	return nil
+}
+
+func (x *SetScopeLimitRequest) GetPeriod() Period {
+	if x != nil {
+		return x.Period
+	}
+	return Period_PERIOD_UNSPECIFIED
+}
+
+func (x *SetScopeLimitRequest) GetCeiling() isSetScopeLimitRequest_Ceiling {
+	if x != nil {
+		return x.Ceiling
+	}
+	return nil
+}
+
+func (x *SetScopeLimitRequest) GetLimitMicros() int64 {
+	if x != nil {
+		if x, ok := x.Ceiling.(*SetScopeLimitRequest_LimitMicros); ok {
+			return x.LimitMicros
+		}
+	}
+	return 0
+}
+
+func (x *SetScopeLimitRequest) GetClear() bool {
+	if x != nil {
+		if x, ok := x.Ceiling.(*SetScopeLimitRequest_Clear); ok {
+			return x.Clear
+		}
+	}
+	return false
+}
+
+type isSetScopeLimitRequest_Ceiling interface {
+	isSetScopeLimitRequest_Ceiling()
+}
+
+type SetScopeLimitRequest_LimitMicros struct {
+	// The ceiling in micro-USD. Must be positive.
+	LimitMicros int64 `protobuf:"varint,3,opt,name=limit_micros,json=limitMicros,proto3,oneof"`
+}
+
+type SetScopeLimitRequest_Clear struct {
+	// True removes the ceiling: the scope's spend in this period is tracked
+	// but not limited.
+	Clear bool `protobuf:"varint,4,opt,name=clear,proto3,oneof"`
+}
+
+func (*SetScopeLimitRequest_LimitMicros) isSetScopeLimitRequest_Ceiling() {}
+
+func (*SetScopeLimitRequest_Clear) isSetScopeLimitRequest_Ceiling() {}
+
+// SetScopeLimitResponse is the scope after the change.
+type SetScopeLimitResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The scope's ceilings and usage.
+	Scope         *Scope `protobuf:"bytes,1,opt,name=scope,proto3" json:"scope,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetScopeLimitResponse) Reset() {
+	*x = SetScopeLimitResponse{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetScopeLimitResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetScopeLimitResponse) ProtoMessage() {}
+
+func (x *SetScopeLimitResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetScopeLimitResponse.ProtoReflect.Descriptor instead.
+func (*SetScopeLimitResponse) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *SetScopeLimitResponse) GetScope() *Scope {
+	if x != nil {
+		return x.Scope
+	}
+	return nil
+}
+
+// GetScopeRequest names a parent scope.
+type GetScopeRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The scope: an API key, a user or a team.
+	Scope         *ScopeRef `protobuf:"bytes,1,opt,name=scope,proto3" json:"scope,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetScopeRequest) Reset() {
+	*x = GetScopeRequest{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetScopeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetScopeRequest) ProtoMessage() {}
+
+func (x *GetScopeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetScopeRequest.ProtoReflect.Descriptor instead.
+func (*GetScopeRequest) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *GetScopeRequest) GetScope() *ScopeRef {
+	if x != nil {
+		return x.Scope
+	}
+	return nil
+}
+
+// GetScopeResponse describes a parent scope.
+type GetScopeResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The scope's ceilings and usage.
+	Scope         *Scope `protobuf:"bytes,1,opt,name=scope,proto3" json:"scope,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetScopeResponse) Reset() {
+	*x = GetScopeResponse{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetScopeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetScopeResponse) ProtoMessage() {}
+
+func (x *GetScopeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetScopeResponse.ProtoReflect.Descriptor instead.
+func (*GetScopeResponse) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *GetScopeResponse) GetScope() *Scope {
+	if x != nil {
+		return x.Scope
+	}
+	return nil
+}
+
 var File_runcap_v1_budget_service_proto protoreflect.FileDescriptor
 
 const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1eruncap/v1/budget_service.proto\x12\truncap.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16runcap/v1/budget.proto\"\x9c\x02\n" +
+	"\x1eruncap/v1/budget_service.proto\x12\truncap.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16runcap/v1/budget.proto\"\xa8\x03\n" +
 	"\x10CreateRunRequest\x12\x1b\n" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x01R\x05runId\x12'\n" +
 	"\flimit_micros\x18\x02 \x01(\x03B\x04\xe2A\x01\x02R\vlimitMicros\x12E\n" +
 	"\x06labels\x18\x03 \x03(\v2'.runcap.v1.CreateRunRequest.LabelsEntryB\x04\xe2A\x01\x01R\x06labels\x12@\n" +
 	"\vdefault_ttl\x18\x04 \x01(\v2\x19.google.protobuf.DurationB\x04\xe2A\x01\x01R\n" +
-	"defaultTtl\x1a9\n" +
+	"defaultTtl\x12(\n" +
+	"\rparent_run_id\x18\x05 \x01(\tB\x04\xe2A\x01\x01R\vparentRunId\x12\"\n" +
+	"\n" +
+	"api_key_id\x18\x06 \x01(\tB\x04\xe2A\x01\x01R\bapiKeyId\x12\x1d\n" +
+	"\auser_id\x18\a \x01(\tB\x04\xe2A\x01\x01R\x06userId\x12\x1d\n" +
+	"\ateam_id\x18\b \x01(\tB\x04\xe2A\x01\x01R\x06teamId\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x7f\n" +
@@ -1155,7 +1464,7 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\ramount_micros\x18\x03 \x01(\x03H\x00R\famountMicros\x121\n" +
 	"\x03ttl\x18\x04 \x01(\v2\x19.google.protobuf.DurationB\x04\xe2A\x01\x01R\x03ttlB\n" +
 	"\n" +
-	"\bestimate\"\xc8\x02\n" +
+	"\bestimate\"\xc0\x03\n" +
 	"\x0fReserveResponse\x12/\n" +
 	"\bdecision\x18\x01 \x01(\x0e2\x13.runcap.v1.DecisionR\bdecision\x121\n" +
 	"\x06reason\x18\x02 \x01(\x0e2\x19.runcap.v1.DecisionReasonR\x06reason\x12%\n" +
@@ -1164,7 +1473,9 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\vexpire_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"expireTime\x12,\n" +
 	"\x05state\x18\x06 \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\x12\x1a\n" +
-	"\breplayed\x18\a \x01(\bR\breplayed\"\x8a\x01\n" +
+	"\breplayed\x18\a \x01(\bR\breplayed\x12:\n" +
+	"\x0eblocking_scope\x18\b \x01(\v2\x13.runcap.v1.ScopeRefR\rblockingScope\x12:\n" +
+	"\x0fblocking_period\x18\t \x01(\x0e2\x11.runcap.v1.PeriodR\x0eblockingPeriod\"\x8a\x01\n" +
 	"\rCommitRequest\x12\x1b\n" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\x05runId\x12+\n" +
 	"\x0ereservation_id\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\rreservationId\x12%\n" +
@@ -1203,7 +1514,19 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\bprogress\x18\x04 \x01(\v2\x13.runcap.v1.ProgressH\x00R\bprogressB\x06\n" +
 	"\x04kind\" \n" +
 	"\bProgress\x12\x14\n" +
-	"\x05final\x18\x01 \x01(\bR\x05final2\xd9\x03\n" +
+	"\x05final\x18\x01 \x01(\bR\x05final\"\xc0\x01\n" +
+	"\x14SetScopeLimitRequest\x12/\n" +
+	"\x05scope\x18\x01 \x01(\v2\x13.runcap.v1.ScopeRefB\x04\xe2A\x01\x02R\x05scope\x12/\n" +
+	"\x06period\x18\x02 \x01(\x0e2\x11.runcap.v1.PeriodB\x04\xe2A\x01\x02R\x06period\x12#\n" +
+	"\flimit_micros\x18\x03 \x01(\x03H\x00R\vlimitMicros\x12\x16\n" +
+	"\x05clear\x18\x04 \x01(\bH\x00R\x05clearB\t\n" +
+	"\aceiling\"?\n" +
+	"\x15SetScopeLimitResponse\x12&\n" +
+	"\x05scope\x18\x01 \x01(\v2\x10.runcap.v1.ScopeR\x05scope\"B\n" +
+	"\x0fGetScopeRequest\x12/\n" +
+	"\x05scope\x18\x01 \x01(\v2\x13.runcap.v1.ScopeRefB\x04\xe2A\x01\x02R\x05scope\":\n" +
+	"\x10GetScopeResponse\x12&\n" +
+	"\x05scope\x18\x01 \x01(\v2\x10.runcap.v1.ScopeR\x05scope2\xf2\x04\n" +
 	"\rBudgetService\x12F\n" +
 	"\tCreateRun\x12\x1b.runcap.v1.CreateRunRequest\x1a\x1c.runcap.v1.CreateRunResponse\x12=\n" +
 	"\x06GetRun\x12\x18.runcap.v1.GetRunRequest\x1a\x19.runcap.v1.GetRunResponse\x12@\n" +
@@ -1211,7 +1534,9 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\x06Commit\x12\x18.runcap.v1.CommitRequest\x1a\x19.runcap.v1.CommitResponse\x12=\n" +
 	"\x06Refund\x12\x18.runcap.v1.RefundRequest\x1a\x19.runcap.v1.RefundResponse\x12C\n" +
 	"\bCloseRun\x12\x1a.runcap.v1.CloseRunRequest\x1a\x1b.runcap.v1.CloseRunResponse\x12<\n" +
-	"\x05Watch\x12\x17.runcap.v1.WatchRequest\x1a\x18.runcap.v1.WatchResponse0\x01B8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
+	"\x05Watch\x12\x17.runcap.v1.WatchRequest\x1a\x18.runcap.v1.WatchResponse0\x01\x12R\n" +
+	"\rSetScopeLimit\x12\x1f.runcap.v1.SetScopeLimitRequest\x1a .runcap.v1.SetScopeLimitResponse\x12C\n" +
+	"\bGetScope\x12\x1a.runcap.v1.GetScopeRequest\x1a\x1b.runcap.v1.GetScopeResponseB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
 
 var (
 	file_runcap_v1_budget_service_proto_rawDescOnce sync.Once
@@ -1225,7 +1550,7 @@ func file_runcap_v1_budget_service_proto_rawDescGZIP() []byte {
 	return file_runcap_v1_budget_service_proto_rawDescData
 }
 
-var file_runcap_v1_budget_service_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_runcap_v1_budget_service_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_runcap_v1_budget_service_proto_goTypes = []any{
 	(*CreateRunRequest)(nil),      // 0: runcap.v1.CreateRunRequest
 	(*CreateRunResponse)(nil),     // 1: runcap.v1.CreateRunResponse
@@ -1242,55 +1567,73 @@ var file_runcap_v1_budget_service_proto_goTypes = []any{
 	(*WatchRequest)(nil),          // 12: runcap.v1.WatchRequest
 	(*WatchResponse)(nil),         // 13: runcap.v1.WatchResponse
 	(*Progress)(nil),              // 14: runcap.v1.Progress
-	nil,                           // 15: runcap.v1.CreateRunRequest.LabelsEntry
-	(*durationpb.Duration)(nil),   // 16: google.protobuf.Duration
-	(*Run)(nil),                   // 17: runcap.v1.Run
-	(*BudgetState)(nil),           // 18: runcap.v1.BudgetState
-	(Decision)(0),                 // 19: runcap.v1.Decision
-	(DecisionReason)(0),           // 20: runcap.v1.DecisionReason
-	(*timestamppb.Timestamp)(nil), // 21: google.protobuf.Timestamp
-	(ReservationStatus)(0),        // 22: runcap.v1.ReservationStatus
-	(*BudgetEvent)(nil),           // 23: runcap.v1.BudgetEvent
+	(*SetScopeLimitRequest)(nil),  // 15: runcap.v1.SetScopeLimitRequest
+	(*SetScopeLimitResponse)(nil), // 16: runcap.v1.SetScopeLimitResponse
+	(*GetScopeRequest)(nil),       // 17: runcap.v1.GetScopeRequest
+	(*GetScopeResponse)(nil),      // 18: runcap.v1.GetScopeResponse
+	nil,                           // 19: runcap.v1.CreateRunRequest.LabelsEntry
+	(*durationpb.Duration)(nil),   // 20: google.protobuf.Duration
+	(*Run)(nil),                   // 21: runcap.v1.Run
+	(*BudgetState)(nil),           // 22: runcap.v1.BudgetState
+	(Decision)(0),                 // 23: runcap.v1.Decision
+	(DecisionReason)(0),           // 24: runcap.v1.DecisionReason
+	(*timestamppb.Timestamp)(nil), // 25: google.protobuf.Timestamp
+	(*ScopeRef)(nil),              // 26: runcap.v1.ScopeRef
+	(Period)(0),                   // 27: runcap.v1.Period
+	(ReservationStatus)(0),        // 28: runcap.v1.ReservationStatus
+	(*BudgetEvent)(nil),           // 29: runcap.v1.BudgetEvent
+	(*Scope)(nil),                 // 30: runcap.v1.Scope
 }
 var file_runcap_v1_budget_service_proto_depIdxs = []int32{
-	15, // 0: runcap.v1.CreateRunRequest.labels:type_name -> runcap.v1.CreateRunRequest.LabelsEntry
-	16, // 1: runcap.v1.CreateRunRequest.default_ttl:type_name -> google.protobuf.Duration
-	17, // 2: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
-	18, // 3: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
-	17, // 4: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
-	18, // 5: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
-	16, // 6: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
-	19, // 7: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
-	20, // 8: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
-	21, // 9: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
-	18, // 10: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
-	18, // 11: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
-	22, // 12: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	18, // 13: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
-	22, // 14: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	18, // 15: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
-	18, // 16: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
-	23, // 17: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
-	14, // 18: runcap.v1.WatchResponse.progress:type_name -> runcap.v1.Progress
-	0,  // 19: runcap.v1.BudgetService.CreateRun:input_type -> runcap.v1.CreateRunRequest
-	2,  // 20: runcap.v1.BudgetService.GetRun:input_type -> runcap.v1.GetRunRequest
-	4,  // 21: runcap.v1.BudgetService.Reserve:input_type -> runcap.v1.ReserveRequest
-	6,  // 22: runcap.v1.BudgetService.Commit:input_type -> runcap.v1.CommitRequest
-	8,  // 23: runcap.v1.BudgetService.Refund:input_type -> runcap.v1.RefundRequest
-	10, // 24: runcap.v1.BudgetService.CloseRun:input_type -> runcap.v1.CloseRunRequest
-	12, // 25: runcap.v1.BudgetService.Watch:input_type -> runcap.v1.WatchRequest
-	1,  // 26: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
-	3,  // 27: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
-	5,  // 28: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
-	7,  // 29: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
-	9,  // 30: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
-	11, // 31: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
-	13, // 32: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
-	26, // [26:33] is the sub-list for method output_type
-	19, // [19:26] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	19, // 0: runcap.v1.CreateRunRequest.labels:type_name -> runcap.v1.CreateRunRequest.LabelsEntry
+	20, // 1: runcap.v1.CreateRunRequest.default_ttl:type_name -> google.protobuf.Duration
+	21, // 2: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
+	22, // 3: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
+	21, // 4: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
+	22, // 5: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
+	20, // 6: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
+	23, // 7: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
+	24, // 8: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
+	25, // 9: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
+	22, // 10: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
+	26, // 11: runcap.v1.ReserveResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
+	27, // 12: runcap.v1.ReserveResponse.blocking_period:type_name -> runcap.v1.Period
+	22, // 13: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
+	28, // 14: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	22, // 15: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
+	28, // 16: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	22, // 17: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
+	22, // 18: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
+	29, // 19: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
+	14, // 20: runcap.v1.WatchResponse.progress:type_name -> runcap.v1.Progress
+	26, // 21: runcap.v1.SetScopeLimitRequest.scope:type_name -> runcap.v1.ScopeRef
+	27, // 22: runcap.v1.SetScopeLimitRequest.period:type_name -> runcap.v1.Period
+	30, // 23: runcap.v1.SetScopeLimitResponse.scope:type_name -> runcap.v1.Scope
+	26, // 24: runcap.v1.GetScopeRequest.scope:type_name -> runcap.v1.ScopeRef
+	30, // 25: runcap.v1.GetScopeResponse.scope:type_name -> runcap.v1.Scope
+	0,  // 26: runcap.v1.BudgetService.CreateRun:input_type -> runcap.v1.CreateRunRequest
+	2,  // 27: runcap.v1.BudgetService.GetRun:input_type -> runcap.v1.GetRunRequest
+	4,  // 28: runcap.v1.BudgetService.Reserve:input_type -> runcap.v1.ReserveRequest
+	6,  // 29: runcap.v1.BudgetService.Commit:input_type -> runcap.v1.CommitRequest
+	8,  // 30: runcap.v1.BudgetService.Refund:input_type -> runcap.v1.RefundRequest
+	10, // 31: runcap.v1.BudgetService.CloseRun:input_type -> runcap.v1.CloseRunRequest
+	12, // 32: runcap.v1.BudgetService.Watch:input_type -> runcap.v1.WatchRequest
+	15, // 33: runcap.v1.BudgetService.SetScopeLimit:input_type -> runcap.v1.SetScopeLimitRequest
+	17, // 34: runcap.v1.BudgetService.GetScope:input_type -> runcap.v1.GetScopeRequest
+	1,  // 35: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
+	3,  // 36: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
+	5,  // 37: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
+	7,  // 38: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
+	9,  // 39: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
+	11, // 40: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
+	13, // 41: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
+	16, // 42: runcap.v1.BudgetService.SetScopeLimit:output_type -> runcap.v1.SetScopeLimitResponse
+	18, // 43: runcap.v1.BudgetService.GetScope:output_type -> runcap.v1.GetScopeResponse
+	35, // [35:44] is the sub-list for method output_type
+	26, // [26:35] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_runcap_v1_budget_service_proto_init() }
@@ -1311,13 +1654,17 @@ func file_runcap_v1_budget_service_proto_init() {
 		(*WatchResponse_Event)(nil),
 		(*WatchResponse_Progress)(nil),
 	}
+	file_runcap_v1_budget_service_proto_msgTypes[15].OneofWrappers = []any{
+		(*SetScopeLimitRequest_LimitMicros)(nil),
+		(*SetScopeLimitRequest_Clear)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_runcap_v1_budget_service_proto_rawDesc), len(file_runcap_v1_budget_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   16,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

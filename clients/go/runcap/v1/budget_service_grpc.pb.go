@@ -19,13 +19,15 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	BudgetService_CreateRun_FullMethodName = "/runcap.v1.BudgetService/CreateRun"
-	BudgetService_GetRun_FullMethodName    = "/runcap.v1.BudgetService/GetRun"
-	BudgetService_Reserve_FullMethodName   = "/runcap.v1.BudgetService/Reserve"
-	BudgetService_Commit_FullMethodName    = "/runcap.v1.BudgetService/Commit"
-	BudgetService_Refund_FullMethodName    = "/runcap.v1.BudgetService/Refund"
-	BudgetService_CloseRun_FullMethodName  = "/runcap.v1.BudgetService/CloseRun"
-	BudgetService_Watch_FullMethodName     = "/runcap.v1.BudgetService/Watch"
+	BudgetService_CreateRun_FullMethodName     = "/runcap.v1.BudgetService/CreateRun"
+	BudgetService_GetRun_FullMethodName        = "/runcap.v1.BudgetService/GetRun"
+	BudgetService_Reserve_FullMethodName       = "/runcap.v1.BudgetService/Reserve"
+	BudgetService_Commit_FullMethodName        = "/runcap.v1.BudgetService/Commit"
+	BudgetService_Refund_FullMethodName        = "/runcap.v1.BudgetService/Refund"
+	BudgetService_CloseRun_FullMethodName      = "/runcap.v1.BudgetService/CloseRun"
+	BudgetService_Watch_FullMethodName         = "/runcap.v1.BudgetService/Watch"
+	BudgetService_SetScopeLimit_FullMethodName = "/runcap.v1.BudgetService/SetScopeLimit"
+	BudgetService_GetScope_FullMethodName      = "/runcap.v1.BudgetService/GetScope"
 )
 
 // BudgetServiceClient is the client API for BudgetService service.
@@ -69,6 +71,14 @@ type BudgetServiceClient interface {
 	// progress heartbeats in between. Events are never dropped or repeated; a
 	// resume point the server no longer retains fails with OUT_OF_RANGE.
 	Watch(ctx context.Context, in *WatchRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchResponse], error)
+	// Sets or clears a parent scope's ceiling for one period (API keys, users
+	// and teams; a run's own limit is set when it is created). A new ceiling
+	// applies to the next reservation, and counts what the current window has
+	// already spent and holds; holds made before it stay.
+	SetScopeLimit(ctx context.Context, in *SetScopeLimitRequest, opts ...grpc.CallOption) (*SetScopeLimitResponse, error)
+	// Returns a parent scope's ceilings and its usage in each period's current
+	// window.
+	GetScope(ctx context.Context, in *GetScopeRequest, opts ...grpc.CallOption) (*GetScopeResponse, error)
 }
 
 type budgetServiceClient struct {
@@ -158,6 +168,26 @@ func (c *budgetServiceClient) Watch(ctx context.Context, in *WatchRequest, opts 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type BudgetService_WatchClient = grpc.ServerStreamingClient[WatchResponse]
 
+func (c *budgetServiceClient) SetScopeLimit(ctx context.Context, in *SetScopeLimitRequest, opts ...grpc.CallOption) (*SetScopeLimitResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SetScopeLimitResponse)
+	err := c.cc.Invoke(ctx, BudgetService_SetScopeLimit_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *budgetServiceClient) GetScope(ctx context.Context, in *GetScopeRequest, opts ...grpc.CallOption) (*GetScopeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetScopeResponse)
+	err := c.cc.Invoke(ctx, BudgetService_GetScope_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // BudgetServiceServer is the server API for BudgetService service.
 // All implementations must embed UnimplementedBudgetServiceServer
 // for forward compatibility.
@@ -199,6 +229,14 @@ type BudgetServiceServer interface {
 	// progress heartbeats in between. Events are never dropped or repeated; a
 	// resume point the server no longer retains fails with OUT_OF_RANGE.
 	Watch(*WatchRequest, grpc.ServerStreamingServer[WatchResponse]) error
+	// Sets or clears a parent scope's ceiling for one period (API keys, users
+	// and teams; a run's own limit is set when it is created). A new ceiling
+	// applies to the next reservation, and counts what the current window has
+	// already spent and holds; holds made before it stay.
+	SetScopeLimit(context.Context, *SetScopeLimitRequest) (*SetScopeLimitResponse, error)
+	// Returns a parent scope's ceilings and its usage in each period's current
+	// window.
+	GetScope(context.Context, *GetScopeRequest) (*GetScopeResponse, error)
 	mustEmbedUnimplementedBudgetServiceServer()
 }
 
@@ -229,6 +267,12 @@ func (UnimplementedBudgetServiceServer) CloseRun(context.Context, *CloseRunReque
 }
 func (UnimplementedBudgetServiceServer) Watch(*WatchRequest, grpc.ServerStreamingServer[WatchResponse]) error {
 	return status.Error(codes.Unimplemented, "method Watch not implemented")
+}
+func (UnimplementedBudgetServiceServer) SetScopeLimit(context.Context, *SetScopeLimitRequest) (*SetScopeLimitResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetScopeLimit not implemented")
+}
+func (UnimplementedBudgetServiceServer) GetScope(context.Context, *GetScopeRequest) (*GetScopeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetScope not implemented")
 }
 func (UnimplementedBudgetServiceServer) mustEmbedUnimplementedBudgetServiceServer() {}
 func (UnimplementedBudgetServiceServer) testEmbeddedByValue()                       {}
@@ -370,6 +414,42 @@ func _BudgetService_Watch_Handler(srv interface{}, stream grpc.ServerStream) err
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type BudgetService_WatchServer = grpc.ServerStreamingServer[WatchResponse]
 
+func _BudgetService_SetScopeLimit_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetScopeLimitRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BudgetServiceServer).SetScopeLimit(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BudgetService_SetScopeLimit_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BudgetServiceServer).SetScopeLimit(ctx, req.(*SetScopeLimitRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _BudgetService_GetScope_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetScopeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BudgetServiceServer).GetScope(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BudgetService_GetScope_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BudgetServiceServer).GetScope(ctx, req.(*GetScopeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // BudgetService_ServiceDesc is the grpc.ServiceDesc for BudgetService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -400,6 +480,14 @@ var BudgetService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CloseRun",
 			Handler:    _BudgetService_CloseRun_Handler,
+		},
+		{
+			MethodName: "SetScopeLimit",
+			Handler:    _BudgetService_SetScopeLimit_Handler,
+		},
+		{
+			MethodName: "GetScope",
+			Handler:    _BudgetService_GetScope_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

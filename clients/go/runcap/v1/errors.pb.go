@@ -69,6 +69,13 @@ const (
 	// INTERNAL: an unexpected fault. The message carries a trace id to quote
 	// in a bug report.
 	ErrorReason_ERROR_REASON_INTERNAL ErrorReason = 11
+	// NOT_FOUND: CreateRun named a parent run that does not exist. A
+	// `google.rpc.ResourceInfo` detail names the parent.
+	ErrorReason_ERROR_REASON_PARENT_RUN_NOT_FOUND ErrorReason = 12
+	// FAILED_PRECONDITION: CreateRun named a parent run that is closed; a
+	// closed run takes no new subagents. A `google.rpc.PreconditionFailure`
+	// detail names the parent.
+	ErrorReason_ERROR_REASON_PARENT_RUN_CLOSED ErrorReason = 13
 )
 
 // Enum value maps for ErrorReason.
@@ -86,6 +93,8 @@ var (
 		9:  "ERROR_REASON_BACKEND_UNAVAILABLE",
 		10: "ERROR_REASON_SHUTTING_DOWN",
 		11: "ERROR_REASON_INTERNAL",
+		12: "ERROR_REASON_PARENT_RUN_NOT_FOUND",
+		13: "ERROR_REASON_PARENT_RUN_CLOSED",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":           0,
@@ -100,6 +109,8 @@ var (
 		"ERROR_REASON_BACKEND_UNAVAILABLE":   9,
 		"ERROR_REASON_SHUTTING_DOWN":         10,
 		"ERROR_REASON_INTERNAL":              11,
+		"ERROR_REASON_PARENT_RUN_NOT_FOUND":  12,
+		"ERROR_REASON_PARENT_RUN_CLOSED":     13,
 	}
 )
 
@@ -134,7 +145,7 @@ var File_runcap_v1_errors_proto protoreflect.FileDescriptor
 
 const file_runcap_v1_errors_proto_rawDesc = "" +
 	"\n" +
-	"\x16runcap/v1/errors.proto\x12\truncap.v1*\xb8\x03\n" +
+	"\x16runcap/v1/errors.proto\x12\truncap.v1*\x83\x04\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x01\x12\x1e\n" +
@@ -148,7 +159,9 @@ const file_runcap_v1_errors_proto_rawDesc = "" +
 	" ERROR_REASON_BACKEND_UNAVAILABLE\x10\t\x12\x1e\n" +
 	"\x1aERROR_REASON_SHUTTING_DOWN\x10\n" +
 	"\x12\x19\n" +
-	"\x15ERROR_REASON_INTERNAL\x10\vB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
+	"\x15ERROR_REASON_INTERNAL\x10\v\x12%\n" +
+	"!ERROR_REASON_PARENT_RUN_NOT_FOUND\x10\f\x12\"\n" +
+	"\x1eERROR_REASON_PARENT_RUN_CLOSED\x10\rB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
 
 var (
 	file_runcap_v1_errors_proto_rawDescOnce sync.Once

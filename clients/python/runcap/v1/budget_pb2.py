@@ -26,7 +26,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16runcap/v1/budget.proto\x12\truncap.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbc\x03\n\x0b\x42udgetState\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x05runId\x12\'\n\x0climit_micros\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0blimitMicros\x12/\n\x10\x63ommitted_micros\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0f\x63ommittedMicros\x12-\n\x0freserved_micros\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0ereservedMicros\x12/\n\x10remaining_micros\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0fremainingMicros\x12 \n\x08revision\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x08revision\x12\x32\n\x06status\x18\x07 \x01(\x0e\x32\x14.runcap.v1.RunStatusB\x04\xe2\x41\x01\x03R\x06status\x12\x35\n\x13\x61\x63tive_reservations\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x12\x61\x63tiveReservations\x12+\n\x0eoverrun_micros\x18\t \x01(\x03\x42\x04\xe2\x41\x01\x03R\roverrunMicros\x12\x1c\n\x06\x64igest\x18\n \x01(\tB\x04\xe2\x41\x01\x03R\x06\x64igest\"\xf8\x02\n\x03Run\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x05runId\x12\'\n\x0climit_micros\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0blimitMicros\x12\x38\n\x06labels\x18\x03 \x03(\x0b\x32\x1a.runcap.v1.Run.LabelsEntryB\x04\xe2\x41\x01\x03R\x06labels\x12\x32\n\x12\x64\x65\x66\x61ult_ttl_millis\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x10\x64\x65\x66\x61ultTtlMillis\x12\x41\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\ncreateTime\x12?\n\nclose_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\tcloseTime\x1a\x39\n\x0bLabelsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\xc1\x02\n\x0b\x42udgetEvent\x12(\n\x04type\x18\x01 \x01(\x0e\x32\x14.runcap.v1.EventTypeR\x04type\x12%\n\x0ereservation_id\x18\x02 \x01(\tR\rreservationId\x12#\n\ramount_micros\x18\x03 \x01(\x03R\x0c\x61mountMicros\x12#\n\ractual_micros\x18\x04 \x01(\x03R\x0c\x61\x63tualMicros\x12%\n\x0eoverrun_micros\x18\x05 \x01(\x03R\roverrunMicros\x12\x12\n\x04late\x18\x06 \x01(\x08R\x04late\x12.\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x04time\x12,\n\x05state\x18\x08 \x01(\x0b\x32\x16.runcap.v1.BudgetStateR\x05state*S\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0fRUN_STATUS_OPEN\x10\x01\x12\x15\n\x11RUN_STATUS_CLOSED\x10\x02*L\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x12\n\x0e\x44\x45\x43ISION_BLOCK\x10\x02*\x9d\x01\n\x0e\x44\x65\x63isionReason\x12\x1f\n\x1b\x44\x45\x43ISION_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x44\x45\x43ISION_REASON_WITHIN_BUDGET\x10\x01\x12\'\n#DECISION_REASON_INSUFFICIENT_BUDGET\x10\x02\x12\x1e\n\x1a\x44\x45\x43ISION_REASON_RUN_CLOSED\x10\x03*\xfe\x01\n\x11ReservationStatus\x12\"\n\x1eRESERVATION_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17RESERVATION_STATUS_HELD\x10\x01\x12 \n\x1cRESERVATION_STATUS_COMMITTED\x10\x02\x12\x1f\n\x1bRESERVATION_STATUS_RELEASED\x10\x03\x12\x1e\n\x1aRESERVATION_STATUS_EXPIRED\x10\x04\x12%\n!RESERVATION_STATUS_LATE_COMMITTED\x10\x05\x12\x1e\n\x1aRESERVATION_STATUS_BLOCKED\x10\x06*\xba\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45VENT_TYPE_CREATED\x10\x01\x12\x17\n\x13\x45VENT_TYPE_RESERVED\x10\x02\x12\x18\n\x14\x45VENT_TYPE_COMMITTED\x10\x03\x12\x17\n\x13\x45VENT_TYPE_REFUNDED\x10\x04\x12\x16\n\x12\x45VENT_TYPE_EXPIRED\x10\x05\x12\x15\n\x11\x45VENT_TYPE_CLOSED\x10\x06\x42\x38Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16runcap/v1/budget.proto\x12\truncap.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"D\n\x08ScopeRef\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x14.runcap.v1.ScopeKindR\x04kind\x12\x0e\n\x02id\x18\x02 \x01(\tR\x02id\"\xd3\x03\n\nScopeUsage\x12)\n\x06period\x18\x01 \x01(\x0e\x32\x11.runcap.v1.PeriodR\x06period\x12&\n\x0climit_micros\x18\x02 \x01(\x03H\x00R\x0blimitMicros\x88\x01\x01\x12\x46\n\x11window_start_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0fwindowStartTime\x12\x42\n\x0fwindow_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\rwindowEndTime\x12)\n\x10\x63ommitted_micros\x18\x05 \x01(\x03R\x0f\x63ommittedMicros\x12\'\n\x0freserved_micros\x18\x06 \x01(\x03R\x0ereservedMicros\x12)\n\x10remaining_micros\x18\x07 \x01(\x03R\x0fremainingMicros\x12%\n\x0eoverrun_micros\x18\x08 \x01(\x03R\roverrunMicros\x12/\n\x13\x61\x63tive_reservations\x18\t \x01(\x03R\x12\x61\x63tiveReservationsB\x0f\n\r_limit_micros\"[\n\x05Scope\x12%\n\x03ref\x18\x01 \x01(\x0b\x32\x13.runcap.v1.ScopeRefR\x03ref\x12+\n\x05usage\x18\x02 \x03(\x0b\x32\x15.runcap.v1.ScopeUsageR\x05usage\"\xbc\x03\n\x0b\x42udgetState\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x05runId\x12\'\n\x0climit_micros\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0blimitMicros\x12/\n\x10\x63ommitted_micros\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0f\x63ommittedMicros\x12-\n\x0freserved_micros\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0ereservedMicros\x12/\n\x10remaining_micros\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0fremainingMicros\x12 \n\x08revision\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x08revision\x12\x32\n\x06status\x18\x07 \x01(\x0e\x32\x14.runcap.v1.RunStatusB\x04\xe2\x41\x01\x03R\x06status\x12\x35\n\x13\x61\x63tive_reservations\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x12\x61\x63tiveReservations\x12+\n\x0eoverrun_micros\x18\t \x01(\x03\x42\x04\xe2\x41\x01\x03R\roverrunMicros\x12\x1c\n\x06\x64igest\x18\n \x01(\tB\x04\xe2\x41\x01\x03R\x06\x64igest\"\xb4\x04\n\x03Run\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x05runId\x12\'\n\x0climit_micros\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0blimitMicros\x12\x38\n\x06labels\x18\x03 \x03(\x0b\x32\x1a.runcap.v1.Run.LabelsEntryB\x04\xe2\x41\x01\x03R\x06labels\x12\x32\n\x12\x64\x65\x66\x61ult_ttl_millis\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x10\x64\x65\x66\x61ultTtlMillis\x12\x41\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\ncreateTime\x12?\n\nclose_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\tcloseTime\x12(\n\rparent_run_id\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03R\x0bparentRunId\x12\"\n\napi_key_id\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03R\x08\x61piKeyId\x12\x1d\n\x07user_id\x18\t \x01(\tB\x04\xe2\x41\x01\x03R\x06userId\x12\x1d\n\x07team_id\x18\n \x01(\tB\x04\xe2\x41\x01\x03R\x06teamId\x12.\n\x10\x61ncestor_run_ids\x18\x0b \x03(\tB\x04\xe2\x41\x01\x03R\x0e\x61ncestorRunIds\x1a\x39\n\x0bLabelsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\xc1\x02\n\x0b\x42udgetEvent\x12(\n\x04type\x18\x01 \x01(\x0e\x32\x14.runcap.v1.EventTypeR\x04type\x12%\n\x0ereservation_id\x18\x02 \x01(\tR\rreservationId\x12#\n\ramount_micros\x18\x03 \x01(\x03R\x0c\x61mountMicros\x12#\n\ractual_micros\x18\x04 \x01(\x03R\x0c\x61\x63tualMicros\x12%\n\x0eoverrun_micros\x18\x05 \x01(\x03R\roverrunMicros\x12\x12\n\x04late\x18\x06 \x01(\x08R\x04late\x12.\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x04time\x12,\n\x05state\x18\x08 \x01(\x0b\x32\x16.runcap.v1.BudgetStateR\x05state*S\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0fRUN_STATUS_OPEN\x10\x01\x12\x15\n\x11RUN_STATUS_CLOSED\x10\x02*L\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x12\n\x0e\x44\x45\x43ISION_BLOCK\x10\x02*\xc6\x01\n\x0e\x44\x65\x63isionReason\x12\x1f\n\x1b\x44\x45\x43ISION_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x44\x45\x43ISION_REASON_WITHIN_BUDGET\x10\x01\x12\'\n#DECISION_REASON_INSUFFICIENT_BUDGET\x10\x02\x12\x1e\n\x1a\x44\x45\x43ISION_REASON_RUN_CLOSED\x10\x03\x12\'\n#DECISION_REASON_RESERVATION_EXPIRED\x10\x04*}\n\tScopeKind\x12\x1a\n\x16SCOPE_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eSCOPE_KIND_RUN\x10\x01\x12\x16\n\x12SCOPE_KIND_API_KEY\x10\x02\x12\x13\n\x0fSCOPE_KIND_USER\x10\x03\x12\x13\n\x0fSCOPE_KIND_TEAM\x10\x04*[\n\x06Period\x12\x16\n\x12PERIOD_UNSPECIFIED\x10\x00\x12\x13\n\x0fPERIOD_LIFETIME\x10\x01\x12\x10\n\x0cPERIOD_DAILY\x10\x02\x12\x12\n\x0ePERIOD_MONTHLY\x10\x03*\xfe\x01\n\x11ReservationStatus\x12\"\n\x1eRESERVATION_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17RESERVATION_STATUS_HELD\x10\x01\x12 \n\x1cRESERVATION_STATUS_COMMITTED\x10\x02\x12\x1f\n\x1bRESERVATION_STATUS_RELEASED\x10\x03\x12\x1e\n\x1aRESERVATION_STATUS_EXPIRED\x10\x04\x12%\n!RESERVATION_STATUS_LATE_COMMITTED\x10\x05\x12\x1e\n\x1aRESERVATION_STATUS_BLOCKED\x10\x06*\xba\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45VENT_TYPE_CREATED\x10\x01\x12\x17\n\x13\x45VENT_TYPE_RESERVED\x10\x02\x12\x18\n\x14\x45VENT_TYPE_COMMITTED\x10\x03\x12\x17\n\x13\x45VENT_TYPE_REFUNDED\x10\x04\x12\x16\n\x12\x45VENT_TYPE_EXPIRED\x10\x05\x12\x15\n\x11\x45VENT_TYPE_CLOSED\x10\x06\x42\x38Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -68,22 +68,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUN'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
   _globals['_RUN'].fields_by_name['close_time']._loaded_options = None
   _globals['_RUN'].fields_by_name['close_time']._serialized_options = b'\342A\001\003'
-  _globals['_RUNSTATUS']._serialized_start=1253
-  _globals['_RUNSTATUS']._serialized_end=1336
-  _globals['_DECISION']._serialized_start=1338
-  _globals['_DECISION']._serialized_end=1414
-  _globals['_DECISIONREASON']._serialized_start=1417
-  _globals['_DECISIONREASON']._serialized_end=1574
-  _globals['_RESERVATIONSTATUS']._serialized_start=1577
-  _globals['_RESERVATIONSTATUS']._serialized_end=1831
-  _globals['_EVENTTYPE']._serialized_start=1834
-  _globals['_EVENTTYPE']._serialized_end=2020
-  _globals['_BUDGETSTATE']._serialized_start=104
-  _globals['_BUDGETSTATE']._serialized_end=548
-  _globals['_RUN']._serialized_start=551
-  _globals['_RUN']._serialized_end=927
-  _globals['_RUN_LABELSENTRY']._serialized_start=870
-  _globals['_RUN_LABELSENTRY']._serialized_end=927
-  _globals['_BUDGETEVENT']._serialized_start=930
-  _globals['_BUDGETEVENT']._serialized_end=1251
+  _globals['_RUN'].fields_by_name['parent_run_id']._loaded_options = None
+  _globals['_RUN'].fields_by_name['parent_run_id']._serialized_options = b'\342A\001\003'
+  _globals['_RUN'].fields_by_name['api_key_id']._loaded_options = None
+  _globals['_RUN'].fields_by_name['api_key_id']._serialized_options = b'\342A\001\003'
+  _globals['_RUN'].fields_by_name['user_id']._loaded_options = None
+  _globals['_RUN'].fields_by_name['user_id']._serialized_options = b'\342A\001\003'
+  _globals['_RUN'].fields_by_name['team_id']._loaded_options = None
+  _globals['_RUN'].fields_by_name['team_id']._serialized_options = b'\342A\001\003'
+  _globals['_RUN'].fields_by_name['ancestor_run_ids']._loaded_options = None
+  _globals['_RUN'].fields_by_name['ancestor_run_ids']._serialized_options = b'\342A\001\003'
+  _globals['_RUNSTATUS']._serialized_start=2074
+  _globals['_RUNSTATUS']._serialized_end=2157
+  _globals['_DECISION']._serialized_start=2159
+  _globals['_DECISION']._serialized_end=2235
+  _globals['_DECISIONREASON']._serialized_start=2238
+  _globals['_DECISIONREASON']._serialized_end=2436
+  _globals['_SCOPEKIND']._serialized_start=2438
+  _globals['_SCOPEKIND']._serialized_end=2563
+  _globals['_PERIOD']._serialized_start=2565
+  _globals['_PERIOD']._serialized_end=2656
+  _globals['_RESERVATIONSTATUS']._serialized_start=2659
+  _globals['_RESERVATIONSTATUS']._serialized_end=2913
+  _globals['_EVENTTYPE']._serialized_start=2916
+  _globals['_EVENTTYPE']._serialized_end=3102
+  _globals['_SCOPEREF']._serialized_start=103
+  _globals['_SCOPEREF']._serialized_end=171
+  _globals['_SCOPEUSAGE']._serialized_start=174
+  _globals['_SCOPEUSAGE']._serialized_end=641
+  _globals['_SCOPE']._serialized_start=643
+  _globals['_SCOPE']._serialized_end=734
+  _globals['_BUDGETSTATE']._serialized_start=737
+  _globals['_BUDGETSTATE']._serialized_end=1181
+  _globals['_RUN']._serialized_start=1184
+  _globals['_RUN']._serialized_end=1748
+  _globals['_RUN_LABELSENTRY']._serialized_start=1691
+  _globals['_RUN_LABELSENTRY']._serialized_end=1748
+  _globals['_BUDGETEVENT']._serialized_start=1751
+  _globals['_BUDGETEVENT']._serialized_end=2072
 # @@protoc_insertion_point(module_scope)

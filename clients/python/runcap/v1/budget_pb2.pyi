@@ -92,7 +92,14 @@ class _DecisionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decisi
     DECISION_REASON_INSUFFICIENT_BUDGET: _DecisionReason.ValueType  # 2
     """The estimate does not fit in what remains of the run's limit."""
     DECISION_REASON_RUN_CLOSED: _DecisionReason.ValueType  # 3
-    """The run was closed before this reservation arrived."""
+    """The run, or the ancestor run named by `blocking_scope`, was closed before
+    this reservation arrived.
+    """
+    DECISION_REASON_RESERVATION_EXPIRED: _DecisionReason.ValueType  # 4
+    """A retry arrived after the hold an earlier attempt with this reservation
+    id had placed on a parent scope expired, and that attempt never reached
+    the run. Nothing is held; reserve again with a new reservation id.
+    """
 
 class DecisionReason(_DecisionReason, metaclass=_DecisionReasonEnumTypeWrapper):
     """DecisionReason explains a decision in machine-readable form."""
@@ -104,8 +111,81 @@ DECISION_REASON_WITHIN_BUDGET: DecisionReason.ValueType  # 1
 DECISION_REASON_INSUFFICIENT_BUDGET: DecisionReason.ValueType  # 2
 """The estimate does not fit in what remains of the run's limit."""
 DECISION_REASON_RUN_CLOSED: DecisionReason.ValueType  # 3
-"""The run was closed before this reservation arrived."""
+"""The run, or the ancestor run named by `blocking_scope`, was closed before
+this reservation arrived.
+"""
+DECISION_REASON_RESERVATION_EXPIRED: DecisionReason.ValueType  # 4
+"""A retry arrived after the hold an earlier attempt with this reservation
+id had placed on a parent scope expired, and that attempt never reached
+the run. Nothing is held; reserve again with a new reservation id.
+"""
 Global___DecisionReason: _TypeAlias = DecisionReason  # noqa: Y015
+
+class _ScopeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScopeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScopeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCOPE_KIND_UNSPECIFIED: _ScopeKind.ValueType  # 0
+    """The kind is not set. The server never returns this value."""
+    SCOPE_KIND_RUN: _ScopeKind.ValueType  # 1
+    """A run: the run itself or one of its ancestors."""
+    SCOPE_KIND_API_KEY: _ScopeKind.ValueType  # 2
+    """An API key, by the id the run was created with."""
+    SCOPE_KIND_USER: _ScopeKind.ValueType  # 3
+    """A user."""
+    SCOPE_KIND_TEAM: _ScopeKind.ValueType  # 4
+    """A team."""
+
+class ScopeKind(_ScopeKind, metaclass=_ScopeKindEnumTypeWrapper):
+    """ScopeKind names what a scope is. A run is charged on its own ledger and on
+    each of its parent scopes: its ancestor runs (for a subagent), its API key,
+    its user and its team.
+    """
+
+SCOPE_KIND_UNSPECIFIED: ScopeKind.ValueType  # 0
+"""The kind is not set. The server never returns this value."""
+SCOPE_KIND_RUN: ScopeKind.ValueType  # 1
+"""A run: the run itself or one of its ancestors."""
+SCOPE_KIND_API_KEY: ScopeKind.ValueType  # 2
+"""An API key, by the id the run was created with."""
+SCOPE_KIND_USER: ScopeKind.ValueType  # 3
+"""A user."""
+SCOPE_KIND_TEAM: ScopeKind.ValueType  # 4
+"""A team."""
+Global___ScopeKind: _TypeAlias = ScopeKind  # noqa: Y015
+
+class _Period:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PeriodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Period.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PERIOD_UNSPECIFIED: _Period.ValueType  # 0
+    """The period is not set. The server never returns this value."""
+    PERIOD_LIFETIME: _Period.ValueType  # 1
+    """For ever. A run's own limit is a lifetime ceiling."""
+    PERIOD_DAILY: _Period.ValueType  # 2
+    """One calendar day in UTC."""
+    PERIOD_MONTHLY: _Period.ValueType  # 3
+    """One calendar month in UTC."""
+
+class Period(_Period, metaclass=_PeriodEnumTypeWrapper):
+    """Period is the window a scope ceiling applies to. Daily and monthly windows
+    are calendar days and months in UTC; a reservation counts in the windows
+    current when it was made, also when it settles later.
+    """
+
+PERIOD_UNSPECIFIED: Period.ValueType  # 0
+"""The period is not set. The server never returns this value."""
+PERIOD_LIFETIME: Period.ValueType  # 1
+"""For ever. A run's own limit is a lifetime ceiling."""
+PERIOD_DAILY: Period.ValueType  # 2
+"""One calendar day in UTC."""
+PERIOD_MONTHLY: Period.ValueType  # 3
+"""One calendar month in UTC."""
+Global___Period: _TypeAlias = Period  # noqa: Y015
 
 class _ReservationStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -202,6 +282,130 @@ EVENT_TYPE_EXPIRED: EventType.ValueType  # 5
 EVENT_TYPE_CLOSED: EventType.ValueType  # 6
 """The run was closed."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
+
+@_typing.final
+class ScopeRef(_message.Message):
+    """ScopeRef names a scope."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    kind: Global___ScopeKind.ValueType
+    """What the scope is."""
+    id: _builtins.str
+    """The scope's id: a run id for SCOPE_KIND_RUN, otherwise the id of the API
+    key, user or team (same rules as run ids).
+    """
+    def __init__(
+        self,
+        *,
+        kind: Global___ScopeKind.ValueType = ...,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScopeRef: _TypeAlias = ScopeRef  # noqa: Y015
+
+@_typing.final
+class ScopeUsage(_message.Message):
+    """ScopeUsage is a scope's ledger for one period, in its current window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERIOD_FIELD_NUMBER: _builtins.int
+    LIMIT_MICROS_FIELD_NUMBER: _builtins.int
+    WINDOW_START_TIME_FIELD_NUMBER: _builtins.int
+    WINDOW_END_TIME_FIELD_NUMBER: _builtins.int
+    COMMITTED_MICROS_FIELD_NUMBER: _builtins.int
+    RESERVED_MICROS_FIELD_NUMBER: _builtins.int
+    REMAINING_MICROS_FIELD_NUMBER: _builtins.int
+    OVERRUN_MICROS_FIELD_NUMBER: _builtins.int
+    ACTIVE_RESERVATIONS_FIELD_NUMBER: _builtins.int
+    period: Global___Period.ValueType
+    """The period."""
+    limit_micros: _builtins.int
+    """The ceiling for this period in micro-USD; unset when none is configured
+    (the scope's spend is tracked all the same).
+    """
+    committed_micros: _builtins.int
+    """The actual costs recorded in this window, including overruns and late
+    commits.
+    """
+    reserved_micros: _builtins.int
+    """The holds of this window that are active."""
+    remaining_micros: _builtins.int
+    """max(0, limit - committed - reserved); 0 when there is no limit."""
+    overrun_micros: _builtins.int
+    """The part of `committed_micros` that was not covered by a hold."""
+    active_reservations: _builtins.int
+    """The number of active holds in this window."""
+    @_builtins.property
+    def window_start_time(self) -> _timestamp_pb2.Timestamp:
+        """Where the current window starts, in server time. Unset for lifetime."""
+
+    @_builtins.property
+    def window_end_time(self) -> _timestamp_pb2.Timestamp:
+        """Where the current window ends (exclusive). Unset for lifetime."""
+
+    def __init__(
+        self,
+        *,
+        period: Global___Period.ValueType = ...,
+        limit_micros: _builtins.int | None = ...,
+        window_start_time: _timestamp_pb2.Timestamp | None = ...,
+        window_end_time: _timestamp_pb2.Timestamp | None = ...,
+        committed_micros: _builtins.int = ...,
+        reserved_micros: _builtins.int = ...,
+        remaining_micros: _builtins.int = ...,
+        overrun_micros: _builtins.int = ...,
+        active_reservations: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_limit_micros", b"_limit_micros", "limit_micros", b"limit_micros", "window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_limit_micros", b"_limit_micros", "active_reservations", b"active_reservations", "committed_micros", b"committed_micros", "limit_micros", b"limit_micros", "overrun_micros", b"overrun_micros", "period", b"period", "remaining_micros", b"remaining_micros", "reserved_micros", b"reserved_micros", "window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__limit_micros: _TypeAlias = _typing.Literal["limit_micros"]  # noqa: Y015
+    _WhichOneofArgType__limit_micros: _TypeAlias = _typing.Literal["_limit_micros", b"_limit_micros"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__limit_micros) -> _WhichOneofReturnType__limit_micros | None: ...
+
+Global___ScopeUsage: _TypeAlias = ScopeUsage  # noqa: Y015
+
+@_typing.final
+class Scope(_message.Message):
+    """Scope is a parent scope's ceilings and usage. Scopes exist implicitly: a
+    scope nobody has charged or limited reads as all zeros with no limits.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REF_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ref(self) -> Global___ScopeRef:
+        """The scope."""
+
+    @_builtins.property
+    def usage(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScopeUsage]:
+        """One entry per period, lifetime, daily and monthly, in that order."""
+
+    def __init__(
+        self,
+        *,
+        ref: Global___ScopeRef | None = ...,
+        usage: _abc.Iterable[Global___ScopeUsage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Scope: _TypeAlias = Scope  # noqa: Y015
 
 @_typing.final
 class BudgetState(_message.Message):
@@ -310,6 +514,11 @@ class Run(_message.Message):
     DEFAULT_TTL_MILLIS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     CLOSE_TIME_FIELD_NUMBER: _builtins.int
+    PARENT_RUN_ID_FIELD_NUMBER: _builtins.int
+    API_KEY_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    TEAM_ID_FIELD_NUMBER: _builtins.int
+    ANCESTOR_RUN_IDS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id."""
     limit_micros: _builtins.int
@@ -318,6 +527,14 @@ class Run(_message.Message):
     """The time-to-live of a reservation that does not give its own, in
     milliseconds. It is the server's default when the run did not set one.
     """
+    parent_run_id: _builtins.str
+    """The parent run of a subagent run; empty for a root run."""
+    api_key_id: _builtins.str
+    """The API key the run is charged to, given or inherited from the parent."""
+    user_id: _builtins.str
+    """The user the run is charged to, given or inherited from the parent."""
+    team_id: _builtins.str
+    """The team the run is charged to, given or inherited from the parent."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels (for example agent, team, feature), used for reporting."""
@@ -330,6 +547,12 @@ class Run(_message.Message):
     def close_time(self) -> _timestamp_pb2.Timestamp:
         """When the run was closed, in server time. Unset while the run is open."""
 
+    @_builtins.property
+    def ancestor_run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every ancestor run, the parent first and the root last. Each reservation
+        of this run is held on all of them.
+        """
+
     def __init__(
         self,
         *,
@@ -339,10 +562,15 @@ class Run(_message.Message):
         default_ttl_millis: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         close_time: _timestamp_pb2.Timestamp | None = ...,
+        parent_run_id: _builtins.str = ...,
+        api_key_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        team_id: _builtins.str = ...,
+        ancestor_run_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["close_time", b"close_time", "create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["close_time", b"close_time", "create_time", b"create_time", "default_ttl_millis", b"default_ttl_millis", "labels", b"labels", "limit_micros", b"limit_micros", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ancestor_run_ids", b"ancestor_run_ids", "api_key_id", b"api_key_id", "close_time", b"close_time", "create_time", b"create_time", "default_ttl_millis", b"default_ttl_millis", "labels", b"labels", "limit_micros", b"limit_micros", "parent_run_id", b"parent_run_id", "run_id", b"run_id", "team_id", b"team_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from runcap.v1 import budget_pb2 as runcap_dot_v1_dot_budget__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eruncap/v1/budget_service.proto\x12\truncap.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16runcap/v1/budget.proto\"\x9c\x02\n\x10\x43reateRunRequest\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01R\x05runId\x12\'\n\x0climit_micros\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x02R\x0blimitMicros\x12\x45\n\x06labels\x18\x03 \x03(\x0b\x32\'.runcap.v1.CreateRunRequest.LabelsEntryB\x04\xe2\x41\x01\x01R\x06labels\x12@\n\x0b\x64\x65\x66\x61ult_ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01R\ndefaultTtl\x1a\x39\n\x0bLabelsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\x7f\n\x11\x43reateRunResponse\x12 \n\x03run\x18\x01 \x01(\x0b\x32\x0e.runcap.v1.RunR\x03run\x12,\n\x05state\x18\x02 \x01(\x0b\x32\x16.runcap.v1.BudgetStateR\x05state\x12\x1a\n\x08replayed\x18\x03 \x01(\x08R\x08replayed\",\n\rGetRunRequest\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x05runId\"`\n\x0eGetRunResponse\x12 \n\x03run\x18\x01 \x01(\x0b\x32\x0e.runcap.v1.RunR\x03run\x12,\n\x05state\x18\x02 \x01(\x0b\x32\x16.runcap.v1.BudgetStateR\x05state\"\xc0\x01\n\x0eReserveRequest\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x05runId\x12+\n\x0ereservation_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\rreservationId\x12%\n\ramount_micros\x18\x03 \x01(\x03H\x00R\x0c\x61mountMicros\x12\x31\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01R\x03ttlB\n\n\x08\x65stimate\"\xc8\x02\n\x0fReserveResponse\x12/\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x13.runcap.v1.DecisionR\x08\x64\x65\x63ision\x12\x31\n\x06reason\x18\x02 \x01(\x0e\x32\x19.runcap.v1.DecisionReasonR\x06reason\x12%\n\x0ereservation_id\x18\x03 \x01(\tR\rreservationId\x12#\n\ramount_micros\x18\x04 \x01(\x03R\x0c\x61mountMicros\x12;\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nexpireTime\x12,\n\x05state\x18\x06 \x01(\x0b\x32\x16.runcap.v1.BudgetStateR\x05state\x12\x1a\n\x08replayed\x18\x07 \x01(\x08R\x08replayed\"\x8a\x01\n\rCommitRequest\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x05runId\x12+\n\x0ereservation_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\rreservationId\x12%\n\ractual_micros\x18\x03 \x01(\x03H\x00R\x0c\x61\x63tualMicrosB\x08\n\x06\x61\x63tual\"\x94\x02\n\x0e\x43ommitResponse\x12,\n\x05state\x18\x01 \x01(\x0b\x32\x16.runcap.v1.BudgetStateR\x05state\x12%\n\x0eoverrun_micros\x18\x02 \x01(\x03R\roverrunMicros\x12\x1a\n\x08replayed\x18\x03 \x01(\x08R\x08replayed\x12K\n\x12reservation_status\x18\x04 \x01(\x0e\x32\x1c.runcap.v1.ReservationStatusR\x11reservationStatus\x12#\n\ractual_micros\x18\x05 \x01(\x03R\x0c\x61\x63tualMicros\x12\x1f\n\x0bheld_micros\x18\x06 \x01(\x03R\nheldMicros\"Y\n\rRefundRequest\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x05runId\x12+\n\x0ereservation_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\rreservationId\"\xd0\x01\n\x0eRefundResponse\x12,\n\x05state\x18\x01 \x01(\x0b\x32\x16.runcap.v1.BudgetStateR\x05state\x12\x1a\n\x08replayed\x18\x02 \x01(\x08R\x08replayed\x12K\n\x12reservation_status\x18\x03 \x01(\x0e\x32\x1c.runcap.v1.ReservationStatusR\x11reservationStatus\x12\'\n\x0freleased_micros\x18\x04 \x01(\x03R\x0ereleasedMicros\".\n\x0f\x43loseRunRequest\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x05runId\"\\\n\x10\x43loseRunResponse\x12,\n\x05state\x18\x01 \x01(\x0b\x32\x16.runcap.v1.BudgetStateR\x05state\x12\x1a\n\x08replayed\x18\x02 \x01(\x08R\x08replayed\"\x99\x01\n\x0cWatchRequest\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x05runId\x12\x30\n\x0e\x61\x66ter_revision\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01H\x00R\rafterRevision\x88\x01\x01\x12\'\n\x0c\x61\x66ter_digest\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\x0b\x61\x66terDigestB\x11\n\x0f_after_revision\"\xcc\x01\n\rWatchResponse\x12\x1a\n\x08revision\x18\x01 \x01(\x03R\x08revision\x12\x34\n\x08snapshot\x18\x02 \x01(\x0b\x32\x16.runcap.v1.BudgetStateH\x00R\x08snapshot\x12.\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x16.runcap.v1.BudgetEventH\x00R\x05\x65vent\x12\x31\n\x08progress\x18\x04 \x01(\x0b\x32\x13.runcap.v1.ProgressH\x00R\x08progressB\x06\n\x04kind\" \n\x08Progress\x12\x14\n\x05\x66inal\x18\x01 \x01(\x08R\x05\x66inal2\xd9\x03\n\rBudgetService\x12\x46\n\tCreateRun\x12\x1b.runcap.v1.CreateRunRequest\x1a\x1c.runcap.v1.CreateRunResponse\x12=\n\x06GetRun\x12\x18.runcap.v1.GetRunRequest\x1a\x19.runcap.v1.GetRunResponse\x12@\n\x07Reserve\x12\x19.runcap.v1.ReserveRequest\x1a\x1a.runcap.v1.ReserveResponse\x12=\n\x06\x43ommit\x12\x18.runcap.v1.CommitRequest\x1a\x19.runcap.v1.CommitResponse\x12=\n\x06Refund\x12\x18.runcap.v1.RefundRequest\x1a\x19.runcap.v1.RefundResponse\x12\x43\n\x08\x43loseRun\x12\x1a.runcap.v1.CloseRunRequest\x1a\x1b.runcap.v1.CloseRunResponse\x12<\n\x05Watch\x12\x17.runcap.v1.WatchRequest\x1a\x18.runcap.v1.WatchResponse0\x01\x42\x38Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eruncap/v1/budget_service.proto\x12\truncap.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16runcap/v1/budget.proto\"\xa8\x03\n\x10\x43reateRunRequest\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01R\x05runId\x12\'\n\x0climit_micros\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x02R\x0blimitMicros\x12\x45\n\x06labels\x18\x03 \x03(\x0b\x32\'.runcap.v1.CreateRunRequest.LabelsEntryB\x04\xe2\x41\x01\x01R\x06labels\x12@\n\x0b\x64\x65\x66\x61ult_ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01R\ndefaultTtl\x12(\n\rparent_run_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01R\x0bparentRunId\x12\"\n\napi_key_id\x18\x06 \x01(\tB\x04\xe2\x41\x01\x01R\x08\x61piKeyId\x12\x1d\n\x07user_id\x18\x07 \x01(\tB\x04\xe2\x41\x01\x01R\x06userId\x12\x1d\n\x07team_id\x18\x08 \x01(\tB\x04\xe2\x41\x01\x01R\x06teamId\x1a\x39\n\x0bLabelsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\x7f\n\x11\x43reateRunResponse\x12 \n\x03run\x18\x01 \x01(\x0b\x32\x0e.runcap.v1.RunR\x03run\x12,\n\x05state\x18\x02 \x01(\x0b\x32\x16.runcap.v1.BudgetStateR\x05state\x12\x1a\n\x08replayed\x18\x03 \x01(\x08R\x08replayed\",\n\rGetRunRequest\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x05runId\"`\n\x0eGetRunResponse\x12 \n\x03run\x18\x01 \x01(\x0b\x32\x0e.runcap.v1.RunR\x03run\x12,\n\x05state\x18\x02 \x01(\x0b\x32\x16.runcap.v1.BudgetStateR\x05state\"\xc0\x01\n\x0eReserveRequest\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x05runId\x12+\n\x0ereservation_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\rreservationId\x12%\n\ramount_micros\x18\x03 \x01(\x03H\x00R\x0c\x61mountMicros\x12\x31\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01R\x03ttlB\n\n\x08\x65stimate\"\xc0\x03\n\x0fReserveResponse\x12/\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x13.runcap.v1.DecisionR\x08\x64\x65\x63ision\x12\x31\n\x06reason\x18\x02 \x01(\x0e\x32\x19.runcap.v1.DecisionReasonR\x06reason\x12%\n\x0ereservation_id\x18\x03 \x01(\tR\rreservationId\x12#\n\ramount_micros\x18\x04 \x01(\x03R\x0c\x61mountMicros\x12;\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nexpireTime\x12,\n\x05state\x18\x06 \x01(\x0b\x32\x16.runcap.v1.BudgetStateR\x05state\x12\x1a\n\x08replayed\x18\x07 \x01(\x08R\x08replayed\x12:\n\x0e\x62locking_scope\x18\x08 \x01(\x0b\x32\x13.runcap.v1.ScopeRefR\rblockingScope\x12:\n\x0f\x62locking_period\x18\t \x01(\x0e\x32\x11.runcap.v1.PeriodR\x0e\x62lockingPeriod\"\x8a\x01\n\rCommitRequest\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x05runId\x12+\n\x0ereservation_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\rreservationId\x12%\n\ractual_micros\x18\x03 \x01(\x03H\x00R\x0c\x61\x63tualMicrosB\x08\n\x06\x61\x63tual\"\x94\x02\n\x0e\x43ommitResponse\x12,\n\x05state\x18\x01 \x01(\x0b\x32\x16.runcap.v1.BudgetStateR\x05state\x12%\n\x0eoverrun_micros\x18\x02 \x01(\x03R\roverrunMicros\x12\x1a\n\x08replayed\x18\x03 \x01(\x08R\x08replayed\x12K\n\x12reservation_status\x18\x04 \x01(\x0e\x32\x1c.runcap.v1.ReservationStatusR\x11reservationStatus\x12#\n\ractual_micros\x18\x05 \x01(\x03R\x0c\x61\x63tualMicros\x12\x1f\n\x0bheld_micros\x18\x06 \x01(\x03R\nheldMicros\"Y\n\rRefundRequest\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x05runId\x12+\n\x0ereservation_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\rreservationId\"\xd0\x01\n\x0eRefundResponse\x12,\n\x05state\x18\x01 \x01(\x0b\x32\x16.runcap.v1.BudgetStateR\x05state\x12\x1a\n\x08replayed\x18\x02 \x01(\x08R\x08replayed\x12K\n\x12reservation_status\x18\x03 \x01(\x0e\x32\x1c.runcap.v1.ReservationStatusR\x11reservationStatus\x12\'\n\x0freleased_micros\x18\x04 \x01(\x03R\x0ereleasedMicros\".\n\x0f\x43loseRunRequest\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x05runId\"\\\n\x10\x43loseRunResponse\x12,\n\x05state\x18\x01 \x01(\x0b\x32\x16.runcap.v1.BudgetStateR\x05state\x12\x1a\n\x08replayed\x18\x02 \x01(\x08R\x08replayed\"\x99\x01\n\x0cWatchRequest\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x05runId\x12\x30\n\x0e\x61\x66ter_revision\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01H\x00R\rafterRevision\x88\x01\x01\x12\'\n\x0c\x61\x66ter_digest\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\x0b\x61\x66terDigestB\x11\n\x0f_after_revision\"\xcc\x01\n\rWatchResponse\x12\x1a\n\x08revision\x18\x01 \x01(\x03R\x08revision\x12\x34\n\x08snapshot\x18\x02 \x01(\x0b\x32\x16.runcap.v1.BudgetStateH\x00R\x08snapshot\x12.\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x16.runcap.v1.BudgetEventH\x00R\x05\x65vent\x12\x31\n\x08progress\x18\x04 \x01(\x0b\x32\x13.runcap.v1.ProgressH\x00R\x08progressB\x06\n\x04kind\" \n\x08Progress\x12\x14\n\x05\x66inal\x18\x01 \x01(\x08R\x05\x66inal\"\xc0\x01\n\x14SetScopeLimitRequest\x12/\n\x05scope\x18\x01 \x01(\x0b\x32\x13.runcap.v1.ScopeRefB\x04\xe2\x41\x01\x02R\x05scope\x12/\n\x06period\x18\x02 \x01(\x0e\x32\x11.runcap.v1.PeriodB\x04\xe2\x41\x01\x02R\x06period\x12#\n\x0climit_micros\x18\x03 \x01(\x03H\x00R\x0blimitMicros\x12\x16\n\x05\x63lear\x18\x04 \x01(\x08H\x00R\x05\x63learB\t\n\x07\x63\x65iling\"?\n\x15SetScopeLimitResponse\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x10.runcap.v1.ScopeR\x05scope\"B\n\x0fGetScopeRequest\x12/\n\x05scope\x18\x01 \x01(\x0b\x32\x13.runcap.v1.ScopeRefB\x04\xe2\x41\x01\x02R\x05scope\":\n\x10GetScopeResponse\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x10.runcap.v1.ScopeR\x05scope2\xf2\x04\n\rBudgetService\x12\x46\n\tCreateRun\x12\x1b.runcap.v1.CreateRunRequest\x1a\x1c.runcap.v1.CreateRunResponse\x12=\n\x06GetRun\x12\x18.runcap.v1.GetRunRequest\x1a\x19.runcap.v1.GetRunResponse\x12@\n\x07Reserve\x12\x19.runcap.v1.ReserveRequest\x1a\x1a.runcap.v1.ReserveResponse\x12=\n\x06\x43ommit\x12\x18.runcap.v1.CommitRequest\x1a\x19.runcap.v1.CommitResponse\x12=\n\x06Refund\x12\x18.runcap.v1.RefundRequest\x1a\x19.runcap.v1.RefundResponse\x12\x43\n\x08\x43loseRun\x12\x1a.runcap.v1.CloseRunRequest\x1a\x1b.runcap.v1.CloseRunResponse\x12<\n\x05Watch\x12\x17.runcap.v1.WatchRequest\x1a\x18.runcap.v1.WatchResponse0\x01\x12R\n\rSetScopeLimit\x12\x1f.runcap.v1.SetScopeLimitRequest\x1a .runcap.v1.SetScopeLimitResponse\x12\x43\n\x08GetScope\x12\x1a.runcap.v1.GetScopeRequest\x1a\x1b.runcap.v1.GetScopeResponseB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,6 +46,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATERUNREQUEST'].fields_by_name['labels']._serialized_options = b'\342A\001\001'
   _globals['_CREATERUNREQUEST'].fields_by_name['default_ttl']._loaded_options = None
   _globals['_CREATERUNREQUEST'].fields_by_name['default_ttl']._serialized_options = b'\342A\001\001'
+  _globals['_CREATERUNREQUEST'].fields_by_name['parent_run_id']._loaded_options = None
+  _globals['_CREATERUNREQUEST'].fields_by_name['parent_run_id']._serialized_options = b'\342A\001\001'
+  _globals['_CREATERUNREQUEST'].fields_by_name['api_key_id']._loaded_options = None
+  _globals['_CREATERUNREQUEST'].fields_by_name['api_key_id']._serialized_options = b'\342A\001\001'
+  _globals['_CREATERUNREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_CREATERUNREQUEST'].fields_by_name['user_id']._serialized_options = b'\342A\001\001'
+  _globals['_CREATERUNREQUEST'].fields_by_name['team_id']._loaded_options = None
+  _globals['_CREATERUNREQUEST'].fields_by_name['team_id']._serialized_options = b'\342A\001\001'
   _globals['_GETRUNREQUEST'].fields_by_name['run_id']._loaded_options = None
   _globals['_GETRUNREQUEST'].fields_by_name['run_id']._serialized_options = b'\342A\001\002'
   _globals['_RESERVEREQUEST'].fields_by_name['run_id']._loaded_options = None
@@ -70,38 +78,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHREQUEST'].fields_by_name['after_revision']._serialized_options = b'\342A\001\001'
   _globals['_WATCHREQUEST'].fields_by_name['after_digest']._loaded_options = None
   _globals['_WATCHREQUEST'].fields_by_name['after_digest']._serialized_options = b'\342A\001\001'
+  _globals['_SETSCOPELIMITREQUEST'].fields_by_name['scope']._loaded_options = None
+  _globals['_SETSCOPELIMITREQUEST'].fields_by_name['scope']._serialized_options = b'\342A\001\002'
+  _globals['_SETSCOPELIMITREQUEST'].fields_by_name['period']._loaded_options = None
+  _globals['_SETSCOPELIMITREQUEST'].fields_by_name['period']._serialized_options = b'\342A\001\002'
+  _globals['_GETSCOPEREQUEST'].fields_by_name['scope']._loaded_options = None
+  _globals['_GETSCOPEREQUEST'].fields_by_name['scope']._serialized_options = b'\342A\001\002'
   _globals['_CREATERUNREQUEST']._serialized_start=168
-  _globals['_CREATERUNREQUEST']._serialized_end=452
-  _globals['_CREATERUNREQUEST_LABELSENTRY']._serialized_start=395
-  _globals['_CREATERUNREQUEST_LABELSENTRY']._serialized_end=452
-  _globals['_CREATERUNRESPONSE']._serialized_start=454
-  _globals['_CREATERUNRESPONSE']._serialized_end=581
-  _globals['_GETRUNREQUEST']._serialized_start=583
-  _globals['_GETRUNREQUEST']._serialized_end=627
-  _globals['_GETRUNRESPONSE']._serialized_start=629
-  _globals['_GETRUNRESPONSE']._serialized_end=725
-  _globals['_RESERVEREQUEST']._serialized_start=728
-  _globals['_RESERVEREQUEST']._serialized_end=920
-  _globals['_RESERVERESPONSE']._serialized_start=923
-  _globals['_RESERVERESPONSE']._serialized_end=1251
-  _globals['_COMMITREQUEST']._serialized_start=1254
-  _globals['_COMMITREQUEST']._serialized_end=1392
-  _globals['_COMMITRESPONSE']._serialized_start=1395
-  _globals['_COMMITRESPONSE']._serialized_end=1671
-  _globals['_REFUNDREQUEST']._serialized_start=1673
-  _globals['_REFUNDREQUEST']._serialized_end=1762
-  _globals['_REFUNDRESPONSE']._serialized_start=1765
-  _globals['_REFUNDRESPONSE']._serialized_end=1973
-  _globals['_CLOSERUNREQUEST']._serialized_start=1975
-  _globals['_CLOSERUNREQUEST']._serialized_end=2021
-  _globals['_CLOSERUNRESPONSE']._serialized_start=2023
-  _globals['_CLOSERUNRESPONSE']._serialized_end=2115
-  _globals['_WATCHREQUEST']._serialized_start=2118
-  _globals['_WATCHREQUEST']._serialized_end=2271
-  _globals['_WATCHRESPONSE']._serialized_start=2274
-  _globals['_WATCHRESPONSE']._serialized_end=2478
-  _globals['_PROGRESS']._serialized_start=2480
-  _globals['_PROGRESS']._serialized_end=2512
-  _globals['_BUDGETSERVICE']._serialized_start=2515
-  _globals['_BUDGETSERVICE']._serialized_end=2988
+  _globals['_CREATERUNREQUEST']._serialized_end=592
+  _globals['_CREATERUNREQUEST_LABELSENTRY']._serialized_start=535
+  _globals['_CREATERUNREQUEST_LABELSENTRY']._serialized_end=592
+  _globals['_CREATERUNRESPONSE']._serialized_start=594
+  _globals['_CREATERUNRESPONSE']._serialized_end=721
+  _globals['_GETRUNREQUEST']._serialized_start=723
+  _globals['_GETRUNREQUEST']._serialized_end=767
+  _globals['_GETRUNRESPONSE']._serialized_start=769
+  _globals['_GETRUNRESPONSE']._serialized_end=865
+  _globals['_RESERVEREQUEST']._serialized_start=868
+  _globals['_RESERVEREQUEST']._serialized_end=1060
+  _globals['_RESERVERESPONSE']._serialized_start=1063
+  _globals['_RESERVERESPONSE']._serialized_end=1511
+  _globals['_COMMITREQUEST']._serialized_start=1514
+  _globals['_COMMITREQUEST']._serialized_end=1652
+  _globals['_COMMITRESPONSE']._serialized_start=1655
+  _globals['_COMMITRESPONSE']._serialized_end=1931
+  _globals['_REFUNDREQUEST']._serialized_start=1933
+  _globals['_REFUNDREQUEST']._serialized_end=2022
+  _globals['_REFUNDRESPONSE']._serialized_start=2025
+  _globals['_REFUNDRESPONSE']._serialized_end=2233
+  _globals['_CLOSERUNREQUEST']._serialized_start=2235
+  _globals['_CLOSERUNREQUEST']._serialized_end=2281
+  _globals['_CLOSERUNRESPONSE']._serialized_start=2283
+  _globals['_CLOSERUNRESPONSE']._serialized_end=2375
+  _globals['_WATCHREQUEST']._serialized_start=2378
+  _globals['_WATCHREQUEST']._serialized_end=2531
+  _globals['_WATCHRESPONSE']._serialized_start=2534
+  _globals['_WATCHRESPONSE']._serialized_end=2738
+  _globals['_PROGRESS']._serialized_start=2740
+  _globals['_PROGRESS']._serialized_end=2772
+  _globals['_SETSCOPELIMITREQUEST']._serialized_start=2775
+  _globals['_SETSCOPELIMITREQUEST']._serialized_end=2967
+  _globals['_SETSCOPELIMITRESPONSE']._serialized_start=2969
+  _globals['_SETSCOPELIMITRESPONSE']._serialized_end=3032
+  _globals['_GETSCOPEREQUEST']._serialized_start=3034
+  _globals['_GETSCOPEREQUEST']._serialized_end=3100
+  _globals['_GETSCOPERESPONSE']._serialized_start=3102
+  _globals['_GETSCOPERESPONSE']._serialized_end=3160
+  _globals['_BUDGETSERVICE']._serialized_start=3163
+  _globals['_BUDGETSERVICE']._serialized_end=3789
 # @@protoc_insertion_point(module_scope)

@@ -51,12 +51,28 @@ class CreateRunRequest(_message.Message):
     LIMIT_MICROS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     DEFAULT_TTL_FIELD_NUMBER: _builtins.int
+    PARENT_RUN_ID_FIELD_NUMBER: _builtins.int
+    API_KEY_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    TEAM_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id, chosen by the client so that a retry finds the same run.
     When empty, the server generates one and returns it.
     """
     limit_micros: _builtins.int
     """The run's ceiling in micro-USD. Must be positive."""
+    parent_run_id: _builtins.str
+    """The run this run is a subagent of. Every reservation of this run is also
+    held on the parent and on each of its ancestors, so a parent's limit
+    covers its whole tree. The parent must exist; a closed parent blocks its
+    descendants' reservations. Runs nest at most 16 levels deep.
+    """
+    api_key_id: _builtins.str
+    """The API key to charge. When empty, the parent's (if any) is inherited."""
+    user_id: _builtins.str
+    """The user to charge. When empty, the parent's (if any) is inherited."""
+    team_id: _builtins.str
+    """The team to charge. When empty, the parent's (if any) is inherited."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels for reporting, such as agent, team and feature. At most
@@ -77,10 +93,14 @@ class CreateRunRequest(_message.Message):
         limit_micros: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         default_ttl: _duration_pb2.Duration | None = ...,
+        parent_run_id: _builtins.str = ...,
+        api_key_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        team_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["default_ttl", b"default_ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_ttl", b"default_ttl", "labels", b"labels", "limit_micros", b"limit_micros", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "default_ttl", b"default_ttl", "labels", b"labels", "limit_micros", b"limit_micros", "parent_run_id", b"parent_run_id", "run_id", b"run_id", "team_id", b"team_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -233,6 +253,8 @@ class ReserveResponse(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    BLOCKING_SCOPE_FIELD_NUMBER: _builtins.int
+    BLOCKING_PERIOD_FIELD_NUMBER: _builtins.int
     decision: _budget_pb2.Decision.ValueType
     """Allow or block."""
     reason: _budget_pb2.DecisionReason.ValueType
@@ -246,6 +268,10 @@ class ReserveResponse(_message.Message):
     this request held nothing. (As before any operation, holds of the run
     that were due may have expired first; that is not this request's doing.)
     """
+    blocking_period: _budget_pb2.Period.ValueType
+    """For a block by a ceiling: the period of the ceiling that blocked
+    (PERIOD_LIFETIME for runs).
+    """
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the hold expires, in server time. Unset when blocked."""
@@ -254,6 +280,13 @@ class ReserveResponse(_message.Message):
     def state(self) -> _budget_pb2.BudgetState:
         """The run's budget state. For a first answer, the state right after the
         decision; for a replay, the run's current state.
+        """
+
+    @_builtins.property
+    def blocking_scope(self) -> _budget_pb2.ScopeRef:
+        """For a block: the scope that blocked, the run itself or one of its parent
+        scopes (an ancestor run, the API key, the user or the team). Unset when
+        allowed.
         """
 
     def __init__(
@@ -266,10 +299,12 @@ class ReserveResponse(_message.Message):
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         state: _budget_pb2.BudgetState | None = ...,
         replayed: _builtins.bool = ...,
+        blocking_scope: _budget_pb2.ScopeRef | None = ...,
+        blocking_period: _budget_pb2.Period.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "state", b"state"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blocking_scope", b"blocking_scope", "expire_time", b"expire_time", "state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "decision", b"decision", "expire_time", b"expire_time", "reason", b"reason", "replayed", b"replayed", "reservation_id", b"reservation_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "blocking_period", b"blocking_period", "blocking_scope", b"blocking_scope", "decision", b"decision", "expire_time", b"expire_time", "reason", b"reason", "replayed", b"replayed", "reservation_id", b"reservation_id", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -593,3 +628,115 @@ class Progress(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Progress: _TypeAlias = Progress  # noqa: Y015
+
+@_typing.final
+class SetScopeLimitRequest(_message.Message):
+    """SetScopeLimitRequest sets or clears one ceiling of a parent scope."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    LIMIT_MICROS_FIELD_NUMBER: _builtins.int
+    CLEAR_FIELD_NUMBER: _builtins.int
+    period: _budget_pb2.Period.ValueType
+    """The period the ceiling applies to."""
+    limit_micros: _builtins.int
+    """The ceiling in micro-USD. Must be positive."""
+    clear: _builtins.bool
+    """True removes the ceiling: the scope's spend in this period is tracked
+    but not limited.
+    """
+    @_builtins.property
+    def scope(self) -> _budget_pb2.ScopeRef:
+        """The scope: an API key, a user or a team."""
+
+    def __init__(
+        self,
+        *,
+        scope: _budget_pb2.ScopeRef | None = ...,
+        period: _budget_pb2.Period.ValueType = ...,
+        limit_micros: _builtins.int = ...,
+        clear: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ceiling", b"ceiling", "clear", b"clear", "limit_micros", b"limit_micros", "scope", b"scope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ceiling", b"ceiling", "clear", b"clear", "limit_micros", b"limit_micros", "period", b"period", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_ceiling: _TypeAlias = _typing.Literal["limit_micros", "clear"]  # noqa: Y015
+    _WhichOneofArgType_ceiling: _TypeAlias = _typing.Literal["ceiling", b"ceiling"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_ceiling) -> _WhichOneofReturnType_ceiling | None: ...
+
+Global___SetScopeLimitRequest: _TypeAlias = SetScopeLimitRequest  # noqa: Y015
+
+@_typing.final
+class SetScopeLimitResponse(_message.Message):
+    """SetScopeLimitResponse is the scope after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def scope(self) -> _budget_pb2.Scope:
+        """The scope's ceilings and usage."""
+
+    def __init__(
+        self,
+        *,
+        scope: _budget_pb2.Scope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetScopeLimitResponse: _TypeAlias = SetScopeLimitResponse  # noqa: Y015
+
+@_typing.final
+class GetScopeRequest(_message.Message):
+    """GetScopeRequest names a parent scope."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def scope(self) -> _budget_pb2.ScopeRef:
+        """The scope: an API key, a user or a team."""
+
+    def __init__(
+        self,
+        *,
+        scope: _budget_pb2.ScopeRef | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetScopeRequest: _TypeAlias = GetScopeRequest  # noqa: Y015
+
+@_typing.final
+class GetScopeResponse(_message.Message):
+    """GetScopeResponse describes a parent scope."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def scope(self) -> _budget_pb2.Scope:
+        """The scope's ceilings and usage."""
+
+    def __init__(
+        self,
+        *,
+        scope: _budget_pb2.Scope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetScopeResponse: _TypeAlias = GetScopeResponse  # noqa: Y015

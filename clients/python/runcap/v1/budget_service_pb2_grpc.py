@@ -80,6 +80,16 @@ class BudgetServiceStub:
                 request_serializer=runcap_dot_v1_dot_budget__service__pb2.WatchRequest.SerializeToString,
                 response_deserializer=runcap_dot_v1_dot_budget__service__pb2.WatchResponse.FromString,
                 _registered_method=True)
+        self.SetScopeLimit = channel.unary_unary(
+                '/runcap.v1.BudgetService/SetScopeLimit',
+                request_serializer=runcap_dot_v1_dot_budget__service__pb2.SetScopeLimitRequest.SerializeToString,
+                response_deserializer=runcap_dot_v1_dot_budget__service__pb2.SetScopeLimitResponse.FromString,
+                _registered_method=True)
+        self.GetScope = channel.unary_unary(
+                '/runcap.v1.BudgetService/GetScope',
+                request_serializer=runcap_dot_v1_dot_budget__service__pb2.GetScopeRequest.SerializeToString,
+                response_deserializer=runcap_dot_v1_dot_budget__service__pb2.GetScopeResponse.FromString,
+                _registered_method=True)
 
 
 class BudgetServiceServicer:
@@ -156,6 +166,24 @@ class BudgetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetScopeLimit(self, request, context):
+        """Sets or clears a parent scope's ceiling for one period (API keys, users
+        and teams; a run's own limit is set when it is created). A new ceiling
+        applies to the next reservation, and counts what the current window has
+        already spent and holds; holds made before it stay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetScope(self, request, context):
+        """Returns a parent scope's ceilings and its usage in each period's current
+        window.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BudgetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -193,6 +221,16 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=runcap_dot_v1_dot_budget__service__pb2.WatchRequest.FromString,
                     response_serializer=runcap_dot_v1_dot_budget__service__pb2.WatchResponse.SerializeToString,
+            ),
+            'SetScopeLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetScopeLimit,
+                    request_deserializer=runcap_dot_v1_dot_budget__service__pb2.SetScopeLimitRequest.FromString,
+                    response_serializer=runcap_dot_v1_dot_budget__service__pb2.SetScopeLimitResponse.SerializeToString,
+            ),
+            'GetScope': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetScope,
+                    request_deserializer=runcap_dot_v1_dot_budget__service__pb2.GetScopeRequest.FromString,
+                    response_serializer=runcap_dot_v1_dot_budget__service__pb2.GetScopeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +433,60 @@ class BudgetService:
             '/runcap.v1.BudgetService/Watch',
             runcap_dot_v1_dot_budget__service__pb2.WatchRequest.SerializeToString,
             runcap_dot_v1_dot_budget__service__pb2.WatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetScopeLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runcap.v1.BudgetService/SetScopeLimit',
+            runcap_dot_v1_dot_budget__service__pb2.SetScopeLimitRequest.SerializeToString,
+            runcap_dot_v1_dot_budget__service__pb2.SetScopeLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetScope(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runcap.v1.BudgetService/GetScope',
+            runcap_dot_v1_dot_budget__service__pb2.GetScopeRequest.SerializeToString,
+            runcap_dot_v1_dot_budget__service__pb2.GetScopeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -75,6 +75,16 @@ class BudgetServiceStub:
     progress heartbeats in between. Events are never dropped or repeated; a
     resume point the server no longer retains fails with OUT_OF_RANGE.
     """
+    SetScopeLimit: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.SetScopeLimitRequest, _budget_service_pb2.SetScopeLimitResponse]
+    """Sets or clears a parent scope's ceiling for one period (API keys, users
+    and teams; a run's own limit is set when it is created). A new ceiling
+    applies to the next reservation, and counts what the current window has
+    already spent and holds; holds made before it stay.
+    """
+    GetScope: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.GetScopeRequest, _budget_service_pb2.GetScopeResponse]
+    """Returns a parent scope's ceilings and its usage in each period's current
+    window.
+    """
 
 @_typing.type_check_only
 class BudgetServiceAsyncStub(BudgetServiceStub):
@@ -122,6 +132,16 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     change after `after_revision`), then every change in revision order, with
     progress heartbeats in between. Events are never dropped or repeated; a
     resume point the server no longer retains fails with OUT_OF_RANGE.
+    """
+    SetScopeLimit: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.SetScopeLimitRequest, _budget_service_pb2.SetScopeLimitResponse]  # type: ignore[assignment]
+    """Sets or clears a parent scope's ceiling for one period (API keys, users
+    and teams; a run's own limit is set when it is created). A new ceiling
+    applies to the next reservation, and counts what the current window has
+    already spent and holds; holds made before it stay.
+    """
+    GetScope: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.GetScopeRequest, _budget_service_pb2.GetScopeResponse]  # type: ignore[assignment]
+    """Returns a parent scope's ceilings and its usage in each period's current
+    window.
     """
 
 class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -209,6 +229,28 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         change after `after_revision`), then every change in revision order, with
         progress heartbeats in between. Events are never dropped or repeated; a
         resume point the server no longer retains fails with OUT_OF_RANGE.
+        """
+
+    @_abc_1.abstractmethod
+    def SetScopeLimit(
+        self,
+        request: _budget_service_pb2.SetScopeLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_service_pb2.SetScopeLimitResponse, _abc.Awaitable[_budget_service_pb2.SetScopeLimitResponse]]:
+        """Sets or clears a parent scope's ceiling for one period (API keys, users
+        and teams; a run's own limit is set when it is created). A new ceiling
+        applies to the next reservation, and counts what the current window has
+        already spent and holds; holds made before it stay.
+        """
+
+    @_abc_1.abstractmethod
+    def GetScope(
+        self,
+        request: _budget_service_pb2.GetScopeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_service_pb2.GetScopeResponse, _abc.Awaitable[_budget_service_pb2.GetScopeResponse]]:
+        """Returns a parent scope's ceilings and its usage in each period's current
+        window.
         """
 
 def add_BudgetServiceServicer_to_server(servicer: BudgetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

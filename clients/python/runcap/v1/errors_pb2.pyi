@@ -73,6 +73,15 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """INTERNAL: an unexpected fault. The message carries a trace id to quote
     in a bug report.
     """
+    ERROR_REASON_PARENT_RUN_NOT_FOUND: _ErrorReason.ValueType  # 12
+    """NOT_FOUND: CreateRun named a parent run that does not exist. A
+    `google.rpc.ResourceInfo` detail names the parent.
+    """
+    ERROR_REASON_PARENT_RUN_CLOSED: _ErrorReason.ValueType  # 13
+    """FAILED_PRECONDITION: CreateRun named a parent run that is closed; a
+    closed run takes no new subagents. A `google.rpc.PreconditionFailure`
+    detail names the parent.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every reason the server puts in the `google.rpc.ErrorInfo`
@@ -132,5 +141,14 @@ the `google.rpc.RetryInfo` delay.
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 11
 """INTERNAL: an unexpected fault. The message carries a trace id to quote
 in a bug report.
+"""
+ERROR_REASON_PARENT_RUN_NOT_FOUND: ErrorReason.ValueType  # 12
+"""NOT_FOUND: CreateRun named a parent run that does not exist. A
+`google.rpc.ResourceInfo` detail names the parent.
+"""
+ERROR_REASON_PARENT_RUN_CLOSED: ErrorReason.ValueType  # 13
+"""FAILED_PRECONDITION: CreateRun named a parent run that is closed; a
+closed run takes no new subagents. A `google.rpc.PreconditionFailure`
+detail names the parent.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -13,7 +13,144 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file runcap/v1/budget.proto.
  */
 export const file_runcap_v1_budget: GenFile = /*@__PURE__*/
-  fileDesc("ChZydW5jYXAvdjEvYnVkZ2V0LnByb3RvEglydW5jYXAudjEiuQIKC0J1ZGdldFN0YXRlEhQKBnJ1bl9pZBgBIAEoCUIE4kEBAxIaCgxsaW1pdF9taWNyb3MYAiABKANCBOJBAQMSHgoQY29tbWl0dGVkX21pY3JvcxgDIAEoA0IE4kEBAxIdCg9yZXNlcnZlZF9taWNyb3MYBCABKANCBOJBAQMSHgoQcmVtYWluaW5nX21pY3JvcxgFIAEoA0IE4kEBAxIWCghyZXZpc2lvbhgGIAEoA0IE4kEBAxIqCgZzdGF0dXMYByABKA4yFC5ydW5jYXAudjEuUnVuU3RhdHVzQgTiQQEDEiEKE2FjdGl2ZV9yZXNlcnZhdGlvbnMYCCABKANCBOJBAQMSHAoOb3ZlcnJ1bl9taWNyb3MYCSABKANCBOJBAQMSFAoGZGlnZXN0GAogASgJQgTiQQEDIqcCCgNSdW4SFAoGcnVuX2lkGAEgASgJQgTiQQEDEhoKDGxpbWl0X21pY3JvcxgCIAEoA0IE4kEBAxIwCgZsYWJlbHMYAyADKAsyGi5ydW5jYXAudjEuUnVuLkxhYmVsc0VudHJ5QgTiQQEDEiAKEmRlZmF1bHRfdHRsX21pbGxpcxgEIAEoA0IE4kEBAxI1CgtjcmVhdGVfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSNAoKY2xvc2VfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLuAQoLQnVkZ2V0RXZlbnQSIgoEdHlwZRgBIAEoDjIULnJ1bmNhcC52MS5FdmVudFR5cGUSFgoOcmVzZXJ2YXRpb25faWQYAiABKAkSFQoNYW1vdW50X21pY3JvcxgDIAEoAxIVCg1hY3R1YWxfbWljcm9zGAQgASgDEhYKDm92ZXJydW5fbWljcm9zGAUgASgDEgwKBGxhdGUYBiABKAgSKAoEdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJQoFc3RhdGUYCCABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUqUwoJUnVuU3RhdHVzEhoKFlJVTl9TVEFUVVNfVU5TUEVDSUZJRUQQABITCg9SVU5fU1RBVFVTX09QRU4QARIVChFSVU5fU1RBVFVTX0NMT1NFRBACKkwKCERlY2lzaW9uEhgKFERFQ0lTSU9OX1VOU1BFQ0lGSUVEEAASEgoOREVDSVNJT05fQUxMT1cQARISCg5ERUNJU0lPTl9CTE9DSxACKp0BCg5EZWNpc2lvblJlYXNvbhIfChtERUNJU0lPTl9SRUFTT05fVU5TUEVDSUZJRUQQABIhCh1ERUNJU0lPTl9SRUFTT05fV0lUSElOX0JVREdFVBABEicKI0RFQ0lTSU9OX1JFQVNPTl9JTlNVRkZJQ0lFTlRfQlVER0VUEAISHgoaREVDSVNJT05fUkVBU09OX1JVTl9DTE9TRUQQAyr+AQoRUmVzZXJ2YXRpb25TdGF0dXMSIgoeUkVTRVJWQVRJT05fU1RBVFVTX1VOU1BFQ0lGSUVEEAASGwoXUkVTRVJWQVRJT05fU1RBVFVTX0hFTEQQARIgChxSRVNFUlZBVElPTl9TVEFUVVNfQ09NTUlUVEVEEAISHwobUkVTRVJWQVRJT05fU1RBVFVTX1JFTEVBU0VEEAMSHgoaUkVTRVJWQVRJT05fU1RBVFVTX0VYUElSRUQQBBIlCiFSRVNFUlZBVElPTl9TVEFUVVNfTEFURV9DT01NSVRURUQQBRIeChpSRVNFUlZBVElPTl9TVEFUVVNfQkxPQ0tFRBAGKroBCglFdmVudFR5cGUSGgoWRVZFTlRfVFlQRV9VTlNQRUNJRklFRBAAEhYKEkVWRU5UX1RZUEVfQ1JFQVRFRBABEhcKE0VWRU5UX1RZUEVfUkVTRVJWRUQQAhIYChRFVkVOVF9UWVBFX0NPTU1JVFRFRBADEhcKE0VWRU5UX1RZUEVfUkVGVU5ERUQQBBIWChJFVkVOVF9UWVBFX0VYUElSRUQQBRIVChFFVkVOVF9UWVBFX0NMT1NFRBAGQjhaNmdpdGh1Yi5jb20vcnVuY2FwL3J1bmNhcC9jbGllbnRzL2dvL3J1bmNhcC92MTtydW5jYXB2MWIGcHJvdG8z", [file_google_api_field_behavior, file_google_protobuf_timestamp]);
+  fileDesc("ChZydW5jYXAvdjEvYnVkZ2V0LnByb3RvEglydW5jYXAudjEiOgoIU2NvcGVSZWYSIgoEa2luZBgBIAEoDjIULnJ1bmNhcC52MS5TY29wZUtpbmQSCgoCaWQYAiABKAkiyQIKClNjb3BlVXNhZ2USIQoGcGVyaW9kGAEgASgOMhEucnVuY2FwLnYxLlBlcmlvZBIZCgxsaW1pdF9taWNyb3MYAiABKANIAIgBARI1ChF3aW5kb3dfc3RhcnRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMwoPd2luZG93X2VuZF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBjb21taXR0ZWRfbWljcm9zGAUgASgDEhcKD3Jlc2VydmVkX21pY3JvcxgGIAEoAxIYChByZW1haW5pbmdfbWljcm9zGAcgASgDEhYKDm92ZXJydW5fbWljcm9zGAggASgDEhsKE2FjdGl2ZV9yZXNlcnZhdGlvbnMYCSABKANCDwoNX2xpbWl0X21pY3JvcyJPCgVTY29wZRIgCgNyZWYYASABKAsyEy5ydW5jYXAudjEuU2NvcGVSZWYSJAoFdXNhZ2UYAiADKAsyFS5ydW5jYXAudjEuU2NvcGVVc2FnZSK5AgoLQnVkZ2V0U3RhdGUSFAoGcnVuX2lkGAEgASgJQgTiQQEDEhoKDGxpbWl0X21pY3JvcxgCIAEoA0IE4kEBAxIeChBjb21taXR0ZWRfbWljcm9zGAMgASgDQgTiQQEDEh0KD3Jlc2VydmVkX21pY3JvcxgEIAEoA0IE4kEBAxIeChByZW1haW5pbmdfbWljcm9zGAUgASgDQgTiQQEDEhYKCHJldmlzaW9uGAYgASgDQgTiQQEDEioKBnN0YXR1cxgHIAEoDjIULnJ1bmNhcC52MS5SdW5TdGF0dXNCBOJBAQMSIQoTYWN0aXZlX3Jlc2VydmF0aW9ucxgIIAEoA0IE4kEBAxIcCg5vdmVycnVuX21pY3JvcxgJIAEoA0IE4kEBAxIUCgZkaWdlc3QYCiABKAlCBOJBAQMirAMKA1J1bhIUCgZydW5faWQYASABKAlCBOJBAQMSGgoMbGltaXRfbWljcm9zGAIgASgDQgTiQQEDEjAKBmxhYmVscxgDIAMoCzIaLnJ1bmNhcC52MS5SdW4uTGFiZWxzRW50cnlCBOJBAQMSIAoSZGVmYXVsdF90dGxfbWlsbGlzGAQgASgDQgTiQQEDEjUKC2NyZWF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxI0CgpjbG9zZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxIbCg1wYXJlbnRfcnVuX2lkGAcgASgJQgTiQQEDEhgKCmFwaV9rZXlfaWQYCCABKAlCBOJBAQMSFQoHdXNlcl9pZBgJIAEoCUIE4kEBAxIVCgd0ZWFtX2lkGAogASgJQgTiQQEDEh4KEGFuY2VzdG9yX3J1bl9pZHMYCyADKAlCBOJBAQMaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLuAQoLQnVkZ2V0RXZlbnQSIgoEdHlwZRgBIAEoDjIULnJ1bmNhcC52MS5FdmVudFR5cGUSFgoOcmVzZXJ2YXRpb25faWQYAiABKAkSFQoNYW1vdW50X21pY3JvcxgDIAEoAxIVCg1hY3R1YWxfbWljcm9zGAQgASgDEhYKDm92ZXJydW5fbWljcm9zGAUgASgDEgwKBGxhdGUYBiABKAgSKAoEdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJQoFc3RhdGUYCCABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUqUwoJUnVuU3RhdHVzEhoKFlJVTl9TVEFUVVNfVU5TUEVDSUZJRUQQABITCg9SVU5fU1RBVFVTX09QRU4QARIVChFSVU5fU1RBVFVTX0NMT1NFRBACKkwKCERlY2lzaW9uEhgKFERFQ0lTSU9OX1VOU1BFQ0lGSUVEEAASEgoOREVDSVNJT05fQUxMT1cQARISCg5ERUNJU0lPTl9CTE9DSxACKsYBCg5EZWNpc2lvblJlYXNvbhIfChtERUNJU0lPTl9SRUFTT05fVU5TUEVDSUZJRUQQABIhCh1ERUNJU0lPTl9SRUFTT05fV0lUSElOX0JVREdFVBABEicKI0RFQ0lTSU9OX1JFQVNPTl9JTlNVRkZJQ0lFTlRfQlVER0VUEAISHgoaREVDSVNJT05fUkVBU09OX1JVTl9DTE9TRUQQAxInCiNERUNJU0lPTl9SRUFTT05fUkVTRVJWQVRJT05fRVhQSVJFRBAEKn0KCVNjb3BlS2luZBIaChZTQ09QRV9LSU5EX1VOU1BFQ0lGSUVEEAASEgoOU0NPUEVfS0lORF9SVU4QARIWChJTQ09QRV9LSU5EX0FQSV9LRVkQAhITCg9TQ09QRV9LSU5EX1VTRVIQAxITCg9TQ09QRV9LSU5EX1RFQU0QBCpbCgZQZXJpb2QSFgoSUEVSSU9EX1VOU1BFQ0lGSUVEEAASEwoPUEVSSU9EX0xJRkVUSU1FEAESEAoMUEVSSU9EX0RBSUxZEAISEgoOUEVSSU9EX01PTlRITFkQAyr+AQoRUmVzZXJ2YXRpb25TdGF0dXMSIgoeUkVTRVJWQVRJT05fU1RBVFVTX1VOU1BFQ0lGSUVEEAASGwoXUkVTRVJWQVRJT05fU1RBVFVTX0hFTEQQARIgChxSRVNFUlZBVElPTl9TVEFUVVNfQ09NTUlUVEVEEAISHwobUkVTRVJWQVRJT05fU1RBVFVTX1JFTEVBU0VEEAMSHgoaUkVTRVJWQVRJT05fU1RBVFVTX0VYUElSRUQQBBIlCiFSRVNFUlZBVElPTl9TVEFUVVNfTEFURV9DT01NSVRURUQQBRIeChpSRVNFUlZBVElPTl9TVEFUVVNfQkxPQ0tFRBAGKroBCglFdmVudFR5cGUSGgoWRVZFTlRfVFlQRV9VTlNQRUNJRklFRBAAEhYKEkVWRU5UX1RZUEVfQ1JFQVRFRBABEhcKE0VWRU5UX1RZUEVfUkVTRVJWRUQQAhIYChRFVkVOVF9UWVBFX0NPTU1JVFRFRBADEhcKE0VWRU5UX1RZUEVfUkVGVU5ERUQQBBIWChJFVkVOVF9UWVBFX0VYUElSRUQQBRIVChFFVkVOVF9UWVBFX0NMT1NFRBAGQjhaNmdpdGh1Yi5jb20vcnVuY2FwL3J1bmNhcC9jbGllbnRzL2dvL3J1bmNhcC92MTtydW5jYXB2MWIGcHJvdG8z", [file_google_api_field_behavior, file_google_protobuf_timestamp]);
+
+/**
+ * ScopeRef names a scope.
+ *
+ * @generated from message runcap.v1.ScopeRef
+ */
+export type ScopeRef = Message<"runcap.v1.ScopeRef"> & {
+  /**
+   * What the scope is.
+   *
+   * @generated from field: runcap.v1.ScopeKind kind = 1;
+   */
+  kind: ScopeKind;
+
+  /**
+   * The scope's id: a run id for SCOPE_KIND_RUN, otherwise the id of the API
+   * key, user or team (same rules as run ids).
+   *
+   * @generated from field: string id = 2;
+   */
+  id: string;
+};
+
+/**
+ * Describes the message runcap.v1.ScopeRef.
+ * Use `create(ScopeRefSchema)` to create a new message.
+ */
+export const ScopeRefSchema: GenMessage<ScopeRef> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget, 0);
+
+/**
+ * ScopeUsage is a scope's ledger for one period, in its current window.
+ *
+ * @generated from message runcap.v1.ScopeUsage
+ */
+export type ScopeUsage = Message<"runcap.v1.ScopeUsage"> & {
+  /**
+   * The period.
+   *
+   * @generated from field: runcap.v1.Period period = 1;
+   */
+  period: Period;
+
+  /**
+   * The ceiling for this period in micro-USD; unset when none is configured
+   * (the scope's spend is tracked all the same).
+   *
+   * @generated from field: optional int64 limit_micros = 2;
+   */
+  limitMicros?: bigint | undefined;
+
+  /**
+   * Where the current window starts, in server time. Unset for lifetime.
+   *
+   * @generated from field: google.protobuf.Timestamp window_start_time = 3;
+   */
+  windowStartTime?: Timestamp | undefined;
+
+  /**
+   * Where the current window ends (exclusive). Unset for lifetime.
+   *
+   * @generated from field: google.protobuf.Timestamp window_end_time = 4;
+   */
+  windowEndTime?: Timestamp | undefined;
+
+  /**
+   * The actual costs recorded in this window, including overruns and late
+   * commits.
+   *
+   * @generated from field: int64 committed_micros = 5;
+   */
+  committedMicros: bigint;
+
+  /**
+   * The holds of this window that are active.
+   *
+   * @generated from field: int64 reserved_micros = 6;
+   */
+  reservedMicros: bigint;
+
+  /**
+   * max(0, limit - committed - reserved); 0 when there is no limit.
+   *
+   * @generated from field: int64 remaining_micros = 7;
+   */
+  remainingMicros: bigint;
+
+  /**
+   * The part of `committed_micros` that was not covered by a hold.
+   *
+   * @generated from field: int64 overrun_micros = 8;
+   */
+  overrunMicros: bigint;
+
+  /**
+   * The number of active holds in this window.
+   *
+   * @generated from field: int64 active_reservations = 9;
+   */
+  activeReservations: bigint;
+};
+
+/**
+ * Describes the message runcap.v1.ScopeUsage.
+ * Use `create(ScopeUsageSchema)` to create a new message.
+ */
+export const ScopeUsageSchema: GenMessage<ScopeUsage> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget, 1);
+
+/**
+ * Scope is a parent scope's ceilings and usage. Scopes exist implicitly: a
+ * scope nobody has charged or limited reads as all zeros with no limits.
+ *
+ * @generated from message runcap.v1.Scope
+ */
+export type Scope = Message<"runcap.v1.Scope"> & {
+  /**
+   * The scope.
+   *
+   * @generated from field: runcap.v1.ScopeRef ref = 1;
+   */
+  ref?: ScopeRef | undefined;
+
+  /**
+   * One entry per period, lifetime, daily and monthly, in that order.
+   *
+   * @generated from field: repeated runcap.v1.ScopeUsage usage = 2;
+   */
+  usage: ScopeUsage[];
+};
+
+/**
+ * Describes the message runcap.v1.Scope.
+ * Use `create(ScopeSchema)` to create a new message.
+ */
+export const ScopeSchema: GenMessage<Scope> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget, 2);
 
 /**
  * BudgetState is the ledger of one run at one revision. All money is integer
@@ -108,7 +245,7 @@ export type BudgetState = Message<"runcap.v1.BudgetState"> & {
  * Use `create(BudgetStateSchema)` to create a new message.
  */
 export const BudgetStateSchema: GenMessage<BudgetState> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget, 0);
+  messageDesc(file_runcap_v1_budget, 3);
 
 /**
  * Run is a run's configuration, as given when it was created.
@@ -158,6 +295,42 @@ export type Run = Message<"runcap.v1.Run"> & {
    * @generated from field: google.protobuf.Timestamp close_time = 6;
    */
   closeTime?: Timestamp | undefined;
+
+  /**
+   * The parent run of a subagent run; empty for a root run.
+   *
+   * @generated from field: string parent_run_id = 7;
+   */
+  parentRunId: string;
+
+  /**
+   * The API key the run is charged to, given or inherited from the parent.
+   *
+   * @generated from field: string api_key_id = 8;
+   */
+  apiKeyId: string;
+
+  /**
+   * The user the run is charged to, given or inherited from the parent.
+   *
+   * @generated from field: string user_id = 9;
+   */
+  userId: string;
+
+  /**
+   * The team the run is charged to, given or inherited from the parent.
+   *
+   * @generated from field: string team_id = 10;
+   */
+  teamId: string;
+
+  /**
+   * Every ancestor run, the parent first and the root last. Each reservation
+   * of this run is held on all of them.
+   *
+   * @generated from field: repeated string ancestor_run_ids = 11;
+   */
+  ancestorRunIds: string[];
 };
 
 /**
@@ -165,7 +338,7 @@ export type Run = Message<"runcap.v1.Run"> & {
  * Use `create(RunSchema)` to create a new message.
  */
 export const RunSchema: GenMessage<Run> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget, 1);
+  messageDesc(file_runcap_v1_budget, 4);
 
 /**
  * BudgetEvent is one change of a run, with the state right after it.
@@ -237,7 +410,7 @@ export type BudgetEvent = Message<"runcap.v1.BudgetEvent"> & {
  * Use `create(BudgetEventSchema)` to create a new message.
  */
 export const BudgetEventSchema: GenMessage<BudgetEvent> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget, 2);
+  messageDesc(file_runcap_v1_budget, 5);
 
 /**
  * RunStatus is the lifecycle state of a run.
@@ -339,11 +512,21 @@ export enum DecisionReason {
   INSUFFICIENT_BUDGET = 2,
 
   /**
-   * The run was closed before this reservation arrived.
+   * The run, or the ancestor run named by `blocking_scope`, was closed before
+   * this reservation arrived.
    *
    * @generated from enum value: DECISION_REASON_RUN_CLOSED = 3;
    */
   RUN_CLOSED = 3,
+
+  /**
+   * A retry arrived after the hold an earlier attempt with this reservation
+   * id had placed on a parent scope expired, and that attempt never reached
+   * the run. Nothing is held; reserve again with a new reservation id.
+   *
+   * @generated from enum value: DECISION_REASON_RESERVATION_EXPIRED = 4;
+   */
+  RESERVATION_EXPIRED = 4,
 }
 
 /**
@@ -351,6 +534,99 @@ export enum DecisionReason {
  */
 export const DecisionReasonSchema: GenEnum<DecisionReason> = /*@__PURE__*/
   enumDesc(file_runcap_v1_budget, 2);
+
+/**
+ * ScopeKind names what a scope is. A run is charged on its own ledger and on
+ * each of its parent scopes: its ancestor runs (for a subagent), its API key,
+ * its user and its team.
+ *
+ * @generated from enum runcap.v1.ScopeKind
+ */
+export enum ScopeKind {
+  /**
+   * The kind is not set. The server never returns this value.
+   *
+   * @generated from enum value: SCOPE_KIND_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * A run: the run itself or one of its ancestors.
+   *
+   * @generated from enum value: SCOPE_KIND_RUN = 1;
+   */
+  RUN = 1,
+
+  /**
+   * An API key, by the id the run was created with.
+   *
+   * @generated from enum value: SCOPE_KIND_API_KEY = 2;
+   */
+  API_KEY = 2,
+
+  /**
+   * A user.
+   *
+   * @generated from enum value: SCOPE_KIND_USER = 3;
+   */
+  USER = 3,
+
+  /**
+   * A team.
+   *
+   * @generated from enum value: SCOPE_KIND_TEAM = 4;
+   */
+  TEAM = 4,
+}
+
+/**
+ * Describes the enum runcap.v1.ScopeKind.
+ */
+export const ScopeKindSchema: GenEnum<ScopeKind> = /*@__PURE__*/
+  enumDesc(file_runcap_v1_budget, 3);
+
+/**
+ * Period is the window a scope ceiling applies to. Daily and monthly windows
+ * are calendar days and months in UTC; a reservation counts in the windows
+ * current when it was made, also when it settles later.
+ *
+ * @generated from enum runcap.v1.Period
+ */
+export enum Period {
+  /**
+   * The period is not set. The server never returns this value.
+   *
+   * @generated from enum value: PERIOD_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * For ever. A run's own limit is a lifetime ceiling.
+   *
+   * @generated from enum value: PERIOD_LIFETIME = 1;
+   */
+  LIFETIME = 1,
+
+  /**
+   * One calendar day in UTC.
+   *
+   * @generated from enum value: PERIOD_DAILY = 2;
+   */
+  DAILY = 2,
+
+  /**
+   * One calendar month in UTC.
+   *
+   * @generated from enum value: PERIOD_MONTHLY = 3;
+   */
+  MONTHLY = 3,
+}
+
+/**
+ * Describes the enum runcap.v1.Period.
+ */
+export const PeriodSchema: GenEnum<Period> = /*@__PURE__*/
+  enumDesc(file_runcap_v1_budget, 4);
 
 /**
  * ReservationStatus is where a reservation is in its state machine:
@@ -417,7 +693,7 @@ export enum ReservationStatus {
  * Describes the enum runcap.v1.ReservationStatus.
  */
 export const ReservationStatusSchema: GenEnum<ReservationStatus> = /*@__PURE__*/
-  enumDesc(file_runcap_v1_budget, 3);
+  enumDesc(file_runcap_v1_budget, 5);
 
 /**
  * EventType names what changed in a run.
@@ -480,5 +756,5 @@ export enum EventType {
  * Describes the enum runcap.v1.EventType.
  */
 export const EventTypeSchema: GenEnum<EventType> = /*@__PURE__*/
-  enumDesc(file_runcap_v1_budget, 4);
+  enumDesc(file_runcap_v1_budget, 6);
 

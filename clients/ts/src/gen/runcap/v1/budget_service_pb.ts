@@ -7,7 +7,7 @@ import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2
 import { file_google_api_field_behavior } from "../../google/api/field_behavior_pb.js";
 import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
-import type { BudgetEvent, BudgetState, Decision, DecisionReason, ReservationStatus, Run } from "./budget_pb.js";
+import type { BudgetEvent, BudgetState, Decision, DecisionReason, Period, ReservationStatus, Run, Scope, ScopeRef } from "./budget_pb.js";
 import { file_runcap_v1_budget } from "./budget_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file runcap/v1/budget_service.proto.
  */
 export const file_runcap_v1_budget_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch5ydW5jYXAvdjEvYnVkZ2V0X3NlcnZpY2UucHJvdG8SCXJ1bmNhcC52MSLoAQoQQ3JlYXRlUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQESGgoMbGltaXRfbWljcm9zGAIgASgDQgTiQQECEj0KBmxhYmVscxgDIAMoCzInLnJ1bmNhcC52MS5DcmVhdGVSdW5SZXF1ZXN0LkxhYmVsc0VudHJ5QgTiQQEBEjQKC2RlZmF1bHRfdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEBGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiaQoRQ3JlYXRlUnVuUmVzcG9uc2USGwoDcnVuGAEgASgLMg4ucnVuY2FwLnYxLlJ1bhIlCgVzdGF0ZRgCIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZRIQCghyZXBsYXllZBgDIAEoCCIlCg1HZXRSdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAiJUCg5HZXRSdW5SZXNwb25zZRIbCgNydW4YASABKAsyDi5ydW5jYXAudjEuUnVuEiUKBXN0YXRlGAIgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlIpcBCg5SZXNlcnZlUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQISHAoOcmVzZXJ2YXRpb25faWQYAiABKAlCBOJBAQESFwoNYW1vdW50X21pY3JvcxgDIAEoA0gAEiwKA3R0bBgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbkIE4kEBAUIKCghlc3RpbWF0ZSL8AQoPUmVzZXJ2ZVJlc3BvbnNlEiUKCGRlY2lzaW9uGAEgASgOMhMucnVuY2FwLnYxLkRlY2lzaW9uEikKBnJlYXNvbhgCIAEoDjIZLnJ1bmNhcC52MS5EZWNpc2lvblJlYXNvbhIWCg5yZXNlcnZhdGlvbl9pZBgDIAEoCRIVCg1hbW91bnRfbWljcm9zGAQgASgDEi8KC2V4cGlyZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgVzdGF0ZRgGIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZRIQCghyZXBsYXllZBgHIAEoCCJmCg1Db21taXRSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIcCg5yZXNlcnZhdGlvbl9pZBgCIAEoCUIE4kEBAhIXCg1hY3R1YWxfbWljcm9zGAMgASgDSABCCAoGYWN0dWFsIscBCg5Db21taXRSZXNwb25zZRIlCgVzdGF0ZRgBIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZRIWCg5vdmVycnVuX21pY3JvcxgCIAEoAxIQCghyZXBsYXllZBgDIAEoCBI4ChJyZXNlcnZhdGlvbl9zdGF0dXMYBCABKA4yHC5ydW5jYXAudjEuUmVzZXJ2YXRpb25TdGF0dXMSFQoNYWN0dWFsX21pY3JvcxgFIAEoAxITCgtoZWxkX21pY3JvcxgGIAEoAyJDCg1SZWZ1bmRSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIcCg5yZXNlcnZhdGlvbl9pZBgCIAEoCUIE4kEBAiKcAQoOUmVmdW5kUmVzcG9uc2USJQoFc3RhdGUYASABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAiABKAgSOAoScmVzZXJ2YXRpb25fc3RhdHVzGAMgASgOMhwucnVuY2FwLnYxLlJlc2VydmF0aW9uU3RhdHVzEhcKD3JlbGVhc2VkX21pY3JvcxgEIAEoAyInCg9DbG9zZVJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECIksKEENsb3NlUnVuUmVzcG9uc2USJQoFc3RhdGUYASABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAiABKAgidgoMV2F0Y2hSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIhCg5hZnRlcl9yZXZpc2lvbhgCIAEoA0IE4kEBAUgAiAEBEhoKDGFmdGVyX2RpZ2VzdBgDIAEoCUIE4kEBAUIRCg9fYWZ0ZXJfcmV2aXNpb24ipwEKDVdhdGNoUmVzcG9uc2USEAoIcmV2aXNpb24YASABKAMSKgoIc25hcHNob3QYAiABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGVIABInCgVldmVudBgDIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRFdmVudEgAEicKCHByb2dyZXNzGAQgASgLMhMucnVuY2FwLnYxLlByb2dyZXNzSABCBgoEa2luZCIZCghQcm9ncmVzcxINCgVmaW5hbBgBIAEoCDLZAwoNQnVkZ2V0U2VydmljZRJGCglDcmVhdGVSdW4SGy5ydW5jYXAudjEuQ3JlYXRlUnVuUmVxdWVzdBocLnJ1bmNhcC52MS5DcmVhdGVSdW5SZXNwb25zZRI9CgZHZXRSdW4SGC5ydW5jYXAudjEuR2V0UnVuUmVxdWVzdBoZLnJ1bmNhcC52MS5HZXRSdW5SZXNwb25zZRJACgdSZXNlcnZlEhkucnVuY2FwLnYxLlJlc2VydmVSZXF1ZXN0GhoucnVuY2FwLnYxLlJlc2VydmVSZXNwb25zZRI9CgZDb21taXQSGC5ydW5jYXAudjEuQ29tbWl0UmVxdWVzdBoZLnJ1bmNhcC52MS5Db21taXRSZXNwb25zZRI9CgZSZWZ1bmQSGC5ydW5jYXAudjEuUmVmdW5kUmVxdWVzdBoZLnJ1bmNhcC52MS5SZWZ1bmRSZXNwb25zZRJDCghDbG9zZVJ1bhIaLnJ1bmNhcC52MS5DbG9zZVJ1blJlcXVlc3QaGy5ydW5jYXAudjEuQ2xvc2VSdW5SZXNwb25zZRI8CgVXYXRjaBIXLnJ1bmNhcC52MS5XYXRjaFJlcXVlc3QaGC5ydW5jYXAudjEuV2F0Y2hSZXNwb25zZTABQjhaNmdpdGh1Yi5jb20vcnVuY2FwL3J1bmNhcC9jbGllbnRzL2dvL3J1bmNhcC92MTtydW5jYXB2MWIGcHJvdG8z", [file_google_api_field_behavior, file_google_protobuf_duration, file_google_protobuf_timestamp, file_runcap_v1_budget]);
+  fileDesc("Ch5ydW5jYXAvdjEvYnVkZ2V0X3NlcnZpY2UucHJvdG8SCXJ1bmNhcC52MSLNAgoQQ3JlYXRlUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQESGgoMbGltaXRfbWljcm9zGAIgASgDQgTiQQECEj0KBmxhYmVscxgDIAMoCzInLnJ1bmNhcC52MS5DcmVhdGVSdW5SZXF1ZXN0LkxhYmVsc0VudHJ5QgTiQQEBEjQKC2RlZmF1bHRfdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEBEhsKDXBhcmVudF9ydW5faWQYBSABKAlCBOJBAQESGAoKYXBpX2tleV9pZBgGIAEoCUIE4kEBARIVCgd1c2VyX2lkGAcgASgJQgTiQQEBEhUKB3RlYW1faWQYCCABKAlCBOJBAQEaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJpChFDcmVhdGVSdW5SZXNwb25zZRIbCgNydW4YASABKAsyDi5ydW5jYXAudjEuUnVuEiUKBXN0YXRlGAIgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlEhAKCHJlcGxheWVkGAMgASgIIiUKDUdldFJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECIlQKDkdldFJ1blJlc3BvbnNlEhsKA3J1bhgBIAEoCzIOLnJ1bmNhcC52MS5SdW4SJQoFc3RhdGUYAiABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUilwEKDlJlc2VydmVSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIcCg5yZXNlcnZhdGlvbl9pZBgCIAEoCUIE4kEBARIXCg1hbW91bnRfbWljcm9zGAMgASgDSAASLAoDdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEBQgoKCGVzdGltYXRlItUCCg9SZXNlcnZlUmVzcG9uc2USJQoIZGVjaXNpb24YASABKA4yEy5ydW5jYXAudjEuRGVjaXNpb24SKQoGcmVhc29uGAIgASgOMhkucnVuY2FwLnYxLkRlY2lzaW9uUmVhc29uEhYKDnJlc2VydmF0aW9uX2lkGAMgASgJEhUKDWFtb3VudF9taWNyb3MYBCABKAMSLwoLZXhwaXJlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiUKBXN0YXRlGAYgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlEhAKCHJlcGxheWVkGAcgASgIEisKDmJsb2NraW5nX3Njb3BlGAggASgLMhMucnVuY2FwLnYxLlNjb3BlUmVmEioKD2Jsb2NraW5nX3BlcmlvZBgJIAEoDjIRLnJ1bmNhcC52MS5QZXJpb2QiZgoNQ29tbWl0UmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQISHAoOcmVzZXJ2YXRpb25faWQYAiABKAlCBOJBAQISFwoNYWN0dWFsX21pY3JvcxgDIAEoA0gAQggKBmFjdHVhbCLHAQoOQ29tbWl0UmVzcG9uc2USJQoFc3RhdGUYASABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSFgoOb3ZlcnJ1bl9taWNyb3MYAiABKAMSEAoIcmVwbGF5ZWQYAyABKAgSOAoScmVzZXJ2YXRpb25fc3RhdHVzGAQgASgOMhwucnVuY2FwLnYxLlJlc2VydmF0aW9uU3RhdHVzEhUKDWFjdHVhbF9taWNyb3MYBSABKAMSEwoLaGVsZF9taWNyb3MYBiABKAMiQwoNUmVmdW5kUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQISHAoOcmVzZXJ2YXRpb25faWQYAiABKAlCBOJBAQIinAEKDlJlZnVuZFJlc3BvbnNlEiUKBXN0YXRlGAEgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlEhAKCHJlcGxheWVkGAIgASgIEjgKEnJlc2VydmF0aW9uX3N0YXR1cxgDIAEoDjIcLnJ1bmNhcC52MS5SZXNlcnZhdGlvblN0YXR1cxIXCg9yZWxlYXNlZF9taWNyb3MYBCABKAMiJwoPQ2xvc2VSdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAiJLChBDbG9zZVJ1blJlc3BvbnNlEiUKBXN0YXRlGAEgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlEhAKCHJlcGxheWVkGAIgASgIInYKDFdhdGNoUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQISIQoOYWZ0ZXJfcmV2aXNpb24YAiABKANCBOJBAQFIAIgBARIaCgxhZnRlcl9kaWdlc3QYAyABKAlCBOJBAQFCEQoPX2FmdGVyX3JldmlzaW9uIqcBCg1XYXRjaFJlc3BvbnNlEhAKCHJldmlzaW9uGAEgASgDEioKCHNuYXBzaG90GAIgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlSAASJwoFZXZlbnQYAyABKAsyFi5ydW5jYXAudjEuQnVkZ2V0RXZlbnRIABInCghwcm9ncmVzcxgEIAEoCzITLnJ1bmNhcC52MS5Qcm9ncmVzc0gAQgYKBGtpbmQiGQoIUHJvZ3Jlc3MSDQoFZmluYWwYASABKAginQEKFFNldFNjb3BlTGltaXRSZXF1ZXN0EigKBXNjb3BlGAEgASgLMhMucnVuY2FwLnYxLlNjb3BlUmVmQgTiQQECEicKBnBlcmlvZBgCIAEoDjIRLnJ1bmNhcC52MS5QZXJpb2RCBOJBAQISFgoMbGltaXRfbWljcm9zGAMgASgDSAASDwoFY2xlYXIYBCABKAhIAEIJCgdjZWlsaW5nIjgKFVNldFNjb3BlTGltaXRSZXNwb25zZRIfCgVzY29wZRgBIAEoCzIQLnJ1bmNhcC52MS5TY29wZSI7Cg9HZXRTY29wZVJlcXVlc3QSKAoFc2NvcGUYASABKAsyEy5ydW5jYXAudjEuU2NvcGVSZWZCBOJBAQIiMwoQR2V0U2NvcGVSZXNwb25zZRIfCgVzY29wZRgBIAEoCzIQLnJ1bmNhcC52MS5TY29wZTLyBAoNQnVkZ2V0U2VydmljZRJGCglDcmVhdGVSdW4SGy5ydW5jYXAudjEuQ3JlYXRlUnVuUmVxdWVzdBocLnJ1bmNhcC52MS5DcmVhdGVSdW5SZXNwb25zZRI9CgZHZXRSdW4SGC5ydW5jYXAudjEuR2V0UnVuUmVxdWVzdBoZLnJ1bmNhcC52MS5HZXRSdW5SZXNwb25zZRJACgdSZXNlcnZlEhkucnVuY2FwLnYxLlJlc2VydmVSZXF1ZXN0GhoucnVuY2FwLnYxLlJlc2VydmVSZXNwb25zZRI9CgZDb21taXQSGC5ydW5jYXAudjEuQ29tbWl0UmVxdWVzdBoZLnJ1bmNhcC52MS5Db21taXRSZXNwb25zZRI9CgZSZWZ1bmQSGC5ydW5jYXAudjEuUmVmdW5kUmVxdWVzdBoZLnJ1bmNhcC52MS5SZWZ1bmRSZXNwb25zZRJDCghDbG9zZVJ1bhIaLnJ1bmNhcC52MS5DbG9zZVJ1blJlcXVlc3QaGy5ydW5jYXAudjEuQ2xvc2VSdW5SZXNwb25zZRI8CgVXYXRjaBIXLnJ1bmNhcC52MS5XYXRjaFJlcXVlc3QaGC5ydW5jYXAudjEuV2F0Y2hSZXNwb25zZTABElIKDVNldFNjb3BlTGltaXQSHy5ydW5jYXAudjEuU2V0U2NvcGVMaW1pdFJlcXVlc3QaIC5ydW5jYXAudjEuU2V0U2NvcGVMaW1pdFJlc3BvbnNlEkMKCEdldFNjb3BlEhoucnVuY2FwLnYxLkdldFNjb3BlUmVxdWVzdBobLnJ1bmNhcC52MS5HZXRTY29wZVJlc3BvbnNlQjhaNmdpdGh1Yi5jb20vcnVuY2FwL3J1bmNhcC9jbGllbnRzL2dvL3J1bmNhcC92MTtydW5jYXB2MWIGcHJvdG8z", [file_google_api_field_behavior, file_google_protobuf_duration, file_google_protobuf_timestamp, file_runcap_v1_budget]);
 
 /**
  * CreateRunRequest asks for a new run.
@@ -54,6 +54,37 @@ export type CreateRunRequest = Message<"runcap.v1.CreateRunRequest"> & {
    * @generated from field: google.protobuf.Duration default_ttl = 4;
    */
   defaultTtl?: Duration | undefined;
+
+  /**
+   * The run this run is a subagent of. Every reservation of this run is also
+   * held on the parent and on each of its ancestors, so a parent's limit
+   * covers its whole tree. The parent must exist; a closed parent blocks its
+   * descendants' reservations. Runs nest at most 16 levels deep.
+   *
+   * @generated from field: string parent_run_id = 5;
+   */
+  parentRunId: string;
+
+  /**
+   * The API key to charge. When empty, the parent's (if any) is inherited.
+   *
+   * @generated from field: string api_key_id = 6;
+   */
+  apiKeyId: string;
+
+  /**
+   * The user to charge. When empty, the parent's (if any) is inherited.
+   *
+   * @generated from field: string user_id = 7;
+   */
+  userId: string;
+
+  /**
+   * The team to charge. When empty, the parent's (if any) is inherited.
+   *
+   * @generated from field: string team_id = 8;
+   */
+  teamId: string;
 };
 
 /**
@@ -260,6 +291,23 @@ export type ReserveResponse = Message<"runcap.v1.ReserveResponse"> & {
    * @generated from field: bool replayed = 7;
    */
   replayed: boolean;
+
+  /**
+   * For a block: the scope that blocked, the run itself or one of its parent
+   * scopes (an ancestor run, the API key, the user or the team). Unset when
+   * allowed.
+   *
+   * @generated from field: runcap.v1.ScopeRef blocking_scope = 8;
+   */
+  blockingScope?: ScopeRef | undefined;
+
+  /**
+   * For a block by a ceiling: the period of the ceiling that blocked
+   * (PERIOD_LIFETIME for runs).
+   *
+   * @generated from field: runcap.v1.Period blocking_period = 9;
+   */
+  blockingPeriod: Period;
 };
 
 /**
@@ -619,6 +667,121 @@ export const ProgressSchema: GenMessage<Progress> = /*@__PURE__*/
   messageDesc(file_runcap_v1_budget_service, 14);
 
 /**
+ * SetScopeLimitRequest sets or clears one ceiling of a parent scope.
+ *
+ * @generated from message runcap.v1.SetScopeLimitRequest
+ */
+export type SetScopeLimitRequest = Message<"runcap.v1.SetScopeLimitRequest"> & {
+  /**
+   * The scope: an API key, a user or a team.
+   *
+   * @generated from field: runcap.v1.ScopeRef scope = 1;
+   */
+  scope?: ScopeRef | undefined;
+
+  /**
+   * The period the ceiling applies to.
+   *
+   * @generated from field: runcap.v1.Period period = 2;
+   */
+  period: Period;
+
+  /**
+   * What to set. Exactly one must be set.
+   *
+   * @generated from oneof runcap.v1.SetScopeLimitRequest.ceiling
+   */
+  ceiling: {
+    /**
+     * The ceiling in micro-USD. Must be positive.
+     *
+     * @generated from field: int64 limit_micros = 3;
+     */
+    value: bigint;
+    case: "limitMicros";
+  } | {
+    /**
+     * True removes the ceiling: the scope's spend in this period is tracked
+     * but not limited.
+     *
+     * @generated from field: bool clear = 4;
+     */
+    value: boolean;
+    case: "clear";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message runcap.v1.SetScopeLimitRequest.
+ * Use `create(SetScopeLimitRequestSchema)` to create a new message.
+ */
+export const SetScopeLimitRequestSchema: GenMessage<SetScopeLimitRequest> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget_service, 15);
+
+/**
+ * SetScopeLimitResponse is the scope after the change.
+ *
+ * @generated from message runcap.v1.SetScopeLimitResponse
+ */
+export type SetScopeLimitResponse = Message<"runcap.v1.SetScopeLimitResponse"> & {
+  /**
+   * The scope's ceilings and usage.
+   *
+   * @generated from field: runcap.v1.Scope scope = 1;
+   */
+  scope?: Scope | undefined;
+};
+
+/**
+ * Describes the message runcap.v1.SetScopeLimitResponse.
+ * Use `create(SetScopeLimitResponseSchema)` to create a new message.
+ */
+export const SetScopeLimitResponseSchema: GenMessage<SetScopeLimitResponse> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget_service, 16);
+
+/**
+ * GetScopeRequest names a parent scope.
+ *
+ * @generated from message runcap.v1.GetScopeRequest
+ */
+export type GetScopeRequest = Message<"runcap.v1.GetScopeRequest"> & {
+  /**
+   * The scope: an API key, a user or a team.
+   *
+   * @generated from field: runcap.v1.ScopeRef scope = 1;
+   */
+  scope?: ScopeRef | undefined;
+};
+
+/**
+ * Describes the message runcap.v1.GetScopeRequest.
+ * Use `create(GetScopeRequestSchema)` to create a new message.
+ */
+export const GetScopeRequestSchema: GenMessage<GetScopeRequest> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget_service, 17);
+
+/**
+ * GetScopeResponse describes a parent scope.
+ *
+ * @generated from message runcap.v1.GetScopeResponse
+ */
+export type GetScopeResponse = Message<"runcap.v1.GetScopeResponse"> & {
+  /**
+   * The scope's ceilings and usage.
+   *
+   * @generated from field: runcap.v1.Scope scope = 1;
+   */
+  scope?: Scope | undefined;
+};
+
+/**
+ * Describes the message runcap.v1.GetScopeResponse.
+ * Use `create(GetScopeResponseSchema)` to create a new message.
+ */
+export const GetScopeResponseSchema: GenMessage<GetScopeResponse> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget_service, 18);
+
+/**
  * BudgetService is the budget authority for agent runs. Ask it before every
  * paid call (Reserve), tell it after (Commit or Refund), and Watch a run to
  * steer by its live budget.
@@ -714,6 +877,30 @@ export const BudgetService: GenService<{
     methodKind: "server_streaming";
     input: typeof WatchRequestSchema;
     output: typeof WatchResponseSchema;
+  },
+  /**
+   * Sets or clears a parent scope's ceiling for one period (API keys, users
+   * and teams; a run's own limit is set when it is created). A new ceiling
+   * applies to the next reservation, and counts what the current window has
+   * already spent and holds; holds made before it stay.
+   *
+   * @generated from rpc runcap.v1.BudgetService.SetScopeLimit
+   */
+  setScopeLimit: {
+    methodKind: "unary";
+    input: typeof SetScopeLimitRequestSchema;
+    output: typeof SetScopeLimitResponseSchema;
+  },
+  /**
+   * Returns a parent scope's ceilings and its usage in each period's current
+   * window.
+   *
+   * @generated from rpc runcap.v1.BudgetService.GetScope
+   */
+  getScope: {
+    methodKind: "unary";
+    input: typeof GetScopeRequestSchema;
+    output: typeof GetScopeResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_runcap_v1_budget_service, 0);

@@ -1,0 +1,186 @@
+"""Parent scopes: how one reservation is held on a run and on all its parents.
+
+A run's parents (its ancestor runs, its API key, user and team) live apart
+from it (in Redis, in other slots), so a Reserve on a run with parents is a
+short saga, coordinated by the hold id `run/reservation`, with no locks:
+
+1. hold the estimate on every parent (each step atomic and idempotent);
+2. reserve on the run, blocked by the first parent that blocked, if any;
+3. if the run did not newly allow it, release what step 1 newly held.
+
+Commit and Refund settle the run first (its record is the truth), then every
+parent. Every step can be repeated, so a retry, or the Redis sweeper after a
+crash, finishes what was interrupted; parent holds that nobody finishes expire
+like any hold. The rules of steps 2 and 3 live here once; the storage backends
+run the steps (SQLite and the model inside one transaction, Redis as separate
+scripts, parents concurrently).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from runcap_server import errors
+from runcap_server.ledger import core, scopes
+from runcap_server.ledger.scopes import ParentOutcome
+from runcap_server.ledger.types import (
+    MAX_RUN_DEPTH,
+    Account,
+    CommitResult,
+    Decision,
+    DecisionReason,
+    Lineage,
+    RefundResult,
+    ReservationStatus,
+    ReserveResult,
+    RunSpec,
+    RunStatus,
+    ScopeKind,
+    ScopeRef,
+    hold_id,
+)
+
+# Parent holds outlive the run's hold by this much, so that a commit in time
+# for the run is in time for its parents too (their clocks and the saga's
+# steps differ by a little).
+PARENT_HOLD_GRACE_MS = 1_000
+
+
+def lineage_under(spec: RunSpec, parent: Account | None) -> Lineage:
+    """The lineage of a new run; `parent` is its parent run's account, if it names one."""
+    if not spec.parent_run_id:
+        return Lineage(api_key_id=spec.api_key_id, user_id=spec.user_id, team_id=spec.team_id)
+    if parent is None:
+        raise errors.ParentRunNotFound(spec.run_id, spec.parent_run_id)
+    if parent.status is RunStatus.CLOSED:
+        raise errors.ParentRunClosed(spec.run_id, spec.parent_run_id)
+    lineage = parent.lineage.child(spec)
+    if len(lineage.ancestors) >= MAX_RUN_DEPTH:
+        raise errors.run_too_deep(spec.run_id, spec.parent_run_id, MAX_RUN_DEPTH)
+    return lineage
+
+
+def hold_ttl_ms(account: Account, requested_ttl_ms: int | None, server_default_ttl_ms: int) -> int:
+    """How long the parents hold a reservation of this run."""
+    ttl = requested_ttl_ms or account.spec.default_ttl_ms or server_default_ttl_ms
+    return ttl + PARENT_HOLD_GRACE_MS
+
+
+def parent_block(outcomes: Sequence[ParentOutcome]) -> ParentOutcome | None:
+    """The parent that blocks the reservation, nearest first; None if all hold it.
+
+    A retry that finds a parent's hold from an earlier attempt already settled
+    (it expired before the attempt reached the run) cannot hold it again
+    under the same id: it is blocked as RESERVATION_EXPIRED.
+    """
+    for outcome in outcomes:
+        if outcome.status is ReservationStatus.BLOCKED:
+            return outcome
+    for outcome in outcomes:
+        if outcome.status is not ReservationStatus.HELD:
+            return ParentOutcome(
+                outcome.scope, ReservationStatus.BLOCKED, True, DecisionReason.RESERVATION_EXPIRED
+            )
+    return None
+
+
+def to_release(
+    outcomes: Sequence[ParentOutcome], result: ReserveResult | None
+) -> list[ParentOutcome]:
+    """The parent holds step 1 made that the run's answer does not keep.
+
+    `result` is None when the run's step failed (an error): nothing is kept.
+    """
+    kept = result is not None and result.decision is Decision.ALLOW and not result.replayed
+    return [] if kept else [o for o in outcomes if o.freshly_held]
+
+
+# -- the saga inside one transaction (the model and SQLite) ---------------------
+
+
+class Stores(Protocol):
+    """Every run's and scope's rows, inside one storage transaction."""
+
+    def run(self, run_id: str) -> core.RunStore: ...
+
+    def scope(self, ref: ScopeRef) -> scopes.ScopeStore: ...
+
+
+def hold_on(
+    stores: Stores, ref: ScopeRef, hold: str, amount_micros: int, ttl_ms: int, now_ms: int
+) -> ParentOutcome:
+    if ref.kind is ScopeKind.RUN:
+        return core.hold_for_child(stores.run(ref.id), ref.id, hold, amount_micros, ttl_ms, now_ms)
+    return scopes.hold(stores.scope(ref), ref, hold, amount_micros, ttl_ms, now_ms)
+
+
+def settle_on(
+    stores: Stores, ref: ScopeRef, hold: str, actual_micros: int | None, now_ms: int
+) -> None:
+    """Commit `actual` on one parent, or release it (None)."""
+    if ref.kind is ScopeKind.RUN:
+        core.settle_for_child(stores.run(ref.id), ref.id, hold, actual_micros, now_ms)
+    else:
+        scopes.settle(stores.scope(ref), hold, actual_micros, now_ms)
+
+
+def create_run(stores: Stores, spec: RunSpec, now_ms: int) -> tuple[Account, bool]:
+    store = stores.run(spec.run_id)
+    if store.load_account() is not None:
+        return core.create_run(store, spec, now_ms)  # a replay or a conflict
+    parent = stores.run(spec.parent_run_id).load_account() if spec.parent_run_id else None
+    return core.create_run(store, spec, now_ms, lineage_under(spec, parent))
+
+
+def _account(stores: Stores, run_id: str) -> Account:
+    account = stores.run(run_id).load_account()
+    if account is None:
+        raise errors.RunNotFound(run_id)
+    return account
+
+
+def reserve(
+    stores: Stores,
+    run_id: str,
+    reservation_id: str,
+    amount_micros: int,
+    requested_ttl_ms: int | None,
+    server_default_ttl_ms: int,
+    now_ms: int,
+) -> ReserveResult:
+    account = _account(stores, run_id)
+    args = (run_id, reservation_id, amount_micros, requested_ttl_ms, server_default_ttl_ms, now_ms)
+    parents = account.lineage.parents()
+    if not parents:
+        return core.reserve(stores.run(run_id), *args)
+    hold = hold_id(run_id, reservation_id)
+    ttl = hold_ttl_ms(account, requested_ttl_ms, server_default_ttl_ms)
+    outcomes = [hold_on(stores, p, hold, amount_micros, ttl, now_ms) for p in parents]
+    result: ReserveResult | None = None
+    try:
+        result = core.reserve(stores.run(run_id), *args, parent_block=parent_block(outcomes))
+    finally:
+        # On an error too (an idempotency conflict): hold nothing for it.
+        for outcome in to_release(outcomes, result):
+            settle_on(stores, outcome.scope, hold, None, now_ms)
+    return result
+
+
+def commit(
+    stores: Stores, run_id: str, reservation_id: str, actual_micros: int, now_ms: int
+) -> CommitResult:
+    result = core.commit(stores.run(run_id), run_id, reservation_id, actual_micros, now_ms)
+    hold = hold_id(run_id, reservation_id)
+    for parent in _account(stores, run_id).lineage.parents():
+        settle_on(stores, parent, hold, actual_micros, now_ms)
+    return result
+
+
+def refund(stores: Stores, run_id: str, reservation_id: str, now_ms: int) -> RefundResult:
+    result = core.refund(stores.run(run_id), run_id, reservation_id, now_ms)
+    if result.reservation_status is ReservationStatus.RELEASED:
+        hold = hold_id(run_id, reservation_id)
+        for parent in _account(stores, run_id).lineage.parents():
+            settle_on(stores, parent, hold, None, now_ms)
+    return result
