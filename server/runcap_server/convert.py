@@ -50,14 +50,14 @@ def run_pb(view: RunView) -> budget_pb2.Run:
 
 
 def scope_ref_pb(ref: ScopeRef) -> budget_pb2.ScopeRef:
-    return budget_pb2.ScopeRef(kind=ref.kind.value, id=ref.id)
+    return budget_pb2.ScopeRef(kind=ref.kind.value, id=ref.id)  # type: ignore[arg-type]
 
 
 def scope_pb(view: ScopeView) -> budget_pb2.Scope:
     scope = budget_pb2.Scope(ref=scope_ref_pb(view.ref))
     for usage in view.usage:
         entry = scope.usage.add(
-            period=usage.period.value,  # type: ignore[arg-type]
+            period=usage.period.value,
             committed_micros=usage.committed_micros,
             reserved_micros=usage.reserved_micros,
             remaining_micros=usage.remaining_micros,

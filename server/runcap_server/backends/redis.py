@@ -14,13 +14,23 @@ Keys, for namespace `rc`:
     rc:{t/run}:x    ZSET    ids of held reservations by expiry time
     rc:{t/run}:log  STREAM  one entry per change; entry id = revision
     rc:{t/run}:bell         shard channel rung (SPUBLISH) after each change
-    rc:due:{n}      ZSET    best-effort index of runs with holds, by next expiry
+    rc:{t/run}:p    ZSET    settled reservations whose parents await settlement
+    rc:{t/@team:acme}:l|w|h|x  a parent scope: limits, window totals, holds,
+                    expiry ZSET (redis_scripts/scope.lua)
+    rc:due:{n}      ZSET    best-effort index of runs and scopes with holds (or
+                    pending settlements), by when to look next
+
+A run with parent scopes reserves by the saga of `ledger/saga.py`: its
+parents concurrently (one script each, in their own slots), then the run.
+A run's lineage never changes, so each replica caches it; a run without
+parents stays one round trip.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,6 +38,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -38,6 +49,8 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from runcap_server import errors
 from runcap_server.backends.base import wait_event
 from runcap_server.clock import Clock
+from runcap_server.ledger import saga, scopes
+from runcap_server.ledger.scopes import ParentOutcome, ScopeUsage, ScopeView
 from runcap_server.ledger.types import (
     Account,
     BudgetState,
@@ -49,6 +62,8 @@ from runcap_server.ledger.types import (
     Decision,
     DecisionReason,
     EventType,
+    Lineage,
+    Period,
     RefundResult,
     Reservation,
     ReservationStatus,
@@ -56,14 +71,35 @@ from runcap_server.ledger.types import (
     RunSpec,
     RunStatus,
     RunView,
+    ScopeKind,
+    ScopeRef,
+    hold_id,
 )
 
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
-_SCRIPT = resources.files("runcap_server.backends").joinpath("redis_scripts/ledger.lua").read_text()
-# EVALSHA needs no SCRIPT LOAD: a node that lacks the script answers NOSCRIPT
-# and the EVAL fallback loads it there.
-_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class _Script:
+    """A Lua script shipped with the package. EVALSHA needs no SCRIPT LOAD: a
+    node that lacks it answers NOSCRIPT and the EVAL fallback loads it there."""
+
+    text: str
+    sha: str
+
+    @classmethod
+    def load(cls, name: str) -> _Script:
+        path = resources.files("runcap_server.backends").joinpath(f"redis_scripts/{name}")
+        text = path.read_text()
+        return cls(text, hashlib.sha1(text.encode()).hexdigest())
+
+
+_RUN_SCRIPT = _Script.load("ledger.lua")
+_SCOPE_SCRIPT = _Script.load("scope.lua")
+# How long a settled reservation's parents may wait for the saga before the
+# sweeper settles them itself.
+SETTLE_WAIT_MS = 5_000
 DUE_BUCKETS = 16
 # How often a replica tries to reconcile the due index, and its lease.
 RECONCILE_EVERY_S = 60.0
@@ -178,6 +214,8 @@ class RedisLedger:
         self._subscribed: set[str] = set()
         self._doorbell_changed = asyncio.Event()
         self._index_pending: dict[str, dict[str, int]] = {}
+        # Run lineages (immutable once created), so a saga needs no extra read.
+        self._lineages: dict[tuple[str, str], tuple[Lineage, int | None]] = {}
         # The first sweep reconciles: a restarted replica repairs what it lost.
         self._next_reconcile = 0.0
 
@@ -241,29 +279,43 @@ class RedisLedger:
 
     def _keys(self, tenant: str, run_id: str) -> list[str]:
         tag = f"{self.namespace}:{{{tenant}/{run_id}}}"
-        return [f"{tag}:a", f"{tag}:r", f"{tag}:x", f"{tag}:log", f"{tag}:bell"]
+        return [f"{tag}:a", f"{tag}:r", f"{tag}:x", f"{tag}:log", f"{tag}:bell", f"{tag}:p"]
+
+    def _scope_keys(self, tenant: str, ref: ScopeRef) -> list[str]:
+        tag = f"{self.namespace}:{{{tenant}/@{ref.token}}}"
+        return [f"{tag}:l", f"{tag}:w", f"{tag}:h", f"{tag}:x"]
+
+    def _now_arg(self) -> str:
+        return "" if self.clock is None else str(self.clock.now_ms())
+
+    async def _eval(self, script: _Script, keys: list[str], argv: list[str]) -> list[Any]:
+        async def run(client: Any) -> list[Any]:
+            try:
+                return list(await client.evalsha(script.sha, len(keys), *keys, *argv))
+            except redis.exceptions.NoScriptError:
+                # This node lost its script cache; EVAL runs and caches it.
+                return list(await client.eval(script.text, len(keys), *keys, *argv))
+
+        return await self._call(run)
 
     async def _script(self, tenant: str, run_id: str, op: str, *args: object) -> list[Any]:
-        keys = self._keys(tenant, run_id)
         argv = [
             op,
-            "" if self.clock is None else str(self.clock.now_ms()),
+            self._now_arg(),
             str(self.log_retention),
             str(self.expiry_batch),
             str(self.closed_retention_ms),
             *("" if a is None else str(a) for a in args),
         ]
-
-        async def run(client: Any) -> list[Any]:
-            try:
-                return list(await client.evalsha(_SHA, len(keys), *keys, *argv))
-            except redis.exceptions.NoScriptError:
-                # This node lost its script cache; EVAL runs and caches it.
-                return list(await client.eval(_SCRIPT, len(keys), *keys, *argv))
-
-        reply = await self._call(run)
+        reply = await self._eval(_RUN_SCRIPT, self._keys(tenant, run_id), argv)
         if reply[0] == b"ERR":
             raise self._error(reply[1].decode(), reply[2].decode(), run_id, args)
+        return reply[1:]
+
+    async def _scope_script(self, tenant: str, ref: ScopeRef, op: str, *args: object) -> list[Any]:
+        argv = [op, self._now_arg(), str(self.expiry_batch)]
+        argv += ["" if a is None else str(a) for a in args]
+        reply = await self._eval(_SCOPE_SCRIPT, self._scope_keys(tenant, ref), argv)
         return reply[1:]
 
     @staticmethod
@@ -292,20 +344,32 @@ class RedisLedger:
 
     # -- operations ---------------------------------------------------------
 
-    def _view(
-        self, run_id: str, spec_fields: Sequence[Any], state: BudgetState, limit: int
-    ) -> RunView:
-        created, closed, labels, ttl = spec_fields
-        spec = RunSpec(run_id, limit, json.loads(labels), _opt_int(ttl))
+    def _view(self, tenant: str, run_id: str, config: Sequence[Any], state: BudgetState) -> RunView:
+        created, closed, labels, ttl, lineage_json = config
+        lineage = Lineage.decode(lineage_json.decode())
+        spec = RunSpec(run_id, state.limit_micros, json.loads(labels), _opt_int(ttl))
+        self._lineages[(tenant, run_id)] = (lineage, spec.default_ttl_ms)
         return RunView(
             spec=spec,
             default_ttl_ms=spec.default_ttl_ms or self.default_ttl_ms,
             created_ms=int(created),
             closed_ms=_opt_int(closed),
             state=state,
+            lineage=lineage,
         )
 
     async def create_run(self, tenant: str, spec: RunSpec) -> CreateRunResult:
+        lineage = Lineage(api_key_id=spec.api_key_id, user_id=spec.user_id, team_id=spec.team_id)
+        if spec.parent_run_id:
+            try:
+                parent = await self.get_run(tenant, spec.parent_run_id)
+                lineage = saga.lineage_under(spec, (parent.lineage, parent.state.status))
+            except errors.RunNotFound:
+                lineage = await self._lineage_or_raise(
+                    tenant, spec, errors.ParentRunNotFound(spec.run_id, spec.parent_run_id)
+                )
+            except errors.ParentRunClosed as error:
+                lineage = await self._lineage_or_raise(tenant, spec, error)
         reply = await self._script(
             tenant,
             spec.run_id,
@@ -313,15 +377,28 @@ class RedisLedger:
             spec.limit_micros,
             _labels_json(spec.labels),
             spec.default_ttl_ms,
+            spec.parent_run_id,
+            spec.api_key_id,
+            spec.user_id,
+            spec.team_id,
+            lineage.encode(),
+            len(lineage.parents()),
         )
         state = _state(spec.run_id, reply[1:9])
-        view = self._view(spec.run_id, reply[9:13], state, spec.limit_micros)
+        view = self._view(tenant, spec.run_id, reply[9:14], state)
         return CreateRunResult(run=view, replayed=reply[0] == b"1")
+
+    async def _lineage_or_raise(self, tenant: str, spec: RunSpec, error: Exception) -> Lineage:
+        """A create whose parent is gone or closed: a replay if the run exists, else error."""
+        try:
+            return (await self.get_run(tenant, spec.run_id)).lineage
+        except errors.RunNotFound:
+            raise error from None
 
     async def get_run(self, tenant: str, run_id: str) -> RunView:
         reply = await self._script(tenant, run_id, "get")
         state = _state(run_id, reply[0:8])
-        return self._view(run_id, reply[8:12], state, state.limit_micros)
+        return self._view(tenant, run_id, reply[8:13], state)
 
     async def reserve(
         self,
@@ -331,29 +408,135 @@ class RedisLedger:
         amount_micros: int,
         ttl_ms: int | None,
     ) -> ReserveResult:
-        reply = await self._script(
-            tenant, run_id, "reserve", reservation_id, amount_micros, ttl_ms, self.default_ttl_ms
-        )
-        replayed, decision, reason, held, expires = reply[0:5]
+        cached = self._lineages.get((tenant, run_id))
+        if cached is None or not cached[0].parents():
+            # One round trip; a run with parents answers SAGA and writes nothing.
+            reply = await self._script(
+                tenant, run_id, "reserve", reservation_id, amount_micros, ttl_ms,
+                self.default_ttl_ms, run_id, "0", "", "", "",
+            )  # fmt: skip
+            if reply[0] != b"SAGA":
+                return self._reserved(tenant, run_id, reservation_id, reply)
+            cached = (Lineage.decode(reply[1].decode()), _opt_int(reply[2]))
+            self._lineages[(tenant, run_id)] = cached
+        lineage, run_ttl = cached
+        hold = hold_id(run_id, reservation_id)
+        ttl = (ttl_ms or run_ttl or self.default_ttl_ms) + saga.PARENT_HOLD_GRACE_MS
+        steps = [self._hold_on(tenant, p, hold, amount_micros, ttl) for p in lineage.parents()]
+        held = await asyncio.gather(*steps, return_exceptions=True)
+        outcomes = [o for o in held if isinstance(o, ParentOutcome)]
+        result: ReserveResult | None = None
+        try:
+            for failure in held:
+                if isinstance(failure, BaseException):
+                    raise failure
+            block = saga.parent_block(outcomes)
+            pb: tuple[object, ...] = ("", "", "")
+            if block is not None:
+                pb = (int(block.reason), block.scope.token, block.period and int(block.period))
+            reply = await self._script(
+                tenant, run_id, "reserve", reservation_id, amount_micros, ttl_ms,
+                self.default_ttl_ms, run_id, "1", *pb,
+            )  # fmt: skip
+            result = self._reserved(tenant, run_id, reservation_id, reply)
+        finally:
+            # Also after an error: a parent hold the run does not keep is released.
+            releases = saga.to_release(outcomes, result)
+            await asyncio.gather(
+                *(self._settle_on(tenant, o.scope, hold, None) for o in releases),
+                return_exceptions=True,
+            )
+        return result
+
+    def _reserved(
+        self, tenant: str, run_id: str, reservation_id: str, reply: Sequence[Any]
+    ) -> ReserveResult:
+        replayed, decision, reason, held, expires, scope, period = reply[0:7]
         result = ReserveResult(
             decision=Decision(int(decision)),
             reason=DecisionReason(int(reason)),
             reservation_id=reservation_id,
             held_micros=int(held),
             expires_ms=_opt_int(expires),
-            state=_state(run_id, reply[5:13]),
+            state=_state(run_id, reply[7:15]),
             replayed=replayed == b"1",
+            blocking_scope=ScopeRef.parse(scope.decode()) if scope else None,
+            blocking_period=Period(int(period)) if period else None,
         )
         if result.expires_ms is not None and not result.replayed:
             self._index(tenant, run_id, result.expires_ms)
         return result
+
+    async def _hold_on(
+        self, tenant: str, ref: ScopeRef, hold: str, amount_micros: int, ttl_ms: int
+    ) -> ParentOutcome:
+        """The saga's hold on one parent: an ancestor run or a scope."""
+        if ref.kind is ScopeKind.RUN:
+            reply = await self._script(
+                tenant, ref.id, "child_hold", hold, amount_micros, ttl_ms, ref.id
+            )
+            replayed, status, reason = reply[0:3]
+            outcome = ParentOutcome(
+                ref,
+                ReservationStatus(int(status)),
+                replayed == b"1",
+                DecisionReason(int(reason)),
+            )
+            if outcome.status is ReservationStatus.BLOCKED:
+                outcome = dataclasses.replace(outcome, period=Period.LIFETIME)
+        else:
+            replayed, status, period = await self._scope_script(
+                tenant, ref, "hold", hold, amount_micros, ttl_ms
+            )
+            blocked = int(status) == ReservationStatus.BLOCKED
+            outcome = ParentOutcome(
+                ref,
+                ReservationStatus(int(status)),
+                replayed == b"1",
+                DecisionReason.INSUFFICIENT_BUDGET if blocked else DecisionReason.WITHIN_BUDGET,
+                Period(int(period)) if period else None,
+            )
+        if outcome.freshly_held:
+            self._index_member(self._member(tenant, ref), self._now_ms_guess() + ttl_ms)
+        return outcome
+
+    async def _settle_on(
+        self, tenant: str, ref: ScopeRef, hold: str, actual_micros: int | None
+    ) -> None:
+        """Commit `actual` on one parent, or release it (None); idempotent."""
+        if ref.kind is ScopeKind.RUN:
+            await self._script(tenant, ref.id, "child_settle", hold, actual_micros)
+        else:
+            await self._scope_script(tenant, ref, "settle", hold, actual_micros)
+
+    async def _settle_parents(
+        self,
+        tenant: str,
+        run_id: str,
+        lineage: Lineage,
+        settlements: Sequence[tuple[str, int | None]],
+    ) -> None:
+        """Settle the parents of a run's settled reservations, then mark them done.
+
+        A crash before the end leaves them in the run's pending set, and the
+        sweeper calls this again: every step is idempotent.
+        """
+        parents = lineage.parents()
+        await asyncio.gather(
+            *(
+                self._settle_on(tenant, parent, hold_id(run_id, reservation_id), actual)
+                for reservation_id, actual in settlements
+                for parent in parents
+            )
+        )
+        await self._script(tenant, run_id, "settled", *(r for r, _ in settlements))
 
     async def commit(
         self, tenant: str, run_id: str, reservation_id: str, actual_micros: int
     ) -> CommitResult:
         reply = await self._script(tenant, run_id, "commit", reservation_id, actual_micros)
         replayed, status, actual, held, overrun = reply[0:5]
-        return CommitResult(
+        result = CommitResult(
             state=_state(run_id, reply[5:13]),
             reservation_status=ReservationStatus(int(status)),
             actual_micros=int(actual),
@@ -361,16 +544,36 @@ class RedisLedger:
             overrun_micros=int(overrun),
             replayed=replayed == b"1",
         )
+        lineage = Lineage.decode(reply[13].decode())
+        if lineage.parents():
+            # A replay settles again too: that finishes what a crash interrupted.
+            self._index(tenant, run_id, self._now_ms_guess() + SETTLE_WAIT_MS)
+            await self._settle_parents(tenant, run_id, lineage, [(reservation_id, actual_micros)])
+        return result
 
     async def refund(self, tenant: str, run_id: str, reservation_id: str) -> RefundResult:
         reply = await self._script(tenant, run_id, "refund", reservation_id)
         replayed, status, released = reply[0:3]
-        return RefundResult(
+        result = RefundResult(
             state=_state(run_id, reply[3:11]),
             reservation_status=ReservationStatus(int(status)),
             released_micros=int(released),
             replayed=replayed == b"1",
         )
+        lineage = Lineage.decode(reply[11].decode())
+        if lineage.parents() and result.reservation_status is ReservationStatus.RELEASED:
+            self._index(tenant, run_id, self._now_ms_guess() + SETTLE_WAIT_MS)
+            await self._settle_parents(tenant, run_id, lineage, [(reservation_id, None)])
+        return result
+
+    async def set_scope_limit(
+        self, tenant: str, ref: ScopeRef, period: Period, limit_micros: int | None
+    ) -> ScopeView:
+        reply = await self._scope_script(tenant, ref, "set_limit", int(period), limit_micros)
+        return _scope_view(ref, reply)
+
+    async def get_scope(self, tenant: str, ref: ScopeRef) -> ScopeView:
+        return _scope_view(ref, await self._scope_script(tenant, ref, "view"))
 
     async def close_run(self, tenant: str, run_id: str) -> CloseRunResult:
         reply = await self._script(tenant, run_id, "close")
@@ -474,18 +677,27 @@ class RedisLedger:
 
     # -- expiry sweeping ------------------------------------------------------
 
-    def _bucket(self, tenant: str, run_id: str) -> str:
-        return f"{self.namespace}:due:{{{zlib.crc32(f'{tenant}/{run_id}'.encode()) % DUE_BUCKETS}}}"
+    @staticmethod
+    def _member(tenant: str, ref: ScopeRef) -> str:
+        """A due-index member: "tenant/run" or "tenant/@team:acme" (ids have no "/")."""
+        return f"{tenant}/{ref.id}" if ref.kind is ScopeKind.RUN else f"{tenant}/@{ref.token}"
+
+    def _now_ms_guess(self) -> int:
+        """This process's idea of server time: good enough for the due index."""
+        return self.clock.now_ms() if self.clock else int(time.time() * 1000)
 
     def _index(self, tenant: str, run_id: str, expires_ms: int) -> None:
-        """Note a run's hold for the due index; the next sweep writes it (batched).
+        self._index_member(f"{tenant}/{run_id}", expires_ms)
+
+    def _index_member(self, member: str, due_ms: int) -> None:
+        """Note when to look at a run or scope next; the next sweep writes it (batched).
 
         Off the Reserve path, so a Reserve stays one round trip. A hold noted
         here and lost in a crash is found by the reconciler.
         """
-        members = self._index_pending.setdefault(self._bucket(tenant, run_id), {})
-        member = f"{tenant}/{run_id}"
-        members[member] = min(expires_ms, members.get(member, expires_ms))
+        bucket = f"{self.namespace}:due:{{{zlib.crc32(member.encode()) % DUE_BUCKETS}}}"
+        members = self._index_pending.setdefault(bucket, {})
+        members[member] = min(due_ms, members.get(member, due_ms))
 
     async def _flush_index(self) -> None:
         pending, self._index_pending = self._index_pending, {}
@@ -504,13 +716,14 @@ class RedisLedger:
             return 0
         found = 0
         prefix = f"{self.namespace}:{{"
-        async for key in self.client.scan_iter(match=f"{prefix}*}}:x", count=1000):
-            name = key.decode()
-            tenant, _, run_id = name[len(prefix) : -len("}:x")].partition("/")
-            first = await self._cmd("zrange", key, 0, 0, withscores=True)
-            if first:
-                self._index(tenant, run_id, int(first[0][1]))
-                found += 1
+        # Holds (":x", of runs and scopes) and pending parent settlements (":p").
+        for suffix in ("}:x", "}:p"):
+            async for key in self.client.scan_iter(match=f"{prefix}*{suffix}", count=1000):
+                member = key.decode()[len(prefix) : -len(suffix)]
+                first = await self._cmd("zrange", key, 0, 0, withscores=True)
+                if first:
+                    self._index_member(member, int(first[0][1]))
+                    found += 1
         await self._flush_index()
         return found
 
@@ -538,12 +751,9 @@ class RedisLedger:
                     "zrangebyscore", bucket, "-inf", limit, start=0, num=max_runs
                 )
                 for member in members:
-                    tenant, _, run_id = member.decode().partition("/")
-                    count, next_due = await self._script(tenant, run_id, "expire")
-                    released += int(count)
+                    count, next_due = await self._sweep_member(member.decode())
+                    released += count
                     max_runs -= 1
-                    if int(count):
-                        self._ring(tenant, run_id)
                     if next_due:
                         await self._cmd("zadd", bucket, {member: int(float(next_due))}, xx=True)
                     else:
@@ -551,6 +761,30 @@ class RedisLedger:
             finally:
                 await self._cmd("delete", lease)
         return released
+
+    async def _sweep_member(self, member: str) -> tuple[int, bytes]:
+        """Expire a run's or scope's due holds and finish its stale settlements.
+
+        Returns the holds released and when to look next (b"" for never).
+        """
+        if "/@" in member:
+            tenant, _, token = member.partition("/@")
+            count, next_due = await self._scope_script(tenant, ScopeRef.parse(token), "expire")
+            return int(count), next_due
+        tenant, _, run_id = member.partition("/")
+        reply = await self._script(tenant, run_id, "expire", SETTLE_WAIT_MS)
+        count, next_due = int(reply[0]), reply[1]
+        if count:
+            self._ring(tenant, run_id)
+        if len(reply) > 3:
+            # A saga was interrupted after the run settled: settle its parents.
+            pending = reply[3:]
+            settlements = [
+                (pending[i].decode(), _opt_int(pending[i + 1])) for i in range(0, len(pending), 2)
+            ]
+            lineage = Lineage.decode(reply[2].decode())
+            await self._settle_parents(tenant, run_id, lineage, settlements)
+        return count, next_due
 
     async def snapshot(self, tenant: str, run_id: str) -> tuple[Account | None, list[Reservation]]:
         """A run's stored account and reservations, nothing expired (tests)."""
@@ -570,6 +804,7 @@ class RedisLedger:
             active_reservations=int(f["act"]),
             revision=int(f["rev"]),
             digest=f["dig"],
+            lineage=Lineage.decode(f.get("lin", "")),
         )
         records = await self._cmd("hgetall", r)
         reservations = [_decode_reservation(k.decode(), v.decode()) for k, v in records.items()]
@@ -590,4 +825,27 @@ def _decode_reservation(reservation_id: str, record: str) -> Reservation:
         actual_micros=_opt_int(f[7]),
         overrun_micros=int(f[8]),
         settled_ms=_opt_int(f[9]),
+        blocking_scope=ScopeRef.parse(f[10]) if len(f) > 10 and f[10] else None,
+        blocking_period=Period(int(f[11])) if len(f) > 11 and f[11] else None,
     )
+
+
+def _scope_view(ref: ScopeRef, reply: Sequence[Any]) -> ScopeView:
+    """A ScopeView from the scope script's view reply."""
+    usage = []
+    for i, period in enumerate(Period):
+        window, limit, committed, reserved, overrun, active = reply[1 + 6 * i : 7 + 6 * i]
+        start, end = scopes.window_bounds(window.decode())
+        usage.append(
+            ScopeUsage(
+                period=period,
+                limit_micros=_opt_int(limit),
+                window_start_ms=start,
+                window_end_ms=end,
+                committed_micros=int(committed),
+                reserved_micros=int(reserved),
+                overrun_micros=int(overrun),
+                active_reservations=int(active),
+            )
+        )
+    return ScopeView(ref=ref, usage=tuple(usage))

@@ -47,15 +47,16 @@ from runcap_server.ledger.types import (
 PARENT_HOLD_GRACE_MS = 1_000
 
 
-def lineage_under(spec: RunSpec, parent: Account | None) -> Lineage:
-    """The lineage of a new run; `parent` is its parent run's account, if it names one."""
+def lineage_under(spec: RunSpec, parent: tuple[Lineage, RunStatus] | None) -> Lineage:
+    """The lineage of a new run; `parent` is its parent run's lineage and status, if any."""
     if not spec.parent_run_id:
         return Lineage(api_key_id=spec.api_key_id, user_id=spec.user_id, team_id=spec.team_id)
     if parent is None:
         raise errors.ParentRunNotFound(spec.run_id, spec.parent_run_id)
-    if parent.status is RunStatus.CLOSED:
+    parent_lineage, parent_status = parent
+    if parent_status is RunStatus.CLOSED:
         raise errors.ParentRunClosed(spec.run_id, spec.parent_run_id)
-    lineage = parent.lineage.child(spec)
+    lineage = parent_lineage.child(spec)
     if len(lineage.ancestors) >= MAX_RUN_DEPTH:
         raise errors.run_too_deep(spec.run_id, spec.parent_run_id, MAX_RUN_DEPTH)
     return lineage
@@ -130,7 +131,8 @@ def create_run(stores: Stores, spec: RunSpec, now_ms: int) -> tuple[Account, boo
     if store.load_account() is not None:
         return core.create_run(store, spec, now_ms)  # a replay or a conflict
     parent = stores.run(spec.parent_run_id).load_account() if spec.parent_run_id else None
-    return core.create_run(store, spec, now_ms, lineage_under(spec, parent))
+    found = (parent.lineage, parent.status) if parent is not None else None
+    return core.create_run(store, spec, now_ms, lineage_under(spec, found))
 
 
 def _account(stores: Stores, run_id: str) -> Account:

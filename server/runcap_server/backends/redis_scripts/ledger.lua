@@ -5,7 +5,9 @@
 --
 -- KEYS: 1 account HASH, 2 reservations HASH (id -> record), 3 expiry ZSET of
 --       held ids (score = expires_ms), 4 change log STREAM (entry id = revision),
---       5 the run's shard channel (a doorbell for watchers; never read)
+--       5 the run's shard channel (a doorbell for watchers; never read), 6 ZSET
+--       of reservations whose parent scopes still await settlement (score =
+--       when the run settled; the saga removes them, the sweeper re-drives them)
 -- ARGV: 1 operation, 2 now_ms ("" = the server's TIME; tests only), 3 log
 --       retention, 4 expiry batch, 5 closed-run retention ms, 6.. operation args
 --
@@ -13,7 +15,7 @@
 -- written before every check has passed. Lua numbers are doubles: every amount
 -- is at most 2^53 - 1, and numbers are written with %d, never tostring.
 
-local A, R, X, LOG, BELL = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local A, R, X, LOG, BELL, P = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local op = ARGV[1]
 local retention = ARGV[3]
 local batch = tonumber(ARGV[4])
@@ -24,6 +26,7 @@ local MAX_MICROS = 9007199254740991
 local OPEN, CLOSED = 1, 2
 local ALLOW, BLOCK = 1, 2
 local WITHIN_BUDGET, INSUFFICIENT_BUDGET, RUN_CLOSED = 1, 2, 3
+local LIFETIME = 1
 local HELD, COMMITTED, RELEASED, EXPIRED, LATE_COMMITTED, BLOCKED = 1, 2, 3, 4, 5, 6
 local CREATED, RESERVED, EV_COMMITTED, REFUNDED, EV_EXPIRED, EV_CLOSED = 1, 2, 3, 4, 5, 6
 
@@ -42,28 +45,30 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- Reservation records: "amount|requested_ttl|status|reason|created|held|expires|actual|overrun|settled".
+-- Reservation records: "amount|requested_ttl|status|reason|created|held|expires|actual|
+-- overrun|settled|blocking scope|blocking period".
 local function decode(id, s)
   local f = {}
   for part in string.gmatch(s, '([^|]*)|?') do
     f[#f + 1] = part
-    if #f == 10 then break end
+    if #f == 12 then break end
   end
   return {
     id = id, amount = tonumber(f[1]), requested_ttl = tonumber(f[2]), status = tonumber(f[3]),
     reason = tonumber(f[4]), created = tonumber(f[5]), held = tonumber(f[6]),
     expires = tonumber(f[7]), actual = tonumber(f[8]), overrun = tonumber(f[9]),
-    settled = tonumber(f[10]),
+    settled = tonumber(f[10]), scope = f[11] or '', period = tonumber(f[12]),
   }
 end
 
 local function encode(r)
   return table.concat({num(r.amount), opt(r.requested_ttl), num(r.status), num(r.reason),
     num(r.created), num(r.held), opt(r.expires), opt(r.actual), num(r.overrun),
-    opt(r.settled)}, '|')
+    opt(r.settled), r.scope or '', opt(r.period)}, '|')
 end
 
-local FIELDS = {'lim', 'com', 'res', 'ovr', 'act', 'rev', 'st', 'cr', 'cl', 'lab', 'ttl', 'dig'}
+local FIELDS = {'lim', 'com', 'res', 'ovr', 'act', 'rev', 'st', 'cr', 'cl', 'lab', 'ttl', 'dig',
+  'pr', 'ak', 'us', 'tm', 'lin', 'np'}
 
 local function load_account()
   local v = redis.call('HMGET', A, unpack(FIELDS))
@@ -72,6 +77,8 @@ local function load_account()
     lim = tonumber(v[1]), com = tonumber(v[2]), res = tonumber(v[3]), ovr = tonumber(v[4]),
     act = tonumber(v[5]), rev = tonumber(v[6]), st = tonumber(v[7]), cr = tonumber(v[8]),
     cl = tonumber(v[9]), lab = v[10], ttl = tonumber(v[11]), dig = v[12],
+    pr = v[13] or '', ak = v[14] or '', us = v[15] or '', tm = v[16] or '', lin = v[17] or '',
+    np = tonumber(v[18]) or 0,
   }
 end
 
@@ -161,7 +168,7 @@ local function apply()
   end
   if acc.st == CLOSED then
     -- Closed runs age out; holds made before the close can still settle.
-    for _, key in ipairs({A, R, X, LOG}) do
+    for _, key in ipairs({A, R, X, LOG, P}) do
       redis.call('PEXPIRE', key, closed_retention_ms)
     end
   end
@@ -185,25 +192,30 @@ local function err(reason, detail)
 end
 
 local function config(acc)
-  return {num(acc.cr), opt(acc.cl), acc.lab, opt(acc.ttl)}
+  return {num(acc.cr), opt(acc.cl), acc.lab, opt(acc.ttl), acc.lin}
 end
 
 local ops = {}
 
--- ARGV 6..: limit, labels (canonical JSON), default ttl ms or "".
+-- ARGV 6..: limit, labels (canonical JSON), default ttl ms or "", then the
+-- parent run, API key, user and team as given, the lineage (JSON) and its
+-- number of parent scopes.
 function ops.create()
   local lim, lab, ttl = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
+  local pr, ak, us, tm, lin, np = ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13], ARGV[14]
   if open_run() then
     local acc = txn.acc
-    if acc.lim ~= lim or acc.lab ~= lab or acc.ttl ~= ttl then
+    if acc.lim ~= lim or acc.lab ~= lab or acc.ttl ~= ttl or acc.pr ~= pr or acc.ak ~= ak
+        or acc.us ~= us or acc.tm ~= tm then
       return err('RUN_ALREADY_EXISTS')
     end
     return ok('1', apply(), config(acc))
   end
   txn.now = now_ms()
   txn.acc = {lim = lim, com = 0, res = 0, ovr = 0, act = 0, rev = 0, st = OPEN, cr = txn.now,
-    cl = nil, lab = lab, ttl = ttl, dig = ''}
-  redis.call('HSET', A, 'cr', num(txn.now), 'lab', lab, 'ttl', opt(ttl))
+    cl = nil, lab = lab, ttl = ttl, dig = '', lin = lin}
+  redis.call('HSET', A, 'cr', num(txn.now), 'lab', lab, 'ttl', opt(ttl), 'pr', pr, 'ak', ak,
+    'us', us, 'tm', tm, 'lin', lin, 'np', np)
   record(CREATED)
   return ok('0', apply(), config(txn.acc))
 end
@@ -213,29 +225,40 @@ function ops.get()
   return ok(apply(), config(txn.acc))
 end
 
--- Replies with the number of holds released and the next expiry ("" if none).
+-- ARGV 6..: how long a settlement may wait for its parents (ms). Replies the
+-- number of holds released, the next time to look ("" if never), the lineage,
+-- then each reservation whose parents waited longer: id, actual or "" (a refund).
 function ops.expire()
-  if not open_run() then return ok('0', '') end
+  local wait = tonumber(ARGV[6])
+  if not open_run() then
+    redis.call('DEL', P)
+    return ok('0', '')
+  end
   local released = #txn.changes
   apply()
+  local reply = {'OK', num(released), '', txn.acc.lin}
   local next_due = redis.call('ZRANGE', X, 0, 0, 'WITHSCORES')
-  return ok(num(released), next_due[2] or '')
+  local next_settle = redis.call('ZRANGE', P, 0, 0, 'WITHSCORES')
+  local soonest = tonumber(next_due[2])
+  if next_settle[2] then
+    local t = tonumber(next_settle[2]) + wait
+    if not soonest or t < soonest then soonest = t end
+  end
+  reply[3] = opt(soonest)
+  local stale = redis.call('ZRANGEBYSCORE', P, '-inf', num(txn.now - wait), 'LIMIT', 0, batch)
+  for _, id in ipairs(stale) do
+    local r = decode(id, redis.call('HGET', R, id))
+    reply[#reply + 1] = id
+    reply[#reply + 1] = r.status == RELEASED and '' or opt(r.actual)
+  end
+  return reply
 end
 
--- ARGV 6..: reservation id, amount, requested ttl ms or "", server default ttl ms.
-function ops.reserve()
-  local id, amount, requested_ttl = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
-  local default_ttl = tonumber(ARGV[9])
-  if not open_run() then return err('RUN_NOT_FOUND') end
+-- A new reservation: held if the run is open and has room and no parent
+-- blocked (`pb`: reason, scope, period), else blocked; the run's own verdict
+-- takes precedence.
+local function decide(id, amount, requested_ttl, ttl, pb)
   local acc = txn.acc
-  local prev = reservation(id)
-  if prev then
-    if prev.amount ~= amount or prev.requested_ttl ~= requested_ttl then
-      return err('IDEMPOTENCY_CONFLICT', 'reserved')
-    end
-    local decision = prev.status == BLOCKED and BLOCK or ALLOW
-    return ok('1', num(decision), num(prev.reason), num(prev.held), opt(prev.expires), apply())
-  end
   local reason = WITHIN_BUDGET
   if acc.st == CLOSED then
     reason = RUN_CLOSED
@@ -243,11 +266,16 @@ function ops.reserve()
     reason = INSUFFICIENT_BUDGET
   end
   local r = {id = id, amount = amount, requested_ttl = requested_ttl, status = BLOCKED,
-    reason = reason, created = txn.now, held = 0, overrun = 0}
-  if reason == WITHIN_BUDGET then
+    reason = reason, created = txn.now, held = 0, overrun = 0, scope = 'run:' .. acc.run,
+    period = LIFETIME}
+  if reason == WITHIN_BUDGET and pb then
+    r.reason, r.scope, r.period = pb[1], pb[2], pb[3]
+    put(r)
+  elseif reason == WITHIN_BUDGET then
+    r.scope, r.period = '', nil
     r.status = HELD
     r.held = amount
-    r.expires = txn.now + (requested_ttl or acc.ttl or default_ttl)
+    r.expires = txn.now + ttl
     acc.res = acc.res + amount
     acc.act = acc.act + 1
     record(RESERVED, r, amount)
@@ -255,24 +283,54 @@ function ops.reserve()
     -- A block changes no money and no revision, but is remembered.
     put(r)
   end
-  local decision = r.status == BLOCKED and BLOCK or ALLOW
-  return ok('0', num(decision), num(reason), num(r.held), opt(r.expires), apply())
+  return r
 end
 
--- ARGV 6..: reservation id, actual.
-function ops.commit()
-  local id, actual = ARGV[6], tonumber(ARGV[7])
+local function decision(r)
+  return {num(r.status == BLOCKED and BLOCK or ALLOW), num(r.reason), num(r.held),
+    opt(r.expires), r.scope or '', opt(r.period)}
+end
+
+-- ARGV 6..: reservation id, amount, requested ttl ms or "", server default ttl
+-- ms, run id, "1" when the caller runs the parent saga, then the parents'
+-- block (reason, scope, period) or three "". A run with parents reserved
+-- without the saga answers {"OK", "SAGA", lineage, default ttl} and writes nothing.
+function ops.reserve()
+  local id, amount, requested_ttl = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
+  local default_ttl, saga = tonumber(ARGV[9]), ARGV[11]
+  local pb = nil
+  if ARGV[12] ~= '' then pb = {tonumber(ARGV[12]), ARGV[13], tonumber(ARGV[14])} end
   if not open_run() then return err('RUN_NOT_FOUND') end
   local acc = txn.acc
-  local r = reservation(id)
-  if not r then return err('RESERVATION_NOT_FOUND') end
-  if r.status == BLOCKED then return err('RESERVATION_BLOCKED') end
-  if r.status == RELEASED then return err('RESERVATION_RELEASED') end
-  if r.status == COMMITTED or r.status == LATE_COMMITTED then
-    if r.actual ~= actual then return err('IDEMPOTENCY_CONFLICT', 'committed') end
-    return ok('1', num(r.status), num(actual), num(r.held), num(r.overrun), apply())
+  acc.run = ARGV[10]
+  if acc.np > 0 and saga ~= '1' then return {'OK', 'SAGA', acc.lin, opt(acc.ttl)} end
+  local prev = reservation(id)
+  if prev then
+    if prev.amount ~= amount or prev.requested_ttl ~= requested_ttl then
+      return err('IDEMPOTENCY_CONFLICT', 'reserved')
+    end
+    return ok('1', decision(prev), apply())
   end
-  if acc.com + actual > MAX_MICROS then return err('TOTAL_OUT_OF_RANGE') end
+  local r = decide(id, amount, requested_ttl, requested_ttl or acc.ttl or default_ttl, pb)
+  return ok('0', decision(r), apply())
+end
+
+-- The saga's step on an ancestor run. ARGV 6..: hold id, amount, ttl ms.
+-- Replies replayed, status, reason; a missing ancestor blocks as closed.
+function ops.child_hold()
+  local id, amount, ttl = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
+  if not open_run() then return {'OK', '0', num(BLOCKED), num(RUN_CLOSED)} end
+  txn.acc.run = ARGV[9]
+  local r = reservation(id)
+  local replayed = r ~= nil
+  if not r then r = decide(id, amount, ttl, ttl, nil) end
+  apply()
+  return {'OK', replayed and '1' or '0', num(r.status), num(r.reason)}
+end
+
+-- Settle a held or expired reservation with its actual cost; returns the overrun.
+local function settle_commit(r, actual)
+  local acc = txn.acc
   local late = r.status == EXPIRED
   local overrun
   if late then
@@ -290,7 +348,36 @@ function ops.commit()
   acc.com = acc.com + actual
   acc.ovr = acc.ovr + overrun
   record(EV_COMMITTED, r, r.held, actual, overrun, late)
-  return ok('0', num(r.status), num(actual), num(r.held), num(overrun), apply())
+  return overrun
+end
+
+local function settle_release(r)
+  local held = r.held
+  r.status = RELEASED
+  r.settled = txn.now
+  txn.acc.res = txn.acc.res - held
+  txn.acc.act = txn.acc.act - 1
+  record(REFUNDED, r, held)
+  return held
+end
+
+-- ARGV 6..: reservation id, actual. Replies end with the run's lineage.
+function ops.commit()
+  local id, actual = ARGV[6], tonumber(ARGV[7])
+  if not open_run() then return err('RUN_NOT_FOUND') end
+  local acc = txn.acc
+  local r = reservation(id)
+  if not r then return err('RESERVATION_NOT_FOUND') end
+  if r.status == BLOCKED then return err('RESERVATION_BLOCKED') end
+  if r.status == RELEASED then return err('RESERVATION_RELEASED') end
+  if r.status == COMMITTED or r.status == LATE_COMMITTED then
+    if r.actual ~= actual then return err('IDEMPOTENCY_CONFLICT', 'committed') end
+    return ok('1', num(r.status), num(actual), num(r.held), num(r.overrun), apply(), acc.lin)
+  end
+  if acc.com + actual > MAX_MICROS then return err('TOTAL_OUT_OF_RANGE') end
+  local overrun = settle_commit(r, actual)
+  if acc.np > 0 then redis.call('ZADD', P, num(txn.now), id) end
+  return ok('0', num(r.status), num(actual), num(r.held), num(overrun), apply(), acc.lin)
 end
 
 -- ARGV 6..: reservation id.
@@ -302,15 +389,38 @@ function ops.refund()
   if not r then return err('RESERVATION_NOT_FOUND') end
   if r.status == BLOCKED then return err('RESERVATION_BLOCKED') end
   if r.status ~= HELD then
-    return ok('1', num(r.status), '0', apply())
+    return ok('1', num(r.status), '0', apply(), acc.lin)
   end
-  local held = r.held
-  r.status = RELEASED
-  r.settled = txn.now
-  acc.res = acc.res - held
-  acc.act = acc.act - 1
-  record(REFUNDED, r, held)
-  return ok('0', num(RELEASED), num(held), apply())
+  local held = settle_release(r)
+  if acc.np > 0 then redis.call('ZADD', P, num(txn.now), id) end
+  return ok('0', num(RELEASED), num(held), apply(), acc.lin)
+end
+
+-- The commit (or refund) saga's step on an ancestor run. ARGV 6..: hold id,
+-- actual ("" releases). Idempotent; the descendant's record is the truth.
+function ops.child_settle()
+  local id, actual = ARGV[6], tonumber(ARGV[7])
+  if not open_run() then return {'OK'} end
+  local r = reservation(id)
+  if not actual then
+    if r and r.status == HELD then settle_release(r) end
+  else
+    if not r then
+      r = {id = id, amount = 0, status = EXPIRED, reason = WITHIN_BUDGET, created = txn.now,
+        held = 0, overrun = 0}
+    end
+    if (r.status == HELD or r.status == EXPIRED) and txn.acc.com + actual <= MAX_MICROS then
+      settle_commit(r, actual)
+    end
+  end
+  apply()
+  return {'OK'}
+end
+
+-- The parents of these reservations are settled. ARGV 6..: reservation ids.
+function ops.settled()
+  redis.call('ZREM', P, unpack(ARGV, 6))
+  return {'OK'}
 end
 
 function ops.close()
