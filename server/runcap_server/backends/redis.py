@@ -34,6 +34,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import signal
 import time
 import uuid
 import zlib
@@ -123,6 +125,16 @@ _UNAVAILABLE = (
 )
 
 Client = aioredis.Redis | RedisCluster
+
+# Tests only: the saga step after which this process kills itself (SIGKILL),
+# to prove a crash between steps heals. Points: reserve:parents-held,
+# reserve:run-decided, commit:run-settled, refund:run-settled.
+_CRASH_AT = os.environ.get("RUNCAP_TEST_CRASH_AT", "")
+
+
+def _crash_point(point: str) -> None:
+    if point == _CRASH_AT:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _labels_json(labels: Mapping[str, str]) -> str:
@@ -430,6 +442,7 @@ class RedisLedger:
             for failure in held:
                 if isinstance(failure, BaseException):
                     raise failure
+            _crash_point("reserve:parents-held")
             block = saga.parent_block(outcomes)
             pb: tuple[object, ...] = ("", "", "")
             if block is not None:
@@ -439,6 +452,7 @@ class RedisLedger:
                 self.default_ttl_ms, run_id, "1", *pb,
             )  # fmt: skip
             result = self._reserved(tenant, run_id, reservation_id, reply)
+            _crash_point("reserve:run-decided")
         finally:
             # Also after an error: a parent hold the run does not keep is released.
             releases = saga.to_release(outcomes, result)
@@ -546,6 +560,7 @@ class RedisLedger:
         )
         lineage = Lineage.decode(reply[13].decode())
         if lineage.parents():
+            _crash_point("commit:run-settled")
             # A replay settles again too: that finishes what a crash interrupted.
             self._index(tenant, run_id, self._now_ms_guess() + SETTLE_WAIT_MS)
             await self._settle_parents(tenant, run_id, lineage, [(reservation_id, actual_micros)])
@@ -562,6 +577,7 @@ class RedisLedger:
         )
         lineage = Lineage.decode(reply[11].decode())
         if lineage.parents() and result.reservation_status is ReservationStatus.RELEASED:
+            _crash_point("refund:run-settled")
             self._index(tenant, run_id, self._now_ms_guess() + SETTLE_WAIT_MS)
             await self._settle_parents(tenant, run_id, lineage, [(reservation_id, None)])
         return result
