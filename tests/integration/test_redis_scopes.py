@@ -171,15 +171,17 @@ async def test_a_replica_killed_between_saga_steps_leaves_every_parent_settled(
                 assert (await stub.Reserve(reserve)).decision == budget_pb2.DECISION_ALLOW
                 root = (await stub.GetRun(pb.GetRunRequest(run_id="root"))).state
                 assert root.reserved_micros == 10 * UNIT
+            fatal: Awaitable[object]
+            if point.startswith("reserve"):
+                fatal = doomed.Reserve(reserve)
+            elif point.startswith("commit"):
+                fatal = doomed.Commit(
+                    pb.CommitRequest(run_id="child", reservation_id="r1", actual_micros=actual)
+                )
+            else:
+                fatal = doomed.Refund(pb.RefundRequest(run_id="child", reservation_id="r1"))
             with pytest.raises(grpc.aio.AioRpcError) as died:
-                if point.startswith("reserve"):
-                    await doomed.Reserve(reserve)
-                elif point.startswith("commit"):
-                    await doomed.Commit(
-                        pb.CommitRequest(run_id="child", reservation_id="r1", actual_micros=actual)
-                    )
-                else:
-                    await doomed.Refund(pb.RefundRequest(run_id="child", reservation_id="r1"))
+                await fatal
             assert died.value.code() == grpc.StatusCode.UNAVAILABLE
             assert crashing.wait(10) != 0  # it really died mid-saga
 
