@@ -46,8 +46,8 @@ const DefaultTimeout = 10 * time.Second
 
 // Client is a client of the runcap BudgetService. It is safe for concurrent
 // use. Every failed call returns a *runcaperr.Error. Calls that are
-// idempotent (those that carry a client-side id, the reads, and CloseRun)
-// are retried on UNAVAILABLE according to the client's RetryPolicy.
+// idempotent (those that carry a client-side id, the reads, CloseRun and
+// the scope limit calls) are retried on UNAVAILABLE according to the client's RetryPolicy.
 type Client struct {
 	conn    *grpc.ClientConn // nil when the connection is the caller's
 	stub    runcapv1.BudgetServiceClient
@@ -198,7 +198,10 @@ func call[Req, Resp any](
 
 // CreateRun creates a run with a ceiling of limitMicros, or returns it (with
 // Replayed set) when it exists with the same arguments. With an empty runID
-// the server picks one, and the call is not retried.
+// the server picks one, and the call is not retried. Options set labels, the
+// default ttl and the parent scopes (ParentRunID, APIKeyID, UserID, TeamID):
+//
+//	client.CreateRun(ctx, "sub-1", 1_000_000, runcap.ParentRunID("run-42"), runcap.TeamID("team-7"))
 func (c *Client) CreateRun(ctx context.Context, runID string, limitMicros int64, opts ...RunOption) (*runcapv1.CreateRunResponse, error) {
 	req := &runcapv1.CreateRunRequest{RunId: runID, LimitMicros: limitMicros}
 	for _, o := range opts {
@@ -225,6 +228,31 @@ func Labels(labels map[string]string) RunOption {
 // DefaultTTL sets the run's default reservation ttl (whole milliseconds).
 func DefaultTTL(d time.Duration) RunOption {
 	return func(r *runcapv1.CreateRunRequest) { r.DefaultTtl = durationpb.New(d) }
+}
+
+// ParentRunID makes the run a subagent of the run parentRunID: each of its
+// reservations is also held on the parent and on every ancestor, so a
+// parent's limit covers its whole tree. The parent must exist and be open.
+func ParentRunID(parentRunID string) RunOption {
+	return func(r *runcapv1.CreateRunRequest) { r.ParentRunId = parentRunID }
+}
+
+// APIKeyID charges the run to an API key as well (inherited from the parent
+// run when not given).
+func APIKeyID(apiKeyID string) RunOption {
+	return func(r *runcapv1.CreateRunRequest) { r.ApiKeyId = apiKeyID }
+}
+
+// UserID charges the run to a user as well (inherited from the parent run
+// when not given).
+func UserID(userID string) RunOption {
+	return func(r *runcapv1.CreateRunRequest) { r.UserId = userID }
+}
+
+// TeamID charges the run to a team as well (inherited from the parent run
+// when not given).
+func TeamID(teamID string) RunOption {
+	return func(r *runcapv1.CreateRunRequest) { r.TeamId = teamID }
 }
 
 // GetRun returns a run's configuration and current budget state.
@@ -289,6 +317,40 @@ func (c *Client) Refund(ctx context.Context, runID, reservationID string) (*runc
 // CloseRun closes a run to new reservations; holds already made still settle.
 func (c *Client) CloseRun(ctx context.Context, runID string) (*runcapv1.CloseRunResponse, error) {
 	return call(ctx, c, true, c.stub.CloseRun, &runcapv1.CloseRunRequest{RunId: runID})
+}
+
+// SetScopeLimit sets the ceiling of a parent scope (an API key, a user or a
+// team) for one period to limitMicros, and returns the scope after the
+// change. A new ceiling applies from the next reservation on; holds made
+// before it stay. Setting a value is idempotent, so the call is retried.
+//
+//	client.SetScopeLimit(ctx, runcapv1.ScopeKind_SCOPE_KIND_TEAM, "team-7", runcapv1.Period_PERIOD_DAILY, 50_000_000)
+func (c *Client) SetScopeLimit(ctx context.Context, kind runcapv1.ScopeKind, scopeID string, period runcapv1.Period, limitMicros int64) (*runcapv1.SetScopeLimitResponse, error) {
+	req := &runcapv1.SetScopeLimitRequest{
+		Scope:   &runcapv1.ScopeRef{Kind: kind, Id: scopeID},
+		Period:  period,
+		Ceiling: &runcapv1.SetScopeLimitRequest_LimitMicros{LimitMicros: limitMicros},
+	}
+	return call(ctx, c, true, c.stub.SetScopeLimit, req)
+}
+
+// ClearScopeLimit removes the ceiling of a parent scope for one period (its
+// spend is still tracked) and returns the scope after the change.
+func (c *Client) ClearScopeLimit(ctx context.Context, kind runcapv1.ScopeKind, scopeID string, period runcapv1.Period) (*runcapv1.SetScopeLimitResponse, error) {
+	req := &runcapv1.SetScopeLimitRequest{
+		Scope:   &runcapv1.ScopeRef{Kind: kind, Id: scopeID},
+		Period:  period,
+		Ceiling: &runcapv1.SetScopeLimitRequest_Clear{Clear: true},
+	}
+	return call(ctx, c, true, c.stub.SetScopeLimit, req)
+}
+
+// GetScope returns a parent scope's ceilings and its usage in the current
+// window of each period (lifetime, daily, monthly, in that order). A scope
+// nobody has charged or limited reads as zeros with no limits.
+func (c *Client) GetScope(ctx context.Context, kind runcapv1.ScopeKind, scopeID string) (*runcapv1.GetScopeResponse, error) {
+	req := &runcapv1.GetScopeRequest{Scope: &runcapv1.ScopeRef{Kind: kind, Id: scopeID}}
+	return call(ctx, c, true, c.stub.GetScope, req)
 }
 
 // NewReservationID returns a fresh random reservation id (32 hex digits).

@@ -25,8 +25,16 @@ type BudgetBlockedError struct {
 
 func (e *BudgetBlockedError) Error() string {
 	r := e.Response
-	return fmt.Sprintf("runcap: reservation %q of run %q was blocked (%s): %d of %d micros remain",
+	msg := fmt.Sprintf("runcap: reservation %q of run %q was blocked (%s): %d of %d micros remain",
 		r.GetReservationId(), e.RunID, r.GetReason(), r.GetState().GetRemainingMicros(), r.GetState().GetLimitMicros())
+	if s := r.GetBlockingScope(); s != nil && (s.GetKind() != runcapv1.ScopeKind_SCOPE_KIND_RUN || s.GetId() != e.RunID) {
+		msg += fmt.Sprintf(" (blocked by %s %q", s.GetKind(), s.GetId())
+		if p := r.GetBlockingPeriod(); p != runcapv1.Period_PERIOD_UNSPECIFIED {
+			msg += ", " + p.String()
+		}
+		msg += ")"
+	}
+	return msg
 }
 
 // Is makes errors.Is(err, ErrBudgetBlocked) true.
@@ -37,6 +45,15 @@ func (e *BudgetBlockedError) Reason() runcapv1.DecisionReason { return e.Respons
 
 // State is the run's budget state at the decision.
 func (e *BudgetBlockedError) State() *runcapv1.BudgetState { return e.Response.GetState() }
+
+// BlockingScope is the scope whose ceiling (or closed ancestor run) blocked:
+// the run itself, an ancestor run, or the run's API key, user or team. Nil
+// when the server did not say.
+func (e *BudgetBlockedError) BlockingScope() *runcapv1.ScopeRef { return e.Response.GetBlockingScope() }
+
+// BlockingPeriod is the period of the ceiling that blocked (PERIOD_LIFETIME
+// for runs), or PERIOD_UNSPECIFIED when the server did not say.
+func (e *BudgetBlockedError) BlockingPeriod() runcapv1.Period { return e.Response.GetBlockingPeriod() }
 
 // Hold is an allowed reservation: an amount held against a run until it is
 // committed or refunded (or expires at its ttl). Commit and Refund retry

@@ -201,6 +201,8 @@ var (
 	ErrRevisionOutOfRange  = reasonKind(codes.OutOfRange, runcapv1.ErrorReason_ERROR_REASON_REVISION_OUT_OF_RANGE)
 	ErrBackendUnavailable  = reasonKind(codes.Unavailable, runcapv1.ErrorReason_ERROR_REASON_BACKEND_UNAVAILABLE)
 	ErrShuttingDown        = reasonKind(codes.Unavailable, runcapv1.ErrorReason_ERROR_REASON_SHUTTING_DOWN)
+	ErrParentRunNotFound   = reasonKind(codes.NotFound, runcapv1.ErrorReason_ERROR_REASON_PARENT_RUN_NOT_FOUND)
+	ErrParentRunClosed     = reasonKind(codes.FailedPrecondition, runcapv1.ErrorReason_ERROR_REASON_PARENT_RUN_CLOSED)
 )
 
 // FromError returns the runcap error err is or wraps: an *Error found with
@@ -343,7 +345,8 @@ func FieldViolations(err error) []FieldViolation {
 // IsInvalidArgument reports whether err is INVALID_ARGUMENT; see FieldViolations.
 func IsInvalidArgument(err error) bool { return is(err, ErrInvalidArgument) }
 
-// IsNotFound reports whether err is NOT_FOUND (a run or a reservation).
+// IsNotFound reports whether err is NOT_FOUND (a run, a reservation or a
+// parent run).
 func IsNotFound(err error) bool { return is(err, ErrNotFound) }
 
 // IsRunNotFound reports whether err says the run does not exist.
@@ -351,6 +354,10 @@ func IsRunNotFound(err error) bool { return is(err, ErrRunNotFound) }
 
 // IsReservationNotFound reports whether err says the run has no such reservation.
 func IsReservationNotFound(err error) bool { return is(err, ErrReservationNotFound) }
+
+// IsParentRunNotFound reports whether err says CreateRun named a parent run
+// that does not exist.
+func IsParentRunNotFound(err error) bool { return is(err, ErrParentRunNotFound) }
 
 // IsAlreadyExists reports whether err is ALREADY_EXISTS.
 func IsAlreadyExists(err error) bool { return is(err, ErrAlreadyExists) }
@@ -372,6 +379,10 @@ func IsReservationBlocked(err error) bool { return is(err, ErrReservationBlocked
 // IsReservationReleased reports whether err says the reservation was refunded
 // and can no longer be committed.
 func IsReservationReleased(err error) bool { return is(err, ErrReservationReleased) }
+
+// IsParentRunClosed reports whether err says CreateRun named a parent run
+// that is closed (a closed run takes no new subagent runs).
+func IsParentRunClosed(err error) bool { return is(err, ErrParentRunClosed) }
 
 // IsOutOfRange reports whether err is OUT_OF_RANGE.
 func IsOutOfRange(err error) bool { return is(err, ErrOutOfRange) }

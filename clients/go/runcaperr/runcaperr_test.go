@@ -117,3 +117,25 @@ func TestBadRequestAndPrecondition(t *testing.T) {
 		t.Fatalf("%+v", e.PreconditionViolations)
 	}
 }
+
+func TestParentRunErrors(t *testing.T) {
+	missing := withDetails(t, codes.NotFound, "parent run missing",
+		&errdetails.ErrorInfo{Domain: runcaperr.Domain, Reason: "PARENT_RUN_NOT_FOUND",
+			Metadata: map[string]string{"run_id": "child", "parent_run_id": "root"}},
+		&errdetails.ResourceInfo{ResourceType: "runcap.v1.Run", ResourceName: "root"})
+	if !runcaperr.IsParentRunNotFound(missing) || !runcaperr.IsNotFound(missing) || runcaperr.IsRunNotFound(missing) {
+		t.Fatalf("%v", missing)
+	}
+	if e := runcaperr.FromError(missing); e.Metadata["parent_run_id"] != "root" || e.Resource == nil || e.Resource.Name != "root" {
+		t.Fatalf("%+v", e)
+	}
+	closed := withDetails(t, codes.FailedPrecondition, "parent run closed",
+		&errdetails.ErrorInfo{Domain: runcaperr.Domain, Reason: "PARENT_RUN_CLOSED"},
+		&errdetails.PreconditionFailure{Violations: []*errdetails.PreconditionFailure_Violation{
+			{Type: "PARENT_RUN_CLOSED", Subject: "root", Description: "closed"},
+		}})
+	if !runcaperr.IsParentRunClosed(closed) || !errors.Is(runcaperr.FromError(closed), runcaperr.ErrParentRunClosed) ||
+		runcaperr.IsParentRunNotFound(closed) || runcaperr.IsReservationBlocked(closed) {
+		t.Fatalf("%v", closed)
+	}
+}

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Final, Literal
+from typing import Final, Literal, TypeAlias
 
 from google.protobuf import duration_pb2
 
@@ -122,13 +122,104 @@ def create_run_request(
     limit_micros: int,
     labels: Mapping[str, str] | None,
     default_ttl: Duration | None,
+    *,
+    parent_run_id: str = "",
+    api_key_id: str = "",
+    user_id: str = "",
+    team_id: str = "",
 ) -> budget_service_pb2.CreateRunRequest:
     return budget_service_pb2.CreateRunRequest(
         run_id=run_id,
         limit_micros=limit_micros,
         labels=dict(labels or {}),
         default_ttl=to_duration(default_ttl),
+        parent_run_id=parent_run_id,
+        api_key_id=api_key_id,
+        user_id=user_id,
+        team_id=team_id,
     )
+
+
+ScopeKindName = Literal["run", "api_key", "user", "team"]
+"""The short name of a `runcap.v1.ScopeKind`: ``"api_key"`` is ``SCOPE_KIND_API_KEY``."""
+
+PeriodName = Literal["lifetime", "daily", "monthly"]
+"""The short name of a `runcap.v1.Period`: ``"daily"`` is ``PERIOD_DAILY``."""
+
+ScopeKind: TypeAlias = budget_pb2.ScopeKind.ValueType | ScopeKindName
+"""A scope kind: a `runcap.v1.ScopeKind` value, or its short name."""
+
+Period: TypeAlias = budget_pb2.Period.ValueType | PeriodName
+"""A period: a `runcap.v1.Period` value, or its short name."""
+
+_SCOPE_KINDS: Final[dict[str, budget_pb2.ScopeKind.ValueType]] = {
+    "run": budget_pb2.SCOPE_KIND_RUN,
+    "api_key": budget_pb2.SCOPE_KIND_API_KEY,
+    "user": budget_pb2.SCOPE_KIND_USER,
+    "team": budget_pb2.SCOPE_KIND_TEAM,
+}
+
+_PERIODS: Final[dict[str, budget_pb2.Period.ValueType]] = {
+    "lifetime": budget_pb2.PERIOD_LIFETIME,
+    "daily": budget_pb2.PERIOD_DAILY,
+    "monthly": budget_pb2.PERIOD_MONTHLY,
+}
+
+
+def to_scope_kind(kind: ScopeKind) -> budget_pb2.ScopeKind.ValueType:
+    """The `runcap.v1.ScopeKind` value of `kind`; a value passes through
+    unchanged (the server validates it)."""
+    if not isinstance(kind, str):
+        return kind
+    try:
+        return _SCOPE_KINDS[kind]
+    except KeyError:
+        raise ValueError(
+            f"unknown scope kind {kind!r}: expected one of {', '.join(_SCOPE_KINDS)}"
+        ) from None
+
+
+def to_period(period: Period) -> budget_pb2.Period.ValueType:
+    """The `runcap.v1.Period` value of `period`; a value passes through
+    unchanged (the server validates it)."""
+    if not isinstance(period, str):
+        return period
+    try:
+        return _PERIODS[period]
+    except KeyError:
+        raise ValueError(
+            f"unknown period {period!r}: expected one of {', '.join(_PERIODS)}"
+        ) from None
+
+
+def scope_ref(kind: ScopeKind, scope_id: str) -> budget_pb2.ScopeRef:
+    """The `runcap.v1.ScopeRef` naming scope `scope_id` of `kind`."""
+    return budget_pb2.ScopeRef(kind=to_scope_kind(kind), id=scope_id)
+
+
+def set_scope_limit_request(
+    kind: ScopeKind,
+    scope_id: str,
+    period: Period,
+    limit_micros: int | None,
+    clear: bool,
+) -> budget_service_pb2.SetScopeLimitRequest:
+    """A SetScopeLimitRequest that sets `limit_micros` or, with `clear`,
+    removes the ceiling. Exactly one of the two must be given."""
+    if (limit_micros is None) == (not clear):
+        raise ValueError("give exactly one of limit_micros and clear=True")
+    request = budget_service_pb2.SetScopeLimitRequest(
+        scope=scope_ref(kind, scope_id), period=to_period(period)
+    )
+    if limit_micros is not None:
+        request.limit_micros = limit_micros
+    else:
+        request.clear = True
+    return request
+
+
+def get_scope_request(kind: ScopeKind, scope_id: str) -> budget_service_pb2.GetScopeRequest:
+    return budget_service_pb2.GetScopeRequest(scope=scope_ref(kind, scope_id))
 
 
 def reserve_request(

@@ -17,13 +17,17 @@ from runcap._shared import (
     ChannelOptions,
     Duration,
     HoldBase,
+    Period,
     RetryPolicy,
+    ScopeKind,
     WatchCursor,
     channel_options,
     commit_request,
     create_run_request,
+    get_scope_request,
     refund_request,
     reserve_request,
+    set_scope_limit_request,
     settle_note,
 )
 from runcap.errors import RuncapError, from_rpc_error
@@ -120,9 +124,22 @@ class AsyncRuncapClient:
         limit_micros: int,
         labels: Mapping[str, str] | None = None,
         default_ttl: Duration | None = None,
+        parent_run_id: str = "",
+        api_key_id: str = "",
+        user_id: str = "",
+        team_id: str = "",
     ) -> budget_service_pb2.CreateRunResponse:
         """See `RuncapClient.create_run`."""
-        request = create_run_request(run_id, limit_micros, labels, default_ttl)
+        request = create_run_request(
+            run_id,
+            limit_micros,
+            labels,
+            default_ttl,
+            parent_run_id=parent_run_id,
+            api_key_id=api_key_id,
+            user_id=user_id,
+            team_id=team_id,
+        )
         return await self._call(self._stub.CreateRun, request, idempotent=bool(run_id))
 
     async def get_run(self, run_id: str) -> budget_service_pb2.GetRunResponse:
@@ -158,6 +175,26 @@ class AsyncRuncapClient:
         """See `RuncapClient.close_run`."""
         request = budget_service_pb2.CloseRunRequest(run_id=run_id)
         return await self._call(self._stub.CloseRun, request, idempotent=True)
+
+    async def set_scope_limit(
+        self,
+        kind: ScopeKind,
+        scope_id: str,
+        period: Period,
+        *,
+        limit_micros: int | None = None,
+        clear: bool = False,
+    ) -> budget_service_pb2.SetScopeLimitResponse:
+        """See `RuncapClient.set_scope_limit`."""
+        request = set_scope_limit_request(kind, scope_id, period, limit_micros, clear)
+        return await self._call(self._stub.SetScopeLimit, request, idempotent=True)
+
+    async def get_scope(
+        self, kind: ScopeKind, scope_id: str
+    ) -> budget_service_pb2.GetScopeResponse:
+        """See `RuncapClient.get_scope`."""
+        request = get_scope_request(kind, scope_id)
+        return await self._call(self._stub.GetScope, request, idempotent=True)
 
     def reserve(
         self,

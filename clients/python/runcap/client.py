@@ -18,13 +18,17 @@ from runcap._shared import (
     ChannelOptions,
     Duration,
     HoldBase,
+    Period,
     RetryPolicy,
+    ScopeKind,
     WatchCursor,
     channel_options,
     commit_request,
     create_run_request,
+    get_scope_request,
     refund_request,
     reserve_request,
+    set_scope_limit_request,
     settle_note,
 )
 from runcap.errors import RuncapError, from_rpc_error
@@ -47,8 +51,8 @@ class RuncapClient:
     """A synchronous client of the runcap BudgetService.
 
     Every failed call raises a `runcap.errors.RuncapError` subclass. Calls that
-    are idempotent (those that carry a client-side id, reads, and CloseRun)
-    are retried on UNAVAILABLE according to `retry`.
+    are idempotent (those that carry a client-side id, reads, CloseRun and
+    SetScopeLimit) are retried on UNAVAILABLE according to `retry`.
 
     Use it as a context manager, or call `close()`, to close the channel it
     created; a channel passed in stays open (it is the caller's).
@@ -132,11 +136,31 @@ class RuncapClient:
         limit_micros: int,
         labels: Mapping[str, str] | None = None,
         default_ttl: Duration | None = None,
+        parent_run_id: str = "",
+        api_key_id: str = "",
+        user_id: str = "",
+        team_id: str = "",
     ) -> budget_service_pb2.CreateRunResponse:
         """Creates a run (or returns it, with `replayed` set, when it exists
         with the same arguments). With an empty `run_id` the server picks one,
-        and the call is not retried."""
-        request = create_run_request(run_id, limit_micros, labels, default_ttl)
+        and the call is not retried.
+
+        Parent scopes: `parent_run_id` makes the run a subagent of that run,
+        so each of its reservations is also held on the parent and every
+        ancestor. `api_key_id`, `user_id` and `team_id` name the API key,
+        user and team to charge as well; when empty they are inherited from
+        the parent. A reservation must fit every ceiling of all those scopes.
+        """
+        request = create_run_request(
+            run_id,
+            limit_micros,
+            labels,
+            default_ttl,
+            parent_run_id=parent_run_id,
+            api_key_id=api_key_id,
+            user_id=user_id,
+            team_id=team_id,
+        )
         return self._call(self._stub.CreateRun, request, idempotent=bool(run_id))
 
     def get_run(self, run_id: str) -> budget_service_pb2.GetRunResponse:
@@ -174,6 +198,39 @@ class RuncapClient:
         """Closes a run to new reservations; existing holds still settle."""
         request = budget_service_pb2.CloseRunRequest(run_id=run_id)
         return self._call(self._stub.CloseRun, request, idempotent=True)
+
+    def set_scope_limit(
+        self,
+        kind: ScopeKind,
+        scope_id: str,
+        period: Period,
+        *,
+        limit_micros: int | None = None,
+        clear: bool = False,
+    ) -> budget_service_pb2.SetScopeLimitResponse:
+        """Sets a parent scope's ceiling for one period to `limit_micros`, or
+        with ``clear=True`` removes it (the spend is still tracked); give
+        exactly one of the two, or ValueError is raised before any call.
+
+        `kind` and `period` are `runcap.v1` enum values or their short names
+        (``"api_key"``, ``"user"``, ``"team"``; ``"lifetime"``, ``"daily"``,
+        ``"monthly"``)::
+
+            client.set_scope_limit("team", "team-7", "daily", limit_micros=50_000_000)
+
+        A new ceiling applies from the next reservation on. Returns the scope
+        after the change; the call is retried on UNAVAILABLE (it sets a value,
+        so a repeat changes nothing).
+        """
+        request = set_scope_limit_request(kind, scope_id, period, limit_micros, clear)
+        return self._call(self._stub.SetScopeLimit, request, idempotent=True)
+
+    def get_scope(self, kind: ScopeKind, scope_id: str) -> budget_service_pb2.GetScopeResponse:
+        """Returns a parent scope's ceilings and its usage in the current
+        window of each period (lifetime, daily, monthly, in that order). A
+        scope nobody has charged or limited reads as zeros with no limits."""
+        request = get_scope_request(kind, scope_id)
+        return self._call(self._stub.GetScope, request, idempotent=True)
 
     def reserve(
         self,

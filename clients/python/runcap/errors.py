@@ -17,7 +17,7 @@ open on service trouble (``except RuncapError``) never fails open on a block.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -25,6 +25,9 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 
 from runcap.v1 import budget_pb2, budget_service_pb2, errors_pb2
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.enum_type_wrapper import _EnumTypeWrapper
 
 DOMAIN: Final = "runcap.dev"
 """The ErrorInfo domain of every error the runcap server sends."""
@@ -46,6 +49,7 @@ _DETAIL_TYPES: Final[tuple[type[Message], ...]] = (
 )
 
 _M = TypeVar("_M", bound=Message)
+_V = TypeVar("_V", bound=int)
 
 
 class RuncapError(Exception):
@@ -132,6 +136,20 @@ class ReservationNotFoundError(RuncapError):
         return self.metadata.get("reservation_id", "")
 
 
+class ParentRunNotFoundError(RuncapError):
+    """NOT_FOUND: CreateRun named a parent run that does not exist."""
+
+    @property
+    def run_id(self) -> str:
+        """The run that was being created."""
+        return self.metadata.get("run_id", "")
+
+    @property
+    def parent_run_id(self) -> str:
+        """The parent run that was not found."""
+        return self.metadata.get("parent_run_id", "")
+
+
 class RunAlreadyExistsError(RuncapError):
     """ALREADY_EXISTS: a run with this id exists with different arguments."""
 
@@ -174,6 +192,24 @@ class ReservationBlockedError(_PreconditionError):
 
 class ReservationReleasedError(_PreconditionError):
     """FAILED_PRECONDITION: the reservation was refunded; it cannot be committed."""
+
+
+class ParentRunClosedError(_PreconditionError):
+    """FAILED_PRECONDITION: CreateRun named a parent run that is closed; a
+    closed run takes no new subagent runs."""
+
+    @property
+    def run_id(self) -> str:
+        """The run that was being created."""
+        return self.metadata.get("run_id", "")
+
+    @property
+    def parent_run_id(self) -> str:
+        """The closed parent run."""
+        parent = self.metadata.get("parent_run_id", "")
+        if parent:
+            return parent
+        return next((subject for _, subject, _ in self.violations), "")
 
 
 class RevisionOutOfRangeError(RuncapError):
@@ -247,6 +283,8 @@ REASON_TO_ERROR: Final[Mapping[str, type[RuncapError]]] = {
     _reason(errors_pb2.ERROR_REASON_BACKEND_UNAVAILABLE): UnavailableError,
     _reason(errors_pb2.ERROR_REASON_SHUTTING_DOWN): UnavailableError,
     _reason(errors_pb2.ERROR_REASON_INTERNAL): InternalError,
+    _reason(errors_pb2.ERROR_REASON_PARENT_RUN_NOT_FOUND): ParentRunNotFoundError,
+    _reason(errors_pb2.ERROR_REASON_PARENT_RUN_CLOSED): ParentRunClosedError,
 }
 """The one table from ErrorInfo reason to exception class."""
 
@@ -346,6 +384,12 @@ class BudgetBlockedError(Exception):
         reason: Why (`runcap.v1.DecisionReason`), for example
             ``DECISION_REASON_INSUFFICIENT_BUDGET``.
         state: The run's budget state at the decision.
+        blocking_scope: The scope whose ceiling (or closed ancestor run)
+            blocked: the run itself, an ancestor run, or the run's API key,
+            user or team. None when the server did not say.
+        blocking_period: The period of the ceiling that blocked
+            (`runcap.v1.Period`; ``PERIOD_LIFETIME`` for runs), or
+            ``PERIOD_UNSPECIFIED`` when the server did not say.
     """
 
     def __init__(self, run_id: str, response: budget_service_pb2.ReserveResponse) -> None:
@@ -353,13 +397,35 @@ class BudgetBlockedError(Exception):
         self.response = response
         self.reason: budget_pb2.DecisionReason.ValueType = response.reason
         self.state: budget_pb2.BudgetState = response.state
-        super().__init__(
+        self.blocking_scope: budget_pb2.ScopeRef | None = (
+            response.blocking_scope if response.HasField("blocking_scope") else None
+        )
+        self.blocking_period: budget_pb2.Period.ValueType = response.blocking_period
+        message = (
             f"reservation {response.reservation_id!r} of run {run_id!r} was blocked "
-            f"({budget_pb2.DecisionReason.Name(response.reason)}): "
+            f"({_enum_name(budget_pb2.DecisionReason, response.reason)}): "
             f"{response.state.remaining_micros} of {response.state.limit_micros} micros remain"
         )
+        scope = self.blocking_scope
+        if scope is not None and not (
+            scope.kind == budget_pb2.SCOPE_KIND_RUN and scope.id == run_id
+        ):
+            message += f" (blocked by {_enum_name(budget_pb2.ScopeKind, scope.kind)} {scope.id!r}"
+            if response.blocking_period != budget_pb2.PERIOD_UNSPECIFIED:
+                message += f", {_enum_name(budget_pb2.Period, response.blocking_period)}"
+            message += ")"
+        super().__init__(message)
 
     @property
     def reservation_id(self) -> str:
         """The blocked reservation's id."""
         return self.response.reservation_id
+
+
+def _enum_name(enum: _EnumTypeWrapper[_V], value: _V) -> str:
+    """The name of `value` in `enum`, or the number for a value this client
+    does not know (a newer server)."""
+    try:
+        return enum.Name(value)
+    except ValueError:
+        return str(value)

@@ -15,15 +15,20 @@ import {
   CommitRequestSchema,
   CreateRunRequestSchema,
   GetRunRequestSchema,
+  GetScopeRequestSchema,
   RefundRequestSchema,
   ReserveRequestSchema,
+  SetScopeLimitRequestSchema,
   type CloseRunResponse,
   type CommitResponse,
   type CreateRunResponse,
   type GetRunResponse,
+  type GetScopeResponse,
   type RefundResponse,
   type ReserveResponse,
+  type SetScopeLimitResponse,
 } from "./gen/runcap/v1/budget_service_pb.js";
+import type { Period, ScopeKind } from "./gen/runcap/v1/budget_pb.js";
 import { DEFAULT_RETRY, retryDelayMs, sleep, type RetryPolicy } from "./retry.js";
 
 /** The address a client connects to when given none. */
@@ -80,6 +85,40 @@ export interface CreateRunArgs {
   labels?: Record<string, string>;
   /** The default ttl of the run's reservations (milliseconds, or a Duration). */
   defaultTtl?: DurationInput;
+  /**
+   * Makes the run a subagent of this run: each of its reservations is also
+   * held on the parent and every ancestor, so a parent's limit covers its
+   * whole tree. The parent must exist and be open.
+   */
+  parentRunId?: string;
+  /** The API key to charge as well; inherited from the parent run when omitted. */
+  apiKeyId?: string;
+  /** The user to charge as well; inherited from the parent run when omitted. */
+  userId?: string;
+  /** The team to charge as well; inherited from the parent run when omitted. */
+  teamId?: string;
+}
+
+/** Names a parent scope: arguments of `getScope`, and the base of `setScopeLimit`'s and `clearScopeLimit`'s. */
+export interface ScopeArgs {
+  /** What the scope is, for example `ScopeKind.TEAM`. */
+  kind: ScopeKind;
+  /** The id of the run, API key, user or team. */
+  scopeId: string;
+}
+
+/** Arguments of `setScopeLimit`. */
+export interface SetScopeLimitArgs extends ScopeArgs {
+  /** The period the ceiling applies to, for example `Period.DAILY`. */
+  period: Period;
+  /** The ceiling in micro-USD (positive). */
+  limitMicros: bigint;
+}
+
+/** Arguments of `clearScopeLimit`. */
+export interface ClearScopeLimitArgs extends ScopeArgs {
+  /** The period whose ceiling to remove. */
+  period: Period;
 }
 
 /** Arguments of `reserve`. */
@@ -128,6 +167,24 @@ export interface RuncapClient {
   refund(args: RefundArgs, options?: CallOptions): Promise<RefundResponse>;
   /** Closes a run to new reservations; holds already made still settle. */
   closeRun(runId: string, options?: CallOptions): Promise<CloseRunResponse>;
+  /**
+   * Sets a parent scope's ceiling for one period (API keys, users and teams);
+   * it applies from the next reservation on. Resolves with the scope after
+   * the change. Idempotent, so retried on UNAVAILABLE.
+   *
+   * ```ts
+   * await client.setScopeLimit({ kind: ScopeKind.TEAM, scopeId: "team-7", period: Period.DAILY, limitMicros: 50_000_000n });
+   * ```
+   */
+  setScopeLimit(args: SetScopeLimitArgs, options?: CallOptions): Promise<SetScopeLimitResponse>;
+  /** Removes a parent scope's ceiling for one period (its spend is still tracked). Resolves with the scope after the change. */
+  clearScopeLimit(args: ClearScopeLimitArgs, options?: CallOptions): Promise<SetScopeLimitResponse>;
+  /**
+   * A parent scope's ceilings and its usage in the current window of each
+   * period (lifetime, daily, monthly, in that order). A scope nobody has
+   * charged or limited reads as zeros with no limits.
+   */
+  getScope(args: ScopeArgs, options?: CallOptions): Promise<GetScopeResponse>;
   /** The generated Connect client underneath, for calls the wrapper does not cover. */
   readonly raw: Client<typeof BudgetService>;
   /** The headers sent with every call. */
@@ -226,6 +283,10 @@ export function createRuncapClient(options: RuncapClientOptions = {}): RuncapCli
         limitMicros: args.limitMicros,
         labels: { ...(args.labels ?? {}) },
         defaultTtl: toDuration(args.defaultTtl),
+        parentRunId: args.parentRunId ?? "",
+        apiKeyId: args.apiKeyId ?? "",
+        userId: args.userId ?? "",
+        teamId: args.teamId ?? "",
       });
       return call((o) => raw.createRun(request, o), Boolean(args.runId), opts);
     },
@@ -260,6 +321,26 @@ export function createRuncapClient(options: RuncapClientOptions = {}): RuncapCli
     closeRun(runId, opts) {
       const request = create(CloseRunRequestSchema, { runId });
       return call((o) => raw.closeRun(request, o), true, opts);
+    },
+    setScopeLimit(args, opts) {
+      const request = create(SetScopeLimitRequestSchema, {
+        scope: { kind: args.kind, id: args.scopeId },
+        period: args.period,
+        ceiling: { case: "limitMicros", value: args.limitMicros },
+      });
+      return call((o) => raw.setScopeLimit(request, o), true, opts);
+    },
+    clearScopeLimit(args, opts) {
+      const request = create(SetScopeLimitRequestSchema, {
+        scope: { kind: args.kind, id: args.scopeId },
+        period: args.period,
+        ceiling: { case: "clear", value: true },
+      });
+      return call((o) => raw.setScopeLimit(request, o), true, opts);
+    },
+    getScope(args, opts) {
+      const request = create(GetScopeRequestSchema, { scope: { kind: args.kind, id: args.scopeId } });
+      return call((o) => raw.getScope(request, o), true, opts);
     },
     close() {
       sessionManager?.abort();

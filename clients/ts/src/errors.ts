@@ -29,7 +29,7 @@ import {
   type ErrorInfo,
   type ResourceInfo,
 } from "./gen/google/rpc/error_details_pb.js";
-import { DecisionReason, type BudgetState } from "./gen/runcap/v1/budget_pb.js";
+import { DecisionReason, Period, ScopeKind, type BudgetState, type ScopeRef } from "./gen/runcap/v1/budget_pb.js";
 import type { ReserveResponse } from "./gen/runcap/v1/budget_service_pb.js";
 import { ErrorReason } from "./gen/runcap/v1/errors_pb.js";
 
@@ -139,6 +139,18 @@ export class ReservationNotFoundError extends RuncapError {
   }
 }
 
+/** NOT_FOUND: `createRun` named a parent run that does not exist. */
+export class ParentRunNotFoundError extends RuncapError {
+  /** The run that was being created. */
+  get runId(): string {
+    return this.metadata["run_id"] ?? "";
+  }
+  /** The parent run that was not found. */
+  get parentRunId(): string {
+    return this.metadata["parent_run_id"] ?? this.resourceInfo?.resourceName ?? "";
+  }
+}
+
 /** ALREADY_EXISTS: a run with this id exists with different arguments. */
 export class RunAlreadyExistsError extends RuncapError {
   /** The run that already exists. */
@@ -167,6 +179,18 @@ export class ReservationBlockedError extends RuncapError {}
 
 /** FAILED_PRECONDITION: the reservation was refunded; it can no longer be committed. */
 export class ReservationReleasedError extends RuncapError {}
+
+/** FAILED_PRECONDITION: `createRun` named a parent run that is closed; a closed run takes no new subagent runs. */
+export class ParentRunClosedError extends RuncapError {
+  /** The run that was being created. */
+  get runId(): string {
+    return this.metadata["run_id"] ?? "";
+  }
+  /** The closed parent run. */
+  get parentRunId(): string {
+    return this.metadata["parent_run_id"] || (this.preconditionViolations[0]?.subject ?? "");
+  }
+}
 
 /**
  * OUT_OF_RANGE: Watch cannot resume from the requested revision (the server no
@@ -250,6 +274,8 @@ export const ERROR_TABLE: readonly ErrorRow[] = [
   { reason: ErrorReason.BACKEND_UNAVAILABLE, code: Code.Unavailable, error: UnavailableError },
   { reason: ErrorReason.SHUTTING_DOWN, code: Code.Unavailable, error: UnavailableError },
   { reason: ErrorReason.INTERNAL, code: Code.Internal, error: InternalError },
+  { reason: ErrorReason.PARENT_RUN_NOT_FOUND, code: Code.NotFound, error: ParentRunNotFoundError },
+  { reason: ErrorReason.PARENT_RUN_CLOSED, code: Code.FailedPrecondition, error: ParentRunClosedError },
 ];
 
 /** Codes no runcap reason uses, and the class a status with that code gets. */
@@ -310,10 +336,18 @@ export class BudgetBlockedError extends Error {
 
   constructor(runId: string, response: ReserveResponse) {
     const state = response.state;
+    const scope = response.blockingScope;
+    let blockedBy = "";
+    if (scope !== undefined && !(scope.kind === ScopeKind.RUN && scope.id === runId)) {
+      const period = response.blockingPeriod;
+      blockedBy =
+        ` (blocked by ${ScopeKind[scope.kind] ?? scope.kind} ${JSON.stringify(scope.id)}` +
+        (period === Period.UNSPECIFIED ? ")" : `, ${Period[period] ?? period})`);
+    }
     super(
       `reservation ${JSON.stringify(response.reservationId)} of run ${JSON.stringify(runId)} ` +
         `was blocked (${DecisionReason[response.reason] ?? response.reason}): ` +
-        `${state?.remainingMicros ?? 0n} of ${state?.limitMicros ?? 0n} micros remain`,
+        `${state?.remainingMicros ?? 0n} of ${state?.limitMicros ?? 0n} micros remain${blockedBy}`,
     );
     this.name = "BudgetBlockedError";
     this.runId = runId;
@@ -333,5 +367,19 @@ export class BudgetBlockedError extends Error {
   /** The run's budget state at the decision. */
   get state(): BudgetState | undefined {
     return this.response.state;
+  }
+
+  /**
+   * The scope whose ceiling (or closed ancestor run) blocked: the run itself,
+   * an ancestor run, or the run's API key, user or team. Undefined when the
+   * server did not say.
+   */
+  get blockingScope(): ScopeRef | undefined {
+    return this.response.blockingScope;
+  }
+
+  /** The period of the ceiling that blocked (`Period.LIFETIME` for runs), or `Period.UNSPECIFIED` when the server did not say. */
+  get blockingPeriod(): Period {
+    return this.response.blockingPeriod;
   }
 }

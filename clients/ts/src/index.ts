@@ -11,6 +11,7 @@ export {
   newReservationId,
   toDuration,
   type CallOptions,
+  type ClearScopeLimitArgs,
   type CommitArgs,
   type CreateRunArgs,
   type DurationInput,
@@ -19,6 +20,8 @@ export {
   type ReserveArgs,
   type RuncapClient,
   type RuncapClientOptions,
+  type ScopeArgs,
+  type SetScopeLimitArgs,
 } from "./client.js";
 export {
   BudgetBlockedError,
@@ -29,6 +32,8 @@ export {
   IdempotencyConflictError,
   InternalError,
   InvalidArgumentError,
+  ParentRunClosedError,
+  ParentRunNotFoundError,
   ReservationBlockedError,
   ReservationNotFoundError,
   ReservationReleasedError,
