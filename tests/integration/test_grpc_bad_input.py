@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 RUN = "bad-input-run"
 HELD = "held"
 BLOCKED = "blocked"
+CLOSED = "bad-input-closed-parent"
 LONG = "x" * 129
 MAX = 2**53 - 1
 
@@ -228,6 +229,66 @@ CASES: list[tuple[str, dict[str, Any], grpc.StatusCode, str, set[str]]] = [
         "REVISION_OUT_OF_RANGE",
         set(),
     ),
+    # Parent scopes.
+    (
+        "CreateRun",
+        {"run_id": "kid-1", "limit_micros": 1, "parent_run_id": "kid-1"},
+        INVALID,
+        "INVALID_ARGUMENT",
+        {"parent_run_id"},
+    ),
+    (
+        "CreateRun",
+        {"run_id": "kid-2", "limit_micros": 1, "team_id": "a team", "user_id": LONG},
+        INVALID,
+        "INVALID_ARGUMENT",
+        {"team_id", "user_id"},
+    ),
+    (
+        "CreateRun",
+        {"run_id": "kid-3", "limit_micros": 1, "parent_run_id": "missing"},
+        grpc.StatusCode.NOT_FOUND,
+        "PARENT_RUN_NOT_FOUND",
+        set(),
+    ),
+    (
+        "CreateRun",
+        {"run_id": "kid-4", "limit_micros": 1, "parent_run_id": CLOSED},
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PARENT_RUN_CLOSED",
+        set(),
+    ),
+    ("SetScopeLimit", {}, INVALID, "INVALID_ARGUMENT", {"scope.kind", "period", "limit_micros"}),
+    (
+        "SetScopeLimit",
+        {"scope": {"kind": 1, "id": RUN}, "period": 1, "limit_micros": 5},
+        INVALID,
+        "INVALID_ARGUMENT",
+        {"scope.kind"},
+    ),
+    (
+        "SetScopeLimit",
+        {"scope": {"kind": 4, "id": ""}, "period": 9, "limit_micros": 0},
+        INVALID,
+        "INVALID_ARGUMENT",
+        {"scope.id", "period", "limit_micros"},
+    ),
+    (
+        "SetScopeLimit",
+        {"scope": {"kind": 4, "id": "t"}, "period": 2, "limit_micros": MAX + 1},
+        INVALID,
+        "INVALID_ARGUMENT",
+        {"limit_micros"},
+    ),
+    (
+        "SetScopeLimit",
+        {"scope": {"kind": 4, "id": "t"}, "period": 2, "clear": False},
+        INVALID,
+        "INVALID_ARGUMENT",
+        {"limit_micros"},
+    ),
+    ("GetScope", {"scope": {"kind": 0, "id": "t"}}, INVALID, "INVALID_ARGUMENT", {"scope.kind"}),
+    ("GetScope", {"scope": {"kind": 2, "id": "{x}"}}, INVALID, "INVALID_ARGUMENT", {"scope.id"}),
 ]
 
 
@@ -238,6 +299,8 @@ async def seeded(stub: BudgetServiceAsyncStub) -> pb.GetRunResponse:
     if not created.replayed:
         await stub.Reserve(pb.ReserveRequest(run_id=RUN, reservation_id=HELD, amount_micros=1))
         await stub.Reserve(pb.ReserveRequest(run_id=RUN, reservation_id=BLOCKED, amount_micros=11))
+        await stub.CreateRun(pb.CreateRunRequest(run_id=CLOSED, limit_micros=10))
+        await stub.CloseRun(pb.CloseRunRequest(run_id=CLOSED))
     return await stub.GetRun(pb.GetRunRequest(run_id=RUN))
 
 

@@ -231,3 +231,58 @@ async def test_commit_above_the_hold_is_recorded_as_overrun(stub: BudgetServiceA
     )
     assert reply.state.committed_micros == 1_250_000
     assert reply.state.overrun_micros == 250_000
+
+
+async def test_parent_scopes_through_the_api(stub: BudgetServiceAsyncStub) -> None:
+    """A subagent under a team ceiling: lineage, the blocking scope, and GetScope."""
+    team = budget_pb2.ScopeRef(kind=budget_pb2.SCOPE_KIND_TEAM, id=new_id("team"))
+    limited = await stub.SetScopeLimit(
+        pb.SetScopeLimitRequest(scope=team, period=budget_pb2.PERIOD_DAILY, limit_micros=300)
+    )
+    daily = limited.scope.usage[1]
+    assert (daily.period, daily.limit_micros, daily.remaining_micros) == (
+        budget_pb2.PERIOD_DAILY,
+        300,
+        300,
+    )
+    day_ms = daily.window_end_time.ToMilliseconds() - daily.window_start_time.ToMilliseconds()
+    assert day_ms == 86_400_000
+    assert not limited.scope.usage[0].HasField("limit_micros")  # lifetime: none
+
+    root = await create_run(stub, limit_micros=1_000, team_id=team.id, user_id="ada")
+    child = (
+        await stub.CreateRun(
+            pb.CreateRunRequest(run_id=new_id("kid"), limit_micros=1_000, parent_run_id=root)
+        )
+    ).run
+    assert (child.parent_run_id, list(child.ancestor_run_ids)) == (root, [root])
+    assert (child.team_id, child.user_id, child.api_key_id) == (team.id, "ada", "")
+
+    allowed = await stub.Reserve(
+        pb.ReserveRequest(run_id=child.run_id, reservation_id="a", amount_micros=200)
+    )
+    assert allowed.decision == ALLOW and not allowed.HasField("blocking_scope")
+    blocked = await stub.Reserve(
+        pb.ReserveRequest(run_id=child.run_id, reservation_id="b", amount_micros=200)
+    )
+    assert (blocked.decision, blocked.reason) == (
+        BLOCK,
+        budget_pb2.DECISION_REASON_INSUFFICIENT_BUDGET,
+    )
+    assert (blocked.blocking_scope, blocked.blocking_period) == (team, budget_pb2.PERIOD_DAILY)
+    parent = (await stub.GetRun(pb.GetRunRequest(run_id=root))).state
+    assert (parent.reserved_micros, parent.active_reservations) == (200, 1)
+
+    await stub.Commit(pb.CommitRequest(run_id=child.run_id, reservation_id="a", actual_micros=150))
+    scope = (await stub.GetScope(pb.GetScopeRequest(scope=team))).scope
+    assert [(u.committed_micros, u.reserved_micros) for u in scope.usage] == [(150, 0)] * 3
+    parent = (await stub.GetRun(pb.GetRunRequest(run_id=root))).state
+    assert (parent.committed_micros, parent.reserved_micros) == (150, 0)
+
+    # The run's own ceiling is reported as the run itself.
+    own = await stub.Reserve(
+        pb.ReserveRequest(run_id=child.run_id, reservation_id="c", amount_micros=5_000)
+    )
+    assert own.blocking_scope == budget_pb2.ScopeRef(
+        kind=budget_pb2.SCOPE_KIND_RUN, id=child.run_id
+    )
