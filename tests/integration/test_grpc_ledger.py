@@ -261,7 +261,8 @@ async def test_parent_scopes_through_the_api(stub: BudgetServiceAsyncStub) -> No
     allowed = await stub.Reserve(
         pb.ReserveRequest(run_id=child.run_id, reservation_id="a", amount_micros=200)
     )
-    assert allowed.decision == ALLOW and not allowed.HasField("blocking_scope")
+    assert allowed.decision == ALLOW
+    assert not allowed.HasField("blocking_scope")
     blocked = await stub.Reserve(
         pb.ReserveRequest(run_id=child.run_id, reservation_id="b", amount_micros=200)
     )
