@@ -357,9 +357,12 @@ class RedisLedger:
     # -- operations ---------------------------------------------------------
 
     def _view(self, tenant: str, run_id: str, config: Sequence[Any], state: BudgetState) -> RunView:
-        created, closed, labels, ttl, lineage_json = config
+        created, closed, labels, ttl, lineage_json, *given = config
         lineage = Lineage.decode(lineage_json.decode())
-        spec = RunSpec(run_id, state.limit_micros, json.loads(labels), _opt_int(ttl))
+        parent, key, user, team = (g.decode() for g in given)
+        spec = RunSpec(
+            run_id, state.limit_micros, json.loads(labels), _opt_int(ttl), parent, key, user, team
+        )
         self._lineages[(tenant, run_id)] = (lineage, spec.default_ttl_ms)
         return RunView(
             spec=spec,
@@ -397,7 +400,7 @@ class RedisLedger:
             len(lineage.parents()),
         )
         state = _state(spec.run_id, reply[1:9])
-        view = self._view(tenant, spec.run_id, reply[9:14], state)
+        view = self._view(tenant, spec.run_id, reply[9:18], state)
         return CreateRunResult(run=view, replayed=reply[0] == b"1")
 
     async def _lineage_or_raise(self, tenant: str, spec: RunSpec, error: Exception) -> Lineage:
@@ -410,7 +413,7 @@ class RedisLedger:
     async def get_run(self, tenant: str, run_id: str) -> RunView:
         reply = await self._script(tenant, run_id, "get")
         state = _state(run_id, reply[0:8])
-        return self._view(tenant, run_id, reply[8:13], state)
+        return self._view(tenant, run_id, reply[8:17], state)
 
     async def reserve(
         self,
@@ -810,7 +813,16 @@ class RedisLedger:
             return None, []
         f = {k.decode(): v.decode() for k, v in fields.items()}
         account = Account(
-            spec=RunSpec(run_id, int(f["lim"]), json.loads(f["lab"]), _opt_int(f["ttl"])),
+            spec=RunSpec(
+                run_id,
+                int(f["lim"]),
+                json.loads(f["lab"]),
+                _opt_int(f["ttl"]),
+                f.get("pr", ""),
+                f.get("ak", ""),
+                f.get("us", ""),
+                f.get("tm", ""),
+            ),
             created_ms=int(f["cr"]),
             closed_ms=_opt_int(f["cl"]),
             status=RunStatus(int(f["st"])),

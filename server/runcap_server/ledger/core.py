@@ -317,7 +317,10 @@ def settle_for_child(
 
     Idempotent. The descendant's record is the truth: a commit always records
     the money (late when the hold expired or never reached this run), and a
-    release after any settlement changes nothing.
+    release after any settlement changes nothing. The one exception: a commit
+    that would bring this run's committed total past MAX_MICROS is not
+    recorded here (the hold stays until it expires), rather than fail the
+    descendant's commit, as the Redis script does.
     """
     if store.load_account() is None:
         return  # the ancestor aged out after it closed: nothing left to charge
@@ -326,6 +329,8 @@ def settle_for_child(
     if actual_micros is None:
         if found is not None and found.status is ReservationStatus.HELD:
             _release(txn, found)
+    elif txn.account.committed_micros + actual_micros > MAX_MICROS:
+        pass
     elif found is None:
         found = Reservation(
             reservation_id=hold_id,

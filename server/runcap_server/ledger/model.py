@@ -237,6 +237,7 @@ class ModelLedger:
     async def sweep(self, max_runs: int) -> int:
         now_ms = self.clock.now_ms()
         released = 0
+        max_scopes = max_runs  # as SQLite: up to max_runs runs, then max_runs scopes
         for (tenant, run_id), run in list(self._runs.items()):
             if max_runs <= 0:
                 break
@@ -247,7 +248,12 @@ class ModelLedger:
             released += core.expire_due(store, run_id, now_ms)
             self._bell.ring(tenant, run_id)
         for scope in self._scopes.values():
-            released += scopes.expire_due(_MemoryScopeStore(scope), now_ms)
+            if max_scopes <= 0:
+                break
+            scope_store = _MemoryScopeStore(scope)
+            if scope_store.due_holds(now_ms):
+                max_scopes -= 1
+                released += scopes.expire_due(scope_store, now_ms)
         return released
 
     async def read_changes(

@@ -192,7 +192,8 @@ local function err(reason, detail)
 end
 
 local function config(acc)
-  return {num(acc.cr), opt(acc.cl), acc.lab, opt(acc.ttl), acc.lin}
+  return {num(acc.cr), opt(acc.cl), acc.lab, opt(acc.ttl), acc.lin, acc.pr, acc.ak, acc.us,
+    acc.tm}
 end
 
 local ops = {}
@@ -213,7 +214,7 @@ function ops.create()
   end
   txn.now = now_ms()
   txn.acc = {lim = lim, com = 0, res = 0, ovr = 0, act = 0, rev = 0, st = OPEN, cr = txn.now,
-    cl = nil, lab = lab, ttl = ttl, dig = '', lin = lin}
+    cl = nil, lab = lab, ttl = ttl, dig = '', lin = lin, pr = pr, ak = ak, us = us, tm = tm}
   redis.call('HSET', A, 'cr', num(txn.now), 'lab', lab, 'ttl', opt(ttl), 'pr', pr, 'ak', ak,
     'us', us, 'tm', tm, 'lin', lin, 'np', np)
   record(CREATED)
