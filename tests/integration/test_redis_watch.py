@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -11,13 +13,14 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
+from runcap import AsyncRuncapClient, RuncapError
 from runcap.v1 import budget_service_pb2 as pb
 from runcap.v1.budget_service_pb2_grpc import BudgetServiceStub
 from runcap_server.backends.redis import RedisLedger
 from runcap_server.ledger.types import Change, RunSpec
 from runcap_server.watch import Snapshot, WatchHub
 from tests.integration.rpc import error_info
-from tests.redis_servers import RedisServer
+from tests.redis_servers import RedisCluster, RedisServer
 from tests.servers import ServerProcess
 
 if TYPE_CHECKING:
@@ -249,3 +252,75 @@ async def test_a_run_no_longer_watched_is_unsubscribed(
         await hub.stop()
         await ledger.close()
         await probe.aclose()
+
+
+@pytest.mark.slow
+async def test_a_watcher_through_a_primary_failover_never_sees_a_silent_gap(
+    redis_cluster_with_replicas: RedisCluster,
+) -> None:
+    """Kill the run's primary under load: the watcher continues or resyncs, never skips."""
+    cluster = redis_cluster_with_replicas
+    namespace = f"fo-{uuid.uuid4().hex[:8]}"
+    env = {
+        "RUNCAP_BACKEND": "redis",
+        "RUNCAP_REDIS_CLUSTER_NODES": ",".join(cluster.startup_nodes),
+        "RUNCAP_REDIS_NAMESPACE": namespace,
+        "RUNCAP_WATCH_HEARTBEAT": "200ms",
+    }
+    servers = [ServerProcess(None, env=env) for _ in range(2)]
+    try:
+        for server in servers:
+            server.start()
+        async with (
+            AsyncRuncapClient(servers[0].target) as watcher_client,
+            AsyncRuncapClient(servers[1].target) as writer_client,
+            aioredis.RedisCluster.from_url(cluster.url) as probe,
+        ):
+            await writer_client.create_run("fo", limit_micros=10**12)
+            slot = probe.keyslot(f"{namespace}:{{default/fo}}:a")
+            delivered: list[pb.WatchResponse] = []
+            stop = asyncio.Event()
+
+            async def watch() -> None:
+                async with watcher_client.watch("fo", resnapshot_on_out_of_range=True) as stream:
+                    async for message in stream:
+                        if not message.HasField("progress"):
+                            delivered.append(message)
+                        if stop.is_set() and message.revision >= final_revision:
+                            return
+
+            async def write() -> None:
+                i = 0
+                while not stop.is_set():
+                    i += 1
+                    with contextlib.suppress(RuncapError):
+                        async with writer_client.reserve("fo", 10, reservation_id=f"r{i}") as h:
+                            h.set_actual(7)
+                    await asyncio.sleep(0.005)
+
+            final_revision = 10**9
+            watching = asyncio.create_task(watch())
+            writing = asyncio.create_task(write())
+            await asyncio.sleep(0.5)
+            primary = cluster.slot_owner(slot)
+            cluster.kill_primary(primary)
+            await asyncio.to_thread(cluster.wait_for_failover, primary)
+            await asyncio.sleep(1.0)
+            stop.set()
+            await writing
+            final = (await writer_client.get_run("fo")).state
+            final_revision = final.revision
+            await asyncio.wait_for(watching, 30)
+
+        # Every event follows the one before it, unless a fresh snapshot resynced.
+        assert delivered[0].HasField("snapshot")
+        for before, after in itertools.pairwise(delivered):
+            if after.HasField("event"):
+                assert after.revision == before.revision + 1, (before, after)
+        last = delivered[-1]
+        last_state = last.snapshot if last.HasField("snapshot") else last.event.state
+        assert (last_state.revision, last_state.digest) == (final.revision, final.digest)
+        assert last_state.committed_micros == final.committed_micros
+    finally:
+        for server in servers:
+            server.stop()
