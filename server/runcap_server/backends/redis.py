@@ -92,8 +92,9 @@ class _Script:
 
     @classmethod
     def load(cls, name: str) -> _Script:
-        path = resources.files("runcap_server.backends").joinpath(f"redis_scripts/{name}")
-        text = path.read_text()
+        scripts = resources.files("runcap_server.backends").joinpath("redis_scripts")
+        # The shared helpers come first: a script is still one EVAL.
+        text = scripts.joinpath("prelude.lua").read_text() + scripts.joinpath(name).read_text()
         return cls(text, hashlib.sha1(text.encode()).hexdigest())
 
 

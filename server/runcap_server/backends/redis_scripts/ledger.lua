@@ -30,21 +30,6 @@ local LIFETIME = 1
 local HELD, COMMITTED, RELEASED, EXPIRED, LATE_COMMITTED, BLOCKED = 1, 2, 3, 4, 5, 6
 local CREATED, RESERVED, EV_COMMITTED, REFUNDED, EV_EXPIRED, EV_CLOSED = 1, 2, 3, 4, 5, 6
 
-local function num(n)
-  return string.format('%d', n)
-end
-
-local function opt(n)
-  if n == nil then return '' end
-  return num(n)
-end
-
-local function now_ms()
-  if ARGV[2] ~= '' then return tonumber(ARGV[2]) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
 -- Reservation records: "amount|requested_ttl|status|reason|created|held|expires|actual|
 -- overrun|settled|blocking scope|blocking period".
 local function decode(id, s)

@@ -23,21 +23,6 @@ local HELD, COMMITTED, RELEASED, EXPIRED, LATE_COMMITTED, BLOCKED = 1, 2, 3, 4, 
 local LIFETIME, DAILY, MONTHLY = 1, 2, 3
 local DAY_MS = 86400000
 
-local function num(n)
-  return string.format('%d', n)
-end
-
-local function opt(n)
-  if n == nil then return '' end
-  return num(n)
-end
-
-local function now_ms()
-  if ARGV[2] ~= '' then return tonumber(ARGV[2]) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
 -- The windows a hold made at `ms` counts in: lifetime, day, month. The month
 -- is computed from the day number (Hinnant's civil-from-days), as scopes.py does.
 local function windows_at(ms)
