@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from typing import Protocol
 
+from runcap_server.ledger.saga import NO_EXTRAS, ReserveExtras
 from runcap_server.ledger.scopes import ScopeView
 from runcap_server.ledger.types import (
     ChangePage,
@@ -19,6 +20,7 @@ from runcap_server.ledger.types import (
     CreateRunResult,
     Period,
     RefundResult,
+    Reservation,
     ReserveResult,
     RunSpec,
     RunView,
@@ -48,7 +50,12 @@ class Backend(Protocol):
         reservation_id: str,
         amount_micros: int,
         ttl_ms: int | None,
+        extras: ReserveExtras = NO_EXTRAS,
     ) -> ReserveResult: ...
+
+    async def get_reservation(self, tenant: str, run_id: str, reservation_id: str) -> Reservation:
+        """A reservation's record as stored (nothing expired); raises if unknown."""
+        ...
 
     async def commit(
         self, tenant: str, run_id: str, reservation_id: str, actual_micros: int

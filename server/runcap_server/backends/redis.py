@@ -423,13 +423,22 @@ class RedisLedger:
         reservation_id: str,
         amount_micros: int,
         ttl_ms: int | None,
+        extras: saga.ReserveExtras = saga.NO_EXTRAS,
     ) -> ReserveResult:
         cached = self._lineages.get((tenant, run_id))
+        tail = (extras.fingerprint, extras.pricing)
+        if extras.preblock is not None:
+            # Decided before any ledger (an unknown price): no saga, no holds.
+            reply = await self._script(
+                tenant, run_id, "reserve", reservation_id, amount_micros, ttl_ms,
+                self.default_ttl_ms, run_id, "1", int(extras.preblock), "", "", *tail,
+            )  # fmt: skip
+            return self._reserved(tenant, run_id, reservation_id, reply)
         if cached is None or not cached[0].parents():
             # One round trip; a run with parents answers SAGA and writes nothing.
             reply = await self._script(
                 tenant, run_id, "reserve", reservation_id, amount_micros, ttl_ms,
-                self.default_ttl_ms, run_id, "0", "", "", "",
+                self.default_ttl_ms, run_id, "0", "", "", "", *tail,
             )  # fmt: skip
             if reply[0] != b"SAGA":
                 return self._reserved(tenant, run_id, reservation_id, reply)
@@ -450,10 +459,11 @@ class RedisLedger:
             block = saga.parent_block(outcomes)
             pb: tuple[object, ...] = ("", "", "")
             if block is not None:
-                pb = (int(block.reason), block.scope.token, block.period and int(block.period))
+                scope = block.scope.token if block.scope else ""
+                pb = (int(block.reason), scope, block.period and int(block.period))
             reply = await self._script(
                 tenant, run_id, "reserve", reservation_id, amount_micros, ttl_ms,
-                self.default_ttl_ms, run_id, "1", *pb,
+                self.default_ttl_ms, run_id, "1", *pb, *tail,
             )  # fmt: skip
             result = self._reserved(tenant, run_id, reservation_id, reply)
             _crash_point("reserve:run-decided")
@@ -461,7 +471,7 @@ class RedisLedger:
             # Also after an error: a parent hold the run does not keep is released.
             releases = saga.to_release(outcomes, result)
             await asyncio.gather(
-                *(self._settle_on(tenant, o.scope, hold, None) for o in releases),
+                *(self._settle_on(tenant, scope, hold, None) for scope in releases),
                 return_exceptions=True,
             )
         return result
@@ -548,6 +558,15 @@ class RedisLedger:
             )
         )
         await self._script(tenant, run_id, "settled", *(r for r, _ in settlements))
+
+    async def get_reservation(self, tenant: str, run_id: str, reservation_id: str) -> Reservation:
+        a, r = self._keys(tenant, run_id)[:2]
+        record = await self._cmd("hget", r, reservation_id)
+        if record is not None:
+            return _decode_reservation(reservation_id, record.decode())
+        if not await self._cmd("exists", a):
+            raise errors.RunNotFound(run_id)
+        raise errors.ReservationNotFound(run_id, reservation_id)
 
     async def commit(
         self, tenant: str, run_id: str, reservation_id: str, actual_micros: int
@@ -856,6 +875,8 @@ def _decode_reservation(reservation_id: str, record: str) -> Reservation:
         settled_ms=_opt_int(f[9]),
         blocking_scope=ScopeRef.parse(f[10]) if len(f) > 10 and f[10] else None,
         blocking_period=Period(int(f[11])) if len(f) > 11 and f[11] else None,
+        fingerprint=f[12] if len(f) > 12 else "",
+        pricing=f[13] if len(f) > 13 else "",
     )
 
 

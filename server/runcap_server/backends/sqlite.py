@@ -52,7 +52,7 @@ from runcap_server.ledger.types import (
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SYNCHRONOUS_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 
 # Every table is keyed by (tenant, run_id, ...): a run's rows are one range of
@@ -98,6 +98,8 @@ CREATE TABLE IF NOT EXISTS reservations (
     settled_ms INTEGER,
     blocking_scope TEXT,
     blocking_period INTEGER,
+    fingerprint TEXT NOT NULL DEFAULT '',
+    pricing TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (tenant, run_id, reservation_id)
 ) STRICT, WITHOUT ROWID;
 
@@ -181,7 +183,7 @@ _ACCOUNT_COLUMNS = (
 _RESERVATION_COLUMNS = (
     "reservation_id, amount_micros, requested_ttl_ms, status, reason, created_ms, "
     "held_micros, expires_ms, actual_micros, overrun_micros, settled_ms, "
-    "blocking_scope, blocking_period"
+    "blocking_scope, blocking_period, fingerprint, pricing"
 )
 _HOLD_COLUMNS = (
     "hold_id, amount_micros, status, created_ms, windows, expires_ms, actual_micros, "
@@ -242,6 +244,8 @@ def _reservation(row: tuple[Any, ...]) -> Reservation:
         settled_ms=row[10],
         blocking_scope=ScopeRef.parse(row[11]) if row[11] else None,
         blocking_period=Period(row[12]) if row[12] else None,
+        fingerprint=row[13],
+        pricing=row[14],
     )
 
 
@@ -371,7 +375,7 @@ class _SqlStore:
         r = reservation
         self.conn.execute(
             f"INSERT OR REPLACE INTO reservations (tenant, run_id, {_RESERVATION_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 self.tenant,
                 self.run_id,
@@ -388,6 +392,8 @@ class _SqlStore:
                 r.settled_ms,
                 r.blocking_scope.token if r.blocking_scope else None,
                 int(r.blocking_period) if r.blocking_period else None,
+                r.fingerprint,
+                r.pricing,
             ),
         )
 
@@ -679,6 +685,12 @@ class SqliteLedger:
                 conn.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
             conn.execute("ALTER TABLE reservations ADD COLUMN blocking_scope TEXT")
             conn.execute("ALTER TABLE reservations ADD COLUMN blocking_period INTEGER")
+        if 0 < version < 4:
+            # Version 4 added priced LLM calls.
+            for column in ("fingerprint", "pricing"):
+                conn.execute(
+                    f"ALTER TABLE reservations ADD COLUMN {column} TEXT NOT NULL DEFAULT ''"
+                )
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _close_connection(self) -> None:
@@ -727,13 +739,26 @@ class SqliteLedger:
         reservation_id: str,
         amount_micros: int,
         ttl_ms: int | None,
+        extras: saga.ReserveExtras = saga.NO_EXTRAS,
     ) -> ReserveResult:
         return await self._op(
             tenant,
             lambda s, now: saga.reserve(
-                s, run_id, reservation_id, amount_micros, ttl_ms, self.default_ttl_ms, now
+                s, run_id, reservation_id, amount_micros, ttl_ms, self.default_ttl_ms, now, extras
             ),
         )
+
+    async def get_reservation(self, tenant: str, run_id: str, reservation_id: str) -> Reservation:
+        def read(stores: _SqlStores, now_ms: int) -> Reservation:
+            store = stores.run(run_id)
+            if store.revision() is None:
+                raise errors.RunNotFound(run_id)
+            found = store.load_reservation(reservation_id)
+            if found is None:
+                raise errors.ReservationNotFound(run_id, reservation_id)
+            return found
+
+        return await self._op(tenant, read)
 
     async def commit(
         self, tenant: str, run_id: str, reservation_id: str, actual_micros: int

@@ -198,26 +198,42 @@ def reserve(
     server_default_ttl_ms: int,
     now_ms: int,
     parent_block: ParentOutcome | None = None,
+    fingerprint: str = "",
+    pricing: str = "",
 ) -> ReserveResult:
     """Hold `amount` on the run if it fits; remember the decision either way.
 
-    `parent_block` is the reserve saga's verdict from the run's parent scopes:
-    when set (and this is not a retry), the reservation is blocked by it.
+    `parent_block` is a verdict reached before the run's own: the reserve
+    saga's from the run's parent scopes, or an unknown price. When set (and
+    this is not a retry), the reservation is blocked by it. A retry is
+    compared by `fingerprint` when the request has one, else by amount.
     """
     txn = _open(store, run_id, now_ms)
     previous = _reservation(txn, reservation_id)
     if previous is not None:
-        if (previous.amount_micros, previous.requested_ttl_ms) != (
-            amount_micros,
-            requested_ttl_ms,
-        ):
+        if _arguments(previous) != _arguments_of(amount_micros, requested_ttl_ms, fingerprint):
             raise errors.IdempotencyConflict(run_id, reservation_id, "reserved")
         return _reserve_result(previous, txn.apply(), replayed=True)
     ttl_ms = requested_ttl_ms or txn.account.spec.default_ttl_ms or server_default_ttl_ms
     reservation = _decide(
         txn, reservation_id, amount_micros, requested_ttl_ms, ttl_ms, parent_block
     )
+    reservation.fingerprint = fingerprint
+    reservation.pricing = pricing
     return _reserve_result(reservation, txn.apply(), replayed=False)
+
+
+def _arguments_of(
+    amount_micros: int, requested_ttl_ms: int | None, fingerprint: str
+) -> tuple[object, ...]:
+    return (fingerprint or amount_micros, requested_ttl_ms)
+
+
+def _arguments(reservation: Reservation) -> tuple[object, ...]:
+    """What a retry of this reservation must repeat."""
+    return _arguments_of(
+        reservation.amount_micros, reservation.requested_ttl_ms, reservation.fingerprint
+    )
 
 
 def _reserve_result(

@@ -203,13 +203,23 @@ class ModelLedger:
         reservation_id: str,
         amount_micros: int,
         ttl_ms: int | None,
+        extras: saga.ReserveExtras = saga.NO_EXTRAS,
     ) -> ReserveResult:
         return self._op(
             tenant,
             lambda s, now: saga.reserve(
-                s, run_id, reservation_id, amount_micros, ttl_ms, self.default_ttl_ms, now
+                s, run_id, reservation_id, amount_micros, ttl_ms, self.default_ttl_ms, now, extras
             ),
         )
+
+    async def get_reservation(self, tenant: str, run_id: str, reservation_id: str) -> Reservation:
+        run = self._runs.get((tenant, run_id))
+        if run is None or run.account is None:
+            raise errors.RunNotFound(run_id)
+        found = run.reservations.get(reservation_id)
+        if found is None:
+            raise errors.ReservationNotFound(run_id, reservation_id)
+        return found.copy()
 
     async def commit(
         self, tenant: str, run_id: str, reservation_id: str, actual_micros: int

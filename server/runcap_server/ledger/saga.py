@@ -19,6 +19,7 @@ scripts, parents concurrently).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from runcap_server import errors
@@ -40,6 +41,24 @@ from runcap_server.ledger.types import (
     ScopeRef,
     hold_id,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveExtras:
+    """What a priced LLM call adds to a Reserve (see core.reserve)."""
+
+    fingerprint: str = ""
+    pricing: str = ""
+    # A block decided before the ledgers are asked (an unknown price).
+    preblock: DecisionReason | None = None
+
+    def block(self) -> ParentOutcome | None:
+        if self.preblock is None:
+            return None
+        return ParentOutcome(None, ReservationStatus.BLOCKED, False, self.preblock)
+
+
+NO_EXTRAS = ReserveExtras()
 
 # Parent holds outlive the run's hold by this much, so that a commit in time
 # for the run is in time for its parents too (their clocks and the saga's
@@ -86,15 +105,13 @@ def parent_block(outcomes: Sequence[ParentOutcome]) -> ParentOutcome | None:
     return None
 
 
-def to_release(
-    outcomes: Sequence[ParentOutcome], result: ReserveResult | None
-) -> list[ParentOutcome]:
+def to_release(outcomes: Sequence[ParentOutcome], result: ReserveResult | None) -> list[ScopeRef]:
     """The parent holds step 1 made that the run's answer does not keep.
 
     `result` is None when the run's step failed (an error): nothing is kept.
     """
     kept = result is not None and result.decision is Decision.ALLOW and not result.replayed
-    return [] if kept else [o for o in outcomes if o.freshly_held]
+    return [] if kept else [o.scope for o in outcomes if o.freshly_held and o.scope]
 
 
 # -- the saga inside one transaction (the model and SQLite) ---------------------
@@ -150,22 +167,36 @@ def reserve(
     requested_ttl_ms: int | None,
     server_default_ttl_ms: int,
     now_ms: int,
+    request: ReserveExtras = NO_EXTRAS,
 ) -> ReserveResult:
     account = _account(stores, run_id)
     args = (run_id, reservation_id, amount_micros, requested_ttl_ms, server_default_ttl_ms, now_ms)
     parents = account.lineage.parents()
+
+    def on_run(block: ParentOutcome | None) -> ReserveResult:
+        return core.reserve(
+            stores.run(run_id),
+            *args,
+            parent_block=block,
+            fingerprint=request.fingerprint,
+            pricing=request.pricing,
+        )
+
+    if request.preblock is not None:
+        # Decided before any ledger (an unknown price): no parent holds anything.
+        return on_run(request.block())
     if not parents:
-        return core.reserve(stores.run(run_id), *args)
+        return on_run(None)
     hold = hold_id(run_id, reservation_id)
     ttl = hold_ttl_ms(account, requested_ttl_ms, server_default_ttl_ms)
     outcomes = [hold_on(stores, p, hold, amount_micros, ttl, now_ms) for p in parents]
     result: ReserveResult | None = None
     try:
-        result = core.reserve(stores.run(run_id), *args, parent_block=parent_block(outcomes))
+        result = on_run(parent_block(outcomes))
     finally:
         # On an error too (an idempotency conflict): hold nothing for it.
-        for outcome in to_release(outcomes, result):
-            settle_on(stores, outcome.scope, hold, None, now_ms)
+        for scope in to_release(outcomes, result):
+            settle_on(stores, scope, hold, None, now_ms)
     return result
 
 

@@ -141,7 +141,8 @@ class ScopeView:
 class ParentOutcome:
     """What one parent scope answered to the saga's hold."""
 
-    scope: ScopeRef
+    # None for a block that is no scope's doing (an unknown price).
+    scope: ScopeRef | None
     status: ReservationStatus
     replayed: bool
     reason: DecisionReason = DecisionReason.WITHIN_BUDGET

@@ -32,6 +32,7 @@ class DecisionReason(IntEnum):
     INSUFFICIENT_BUDGET = 2
     RUN_CLOSED = 3
     RESERVATION_EXPIRED = 4
+    UNKNOWN_PRICE = 5
 
 
 class ScopeKind(IntEnum):
@@ -245,6 +246,11 @@ class Reservation:
     # For a block: the scope and period that blocked.
     blocking_scope: ScopeRef | None = None
     blocking_period: Period | None = None
+    # Compared instead of amount_micros on a retry when set: the request's
+    # own arguments (an LLM call's estimate depends on the price table).
+    fingerprint: str = ""
+    # How an LLM call was priced ("<table version>#<rates>"), for Commit by usage.
+    pricing: str = ""
 
     @property
     def decision(self) -> Decision:

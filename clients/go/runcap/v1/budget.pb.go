@@ -150,6 +150,9 @@ const (
 	// id had placed on a parent scope expired, and that attempt never reached
 	// the run. Nothing is held; reserve again with a new reservation id.
 	DecisionReason_DECISION_REASON_RESERVATION_EXPIRED DecisionReason = 4
+	// The price table has no price for the LLM call's provider and model, so
+	// it cannot be estimated: runcap fails closed. Nothing is held.
+	DecisionReason_DECISION_REASON_UNKNOWN_PRICE DecisionReason = 5
 )
 
 // Enum value maps for DecisionReason.
@@ -160,6 +163,7 @@ var (
 		2: "DECISION_REASON_INSUFFICIENT_BUDGET",
 		3: "DECISION_REASON_RUN_CLOSED",
 		4: "DECISION_REASON_RESERVATION_EXPIRED",
+		5: "DECISION_REASON_UNKNOWN_PRICE",
 	}
 	DecisionReason_value = map[string]int32{
 		"DECISION_REASON_UNSPECIFIED":         0,
@@ -167,6 +171,7 @@ var (
 		"DECISION_REASON_INSUFFICIENT_BUDGET": 2,
 		"DECISION_REASON_RUN_CLOSED":          3,
 		"DECISION_REASON_RESERVATION_EXPIRED": 4,
+		"DECISION_REASON_UNKNOWN_PRICE":       5,
 	}
 )
 
@@ -1152,13 +1157,14 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\bDecision\x12\x18\n" +
 	"\x14DECISION_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eDECISION_ALLOW\x10\x01\x12\x12\n" +
-	"\x0eDECISION_BLOCK\x10\x02*\xc6\x01\n" +
+	"\x0eDECISION_BLOCK\x10\x02*\xe9\x01\n" +
 	"\x0eDecisionReason\x12\x1f\n" +
 	"\x1bDECISION_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dDECISION_REASON_WITHIN_BUDGET\x10\x01\x12'\n" +
 	"#DECISION_REASON_INSUFFICIENT_BUDGET\x10\x02\x12\x1e\n" +
 	"\x1aDECISION_REASON_RUN_CLOSED\x10\x03\x12'\n" +
-	"#DECISION_REASON_RESERVATION_EXPIRED\x10\x04*}\n" +
+	"#DECISION_REASON_RESERVATION_EXPIRED\x10\x04\x12!\n" +
+	"\x1dDECISION_REASON_UNKNOWN_PRICE\x10\x05*}\n" +
 	"\tScopeKind\x12\x1a\n" +
 	"\x16SCOPE_KIND_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eSCOPE_KIND_RUN\x10\x01\x12\x16\n" +

@@ -321,6 +321,7 @@ type ReserveRequest struct {
 	// Types that are valid to be assigned to Estimate:
 	//
 	//	*ReserveRequest_AmountMicros
+	//	*ReserveRequest_LlmCall
 	Estimate isReserveRequest_Estimate `protobuf_oneof:"estimate"`
 	// How long the hold lives before the server releases it. When unset, the
 	// run's default ttl applies.
@@ -389,6 +390,15 @@ func (x *ReserveRequest) GetAmountMicros() int64 {
 	return 0
 }
 
+func (x *ReserveRequest) GetLlmCall() *LlmCall {
+	if x != nil {
+		if x, ok := x.Estimate.(*ReserveRequest_LlmCall); ok {
+			return x.LlmCall
+		}
+	}
+	return nil
+}
+
 func (x *ReserveRequest) GetTtl() *durationpb.Duration {
 	if x != nil {
 		return x.Ttl
@@ -406,7 +416,16 @@ type ReserveRequest_AmountMicros struct {
 	AmountMicros int64 `protobuf:"varint,3,opt,name=amount_micros,json=amountMicros,proto3,oneof"`
 }
 
+type ReserveRequest_LlmCall struct {
+	// An LLM call, priced by the server from its price table: input tokens
+	// at the input price plus the effective maximum output at the output
+	// price. A model the table does not know is blocked (fail closed).
+	LlmCall *LlmCall `protobuf:"bytes,5,opt,name=llm_call,json=llmCall,proto3,oneof"`
+}
+
 func (*ReserveRequest_AmountMicros) isReserveRequest_Estimate() {}
+
+func (*ReserveRequest_LlmCall) isReserveRequest_Estimate() {}
 
 // ReserveResponse is the decision on a reservation.
 type ReserveResponse struct {
@@ -435,8 +454,10 @@ type ReserveResponse struct {
 	// For a block by a ceiling: the period of the ceiling that blocked
 	// (PERIOD_LIFETIME for runs).
 	BlockingPeriod Period `protobuf:"varint,9,opt,name=blocking_period,json=blockingPeriod,proto3,enum=runcap.v1.Period" json:"blocking_period,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// How an `llm_call` was priced. Unset for an explicit amount.
+	Estimate      *LlmEstimate `protobuf:"bytes,10,opt,name=estimate,proto3" json:"estimate,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ReserveResponse) Reset() {
@@ -532,6 +553,262 @@ func (x *ReserveResponse) GetBlockingPeriod() Period {
 	return Period_PERIOD_UNSPECIFIED
 }
 
+func (x *ReserveResponse) GetEstimate() *LlmEstimate {
+	if x != nil {
+		return x.Estimate
+	}
+	return nil
+}
+
+// LlmCall describes an LLM call to reserve for.
+type LlmCall struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The provider, as in the price table (for example "openai", "anthropic").
+	Provider string `protobuf:"bytes,1,opt,name=provider,proto3" json:"provider,omitempty"`
+	// The model id, exactly as in the price table (no aliases, no prefixes).
+	Model string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
+	// The prompt's input tokens. Zero or more.
+	InputTokens int64 `protobuf:"varint,3,opt,name=input_tokens,json=inputTokens,proto3" json:"input_tokens,omitempty"`
+	// The call's maximum output tokens (its `max_tokens`). When unset, the
+	// server's default applies, or the request is refused when there is none.
+	MaxOutputTokens *int64 `protobuf:"varint,4,opt,name=max_output_tokens,json=maxOutputTokens,proto3,oneof" json:"max_output_tokens,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *LlmCall) Reset() {
+	*x = LlmCall{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LlmCall) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LlmCall) ProtoMessage() {}
+
+func (x *LlmCall) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LlmCall.ProtoReflect.Descriptor instead.
+func (*LlmCall) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *LlmCall) GetProvider() string {
+	if x != nil {
+		return x.Provider
+	}
+	return ""
+}
+
+func (x *LlmCall) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *LlmCall) GetInputTokens() int64 {
+	if x != nil {
+		return x.InputTokens
+	}
+	return 0
+}
+
+func (x *LlmCall) GetMaxOutputTokens() int64 {
+	if x != nil && x.MaxOutputTokens != nil {
+		return *x.MaxOutputTokens
+	}
+	return 0
+}
+
+// LlmEstimate is how the server priced an LLM call.
+type LlmEstimate struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The provider priced.
+	Provider string `protobuf:"bytes,1,opt,name=provider,proto3" json:"provider,omitempty"`
+	// The model priced.
+	Model string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
+	// The input tokens priced.
+	InputTokens int64 `protobuf:"varint,3,opt,name=input_tokens,json=inputTokens,proto3" json:"input_tokens,omitempty"`
+	// The output tokens priced: the smallest of the request's maximum, the
+	// server's policy cap and the model's own output limit.
+	EffectiveMaxOutputTokens int64 `protobuf:"varint,4,opt,name=effective_max_output_tokens,json=effectiveMaxOutputTokens,proto3" json:"effective_max_output_tokens,omitempty"`
+	// The estimate in micro-USD, rounded up; 0 for an unknown model.
+	AmountMicros int64 `protobuf:"varint,5,opt,name=amount_micros,json=amountMicros,proto3" json:"amount_micros,omitempty"`
+	// The price table version used; Commit with `usage` prices with it too.
+	PriceTableVersion string `protobuf:"bytes,6,opt,name=price_table_version,json=priceTableVersion,proto3" json:"price_table_version,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *LlmEstimate) Reset() {
+	*x = LlmEstimate{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LlmEstimate) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LlmEstimate) ProtoMessage() {}
+
+func (x *LlmEstimate) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LlmEstimate.ProtoReflect.Descriptor instead.
+func (*LlmEstimate) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *LlmEstimate) GetProvider() string {
+	if x != nil {
+		return x.Provider
+	}
+	return ""
+}
+
+func (x *LlmEstimate) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *LlmEstimate) GetInputTokens() int64 {
+	if x != nil {
+		return x.InputTokens
+	}
+	return 0
+}
+
+func (x *LlmEstimate) GetEffectiveMaxOutputTokens() int64 {
+	if x != nil {
+		return x.EffectiveMaxOutputTokens
+	}
+	return 0
+}
+
+func (x *LlmEstimate) GetAmountMicros() int64 {
+	if x != nil {
+		return x.AmountMicros
+	}
+	return 0
+}
+
+func (x *LlmEstimate) GetPriceTableVersion() string {
+	if x != nil {
+		return x.PriceTableVersion
+	}
+	return ""
+}
+
+// TokenUsage is an LLM call's actual usage, in disjoint token classes.
+type TokenUsage struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Input tokens billed at the input price (not read from or written to a
+	// cache).
+	InputTokens int64 `protobuf:"varint,1,opt,name=input_tokens,json=inputTokens,proto3" json:"input_tokens,omitempty"`
+	// Visible output tokens, not counting reasoning tokens.
+	OutputTokens int64 `protobuf:"varint,2,opt,name=output_tokens,json=outputTokens,proto3" json:"output_tokens,omitempty"`
+	// Input tokens read from the provider's prompt cache.
+	CacheReadTokens int64 `protobuf:"varint,3,opt,name=cache_read_tokens,json=cacheReadTokens,proto3" json:"cache_read_tokens,omitempty"`
+	// Input tokens written to the provider's prompt cache.
+	CacheWriteTokens int64 `protobuf:"varint,4,opt,name=cache_write_tokens,json=cacheWriteTokens,proto3" json:"cache_write_tokens,omitempty"`
+	// Reasoning (thinking) output tokens.
+	ReasoningTokens int64 `protobuf:"varint,5,opt,name=reasoning_tokens,json=reasoningTokens,proto3" json:"reasoning_tokens,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *TokenUsage) Reset() {
+	*x = TokenUsage{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TokenUsage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TokenUsage) ProtoMessage() {}
+
+func (x *TokenUsage) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TokenUsage.ProtoReflect.Descriptor instead.
+func (*TokenUsage) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *TokenUsage) GetInputTokens() int64 {
+	if x != nil {
+		return x.InputTokens
+	}
+	return 0
+}
+
+func (x *TokenUsage) GetOutputTokens() int64 {
+	if x != nil {
+		return x.OutputTokens
+	}
+	return 0
+}
+
+func (x *TokenUsage) GetCacheReadTokens() int64 {
+	if x != nil {
+		return x.CacheReadTokens
+	}
+	return 0
+}
+
+func (x *TokenUsage) GetCacheWriteTokens() int64 {
+	if x != nil {
+		return x.CacheWriteTokens
+	}
+	return 0
+}
+
+func (x *TokenUsage) GetReasoningTokens() int64 {
+	if x != nil {
+		return x.ReasoningTokens
+	}
+	return 0
+}
+
 // CommitRequest records the actual cost of a reservation.
 type CommitRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -544,6 +821,7 @@ type CommitRequest struct {
 	// Types that are valid to be assigned to Actual:
 	//
 	//	*CommitRequest_ActualMicros
+	//	*CommitRequest_Usage
 	Actual        isCommitRequest_Actual `protobuf_oneof:"actual"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -551,7 +829,7 @@ type CommitRequest struct {
 
 func (x *CommitRequest) Reset() {
 	*x = CommitRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[6]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -563,7 +841,7 @@ func (x *CommitRequest) String() string {
 func (*CommitRequest) ProtoMessage() {}
 
 func (x *CommitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[6]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -576,7 +854,7 @@ func (x *CommitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitRequest.ProtoReflect.Descriptor instead.
 func (*CommitRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{6}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CommitRequest) GetRunId() string {
@@ -609,6 +887,15 @@ func (x *CommitRequest) GetActualMicros() int64 {
 	return 0
 }
 
+func (x *CommitRequest) GetUsage() *TokenUsage {
+	if x != nil {
+		if x, ok := x.Actual.(*CommitRequest_Usage); ok {
+			return x.Usage
+		}
+	}
+	return nil
+}
+
 type isCommitRequest_Actual interface {
 	isCommitRequest_Actual()
 }
@@ -619,7 +906,15 @@ type CommitRequest_ActualMicros struct {
 	ActualMicros int64 `protobuf:"varint,3,opt,name=actual_micros,json=actualMicros,proto3,oneof"`
 }
 
+type CommitRequest_Usage struct {
+	// The actual token usage of an LLM call reserved with `llm_call`,
+	// priced with the same price table version as its reservation.
+	Usage *TokenUsage `protobuf:"bytes,4,opt,name=usage,proto3,oneof"`
+}
+
 func (*CommitRequest_ActualMicros) isCommitRequest_Actual() {}
+
+func (*CommitRequest_Usage) isCommitRequest_Actual() {}
 
 // CommitResponse reports the settled reservation.
 type CommitResponse struct {
@@ -645,7 +940,7 @@ type CommitResponse struct {
 
 func (x *CommitResponse) Reset() {
 	*x = CommitResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[7]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -657,7 +952,7 @@ func (x *CommitResponse) String() string {
 func (*CommitResponse) ProtoMessage() {}
 
 func (x *CommitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[7]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -670,7 +965,7 @@ func (x *CommitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitResponse.ProtoReflect.Descriptor instead.
 func (*CommitResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{7}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CommitResponse) GetState() *BudgetState {
@@ -728,7 +1023,7 @@ type RefundRequest struct {
 
 func (x *RefundRequest) Reset() {
 	*x = RefundRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[8]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -740,7 +1035,7 @@ func (x *RefundRequest) String() string {
 func (*RefundRequest) ProtoMessage() {}
 
 func (x *RefundRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[8]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -753,7 +1048,7 @@ func (x *RefundRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefundRequest.ProtoReflect.Descriptor instead.
 func (*RefundRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{8}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *RefundRequest) GetRunId() string {
@@ -792,7 +1087,7 @@ type RefundResponse struct {
 
 func (x *RefundResponse) Reset() {
 	*x = RefundResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[9]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -804,7 +1099,7 @@ func (x *RefundResponse) String() string {
 func (*RefundResponse) ProtoMessage() {}
 
 func (x *RefundResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[9]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -817,7 +1112,7 @@ func (x *RefundResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefundResponse.ProtoReflect.Descriptor instead.
 func (*RefundResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{9}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *RefundResponse) GetState() *BudgetState {
@@ -859,7 +1154,7 @@ type CloseRunRequest struct {
 
 func (x *CloseRunRequest) Reset() {
 	*x = CloseRunRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[10]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -871,7 +1166,7 @@ func (x *CloseRunRequest) String() string {
 func (*CloseRunRequest) ProtoMessage() {}
 
 func (x *CloseRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[10]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -884,7 +1179,7 @@ func (x *CloseRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseRunRequest.ProtoReflect.Descriptor instead.
 func (*CloseRunRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{10}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CloseRunRequest) GetRunId() string {
@@ -907,7 +1202,7 @@ type CloseRunResponse struct {
 
 func (x *CloseRunResponse) Reset() {
 	*x = CloseRunResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[11]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -919,7 +1214,7 @@ func (x *CloseRunResponse) String() string {
 func (*CloseRunResponse) ProtoMessage() {}
 
 func (x *CloseRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[11]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -932,7 +1227,7 @@ func (x *CloseRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseRunResponse.ProtoReflect.Descriptor instead.
 func (*CloseRunResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{11}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *CloseRunResponse) GetState() *BudgetState {
@@ -973,7 +1268,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[12]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -985,7 +1280,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[12]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -998,7 +1293,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{12}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *WatchRequest) GetRunId() string {
@@ -1043,7 +1338,7 @@ type WatchResponse struct {
 
 func (x *WatchResponse) Reset() {
 	*x = WatchResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[13]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1055,7 +1350,7 @@ func (x *WatchResponse) String() string {
 func (*WatchResponse) ProtoMessage() {}
 
 func (x *WatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[13]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1068,7 +1363,7 @@ func (x *WatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchResponse.ProtoReflect.Descriptor instead.
 func (*WatchResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{13}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *WatchResponse) GetRevision() int64 {
@@ -1151,7 +1446,7 @@ type Progress struct {
 
 func (x *Progress) Reset() {
 	*x = Progress{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[14]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1163,7 +1458,7 @@ func (x *Progress) String() string {
 func (*Progress) ProtoMessage() {}
 
 func (x *Progress) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[14]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1176,7 +1471,7 @@ func (x *Progress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Progress.ProtoReflect.Descriptor instead.
 func (*Progress) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{14}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Progress) GetFinal() bool {
@@ -1206,7 +1501,7 @@ type SetScopeLimitRequest struct {
 
 func (x *SetScopeLimitRequest) Reset() {
 	*x = SetScopeLimitRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[15]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1218,7 +1513,7 @@ func (x *SetScopeLimitRequest) String() string {
 func (*SetScopeLimitRequest) ProtoMessage() {}
 
 func (x *SetScopeLimitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[15]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1231,7 +1526,7 @@ func (x *SetScopeLimitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetScopeLimitRequest.ProtoReflect.Descriptor instead.
 func (*SetScopeLimitRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{15}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SetScopeLimitRequest) GetScope() *ScopeRef {
@@ -1303,7 +1598,7 @@ type SetScopeLimitResponse struct {
 
 func (x *SetScopeLimitResponse) Reset() {
 	*x = SetScopeLimitResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[16]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1315,7 +1610,7 @@ func (x *SetScopeLimitResponse) String() string {
 func (*SetScopeLimitResponse) ProtoMessage() {}
 
 func (x *SetScopeLimitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[16]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1328,7 +1623,7 @@ func (x *SetScopeLimitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetScopeLimitResponse.ProtoReflect.Descriptor instead.
 func (*SetScopeLimitResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{16}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SetScopeLimitResponse) GetScope() *Scope {
@@ -1349,7 +1644,7 @@ type GetScopeRequest struct {
 
 func (x *GetScopeRequest) Reset() {
 	*x = GetScopeRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[17]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1361,7 +1656,7 @@ func (x *GetScopeRequest) String() string {
 func (*GetScopeRequest) ProtoMessage() {}
 
 func (x *GetScopeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[17]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1374,7 +1669,7 @@ func (x *GetScopeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScopeRequest.ProtoReflect.Descriptor instead.
 func (*GetScopeRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{17}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *GetScopeRequest) GetScope() *ScopeRef {
@@ -1395,7 +1690,7 @@ type GetScopeResponse struct {
 
 func (x *GetScopeResponse) Reset() {
 	*x = GetScopeResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[18]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1407,7 +1702,7 @@ func (x *GetScopeResponse) String() string {
 func (*GetScopeResponse) ProtoMessage() {}
 
 func (x *GetScopeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[18]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1420,7 +1715,7 @@ func (x *GetScopeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScopeResponse.ProtoReflect.Descriptor instead.
 func (*GetScopeResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{18}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *GetScopeResponse) GetScope() *Scope {
@@ -1457,14 +1752,15 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\x05runId\"`\n" +
 	"\x0eGetRunResponse\x12 \n" +
 	"\x03run\x18\x01 \x01(\v2\x0e.runcap.v1.RunR\x03run\x12,\n" +
-	"\x05state\x18\x02 \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\"\xc0\x01\n" +
+	"\x05state\x18\x02 \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\"\xf1\x01\n" +
 	"\x0eReserveRequest\x12\x1b\n" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\x05runId\x12+\n" +
 	"\x0ereservation_id\x18\x02 \x01(\tB\x04\xe2A\x01\x01R\rreservationId\x12%\n" +
-	"\ramount_micros\x18\x03 \x01(\x03H\x00R\famountMicros\x121\n" +
+	"\ramount_micros\x18\x03 \x01(\x03H\x00R\famountMicros\x12/\n" +
+	"\bllm_call\x18\x05 \x01(\v2\x12.runcap.v1.LlmCallH\x00R\allmCall\x121\n" +
 	"\x03ttl\x18\x04 \x01(\v2\x19.google.protobuf.DurationB\x04\xe2A\x01\x01R\x03ttlB\n" +
 	"\n" +
-	"\bestimate\"\xc0\x03\n" +
+	"\bestimate\"\xf4\x03\n" +
 	"\x0fReserveResponse\x12/\n" +
 	"\bdecision\x18\x01 \x01(\x0e2\x13.runcap.v1.DecisionR\bdecision\x121\n" +
 	"\x06reason\x18\x02 \x01(\x0e2\x19.runcap.v1.DecisionReasonR\x06reason\x12%\n" +
@@ -1475,11 +1771,34 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\x05state\x18\x06 \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\x12\x1a\n" +
 	"\breplayed\x18\a \x01(\bR\breplayed\x12:\n" +
 	"\x0eblocking_scope\x18\b \x01(\v2\x13.runcap.v1.ScopeRefR\rblockingScope\x12:\n" +
-	"\x0fblocking_period\x18\t \x01(\x0e2\x11.runcap.v1.PeriodR\x0eblockingPeriod\"\x8a\x01\n" +
+	"\x0fblocking_period\x18\t \x01(\x0e2\x11.runcap.v1.PeriodR\x0eblockingPeriod\x122\n" +
+	"\bestimate\x18\n" +
+	" \x01(\v2\x16.runcap.v1.LlmEstimateR\bestimate\"\xbd\x01\n" +
+	"\aLlmCall\x12 \n" +
+	"\bprovider\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\bprovider\x12\x1a\n" +
+	"\x05model\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\x05model\x12'\n" +
+	"\finput_tokens\x18\x03 \x01(\x03B\x04\xe2A\x01\x02R\vinputTokens\x125\n" +
+	"\x11max_output_tokens\x18\x04 \x01(\x03B\x04\xe2A\x01\x01H\x00R\x0fmaxOutputTokens\x88\x01\x01B\x14\n" +
+	"\x12_max_output_tokens\"\xf6\x01\n" +
+	"\vLlmEstimate\x12\x1a\n" +
+	"\bprovider\x18\x01 \x01(\tR\bprovider\x12\x14\n" +
+	"\x05model\x18\x02 \x01(\tR\x05model\x12!\n" +
+	"\finput_tokens\x18\x03 \x01(\x03R\vinputTokens\x12=\n" +
+	"\x1beffective_max_output_tokens\x18\x04 \x01(\x03R\x18effectiveMaxOutputTokens\x12#\n" +
+	"\ramount_micros\x18\x05 \x01(\x03R\famountMicros\x12.\n" +
+	"\x13price_table_version\x18\x06 \x01(\tR\x11priceTableVersion\"\xd9\x01\n" +
+	"\n" +
+	"TokenUsage\x12!\n" +
+	"\finput_tokens\x18\x01 \x01(\x03R\vinputTokens\x12#\n" +
+	"\routput_tokens\x18\x02 \x01(\x03R\foutputTokens\x12*\n" +
+	"\x11cache_read_tokens\x18\x03 \x01(\x03R\x0fcacheReadTokens\x12,\n" +
+	"\x12cache_write_tokens\x18\x04 \x01(\x03R\x10cacheWriteTokens\x12)\n" +
+	"\x10reasoning_tokens\x18\x05 \x01(\x03R\x0freasoningTokens\"\xb9\x01\n" +
 	"\rCommitRequest\x12\x1b\n" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\x05runId\x12+\n" +
 	"\x0ereservation_id\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\rreservationId\x12%\n" +
-	"\ractual_micros\x18\x03 \x01(\x03H\x00R\factualMicrosB\b\n" +
+	"\ractual_micros\x18\x03 \x01(\x03H\x00R\factualMicros\x12-\n" +
+	"\x05usage\x18\x04 \x01(\v2\x15.runcap.v1.TokenUsageH\x00R\x05usageB\b\n" +
 	"\x06actual\"\x94\x02\n" +
 	"\x0eCommitResponse\x12,\n" +
 	"\x05state\x18\x01 \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\x12%\n" +
@@ -1550,7 +1869,7 @@ func file_runcap_v1_budget_service_proto_rawDescGZIP() []byte {
 	return file_runcap_v1_budget_service_proto_rawDescData
 }
 
-var file_runcap_v1_budget_service_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_runcap_v1_budget_service_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_runcap_v1_budget_service_proto_goTypes = []any{
 	(*CreateRunRequest)(nil),      // 0: runcap.v1.CreateRunRequest
 	(*CreateRunResponse)(nil),     // 1: runcap.v1.CreateRunResponse
@@ -1558,82 +1877,88 @@ var file_runcap_v1_budget_service_proto_goTypes = []any{
 	(*GetRunResponse)(nil),        // 3: runcap.v1.GetRunResponse
 	(*ReserveRequest)(nil),        // 4: runcap.v1.ReserveRequest
 	(*ReserveResponse)(nil),       // 5: runcap.v1.ReserveResponse
-	(*CommitRequest)(nil),         // 6: runcap.v1.CommitRequest
-	(*CommitResponse)(nil),        // 7: runcap.v1.CommitResponse
-	(*RefundRequest)(nil),         // 8: runcap.v1.RefundRequest
-	(*RefundResponse)(nil),        // 9: runcap.v1.RefundResponse
-	(*CloseRunRequest)(nil),       // 10: runcap.v1.CloseRunRequest
-	(*CloseRunResponse)(nil),      // 11: runcap.v1.CloseRunResponse
-	(*WatchRequest)(nil),          // 12: runcap.v1.WatchRequest
-	(*WatchResponse)(nil),         // 13: runcap.v1.WatchResponse
-	(*Progress)(nil),              // 14: runcap.v1.Progress
-	(*SetScopeLimitRequest)(nil),  // 15: runcap.v1.SetScopeLimitRequest
-	(*SetScopeLimitResponse)(nil), // 16: runcap.v1.SetScopeLimitResponse
-	(*GetScopeRequest)(nil),       // 17: runcap.v1.GetScopeRequest
-	(*GetScopeResponse)(nil),      // 18: runcap.v1.GetScopeResponse
-	nil,                           // 19: runcap.v1.CreateRunRequest.LabelsEntry
-	(*durationpb.Duration)(nil),   // 20: google.protobuf.Duration
-	(*Run)(nil),                   // 21: runcap.v1.Run
-	(*BudgetState)(nil),           // 22: runcap.v1.BudgetState
-	(Decision)(0),                 // 23: runcap.v1.Decision
-	(DecisionReason)(0),           // 24: runcap.v1.DecisionReason
-	(*timestamppb.Timestamp)(nil), // 25: google.protobuf.Timestamp
-	(*ScopeRef)(nil),              // 26: runcap.v1.ScopeRef
-	(Period)(0),                   // 27: runcap.v1.Period
-	(ReservationStatus)(0),        // 28: runcap.v1.ReservationStatus
-	(*BudgetEvent)(nil),           // 29: runcap.v1.BudgetEvent
-	(*Scope)(nil),                 // 30: runcap.v1.Scope
+	(*LlmCall)(nil),               // 6: runcap.v1.LlmCall
+	(*LlmEstimate)(nil),           // 7: runcap.v1.LlmEstimate
+	(*TokenUsage)(nil),            // 8: runcap.v1.TokenUsage
+	(*CommitRequest)(nil),         // 9: runcap.v1.CommitRequest
+	(*CommitResponse)(nil),        // 10: runcap.v1.CommitResponse
+	(*RefundRequest)(nil),         // 11: runcap.v1.RefundRequest
+	(*RefundResponse)(nil),        // 12: runcap.v1.RefundResponse
+	(*CloseRunRequest)(nil),       // 13: runcap.v1.CloseRunRequest
+	(*CloseRunResponse)(nil),      // 14: runcap.v1.CloseRunResponse
+	(*WatchRequest)(nil),          // 15: runcap.v1.WatchRequest
+	(*WatchResponse)(nil),         // 16: runcap.v1.WatchResponse
+	(*Progress)(nil),              // 17: runcap.v1.Progress
+	(*SetScopeLimitRequest)(nil),  // 18: runcap.v1.SetScopeLimitRequest
+	(*SetScopeLimitResponse)(nil), // 19: runcap.v1.SetScopeLimitResponse
+	(*GetScopeRequest)(nil),       // 20: runcap.v1.GetScopeRequest
+	(*GetScopeResponse)(nil),      // 21: runcap.v1.GetScopeResponse
+	nil,                           // 22: runcap.v1.CreateRunRequest.LabelsEntry
+	(*durationpb.Duration)(nil),   // 23: google.protobuf.Duration
+	(*Run)(nil),                   // 24: runcap.v1.Run
+	(*BudgetState)(nil),           // 25: runcap.v1.BudgetState
+	(Decision)(0),                 // 26: runcap.v1.Decision
+	(DecisionReason)(0),           // 27: runcap.v1.DecisionReason
+	(*timestamppb.Timestamp)(nil), // 28: google.protobuf.Timestamp
+	(*ScopeRef)(nil),              // 29: runcap.v1.ScopeRef
+	(Period)(0),                   // 30: runcap.v1.Period
+	(ReservationStatus)(0),        // 31: runcap.v1.ReservationStatus
+	(*BudgetEvent)(nil),           // 32: runcap.v1.BudgetEvent
+	(*Scope)(nil),                 // 33: runcap.v1.Scope
 }
 var file_runcap_v1_budget_service_proto_depIdxs = []int32{
-	19, // 0: runcap.v1.CreateRunRequest.labels:type_name -> runcap.v1.CreateRunRequest.LabelsEntry
-	20, // 1: runcap.v1.CreateRunRequest.default_ttl:type_name -> google.protobuf.Duration
-	21, // 2: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
-	22, // 3: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
-	21, // 4: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
-	22, // 5: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
-	20, // 6: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
-	23, // 7: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
-	24, // 8: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
-	25, // 9: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
-	22, // 10: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
-	26, // 11: runcap.v1.ReserveResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
-	27, // 12: runcap.v1.ReserveResponse.blocking_period:type_name -> runcap.v1.Period
-	22, // 13: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
-	28, // 14: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	22, // 15: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
-	28, // 16: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	22, // 17: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
-	22, // 18: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
-	29, // 19: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
-	14, // 20: runcap.v1.WatchResponse.progress:type_name -> runcap.v1.Progress
-	26, // 21: runcap.v1.SetScopeLimitRequest.scope:type_name -> runcap.v1.ScopeRef
-	27, // 22: runcap.v1.SetScopeLimitRequest.period:type_name -> runcap.v1.Period
-	30, // 23: runcap.v1.SetScopeLimitResponse.scope:type_name -> runcap.v1.Scope
-	26, // 24: runcap.v1.GetScopeRequest.scope:type_name -> runcap.v1.ScopeRef
-	30, // 25: runcap.v1.GetScopeResponse.scope:type_name -> runcap.v1.Scope
-	0,  // 26: runcap.v1.BudgetService.CreateRun:input_type -> runcap.v1.CreateRunRequest
-	2,  // 27: runcap.v1.BudgetService.GetRun:input_type -> runcap.v1.GetRunRequest
-	4,  // 28: runcap.v1.BudgetService.Reserve:input_type -> runcap.v1.ReserveRequest
-	6,  // 29: runcap.v1.BudgetService.Commit:input_type -> runcap.v1.CommitRequest
-	8,  // 30: runcap.v1.BudgetService.Refund:input_type -> runcap.v1.RefundRequest
-	10, // 31: runcap.v1.BudgetService.CloseRun:input_type -> runcap.v1.CloseRunRequest
-	12, // 32: runcap.v1.BudgetService.Watch:input_type -> runcap.v1.WatchRequest
-	15, // 33: runcap.v1.BudgetService.SetScopeLimit:input_type -> runcap.v1.SetScopeLimitRequest
-	17, // 34: runcap.v1.BudgetService.GetScope:input_type -> runcap.v1.GetScopeRequest
-	1,  // 35: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
-	3,  // 36: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
-	5,  // 37: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
-	7,  // 38: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
-	9,  // 39: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
-	11, // 40: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
-	13, // 41: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
-	16, // 42: runcap.v1.BudgetService.SetScopeLimit:output_type -> runcap.v1.SetScopeLimitResponse
-	18, // 43: runcap.v1.BudgetService.GetScope:output_type -> runcap.v1.GetScopeResponse
-	35, // [35:44] is the sub-list for method output_type
-	26, // [26:35] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	22, // 0: runcap.v1.CreateRunRequest.labels:type_name -> runcap.v1.CreateRunRequest.LabelsEntry
+	23, // 1: runcap.v1.CreateRunRequest.default_ttl:type_name -> google.protobuf.Duration
+	24, // 2: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
+	25, // 3: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
+	24, // 4: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
+	25, // 5: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
+	6,  // 6: runcap.v1.ReserveRequest.llm_call:type_name -> runcap.v1.LlmCall
+	23, // 7: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
+	26, // 8: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
+	27, // 9: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
+	28, // 10: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
+	25, // 11: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
+	29, // 12: runcap.v1.ReserveResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
+	30, // 13: runcap.v1.ReserveResponse.blocking_period:type_name -> runcap.v1.Period
+	7,  // 14: runcap.v1.ReserveResponse.estimate:type_name -> runcap.v1.LlmEstimate
+	8,  // 15: runcap.v1.CommitRequest.usage:type_name -> runcap.v1.TokenUsage
+	25, // 16: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
+	31, // 17: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	25, // 18: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
+	31, // 19: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	25, // 20: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
+	25, // 21: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
+	32, // 22: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
+	17, // 23: runcap.v1.WatchResponse.progress:type_name -> runcap.v1.Progress
+	29, // 24: runcap.v1.SetScopeLimitRequest.scope:type_name -> runcap.v1.ScopeRef
+	30, // 25: runcap.v1.SetScopeLimitRequest.period:type_name -> runcap.v1.Period
+	33, // 26: runcap.v1.SetScopeLimitResponse.scope:type_name -> runcap.v1.Scope
+	29, // 27: runcap.v1.GetScopeRequest.scope:type_name -> runcap.v1.ScopeRef
+	33, // 28: runcap.v1.GetScopeResponse.scope:type_name -> runcap.v1.Scope
+	0,  // 29: runcap.v1.BudgetService.CreateRun:input_type -> runcap.v1.CreateRunRequest
+	2,  // 30: runcap.v1.BudgetService.GetRun:input_type -> runcap.v1.GetRunRequest
+	4,  // 31: runcap.v1.BudgetService.Reserve:input_type -> runcap.v1.ReserveRequest
+	9,  // 32: runcap.v1.BudgetService.Commit:input_type -> runcap.v1.CommitRequest
+	11, // 33: runcap.v1.BudgetService.Refund:input_type -> runcap.v1.RefundRequest
+	13, // 34: runcap.v1.BudgetService.CloseRun:input_type -> runcap.v1.CloseRunRequest
+	15, // 35: runcap.v1.BudgetService.Watch:input_type -> runcap.v1.WatchRequest
+	18, // 36: runcap.v1.BudgetService.SetScopeLimit:input_type -> runcap.v1.SetScopeLimitRequest
+	20, // 37: runcap.v1.BudgetService.GetScope:input_type -> runcap.v1.GetScopeRequest
+	1,  // 38: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
+	3,  // 39: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
+	5,  // 40: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
+	10, // 41: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
+	12, // 42: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
+	14, // 43: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
+	16, // 44: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
+	19, // 45: runcap.v1.BudgetService.SetScopeLimit:output_type -> runcap.v1.SetScopeLimitResponse
+	21, // 46: runcap.v1.BudgetService.GetScope:output_type -> runcap.v1.GetScopeResponse
+	38, // [38:47] is the sub-list for method output_type
+	29, // [29:38] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_runcap_v1_budget_service_proto_init() }
@@ -1644,17 +1969,20 @@ func file_runcap_v1_budget_service_proto_init() {
 	file_runcap_v1_budget_proto_init()
 	file_runcap_v1_budget_service_proto_msgTypes[4].OneofWrappers = []any{
 		(*ReserveRequest_AmountMicros)(nil),
+		(*ReserveRequest_LlmCall)(nil),
 	}
-	file_runcap_v1_budget_service_proto_msgTypes[6].OneofWrappers = []any{
+	file_runcap_v1_budget_service_proto_msgTypes[6].OneofWrappers = []any{}
+	file_runcap_v1_budget_service_proto_msgTypes[9].OneofWrappers = []any{
 		(*CommitRequest_ActualMicros)(nil),
+		(*CommitRequest_Usage)(nil),
 	}
-	file_runcap_v1_budget_service_proto_msgTypes[12].OneofWrappers = []any{}
-	file_runcap_v1_budget_service_proto_msgTypes[13].OneofWrappers = []any{
+	file_runcap_v1_budget_service_proto_msgTypes[15].OneofWrappers = []any{}
+	file_runcap_v1_budget_service_proto_msgTypes[16].OneofWrappers = []any{
 		(*WatchResponse_Snapshot)(nil),
 		(*WatchResponse_Event)(nil),
 		(*WatchResponse_Progress)(nil),
 	}
-	file_runcap_v1_budget_service_proto_msgTypes[15].OneofWrappers = []any{
+	file_runcap_v1_budget_service_proto_msgTypes[18].OneofWrappers = []any{
 		(*SetScopeLimitRequest_LimitMicros)(nil),
 		(*SetScopeLimitRequest_Clear)(nil),
 	}
@@ -1664,7 +1992,7 @@ func file_runcap_v1_budget_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_runcap_v1_budget_service_proto_rawDesc), len(file_runcap_v1_budget_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   20,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

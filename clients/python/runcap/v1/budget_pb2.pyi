@@ -100,6 +100,10 @@ class _DecisionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decisi
     id had placed on a parent scope expired, and that attempt never reached
     the run. Nothing is held; reserve again with a new reservation id.
     """
+    DECISION_REASON_UNKNOWN_PRICE: _DecisionReason.ValueType  # 5
+    """The price table has no price for the LLM call's provider and model, so
+    it cannot be estimated: runcap fails closed. Nothing is held.
+    """
 
 class DecisionReason(_DecisionReason, metaclass=_DecisionReasonEnumTypeWrapper):
     """DecisionReason explains a decision in machine-readable form."""
@@ -118,6 +122,10 @@ DECISION_REASON_RESERVATION_EXPIRED: DecisionReason.ValueType  # 4
 """A retry arrived after the hold an earlier attempt with this reservation
 id had placed on a parent scope expired, and that attempt never reached
 the run. Nothing is held; reserve again with a new reservation id.
+"""
+DECISION_REASON_UNKNOWN_PRICE: DecisionReason.ValueType  # 5
+"""The price table has no price for the LLM call's provider and model, so
+it cannot be estimated: runcap fails closed. Nothing is held.
 """
 Global___DecisionReason: _TypeAlias = DecisionReason  # noqa: Y015
 

@@ -203,6 +203,7 @@ class ReserveRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    LLM_CALL_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run to hold the estimate against."""
@@ -217,6 +218,13 @@ class ReserveRequest(_message.Message):
     external API call. Must be positive.
     """
     @_builtins.property
+    def llm_call(self) -> Global___LlmCall:
+        """An LLM call, priced by the server from its price table: input tokens
+        at the input price plus the effective maximum output at the output
+        price. A model the table does not know is blocked (fail closed).
+        """
+
+    @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """How long the hold lives before the server releases it. When unset, the
         run's default ttl applies.
@@ -228,13 +236,14 @@ class ReserveRequest(_message.Message):
         run_id: _builtins.str = ...,
         reservation_id: _builtins.str = ...,
         amount_micros: _builtins.int = ...,
+        llm_call: Global___LlmCall | None = ...,
         ttl: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "estimate", b"estimate", "ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "estimate", b"estimate", "llm_call", b"llm_call", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "estimate", b"estimate", "reservation_id", b"reservation_id", "run_id", b"run_id", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "estimate", b"estimate", "llm_call", b"llm_call", "reservation_id", b"reservation_id", "run_id", b"run_id", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_estimate: _TypeAlias = _typing.Literal["amount_micros"]  # noqa: Y015
+    _WhichOneofReturnType_estimate: _TypeAlias = _typing.Literal["amount_micros", "llm_call"]  # noqa: Y015
     _WhichOneofArgType_estimate: _TypeAlias = _typing.Literal["estimate", b"estimate"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_estimate) -> _WhichOneofReturnType_estimate | None: ...
 
@@ -255,6 +264,7 @@ class ReserveResponse(_message.Message):
     REPLAYED_FIELD_NUMBER: _builtins.int
     BLOCKING_SCOPE_FIELD_NUMBER: _builtins.int
     BLOCKING_PERIOD_FIELD_NUMBER: _builtins.int
+    ESTIMATE_FIELD_NUMBER: _builtins.int
     decision: _budget_pb2.Decision.ValueType
     """Allow or block."""
     reason: _budget_pb2.DecisionReason.ValueType
@@ -289,6 +299,10 @@ class ReserveResponse(_message.Message):
         allowed.
         """
 
+    @_builtins.property
+    def estimate(self) -> Global___LlmEstimate:
+        """How an `llm_call` was priced. Unset for an explicit amount."""
+
     def __init__(
         self,
         *,
@@ -301,14 +315,137 @@ class ReserveResponse(_message.Message):
         replayed: _builtins.bool = ...,
         blocking_scope: _budget_pb2.ScopeRef | None = ...,
         blocking_period: _budget_pb2.Period.ValueType = ...,
+        estimate: Global___LlmEstimate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["blocking_scope", b"blocking_scope", "expire_time", b"expire_time", "state", b"state"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blocking_scope", b"blocking_scope", "estimate", b"estimate", "expire_time", b"expire_time", "state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "blocking_period", b"blocking_period", "blocking_scope", b"blocking_scope", "decision", b"decision", "expire_time", b"expire_time", "reason", b"reason", "replayed", b"replayed", "reservation_id", b"reservation_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "blocking_period", b"blocking_period", "blocking_scope", b"blocking_scope", "decision", b"decision", "estimate", b"estimate", "expire_time", b"expire_time", "reason", b"reason", "replayed", b"replayed", "reservation_id", b"reservation_id", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReserveResponse: _TypeAlias = ReserveResponse  # noqa: Y015
+
+@_typing.final
+class LlmCall(_message.Message):
+    """LlmCall describes an LLM call to reserve for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
+    """The provider, as in the price table (for example "openai", "anthropic")."""
+    model: _builtins.str
+    """The model id, exactly as in the price table (no aliases, no prefixes)."""
+    input_tokens: _builtins.int
+    """The prompt's input tokens. Zero or more."""
+    max_output_tokens: _builtins.int
+    """The call's maximum output tokens (its `max_tokens`). When unset, the
+    server's default applies, or the request is refused when there is none.
+    """
+    def __init__(
+        self,
+        *,
+        provider: _builtins.str = ...,
+        model: _builtins.str = ...,
+        input_tokens: _builtins.int = ...,
+        max_output_tokens: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "max_output_tokens", b"max_output_tokens"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "input_tokens", b"input_tokens", "max_output_tokens", b"max_output_tokens", "model", b"model", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_output_tokens: _TypeAlias = _typing.Literal["max_output_tokens"]  # noqa: Y015
+    _WhichOneofArgType__max_output_tokens: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_output_tokens) -> _WhichOneofReturnType__max_output_tokens | None: ...
+
+Global___LlmCall: _TypeAlias = LlmCall  # noqa: Y015
+
+@_typing.final
+class LlmEstimate(_message.Message):
+    """LlmEstimate is how the server priced an LLM call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    PRICE_TABLE_VERSION_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
+    """The provider priced."""
+    model: _builtins.str
+    """The model priced."""
+    input_tokens: _builtins.int
+    """The input tokens priced."""
+    effective_max_output_tokens: _builtins.int
+    """The output tokens priced: the smallest of the request's maximum, the
+    server's policy cap and the model's own output limit.
+    """
+    amount_micros: _builtins.int
+    """The estimate in micro-USD, rounded up; 0 for an unknown model."""
+    price_table_version: _builtins.str
+    """The price table version used; Commit with `usage` prices with it too."""
+    def __init__(
+        self,
+        *,
+        provider: _builtins.str = ...,
+        model: _builtins.str = ...,
+        input_tokens: _builtins.int = ...,
+        effective_max_output_tokens: _builtins.int = ...,
+        amount_micros: _builtins.int = ...,
+        price_table_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "effective_max_output_tokens", b"effective_max_output_tokens", "input_tokens", b"input_tokens", "model", b"model", "price_table_version", b"price_table_version", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LlmEstimate: _TypeAlias = LlmEstimate  # noqa: Y015
+
+@_typing.final
+class TokenUsage(_message.Message):
+    """TokenUsage is an LLM call's actual usage, in disjoint token classes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_READ_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_TOKENS_FIELD_NUMBER: _builtins.int
+    REASONING_TOKENS_FIELD_NUMBER: _builtins.int
+    input_tokens: _builtins.int
+    """Input tokens billed at the input price (not read from or written to a
+    cache).
+    """
+    output_tokens: _builtins.int
+    """Visible output tokens, not counting reasoning tokens."""
+    cache_read_tokens: _builtins.int
+    """Input tokens read from the provider's prompt cache."""
+    cache_write_tokens: _builtins.int
+    """Input tokens written to the provider's prompt cache."""
+    reasoning_tokens: _builtins.int
+    """Reasoning (thinking) output tokens."""
+    def __init__(
+        self,
+        *,
+        input_tokens: _builtins.int = ...,
+        output_tokens: _builtins.int = ...,
+        cache_read_tokens: _builtins.int = ...,
+        cache_write_tokens: _builtins.int = ...,
+        reasoning_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_read_tokens", b"cache_read_tokens", "cache_write_tokens", b"cache_write_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "reasoning_tokens", b"reasoning_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenUsage: _TypeAlias = TokenUsage  # noqa: Y015
 
 @_typing.final
 class CommitRequest(_message.Message):
@@ -319,6 +456,7 @@ class CommitRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
     ACTUAL_MICROS_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run of the reservation."""
     reservation_id: _builtins.str
@@ -327,18 +465,25 @@ class CommitRequest(_message.Message):
     """The actual cost in micro-USD. Zero or more, and small enough that the
     run's committed total stays at most 2^53 - 1.
     """
+    @_builtins.property
+    def usage(self) -> Global___TokenUsage:
+        """The actual token usage of an LLM call reserved with `llm_call`,
+        priced with the same price table version as its reservation.
+        """
+
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
         reservation_id: _builtins.str = ...,
         actual_micros: _builtins.int = ...,
+        usage: Global___TokenUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actual", b"actual", "actual_micros", b"actual_micros"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actual", b"actual", "actual_micros", b"actual_micros", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual", b"actual", "actual_micros", b"actual_micros", "reservation_id", b"reservation_id", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual", b"actual", "actual_micros", b"actual_micros", "reservation_id", b"reservation_id", "run_id", b"run_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_actual: _TypeAlias = _typing.Literal["actual_micros"]  # noqa: Y015
+    _WhichOneofReturnType_actual: _TypeAlias = _typing.Literal["actual_micros", "usage"]  # noqa: Y015
     _WhichOneofArgType_actual: _TypeAlias = _typing.Literal["actual", b"actual"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_actual) -> _WhichOneofReturnType_actual | None: ...
 

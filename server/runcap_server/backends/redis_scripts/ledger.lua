@@ -31,25 +31,26 @@ local HELD, COMMITTED, RELEASED, EXPIRED, LATE_COMMITTED, BLOCKED = 1, 2, 3, 4, 
 local CREATED, RESERVED, EV_COMMITTED, REFUNDED, EV_EXPIRED, EV_CLOSED = 1, 2, 3, 4, 5, 6
 
 -- Reservation records: "amount|requested_ttl|status|reason|created|held|expires|actual|
--- overrun|settled|blocking scope|blocking period".
+-- overrun|settled|blocking scope|blocking period|fingerprint|pricing" (no field holds "|").
 local function decode(id, s)
   local f = {}
   for part in string.gmatch(s, '([^|]*)|?') do
     f[#f + 1] = part
-    if #f == 12 then break end
+    if #f == 14 then break end
   end
   return {
     id = id, amount = tonumber(f[1]), requested_ttl = tonumber(f[2]), status = tonumber(f[3]),
     reason = tonumber(f[4]), created = tonumber(f[5]), held = tonumber(f[6]),
     expires = tonumber(f[7]), actual = tonumber(f[8]), overrun = tonumber(f[9]),
     settled = tonumber(f[10]), scope = f[11] or '', period = tonumber(f[12]),
+    fingerprint = f[13] or '', pricing = f[14] or '',
   }
 end
 
 local function encode(r)
   return table.concat({num(r.amount), opt(r.requested_ttl), num(r.status), num(r.reason),
     num(r.created), num(r.held), opt(r.expires), opt(r.actual), num(r.overrun),
-    opt(r.settled), r.scope or '', opt(r.period)}, '|')
+    opt(r.settled), r.scope or '', opt(r.period), r.fingerprint or '', r.pricing or ''}, '|')
 end
 
 local FIELDS = {'lim', 'com', 'res', 'ovr', 'act', 'rev', 'st', 'cr', 'cl', 'lab', 'ttl', 'dig',
@@ -278,9 +279,11 @@ local function decision(r)
 end
 
 -- ARGV 6..: reservation id, amount, requested ttl ms or "", server default ttl
--- ms, run id, "1" when the caller runs the parent saga, then the parents'
--- block (reason, scope, period) or three "". A run with parents reserved
+-- ms, run id, "1" when the caller runs the parent saga (or needs none), then
+-- the block decided before the run (reason, scope, period) or three "", then
+-- the request's fingerprint and pricing (or ""). A run with parents reserved
 -- without the saga answers {"OK", "SAGA", lineage, default ttl} and writes nothing.
+-- A retry is compared by fingerprint when there is one, else by amount.
 function ops.reserve()
   local id, amount, requested_ttl = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
   local default_ttl, saga = tonumber(ARGV[9]), ARGV[11]
@@ -290,14 +293,18 @@ function ops.reserve()
   local acc = txn.acc
   acc.run = ARGV[10]
   if acc.np > 0 and saga ~= '1' then return {'OK', 'SAGA', acc.lin, opt(acc.ttl)} end
+  local fingerprint, pricing = ARGV[15], ARGV[16]
   local prev = reservation(id)
   if prev then
-    if prev.amount ~= amount or prev.requested_ttl ~= requested_ttl then
+    local same = prev.fingerprint == fingerprint
+    if fingerprint == '' and prev.fingerprint == '' then same = prev.amount == amount end
+    if not same or prev.requested_ttl ~= requested_ttl then
       return err('IDEMPOTENCY_CONFLICT', 'reserved')
     end
     return ok('1', decision(prev), apply())
   end
   local r = decide(id, amount, requested_ttl, requested_ttl or acc.ttl or default_ttl, pb)
+  r.fingerprint, r.pricing = fingerprint, pricing
   return ok('0', decision(r), apply())
 end
 

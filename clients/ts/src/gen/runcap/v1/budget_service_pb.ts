@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file runcap/v1/budget_service.proto.
  */
 export const file_runcap_v1_budget_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch5ydW5jYXAvdjEvYnVkZ2V0X3NlcnZpY2UucHJvdG8SCXJ1bmNhcC52MSLNAgoQQ3JlYXRlUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQESGgoMbGltaXRfbWljcm9zGAIgASgDQgTiQQECEj0KBmxhYmVscxgDIAMoCzInLnJ1bmNhcC52MS5DcmVhdGVSdW5SZXF1ZXN0LkxhYmVsc0VudHJ5QgTiQQEBEjQKC2RlZmF1bHRfdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEBEhsKDXBhcmVudF9ydW5faWQYBSABKAlCBOJBAQESGAoKYXBpX2tleV9pZBgGIAEoCUIE4kEBARIVCgd1c2VyX2lkGAcgASgJQgTiQQEBEhUKB3RlYW1faWQYCCABKAlCBOJBAQEaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJpChFDcmVhdGVSdW5SZXNwb25zZRIbCgNydW4YASABKAsyDi5ydW5jYXAudjEuUnVuEiUKBXN0YXRlGAIgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlEhAKCHJlcGxheWVkGAMgASgIIiUKDUdldFJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECIlQKDkdldFJ1blJlc3BvbnNlEhsKA3J1bhgBIAEoCzIOLnJ1bmNhcC52MS5SdW4SJQoFc3RhdGUYAiABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUilwEKDlJlc2VydmVSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIcCg5yZXNlcnZhdGlvbl9pZBgCIAEoCUIE4kEBARIXCg1hbW91bnRfbWljcm9zGAMgASgDSAASLAoDdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEBQgoKCGVzdGltYXRlItUCCg9SZXNlcnZlUmVzcG9uc2USJQoIZGVjaXNpb24YASABKA4yEy5ydW5jYXAudjEuRGVjaXNpb24SKQoGcmVhc29uGAIgASgOMhkucnVuY2FwLnYxLkRlY2lzaW9uUmVhc29uEhYKDnJlc2VydmF0aW9uX2lkGAMgASgJEhUKDWFtb3VudF9taWNyb3MYBCABKAMSLwoLZXhwaXJlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiUKBXN0YXRlGAYgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlEhAKCHJlcGxheWVkGAcgASgIEisKDmJsb2NraW5nX3Njb3BlGAggASgLMhMucnVuY2FwLnYxLlNjb3BlUmVmEioKD2Jsb2NraW5nX3BlcmlvZBgJIAEoDjIRLnJ1bmNhcC52MS5QZXJpb2QiZgoNQ29tbWl0UmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQISHAoOcmVzZXJ2YXRpb25faWQYAiABKAlCBOJBAQISFwoNYWN0dWFsX21pY3JvcxgDIAEoA0gAQggKBmFjdHVhbCLHAQoOQ29tbWl0UmVzcG9uc2USJQoFc3RhdGUYASABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSFgoOb3ZlcnJ1bl9taWNyb3MYAiABKAMSEAoIcmVwbGF5ZWQYAyABKAgSOAoScmVzZXJ2YXRpb25fc3RhdHVzGAQgASgOMhwucnVuY2FwLnYxLlJlc2VydmF0aW9uU3RhdHVzEhUKDWFjdHVhbF9taWNyb3MYBSABKAMSEwoLaGVsZF9taWNyb3MYBiABKAMiQwoNUmVmdW5kUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQISHAoOcmVzZXJ2YXRpb25faWQYAiABKAlCBOJBAQIinAEKDlJlZnVuZFJlc3BvbnNlEiUKBXN0YXRlGAEgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlEhAKCHJlcGxheWVkGAIgASgIEjgKEnJlc2VydmF0aW9uX3N0YXR1cxgDIAEoDjIcLnJ1bmNhcC52MS5SZXNlcnZhdGlvblN0YXR1cxIXCg9yZWxlYXNlZF9taWNyb3MYBCABKAMiJwoPQ2xvc2VSdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAiJLChBDbG9zZVJ1blJlc3BvbnNlEiUKBXN0YXRlGAEgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlEhAKCHJlcGxheWVkGAIgASgIInYKDFdhdGNoUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQISIQoOYWZ0ZXJfcmV2aXNpb24YAiABKANCBOJBAQFIAIgBARIaCgxhZnRlcl9kaWdlc3QYAyABKAlCBOJBAQFCEQoPX2FmdGVyX3JldmlzaW9uIqcBCg1XYXRjaFJlc3BvbnNlEhAKCHJldmlzaW9uGAEgASgDEioKCHNuYXBzaG90GAIgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlSAASJwoFZXZlbnQYAyABKAsyFi5ydW5jYXAudjEuQnVkZ2V0RXZlbnRIABInCghwcm9ncmVzcxgEIAEoCzITLnJ1bmNhcC52MS5Qcm9ncmVzc0gAQgYKBGtpbmQiGQoIUHJvZ3Jlc3MSDQoFZmluYWwYASABKAginQEKFFNldFNjb3BlTGltaXRSZXF1ZXN0EigKBXNjb3BlGAEgASgLMhMucnVuY2FwLnYxLlNjb3BlUmVmQgTiQQECEicKBnBlcmlvZBgCIAEoDjIRLnJ1bmNhcC52MS5QZXJpb2RCBOJBAQISFgoMbGltaXRfbWljcm9zGAMgASgDSAASDwoFY2xlYXIYBCABKAhIAEIJCgdjZWlsaW5nIjgKFVNldFNjb3BlTGltaXRSZXNwb25zZRIfCgVzY29wZRgBIAEoCzIQLnJ1bmNhcC52MS5TY29wZSI7Cg9HZXRTY29wZVJlcXVlc3QSKAoFc2NvcGUYASABKAsyEy5ydW5jYXAudjEuU2NvcGVSZWZCBOJBAQIiMwoQR2V0U2NvcGVSZXNwb25zZRIfCgVzY29wZRgBIAEoCzIQLnJ1bmNhcC52MS5TY29wZTLyBAoNQnVkZ2V0U2VydmljZRJGCglDcmVhdGVSdW4SGy5ydW5jYXAudjEuQ3JlYXRlUnVuUmVxdWVzdBocLnJ1bmNhcC52MS5DcmVhdGVSdW5SZXNwb25zZRI9CgZHZXRSdW4SGC5ydW5jYXAudjEuR2V0UnVuUmVxdWVzdBoZLnJ1bmNhcC52MS5HZXRSdW5SZXNwb25zZRJACgdSZXNlcnZlEhkucnVuY2FwLnYxLlJlc2VydmVSZXF1ZXN0GhoucnVuY2FwLnYxLlJlc2VydmVSZXNwb25zZRI9CgZDb21taXQSGC5ydW5jYXAudjEuQ29tbWl0UmVxdWVzdBoZLnJ1bmNhcC52MS5Db21taXRSZXNwb25zZRI9CgZSZWZ1bmQSGC5ydW5jYXAudjEuUmVmdW5kUmVxdWVzdBoZLnJ1bmNhcC52MS5SZWZ1bmRSZXNwb25zZRJDCghDbG9zZVJ1bhIaLnJ1bmNhcC52MS5DbG9zZVJ1blJlcXVlc3QaGy5ydW5jYXAudjEuQ2xvc2VSdW5SZXNwb25zZRI8CgVXYXRjaBIXLnJ1bmNhcC52MS5XYXRjaFJlcXVlc3QaGC5ydW5jYXAudjEuV2F0Y2hSZXNwb25zZTABElIKDVNldFNjb3BlTGltaXQSHy5ydW5jYXAudjEuU2V0U2NvcGVMaW1pdFJlcXVlc3QaIC5ydW5jYXAudjEuU2V0U2NvcGVMaW1pdFJlc3BvbnNlEkMKCEdldFNjb3BlEhoucnVuY2FwLnYxLkdldFNjb3BlUmVxdWVzdBobLnJ1bmNhcC52MS5HZXRTY29wZVJlc3BvbnNlQjhaNmdpdGh1Yi5jb20vcnVuY2FwL3J1bmNhcC9jbGllbnRzL2dvL3J1bmNhcC92MTtydW5jYXB2MWIGcHJvdG8z", [file_google_api_field_behavior, file_google_protobuf_duration, file_google_protobuf_timestamp, file_runcap_v1_budget]);
+  fileDesc("Ch5ydW5jYXAvdjEvYnVkZ2V0X3NlcnZpY2UucHJvdG8SCXJ1bmNhcC52MSLNAgoQQ3JlYXRlUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQESGgoMbGltaXRfbWljcm9zGAIgASgDQgTiQQECEj0KBmxhYmVscxgDIAMoCzInLnJ1bmNhcC52MS5DcmVhdGVSdW5SZXF1ZXN0LkxhYmVsc0VudHJ5QgTiQQEBEjQKC2RlZmF1bHRfdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEBEhsKDXBhcmVudF9ydW5faWQYBSABKAlCBOJBAQESGAoKYXBpX2tleV9pZBgGIAEoCUIE4kEBARIVCgd1c2VyX2lkGAcgASgJQgTiQQEBEhUKB3RlYW1faWQYCCABKAlCBOJBAQEaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJpChFDcmVhdGVSdW5SZXNwb25zZRIbCgNydW4YASABKAsyDi5ydW5jYXAudjEuUnVuEiUKBXN0YXRlGAIgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlEhAKCHJlcGxheWVkGAMgASgIIiUKDUdldFJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECIlQKDkdldFJ1blJlc3BvbnNlEhsKA3J1bhgBIAEoCzIOLnJ1bmNhcC52MS5SdW4SJQoFc3RhdGUYAiABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUivwEKDlJlc2VydmVSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIcCg5yZXNlcnZhdGlvbl9pZBgCIAEoCUIE4kEBARIXCg1hbW91bnRfbWljcm9zGAMgASgDSAASJgoIbGxtX2NhbGwYBSABKAsyEi5ydW5jYXAudjEuTGxtQ2FsbEgAEiwKA3R0bBgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbkIE4kEBAUIKCghlc3RpbWF0ZSL/AgoPUmVzZXJ2ZVJlc3BvbnNlEiUKCGRlY2lzaW9uGAEgASgOMhMucnVuY2FwLnYxLkRlY2lzaW9uEikKBnJlYXNvbhgCIAEoDjIZLnJ1bmNhcC52MS5EZWNpc2lvblJlYXNvbhIWCg5yZXNlcnZhdGlvbl9pZBgDIAEoCRIVCg1hbW91bnRfbWljcm9zGAQgASgDEi8KC2V4cGlyZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgVzdGF0ZRgGIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZRIQCghyZXBsYXllZBgHIAEoCBIrCg5ibG9ja2luZ19zY29wZRgIIAEoCzITLnJ1bmNhcC52MS5TY29wZVJlZhIqCg9ibG9ja2luZ19wZXJpb2QYCSABKA4yES5ydW5jYXAudjEuUGVyaW9kEigKCGVzdGltYXRlGAogASgLMhYucnVuY2FwLnYxLkxsbUVzdGltYXRlIo4BCgdMbG1DYWxsEhYKCHByb3ZpZGVyGAEgASgJQgTiQQECEhMKBW1vZGVsGAIgASgJQgTiQQECEhoKDGlucHV0X3Rva2VucxgDIAEoA0IE4kEBAhIkChFtYXhfb3V0cHV0X3Rva2VucxgEIAEoA0IE4kEBAUgAiAEBQhQKEl9tYXhfb3V0cHV0X3Rva2VucyKdAQoLTGxtRXN0aW1hdGUSEAoIcHJvdmlkZXIYASABKAkSDQoFbW9kZWwYAiABKAkSFAoMaW5wdXRfdG9rZW5zGAMgASgDEiMKG2VmZmVjdGl2ZV9tYXhfb3V0cHV0X3Rva2VucxgEIAEoAxIVCg1hbW91bnRfbWljcm9zGAUgASgDEhsKE3ByaWNlX3RhYmxlX3ZlcnNpb24YBiABKAkiigEKClRva2VuVXNhZ2USFAoMaW5wdXRfdG9rZW5zGAEgASgDEhUKDW91dHB1dF90b2tlbnMYAiABKAMSGQoRY2FjaGVfcmVhZF90b2tlbnMYAyABKAMSGgoSY2FjaGVfd3JpdGVfdG9rZW5zGAQgASgDEhgKEHJlYXNvbmluZ190b2tlbnMYBSABKAMijgEKDUNvbW1pdFJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEhwKDnJlc2VydmF0aW9uX2lkGAIgASgJQgTiQQECEhcKDWFjdHVhbF9taWNyb3MYAyABKANIABImCgV1c2FnZRgEIAEoCzIVLnJ1bmNhcC52MS5Ub2tlblVzYWdlSABCCAoGYWN0dWFsIscBCg5Db21taXRSZXNwb25zZRIlCgVzdGF0ZRgBIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZRIWCg5vdmVycnVuX21pY3JvcxgCIAEoAxIQCghyZXBsYXllZBgDIAEoCBI4ChJyZXNlcnZhdGlvbl9zdGF0dXMYBCABKA4yHC5ydW5jYXAudjEuUmVzZXJ2YXRpb25TdGF0dXMSFQoNYWN0dWFsX21pY3JvcxgFIAEoAxITCgtoZWxkX21pY3JvcxgGIAEoAyJDCg1SZWZ1bmRSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIcCg5yZXNlcnZhdGlvbl9pZBgCIAEoCUIE4kEBAiKcAQoOUmVmdW5kUmVzcG9uc2USJQoFc3RhdGUYASABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAiABKAgSOAoScmVzZXJ2YXRpb25fc3RhdHVzGAMgASgOMhwucnVuY2FwLnYxLlJlc2VydmF0aW9uU3RhdHVzEhcKD3JlbGVhc2VkX21pY3JvcxgEIAEoAyInCg9DbG9zZVJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECIksKEENsb3NlUnVuUmVzcG9uc2USJQoFc3RhdGUYASABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAiABKAgidgoMV2F0Y2hSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIhCg5hZnRlcl9yZXZpc2lvbhgCIAEoA0IE4kEBAUgAiAEBEhoKDGFmdGVyX2RpZ2VzdBgDIAEoCUIE4kEBAUIRCg9fYWZ0ZXJfcmV2aXNpb24ipwEKDVdhdGNoUmVzcG9uc2USEAoIcmV2aXNpb24YASABKAMSKgoIc25hcHNob3QYAiABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGVIABInCgVldmVudBgDIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRFdmVudEgAEicKCHByb2dyZXNzGAQgASgLMhMucnVuY2FwLnYxLlByb2dyZXNzSABCBgoEa2luZCIZCghQcm9ncmVzcxINCgVmaW5hbBgBIAEoCCKdAQoUU2V0U2NvcGVMaW1pdFJlcXVlc3QSKAoFc2NvcGUYASABKAsyEy5ydW5jYXAudjEuU2NvcGVSZWZCBOJBAQISJwoGcGVyaW9kGAIgASgOMhEucnVuY2FwLnYxLlBlcmlvZEIE4kEBAhIWCgxsaW1pdF9taWNyb3MYAyABKANIABIPCgVjbGVhchgEIAEoCEgAQgkKB2NlaWxpbmciOAoVU2V0U2NvcGVMaW1pdFJlc3BvbnNlEh8KBXNjb3BlGAEgASgLMhAucnVuY2FwLnYxLlNjb3BlIjsKD0dldFNjb3BlUmVxdWVzdBIoCgVzY29wZRgBIAEoCzITLnJ1bmNhcC52MS5TY29wZVJlZkIE4kEBAiIzChBHZXRTY29wZVJlc3BvbnNlEh8KBXNjb3BlGAEgASgLMhAucnVuY2FwLnYxLlNjb3BlMvIECg1CdWRnZXRTZXJ2aWNlEkYKCUNyZWF0ZVJ1bhIbLnJ1bmNhcC52MS5DcmVhdGVSdW5SZXF1ZXN0GhwucnVuY2FwLnYxLkNyZWF0ZVJ1blJlc3BvbnNlEj0KBkdldFJ1bhIYLnJ1bmNhcC52MS5HZXRSdW5SZXF1ZXN0GhkucnVuY2FwLnYxLkdldFJ1blJlc3BvbnNlEkAKB1Jlc2VydmUSGS5ydW5jYXAudjEuUmVzZXJ2ZVJlcXVlc3QaGi5ydW5jYXAudjEuUmVzZXJ2ZVJlc3BvbnNlEj0KBkNvbW1pdBIYLnJ1bmNhcC52MS5Db21taXRSZXF1ZXN0GhkucnVuY2FwLnYxLkNvbW1pdFJlc3BvbnNlEj0KBlJlZnVuZBIYLnJ1bmNhcC52MS5SZWZ1bmRSZXF1ZXN0GhkucnVuY2FwLnYxLlJlZnVuZFJlc3BvbnNlEkMKCENsb3NlUnVuEhoucnVuY2FwLnYxLkNsb3NlUnVuUmVxdWVzdBobLnJ1bmNhcC52MS5DbG9zZVJ1blJlc3BvbnNlEjwKBVdhdGNoEhcucnVuY2FwLnYxLldhdGNoUmVxdWVzdBoYLnJ1bmNhcC52MS5XYXRjaFJlc3BvbnNlMAESUgoNU2V0U2NvcGVMaW1pdBIfLnJ1bmNhcC52MS5TZXRTY29wZUxpbWl0UmVxdWVzdBogLnJ1bmNhcC52MS5TZXRTY29wZUxpbWl0UmVzcG9uc2USQwoIR2V0U2NvcGUSGi5ydW5jYXAudjEuR2V0U2NvcGVSZXF1ZXN0GhsucnVuY2FwLnYxLkdldFNjb3BlUmVzcG9uc2VCOFo2Z2l0aHViLmNvbS9ydW5jYXAvcnVuY2FwL2NsaWVudHMvZ28vcnVuY2FwL3YxO3J1bmNhcHYxYgZwcm90bzM", [file_google_api_field_behavior, file_google_protobuf_duration, file_google_protobuf_timestamp, file_runcap_v1_budget]);
 
 /**
  * CreateRunRequest asks for a new run.
@@ -216,6 +216,16 @@ export type ReserveRequest = Message<"runcap.v1.ReserveRequest"> & {
      */
     value: bigint;
     case: "amountMicros";
+  } | {
+    /**
+     * An LLM call, priced by the server from its price table: input tokens
+     * at the input price plus the effective maximum output at the output
+     * price. A model the table does not know is blocked (fail closed).
+     *
+     * @generated from field: runcap.v1.LlmCall llm_call = 5;
+     */
+    value: LlmCall;
+    case: "llmCall";
   } | { case: undefined; value?: undefined };
 
   /**
@@ -308,6 +318,13 @@ export type ReserveResponse = Message<"runcap.v1.ReserveResponse"> & {
    * @generated from field: runcap.v1.Period blocking_period = 9;
    */
   blockingPeriod: Period;
+
+  /**
+   * How an `llm_call` was priced. Unset for an explicit amount.
+   *
+   * @generated from field: runcap.v1.LlmEstimate estimate = 10;
+   */
+  estimate?: LlmEstimate | undefined;
 };
 
 /**
@@ -316,6 +333,156 @@ export type ReserveResponse = Message<"runcap.v1.ReserveResponse"> & {
  */
 export const ReserveResponseSchema: GenMessage<ReserveResponse> = /*@__PURE__*/
   messageDesc(file_runcap_v1_budget_service, 5);
+
+/**
+ * LlmCall describes an LLM call to reserve for.
+ *
+ * @generated from message runcap.v1.LlmCall
+ */
+export type LlmCall = Message<"runcap.v1.LlmCall"> & {
+  /**
+   * The provider, as in the price table (for example "openai", "anthropic").
+   *
+   * @generated from field: string provider = 1;
+   */
+  provider: string;
+
+  /**
+   * The model id, exactly as in the price table (no aliases, no prefixes).
+   *
+   * @generated from field: string model = 2;
+   */
+  model: string;
+
+  /**
+   * The prompt's input tokens. Zero or more.
+   *
+   * @generated from field: int64 input_tokens = 3;
+   */
+  inputTokens: bigint;
+
+  /**
+   * The call's maximum output tokens (its `max_tokens`). When unset, the
+   * server's default applies, or the request is refused when there is none.
+   *
+   * @generated from field: optional int64 max_output_tokens = 4;
+   */
+  maxOutputTokens?: bigint | undefined;
+};
+
+/**
+ * Describes the message runcap.v1.LlmCall.
+ * Use `create(LlmCallSchema)` to create a new message.
+ */
+export const LlmCallSchema: GenMessage<LlmCall> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget_service, 6);
+
+/**
+ * LlmEstimate is how the server priced an LLM call.
+ *
+ * @generated from message runcap.v1.LlmEstimate
+ */
+export type LlmEstimate = Message<"runcap.v1.LlmEstimate"> & {
+  /**
+   * The provider priced.
+   *
+   * @generated from field: string provider = 1;
+   */
+  provider: string;
+
+  /**
+   * The model priced.
+   *
+   * @generated from field: string model = 2;
+   */
+  model: string;
+
+  /**
+   * The input tokens priced.
+   *
+   * @generated from field: int64 input_tokens = 3;
+   */
+  inputTokens: bigint;
+
+  /**
+   * The output tokens priced: the smallest of the request's maximum, the
+   * server's policy cap and the model's own output limit.
+   *
+   * @generated from field: int64 effective_max_output_tokens = 4;
+   */
+  effectiveMaxOutputTokens: bigint;
+
+  /**
+   * The estimate in micro-USD, rounded up; 0 for an unknown model.
+   *
+   * @generated from field: int64 amount_micros = 5;
+   */
+  amountMicros: bigint;
+
+  /**
+   * The price table version used; Commit with `usage` prices with it too.
+   *
+   * @generated from field: string price_table_version = 6;
+   */
+  priceTableVersion: string;
+};
+
+/**
+ * Describes the message runcap.v1.LlmEstimate.
+ * Use `create(LlmEstimateSchema)` to create a new message.
+ */
+export const LlmEstimateSchema: GenMessage<LlmEstimate> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget_service, 7);
+
+/**
+ * TokenUsage is an LLM call's actual usage, in disjoint token classes.
+ *
+ * @generated from message runcap.v1.TokenUsage
+ */
+export type TokenUsage = Message<"runcap.v1.TokenUsage"> & {
+  /**
+   * Input tokens billed at the input price (not read from or written to a
+   * cache).
+   *
+   * @generated from field: int64 input_tokens = 1;
+   */
+  inputTokens: bigint;
+
+  /**
+   * Visible output tokens, not counting reasoning tokens.
+   *
+   * @generated from field: int64 output_tokens = 2;
+   */
+  outputTokens: bigint;
+
+  /**
+   * Input tokens read from the provider's prompt cache.
+   *
+   * @generated from field: int64 cache_read_tokens = 3;
+   */
+  cacheReadTokens: bigint;
+
+  /**
+   * Input tokens written to the provider's prompt cache.
+   *
+   * @generated from field: int64 cache_write_tokens = 4;
+   */
+  cacheWriteTokens: bigint;
+
+  /**
+   * Reasoning (thinking) output tokens.
+   *
+   * @generated from field: int64 reasoning_tokens = 5;
+   */
+  reasoningTokens: bigint;
+};
+
+/**
+ * Describes the message runcap.v1.TokenUsage.
+ * Use `create(TokenUsageSchema)` to create a new message.
+ */
+export const TokenUsageSchema: GenMessage<TokenUsage> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget_service, 8);
 
 /**
  * CommitRequest records the actual cost of a reservation.
@@ -351,6 +518,15 @@ export type CommitRequest = Message<"runcap.v1.CommitRequest"> & {
      */
     value: bigint;
     case: "actualMicros";
+  } | {
+    /**
+     * The actual token usage of an LLM call reserved with `llm_call`,
+     * priced with the same price table version as its reservation.
+     *
+     * @generated from field: runcap.v1.TokenUsage usage = 4;
+     */
+    value: TokenUsage;
+    case: "usage";
   } | { case: undefined; value?: undefined };
 };
 
@@ -359,7 +535,7 @@ export type CommitRequest = Message<"runcap.v1.CommitRequest"> & {
  * Use `create(CommitRequestSchema)` to create a new message.
  */
 export const CommitRequestSchema: GenMessage<CommitRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 6);
+  messageDesc(file_runcap_v1_budget_service, 9);
 
 /**
  * CommitResponse reports the settled reservation.
@@ -418,7 +594,7 @@ export type CommitResponse = Message<"runcap.v1.CommitResponse"> & {
  * Use `create(CommitResponseSchema)` to create a new message.
  */
 export const CommitResponseSchema: GenMessage<CommitResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 7);
+  messageDesc(file_runcap_v1_budget_service, 10);
 
 /**
  * RefundRequest releases the hold of a reservation.
@@ -446,7 +622,7 @@ export type RefundRequest = Message<"runcap.v1.RefundRequest"> & {
  * Use `create(RefundRequestSchema)` to create a new message.
  */
 export const RefundRequestSchema: GenMessage<RefundRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 8);
+  messageDesc(file_runcap_v1_budget_service, 11);
 
 /**
  * RefundResponse reports the released reservation.
@@ -493,7 +669,7 @@ export type RefundResponse = Message<"runcap.v1.RefundResponse"> & {
  * Use `create(RefundResponseSchema)` to create a new message.
  */
 export const RefundResponseSchema: GenMessage<RefundResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 9);
+  messageDesc(file_runcap_v1_budget_service, 12);
 
 /**
  * CloseRunRequest closes a run.
@@ -514,7 +690,7 @@ export type CloseRunRequest = Message<"runcap.v1.CloseRunRequest"> & {
  * Use `create(CloseRunRequestSchema)` to create a new message.
  */
 export const CloseRunRequestSchema: GenMessage<CloseRunRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 10);
+  messageDesc(file_runcap_v1_budget_service, 13);
 
 /**
  * CloseRunResponse reports the closed run.
@@ -542,7 +718,7 @@ export type CloseRunResponse = Message<"runcap.v1.CloseRunResponse"> & {
  * Use `create(CloseRunResponseSchema)` to create a new message.
  */
 export const CloseRunResponseSchema: GenMessage<CloseRunResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 11);
+  messageDesc(file_runcap_v1_budget_service, 14);
 
 /**
  * WatchRequest opens a stream of a run's budget changes.
@@ -586,7 +762,7 @@ export type WatchRequest = Message<"runcap.v1.WatchRequest"> & {
  * Use `create(WatchRequestSchema)` to create a new message.
  */
 export const WatchRequestSchema: GenMessage<WatchRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 12);
+  messageDesc(file_runcap_v1_budget_service, 15);
 
 /**
  * WatchResponse is one message of a Watch stream.
@@ -640,7 +816,7 @@ export type WatchResponse = Message<"runcap.v1.WatchResponse"> & {
  * Use `create(WatchResponseSchema)` to create a new message.
  */
 export const WatchResponseSchema: GenMessage<WatchResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 13);
+  messageDesc(file_runcap_v1_budget_service, 16);
 
 /**
  * Progress is a heartbeat on a Watch stream. It keeps idle connections alive
@@ -664,7 +840,7 @@ export type Progress = Message<"runcap.v1.Progress"> & {
  * Use `create(ProgressSchema)` to create a new message.
  */
 export const ProgressSchema: GenMessage<Progress> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 14);
+  messageDesc(file_runcap_v1_budget_service, 17);
 
 /**
  * SetScopeLimitRequest sets or clears one ceiling of a parent scope.
@@ -716,7 +892,7 @@ export type SetScopeLimitRequest = Message<"runcap.v1.SetScopeLimitRequest"> & {
  * Use `create(SetScopeLimitRequestSchema)` to create a new message.
  */
 export const SetScopeLimitRequestSchema: GenMessage<SetScopeLimitRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 15);
+  messageDesc(file_runcap_v1_budget_service, 18);
 
 /**
  * SetScopeLimitResponse is the scope after the change.
@@ -737,7 +913,7 @@ export type SetScopeLimitResponse = Message<"runcap.v1.SetScopeLimitResponse"> &
  * Use `create(SetScopeLimitResponseSchema)` to create a new message.
  */
 export const SetScopeLimitResponseSchema: GenMessage<SetScopeLimitResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 16);
+  messageDesc(file_runcap_v1_budget_service, 19);
 
 /**
  * GetScopeRequest names a parent scope.
@@ -758,7 +934,7 @@ export type GetScopeRequest = Message<"runcap.v1.GetScopeRequest"> & {
  * Use `create(GetScopeRequestSchema)` to create a new message.
  */
 export const GetScopeRequestSchema: GenMessage<GetScopeRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 17);
+  messageDesc(file_runcap_v1_budget_service, 20);
 
 /**
  * GetScopeResponse describes a parent scope.
@@ -779,7 +955,7 @@ export type GetScopeResponse = Message<"runcap.v1.GetScopeResponse"> & {
  * Use `create(GetScopeResponseSchema)` to create a new message.
  */
 export const GetScopeResponseSchema: GenMessage<GetScopeResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 18);
+  messageDesc(file_runcap_v1_budget_service, 21);
 
 /**
  * BudgetService is the budget authority for agent runs. Ask it before every
