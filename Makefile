@@ -30,12 +30,14 @@ GO_PLUGINS_STAMP := .bin/.go-plugins-$(PROTOC_GEN_GO_VERSION)-$(PROTOC_GEN_GO_GR
 MYPY_DIRS := server clients/python/runcap tests
 # Extension-less Python scripts that ruff would not discover on its own.
 PY_SCRIPTS := tools/protoc-gen-grpc_python
+# Extra arguments for tools/build_price_table.py, e.g. PRICES_ARGS='--as-of 2026-11-22'.
+PRICES_ARGS ?=
 # What `make ci` runs, in order.
 CI_STEPS := lint breaking check-gen test
 # The git revision `make breaking` compares the protos against.
 BREAKING_AGAINST ?= HEAD~1
 
-.PHONY: help venv serve gen check-gen prove-check-gen lint breaking test ci bench clean
+.PHONY: help venv serve gen check-gen prove-check-gen lint breaking test ci bench prices clean
 
 help: ## Show this help.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -181,6 +183,10 @@ bench: venv ## Run every bench/*.py script (prints a note when there is none).
 	  echo "--- $$s"
 	  $(BIN)/python "$$s"
 	done
+
+prices: venv ## Rebuild the committed server/runcap_server/price_table.json (needs PyPI; CI never runs it).
+	@$(BIN)/python -m pip install -q -e '.[tools]'
+	$(BIN)/python tools/build_price_table.py $(PRICES_ARGS)
 
 clean: ## Remove the venv, caches and build outputs (keeps runcap.db).
 	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from runcap.v1 import budget_service_pb2, budget_service_pb2_grpc
 from runcap_server.backends.base import Backend
 from runcap_server.ledger.model import ModelLedger
+from runcap_server.prices import PriceBook
 from runcap_server.servicer import BudgetServicer
 from runcap_server.settings import Settings
 from runcap_server.sweeper import sweep_forever
@@ -83,6 +84,8 @@ class RuncapServer:
             heartbeat_s=settings.watch_heartbeat_ms / 1000,
         )
         self.health = HealthServicer()
+        # Read now: a server with an unreadable price table does not start.
+        self.prices = PriceBook(settings.price_table or None)
         self.server = grpc.aio.server(options=_server_options(settings))
         self._tasks: list[asyncio.Task[None]] = []
         self.port = 0
@@ -90,7 +93,7 @@ class RuncapServer:
     async def start(self) -> int:
         await self.backend.start()
         budget_service_pb2_grpc.add_BudgetServiceServicer_to_server(
-            BudgetServicer(self.backend, self.hub, self.settings), self.server
+            BudgetServicer(self.backend, self.hub, self.settings, self.prices), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -167,6 +170,8 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # SIGHUP reloads the price table; an invalid file keeps the current one.
+    loop.add_signal_handler(signal.SIGHUP, server.prices.reload)
     location = {
         "sqlite": settings.sqlite_path,
         "memory": "nothing survives a restart",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from google.protobuf import timestamp_pb2
 
-from runcap.v1 import budget_pb2
+from runcap.v1 import budget_pb2, budget_service_pb2
+from runcap_server.estimates import Estimate
 from runcap_server.ledger.scopes import ScopeView
 from runcap_server.ledger.types import BudgetState, Change, RunView, ScopeRef
 
@@ -47,6 +48,17 @@ def run_pb(view: RunView) -> budget_pb2.Run:
     run.team_id = lineage.team_id
     run.ancestor_run_ids.extend(lineage.ancestors)
     return run
+
+
+def estimate_pb(priced: Estimate) -> budget_service_pb2.LlmEstimate:
+    return budget_service_pb2.LlmEstimate(
+        provider=priced.call.provider,
+        model=priced.call.model,
+        input_tokens=priced.call.input_tokens,
+        effective_max_output_tokens=priced.effective_max_output_tokens,
+        amount_micros=priced.amount_micros,
+        price_table_version=priced.price_table_version,
+    )
 
 
 def scope_ref_pb(ref: ScopeRef) -> budget_pb2.ScopeRef:

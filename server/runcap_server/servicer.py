@@ -13,7 +13,17 @@ import grpc
 from runcap.v1 import budget_service_pb2, budget_service_pb2_grpc
 from runcap_server import convert, errors
 from runcap_server.backends.base import Backend
-from runcap_server.ledger.types import Change, RunSpec
+from runcap_server.errors import FieldViolation, InvalidArgument
+from runcap_server.estimates import Estimate, LlmCall, actual_micros, estimate
+from runcap_server.ledger.saga import NO_EXTRAS, ReserveExtras
+from runcap_server.ledger.types import (
+    MAX_MICROS,
+    Change,
+    DecisionReason,
+    ReservationStatus,
+    RunSpec,
+)
+from runcap_server.prices import PriceBook, TokenUsage
 from runcap_server.settings import Settings
 from runcap_server.validation import Validator
 from runcap_server.watch import Progress, Snapshot, WatchHub, WatchItem
@@ -52,8 +62,11 @@ def _new_id() -> str:
 
 
 class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
-    def __init__(self, backend: Backend, hub: WatchHub, settings: Settings) -> None:
+    def __init__(
+        self, backend: Backend, hub: WatchHub, settings: Settings, prices: PriceBook
+    ) -> None:
         self.backend = backend
+        self.prices = prices
         self.hub = hub
         self.settings = settings
         self.tenant = settings.tenant
@@ -119,18 +132,54 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         reservation_id = (
             check.identifier("reservation_id", request.reservation_id, required=False) or _new_id()
         )
-        amount = check.micros(
-            "amount_micros",
-            request.amount_micros if request.HasField("amount_micros") else None,
-            minimum=1,
-        )
+        call: LlmCall | None = None
+        amount = 0
+        if request.HasField("llm_call"):
+            llm = request.llm_call
+            call = LlmCall(
+                provider=check.model_name("llm_call.provider", llm.provider),
+                model=check.model_name("llm_call.model", llm.model),
+                input_tokens=check.tokens("llm_call.input_tokens", llm.input_tokens),
+                max_output_tokens=(
+                    check.tokens("llm_call.max_output_tokens", llm.max_output_tokens, minimum=1)
+                    if llm.HasField("max_output_tokens")
+                    else None
+                ),
+            )
+        else:
+            amount = check.micros(
+                "amount_micros",
+                request.amount_micros if request.HasField("amount_micros") else None,
+                minimum=1,
+            )
         ttl = check.duration_ms(
             "ttl",
             request.ttl if request.HasField("ttl") else None,
             max_ms=self.settings.max_ttl_ms,
         )
         check.done()
-        result = await self.backend.reserve(self.tenant, run_id, reservation_id, amount, ttl)
+        extras = NO_EXTRAS
+        priced: Estimate | None = None
+        if call is not None:
+            priced = estimate(
+                self.prices.table,
+                call,
+                default_max_output=self.settings.default_max_output_tokens,
+                max_output_cap=self.settings.max_output_tokens,
+            )
+            if priced.amount_micros > MAX_MICROS:
+                raise InvalidArgument(
+                    [FieldViolation("llm_call", f"its estimate passes {MAX_MICROS} micro-USD")]
+                )
+            amount = priced.amount_micros
+            extras = ReserveExtras(
+                fingerprint=priced.fingerprint,
+                pricing=priced.pricing,
+                preblock=None if priced.known else DecisionReason.UNKNOWN_PRICE,
+            )
+        result = await self.backend.reserve(
+            self.tenant, run_id, reservation_id, amount, ttl, extras
+        )
         response = budget_service_pb2.ReserveResponse(
             decision=result.decision.value,  # type: ignore[arg-type]
             reason=result.reason.value,  # type: ignore[arg-type]
@@ -145,6 +194,8 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             response.blocking_period = result.blocking_period.value  # type: ignore[assignment]
         if result.expires_ms is not None:
             response.expire_time.CopyFrom(convert.timestamp(result.expires_ms))
+        if priced is not None:
+            response.estimate.CopyFrom(convert.estimate_pb(priced))
         return response
 
     @_unary
@@ -156,12 +207,26 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         check = Validator()
         run_id = check.identifier("run_id", request.run_id)
         reservation_id = check.identifier("reservation_id", request.reservation_id)
-        actual = check.micros(
-            "actual_micros",
-            request.actual_micros if request.HasField("actual_micros") else None,
-            minimum=0,
-        )
+        usage: TokenUsage | None = None
+        actual = 0
+        if request.HasField("usage"):
+            u = request.usage
+            usage = TokenUsage(
+                input_tokens=check.tokens("usage.input_tokens", u.input_tokens),
+                output_tokens=check.tokens("usage.output_tokens", u.output_tokens),
+                cache_read_tokens=check.tokens("usage.cache_read_tokens", u.cache_read_tokens),
+                cache_write_tokens=check.tokens("usage.cache_write_tokens", u.cache_write_tokens),
+                reasoning_tokens=check.tokens("usage.reasoning_tokens", u.reasoning_tokens),
+            )
+        else:
+            actual = check.micros(
+                "actual_micros",
+                request.actual_micros if request.HasField("actual_micros") else None,
+                minimum=0,
+            )
         check.done()
+        if usage is not None:
+            actual = await self._actual_of(run_id, reservation_id, usage)
         result = await self.backend.commit(self.tenant, run_id, reservation_id, actual)
         return budget_service_pb2.CommitResponse(
             state=convert.state_pb(result.state),
@@ -170,6 +235,23 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             reservation_status=result.reservation_status.value,  # type: ignore[arg-type]
             actual_micros=result.actual_micros,
             held_micros=result.held_micros,
+        )
+
+    async def _actual_of(self, run_id: str, reservation_id: str, usage: TokenUsage) -> int:
+        """Price `usage` at the rates the reservation was made with."""
+        reservation = await self.backend.get_reservation(self.tenant, run_id, reservation_id)
+        if reservation.pricing:
+            return actual_micros(reservation.pricing, usage)
+        if reservation.status is ReservationStatus.BLOCKED:
+            return 0  # the commit answers RESERVATION_BLOCKED
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    "usage",
+                    f"reservation {reservation_id!r} was reserved with an amount, not an "
+                    "llm_call, so there are no prices to apply: commit it with actual_micros",
+                )
+            ]
         )
 
     @_unary

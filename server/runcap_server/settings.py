@@ -49,6 +49,12 @@ class Settings:
     max_connection_age_ms: int = field(default=1_800_000, metadata={"env": "MAX_CONNECTION_AGE"})
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL"})
     tenant: str = field(default="default", metadata={"env": "TENANT"})
+    # The price table file; empty: the one shipped with the server.
+    price_table: str = field(default="", metadata={"env": "PRICE_TABLE"})
+    # LLM calls: the output tokens priced when a request gives no maximum (0:
+    # the request must give one), and a cap on any request's maximum (0: none).
+    default_max_output_tokens: int = field(default=0, metadata={"env": "DEFAULT_MAX_OUTPUT_TOKENS"})
+    max_output_tokens: int = field(default=0, metadata={"env": "MAX_OUTPUT_TOKENS"})
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -73,6 +79,9 @@ class Settings:
                 raise ValueError(f"RUNCAP_{_env_name(name)} must be positive")
         if self.log_retention < 1:
             raise ValueError("RUNCAP_LOG_RETENTION must be at least 1")
+        for name in ("default_max_output_tokens", "max_output_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"RUNCAP_{_env_name(name)} must be 0 (none) or positive")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

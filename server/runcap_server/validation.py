@@ -15,6 +15,9 @@ from runcap_server.errors import FieldViolation, InvalidArgument
 from runcap_server.ledger.types import MAX_MICROS, Period, ScopeKind, ScopeRef
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+MODEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}")
+# Token counts: far above any context window, far below where sums lose exactness.
+MAX_TOKENS = 10**9
 LABEL_KEY_PATTERN = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
 MAX_LABELS = 64
 MAX_LABEL_VALUE = 256
@@ -74,6 +77,25 @@ class Validator:
         elif ms > max_ms:
             self.fail(field, f"must be at most {max_ms} ms (got {ms} ms)")
         return ms
+
+    def model_name(self, field: str, value: str) -> str:
+        if not value:
+            self.fail(field, "is required")
+        elif not MODEL_PATTERN.fullmatch(value):
+            shown = value if len(value) <= 40 else value[:40] + "..."
+            self.fail(
+                field,
+                f"{shown!r} must be 1 to 256 characters of letters, digits and . _ : / @ + -, "
+                "starting with a letter or digit",
+            )
+        return value
+
+    def tokens(self, field: str, value: int, *, minimum: int = 0) -> int:
+        if value < minimum:
+            self.fail(field, f"must be at least {minimum} (got {value})")
+        elif value > MAX_TOKENS:
+            self.fail(field, f"must be at most {MAX_TOKENS} (got {value})")
+        return value
 
     def scope(self, field: str, kind: int, scope_id: str) -> ScopeRef:
         """A parent scope (API key, user or team); runs are not set through scopes."""

@@ -1,0 +1,79 @@
+"""LLM-call estimates: what Reserve holds for a call, and what its usage cost.
+
+The estimate is the worst case the call can bill: its input tokens at the input
+price plus its effective maximum output at the output price, where the
+effective maximum is the smallest of the request's `max_output_tokens`, the
+server's cap (RUNCAP_MAX_OUTPUT_TOKENS) and the model's own output limit. A
+model the price table does not know cannot be estimated: the Reserve is
+blocked (fail closed). The rates used are stored with the reservation, so a
+Commit by usage is priced with the same table version even after a reload.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runcap_server.errors import FieldViolation, InvalidArgument
+from runcap_server.prices import PriceTable, Rates, TokenUsage, cost_micros, estimate_micros
+
+
+@dataclass(frozen=True, slots=True)
+class LlmCall:
+    provider: str
+    model: str
+    input_tokens: int
+    # None: the request gave none.
+    max_output_tokens: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    call: LlmCall
+    # 0 when the model is unknown.
+    effective_max_output_tokens: int
+    amount_micros: int
+    price_table_version: str
+    # "<version>#<rates>"; "" when the model is unknown.
+    pricing: str
+
+    @property
+    def known(self) -> bool:
+        return bool(self.pricing)
+
+    @property
+    def fingerprint(self) -> str:
+        """The request's own arguments, compared when the reservation is retried."""
+        call = self.call
+        max_output = "" if call.max_output_tokens is None else str(call.max_output_tokens)
+        return f"llm:{call.provider}:{call.model}:{call.input_tokens}:{max_output}"
+
+
+def estimate(
+    table: PriceTable, call: LlmCall, *, default_max_output: int, max_output_cap: int
+) -> Estimate:
+    """Price `call` with `table`. Policy values of 0 mean "none"."""
+    requested = call.max_output_tokens or default_max_output
+    if not requested:
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    "llm_call.max_output_tokens",
+                    "is required: the server holds the call's worst case, and this "
+                    "server has no default (RUNCAP_DEFAULT_MAX_OUTPUT_TOKENS)",
+                )
+            ]
+        )
+    price = table.lookup(call.provider, call.model)
+    if price is None:
+        return Estimate(call, 0, 0, table.version, "")
+    limits = [requested, max_output_cap or requested, price.max_output_tokens or requested]
+    effective = min(limits)
+    amount = estimate_micros(price.rates, call.input_tokens, effective)
+    pricing = f"{table.version}#{price.rates.encode()}"
+    return Estimate(call, effective, amount, table.version, pricing)
+
+
+def actual_micros(pricing: str, usage: TokenUsage) -> int:
+    """What `usage` cost at the rates a reservation was priced with."""
+    _, _, rates = pricing.partition("#")
+    return cost_micros(Rates.decode(rates), usage)
