@@ -24,6 +24,7 @@ from runcap_server.prices import PriceBook
 from runcap_server.servicer import BudgetServicer
 from runcap_server.settings import Settings
 from runcap_server.sweeper import sweep_forever
+from runcap_server.tenant_prices import TenantPrices
 from runcap_server.watch import WatchHub
 
 _log = logging.getLogger("runcap")
@@ -86,6 +87,7 @@ class RuncapServer:
         self.health = HealthServicer()
         # Read now: a server with an unreadable price table does not start.
         self.prices = PriceBook(settings.price_table or None)
+        self.tenant_prices = TenantPrices(self.backend, settings.tenant)
         self.server = grpc.aio.server(options=_server_options(settings))
         self._tasks: list[asyncio.Task[None]] = []
         self.port = 0
@@ -93,7 +95,8 @@ class RuncapServer:
     async def start(self) -> int:
         await self.backend.start()
         budget_service_pb2_grpc.add_BudgetServiceServicer_to_server(
-            BudgetServicer(self.backend, self.hub, self.settings, self.prices), self.server
+            BudgetServicer(self.backend, self.hub, self.settings, self.prices, self.tenant_prices),
+            self.server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -114,6 +117,7 @@ class RuncapServer:
                 name="expiry-sweeper",
             ),
             asyncio.create_task(self._watch_backend(), name="backend-health"),
+            asyncio.create_task(self.tenant_prices.refresh_forever(), name="tenant-prices"),
         ]
         return self.port
 

@@ -8,6 +8,7 @@ from runcap.v1 import budget_pb2, budget_service_pb2
 from runcap_server.estimates import Estimate
 from runcap_server.ledger.scopes import ScopeView
 from runcap_server.ledger.types import BudgetState, Change, RunView, ScopeRef
+from runcap_server.prices import ModelPrice
 
 
 def timestamp(ms: int) -> timestamp_pb2.Timestamp:
@@ -59,6 +60,27 @@ def estimate_pb(priced: Estimate) -> budget_service_pb2.LlmEstimate:
         amount_micros=priced.amount_micros,
         price_table_version=priced.price_table_version,
     )
+
+
+def model_price_pb(price: ModelPrice) -> budget_service_pb2.ModelPrice:
+    rates = price.rates
+    message = budget_service_pb2.ModelPrice(
+        provider=price.provider,
+        model=price.model,
+        input_rate=rates.input,
+        output_rate=rates.output,
+        cache_read_rate=rates.cache_read,
+        cache_write_rate=rates.cache_write,
+        reasoning_rate=rates.reasoning,
+        tools=price.tools,
+        json_schema=price.json_schema,
+        modalities=sorted(price.modalities),
+    )
+    if price.context_window is not None:
+        message.context_window = price.context_window
+    if price.max_output_tokens is not None:
+        message.max_output_tokens = price.max_output_tokens
+    return message
 
 
 def scope_ref_pb(ref: ScopeRef) -> budget_pb2.ScopeRef:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runcap_server.errors import FieldViolation, InvalidArgument
-from runcap_server.prices import PriceTable, Rates, TokenUsage, cost_micros, estimate_micros
+from runcap_server.prices import ModelPrice, Rates, TokenUsage, cost_micros, estimate_micros
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +49,17 @@ class Estimate:
 
 
 def estimate(
-    table: PriceTable, call: LlmCall, *, default_max_output: int, max_output_cap: int
+    price: ModelPrice | None,
+    version: str,
+    call: LlmCall,
+    *,
+    default_max_output: int,
+    max_output_cap: int,
 ) -> Estimate:
-    """Price `call` with `table`. Policy values of 0 mean "none"."""
+    """Price `call` at `price` (None: unknown), from the prices named `version`.
+
+    Policy values of 0 mean "none".
+    """
     requested = call.max_output_tokens or default_max_output
     if not requested:
         raise InvalidArgument(
@@ -63,14 +71,13 @@ def estimate(
                 )
             ]
         )
-    price = table.lookup(call.provider, call.model)
     if price is None:
-        return Estimate(call, 0, 0, table.version, "")
+        return Estimate(call, 0, 0, version, "")
     limits = [requested, max_output_cap or requested, price.max_output_tokens or requested]
     effective = min(limits)
     amount = estimate_micros(price.rates, call.input_tokens, effective)
-    pricing = f"{table.version}#{price.rates.encode()}"
-    return Estimate(call, effective, amount, table.version, pricing)
+    pricing = f"{version}#{price.rates.encode()}"
+    return Estimate(call, effective, amount, version, pricing)
 
 
 def actual_micros(pricing: str, usage: TokenUsage) -> int:

@@ -123,6 +123,24 @@ class ModelPrice:
     # Input modalities priced at these rates: "text", "image", "audio", "video".
     modalities: frozenset[str]
 
+    def to_entry(self) -> dict[str, object]:
+        """The model as a price table file's `models` entry."""
+        return {
+            "provider": self.provider,
+            "model": self.model,
+            **{name: getattr(self.rates, name) for name in _RATE_FIELDS},
+            "context_window": self.context_window,
+            "max_output_tokens": self.max_output_tokens,
+            "tools": self.tools,
+            "json_schema": self.json_schema,
+            "modalities": sorted(self.modalities),
+        }
+
+    @classmethod
+    def from_entry(cls, entry: object, name: str) -> ModelPrice:
+        """Validates one `models` entry (as `to_entry` writes it). Raises PriceTableError."""
+        return _Reader(name).entry(0, entry)
+
 
 @dataclass(frozen=True, slots=True)
 class TokenUsage:

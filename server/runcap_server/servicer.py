@@ -23,8 +23,9 @@ from runcap_server.ledger.types import (
     ReservationStatus,
     RunSpec,
 )
-from runcap_server.prices import PriceBook, TokenUsage
+from runcap_server.prices import ModelPrice, PriceBook, TokenUsage
 from runcap_server.settings import Settings
+from runcap_server.tenant_prices import TenantPrices
 from runcap_server.validation import Validator
 from runcap_server.watch import Progress, Snapshot, WatchHub, WatchItem
 
@@ -63,10 +64,16 @@ def _new_id() -> str:
 
 class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
     def __init__(
-        self, backend: Backend, hub: WatchHub, settings: Settings, prices: PriceBook
+        self,
+        backend: Backend,
+        hub: WatchHub,
+        settings: Settings,
+        prices: PriceBook,
+        tenant_prices: TenantPrices,
     ) -> None:
         self.backend = backend
         self.prices = prices
+        self.tenant_prices = tenant_prices
         self.hub = hub
         self.settings = settings
         self.tenant = settings.tenant
@@ -161,8 +168,10 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         extras = NO_EXTRAS
         priced: Estimate | None = None
         if call is not None:
+            price, version = self._price_of(call.provider, call.model)
             priced = estimate(
-                self.prices.table,
+                price,
+                version,
                 call,
                 default_max_output=self.settings.default_max_output_tokens,
                 max_output_cap=self.settings.max_output_tokens,
@@ -236,6 +245,60 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             actual_micros=result.actual_micros,
             held_micros=result.held_micros,
         )
+
+    def _price_of(self, provider: str, model: str) -> tuple[ModelPrice | None, str]:
+        """The price Reserve uses: the tenant's own, else the table's; and its version."""
+        own = self.tenant_prices.lookup(provider, model)
+        if own is not None:
+            return own, self.tenant_prices.label
+        table = self.prices.table
+        return table.lookup(provider, model), table.version
+
+    @_unary
+    async def SetModelPrice(
+        self,
+        request: budget_service_pb2.SetModelPriceRequest,
+        context: Context,
+    ) -> budget_service_pb2.SetModelPriceResponse:
+        check = Validator()
+        price = check.model_price("price", request.price)
+        check.done()
+        assert price is not None
+        await self.tenant_prices.set(price)
+        return budget_service_pb2.SetModelPriceResponse(price=convert.model_price_pb(price))
+
+    @_unary
+    async def DeleteModelPrice(
+        self,
+        request: budget_service_pb2.DeleteModelPriceRequest,
+        context: Context,
+    ) -> budget_service_pb2.DeleteModelPriceResponse:
+        check = Validator()
+        provider = check.model_name("provider", request.provider)
+        model = check.model_name("model", request.model)
+        check.done()
+        deleted = await self.tenant_prices.delete(provider, model)
+        return budget_service_pb2.DeleteModelPriceResponse(deleted=deleted)
+
+    @_unary
+    async def GetModelPrice(
+        self,
+        request: budget_service_pb2.GetModelPriceRequest,
+        context: Context,
+    ) -> budget_service_pb2.GetModelPriceResponse:
+        check = Validator()
+        provider = check.model_name("provider", request.provider)
+        model = check.model_name("model", request.model)
+        check.done()
+        await self.tenant_prices.refresh()
+        price, _ = self._price_of(provider, model)
+        response = budget_service_pb2.GetModelPriceResponse(
+            tenant_override=self.tenant_prices.lookup(provider, model) is not None,
+            price_table_version=self.prices.table.version,
+        )
+        if price is not None:
+            response.price.CopyFrom(convert.model_price_pb(price))
+        return response
 
     async def _actual_of(self, run_id: str, reservation_id: str, usage: TokenUsage) -> int:
         """Price `usage` at the rates the reservation was made with."""

@@ -11,13 +11,16 @@ from collections.abc import Mapping
 
 from google.protobuf import duration_pb2
 
+from runcap.v1 import budget_service_pb2
 from runcap_server.errors import FieldViolation, InvalidArgument
 from runcap_server.ledger.types import MAX_MICROS, Period, ScopeKind, ScopeRef
+from runcap_server.prices import MAX_RATE, ModelPrice, Rates
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 MODEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}")
 # Token counts: far above any context window, far below where sums lose exactness.
 MAX_TOKENS = 10**9
+MODALITIES = frozenset({"text", "image", "audio", "video"})
 LABEL_KEY_PATTERN = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
 MAX_LABELS = 64
 MAX_LABEL_VALUE = 256
@@ -96,6 +99,40 @@ class Validator:
         elif value > MAX_TOKENS:
             self.fail(field, f"must be at most {MAX_TOKENS} (got {value})")
         return value
+
+    def model_price(self, field: str, price: budget_service_pb2.ModelPrice) -> ModelPrice | None:
+        """A tenant's price for a model; None when any part is invalid."""
+        before = len(self.violations)
+        provider = self.model_name(f"{field}.provider", price.provider)
+        model = self.model_name(f"{field}.model", price.model)
+        rates = []
+        for name in ("input", "output", "cache_read", "cache_write", "reasoning"):
+            value = getattr(price, f"{name}_rate")
+            if not 0 <= value <= MAX_RATE:
+                self.fail(f"{field}.{name}_rate", f"must be 0 to {MAX_RATE} (got {value})")
+            rates.append(value)
+        limits: list[int | None] = [
+            price.context_window if price.HasField("context_window") else None,
+            price.max_output_tokens if price.HasField("max_output_tokens") else None,
+        ]
+        for name, value in zip(("context_window", "max_output_tokens"), limits, strict=True):
+            if value is not None:
+                self.tokens(f"{field}.{name}", value, minimum=1)
+        modalities = frozenset(price.modalities) or frozenset({"text"})
+        for modality in sorted(modalities - MODALITIES):
+            self.fail(f"{field}.modalities", f"{modality!r} is not one of {sorted(MODALITIES)}")
+        if len(self.violations) > before:
+            return None
+        return ModelPrice(
+            provider=provider,
+            model=model,
+            rates=Rates(*rates),
+            context_window=limits[0],
+            max_output_tokens=limits[1],
+            tools=price.tools,
+            json_schema=price.json_schema,
+            modalities=modalities,
+        )
 
     def scope(self, field: str, kind: int, scope_id: str) -> ScopeRef:
         """A parent scope (API key, user or team); runs are not set through scopes."""

@@ -231,3 +231,92 @@ async def test_a_reloaded_table_prices_new_calls_and_keeps_old_ones(
         assert committed.actual_micros == 150
     finally:
         await reload(V1)
+
+
+def custom_price(model_id: str, input_rate: int, output_rate: int) -> pb.ModelPrice:
+    return pb.ModelPrice(
+        provider="acme",
+        model=model_id,
+        input_rate=input_rate,
+        output_rate=output_rate,
+        cache_read_rate=input_rate,
+        cache_write_rate=input_rate,
+        reasoning_rate=output_rate,
+        max_output_tokens=500,
+        tools=True,
+        modalities=["text", "image"],
+    )
+
+
+async def test_a_tenant_price_unblocks_a_custom_model_and_overrides_the_table(
+    llm: BudgetServiceAsyncStub,
+) -> None:
+    run_id = await create_run(llm, limit_micros=10**9)
+    custom = call(f"custom-{new_id()}", 1_000, 2_000)
+    blocked = await llm.Reserve(pb.ReserveRequest(run_id=run_id, llm_call=custom))
+    assert blocked.reason == budget_pb2.DECISION_REASON_UNKNOWN_PRICE
+
+    set_reply = await llm.SetModelPrice(
+        pb.SetModelPriceRequest(price=custom_price(custom.model, 1_000_000, 2_000_000))
+    )
+    assert set_reply.price.max_output_tokens == 500
+    shown = await llm.GetModelPrice(pb.GetModelPriceRequest(provider="acme", model=custom.model))
+    assert shown.tenant_override
+    assert (shown.price.input_rate, list(shown.price.modalities)) == (1_000_000, ["image", "text"])
+
+    reserve = pb.ReserveRequest(run_id=run_id, reservation_id="c", llm_call=custom)
+    allowed = await llm.Reserve(reserve)
+    # 1,000 x 1 + min(2,000, 500 the model's limit) x 2 = 2,000 micro-USD.
+    assert (allowed.decision, allowed.amount_micros) == (budget_pb2.DECISION_ALLOW, 2_000)
+    assert allowed.estimate.price_table_version.startswith("tenant-")
+
+    # Removing the price blocks new calls again; the reservation keeps its rates.
+    deleted = await llm.DeleteModelPrice(
+        pb.DeleteModelPriceRequest(provider="acme", model=custom.model)
+    )
+    assert deleted.deleted
+    again = await llm.Reserve(pb.ReserveRequest(run_id=run_id, llm_call=custom))
+    assert again.reason == budget_pb2.DECISION_REASON_UNKNOWN_PRICE
+    committed = await llm.Commit(
+        pb.CommitRequest(run_id=run_id, reservation_id="c", usage=pb.TokenUsage(output_tokens=100))
+    )
+    assert committed.actual_micros == 200
+    assert not (
+        await llm.DeleteModelPrice(pb.DeleteModelPriceRequest(provider="acme", model=custom.model))
+    ).deleted
+
+    # A tenant price for a table model replaces the table's while it exists.
+    await llm.SetModelPrice(pb.SetModelPriceRequest(price=custom_price("small", 0, 1_000_000)))
+    try:
+        cheap = await llm.Reserve(pb.ReserveRequest(run_id=run_id, llm_call=call("small", 9, 7)))
+        assert cheap.amount_micros == 7
+    finally:
+        await llm.DeleteModelPrice(pb.DeleteModelPriceRequest(provider="acme", model="small"))
+    table = await llm.Reserve(pb.ReserveRequest(run_id=run_id, llm_call=call("small", 0, 10)))
+    assert (table.amount_micros, table.estimate.price_table_version) == (6, "test-v1")
+
+
+async def test_a_bad_tenant_price_is_refused_and_changes_nothing(
+    llm: BudgetServiceAsyncStub,
+) -> None:
+    bad = custom_price("", -1, 2**53)
+    bad.modalities.append("smell")
+    bad.max_output_tokens = 0
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await llm.SetModelPrice(pb.SetModelPriceRequest(price=bad))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    _, status = error_info(refused.value)
+    violations = error_details_pb2.BadRequest()
+    assert status.details[1].Unpack(violations)
+    assert {v.field for v in violations.field_violations} == {
+        "price.model",
+        "price.input_rate",
+        "price.output_rate",
+        "price.cache_read_rate",
+        "price.cache_write_rate",
+        "price.reasoning_rate",
+        "price.max_output_tokens",
+        "price.modalities",
+    }
+    shown = await llm.GetModelPrice(pb.GetModelPriceRequest(provider="acme", model="big"))
+    assert (shown.tenant_override, shown.price.input_rate) == (False, 3_000_000)

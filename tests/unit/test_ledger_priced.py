@@ -79,3 +79,19 @@ async def test_an_unknown_price_blocks_before_any_parent_holds(ledger: Ledger) -
     await ledger.close_run(T, "kid")
     closed = await ledger.reserve(T, "kid", "r2", 0, None, unknown)
     assert closed.reason is DecisionReason.RUN_CLOSED
+
+
+async def test_tenant_prices_are_stored_per_tenant_with_a_version(ledger: Ledger) -> None:
+    assert await ledger.price_overrides(T) == (0, {})
+    assert await ledger.set_price_override(T, "acme\tbig", '{"a":1}')
+    assert await ledger.set_price_override(T, "acme\tsmall", '{"b":2}')
+    assert await ledger.set_price_override(T, "acme\tbig", '{"a":3}')
+    assert await ledger.price_overrides_version(T) == 3
+    assert await ledger.price_overrides(T) == (
+        3,
+        {"acme\tbig": '{"a":3}', "acme\tsmall": '{"b":2}'},
+    )
+    assert await ledger.set_price_override(T, "acme\tsmall", None)
+    assert not await ledger.set_price_override(T, "acme\tsmall", None)  # nothing to delete
+    assert await ledger.price_overrides(T) == (4, {"acme\tbig": '{"a":3}'})
+    assert await ledger.price_overrides("other") == (0, {})

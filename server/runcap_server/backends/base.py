@@ -73,6 +73,17 @@ class Backend(Protocol):
 
     async def get_scope(self, tenant: str, ref: ScopeRef) -> ScopeView: ...
 
+    async def set_price_override(self, tenant: str, key: str, entry: str | None) -> bool:
+        """Store (or, with None, delete) a tenant's model price, bumping the
+        tenant's version. Returns False only for deleting a price never set."""
+        ...
+
+    async def price_overrides(self, tenant: str) -> tuple[int, dict[str, str]]:
+        """The tenant's version and every stored price, read together."""
+        ...
+
+    async def price_overrides_version(self, tenant: str) -> int: ...
+
     async def sweep(self, max_runs: int) -> int:
         """Release due holds on up to max_runs runs. Returns holds released."""
         ...

@@ -100,6 +100,8 @@ class _Script:
 
 _RUN_SCRIPT = _Script.load("ledger.lua")
 _SCOPE_SCRIPT = _Script.load("scope.lua")
+_PRICES_SCRIPT = _Script.load("prices.lua")
+_PRICES_VERSION = "~version"
 # How long a settled reservation's parents may wait for the saga before the
 # sweeper settles them itself.
 SETTLE_WAIT_MS = 5_000
@@ -613,6 +615,25 @@ class RedisLedger:
 
     async def get_scope(self, tenant: str, ref: ScopeRef) -> ScopeView:
         return _scope_view(ref, await self._scope_script(tenant, ref, "view"))
+
+    def _prices_key(self, tenant: str) -> str:
+        return f"{self.namespace}:{{{tenant}/@prices}}:o"
+
+    async def set_price_override(self, tenant: str, key: str, entry: str | None) -> bool:
+        op = "delete" if entry is None else "set"
+        argv = [op, "", key, entry or ""]
+        reply = await self._eval(_PRICES_SCRIPT, [self._prices_key(tenant)], argv)
+        return bool(reply[1] == b"1")
+
+    async def price_overrides(self, tenant: str) -> tuple[int, dict[str, str]]:
+        stored = await self._cmd("hgetall", self._prices_key(tenant))
+        entries = {k.decode(): v.decode() for k, v in stored.items()}
+        version = int(entries.pop(_PRICES_VERSION, 0))
+        return version, entries
+
+    async def price_overrides_version(self, tenant: str) -> int:
+        version = await self._cmd("hget", self._prices_key(tenant), _PRICES_VERSION)
+        return int(version or 0)
 
     async def close_run(self, tenant: str, run_id: str) -> CloseRunResult:
         reply = await self._script(tenant, run_id, "close")

@@ -169,6 +169,19 @@ CREATE TABLE IF NOT EXISTS scope_holds (
     PRIMARY KEY (tenant, scope, hold_id)
 ) STRICT, WITHOUT ROWID;
 
+-- A tenant's own model prices (price table entries as JSON) and their version.
+CREATE TABLE IF NOT EXISTS price_overrides (
+    tenant TEXT NOT NULL,
+    key TEXT NOT NULL,
+    entry TEXT NOT NULL,
+    PRIMARY KEY (tenant, key)
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS price_override_versions (
+    tenant TEXT NOT NULL PRIMARY KEY,
+    version INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+
 CREATE INDEX IF NOT EXISTS scope_holds_held_by_expiry
     ON scope_holds (expires_ms) WHERE status = {_HELD};
 CREATE INDEX IF NOT EXISTS scope_holds_held_by_scope
@@ -806,6 +819,46 @@ class SqliteLedger:
         for tenant, token in await self._call(lambda: self._due_scopes(max_runs)):
             released += await self._op(tenant, functools.partial(_expire_scope, token))
         return released
+
+    async def set_price_override(self, tenant: str, key: str, entry: str | None) -> bool:
+        def write(conn: sqlite3.Connection) -> bool:
+            if entry is None:
+                changed = conn.execute(
+                    "DELETE FROM price_overrides WHERE tenant = ? AND key = ?", (tenant, key)
+                ).rowcount
+                if not changed:
+                    return False
+            else:
+                conn.execute(
+                    "INSERT OR REPLACE INTO price_overrides VALUES (?, ?, ?)", (tenant, key, entry)
+                )
+            conn.execute(
+                "INSERT INTO price_override_versions VALUES (?, 1) ON CONFLICT (tenant) "
+                "DO UPDATE SET version = version + 1",
+                (tenant,),
+            )
+            return True
+
+        return await self._call(lambda: self._transaction(write))
+
+    async def price_overrides(self, tenant: str) -> tuple[int, dict[str, str]]:
+        def read(conn: sqlite3.Connection) -> tuple[int, dict[str, str]]:
+            rows = conn.execute(
+                "SELECT key, entry FROM price_overrides WHERE tenant = ?", (tenant,)
+            ).fetchall()
+            return self._price_version(conn, tenant), {k: e for k, e in rows}
+
+        return await self._call(lambda: self._transaction(read, write=False))
+
+    async def price_overrides_version(self, tenant: str) -> int:
+        return await self._call(lambda: self._price_version(self._connection(), tenant))
+
+    @staticmethod
+    def _price_version(conn: sqlite3.Connection, tenant: str) -> int:
+        row = conn.execute(
+            "SELECT version FROM price_override_versions WHERE tenant = ?", (tenant,)
+        ).fetchone()
+        return cast(int, row[0]) if row else 0
 
     def _due_scopes(self, max_scopes: int) -> list[tuple[str, str]]:
         rows = (

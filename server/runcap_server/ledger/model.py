@@ -169,6 +169,7 @@ class ModelLedger:
         self.log_retention = log_retention
         self._runs: dict[tuple[str, str], _Run] = {}
         self._scopes: dict[tuple[str, ScopeRef], _Scope] = {}
+        self._prices: dict[str, tuple[int, dict[str, str]]] = {}
         self._bell = ChangeBell()
 
     async def start(self) -> None:
@@ -243,6 +244,25 @@ class ModelLedger:
 
     async def get_scope(self, tenant: str, ref: ScopeRef) -> ScopeView:
         return self._op(tenant, lambda s, now: scopes.view(s.scope(ref), ref, now))
+
+    async def set_price_override(self, tenant: str, key: str, entry: str | None) -> bool:
+        version, entries = self._prices.get(tenant, (0, {}))
+        entries = dict(entries)
+        if entry is None and key not in entries:
+            return False
+        if entry is None:
+            del entries[key]
+        else:
+            entries[key] = entry
+        self._prices[tenant] = (version + 1, entries)
+        return True
+
+    async def price_overrides(self, tenant: str) -> tuple[int, dict[str, str]]:
+        version, entries = self._prices.get(tenant, (0, {}))
+        return version, dict(entries)
+
+    async def price_overrides_version(self, tenant: str) -> int:
+        return self._prices.get(tenant, (0, {}))[0]
 
     async def sweep(self, max_runs: int) -> int:
         now_ms = self.clock.now_ms()

@@ -1725,6 +1725,467 @@ func (x *GetScopeResponse) GetScope() *Scope {
 	return nil
 }
 
+// ModelPrice is what one model costs and can do. Rates are integer micro-USD
+// per 1,000,000 tokens.
+type ModelPrice struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The provider, as LlmCall.provider names it.
+	Provider string `protobuf:"bytes,1,opt,name=provider,proto3" json:"provider,omitempty"`
+	// The model id, as LlmCall.model names it.
+	Model string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
+	// Input tokens.
+	InputRate int64 `protobuf:"varint,3,opt,name=input_rate,json=inputRate,proto3" json:"input_rate,omitempty"`
+	// Visible output tokens.
+	OutputRate int64 `protobuf:"varint,4,opt,name=output_rate,json=outputRate,proto3" json:"output_rate,omitempty"`
+	// Input tokens read from the prompt cache.
+	CacheReadRate int64 `protobuf:"varint,5,opt,name=cache_read_rate,json=cacheReadRate,proto3" json:"cache_read_rate,omitempty"`
+	// Input tokens written to the prompt cache.
+	CacheWriteRate int64 `protobuf:"varint,6,opt,name=cache_write_rate,json=cacheWriteRate,proto3" json:"cache_write_rate,omitempty"`
+	// Reasoning output tokens.
+	ReasoningRate int64 `protobuf:"varint,7,opt,name=reasoning_rate,json=reasoningRate,proto3" json:"reasoning_rate,omitempty"`
+	// The model's context window in tokens, when known.
+	ContextWindow *int64 `protobuf:"varint,8,opt,name=context_window,json=contextWindow,proto3,oneof" json:"context_window,omitempty"`
+	// The most output tokens the model produces, when known: it caps the
+	// output an estimate prices.
+	MaxOutputTokens *int64 `protobuf:"varint,9,opt,name=max_output_tokens,json=maxOutputTokens,proto3,oneof" json:"max_output_tokens,omitempty"`
+	// Whether the model can call tools (functions).
+	Tools bool `protobuf:"varint,10,opt,name=tools,proto3" json:"tools,omitempty"`
+	// Whether the model can follow a JSON schema for its output.
+	JsonSchema bool `protobuf:"varint,11,opt,name=json_schema,json=jsonSchema,proto3" json:"json_schema,omitempty"`
+	// The input modalities the model takes ("text", "image", "audio",
+	// "video"). Empty means text only.
+	Modalities    []string `protobuf:"bytes,12,rep,name=modalities,proto3" json:"modalities,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ModelPrice) Reset() {
+	*x = ModelPrice{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ModelPrice) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ModelPrice) ProtoMessage() {}
+
+func (x *ModelPrice) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ModelPrice.ProtoReflect.Descriptor instead.
+func (*ModelPrice) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *ModelPrice) GetProvider() string {
+	if x != nil {
+		return x.Provider
+	}
+	return ""
+}
+
+func (x *ModelPrice) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *ModelPrice) GetInputRate() int64 {
+	if x != nil {
+		return x.InputRate
+	}
+	return 0
+}
+
+func (x *ModelPrice) GetOutputRate() int64 {
+	if x != nil {
+		return x.OutputRate
+	}
+	return 0
+}
+
+func (x *ModelPrice) GetCacheReadRate() int64 {
+	if x != nil {
+		return x.CacheReadRate
+	}
+	return 0
+}
+
+func (x *ModelPrice) GetCacheWriteRate() int64 {
+	if x != nil {
+		return x.CacheWriteRate
+	}
+	return 0
+}
+
+func (x *ModelPrice) GetReasoningRate() int64 {
+	if x != nil {
+		return x.ReasoningRate
+	}
+	return 0
+}
+
+func (x *ModelPrice) GetContextWindow() int64 {
+	if x != nil && x.ContextWindow != nil {
+		return *x.ContextWindow
+	}
+	return 0
+}
+
+func (x *ModelPrice) GetMaxOutputTokens() int64 {
+	if x != nil && x.MaxOutputTokens != nil {
+		return *x.MaxOutputTokens
+	}
+	return 0
+}
+
+func (x *ModelPrice) GetTools() bool {
+	if x != nil {
+		return x.Tools
+	}
+	return false
+}
+
+func (x *ModelPrice) GetJsonSchema() bool {
+	if x != nil {
+		return x.JsonSchema
+	}
+	return false
+}
+
+func (x *ModelPrice) GetModalities() []string {
+	if x != nil {
+		return x.Modalities
+	}
+	return nil
+}
+
+// SetModelPriceRequest sets a tenant's price for one model.
+type SetModelPriceRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The price; its provider and model name the model.
+	Price         *ModelPrice `protobuf:"bytes,1,opt,name=price,proto3" json:"price,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetModelPriceRequest) Reset() {
+	*x = SetModelPriceRequest{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetModelPriceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetModelPriceRequest) ProtoMessage() {}
+
+func (x *SetModelPriceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetModelPriceRequest.ProtoReflect.Descriptor instead.
+func (*SetModelPriceRequest) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *SetModelPriceRequest) GetPrice() *ModelPrice {
+	if x != nil {
+		return x.Price
+	}
+	return nil
+}
+
+// SetModelPriceResponse confirms the price.
+type SetModelPriceResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The price now in force for the model.
+	Price         *ModelPrice `protobuf:"bytes,1,opt,name=price,proto3" json:"price,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetModelPriceResponse) Reset() {
+	*x = SetModelPriceResponse{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetModelPriceResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetModelPriceResponse) ProtoMessage() {}
+
+func (x *SetModelPriceResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetModelPriceResponse.ProtoReflect.Descriptor instead.
+func (*SetModelPriceResponse) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *SetModelPriceResponse) GetPrice() *ModelPrice {
+	if x != nil {
+		return x.Price
+	}
+	return nil
+}
+
+// DeleteModelPriceRequest names a model whose tenant price to remove.
+type DeleteModelPriceRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The provider.
+	Provider string `protobuf:"bytes,1,opt,name=provider,proto3" json:"provider,omitempty"`
+	// The model id.
+	Model         string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteModelPriceRequest) Reset() {
+	*x = DeleteModelPriceRequest{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteModelPriceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteModelPriceRequest) ProtoMessage() {}
+
+func (x *DeleteModelPriceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteModelPriceRequest.ProtoReflect.Descriptor instead.
+func (*DeleteModelPriceRequest) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *DeleteModelPriceRequest) GetProvider() string {
+	if x != nil {
+		return x.Provider
+	}
+	return ""
+}
+
+func (x *DeleteModelPriceRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+// DeleteModelPriceResponse reports the removal.
+type DeleteModelPriceResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// False when the tenant had no price for the model.
+	Deleted       bool `protobuf:"varint,1,opt,name=deleted,proto3" json:"deleted,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteModelPriceResponse) Reset() {
+	*x = DeleteModelPriceResponse{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteModelPriceResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteModelPriceResponse) ProtoMessage() {}
+
+func (x *DeleteModelPriceResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteModelPriceResponse.ProtoReflect.Descriptor instead.
+func (*DeleteModelPriceResponse) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *DeleteModelPriceResponse) GetDeleted() bool {
+	if x != nil {
+		return x.Deleted
+	}
+	return false
+}
+
+// GetModelPriceRequest names a model.
+type GetModelPriceRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The provider.
+	Provider string `protobuf:"bytes,1,opt,name=provider,proto3" json:"provider,omitempty"`
+	// The model id.
+	Model         string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetModelPriceRequest) Reset() {
+	*x = GetModelPriceRequest{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetModelPriceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetModelPriceRequest) ProtoMessage() {}
+
+func (x *GetModelPriceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetModelPriceRequest.ProtoReflect.Descriptor instead.
+func (*GetModelPriceRequest) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *GetModelPriceRequest) GetProvider() string {
+	if x != nil {
+		return x.Provider
+	}
+	return ""
+}
+
+func (x *GetModelPriceRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+// GetModelPriceResponse is the price Reserve uses for a model now.
+type GetModelPriceResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The price. Unset when the model has none: Reserve blocks it.
+	Price *ModelPrice `protobuf:"bytes,1,opt,name=price,proto3" json:"price,omitempty"`
+	// True when the price is the tenant's own (SetModelPrice), false when it
+	// comes from the price table.
+	TenantOverride bool `protobuf:"varint,2,opt,name=tenant_override,json=tenantOverride,proto3" json:"tenant_override,omitempty"`
+	// The price table version loaded now.
+	PriceTableVersion string `protobuf:"bytes,3,opt,name=price_table_version,json=priceTableVersion,proto3" json:"price_table_version,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *GetModelPriceResponse) Reset() {
+	*x = GetModelPriceResponse{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetModelPriceResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetModelPriceResponse) ProtoMessage() {}
+
+func (x *GetModelPriceResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetModelPriceResponse.ProtoReflect.Descriptor instead.
+func (*GetModelPriceResponse) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *GetModelPriceResponse) GetPrice() *ModelPrice {
+	if x != nil {
+		return x.Price
+	}
+	return nil
+}
+
+func (x *GetModelPriceResponse) GetTenantOverride() bool {
+	if x != nil {
+		return x.TenantOverride
+	}
+	return false
+}
+
+func (x *GetModelPriceResponse) GetPriceTableVersion() string {
+	if x != nil {
+		return x.PriceTableVersion
+	}
+	return ""
+}
+
 var File_runcap_v1_budget_service_proto protoreflect.FileDescriptor
 
 const file_runcap_v1_budget_service_proto_rawDesc = "" +
@@ -1845,7 +2306,45 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\x0fGetScopeRequest\x12/\n" +
 	"\x05scope\x18\x01 \x01(\v2\x13.runcap.v1.ScopeRefB\x04\xe2A\x01\x02R\x05scope\":\n" +
 	"\x10GetScopeResponse\x12&\n" +
-	"\x05scope\x18\x01 \x01(\v2\x10.runcap.v1.ScopeR\x05scope2\xf2\x04\n" +
+	"\x05scope\x18\x01 \x01(\v2\x10.runcap.v1.ScopeR\x05scope\"\x9c\x04\n" +
+	"\n" +
+	"ModelPrice\x12 \n" +
+	"\bprovider\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\bprovider\x12\x1a\n" +
+	"\x05model\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\x05model\x12#\n" +
+	"\n" +
+	"input_rate\x18\x03 \x01(\x03B\x04\xe2A\x01\x02R\tinputRate\x12%\n" +
+	"\voutput_rate\x18\x04 \x01(\x03B\x04\xe2A\x01\x02R\n" +
+	"outputRate\x12,\n" +
+	"\x0fcache_read_rate\x18\x05 \x01(\x03B\x04\xe2A\x01\x02R\rcacheReadRate\x12.\n" +
+	"\x10cache_write_rate\x18\x06 \x01(\x03B\x04\xe2A\x01\x02R\x0ecacheWriteRate\x12+\n" +
+	"\x0ereasoning_rate\x18\a \x01(\x03B\x04\xe2A\x01\x02R\rreasoningRate\x120\n" +
+	"\x0econtext_window\x18\b \x01(\x03B\x04\xe2A\x01\x01H\x00R\rcontextWindow\x88\x01\x01\x125\n" +
+	"\x11max_output_tokens\x18\t \x01(\x03B\x04\xe2A\x01\x01H\x01R\x0fmaxOutputTokens\x88\x01\x01\x12\x1a\n" +
+	"\x05tools\x18\n" +
+	" \x01(\bB\x04\xe2A\x01\x01R\x05tools\x12%\n" +
+	"\vjson_schema\x18\v \x01(\bB\x04\xe2A\x01\x01R\n" +
+	"jsonSchema\x12$\n" +
+	"\n" +
+	"modalities\x18\f \x03(\tB\x04\xe2A\x01\x01R\n" +
+	"modalitiesB\x11\n" +
+	"\x0f_context_windowB\x14\n" +
+	"\x12_max_output_tokens\"I\n" +
+	"\x14SetModelPriceRequest\x121\n" +
+	"\x05price\x18\x01 \x01(\v2\x15.runcap.v1.ModelPriceB\x04\xe2A\x01\x02R\x05price\"D\n" +
+	"\x15SetModelPriceResponse\x12+\n" +
+	"\x05price\x18\x01 \x01(\v2\x15.runcap.v1.ModelPriceR\x05price\"W\n" +
+	"\x17DeleteModelPriceRequest\x12 \n" +
+	"\bprovider\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\bprovider\x12\x1a\n" +
+	"\x05model\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\x05model\"4\n" +
+	"\x18DeleteModelPriceResponse\x12\x18\n" +
+	"\adeleted\x18\x01 \x01(\bR\adeleted\"T\n" +
+	"\x14GetModelPriceRequest\x12 \n" +
+	"\bprovider\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\bprovider\x12\x1a\n" +
+	"\x05model\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\x05model\"\x9d\x01\n" +
+	"\x15GetModelPriceResponse\x12+\n" +
+	"\x05price\x18\x01 \x01(\v2\x15.runcap.v1.ModelPriceR\x05price\x12'\n" +
+	"\x0ftenant_override\x18\x02 \x01(\bR\x0etenantOverride\x12.\n" +
+	"\x13price_table_version\x18\x03 \x01(\tR\x11priceTableVersion2\xf7\x06\n" +
 	"\rBudgetService\x12F\n" +
 	"\tCreateRun\x12\x1b.runcap.v1.CreateRunRequest\x1a\x1c.runcap.v1.CreateRunResponse\x12=\n" +
 	"\x06GetRun\x12\x18.runcap.v1.GetRunRequest\x1a\x19.runcap.v1.GetRunResponse\x12@\n" +
@@ -1855,7 +2354,10 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\bCloseRun\x12\x1a.runcap.v1.CloseRunRequest\x1a\x1b.runcap.v1.CloseRunResponse\x12<\n" +
 	"\x05Watch\x12\x17.runcap.v1.WatchRequest\x1a\x18.runcap.v1.WatchResponse0\x01\x12R\n" +
 	"\rSetScopeLimit\x12\x1f.runcap.v1.SetScopeLimitRequest\x1a .runcap.v1.SetScopeLimitResponse\x12C\n" +
-	"\bGetScope\x12\x1a.runcap.v1.GetScopeRequest\x1a\x1b.runcap.v1.GetScopeResponseB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
+	"\bGetScope\x12\x1a.runcap.v1.GetScopeRequest\x1a\x1b.runcap.v1.GetScopeResponse\x12R\n" +
+	"\rSetModelPrice\x12\x1f.runcap.v1.SetModelPriceRequest\x1a .runcap.v1.SetModelPriceResponse\x12[\n" +
+	"\x10DeleteModelPrice\x12\".runcap.v1.DeleteModelPriceRequest\x1a#.runcap.v1.DeleteModelPriceResponse\x12R\n" +
+	"\rGetModelPrice\x12\x1f.runcap.v1.GetModelPriceRequest\x1a .runcap.v1.GetModelPriceResponseB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
 
 var (
 	file_runcap_v1_budget_service_proto_rawDescOnce sync.Once
@@ -1869,96 +2371,112 @@ func file_runcap_v1_budget_service_proto_rawDescGZIP() []byte {
 	return file_runcap_v1_budget_service_proto_rawDescData
 }
 
-var file_runcap_v1_budget_service_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
+var file_runcap_v1_budget_service_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_runcap_v1_budget_service_proto_goTypes = []any{
-	(*CreateRunRequest)(nil),      // 0: runcap.v1.CreateRunRequest
-	(*CreateRunResponse)(nil),     // 1: runcap.v1.CreateRunResponse
-	(*GetRunRequest)(nil),         // 2: runcap.v1.GetRunRequest
-	(*GetRunResponse)(nil),        // 3: runcap.v1.GetRunResponse
-	(*ReserveRequest)(nil),        // 4: runcap.v1.ReserveRequest
-	(*ReserveResponse)(nil),       // 5: runcap.v1.ReserveResponse
-	(*LlmCall)(nil),               // 6: runcap.v1.LlmCall
-	(*LlmEstimate)(nil),           // 7: runcap.v1.LlmEstimate
-	(*TokenUsage)(nil),            // 8: runcap.v1.TokenUsage
-	(*CommitRequest)(nil),         // 9: runcap.v1.CommitRequest
-	(*CommitResponse)(nil),        // 10: runcap.v1.CommitResponse
-	(*RefundRequest)(nil),         // 11: runcap.v1.RefundRequest
-	(*RefundResponse)(nil),        // 12: runcap.v1.RefundResponse
-	(*CloseRunRequest)(nil),       // 13: runcap.v1.CloseRunRequest
-	(*CloseRunResponse)(nil),      // 14: runcap.v1.CloseRunResponse
-	(*WatchRequest)(nil),          // 15: runcap.v1.WatchRequest
-	(*WatchResponse)(nil),         // 16: runcap.v1.WatchResponse
-	(*Progress)(nil),              // 17: runcap.v1.Progress
-	(*SetScopeLimitRequest)(nil),  // 18: runcap.v1.SetScopeLimitRequest
-	(*SetScopeLimitResponse)(nil), // 19: runcap.v1.SetScopeLimitResponse
-	(*GetScopeRequest)(nil),       // 20: runcap.v1.GetScopeRequest
-	(*GetScopeResponse)(nil),      // 21: runcap.v1.GetScopeResponse
-	nil,                           // 22: runcap.v1.CreateRunRequest.LabelsEntry
-	(*durationpb.Duration)(nil),   // 23: google.protobuf.Duration
-	(*Run)(nil),                   // 24: runcap.v1.Run
-	(*BudgetState)(nil),           // 25: runcap.v1.BudgetState
-	(Decision)(0),                 // 26: runcap.v1.Decision
-	(DecisionReason)(0),           // 27: runcap.v1.DecisionReason
-	(*timestamppb.Timestamp)(nil), // 28: google.protobuf.Timestamp
-	(*ScopeRef)(nil),              // 29: runcap.v1.ScopeRef
-	(Period)(0),                   // 30: runcap.v1.Period
-	(ReservationStatus)(0),        // 31: runcap.v1.ReservationStatus
-	(*BudgetEvent)(nil),           // 32: runcap.v1.BudgetEvent
-	(*Scope)(nil),                 // 33: runcap.v1.Scope
+	(*CreateRunRequest)(nil),         // 0: runcap.v1.CreateRunRequest
+	(*CreateRunResponse)(nil),        // 1: runcap.v1.CreateRunResponse
+	(*GetRunRequest)(nil),            // 2: runcap.v1.GetRunRequest
+	(*GetRunResponse)(nil),           // 3: runcap.v1.GetRunResponse
+	(*ReserveRequest)(nil),           // 4: runcap.v1.ReserveRequest
+	(*ReserveResponse)(nil),          // 5: runcap.v1.ReserveResponse
+	(*LlmCall)(nil),                  // 6: runcap.v1.LlmCall
+	(*LlmEstimate)(nil),              // 7: runcap.v1.LlmEstimate
+	(*TokenUsage)(nil),               // 8: runcap.v1.TokenUsage
+	(*CommitRequest)(nil),            // 9: runcap.v1.CommitRequest
+	(*CommitResponse)(nil),           // 10: runcap.v1.CommitResponse
+	(*RefundRequest)(nil),            // 11: runcap.v1.RefundRequest
+	(*RefundResponse)(nil),           // 12: runcap.v1.RefundResponse
+	(*CloseRunRequest)(nil),          // 13: runcap.v1.CloseRunRequest
+	(*CloseRunResponse)(nil),         // 14: runcap.v1.CloseRunResponse
+	(*WatchRequest)(nil),             // 15: runcap.v1.WatchRequest
+	(*WatchResponse)(nil),            // 16: runcap.v1.WatchResponse
+	(*Progress)(nil),                 // 17: runcap.v1.Progress
+	(*SetScopeLimitRequest)(nil),     // 18: runcap.v1.SetScopeLimitRequest
+	(*SetScopeLimitResponse)(nil),    // 19: runcap.v1.SetScopeLimitResponse
+	(*GetScopeRequest)(nil),          // 20: runcap.v1.GetScopeRequest
+	(*GetScopeResponse)(nil),         // 21: runcap.v1.GetScopeResponse
+	(*ModelPrice)(nil),               // 22: runcap.v1.ModelPrice
+	(*SetModelPriceRequest)(nil),     // 23: runcap.v1.SetModelPriceRequest
+	(*SetModelPriceResponse)(nil),    // 24: runcap.v1.SetModelPriceResponse
+	(*DeleteModelPriceRequest)(nil),  // 25: runcap.v1.DeleteModelPriceRequest
+	(*DeleteModelPriceResponse)(nil), // 26: runcap.v1.DeleteModelPriceResponse
+	(*GetModelPriceRequest)(nil),     // 27: runcap.v1.GetModelPriceRequest
+	(*GetModelPriceResponse)(nil),    // 28: runcap.v1.GetModelPriceResponse
+	nil,                              // 29: runcap.v1.CreateRunRequest.LabelsEntry
+	(*durationpb.Duration)(nil),      // 30: google.protobuf.Duration
+	(*Run)(nil),                      // 31: runcap.v1.Run
+	(*BudgetState)(nil),              // 32: runcap.v1.BudgetState
+	(Decision)(0),                    // 33: runcap.v1.Decision
+	(DecisionReason)(0),              // 34: runcap.v1.DecisionReason
+	(*timestamppb.Timestamp)(nil),    // 35: google.protobuf.Timestamp
+	(*ScopeRef)(nil),                 // 36: runcap.v1.ScopeRef
+	(Period)(0),                      // 37: runcap.v1.Period
+	(ReservationStatus)(0),           // 38: runcap.v1.ReservationStatus
+	(*BudgetEvent)(nil),              // 39: runcap.v1.BudgetEvent
+	(*Scope)(nil),                    // 40: runcap.v1.Scope
 }
 var file_runcap_v1_budget_service_proto_depIdxs = []int32{
-	22, // 0: runcap.v1.CreateRunRequest.labels:type_name -> runcap.v1.CreateRunRequest.LabelsEntry
-	23, // 1: runcap.v1.CreateRunRequest.default_ttl:type_name -> google.protobuf.Duration
-	24, // 2: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
-	25, // 3: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
-	24, // 4: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
-	25, // 5: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
+	29, // 0: runcap.v1.CreateRunRequest.labels:type_name -> runcap.v1.CreateRunRequest.LabelsEntry
+	30, // 1: runcap.v1.CreateRunRequest.default_ttl:type_name -> google.protobuf.Duration
+	31, // 2: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
+	32, // 3: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
+	31, // 4: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
+	32, // 5: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
 	6,  // 6: runcap.v1.ReserveRequest.llm_call:type_name -> runcap.v1.LlmCall
-	23, // 7: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
-	26, // 8: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
-	27, // 9: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
-	28, // 10: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
-	25, // 11: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
-	29, // 12: runcap.v1.ReserveResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
-	30, // 13: runcap.v1.ReserveResponse.blocking_period:type_name -> runcap.v1.Period
+	30, // 7: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
+	33, // 8: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
+	34, // 9: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
+	35, // 10: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
+	32, // 11: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
+	36, // 12: runcap.v1.ReserveResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
+	37, // 13: runcap.v1.ReserveResponse.blocking_period:type_name -> runcap.v1.Period
 	7,  // 14: runcap.v1.ReserveResponse.estimate:type_name -> runcap.v1.LlmEstimate
 	8,  // 15: runcap.v1.CommitRequest.usage:type_name -> runcap.v1.TokenUsage
-	25, // 16: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
-	31, // 17: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	25, // 18: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
-	31, // 19: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	25, // 20: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
-	25, // 21: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
-	32, // 22: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
+	32, // 16: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
+	38, // 17: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	32, // 18: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
+	38, // 19: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	32, // 20: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
+	32, // 21: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
+	39, // 22: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
 	17, // 23: runcap.v1.WatchResponse.progress:type_name -> runcap.v1.Progress
-	29, // 24: runcap.v1.SetScopeLimitRequest.scope:type_name -> runcap.v1.ScopeRef
-	30, // 25: runcap.v1.SetScopeLimitRequest.period:type_name -> runcap.v1.Period
-	33, // 26: runcap.v1.SetScopeLimitResponse.scope:type_name -> runcap.v1.Scope
-	29, // 27: runcap.v1.GetScopeRequest.scope:type_name -> runcap.v1.ScopeRef
-	33, // 28: runcap.v1.GetScopeResponse.scope:type_name -> runcap.v1.Scope
-	0,  // 29: runcap.v1.BudgetService.CreateRun:input_type -> runcap.v1.CreateRunRequest
-	2,  // 30: runcap.v1.BudgetService.GetRun:input_type -> runcap.v1.GetRunRequest
-	4,  // 31: runcap.v1.BudgetService.Reserve:input_type -> runcap.v1.ReserveRequest
-	9,  // 32: runcap.v1.BudgetService.Commit:input_type -> runcap.v1.CommitRequest
-	11, // 33: runcap.v1.BudgetService.Refund:input_type -> runcap.v1.RefundRequest
-	13, // 34: runcap.v1.BudgetService.CloseRun:input_type -> runcap.v1.CloseRunRequest
-	15, // 35: runcap.v1.BudgetService.Watch:input_type -> runcap.v1.WatchRequest
-	18, // 36: runcap.v1.BudgetService.SetScopeLimit:input_type -> runcap.v1.SetScopeLimitRequest
-	20, // 37: runcap.v1.BudgetService.GetScope:input_type -> runcap.v1.GetScopeRequest
-	1,  // 38: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
-	3,  // 39: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
-	5,  // 40: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
-	10, // 41: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
-	12, // 42: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
-	14, // 43: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
-	16, // 44: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
-	19, // 45: runcap.v1.BudgetService.SetScopeLimit:output_type -> runcap.v1.SetScopeLimitResponse
-	21, // 46: runcap.v1.BudgetService.GetScope:output_type -> runcap.v1.GetScopeResponse
-	38, // [38:47] is the sub-list for method output_type
-	29, // [29:38] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	36, // 24: runcap.v1.SetScopeLimitRequest.scope:type_name -> runcap.v1.ScopeRef
+	37, // 25: runcap.v1.SetScopeLimitRequest.period:type_name -> runcap.v1.Period
+	40, // 26: runcap.v1.SetScopeLimitResponse.scope:type_name -> runcap.v1.Scope
+	36, // 27: runcap.v1.GetScopeRequest.scope:type_name -> runcap.v1.ScopeRef
+	40, // 28: runcap.v1.GetScopeResponse.scope:type_name -> runcap.v1.Scope
+	22, // 29: runcap.v1.SetModelPriceRequest.price:type_name -> runcap.v1.ModelPrice
+	22, // 30: runcap.v1.SetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
+	22, // 31: runcap.v1.GetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
+	0,  // 32: runcap.v1.BudgetService.CreateRun:input_type -> runcap.v1.CreateRunRequest
+	2,  // 33: runcap.v1.BudgetService.GetRun:input_type -> runcap.v1.GetRunRequest
+	4,  // 34: runcap.v1.BudgetService.Reserve:input_type -> runcap.v1.ReserveRequest
+	9,  // 35: runcap.v1.BudgetService.Commit:input_type -> runcap.v1.CommitRequest
+	11, // 36: runcap.v1.BudgetService.Refund:input_type -> runcap.v1.RefundRequest
+	13, // 37: runcap.v1.BudgetService.CloseRun:input_type -> runcap.v1.CloseRunRequest
+	15, // 38: runcap.v1.BudgetService.Watch:input_type -> runcap.v1.WatchRequest
+	18, // 39: runcap.v1.BudgetService.SetScopeLimit:input_type -> runcap.v1.SetScopeLimitRequest
+	20, // 40: runcap.v1.BudgetService.GetScope:input_type -> runcap.v1.GetScopeRequest
+	23, // 41: runcap.v1.BudgetService.SetModelPrice:input_type -> runcap.v1.SetModelPriceRequest
+	25, // 42: runcap.v1.BudgetService.DeleteModelPrice:input_type -> runcap.v1.DeleteModelPriceRequest
+	27, // 43: runcap.v1.BudgetService.GetModelPrice:input_type -> runcap.v1.GetModelPriceRequest
+	1,  // 44: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
+	3,  // 45: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
+	5,  // 46: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
+	10, // 47: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
+	12, // 48: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
+	14, // 49: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
+	16, // 50: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
+	19, // 51: runcap.v1.BudgetService.SetScopeLimit:output_type -> runcap.v1.SetScopeLimitResponse
+	21, // 52: runcap.v1.BudgetService.GetScope:output_type -> runcap.v1.GetScopeResponse
+	24, // 53: runcap.v1.BudgetService.SetModelPrice:output_type -> runcap.v1.SetModelPriceResponse
+	26, // 54: runcap.v1.BudgetService.DeleteModelPrice:output_type -> runcap.v1.DeleteModelPriceResponse
+	28, // 55: runcap.v1.BudgetService.GetModelPrice:output_type -> runcap.v1.GetModelPriceResponse
+	44, // [44:56] is the sub-list for method output_type
+	32, // [32:44] is the sub-list for method input_type
+	32, // [32:32] is the sub-list for extension type_name
+	32, // [32:32] is the sub-list for extension extendee
+	0,  // [0:32] is the sub-list for field type_name
 }
 
 func init() { file_runcap_v1_budget_service_proto_init() }
@@ -1986,13 +2504,14 @@ func file_runcap_v1_budget_service_proto_init() {
 		(*SetScopeLimitRequest_LimitMicros)(nil),
 		(*SetScopeLimitRequest_Clear)(nil),
 	}
+	file_runcap_v1_budget_service_proto_msgTypes[22].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_runcap_v1_budget_service_proto_rawDesc), len(file_runcap_v1_budget_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   23,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -19,15 +19,18 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	BudgetService_CreateRun_FullMethodName     = "/runcap.v1.BudgetService/CreateRun"
-	BudgetService_GetRun_FullMethodName        = "/runcap.v1.BudgetService/GetRun"
-	BudgetService_Reserve_FullMethodName       = "/runcap.v1.BudgetService/Reserve"
-	BudgetService_Commit_FullMethodName        = "/runcap.v1.BudgetService/Commit"
-	BudgetService_Refund_FullMethodName        = "/runcap.v1.BudgetService/Refund"
-	BudgetService_CloseRun_FullMethodName      = "/runcap.v1.BudgetService/CloseRun"
-	BudgetService_Watch_FullMethodName         = "/runcap.v1.BudgetService/Watch"
-	BudgetService_SetScopeLimit_FullMethodName = "/runcap.v1.BudgetService/SetScopeLimit"
-	BudgetService_GetScope_FullMethodName      = "/runcap.v1.BudgetService/GetScope"
+	BudgetService_CreateRun_FullMethodName        = "/runcap.v1.BudgetService/CreateRun"
+	BudgetService_GetRun_FullMethodName           = "/runcap.v1.BudgetService/GetRun"
+	BudgetService_Reserve_FullMethodName          = "/runcap.v1.BudgetService/Reserve"
+	BudgetService_Commit_FullMethodName           = "/runcap.v1.BudgetService/Commit"
+	BudgetService_Refund_FullMethodName           = "/runcap.v1.BudgetService/Refund"
+	BudgetService_CloseRun_FullMethodName         = "/runcap.v1.BudgetService/CloseRun"
+	BudgetService_Watch_FullMethodName            = "/runcap.v1.BudgetService/Watch"
+	BudgetService_SetScopeLimit_FullMethodName    = "/runcap.v1.BudgetService/SetScopeLimit"
+	BudgetService_GetScope_FullMethodName         = "/runcap.v1.BudgetService/GetScope"
+	BudgetService_SetModelPrice_FullMethodName    = "/runcap.v1.BudgetService/SetModelPrice"
+	BudgetService_DeleteModelPrice_FullMethodName = "/runcap.v1.BudgetService/DeleteModelPrice"
+	BudgetService_GetModelPrice_FullMethodName    = "/runcap.v1.BudgetService/GetModelPrice"
 )
 
 // BudgetServiceClient is the client API for BudgetService service.
@@ -79,6 +82,15 @@ type BudgetServiceClient interface {
 	// Returns a parent scope's ceilings and its usage in each period's current
 	// window.
 	GetScope(ctx context.Context, in *GetScopeRequest, opts ...grpc.CallOption) (*GetScopeResponse, error)
+	// Prices a model for this tenant: a custom model the price table does not
+	// know, or a negotiated price that replaces the table's. Applies to the
+	// next Reserve on every replica (within a second).
+	SetModelPrice(ctx context.Context, in *SetModelPriceRequest, opts ...grpc.CallOption) (*SetModelPriceResponse, error)
+	// Removes a tenant's price for a model: the price table's applies again
+	// (or, for a custom model, Reserve blocks it as an unknown price).
+	DeleteModelPrice(ctx context.Context, in *DeleteModelPriceRequest, opts ...grpc.CallOption) (*DeleteModelPriceResponse, error)
+	// Returns the price Reserve uses for a model now, and where it comes from.
+	GetModelPrice(ctx context.Context, in *GetModelPriceRequest, opts ...grpc.CallOption) (*GetModelPriceResponse, error)
 }
 
 type budgetServiceClient struct {
@@ -188,6 +200,36 @@ func (c *budgetServiceClient) GetScope(ctx context.Context, in *GetScopeRequest,
 	return out, nil
 }
 
+func (c *budgetServiceClient) SetModelPrice(ctx context.Context, in *SetModelPriceRequest, opts ...grpc.CallOption) (*SetModelPriceResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SetModelPriceResponse)
+	err := c.cc.Invoke(ctx, BudgetService_SetModelPrice_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *budgetServiceClient) DeleteModelPrice(ctx context.Context, in *DeleteModelPriceRequest, opts ...grpc.CallOption) (*DeleteModelPriceResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteModelPriceResponse)
+	err := c.cc.Invoke(ctx, BudgetService_DeleteModelPrice_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *budgetServiceClient) GetModelPrice(ctx context.Context, in *GetModelPriceRequest, opts ...grpc.CallOption) (*GetModelPriceResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetModelPriceResponse)
+	err := c.cc.Invoke(ctx, BudgetService_GetModelPrice_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // BudgetServiceServer is the server API for BudgetService service.
 // All implementations must embed UnimplementedBudgetServiceServer
 // for forward compatibility.
@@ -237,6 +279,15 @@ type BudgetServiceServer interface {
 	// Returns a parent scope's ceilings and its usage in each period's current
 	// window.
 	GetScope(context.Context, *GetScopeRequest) (*GetScopeResponse, error)
+	// Prices a model for this tenant: a custom model the price table does not
+	// know, or a negotiated price that replaces the table's. Applies to the
+	// next Reserve on every replica (within a second).
+	SetModelPrice(context.Context, *SetModelPriceRequest) (*SetModelPriceResponse, error)
+	// Removes a tenant's price for a model: the price table's applies again
+	// (or, for a custom model, Reserve blocks it as an unknown price).
+	DeleteModelPrice(context.Context, *DeleteModelPriceRequest) (*DeleteModelPriceResponse, error)
+	// Returns the price Reserve uses for a model now, and where it comes from.
+	GetModelPrice(context.Context, *GetModelPriceRequest) (*GetModelPriceResponse, error)
 	mustEmbedUnimplementedBudgetServiceServer()
 }
 
@@ -273,6 +324,15 @@ func (UnimplementedBudgetServiceServer) SetScopeLimit(context.Context, *SetScope
 }
 func (UnimplementedBudgetServiceServer) GetScope(context.Context, *GetScopeRequest) (*GetScopeResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetScope not implemented")
+}
+func (UnimplementedBudgetServiceServer) SetModelPrice(context.Context, *SetModelPriceRequest) (*SetModelPriceResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetModelPrice not implemented")
+}
+func (UnimplementedBudgetServiceServer) DeleteModelPrice(context.Context, *DeleteModelPriceRequest) (*DeleteModelPriceResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteModelPrice not implemented")
+}
+func (UnimplementedBudgetServiceServer) GetModelPrice(context.Context, *GetModelPriceRequest) (*GetModelPriceResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetModelPrice not implemented")
 }
 func (UnimplementedBudgetServiceServer) mustEmbedUnimplementedBudgetServiceServer() {}
 func (UnimplementedBudgetServiceServer) testEmbeddedByValue()                       {}
@@ -450,6 +510,60 @@ func _BudgetService_GetScope_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _BudgetService_SetModelPrice_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetModelPriceRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BudgetServiceServer).SetModelPrice(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BudgetService_SetModelPrice_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BudgetServiceServer).SetModelPrice(ctx, req.(*SetModelPriceRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _BudgetService_DeleteModelPrice_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteModelPriceRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BudgetServiceServer).DeleteModelPrice(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BudgetService_DeleteModelPrice_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BudgetServiceServer).DeleteModelPrice(ctx, req.(*DeleteModelPriceRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _BudgetService_GetModelPrice_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetModelPriceRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BudgetServiceServer).GetModelPrice(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BudgetService_GetModelPrice_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BudgetServiceServer).GetModelPrice(ctx, req.(*GetModelPriceRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // BudgetService_ServiceDesc is the grpc.ServiceDesc for BudgetService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -488,6 +602,18 @@ var BudgetService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetScope",
 			Handler:    _BudgetService_GetScope_Handler,
+		},
+		{
+			MethodName: "SetModelPrice",
+			Handler:    _BudgetService_SetModelPrice_Handler,
+		},
+		{
+			MethodName: "DeleteModelPrice",
+			Handler:    _BudgetService_DeleteModelPrice_Handler,
+		},
+		{
+			MethodName: "GetModelPrice",
+			Handler:    _BudgetService_GetModelPrice_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -885,3 +885,240 @@ class GetScopeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetScopeResponse: _TypeAlias = GetScopeResponse  # noqa: Y015
+
+@_typing.final
+class ModelPrice(_message.Message):
+    """ModelPrice is what one model costs and can do. Rates are integer micro-USD
+    per 1,000,000 tokens.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUT_RATE_FIELD_NUMBER: _builtins.int
+    OUTPUT_RATE_FIELD_NUMBER: _builtins.int
+    CACHE_READ_RATE_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_RATE_FIELD_NUMBER: _builtins.int
+    REASONING_RATE_FIELD_NUMBER: _builtins.int
+    CONTEXT_WINDOW_FIELD_NUMBER: _builtins.int
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    JSON_SCHEMA_FIELD_NUMBER: _builtins.int
+    MODALITIES_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
+    """The provider, as LlmCall.provider names it."""
+    model: _builtins.str
+    """The model id, as LlmCall.model names it."""
+    input_rate: _builtins.int
+    """Input tokens."""
+    output_rate: _builtins.int
+    """Visible output tokens."""
+    cache_read_rate: _builtins.int
+    """Input tokens read from the prompt cache."""
+    cache_write_rate: _builtins.int
+    """Input tokens written to the prompt cache."""
+    reasoning_rate: _builtins.int
+    """Reasoning output tokens."""
+    context_window: _builtins.int
+    """The model's context window in tokens, when known."""
+    max_output_tokens: _builtins.int
+    """The most output tokens the model produces, when known: it caps the
+    output an estimate prices.
+    """
+    tools: _builtins.bool
+    """Whether the model can call tools (functions)."""
+    json_schema: _builtins.bool
+    """Whether the model can follow a JSON schema for its output."""
+    @_builtins.property
+    def modalities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The input modalities the model takes ("text", "image", "audio",
+        "video"). Empty means text only.
+        """
+
+    def __init__(
+        self,
+        *,
+        provider: _builtins.str = ...,
+        model: _builtins.str = ...,
+        input_rate: _builtins.int = ...,
+        output_rate: _builtins.int = ...,
+        cache_read_rate: _builtins.int = ...,
+        cache_write_rate: _builtins.int = ...,
+        reasoning_rate: _builtins.int = ...,
+        context_window: _builtins.int | None = ...,
+        max_output_tokens: _builtins.int | None = ...,
+        tools: _builtins.bool = ...,
+        json_schema: _builtins.bool = ...,
+        modalities: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_context_window", b"_context_window", "_max_output_tokens", b"_max_output_tokens", "context_window", b"context_window", "max_output_tokens", b"max_output_tokens"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_context_window", b"_context_window", "_max_output_tokens", b"_max_output_tokens", "cache_read_rate", b"cache_read_rate", "cache_write_rate", b"cache_write_rate", "context_window", b"context_window", "input_rate", b"input_rate", "json_schema", b"json_schema", "max_output_tokens", b"max_output_tokens", "modalities", b"modalities", "model", b"model", "output_rate", b"output_rate", "provider", b"provider", "reasoning_rate", b"reasoning_rate", "tools", b"tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__context_window: _TypeAlias = _typing.Literal["context_window"]  # noqa: Y015
+    _WhichOneofArgType__context_window: _TypeAlias = _typing.Literal["_context_window", b"_context_window"]  # noqa: Y015
+    _WhichOneofReturnType__max_output_tokens: _TypeAlias = _typing.Literal["max_output_tokens"]  # noqa: Y015
+    _WhichOneofArgType__max_output_tokens: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__context_window) -> _WhichOneofReturnType__context_window | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_output_tokens) -> _WhichOneofReturnType__max_output_tokens | None: ...
+
+Global___ModelPrice: _TypeAlias = ModelPrice  # noqa: Y015
+
+@_typing.final
+class SetModelPriceRequest(_message.Message):
+    """SetModelPriceRequest sets a tenant's price for one model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRICE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def price(self) -> Global___ModelPrice:
+        """The price; its provider and model name the model."""
+
+    def __init__(
+        self,
+        *,
+        price: Global___ModelPrice | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetModelPriceRequest: _TypeAlias = SetModelPriceRequest  # noqa: Y015
+
+@_typing.final
+class SetModelPriceResponse(_message.Message):
+    """SetModelPriceResponse confirms the price."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRICE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def price(self) -> Global___ModelPrice:
+        """The price now in force for the model."""
+
+    def __init__(
+        self,
+        *,
+        price: Global___ModelPrice | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetModelPriceResponse: _TypeAlias = SetModelPriceResponse  # noqa: Y015
+
+@_typing.final
+class DeleteModelPriceRequest(_message.Message):
+    """DeleteModelPriceRequest names a model whose tenant price to remove."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
+    """The provider."""
+    model: _builtins.str
+    """The model id."""
+    def __init__(
+        self,
+        *,
+        provider: _builtins.str = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteModelPriceRequest: _TypeAlias = DeleteModelPriceRequest  # noqa: Y015
+
+@_typing.final
+class DeleteModelPriceResponse(_message.Message):
+    """DeleteModelPriceResponse reports the removal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.bool
+    """False when the tenant had no price for the model."""
+    def __init__(
+        self,
+        *,
+        deleted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteModelPriceResponse: _TypeAlias = DeleteModelPriceResponse  # noqa: Y015
+
+@_typing.final
+class GetModelPriceRequest(_message.Message):
+    """GetModelPriceRequest names a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
+    """The provider."""
+    model: _builtins.str
+    """The model id."""
+    def __init__(
+        self,
+        *,
+        provider: _builtins.str = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelPriceRequest: _TypeAlias = GetModelPriceRequest  # noqa: Y015
+
+@_typing.final
+class GetModelPriceResponse(_message.Message):
+    """GetModelPriceResponse is the price Reserve uses for a model now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRICE_FIELD_NUMBER: _builtins.int
+    TENANT_OVERRIDE_FIELD_NUMBER: _builtins.int
+    PRICE_TABLE_VERSION_FIELD_NUMBER: _builtins.int
+    tenant_override: _builtins.bool
+    """True when the price is the tenant's own (SetModelPrice), false when it
+    comes from the price table.
+    """
+    price_table_version: _builtins.str
+    """The price table version loaded now."""
+    @_builtins.property
+    def price(self) -> Global___ModelPrice:
+        """The price. Unset when the model has none: Reserve blocks it."""
+
+    def __init__(
+        self,
+        *,
+        price: Global___ModelPrice | None = ...,
+        tenant_override: _builtins.bool = ...,
+        price_table_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["price", b"price", "price_table_version", b"price_table_version", "tenant_override", b"tenant_override"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelPriceResponse: _TypeAlias = GetModelPriceResponse  # noqa: Y015

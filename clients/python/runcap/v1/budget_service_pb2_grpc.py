@@ -90,6 +90,21 @@ class BudgetServiceStub:
                 request_serializer=runcap_dot_v1_dot_budget__service__pb2.GetScopeRequest.SerializeToString,
                 response_deserializer=runcap_dot_v1_dot_budget__service__pb2.GetScopeResponse.FromString,
                 _registered_method=True)
+        self.SetModelPrice = channel.unary_unary(
+                '/runcap.v1.BudgetService/SetModelPrice',
+                request_serializer=runcap_dot_v1_dot_budget__service__pb2.SetModelPriceRequest.SerializeToString,
+                response_deserializer=runcap_dot_v1_dot_budget__service__pb2.SetModelPriceResponse.FromString,
+                _registered_method=True)
+        self.DeleteModelPrice = channel.unary_unary(
+                '/runcap.v1.BudgetService/DeleteModelPrice',
+                request_serializer=runcap_dot_v1_dot_budget__service__pb2.DeleteModelPriceRequest.SerializeToString,
+                response_deserializer=runcap_dot_v1_dot_budget__service__pb2.DeleteModelPriceResponse.FromString,
+                _registered_method=True)
+        self.GetModelPrice = channel.unary_unary(
+                '/runcap.v1.BudgetService/GetModelPrice',
+                request_serializer=runcap_dot_v1_dot_budget__service__pb2.GetModelPriceRequest.SerializeToString,
+                response_deserializer=runcap_dot_v1_dot_budget__service__pb2.GetModelPriceResponse.FromString,
+                _registered_method=True)
 
 
 class BudgetServiceServicer:
@@ -184,6 +199,30 @@ class BudgetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetModelPrice(self, request, context):
+        """Prices a model for this tenant: a custom model the price table does not
+        know, or a negotiated price that replaces the table's. Applies to the
+        next Reserve on every replica (within a second).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModelPrice(self, request, context):
+        """Removes a tenant's price for a model: the price table's applies again
+        (or, for a custom model, Reserve blocks it as an unknown price).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModelPrice(self, request, context):
+        """Returns the price Reserve uses for a model now, and where it comes from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BudgetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -231,6 +270,21 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.GetScope,
                     request_deserializer=runcap_dot_v1_dot_budget__service__pb2.GetScopeRequest.FromString,
                     response_serializer=runcap_dot_v1_dot_budget__service__pb2.GetScopeResponse.SerializeToString,
+            ),
+            'SetModelPrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetModelPrice,
+                    request_deserializer=runcap_dot_v1_dot_budget__service__pb2.SetModelPriceRequest.FromString,
+                    response_serializer=runcap_dot_v1_dot_budget__service__pb2.SetModelPriceResponse.SerializeToString,
+            ),
+            'DeleteModelPrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModelPrice,
+                    request_deserializer=runcap_dot_v1_dot_budget__service__pb2.DeleteModelPriceRequest.FromString,
+                    response_serializer=runcap_dot_v1_dot_budget__service__pb2.DeleteModelPriceResponse.SerializeToString,
+            ),
+            'GetModelPrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelPrice,
+                    request_deserializer=runcap_dot_v1_dot_budget__service__pb2.GetModelPriceRequest.FromString,
+                    response_serializer=runcap_dot_v1_dot_budget__service__pb2.GetModelPriceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -487,6 +541,87 @@ class BudgetService:
             '/runcap.v1.BudgetService/GetScope',
             runcap_dot_v1_dot_budget__service__pb2.GetScopeRequest.SerializeToString,
             runcap_dot_v1_dot_budget__service__pb2.GetScopeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetModelPrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runcap.v1.BudgetService/SetModelPrice',
+            runcap_dot_v1_dot_budget__service__pb2.SetModelPriceRequest.SerializeToString,
+            runcap_dot_v1_dot_budget__service__pb2.SetModelPriceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModelPrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runcap.v1.BudgetService/DeleteModelPrice',
+            runcap_dot_v1_dot_budget__service__pb2.DeleteModelPriceRequest.SerializeToString,
+            runcap_dot_v1_dot_budget__service__pb2.DeleteModelPriceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelPrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runcap.v1.BudgetService/GetModelPrice',
+            runcap_dot_v1_dot_budget__service__pb2.GetModelPriceRequest.SerializeToString,
+            runcap_dot_v1_dot_budget__service__pb2.GetModelPriceResponse.FromString,
             options,
             channel_credentials,
             insecure,

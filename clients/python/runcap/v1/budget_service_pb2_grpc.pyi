@@ -85,6 +85,17 @@ class BudgetServiceStub:
     """Returns a parent scope's ceilings and its usage in each period's current
     window.
     """
+    SetModelPrice: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.SetModelPriceRequest, _budget_service_pb2.SetModelPriceResponse]
+    """Prices a model for this tenant: a custom model the price table does not
+    know, or a negotiated price that replaces the table's. Applies to the
+    next Reserve on every replica (within a second).
+    """
+    DeleteModelPrice: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.DeleteModelPriceRequest, _budget_service_pb2.DeleteModelPriceResponse]
+    """Removes a tenant's price for a model: the price table's applies again
+    (or, for a custom model, Reserve blocks it as an unknown price).
+    """
+    GetModelPrice: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.GetModelPriceRequest, _budget_service_pb2.GetModelPriceResponse]
+    """Returns the price Reserve uses for a model now, and where it comes from."""
 
 @_typing.type_check_only
 class BudgetServiceAsyncStub(BudgetServiceStub):
@@ -143,6 +154,17 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     """Returns a parent scope's ceilings and its usage in each period's current
     window.
     """
+    SetModelPrice: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.SetModelPriceRequest, _budget_service_pb2.SetModelPriceResponse]  # type: ignore[assignment]
+    """Prices a model for this tenant: a custom model the price table does not
+    know, or a negotiated price that replaces the table's. Applies to the
+    next Reserve on every replica (within a second).
+    """
+    DeleteModelPrice: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.DeleteModelPriceRequest, _budget_service_pb2.DeleteModelPriceResponse]  # type: ignore[assignment]
+    """Removes a tenant's price for a model: the price table's applies again
+    (or, for a custom model, Reserve blocks it as an unknown price).
+    """
+    GetModelPrice: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.GetModelPriceRequest, _budget_service_pb2.GetModelPriceResponse]  # type: ignore[assignment]
+    """Returns the price Reserve uses for a model now, and where it comes from."""
 
 class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
     """BudgetService is the budget authority for agent runs. Ask it before every
@@ -252,5 +274,34 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         """Returns a parent scope's ceilings and its usage in each period's current
         window.
         """
+
+    @_abc_1.abstractmethod
+    def SetModelPrice(
+        self,
+        request: _budget_service_pb2.SetModelPriceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_service_pb2.SetModelPriceResponse, _abc.Awaitable[_budget_service_pb2.SetModelPriceResponse]]:
+        """Prices a model for this tenant: a custom model the price table does not
+        know, or a negotiated price that replaces the table's. Applies to the
+        next Reserve on every replica (within a second).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteModelPrice(
+        self,
+        request: _budget_service_pb2.DeleteModelPriceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_service_pb2.DeleteModelPriceResponse, _abc.Awaitable[_budget_service_pb2.DeleteModelPriceResponse]]:
+        """Removes a tenant's price for a model: the price table's applies again
+        (or, for a custom model, Reserve blocks it as an unknown price).
+        """
+
+    @_abc_1.abstractmethod
+    def GetModelPrice(
+        self,
+        request: _budget_service_pb2.GetModelPriceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_service_pb2.GetModelPriceResponse, _abc.Awaitable[_budget_service_pb2.GetModelPriceResponse]]:
+        """Returns the price Reserve uses for a model now, and where it comes from."""
 
 def add_BudgetServiceServicer_to_server(servicer: BudgetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file runcap/v1/budget_service.proto.
  */
 export const file_runcap_v1_budget_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch5ydW5jYXAvdjEvYnVkZ2V0X3NlcnZpY2UucHJvdG8SCXJ1bmNhcC52MSLNAgoQQ3JlYXRlUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQESGgoMbGltaXRfbWljcm9zGAIgASgDQgTiQQECEj0KBmxhYmVscxgDIAMoCzInLnJ1bmNhcC52MS5DcmVhdGVSdW5SZXF1ZXN0LkxhYmVsc0VudHJ5QgTiQQEBEjQKC2RlZmF1bHRfdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEBEhsKDXBhcmVudF9ydW5faWQYBSABKAlCBOJBAQESGAoKYXBpX2tleV9pZBgGIAEoCUIE4kEBARIVCgd1c2VyX2lkGAcgASgJQgTiQQEBEhUKB3RlYW1faWQYCCABKAlCBOJBAQEaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJpChFDcmVhdGVSdW5SZXNwb25zZRIbCgNydW4YASABKAsyDi5ydW5jYXAudjEuUnVuEiUKBXN0YXRlGAIgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlEhAKCHJlcGxheWVkGAMgASgIIiUKDUdldFJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECIlQKDkdldFJ1blJlc3BvbnNlEhsKA3J1bhgBIAEoCzIOLnJ1bmNhcC52MS5SdW4SJQoFc3RhdGUYAiABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUivwEKDlJlc2VydmVSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIcCg5yZXNlcnZhdGlvbl9pZBgCIAEoCUIE4kEBARIXCg1hbW91bnRfbWljcm9zGAMgASgDSAASJgoIbGxtX2NhbGwYBSABKAsyEi5ydW5jYXAudjEuTGxtQ2FsbEgAEiwKA3R0bBgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbkIE4kEBAUIKCghlc3RpbWF0ZSL/AgoPUmVzZXJ2ZVJlc3BvbnNlEiUKCGRlY2lzaW9uGAEgASgOMhMucnVuY2FwLnYxLkRlY2lzaW9uEikKBnJlYXNvbhgCIAEoDjIZLnJ1bmNhcC52MS5EZWNpc2lvblJlYXNvbhIWCg5yZXNlcnZhdGlvbl9pZBgDIAEoCRIVCg1hbW91bnRfbWljcm9zGAQgASgDEi8KC2V4cGlyZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgVzdGF0ZRgGIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZRIQCghyZXBsYXllZBgHIAEoCBIrCg5ibG9ja2luZ19zY29wZRgIIAEoCzITLnJ1bmNhcC52MS5TY29wZVJlZhIqCg9ibG9ja2luZ19wZXJpb2QYCSABKA4yES5ydW5jYXAudjEuUGVyaW9kEigKCGVzdGltYXRlGAogASgLMhYucnVuY2FwLnYxLkxsbUVzdGltYXRlIo4BCgdMbG1DYWxsEhYKCHByb3ZpZGVyGAEgASgJQgTiQQECEhMKBW1vZGVsGAIgASgJQgTiQQECEhoKDGlucHV0X3Rva2VucxgDIAEoA0IE4kEBAhIkChFtYXhfb3V0cHV0X3Rva2VucxgEIAEoA0IE4kEBAUgAiAEBQhQKEl9tYXhfb3V0cHV0X3Rva2VucyKdAQoLTGxtRXN0aW1hdGUSEAoIcHJvdmlkZXIYASABKAkSDQoFbW9kZWwYAiABKAkSFAoMaW5wdXRfdG9rZW5zGAMgASgDEiMKG2VmZmVjdGl2ZV9tYXhfb3V0cHV0X3Rva2VucxgEIAEoAxIVCg1hbW91bnRfbWljcm9zGAUgASgDEhsKE3ByaWNlX3RhYmxlX3ZlcnNpb24YBiABKAkiigEKClRva2VuVXNhZ2USFAoMaW5wdXRfdG9rZW5zGAEgASgDEhUKDW91dHB1dF90b2tlbnMYAiABKAMSGQoRY2FjaGVfcmVhZF90b2tlbnMYAyABKAMSGgoSY2FjaGVfd3JpdGVfdG9rZW5zGAQgASgDEhgKEHJlYXNvbmluZ190b2tlbnMYBSABKAMijgEKDUNvbW1pdFJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEhwKDnJlc2VydmF0aW9uX2lkGAIgASgJQgTiQQECEhcKDWFjdHVhbF9taWNyb3MYAyABKANIABImCgV1c2FnZRgEIAEoCzIVLnJ1bmNhcC52MS5Ub2tlblVzYWdlSABCCAoGYWN0dWFsIscBCg5Db21taXRSZXNwb25zZRIlCgVzdGF0ZRgBIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZRIWCg5vdmVycnVuX21pY3JvcxgCIAEoAxIQCghyZXBsYXllZBgDIAEoCBI4ChJyZXNlcnZhdGlvbl9zdGF0dXMYBCABKA4yHC5ydW5jYXAudjEuUmVzZXJ2YXRpb25TdGF0dXMSFQoNYWN0dWFsX21pY3JvcxgFIAEoAxITCgtoZWxkX21pY3JvcxgGIAEoAyJDCg1SZWZ1bmRSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIcCg5yZXNlcnZhdGlvbl9pZBgCIAEoCUIE4kEBAiKcAQoOUmVmdW5kUmVzcG9uc2USJQoFc3RhdGUYASABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAiABKAgSOAoScmVzZXJ2YXRpb25fc3RhdHVzGAMgASgOMhwucnVuY2FwLnYxLlJlc2VydmF0aW9uU3RhdHVzEhcKD3JlbGVhc2VkX21pY3JvcxgEIAEoAyInCg9DbG9zZVJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECIksKEENsb3NlUnVuUmVzcG9uc2USJQoFc3RhdGUYASABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAiABKAgidgoMV2F0Y2hSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIhCg5hZnRlcl9yZXZpc2lvbhgCIAEoA0IE4kEBAUgAiAEBEhoKDGFmdGVyX2RpZ2VzdBgDIAEoCUIE4kEBAUIRCg9fYWZ0ZXJfcmV2aXNpb24ipwEKDVdhdGNoUmVzcG9uc2USEAoIcmV2aXNpb24YASABKAMSKgoIc25hcHNob3QYAiABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGVIABInCgVldmVudBgDIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRFdmVudEgAEicKCHByb2dyZXNzGAQgASgLMhMucnVuY2FwLnYxLlByb2dyZXNzSABCBgoEa2luZCIZCghQcm9ncmVzcxINCgVmaW5hbBgBIAEoCCKdAQoUU2V0U2NvcGVMaW1pdFJlcXVlc3QSKAoFc2NvcGUYASABKAsyEy5ydW5jYXAudjEuU2NvcGVSZWZCBOJBAQISJwoGcGVyaW9kGAIgASgOMhEucnVuY2FwLnYxLlBlcmlvZEIE4kEBAhIWCgxsaW1pdF9taWNyb3MYAyABKANIABIPCgVjbGVhchgEIAEoCEgAQgkKB2NlaWxpbmciOAoVU2V0U2NvcGVMaW1pdFJlc3BvbnNlEh8KBXNjb3BlGAEgASgLMhAucnVuY2FwLnYxLlNjb3BlIjsKD0dldFNjb3BlUmVxdWVzdBIoCgVzY29wZRgBIAEoCzITLnJ1bmNhcC52MS5TY29wZVJlZkIE4kEBAiIzChBHZXRTY29wZVJlc3BvbnNlEh8KBXNjb3BlGAEgASgLMhAucnVuY2FwLnYxLlNjb3BlMvIECg1CdWRnZXRTZXJ2aWNlEkYKCUNyZWF0ZVJ1bhIbLnJ1bmNhcC52MS5DcmVhdGVSdW5SZXF1ZXN0GhwucnVuY2FwLnYxLkNyZWF0ZVJ1blJlc3BvbnNlEj0KBkdldFJ1bhIYLnJ1bmNhcC52MS5HZXRSdW5SZXF1ZXN0GhkucnVuY2FwLnYxLkdldFJ1blJlc3BvbnNlEkAKB1Jlc2VydmUSGS5ydW5jYXAudjEuUmVzZXJ2ZVJlcXVlc3QaGi5ydW5jYXAudjEuUmVzZXJ2ZVJlc3BvbnNlEj0KBkNvbW1pdBIYLnJ1bmNhcC52MS5Db21taXRSZXF1ZXN0GhkucnVuY2FwLnYxLkNvbW1pdFJlc3BvbnNlEj0KBlJlZnVuZBIYLnJ1bmNhcC52MS5SZWZ1bmRSZXF1ZXN0GhkucnVuY2FwLnYxLlJlZnVuZFJlc3BvbnNlEkMKCENsb3NlUnVuEhoucnVuY2FwLnYxLkNsb3NlUnVuUmVxdWVzdBobLnJ1bmNhcC52MS5DbG9zZVJ1blJlc3BvbnNlEjwKBVdhdGNoEhcucnVuY2FwLnYxLldhdGNoUmVxdWVzdBoYLnJ1bmNhcC52MS5XYXRjaFJlc3BvbnNlMAESUgoNU2V0U2NvcGVMaW1pdBIfLnJ1bmNhcC52MS5TZXRTY29wZUxpbWl0UmVxdWVzdBogLnJ1bmNhcC52MS5TZXRTY29wZUxpbWl0UmVzcG9uc2USQwoIR2V0U2NvcGUSGi5ydW5jYXAudjEuR2V0U2NvcGVSZXF1ZXN0GhsucnVuY2FwLnYxLkdldFNjb3BlUmVzcG9uc2VCOFo2Z2l0aHViLmNvbS9ydW5jYXAvcnVuY2FwL2NsaWVudHMvZ28vcnVuY2FwL3YxO3J1bmNhcHYxYgZwcm90bzM", [file_google_api_field_behavior, file_google_protobuf_duration, file_google_protobuf_timestamp, file_runcap_v1_budget]);
+  fileDesc("Ch5ydW5jYXAvdjEvYnVkZ2V0X3NlcnZpY2UucHJvdG8SCXJ1bmNhcC52MSLNAgoQQ3JlYXRlUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQESGgoMbGltaXRfbWljcm9zGAIgASgDQgTiQQECEj0KBmxhYmVscxgDIAMoCzInLnJ1bmNhcC52MS5DcmVhdGVSdW5SZXF1ZXN0LkxhYmVsc0VudHJ5QgTiQQEBEjQKC2RlZmF1bHRfdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEBEhsKDXBhcmVudF9ydW5faWQYBSABKAlCBOJBAQESGAoKYXBpX2tleV9pZBgGIAEoCUIE4kEBARIVCgd1c2VyX2lkGAcgASgJQgTiQQEBEhUKB3RlYW1faWQYCCABKAlCBOJBAQEaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJpChFDcmVhdGVSdW5SZXNwb25zZRIbCgNydW4YASABKAsyDi5ydW5jYXAudjEuUnVuEiUKBXN0YXRlGAIgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlEhAKCHJlcGxheWVkGAMgASgIIiUKDUdldFJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECIlQKDkdldFJ1blJlc3BvbnNlEhsKA3J1bhgBIAEoCzIOLnJ1bmNhcC52MS5SdW4SJQoFc3RhdGUYAiABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUivwEKDlJlc2VydmVSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIcCg5yZXNlcnZhdGlvbl9pZBgCIAEoCUIE4kEBARIXCg1hbW91bnRfbWljcm9zGAMgASgDSAASJgoIbGxtX2NhbGwYBSABKAsyEi5ydW5jYXAudjEuTGxtQ2FsbEgAEiwKA3R0bBgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbkIE4kEBAUIKCghlc3RpbWF0ZSL/AgoPUmVzZXJ2ZVJlc3BvbnNlEiUKCGRlY2lzaW9uGAEgASgOMhMucnVuY2FwLnYxLkRlY2lzaW9uEikKBnJlYXNvbhgCIAEoDjIZLnJ1bmNhcC52MS5EZWNpc2lvblJlYXNvbhIWCg5yZXNlcnZhdGlvbl9pZBgDIAEoCRIVCg1hbW91bnRfbWljcm9zGAQgASgDEi8KC2V4cGlyZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgVzdGF0ZRgGIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZRIQCghyZXBsYXllZBgHIAEoCBIrCg5ibG9ja2luZ19zY29wZRgIIAEoCzITLnJ1bmNhcC52MS5TY29wZVJlZhIqCg9ibG9ja2luZ19wZXJpb2QYCSABKA4yES5ydW5jYXAudjEuUGVyaW9kEigKCGVzdGltYXRlGAogASgLMhYucnVuY2FwLnYxLkxsbUVzdGltYXRlIo4BCgdMbG1DYWxsEhYKCHByb3ZpZGVyGAEgASgJQgTiQQECEhMKBW1vZGVsGAIgASgJQgTiQQECEhoKDGlucHV0X3Rva2VucxgDIAEoA0IE4kEBAhIkChFtYXhfb3V0cHV0X3Rva2VucxgEIAEoA0IE4kEBAUgAiAEBQhQKEl9tYXhfb3V0cHV0X3Rva2VucyKdAQoLTGxtRXN0aW1hdGUSEAoIcHJvdmlkZXIYASABKAkSDQoFbW9kZWwYAiABKAkSFAoMaW5wdXRfdG9rZW5zGAMgASgDEiMKG2VmZmVjdGl2ZV9tYXhfb3V0cHV0X3Rva2VucxgEIAEoAxIVCg1hbW91bnRfbWljcm9zGAUgASgDEhsKE3ByaWNlX3RhYmxlX3ZlcnNpb24YBiABKAkiigEKClRva2VuVXNhZ2USFAoMaW5wdXRfdG9rZW5zGAEgASgDEhUKDW91dHB1dF90b2tlbnMYAiABKAMSGQoRY2FjaGVfcmVhZF90b2tlbnMYAyABKAMSGgoSY2FjaGVfd3JpdGVfdG9rZW5zGAQgASgDEhgKEHJlYXNvbmluZ190b2tlbnMYBSABKAMijgEKDUNvbW1pdFJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEhwKDnJlc2VydmF0aW9uX2lkGAIgASgJQgTiQQECEhcKDWFjdHVhbF9taWNyb3MYAyABKANIABImCgV1c2FnZRgEIAEoCzIVLnJ1bmNhcC52MS5Ub2tlblVzYWdlSABCCAoGYWN0dWFsIscBCg5Db21taXRSZXNwb25zZRIlCgVzdGF0ZRgBIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZRIWCg5vdmVycnVuX21pY3JvcxgCIAEoAxIQCghyZXBsYXllZBgDIAEoCBI4ChJyZXNlcnZhdGlvbl9zdGF0dXMYBCABKA4yHC5ydW5jYXAudjEuUmVzZXJ2YXRpb25TdGF0dXMSFQoNYWN0dWFsX21pY3JvcxgFIAEoAxITCgtoZWxkX21pY3JvcxgGIAEoAyJDCg1SZWZ1bmRSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIcCg5yZXNlcnZhdGlvbl9pZBgCIAEoCUIE4kEBAiKcAQoOUmVmdW5kUmVzcG9uc2USJQoFc3RhdGUYASABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAiABKAgSOAoScmVzZXJ2YXRpb25fc3RhdHVzGAMgASgOMhwucnVuY2FwLnYxLlJlc2VydmF0aW9uU3RhdHVzEhcKD3JlbGVhc2VkX21pY3JvcxgEIAEoAyInCg9DbG9zZVJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECIksKEENsb3NlUnVuUmVzcG9uc2USJQoFc3RhdGUYASABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAiABKAgidgoMV2F0Y2hSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIhCg5hZnRlcl9yZXZpc2lvbhgCIAEoA0IE4kEBAUgAiAEBEhoKDGFmdGVyX2RpZ2VzdBgDIAEoCUIE4kEBAUIRCg9fYWZ0ZXJfcmV2aXNpb24ipwEKDVdhdGNoUmVzcG9uc2USEAoIcmV2aXNpb24YASABKAMSKgoIc25hcHNob3QYAiABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGVIABInCgVldmVudBgDIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRFdmVudEgAEicKCHByb2dyZXNzGAQgASgLMhMucnVuY2FwLnYxLlByb2dyZXNzSABCBgoEa2luZCIZCghQcm9ncmVzcxINCgVmaW5hbBgBIAEoCCKdAQoUU2V0U2NvcGVMaW1pdFJlcXVlc3QSKAoFc2NvcGUYASABKAsyEy5ydW5jYXAudjEuU2NvcGVSZWZCBOJBAQISJwoGcGVyaW9kGAIgASgOMhEucnVuY2FwLnYxLlBlcmlvZEIE4kEBAhIWCgxsaW1pdF9taWNyb3MYAyABKANIABIPCgVjbGVhchgEIAEoCEgAQgkKB2NlaWxpbmciOAoVU2V0U2NvcGVMaW1pdFJlc3BvbnNlEh8KBXNjb3BlGAEgASgLMhAucnVuY2FwLnYxLlNjb3BlIjsKD0dldFNjb3BlUmVxdWVzdBIoCgVzY29wZRgBIAEoCzITLnJ1bmNhcC52MS5TY29wZVJlZkIE4kEBAiIzChBHZXRTY29wZVJlc3BvbnNlEh8KBXNjb3BlGAEgASgLMhAucnVuY2FwLnYxLlNjb3BlIocDCgpNb2RlbFByaWNlEhYKCHByb3ZpZGVyGAEgASgJQgTiQQECEhMKBW1vZGVsGAIgASgJQgTiQQECEhgKCmlucHV0X3JhdGUYAyABKANCBOJBAQISGQoLb3V0cHV0X3JhdGUYBCABKANCBOJBAQISHQoPY2FjaGVfcmVhZF9yYXRlGAUgASgDQgTiQQECEh4KEGNhY2hlX3dyaXRlX3JhdGUYBiABKANCBOJBAQISHAoOcmVhc29uaW5nX3JhdGUYByABKANCBOJBAQISIQoOY29udGV4dF93aW5kb3cYCCABKANCBOJBAQFIAIgBARIkChFtYXhfb3V0cHV0X3Rva2VucxgJIAEoA0IE4kEBAUgBiAEBEhMKBXRvb2xzGAogASgIQgTiQQEBEhkKC2pzb25fc2NoZW1hGAsgASgIQgTiQQEBEhgKCm1vZGFsaXRpZXMYDCADKAlCBOJBAQFCEQoPX2NvbnRleHRfd2luZG93QhQKEl9tYXhfb3V0cHV0X3Rva2VucyJCChRTZXRNb2RlbFByaWNlUmVxdWVzdBIqCgVwcmljZRgBIAEoCzIVLnJ1bmNhcC52MS5Nb2RlbFByaWNlQgTiQQECIj0KFVNldE1vZGVsUHJpY2VSZXNwb25zZRIkCgVwcmljZRgBIAEoCzIVLnJ1bmNhcC52MS5Nb2RlbFByaWNlIkYKF0RlbGV0ZU1vZGVsUHJpY2VSZXF1ZXN0EhYKCHByb3ZpZGVyGAEgASgJQgTiQQECEhMKBW1vZGVsGAIgASgJQgTiQQECIisKGERlbGV0ZU1vZGVsUHJpY2VSZXNwb25zZRIPCgdkZWxldGVkGAEgASgIIkMKFEdldE1vZGVsUHJpY2VSZXF1ZXN0EhYKCHByb3ZpZGVyGAEgASgJQgTiQQECEhMKBW1vZGVsGAIgASgJQgTiQQECInMKFUdldE1vZGVsUHJpY2VSZXNwb25zZRIkCgVwcmljZRgBIAEoCzIVLnJ1bmNhcC52MS5Nb2RlbFByaWNlEhcKD3RlbmFudF9vdmVycmlkZRgCIAEoCBIbChNwcmljZV90YWJsZV92ZXJzaW9uGAMgASgJMvcGCg1CdWRnZXRTZXJ2aWNlEkYKCUNyZWF0ZVJ1bhIbLnJ1bmNhcC52MS5DcmVhdGVSdW5SZXF1ZXN0GhwucnVuY2FwLnYxLkNyZWF0ZVJ1blJlc3BvbnNlEj0KBkdldFJ1bhIYLnJ1bmNhcC52MS5HZXRSdW5SZXF1ZXN0GhkucnVuY2FwLnYxLkdldFJ1blJlc3BvbnNlEkAKB1Jlc2VydmUSGS5ydW5jYXAudjEuUmVzZXJ2ZVJlcXVlc3QaGi5ydW5jYXAudjEuUmVzZXJ2ZVJlc3BvbnNlEj0KBkNvbW1pdBIYLnJ1bmNhcC52MS5Db21taXRSZXF1ZXN0GhkucnVuY2FwLnYxLkNvbW1pdFJlc3BvbnNlEj0KBlJlZnVuZBIYLnJ1bmNhcC52MS5SZWZ1bmRSZXF1ZXN0GhkucnVuY2FwLnYxLlJlZnVuZFJlc3BvbnNlEkMKCENsb3NlUnVuEhoucnVuY2FwLnYxLkNsb3NlUnVuUmVxdWVzdBobLnJ1bmNhcC52MS5DbG9zZVJ1blJlc3BvbnNlEjwKBVdhdGNoEhcucnVuY2FwLnYxLldhdGNoUmVxdWVzdBoYLnJ1bmNhcC52MS5XYXRjaFJlc3BvbnNlMAESUgoNU2V0U2NvcGVMaW1pdBIfLnJ1bmNhcC52MS5TZXRTY29wZUxpbWl0UmVxdWVzdBogLnJ1bmNhcC52MS5TZXRTY29wZUxpbWl0UmVzcG9uc2USQwoIR2V0U2NvcGUSGi5ydW5jYXAudjEuR2V0U2NvcGVSZXF1ZXN0GhsucnVuY2FwLnYxLkdldFNjb3BlUmVzcG9uc2USUgoNU2V0TW9kZWxQcmljZRIfLnJ1bmNhcC52MS5TZXRNb2RlbFByaWNlUmVxdWVzdBogLnJ1bmNhcC52MS5TZXRNb2RlbFByaWNlUmVzcG9uc2USWwoQRGVsZXRlTW9kZWxQcmljZRIiLnJ1bmNhcC52MS5EZWxldGVNb2RlbFByaWNlUmVxdWVzdBojLnJ1bmNhcC52MS5EZWxldGVNb2RlbFByaWNlUmVzcG9uc2USUgoNR2V0TW9kZWxQcmljZRIfLnJ1bmNhcC52MS5HZXRNb2RlbFByaWNlUmVxdWVzdBogLnJ1bmNhcC52MS5HZXRNb2RlbFByaWNlUmVzcG9uc2VCOFo2Z2l0aHViLmNvbS9ydW5jYXAvcnVuY2FwL2NsaWVudHMvZ28vcnVuY2FwL3YxO3J1bmNhcHYxYgZwcm90bzM", [file_google_api_field_behavior, file_google_protobuf_duration, file_google_protobuf_timestamp, file_runcap_v1_budget]);
 
 /**
  * CreateRunRequest asks for a new run.
@@ -958,6 +958,262 @@ export const GetScopeResponseSchema: GenMessage<GetScopeResponse> = /*@__PURE__*
   messageDesc(file_runcap_v1_budget_service, 21);
 
 /**
+ * ModelPrice is what one model costs and can do. Rates are integer micro-USD
+ * per 1,000,000 tokens.
+ *
+ * @generated from message runcap.v1.ModelPrice
+ */
+export type ModelPrice = Message<"runcap.v1.ModelPrice"> & {
+  /**
+   * The provider, as LlmCall.provider names it.
+   *
+   * @generated from field: string provider = 1;
+   */
+  provider: string;
+
+  /**
+   * The model id, as LlmCall.model names it.
+   *
+   * @generated from field: string model = 2;
+   */
+  model: string;
+
+  /**
+   * Input tokens.
+   *
+   * @generated from field: int64 input_rate = 3;
+   */
+  inputRate: bigint;
+
+  /**
+   * Visible output tokens.
+   *
+   * @generated from field: int64 output_rate = 4;
+   */
+  outputRate: bigint;
+
+  /**
+   * Input tokens read from the prompt cache.
+   *
+   * @generated from field: int64 cache_read_rate = 5;
+   */
+  cacheReadRate: bigint;
+
+  /**
+   * Input tokens written to the prompt cache.
+   *
+   * @generated from field: int64 cache_write_rate = 6;
+   */
+  cacheWriteRate: bigint;
+
+  /**
+   * Reasoning output tokens.
+   *
+   * @generated from field: int64 reasoning_rate = 7;
+   */
+  reasoningRate: bigint;
+
+  /**
+   * The model's context window in tokens, when known.
+   *
+   * @generated from field: optional int64 context_window = 8;
+   */
+  contextWindow?: bigint | undefined;
+
+  /**
+   * The most output tokens the model produces, when known: it caps the
+   * output an estimate prices.
+   *
+   * @generated from field: optional int64 max_output_tokens = 9;
+   */
+  maxOutputTokens?: bigint | undefined;
+
+  /**
+   * Whether the model can call tools (functions).
+   *
+   * @generated from field: bool tools = 10;
+   */
+  tools: boolean;
+
+  /**
+   * Whether the model can follow a JSON schema for its output.
+   *
+   * @generated from field: bool json_schema = 11;
+   */
+  jsonSchema: boolean;
+
+  /**
+   * The input modalities the model takes ("text", "image", "audio",
+   * "video"). Empty means text only.
+   *
+   * @generated from field: repeated string modalities = 12;
+   */
+  modalities: string[];
+};
+
+/**
+ * Describes the message runcap.v1.ModelPrice.
+ * Use `create(ModelPriceSchema)` to create a new message.
+ */
+export const ModelPriceSchema: GenMessage<ModelPrice> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget_service, 22);
+
+/**
+ * SetModelPriceRequest sets a tenant's price for one model.
+ *
+ * @generated from message runcap.v1.SetModelPriceRequest
+ */
+export type SetModelPriceRequest = Message<"runcap.v1.SetModelPriceRequest"> & {
+  /**
+   * The price; its provider and model name the model.
+   *
+   * @generated from field: runcap.v1.ModelPrice price = 1;
+   */
+  price?: ModelPrice | undefined;
+};
+
+/**
+ * Describes the message runcap.v1.SetModelPriceRequest.
+ * Use `create(SetModelPriceRequestSchema)` to create a new message.
+ */
+export const SetModelPriceRequestSchema: GenMessage<SetModelPriceRequest> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget_service, 23);
+
+/**
+ * SetModelPriceResponse confirms the price.
+ *
+ * @generated from message runcap.v1.SetModelPriceResponse
+ */
+export type SetModelPriceResponse = Message<"runcap.v1.SetModelPriceResponse"> & {
+  /**
+   * The price now in force for the model.
+   *
+   * @generated from field: runcap.v1.ModelPrice price = 1;
+   */
+  price?: ModelPrice | undefined;
+};
+
+/**
+ * Describes the message runcap.v1.SetModelPriceResponse.
+ * Use `create(SetModelPriceResponseSchema)` to create a new message.
+ */
+export const SetModelPriceResponseSchema: GenMessage<SetModelPriceResponse> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget_service, 24);
+
+/**
+ * DeleteModelPriceRequest names a model whose tenant price to remove.
+ *
+ * @generated from message runcap.v1.DeleteModelPriceRequest
+ */
+export type DeleteModelPriceRequest = Message<"runcap.v1.DeleteModelPriceRequest"> & {
+  /**
+   * The provider.
+   *
+   * @generated from field: string provider = 1;
+   */
+  provider: string;
+
+  /**
+   * The model id.
+   *
+   * @generated from field: string model = 2;
+   */
+  model: string;
+};
+
+/**
+ * Describes the message runcap.v1.DeleteModelPriceRequest.
+ * Use `create(DeleteModelPriceRequestSchema)` to create a new message.
+ */
+export const DeleteModelPriceRequestSchema: GenMessage<DeleteModelPriceRequest> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget_service, 25);
+
+/**
+ * DeleteModelPriceResponse reports the removal.
+ *
+ * @generated from message runcap.v1.DeleteModelPriceResponse
+ */
+export type DeleteModelPriceResponse = Message<"runcap.v1.DeleteModelPriceResponse"> & {
+  /**
+   * False when the tenant had no price for the model.
+   *
+   * @generated from field: bool deleted = 1;
+   */
+  deleted: boolean;
+};
+
+/**
+ * Describes the message runcap.v1.DeleteModelPriceResponse.
+ * Use `create(DeleteModelPriceResponseSchema)` to create a new message.
+ */
+export const DeleteModelPriceResponseSchema: GenMessage<DeleteModelPriceResponse> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget_service, 26);
+
+/**
+ * GetModelPriceRequest names a model.
+ *
+ * @generated from message runcap.v1.GetModelPriceRequest
+ */
+export type GetModelPriceRequest = Message<"runcap.v1.GetModelPriceRequest"> & {
+  /**
+   * The provider.
+   *
+   * @generated from field: string provider = 1;
+   */
+  provider: string;
+
+  /**
+   * The model id.
+   *
+   * @generated from field: string model = 2;
+   */
+  model: string;
+};
+
+/**
+ * Describes the message runcap.v1.GetModelPriceRequest.
+ * Use `create(GetModelPriceRequestSchema)` to create a new message.
+ */
+export const GetModelPriceRequestSchema: GenMessage<GetModelPriceRequest> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget_service, 27);
+
+/**
+ * GetModelPriceResponse is the price Reserve uses for a model now.
+ *
+ * @generated from message runcap.v1.GetModelPriceResponse
+ */
+export type GetModelPriceResponse = Message<"runcap.v1.GetModelPriceResponse"> & {
+  /**
+   * The price. Unset when the model has none: Reserve blocks it.
+   *
+   * @generated from field: runcap.v1.ModelPrice price = 1;
+   */
+  price?: ModelPrice | undefined;
+
+  /**
+   * True when the price is the tenant's own (SetModelPrice), false when it
+   * comes from the price table.
+   *
+   * @generated from field: bool tenant_override = 2;
+   */
+  tenantOverride: boolean;
+
+  /**
+   * The price table version loaded now.
+   *
+   * @generated from field: string price_table_version = 3;
+   */
+  priceTableVersion: string;
+};
+
+/**
+ * Describes the message runcap.v1.GetModelPriceResponse.
+ * Use `create(GetModelPriceResponseSchema)` to create a new message.
+ */
+export const GetModelPriceResponseSchema: GenMessage<GetModelPriceResponse> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget_service, 28);
+
+/**
  * BudgetService is the budget authority for agent runs. Ask it before every
  * paid call (Reserve), tell it after (Commit or Refund), and Watch a run to
  * steer by its live budget.
@@ -1077,6 +1333,39 @@ export const BudgetService: GenService<{
     methodKind: "unary";
     input: typeof GetScopeRequestSchema;
     output: typeof GetScopeResponseSchema;
+  },
+  /**
+   * Prices a model for this tenant: a custom model the price table does not
+   * know, or a negotiated price that replaces the table's. Applies to the
+   * next Reserve on every replica (within a second).
+   *
+   * @generated from rpc runcap.v1.BudgetService.SetModelPrice
+   */
+  setModelPrice: {
+    methodKind: "unary";
+    input: typeof SetModelPriceRequestSchema;
+    output: typeof SetModelPriceResponseSchema;
+  },
+  /**
+   * Removes a tenant's price for a model: the price table's applies again
+   * (or, for a custom model, Reserve blocks it as an unknown price).
+   *
+   * @generated from rpc runcap.v1.BudgetService.DeleteModelPrice
+   */
+  deleteModelPrice: {
+    methodKind: "unary";
+    input: typeof DeleteModelPriceRequestSchema;
+    output: typeof DeleteModelPriceResponseSchema;
+  },
+  /**
+   * Returns the price Reserve uses for a model now, and where it comes from.
+   *
+   * @generated from rpc runcap.v1.BudgetService.GetModelPrice
+   */
+  getModelPrice: {
+    methodKind: "unary";
+    input: typeof GetModelPriceRequestSchema;
+    output: typeof GetModelPriceResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_runcap_v1_budget_service, 0);
