@@ -314,3 +314,40 @@ async def test_health_follows_redis_through_an_outage(tmp_path: Path) -> None:
     finally:
         server.stop()
         redis_server.stop()
+
+
+async def test_a_tenant_price_set_on_one_replica_applies_on_every_replica(
+    redis_standalone: RedisServer,
+) -> None:
+    env = {
+        "RUNCAP_BACKEND": "redis",
+        "RUNCAP_REDIS_URL": redis_standalone.url,
+        "RUNCAP_REDIS_NAMESPACE": namespace(),
+    }
+    servers = [ServerProcess(None, env=env) for _ in range(2)]
+    try:
+        for server in servers:
+            server.start()
+        async with (
+            grpc.aio.insecure_channel(servers[0].target) as first,
+            grpc.aio.insecure_channel(servers[1].target) as second,
+        ):
+            admin: BudgetServiceAsyncStub = BudgetServiceStub(first)
+            other: BudgetServiceAsyncStub = BudgetServiceStub(second)
+            await other.CreateRun(pb.CreateRunRequest(run_id="priced", limit_micros=10**9))
+            llm = pb.LlmCall(provider="inhouse", model="m1", input_tokens=10, max_output_tokens=10)
+            reserve = pb.ReserveRequest(run_id="priced", llm_call=llm)
+            assert (await other.Reserve(reserve)).decision == budget_pb2.DECISION_BLOCK
+            price = pb.ModelPrice(
+                provider="inhouse", model="m1", input_rate=10**6, output_rate=10**6
+            )
+            await admin.SetModelPrice(pb.SetModelPriceRequest(price=price))
+            for _ in range(40):  # each replica refreshes every second
+                reply = await other.Reserve(reserve)
+                if reply.decision == budget_pb2.DECISION_ALLOW:
+                    break
+                await asyncio.sleep(0.1)
+            assert (reply.decision, reply.amount_micros) == (budget_pb2.DECISION_ALLOW, 20)
+    finally:
+        for server in servers:
+            server.stop()
