@@ -244,6 +244,17 @@ class ParentRunClosed(_PreconditionError):
         self.subject = parent_run_id
 
 
+class RunClosed(_PreconditionError):
+    reason = errors_pb2.ERROR_REASON_RUN_CLOSED
+    violation_type = "RUN_CLOSED"
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(
+            f"run {run_id!r} is closed: it can no longer be suspended or resumed", run_id, ""
+        )
+        self.subject = run_id
+
+
 class RevisionOutOfRange(RuncapError):
     code = grpc.StatusCode.OUT_OF_RANGE
     reason = errors_pb2.ERROR_REASON_REVISION_OUT_OF_RANGE

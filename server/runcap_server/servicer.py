@@ -350,6 +350,34 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         )
 
     @_unary
+    async def SuspendRun(
+        self,
+        request: budget_service_pb2.SuspendRunRequest,
+        context: Context,
+    ) -> budget_service_pb2.SuspendRunResponse:
+        check = Validator()
+        run_id = check.identifier("run_id", request.run_id)
+        check.done()
+        result = await self.backend.suspend_run(self.tenant, run_id)
+        return budget_service_pb2.SuspendRunResponse(
+            state=convert.state_pb(result.state), replayed=result.replayed
+        )
+
+    @_unary
+    async def ResumeRun(
+        self,
+        request: budget_service_pb2.ResumeRunRequest,
+        context: Context,
+    ) -> budget_service_pb2.ResumeRunResponse:
+        check = Validator()
+        run_id = check.identifier("run_id", request.run_id)
+        check.done()
+        result = await self.backend.resume_run(self.tenant, run_id)
+        return budget_service_pb2.ResumeRunResponse(
+            state=convert.state_pb(result.state), replayed=result.replayed
+        )
+
+    @_unary
     async def SetScopeLimit(
         self,
         request: budget_service_pb2.SetScopeLimitRequest,

@@ -14,6 +14,9 @@
 //	})
 //	if errors.Is(err, runcap.ErrBudgetBlocked) { ... downshift or stop ... }
 //
+// For an LLM call, ReserveLLM, HoldLLM and WithLLMReservation let the server
+// price an LLMCall, and CommitUsage and Hold.SetUsage commit its TokenUsage.
+//
 // The generated stubs and messages are in package
 // github.com/runcap/runcap/clients/go/runcap/v1 (runcapv1); failed calls
 // return a *runcaperr.Error (package github.com/runcap/runcap/clients/go/runcaperr)
@@ -260,7 +263,8 @@ func (c *Client) GetRun(ctx context.Context, runID string) (*runcapv1.GetRunResp
 	return call(ctx, c, true, c.stub.GetRun, &runcapv1.GetRunRequest{RunId: runID})
 }
 
-// ReserveOption sets an optional field of Reserve, Hold and WithReservation.
+// ReserveOption sets an optional field of Reserve, Hold and WithReservation
+// (and of their LLM call forms ReserveLLM, HoldLLM and WithLLMReservation).
 type ReserveOption func(*runcapv1.ReserveRequest)
 
 // ReservationID sets the reservation id (the idempotency key). Without it a
@@ -276,10 +280,20 @@ func TTL(d time.Duration) ReserveOption {
 }
 
 func reserveRequest(runID string, amountMicros int64, opts []ReserveOption) *runcapv1.ReserveRequest {
-	req := &runcapv1.ReserveRequest{
+	return withReserveOptions(&runcapv1.ReserveRequest{
 		RunId:    runID,
 		Estimate: &runcapv1.ReserveRequest_AmountMicros{AmountMicros: amountMicros},
-	}
+	}, opts)
+}
+
+func reserveLLMRequest(runID string, llm LLMCall, opts []ReserveOption) *runcapv1.ReserveRequest {
+	return withReserveOptions(&runcapv1.ReserveRequest{
+		RunId:    runID,
+		Estimate: &runcapv1.ReserveRequest_LlmCall{LlmCall: llm.Proto()},
+	}, opts)
+}
+
+func withReserveOptions(req *runcapv1.ReserveRequest, opts []ReserveOption) *runcapv1.ReserveRequest {
 	for _, o := range opts {
 		o(req)
 	}
@@ -292,8 +306,21 @@ func reserveRequest(runID string, amountMicros int64, opts []ReserveOption) *run
 // Reserve asks to hold amountMicros against the run and returns the
 // decision. A block is a response (Decision == DECISION_BLOCK), not an
 // error. The reservation id (generated when not given) is in the response.
+// ReserveLLM reserves for an LLM call instead.
 func (c *Client) Reserve(ctx context.Context, runID string, amountMicros int64, opts ...ReserveOption) (*runcapv1.ReserveResponse, error) {
 	return call(ctx, c, true, c.stub.Reserve, reserveRequest(runID, amountMicros, opts))
+}
+
+// ReserveLLM asks to hold the server's price of an LLM call against the
+// run (its input tokens at the input price plus its effective maximum
+// output at the output price) and returns the decision, with the pricing in
+// the response's Estimate. A model the server has no price for is a block
+// with DECISION_REASON_UNKNOWN_PRICE (fail closed). Commit it with
+// CommitUsage (or Commit, with a cost in micros).
+//
+//	resp, err := client.ReserveLLM(ctx, runID, runcap.LLMCall{Provider: "openai", Model: "gpt-4o", InputTokens: 1200, MaxOutputTokens: 500})
+func (c *Client) ReserveLLM(ctx context.Context, runID string, llm LLMCall, opts ...ReserveOption) (*runcapv1.ReserveResponse, error) {
+	return call(ctx, c, true, c.stub.Reserve, reserveLLMRequest(runID, llm, opts))
 }
 
 // Commit records a reservation's actual cost and releases the rest of its
@@ -303,6 +330,19 @@ func (c *Client) Commit(ctx context.Context, runID, reservationID string, actual
 		RunId:         runID,
 		ReservationId: reservationID,
 		Actual:        &runcapv1.CommitRequest_ActualMicros{ActualMicros: actualMicros},
+	}
+	return call(ctx, c, true, c.stub.Commit, req)
+}
+
+// CommitUsage records the actual token usage of a reservation made with
+// ReserveLLM (or HoldLLM); the server prices it at the reservation's own
+// rates and releases the rest of the hold. A reservation of an amount has
+// no rates: the server rejects usage for it (INVALID_ARGUMENT).
+func (c *Client) CommitUsage(ctx context.Context, runID, reservationID string, usage TokenUsage) (*runcapv1.CommitResponse, error) {
+	req := &runcapv1.CommitRequest{
+		RunId:         runID,
+		ReservationId: reservationID,
+		Actual:        &runcapv1.CommitRequest_Usage{Usage: usage.Proto()},
 	}
 	return call(ctx, c, true, c.stub.Commit, req)
 }

@@ -38,6 +38,35 @@ func ExampleClient_WithReservation() {
 	}
 }
 
+// Reserve for an LLM call, priced by the server from its price table, and
+// commit the call's actual token usage after it.
+func ExampleClient_WithLLMReservation() {
+	ctx := context.Background()
+	client, err := runcap.Dial(runcap.DefaultTarget)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer client.Close()
+
+	llm := runcap.LLMCall{Provider: "openai", Model: "gpt-4o", InputTokens: 1_200, MaxOutputTokens: 500}
+	err = client.WithLLMReservation(ctx, "run-42", llm, func(ctx context.Context, h *runcap.Hold) error {
+		log.Printf("holding %d micros (price table %s)", h.AmountMicros(), h.Estimate().GetPriceTableVersion())
+		if _, err := callTheModel(ctx, llm.Model); err != nil {
+			return err // the hold is refunded
+		}
+		h.SetUsage(runcap.TokenUsage{InputTokens: 1_200, OutputTokens: 310}) // priced at the hold's rates
+		return nil
+	})
+	switch {
+	case errors.Is(err, runcap.ErrUnknownPrice):
+		log.Print("the server has no price for this model: check its name")
+	case errors.Is(err, runcap.ErrBudgetBlocked):
+		log.Print("out of budget: stop or downshift")
+	case err != nil:
+		log.Fatal(err)
+	}
+}
+
 // Watch a run and downshift the model when the remaining budget runs low.
 // The stream resumes by itself across disconnects and server restarts.
 func ExampleClient_Watch() {

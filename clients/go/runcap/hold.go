@@ -12,6 +12,11 @@ import (
 // ErrBudgetBlocked matches (with errors.Is) every *BudgetBlockedError.
 var ErrBudgetBlocked = errors.New("runcap: budget blocked")
 
+// ErrUnknownPrice matches (with errors.Is) a *BudgetBlockedError whose
+// reason is DECISION_REASON_UNKNOWN_PRICE: the server has no price for the
+// LLM call's provider and model, so it failed closed.
+var ErrUnknownPrice = errors.New("runcap: unknown price")
+
 // BudgetBlockedError is returned by Hold and WithReservation when the server
 // blocks the reservation. It is not a *runcaperr.Error: the call succeeded
 // and the answer was no. Nothing is held.
@@ -25,8 +30,22 @@ type BudgetBlockedError struct {
 
 func (e *BudgetBlockedError) Error() string {
 	r := e.Response
-	msg := fmt.Sprintf("runcap: reservation %q of run %q was blocked (%s): %d of %d micros remain",
-		r.GetReservationId(), e.RunID, r.GetReason(), r.GetState().GetRemainingMicros(), r.GetState().GetLimitMicros())
+	msg := fmt.Sprintf("runcap: reservation %q of run %q was blocked (%s): ", r.GetReservationId(), e.RunID, r.GetReason())
+	est := r.GetEstimate()
+	if e.UnknownPrice() {
+		model := "the model"
+		if est != nil {
+			model = fmt.Sprintf("model %q of provider %q", est.GetModel(), est.GetProvider())
+			if v := est.GetPriceTableVersion(); v != "" {
+				model += fmt.Sprintf(" (price table %q)", v)
+			}
+		}
+		return msg + "unknown price: the server has no price for " + model + ", so runcap fails closed; nothing is held"
+	}
+	msg += fmt.Sprintf("%d of %d micros remain", r.GetState().GetRemainingMicros(), r.GetState().GetLimitMicros())
+	if est != nil {
+		msg += fmt.Sprintf(", the %s/%s call was estimated at %d micros", est.GetProvider(), est.GetModel(), est.GetAmountMicros())
+	}
 	if s := r.GetBlockingScope(); s != nil && (s.GetKind() != runcapv1.ScopeKind_SCOPE_KIND_RUN || s.GetId() != e.RunID) {
 		msg += fmt.Sprintf(" (blocked by %s %q", s.GetKind(), s.GetId())
 		if p := r.GetBlockingPeriod(); p != runcapv1.Period_PERIOD_UNSPECIFIED {
@@ -37,8 +56,22 @@ func (e *BudgetBlockedError) Error() string {
 	return msg
 }
 
-// Is makes errors.Is(err, ErrBudgetBlocked) true.
-func (e *BudgetBlockedError) Is(target error) bool { return target == ErrBudgetBlocked }
+// Is makes errors.Is(err, ErrBudgetBlocked) true, and errors.Is(err,
+// ErrUnknownPrice) true for a block by an unknown price.
+func (e *BudgetBlockedError) Is(target error) bool {
+	return target == ErrBudgetBlocked || (target == ErrUnknownPrice && e.UnknownPrice())
+}
+
+// UnknownPrice reports whether the block is DECISION_REASON_UNKNOWN_PRICE:
+// the server has no price for the LLM call's provider and model (a typo, an
+// alias, or a model newer than its price table), not a budget ceiling.
+func (e *BudgetBlockedError) UnknownPrice() bool {
+	return e.Response.GetReason() == runcapv1.DecisionReason_DECISION_REASON_UNKNOWN_PRICE
+}
+
+// Estimate is how the server priced the LLM call (provider, model, tokens,
+// amount and price table version), or nil for a reservation of an amount.
+func (e *BudgetBlockedError) Estimate() *runcapv1.LlmEstimate { return e.Response.GetEstimate() }
 
 // Reason says why the reservation was blocked.
 func (e *BudgetBlockedError) Reason() runcapv1.DecisionReason { return e.Response.GetReason() }
@@ -70,6 +103,7 @@ type Hold struct {
 
 	mu             sync.Mutex
 	actual         *int64
+	usage          *TokenUsage
 	release        bool
 	commitResponse *runcapv1.CommitResponse
 	refundResponse *runcapv1.RefundResponse
@@ -82,7 +116,20 @@ type Hold struct {
 // Settle the hold with Commit or Refund; see WithReservation for a helper
 // that always settles.
 func (c *Client) Hold(ctx context.Context, runID string, amountMicros int64, opts ...ReserveOption) (*Hold, error) {
-	req := reserveRequest(runID, amountMicros, opts)
+	return c.hold(ctx, reserveRequest(runID, amountMicros, opts))
+}
+
+// HoldLLM reserves the server's price of an LLM call against the run and
+// returns the hold, as Hold does for an amount; Hold.Estimate says how it
+// was priced. A model the server has no price for is a *BudgetBlockedError
+// matching ErrUnknownPrice. Settle the hold with CommitUsage (or Commit, or
+// Refund).
+func (c *Client) HoldLLM(ctx context.Context, runID string, llm LLMCall, opts ...ReserveOption) (*Hold, error) {
+	return c.hold(ctx, reserveLLMRequest(runID, llm, opts))
+}
+
+func (c *Client) hold(ctx context.Context, req *runcapv1.ReserveRequest) (*Hold, error) {
+	runID := req.GetRunId()
 	resp, err := call(ctx, c, true, c.stub.Reserve, req)
 	if err != nil {
 		return nil, err
@@ -95,6 +142,10 @@ func (c *Client) Hold(ctx context.Context, runID string, amountMicros int64, opt
 
 // AmountMicros is the amount held.
 func (h *Hold) AmountMicros() int64 { return h.Response.GetAmountMicros() }
+
+// Estimate is how the server priced the LLM call of a HoldLLM (tokens,
+// amount, price table version), or nil for a hold of an amount.
+func (h *Hold) Estimate() *runcapv1.LlmEstimate { return h.Response.GetEstimate() }
 
 // State is the run's latest known budget state: after the commit or refund
 // once the hold settled, after the reserve before.
@@ -137,6 +188,20 @@ func (h *Hold) Commit(ctx context.Context, actualMicros int64) (*runcapv1.Commit
 	return resp, nil
 }
 
+// CommitUsage records the LLM call's actual token usage, priced by the
+// server at the rates of the reservation (made with HoldLLM), and releases
+// the rest of the hold.
+func (h *Hold) CommitUsage(ctx context.Context, usage TokenUsage) (*runcapv1.CommitResponse, error) {
+	resp, err := h.client.CommitUsage(ctx, h.RunID, h.ReservationID, usage)
+	if err != nil {
+		return nil, err
+	}
+	h.mu.Lock()
+	h.commitResponse = resp
+	h.mu.Unlock()
+	return resp, nil
+}
+
 // Refund releases the whole hold (the call did not happen or cost nothing).
 func (h *Hold) Refund(ctx context.Context) (*runcapv1.RefundResponse, error) {
 	resp, err := h.client.Refund(ctx, h.RunID, h.ReservationID)
@@ -151,11 +216,25 @@ func (h *Hold) Refund(ctx context.Context) (*runcapv1.RefundResponse, error) {
 
 // SetActual makes WithReservation commit actualMicros (zero or more) when
 // the func returns, even when it returns an error or panics (the money was
-// spent).
+// spent). It replaces a SetUsage.
 func (h *Hold) SetActual(actualMicros int64) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.actual = &actualMicros
+	h.usage = nil
+	h.release = false
+}
+
+// SetUsage makes WithLLMReservation commit the LLM call's actual token
+// usage when the func returns, even when it returns an error or panics (the
+// money was spent); the server prices it at the reservation's rates. Only
+// for a hold of an LLM call: the server rejects usage for an amount. It
+// replaces a SetActual.
+func (h *Hold) SetUsage(usage TokenUsage) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.usage = &usage
+	h.actual = nil
 	h.release = false
 }
 
@@ -165,6 +244,7 @@ func (h *Hold) Release() {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.actual = nil
+	h.usage = nil
 	h.release = true
 }
 
@@ -178,29 +258,43 @@ func (h *Hold) ActualMicros() (int64, bool) {
 	return *h.actual, true
 }
 
-// outcome decides how WithReservation settles: commit (with the amount) or
-// refund.
-func (h *Hold) outcome(failed bool) (commit bool, actual int64) {
+// Usage is the token usage given to SetUsage, and whether it was called.
+func (h *Hold) Usage() (TokenUsage, bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.usage == nil {
+		return TokenUsage{}, false
+	}
+	return *h.usage, true
+}
+
+// outcome decides how WithReservation settles: commit (with the amount or,
+// when usage is not nil, the token usage) or refund.
+func (h *Hold) outcome(failed bool) (commit bool, actual int64, usage *TokenUsage) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	switch {
+	case h.usage != nil:
+		u := *h.usage
+		return true, 0, &u
 	case h.actual != nil:
-		return true, *h.actual
+		return true, *h.actual, nil
 	case failed || h.release:
-		return false, 0
+		return false, 0, nil
 	}
-	return true, h.Response.GetAmountMicros()
+	return true, h.Response.GetAmountMicros(), nil
 }
 
 // WithReservation holds amountMicros for the duration of fn and always
 // settles the hold when fn returns:
 //
 //   - fn returns nil: the hold is committed with the amount given to
-//     SetActual, or with the whole held amount when SetActual was not
-//     called; after Release it is refunded instead;
+//     SetActual (or the token usage given to SetUsage), or with the whole
+//     held amount when neither was called; after Release it is refunded
+//     instead;
 //   - fn returns an error or panics: the hold is refunded, unless SetActual
-//     was called, in which case that cost is committed (the money was
-//     spent). The error is returned (the panic re-raised); when settling
+//     or SetUsage was called, in which case that cost is committed (the
+//     money was spent). The error is returned (the panic re-raised); when settling
 //     fails too, the returned error wraps both, and the hold expires at its
 //     ttl.
 //
@@ -209,8 +303,36 @@ func (h *Hold) outcome(failed bool) (commit bool, actual int64) {
 // not called.
 func (c *Client) WithReservation(ctx context.Context, runID string, amountMicros int64,
 	fn func(ctx context.Context, h *Hold) error, opts ...ReserveOption,
-) (err error) {
-	h, err := c.Hold(ctx, runID, amountMicros, opts...)
+) error {
+	return c.withHold(ctx, reserveRequest(runID, amountMicros, opts), fn)
+}
+
+// WithLLMReservation holds the server's price of an LLM call for the
+// duration of fn and always settles the hold when fn returns, as
+// WithReservation does; call SetUsage with the call's actual token usage
+// (or SetActual with its cost). A model the server has no price for
+// returns a *BudgetBlockedError matching ErrUnknownPrice, and fn is not
+// called.
+//
+//	llm := runcap.LLMCall{Provider: "openai", Model: "gpt-4o", InputTokens: 1200, MaxOutputTokens: 500}
+//	err := client.WithLLMReservation(ctx, runID, llm, func(ctx context.Context, h *runcap.Hold) error {
+//		reply, err := callTheModel(ctx)
+//		if err != nil {
+//			return err // refunded
+//		}
+//		h.SetUsage(runcap.TokenUsage{InputTokens: reply.InputTokens, OutputTokens: reply.OutputTokens})
+//		return nil
+//	})
+func (c *Client) WithLLMReservation(ctx context.Context, runID string, llm LLMCall,
+	fn func(ctx context.Context, h *Hold) error, opts ...ReserveOption,
+) error {
+	return c.withHold(ctx, reserveLLMRequest(runID, llm, opts), fn)
+}
+
+func (c *Client) withHold(ctx context.Context, req *runcapv1.ReserveRequest,
+	fn func(ctx context.Context, h *Hold) error,
+) error {
+	h, err := c.hold(ctx, req)
 	if err != nil {
 		return err
 	}
@@ -237,8 +359,12 @@ func (c *Client) WithReservation(ctx context.Context, runID string, amountMicros
 
 func (h *Hold) settle(ctx context.Context, failed bool) error {
 	ctx = context.WithoutCancel(ctx)
-	commit, actual := h.outcome(failed)
-	if commit {
+	commit, actual, usage := h.outcome(failed)
+	switch {
+	case commit && usage != nil:
+		_, err := h.CommitUsage(ctx, *usage)
+		return err
+	case commit:
 		_, err := h.Commit(ctx, actual)
 		return err
 	}

@@ -2,12 +2,18 @@
 
 ::
 
-    from runcap import RuncapClient, BudgetBlockedError
+    from runcap import BudgetBlockedError, LlmCall, RuncapClient, TokenUsage
 
     with RuncapClient("127.0.0.1:50051") as client:
         client.create_run("run-1", limit_micros=5_000_000)
         with client.reserve("run-1", 40_000) as hold:
             hold.set_actual(call_the_model())
+
+        # Or let the server price an LLM call, and commit its token usage:
+        call = LlmCall("openai", "gpt-4o", input_tokens=1_200, max_output_tokens=500)
+        with client.reserve("run-1", llm_call=call) as hold:
+            reply = call_the_model()
+            hold.set_usage(TokenUsage(input_tokens=1_200, output_tokens=310))
 
 `AsyncRuncapClient` offers the same API for asyncio. Responses are the
 generated `runcap.v1` protobuf messages; failures raise `RuncapError`
@@ -21,7 +27,9 @@ from runcap._shared import (
     NO_RETRY,
     WATCH_RECONNECT,
     HoldBase,
+    LlmCall,
     RetryPolicy,
+    TokenUsage,
 )
 from runcap.aio import AsyncHold, AsyncRuncapClient, AsyncWatchStream
 from runcap.client import Hold, RuncapClient, WatchStream
@@ -59,6 +67,7 @@ __all__ = [
     "IdempotencyConflictError",
     "InternalError",
     "InvalidArgumentError",
+    "LlmCall",
     "ParentRunClosedError",
     "ParentRunNotFoundError",
     "ReservationBlockedError",
@@ -70,6 +79,7 @@ __all__ = [
     "RunNotFoundError",
     "RuncapClient",
     "RuncapError",
+    "TokenUsage",
     "UnavailableError",
     "WatchStream",
     "from_rpc_error",

@@ -222,23 +222,153 @@ def get_scope_request(kind: ScopeKind, scope_id: str) -> budget_service_pb2.GetS
     return budget_service_pb2.GetScopeRequest(scope=scope_ref(kind, scope_id))
 
 
+@dataclass(frozen=True, slots=True)
+class LlmCall:
+    """An LLM call to reserve for; the server prices it from its price table
+    (the input tokens at the input price plus the effective maximum output at
+    the output price).
+
+    Attributes:
+        provider: The provider, as in the price table (``"openai"``,
+            ``"anthropic"``...).
+        model: The model id, exactly as in the price table.
+        input_tokens: The prompt's input tokens (zero or more).
+        max_output_tokens: The call's maximum output tokens (its
+            ``max_tokens``); None for the server's default (the request is
+            refused when the server has none).
+    """
+
+    provider: str
+    model: str
+    input_tokens: int
+    max_output_tokens: int | None = None
+
+    def to_proto(self) -> budget_service_pb2.LlmCall:
+        """The `runcap.v1.LlmCall` message."""
+        return budget_service_pb2.LlmCall(
+            provider=self.provider,
+            model=self.model,
+            input_tokens=self.input_tokens,
+            max_output_tokens=self.max_output_tokens,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """An LLM call's actual usage, in disjoint token classes, to commit a
+    reservation made with an `LlmCall`; the server prices it at the
+    reservation's own rates.
+
+    Attributes:
+        input_tokens: Input tokens billed at the input price (not read from
+            or written to a cache).
+        output_tokens: Visible output tokens, not counting reasoning tokens.
+        cache_read_tokens: Input tokens read from the prompt cache.
+        cache_write_tokens: Input tokens written to the prompt cache.
+        reasoning_tokens: Reasoning (thinking) output tokens.
+    """
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    def to_proto(self) -> budget_service_pb2.TokenUsage:
+        """The `runcap.v1.TokenUsage` message."""
+        return budget_service_pb2.TokenUsage(
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            cache_read_tokens=self.cache_read_tokens,
+            cache_write_tokens=self.cache_write_tokens,
+            reasoning_tokens=self.reasoning_tokens,
+        )
+
+
+LlmCallLike: TypeAlias = LlmCall | budget_service_pb2.LlmCall
+"""An LLM call: an `LlmCall`, or the `runcap.v1.LlmCall` message."""
+
+TokenUsageLike: TypeAlias = TokenUsage | budget_service_pb2.TokenUsage
+"""Token usage: a `TokenUsage`, or the `runcap.v1.TokenUsage` message."""
+
+
+def to_llm_call(call: LlmCallLike) -> budget_service_pb2.LlmCall:
+    """The `runcap.v1.LlmCall` message of `call` (a copy when it is one)."""
+    if isinstance(call, LlmCall):
+        return call.to_proto()
+    if isinstance(call, budget_service_pb2.LlmCall):
+        copy = budget_service_pb2.LlmCall()
+        copy.CopyFrom(call)
+        return copy
+    raise TypeError(f"llm_call must be a runcap.LlmCall or a runcap.v1.LlmCall, not {call!r}")
+
+
+def to_token_usage(usage: TokenUsageLike) -> budget_service_pb2.TokenUsage:
+    """The `runcap.v1.TokenUsage` message of `usage` (a copy when it is one)."""
+    if isinstance(usage, TokenUsage):
+        return usage.to_proto()
+    if isinstance(usage, budget_service_pb2.TokenUsage):
+        copy = budget_service_pb2.TokenUsage()
+        copy.CopyFrom(usage)
+        return copy
+    raise TypeError(f"usage must be a runcap.TokenUsage or a runcap.v1.TokenUsage, not {usage!r}")
+
+
+def estimate_of(
+    amount_micros: int | None, llm_call: LlmCallLike | None
+) -> int | budget_service_pb2.LlmCall:
+    """What a Reserve holds: `amount_micros` or the `llm_call` message.
+    Exactly one of the two must be given, or ValueError is raised."""
+    if (amount_micros is None) == (llm_call is None):
+        raise ValueError("give exactly one of amount_micros and llm_call")
+    if llm_call is not None:
+        return to_llm_call(llm_call)
+    assert amount_micros is not None
+    return amount_micros
+
+
+def actual_of(
+    actual_micros: int | None, usage: TokenUsageLike | None
+) -> int | budget_service_pb2.TokenUsage:
+    """What a Commit records: `actual_micros` or the `usage` message.
+    Exactly one of the two must be given, or ValueError is raised."""
+    if (actual_micros is None) == (usage is None):
+        raise ValueError("give exactly one of actual_micros and usage")
+    if usage is not None:
+        return to_token_usage(usage)
+    assert actual_micros is not None
+    return actual_micros
+
+
 def reserve_request(
-    run_id: str, amount_micros: int, reservation_id: str, ttl: Duration | None
+    run_id: str,
+    estimate: int | budget_service_pb2.LlmCall,
+    reservation_id: str,
+    ttl: Duration | None,
 ) -> budget_service_pb2.ReserveRequest:
-    return budget_service_pb2.ReserveRequest(
-        run_id=run_id,
-        reservation_id=reservation_id,
-        amount_micros=amount_micros,
-        ttl=to_duration(ttl),
+    """A ReserveRequest for an amount in micro-USD or an LLM call (see
+    `estimate_of`)."""
+    request = budget_service_pb2.ReserveRequest(
+        run_id=run_id, reservation_id=reservation_id, ttl=to_duration(ttl)
     )
+    if isinstance(estimate, budget_service_pb2.LlmCall):
+        request.llm_call.CopyFrom(estimate)
+    else:
+        request.amount_micros = estimate
+    return request
 
 
 def commit_request(
-    run_id: str, reservation_id: str, actual_micros: int
+    run_id: str, reservation_id: str, actual: int | budget_service_pb2.TokenUsage
 ) -> budget_service_pb2.CommitRequest:
-    return budget_service_pb2.CommitRequest(
-        run_id=run_id, reservation_id=reservation_id, actual_micros=actual_micros
-    )
+    """A CommitRequest for a cost in micro-USD or a token usage (see
+    `actual_of`)."""
+    request = budget_service_pb2.CommitRequest(run_id=run_id, reservation_id=reservation_id)
+    if isinstance(actual, budget_service_pb2.TokenUsage):
+        request.usage.CopyFrom(actual)
+    else:
+        request.actual_micros = actual
+    return request
 
 
 def refund_request(run_id: str, reservation_id: str) -> budget_service_pb2.RefundRequest:
@@ -339,35 +469,51 @@ class WatchCursor:
         return 0.0 if self._failures == 1 else self._policy.backoff(self._failures - 1)
 
 
-HoldOutcome = tuple[Literal["commit"], int] | tuple[Literal["refund"], None]
+HoldOutcome = (
+    tuple[Literal["commit"], int | budget_service_pb2.TokenUsage] | tuple[Literal["refund"], None]
+)
 
 
 class HoldBase:
     """The state of a reservation made by a `reserve(...)` context manager.
 
-    Inside the block the hold is live: `response`, `reservation_id`, `state`
-    and `amount_micros` describe it. On leaving the block:
+    Inside the block the hold is live: `response`, `reservation_id`, `state`,
+    `amount_micros` and, for an LLM call, `estimate` describe it. On leaving
+    the block:
 
-    * normally: the hold is committed with the amount given to
-      `set_actual`, or with the whole held amount when `set_actual` was not
-      called; after `release()` it is refunded instead;
-    * with an exception: the hold is refunded, unless `set_actual` was
-      called, in which case that cost is committed (the money was spent). The
-      exception propagates; a failure to settle is attached to it as a note
-      and the hold is left to expire at its ttl.
+    * normally: the hold is committed with the amount given to `set_actual`
+      (or the token usage given to `set_usage`, priced by the server), or
+      with the whole held amount when neither was called; after `release()`
+      it is refunded instead;
+    * with an exception: the hold is refunded, unless `set_actual` or
+      `set_usage` was called, in which case that cost is committed (the money
+      was spent). The exception propagates; a failure to settle is attached
+      to it as a note and the hold is left to expire at its ttl.
 
     A block decision raises `BudgetBlockedError` on entering; nothing is held.
     """
 
     def __init__(
-        self, run_id: str, amount_micros: int, reservation_id: str | None, ttl: Duration | None
+        self,
+        run_id: str,
+        estimate: int | budget_service_pb2.LlmCall,
+        reservation_id: str | None,
+        ttl: Duration | None,
     ) -> None:
         self.run_id = run_id
-        self.requested_micros = amount_micros
+        self._estimate = estimate
+        self.requested_micros: int | None = (
+            None if isinstance(estimate, budget_service_pb2.LlmCall) else estimate
+        )
+        """The amount asked for, or None for an LLM call (see `llm_call`)."""
+        self.llm_call: budget_service_pb2.LlmCall | None = (
+            estimate if isinstance(estimate, budget_service_pb2.LlmCall) else None
+        )
+        """The LLM call asked for, or None for an amount."""
         self.reservation_id = reservation_id or new_reservation_id()
         self.ttl = ttl
         self._response: budget_service_pb2.ReserveResponse | None = None
-        self._actual: int | None = None
+        self._actual: int | budget_service_pb2.TokenUsage | None = None
         self._release = False
         self._entered = False
         self.commit_response: budget_service_pb2.CommitResponse | None = None
@@ -388,6 +534,13 @@ class HoldBase:
         return self.response.amount_micros
 
     @property
+    def estimate(self) -> budget_service_pb2.LlmEstimate | None:
+        """How the server priced the LLM call (tokens, amount, price table
+        version), or None for a hold of an amount."""
+        response = self.response
+        return response.estimate if response.HasField("estimate") else None
+
+    @property
     def state(self) -> budget_pb2.BudgetState:
         """The run's latest known budget state: after the reserve inside the
         block, after the commit or refund once it has left."""
@@ -400,11 +553,28 @@ class HoldBase:
     @property
     def actual_micros(self) -> int | None:
         """The actual cost given to `set_actual`, or None."""
-        return self._actual
+        return self._actual if isinstance(self._actual, int) else None
+
+    @property
+    def usage(self) -> budget_service_pb2.TokenUsage | None:
+        """The token usage given to `set_usage`, or None."""
+        return self._actual if isinstance(self._actual, budget_service_pb2.TokenUsage) else None
 
     def set_actual(self, micros: int) -> None:
-        """Commit `micros` (zero or more) on leaving the block."""
+        """Commit `micros` (zero or more) on leaving the block. Replaces a
+        `set_usage`."""
         self._actual = micros
+        self._release = False
+
+    def set_usage(self, usage: TokenUsageLike) -> None:
+        """Commit the LLM call's actual token usage on leaving the block; the
+        server prices it at the rates it reserved with. Only for a hold
+        reserved with an `llm_call` (the server rejects usage for an amount).
+        Replaces a `set_actual`::
+
+            hold.set_usage(TokenUsage(input_tokens=1_200, output_tokens=310))
+        """
+        self._actual = to_token_usage(usage)
         self._release = False
 
     def release(self) -> None:
@@ -416,7 +586,7 @@ class HoldBase:
         if self._entered:
             raise RuntimeError("a hold can be entered only once")
         self._entered = True
-        return reserve_request(self.run_id, self.requested_micros, self.reservation_id, self.ttl)
+        return reserve_request(self.run_id, self._estimate, self.reservation_id, self.ttl)
 
     def _accept(self, response: budget_service_pb2.ReserveResponse) -> None:
         if response.decision == budget_pb2.DECISION_BLOCK:

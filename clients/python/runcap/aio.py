@@ -17,13 +17,17 @@ from runcap._shared import (
     ChannelOptions,
     Duration,
     HoldBase,
+    LlmCallLike,
     Period,
     RetryPolicy,
     ScopeKind,
+    TokenUsageLike,
     WatchCursor,
+    actual_of,
     channel_options,
     commit_request,
     create_run_request,
+    estimate_of,
     get_scope_request,
     refund_request,
     reserve_request,
@@ -150,20 +154,27 @@ class AsyncRuncapClient:
     async def reserve_once(
         self,
         run_id: str,
-        amount_micros: int,
+        amount_micros: int | None = None,
         *,
+        llm_call: LlmCallLike | None = None,
         reservation_id: str = "",
         ttl: Duration | None = None,
     ) -> budget_service_pb2.ReserveResponse:
         """See `RuncapClient.reserve_once`."""
-        request = reserve_request(run_id, amount_micros, reservation_id, ttl)
+        estimate = estimate_of(amount_micros, llm_call)
+        request = reserve_request(run_id, estimate, reservation_id, ttl)
         return await self._call(self._stub.Reserve, request, idempotent=bool(reservation_id))
 
     async def commit(
-        self, run_id: str, reservation_id: str, actual_micros: int
+        self,
+        run_id: str,
+        reservation_id: str,
+        actual_micros: int | None = None,
+        *,
+        usage: TokenUsageLike | None = None,
     ) -> budget_service_pb2.CommitResponse:
         """See `RuncapClient.commit`."""
-        request = commit_request(run_id, reservation_id, actual_micros)
+        request = commit_request(run_id, reservation_id, actual_of(actual_micros, usage))
         return await self._call(self._stub.Commit, request, idempotent=True)
 
     async def refund(self, run_id: str, reservation_id: str) -> budget_service_pb2.RefundResponse:
@@ -199,12 +210,14 @@ class AsyncRuncapClient:
     def reserve(
         self,
         run_id: str,
-        amount_micros: int,
+        amount_micros: int | None = None,
         *,
+        llm_call: LlmCallLike | None = None,
         reservation_id: str | None = None,
         ttl: Duration | None = None,
     ) -> AsyncHold:
-        """An async context manager that holds `amount_micros` for the block::
+        """An async context manager that holds `amount_micros`, or the
+        server's price of `llm_call`, for the block::
 
             async with client.reserve(run_id, 50_000) as hold:
                 result = await call_the_model()
@@ -213,7 +226,7 @@ class AsyncRuncapClient:
         See `RuncapClient.reserve`. Cancelling the task inside the block
         refunds the hold like any other exception.
         """
-        return AsyncHold(self, run_id, amount_micros, reservation_id, ttl)
+        return AsyncHold(self, run_id, estimate_of(amount_micros, llm_call), reservation_id, ttl)
 
     def watch(
         self,
@@ -251,11 +264,11 @@ class AsyncHold(HoldBase):
         self,
         client: AsyncRuncapClient,
         run_id: str,
-        amount_micros: int,
+        estimate: int | budget_service_pb2.LlmCall,
         reservation_id: str | None,
         ttl: Duration | None,
     ) -> None:
-        super().__init__(run_id, amount_micros, reservation_id, ttl)
+        super().__init__(run_id, estimate, reservation_id, ttl)
         self._client = client
 
     async def __aenter__(self) -> Self:
@@ -271,14 +284,16 @@ class AsyncHold(HoldBase):
         tb: TracebackType | None,
     ) -> None:
         action, actual = self._outcome(failed=exc is not None)
+        client = self._client
         try:
-            if action == "commit":
-                assert actual is not None
-                self.commit_response = await self._client.commit(
-                    self.run_id, self.reservation_id, actual
-                )
+            if action == "refund":
+                self.refund_response = await client.refund(self.run_id, self.reservation_id)
+            elif isinstance(actual, int):
+                self.commit_response = await client.commit(self.run_id, self.reservation_id, actual)
             else:
-                self.refund_response = await self._client.refund(self.run_id, self.reservation_id)
+                self.commit_response = await client.commit(
+                    self.run_id, self.reservation_id, usage=actual
+                )
         except RuncapError as error:
             if exc is None:
                 raise

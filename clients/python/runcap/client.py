@@ -18,13 +18,17 @@ from runcap._shared import (
     ChannelOptions,
     Duration,
     HoldBase,
+    LlmCallLike,
     Period,
     RetryPolicy,
     ScopeKind,
+    TokenUsageLike,
     WatchCursor,
+    actual_of,
     channel_options,
     commit_request,
     create_run_request,
+    estimate_of,
     get_scope_request,
     refund_request,
     reserve_request,
@@ -171,22 +175,42 @@ class RuncapClient:
     def reserve_once(
         self,
         run_id: str,
-        amount_micros: int,
+        amount_micros: int | None = None,
         *,
+        llm_call: LlmCallLike | None = None,
         reservation_id: str = "",
         ttl: Duration | None = None,
     ) -> budget_service_pb2.ReserveResponse:
-        """Asks to hold `amount_micros` against the run and returns the
-        decision; a block is a response, not an exception. Retried on
-        UNAVAILABLE only when `reservation_id` is given."""
-        request = reserve_request(run_id, amount_micros, reservation_id, ttl)
+        """Asks to hold `amount_micros`, or the server's price of `llm_call`,
+        against the run and returns the decision; a block is a response, not
+        an exception. Give exactly one of the two, or ValueError is raised
+        before any call::
+
+            client.reserve_once(run_id, 50_000)
+            client.reserve_once(run_id, llm_call=LlmCall("openai", "gpt-4o", 1_200, 500))
+
+        For an LLM call the response's `estimate` says how it was priced; a
+        model the server has no price for is blocked with
+        ``DECISION_REASON_UNKNOWN_PRICE``. Retried on UNAVAILABLE only when
+        `reservation_id` is given."""
+        estimate = estimate_of(amount_micros, llm_call)
+        request = reserve_request(run_id, estimate, reservation_id, ttl)
         return self._call(self._stub.Reserve, request, idempotent=bool(reservation_id))
 
     def commit(
-        self, run_id: str, reservation_id: str, actual_micros: int
+        self,
+        run_id: str,
+        reservation_id: str,
+        actual_micros: int | None = None,
+        *,
+        usage: TokenUsageLike | None = None,
     ) -> budget_service_pb2.CommitResponse:
-        """Records a reservation's actual cost and releases the rest of its hold."""
-        request = commit_request(run_id, reservation_id, actual_micros)
+        """Records a reservation's actual cost and releases the rest of its
+        hold. The cost is `actual_micros`, or for a reservation made with an
+        `llm_call` the token `usage`, which the server prices at the
+        reservation's own rates; give exactly one of the two, or ValueError
+        is raised before any call."""
+        request = commit_request(run_id, reservation_id, actual_of(actual_micros, usage))
         return self._call(self._stub.Commit, request, idempotent=True)
 
     def refund(self, run_id: str, reservation_id: str) -> budget_service_pb2.RefundResponse:
@@ -235,12 +259,15 @@ class RuncapClient:
     def reserve(
         self,
         run_id: str,
-        amount_micros: int,
+        amount_micros: int | None = None,
         *,
+        llm_call: LlmCallLike | None = None,
         reservation_id: str | None = None,
         ttl: Duration | None = None,
     ) -> Hold:
-        """A context manager that holds `amount_micros` for the block.
+        """A context manager that holds `amount_micros`, or the server's
+        price of `llm_call`, for the block (exactly one of the two, or
+        ValueError is raised here).
 
         ::
 
@@ -248,14 +275,20 @@ class RuncapClient:
                 result = call_the_model()
                 hold.set_actual(cost_of(result))
 
-        Raises `BudgetBlockedError` on entering when the server blocks. On a
-        normal exit the hold is committed (with `set_actual`'s amount, or the
-        whole hold when it was not called); on an exception it is refunded.
-        See `HoldBase` for the details. Without `reservation_id` a random one
-        is generated, so the Reserve, Commit and Refund calls are all retried
-        safely.
+            call = LlmCall("openai", "gpt-4o", input_tokens=1_200, max_output_tokens=500)
+            with client.reserve(run_id, llm_call=call) as hold:
+                reply = call_the_model()
+                hold.set_usage(TokenUsage(input_tokens=1_200, output_tokens=310))
+
+        Raises `BudgetBlockedError` on entering when the server blocks (for
+        an LLM call, also when it has no price for the model). On a normal
+        exit the hold is committed (with `set_actual`'s amount or
+        `set_usage`'s tokens, or the whole hold when neither was called); on
+        an exception it is refunded. See `HoldBase` for the details. Without
+        `reservation_id` a random one is generated, so the Reserve, Commit
+        and Refund calls are all retried safely.
         """
-        return Hold(self, run_id, amount_micros, reservation_id, ttl)
+        return Hold(self, run_id, estimate_of(amount_micros, llm_call), reservation_id, ttl)
 
     def watch(
         self,
@@ -306,11 +339,11 @@ class Hold(HoldBase):
         self,
         client: RuncapClient,
         run_id: str,
-        amount_micros: int,
+        estimate: int | budget_service_pb2.LlmCall,
         reservation_id: str | None,
         ttl: Duration | None,
     ) -> None:
-        super().__init__(run_id, amount_micros, reservation_id, ttl)
+        super().__init__(run_id, estimate, reservation_id, ttl)
         self._client = client
 
     def __enter__(self) -> Self:
@@ -326,12 +359,14 @@ class Hold(HoldBase):
         tb: TracebackType | None,
     ) -> None:
         action, actual = self._outcome(failed=exc is not None)
+        client = self._client
         try:
-            if action == "commit":
-                assert actual is not None
-                self.commit_response = self._client.commit(self.run_id, self.reservation_id, actual)
+            if action == "refund":
+                self.refund_response = client.refund(self.run_id, self.reservation_id)
+            elif isinstance(actual, int):
+                self.commit_response = client.commit(self.run_id, self.reservation_id, actual)
             else:
-                self.refund_response = self._client.refund(self.run_id, self.reservation_id)
+                self.commit_response = client.commit(self.run_id, self.reservation_id, usage=actual)
         except RuncapError as error:
             if exc is None:
                 raise

@@ -390,6 +390,9 @@ class BudgetBlockedError(Exception):
         blocking_period: The period of the ceiling that blocked
             (`runcap.v1.Period`; ``PERIOD_LIFETIME`` for runs), or
             ``PERIOD_UNSPECIFIED`` when the server did not say.
+        estimate: For a reservation of an LLM call, how the server priced it
+            (`runcap.v1.LlmEstimate`: provider, model, tokens, amount and
+            price table version); None for an amount.
     """
 
     def __init__(self, run_id: str, response: budget_service_pb2.ReserveResponse) -> None:
@@ -401,25 +404,55 @@ class BudgetBlockedError(Exception):
             response.blocking_scope if response.HasField("blocking_scope") else None
         )
         self.blocking_period: budget_pb2.Period.ValueType = response.blocking_period
+        self.estimate: budget_service_pb2.LlmEstimate | None = (
+            response.estimate if response.HasField("estimate") else None
+        )
         message = (
             f"reservation {response.reservation_id!r} of run {run_id!r} was blocked "
             f"({_enum_name(budget_pb2.DecisionReason, response.reason)}): "
-            f"{response.state.remaining_micros} of {response.state.limit_micros} micros remain"
         )
-        scope = self.blocking_scope
-        if scope is not None and not (
-            scope.kind == budget_pb2.SCOPE_KIND_RUN and scope.id == run_id
-        ):
-            message += f" (blocked by {_enum_name(budget_pb2.ScopeKind, scope.kind)} {scope.id!r}"
-            if response.blocking_period != budget_pb2.PERIOD_UNSPECIFIED:
-                message += f", {_enum_name(budget_pb2.Period, response.blocking_period)}"
-            message += ")"
+        estimate = self.estimate
+        if self.unknown_price:
+            model = "the model"
+            if estimate is not None:
+                model = f"model {estimate.model!r} of provider {estimate.provider!r}"
+                if estimate.price_table_version:
+                    model += f" (price table {estimate.price_table_version!r})"
+            message += (
+                f"unknown price: the server has no price for {model}, "
+                "so runcap fails closed; nothing is held"
+            )
+        else:
+            state = response.state
+            message += f"{state.remaining_micros} of {state.limit_micros} micros remain"
+            if estimate is not None:
+                message += (
+                    f", the {estimate.provider}/{estimate.model} call was estimated at "
+                    f"{estimate.amount_micros} micros"
+                )
+            scope = self.blocking_scope
+            if scope is not None and not (
+                scope.kind == budget_pb2.SCOPE_KIND_RUN and scope.id == run_id
+            ):
+                kind = _enum_name(budget_pb2.ScopeKind, scope.kind)
+                message += f" (blocked by {kind} {scope.id!r}"
+                if response.blocking_period != budget_pb2.PERIOD_UNSPECIFIED:
+                    message += f", {_enum_name(budget_pb2.Period, response.blocking_period)}"
+                message += ")"
         super().__init__(message)
 
     @property
     def reservation_id(self) -> str:
         """The blocked reservation's id."""
         return self.response.reservation_id
+
+    @property
+    def unknown_price(self) -> bool:
+        """True when the block is ``DECISION_REASON_UNKNOWN_PRICE``: the
+        server has no price for the LLM call's provider and model (a typo,
+        an alias, or a model newer than its price table), not a budget
+        ceiling."""
+        return self.reason == budget_pb2.DECISION_REASON_UNKNOWN_PRICE
 
 
 def _enum_name(enum: _EnumTypeWrapper[_V], value: _V) -> str:

@@ -16,17 +16,21 @@ import {
   CreateRunRequestSchema,
   GetRunRequestSchema,
   GetScopeRequestSchema,
+  LlmCallSchema,
   RefundRequestSchema,
   ReserveRequestSchema,
   SetScopeLimitRequestSchema,
+  TokenUsageSchema,
   type CloseRunResponse,
   type CommitResponse,
   type CreateRunResponse,
   type GetRunResponse,
   type GetScopeResponse,
+  type LlmCall,
   type RefundResponse,
   type ReserveResponse,
   type SetScopeLimitResponse,
+  type TokenUsage,
 } from "./gen/runcap/v1/budget_service_pb.js";
 import type { Period, ScopeKind } from "./gen/runcap/v1/budget_pb.js";
 import { DEFAULT_RETRY, retryDelayMs, sleep, type RetryPolicy } from "./retry.js";
@@ -121,25 +125,92 @@ export interface ClearScopeLimitArgs extends ScopeArgs {
   period: Period;
 }
 
-/** Arguments of `reserve`. */
-export interface ReserveArgs {
+/**
+ * A token count: a `bigint`, or a `number` that is a whole number (as LLM
+ * SDKs report usage).
+ */
+export type TokenCount = bigint | number;
+
+/**
+ * An LLM call to reserve for; the server prices it from its price table
+ * (the input tokens at the input price plus the effective maximum output at
+ * the output price). A `runcap.v1.LlmCall` message fits too.
+ */
+export interface LlmCallInput {
+  /** The provider, as in the price table (`"openai"`, `"anthropic"`...). */
+  provider: string;
+  /** The model id, exactly as in the price table. */
+  model: string;
+  /** The prompt's input tokens (zero or more). */
+  inputTokens: TokenCount;
+  /** The call's maximum output tokens (its `max_tokens`); the server's default when omitted. */
+  maxOutputTokens?: TokenCount | undefined;
+}
+
+/**
+ * An LLM call's actual usage, in disjoint token classes (each 0 when
+ * omitted), to commit a reservation made with an `llmCall`; the server
+ * prices it at the reservation's own rates. A `runcap.v1.TokenUsage`
+ * message fits too.
+ */
+export interface TokenUsageInput {
+  /** Input tokens billed at the input price (not read from or written to a cache). */
+  inputTokens?: TokenCount;
+  /** Visible output tokens, not counting reasoning tokens. */
+  outputTokens?: TokenCount;
+  /** Input tokens read from the prompt cache. */
+  cacheReadTokens?: TokenCount;
+  /** Input tokens written to the prompt cache. */
+  cacheWriteTokens?: TokenCount;
+  /** Reasoning (thinking) output tokens. */
+  reasoningTokens?: TokenCount;
+}
+
+/** What a reservation holds: exactly one of an amount in micro-USD and an LLM call the server prices. */
+export type ReserveEstimate =
+  | {
+      /** The estimate to hold, in micro-USD. */
+      amountMicros: bigint;
+      llmCall?: undefined;
+    }
+  | {
+      /**
+       * An LLM call: the server holds its price, says how it priced it in
+       * `response.estimate`, and blocks a model it has no price for
+       * (`DecisionReason.UNKNOWN_PRICE`).
+       */
+      llmCall: LlmCallInput;
+      amountMicros?: undefined;
+    };
+
+/** What a commit records: exactly one of the actual cost in micro-USD and the actual token usage. */
+export type CommitActual =
+  | {
+      /** What the call actually cost, in micro-USD (zero or more). */
+      actualMicros: bigint;
+      usage?: undefined;
+    }
+  | {
+      /** The LLM call's actual token usage (for a reservation made with an `llmCall`), priced at its rates. */
+      usage: TokenUsageInput;
+      actualMicros?: undefined;
+    };
+
+/** Arguments of `reserve`: the run, an amount or an LLM call ({@link ReserveEstimate}), and options. */
+export type ReserveArgs = ReserveEstimate & {
   /** The run to hold the estimate against. */
   runId: string;
-  /** The estimate to hold, in micro-USD. */
-  amountMicros: bigint;
   /** The idempotency key; a fresh one ({@link newReservationId}) when omitted, so a retry never holds twice. */
   reservationId?: string;
   /** How long the hold lives (milliseconds, or a Duration); the run's default when omitted. */
   ttl?: DurationInput;
-}
+};
 
-/** Arguments of `commit`. */
-export interface CommitArgs {
+/** Arguments of `commit`: the reservation, and its actual cost or token usage ({@link CommitActual}). */
+export type CommitArgs = CommitActual & {
   runId: string;
   reservationId: string;
-  /** What the call actually cost, in micro-USD (zero or more). */
-  actualMicros: bigint;
-}
+};
 
 /** Arguments of `refund`. */
 export interface RefundArgs {
@@ -157,11 +228,24 @@ export interface RuncapClient {
   /** A run's configuration and current budget state. */
   getRun(runId: string, options?: CallOptions): Promise<GetRunResponse>;
   /**
-   * Asks to hold an estimate. A block is not an error: check
-   * `response.decision` (`Decision.ALLOW` or `Decision.BLOCK`).
+   * Asks to hold an estimate: `amountMicros`, or the server's price of an
+   * `llmCall` (exactly one; otherwise it rejects with a TypeError before any
+   * call). A block is not an error: check `response.decision`
+   * (`Decision.ALLOW` or `Decision.BLOCK`); for an LLM call,
+   * `response.estimate` says how it was priced, and a model the server has
+   * no price for is blocked with `DecisionReason.UNKNOWN_PRICE`.
+   *
+   * ```ts
+   * await client.reserve({ runId, llmCall: { provider: "openai", model: "gpt-4o", inputTokens: 1200, maxOutputTokens: 500 } });
+   * ```
    */
   reserve(args: ReserveArgs, options?: CallOptions): Promise<ReserveResponse>;
-  /** Records a reservation's actual cost and releases the rest of its hold. */
+  /**
+   * Records a reservation's actual cost and releases the rest of its hold:
+   * `actualMicros`, or for a reservation of an `llmCall` the token `usage`,
+   * which the server prices at the reservation's own rates (exactly one;
+   * otherwise it rejects with a TypeError before any call).
+   */
   commit(args: CommitArgs, options?: CallOptions): Promise<CommitResponse>;
   /** Releases a reservation's whole hold. */
   refund(args: RefundArgs, options?: CallOptions): Promise<RefundResponse>;
@@ -196,6 +280,54 @@ export interface RuncapClient {
 /** A fresh client-side reservation id (a UUID without dashes), so that retries are idempotent. */
 export function newReservationId(): string {
   return randomUUID().replaceAll("-", "");
+}
+
+function tokens(field: string, value: TokenCount | undefined): bigint {
+  if (value === undefined) return 0n;
+  if (typeof value === "bigint") return value;
+  if (!Number.isSafeInteger(value)) throw new RangeError(`${field} must be a whole number of tokens, not ${value}`);
+  return BigInt(value);
+}
+
+/** The `runcap.v1.LlmCall` message of an LLM call; throws RangeError for a token count that is not a whole number. */
+export function toLlmCall(call: LlmCallInput): LlmCall {
+  return create(LlmCallSchema, {
+    provider: call.provider,
+    model: call.model,
+    inputTokens: tokens("inputTokens", call.inputTokens),
+    maxOutputTokens: call.maxOutputTokens === undefined ? undefined : tokens("maxOutputTokens", call.maxOutputTokens),
+  });
+}
+
+/** The `runcap.v1.TokenUsage` message of a token usage; throws RangeError for a token count that is not a whole number. */
+export function toTokenUsage(usage: TokenUsageInput): TokenUsage {
+  return create(TokenUsageSchema, {
+    inputTokens: tokens("inputTokens", usage.inputTokens),
+    outputTokens: tokens("outputTokens", usage.outputTokens),
+    cacheReadTokens: tokens("cacheReadTokens", usage.cacheReadTokens),
+    cacheWriteTokens: tokens("cacheWriteTokens", usage.cacheWriteTokens),
+    reasoningTokens: tokens("reasoningTokens", usage.reasoningTokens),
+  });
+}
+
+/** The ReserveRequest oneof of an estimate; throws TypeError unless exactly one of `amountMicros` and `llmCall` is given. */
+function estimateOf(args: { amountMicros?: bigint | undefined; llmCall?: LlmCallInput | undefined }) {
+  if ((args.amountMicros === undefined) === (args.llmCall === undefined)) {
+    throw new TypeError("reserve: give exactly one of amountMicros and llmCall");
+  }
+  return args.llmCall !== undefined
+    ? { case: "llmCall" as const, value: toLlmCall(args.llmCall) }
+    : { case: "amountMicros" as const, value: args.amountMicros as bigint };
+}
+
+/** The CommitRequest oneof of an actual; throws TypeError unless exactly one of `actualMicros` and `usage` is given. */
+function actualOf(args: { actualMicros?: bigint | undefined; usage?: TokenUsageInput | undefined }) {
+  if ((args.actualMicros === undefined) === (args.usage === undefined)) {
+    throw new TypeError("commit: give exactly one of actualMicros and usage");
+  }
+  return args.usage !== undefined
+    ? { case: "usage" as const, value: toTokenUsage(args.usage) }
+    : { case: "actualMicros" as const, value: args.actualMicros as bigint };
 }
 
 /** A `google.protobuf.Duration` from milliseconds or a Duration; undefined stays undefined. */
@@ -294,20 +426,20 @@ export function createRuncapClient(options: RuncapClientOptions = {}): RuncapCli
       const request = create(GetRunRequestSchema, { runId });
       return call((o) => raw.getRun(request, o), true, opts);
     },
-    reserve(args, opts) {
+    async reserve(args, opts) {
       const request = create(ReserveRequestSchema, {
         runId: args.runId,
         reservationId: args.reservationId ?? newReservationId(),
-        estimate: { case: "amountMicros", value: args.amountMicros },
+        estimate: estimateOf(args),
         ttl: toDuration(args.ttl),
       });
       return call((o) => raw.reserve(request, o), true, opts);
     },
-    commit(args, opts) {
+    async commit(args, opts) {
       const request = create(CommitRequestSchema, {
         runId: args.runId,
         reservationId: args.reservationId,
-        actual: { case: "actualMicros", value: args.actualMicros },
+        actual: actualOf(args),
       });
       return call((o) => raw.commit(request, o), true, opts);
     },

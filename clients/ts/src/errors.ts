@@ -30,7 +30,7 @@ import {
   type ResourceInfo,
 } from "./gen/google/rpc/error_details_pb.js";
 import { DecisionReason, Period, ScopeKind, type BudgetState, type ScopeRef } from "./gen/runcap/v1/budget_pb.js";
-import type { ReserveResponse } from "./gen/runcap/v1/budget_service_pb.js";
+import type { LlmEstimate, ReserveResponse } from "./gen/runcap/v1/budget_service_pb.js";
 import { ErrorReason } from "./gen/runcap/v1/errors_pb.js";
 
 /** The ErrorInfo domain of every error the runcap server sends. */
@@ -335,19 +335,9 @@ export class BudgetBlockedError extends Error {
   readonly response: ReserveResponse;
 
   constructor(runId: string, response: ReserveResponse) {
-    const state = response.state;
-    const scope = response.blockingScope;
-    let blockedBy = "";
-    if (scope !== undefined && !(scope.kind === ScopeKind.RUN && scope.id === runId)) {
-      const period = response.blockingPeriod;
-      blockedBy =
-        ` (blocked by ${ScopeKind[scope.kind] ?? scope.kind} ${JSON.stringify(scope.id)}` +
-        (period === Period.UNSPECIFIED ? ")" : `, ${Period[period] ?? period})`);
-    }
     super(
       `reservation ${JSON.stringify(response.reservationId)} of run ${JSON.stringify(runId)} ` +
-        `was blocked (${DecisionReason[response.reason] ?? response.reason}): ` +
-        `${state?.remainingMicros ?? 0n} of ${state?.limitMicros ?? 0n} micros remain${blockedBy}`,
+        `was blocked (${DecisionReason[response.reason] ?? response.reason}): ${blockDetail(runId, response)}`,
     );
     this.name = "BudgetBlockedError";
     this.runId = runId;
@@ -382,4 +372,47 @@ export class BudgetBlockedError extends Error {
   get blockingPeriod(): Period {
     return this.response.blockingPeriod;
   }
+
+  /**
+   * For a reservation of an LLM call, how the server priced it (provider,
+   * model, tokens, amount and price table version); undefined for an amount.
+   */
+  get estimate(): LlmEstimate | undefined {
+    return this.response.estimate;
+  }
+
+  /**
+   * True when the block is `DecisionReason.UNKNOWN_PRICE`: the server has no
+   * price for the LLM call's provider and model (a typo, an alias, or a
+   * model newer than its price table), not a budget ceiling.
+   */
+  get unknownPrice(): boolean {
+    return this.response.reason === DecisionReason.UNKNOWN_PRICE;
+  }
+}
+
+/** What a block message says after the reason: the unknown price, or the budget, the estimate and the blocking scope. */
+function blockDetail(runId: string, response: ReserveResponse): string {
+  const estimate = response.estimate;
+  if (response.reason === DecisionReason.UNKNOWN_PRICE) {
+    let model = "the model";
+    if (estimate !== undefined) {
+      model = `model ${JSON.stringify(estimate.model)} of provider ${JSON.stringify(estimate.provider)}`;
+      if (estimate.priceTableVersion) model += ` (price table ${JSON.stringify(estimate.priceTableVersion)})`;
+    }
+    return `unknown price: the server has no price for ${model}, so runcap fails closed; nothing is held`;
+  }
+  const state = response.state;
+  let detail = `${state?.remainingMicros ?? 0n} of ${state?.limitMicros ?? 0n} micros remain`;
+  if (estimate !== undefined) {
+    detail += `, the ${estimate.provider}/${estimate.model} call was estimated at ${estimate.amountMicros} micros`;
+  }
+  const scope = response.blockingScope;
+  if (scope !== undefined && !(scope.kind === ScopeKind.RUN && scope.id === runId)) {
+    const period = response.blockingPeriod;
+    detail +=
+      ` (blocked by ${ScopeKind[scope.kind] ?? scope.kind} ${JSON.stringify(scope.id)}` +
+      (period === Period.UNSPECIFIED ? ")" : `, ${Period[period] ?? period})`);
+  }
+  return detail;
 }

@@ -10,18 +10,25 @@ export {
   createRuncapClient,
   newReservationId,
   toDuration,
+  toLlmCall,
+  toTokenUsage,
   type CallOptions,
   type ClearScopeLimitArgs,
+  type CommitActual,
   type CommitArgs,
   type CreateRunArgs,
   type DurationInput,
   type HeadersInput,
+  type LlmCallInput,
   type RefundArgs,
   type ReserveArgs,
+  type ReserveEstimate,
   type RuncapClient,
   type RuncapClientOptions,
   type ScopeArgs,
   type SetScopeLimitArgs,
+  type TokenCount,
+  type TokenUsageInput,
 } from "./client.js";
 export {
   BudgetBlockedError,
@@ -48,7 +55,7 @@ export {
   type FieldViolation,
   type PreconditionViolation,
 } from "./errors.js";
-export { Hold, withReservation, type ReservationArgs } from "./reservation.js";
+export { Hold, withReservation, type ReservationArgs, type ReservationOptions } from "./reservation.js";
 export { DEFAULT_RETRY, NO_RETRY, WATCH_RECONNECT, type RetryPolicy } from "./retry.js";
 export { WatchStream, watch, type WatchOptions } from "./watch.js";
 

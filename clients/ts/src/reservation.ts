@@ -1,20 +1,34 @@
 /** `withReservation`: reserve, run the paid call, then commit or refund, whatever happens. */
 
-import { newReservationId, type CallOptions, type DurationInput, type RuncapClient } from "./client.js";
+import {
+  newReservationId,
+  toTokenUsage,
+  type CallOptions,
+  type DurationInput,
+  type ReserveEstimate,
+  type RuncapClient,
+  type TokenUsageInput,
+} from "./client.js";
 import { BudgetBlockedError, toRuncapError, type RuncapError } from "./errors.js";
 import { Decision, type BudgetState } from "./gen/runcap/v1/budget_pb.js";
 import type {
   CommitResponse,
+  LlmEstimate,
   RefundResponse,
   ReserveResponse,
+  TokenUsage,
 } from "./gen/runcap/v1/budget_service_pb.js";
 
-/** Arguments of {@link withReservation}. */
-export interface ReservationArgs {
+/**
+ * Arguments of {@link withReservation}: the run, what to hold (exactly one
+ * of `amountMicros` and `llmCall`, see {@link ReserveEstimate}), and options.
+ */
+export type ReservationArgs = ReserveEstimate & ReservationOptions;
+
+/** The options of {@link withReservation}. */
+export interface ReservationOptions {
   /** The run to hold the estimate against. */
   runId: string;
-  /** The estimate to hold, in micro-USD. */
-  amountMicros: bigint;
   /** The idempotency key; a fresh one when omitted. Reserve, commit and refund retries all reuse it. */
   reservationId?: string;
   /** How long the hold lives (milliseconds, or a Duration); the run's default when omitted. */
@@ -35,10 +49,11 @@ export interface ReservationArgs {
 /**
  * A live reservation inside {@link withReservation}'s callback. When the
  * callback resolves, the hold is committed with the amount given to
- * `setActual`, or with the whole held amount when `setActual` was not called,
- * or refunded after `release()`. When the callback throws, the hold is
- * refunded, unless `setActual` was called (the money was spent), in which
- * case that cost is committed.
+ * `setActual` (or the token usage given to `setUsage`, priced by the
+ * server), or with the whole held amount when neither was called, or
+ * refunded after `release()`. When the callback throws, the hold is
+ * refunded, unless `setActual` or `setUsage` was called (the money was
+ * spent), in which case that cost is committed.
  */
 export class Hold {
   /** The run of the reservation. */
@@ -52,6 +67,7 @@ export class Hold {
   /** The RefundResponse, once the hold was refunded. */
   refundResponse: RefundResponse | undefined;
   #actual: bigint | undefined;
+  #usage: TokenUsage | undefined;
   #release = false;
 
   /** @internal */
@@ -66,9 +82,19 @@ export class Hold {
     return this.response.amountMicros;
   }
 
+  /** How the server priced the LLM call (tokens, amount, price table version); undefined for a hold of an amount. */
+  get estimate(): LlmEstimate | undefined {
+    return this.response.estimate;
+  }
+
   /** The actual cost given to `setActual`, or undefined. */
   get actualMicros(): bigint | undefined {
     return this.#actual;
+  }
+
+  /** The token usage given to `setUsage`, or undefined. */
+  get usage(): TokenUsage | undefined {
+    return this.#usage;
   }
 
   /** Whether `release()` was called (and `setActual` not since). */
@@ -81,16 +107,34 @@ export class Hold {
     return this.commitResponse?.state ?? this.refundResponse?.state ?? this.response.state;
   }
 
-  /** Commit `micros` (zero or more) when the callback ends. */
+  /** Commit `micros` (zero or more) when the callback ends. Replaces a `setUsage`. */
   setActual(micros: bigint): void {
     if (micros < 0n) throw new RangeError(`actual cost must be zero or more, not ${micros}`);
     this.#actual = micros;
+    this.#usage = undefined;
+    this.#release = false;
+  }
+
+  /**
+   * Commit the LLM call's actual token usage when the callback ends; the
+   * server prices it at the rates it reserved with. Only for a hold of an
+   * `llmCall` (the server rejects usage for an amount). Replaces a
+   * `setActual`.
+   *
+   * ```ts
+   * hold.setUsage({ inputTokens: reply.usage.prompt_tokens, outputTokens: reply.usage.completion_tokens });
+   * ```
+   */
+  setUsage(usage: TokenUsageInput): void {
+    this.#usage = toTokenUsage(usage);
+    this.#actual = undefined;
     this.#release = false;
   }
 
   /** Refund the whole hold when the callback ends (the paid call did not happen). */
   release(): void {
     this.#actual = undefined;
+    this.#usage = undefined;
     this.#release = true;
   }
 }
@@ -104,7 +148,8 @@ function defaultSettleError(error: RuncapError, hold: Hold): void {
 }
 
 /**
- * Holds `amountMicros` against the run for the duration of `fn`, then settles:
+ * Holds `amountMicros`, or the server's price of an `llmCall`, against the
+ * run for the duration of `fn`, then settles:
  *
  * ```ts
  * const answer = await withReservation(client, { runId, amountMicros: 50_000n }, async (hold) => {
@@ -112,10 +157,18 @@ function defaultSettleError(error: RuncapError, hold: Hold): void {
  *   hold.setActual(costOf(result));
  *   return result;
  * });
+ *
+ * const llmCall = { provider: "openai", model: "gpt-4o", inputTokens: 1200, maxOutputTokens: 500 };
+ * const reply = await withReservation(client, { runId, llmCall }, async (hold) => {
+ *   const reply = await callTheModel();
+ *   hold.setUsage({ inputTokens: 1200, outputTokens: reply.outputTokens });
+ *   return reply;
+ * });
  * ```
  *
  * Rejects with {@link BudgetBlockedError} when the server blocks the
- * reservation (nothing is held and `fn` is not called). Otherwise resolves
+ * reservation (nothing is held and `fn` is not called), also when it has no
+ * price for the LLM call's model (`error.unknownPrice`). Otherwise resolves
  * with `fn`'s result once the hold is committed (see {@link Hold}), or, when
  * `fn` throws, refunds the hold and rethrows `fn`'s error. Reserve, commit and
  * refund use one reservation id, so their retries are idempotent.
@@ -126,10 +179,15 @@ export async function withReservation<T>(
   fn: (hold: Hold) => Promise<T> | T,
 ): Promise<T> {
   const { runId, callOptions } = args;
+  if ((args.amountMicros === undefined) === (args.llmCall === undefined)) {
+    throw new TypeError("withReservation: give exactly one of amountMicros and llmCall");
+  }
+  const estimate: ReserveEstimate =
+    args.llmCall === undefined ? { amountMicros: args.amountMicros } : { llmCall: args.llmCall };
   const response = await client.reserve(
     {
       runId,
-      amountMicros: args.amountMicros,
+      ...estimate,
       reservationId: args.reservationId ?? newReservationId(),
       ...(args.ttl !== undefined ? { ttl: args.ttl } : {}),
     },
@@ -143,7 +201,10 @@ export async function withReservation<T>(
 
   const settle = async (failed: boolean): Promise<void> => {
     const actual = hold.actualMicros;
-    if (actual === undefined && (failed || hold.released)) {
+    const usage = hold.usage;
+    if (usage !== undefined) {
+      hold.commitResponse = await client.commit({ runId, reservationId: hold.reservationId, usage }, settleOptions);
+    } else if (actual === undefined && (failed || hold.released)) {
       hold.refundResponse = await client.refund(
         { runId, reservationId: hold.reservationId },
         settleOptions,

@@ -65,6 +65,10 @@ class Backend(Protocol):
 
     async def close_run(self, tenant: str, run_id: str) -> CloseRunResult: ...
 
+    async def suspend_run(self, tenant: str, run_id: str) -> CloseRunResult: ...
+
+    async def resume_run(self, tenant: str, run_id: str) -> CloseRunResult: ...
+
     async def set_scope_limit(
         self, tenant: str, ref: ScopeRef, period: Period, limit_micros: int | None
     ) -> ScopeView:

@@ -348,6 +348,8 @@ class RedisLedger:
             return errors.ReservationReleased(run_id, reservation_id)
         if reason == "IDEMPOTENCY_CONFLICT":
             return errors.IdempotencyConflict(run_id, reservation_id, detail)
+        if reason == "RUN_CLOSED":
+            return errors.RunClosed(run_id)
         if reason == "TOTAL_OUT_OF_RANGE":
             return errors.committed_total_out_of_range(run_id)
         return RuntimeError(f"ledger script answered {reason} {detail}")
@@ -636,7 +638,16 @@ class RedisLedger:
         return int(version or 0)
 
     async def close_run(self, tenant: str, run_id: str) -> CloseRunResult:
-        reply = await self._script(tenant, run_id, "close")
+        return await self._status_op(tenant, run_id, "close")
+
+    async def suspend_run(self, tenant: str, run_id: str) -> CloseRunResult:
+        return await self._status_op(tenant, run_id, "suspend")
+
+    async def resume_run(self, tenant: str, run_id: str) -> CloseRunResult:
+        return await self._status_op(tenant, run_id, "resume")
+
+    async def _status_op(self, tenant: str, run_id: str, op: str) -> CloseRunResult:
+        reply = await self._script(tenant, run_id, op)
         return CloseRunResult(state=_state(run_id, reply[1:9]), replayed=reply[0] == b"1")
 
     # -- the change log and watch doorbell -----------------------------------

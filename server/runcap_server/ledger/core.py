@@ -265,6 +265,8 @@ def _decide(
     account = txn.account
     if account.status is RunStatus.CLOSED:
         reason = DecisionReason.RUN_CLOSED
+    elif account.status is RunStatus.SUSPENDED:
+        reason = DecisionReason.SUSPENDED
     elif account.committed_micros + account.reserved_micros + amount_micros > (
         account.spec.limit_micros
     ):
@@ -461,6 +463,29 @@ def refund(store: RunStore, run_id: str, reservation_id: str, now_ms: int) -> Re
         released_micros=held,
         replayed=False,
     )
+
+
+def suspend_run(store: RunStore, run_id: str, now_ms: int) -> CloseRunResult:
+    """The kill switch: no new holds until resume_run; holds still settle."""
+    return _set_status(store, run_id, now_ms, RunStatus.SUSPENDED, EventType.SUSPENDED)
+
+
+def resume_run(store: RunStore, run_id: str, now_ms: int) -> CloseRunResult:
+    return _set_status(store, run_id, now_ms, RunStatus.OPEN, EventType.RESUMED)
+
+
+def _set_status(
+    store: RunStore, run_id: str, now_ms: int, status: RunStatus, event: EventType
+) -> CloseRunResult:
+    txn = _open(store, run_id, now_ms)
+    account = txn.account
+    if account.status is RunStatus.CLOSED:
+        raise errors.RunClosed(run_id)
+    if account.status is status:
+        return CloseRunResult(state=txn.apply(), replayed=True)
+    account.status = status
+    txn.record(event)
+    return CloseRunResult(state=txn.apply(), replayed=False)
 
 
 def close_run(store: RunStore, run_id: str, now_ms: int) -> CloseRunResult:

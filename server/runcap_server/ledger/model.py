@@ -235,6 +235,12 @@ class ModelLedger:
     async def close_run(self, tenant: str, run_id: str) -> CloseRunResult:
         return self._op(tenant, lambda s, now: core.close_run(s.run(run_id), run_id, now))
 
+    async def suspend_run(self, tenant: str, run_id: str) -> CloseRunResult:
+        return self._op(tenant, lambda s, now: core.suspend_run(s.run(run_id), run_id, now))
+
+    async def resume_run(self, tenant: str, run_id: str) -> CloseRunResult:
+        return self._op(tenant, lambda s, now: core.resume_run(s.run(run_id), run_id, now))
+
     async def set_scope_limit(
         self, tenant: str, ref: ScopeRef, period: Period, limit_micros: int | None
     ) -> ScopeView:

@@ -20,6 +20,7 @@ MAX_MICROS = 2**53 - 1
 class RunStatus(IntEnum):
     OPEN = 1
     CLOSED = 2
+    SUSPENDED = 3
 
 
 class Decision(IntEnum):
@@ -33,6 +34,7 @@ class DecisionReason(IntEnum):
     RUN_CLOSED = 3
     RESERVATION_EXPIRED = 4
     UNKNOWN_PRICE = 5
+    SUSPENDED = 6
 
 
 class ScopeKind(IntEnum):
@@ -67,6 +69,8 @@ class EventType(IntEnum):
     REFUNDED = 4
     EXPIRED = 5
     CLOSED = 6
+    SUSPENDED = 7
+    RESUMED = 8
 
 
 @dataclass(frozen=True, slots=True, order=True)

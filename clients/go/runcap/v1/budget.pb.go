@@ -34,6 +34,9 @@ const (
 	// The run accepts no new reservations. Holds made before the close still
 	// settle: they can be committed, refunded, or expire.
 	RunStatus_RUN_STATUS_CLOSED RunStatus = 2
+	// An operator stopped the run (SuspendRun): every Reserve on it, and on
+	// its descendants, is blocked until ResumeRun. Holds still settle.
+	RunStatus_RUN_STATUS_SUSPENDED RunStatus = 3
 )
 
 // Enum value maps for RunStatus.
@@ -42,11 +45,13 @@ var (
 		0: "RUN_STATUS_UNSPECIFIED",
 		1: "RUN_STATUS_OPEN",
 		2: "RUN_STATUS_CLOSED",
+		3: "RUN_STATUS_SUSPENDED",
 	}
 	RunStatus_value = map[string]int32{
 		"RUN_STATUS_UNSPECIFIED": 0,
 		"RUN_STATUS_OPEN":        1,
 		"RUN_STATUS_CLOSED":      2,
+		"RUN_STATUS_SUSPENDED":   3,
 	}
 )
 
@@ -153,6 +158,9 @@ const (
 	// The price table has no price for the LLM call's provider and model, so
 	// it cannot be estimated: runcap fails closed. Nothing is held.
 	DecisionReason_DECISION_REASON_UNKNOWN_PRICE DecisionReason = 5
+	// The run, or the ancestor run named by `blocking_scope`, is suspended (the
+	// kill switch). Nothing is held.
+	DecisionReason_DECISION_REASON_SUSPENDED DecisionReason = 6
 )
 
 // Enum value maps for DecisionReason.
@@ -164,6 +172,7 @@ var (
 		3: "DECISION_REASON_RUN_CLOSED",
 		4: "DECISION_REASON_RESERVATION_EXPIRED",
 		5: "DECISION_REASON_UNKNOWN_PRICE",
+		6: "DECISION_REASON_SUSPENDED",
 	}
 	DecisionReason_value = map[string]int32{
 		"DECISION_REASON_UNSPECIFIED":         0,
@@ -172,6 +181,7 @@ var (
 		"DECISION_REASON_RUN_CLOSED":          3,
 		"DECISION_REASON_RESERVATION_EXPIRED": 4,
 		"DECISION_REASON_UNKNOWN_PRICE":       5,
+		"DECISION_REASON_SUSPENDED":           6,
 	}
 )
 
@@ -417,6 +427,10 @@ const (
 	EventType_EVENT_TYPE_EXPIRED EventType = 5
 	// The run was closed.
 	EventType_EVENT_TYPE_CLOSED EventType = 6
+	// The run was suspended (SuspendRun).
+	EventType_EVENT_TYPE_SUSPENDED EventType = 7
+	// The run was resumed (ResumeRun).
+	EventType_EVENT_TYPE_RESUMED EventType = 8
 )
 
 // Enum value maps for EventType.
@@ -429,6 +443,8 @@ var (
 		4: "EVENT_TYPE_REFUNDED",
 		5: "EVENT_TYPE_EXPIRED",
 		6: "EVENT_TYPE_CLOSED",
+		7: "EVENT_TYPE_SUSPENDED",
+		8: "EVENT_TYPE_RESUMED",
 	}
 	EventType_value = map[string]int32{
 		"EVENT_TYPE_UNSPECIFIED": 0,
@@ -438,6 +454,8 @@ var (
 		"EVENT_TYPE_REFUNDED":    4,
 		"EVENT_TYPE_EXPIRED":     5,
 		"EVENT_TYPE_CLOSED":      6,
+		"EVENT_TYPE_SUSPENDED":   7,
+		"EVENT_TYPE_RESUMED":     8,
 	}
 )
 
@@ -1149,22 +1167,24 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x0eoverrun_micros\x18\x05 \x01(\x03R\roverrunMicros\x12\x12\n" +
 	"\x04late\x18\x06 \x01(\bR\x04late\x12.\n" +
 	"\x04time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12,\n" +
-	"\x05state\x18\b \x01(\v2\x16.runcap.v1.BudgetStateR\x05state*S\n" +
+	"\x05state\x18\b \x01(\v2\x16.runcap.v1.BudgetStateR\x05state*m\n" +
 	"\tRunStatus\x12\x1a\n" +
 	"\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fRUN_STATUS_OPEN\x10\x01\x12\x15\n" +
-	"\x11RUN_STATUS_CLOSED\x10\x02*L\n" +
+	"\x11RUN_STATUS_CLOSED\x10\x02\x12\x18\n" +
+	"\x14RUN_STATUS_SUSPENDED\x10\x03*L\n" +
 	"\bDecision\x12\x18\n" +
 	"\x14DECISION_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eDECISION_ALLOW\x10\x01\x12\x12\n" +
-	"\x0eDECISION_BLOCK\x10\x02*\xe9\x01\n" +
+	"\x0eDECISION_BLOCK\x10\x02*\x88\x02\n" +
 	"\x0eDecisionReason\x12\x1f\n" +
 	"\x1bDECISION_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dDECISION_REASON_WITHIN_BUDGET\x10\x01\x12'\n" +
 	"#DECISION_REASON_INSUFFICIENT_BUDGET\x10\x02\x12\x1e\n" +
 	"\x1aDECISION_REASON_RUN_CLOSED\x10\x03\x12'\n" +
 	"#DECISION_REASON_RESERVATION_EXPIRED\x10\x04\x12!\n" +
-	"\x1dDECISION_REASON_UNKNOWN_PRICE\x10\x05*}\n" +
+	"\x1dDECISION_REASON_UNKNOWN_PRICE\x10\x05\x12\x1d\n" +
+	"\x19DECISION_REASON_SUSPENDED\x10\x06*}\n" +
 	"\tScopeKind\x12\x1a\n" +
 	"\x16SCOPE_KIND_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eSCOPE_KIND_RUN\x10\x01\x12\x16\n" +
@@ -1183,7 +1203,7 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x1bRESERVATION_STATUS_RELEASED\x10\x03\x12\x1e\n" +
 	"\x1aRESERVATION_STATUS_EXPIRED\x10\x04\x12%\n" +
 	"!RESERVATION_STATUS_LATE_COMMITTED\x10\x05\x12\x1e\n" +
-	"\x1aRESERVATION_STATUS_BLOCKED\x10\x06*\xba\x01\n" +
+	"\x1aRESERVATION_STATUS_BLOCKED\x10\x06*\xec\x01\n" +
 	"\tEventType\x12\x1a\n" +
 	"\x16EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12EVENT_TYPE_CREATED\x10\x01\x12\x17\n" +
@@ -1191,7 +1211,9 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x14EVENT_TYPE_COMMITTED\x10\x03\x12\x17\n" +
 	"\x13EVENT_TYPE_REFUNDED\x10\x04\x12\x16\n" +
 	"\x12EVENT_TYPE_EXPIRED\x10\x05\x12\x15\n" +
-	"\x11EVENT_TYPE_CLOSED\x10\x06B8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
+	"\x11EVENT_TYPE_CLOSED\x10\x06\x12\x18\n" +
+	"\x14EVENT_TYPE_SUSPENDED\x10\a\x12\x16\n" +
+	"\x12EVENT_TYPE_RESUMED\x10\bB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
 
 var (
 	file_runcap_v1_budget_proto_rawDescOnce sync.Once

@@ -2186,6 +2186,208 @@ func (x *GetModelPriceResponse) GetPriceTableVersion() string {
 	return ""
 }
 
+// SuspendRunRequest names the run to stop.
+type SuspendRunRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The run.
+	RunId         string `protobuf:"bytes,1,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SuspendRunRequest) Reset() {
+	*x = SuspendRunRequest{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SuspendRunRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SuspendRunRequest) ProtoMessage() {}
+
+func (x *SuspendRunRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SuspendRunRequest.ProtoReflect.Descriptor instead.
+func (*SuspendRunRequest) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *SuspendRunRequest) GetRunId() string {
+	if x != nil {
+		return x.RunId
+	}
+	return ""
+}
+
+// SuspendRunResponse reports the suspended run.
+type SuspendRunResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The run's budget state after the call.
+	State *BudgetState `protobuf:"bytes,1,opt,name=state,proto3" json:"state,omitempty"`
+	// True when the run was already suspended and nothing changed.
+	Replayed      bool `protobuf:"varint,2,opt,name=replayed,proto3" json:"replayed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SuspendRunResponse) Reset() {
+	*x = SuspendRunResponse{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SuspendRunResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SuspendRunResponse) ProtoMessage() {}
+
+func (x *SuspendRunResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SuspendRunResponse.ProtoReflect.Descriptor instead.
+func (*SuspendRunResponse) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *SuspendRunResponse) GetState() *BudgetState {
+	if x != nil {
+		return x.State
+	}
+	return nil
+}
+
+func (x *SuspendRunResponse) GetReplayed() bool {
+	if x != nil {
+		return x.Replayed
+	}
+	return false
+}
+
+// ResumeRunRequest names the run to resume.
+type ResumeRunRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The run.
+	RunId         string `protobuf:"bytes,1,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResumeRunRequest) Reset() {
+	*x = ResumeRunRequest{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResumeRunRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResumeRunRequest) ProtoMessage() {}
+
+func (x *ResumeRunRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResumeRunRequest.ProtoReflect.Descriptor instead.
+func (*ResumeRunRequest) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *ResumeRunRequest) GetRunId() string {
+	if x != nil {
+		return x.RunId
+	}
+	return ""
+}
+
+// ResumeRunResponse reports the resumed run.
+type ResumeRunResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The run's budget state after the call.
+	State *BudgetState `protobuf:"bytes,1,opt,name=state,proto3" json:"state,omitempty"`
+	// True when the run was not suspended and nothing changed.
+	Replayed      bool `protobuf:"varint,2,opt,name=replayed,proto3" json:"replayed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResumeRunResponse) Reset() {
+	*x = ResumeRunResponse{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResumeRunResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResumeRunResponse) ProtoMessage() {}
+
+func (x *ResumeRunResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResumeRunResponse.ProtoReflect.Descriptor instead.
+func (*ResumeRunResponse) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *ResumeRunResponse) GetState() *BudgetState {
+	if x != nil {
+		return x.State
+	}
+	return nil
+}
+
+func (x *ResumeRunResponse) GetReplayed() bool {
+	if x != nil {
+		return x.Replayed
+	}
+	return false
+}
+
 var File_runcap_v1_budget_service_proto protoreflect.FileDescriptor
 
 const file_runcap_v1_budget_service_proto_rawDesc = "" +
@@ -2344,14 +2546,27 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\x15GetModelPriceResponse\x12+\n" +
 	"\x05price\x18\x01 \x01(\v2\x15.runcap.v1.ModelPriceR\x05price\x12'\n" +
 	"\x0ftenant_override\x18\x02 \x01(\bR\x0etenantOverride\x12.\n" +
-	"\x13price_table_version\x18\x03 \x01(\tR\x11priceTableVersion2\xf7\x06\n" +
+	"\x13price_table_version\x18\x03 \x01(\tR\x11priceTableVersion\"0\n" +
+	"\x11SuspendRunRequest\x12\x1b\n" +
+	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\x05runId\"^\n" +
+	"\x12SuspendRunResponse\x12,\n" +
+	"\x05state\x18\x01 \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\x12\x1a\n" +
+	"\breplayed\x18\x02 \x01(\bR\breplayed\"/\n" +
+	"\x10ResumeRunRequest\x12\x1b\n" +
+	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\x05runId\"]\n" +
+	"\x11ResumeRunResponse\x12,\n" +
+	"\x05state\x18\x01 \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\x12\x1a\n" +
+	"\breplayed\x18\x02 \x01(\bR\breplayed2\x8a\b\n" +
 	"\rBudgetService\x12F\n" +
 	"\tCreateRun\x12\x1b.runcap.v1.CreateRunRequest\x1a\x1c.runcap.v1.CreateRunResponse\x12=\n" +
 	"\x06GetRun\x12\x18.runcap.v1.GetRunRequest\x1a\x19.runcap.v1.GetRunResponse\x12@\n" +
 	"\aReserve\x12\x19.runcap.v1.ReserveRequest\x1a\x1a.runcap.v1.ReserveResponse\x12=\n" +
 	"\x06Commit\x12\x18.runcap.v1.CommitRequest\x1a\x19.runcap.v1.CommitResponse\x12=\n" +
 	"\x06Refund\x12\x18.runcap.v1.RefundRequest\x1a\x19.runcap.v1.RefundResponse\x12C\n" +
-	"\bCloseRun\x12\x1a.runcap.v1.CloseRunRequest\x1a\x1b.runcap.v1.CloseRunResponse\x12<\n" +
+	"\bCloseRun\x12\x1a.runcap.v1.CloseRunRequest\x1a\x1b.runcap.v1.CloseRunResponse\x12I\n" +
+	"\n" +
+	"SuspendRun\x12\x1c.runcap.v1.SuspendRunRequest\x1a\x1d.runcap.v1.SuspendRunResponse\x12F\n" +
+	"\tResumeRun\x12\x1b.runcap.v1.ResumeRunRequest\x1a\x1c.runcap.v1.ResumeRunResponse\x12<\n" +
 	"\x05Watch\x12\x17.runcap.v1.WatchRequest\x1a\x18.runcap.v1.WatchResponse0\x01\x12R\n" +
 	"\rSetScopeLimit\x12\x1f.runcap.v1.SetScopeLimitRequest\x1a .runcap.v1.SetScopeLimitResponse\x12C\n" +
 	"\bGetScope\x12\x1a.runcap.v1.GetScopeRequest\x1a\x1b.runcap.v1.GetScopeResponse\x12R\n" +
@@ -2371,7 +2586,7 @@ func file_runcap_v1_budget_service_proto_rawDescGZIP() []byte {
 	return file_runcap_v1_budget_service_proto_rawDescData
 }
 
-var file_runcap_v1_budget_service_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
+var file_runcap_v1_budget_service_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
 var file_runcap_v1_budget_service_proto_goTypes = []any{
 	(*CreateRunRequest)(nil),         // 0: runcap.v1.CreateRunRequest
 	(*CreateRunResponse)(nil),        // 1: runcap.v1.CreateRunResponse
@@ -2402,81 +2617,91 @@ var file_runcap_v1_budget_service_proto_goTypes = []any{
 	(*DeleteModelPriceResponse)(nil), // 26: runcap.v1.DeleteModelPriceResponse
 	(*GetModelPriceRequest)(nil),     // 27: runcap.v1.GetModelPriceRequest
 	(*GetModelPriceResponse)(nil),    // 28: runcap.v1.GetModelPriceResponse
-	nil,                              // 29: runcap.v1.CreateRunRequest.LabelsEntry
-	(*durationpb.Duration)(nil),      // 30: google.protobuf.Duration
-	(*Run)(nil),                      // 31: runcap.v1.Run
-	(*BudgetState)(nil),              // 32: runcap.v1.BudgetState
-	(Decision)(0),                    // 33: runcap.v1.Decision
-	(DecisionReason)(0),              // 34: runcap.v1.DecisionReason
-	(*timestamppb.Timestamp)(nil),    // 35: google.protobuf.Timestamp
-	(*ScopeRef)(nil),                 // 36: runcap.v1.ScopeRef
-	(Period)(0),                      // 37: runcap.v1.Period
-	(ReservationStatus)(0),           // 38: runcap.v1.ReservationStatus
-	(*BudgetEvent)(nil),              // 39: runcap.v1.BudgetEvent
-	(*Scope)(nil),                    // 40: runcap.v1.Scope
+	(*SuspendRunRequest)(nil),        // 29: runcap.v1.SuspendRunRequest
+	(*SuspendRunResponse)(nil),       // 30: runcap.v1.SuspendRunResponse
+	(*ResumeRunRequest)(nil),         // 31: runcap.v1.ResumeRunRequest
+	(*ResumeRunResponse)(nil),        // 32: runcap.v1.ResumeRunResponse
+	nil,                              // 33: runcap.v1.CreateRunRequest.LabelsEntry
+	(*durationpb.Duration)(nil),      // 34: google.protobuf.Duration
+	(*Run)(nil),                      // 35: runcap.v1.Run
+	(*BudgetState)(nil),              // 36: runcap.v1.BudgetState
+	(Decision)(0),                    // 37: runcap.v1.Decision
+	(DecisionReason)(0),              // 38: runcap.v1.DecisionReason
+	(*timestamppb.Timestamp)(nil),    // 39: google.protobuf.Timestamp
+	(*ScopeRef)(nil),                 // 40: runcap.v1.ScopeRef
+	(Period)(0),                      // 41: runcap.v1.Period
+	(ReservationStatus)(0),           // 42: runcap.v1.ReservationStatus
+	(*BudgetEvent)(nil),              // 43: runcap.v1.BudgetEvent
+	(*Scope)(nil),                    // 44: runcap.v1.Scope
 }
 var file_runcap_v1_budget_service_proto_depIdxs = []int32{
-	29, // 0: runcap.v1.CreateRunRequest.labels:type_name -> runcap.v1.CreateRunRequest.LabelsEntry
-	30, // 1: runcap.v1.CreateRunRequest.default_ttl:type_name -> google.protobuf.Duration
-	31, // 2: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
-	32, // 3: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
-	31, // 4: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
-	32, // 5: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
+	33, // 0: runcap.v1.CreateRunRequest.labels:type_name -> runcap.v1.CreateRunRequest.LabelsEntry
+	34, // 1: runcap.v1.CreateRunRequest.default_ttl:type_name -> google.protobuf.Duration
+	35, // 2: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
+	36, // 3: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
+	35, // 4: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
+	36, // 5: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
 	6,  // 6: runcap.v1.ReserveRequest.llm_call:type_name -> runcap.v1.LlmCall
-	30, // 7: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
-	33, // 8: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
-	34, // 9: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
-	35, // 10: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
-	32, // 11: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
-	36, // 12: runcap.v1.ReserveResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
-	37, // 13: runcap.v1.ReserveResponse.blocking_period:type_name -> runcap.v1.Period
+	34, // 7: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
+	37, // 8: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
+	38, // 9: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
+	39, // 10: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
+	36, // 11: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
+	40, // 12: runcap.v1.ReserveResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
+	41, // 13: runcap.v1.ReserveResponse.blocking_period:type_name -> runcap.v1.Period
 	7,  // 14: runcap.v1.ReserveResponse.estimate:type_name -> runcap.v1.LlmEstimate
 	8,  // 15: runcap.v1.CommitRequest.usage:type_name -> runcap.v1.TokenUsage
-	32, // 16: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
-	38, // 17: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	32, // 18: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
-	38, // 19: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	32, // 20: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
-	32, // 21: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
-	39, // 22: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
+	36, // 16: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
+	42, // 17: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	36, // 18: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
+	42, // 19: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	36, // 20: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
+	36, // 21: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
+	43, // 22: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
 	17, // 23: runcap.v1.WatchResponse.progress:type_name -> runcap.v1.Progress
-	36, // 24: runcap.v1.SetScopeLimitRequest.scope:type_name -> runcap.v1.ScopeRef
-	37, // 25: runcap.v1.SetScopeLimitRequest.period:type_name -> runcap.v1.Period
-	40, // 26: runcap.v1.SetScopeLimitResponse.scope:type_name -> runcap.v1.Scope
-	36, // 27: runcap.v1.GetScopeRequest.scope:type_name -> runcap.v1.ScopeRef
-	40, // 28: runcap.v1.GetScopeResponse.scope:type_name -> runcap.v1.Scope
+	40, // 24: runcap.v1.SetScopeLimitRequest.scope:type_name -> runcap.v1.ScopeRef
+	41, // 25: runcap.v1.SetScopeLimitRequest.period:type_name -> runcap.v1.Period
+	44, // 26: runcap.v1.SetScopeLimitResponse.scope:type_name -> runcap.v1.Scope
+	40, // 27: runcap.v1.GetScopeRequest.scope:type_name -> runcap.v1.ScopeRef
+	44, // 28: runcap.v1.GetScopeResponse.scope:type_name -> runcap.v1.Scope
 	22, // 29: runcap.v1.SetModelPriceRequest.price:type_name -> runcap.v1.ModelPrice
 	22, // 30: runcap.v1.SetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
 	22, // 31: runcap.v1.GetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
-	0,  // 32: runcap.v1.BudgetService.CreateRun:input_type -> runcap.v1.CreateRunRequest
-	2,  // 33: runcap.v1.BudgetService.GetRun:input_type -> runcap.v1.GetRunRequest
-	4,  // 34: runcap.v1.BudgetService.Reserve:input_type -> runcap.v1.ReserveRequest
-	9,  // 35: runcap.v1.BudgetService.Commit:input_type -> runcap.v1.CommitRequest
-	11, // 36: runcap.v1.BudgetService.Refund:input_type -> runcap.v1.RefundRequest
-	13, // 37: runcap.v1.BudgetService.CloseRun:input_type -> runcap.v1.CloseRunRequest
-	15, // 38: runcap.v1.BudgetService.Watch:input_type -> runcap.v1.WatchRequest
-	18, // 39: runcap.v1.BudgetService.SetScopeLimit:input_type -> runcap.v1.SetScopeLimitRequest
-	20, // 40: runcap.v1.BudgetService.GetScope:input_type -> runcap.v1.GetScopeRequest
-	23, // 41: runcap.v1.BudgetService.SetModelPrice:input_type -> runcap.v1.SetModelPriceRequest
-	25, // 42: runcap.v1.BudgetService.DeleteModelPrice:input_type -> runcap.v1.DeleteModelPriceRequest
-	27, // 43: runcap.v1.BudgetService.GetModelPrice:input_type -> runcap.v1.GetModelPriceRequest
-	1,  // 44: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
-	3,  // 45: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
-	5,  // 46: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
-	10, // 47: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
-	12, // 48: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
-	14, // 49: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
-	16, // 50: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
-	19, // 51: runcap.v1.BudgetService.SetScopeLimit:output_type -> runcap.v1.SetScopeLimitResponse
-	21, // 52: runcap.v1.BudgetService.GetScope:output_type -> runcap.v1.GetScopeResponse
-	24, // 53: runcap.v1.BudgetService.SetModelPrice:output_type -> runcap.v1.SetModelPriceResponse
-	26, // 54: runcap.v1.BudgetService.DeleteModelPrice:output_type -> runcap.v1.DeleteModelPriceResponse
-	28, // 55: runcap.v1.BudgetService.GetModelPrice:output_type -> runcap.v1.GetModelPriceResponse
-	44, // [44:56] is the sub-list for method output_type
-	32, // [32:44] is the sub-list for method input_type
-	32, // [32:32] is the sub-list for extension type_name
-	32, // [32:32] is the sub-list for extension extendee
-	0,  // [0:32] is the sub-list for field type_name
+	36, // 32: runcap.v1.SuspendRunResponse.state:type_name -> runcap.v1.BudgetState
+	36, // 33: runcap.v1.ResumeRunResponse.state:type_name -> runcap.v1.BudgetState
+	0,  // 34: runcap.v1.BudgetService.CreateRun:input_type -> runcap.v1.CreateRunRequest
+	2,  // 35: runcap.v1.BudgetService.GetRun:input_type -> runcap.v1.GetRunRequest
+	4,  // 36: runcap.v1.BudgetService.Reserve:input_type -> runcap.v1.ReserveRequest
+	9,  // 37: runcap.v1.BudgetService.Commit:input_type -> runcap.v1.CommitRequest
+	11, // 38: runcap.v1.BudgetService.Refund:input_type -> runcap.v1.RefundRequest
+	13, // 39: runcap.v1.BudgetService.CloseRun:input_type -> runcap.v1.CloseRunRequest
+	29, // 40: runcap.v1.BudgetService.SuspendRun:input_type -> runcap.v1.SuspendRunRequest
+	31, // 41: runcap.v1.BudgetService.ResumeRun:input_type -> runcap.v1.ResumeRunRequest
+	15, // 42: runcap.v1.BudgetService.Watch:input_type -> runcap.v1.WatchRequest
+	18, // 43: runcap.v1.BudgetService.SetScopeLimit:input_type -> runcap.v1.SetScopeLimitRequest
+	20, // 44: runcap.v1.BudgetService.GetScope:input_type -> runcap.v1.GetScopeRequest
+	23, // 45: runcap.v1.BudgetService.SetModelPrice:input_type -> runcap.v1.SetModelPriceRequest
+	25, // 46: runcap.v1.BudgetService.DeleteModelPrice:input_type -> runcap.v1.DeleteModelPriceRequest
+	27, // 47: runcap.v1.BudgetService.GetModelPrice:input_type -> runcap.v1.GetModelPriceRequest
+	1,  // 48: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
+	3,  // 49: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
+	5,  // 50: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
+	10, // 51: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
+	12, // 52: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
+	14, // 53: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
+	30, // 54: runcap.v1.BudgetService.SuspendRun:output_type -> runcap.v1.SuspendRunResponse
+	32, // 55: runcap.v1.BudgetService.ResumeRun:output_type -> runcap.v1.ResumeRunResponse
+	16, // 56: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
+	19, // 57: runcap.v1.BudgetService.SetScopeLimit:output_type -> runcap.v1.SetScopeLimitResponse
+	21, // 58: runcap.v1.BudgetService.GetScope:output_type -> runcap.v1.GetScopeResponse
+	24, // 59: runcap.v1.BudgetService.SetModelPrice:output_type -> runcap.v1.SetModelPriceResponse
+	26, // 60: runcap.v1.BudgetService.DeleteModelPrice:output_type -> runcap.v1.DeleteModelPriceResponse
+	28, // 61: runcap.v1.BudgetService.GetModelPrice:output_type -> runcap.v1.GetModelPriceResponse
+	48, // [48:62] is the sub-list for method output_type
+	34, // [34:48] is the sub-list for method input_type
+	34, // [34:34] is the sub-list for extension type_name
+	34, // [34:34] is the sub-list for extension extendee
+	0,  // [0:34] is the sub-list for field type_name
 }
 
 func init() { file_runcap_v1_budget_service_proto_init() }
@@ -2511,7 +2736,7 @@ func file_runcap_v1_budget_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_runcap_v1_budget_service_proto_rawDesc), len(file_runcap_v1_budget_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   30,
+			NumMessages:   34,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -25,6 +25,8 @@ const (
 	BudgetService_Commit_FullMethodName           = "/runcap.v1.BudgetService/Commit"
 	BudgetService_Refund_FullMethodName           = "/runcap.v1.BudgetService/Refund"
 	BudgetService_CloseRun_FullMethodName         = "/runcap.v1.BudgetService/CloseRun"
+	BudgetService_SuspendRun_FullMethodName       = "/runcap.v1.BudgetService/SuspendRun"
+	BudgetService_ResumeRun_FullMethodName        = "/runcap.v1.BudgetService/ResumeRun"
 	BudgetService_Watch_FullMethodName            = "/runcap.v1.BudgetService/Watch"
 	BudgetService_SetScopeLimit_FullMethodName    = "/runcap.v1.BudgetService/SetScopeLimit"
 	BudgetService_GetScope_FullMethodName         = "/runcap.v1.BudgetService/GetScope"
@@ -69,6 +71,13 @@ type BudgetServiceClient interface {
 	// Closes a run: it accepts no new reservations; holds already made still
 	// settle. Idempotent.
 	CloseRun(ctx context.Context, in *CloseRunRequest, opts ...grpc.CallOption) (*CloseRunResponse, error)
+	// The kill switch: stops a run at once. Every later Reserve on the run or
+	// on any of its descendants is blocked (DECISION_REASON_SUSPENDED) on
+	// every replica, until ResumeRun; holds already made still settle.
+	// Watch shows it. Idempotent; a closed run cannot be suspended.
+	SuspendRun(ctx context.Context, in *SuspendRunRequest, opts ...grpc.CallOption) (*SuspendRunResponse, error)
+	// Lets a suspended run reserve again. Idempotent.
+	ResumeRun(ctx context.Context, in *ResumeRunRequest, opts ...grpc.CallOption) (*ResumeRunResponse, error)
 	// Streams a run's budget state: a snapshot first (or, when resuming, every
 	// change after `after_revision`), then every change in revision order, with
 	// progress heartbeats in between. Events are never dropped or repeated; a
@@ -155,6 +164,26 @@ func (c *budgetServiceClient) CloseRun(ctx context.Context, in *CloseRunRequest,
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(CloseRunResponse)
 	err := c.cc.Invoke(ctx, BudgetService_CloseRun_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *budgetServiceClient) SuspendRun(ctx context.Context, in *SuspendRunRequest, opts ...grpc.CallOption) (*SuspendRunResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SuspendRunResponse)
+	err := c.cc.Invoke(ctx, BudgetService_SuspendRun_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *budgetServiceClient) ResumeRun(ctx context.Context, in *ResumeRunRequest, opts ...grpc.CallOption) (*ResumeRunResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ResumeRunResponse)
+	err := c.cc.Invoke(ctx, BudgetService_ResumeRun_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -266,6 +295,13 @@ type BudgetServiceServer interface {
 	// Closes a run: it accepts no new reservations; holds already made still
 	// settle. Idempotent.
 	CloseRun(context.Context, *CloseRunRequest) (*CloseRunResponse, error)
+	// The kill switch: stops a run at once. Every later Reserve on the run or
+	// on any of its descendants is blocked (DECISION_REASON_SUSPENDED) on
+	// every replica, until ResumeRun; holds already made still settle.
+	// Watch shows it. Idempotent; a closed run cannot be suspended.
+	SuspendRun(context.Context, *SuspendRunRequest) (*SuspendRunResponse, error)
+	// Lets a suspended run reserve again. Idempotent.
+	ResumeRun(context.Context, *ResumeRunRequest) (*ResumeRunResponse, error)
 	// Streams a run's budget state: a snapshot first (or, when resuming, every
 	// change after `after_revision`), then every change in revision order, with
 	// progress heartbeats in between. Events are never dropped or repeated; a
@@ -315,6 +351,12 @@ func (UnimplementedBudgetServiceServer) Refund(context.Context, *RefundRequest) 
 }
 func (UnimplementedBudgetServiceServer) CloseRun(context.Context, *CloseRunRequest) (*CloseRunResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CloseRun not implemented")
+}
+func (UnimplementedBudgetServiceServer) SuspendRun(context.Context, *SuspendRunRequest) (*SuspendRunResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SuspendRun not implemented")
+}
+func (UnimplementedBudgetServiceServer) ResumeRun(context.Context, *ResumeRunRequest) (*ResumeRunResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ResumeRun not implemented")
 }
 func (UnimplementedBudgetServiceServer) Watch(*WatchRequest, grpc.ServerStreamingServer[WatchResponse]) error {
 	return status.Error(codes.Unimplemented, "method Watch not implemented")
@@ -463,6 +505,42 @@ func _BudgetService_CloseRun_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _BudgetService_SuspendRun_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SuspendRunRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BudgetServiceServer).SuspendRun(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BudgetService_SuspendRun_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BudgetServiceServer).SuspendRun(ctx, req.(*SuspendRunRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _BudgetService_ResumeRun_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ResumeRunRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BudgetServiceServer).ResumeRun(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BudgetService_ResumeRun_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BudgetServiceServer).ResumeRun(ctx, req.(*ResumeRunRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _BudgetService_Watch_Handler(srv interface{}, stream grpc.ServerStream) error {
 	m := new(WatchRequest)
 	if err := stream.RecvMsg(m); err != nil {
@@ -594,6 +672,14 @@ var BudgetService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CloseRun",
 			Handler:    _BudgetService_CloseRun_Handler,
+		},
+		{
+			MethodName: "SuspendRun",
+			Handler:    _BudgetService_SuspendRun_Handler,
+		},
+		{
+			MethodName: "ResumeRun",
+			Handler:    _BudgetService_ResumeRun_Handler,
 		},
 		{
 			MethodName: "SetScopeLimit",

@@ -76,6 +76,9 @@ const (
 	// closed run takes no new subagents. A `google.rpc.PreconditionFailure`
 	// detail names the parent.
 	ErrorReason_ERROR_REASON_PARENT_RUN_CLOSED ErrorReason = 13
+	// FAILED_PRECONDITION: the run is closed, so it cannot be suspended or
+	// resumed. A `google.rpc.PreconditionFailure` detail names it.
+	ErrorReason_ERROR_REASON_RUN_CLOSED ErrorReason = 14
 )
 
 // Enum value maps for ErrorReason.
@@ -95,6 +98,7 @@ var (
 		11: "ERROR_REASON_INTERNAL",
 		12: "ERROR_REASON_PARENT_RUN_NOT_FOUND",
 		13: "ERROR_REASON_PARENT_RUN_CLOSED",
+		14: "ERROR_REASON_RUN_CLOSED",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":           0,
@@ -111,6 +115,7 @@ var (
 		"ERROR_REASON_INTERNAL":              11,
 		"ERROR_REASON_PARENT_RUN_NOT_FOUND":  12,
 		"ERROR_REASON_PARENT_RUN_CLOSED":     13,
+		"ERROR_REASON_RUN_CLOSED":            14,
 	}
 )
 
@@ -145,7 +150,7 @@ var File_runcap_v1_errors_proto protoreflect.FileDescriptor
 
 const file_runcap_v1_errors_proto_rawDesc = "" +
 	"\n" +
-	"\x16runcap/v1/errors.proto\x12\truncap.v1*\x83\x04\n" +
+	"\x16runcap/v1/errors.proto\x12\truncap.v1*\xa0\x04\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x01\x12\x1e\n" +
@@ -161,7 +166,8 @@ const file_runcap_v1_errors_proto_rawDesc = "" +
 	"\x12\x19\n" +
 	"\x15ERROR_REASON_INTERNAL\x10\v\x12%\n" +
 	"!ERROR_REASON_PARENT_RUN_NOT_FOUND\x10\f\x12\"\n" +
-	"\x1eERROR_REASON_PARENT_RUN_CLOSED\x10\rB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
+	"\x1eERROR_REASON_PARENT_RUN_CLOSED\x10\r\x12\x1b\n" +
+	"\x17ERROR_REASON_RUN_CLOSED\x10\x0eB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
 
 var (
 	file_runcap_v1_errors_proto_rawDescOnce sync.Once

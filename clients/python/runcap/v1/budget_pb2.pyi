@@ -34,6 +34,10 @@ class _RunStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunStatus.V
     """The run accepts no new reservations. Holds made before the close still
     settle: they can be committed, refunded, or expire.
     """
+    RUN_STATUS_SUSPENDED: _RunStatus.ValueType  # 3
+    """An operator stopped the run (SuspendRun): every Reserve on it, and on
+    its descendants, is blocked until ResumeRun. Holds still settle.
+    """
 
 class RunStatus(_RunStatus, metaclass=_RunStatusEnumTypeWrapper):
     """RunStatus is the lifecycle state of a run."""
@@ -45,6 +49,10 @@ RUN_STATUS_OPEN: RunStatus.ValueType  # 1
 RUN_STATUS_CLOSED: RunStatus.ValueType  # 2
 """The run accepts no new reservations. Holds made before the close still
 settle: they can be committed, refunded, or expire.
+"""
+RUN_STATUS_SUSPENDED: RunStatus.ValueType  # 3
+"""An operator stopped the run (SuspendRun): every Reserve on it, and on
+its descendants, is blocked until ResumeRun. Holds still settle.
 """
 Global___RunStatus: _TypeAlias = RunStatus  # noqa: Y015
 
@@ -104,6 +112,10 @@ class _DecisionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decisi
     """The price table has no price for the LLM call's provider and model, so
     it cannot be estimated: runcap fails closed. Nothing is held.
     """
+    DECISION_REASON_SUSPENDED: _DecisionReason.ValueType  # 6
+    """The run, or the ancestor run named by `blocking_scope`, is suspended (the
+    kill switch). Nothing is held.
+    """
 
 class DecisionReason(_DecisionReason, metaclass=_DecisionReasonEnumTypeWrapper):
     """DecisionReason explains a decision in machine-readable form."""
@@ -126,6 +138,10 @@ the run. Nothing is held; reserve again with a new reservation id.
 DECISION_REASON_UNKNOWN_PRICE: DecisionReason.ValueType  # 5
 """The price table has no price for the LLM call's provider and model, so
 it cannot be estimated: runcap fails closed. Nothing is held.
+"""
+DECISION_REASON_SUSPENDED: DecisionReason.ValueType  # 6
+"""The run, or the ancestor run named by `blocking_scope`, is suspended (the
+kill switch). Nothing is held.
 """
 Global___DecisionReason: _TypeAlias = DecisionReason  # noqa: Y015
 
@@ -269,6 +285,10 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """A hold passed its expire time and was released by the server."""
     EVENT_TYPE_CLOSED: _EventType.ValueType  # 6
     """The run was closed."""
+    EVENT_TYPE_SUSPENDED: _EventType.ValueType  # 7
+    """The run was suspended (SuspendRun)."""
+    EVENT_TYPE_RESUMED: _EventType.ValueType  # 8
+    """The run was resumed (ResumeRun)."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """EventType names what changed in a run."""
@@ -289,6 +309,10 @@ EVENT_TYPE_EXPIRED: EventType.ValueType  # 5
 """A hold passed its expire time and was released by the server."""
 EVENT_TYPE_CLOSED: EventType.ValueType  # 6
 """The run was closed."""
+EVENT_TYPE_SUSPENDED: EventType.ValueType  # 7
+"""The run was suspended (SuspendRun)."""
+EVENT_TYPE_RESUMED: EventType.ValueType  # 8
+"""The run was resumed (ResumeRun)."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final

@@ -75,6 +75,16 @@ class BudgetServiceStub:
                 request_serializer=runcap_dot_v1_dot_budget__service__pb2.CloseRunRequest.SerializeToString,
                 response_deserializer=runcap_dot_v1_dot_budget__service__pb2.CloseRunResponse.FromString,
                 _registered_method=True)
+        self.SuspendRun = channel.unary_unary(
+                '/runcap.v1.BudgetService/SuspendRun',
+                request_serializer=runcap_dot_v1_dot_budget__service__pb2.SuspendRunRequest.SerializeToString,
+                response_deserializer=runcap_dot_v1_dot_budget__service__pb2.SuspendRunResponse.FromString,
+                _registered_method=True)
+        self.ResumeRun = channel.unary_unary(
+                '/runcap.v1.BudgetService/ResumeRun',
+                request_serializer=runcap_dot_v1_dot_budget__service__pb2.ResumeRunRequest.SerializeToString,
+                response_deserializer=runcap_dot_v1_dot_budget__service__pb2.ResumeRunResponse.FromString,
+                _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/runcap.v1.BudgetService/Watch',
                 request_serializer=runcap_dot_v1_dot_budget__service__pb2.WatchRequest.SerializeToString,
@@ -171,6 +181,23 @@ class BudgetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SuspendRun(self, request, context):
+        """The kill switch: stops a run at once. Every later Reserve on the run or
+        on any of its descendants is blocked (DECISION_REASON_SUSPENDED) on
+        every replica, until ResumeRun; holds already made still settle.
+        Watch shows it. Idempotent; a closed run cannot be suspended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeRun(self, request, context):
+        """Lets a suspended run reserve again. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Watch(self, request, context):
         """Streams a run's budget state: a snapshot first (or, when resuming, every
         change after `after_revision`), then every change in revision order, with
@@ -255,6 +282,16 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.CloseRun,
                     request_deserializer=runcap_dot_v1_dot_budget__service__pb2.CloseRunRequest.FromString,
                     response_serializer=runcap_dot_v1_dot_budget__service__pb2.CloseRunResponse.SerializeToString,
+            ),
+            'SuspendRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.SuspendRun,
+                    request_deserializer=runcap_dot_v1_dot_budget__service__pb2.SuspendRunRequest.FromString,
+                    response_serializer=runcap_dot_v1_dot_budget__service__pb2.SuspendRunResponse.SerializeToString,
+            ),
+            'ResumeRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRun,
+                    request_deserializer=runcap_dot_v1_dot_budget__service__pb2.ResumeRunRequest.FromString,
+                    response_serializer=runcap_dot_v1_dot_budget__service__pb2.ResumeRunResponse.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
@@ -460,6 +497,60 @@ class BudgetService:
             '/runcap.v1.BudgetService/CloseRun',
             runcap_dot_v1_dot_budget__service__pb2.CloseRunRequest.SerializeToString,
             runcap_dot_v1_dot_budget__service__pb2.CloseRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SuspendRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runcap.v1.BudgetService/SuspendRun',
+            runcap_dot_v1_dot_budget__service__pb2.SuspendRunRequest.SerializeToString,
+            runcap_dot_v1_dot_budget__service__pb2.SuspendRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runcap.v1.BudgetService/ResumeRun',
+            runcap_dot_v1_dot_budget__service__pb2.ResumeRunRequest.SerializeToString,
+            runcap_dot_v1_dot_budget__service__pb2.ResumeRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,14 @@ class BudgetServiceStub:
     """Closes a run: it accepts no new reservations; holds already made still
     settle. Idempotent.
     """
+    SuspendRun: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.SuspendRunRequest, _budget_service_pb2.SuspendRunResponse]
+    """The kill switch: stops a run at once. Every later Reserve on the run or
+    on any of its descendants is blocked (DECISION_REASON_SUSPENDED) on
+    every replica, until ResumeRun; holds already made still settle.
+    Watch shows it. Idempotent; a closed run cannot be suspended.
+    """
+    ResumeRun: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.ResumeRunRequest, _budget_service_pb2.ResumeRunResponse]
+    """Lets a suspended run reserve again. Idempotent."""
     Watch: _grpc.UnaryStreamMultiCallable[_budget_service_pb2.WatchRequest, _budget_service_pb2.WatchResponse]
     """Streams a run's budget state: a snapshot first (or, when resuming, every
     change after `after_revision`), then every change in revision order, with
@@ -138,6 +146,14 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     """Closes a run: it accepts no new reservations; holds already made still
     settle. Idempotent.
     """
+    SuspendRun: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.SuspendRunRequest, _budget_service_pb2.SuspendRunResponse]  # type: ignore[assignment]
+    """The kill switch: stops a run at once. Every later Reserve on the run or
+    on any of its descendants is blocked (DECISION_REASON_SUSPENDED) on
+    every replica, until ResumeRun; holds already made still settle.
+    Watch shows it. Idempotent; a closed run cannot be suspended.
+    """
+    ResumeRun: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.ResumeRunRequest, _budget_service_pb2.ResumeRunResponse]  # type: ignore[assignment]
+    """Lets a suspended run reserve again. Idempotent."""
     Watch: _aio.UnaryStreamMultiCallable[_budget_service_pb2.WatchRequest, _budget_service_pb2.WatchResponse]  # type: ignore[assignment]
     """Streams a run's budget state: a snapshot first (or, when resuming, every
     change after `after_revision`), then every change in revision order, with
@@ -240,6 +256,26 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         """Closes a run: it accepts no new reservations; holds already made still
         settle. Idempotent.
         """
+
+    @_abc_1.abstractmethod
+    def SuspendRun(
+        self,
+        request: _budget_service_pb2.SuspendRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_service_pb2.SuspendRunResponse, _abc.Awaitable[_budget_service_pb2.SuspendRunResponse]]:
+        """The kill switch: stops a run at once. Every later Reserve on the run or
+        on any of its descendants is blocked (DECISION_REASON_SUSPENDED) on
+        every replica, until ResumeRun; holds already made still settle.
+        Watch shows it. Idempotent; a closed run cannot be suspended.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeRun(
+        self,
+        request: _budget_service_pb2.ResumeRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_service_pb2.ResumeRunResponse, _abc.Awaitable[_budget_service_pb2.ResumeRunResponse]]:
+        """Lets a suspended run reserve again. Idempotent."""
 
     @_abc_1.abstractmethod
     def Watch(

@@ -82,6 +82,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     closed run takes no new subagents. A `google.rpc.PreconditionFailure`
     detail names the parent.
     """
+    ERROR_REASON_RUN_CLOSED: _ErrorReason.ValueType  # 14
+    """FAILED_PRECONDITION: the run is closed, so it cannot be suspended or
+    resumed. A `google.rpc.PreconditionFailure` detail names it.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every reason the server puts in the `google.rpc.ErrorInfo`
@@ -150,5 +154,9 @@ ERROR_REASON_PARENT_RUN_CLOSED: ErrorReason.ValueType  # 13
 """FAILED_PRECONDITION: CreateRun named a parent run that is closed; a
 closed run takes no new subagents. A `google.rpc.PreconditionFailure`
 detail names the parent.
+"""
+ERROR_REASON_RUN_CLOSED: ErrorReason.ValueType  # 14
+"""FAILED_PRECONDITION: the run is closed, so it cannot be suspended or
+resumed. A `google.rpc.PreconditionFailure` detail names it.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -23,12 +23,13 @@ local closed_retention_ms = tonumber(ARGV[5])
 local MAX_MICROS = 9007199254740991
 
 -- Enum values as in runcap.v1 (and ledger/types.py).
-local OPEN, CLOSED = 1, 2
+local OPEN, CLOSED, SUSPENDED = 1, 2, 3
 local ALLOW, BLOCK = 1, 2
-local WITHIN_BUDGET, INSUFFICIENT_BUDGET, RUN_CLOSED = 1, 2, 3
+local WITHIN_BUDGET, INSUFFICIENT_BUDGET, RUN_CLOSED, RUN_SUSPENDED = 1, 2, 3, 6
 local LIFETIME = 1
 local HELD, COMMITTED, RELEASED, EXPIRED, LATE_COMMITTED, BLOCKED = 1, 2, 3, 4, 5, 6
 local CREATED, RESERVED, EV_COMMITTED, REFUNDED, EV_EXPIRED, EV_CLOSED = 1, 2, 3, 4, 5, 6
+local EV_SUSPENDED, EV_RESUMED = 7, 8
 
 -- Reservation records: "amount|requested_ttl|status|reason|created|held|expires|actual|
 -- overrun|settled|blocking scope|blocking period|fingerprint|pricing" (no field holds "|").
@@ -249,6 +250,8 @@ local function decide(id, amount, requested_ttl, ttl, pb)
   local reason = WITHIN_BUDGET
   if acc.st == CLOSED then
     reason = RUN_CLOSED
+  elseif acc.st == SUSPENDED then
+    reason = RUN_SUSPENDED
   elseif acc.com + acc.res + amount > acc.lim then
     reason = INSUFFICIENT_BUDGET
   end
@@ -414,6 +417,25 @@ end
 function ops.settled()
   redis.call('ZREM', P, unpack(ARGV, 6))
   return {'OK'}
+end
+
+-- The kill switch and its release: no new holds while suspended.
+local function set_status(status, event)
+  if not open_run() then return err('RUN_NOT_FOUND') end
+  local acc = txn.acc
+  if acc.st == CLOSED then return err('RUN_CLOSED') end
+  if acc.st == status then return ok('1', apply()) end
+  acc.st = status
+  record(event)
+  return ok('0', apply())
+end
+
+function ops.suspend()
+  return set_status(SUSPENDED, EV_SUSPENDED)
+end
+
+function ops.resume()
+  return set_status(OPEN, EV_RESUMED)
 end
 
 function ops.close()

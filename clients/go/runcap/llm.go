@@ -1,0 +1,63 @@
+package runcap
+
+import (
+	"google.golang.org/protobuf/proto"
+
+	runcapv1 "github.com/runcap/runcap/clients/go/runcap/v1"
+)
+
+// LLMCall describes an LLM call to reserve for (ReserveLLM, HoldLLM,
+// WithLLMReservation). The server prices it from its price table: the input
+// tokens at the input price plus the effective maximum output at the output
+// price.
+type LLMCall struct {
+	// Provider is the provider, as in the price table ("openai",
+	// "anthropic"...).
+	Provider string
+	// Model is the model id, exactly as in the price table.
+	Model string
+	// InputTokens is the prompt's input tokens (zero or more).
+	InputTokens int64
+	// MaxOutputTokens is the call's maximum output tokens (its max_tokens).
+	// Zero leaves it unset: the server's default applies, or the request is
+	// refused when the server has none.
+	MaxOutputTokens int64
+}
+
+// Proto returns the runcapv1.LlmCall message of the call.
+func (c LLMCall) Proto() *runcapv1.LlmCall {
+	m := &runcapv1.LlmCall{Provider: c.Provider, Model: c.Model, InputTokens: c.InputTokens}
+	if c.MaxOutputTokens != 0 {
+		m.MaxOutputTokens = proto.Int64(c.MaxOutputTokens)
+	}
+	return m
+}
+
+// TokenUsage is an LLM call's actual usage, in disjoint token classes, to
+// commit a reservation made for an LLMCall (CommitUsage, Hold.CommitUsage,
+// Hold.SetUsage). The server prices it at the reservation's own rates.
+type TokenUsage struct {
+	// InputTokens are billed at the input price (not read from or written to
+	// a cache).
+	InputTokens int64
+	// OutputTokens are the visible output tokens, not counting reasoning
+	// tokens.
+	OutputTokens int64
+	// CacheReadTokens are input tokens read from the prompt cache.
+	CacheReadTokens int64
+	// CacheWriteTokens are input tokens written to the prompt cache.
+	CacheWriteTokens int64
+	// ReasoningTokens are reasoning (thinking) output tokens.
+	ReasoningTokens int64
+}
+
+// Proto returns the runcapv1.TokenUsage message of the usage.
+func (u TokenUsage) Proto() *runcapv1.TokenUsage {
+	return &runcapv1.TokenUsage{
+		InputTokens:      u.InputTokens,
+		OutputTokens:     u.OutputTokens,
+		CacheReadTokens:  u.CacheReadTokens,
+		CacheWriteTokens: u.CacheWriteTokens,
+		ReasoningTokens:  u.ReasoningTokens,
+	}
+}
