@@ -70,9 +70,9 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     )
     amount_help = "USD as an exact decimal such as 0.25 or $1.50 (at most 6 decimal places)"
 
-    run = commands.add_parser("run", help="create, show and close runs")
+    run = commands.add_parser("run", help="create, show, close, suspend and resume runs")
     run_commands = run.add_subparsers(
-        dest="run_command", required=True, metavar="{create,show,close}"
+        dest="run_command", required=True, metavar="{create,show,close,suspend,resume}"
     )
 
     create = run_commands.add_parser(
@@ -113,6 +113,20 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     )
     close.add_argument("run_id", metavar="RUN_ID")
     close.set_defaults(func=_command(_run_close))
+
+    suspend = run_commands.add_parser(
+        "suspend",
+        parents=[common],
+        help="the kill switch: block every new reservation of the run and its subagents",
+    )
+    suspend.add_argument("run_id", metavar="RUN_ID")
+    suspend.set_defaults(func=_command(_run_suspend))
+
+    resume = run_commands.add_parser(
+        "resume", parents=[common], help="let a suspended run reserve again"
+    )
+    resume.add_argument("run_id", metavar="RUN_ID")
+    resume.set_defaults(func=_command(_run_resume))
 
     reserve = commands.add_parser(
         "reserve",
@@ -359,6 +373,29 @@ def _run_close(args: argparse.Namespace, client: RuncapClient) -> int:
     print(args.run_id)
     if response.replayed:
         _field("replayed", "yes: the run was already closed")
+    _print_state(response.state)
+    return EXIT_OK
+
+
+def _run_suspend(args: argparse.Namespace, client: RuncapClient) -> int:
+    return _status_change(args, client.suspend_run(args.run_id), "was already suspended")
+
+
+def _run_resume(args: argparse.Namespace, client: RuncapClient) -> int:
+    return _status_change(args, client.resume_run(args.run_id), "was not suspended")
+
+
+def _status_change(
+    args: argparse.Namespace,
+    response: pb.SuspendRunResponse | pb.ResumeRunResponse,
+    already: str,
+) -> int:
+    if args.json:
+        _print_json(response)
+        return EXIT_OK
+    print(args.run_id)
+    if response.replayed:
+        _field("replayed", f"yes: the run {already}")
     _print_state(response.state)
     return EXIT_OK
 

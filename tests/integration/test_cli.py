@@ -386,3 +386,18 @@ def test_watch_json_replays_history_after_a_revision(server_target: str) -> None
     assert len(lines) == 1
     assert words(lines[0])["type"] == "SNAPSHOT"
     assert words(lines[0])["committed"] == "$0.10"
+
+
+def test_suspend_blocks_reserves_until_resume(server_target: str) -> None:
+    run_id = new_id("cli-kill")
+    ok(server_target, "run", "create", run_id, "--limit", "1.00")
+    lines = ok(server_target, "run", "suspend", run_id)
+    assert (lines[0], field(lines, "status")) == (run_id, "SUSPENDED")
+    again = ok(server_target, "run", "suspend", run_id)
+    assert field(again, "replayed").startswith("yes")
+    blocked = runcap(server_target, "reserve", run_id, "0.10")
+    assert blocked.returncode == 3  # a block, as for an empty budget
+    assert "SUSPENDED" in blocked.stdout
+    resumed = as_json(server_target, "run", "resume", run_id)
+    assert resumed["state"]["status"] == "RUN_STATUS_OPEN"
+    assert field(ok(server_target, "reserve", run_id, "0.10"), "decision").startswith("ALLOW")

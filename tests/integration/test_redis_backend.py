@@ -351,3 +351,37 @@ async def test_a_tenant_price_set_on_one_replica_applies_on_every_replica(
     finally:
         for server in servers:
             server.stop()
+
+
+async def test_suspend_on_one_replica_blocks_the_next_reserve_on_another(
+    redis_cluster: RedisCluster,
+) -> None:
+    env = {
+        "RUNCAP_BACKEND": "redis",
+        "RUNCAP_REDIS_CLUSTER_NODES": ",".join(redis_cluster.startup_nodes),
+        "RUNCAP_REDIS_NAMESPACE": namespace(),
+    }
+    servers = [ServerProcess(None, env=env) for _ in range(2)]
+    try:
+        for server in servers:
+            server.start()
+        async with (
+            grpc.aio.insecure_channel(servers[0].target) as first,
+            grpc.aio.insecure_channel(servers[1].target) as second,
+        ):
+            operator: BudgetServiceAsyncStub = BudgetServiceStub(first)
+            agent: BudgetServiceAsyncStub = BudgetServiceStub(second)
+            await agent.CreateRun(pb.CreateRunRequest(run_id="loop", limit_micros=10**9))
+            reserve = pb.ReserveRequest(run_id="loop", amount_micros=1)
+            assert (await agent.Reserve(reserve)).decision == budget_pb2.DECISION_ALLOW
+            await operator.SuspendRun(pb.SuspendRunRequest(run_id="loop"))
+            stopped = await agent.Reserve(reserve)
+            assert (stopped.decision, stopped.reason) == (
+                budget_pb2.DECISION_BLOCK,
+                budget_pb2.DECISION_REASON_SUSPENDED,
+            )
+            await operator.ResumeRun(pb.ResumeRunRequest(run_id="loop"))
+            assert (await agent.Reserve(reserve)).decision == budget_pb2.DECISION_ALLOW
+    finally:
+        for server in servers:
+            server.stop()

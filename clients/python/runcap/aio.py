@@ -187,6 +187,16 @@ class AsyncRuncapClient:
         request = budget_service_pb2.CloseRunRequest(run_id=run_id)
         return await self._call(self._stub.CloseRun, request, idempotent=True)
 
+    async def suspend_run(self, run_id: str) -> budget_service_pb2.SuspendRunResponse:
+        """See `RuncapClient.suspend_run`."""
+        request = budget_service_pb2.SuspendRunRequest(run_id=run_id)
+        return await self._call(self._stub.SuspendRun, request, idempotent=True)
+
+    async def resume_run(self, run_id: str) -> budget_service_pb2.ResumeRunResponse:
+        """See `RuncapClient.resume_run`."""
+        request = budget_service_pb2.ResumeRunRequest(run_id=run_id)
+        return await self._call(self._stub.ResumeRun, request, idempotent=True)
+
     async def set_scope_limit(
         self,
         kind: ScopeKind,

@@ -223,6 +223,17 @@ class RuncapClient:
         request = budget_service_pb2.CloseRunRequest(run_id=run_id)
         return self._call(self._stub.CloseRun, request, idempotent=True)
 
+    def suspend_run(self, run_id: str) -> budget_service_pb2.SuspendRunResponse:
+        """The kill switch: every later Reserve on the run and its descendants is
+        blocked (SUSPENDED) until `resume_run`; existing holds still settle."""
+        request = budget_service_pb2.SuspendRunRequest(run_id=run_id)
+        return self._call(self._stub.SuspendRun, request, idempotent=True)
+
+    def resume_run(self, run_id: str) -> budget_service_pb2.ResumeRunResponse:
+        """Lets a suspended run reserve again."""
+        request = budget_service_pb2.ResumeRunRequest(run_id=run_id)
+        return self._call(self._stub.ResumeRun, request, idempotent=True)
+
     def set_scope_limit(
         self,
         kind: ScopeKind,
