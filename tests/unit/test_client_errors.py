@@ -39,6 +39,7 @@ from runcap import (
     RunAlreadyExistsError,
     RuncapClient,
     RuncapError,
+    RunClosedError,
     RunNotFoundError,
     UnavailableError,
     from_status,
@@ -116,6 +117,11 @@ class FakeBudget:
                 return pb.CommitResponse(state=state, actual_micros=request.actual_micros)
             if method == "Refund":
                 return pb.RefundResponse(state=state)
+            if method == "SuspendRun":
+                state.status = budget_pb2.RUN_STATUS_SUSPENDED
+                return pb.SuspendRunResponse(state=state)
+            if method == "ResumeRun":
+                return pb.ResumeRunResponse(state=state)
             return pb.CloseRunResponse(state=state)
 
         return handle
@@ -173,6 +179,8 @@ def fake() -> Iterator[tuple[FakeBudget, str]]:
         "Commit": (pb.CommitRequest, pb.CommitResponse),
         "Refund": (pb.RefundRequest, pb.RefundResponse),
         "CloseRun": (pb.CloseRunRequest, pb.CloseRunResponse),
+        "SuspendRun": (pb.SuspendRunRequest, pb.SuspendRunResponse),
+        "ResumeRun": (pb.ResumeRunRequest, pb.ResumeRunResponse),
     }
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         name: grpc.unary_unary_rpc_method_handler(
@@ -292,6 +300,13 @@ ROWS = [
         grpc.StatusCode.FAILED_PRECONDITION,
         "RESERVATION_RELEASED",
         lambda e: _eq(e.violations[0][:2], ("RESERVATION_RELEASED", "run-1/res-1")),
+    ),
+    Row(
+        server_errors.RunClosed("run-1"),
+        RunClosedError,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "RUN_CLOSED",
+        lambda e: _eq((e.run_id, e.violations[0][:2]), ("run-1", ("RUN_CLOSED", "run-1"))),
     ),
     Row(
         server_errors.RevisionOutOfRange("run-1", 3, 10, 20),
@@ -465,6 +480,44 @@ def test_idempotent_calls_retry_unavailable(
     client.get_run("run-1")
     for method in ("Reserve", "Commit", "Refund", "CloseRun", "CreateRun", "GetRun"):
         assert len(budget.calls[method]) == 3, method
+
+
+def test_suspend_and_resume_retry_unavailable_and_type_a_closed_run(
+    fake: tuple[FakeBudget, str], client: RuncapClient
+) -> None:
+    budget = fake[0]
+    for method in ("SuspendRun", "ResumeRun"):
+        budget.failures[method] += [
+            server_errors.ShuttingDown(retry_after_ms=1),
+            server_errors.BackendUnavailable("busy", retry_after_ms=1),
+        ]
+    assert client.suspend_run("run-1").state.status == budget_pb2.RUN_STATUS_SUSPENDED
+    assert client.resume_run("run-1").state.run_id == "run-1"
+    assert budget.calls["SuspendRun"] == [pb.SuspendRunRequest(run_id="run-1")] * 3
+    assert budget.calls["ResumeRun"] == [pb.ResumeRunRequest(run_id="run-1")] * 3
+
+    budget.failures["SuspendRun"].append(server_errors.RunClosed("run-2"))
+    with pytest.raises(RunClosedError) as caught:
+        client.suspend_run("run-2")
+    assert (caught.value.code, caught.value.run_id) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "run-2",
+    )
+    assert len(budget.calls["SuspendRun"]) == 4  # final: not retried
+
+
+async def test_async_suspend_and_resume_retry_unavailable_and_type_a_closed_run(
+    fake: tuple[FakeBudget, str], aclient: AsyncRuncapClient
+) -> None:
+    budget = fake[0]
+    budget.failures["SuspendRun"] += [server_errors.ShuttingDown(retry_after_ms=1)] * 2
+    suspended = await aclient.suspend_run("run-1")
+    assert suspended.state.status == budget_pb2.RUN_STATUS_SUSPENDED
+    assert len(budget.calls["SuspendRun"]) == 3
+    budget.failures["ResumeRun"].append(server_errors.RunClosed("run-1"))
+    with pytest.raises(RunClosedError):
+        await aclient.resume_run("run-1")
+    assert len(budget.calls["ResumeRun"]) == 1
 
 
 def test_calls_without_client_side_id_are_not_retried(
@@ -730,3 +783,18 @@ async def test_async_watch_aclose_from_another_task_stops_iteration(
 def test_public_api_is_exported() -> None:
     for name in runcap.__all__:
         assert hasattr(runcap, name), name
+
+
+def test_a_suspended_block_says_so_not_how_much_remains() -> None:
+    response = pb.ReserveResponse(
+        decision=budget_pb2.DECISION_BLOCK,
+        reason=budget_pb2.DECISION_REASON_SUSPENDED,
+        reservation_id="r1",
+        blocking_scope=budget_pb2.ScopeRef(kind=budget_pb2.SCOPE_KIND_RUN, id="root"),
+        state=budget_pb2.BudgetState(run_id="kid", limit_micros=100, remaining_micros=100),
+    )
+    error = BudgetBlockedError("kid", response)
+    assert error.suspended
+    assert not error.unknown_price
+    assert "run 'root' is suspended" in str(error)
+    assert "remain" not in str(error)

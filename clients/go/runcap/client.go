@@ -49,8 +49,9 @@ const DefaultTimeout = 10 * time.Second
 
 // Client is a client of the runcap BudgetService. It is safe for concurrent
 // use. Every failed call returns a *runcaperr.Error. Calls that are
-// idempotent (those that carry a client-side id, the reads, CloseRun and
-// the scope limit calls) are retried on UNAVAILABLE according to the client's RetryPolicy.
+// idempotent (those that carry a client-side id, the reads, CloseRun,
+// SuspendRun, ResumeRun and the scope limit calls) are retried on
+// UNAVAILABLE according to the client's RetryPolicy.
 type Client struct {
 	conn    *grpc.ClientConn // nil when the connection is the caller's
 	stub    runcapv1.BudgetServiceClient
@@ -357,6 +358,25 @@ func (c *Client) Refund(ctx context.Context, runID, reservationID string) (*runc
 // CloseRun closes a run to new reservations; holds already made still settle.
 func (c *Client) CloseRun(ctx context.Context, runID string) (*runcapv1.CloseRunResponse, error) {
 	return call(ctx, c, true, c.stub.CloseRun, &runcapv1.CloseRunRequest{RunId: runID})
+}
+
+// SuspendRun is the kill switch: it stops a run at once. Every later Reserve
+// on the run, or on any of its descendants, is blocked with
+// DECISION_REASON_SUSPENDED (on every replica) until ResumeRun; holds
+// already made still settle, and Watch shows an EVENT_TYPE_SUSPENDED change.
+// Suspending a suspended run changes nothing (Replayed is set), so the call
+// is retried. A closed run cannot be suspended: that is a
+// FAILED_PRECONDITION error matching runcaperr.ErrRunClosed.
+func (c *Client) SuspendRun(ctx context.Context, runID string) (*runcapv1.SuspendRunResponse, error) {
+	return call(ctx, c, true, c.stub.SuspendRun, &runcapv1.SuspendRunRequest{RunId: runID})
+}
+
+// ResumeRun lets a suspended run reserve again (Watch shows an
+// EVENT_TYPE_RESUMED change). Resuming a run that is not suspended changes
+// nothing (Replayed is set), so the call is retried. A closed run cannot be
+// resumed: that is an error matching runcaperr.ErrRunClosed.
+func (c *Client) ResumeRun(ctx context.Context, runID string) (*runcapv1.ResumeRunResponse, error) {
+	return call(ctx, c, true, c.stub.ResumeRun, &runcapv1.ResumeRunRequest{RunId: runID})
 }
 
 // SetScopeLimit sets the ceiling of a parent scope (an API key, a user or a

@@ -203,6 +203,7 @@ var (
 	ErrShuttingDown        = reasonKind(codes.Unavailable, runcapv1.ErrorReason_ERROR_REASON_SHUTTING_DOWN)
 	ErrParentRunNotFound   = reasonKind(codes.NotFound, runcapv1.ErrorReason_ERROR_REASON_PARENT_RUN_NOT_FOUND)
 	ErrParentRunClosed     = reasonKind(codes.FailedPrecondition, runcapv1.ErrorReason_ERROR_REASON_PARENT_RUN_CLOSED)
+	ErrRunClosed           = reasonKind(codes.FailedPrecondition, runcapv1.ErrorReason_ERROR_REASON_RUN_CLOSED)
 )
 
 // FromError returns the runcap error err is or wraps: an *Error found with
@@ -383,6 +384,10 @@ func IsReservationReleased(err error) bool { return is(err, ErrReservationReleas
 // IsParentRunClosed reports whether err says CreateRun named a parent run
 // that is closed (a closed run takes no new subagent runs).
 func IsParentRunClosed(err error) bool { return is(err, ErrParentRunClosed) }
+
+// IsRunClosed reports whether err says SuspendRun or ResumeRun named a run
+// that is closed (a closed run can no longer be suspended or resumed).
+func IsRunClosed(err error) bool { return is(err, ErrRunClosed) }
 
 // IsOutOfRange reports whether err is OUT_OF_RANGE.
 func IsOutOfRange(err error) bool { return is(err, ErrOutOfRange) }

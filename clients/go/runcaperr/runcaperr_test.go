@@ -139,3 +139,35 @@ func TestParentRunErrors(t *testing.T) {
 		t.Fatalf("%v", closed)
 	}
 }
+
+func TestRunClosedError(t *testing.T) {
+	closed := withDetails(t, codes.FailedPrecondition, "run closed",
+		&errdetails.ErrorInfo{Domain: runcaperr.Domain, Reason: "RUN_CLOSED",
+			Metadata: map[string]string{"run_id": "run-1"}},
+		&errdetails.PreconditionFailure{Violations: []*errdetails.PreconditionFailure_Violation{
+			{Type: "RUN_CLOSED", Subject: "run-1", Description: "closed"},
+		}})
+	wrapped := fmt.Errorf("suspending: %w", closed)
+	if !runcaperr.IsRunClosed(wrapped) || !runcaperr.IsFailedPrecondition(wrapped) ||
+		!errors.Is(runcaperr.FromError(wrapped), runcaperr.ErrRunClosed) ||
+		runcaperr.IsParentRunClosed(wrapped) || runcaperr.IsReservationBlocked(wrapped) {
+		t.Fatalf("predicates on %v", wrapped)
+	}
+	e := runcaperr.FromError(wrapped)
+	if e.Reason != runcapv1.ErrorReason_ERROR_REASON_RUN_CLOSED || e.Metadata["run_id"] != "run-1" ||
+		len(e.PreconditionViolations) != 1 || e.PreconditionViolations[0].Subject != "run-1" || e.Retryable() {
+		t.Fatalf("%+v", e)
+	}
+	if got := e.Error(); got != "runcap: RUN_CLOSED (FailedPrecondition): run closed" {
+		t.Fatalf("Error() = %q", got)
+	}
+	// A parent run that is closed is another reason, and a proxy's RUN_CLOSED
+	// matches by code only.
+	parent := withDetails(t, codes.FailedPrecondition, "parent run closed",
+		&errdetails.ErrorInfo{Domain: runcaperr.Domain, Reason: "PARENT_RUN_CLOSED"})
+	foreign := withDetails(t, codes.FailedPrecondition, "closed",
+		&errdetails.ErrorInfo{Domain: "proxy.example", Reason: "RUN_CLOSED"})
+	if runcaperr.IsRunClosed(parent) || runcaperr.IsRunClosed(foreign) || !runcaperr.IsFailedPrecondition(foreign) {
+		t.Fatalf("%v / %v", parent, foreign)
+	}
+}

@@ -212,6 +212,19 @@ class ParentRunClosedError(_PreconditionError):
         return next((subject for _, subject, _ in self.violations), "")
 
 
+class RunClosedError(_PreconditionError):
+    """FAILED_PRECONDITION: SuspendRun or ResumeRun named a run that is closed;
+    a closed run can no longer be suspended or resumed."""
+
+    @property
+    def run_id(self) -> str:
+        """The closed run."""
+        run_id = self.metadata.get("run_id", "")
+        if run_id:
+            return run_id
+        return next((subject for _, subject, _ in self.violations), "")
+
+
 class RevisionOutOfRangeError(RuncapError):
     """OUT_OF_RANGE: Watch cannot resume from the requested revision.
 
@@ -285,6 +298,7 @@ REASON_TO_ERROR: Final[Mapping[str, type[RuncapError]]] = {
     _reason(errors_pb2.ERROR_REASON_INTERNAL): InternalError,
     _reason(errors_pb2.ERROR_REASON_PARENT_RUN_NOT_FOUND): ParentRunNotFoundError,
     _reason(errors_pb2.ERROR_REASON_PARENT_RUN_CLOSED): ParentRunClosedError,
+    _reason(errors_pb2.ERROR_REASON_RUN_CLOSED): RunClosedError,
 }
 """The one table from ErrorInfo reason to exception class."""
 
@@ -422,6 +436,10 @@ class BudgetBlockedError(Exception):
                 f"unknown price: the server has no price for {model}, "
                 "so runcap fails closed; nothing is held"
             )
+        elif self.suspended:
+            scope = self.blocking_scope
+            which = f"run {scope.id!r}" if scope is not None else "the run"
+            message += f"{which} is suspended (the kill switch); nothing is held until resumed"
         else:
             state = response.state
             message += f"{state.remaining_micros} of {state.limit_micros} micros remain"
@@ -445,6 +463,12 @@ class BudgetBlockedError(Exception):
     def reservation_id(self) -> str:
         """The blocked reservation's id."""
         return self.response.reservation_id
+
+    @property
+    def suspended(self) -> bool:
+        """True when the block is ``DECISION_REASON_SUSPENDED``: an operator
+        stopped the run or one of its ancestors (SuspendRun)."""
+        return self.reason == budget_pb2.DECISION_REASON_SUSPENDED
 
     @property
     def unknown_price(self) -> bool:

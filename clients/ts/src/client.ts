@@ -19,7 +19,9 @@ import {
   LlmCallSchema,
   RefundRequestSchema,
   ReserveRequestSchema,
+  ResumeRunRequestSchema,
   SetScopeLimitRequestSchema,
+  SuspendRunRequestSchema,
   TokenUsageSchema,
   type CloseRunResponse,
   type CommitResponse,
@@ -29,7 +31,9 @@ import {
   type LlmCall,
   type RefundResponse,
   type ReserveResponse,
+  type ResumeRunResponse,
   type SetScopeLimitResponse,
+  type SuspendRunResponse,
   type TokenUsage,
 } from "./gen/runcap/v1/budget_service_pb.js";
 import type { Period, ScopeKind } from "./gen/runcap/v1/budget_pb.js";
@@ -218,6 +222,18 @@ export interface RefundArgs {
   reservationId: string;
 }
 
+/** Arguments of `suspendRun`. */
+export interface SuspendRunArgs {
+  /** The run to stop (with its descendants). */
+  runId: string;
+}
+
+/** Arguments of `resumeRun`. */
+export interface ResumeRunArgs {
+  /** The suspended run to let reserve again. */
+  runId: string;
+}
+
 /**
  * A runcap client. Every method rejects with a {@link RuncapError} subclass;
  * idempotent calls are retried on UNAVAILABLE with the same ids.
@@ -251,6 +267,26 @@ export interface RuncapClient {
   refund(args: RefundArgs, options?: CallOptions): Promise<RefundResponse>;
   /** Closes a run to new reservations; holds already made still settle. */
   closeRun(runId: string, options?: CallOptions): Promise<CloseRunResponse>;
+  /**
+   * The kill switch: stops a run at once. Every later reserve on the run, or
+   * on any of its descendants, is blocked with `DecisionReason.SUSPENDED`
+   * until `resumeRun`; holds already made still settle, and a watch sees an
+   * `EventType.SUSPENDED` change. Suspending a suspended run changes nothing
+   * (`replayed`), so the call is retried on UNAVAILABLE. A closed run cannot
+   * be suspended: the call rejects with `RunClosedError`.
+   *
+   * ```ts
+   * const { state } = await client.suspendRun({ runId: "run-42" }); // state.status === RunStatus.SUSPENDED
+   * ```
+   */
+  suspendRun(args: SuspendRunArgs, options?: CallOptions): Promise<SuspendRunResponse>;
+  /**
+   * Lets a suspended run reserve again (a watch sees an `EventType.RESUMED`
+   * change). Resuming a run that is not suspended changes nothing
+   * (`replayed`), so the call is retried on UNAVAILABLE. A closed run cannot
+   * be resumed: the call rejects with `RunClosedError`.
+   */
+  resumeRun(args: ResumeRunArgs, options?: CallOptions): Promise<ResumeRunResponse>;
   /**
    * Sets a parent scope's ceiling for one period (API keys, users and teams);
    * it applies from the next reservation on. Resolves with the scope after
@@ -453,6 +489,14 @@ export function createRuncapClient(options: RuncapClientOptions = {}): RuncapCli
     closeRun(runId, opts) {
       const request = create(CloseRunRequestSchema, { runId });
       return call((o) => raw.closeRun(request, o), true, opts);
+    },
+    suspendRun(args, opts) {
+      const request = create(SuspendRunRequestSchema, { runId: args.runId });
+      return call((o) => raw.suspendRun(request, o), true, opts);
+    },
+    resumeRun(args, opts) {
+      const request = create(ResumeRunRequestSchema, { runId: args.runId });
+      return call((o) => raw.resumeRun(request, o), true, opts);
     },
     setScopeLimit(args, opts) {
       const request = create(SetScopeLimitRequestSchema, {

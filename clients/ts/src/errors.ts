@@ -192,6 +192,14 @@ export class ParentRunClosedError extends RuncapError {
   }
 }
 
+/** FAILED_PRECONDITION: `suspendRun` or `resumeRun` named a run that is closed; a closed run can no longer be suspended or resumed. */
+export class RunClosedError extends RuncapError {
+  /** The closed run. */
+  get runId(): string {
+    return this.metadata["run_id"] || (this.preconditionViolations[0]?.subject ?? "");
+  }
+}
+
 /**
  * OUT_OF_RANGE: Watch cannot resume from the requested revision (the server no
  * longer retains it, the run never reached it, or the run's history up to it
@@ -276,6 +284,7 @@ export const ERROR_TABLE: readonly ErrorRow[] = [
   { reason: ErrorReason.INTERNAL, code: Code.Internal, error: InternalError },
   { reason: ErrorReason.PARENT_RUN_NOT_FOUND, code: Code.NotFound, error: ParentRunNotFoundError },
   { reason: ErrorReason.PARENT_RUN_CLOSED, code: Code.FailedPrecondition, error: ParentRunClosedError },
+  { reason: ErrorReason.RUN_CLOSED, code: Code.FailedPrecondition, error: RunClosedError },
 ];
 
 /** Codes no runcap reason uses, and the class a status with that code gets. */
