@@ -12,8 +12,7 @@ import asyncio
 import threading
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent import futures
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -48,9 +47,7 @@ from runcap.errors import REASON_TO_ERROR
 from runcap.v1 import budget_pb2, errors_pb2
 from runcap.v1 import budget_service_pb2 as pb
 from runcap_server import errors as server_errors
-
-FAST = RetryPolicy(max_attempts=4, initial_backoff=0.001, max_backoff=0.01)
-SERVICE = "runcap.v1.BudgetService"
+from tests.unit.fake_budget import FAST, serve
 
 End = Literal["unavailable", "shutting_down", "final", "end", "hang"]
 
@@ -172,49 +169,18 @@ def abort(context: grpc.ServicerContext, error: BaseException) -> None:
 @pytest.fixture
 def fake() -> Iterator[tuple[FakeBudget, str]]:
     budget = FakeBudget()
-    unary_types: dict[str, tuple[type[Message], type[Message]]] = {
-        "CreateRun": (pb.CreateRunRequest, pb.CreateRunResponse),
-        "GetRun": (pb.GetRunRequest, pb.GetRunResponse),
-        "Reserve": (pb.ReserveRequest, pb.ReserveResponse),
-        "Commit": (pb.CommitRequest, pb.CommitResponse),
-        "Refund": (pb.RefundRequest, pb.RefundResponse),
-        "CloseRun": (pb.CloseRunRequest, pb.CloseRunResponse),
-        "SuspendRun": (pb.SuspendRunRequest, pb.SuspendRunResponse),
-        "ResumeRun": (pb.ResumeRunRequest, pb.ResumeRunResponse),
-    }
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-        name: grpc.unary_unary_rpc_method_handler(
-            budget.unary(name),
-            request_deserializer=request.FromString,
-            response_serializer=response.SerializeToString,
-        )
-        for name, (request, response) in unary_types.items()
-    }
-    handlers["Watch"] = grpc.unary_stream_rpc_method_handler(
-        budget.watch,
-        request_deserializer=pb.WatchRequest.FromString,
-        response_serializer=pb.WatchResponse.SerializeToString,
-    )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield budget, f"127.0.0.1:{port}"
-    finally:
-        server.stop(None).wait()
-
-
-@pytest.fixture
-def client(fake: tuple[FakeBudget, str]) -> Iterator[RuncapClient]:
-    with RuncapClient(fake[1], retry=FAST) as sync_client:
-        yield sync_client
-
-
-@pytest.fixture
-async def aclient(fake: tuple[FakeBudget, str]) -> AsyncIterator[AsyncRuncapClient]:
-    async with AsyncRuncapClient(fake[1], retry=FAST) as async_client:
-        yield async_client
+    methods = [
+        "CreateRun",
+        "GetRun",
+        "Reserve",
+        "Commit",
+        "Refund",
+        "CloseRun",
+        "SuspendRun",
+        "ResumeRun",
+    ]
+    with serve(budget.unary, methods, watch=budget.watch, workers=16) as target:
+        yield budget, target
 
 
 # --- the errors table -------------------------------------------------------------------

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent import futures
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -21,7 +20,6 @@ from runcap import (
     BudgetBlockedError,
     Hold,
     LlmCall,
-    RetryPolicy,
     RuncapClient,
     RuncapError,
     TokenUsage,
@@ -29,9 +27,8 @@ from runcap import (
 from runcap._shared import actual_of, commit_request, estimate_of, reserve_request
 from runcap.v1 import budget_pb2
 from runcap.v1 import budget_service_pb2 as pb
+from tests.unit.fake_budget import serve
 
-FAST = RetryPolicy(max_attempts=4, initial_backoff=0.001, max_backoff=0.01)
-SERVICE = "runcap.v1.BudgetService"
 VERSION = "test-prices-1"
 # (input, output) micro-USD per token; a model missing here is an unknown price.
 PRICES = {("openai", "gpt-4o"): (2, 8)}
@@ -106,44 +103,14 @@ class FakePricedBudget:
         return response
 
 
-TYPES: dict[str, tuple[type[Message], type[Message]]] = {
-    "Reserve": (pb.ReserveRequest, pb.ReserveResponse),
-    "Commit": (pb.CommitRequest, pb.CommitResponse),
-    "Refund": (pb.RefundRequest, pb.RefundResponse),
-}
+METHODS = ["Reserve", "Commit", "Refund"]
 
 
 @pytest.fixture
 def fake() -> Iterator[tuple[FakePricedBudget, str]]:
     budget = FakePricedBudget()
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-        name: grpc.unary_unary_rpc_method_handler(
-            budget.handler(name),
-            request_deserializer=request.FromString,
-            response_serializer=response.SerializeToString,
-        )
-        for name, (request, response) in TYPES.items()
-    }
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield budget, f"127.0.0.1:{port}"
-    finally:
-        server.stop(None).wait()
-
-
-@pytest.fixture
-def client(fake: tuple[FakePricedBudget, str]) -> Iterator[RuncapClient]:
-    with RuncapClient(fake[1], retry=FAST) as sync_client:
-        yield sync_client
-
-
-@pytest.fixture
-async def aclient(fake: tuple[FakePricedBudget, str]) -> AsyncIterator[AsyncRuncapClient]:
-    async with AsyncRuncapClient(fake[1], retry=FAST) as async_client:
-        yield async_client
+    with serve(budget.handler, METHODS) as target:
+        yield budget, target
 
 
 # --- request building -------------------------------------------------------------------

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent import futures
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -21,7 +20,6 @@ from runcap import (
     BudgetBlockedError,
     ParentRunClosedError,
     ParentRunNotFoundError,
-    RetryPolicy,
     RuncapClient,
     from_status,
 )
@@ -29,9 +27,8 @@ from runcap._shared import create_run_request, get_scope_request, set_scope_limi
 from runcap.v1 import budget_pb2
 from runcap.v1 import budget_service_pb2 as pb
 from runcap_server import errors as server_errors
+from tests.unit.fake_budget import serve
 
-FAST = RetryPolicy(max_attempts=4, initial_backoff=0.001, max_backoff=0.01)
-SERVICE = "runcap.v1.BudgetService"
 TEAM = budget_pb2.ScopeRef(kind=budget_pb2.SCOPE_KIND_TEAM, id="team-7")
 
 
@@ -85,45 +82,14 @@ class FakeScopes:
         return handle
 
 
-TYPES: dict[str, tuple[type[Message], type[Message]]] = {
-    "CreateRun": (pb.CreateRunRequest, pb.CreateRunResponse),
-    "Reserve": (pb.ReserveRequest, pb.ReserveResponse),
-    "SetScopeLimit": (pb.SetScopeLimitRequest, pb.SetScopeLimitResponse),
-    "GetScope": (pb.GetScopeRequest, pb.GetScopeResponse),
-}
+METHODS = ["CreateRun", "Reserve", "SetScopeLimit", "GetScope"]
 
 
 @pytest.fixture
 def fake() -> Iterator[tuple[FakeScopes, str]]:
     scopes = FakeScopes()
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-        name: grpc.unary_unary_rpc_method_handler(
-            scopes.handler(name),
-            request_deserializer=request.FromString,
-            response_serializer=response.SerializeToString,
-        )
-        for name, (request, response) in TYPES.items()
-    }
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield scopes, f"127.0.0.1:{port}"
-    finally:
-        server.stop(None).wait()
-
-
-@pytest.fixture
-def client(fake: tuple[FakeScopes, str]) -> Iterator[RuncapClient]:
-    with RuncapClient(fake[1], retry=FAST) as sync_client:
-        yield sync_client
-
-
-@pytest.fixture
-async def aclient(fake: tuple[FakeScopes, str]) -> AsyncIterator[AsyncRuncapClient]:
-    async with AsyncRuncapClient(fake[1], retry=FAST) as async_client:
-        yield async_client
+    with serve(scopes.handler, METHODS) as target:
+        yield scopes, target
 
 
 # --- request building -------------------------------------------------------------------
