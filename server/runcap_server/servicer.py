@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import uuid
@@ -19,6 +20,7 @@ from runcap_server.ledger.saga import NO_EXTRAS, ReserveExtras
 from runcap_server.ledger.types import (
     MAX_MICROS,
     Change,
+    Decision,
     DecisionReason,
     ReservationStatus,
     RunSpec,
@@ -58,6 +60,10 @@ def _unary(handler: Handler) -> Handler:
     return wrapped  # type: ignore[return-value]
 
 
+# LLM-call reservations whose pricing a replica remembers for their Commit.
+PRICING_CACHE_SIZE = 65_536
+
+
 def _new_id() -> str:
     return uuid.uuid4().hex
 
@@ -73,6 +79,8 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
     ) -> None:
         self.backend = backend
         self.prices = prices
+        # (run, reservation) -> pricing of LLM-call holds made here, newest last.
+        self._pricings: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
         self.tenant_prices = tenant_prices
         self.hub = hub
         self.settings = settings
@@ -189,6 +197,8 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         result = await self.backend.reserve(
             self.tenant, run_id, reservation_id, amount, ttl, extras
         )
+        if extras.pricing and result.decision is Decision.ALLOW and not result.replayed:
+            self._remember_pricing((run_id, reservation_id), extras.pricing)
         response = budget_service_pb2.ReserveResponse(
             decision=result.decision.value,  # type: ignore[arg-type]
             reason=result.reason.value,  # type: ignore[arg-type]
@@ -246,6 +256,11 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             held_micros=result.held_micros,
         )
 
+    def _remember_pricing(self, key: tuple[str, str], pricing: str) -> None:
+        self._pricings[key] = pricing
+        if len(self._pricings) > PRICING_CACHE_SIZE:
+            self._pricings.popitem(last=False)
+
     def _price_of(self, provider: str, model: str) -> tuple[ModelPrice | None, str]:
         """The price Reserve uses: the tenant's own, else the table's; and its version."""
         own = self.tenant_prices.lookup(provider, model)
@@ -301,7 +316,14 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         return response
 
     async def _actual_of(self, run_id: str, reservation_id: str, usage: TokenUsage) -> int:
-        """Price `usage` at the rates the reservation was made with."""
+        """Price `usage` at the rates the reservation was made with.
+
+        A reservation made through this replica needs no read: its pricing is
+        remembered here (it never changes), saving Commit a round trip.
+        """
+        known = self._pricings.get((run_id, reservation_id))
+        if known is not None:
+            return actual_micros(known, usage)
         reservation = await self.backend.get_reservation(self.tenant, run_id, reservation_id)
         if reservation.pricing:
             return actual_micros(reservation.pricing, usage)

@@ -348,6 +348,12 @@ async def test_a_tenant_price_set_on_one_replica_applies_on_every_replica(
                     break
                 await asyncio.sleep(0.1)
             assert (reply.decision, reply.amount_micros) == (budget_pb2.DECISION_ALLOW, 20)
+            # Committed through the other replica, which must read the stored rates.
+            usage = pb.TokenUsage(input_tokens=3, output_tokens=4)
+            committed = await admin.Commit(
+                pb.CommitRequest(run_id="priced", reservation_id=reply.reservation_id, usage=usage)
+            )
+            assert committed.actual_micros == 7
     finally:
         for server in servers:
             server.stop()
