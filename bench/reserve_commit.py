@@ -9,6 +9,8 @@ Configurations, each server in its own process, measured in alternating rounds:
     redis raw      no gRPC: an asyncio loop calling RedisLedger.reserve + commit (the
                    ledger script) directly on the same redis-server
     cluster        runcap on a 3-primary Redis cluster (no replicas)
+    cluster team   the same, with every run charged to one team: each Reserve and
+                   Commit is the parent-scope saga (team, then run; then settled)
     cluster raw    the raw loop on the cluster
 
 A closed loop of C workers, each pair with a fresh reservation id on one of a few runs
@@ -284,7 +286,9 @@ async def load_grpc(args: argparse.Namespace) -> Sample:
         if args.create:
             for run_id in runs:
                 await stubs[0].CreateRun(
-                    budget_service_pb2.CreateRunRequest(run_id=run_id, limit_micros=MAX_MICROS)
+                    budget_service_pb2.CreateRunRequest(
+                        run_id=run_id, limit_micros=MAX_MICROS, team_id=args.team
+                    )
                 )
 
         async def pair(
@@ -367,6 +371,8 @@ class Config:
     kind: str
     target: str = ""
     create_runs: bool = True
+    # Runs charged to this team (a parent scope), or none.
+    team: str = ""
     server_pid: int = 0
     redis_pids: list[int] = field(default_factory=list)
     # For Redis's own time per script call (INFO commandstats).
@@ -427,6 +433,7 @@ def measure(config: Config, args: argparse.Namespace) -> Sample:
         argv = ["loadgen", "--target", config.target, "--channels", str(args.channels)]
         argv += ["--server-pid", str(config.server_pid)]
         argv += ["--create"] if config.create_runs else []
+        argv += ["--team", config.team] if config.team else []
     else:
         argv = ["redis-loop", "--redis-url", config.redis_url]
         argv += ["--cluster-nodes", ",".join(config.cluster_nodes)]
@@ -696,6 +703,15 @@ def orchestrate(args: argparse.Namespace) -> None:
                 redis_ports=cluster_ports,
             ),
             Config(
+                "runcap cluster, team",
+                "grpc",
+                cluster_server.target,
+                team=f"bench-{secrets.token_hex(4)}",
+                server_pid=pid(cluster_server.process),
+                redis_pids=cluster_pids,
+                redis_ports=cluster_ports,
+            ),
+            Config(
                 "raw cluster script",
                 "redis",
                 redis_pids=cluster_pids,
@@ -766,6 +782,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     loadgen.add_argument("--channels", type=int, required=True)
     loadgen.add_argument("--server-pid", type=int, default=0)
     loadgen.add_argument("--create", action="store_true", help="create the runs first")
+    loadgen.add_argument("--team", default="", help="charge the created runs to this team")
     redis_loop = roles.choices["redis-loop"]
     redis_loop.add_argument("--redis-url", default="")
     redis_loop.add_argument("--cluster-nodes", default="")

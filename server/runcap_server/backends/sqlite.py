@@ -309,15 +309,24 @@ class _SqlStore:
         self.tenant = tenant
         self.run_id = run_id
         self.retention = retention
+        # The account as this transaction last read or wrote it: an operation
+        # (and the saga around it) reads the row once.
+        self._account: Account | None = None
+        self._loaded = False
 
     def load_account(self) -> Account | None:
-        row = self.conn.execute(
-            f"SELECT {_ACCOUNT_COLUMNS} FROM runs WHERE tenant = ? AND run_id = ?",
-            (self.tenant, self.run_id),
-        ).fetchone()
-        return _account(self.run_id, row) if row is not None else None
+        if not self._loaded:
+            row = self.conn.execute(
+                f"SELECT {_ACCOUNT_COLUMNS} FROM runs WHERE tenant = ? AND run_id = ?",
+                (self.tenant, self.run_id),
+            ).fetchone()
+            self._account = _account(self.run_id, row) if row is not None else None
+            self._loaded = True
+        return self._account.copy() if self._account is not None else None
 
     def revision(self) -> int | None:
+        if self._loaded:
+            return self._account.revision if self._account is not None else None
         row = self.conn.execute(
             "SELECT revision FROM runs WHERE tenant = ? AND run_id = ?",
             (self.tenant, self.run_id),
@@ -350,6 +359,7 @@ class _SqlStore:
         return [_reservation(row) for row in rows]
 
     def save_account(self, account: Account) -> None:
+        self._account, self._loaded = account.copy(), True
         spec = account.spec
         self.conn.execute(
             f"INSERT INTO runs (tenant, run_id, {_ACCOUNT_COLUMNS}) "
@@ -553,18 +563,21 @@ class _SqlStores:
         self.tenant = tenant
         self.retention = retention
         self.before: dict[str, int | None] = {}
+        self._runs: dict[str, _SqlStore] = {}
 
     def run(self, run_id: str) -> _SqlStore:
-        store = _SqlStore(self.conn, self.tenant, run_id, self.retention)
-        if run_id not in self.before:
-            self.before[run_id] = store.revision()
+        store = self._runs.get(run_id)
+        if store is None:
+            store = self._runs[run_id] = _SqlStore(self.conn, self.tenant, run_id, self.retention)
+            account = store.load_account()
+            self.before[run_id] = account.revision if account is not None else None
         return store
 
     def scope(self, ref: ScopeRef) -> _SqlScopeStore:
         return _SqlScopeStore(self.conn, self.tenant, ref)
 
     def changed(self) -> list[str]:
-        return [r for r, rev in self.before.items() if self.run(r).revision() != rev]
+        return [r for r, rev in self.before.items() if self._runs[r].revision() != rev]
 
 
 def _expire_run(run_id: str, stores: _SqlStores, now_ms: int) -> int:
