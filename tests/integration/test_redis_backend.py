@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -316,14 +317,10 @@ async def test_health_follows_redis_through_an_outage(tmp_path: Path) -> None:
         redis_server.stop()
 
 
-async def test_a_tenant_price_set_on_one_replica_applies_on_every_replica(
-    redis_standalone: RedisServer,
-) -> None:
-    env = {
-        "RUNCAP_BACKEND": "redis",
-        "RUNCAP_REDIS_URL": redis_standalone.url,
-        "RUNCAP_REDIS_NAMESPACE": namespace(),
-    }
+@contextlib.asynccontextmanager
+async def two_replicas(redis_env: dict[str, str]) -> AsyncIterator[list[BudgetServiceAsyncStub]]:
+    """Two runcap server processes on the same Redis (a namespace of their own)."""
+    env = {"RUNCAP_BACKEND": "redis", "RUNCAP_REDIS_NAMESPACE": namespace(), **redis_env}
     servers = [ServerProcess(None, env=env) for _ in range(2)]
     try:
         for server in servers:
@@ -332,62 +329,50 @@ async def test_a_tenant_price_set_on_one_replica_applies_on_every_replica(
             grpc.aio.insecure_channel(servers[0].target) as first,
             grpc.aio.insecure_channel(servers[1].target) as second,
         ):
-            admin: BudgetServiceAsyncStub = BudgetServiceStub(first)
-            other: BudgetServiceAsyncStub = BudgetServiceStub(second)
-            await other.CreateRun(pb.CreateRunRequest(run_id="priced", limit_micros=10**9))
-            llm = pb.LlmCall(provider="inhouse", model="m1", input_tokens=10, max_output_tokens=10)
-            reserve = pb.ReserveRequest(run_id="priced", llm_call=llm)
-            assert (await other.Reserve(reserve)).decision == budget_pb2.DECISION_BLOCK
-            price = pb.ModelPrice(
-                provider="inhouse", model="m1", input_rate=10**6, output_rate=10**6
-            )
-            await admin.SetModelPrice(pb.SetModelPriceRequest(price=price))
-            for _ in range(40):  # each replica refreshes every second
-                reply = await other.Reserve(reserve)
-                if reply.decision == budget_pb2.DECISION_ALLOW:
-                    break
-                await asyncio.sleep(0.1)
-            assert (reply.decision, reply.amount_micros) == (budget_pb2.DECISION_ALLOW, 20)
-            # Committed through the other replica, which must read the stored rates.
-            usage = pb.TokenUsage(input_tokens=3, output_tokens=4)
-            committed = await admin.Commit(
-                pb.CommitRequest(run_id="priced", reservation_id=reply.reservation_id, usage=usage)
-            )
-            assert committed.actual_micros == 7
+            yield [BudgetServiceStub(first), BudgetServiceStub(second)]
     finally:
         for server in servers:
             server.stop()
+
+
+async def test_a_tenant_price_set_on_one_replica_applies_on_every_replica(
+    redis_standalone: RedisServer,
+) -> None:
+    async with two_replicas({"RUNCAP_REDIS_URL": redis_standalone.url}) as (admin, other):
+        await other.CreateRun(pb.CreateRunRequest(run_id="priced", limit_micros=10**9))
+        llm = pb.LlmCall(provider="inhouse", model="m1", input_tokens=10, max_output_tokens=10)
+        reserve = pb.ReserveRequest(run_id="priced", llm_call=llm)
+        assert (await other.Reserve(reserve)).decision == budget_pb2.DECISION_BLOCK
+        price = pb.ModelPrice(provider="inhouse", model="m1", input_rate=10**6, output_rate=10**6)
+        await admin.SetModelPrice(pb.SetModelPriceRequest(price=price))
+        for _ in range(40):  # each replica refreshes every second
+            reply = await other.Reserve(reserve)
+            if reply.decision == budget_pb2.DECISION_ALLOW:
+                break
+            await asyncio.sleep(0.1)
+        assert (reply.decision, reply.amount_micros) == (budget_pb2.DECISION_ALLOW, 20)
+        # Committed through the other replica, which must read the stored rates.
+        usage = pb.TokenUsage(input_tokens=3, output_tokens=4)
+        committed = await admin.Commit(
+            pb.CommitRequest(run_id="priced", reservation_id=reply.reservation_id, usage=usage)
+        )
+        assert committed.actual_micros == 7
 
 
 async def test_suspend_on_one_replica_blocks_the_next_reserve_on_another(
     redis_cluster: RedisCluster,
 ) -> None:
-    env = {
-        "RUNCAP_BACKEND": "redis",
-        "RUNCAP_REDIS_CLUSTER_NODES": ",".join(redis_cluster.startup_nodes),
-        "RUNCAP_REDIS_NAMESPACE": namespace(),
-    }
-    servers = [ServerProcess(None, env=env) for _ in range(2)]
-    try:
-        for server in servers:
-            server.start()
-        async with (
-            grpc.aio.insecure_channel(servers[0].target) as first,
-            grpc.aio.insecure_channel(servers[1].target) as second,
-        ):
-            operator: BudgetServiceAsyncStub = BudgetServiceStub(first)
-            agent: BudgetServiceAsyncStub = BudgetServiceStub(second)
-            await agent.CreateRun(pb.CreateRunRequest(run_id="loop", limit_micros=10**9))
-            reserve = pb.ReserveRequest(run_id="loop", amount_micros=1)
-            assert (await agent.Reserve(reserve)).decision == budget_pb2.DECISION_ALLOW
-            await operator.SuspendRun(pb.SuspendRunRequest(run_id="loop"))
-            stopped = await agent.Reserve(reserve)
-            assert (stopped.decision, stopped.reason) == (
-                budget_pb2.DECISION_BLOCK,
-                budget_pb2.DECISION_REASON_SUSPENDED,
-            )
-            await operator.ResumeRun(pb.ResumeRunRequest(run_id="loop"))
-            assert (await agent.Reserve(reserve)).decision == budget_pb2.DECISION_ALLOW
-    finally:
-        for server in servers:
-            server.stop()
+    async with two_replicas(
+        {"RUNCAP_REDIS_CLUSTER_NODES": ",".join(redis_cluster.startup_nodes)}
+    ) as (operator, agent):
+        await agent.CreateRun(pb.CreateRunRequest(run_id="loop", limit_micros=10**9))
+        reserve = pb.ReserveRequest(run_id="loop", amount_micros=1)
+        assert (await agent.Reserve(reserve)).decision == budget_pb2.DECISION_ALLOW
+        await operator.SuspendRun(pb.SuspendRunRequest(run_id="loop"))
+        stopped = await agent.Reserve(reserve)
+        assert (stopped.decision, stopped.reason) == (
+            budget_pb2.DECISION_BLOCK,
+            budget_pb2.DECISION_REASON_SUSPENDED,
+        )
+        await operator.ResumeRun(pb.ResumeRunRequest(run_id="loop"))
+        assert (await agent.Reserve(reserve)).decision == budget_pb2.DECISION_ALLOW

@@ -6,7 +6,7 @@ Run against the reference model and the SQLite backend (tests/ledger_backends.py
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +51,6 @@ def spec(
         labels={"agent": "a", "team": "t"} if labels is None else labels,
         default_ttl_ms=default_ttl_ms,
     )
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture(params=BACKENDS)
-async def ledger(
-    request: pytest.FixtureRequest, tmp_path: Path, clock: ManualClock
-) -> AsyncIterator[Ledger]:
-    redis = redis_targets(request, request.param)
-    async with open_backend(request.param, tmp_path, clock, redis=redis) as backend:
-        yield backend
 
 
 @pytest.fixture

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
 from runcap_server import errors
-from runcap_server.clock import ManualClock
 from runcap_server.ledger.saga import ReserveExtras
 from runcap_server.ledger.types import (
     Decision,
@@ -19,17 +15,10 @@ from runcap_server.ledger.types import (
     ScopeKind,
     ScopeRef,
 )
-from tests.ledger_backends import BACKENDS, Ledger, open_backend, redis_targets
+from tests.ledger_backends import Ledger
 
 T = "acme"
 PRICED = ReserveExtras(fingerprint="llm:acme:big:10:5", pricing="v1#3000000,15000000,1,2,3")
-
-
-@pytest.fixture(params=BACKENDS)
-async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Ledger]:
-    redis = redis_targets(request, request.param)
-    async with open_backend(request.param, tmp_path, ManualClock(), redis=redis) as backend:
-        yield backend
 
 
 async def test_a_priced_reservation_keeps_its_pricing(ledger: Ledger) -> None:

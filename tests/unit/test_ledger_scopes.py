@@ -8,9 +8,6 @@ conformance suite (tests/ledger_backends.py).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
 from runcap_server import errors
@@ -32,7 +29,7 @@ from runcap_server.ledger.types import (
     ScopeKind,
     ScopeRef,
 )
-from tests.ledger_backends import BACKENDS, Ledger, open_backend, redis_targets, snapshot
+from tests.ledger_backends import Ledger, snapshot
 
 T = "acme"
 BIG = 1_000_000
@@ -70,20 +67,6 @@ def spec(
         user_id=user,
         team_id=team,
     )
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture(params=BACKENDS)
-async def ledger(
-    request: pytest.FixtureRequest, tmp_path: Path, clock: ManualClock
-) -> AsyncIterator[Ledger]:
-    redis = redis_targets(request, request.param)
-    async with open_backend(request.param, tmp_path, clock, redis=redis) as backend:
-        yield backend
 
 
 async def state(ledger: Ledger, run_id: str) -> BudgetState:

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
 from runcap_server import errors
-from runcap_server.clock import ManualClock
 from runcap_server.ledger.types import (
     Decision,
     DecisionReason,
@@ -18,16 +14,9 @@ from runcap_server.ledger.types import (
     ScopeKind,
     ScopeRef,
 )
-from tests.ledger_backends import BACKENDS, Ledger, open_backend, redis_targets
+from tests.ledger_backends import Ledger
 
 T = "acme"
-
-
-@pytest.fixture(params=BACKENDS)
-async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Ledger]:
-    redis = redis_targets(request, request.param)
-    async with open_backend(request.param, tmp_path, ManualClock(), redis=redis) as backend:
-        yield backend
 
 
 async def test_a_suspended_run_blocks_new_holds_and_still_settles_old_ones(
