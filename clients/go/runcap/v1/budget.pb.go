@@ -10,6 +10,7 @@ import (
 	_ "google.golang.org/genproto/googleapis/api/annotations"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
@@ -95,6 +96,16 @@ const (
 	// The estimate was not held. `reason` says why. Retrying the same
 	// reservation id returns this same decision: a block is remembered.
 	Decision_DECISION_BLOCK Decision = 2
+	// An advisory run (ENFORCEMENT_MODE_ADVISORY): the estimate is held, but a
+	// blocking run would have blocked or throttled it; `reason` and
+	// `blocking_dimension` say why.
+	Decision_DECISION_WARN Decision = 3
+	// Not now: nothing was held. Reserve again, with a new reservation id,
+	// after `retry_after`. Answers calls in the throttle band of the run's
+	// thresholds (with delays that grow with each call), over the run's rate
+	// limit, or past its in-flight cap. Retrying the same id returns this
+	// same decision.
+	Decision_DECISION_THROTTLE Decision = 4
 )
 
 // Enum value maps for Decision.
@@ -103,11 +114,15 @@ var (
 		0: "DECISION_UNSPECIFIED",
 		1: "DECISION_ALLOW",
 		2: "DECISION_BLOCK",
+		3: "DECISION_WARN",
+		4: "DECISION_THROTTLE",
 	}
 	Decision_value = map[string]int32{
 		"DECISION_UNSPECIFIED": 0,
 		"DECISION_ALLOW":       1,
 		"DECISION_BLOCK":       2,
+		"DECISION_WARN":        3,
+		"DECISION_THROTTLE":    4,
 	}
 )
 
@@ -138,6 +153,207 @@ func (Decision) EnumDescriptor() ([]byte, []int) {
 	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{1}
 }
 
+// EnforcementMode is how a run's ceilings are enforced.
+type EnforcementMode int32
+
+const (
+	// Not set: a subagent run takes its parent's policy; a root run is
+	// ENFORCEMENT_MODE_HARD_GATE.
+	EnforcementMode_ENFORCEMENT_MODE_UNSPECIFIED EnforcementMode = 0
+	// Worst-case reservation: a Reserve is allowed only if its estimate fits
+	// committed + reserved + estimate <= limit. Overshoot can come only from
+	// actual costs above their estimates, and is reported as overrun.
+	EnforcementMode_ENFORCEMENT_MODE_HARD_GATE EnforcementMode = 1
+	// Like the hard gate, but a Reserve blocks only past the limit plus
+	// `soft_gate_margin_percent` of it: estimates may run over the ceiling by
+	// at most that margin.
+	EnforcementMode_ENFORCEMENT_MODE_SOFT_GATE EnforcementMode = 2
+	// Never blocks on a ceiling, a limit or a threshold: every Reserve is held
+	// and answered DECISION_ALLOW or, where a hard gate would have blocked or
+	// throttled, DECISION_WARN with the reason. A closed or suspended run
+	// still blocks. With the deployment's fail-open setting, Reserve on an
+	// advisory run answers DECISION_WARN even while the storage is down.
+	EnforcementMode_ENFORCEMENT_MODE_ADVISORY EnforcementMode = 3
+	// No estimate is held: a Reserve is allowed while committed spend is below
+	// the limit, whatever its estimate, so the call that crosses the ceiling
+	// overshoots it by its whole actual cost; the next Reserve is blocked.
+	// Holds count as in flight but hold 0 micro-USD (and 0 tokens).
+	EnforcementMode_ENFORCEMENT_MODE_ACTUALS_ONLY EnforcementMode = 4
+)
+
+// Enum value maps for EnforcementMode.
+var (
+	EnforcementMode_name = map[int32]string{
+		0: "ENFORCEMENT_MODE_UNSPECIFIED",
+		1: "ENFORCEMENT_MODE_HARD_GATE",
+		2: "ENFORCEMENT_MODE_SOFT_GATE",
+		3: "ENFORCEMENT_MODE_ADVISORY",
+		4: "ENFORCEMENT_MODE_ACTUALS_ONLY",
+	}
+	EnforcementMode_value = map[string]int32{
+		"ENFORCEMENT_MODE_UNSPECIFIED":  0,
+		"ENFORCEMENT_MODE_HARD_GATE":    1,
+		"ENFORCEMENT_MODE_SOFT_GATE":    2,
+		"ENFORCEMENT_MODE_ADVISORY":     3,
+		"ENFORCEMENT_MODE_ACTUALS_ONLY": 4,
+	}
+)
+
+func (x EnforcementMode) Enum() *EnforcementMode {
+	p := new(EnforcementMode)
+	*p = x
+	return p
+}
+
+func (x EnforcementMode) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (EnforcementMode) Descriptor() protoreflect.EnumDescriptor {
+	return file_runcap_v1_budget_proto_enumTypes[2].Descriptor()
+}
+
+func (EnforcementMode) Type() protoreflect.EnumType {
+	return &file_runcap_v1_budget_proto_enumTypes[2]
+}
+
+func (x EnforcementMode) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use EnforcementMode.Descriptor instead.
+func (EnforcementMode) EnumDescriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{2}
+}
+
+// BudgetDimension names what a verdict was about.
+type BudgetDimension int32
+
+const (
+	// Not set (an allow, or a block by the run's lifecycle).
+	BudgetDimension_BUDGET_DIMENSION_UNSPECIFIED BudgetDimension = 0
+	// Money: a ceiling in micro-USD, or the run's spend thresholds.
+	BudgetDimension_BUDGET_DIMENSION_SPEND BudgetDimension = 1
+	// The run's token ceiling (RunPolicy.max_tokens).
+	BudgetDimension_BUDGET_DIMENSION_TOKENS BudgetDimension = 2
+	// A call meter's ceiling (RunPolicy.meter_limits); `blocking_meter` names it.
+	BudgetDimension_BUDGET_DIMENSION_METER BudgetDimension = 3
+	// The run's rate limit (RunPolicy.rate_limit).
+	BudgetDimension_BUDGET_DIMENSION_RATE BudgetDimension = 4
+	// The run's cap on holds in flight (RunPolicy.max_in_flight).
+	BudgetDimension_BUDGET_DIMENSION_IN_FLIGHT BudgetDimension = 5
+)
+
+// Enum value maps for BudgetDimension.
+var (
+	BudgetDimension_name = map[int32]string{
+		0: "BUDGET_DIMENSION_UNSPECIFIED",
+		1: "BUDGET_DIMENSION_SPEND",
+		2: "BUDGET_DIMENSION_TOKENS",
+		3: "BUDGET_DIMENSION_METER",
+		4: "BUDGET_DIMENSION_RATE",
+		5: "BUDGET_DIMENSION_IN_FLIGHT",
+	}
+	BudgetDimension_value = map[string]int32{
+		"BUDGET_DIMENSION_UNSPECIFIED": 0,
+		"BUDGET_DIMENSION_SPEND":       1,
+		"BUDGET_DIMENSION_TOKENS":      2,
+		"BUDGET_DIMENSION_METER":       3,
+		"BUDGET_DIMENSION_RATE":        4,
+		"BUDGET_DIMENSION_IN_FLIGHT":   5,
+	}
+)
+
+func (x BudgetDimension) Enum() *BudgetDimension {
+	p := new(BudgetDimension)
+	*p = x
+	return p
+}
+
+func (x BudgetDimension) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (BudgetDimension) Descriptor() protoreflect.EnumDescriptor {
+	return file_runcap_v1_budget_proto_enumTypes[3].Descriptor()
+}
+
+func (BudgetDimension) Type() protoreflect.EnumType {
+	return &file_runcap_v1_budget_proto_enumTypes[3]
+}
+
+func (x BudgetDimension) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use BudgetDimension.Descriptor instead.
+func (BudgetDimension) EnumDescriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{3}
+}
+
+// ThresholdLevel is a band of a run's graduated response, by committed spend
+// as a share of its limit (RunPolicy.thresholds).
+type ThresholdLevel int32
+
+const (
+	// Below every threshold.
+	ThresholdLevel_THRESHOLD_LEVEL_UNSPECIFIED ThresholdLevel = 0
+	// Past the info threshold (60% by default).
+	ThresholdLevel_THRESHOLD_LEVEL_INFO ThresholdLevel = 1
+	// Past the warn threshold (80% by default).
+	ThresholdLevel_THRESHOLD_LEVEL_WARN ThresholdLevel = 2
+	// Past the throttle threshold (95% by default): Reserve spaces calls out
+	// with growing delays (DECISION_THROTTLE).
+	ThresholdLevel_THRESHOLD_LEVEL_THROTTLE ThresholdLevel = 3
+	// Committed spend reached the limit.
+	ThresholdLevel_THRESHOLD_LEVEL_STOP ThresholdLevel = 4
+)
+
+// Enum value maps for ThresholdLevel.
+var (
+	ThresholdLevel_name = map[int32]string{
+		0: "THRESHOLD_LEVEL_UNSPECIFIED",
+		1: "THRESHOLD_LEVEL_INFO",
+		2: "THRESHOLD_LEVEL_WARN",
+		3: "THRESHOLD_LEVEL_THROTTLE",
+		4: "THRESHOLD_LEVEL_STOP",
+	}
+	ThresholdLevel_value = map[string]int32{
+		"THRESHOLD_LEVEL_UNSPECIFIED": 0,
+		"THRESHOLD_LEVEL_INFO":        1,
+		"THRESHOLD_LEVEL_WARN":        2,
+		"THRESHOLD_LEVEL_THROTTLE":    3,
+		"THRESHOLD_LEVEL_STOP":        4,
+	}
+)
+
+func (x ThresholdLevel) Enum() *ThresholdLevel {
+	p := new(ThresholdLevel)
+	*p = x
+	return p
+}
+
+func (x ThresholdLevel) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ThresholdLevel) Descriptor() protoreflect.EnumDescriptor {
+	return file_runcap_v1_budget_proto_enumTypes[4].Descriptor()
+}
+
+func (ThresholdLevel) Type() protoreflect.EnumType {
+	return &file_runcap_v1_budget_proto_enumTypes[4]
+}
+
+func (x ThresholdLevel) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ThresholdLevel.Descriptor instead.
+func (ThresholdLevel) EnumDescriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{4}
+}
+
 // DecisionReason explains a decision in machine-readable form.
 type DecisionReason int32
 
@@ -146,7 +362,9 @@ const (
 	DecisionReason_DECISION_REASON_UNSPECIFIED DecisionReason = 0
 	// The estimate fits: committed + reserved + estimate <= limit.
 	DecisionReason_DECISION_REASON_WITHIN_BUDGET DecisionReason = 1
-	// The estimate does not fit in what remains of the run's limit.
+	// The estimate does not fit in what remains of a ceiling: the run's or a
+	// parent scope's limit in micro-USD, the run's token ceiling or one of its
+	// call meters (`blocking_dimension` says which).
 	DecisionReason_DECISION_REASON_INSUFFICIENT_BUDGET DecisionReason = 2
 	// The run, or the ancestor run named by `blocking_scope`, was closed before
 	// this reservation arrived.
@@ -161,6 +379,13 @@ const (
 	// The run, or the ancestor run named by `blocking_scope`, is suspended (the
 	// kill switch). Nothing is held.
 	DecisionReason_DECISION_REASON_SUSPENDED DecisionReason = 6
+	// DECISION_THROTTLE: the run's committed spend is in its throttle band and
+	// the last allowed call was too recent.
+	DecisionReason_DECISION_REASON_THROTTLED DecisionReason = 7
+	// DECISION_THROTTLE: the run's rate limit is used up for this window.
+	DecisionReason_DECISION_REASON_RATE_LIMITED DecisionReason = 8
+	// DECISION_THROTTLE: the run has its maximum number of holds in flight.
+	DecisionReason_DECISION_REASON_IN_FLIGHT_LIMIT DecisionReason = 9
 )
 
 // Enum value maps for DecisionReason.
@@ -173,6 +398,9 @@ var (
 		4: "DECISION_REASON_RESERVATION_EXPIRED",
 		5: "DECISION_REASON_UNKNOWN_PRICE",
 		6: "DECISION_REASON_SUSPENDED",
+		7: "DECISION_REASON_THROTTLED",
+		8: "DECISION_REASON_RATE_LIMITED",
+		9: "DECISION_REASON_IN_FLIGHT_LIMIT",
 	}
 	DecisionReason_value = map[string]int32{
 		"DECISION_REASON_UNSPECIFIED":         0,
@@ -182,6 +410,9 @@ var (
 		"DECISION_REASON_RESERVATION_EXPIRED": 4,
 		"DECISION_REASON_UNKNOWN_PRICE":       5,
 		"DECISION_REASON_SUSPENDED":           6,
+		"DECISION_REASON_THROTTLED":           7,
+		"DECISION_REASON_RATE_LIMITED":        8,
+		"DECISION_REASON_IN_FLIGHT_LIMIT":     9,
 	}
 )
 
@@ -196,11 +427,11 @@ func (x DecisionReason) String() string {
 }
 
 func (DecisionReason) Descriptor() protoreflect.EnumDescriptor {
-	return file_runcap_v1_budget_proto_enumTypes[2].Descriptor()
+	return file_runcap_v1_budget_proto_enumTypes[5].Descriptor()
 }
 
 func (DecisionReason) Type() protoreflect.EnumType {
-	return &file_runcap_v1_budget_proto_enumTypes[2]
+	return &file_runcap_v1_budget_proto_enumTypes[5]
 }
 
 func (x DecisionReason) Number() protoreflect.EnumNumber {
@@ -209,7 +440,7 @@ func (x DecisionReason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use DecisionReason.Descriptor instead.
 func (DecisionReason) EnumDescriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{2}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{5}
 }
 
 // ScopeKind names what a scope is. A run is charged on its own ledger and on
@@ -259,11 +490,11 @@ func (x ScopeKind) String() string {
 }
 
 func (ScopeKind) Descriptor() protoreflect.EnumDescriptor {
-	return file_runcap_v1_budget_proto_enumTypes[3].Descriptor()
+	return file_runcap_v1_budget_proto_enumTypes[6].Descriptor()
 }
 
 func (ScopeKind) Type() protoreflect.EnumType {
-	return &file_runcap_v1_budget_proto_enumTypes[3]
+	return &file_runcap_v1_budget_proto_enumTypes[6]
 }
 
 func (x ScopeKind) Number() protoreflect.EnumNumber {
@@ -272,7 +503,7 @@ func (x ScopeKind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ScopeKind.Descriptor instead.
 func (ScopeKind) EnumDescriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{3}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{6}
 }
 
 // Period is the window a scope ceiling applies to. Daily and monthly windows
@@ -318,11 +549,11 @@ func (x Period) String() string {
 }
 
 func (Period) Descriptor() protoreflect.EnumDescriptor {
-	return file_runcap_v1_budget_proto_enumTypes[4].Descriptor()
+	return file_runcap_v1_budget_proto_enumTypes[7].Descriptor()
 }
 
 func (Period) Type() protoreflect.EnumType {
-	return &file_runcap_v1_budget_proto_enumTypes[4]
+	return &file_runcap_v1_budget_proto_enumTypes[7]
 }
 
 func (x Period) Number() protoreflect.EnumNumber {
@@ -331,7 +562,7 @@ func (x Period) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Period.Descriptor instead.
 func (Period) EnumDescriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{4}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{7}
 }
 
 // ReservationStatus is where a reservation is in its state machine:
@@ -392,11 +623,11 @@ func (x ReservationStatus) String() string {
 }
 
 func (ReservationStatus) Descriptor() protoreflect.EnumDescriptor {
-	return file_runcap_v1_budget_proto_enumTypes[5].Descriptor()
+	return file_runcap_v1_budget_proto_enumTypes[8].Descriptor()
 }
 
 func (ReservationStatus) Type() protoreflect.EnumType {
-	return &file_runcap_v1_budget_proto_enumTypes[5]
+	return &file_runcap_v1_budget_proto_enumTypes[8]
 }
 
 func (x ReservationStatus) Number() protoreflect.EnumNumber {
@@ -405,7 +636,7 @@ func (x ReservationStatus) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ReservationStatus.Descriptor instead.
 func (ReservationStatus) EnumDescriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{5}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{8}
 }
 
 // EventType names what changed in a run.
@@ -431,6 +662,9 @@ const (
 	EventType_EVENT_TYPE_SUSPENDED EventType = 7
 	// The run was resumed (ResumeRun).
 	EventType_EVENT_TYPE_RESUMED EventType = 8
+	// The run's committed spend reached a new threshold band; `threshold`
+	// says which. One event per band, in order, after the commit that crossed it.
+	EventType_EVENT_TYPE_THRESHOLD_CROSSED EventType = 9
 )
 
 // Enum value maps for EventType.
@@ -445,17 +679,19 @@ var (
 		6: "EVENT_TYPE_CLOSED",
 		7: "EVENT_TYPE_SUSPENDED",
 		8: "EVENT_TYPE_RESUMED",
+		9: "EVENT_TYPE_THRESHOLD_CROSSED",
 	}
 	EventType_value = map[string]int32{
-		"EVENT_TYPE_UNSPECIFIED": 0,
-		"EVENT_TYPE_CREATED":     1,
-		"EVENT_TYPE_RESERVED":    2,
-		"EVENT_TYPE_COMMITTED":   3,
-		"EVENT_TYPE_REFUNDED":    4,
-		"EVENT_TYPE_EXPIRED":     5,
-		"EVENT_TYPE_CLOSED":      6,
-		"EVENT_TYPE_SUSPENDED":   7,
-		"EVENT_TYPE_RESUMED":     8,
+		"EVENT_TYPE_UNSPECIFIED":       0,
+		"EVENT_TYPE_CREATED":           1,
+		"EVENT_TYPE_RESERVED":          2,
+		"EVENT_TYPE_COMMITTED":         3,
+		"EVENT_TYPE_REFUNDED":          4,
+		"EVENT_TYPE_EXPIRED":           5,
+		"EVENT_TYPE_CLOSED":            6,
+		"EVENT_TYPE_SUSPENDED":         7,
+		"EVENT_TYPE_RESUMED":           8,
+		"EVENT_TYPE_THRESHOLD_CROSSED": 9,
 	}
 )
 
@@ -470,11 +706,11 @@ func (x EventType) String() string {
 }
 
 func (EventType) Descriptor() protoreflect.EnumDescriptor {
-	return file_runcap_v1_budget_proto_enumTypes[6].Descriptor()
+	return file_runcap_v1_budget_proto_enumTypes[9].Descriptor()
 }
 
 func (EventType) Type() protoreflect.EnumType {
-	return &file_runcap_v1_budget_proto_enumTypes[6]
+	return &file_runcap_v1_budget_proto_enumTypes[9]
 }
 
 func (x EventType) Number() protoreflect.EnumNumber {
@@ -483,7 +719,274 @@ func (x EventType) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use EventType.Descriptor instead.
 func (EventType) EnumDescriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{6}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{9}
+}
+
+// Thresholds are the percentages of a run's limit where its graduated
+// response starts. 0 turns a level off; each set level is above the one
+// before, and below 100 (the stop level, always on).
+type Thresholds struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Where THRESHOLD_LEVEL_INFO starts.
+	InfoPercent int32 `protobuf:"varint,1,opt,name=info_percent,json=infoPercent,proto3" json:"info_percent,omitempty"`
+	// Where THRESHOLD_LEVEL_WARN starts.
+	WarnPercent int32 `protobuf:"varint,2,opt,name=warn_percent,json=warnPercent,proto3" json:"warn_percent,omitempty"`
+	// Where THRESHOLD_LEVEL_THROTTLE starts.
+	ThrottlePercent int32 `protobuf:"varint,3,opt,name=throttle_percent,json=throttlePercent,proto3" json:"throttle_percent,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *Thresholds) Reset() {
+	*x = Thresholds{}
+	mi := &file_runcap_v1_budget_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Thresholds) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Thresholds) ProtoMessage() {}
+
+func (x *Thresholds) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Thresholds.ProtoReflect.Descriptor instead.
+func (*Thresholds) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *Thresholds) GetInfoPercent() int32 {
+	if x != nil {
+		return x.InfoPercent
+	}
+	return 0
+}
+
+func (x *Thresholds) GetWarnPercent() int32 {
+	if x != nil {
+		return x.WarnPercent
+	}
+	return 0
+}
+
+func (x *Thresholds) GetThrottlePercent() int32 {
+	if x != nil {
+		return x.ThrottlePercent
+	}
+	return 0
+}
+
+// RateLimit caps how many Reserves a run may have allowed per window.
+// Windows are fixed, aligned to multiples of `window` since the Unix epoch.
+type RateLimit struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Allowed Reserves per window. Must be positive.
+	MaxCalls int64 `protobuf:"varint,1,opt,name=max_calls,json=maxCalls,proto3" json:"max_calls,omitempty"`
+	// The window, in whole milliseconds: at least 1 ms, at most 24 hours.
+	Window        *durationpb.Duration `protobuf:"bytes,2,opt,name=window,proto3" json:"window,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RateLimit) Reset() {
+	*x = RateLimit{}
+	mi := &file_runcap_v1_budget_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RateLimit) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RateLimit) ProtoMessage() {}
+
+func (x *RateLimit) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RateLimit.ProtoReflect.Descriptor instead.
+func (*RateLimit) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *RateLimit) GetMaxCalls() int64 {
+	if x != nil {
+		return x.MaxCalls
+	}
+	return 0
+}
+
+func (x *RateLimit) GetWindow() *durationpb.Duration {
+	if x != nil {
+		return x.Window
+	}
+	return nil
+}
+
+// RunPolicy is how a run is governed beyond its dollar limit. Every limit is
+// checked in the same atomic decision as the dollar ceiling. A run's policy is
+// fixed when it is created.
+type RunPolicy struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// How the run's ceilings are enforced.
+	EnforcementMode EnforcementMode `protobuf:"varint,1,opt,name=enforcement_mode,json=enforcementMode,proto3,enum=runcap.v1.EnforcementMode" json:"enforcement_mode,omitempty"`
+	// For ENFORCEMENT_MODE_SOFT_GATE: how far past the limit estimates may go,
+	// in percent of the limit (0 to 100).
+	SoftGateMarginPercent int32 `protobuf:"varint,2,opt,name=soft_gate_margin_percent,json=softGateMarginPercent,proto3" json:"soft_gate_margin_percent,omitempty"`
+	// The graduated response. When unset: 60% info, 80% warn, 95% throttle.
+	Thresholds *Thresholds `protobuf:"bytes,3,opt,name=thresholds,proto3" json:"thresholds,omitempty"`
+	// In the throttle band, the delay after the first allowed call; each
+	// later allowed call doubles it, up to `throttle_max_delay`. Default 1 s.
+	ThrottleBaseDelay *durationpb.Duration `protobuf:"bytes,4,opt,name=throttle_base_delay,json=throttleBaseDelay,proto3" json:"throttle_base_delay,omitempty"`
+	// The longest throttle delay. Default 60 s.
+	ThrottleMaxDelay *durationpb.Duration `protobuf:"bytes,5,opt,name=throttle_max_delay,json=throttleMaxDelay,proto3" json:"throttle_max_delay,omitempty"`
+	// A ceiling on the run's tokens: the input plus effective maximum output
+	// of each LLM call reserved, then its actual usage once committed.
+	MaxTokens *int64 `protobuf:"varint,6,opt,name=max_tokens,json=maxTokens,proto3,oneof" json:"max_tokens,omitempty"`
+	// Ceilings on named call meters (ReserveRequest.meter), in units (calls by
+	// default). Names are 1 to 128 characters of letters, digits and `.`,
+	// `_`, `-`, `:`, `/`. At most 32 meters.
+	MeterLimits map[string]int64 `protobuf:"bytes,7,rep,name=meter_limits,json=meterLimits,proto3" json:"meter_limits,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	// A rate limit on the run's allowed Reserves.
+	RateLimit *RateLimit `protobuf:"bytes,8,opt,name=rate_limit,json=rateLimit,proto3" json:"rate_limit,omitempty"`
+	// A cap on the run's holds in flight at once (parallelism), its
+	// descendants' holds on it included.
+	MaxInFlight *int32 `protobuf:"varint,9,opt,name=max_in_flight,json=maxInFlight,proto3,oneof" json:"max_in_flight,omitempty"`
+	// How many levels of subagent runs may be created below this run (its
+	// children are one level). Default 5; at most 15.
+	MaxDepth *int32 `protobuf:"varint,10,opt,name=max_depth,json=maxDepth,proto3,oneof" json:"max_depth,omitempty"`
+	// How many child runs this run may have.
+	MaxChildren   *int32 `protobuf:"varint,11,opt,name=max_children,json=maxChildren,proto3,oneof" json:"max_children,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RunPolicy) Reset() {
+	*x = RunPolicy{}
+	mi := &file_runcap_v1_budget_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RunPolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RunPolicy) ProtoMessage() {}
+
+func (x *RunPolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RunPolicy.ProtoReflect.Descriptor instead.
+func (*RunPolicy) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *RunPolicy) GetEnforcementMode() EnforcementMode {
+	if x != nil {
+		return x.EnforcementMode
+	}
+	return EnforcementMode_ENFORCEMENT_MODE_UNSPECIFIED
+}
+
+func (x *RunPolicy) GetSoftGateMarginPercent() int32 {
+	if x != nil {
+		return x.SoftGateMarginPercent
+	}
+	return 0
+}
+
+func (x *RunPolicy) GetThresholds() *Thresholds {
+	if x != nil {
+		return x.Thresholds
+	}
+	return nil
+}
+
+func (x *RunPolicy) GetThrottleBaseDelay() *durationpb.Duration {
+	if x != nil {
+		return x.ThrottleBaseDelay
+	}
+	return nil
+}
+
+func (x *RunPolicy) GetThrottleMaxDelay() *durationpb.Duration {
+	if x != nil {
+		return x.ThrottleMaxDelay
+	}
+	return nil
+}
+
+func (x *RunPolicy) GetMaxTokens() int64 {
+	if x != nil && x.MaxTokens != nil {
+		return *x.MaxTokens
+	}
+	return 0
+}
+
+func (x *RunPolicy) GetMeterLimits() map[string]int64 {
+	if x != nil {
+		return x.MeterLimits
+	}
+	return nil
+}
+
+func (x *RunPolicy) GetRateLimit() *RateLimit {
+	if x != nil {
+		return x.RateLimit
+	}
+	return nil
+}
+
+func (x *RunPolicy) GetMaxInFlight() int32 {
+	if x != nil && x.MaxInFlight != nil {
+		return *x.MaxInFlight
+	}
+	return 0
+}
+
+func (x *RunPolicy) GetMaxDepth() int32 {
+	if x != nil && x.MaxDepth != nil {
+		return *x.MaxDepth
+	}
+	return 0
+}
+
+func (x *RunPolicy) GetMaxChildren() int32 {
+	if x != nil && x.MaxChildren != nil {
+		return *x.MaxChildren
+	}
+	return 0
 }
 
 // ScopeRef names a scope.
@@ -500,7 +1003,7 @@ type ScopeRef struct {
 
 func (x *ScopeRef) Reset() {
 	*x = ScopeRef{}
-	mi := &file_runcap_v1_budget_proto_msgTypes[0]
+	mi := &file_runcap_v1_budget_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -512,7 +1015,7 @@ func (x *ScopeRef) String() string {
 func (*ScopeRef) ProtoMessage() {}
 
 func (x *ScopeRef) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_proto_msgTypes[0]
+	mi := &file_runcap_v1_budget_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -525,7 +1028,7 @@ func (x *ScopeRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScopeRef.ProtoReflect.Descriptor instead.
 func (*ScopeRef) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{0}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ScopeRef) GetKind() ScopeKind {
@@ -571,7 +1074,7 @@ type ScopeUsage struct {
 
 func (x *ScopeUsage) Reset() {
 	*x = ScopeUsage{}
-	mi := &file_runcap_v1_budget_proto_msgTypes[1]
+	mi := &file_runcap_v1_budget_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -583,7 +1086,7 @@ func (x *ScopeUsage) String() string {
 func (*ScopeUsage) ProtoMessage() {}
 
 func (x *ScopeUsage) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_proto_msgTypes[1]
+	mi := &file_runcap_v1_budget_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -596,7 +1099,7 @@ func (x *ScopeUsage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScopeUsage.ProtoReflect.Descriptor instead.
 func (*ScopeUsage) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{1}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ScopeUsage) GetPeriod() Period {
@@ -676,7 +1179,7 @@ type Scope struct {
 
 func (x *Scope) Reset() {
 	*x = Scope{}
-	mi := &file_runcap_v1_budget_proto_msgTypes[2]
+	mi := &file_runcap_v1_budget_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -688,7 +1191,7 @@ func (x *Scope) String() string {
 func (*Scope) ProtoMessage() {}
 
 func (x *Scope) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_proto_msgTypes[2]
+	mi := &file_runcap_v1_budget_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -701,7 +1204,7 @@ func (x *Scope) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Scope.ProtoReflect.Descriptor instead.
 func (*Scope) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{2}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Scope) GetRef() *ScopeRef {
@@ -746,6 +1249,12 @@ type BudgetState struct {
 	// commit. The ledger guarantees
 	// committed + reserved <= limit + overrun at every revision.
 	OverrunMicros int64 `protobuf:"varint,9,opt,name=overrun_micros,json=overrunMicros,proto3" json:"overrun_micros,omitempty"`
+	// The highest threshold band the run's committed spend has reached.
+	Threshold ThresholdLevel `protobuf:"varint,11,opt,name=threshold,proto3,enum=runcap.v1.ThresholdLevel" json:"threshold,omitempty"`
+	// The tokens of the run's committed LLM calls (their actual usage).
+	CommittedTokens int64 `protobuf:"varint,12,opt,name=committed_tokens,json=committedTokens,proto3" json:"committed_tokens,omitempty"`
+	// The tokens held by the run's active LLM-call reservations.
+	ReservedTokens int64 `protobuf:"varint,13,opt,name=reserved_tokens,json=reservedTokens,proto3" json:"reserved_tokens,omitempty"`
 	// A fingerprint of the run's whole change history up to `revision` (a hash
 	// chain over every change). Two states with the same revision and digest
 	// have the same history. Pass it back as WatchRequest.after_digest so a
@@ -758,7 +1267,7 @@ type BudgetState struct {
 
 func (x *BudgetState) Reset() {
 	*x = BudgetState{}
-	mi := &file_runcap_v1_budget_proto_msgTypes[3]
+	mi := &file_runcap_v1_budget_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -770,7 +1279,7 @@ func (x *BudgetState) String() string {
 func (*BudgetState) ProtoMessage() {}
 
 func (x *BudgetState) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_proto_msgTypes[3]
+	mi := &file_runcap_v1_budget_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -783,7 +1292,7 @@ func (x *BudgetState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BudgetState.ProtoReflect.Descriptor instead.
 func (*BudgetState) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{3}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *BudgetState) GetRunId() string {
@@ -849,6 +1358,27 @@ func (x *BudgetState) GetOverrunMicros() int64 {
 	return 0
 }
 
+func (x *BudgetState) GetThreshold() ThresholdLevel {
+	if x != nil {
+		return x.Threshold
+	}
+	return ThresholdLevel_THRESHOLD_LEVEL_UNSPECIFIED
+}
+
+func (x *BudgetState) GetCommittedTokens() int64 {
+	if x != nil {
+		return x.CommittedTokens
+	}
+	return 0
+}
+
+func (x *BudgetState) GetReservedTokens() int64 {
+	if x != nil {
+		return x.ReservedTokens
+	}
+	return 0
+}
+
 func (x *BudgetState) GetDigest() string {
 	if x != nil {
 		return x.Digest
@@ -883,13 +1413,22 @@ type Run struct {
 	// Every ancestor run, the parent first and the root last. Each reservation
 	// of this run is held on all of them.
 	AncestorRunIds []string `protobuf:"bytes,11,rep,name=ancestor_run_ids,json=ancestorRunIds,proto3" json:"ancestor_run_ids,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// The run's policy, with every default filled in.
+	Policy *RunPolicy `protobuf:"bytes,12,opt,name=policy,proto3" json:"policy,omitempty"`
+	// How many more levels of subagents may be created below this run: its
+	// own max_depth, or less when an ancestor's limit is tighter.
+	DepthRemaining int32 `protobuf:"varint,13,opt,name=depth_remaining,json=depthRemaining,proto3" json:"depth_remaining,omitempty"`
+	// How many child runs the run has.
+	Children int32 `protobuf:"varint,14,opt,name=children,proto3" json:"children,omitempty"`
+	// The run's call meters: every meter with a ceiling or any use.
+	Meters        []*MeterUsage `protobuf:"bytes,15,rep,name=meters,proto3" json:"meters,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Run) Reset() {
 	*x = Run{}
-	mi := &file_runcap_v1_budget_proto_msgTypes[4]
+	mi := &file_runcap_v1_budget_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -901,7 +1440,7 @@ func (x *Run) String() string {
 func (*Run) ProtoMessage() {}
 
 func (x *Run) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_proto_msgTypes[4]
+	mi := &file_runcap_v1_budget_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -914,7 +1453,7 @@ func (x *Run) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Run.ProtoReflect.Descriptor instead.
 func (*Run) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{4}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Run) GetRunId() string {
@@ -994,6 +1533,107 @@ func (x *Run) GetAncestorRunIds() []string {
 	return nil
 }
 
+func (x *Run) GetPolicy() *RunPolicy {
+	if x != nil {
+		return x.Policy
+	}
+	return nil
+}
+
+func (x *Run) GetDepthRemaining() int32 {
+	if x != nil {
+		return x.DepthRemaining
+	}
+	return 0
+}
+
+func (x *Run) GetChildren() int32 {
+	if x != nil {
+		return x.Children
+	}
+	return 0
+}
+
+func (x *Run) GetMeters() []*MeterUsage {
+	if x != nil {
+		return x.Meters
+	}
+	return nil
+}
+
+// MeterUsage is a run's use of one call meter, in units.
+type MeterUsage struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The meter's name.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The meter's ceiling; unset when it has none.
+	Limit *int64 `protobuf:"varint,2,opt,name=limit,proto3,oneof" json:"limit,omitempty"`
+	// Units of committed calls.
+	Committed int64 `protobuf:"varint,3,opt,name=committed,proto3" json:"committed,omitempty"`
+	// Units of calls in flight.
+	Reserved      int64 `protobuf:"varint,4,opt,name=reserved,proto3" json:"reserved,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MeterUsage) Reset() {
+	*x = MeterUsage{}
+	mi := &file_runcap_v1_budget_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MeterUsage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MeterUsage) ProtoMessage() {}
+
+func (x *MeterUsage) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MeterUsage.ProtoReflect.Descriptor instead.
+func (*MeterUsage) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *MeterUsage) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *MeterUsage) GetLimit() int64 {
+	if x != nil && x.Limit != nil {
+		return *x.Limit
+	}
+	return 0
+}
+
+func (x *MeterUsage) GetCommitted() int64 {
+	if x != nil {
+		return x.Committed
+	}
+	return 0
+}
+
+func (x *MeterUsage) GetReserved() int64 {
+	if x != nil {
+		return x.Reserved
+	}
+	return 0
+}
+
 // BudgetEvent is one change of a run, with the state right after it.
 type BudgetEvent struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1014,14 +1654,16 @@ type BudgetEvent struct {
 	Time *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=time,proto3" json:"time,omitempty"`
 	// The run's state right after this change; `state.revision` equals the
 	// enclosing message's revision.
-	State         *BudgetState `protobuf:"bytes,8,opt,name=state,proto3" json:"state,omitempty"`
+	State *BudgetState `protobuf:"bytes,8,opt,name=state,proto3" json:"state,omitempty"`
+	// For THRESHOLD_CROSSED: the band reached.
+	Threshold     ThresholdLevel `protobuf:"varint,9,opt,name=threshold,proto3,enum=runcap.v1.ThresholdLevel" json:"threshold,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *BudgetEvent) Reset() {
 	*x = BudgetEvent{}
-	mi := &file_runcap_v1_budget_proto_msgTypes[5]
+	mi := &file_runcap_v1_budget_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1033,7 +1675,7 @@ func (x *BudgetEvent) String() string {
 func (*BudgetEvent) ProtoMessage() {}
 
 func (x *BudgetEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_proto_msgTypes[5]
+	mi := &file_runcap_v1_budget_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1046,7 +1688,7 @@ func (x *BudgetEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BudgetEvent.ProtoReflect.Descriptor instead.
 func (*BudgetEvent) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{5}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *BudgetEvent) GetType() EventType {
@@ -1105,11 +1747,51 @@ func (x *BudgetEvent) GetState() *BudgetState {
 	return nil
 }
 
+func (x *BudgetEvent) GetThreshold() ThresholdLevel {
+	if x != nil {
+		return x.Threshold
+	}
+	return ThresholdLevel_THRESHOLD_LEVEL_UNSPECIFIED
+}
+
 var File_runcap_v1_budget_proto protoreflect.FileDescriptor
 
 const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\n" +
-	"\x16runcap/v1/budget.proto\x12\truncap.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"D\n" +
+	"\x16runcap/v1/budget.proto\x12\truncap.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"}\n" +
+	"\n" +
+	"Thresholds\x12!\n" +
+	"\finfo_percent\x18\x01 \x01(\x05R\vinfoPercent\x12!\n" +
+	"\fwarn_percent\x18\x02 \x01(\x05R\vwarnPercent\x12)\n" +
+	"\x10throttle_percent\x18\x03 \x01(\x05R\x0fthrottlePercent\"g\n" +
+	"\tRateLimit\x12!\n" +
+	"\tmax_calls\x18\x01 \x01(\x03B\x04\xe2A\x01\x02R\bmaxCalls\x127\n" +
+	"\x06window\x18\x02 \x01(\v2\x19.google.protobuf.DurationB\x04\xe2A\x01\x02R\x06window\"\xae\x06\n" +
+	"\tRunPolicy\x12K\n" +
+	"\x10enforcement_mode\x18\x01 \x01(\x0e2\x1a.runcap.v1.EnforcementModeB\x04\xe2A\x01\x01R\x0fenforcementMode\x12=\n" +
+	"\x18soft_gate_margin_percent\x18\x02 \x01(\x05B\x04\xe2A\x01\x01R\x15softGateMarginPercent\x12;\n" +
+	"\n" +
+	"thresholds\x18\x03 \x01(\v2\x15.runcap.v1.ThresholdsB\x04\xe2A\x01\x01R\n" +
+	"thresholds\x12O\n" +
+	"\x13throttle_base_delay\x18\x04 \x01(\v2\x19.google.protobuf.DurationB\x04\xe2A\x01\x01R\x11throttleBaseDelay\x12M\n" +
+	"\x12throttle_max_delay\x18\x05 \x01(\v2\x19.google.protobuf.DurationB\x04\xe2A\x01\x01R\x10throttleMaxDelay\x12(\n" +
+	"\n" +
+	"max_tokens\x18\x06 \x01(\x03B\x04\xe2A\x01\x01H\x00R\tmaxTokens\x88\x01\x01\x12N\n" +
+	"\fmeter_limits\x18\a \x03(\v2%.runcap.v1.RunPolicy.MeterLimitsEntryB\x04\xe2A\x01\x01R\vmeterLimits\x129\n" +
+	"\n" +
+	"rate_limit\x18\b \x01(\v2\x14.runcap.v1.RateLimitB\x04\xe2A\x01\x01R\trateLimit\x12-\n" +
+	"\rmax_in_flight\x18\t \x01(\x05B\x04\xe2A\x01\x01H\x01R\vmaxInFlight\x88\x01\x01\x12&\n" +
+	"\tmax_depth\x18\n" +
+	" \x01(\x05B\x04\xe2A\x01\x01H\x02R\bmaxDepth\x88\x01\x01\x12,\n" +
+	"\fmax_children\x18\v \x01(\x05B\x04\xe2A\x01\x01H\x03R\vmaxChildren\x88\x01\x01\x1a>\n" +
+	"\x10MeterLimitsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01B\r\n" +
+	"\v_max_tokensB\x10\n" +
+	"\x0e_max_in_flightB\f\n" +
+	"\n" +
+	"_max_depthB\x0f\n" +
+	"\r_max_children\"D\n" +
 	"\bScopeRef\x12(\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x14.runcap.v1.ScopeKindR\x04kind\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\"\xd3\x03\n" +
@@ -1127,7 +1809,7 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\r_limit_micros\"[\n" +
 	"\x05Scope\x12%\n" +
 	"\x03ref\x18\x01 \x01(\v2\x13.runcap.v1.ScopeRefR\x03ref\x12+\n" +
-	"\x05usage\x18\x02 \x03(\v2\x15.runcap.v1.ScopeUsageR\x05usage\"\xbc\x03\n" +
+	"\x05usage\x18\x02 \x03(\v2\x15.runcap.v1.ScopeUsageR\x05usage\"\xdb\x04\n" +
 	"\vBudgetState\x12\x1b\n" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x03R\x05runId\x12'\n" +
 	"\flimit_micros\x18\x02 \x01(\x03B\x04\xe2A\x01\x03R\vlimitMicros\x12/\n" +
@@ -1137,9 +1819,12 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\brevision\x18\x06 \x01(\x03B\x04\xe2A\x01\x03R\brevision\x122\n" +
 	"\x06status\x18\a \x01(\x0e2\x14.runcap.v1.RunStatusB\x04\xe2A\x01\x03R\x06status\x125\n" +
 	"\x13active_reservations\x18\b \x01(\x03B\x04\xe2A\x01\x03R\x12activeReservations\x12+\n" +
-	"\x0eoverrun_micros\x18\t \x01(\x03B\x04\xe2A\x01\x03R\roverrunMicros\x12\x1c\n" +
+	"\x0eoverrun_micros\x18\t \x01(\x03B\x04\xe2A\x01\x03R\roverrunMicros\x12=\n" +
+	"\tthreshold\x18\v \x01(\x0e2\x19.runcap.v1.ThresholdLevelB\x04\xe2A\x01\x03R\tthreshold\x12/\n" +
+	"\x10committed_tokens\x18\f \x01(\x03B\x04\xe2A\x01\x03R\x0fcommittedTokens\x12-\n" +
+	"\x0freserved_tokens\x18\r \x01(\x03B\x04\xe2A\x01\x03R\x0ereservedTokens\x12\x1c\n" +
 	"\x06digest\x18\n" +
-	" \x01(\tB\x04\xe2A\x01\x03R\x06digest\"\xb4\x04\n" +
+	" \x01(\tB\x04\xe2A\x01\x03R\x06digest\"\xee\x05\n" +
 	"\x03Run\x12\x1b\n" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x03R\x05runId\x12'\n" +
 	"\flimit_micros\x18\x02 \x01(\x03B\x04\xe2A\x01\x03R\vlimitMicros\x128\n" +
@@ -1155,10 +1840,21 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\auser_id\x18\t \x01(\tB\x04\xe2A\x01\x03R\x06userId\x12\x1d\n" +
 	"\ateam_id\x18\n" +
 	" \x01(\tB\x04\xe2A\x01\x03R\x06teamId\x12.\n" +
-	"\x10ancestor_run_ids\x18\v \x03(\tB\x04\xe2A\x01\x03R\x0eancestorRunIds\x1a9\n" +
+	"\x10ancestor_run_ids\x18\v \x03(\tB\x04\xe2A\x01\x03R\x0eancestorRunIds\x122\n" +
+	"\x06policy\x18\f \x01(\v2\x14.runcap.v1.RunPolicyB\x04\xe2A\x01\x03R\x06policy\x12-\n" +
+	"\x0fdepth_remaining\x18\r \x01(\x05B\x04\xe2A\x01\x03R\x0edepthRemaining\x12 \n" +
+	"\bchildren\x18\x0e \x01(\x05B\x04\xe2A\x01\x03R\bchildren\x123\n" +
+	"\x06meters\x18\x0f \x03(\v2\x15.runcap.v1.MeterUsageB\x04\xe2A\x01\x03R\x06meters\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xc1\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x7f\n" +
+	"\n" +
+	"MeterUsage\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n" +
+	"\x05limit\x18\x02 \x01(\x03H\x00R\x05limit\x88\x01\x01\x12\x1c\n" +
+	"\tcommitted\x18\x03 \x01(\x03R\tcommitted\x12\x1a\n" +
+	"\breserved\x18\x04 \x01(\x03R\breservedB\b\n" +
+	"\x06_limit\"\xfa\x02\n" +
 	"\vBudgetEvent\x12(\n" +
 	"\x04type\x18\x01 \x01(\x0e2\x14.runcap.v1.EventTypeR\x04type\x12%\n" +
 	"\x0ereservation_id\x18\x02 \x01(\tR\rreservationId\x12#\n" +
@@ -1167,16 +1863,38 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x0eoverrun_micros\x18\x05 \x01(\x03R\roverrunMicros\x12\x12\n" +
 	"\x04late\x18\x06 \x01(\bR\x04late\x12.\n" +
 	"\x04time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12,\n" +
-	"\x05state\x18\b \x01(\v2\x16.runcap.v1.BudgetStateR\x05state*m\n" +
+	"\x05state\x18\b \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\x127\n" +
+	"\tthreshold\x18\t \x01(\x0e2\x19.runcap.v1.ThresholdLevelR\tthreshold*m\n" +
 	"\tRunStatus\x12\x1a\n" +
 	"\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fRUN_STATUS_OPEN\x10\x01\x12\x15\n" +
 	"\x11RUN_STATUS_CLOSED\x10\x02\x12\x18\n" +
-	"\x14RUN_STATUS_SUSPENDED\x10\x03*L\n" +
+	"\x14RUN_STATUS_SUSPENDED\x10\x03*v\n" +
 	"\bDecision\x12\x18\n" +
 	"\x14DECISION_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eDECISION_ALLOW\x10\x01\x12\x12\n" +
-	"\x0eDECISION_BLOCK\x10\x02*\x88\x02\n" +
+	"\x0eDECISION_BLOCK\x10\x02\x12\x11\n" +
+	"\rDECISION_WARN\x10\x03\x12\x15\n" +
+	"\x11DECISION_THROTTLE\x10\x04*\xb5\x01\n" +
+	"\x0fEnforcementMode\x12 \n" +
+	"\x1cENFORCEMENT_MODE_UNSPECIFIED\x10\x00\x12\x1e\n" +
+	"\x1aENFORCEMENT_MODE_HARD_GATE\x10\x01\x12\x1e\n" +
+	"\x1aENFORCEMENT_MODE_SOFT_GATE\x10\x02\x12\x1d\n" +
+	"\x19ENFORCEMENT_MODE_ADVISORY\x10\x03\x12!\n" +
+	"\x1dENFORCEMENT_MODE_ACTUALS_ONLY\x10\x04*\xc3\x01\n" +
+	"\x0fBudgetDimension\x12 \n" +
+	"\x1cBUDGET_DIMENSION_UNSPECIFIED\x10\x00\x12\x1a\n" +
+	"\x16BUDGET_DIMENSION_SPEND\x10\x01\x12\x1b\n" +
+	"\x17BUDGET_DIMENSION_TOKENS\x10\x02\x12\x1a\n" +
+	"\x16BUDGET_DIMENSION_METER\x10\x03\x12\x19\n" +
+	"\x15BUDGET_DIMENSION_RATE\x10\x04\x12\x1e\n" +
+	"\x1aBUDGET_DIMENSION_IN_FLIGHT\x10\x05*\x9d\x01\n" +
+	"\x0eThresholdLevel\x12\x1f\n" +
+	"\x1bTHRESHOLD_LEVEL_UNSPECIFIED\x10\x00\x12\x18\n" +
+	"\x14THRESHOLD_LEVEL_INFO\x10\x01\x12\x18\n" +
+	"\x14THRESHOLD_LEVEL_WARN\x10\x02\x12\x1c\n" +
+	"\x18THRESHOLD_LEVEL_THROTTLE\x10\x03\x12\x18\n" +
+	"\x14THRESHOLD_LEVEL_STOP\x10\x04*\xee\x02\n" +
 	"\x0eDecisionReason\x12\x1f\n" +
 	"\x1bDECISION_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dDECISION_REASON_WITHIN_BUDGET\x10\x01\x12'\n" +
@@ -1184,7 +1902,10 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x1aDECISION_REASON_RUN_CLOSED\x10\x03\x12'\n" +
 	"#DECISION_REASON_RESERVATION_EXPIRED\x10\x04\x12!\n" +
 	"\x1dDECISION_REASON_UNKNOWN_PRICE\x10\x05\x12\x1d\n" +
-	"\x19DECISION_REASON_SUSPENDED\x10\x06*}\n" +
+	"\x19DECISION_REASON_SUSPENDED\x10\x06\x12\x1d\n" +
+	"\x19DECISION_REASON_THROTTLED\x10\a\x12 \n" +
+	"\x1cDECISION_REASON_RATE_LIMITED\x10\b\x12#\n" +
+	"\x1fDECISION_REASON_IN_FLIGHT_LIMIT\x10\t*}\n" +
 	"\tScopeKind\x12\x1a\n" +
 	"\x16SCOPE_KIND_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eSCOPE_KIND_RUN\x10\x01\x12\x16\n" +
@@ -1203,7 +1924,7 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x1bRESERVATION_STATUS_RELEASED\x10\x03\x12\x1e\n" +
 	"\x1aRESERVATION_STATUS_EXPIRED\x10\x04\x12%\n" +
 	"!RESERVATION_STATUS_LATE_COMMITTED\x10\x05\x12\x1e\n" +
-	"\x1aRESERVATION_STATUS_BLOCKED\x10\x06*\xec\x01\n" +
+	"\x1aRESERVATION_STATUS_BLOCKED\x10\x06*\x8e\x02\n" +
 	"\tEventType\x12\x1a\n" +
 	"\x16EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12EVENT_TYPE_CREATED\x10\x01\x12\x17\n" +
@@ -1213,7 +1934,8 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x12EVENT_TYPE_EXPIRED\x10\x05\x12\x15\n" +
 	"\x11EVENT_TYPE_CLOSED\x10\x06\x12\x18\n" +
 	"\x14EVENT_TYPE_SUSPENDED\x10\a\x12\x16\n" +
-	"\x12EVENT_TYPE_RESUMED\x10\bB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
+	"\x12EVENT_TYPE_RESUMED\x10\b\x12 \n" +
+	"\x1cEVENT_TYPE_THRESHOLD_CROSSED\x10\tB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
 
 var (
 	file_runcap_v1_budget_proto_rawDescOnce sync.Once
@@ -1227,44 +1949,64 @@ func file_runcap_v1_budget_proto_rawDescGZIP() []byte {
 	return file_runcap_v1_budget_proto_rawDescData
 }
 
-var file_runcap_v1_budget_proto_enumTypes = make([]protoimpl.EnumInfo, 7)
-var file_runcap_v1_budget_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
+var file_runcap_v1_budget_proto_enumTypes = make([]protoimpl.EnumInfo, 10)
+var file_runcap_v1_budget_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_runcap_v1_budget_proto_goTypes = []any{
 	(RunStatus)(0),                // 0: runcap.v1.RunStatus
 	(Decision)(0),                 // 1: runcap.v1.Decision
-	(DecisionReason)(0),           // 2: runcap.v1.DecisionReason
-	(ScopeKind)(0),                // 3: runcap.v1.ScopeKind
-	(Period)(0),                   // 4: runcap.v1.Period
-	(ReservationStatus)(0),        // 5: runcap.v1.ReservationStatus
-	(EventType)(0),                // 6: runcap.v1.EventType
-	(*ScopeRef)(nil),              // 7: runcap.v1.ScopeRef
-	(*ScopeUsage)(nil),            // 8: runcap.v1.ScopeUsage
-	(*Scope)(nil),                 // 9: runcap.v1.Scope
-	(*BudgetState)(nil),           // 10: runcap.v1.BudgetState
-	(*Run)(nil),                   // 11: runcap.v1.Run
-	(*BudgetEvent)(nil),           // 12: runcap.v1.BudgetEvent
-	nil,                           // 13: runcap.v1.Run.LabelsEntry
-	(*timestamppb.Timestamp)(nil), // 14: google.protobuf.Timestamp
+	(EnforcementMode)(0),          // 2: runcap.v1.EnforcementMode
+	(BudgetDimension)(0),          // 3: runcap.v1.BudgetDimension
+	(ThresholdLevel)(0),           // 4: runcap.v1.ThresholdLevel
+	(DecisionReason)(0),           // 5: runcap.v1.DecisionReason
+	(ScopeKind)(0),                // 6: runcap.v1.ScopeKind
+	(Period)(0),                   // 7: runcap.v1.Period
+	(ReservationStatus)(0),        // 8: runcap.v1.ReservationStatus
+	(EventType)(0),                // 9: runcap.v1.EventType
+	(*Thresholds)(nil),            // 10: runcap.v1.Thresholds
+	(*RateLimit)(nil),             // 11: runcap.v1.RateLimit
+	(*RunPolicy)(nil),             // 12: runcap.v1.RunPolicy
+	(*ScopeRef)(nil),              // 13: runcap.v1.ScopeRef
+	(*ScopeUsage)(nil),            // 14: runcap.v1.ScopeUsage
+	(*Scope)(nil),                 // 15: runcap.v1.Scope
+	(*BudgetState)(nil),           // 16: runcap.v1.BudgetState
+	(*Run)(nil),                   // 17: runcap.v1.Run
+	(*MeterUsage)(nil),            // 18: runcap.v1.MeterUsage
+	(*BudgetEvent)(nil),           // 19: runcap.v1.BudgetEvent
+	nil,                           // 20: runcap.v1.RunPolicy.MeterLimitsEntry
+	nil,                           // 21: runcap.v1.Run.LabelsEntry
+	(*durationpb.Duration)(nil),   // 22: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 23: google.protobuf.Timestamp
 }
 var file_runcap_v1_budget_proto_depIdxs = []int32{
-	3,  // 0: runcap.v1.ScopeRef.kind:type_name -> runcap.v1.ScopeKind
-	4,  // 1: runcap.v1.ScopeUsage.period:type_name -> runcap.v1.Period
-	14, // 2: runcap.v1.ScopeUsage.window_start_time:type_name -> google.protobuf.Timestamp
-	14, // 3: runcap.v1.ScopeUsage.window_end_time:type_name -> google.protobuf.Timestamp
-	7,  // 4: runcap.v1.Scope.ref:type_name -> runcap.v1.ScopeRef
-	8,  // 5: runcap.v1.Scope.usage:type_name -> runcap.v1.ScopeUsage
-	0,  // 6: runcap.v1.BudgetState.status:type_name -> runcap.v1.RunStatus
-	13, // 7: runcap.v1.Run.labels:type_name -> runcap.v1.Run.LabelsEntry
-	14, // 8: runcap.v1.Run.create_time:type_name -> google.protobuf.Timestamp
-	14, // 9: runcap.v1.Run.close_time:type_name -> google.protobuf.Timestamp
-	6,  // 10: runcap.v1.BudgetEvent.type:type_name -> runcap.v1.EventType
-	14, // 11: runcap.v1.BudgetEvent.time:type_name -> google.protobuf.Timestamp
-	10, // 12: runcap.v1.BudgetEvent.state:type_name -> runcap.v1.BudgetState
-	13, // [13:13] is the sub-list for method output_type
-	13, // [13:13] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	22, // 0: runcap.v1.RateLimit.window:type_name -> google.protobuf.Duration
+	2,  // 1: runcap.v1.RunPolicy.enforcement_mode:type_name -> runcap.v1.EnforcementMode
+	10, // 2: runcap.v1.RunPolicy.thresholds:type_name -> runcap.v1.Thresholds
+	22, // 3: runcap.v1.RunPolicy.throttle_base_delay:type_name -> google.protobuf.Duration
+	22, // 4: runcap.v1.RunPolicy.throttle_max_delay:type_name -> google.protobuf.Duration
+	20, // 5: runcap.v1.RunPolicy.meter_limits:type_name -> runcap.v1.RunPolicy.MeterLimitsEntry
+	11, // 6: runcap.v1.RunPolicy.rate_limit:type_name -> runcap.v1.RateLimit
+	6,  // 7: runcap.v1.ScopeRef.kind:type_name -> runcap.v1.ScopeKind
+	7,  // 8: runcap.v1.ScopeUsage.period:type_name -> runcap.v1.Period
+	23, // 9: runcap.v1.ScopeUsage.window_start_time:type_name -> google.protobuf.Timestamp
+	23, // 10: runcap.v1.ScopeUsage.window_end_time:type_name -> google.protobuf.Timestamp
+	13, // 11: runcap.v1.Scope.ref:type_name -> runcap.v1.ScopeRef
+	14, // 12: runcap.v1.Scope.usage:type_name -> runcap.v1.ScopeUsage
+	0,  // 13: runcap.v1.BudgetState.status:type_name -> runcap.v1.RunStatus
+	4,  // 14: runcap.v1.BudgetState.threshold:type_name -> runcap.v1.ThresholdLevel
+	21, // 15: runcap.v1.Run.labels:type_name -> runcap.v1.Run.LabelsEntry
+	23, // 16: runcap.v1.Run.create_time:type_name -> google.protobuf.Timestamp
+	23, // 17: runcap.v1.Run.close_time:type_name -> google.protobuf.Timestamp
+	12, // 18: runcap.v1.Run.policy:type_name -> runcap.v1.RunPolicy
+	18, // 19: runcap.v1.Run.meters:type_name -> runcap.v1.MeterUsage
+	9,  // 20: runcap.v1.BudgetEvent.type:type_name -> runcap.v1.EventType
+	23, // 21: runcap.v1.BudgetEvent.time:type_name -> google.protobuf.Timestamp
+	16, // 22: runcap.v1.BudgetEvent.state:type_name -> runcap.v1.BudgetState
+	4,  // 23: runcap.v1.BudgetEvent.threshold:type_name -> runcap.v1.ThresholdLevel
+	24, // [24:24] is the sub-list for method output_type
+	24, // [24:24] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	24, // [24:24] is the sub-list for extension extendee
+	0,  // [0:24] is the sub-list for field type_name
 }
 
 func init() { file_runcap_v1_budget_proto_init() }
@@ -1272,14 +2014,16 @@ func file_runcap_v1_budget_proto_init() {
 	if File_runcap_v1_budget_proto != nil {
 		return
 	}
-	file_runcap_v1_budget_proto_msgTypes[1].OneofWrappers = []any{}
+	file_runcap_v1_budget_proto_msgTypes[2].OneofWrappers = []any{}
+	file_runcap_v1_budget_proto_msgTypes[4].OneofWrappers = []any{}
+	file_runcap_v1_budget_proto_msgTypes[8].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_runcap_v1_budget_proto_rawDesc), len(file_runcap_v1_budget_proto_rawDesc)),
-			NumEnums:      7,
-			NumMessages:   7,
+			NumEnums:      10,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

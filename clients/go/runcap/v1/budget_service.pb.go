@@ -49,7 +49,12 @@ type CreateRunRequest struct {
 	// The user to charge. When empty, the parent's (if any) is inherited.
 	UserId string `protobuf:"bytes,7,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
 	// The team to charge. When empty, the parent's (if any) is inherited.
-	TeamId        string `protobuf:"bytes,8,opt,name=team_id,json=teamId,proto3" json:"team_id,omitempty"`
+	TeamId string `protobuf:"bytes,8,opt,name=team_id,json=teamId,proto3" json:"team_id,omitempty"`
+	// How the run is governed beyond its limit. When unset, a subagent run
+	// takes its parent's policy and a root run the defaults. Creating a child
+	// fails with FAILED_PRECONDITION (SUBAGENT_LIMIT) past the parent's
+	// max_children or any ancestor's max_depth.
+	Policy        *RunPolicy `protobuf:"bytes,9,opt,name=policy,proto3" json:"policy,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -138,6 +143,13 @@ func (x *CreateRunRequest) GetTeamId() string {
 		return x.TeamId
 	}
 	return ""
+}
+
+func (x *CreateRunRequest) GetPolicy() *RunPolicy {
+	if x != nil {
+		return x.Policy
+	}
+	return nil
 }
 
 // CreateRunResponse describes the created (or existing) run.
@@ -325,7 +337,13 @@ type ReserveRequest struct {
 	Estimate isReserveRequest_Estimate `protobuf_oneof:"estimate"`
 	// How long the hold lives before the server releases it. When unset, the
 	// run's default ttl applies.
-	Ttl           *durationpb.Duration `protobuf:"bytes,4,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	Ttl *durationpb.Duration `protobuf:"bytes,4,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	// The call meter this call counts on (for example "tool:serp_api"), same
+	// names as RunPolicy.meter_limits. Every meter's use is tracked; a meter
+	// with a ceiling blocks past it.
+	Meter string `protobuf:"bytes,6,opt,name=meter,proto3" json:"meter,omitempty"`
+	// How many units of `meter` the call uses. When unset, 1. Only with `meter`.
+	MeterUnits    *int64 `protobuf:"varint,7,opt,name=meter_units,json=meterUnits,proto3,oneof" json:"meter_units,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -406,6 +424,20 @@ func (x *ReserveRequest) GetTtl() *durationpb.Duration {
 	return nil
 }
 
+func (x *ReserveRequest) GetMeter() string {
+	if x != nil {
+		return x.Meter
+	}
+	return ""
+}
+
+func (x *ReserveRequest) GetMeterUnits() int64 {
+	if x != nil && x.MeterUnits != nil {
+		return *x.MeterUnits
+	}
+	return 0
+}
+
 type isReserveRequest_Estimate interface {
 	isReserveRequest_Estimate()
 }
@@ -455,9 +487,18 @@ type ReserveResponse struct {
 	// (PERIOD_LIFETIME for runs).
 	BlockingPeriod Period `protobuf:"varint,9,opt,name=blocking_period,json=blockingPeriod,proto3,enum=runcap.v1.Period" json:"blocking_period,omitempty"`
 	// How an `llm_call` was priced. Unset for an explicit amount.
-	Estimate      *LlmEstimate `protobuf:"bytes,10,opt,name=estimate,proto3" json:"estimate,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Estimate *LlmEstimate `protobuf:"bytes,10,opt,name=estimate,proto3" json:"estimate,omitempty"`
+	// For a block, throttle or warning on a limit: which limit.
+	BlockingDimension BudgetDimension `protobuf:"varint,11,opt,name=blocking_dimension,json=blockingDimension,proto3,enum=runcap.v1.BudgetDimension" json:"blocking_dimension,omitempty"`
+	// For BUDGET_DIMENSION_METER: the meter.
+	BlockingMeter string `protobuf:"bytes,12,opt,name=blocking_meter,json=blockingMeter,proto3" json:"blocking_meter,omitempty"`
+	// For DECISION_THROTTLE: how long to wait before reserving again. For a
+	// replay, the time left from now (possibly zero).
+	RetryAfter *durationpb.Duration `protobuf:"bytes,13,opt,name=retry_after,json=retryAfter,proto3" json:"retry_after,omitempty"`
+	// The run's enforcement mode, which shaped this decision.
+	EnforcementMode EnforcementMode `protobuf:"varint,14,opt,name=enforcement_mode,json=enforcementMode,proto3,enum=runcap.v1.EnforcementMode" json:"enforcement_mode,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *ReserveResponse) Reset() {
@@ -558,6 +599,34 @@ func (x *ReserveResponse) GetEstimate() *LlmEstimate {
 		return x.Estimate
 	}
 	return nil
+}
+
+func (x *ReserveResponse) GetBlockingDimension() BudgetDimension {
+	if x != nil {
+		return x.BlockingDimension
+	}
+	return BudgetDimension_BUDGET_DIMENSION_UNSPECIFIED
+}
+
+func (x *ReserveResponse) GetBlockingMeter() string {
+	if x != nil {
+		return x.BlockingMeter
+	}
+	return ""
+}
+
+func (x *ReserveResponse) GetRetryAfter() *durationpb.Duration {
+	if x != nil {
+		return x.RetryAfter
+	}
+	return nil
+}
+
+func (x *ReserveResponse) GetEnforcementMode() EnforcementMode {
+	if x != nil {
+		return x.EnforcementMode
+	}
+	return EnforcementMode_ENFORCEMENT_MODE_UNSPECIFIED
 }
 
 // LlmCall describes an LLM call to reserve for.
@@ -2392,7 +2461,7 @@ var File_runcap_v1_budget_service_proto protoreflect.FileDescriptor
 
 const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1eruncap/v1/budget_service.proto\x12\truncap.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16runcap/v1/budget.proto\"\xa8\x03\n" +
+	"\x1eruncap/v1/budget_service.proto\x12\truncap.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16runcap/v1/budget.proto\"\xdc\x03\n" +
 	"\x10CreateRunRequest\x12\x1b\n" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x01R\x05runId\x12'\n" +
 	"\flimit_micros\x18\x02 \x01(\x03B\x04\xe2A\x01\x02R\vlimitMicros\x12E\n" +
@@ -2403,7 +2472,8 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\n" +
 	"api_key_id\x18\x06 \x01(\tB\x04\xe2A\x01\x01R\bapiKeyId\x12\x1d\n" +
 	"\auser_id\x18\a \x01(\tB\x04\xe2A\x01\x01R\x06userId\x12\x1d\n" +
-	"\ateam_id\x18\b \x01(\tB\x04\xe2A\x01\x01R\x06teamId\x1a9\n" +
+	"\ateam_id\x18\b \x01(\tB\x04\xe2A\x01\x01R\x06teamId\x122\n" +
+	"\x06policy\x18\t \x01(\v2\x14.runcap.v1.RunPolicyB\x04\xe2A\x01\x01R\x06policy\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x7f\n" +
@@ -2415,15 +2485,19 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\x05runId\"`\n" +
 	"\x0eGetRunResponse\x12 \n" +
 	"\x03run\x18\x01 \x01(\v2\x0e.runcap.v1.RunR\x03run\x12,\n" +
-	"\x05state\x18\x02 \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\"\xf1\x01\n" +
+	"\x05state\x18\x02 \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\"\xc9\x02\n" +
 	"\x0eReserveRequest\x12\x1b\n" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\x05runId\x12+\n" +
 	"\x0ereservation_id\x18\x02 \x01(\tB\x04\xe2A\x01\x01R\rreservationId\x12%\n" +
 	"\ramount_micros\x18\x03 \x01(\x03H\x00R\famountMicros\x12/\n" +
 	"\bllm_call\x18\x05 \x01(\v2\x12.runcap.v1.LlmCallH\x00R\allmCall\x121\n" +
-	"\x03ttl\x18\x04 \x01(\v2\x19.google.protobuf.DurationB\x04\xe2A\x01\x01R\x03ttlB\n" +
+	"\x03ttl\x18\x04 \x01(\v2\x19.google.protobuf.DurationB\x04\xe2A\x01\x01R\x03ttl\x12\x1a\n" +
+	"\x05meter\x18\x06 \x01(\tB\x04\xe2A\x01\x01R\x05meter\x12*\n" +
+	"\vmeter_units\x18\a \x01(\x03B\x04\xe2A\x01\x01H\x01R\n" +
+	"meterUnits\x88\x01\x01B\n" +
 	"\n" +
-	"\bestimate\"\xf4\x03\n" +
+	"\bestimateB\x0e\n" +
+	"\f_meter_units\"\xe9\x05\n" +
 	"\x0fReserveResponse\x12/\n" +
 	"\bdecision\x18\x01 \x01(\x0e2\x13.runcap.v1.DecisionR\bdecision\x121\n" +
 	"\x06reason\x18\x02 \x01(\x0e2\x19.runcap.v1.DecisionReasonR\x06reason\x12%\n" +
@@ -2436,7 +2510,12 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\x0eblocking_scope\x18\b \x01(\v2\x13.runcap.v1.ScopeRefR\rblockingScope\x12:\n" +
 	"\x0fblocking_period\x18\t \x01(\x0e2\x11.runcap.v1.PeriodR\x0eblockingPeriod\x122\n" +
 	"\bestimate\x18\n" +
-	" \x01(\v2\x16.runcap.v1.LlmEstimateR\bestimate\"\xbd\x01\n" +
+	" \x01(\v2\x16.runcap.v1.LlmEstimateR\bestimate\x12I\n" +
+	"\x12blocking_dimension\x18\v \x01(\x0e2\x1a.runcap.v1.BudgetDimensionR\x11blockingDimension\x12%\n" +
+	"\x0eblocking_meter\x18\f \x01(\tR\rblockingMeter\x12:\n" +
+	"\vretry_after\x18\r \x01(\v2\x19.google.protobuf.DurationR\n" +
+	"retryAfter\x12E\n" +
+	"\x10enforcement_mode\x18\x0e \x01(\x0e2\x1a.runcap.v1.EnforcementModeR\x0fenforcementMode\"\xbd\x01\n" +
 	"\aLlmCall\x12 \n" +
 	"\bprovider\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\bprovider\x12\x1a\n" +
 	"\x05model\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\x05model\x12'\n" +
@@ -2623,85 +2702,92 @@ var file_runcap_v1_budget_service_proto_goTypes = []any{
 	(*ResumeRunResponse)(nil),        // 32: runcap.v1.ResumeRunResponse
 	nil,                              // 33: runcap.v1.CreateRunRequest.LabelsEntry
 	(*durationpb.Duration)(nil),      // 34: google.protobuf.Duration
-	(*Run)(nil),                      // 35: runcap.v1.Run
-	(*BudgetState)(nil),              // 36: runcap.v1.BudgetState
-	(Decision)(0),                    // 37: runcap.v1.Decision
-	(DecisionReason)(0),              // 38: runcap.v1.DecisionReason
-	(*timestamppb.Timestamp)(nil),    // 39: google.protobuf.Timestamp
-	(*ScopeRef)(nil),                 // 40: runcap.v1.ScopeRef
-	(Period)(0),                      // 41: runcap.v1.Period
-	(ReservationStatus)(0),           // 42: runcap.v1.ReservationStatus
-	(*BudgetEvent)(nil),              // 43: runcap.v1.BudgetEvent
-	(*Scope)(nil),                    // 44: runcap.v1.Scope
+	(*RunPolicy)(nil),                // 35: runcap.v1.RunPolicy
+	(*Run)(nil),                      // 36: runcap.v1.Run
+	(*BudgetState)(nil),              // 37: runcap.v1.BudgetState
+	(Decision)(0),                    // 38: runcap.v1.Decision
+	(DecisionReason)(0),              // 39: runcap.v1.DecisionReason
+	(*timestamppb.Timestamp)(nil),    // 40: google.protobuf.Timestamp
+	(*ScopeRef)(nil),                 // 41: runcap.v1.ScopeRef
+	(Period)(0),                      // 42: runcap.v1.Period
+	(BudgetDimension)(0),             // 43: runcap.v1.BudgetDimension
+	(EnforcementMode)(0),             // 44: runcap.v1.EnforcementMode
+	(ReservationStatus)(0),           // 45: runcap.v1.ReservationStatus
+	(*BudgetEvent)(nil),              // 46: runcap.v1.BudgetEvent
+	(*Scope)(nil),                    // 47: runcap.v1.Scope
 }
 var file_runcap_v1_budget_service_proto_depIdxs = []int32{
 	33, // 0: runcap.v1.CreateRunRequest.labels:type_name -> runcap.v1.CreateRunRequest.LabelsEntry
 	34, // 1: runcap.v1.CreateRunRequest.default_ttl:type_name -> google.protobuf.Duration
-	35, // 2: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
-	36, // 3: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
-	35, // 4: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
-	36, // 5: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
-	6,  // 6: runcap.v1.ReserveRequest.llm_call:type_name -> runcap.v1.LlmCall
-	34, // 7: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
-	37, // 8: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
-	38, // 9: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
-	39, // 10: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
-	36, // 11: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
-	40, // 12: runcap.v1.ReserveResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
-	41, // 13: runcap.v1.ReserveResponse.blocking_period:type_name -> runcap.v1.Period
-	7,  // 14: runcap.v1.ReserveResponse.estimate:type_name -> runcap.v1.LlmEstimate
-	8,  // 15: runcap.v1.CommitRequest.usage:type_name -> runcap.v1.TokenUsage
-	36, // 16: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
-	42, // 17: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	36, // 18: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
-	42, // 19: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	36, // 20: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
-	36, // 21: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
-	43, // 22: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
-	17, // 23: runcap.v1.WatchResponse.progress:type_name -> runcap.v1.Progress
-	40, // 24: runcap.v1.SetScopeLimitRequest.scope:type_name -> runcap.v1.ScopeRef
-	41, // 25: runcap.v1.SetScopeLimitRequest.period:type_name -> runcap.v1.Period
-	44, // 26: runcap.v1.SetScopeLimitResponse.scope:type_name -> runcap.v1.Scope
-	40, // 27: runcap.v1.GetScopeRequest.scope:type_name -> runcap.v1.ScopeRef
-	44, // 28: runcap.v1.GetScopeResponse.scope:type_name -> runcap.v1.Scope
-	22, // 29: runcap.v1.SetModelPriceRequest.price:type_name -> runcap.v1.ModelPrice
-	22, // 30: runcap.v1.SetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
-	22, // 31: runcap.v1.GetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
-	36, // 32: runcap.v1.SuspendRunResponse.state:type_name -> runcap.v1.BudgetState
-	36, // 33: runcap.v1.ResumeRunResponse.state:type_name -> runcap.v1.BudgetState
-	0,  // 34: runcap.v1.BudgetService.CreateRun:input_type -> runcap.v1.CreateRunRequest
-	2,  // 35: runcap.v1.BudgetService.GetRun:input_type -> runcap.v1.GetRunRequest
-	4,  // 36: runcap.v1.BudgetService.Reserve:input_type -> runcap.v1.ReserveRequest
-	9,  // 37: runcap.v1.BudgetService.Commit:input_type -> runcap.v1.CommitRequest
-	11, // 38: runcap.v1.BudgetService.Refund:input_type -> runcap.v1.RefundRequest
-	13, // 39: runcap.v1.BudgetService.CloseRun:input_type -> runcap.v1.CloseRunRequest
-	29, // 40: runcap.v1.BudgetService.SuspendRun:input_type -> runcap.v1.SuspendRunRequest
-	31, // 41: runcap.v1.BudgetService.ResumeRun:input_type -> runcap.v1.ResumeRunRequest
-	15, // 42: runcap.v1.BudgetService.Watch:input_type -> runcap.v1.WatchRequest
-	18, // 43: runcap.v1.BudgetService.SetScopeLimit:input_type -> runcap.v1.SetScopeLimitRequest
-	20, // 44: runcap.v1.BudgetService.GetScope:input_type -> runcap.v1.GetScopeRequest
-	23, // 45: runcap.v1.BudgetService.SetModelPrice:input_type -> runcap.v1.SetModelPriceRequest
-	25, // 46: runcap.v1.BudgetService.DeleteModelPrice:input_type -> runcap.v1.DeleteModelPriceRequest
-	27, // 47: runcap.v1.BudgetService.GetModelPrice:input_type -> runcap.v1.GetModelPriceRequest
-	1,  // 48: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
-	3,  // 49: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
-	5,  // 50: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
-	10, // 51: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
-	12, // 52: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
-	14, // 53: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
-	30, // 54: runcap.v1.BudgetService.SuspendRun:output_type -> runcap.v1.SuspendRunResponse
-	32, // 55: runcap.v1.BudgetService.ResumeRun:output_type -> runcap.v1.ResumeRunResponse
-	16, // 56: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
-	19, // 57: runcap.v1.BudgetService.SetScopeLimit:output_type -> runcap.v1.SetScopeLimitResponse
-	21, // 58: runcap.v1.BudgetService.GetScope:output_type -> runcap.v1.GetScopeResponse
-	24, // 59: runcap.v1.BudgetService.SetModelPrice:output_type -> runcap.v1.SetModelPriceResponse
-	26, // 60: runcap.v1.BudgetService.DeleteModelPrice:output_type -> runcap.v1.DeleteModelPriceResponse
-	28, // 61: runcap.v1.BudgetService.GetModelPrice:output_type -> runcap.v1.GetModelPriceResponse
-	48, // [48:62] is the sub-list for method output_type
-	34, // [34:48] is the sub-list for method input_type
-	34, // [34:34] is the sub-list for extension type_name
-	34, // [34:34] is the sub-list for extension extendee
-	0,  // [0:34] is the sub-list for field type_name
+	35, // 2: runcap.v1.CreateRunRequest.policy:type_name -> runcap.v1.RunPolicy
+	36, // 3: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
+	37, // 4: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
+	36, // 5: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
+	37, // 6: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
+	6,  // 7: runcap.v1.ReserveRequest.llm_call:type_name -> runcap.v1.LlmCall
+	34, // 8: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
+	38, // 9: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
+	39, // 10: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
+	40, // 11: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
+	37, // 12: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
+	41, // 13: runcap.v1.ReserveResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
+	42, // 14: runcap.v1.ReserveResponse.blocking_period:type_name -> runcap.v1.Period
+	7,  // 15: runcap.v1.ReserveResponse.estimate:type_name -> runcap.v1.LlmEstimate
+	43, // 16: runcap.v1.ReserveResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
+	34, // 17: runcap.v1.ReserveResponse.retry_after:type_name -> google.protobuf.Duration
+	44, // 18: runcap.v1.ReserveResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
+	8,  // 19: runcap.v1.CommitRequest.usage:type_name -> runcap.v1.TokenUsage
+	37, // 20: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
+	45, // 21: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	37, // 22: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
+	45, // 23: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	37, // 24: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
+	37, // 25: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
+	46, // 26: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
+	17, // 27: runcap.v1.WatchResponse.progress:type_name -> runcap.v1.Progress
+	41, // 28: runcap.v1.SetScopeLimitRequest.scope:type_name -> runcap.v1.ScopeRef
+	42, // 29: runcap.v1.SetScopeLimitRequest.period:type_name -> runcap.v1.Period
+	47, // 30: runcap.v1.SetScopeLimitResponse.scope:type_name -> runcap.v1.Scope
+	41, // 31: runcap.v1.GetScopeRequest.scope:type_name -> runcap.v1.ScopeRef
+	47, // 32: runcap.v1.GetScopeResponse.scope:type_name -> runcap.v1.Scope
+	22, // 33: runcap.v1.SetModelPriceRequest.price:type_name -> runcap.v1.ModelPrice
+	22, // 34: runcap.v1.SetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
+	22, // 35: runcap.v1.GetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
+	37, // 36: runcap.v1.SuspendRunResponse.state:type_name -> runcap.v1.BudgetState
+	37, // 37: runcap.v1.ResumeRunResponse.state:type_name -> runcap.v1.BudgetState
+	0,  // 38: runcap.v1.BudgetService.CreateRun:input_type -> runcap.v1.CreateRunRequest
+	2,  // 39: runcap.v1.BudgetService.GetRun:input_type -> runcap.v1.GetRunRequest
+	4,  // 40: runcap.v1.BudgetService.Reserve:input_type -> runcap.v1.ReserveRequest
+	9,  // 41: runcap.v1.BudgetService.Commit:input_type -> runcap.v1.CommitRequest
+	11, // 42: runcap.v1.BudgetService.Refund:input_type -> runcap.v1.RefundRequest
+	13, // 43: runcap.v1.BudgetService.CloseRun:input_type -> runcap.v1.CloseRunRequest
+	29, // 44: runcap.v1.BudgetService.SuspendRun:input_type -> runcap.v1.SuspendRunRequest
+	31, // 45: runcap.v1.BudgetService.ResumeRun:input_type -> runcap.v1.ResumeRunRequest
+	15, // 46: runcap.v1.BudgetService.Watch:input_type -> runcap.v1.WatchRequest
+	18, // 47: runcap.v1.BudgetService.SetScopeLimit:input_type -> runcap.v1.SetScopeLimitRequest
+	20, // 48: runcap.v1.BudgetService.GetScope:input_type -> runcap.v1.GetScopeRequest
+	23, // 49: runcap.v1.BudgetService.SetModelPrice:input_type -> runcap.v1.SetModelPriceRequest
+	25, // 50: runcap.v1.BudgetService.DeleteModelPrice:input_type -> runcap.v1.DeleteModelPriceRequest
+	27, // 51: runcap.v1.BudgetService.GetModelPrice:input_type -> runcap.v1.GetModelPriceRequest
+	1,  // 52: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
+	3,  // 53: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
+	5,  // 54: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
+	10, // 55: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
+	12, // 56: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
+	14, // 57: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
+	30, // 58: runcap.v1.BudgetService.SuspendRun:output_type -> runcap.v1.SuspendRunResponse
+	32, // 59: runcap.v1.BudgetService.ResumeRun:output_type -> runcap.v1.ResumeRunResponse
+	16, // 60: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
+	19, // 61: runcap.v1.BudgetService.SetScopeLimit:output_type -> runcap.v1.SetScopeLimitResponse
+	21, // 62: runcap.v1.BudgetService.GetScope:output_type -> runcap.v1.GetScopeResponse
+	24, // 63: runcap.v1.BudgetService.SetModelPrice:output_type -> runcap.v1.SetModelPriceResponse
+	26, // 64: runcap.v1.BudgetService.DeleteModelPrice:output_type -> runcap.v1.DeleteModelPriceResponse
+	28, // 65: runcap.v1.BudgetService.GetModelPrice:output_type -> runcap.v1.GetModelPriceResponse
+	52, // [52:66] is the sub-list for method output_type
+	38, // [38:52] is the sub-list for method input_type
+	38, // [38:38] is the sub-list for extension type_name
+	38, // [38:38] is the sub-list for extension extendee
+	0,  // [0:38] is the sub-list for field type_name
 }
 
 func init() { file_runcap_v1_budget_service_proto_init() }

@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16runcap/v1/budget.proto\x12\truncap.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"D\n\x08ScopeRef\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x14.runcap.v1.ScopeKindR\x04kind\x12\x0e\n\x02id\x18\x02 \x01(\tR\x02id\"\xd3\x03\n\nScopeUsage\x12)\n\x06period\x18\x01 \x01(\x0e\x32\x11.runcap.v1.PeriodR\x06period\x12&\n\x0climit_micros\x18\x02 \x01(\x03H\x00R\x0blimitMicros\x88\x01\x01\x12\x46\n\x11window_start_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0fwindowStartTime\x12\x42\n\x0fwindow_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\rwindowEndTime\x12)\n\x10\x63ommitted_micros\x18\x05 \x01(\x03R\x0f\x63ommittedMicros\x12\'\n\x0freserved_micros\x18\x06 \x01(\x03R\x0ereservedMicros\x12)\n\x10remaining_micros\x18\x07 \x01(\x03R\x0fremainingMicros\x12%\n\x0eoverrun_micros\x18\x08 \x01(\x03R\roverrunMicros\x12/\n\x13\x61\x63tive_reservations\x18\t \x01(\x03R\x12\x61\x63tiveReservationsB\x0f\n\r_limit_micros\"[\n\x05Scope\x12%\n\x03ref\x18\x01 \x01(\x0b\x32\x13.runcap.v1.ScopeRefR\x03ref\x12+\n\x05usage\x18\x02 \x03(\x0b\x32\x15.runcap.v1.ScopeUsageR\x05usage\"\xbc\x03\n\x0b\x42udgetState\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x05runId\x12\'\n\x0climit_micros\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0blimitMicros\x12/\n\x10\x63ommitted_micros\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0f\x63ommittedMicros\x12-\n\x0freserved_micros\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0ereservedMicros\x12/\n\x10remaining_micros\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0fremainingMicros\x12 \n\x08revision\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x08revision\x12\x32\n\x06status\x18\x07 \x01(\x0e\x32\x14.runcap.v1.RunStatusB\x04\xe2\x41\x01\x03R\x06status\x12\x35\n\x13\x61\x63tive_reservations\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x12\x61\x63tiveReservations\x12+\n\x0eoverrun_micros\x18\t \x01(\x03\x42\x04\xe2\x41\x01\x03R\roverrunMicros\x12\x1c\n\x06\x64igest\x18\n \x01(\tB\x04\xe2\x41\x01\x03R\x06\x64igest\"\xb4\x04\n\x03Run\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x05runId\x12\'\n\x0climit_micros\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0blimitMicros\x12\x38\n\x06labels\x18\x03 \x03(\x0b\x32\x1a.runcap.v1.Run.LabelsEntryB\x04\xe2\x41\x01\x03R\x06labels\x12\x32\n\x12\x64\x65\x66\x61ult_ttl_millis\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x10\x64\x65\x66\x61ultTtlMillis\x12\x41\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\ncreateTime\x12?\n\nclose_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\tcloseTime\x12(\n\rparent_run_id\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03R\x0bparentRunId\x12\"\n\napi_key_id\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03R\x08\x61piKeyId\x12\x1d\n\x07user_id\x18\t \x01(\tB\x04\xe2\x41\x01\x03R\x06userId\x12\x1d\n\x07team_id\x18\n \x01(\tB\x04\xe2\x41\x01\x03R\x06teamId\x12.\n\x10\x61ncestor_run_ids\x18\x0b \x03(\tB\x04\xe2\x41\x01\x03R\x0e\x61ncestorRunIds\x1a\x39\n\x0bLabelsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\xc1\x02\n\x0b\x42udgetEvent\x12(\n\x04type\x18\x01 \x01(\x0e\x32\x14.runcap.v1.EventTypeR\x04type\x12%\n\x0ereservation_id\x18\x02 \x01(\tR\rreservationId\x12#\n\ramount_micros\x18\x03 \x01(\x03R\x0c\x61mountMicros\x12#\n\ractual_micros\x18\x04 \x01(\x03R\x0c\x61\x63tualMicros\x12%\n\x0eoverrun_micros\x18\x05 \x01(\x03R\roverrunMicros\x12\x12\n\x04late\x18\x06 \x01(\x08R\x04late\x12.\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x04time\x12,\n\x05state\x18\x08 \x01(\x0b\x32\x16.runcap.v1.BudgetStateR\x05state*m\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0fRUN_STATUS_OPEN\x10\x01\x12\x15\n\x11RUN_STATUS_CLOSED\x10\x02\x12\x18\n\x14RUN_STATUS_SUSPENDED\x10\x03*L\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x12\n\x0e\x44\x45\x43ISION_BLOCK\x10\x02*\x88\x02\n\x0e\x44\x65\x63isionReason\x12\x1f\n\x1b\x44\x45\x43ISION_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x44\x45\x43ISION_REASON_WITHIN_BUDGET\x10\x01\x12\'\n#DECISION_REASON_INSUFFICIENT_BUDGET\x10\x02\x12\x1e\n\x1a\x44\x45\x43ISION_REASON_RUN_CLOSED\x10\x03\x12\'\n#DECISION_REASON_RESERVATION_EXPIRED\x10\x04\x12!\n\x1d\x44\x45\x43ISION_REASON_UNKNOWN_PRICE\x10\x05\x12\x1d\n\x19\x44\x45\x43ISION_REASON_SUSPENDED\x10\x06*}\n\tScopeKind\x12\x1a\n\x16SCOPE_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eSCOPE_KIND_RUN\x10\x01\x12\x16\n\x12SCOPE_KIND_API_KEY\x10\x02\x12\x13\n\x0fSCOPE_KIND_USER\x10\x03\x12\x13\n\x0fSCOPE_KIND_TEAM\x10\x04*[\n\x06Period\x12\x16\n\x12PERIOD_UNSPECIFIED\x10\x00\x12\x13\n\x0fPERIOD_LIFETIME\x10\x01\x12\x10\n\x0cPERIOD_DAILY\x10\x02\x12\x12\n\x0ePERIOD_MONTHLY\x10\x03*\xfe\x01\n\x11ReservationStatus\x12\"\n\x1eRESERVATION_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17RESERVATION_STATUS_HELD\x10\x01\x12 \n\x1cRESERVATION_STATUS_COMMITTED\x10\x02\x12\x1f\n\x1bRESERVATION_STATUS_RELEASED\x10\x03\x12\x1e\n\x1aRESERVATION_STATUS_EXPIRED\x10\x04\x12%\n!RESERVATION_STATUS_LATE_COMMITTED\x10\x05\x12\x1e\n\x1aRESERVATION_STATUS_BLOCKED\x10\x06*\xec\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45VENT_TYPE_CREATED\x10\x01\x12\x17\n\x13\x45VENT_TYPE_RESERVED\x10\x02\x12\x18\n\x14\x45VENT_TYPE_COMMITTED\x10\x03\x12\x17\n\x13\x45VENT_TYPE_REFUNDED\x10\x04\x12\x16\n\x12\x45VENT_TYPE_EXPIRED\x10\x05\x12\x15\n\x11\x45VENT_TYPE_CLOSED\x10\x06\x12\x18\n\x14\x45VENT_TYPE_SUSPENDED\x10\x07\x12\x16\n\x12\x45VENT_TYPE_RESUMED\x10\x08\x42\x38Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16runcap/v1/budget.proto\x12\truncap.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"}\n\nThresholds\x12!\n\x0cinfo_percent\x18\x01 \x01(\x05R\x0binfoPercent\x12!\n\x0cwarn_percent\x18\x02 \x01(\x05R\x0bwarnPercent\x12)\n\x10throttle_percent\x18\x03 \x01(\x05R\x0fthrottlePercent\"g\n\tRateLimit\x12!\n\tmax_calls\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x02R\x08maxCalls\x12\x37\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x02R\x06window\"\xae\x06\n\tRunPolicy\x12K\n\x10\x65nforcement_mode\x18\x01 \x01(\x0e\x32\x1a.runcap.v1.EnforcementModeB\x04\xe2\x41\x01\x01R\x0f\x65nforcementMode\x12=\n\x18soft_gate_margin_percent\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01R\x15softGateMarginPercent\x12;\n\nthresholds\x18\x03 \x01(\x0b\x32\x15.runcap.v1.ThresholdsB\x04\xe2\x41\x01\x01R\nthresholds\x12O\n\x13throttle_base_delay\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01R\x11throttleBaseDelay\x12M\n\x12throttle_max_delay\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01R\x10throttleMaxDelay\x12(\n\nmax_tokens\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x01H\x00R\tmaxTokens\x88\x01\x01\x12N\n\x0cmeter_limits\x18\x07 \x03(\x0b\x32%.runcap.v1.RunPolicy.MeterLimitsEntryB\x04\xe2\x41\x01\x01R\x0bmeterLimits\x12\x39\n\nrate_limit\x18\x08 \x01(\x0b\x32\x14.runcap.v1.RateLimitB\x04\xe2\x41\x01\x01R\trateLimit\x12-\n\rmax_in_flight\x18\t \x01(\x05\x42\x04\xe2\x41\x01\x01H\x01R\x0bmaxInFlight\x88\x01\x01\x12&\n\tmax_depth\x18\n \x01(\x05\x42\x04\xe2\x41\x01\x01H\x02R\x08maxDepth\x88\x01\x01\x12,\n\x0cmax_children\x18\x0b \x01(\x05\x42\x04\xe2\x41\x01\x01H\x03R\x0bmaxChildren\x88\x01\x01\x1a>\n\x10MeterLimitsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\x03R\x05value:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x10\n\x0e_max_in_flightB\x0c\n\n_max_depthB\x0f\n\r_max_children\"D\n\x08ScopeRef\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x14.runcap.v1.ScopeKindR\x04kind\x12\x0e\n\x02id\x18\x02 \x01(\tR\x02id\"\xd3\x03\n\nScopeUsage\x12)\n\x06period\x18\x01 \x01(\x0e\x32\x11.runcap.v1.PeriodR\x06period\x12&\n\x0climit_micros\x18\x02 \x01(\x03H\x00R\x0blimitMicros\x88\x01\x01\x12\x46\n\x11window_start_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0fwindowStartTime\x12\x42\n\x0fwindow_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\rwindowEndTime\x12)\n\x10\x63ommitted_micros\x18\x05 \x01(\x03R\x0f\x63ommittedMicros\x12\'\n\x0freserved_micros\x18\x06 \x01(\x03R\x0ereservedMicros\x12)\n\x10remaining_micros\x18\x07 \x01(\x03R\x0fremainingMicros\x12%\n\x0eoverrun_micros\x18\x08 \x01(\x03R\roverrunMicros\x12/\n\x13\x61\x63tive_reservations\x18\t \x01(\x03R\x12\x61\x63tiveReservationsB\x0f\n\r_limit_micros\"[\n\x05Scope\x12%\n\x03ref\x18\x01 \x01(\x0b\x32\x13.runcap.v1.ScopeRefR\x03ref\x12+\n\x05usage\x18\x02 \x03(\x0b\x32\x15.runcap.v1.ScopeUsageR\x05usage\"\xdb\x04\n\x0b\x42udgetState\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x05runId\x12\'\n\x0climit_micros\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0blimitMicros\x12/\n\x10\x63ommitted_micros\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0f\x63ommittedMicros\x12-\n\x0freserved_micros\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0ereservedMicros\x12/\n\x10remaining_micros\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0fremainingMicros\x12 \n\x08revision\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x08revision\x12\x32\n\x06status\x18\x07 \x01(\x0e\x32\x14.runcap.v1.RunStatusB\x04\xe2\x41\x01\x03R\x06status\x12\x35\n\x13\x61\x63tive_reservations\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x12\x61\x63tiveReservations\x12+\n\x0eoverrun_micros\x18\t \x01(\x03\x42\x04\xe2\x41\x01\x03R\roverrunMicros\x12=\n\tthreshold\x18\x0b \x01(\x0e\x32\x19.runcap.v1.ThresholdLevelB\x04\xe2\x41\x01\x03R\tthreshold\x12/\n\x10\x63ommitted_tokens\x18\x0c \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0f\x63ommittedTokens\x12-\n\x0freserved_tokens\x18\r \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0ereservedTokens\x12\x1c\n\x06\x64igest\x18\n \x01(\tB\x04\xe2\x41\x01\x03R\x06\x64igest\"\xee\x05\n\x03Run\x12\x1b\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x05runId\x12\'\n\x0climit_micros\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x0blimitMicros\x12\x38\n\x06labels\x18\x03 \x03(\x0b\x32\x1a.runcap.v1.Run.LabelsEntryB\x04\xe2\x41\x01\x03R\x06labels\x12\x32\n\x12\x64\x65\x66\x61ult_ttl_millis\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03R\x10\x64\x65\x66\x61ultTtlMillis\x12\x41\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\ncreateTime\x12?\n\nclose_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\tcloseTime\x12(\n\rparent_run_id\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03R\x0bparentRunId\x12\"\n\napi_key_id\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03R\x08\x61piKeyId\x12\x1d\n\x07user_id\x18\t \x01(\tB\x04\xe2\x41\x01\x03R\x06userId\x12\x1d\n\x07team_id\x18\n \x01(\tB\x04\xe2\x41\x01\x03R\x06teamId\x12.\n\x10\x61ncestor_run_ids\x18\x0b \x03(\tB\x04\xe2\x41\x01\x03R\x0e\x61ncestorRunIds\x12\x32\n\x06policy\x18\x0c \x01(\x0b\x32\x14.runcap.v1.RunPolicyB\x04\xe2\x41\x01\x03R\x06policy\x12-\n\x0f\x64\x65pth_remaining\x18\r \x01(\x05\x42\x04\xe2\x41\x01\x03R\x0e\x64\x65pthRemaining\x12 \n\x08\x63hildren\x18\x0e \x01(\x05\x42\x04\xe2\x41\x01\x03R\x08\x63hildren\x12\x33\n\x06meters\x18\x0f \x03(\x0b\x32\x15.runcap.v1.MeterUsageB\x04\xe2\x41\x01\x03R\x06meters\x1a\x39\n\x0bLabelsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\x7f\n\nMeterUsage\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n\x05limit\x18\x02 \x01(\x03H\x00R\x05limit\x88\x01\x01\x12\x1c\n\tcommitted\x18\x03 \x01(\x03R\tcommitted\x12\x1a\n\x08reserved\x18\x04 \x01(\x03R\x08reservedB\x08\n\x06_limit\"\xfa\x02\n\x0b\x42udgetEvent\x12(\n\x04type\x18\x01 \x01(\x0e\x32\x14.runcap.v1.EventTypeR\x04type\x12%\n\x0ereservation_id\x18\x02 \x01(\tR\rreservationId\x12#\n\ramount_micros\x18\x03 \x01(\x03R\x0c\x61mountMicros\x12#\n\ractual_micros\x18\x04 \x01(\x03R\x0c\x61\x63tualMicros\x12%\n\x0eoverrun_micros\x18\x05 \x01(\x03R\roverrunMicros\x12\x12\n\x04late\x18\x06 \x01(\x08R\x04late\x12.\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x04time\x12,\n\x05state\x18\x08 \x01(\x0b\x32\x16.runcap.v1.BudgetStateR\x05state\x12\x37\n\tthreshold\x18\t \x01(\x0e\x32\x19.runcap.v1.ThresholdLevelR\tthreshold*m\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0fRUN_STATUS_OPEN\x10\x01\x12\x15\n\x11RUN_STATUS_CLOSED\x10\x02\x12\x18\n\x14RUN_STATUS_SUSPENDED\x10\x03*v\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x12\n\x0e\x44\x45\x43ISION_BLOCK\x10\x02\x12\x11\n\rDECISION_WARN\x10\x03\x12\x15\n\x11\x44\x45\x43ISION_THROTTLE\x10\x04*\xb5\x01\n\x0f\x45nforcementMode\x12 \n\x1c\x45NFORCEMENT_MODE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45NFORCEMENT_MODE_HARD_GATE\x10\x01\x12\x1e\n\x1a\x45NFORCEMENT_MODE_SOFT_GATE\x10\x02\x12\x1d\n\x19\x45NFORCEMENT_MODE_ADVISORY\x10\x03\x12!\n\x1d\x45NFORCEMENT_MODE_ACTUALS_ONLY\x10\x04*\xc3\x01\n\x0f\x42udgetDimension\x12 \n\x1c\x42UDGET_DIMENSION_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42UDGET_DIMENSION_SPEND\x10\x01\x12\x1b\n\x17\x42UDGET_DIMENSION_TOKENS\x10\x02\x12\x1a\n\x16\x42UDGET_DIMENSION_METER\x10\x03\x12\x19\n\x15\x42UDGET_DIMENSION_RATE\x10\x04\x12\x1e\n\x1a\x42UDGET_DIMENSION_IN_FLIGHT\x10\x05*\x9d\x01\n\x0eThresholdLevel\x12\x1f\n\x1bTHRESHOLD_LEVEL_UNSPECIFIED\x10\x00\x12\x18\n\x14THRESHOLD_LEVEL_INFO\x10\x01\x12\x18\n\x14THRESHOLD_LEVEL_WARN\x10\x02\x12\x1c\n\x18THRESHOLD_LEVEL_THROTTLE\x10\x03\x12\x18\n\x14THRESHOLD_LEVEL_STOP\x10\x04*\xee\x02\n\x0e\x44\x65\x63isionReason\x12\x1f\n\x1b\x44\x45\x43ISION_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x44\x45\x43ISION_REASON_WITHIN_BUDGET\x10\x01\x12\'\n#DECISION_REASON_INSUFFICIENT_BUDGET\x10\x02\x12\x1e\n\x1a\x44\x45\x43ISION_REASON_RUN_CLOSED\x10\x03\x12\'\n#DECISION_REASON_RESERVATION_EXPIRED\x10\x04\x12!\n\x1d\x44\x45\x43ISION_REASON_UNKNOWN_PRICE\x10\x05\x12\x1d\n\x19\x44\x45\x43ISION_REASON_SUSPENDED\x10\x06\x12\x1d\n\x19\x44\x45\x43ISION_REASON_THROTTLED\x10\x07\x12 \n\x1c\x44\x45\x43ISION_REASON_RATE_LIMITED\x10\x08\x12#\n\x1f\x44\x45\x43ISION_REASON_IN_FLIGHT_LIMIT\x10\t*}\n\tScopeKind\x12\x1a\n\x16SCOPE_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eSCOPE_KIND_RUN\x10\x01\x12\x16\n\x12SCOPE_KIND_API_KEY\x10\x02\x12\x13\n\x0fSCOPE_KIND_USER\x10\x03\x12\x13\n\x0fSCOPE_KIND_TEAM\x10\x04*[\n\x06Period\x12\x16\n\x12PERIOD_UNSPECIFIED\x10\x00\x12\x13\n\x0fPERIOD_LIFETIME\x10\x01\x12\x10\n\x0cPERIOD_DAILY\x10\x02\x12\x12\n\x0ePERIOD_MONTHLY\x10\x03*\xfe\x01\n\x11ReservationStatus\x12\"\n\x1eRESERVATION_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17RESERVATION_STATUS_HELD\x10\x01\x12 \n\x1cRESERVATION_STATUS_COMMITTED\x10\x02\x12\x1f\n\x1bRESERVATION_STATUS_RELEASED\x10\x03\x12\x1e\n\x1aRESERVATION_STATUS_EXPIRED\x10\x04\x12%\n!RESERVATION_STATUS_LATE_COMMITTED\x10\x05\x12\x1e\n\x1aRESERVATION_STATUS_BLOCKED\x10\x06*\x8e\x02\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45VENT_TYPE_CREATED\x10\x01\x12\x17\n\x13\x45VENT_TYPE_RESERVED\x10\x02\x12\x18\n\x14\x45VENT_TYPE_COMMITTED\x10\x03\x12\x17\n\x13\x45VENT_TYPE_REFUNDED\x10\x04\x12\x16\n\x12\x45VENT_TYPE_EXPIRED\x10\x05\x12\x15\n\x11\x45VENT_TYPE_CLOSED\x10\x06\x12\x18\n\x14\x45VENT_TYPE_SUSPENDED\x10\x07\x12\x16\n\x12\x45VENT_TYPE_RESUMED\x10\x08\x12 \n\x1c\x45VENT_TYPE_THRESHOLD_CROSSED\x10\tB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,6 +35,34 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'runcap.v1.budget_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1'
+  _globals['_RATELIMIT'].fields_by_name['max_calls']._loaded_options = None
+  _globals['_RATELIMIT'].fields_by_name['max_calls']._serialized_options = b'\342A\001\002'
+  _globals['_RATELIMIT'].fields_by_name['window']._loaded_options = None
+  _globals['_RATELIMIT'].fields_by_name['window']._serialized_options = b'\342A\001\002'
+  _globals['_RUNPOLICY_METERLIMITSENTRY']._loaded_options = None
+  _globals['_RUNPOLICY_METERLIMITSENTRY']._serialized_options = b'8\001'
+  _globals['_RUNPOLICY'].fields_by_name['enforcement_mode']._loaded_options = None
+  _globals['_RUNPOLICY'].fields_by_name['enforcement_mode']._serialized_options = b'\342A\001\001'
+  _globals['_RUNPOLICY'].fields_by_name['soft_gate_margin_percent']._loaded_options = None
+  _globals['_RUNPOLICY'].fields_by_name['soft_gate_margin_percent']._serialized_options = b'\342A\001\001'
+  _globals['_RUNPOLICY'].fields_by_name['thresholds']._loaded_options = None
+  _globals['_RUNPOLICY'].fields_by_name['thresholds']._serialized_options = b'\342A\001\001'
+  _globals['_RUNPOLICY'].fields_by_name['throttle_base_delay']._loaded_options = None
+  _globals['_RUNPOLICY'].fields_by_name['throttle_base_delay']._serialized_options = b'\342A\001\001'
+  _globals['_RUNPOLICY'].fields_by_name['throttle_max_delay']._loaded_options = None
+  _globals['_RUNPOLICY'].fields_by_name['throttle_max_delay']._serialized_options = b'\342A\001\001'
+  _globals['_RUNPOLICY'].fields_by_name['max_tokens']._loaded_options = None
+  _globals['_RUNPOLICY'].fields_by_name['max_tokens']._serialized_options = b'\342A\001\001'
+  _globals['_RUNPOLICY'].fields_by_name['meter_limits']._loaded_options = None
+  _globals['_RUNPOLICY'].fields_by_name['meter_limits']._serialized_options = b'\342A\001\001'
+  _globals['_RUNPOLICY'].fields_by_name['rate_limit']._loaded_options = None
+  _globals['_RUNPOLICY'].fields_by_name['rate_limit']._serialized_options = b'\342A\001\001'
+  _globals['_RUNPOLICY'].fields_by_name['max_in_flight']._loaded_options = None
+  _globals['_RUNPOLICY'].fields_by_name['max_in_flight']._serialized_options = b'\342A\001\001'
+  _globals['_RUNPOLICY'].fields_by_name['max_depth']._loaded_options = None
+  _globals['_RUNPOLICY'].fields_by_name['max_depth']._serialized_options = b'\342A\001\001'
+  _globals['_RUNPOLICY'].fields_by_name['max_children']._loaded_options = None
+  _globals['_RUNPOLICY'].fields_by_name['max_children']._serialized_options = b'\342A\001\001'
   _globals['_BUDGETSTATE'].fields_by_name['run_id']._loaded_options = None
   _globals['_BUDGETSTATE'].fields_by_name['run_id']._serialized_options = b'\342A\001\003'
   _globals['_BUDGETSTATE'].fields_by_name['limit_micros']._loaded_options = None
@@ -52,6 +81,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BUDGETSTATE'].fields_by_name['active_reservations']._serialized_options = b'\342A\001\003'
   _globals['_BUDGETSTATE'].fields_by_name['overrun_micros']._loaded_options = None
   _globals['_BUDGETSTATE'].fields_by_name['overrun_micros']._serialized_options = b'\342A\001\003'
+  _globals['_BUDGETSTATE'].fields_by_name['threshold']._loaded_options = None
+  _globals['_BUDGETSTATE'].fields_by_name['threshold']._serialized_options = b'\342A\001\003'
+  _globals['_BUDGETSTATE'].fields_by_name['committed_tokens']._loaded_options = None
+  _globals['_BUDGETSTATE'].fields_by_name['committed_tokens']._serialized_options = b'\342A\001\003'
+  _globals['_BUDGETSTATE'].fields_by_name['reserved_tokens']._loaded_options = None
+  _globals['_BUDGETSTATE'].fields_by_name['reserved_tokens']._serialized_options = b'\342A\001\003'
   _globals['_BUDGETSTATE'].fields_by_name['digest']._loaded_options = None
   _globals['_BUDGETSTATE'].fields_by_name['digest']._serialized_options = b'\342A\001\003'
   _globals['_RUN_LABELSENTRY']._loaded_options = None
@@ -78,32 +113,56 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUN'].fields_by_name['team_id']._serialized_options = b'\342A\001\003'
   _globals['_RUN'].fields_by_name['ancestor_run_ids']._loaded_options = None
   _globals['_RUN'].fields_by_name['ancestor_run_ids']._serialized_options = b'\342A\001\003'
-  _globals['_RUNSTATUS']._serialized_start=2074
-  _globals['_RUNSTATUS']._serialized_end=2183
-  _globals['_DECISION']._serialized_start=2185
-  _globals['_DECISION']._serialized_end=2261
-  _globals['_DECISIONREASON']._serialized_start=2264
-  _globals['_DECISIONREASON']._serialized_end=2528
-  _globals['_SCOPEKIND']._serialized_start=2530
-  _globals['_SCOPEKIND']._serialized_end=2655
-  _globals['_PERIOD']._serialized_start=2657
-  _globals['_PERIOD']._serialized_end=2748
-  _globals['_RESERVATIONSTATUS']._serialized_start=2751
-  _globals['_RESERVATIONSTATUS']._serialized_end=3005
-  _globals['_EVENTTYPE']._serialized_start=3008
-  _globals['_EVENTTYPE']._serialized_end=3244
-  _globals['_SCOPEREF']._serialized_start=103
-  _globals['_SCOPEREF']._serialized_end=171
-  _globals['_SCOPEUSAGE']._serialized_start=174
-  _globals['_SCOPEUSAGE']._serialized_end=641
-  _globals['_SCOPE']._serialized_start=643
-  _globals['_SCOPE']._serialized_end=734
-  _globals['_BUDGETSTATE']._serialized_start=737
-  _globals['_BUDGETSTATE']._serialized_end=1181
-  _globals['_RUN']._serialized_start=1184
-  _globals['_RUN']._serialized_end=1748
-  _globals['_RUN_LABELSENTRY']._serialized_start=1691
-  _globals['_RUN_LABELSENTRY']._serialized_end=1748
-  _globals['_BUDGETEVENT']._serialized_start=1751
-  _globals['_BUDGETEVENT']._serialized_end=2072
+  _globals['_RUN'].fields_by_name['policy']._loaded_options = None
+  _globals['_RUN'].fields_by_name['policy']._serialized_options = b'\342A\001\003'
+  _globals['_RUN'].fields_by_name['depth_remaining']._loaded_options = None
+  _globals['_RUN'].fields_by_name['depth_remaining']._serialized_options = b'\342A\001\003'
+  _globals['_RUN'].fields_by_name['children']._loaded_options = None
+  _globals['_RUN'].fields_by_name['children']._serialized_options = b'\342A\001\003'
+  _globals['_RUN'].fields_by_name['meters']._loaded_options = None
+  _globals['_RUN'].fields_by_name['meters']._serialized_options = b'\342A\001\003'
+  _globals['_RUNSTATUS']._serialized_start=3686
+  _globals['_RUNSTATUS']._serialized_end=3795
+  _globals['_DECISION']._serialized_start=3797
+  _globals['_DECISION']._serialized_end=3915
+  _globals['_ENFORCEMENTMODE']._serialized_start=3918
+  _globals['_ENFORCEMENTMODE']._serialized_end=4099
+  _globals['_BUDGETDIMENSION']._serialized_start=4102
+  _globals['_BUDGETDIMENSION']._serialized_end=4297
+  _globals['_THRESHOLDLEVEL']._serialized_start=4300
+  _globals['_THRESHOLDLEVEL']._serialized_end=4457
+  _globals['_DECISIONREASON']._serialized_start=4460
+  _globals['_DECISIONREASON']._serialized_end=4826
+  _globals['_SCOPEKIND']._serialized_start=4828
+  _globals['_SCOPEKIND']._serialized_end=4953
+  _globals['_PERIOD']._serialized_start=4955
+  _globals['_PERIOD']._serialized_end=5046
+  _globals['_RESERVATIONSTATUS']._serialized_start=5049
+  _globals['_RESERVATIONSTATUS']._serialized_end=5303
+  _globals['_EVENTTYPE']._serialized_start=5306
+  _globals['_EVENTTYPE']._serialized_end=5576
+  _globals['_THRESHOLDS']._serialized_start=135
+  _globals['_THRESHOLDS']._serialized_end=260
+  _globals['_RATELIMIT']._serialized_start=262
+  _globals['_RATELIMIT']._serialized_end=365
+  _globals['_RUNPOLICY']._serialized_start=368
+  _globals['_RUNPOLICY']._serialized_end=1182
+  _globals['_RUNPOLICY_METERLIMITSENTRY']._serialized_start=1056
+  _globals['_RUNPOLICY_METERLIMITSENTRY']._serialized_end=1118
+  _globals['_SCOPEREF']._serialized_start=1184
+  _globals['_SCOPEREF']._serialized_end=1252
+  _globals['_SCOPEUSAGE']._serialized_start=1255
+  _globals['_SCOPEUSAGE']._serialized_end=1722
+  _globals['_SCOPE']._serialized_start=1724
+  _globals['_SCOPE']._serialized_end=1815
+  _globals['_BUDGETSTATE']._serialized_start=1818
+  _globals['_BUDGETSTATE']._serialized_end=2421
+  _globals['_RUN']._serialized_start=2424
+  _globals['_RUN']._serialized_end=3174
+  _globals['_RUN_LABELSENTRY']._serialized_start=3117
+  _globals['_RUN_LABELSENTRY']._serialized_end=3174
+  _globals['_METERUSAGE']._serialized_start=3176
+  _globals['_METERUSAGE']._serialized_end=3303
+  _globals['_BUDGETEVENT']._serialized_start=3306
+  _globals['_BUDGETEVENT']._serialized_end=3684
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -70,6 +71,18 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     """The estimate was not held. `reason` says why. Retrying the same
     reservation id returns this same decision: a block is remembered.
     """
+    DECISION_WARN: _Decision.ValueType  # 3
+    """An advisory run (ENFORCEMENT_MODE_ADVISORY): the estimate is held, but a
+    blocking run would have blocked or throttled it; `reason` and
+    `blocking_dimension` say why.
+    """
+    DECISION_THROTTLE: _Decision.ValueType  # 4
+    """Not now: nothing was held. Reserve again, with a new reservation id,
+    after `retry_after`. Answers calls in the throttle band of the run's
+    thresholds (with delays that grow with each call), over the run's rate
+    limit, or past its in-flight cap. Retrying the same id returns this
+    same decision.
+    """
 
 class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
     """Decision is the server's answer to a Reserve request. A block is a business
@@ -85,7 +98,159 @@ DECISION_BLOCK: Decision.ValueType  # 2
 """The estimate was not held. `reason` says why. Retrying the same
 reservation id returns this same decision: a block is remembered.
 """
+DECISION_WARN: Decision.ValueType  # 3
+"""An advisory run (ENFORCEMENT_MODE_ADVISORY): the estimate is held, but a
+blocking run would have blocked or throttled it; `reason` and
+`blocking_dimension` say why.
+"""
+DECISION_THROTTLE: Decision.ValueType  # 4
+"""Not now: nothing was held. Reserve again, with a new reservation id,
+after `retry_after`. Answers calls in the throttle band of the run's
+thresholds (with delays that grow with each call), over the run's rate
+limit, or past its in-flight cap. Retrying the same id returns this
+same decision.
+"""
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
+
+class _EnforcementMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EnforcementModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EnforcementMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENFORCEMENT_MODE_UNSPECIFIED: _EnforcementMode.ValueType  # 0
+    """Not set: a subagent run takes its parent's policy; a root run is
+    ENFORCEMENT_MODE_HARD_GATE.
+    """
+    ENFORCEMENT_MODE_HARD_GATE: _EnforcementMode.ValueType  # 1
+    """Worst-case reservation: a Reserve is allowed only if its estimate fits
+    committed + reserved + estimate <= limit. Overshoot can come only from
+    actual costs above their estimates, and is reported as overrun.
+    """
+    ENFORCEMENT_MODE_SOFT_GATE: _EnforcementMode.ValueType  # 2
+    """Like the hard gate, but a Reserve blocks only past the limit plus
+    `soft_gate_margin_percent` of it: estimates may run over the ceiling by
+    at most that margin.
+    """
+    ENFORCEMENT_MODE_ADVISORY: _EnforcementMode.ValueType  # 3
+    """Never blocks on a ceiling, a limit or a threshold: every Reserve is held
+    and answered DECISION_ALLOW or, where a hard gate would have blocked or
+    throttled, DECISION_WARN with the reason. A closed or suspended run
+    still blocks. With the deployment's fail-open setting, Reserve on an
+    advisory run answers DECISION_WARN even while the storage is down.
+    """
+    ENFORCEMENT_MODE_ACTUALS_ONLY: _EnforcementMode.ValueType  # 4
+    """No estimate is held: a Reserve is allowed while committed spend is below
+    the limit, whatever its estimate, so the call that crosses the ceiling
+    overshoots it by its whole actual cost; the next Reserve is blocked.
+    Holds count as in flight but hold 0 micro-USD (and 0 tokens).
+    """
+
+class EnforcementMode(_EnforcementMode, metaclass=_EnforcementModeEnumTypeWrapper):
+    """EnforcementMode is how a run's ceilings are enforced."""
+
+ENFORCEMENT_MODE_UNSPECIFIED: EnforcementMode.ValueType  # 0
+"""Not set: a subagent run takes its parent's policy; a root run is
+ENFORCEMENT_MODE_HARD_GATE.
+"""
+ENFORCEMENT_MODE_HARD_GATE: EnforcementMode.ValueType  # 1
+"""Worst-case reservation: a Reserve is allowed only if its estimate fits
+committed + reserved + estimate <= limit. Overshoot can come only from
+actual costs above their estimates, and is reported as overrun.
+"""
+ENFORCEMENT_MODE_SOFT_GATE: EnforcementMode.ValueType  # 2
+"""Like the hard gate, but a Reserve blocks only past the limit plus
+`soft_gate_margin_percent` of it: estimates may run over the ceiling by
+at most that margin.
+"""
+ENFORCEMENT_MODE_ADVISORY: EnforcementMode.ValueType  # 3
+"""Never blocks on a ceiling, a limit or a threshold: every Reserve is held
+and answered DECISION_ALLOW or, where a hard gate would have blocked or
+throttled, DECISION_WARN with the reason. A closed or suspended run
+still blocks. With the deployment's fail-open setting, Reserve on an
+advisory run answers DECISION_WARN even while the storage is down.
+"""
+ENFORCEMENT_MODE_ACTUALS_ONLY: EnforcementMode.ValueType  # 4
+"""No estimate is held: a Reserve is allowed while committed spend is below
+the limit, whatever its estimate, so the call that crosses the ceiling
+overshoots it by its whole actual cost; the next Reserve is blocked.
+Holds count as in flight but hold 0 micro-USD (and 0 tokens).
+"""
+Global___EnforcementMode: _TypeAlias = EnforcementMode  # noqa: Y015
+
+class _BudgetDimension:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BudgetDimensionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BudgetDimension.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BUDGET_DIMENSION_UNSPECIFIED: _BudgetDimension.ValueType  # 0
+    """Not set (an allow, or a block by the run's lifecycle)."""
+    BUDGET_DIMENSION_SPEND: _BudgetDimension.ValueType  # 1
+    """Money: a ceiling in micro-USD, or the run's spend thresholds."""
+    BUDGET_DIMENSION_TOKENS: _BudgetDimension.ValueType  # 2
+    """The run's token ceiling (RunPolicy.max_tokens)."""
+    BUDGET_DIMENSION_METER: _BudgetDimension.ValueType  # 3
+    """A call meter's ceiling (RunPolicy.meter_limits); `blocking_meter` names it."""
+    BUDGET_DIMENSION_RATE: _BudgetDimension.ValueType  # 4
+    """The run's rate limit (RunPolicy.rate_limit)."""
+    BUDGET_DIMENSION_IN_FLIGHT: _BudgetDimension.ValueType  # 5
+    """The run's cap on holds in flight (RunPolicy.max_in_flight)."""
+
+class BudgetDimension(_BudgetDimension, metaclass=_BudgetDimensionEnumTypeWrapper):
+    """BudgetDimension names what a verdict was about."""
+
+BUDGET_DIMENSION_UNSPECIFIED: BudgetDimension.ValueType  # 0
+"""Not set (an allow, or a block by the run's lifecycle)."""
+BUDGET_DIMENSION_SPEND: BudgetDimension.ValueType  # 1
+"""Money: a ceiling in micro-USD, or the run's spend thresholds."""
+BUDGET_DIMENSION_TOKENS: BudgetDimension.ValueType  # 2
+"""The run's token ceiling (RunPolicy.max_tokens)."""
+BUDGET_DIMENSION_METER: BudgetDimension.ValueType  # 3
+"""A call meter's ceiling (RunPolicy.meter_limits); `blocking_meter` names it."""
+BUDGET_DIMENSION_RATE: BudgetDimension.ValueType  # 4
+"""The run's rate limit (RunPolicy.rate_limit)."""
+BUDGET_DIMENSION_IN_FLIGHT: BudgetDimension.ValueType  # 5
+"""The run's cap on holds in flight (RunPolicy.max_in_flight)."""
+Global___BudgetDimension: _TypeAlias = BudgetDimension  # noqa: Y015
+
+class _ThresholdLevel:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ThresholdLevelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ThresholdLevel.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    THRESHOLD_LEVEL_UNSPECIFIED: _ThresholdLevel.ValueType  # 0
+    """Below every threshold."""
+    THRESHOLD_LEVEL_INFO: _ThresholdLevel.ValueType  # 1
+    """Past the info threshold (60% by default)."""
+    THRESHOLD_LEVEL_WARN: _ThresholdLevel.ValueType  # 2
+    """Past the warn threshold (80% by default)."""
+    THRESHOLD_LEVEL_THROTTLE: _ThresholdLevel.ValueType  # 3
+    """Past the throttle threshold (95% by default): Reserve spaces calls out
+    with growing delays (DECISION_THROTTLE).
+    """
+    THRESHOLD_LEVEL_STOP: _ThresholdLevel.ValueType  # 4
+    """Committed spend reached the limit."""
+
+class ThresholdLevel(_ThresholdLevel, metaclass=_ThresholdLevelEnumTypeWrapper):
+    """ThresholdLevel is a band of a run's graduated response, by committed spend
+    as a share of its limit (RunPolicy.thresholds).
+    """
+
+THRESHOLD_LEVEL_UNSPECIFIED: ThresholdLevel.ValueType  # 0
+"""Below every threshold."""
+THRESHOLD_LEVEL_INFO: ThresholdLevel.ValueType  # 1
+"""Past the info threshold (60% by default)."""
+THRESHOLD_LEVEL_WARN: ThresholdLevel.ValueType  # 2
+"""Past the warn threshold (80% by default)."""
+THRESHOLD_LEVEL_THROTTLE: ThresholdLevel.ValueType  # 3
+"""Past the throttle threshold (95% by default): Reserve spaces calls out
+with growing delays (DECISION_THROTTLE).
+"""
+THRESHOLD_LEVEL_STOP: ThresholdLevel.ValueType  # 4
+"""Committed spend reached the limit."""
+Global___ThresholdLevel: _TypeAlias = ThresholdLevel  # noqa: Y015
 
 class _DecisionReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -98,7 +263,10 @@ class _DecisionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decisi
     DECISION_REASON_WITHIN_BUDGET: _DecisionReason.ValueType  # 1
     """The estimate fits: committed + reserved + estimate <= limit."""
     DECISION_REASON_INSUFFICIENT_BUDGET: _DecisionReason.ValueType  # 2
-    """The estimate does not fit in what remains of the run's limit."""
+    """The estimate does not fit in what remains of a ceiling: the run's or a
+    parent scope's limit in micro-USD, the run's token ceiling or one of its
+    call meters (`blocking_dimension` says which).
+    """
     DECISION_REASON_RUN_CLOSED: _DecisionReason.ValueType  # 3
     """The run, or the ancestor run named by `blocking_scope`, was closed before
     this reservation arrived.
@@ -116,6 +284,14 @@ class _DecisionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decisi
     """The run, or the ancestor run named by `blocking_scope`, is suspended (the
     kill switch). Nothing is held.
     """
+    DECISION_REASON_THROTTLED: _DecisionReason.ValueType  # 7
+    """DECISION_THROTTLE: the run's committed spend is in its throttle band and
+    the last allowed call was too recent.
+    """
+    DECISION_REASON_RATE_LIMITED: _DecisionReason.ValueType  # 8
+    """DECISION_THROTTLE: the run's rate limit is used up for this window."""
+    DECISION_REASON_IN_FLIGHT_LIMIT: _DecisionReason.ValueType  # 9
+    """DECISION_THROTTLE: the run has its maximum number of holds in flight."""
 
 class DecisionReason(_DecisionReason, metaclass=_DecisionReasonEnumTypeWrapper):
     """DecisionReason explains a decision in machine-readable form."""
@@ -125,7 +301,10 @@ DECISION_REASON_UNSPECIFIED: DecisionReason.ValueType  # 0
 DECISION_REASON_WITHIN_BUDGET: DecisionReason.ValueType  # 1
 """The estimate fits: committed + reserved + estimate <= limit."""
 DECISION_REASON_INSUFFICIENT_BUDGET: DecisionReason.ValueType  # 2
-"""The estimate does not fit in what remains of the run's limit."""
+"""The estimate does not fit in what remains of a ceiling: the run's or a
+parent scope's limit in micro-USD, the run's token ceiling or one of its
+call meters (`blocking_dimension` says which).
+"""
 DECISION_REASON_RUN_CLOSED: DecisionReason.ValueType  # 3
 """The run, or the ancestor run named by `blocking_scope`, was closed before
 this reservation arrived.
@@ -143,6 +322,14 @@ DECISION_REASON_SUSPENDED: DecisionReason.ValueType  # 6
 """The run, or the ancestor run named by `blocking_scope`, is suspended (the
 kill switch). Nothing is held.
 """
+DECISION_REASON_THROTTLED: DecisionReason.ValueType  # 7
+"""DECISION_THROTTLE: the run's committed spend is in its throttle band and
+the last allowed call was too recent.
+"""
+DECISION_REASON_RATE_LIMITED: DecisionReason.ValueType  # 8
+"""DECISION_THROTTLE: the run's rate limit is used up for this window."""
+DECISION_REASON_IN_FLIGHT_LIMIT: DecisionReason.ValueType  # 9
+"""DECISION_THROTTLE: the run has its maximum number of holds in flight."""
 Global___DecisionReason: _TypeAlias = DecisionReason  # noqa: Y015
 
 class _ScopeKind:
@@ -289,6 +476,10 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """The run was suspended (SuspendRun)."""
     EVENT_TYPE_RESUMED: _EventType.ValueType  # 8
     """The run was resumed (ResumeRun)."""
+    EVENT_TYPE_THRESHOLD_CROSSED: _EventType.ValueType  # 9
+    """The run's committed spend reached a new threshold band; `threshold`
+    says which. One event per band, in order, after the commit that crossed it.
+    """
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """EventType names what changed in a run."""
@@ -313,7 +504,197 @@ EVENT_TYPE_SUSPENDED: EventType.ValueType  # 7
 """The run was suspended (SuspendRun)."""
 EVENT_TYPE_RESUMED: EventType.ValueType  # 8
 """The run was resumed (ResumeRun)."""
+EVENT_TYPE_THRESHOLD_CROSSED: EventType.ValueType  # 9
+"""The run's committed spend reached a new threshold band; `threshold`
+says which. One event per band, in order, after the commit that crossed it.
+"""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
+
+@_typing.final
+class Thresholds(_message.Message):
+    """Thresholds are the percentages of a run's limit where its graduated
+    response starts. 0 turns a level off; each set level is above the one
+    before, and below 100 (the stop level, always on).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INFO_PERCENT_FIELD_NUMBER: _builtins.int
+    WARN_PERCENT_FIELD_NUMBER: _builtins.int
+    THROTTLE_PERCENT_FIELD_NUMBER: _builtins.int
+    info_percent: _builtins.int
+    """Where THRESHOLD_LEVEL_INFO starts."""
+    warn_percent: _builtins.int
+    """Where THRESHOLD_LEVEL_WARN starts."""
+    throttle_percent: _builtins.int
+    """Where THRESHOLD_LEVEL_THROTTLE starts."""
+    def __init__(
+        self,
+        *,
+        info_percent: _builtins.int = ...,
+        warn_percent: _builtins.int = ...,
+        throttle_percent: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["info_percent", b"info_percent", "throttle_percent", b"throttle_percent", "warn_percent", b"warn_percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Thresholds: _TypeAlias = Thresholds  # noqa: Y015
+
+@_typing.final
+class RateLimit(_message.Message):
+    """RateLimit caps how many Reserves a run may have allowed per window.
+    Windows are fixed, aligned to multiples of `window` since the Unix epoch.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_CALLS_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    max_calls: _builtins.int
+    """Allowed Reserves per window. Must be positive."""
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration:
+        """The window, in whole milliseconds: at least 1 ms, at most 24 hours."""
+
+    def __init__(
+        self,
+        *,
+        max_calls: _builtins.int = ...,
+        window: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_calls", b"max_calls", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimit: _TypeAlias = RateLimit  # noqa: Y015
+
+@_typing.final
+class RunPolicy(_message.Message):
+    """RunPolicy is how a run is governed beyond its dollar limit. Every limit is
+    checked in the same atomic decision as the dollar ceiling. A run's policy is
+    fixed when it is created.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MeterLimitsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ENFORCEMENT_MODE_FIELD_NUMBER: _builtins.int
+    SOFT_GATE_MARGIN_PERCENT_FIELD_NUMBER: _builtins.int
+    THRESHOLDS_FIELD_NUMBER: _builtins.int
+    THROTTLE_BASE_DELAY_FIELD_NUMBER: _builtins.int
+    THROTTLE_MAX_DELAY_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    METER_LIMITS_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    MAX_DEPTH_FIELD_NUMBER: _builtins.int
+    MAX_CHILDREN_FIELD_NUMBER: _builtins.int
+    enforcement_mode: Global___EnforcementMode.ValueType
+    """How the run's ceilings are enforced."""
+    soft_gate_margin_percent: _builtins.int
+    """For ENFORCEMENT_MODE_SOFT_GATE: how far past the limit estimates may go,
+    in percent of the limit (0 to 100).
+    """
+    max_tokens: _builtins.int
+    """A ceiling on the run's tokens: the input plus effective maximum output
+    of each LLM call reserved, then its actual usage once committed.
+    """
+    max_in_flight: _builtins.int
+    """A cap on the run's holds in flight at once (parallelism), its
+    descendants' holds on it included.
+    """
+    max_depth: _builtins.int
+    """How many levels of subagent runs may be created below this run (its
+    children are one level). Default 5; at most 15.
+    """
+    max_children: _builtins.int
+    """How many child runs this run may have."""
+    @_builtins.property
+    def thresholds(self) -> Global___Thresholds:
+        """The graduated response. When unset: 60% info, 80% warn, 95% throttle."""
+
+    @_builtins.property
+    def throttle_base_delay(self) -> _duration_pb2.Duration:
+        """In the throttle band, the delay after the first allowed call; each
+        later allowed call doubles it, up to `throttle_max_delay`. Default 1 s.
+        """
+
+    @_builtins.property
+    def throttle_max_delay(self) -> _duration_pb2.Duration:
+        """The longest throttle delay. Default 60 s."""
+
+    @_builtins.property
+    def meter_limits(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Ceilings on named call meters (ReserveRequest.meter), in units (calls by
+        default). Names are 1 to 128 characters of letters, digits and `.`,
+        `_`, `-`, `:`, `/`. At most 32 meters.
+        """
+
+    @_builtins.property
+    def rate_limit(self) -> Global___RateLimit:
+        """A rate limit on the run's allowed Reserves."""
+
+    def __init__(
+        self,
+        *,
+        enforcement_mode: Global___EnforcementMode.ValueType = ...,
+        soft_gate_margin_percent: _builtins.int = ...,
+        thresholds: Global___Thresholds | None = ...,
+        throttle_base_delay: _duration_pb2.Duration | None = ...,
+        throttle_max_delay: _duration_pb2.Duration | None = ...,
+        max_tokens: _builtins.int | None = ...,
+        meter_limits: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        rate_limit: Global___RateLimit | None = ...,
+        max_in_flight: _builtins.int | None = ...,
+        max_depth: _builtins.int | None = ...,
+        max_children: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_children", b"_max_children", "_max_depth", b"_max_depth", "_max_in_flight", b"_max_in_flight", "_max_tokens", b"_max_tokens", "max_children", b"max_children", "max_depth", b"max_depth", "max_in_flight", b"max_in_flight", "max_tokens", b"max_tokens", "rate_limit", b"rate_limit", "thresholds", b"thresholds", "throttle_base_delay", b"throttle_base_delay", "throttle_max_delay", b"throttle_max_delay"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_children", b"_max_children", "_max_depth", b"_max_depth", "_max_in_flight", b"_max_in_flight", "_max_tokens", b"_max_tokens", "enforcement_mode", b"enforcement_mode", "max_children", b"max_children", "max_depth", b"max_depth", "max_in_flight", b"max_in_flight", "max_tokens", b"max_tokens", "meter_limits", b"meter_limits", "rate_limit", b"rate_limit", "soft_gate_margin_percent", b"soft_gate_margin_percent", "thresholds", b"thresholds", "throttle_base_delay", b"throttle_base_delay", "throttle_max_delay", b"throttle_max_delay"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_children: _TypeAlias = _typing.Literal["max_children"]  # noqa: Y015
+    _WhichOneofArgType__max_children: _TypeAlias = _typing.Literal["_max_children", b"_max_children"]  # noqa: Y015
+    _WhichOneofReturnType__max_depth: _TypeAlias = _typing.Literal["max_depth"]  # noqa: Y015
+    _WhichOneofArgType__max_depth: _TypeAlias = _typing.Literal["_max_depth", b"_max_depth"]  # noqa: Y015
+    _WhichOneofReturnType__max_in_flight: _TypeAlias = _typing.Literal["max_in_flight"]  # noqa: Y015
+    _WhichOneofArgType__max_in_flight: _TypeAlias = _typing.Literal["_max_in_flight", b"_max_in_flight"]  # noqa: Y015
+    _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
+    _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_children) -> _WhichOneofReturnType__max_children | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_depth) -> _WhichOneofReturnType__max_depth | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_in_flight) -> _WhichOneofReturnType__max_in_flight | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tokens) -> _WhichOneofReturnType__max_tokens | None: ...
+
+Global___RunPolicy: _TypeAlias = RunPolicy  # noqa: Y015
 
 @_typing.final
 class ScopeRef(_message.Message):
@@ -456,6 +837,9 @@ class BudgetState(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     ACTIVE_RESERVATIONS_FIELD_NUMBER: _builtins.int
     OVERRUN_MICROS_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    COMMITTED_TOKENS_FIELD_NUMBER: _builtins.int
+    RESERVED_TOKENS_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id."""
@@ -485,6 +869,12 @@ class BudgetState(_message.Message):
     commit. The ledger guarantees
     committed + reserved <= limit + overrun at every revision.
     """
+    threshold: Global___ThresholdLevel.ValueType
+    """The highest threshold band the run's committed spend has reached."""
+    committed_tokens: _builtins.int
+    """The tokens of the run's committed LLM calls (their actual usage)."""
+    reserved_tokens: _builtins.int
+    """The tokens held by the run's active LLM-call reservations."""
     digest: _builtins.str
     """A fingerprint of the run's whole change history up to `revision` (a hash
     chain over every change). Two states with the same revision and digest
@@ -504,11 +894,14 @@ class BudgetState(_message.Message):
         status: Global___RunStatus.ValueType = ...,
         active_reservations: _builtins.int = ...,
         overrun_micros: _builtins.int = ...,
+        threshold: Global___ThresholdLevel.ValueType = ...,
+        committed_tokens: _builtins.int = ...,
+        reserved_tokens: _builtins.int = ...,
         digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_reservations", b"active_reservations", "committed_micros", b"committed_micros", "digest", b"digest", "limit_micros", b"limit_micros", "overrun_micros", b"overrun_micros", "remaining_micros", b"remaining_micros", "reserved_micros", b"reserved_micros", "revision", b"revision", "run_id", b"run_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_reservations", b"active_reservations", "committed_micros", b"committed_micros", "committed_tokens", b"committed_tokens", "digest", b"digest", "limit_micros", b"limit_micros", "overrun_micros", b"overrun_micros", "remaining_micros", b"remaining_micros", "reserved_micros", b"reserved_micros", "reserved_tokens", b"reserved_tokens", "revision", b"revision", "run_id", b"run_id", "status", b"status", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -551,6 +944,10 @@ class Run(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     TEAM_ID_FIELD_NUMBER: _builtins.int
     ANCESTOR_RUN_IDS_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    DEPTH_REMAINING_FIELD_NUMBER: _builtins.int
+    CHILDREN_FIELD_NUMBER: _builtins.int
+    METERS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id."""
     limit_micros: _builtins.int
@@ -567,6 +964,12 @@ class Run(_message.Message):
     """The user the run is charged to, given or inherited from the parent."""
     team_id: _builtins.str
     """The team the run is charged to, given or inherited from the parent."""
+    depth_remaining: _builtins.int
+    """How many more levels of subagents may be created below this run: its
+    own max_depth, or less when an ancestor's limit is tighter.
+    """
+    children: _builtins.int
+    """How many child runs the run has."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels (for example agent, team, feature), used for reporting."""
@@ -585,6 +988,14 @@ class Run(_message.Message):
         of this run is held on all of them.
         """
 
+    @_builtins.property
+    def policy(self) -> Global___RunPolicy:
+        """The run's policy, with every default filled in."""
+
+    @_builtins.property
+    def meters(self) -> _containers.RepeatedCompositeFieldContainer[Global___MeterUsage]:
+        """The run's call meters: every meter with a ceiling or any use."""
+
     def __init__(
         self,
         *,
@@ -599,14 +1010,54 @@ class Run(_message.Message):
         user_id: _builtins.str = ...,
         team_id: _builtins.str = ...,
         ancestor_run_ids: _abc.Iterable[_builtins.str] | None = ...,
+        policy: Global___RunPolicy | None = ...,
+        depth_remaining: _builtins.int = ...,
+        children: _builtins.int = ...,
+        meters: _abc.Iterable[Global___MeterUsage] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["close_time", b"close_time", "create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["close_time", b"close_time", "create_time", b"create_time", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ancestor_run_ids", b"ancestor_run_ids", "api_key_id", b"api_key_id", "close_time", b"close_time", "create_time", b"create_time", "default_ttl_millis", b"default_ttl_millis", "labels", b"labels", "limit_micros", b"limit_micros", "parent_run_id", b"parent_run_id", "run_id", b"run_id", "team_id", b"team_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ancestor_run_ids", b"ancestor_run_ids", "api_key_id", b"api_key_id", "children", b"children", "close_time", b"close_time", "create_time", b"create_time", "default_ttl_millis", b"default_ttl_millis", "depth_remaining", b"depth_remaining", "labels", b"labels", "limit_micros", b"limit_micros", "meters", b"meters", "parent_run_id", b"parent_run_id", "policy", b"policy", "run_id", b"run_id", "team_id", b"team_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Run: _TypeAlias = Run  # noqa: Y015
+
+@_typing.final
+class MeterUsage(_message.Message):
+    """MeterUsage is a run's use of one call meter, in units."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    RESERVED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The meter's name."""
+    limit: _builtins.int
+    """The meter's ceiling; unset when it has none."""
+    committed: _builtins.int
+    """Units of committed calls."""
+    reserved: _builtins.int
+    """Units of calls in flight."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        limit: _builtins.int | None = ...,
+        committed: _builtins.int = ...,
+        reserved: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_limit", b"_limit", "limit", b"limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_limit", b"_limit", "committed", b"committed", "limit", b"limit", "name", b"name", "reserved", b"reserved"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__limit: _TypeAlias = _typing.Literal["limit"]  # noqa: Y015
+    _WhichOneofArgType__limit: _TypeAlias = _typing.Literal["_limit", b"_limit"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__limit) -> _WhichOneofReturnType__limit | None: ...
+
+Global___MeterUsage: _TypeAlias = MeterUsage  # noqa: Y015
 
 @_typing.final
 class BudgetEvent(_message.Message):
@@ -622,6 +1073,7 @@ class BudgetEvent(_message.Message):
     LATE_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
     type: Global___EventType.ValueType
     """What changed."""
     reservation_id: _builtins.str
@@ -636,6 +1088,8 @@ class BudgetEvent(_message.Message):
     """
     late: _builtins.bool
     """True for a commit that arrived after its hold had expired."""
+    threshold: Global___ThresholdLevel.ValueType
+    """For THRESHOLD_CROSSED: the band reached."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the change happened, in server time."""
@@ -657,10 +1111,11 @@ class BudgetEvent(_message.Message):
         late: _builtins.bool = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
         state: Global___BudgetState | None = ...,
+        threshold: Global___ThresholdLevel.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual_micros", b"actual_micros", "amount_micros", b"amount_micros", "late", b"late", "overrun_micros", b"overrun_micros", "reservation_id", b"reservation_id", "state", b"state", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual_micros", b"actual_micros", "amount_micros", b"amount_micros", "late", b"late", "overrun_micros", b"overrun_micros", "reservation_id", b"reservation_id", "state", b"state", "threshold", b"threshold", "time", b"time", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -55,6 +55,7 @@ class CreateRunRequest(_message.Message):
     API_KEY_ID_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
     TEAM_ID_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id, chosen by the client so that a retry finds the same run.
     When empty, the server generates one and returns it.
@@ -86,6 +87,14 @@ class CreateRunRequest(_message.Message):
         server's default applies (10 minutes unless configured otherwise).
         """
 
+    @_builtins.property
+    def policy(self) -> _budget_pb2.RunPolicy:
+        """How the run is governed beyond its limit. When unset, a subagent run
+        takes its parent's policy and a root run the defaults. Creating a child
+        fails with FAILED_PRECONDITION (SUBAGENT_LIMIT) past the parent's
+        max_children or any ancestor's max_depth.
+        """
+
     def __init__(
         self,
         *,
@@ -97,10 +106,11 @@ class CreateRunRequest(_message.Message):
         api_key_id: _builtins.str = ...,
         user_id: _builtins.str = ...,
         team_id: _builtins.str = ...,
+        policy: _budget_pb2.RunPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["default_ttl", b"default_ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["default_ttl", b"default_ttl", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "default_ttl", b"default_ttl", "labels", b"labels", "limit_micros", b"limit_micros", "parent_run_id", b"parent_run_id", "run_id", b"run_id", "team_id", b"team_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "default_ttl", b"default_ttl", "labels", b"labels", "limit_micros", b"limit_micros", "parent_run_id", b"parent_run_id", "policy", b"policy", "run_id", b"run_id", "team_id", b"team_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -205,6 +215,8 @@ class ReserveRequest(_message.Message):
     AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
     LLM_CALL_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    METER_FIELD_NUMBER: _builtins.int
+    METER_UNITS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run to hold the estimate against."""
     reservation_id: _builtins.str
@@ -217,6 +229,13 @@ class ReserveRequest(_message.Message):
     """An explicit estimate in micro-USD, for example for a tool or an
     external API call. Must be positive.
     """
+    meter: _builtins.str
+    """The call meter this call counts on (for example "tool:serp_api"), same
+    names as RunPolicy.meter_limits. Every meter's use is tracked; a meter
+    with a ceiling blocks past it.
+    """
+    meter_units: _builtins.int
+    """How many units of `meter` the call uses. When unset, 1. Only with `meter`."""
     @_builtins.property
     def llm_call(self) -> Global___LlmCall:
         """An LLM call, priced by the server from its price table: input tokens
@@ -238,13 +257,20 @@ class ReserveRequest(_message.Message):
         amount_micros: _builtins.int = ...,
         llm_call: Global___LlmCall | None = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        meter: _builtins.str = ...,
+        meter_units: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "estimate", b"estimate", "llm_call", b"llm_call", "ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_meter_units", b"_meter_units", "amount_micros", b"amount_micros", "estimate", b"estimate", "llm_call", b"llm_call", "meter_units", b"meter_units", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "estimate", b"estimate", "llm_call", b"llm_call", "reservation_id", b"reservation_id", "run_id", b"run_id", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_meter_units", b"_meter_units", "amount_micros", b"amount_micros", "estimate", b"estimate", "llm_call", b"llm_call", "meter", b"meter", "meter_units", b"meter_units", "reservation_id", b"reservation_id", "run_id", b"run_id", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__meter_units: _TypeAlias = _typing.Literal["meter_units"]  # noqa: Y015
+    _WhichOneofArgType__meter_units: _TypeAlias = _typing.Literal["_meter_units", b"_meter_units"]  # noqa: Y015
     _WhichOneofReturnType_estimate: _TypeAlias = _typing.Literal["amount_micros", "llm_call"]  # noqa: Y015
     _WhichOneofArgType_estimate: _TypeAlias = _typing.Literal["estimate", b"estimate"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__meter_units) -> _WhichOneofReturnType__meter_units | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_estimate) -> _WhichOneofReturnType_estimate | None: ...
 
 Global___ReserveRequest: _TypeAlias = ReserveRequest  # noqa: Y015
@@ -265,6 +291,10 @@ class ReserveResponse(_message.Message):
     BLOCKING_SCOPE_FIELD_NUMBER: _builtins.int
     BLOCKING_PERIOD_FIELD_NUMBER: _builtins.int
     ESTIMATE_FIELD_NUMBER: _builtins.int
+    BLOCKING_DIMENSION_FIELD_NUMBER: _builtins.int
+    BLOCKING_METER_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_FIELD_NUMBER: _builtins.int
+    ENFORCEMENT_MODE_FIELD_NUMBER: _builtins.int
     decision: _budget_pb2.Decision.ValueType
     """Allow or block."""
     reason: _budget_pb2.DecisionReason.ValueType
@@ -282,6 +312,12 @@ class ReserveResponse(_message.Message):
     """For a block by a ceiling: the period of the ceiling that blocked
     (PERIOD_LIFETIME for runs).
     """
+    blocking_dimension: _budget_pb2.BudgetDimension.ValueType
+    """For a block, throttle or warning on a limit: which limit."""
+    blocking_meter: _builtins.str
+    """For BUDGET_DIMENSION_METER: the meter."""
+    enforcement_mode: _budget_pb2.EnforcementMode.ValueType
+    """The run's enforcement mode, which shaped this decision."""
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the hold expires, in server time. Unset when blocked."""
@@ -303,6 +339,12 @@ class ReserveResponse(_message.Message):
     def estimate(self) -> Global___LlmEstimate:
         """How an `llm_call` was priced. Unset for an explicit amount."""
 
+    @_builtins.property
+    def retry_after(self) -> _duration_pb2.Duration:
+        """For DECISION_THROTTLE: how long to wait before reserving again. For a
+        replay, the time left from now (possibly zero).
+        """
+
     def __init__(
         self,
         *,
@@ -316,10 +358,14 @@ class ReserveResponse(_message.Message):
         blocking_scope: _budget_pb2.ScopeRef | None = ...,
         blocking_period: _budget_pb2.Period.ValueType = ...,
         estimate: Global___LlmEstimate | None = ...,
+        blocking_dimension: _budget_pb2.BudgetDimension.ValueType = ...,
+        blocking_meter: _builtins.str = ...,
+        retry_after: _duration_pb2.Duration | None = ...,
+        enforcement_mode: _budget_pb2.EnforcementMode.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["blocking_scope", b"blocking_scope", "estimate", b"estimate", "expire_time", b"expire_time", "state", b"state"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blocking_scope", b"blocking_scope", "estimate", b"estimate", "expire_time", b"expire_time", "retry_after", b"retry_after", "state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "blocking_period", b"blocking_period", "blocking_scope", b"blocking_scope", "decision", b"decision", "estimate", b"estimate", "expire_time", b"expire_time", "reason", b"reason", "replayed", b"replayed", "reservation_id", b"reservation_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "blocking_dimension", b"blocking_dimension", "blocking_meter", b"blocking_meter", "blocking_period", b"blocking_period", "blocking_scope", b"blocking_scope", "decision", b"decision", "enforcement_mode", b"enforcement_mode", "estimate", b"estimate", "expire_time", b"expire_time", "reason", b"reason", "replayed", b"replayed", "reservation_id", b"reservation_id", "retry_after", b"retry_after", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

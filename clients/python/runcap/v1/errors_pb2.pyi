@@ -86,6 +86,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: the run is closed, so it cannot be suspended or
     resumed. A `google.rpc.PreconditionFailure` detail names it.
     """
+    ERROR_REASON_SUBAGENT_LIMIT: _ErrorReason.ValueType  # 15
+    """FAILED_PRECONDITION: CreateRun would give the parent run more children
+    than its max_children, or nest deeper than an ancestor's max_depth
+    allows. A `google.rpc.PreconditionFailure` detail says which.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every reason the server puts in the `google.rpc.ErrorInfo`
@@ -158,5 +163,10 @@ detail names the parent.
 ERROR_REASON_RUN_CLOSED: ErrorReason.ValueType  # 14
 """FAILED_PRECONDITION: the run is closed, so it cannot be suspended or
 resumed. A `google.rpc.PreconditionFailure` detail names it.
+"""
+ERROR_REASON_SUBAGENT_LIMIT: ErrorReason.ValueType  # 15
+"""FAILED_PRECONDITION: CreateRun would give the parent run more children
+than its max_children, or nest deeper than an ancestor's max_depth
+allows. A `google.rpc.PreconditionFailure` detail says which.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -5,15 +5,181 @@
 import type { GenEnum, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
 import { file_google_api_field_behavior } from "../../google/api/field_behavior_pb.js";
-import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file runcap/v1/budget.proto.
  */
 export const file_runcap_v1_budget: GenFile = /*@__PURE__*/
-  fileDesc("ChZydW5jYXAvdjEvYnVkZ2V0LnByb3RvEglydW5jYXAudjEiOgoIU2NvcGVSZWYSIgoEa2luZBgBIAEoDjIULnJ1bmNhcC52MS5TY29wZUtpbmQSCgoCaWQYAiABKAkiyQIKClNjb3BlVXNhZ2USIQoGcGVyaW9kGAEgASgOMhEucnVuY2FwLnYxLlBlcmlvZBIZCgxsaW1pdF9taWNyb3MYAiABKANIAIgBARI1ChF3aW5kb3dfc3RhcnRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMwoPd2luZG93X2VuZF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBjb21taXR0ZWRfbWljcm9zGAUgASgDEhcKD3Jlc2VydmVkX21pY3JvcxgGIAEoAxIYChByZW1haW5pbmdfbWljcm9zGAcgASgDEhYKDm92ZXJydW5fbWljcm9zGAggASgDEhsKE2FjdGl2ZV9yZXNlcnZhdGlvbnMYCSABKANCDwoNX2xpbWl0X21pY3JvcyJPCgVTY29wZRIgCgNyZWYYASABKAsyEy5ydW5jYXAudjEuU2NvcGVSZWYSJAoFdXNhZ2UYAiADKAsyFS5ydW5jYXAudjEuU2NvcGVVc2FnZSK5AgoLQnVkZ2V0U3RhdGUSFAoGcnVuX2lkGAEgASgJQgTiQQEDEhoKDGxpbWl0X21pY3JvcxgCIAEoA0IE4kEBAxIeChBjb21taXR0ZWRfbWljcm9zGAMgASgDQgTiQQEDEh0KD3Jlc2VydmVkX21pY3JvcxgEIAEoA0IE4kEBAxIeChByZW1haW5pbmdfbWljcm9zGAUgASgDQgTiQQEDEhYKCHJldmlzaW9uGAYgASgDQgTiQQEDEioKBnN0YXR1cxgHIAEoDjIULnJ1bmNhcC52MS5SdW5TdGF0dXNCBOJBAQMSIQoTYWN0aXZlX3Jlc2VydmF0aW9ucxgIIAEoA0IE4kEBAxIcCg5vdmVycnVuX21pY3JvcxgJIAEoA0IE4kEBAxIUCgZkaWdlc3QYCiABKAlCBOJBAQMirAMKA1J1bhIUCgZydW5faWQYASABKAlCBOJBAQMSGgoMbGltaXRfbWljcm9zGAIgASgDQgTiQQEDEjAKBmxhYmVscxgDIAMoCzIaLnJ1bmNhcC52MS5SdW4uTGFiZWxzRW50cnlCBOJBAQMSIAoSZGVmYXVsdF90dGxfbWlsbGlzGAQgASgDQgTiQQEDEjUKC2NyZWF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxI0CgpjbG9zZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxIbCg1wYXJlbnRfcnVuX2lkGAcgASgJQgTiQQEDEhgKCmFwaV9rZXlfaWQYCCABKAlCBOJBAQMSFQoHdXNlcl9pZBgJIAEoCUIE4kEBAxIVCgd0ZWFtX2lkGAogASgJQgTiQQEDEh4KEGFuY2VzdG9yX3J1bl9pZHMYCyADKAlCBOJBAQMaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLuAQoLQnVkZ2V0RXZlbnQSIgoEdHlwZRgBIAEoDjIULnJ1bmNhcC52MS5FdmVudFR5cGUSFgoOcmVzZXJ2YXRpb25faWQYAiABKAkSFQoNYW1vdW50X21pY3JvcxgDIAEoAxIVCg1hY3R1YWxfbWljcm9zGAQgASgDEhYKDm92ZXJydW5fbWljcm9zGAUgASgDEgwKBGxhdGUYBiABKAgSKAoEdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJQoFc3RhdGUYCCABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUqbQoJUnVuU3RhdHVzEhoKFlJVTl9TVEFUVVNfVU5TUEVDSUZJRUQQABITCg9SVU5fU1RBVFVTX09QRU4QARIVChFSVU5fU1RBVFVTX0NMT1NFRBACEhgKFFJVTl9TVEFUVVNfU1VTUEVOREVEEAMqTAoIRGVjaXNpb24SGAoUREVDSVNJT05fVU5TUEVDSUZJRUQQABISCg5ERUNJU0lPTl9BTExPVxABEhIKDkRFQ0lTSU9OX0JMT0NLEAIqiAIKDkRlY2lzaW9uUmVhc29uEh8KG0RFQ0lTSU9OX1JFQVNPTl9VTlNQRUNJRklFRBAAEiEKHURFQ0lTSU9OX1JFQVNPTl9XSVRISU5fQlVER0VUEAESJwojREVDSVNJT05fUkVBU09OX0lOU1VGRklDSUVOVF9CVURHRVQQAhIeChpERUNJU0lPTl9SRUFTT05fUlVOX0NMT1NFRBADEicKI0RFQ0lTSU9OX1JFQVNPTl9SRVNFUlZBVElPTl9FWFBJUkVEEAQSIQodREVDSVNJT05fUkVBU09OX1VOS05PV05fUFJJQ0UQBRIdChlERUNJU0lPTl9SRUFTT05fU1VTUEVOREVEEAYqfQoJU2NvcGVLaW5kEhoKFlNDT1BFX0tJTkRfVU5TUEVDSUZJRUQQABISCg5TQ09QRV9LSU5EX1JVThABEhYKElNDT1BFX0tJTkRfQVBJX0tFWRACEhMKD1NDT1BFX0tJTkRfVVNFUhADEhMKD1NDT1BFX0tJTkRfVEVBTRAEKlsKBlBlcmlvZBIWChJQRVJJT0RfVU5TUEVDSUZJRUQQABITCg9QRVJJT0RfTElGRVRJTUUQARIQCgxQRVJJT0RfREFJTFkQAhISCg5QRVJJT0RfTU9OVEhMWRADKv4BChFSZXNlcnZhdGlvblN0YXR1cxIiCh5SRVNFUlZBVElPTl9TVEFUVVNfVU5TUEVDSUZJRUQQABIbChdSRVNFUlZBVElPTl9TVEFUVVNfSEVMRBABEiAKHFJFU0VSVkFUSU9OX1NUQVRVU19DT01NSVRURUQQAhIfChtSRVNFUlZBVElPTl9TVEFUVVNfUkVMRUFTRUQQAxIeChpSRVNFUlZBVElPTl9TVEFUVVNfRVhQSVJFRBAEEiUKIVJFU0VSVkFUSU9OX1NUQVRVU19MQVRFX0NPTU1JVFRFRBAFEh4KGlJFU0VSVkFUSU9OX1NUQVRVU19CTE9DS0VEEAYq7AEKCUV2ZW50VHlwZRIaChZFVkVOVF9UWVBFX1VOU1BFQ0lGSUVEEAASFgoSRVZFTlRfVFlQRV9DUkVBVEVEEAESFwoTRVZFTlRfVFlQRV9SRVNFUlZFRBACEhgKFEVWRU5UX1RZUEVfQ09NTUlUVEVEEAMSFwoTRVZFTlRfVFlQRV9SRUZVTkRFRBAEEhYKEkVWRU5UX1RZUEVfRVhQSVJFRBAFEhUKEUVWRU5UX1RZUEVfQ0xPU0VEEAYSGAoURVZFTlRfVFlQRV9TVVNQRU5ERUQQBxIWChJFVkVOVF9UWVBFX1JFU1VNRUQQCEI4WjZnaXRodWIuY29tL3J1bmNhcC9ydW5jYXAvY2xpZW50cy9nby9ydW5jYXAvdjE7cnVuY2FwdjFiBnByb3RvMw", [file_google_api_field_behavior, file_google_protobuf_timestamp]);
+  fileDesc("ChZydW5jYXAvdjEvYnVkZ2V0LnByb3RvEglydW5jYXAudjEiUgoKVGhyZXNob2xkcxIUCgxpbmZvX3BlcmNlbnQYASABKAUSFAoMd2Fybl9wZXJjZW50GAIgASgFEhgKEHRocm90dGxlX3BlcmNlbnQYAyABKAUiVQoJUmF0ZUxpbWl0EhcKCW1heF9jYWxscxgBIAEoA0IE4kEBAhIvCgZ3aW5kb3cYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb25CBOJBAQIiggUKCVJ1blBvbGljeRI6ChBlbmZvcmNlbWVudF9tb2RlGAEgASgOMhoucnVuY2FwLnYxLkVuZm9yY2VtZW50TW9kZUIE4kEBARImChhzb2Z0X2dhdGVfbWFyZ2luX3BlcmNlbnQYAiABKAVCBOJBAQESLwoKdGhyZXNob2xkcxgDIAEoCzIVLnJ1bmNhcC52MS5UaHJlc2hvbGRzQgTiQQEBEjwKE3Rocm90dGxlX2Jhc2VfZGVsYXkYBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb25CBOJBAQESOwoSdGhyb3R0bGVfbWF4X2RlbGF5GAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEBEh0KCm1heF90b2tlbnMYBiABKANCBOJBAQFIAIgBARJBCgxtZXRlcl9saW1pdHMYByADKAsyJS5ydW5jYXAudjEuUnVuUG9saWN5Lk1ldGVyTGltaXRzRW50cnlCBOJBAQESLgoKcmF0ZV9saW1pdBgIIAEoCzIULnJ1bmNhcC52MS5SYXRlTGltaXRCBOJBAQESIAoNbWF4X2luX2ZsaWdodBgJIAEoBUIE4kEBAUgBiAEBEhwKCW1heF9kZXB0aBgKIAEoBUIE4kEBAUgCiAEBEh8KDG1heF9jaGlsZHJlbhgLIAEoBUIE4kEBAUgDiAEBGjIKEE1ldGVyTGltaXRzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgDOgI4AUINCgtfbWF4X3Rva2Vuc0IQCg5fbWF4X2luX2ZsaWdodEIMCgpfbWF4X2RlcHRoQg8KDV9tYXhfY2hpbGRyZW4iOgoIU2NvcGVSZWYSIgoEa2luZBgBIAEoDjIULnJ1bmNhcC52MS5TY29wZUtpbmQSCgoCaWQYAiABKAkiyQIKClNjb3BlVXNhZ2USIQoGcGVyaW9kGAEgASgOMhEucnVuY2FwLnYxLlBlcmlvZBIZCgxsaW1pdF9taWNyb3MYAiABKANIAIgBARI1ChF3aW5kb3dfc3RhcnRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMwoPd2luZG93X2VuZF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBjb21taXR0ZWRfbWljcm9zGAUgASgDEhcKD3Jlc2VydmVkX21pY3JvcxgGIAEoAxIYChByZW1haW5pbmdfbWljcm9zGAcgASgDEhYKDm92ZXJydW5fbWljcm9zGAggASgDEhsKE2FjdGl2ZV9yZXNlcnZhdGlvbnMYCSABKANCDwoNX2xpbWl0X21pY3JvcyJPCgVTY29wZRIgCgNyZWYYASABKAsyEy5ydW5jYXAudjEuU2NvcGVSZWYSJAoFdXNhZ2UYAiADKAsyFS5ydW5jYXAudjEuU2NvcGVVc2FnZSKsAwoLQnVkZ2V0U3RhdGUSFAoGcnVuX2lkGAEgASgJQgTiQQEDEhoKDGxpbWl0X21pY3JvcxgCIAEoA0IE4kEBAxIeChBjb21taXR0ZWRfbWljcm9zGAMgASgDQgTiQQEDEh0KD3Jlc2VydmVkX21pY3JvcxgEIAEoA0IE4kEBAxIeChByZW1haW5pbmdfbWljcm9zGAUgASgDQgTiQQEDEhYKCHJldmlzaW9uGAYgASgDQgTiQQEDEioKBnN0YXR1cxgHIAEoDjIULnJ1bmNhcC52MS5SdW5TdGF0dXNCBOJBAQMSIQoTYWN0aXZlX3Jlc2VydmF0aW9ucxgIIAEoA0IE4kEBAxIcCg5vdmVycnVuX21pY3JvcxgJIAEoA0IE4kEBAxIyCgl0aHJlc2hvbGQYCyABKA4yGS5ydW5jYXAudjEuVGhyZXNob2xkTGV2ZWxCBOJBAQMSHgoQY29tbWl0dGVkX3Rva2VucxgMIAEoA0IE4kEBAxIdCg9yZXNlcnZlZF90b2tlbnMYDSABKANCBOJBAQMSFAoGZGlnZXN0GAogASgJQgTiQQEDIrwECgNSdW4SFAoGcnVuX2lkGAEgASgJQgTiQQEDEhoKDGxpbWl0X21pY3JvcxgCIAEoA0IE4kEBAxIwCgZsYWJlbHMYAyADKAsyGi5ydW5jYXAudjEuUnVuLkxhYmVsc0VudHJ5QgTiQQEDEiAKEmRlZmF1bHRfdHRsX21pbGxpcxgEIAEoA0IE4kEBAxI1CgtjcmVhdGVfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSNAoKY2xvc2VfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSGwoNcGFyZW50X3J1bl9pZBgHIAEoCUIE4kEBAxIYCgphcGlfa2V5X2lkGAggASgJQgTiQQEDEhUKB3VzZXJfaWQYCSABKAlCBOJBAQMSFQoHdGVhbV9pZBgKIAEoCUIE4kEBAxIeChBhbmNlc3Rvcl9ydW5faWRzGAsgAygJQgTiQQEDEioKBnBvbGljeRgMIAEoCzIULnJ1bmNhcC52MS5SdW5Qb2xpY3lCBOJBAQMSHQoPZGVwdGhfcmVtYWluaW5nGA0gASgFQgTiQQEDEhYKCGNoaWxkcmVuGA4gASgFQgTiQQEDEisKBm1ldGVycxgPIAMoCzIVLnJ1bmNhcC52MS5NZXRlclVzYWdlQgTiQQEDGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiXQoKTWV0ZXJVc2FnZRIMCgRuYW1lGAEgASgJEhIKBWxpbWl0GAIgASgDSACIAQESEQoJY29tbWl0dGVkGAMgASgDEhAKCHJlc2VydmVkGAQgASgDQggKBl9saW1pdCKcAgoLQnVkZ2V0RXZlbnQSIgoEdHlwZRgBIAEoDjIULnJ1bmNhcC52MS5FdmVudFR5cGUSFgoOcmVzZXJ2YXRpb25faWQYAiABKAkSFQoNYW1vdW50X21pY3JvcxgDIAEoAxIVCg1hY3R1YWxfbWljcm9zGAQgASgDEhYKDm92ZXJydW5fbWljcm9zGAUgASgDEgwKBGxhdGUYBiABKAgSKAoEdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJQoFc3RhdGUYCCABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSLAoJdGhyZXNob2xkGAkgASgOMhkucnVuY2FwLnYxLlRocmVzaG9sZExldmVsKm0KCVJ1blN0YXR1cxIaChZSVU5fU1RBVFVTX1VOU1BFQ0lGSUVEEAASEwoPUlVOX1NUQVRVU19PUEVOEAESFQoRUlVOX1NUQVRVU19DTE9TRUQQAhIYChRSVU5fU1RBVFVTX1NVU1BFTkRFRBADKnYKCERlY2lzaW9uEhgKFERFQ0lTSU9OX1VOU1BFQ0lGSUVEEAASEgoOREVDSVNJT05fQUxMT1cQARISCg5ERUNJU0lPTl9CTE9DSxACEhEKDURFQ0lTSU9OX1dBUk4QAxIVChFERUNJU0lPTl9USFJPVFRMRRAEKrUBCg9FbmZvcmNlbWVudE1vZGUSIAocRU5GT1JDRU1FTlRfTU9ERV9VTlNQRUNJRklFRBAAEh4KGkVORk9SQ0VNRU5UX01PREVfSEFSRF9HQVRFEAESHgoaRU5GT1JDRU1FTlRfTU9ERV9TT0ZUX0dBVEUQAhIdChlFTkZPUkNFTUVOVF9NT0RFX0FEVklTT1JZEAMSIQodRU5GT1JDRU1FTlRfTU9ERV9BQ1RVQUxTX09OTFkQBCrDAQoPQnVkZ2V0RGltZW5zaW9uEiAKHEJVREdFVF9ESU1FTlNJT05fVU5TUEVDSUZJRUQQABIaChZCVURHRVRfRElNRU5TSU9OX1NQRU5EEAESGwoXQlVER0VUX0RJTUVOU0lPTl9UT0tFTlMQAhIaChZCVURHRVRfRElNRU5TSU9OX01FVEVSEAMSGQoVQlVER0VUX0RJTUVOU0lPTl9SQVRFEAQSHgoaQlVER0VUX0RJTUVOU0lPTl9JTl9GTElHSFQQBSqdAQoOVGhyZXNob2xkTGV2ZWwSHwobVEhSRVNIT0xEX0xFVkVMX1VOU1BFQ0lGSUVEEAASGAoUVEhSRVNIT0xEX0xFVkVMX0lORk8QARIYChRUSFJFU0hPTERfTEVWRUxfV0FSThACEhwKGFRIUkVTSE9MRF9MRVZFTF9USFJPVFRMRRADEhgKFFRIUkVTSE9MRF9MRVZFTF9TVE9QEAQq7gIKDkRlY2lzaW9uUmVhc29uEh8KG0RFQ0lTSU9OX1JFQVNPTl9VTlNQRUNJRklFRBAAEiEKHURFQ0lTSU9OX1JFQVNPTl9XSVRISU5fQlVER0VUEAESJwojREVDSVNJT05fUkVBU09OX0lOU1VGRklDSUVOVF9CVURHRVQQAhIeChpERUNJU0lPTl9SRUFTT05fUlVOX0NMT1NFRBADEicKI0RFQ0lTSU9OX1JFQVNPTl9SRVNFUlZBVElPTl9FWFBJUkVEEAQSIQodREVDSVNJT05fUkVBU09OX1VOS05PV05fUFJJQ0UQBRIdChlERUNJU0lPTl9SRUFTT05fU1VTUEVOREVEEAYSHQoZREVDSVNJT05fUkVBU09OX1RIUk9UVExFRBAHEiAKHERFQ0lTSU9OX1JFQVNPTl9SQVRFX0xJTUlURUQQCBIjCh9ERUNJU0lPTl9SRUFTT05fSU5fRkxJR0hUX0xJTUlUEAkqfQoJU2NvcGVLaW5kEhoKFlNDT1BFX0tJTkRfVU5TUEVDSUZJRUQQABISCg5TQ09QRV9LSU5EX1JVThABEhYKElNDT1BFX0tJTkRfQVBJX0tFWRACEhMKD1NDT1BFX0tJTkRfVVNFUhADEhMKD1NDT1BFX0tJTkRfVEVBTRAEKlsKBlBlcmlvZBIWChJQRVJJT0RfVU5TUEVDSUZJRUQQABITCg9QRVJJT0RfTElGRVRJTUUQARIQCgxQRVJJT0RfREFJTFkQAhISCg5QRVJJT0RfTU9OVEhMWRADKv4BChFSZXNlcnZhdGlvblN0YXR1cxIiCh5SRVNFUlZBVElPTl9TVEFUVVNfVU5TUEVDSUZJRUQQABIbChdSRVNFUlZBVElPTl9TVEFUVVNfSEVMRBABEiAKHFJFU0VSVkFUSU9OX1NUQVRVU19DT01NSVRURUQQAhIfChtSRVNFUlZBVElPTl9TVEFUVVNfUkVMRUFTRUQQAxIeChpSRVNFUlZBVElPTl9TVEFUVVNfRVhQSVJFRBAEEiUKIVJFU0VSVkFUSU9OX1NUQVRVU19MQVRFX0NPTU1JVFRFRBAFEh4KGlJFU0VSVkFUSU9OX1NUQVRVU19CTE9DS0VEEAYqjgIKCUV2ZW50VHlwZRIaChZFVkVOVF9UWVBFX1VOU1BFQ0lGSUVEEAASFgoSRVZFTlRfVFlQRV9DUkVBVEVEEAESFwoTRVZFTlRfVFlQRV9SRVNFUlZFRBACEhgKFEVWRU5UX1RZUEVfQ09NTUlUVEVEEAMSFwoTRVZFTlRfVFlQRV9SRUZVTkRFRBAEEhYKEkVWRU5UX1RZUEVfRVhQSVJFRBAFEhUKEUVWRU5UX1RZUEVfQ0xPU0VEEAYSGAoURVZFTlRfVFlQRV9TVVNQRU5ERUQQBxIWChJFVkVOVF9UWVBFX1JFU1VNRUQQCBIgChxFVkVOVF9UWVBFX1RIUkVTSE9MRF9DUk9TU0VEEAlCOFo2Z2l0aHViLmNvbS9ydW5jYXAvcnVuY2FwL2NsaWVudHMvZ28vcnVuY2FwL3YxO3J1bmNhcHYxYgZwcm90bzM", [file_google_api_field_behavior, file_google_protobuf_duration, file_google_protobuf_timestamp]);
+
+/**
+ * Thresholds are the percentages of a run's limit where its graduated
+ * response starts. 0 turns a level off; each set level is above the one
+ * before, and below 100 (the stop level, always on).
+ *
+ * @generated from message runcap.v1.Thresholds
+ */
+export type Thresholds = Message<"runcap.v1.Thresholds"> & {
+  /**
+   * Where THRESHOLD_LEVEL_INFO starts.
+   *
+   * @generated from field: int32 info_percent = 1;
+   */
+  infoPercent: number;
+
+  /**
+   * Where THRESHOLD_LEVEL_WARN starts.
+   *
+   * @generated from field: int32 warn_percent = 2;
+   */
+  warnPercent: number;
+
+  /**
+   * Where THRESHOLD_LEVEL_THROTTLE starts.
+   *
+   * @generated from field: int32 throttle_percent = 3;
+   */
+  throttlePercent: number;
+};
+
+/**
+ * Describes the message runcap.v1.Thresholds.
+ * Use `create(ThresholdsSchema)` to create a new message.
+ */
+export const ThresholdsSchema: GenMessage<Thresholds> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget, 0);
+
+/**
+ * RateLimit caps how many Reserves a run may have allowed per window.
+ * Windows are fixed, aligned to multiples of `window` since the Unix epoch.
+ *
+ * @generated from message runcap.v1.RateLimit
+ */
+export type RateLimit = Message<"runcap.v1.RateLimit"> & {
+  /**
+   * Allowed Reserves per window. Must be positive.
+   *
+   * @generated from field: int64 max_calls = 1;
+   */
+  maxCalls: bigint;
+
+  /**
+   * The window, in whole milliseconds: at least 1 ms, at most 24 hours.
+   *
+   * @generated from field: google.protobuf.Duration window = 2;
+   */
+  window?: Duration | undefined;
+};
+
+/**
+ * Describes the message runcap.v1.RateLimit.
+ * Use `create(RateLimitSchema)` to create a new message.
+ */
+export const RateLimitSchema: GenMessage<RateLimit> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget, 1);
+
+/**
+ * RunPolicy is how a run is governed beyond its dollar limit. Every limit is
+ * checked in the same atomic decision as the dollar ceiling. A run's policy is
+ * fixed when it is created.
+ *
+ * @generated from message runcap.v1.RunPolicy
+ */
+export type RunPolicy = Message<"runcap.v1.RunPolicy"> & {
+  /**
+   * How the run's ceilings are enforced.
+   *
+   * @generated from field: runcap.v1.EnforcementMode enforcement_mode = 1;
+   */
+  enforcementMode: EnforcementMode;
+
+  /**
+   * For ENFORCEMENT_MODE_SOFT_GATE: how far past the limit estimates may go,
+   * in percent of the limit (0 to 100).
+   *
+   * @generated from field: int32 soft_gate_margin_percent = 2;
+   */
+  softGateMarginPercent: number;
+
+  /**
+   * The graduated response. When unset: 60% info, 80% warn, 95% throttle.
+   *
+   * @generated from field: runcap.v1.Thresholds thresholds = 3;
+   */
+  thresholds?: Thresholds | undefined;
+
+  /**
+   * In the throttle band, the delay after the first allowed call; each
+   * later allowed call doubles it, up to `throttle_max_delay`. Default 1 s.
+   *
+   * @generated from field: google.protobuf.Duration throttle_base_delay = 4;
+   */
+  throttleBaseDelay?: Duration | undefined;
+
+  /**
+   * The longest throttle delay. Default 60 s.
+   *
+   * @generated from field: google.protobuf.Duration throttle_max_delay = 5;
+   */
+  throttleMaxDelay?: Duration | undefined;
+
+  /**
+   * A ceiling on the run's tokens: the input plus effective maximum output
+   * of each LLM call reserved, then its actual usage once committed.
+   *
+   * @generated from field: optional int64 max_tokens = 6;
+   */
+  maxTokens?: bigint | undefined;
+
+  /**
+   * Ceilings on named call meters (ReserveRequest.meter), in units (calls by
+   * default). Names are 1 to 128 characters of letters, digits and `.`,
+   * `_`, `-`, `:`, `/`. At most 32 meters.
+   *
+   * @generated from field: map<string, int64> meter_limits = 7;
+   */
+  meterLimits: { [key: string]: bigint };
+
+  /**
+   * A rate limit on the run's allowed Reserves.
+   *
+   * @generated from field: runcap.v1.RateLimit rate_limit = 8;
+   */
+  rateLimit?: RateLimit | undefined;
+
+  /**
+   * A cap on the run's holds in flight at once (parallelism), its
+   * descendants' holds on it included.
+   *
+   * @generated from field: optional int32 max_in_flight = 9;
+   */
+  maxInFlight?: number | undefined;
+
+  /**
+   * How many levels of subagent runs may be created below this run (its
+   * children are one level). Default 5; at most 15.
+   *
+   * @generated from field: optional int32 max_depth = 10;
+   */
+  maxDepth?: number | undefined;
+
+  /**
+   * How many child runs this run may have.
+   *
+   * @generated from field: optional int32 max_children = 11;
+   */
+  maxChildren?: number | undefined;
+};
+
+/**
+ * Describes the message runcap.v1.RunPolicy.
+ * Use `create(RunPolicySchema)` to create a new message.
+ */
+export const RunPolicySchema: GenMessage<RunPolicy> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget, 2);
 
 /**
  * ScopeRef names a scope.
@@ -42,7 +208,7 @@ export type ScopeRef = Message<"runcap.v1.ScopeRef"> & {
  * Use `create(ScopeRefSchema)` to create a new message.
  */
 export const ScopeRefSchema: GenMessage<ScopeRef> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget, 0);
+  messageDesc(file_runcap_v1_budget, 3);
 
 /**
  * ScopeUsage is a scope's ledger for one period, in its current window.
@@ -121,7 +287,7 @@ export type ScopeUsage = Message<"runcap.v1.ScopeUsage"> & {
  * Use `create(ScopeUsageSchema)` to create a new message.
  */
 export const ScopeUsageSchema: GenMessage<ScopeUsage> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget, 1);
+  messageDesc(file_runcap_v1_budget, 4);
 
 /**
  * Scope is a parent scope's ceilings and usage. Scopes exist implicitly: a
@@ -150,7 +316,7 @@ export type Scope = Message<"runcap.v1.Scope"> & {
  * Use `create(ScopeSchema)` to create a new message.
  */
 export const ScopeSchema: GenMessage<Scope> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget, 2);
+  messageDesc(file_runcap_v1_budget, 5);
 
 /**
  * BudgetState is the ledger of one run at one revision. All money is integer
@@ -229,6 +395,27 @@ export type BudgetState = Message<"runcap.v1.BudgetState"> & {
   overrunMicros: bigint;
 
   /**
+   * The highest threshold band the run's committed spend has reached.
+   *
+   * @generated from field: runcap.v1.ThresholdLevel threshold = 11;
+   */
+  threshold: ThresholdLevel;
+
+  /**
+   * The tokens of the run's committed LLM calls (their actual usage).
+   *
+   * @generated from field: int64 committed_tokens = 12;
+   */
+  committedTokens: bigint;
+
+  /**
+   * The tokens held by the run's active LLM-call reservations.
+   *
+   * @generated from field: int64 reserved_tokens = 13;
+   */
+  reservedTokens: bigint;
+
+  /**
    * A fingerprint of the run's whole change history up to `revision` (a hash
    * chain over every change). Two states with the same revision and digest
    * have the same history. Pass it back as WatchRequest.after_digest so a
@@ -245,7 +432,7 @@ export type BudgetState = Message<"runcap.v1.BudgetState"> & {
  * Use `create(BudgetStateSchema)` to create a new message.
  */
 export const BudgetStateSchema: GenMessage<BudgetState> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget, 3);
+  messageDesc(file_runcap_v1_budget, 6);
 
 /**
  * Run is a run's configuration, as given when it was created.
@@ -331,6 +518,35 @@ export type Run = Message<"runcap.v1.Run"> & {
    * @generated from field: repeated string ancestor_run_ids = 11;
    */
   ancestorRunIds: string[];
+
+  /**
+   * The run's policy, with every default filled in.
+   *
+   * @generated from field: runcap.v1.RunPolicy policy = 12;
+   */
+  policy?: RunPolicy | undefined;
+
+  /**
+   * How many more levels of subagents may be created below this run: its
+   * own max_depth, or less when an ancestor's limit is tighter.
+   *
+   * @generated from field: int32 depth_remaining = 13;
+   */
+  depthRemaining: number;
+
+  /**
+   * How many child runs the run has.
+   *
+   * @generated from field: int32 children = 14;
+   */
+  children: number;
+
+  /**
+   * The run's call meters: every meter with a ceiling or any use.
+   *
+   * @generated from field: repeated runcap.v1.MeterUsage meters = 15;
+   */
+  meters: MeterUsage[];
 };
 
 /**
@@ -338,7 +554,49 @@ export type Run = Message<"runcap.v1.Run"> & {
  * Use `create(RunSchema)` to create a new message.
  */
 export const RunSchema: GenMessage<Run> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget, 4);
+  messageDesc(file_runcap_v1_budget, 7);
+
+/**
+ * MeterUsage is a run's use of one call meter, in units.
+ *
+ * @generated from message runcap.v1.MeterUsage
+ */
+export type MeterUsage = Message<"runcap.v1.MeterUsage"> & {
+  /**
+   * The meter's name.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * The meter's ceiling; unset when it has none.
+   *
+   * @generated from field: optional int64 limit = 2;
+   */
+  limit?: bigint | undefined;
+
+  /**
+   * Units of committed calls.
+   *
+   * @generated from field: int64 committed = 3;
+   */
+  committed: bigint;
+
+  /**
+   * Units of calls in flight.
+   *
+   * @generated from field: int64 reserved = 4;
+   */
+  reserved: bigint;
+};
+
+/**
+ * Describes the message runcap.v1.MeterUsage.
+ * Use `create(MeterUsageSchema)` to create a new message.
+ */
+export const MeterUsageSchema: GenMessage<MeterUsage> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget, 8);
 
 /**
  * BudgetEvent is one change of a run, with the state right after it.
@@ -403,6 +661,13 @@ export type BudgetEvent = Message<"runcap.v1.BudgetEvent"> & {
    * @generated from field: runcap.v1.BudgetState state = 8;
    */
   state?: BudgetState | undefined;
+
+  /**
+   * For THRESHOLD_CROSSED: the band reached.
+   *
+   * @generated from field: runcap.v1.ThresholdLevel threshold = 9;
+   */
+  threshold: ThresholdLevel;
 };
 
 /**
@@ -410,7 +675,7 @@ export type BudgetEvent = Message<"runcap.v1.BudgetEvent"> & {
  * Use `create(BudgetEventSchema)` to create a new message.
  */
 export const BudgetEventSchema: GenMessage<BudgetEvent> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget, 5);
+  messageDesc(file_runcap_v1_budget, 9);
 
 /**
  * RunStatus is the lifecycle state of a run.
@@ -484,6 +749,26 @@ export enum Decision {
    * @generated from enum value: DECISION_BLOCK = 2;
    */
   BLOCK = 2,
+
+  /**
+   * An advisory run (ENFORCEMENT_MODE_ADVISORY): the estimate is held, but a
+   * blocking run would have blocked or throttled it; `reason` and
+   * `blocking_dimension` say why.
+   *
+   * @generated from enum value: DECISION_WARN = 3;
+   */
+  WARN = 3,
+
+  /**
+   * Not now: nothing was held. Reserve again, with a new reservation id,
+   * after `retry_after`. Answers calls in the throttle band of the run's
+   * thresholds (with delays that grow with each call), over the run's rate
+   * limit, or past its in-flight cap. Retrying the same id returns this
+   * same decision.
+   *
+   * @generated from enum value: DECISION_THROTTLE = 4;
+   */
+  THROTTLE = 4,
 }
 
 /**
@@ -491,6 +776,171 @@ export enum Decision {
  */
 export const DecisionSchema: GenEnum<Decision> = /*@__PURE__*/
   enumDesc(file_runcap_v1_budget, 1);
+
+/**
+ * EnforcementMode is how a run's ceilings are enforced.
+ *
+ * @generated from enum runcap.v1.EnforcementMode
+ */
+export enum EnforcementMode {
+  /**
+   * Not set: a subagent run takes its parent's policy; a root run is
+   * ENFORCEMENT_MODE_HARD_GATE.
+   *
+   * @generated from enum value: ENFORCEMENT_MODE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Worst-case reservation: a Reserve is allowed only if its estimate fits
+   * committed + reserved + estimate <= limit. Overshoot can come only from
+   * actual costs above their estimates, and is reported as overrun.
+   *
+   * @generated from enum value: ENFORCEMENT_MODE_HARD_GATE = 1;
+   */
+  HARD_GATE = 1,
+
+  /**
+   * Like the hard gate, but a Reserve blocks only past the limit plus
+   * `soft_gate_margin_percent` of it: estimates may run over the ceiling by
+   * at most that margin.
+   *
+   * @generated from enum value: ENFORCEMENT_MODE_SOFT_GATE = 2;
+   */
+  SOFT_GATE = 2,
+
+  /**
+   * Never blocks on a ceiling, a limit or a threshold: every Reserve is held
+   * and answered DECISION_ALLOW or, where a hard gate would have blocked or
+   * throttled, DECISION_WARN with the reason. A closed or suspended run
+   * still blocks. With the deployment's fail-open setting, Reserve on an
+   * advisory run answers DECISION_WARN even while the storage is down.
+   *
+   * @generated from enum value: ENFORCEMENT_MODE_ADVISORY = 3;
+   */
+  ADVISORY = 3,
+
+  /**
+   * No estimate is held: a Reserve is allowed while committed spend is below
+   * the limit, whatever its estimate, so the call that crosses the ceiling
+   * overshoots it by its whole actual cost; the next Reserve is blocked.
+   * Holds count as in flight but hold 0 micro-USD (and 0 tokens).
+   *
+   * @generated from enum value: ENFORCEMENT_MODE_ACTUALS_ONLY = 4;
+   */
+  ACTUALS_ONLY = 4,
+}
+
+/**
+ * Describes the enum runcap.v1.EnforcementMode.
+ */
+export const EnforcementModeSchema: GenEnum<EnforcementMode> = /*@__PURE__*/
+  enumDesc(file_runcap_v1_budget, 2);
+
+/**
+ * BudgetDimension names what a verdict was about.
+ *
+ * @generated from enum runcap.v1.BudgetDimension
+ */
+export enum BudgetDimension {
+  /**
+   * Not set (an allow, or a block by the run's lifecycle).
+   *
+   * @generated from enum value: BUDGET_DIMENSION_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Money: a ceiling in micro-USD, or the run's spend thresholds.
+   *
+   * @generated from enum value: BUDGET_DIMENSION_SPEND = 1;
+   */
+  SPEND = 1,
+
+  /**
+   * The run's token ceiling (RunPolicy.max_tokens).
+   *
+   * @generated from enum value: BUDGET_DIMENSION_TOKENS = 2;
+   */
+  TOKENS = 2,
+
+  /**
+   * A call meter's ceiling (RunPolicy.meter_limits); `blocking_meter` names it.
+   *
+   * @generated from enum value: BUDGET_DIMENSION_METER = 3;
+   */
+  METER = 3,
+
+  /**
+   * The run's rate limit (RunPolicy.rate_limit).
+   *
+   * @generated from enum value: BUDGET_DIMENSION_RATE = 4;
+   */
+  RATE = 4,
+
+  /**
+   * The run's cap on holds in flight (RunPolicy.max_in_flight).
+   *
+   * @generated from enum value: BUDGET_DIMENSION_IN_FLIGHT = 5;
+   */
+  IN_FLIGHT = 5,
+}
+
+/**
+ * Describes the enum runcap.v1.BudgetDimension.
+ */
+export const BudgetDimensionSchema: GenEnum<BudgetDimension> = /*@__PURE__*/
+  enumDesc(file_runcap_v1_budget, 3);
+
+/**
+ * ThresholdLevel is a band of a run's graduated response, by committed spend
+ * as a share of its limit (RunPolicy.thresholds).
+ *
+ * @generated from enum runcap.v1.ThresholdLevel
+ */
+export enum ThresholdLevel {
+  /**
+   * Below every threshold.
+   *
+   * @generated from enum value: THRESHOLD_LEVEL_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Past the info threshold (60% by default).
+   *
+   * @generated from enum value: THRESHOLD_LEVEL_INFO = 1;
+   */
+  INFO = 1,
+
+  /**
+   * Past the warn threshold (80% by default).
+   *
+   * @generated from enum value: THRESHOLD_LEVEL_WARN = 2;
+   */
+  WARN = 2,
+
+  /**
+   * Past the throttle threshold (95% by default): Reserve spaces calls out
+   * with growing delays (DECISION_THROTTLE).
+   *
+   * @generated from enum value: THRESHOLD_LEVEL_THROTTLE = 3;
+   */
+  THROTTLE = 3,
+
+  /**
+   * Committed spend reached the limit.
+   *
+   * @generated from enum value: THRESHOLD_LEVEL_STOP = 4;
+   */
+  STOP = 4,
+}
+
+/**
+ * Describes the enum runcap.v1.ThresholdLevel.
+ */
+export const ThresholdLevelSchema: GenEnum<ThresholdLevel> = /*@__PURE__*/
+  enumDesc(file_runcap_v1_budget, 4);
 
 /**
  * DecisionReason explains a decision in machine-readable form.
@@ -513,7 +963,9 @@ export enum DecisionReason {
   WITHIN_BUDGET = 1,
 
   /**
-   * The estimate does not fit in what remains of the run's limit.
+   * The estimate does not fit in what remains of a ceiling: the run's or a
+   * parent scope's limit in micro-USD, the run's token ceiling or one of its
+   * call meters (`blocking_dimension` says which).
    *
    * @generated from enum value: DECISION_REASON_INSUFFICIENT_BUDGET = 2;
    */
@@ -551,13 +1003,35 @@ export enum DecisionReason {
    * @generated from enum value: DECISION_REASON_SUSPENDED = 6;
    */
   SUSPENDED = 6,
+
+  /**
+   * DECISION_THROTTLE: the run's committed spend is in its throttle band and
+   * the last allowed call was too recent.
+   *
+   * @generated from enum value: DECISION_REASON_THROTTLED = 7;
+   */
+  THROTTLED = 7,
+
+  /**
+   * DECISION_THROTTLE: the run's rate limit is used up for this window.
+   *
+   * @generated from enum value: DECISION_REASON_RATE_LIMITED = 8;
+   */
+  RATE_LIMITED = 8,
+
+  /**
+   * DECISION_THROTTLE: the run has its maximum number of holds in flight.
+   *
+   * @generated from enum value: DECISION_REASON_IN_FLIGHT_LIMIT = 9;
+   */
+  IN_FLIGHT_LIMIT = 9,
 }
 
 /**
  * Describes the enum runcap.v1.DecisionReason.
  */
 export const DecisionReasonSchema: GenEnum<DecisionReason> = /*@__PURE__*/
-  enumDesc(file_runcap_v1_budget, 2);
+  enumDesc(file_runcap_v1_budget, 5);
 
 /**
  * ScopeKind names what a scope is. A run is charged on its own ledger and on
@@ -607,7 +1081,7 @@ export enum ScopeKind {
  * Describes the enum runcap.v1.ScopeKind.
  */
 export const ScopeKindSchema: GenEnum<ScopeKind> = /*@__PURE__*/
-  enumDesc(file_runcap_v1_budget, 3);
+  enumDesc(file_runcap_v1_budget, 6);
 
 /**
  * Period is the window a scope ceiling applies to. Daily and monthly windows
@@ -650,7 +1124,7 @@ export enum Period {
  * Describes the enum runcap.v1.Period.
  */
 export const PeriodSchema: GenEnum<Period> = /*@__PURE__*/
-  enumDesc(file_runcap_v1_budget, 4);
+  enumDesc(file_runcap_v1_budget, 7);
 
 /**
  * ReservationStatus is where a reservation is in its state machine:
@@ -717,7 +1191,7 @@ export enum ReservationStatus {
  * Describes the enum runcap.v1.ReservationStatus.
  */
 export const ReservationStatusSchema: GenEnum<ReservationStatus> = /*@__PURE__*/
-  enumDesc(file_runcap_v1_budget, 5);
+  enumDesc(file_runcap_v1_budget, 8);
 
 /**
  * EventType names what changed in a run.
@@ -788,11 +1262,19 @@ export enum EventType {
    * @generated from enum value: EVENT_TYPE_RESUMED = 8;
    */
   RESUMED = 8,
+
+  /**
+   * The run's committed spend reached a new threshold band; `threshold`
+   * says which. One event per band, in order, after the commit that crossed it.
+   *
+   * @generated from enum value: EVENT_TYPE_THRESHOLD_CROSSED = 9;
+   */
+  THRESHOLD_CROSSED = 9,
 }
 
 /**
  * Describes the enum runcap.v1.EventType.
  */
 export const EventTypeSchema: GenEnum<EventType> = /*@__PURE__*/
-  enumDesc(file_runcap_v1_budget, 6);
+  enumDesc(file_runcap_v1_budget, 9);
 
