@@ -173,17 +173,6 @@ class ParentRunNotFound(_ResourceError):
         )
 
 
-def run_too_deep(run_id: str, parent_run_id: str, max_depth: int) -> InvalidArgument:
-    return InvalidArgument(
-        [
-            FieldViolation(
-                "parent_run_id",
-                f"run {run_id!r} under {parent_run_id!r} would be more than {max_depth} runs deep",
-            )
-        ]
-    )
-
-
 class _PreconditionError(RuncapError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     violation_type = ""
@@ -240,6 +229,17 @@ class ParentRunClosed(_PreconditionError):
             "no new subagent runs",
             run_id,
             "",
+        )
+        self.subject = parent_run_id
+
+
+class SubagentLimit(_PreconditionError):
+    reason = errors_pb2.ERROR_REASON_SUBAGENT_LIMIT
+    violation_type = "SUBAGENT_LIMIT"
+
+    def __init__(self, run_id: str, parent_run_id: str, what: str) -> None:
+        super().__init__(
+            f"run {run_id!r} cannot be created under {parent_run_id!r}: {what}", run_id, ""
         )
         self.subject = parent_run_id
 

@@ -8,6 +8,8 @@ conformance suite (tests/ledger_backends.py).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from runcap_server import errors
@@ -25,6 +27,7 @@ from runcap_server.ledger.types import (
     Period,
     ReservationStatus,
     ReserveResult,
+    RunPolicy,
     RunSpec,
     ScopeKind,
     ScopeRef,
@@ -134,12 +137,12 @@ async def test_a_child_inherits_its_parents_lineage(ledger: Ledger, clock: Manua
     created = await ledger.create_run(T, child_spec)
     assert not created.replayed
     view = created.run
-    assert view.lineage == Lineage(("root",), "key-1", "bob", "core")
+    assert view.lineage == Lineage(("root",), "key-1", "bob", "core", depth_left=4)
     assert (view.default_ttl_ms, view.created_ms, view.closed_ms) == (5_000, START, None)
     assert (view.state.limit_micros, view.state.revision) == (500, 1)
 
     grand = await ledger.create_run(T, spec("grand", parent="child", team="labs"))
-    assert grand.run.lineage == Lineage(("child", "root"), "key-1", "bob", "labs")
+    assert grand.run.lineage == Lineage(("child", "root"), "key-1", "bob", "labs", depth_left=3)
     assert grand.run.lineage.parents() == (
         run_ref("child"),
         ROOT,
@@ -149,7 +152,7 @@ async def test_a_child_inherits_its_parents_lineage(ledger: Ledger, clock: Manua
     )
     assert (await ledger.get_run(T, "grand")).lineage == grand.run.lineage
     root = await ledger.get_run(T, "root")
-    assert root.lineage == Lineage((), "key-1", "ann", "core")
+    assert root.lineage == Lineage((), "key-1", "ann", "core", depth_left=5)
     assert root.state.revision == 1  # a child's creation is no change of its parent
 
 
@@ -178,7 +181,7 @@ async def test_create_child_replays_and_conflicts(ledger: Ledger, clock: ManualC
         with pytest.raises(errors.RunAlreadyExists):
             await ledger.create_run(T, other)
     view = await ledger.get_run(T, "child")
-    assert view.lineage == Lineage(("root",), team_id="core")
+    assert view.lineage == Lineage(("root",), team_id="core", depth_left=4)
     assert view.state.revision == 1
 
 
@@ -200,15 +203,15 @@ async def test_create_under_a_missing_or_closed_parent_fails(ledger: Ledger) -> 
 
 
 async def test_runs_nest_at_most_max_depth(ledger: Ledger) -> None:
-    await ledger.create_run(T, spec("r0"))
+    deepest_policy = RunPolicy(max_depth=MAX_RUN_DEPTH - 1)
+    await ledger.create_run(T, dataclasses.replace(spec("r0"), policy=deepest_policy))
     for i in range(1, MAX_RUN_DEPTH):
         await ledger.create_run(T, spec(f"r{i}", parent=f"r{i - 1}"))
     deepest = f"r{MAX_RUN_DEPTH - 1}"
     ancestors = tuple(f"r{i}" for i in reversed(range(MAX_RUN_DEPTH - 1)))
     assert (await ledger.get_run(T, deepest)).lineage.ancestors == ancestors
-    with pytest.raises(errors.InvalidArgument) as info:
+    with pytest.raises(errors.SubagentLimit, match="max_depth"):
         await ledger.create_run(T, spec("too-deep", parent=deepest))
-    assert info.value.fields == ["parent_run_id"]
     with pytest.raises(errors.RunNotFound):
         await ledger.get_run(T, "too-deep")
     # The deepest run's reservation is held on all of its ancestors.

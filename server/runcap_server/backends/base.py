@@ -58,8 +58,16 @@ class Backend(Protocol):
         ...
 
     async def commit(
-        self, tenant: str, run_id: str, reservation_id: str, actual_micros: int
-    ) -> CommitResult: ...
+        self,
+        tenant: str,
+        run_id: str,
+        reservation_id: str,
+        actual_micros: int,
+        actual_tokens: int | None = None,
+    ) -> CommitResult:
+        """Settle with the actual cost; `actual_tokens` (an LLM call's usage)
+        replaces the tokens held, when given."""
+        ...
 
     async def refund(self, tenant: str, run_id: str, reservation_id: str) -> RefundResult: ...
 

@@ -12,13 +12,17 @@ reference model and the SQLite backend share them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from runcap_server import errors
 from runcap_server.ledger.scopes import ParentOutcome
 from runcap_server.ledger.types import (
+    ADVISORY_REASONS,
     MAX_MICROS,
     SETTLED_BY_COMMIT,
+    TOKENS,
     Account,
     BudgetState,
     Change,
@@ -26,6 +30,8 @@ from runcap_server.ledger.types import (
     CommitResult,
     Decision,
     DecisionReason,
+    Dimension,
+    EnforcementMode,
     EventType,
     Lineage,
     Period,
@@ -33,10 +39,12 @@ from runcap_server.ledger.types import (
     Reservation,
     ReservationStatus,
     ReserveResult,
+    RunPolicy,
     RunSpec,
     RunStatus,
     ScopeKind,
     ScopeRef,
+    Threshold,
     chain_digest,
 )
 
@@ -78,6 +86,7 @@ class _Txn:
         actual_micros: int = 0,
         overrun_micros: int = 0,
         late: bool = False,
+        threshold: Threshold = Threshold.NONE,
     ) -> None:
         account = self.account
         account.revision += 1
@@ -94,6 +103,7 @@ class _Txn:
             actual_micros,
             overrun_micros,
             late,
+            threshold,
         )
         self.changes.append(
             Change(
@@ -106,15 +116,24 @@ class _Txn:
                 actual_micros=actual_micros,
                 overrun_micros=overrun_micros,
                 late=late,
+                threshold=threshold,
             )
         )
 
+    def unhold(self, reservation: Reservation) -> int:
+        """Take a held reservation's holds off the run's totals. Returns the money."""
+        account = self.account
+        account.reserved_micros -= reservation.held_micros
+        account.active_reservations -= 1
+        for dim, units in reservation.dims.items():
+            reserved, committed = account.usage[dim]
+            account.usage[dim] = (reserved - units, committed)
+        return reservation.held_micros
+
     def expire(self, reservation: Reservation) -> None:
-        held = reservation.held_micros
+        held = self.unhold(reservation)
         reservation.status = ReservationStatus.EXPIRED
         reservation.settled_ms = self.now_ms
-        self.account.reserved_micros -= held
-        self.account.active_reservations -= 1
         self.record(EventType.EXPIRED, reservation, amount_micros=held)
 
     def apply(self) -> BudgetState:
@@ -157,22 +176,47 @@ def _reservation(txn: _Txn, reservation_id: str) -> Reservation | None:
 
 
 def create_run(
-    store: RunStore, spec: RunSpec, now_ms: int, lineage: Lineage | None = None
+    store: RunStore,
+    spec: RunSpec,
+    now_ms: int,
+    lineage: Lineage | None = None,
+    policy: RunPolicy | None = None,
 ) -> tuple[Account, bool]:
     """Create a run, or find the identical one. Returns (account, replayed).
 
-    `lineage` is the run's place under its parent (saga.lineage_under).
+    `lineage` and `policy` are the run's place under its parent and its
+    effective policy (saga.place_under).
     """
     existing = store.load_account()
     if existing is not None:
         if existing.spec != spec:
             raise errors.RunAlreadyExists(spec.run_id)
         return get_state(store, spec.run_id, now_ms), True
-    account = Account(spec=spec, created_ms=now_ms, lineage=lineage or Lineage())
+    account = Account(
+        spec=spec,
+        created_ms=now_ms,
+        lineage=lineage or Lineage(depth_left=(policy or RunPolicy()).max_depth),
+        policy=policy or spec.policy or RunPolicy(),
+    )
     txn = _Txn(store, account, now_ms)
     txn.record(EventType.CREATED)
     txn.apply()
     return txn.account, False
+
+
+def adopt_child(store: RunStore, run_id: str, child_run_id: str) -> None:
+    """Count a new child run, within the run's max_children. Not a change of
+    the run's budget: no revision. The caller creates the child in the same
+    transaction."""
+    account = store.load_account()
+    assert account is not None
+    limit = account.policy.max_children
+    if limit is not None and account.children >= limit:
+        raise errors.SubagentLimit(
+            child_run_id, run_id, f"the parent already has its {limit} children (max_children)"
+        )
+    account.children += 1
+    store.save_account(account)
 
 
 def get_state(store: RunStore, run_id: str, now_ms: int) -> Account:
@@ -200,44 +244,57 @@ def reserve(
     parent_block: ParentOutcome | None = None,
     fingerprint: str = "",
     pricing: str = "",
+    dims: Mapping[str, int] | None = None,
 ) -> ReserveResult:
-    """Hold `amount` on the run if it fits; remember the decision either way.
+    """Hold `amount` (and `dims`: tokens, meter units) on the run if every
+    limit of its policy allows; remember the decision either way.
 
     `parent_block` is a verdict reached before the run's own: the reserve
     saga's from the run's parent scopes, or an unknown price. When set (and
     this is not a retry), the reservation is blocked by it. A retry is
-    compared by `fingerprint` when the request has one, else by amount.
+    compared by `fingerprint` when the request has one, else by amount, and
+    by its meter.
     """
+    dims = dict(dims or {})
     txn = _open(store, run_id, now_ms)
     previous = _reservation(txn, reservation_id)
     if previous is not None:
-        if _arguments(previous) != _arguments_of(amount_micros, requested_ttl_ms, fingerprint):
+        asked = _arguments_of(amount_micros, requested_ttl_ms, fingerprint, dims)
+        if _arguments(previous) != asked:
             raise errors.IdempotencyConflict(run_id, reservation_id, "reserved")
-        return _reserve_result(previous, txn.apply(), replayed=True)
+        return _reserve_result(previous, txn.apply(), txn.account, replayed=True)
     ttl_ms = requested_ttl_ms or txn.account.spec.default_ttl_ms or server_default_ttl_ms
     reservation = _decide(
-        txn, reservation_id, amount_micros, requested_ttl_ms, ttl_ms, parent_block
+        txn, reservation_id, amount_micros, requested_ttl_ms, ttl_ms, parent_block, dims
     )
     reservation.fingerprint = fingerprint
     reservation.pricing = pricing
-    return _reserve_result(reservation, txn.apply(), replayed=False)
+    return _reserve_result(reservation, txn.apply(), txn.account, replayed=False)
+
+
+def _meters(dims: Mapping[str, int]) -> dict[str, int]:
+    return {k: v for k, v in dims.items() if k != TOKENS}
 
 
 def _arguments_of(
-    amount_micros: int, requested_ttl_ms: int | None, fingerprint: str
+    amount_micros: int, requested_ttl_ms: int | None, fingerprint: str, dims: Mapping[str, int]
 ) -> tuple[object, ...]:
-    return (fingerprint or amount_micros, requested_ttl_ms)
+    # Tokens come only with a fingerprint (an LLM call), which covers them.
+    return (fingerprint or amount_micros, requested_ttl_ms, _meters(dims))
 
 
 def _arguments(reservation: Reservation) -> tuple[object, ...]:
     """What a retry of this reservation must repeat."""
     return _arguments_of(
-        reservation.amount_micros, reservation.requested_ttl_ms, reservation.fingerprint
+        reservation.amount_micros,
+        reservation.requested_ttl_ms,
+        reservation.fingerprint,
+        reservation.dims,
     )
 
 
 def _reserve_result(
-    reservation: Reservation, state: BudgetState, *, replayed: bool
+    reservation: Reservation, state: BudgetState, account: Account, *, replayed: bool
 ) -> ReserveResult:
     return ReserveResult(
         decision=reservation.decision,
@@ -249,7 +306,129 @@ def _reserve_result(
         replayed=replayed,
         blocking_scope=reservation.blocking_scope,
         blocking_period=reservation.blocking_period,
+        dimension=reservation.dimension,
+        meter=reservation.meter,
+        retry_at_ms=reservation.retry_at_ms,
+        mode=account.policy.mode,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    """Why a reservation is not simply allowed."""
+
+    reason: DecisionReason
+    dimension: Dimension | None = None
+    meter: str = ""
+    retry_at_ms: int | None = None
+    scope: ScopeRef | None = None
+    period: Period | None = None
+
+
+def _fits_money(account: Account, amount_micros: int) -> bool:
+    """Whether the run's dollar ceiling, as its mode reads it, admits the amount."""
+    policy, limit = account.policy, account.spec.limit_micros
+    used = account.committed_micros + account.reserved_micros
+    if policy.mode is EnforcementMode.ACTUALS_ONLY:
+        return used < limit
+    if policy.mode is EnforcementMode.SOFT_GATE:
+        limit += limit * policy.soft_margin_percent // 100
+    return used + amount_micros <= limit
+
+
+def band(account: Account) -> Threshold:
+    """The highest threshold band the run's committed spend is in."""
+    committed, limit = account.committed_micros, account.spec.limit_micros
+    if committed >= limit:
+        return Threshold.STOP
+    reached = Threshold.NONE
+    for level, percent in zip(
+        (Threshold.INFO, Threshold.WARN, Threshold.THROTTLE), account.policy.thresholds, strict=True
+    ):
+        if percent and committed * 100 >= percent * limit:
+            reached = level
+    return reached
+
+
+def _in_throttle_band(account: Account) -> bool:
+    percent = account.policy.thresholds[2]
+    return bool(percent) and account.committed_micros * 100 >= percent * account.spec.limit_micros
+
+
+def _rate_window(policy: RunPolicy, now_ms: int) -> int:
+    assert policy.rate_limit is not None
+    return now_ms - now_ms % policy.rate_limit[1]
+
+
+def _check(
+    account: Account, amount_micros: int, dims: Mapping[str, int], now_ms: int
+) -> _Verdict | None:
+    """The run's own verdict on a new reservation; None allows it.
+
+    Final verdicts come first (a block is remembered, so it must be the
+    lasting one): money, tokens, meters. Then the passing ones (a throttle):
+    holds in flight, the rate limit, the throttle band.
+    """
+    policy = account.policy
+    run = ScopeRef(ScopeKind.RUN, account.run_id)
+    if not _fits_money(account, amount_micros):
+        return _Verdict(
+            DecisionReason.INSUFFICIENT_BUDGET, Dimension.SPEND, scope=run, period=Period.LIFETIME
+        )
+    for dim, units in sorted(dims.items()):
+        limit = policy.limit_of(dim)
+        if limit is None:
+            continue
+        reserved, committed = account.usage.get(dim, (0, 0))
+        if policy.mode is EnforcementMode.ACTUALS_ONLY and dim == TOKENS:
+            over = reserved + committed >= limit
+        else:
+            over = reserved + committed + units > limit
+        if over:
+            if dim == TOKENS:
+                return _Verdict(DecisionReason.INSUFFICIENT_BUDGET, Dimension.TOKENS, scope=run)
+            return _Verdict(
+                DecisionReason.INSUFFICIENT_BUDGET, Dimension.METER, meter=dim[2:], scope=run
+            )
+    if policy.max_in_flight is not None and account.active_reservations >= policy.max_in_flight:
+        return _Verdict(
+            DecisionReason.IN_FLIGHT_LIMIT,
+            Dimension.IN_FLIGHT,
+            retry_at_ms=now_ms + policy.throttle_base_ms,
+            scope=run,
+        )
+    if policy.rate_limit is not None:
+        start = _rate_window(policy, now_ms)
+        used = account.rate_count if account.rate_window_ms == start else 0
+        if used >= policy.rate_limit[0]:
+            return _Verdict(
+                DecisionReason.RATE_LIMITED,
+                Dimension.RATE,
+                retry_at_ms=start + policy.rate_limit[1],
+                scope=run,
+            )
+    if _in_throttle_band(account) and now_ms < account.throttle_until_ms:
+        return _Verdict(
+            DecisionReason.THROTTLED,
+            Dimension.SPEND,
+            retry_at_ms=account.throttle_until_ms,
+            scope=run,
+        )
+    return None
+
+
+def _count_allowed(account: Account, now_ms: int) -> None:
+    """An allowed call uses the rate window and, in the throttle band, spaces the next one."""
+    policy = account.policy
+    if policy.rate_limit is not None:
+        start = _rate_window(policy, now_ms)
+        if account.rate_window_ms != start:
+            account.rate_window_ms, account.rate_count = start, 0
+        account.rate_count += 1
+    if _in_throttle_band(account):
+        account.throttle_strikes += 1
+        delay = policy.throttle_base_ms * 2 ** min(account.throttle_strikes - 1, 32)
+        account.throttle_until_ms = now_ms + min(policy.throttle_max_ms, delay)
 
 
 def _decide(
@@ -259,46 +438,82 @@ def _decide(
     requested_ttl_ms: int | None,
     ttl_ms: int,
     parent_block: ParentOutcome | None = None,
+    dims: Mapping[str, int] | None = None,
+    *,
+    own_limits: bool = True,
 ) -> Reservation:
-    """A new reservation: held if the run is open and has room and no parent
-    blocked, else blocked (the run's own verdict takes precedence)."""
+    """A new reservation: held if the run is open and every limit and parent
+    allows it (or the run is advisory and only a limit objects), else blocked
+    or throttled. The run's own verdict takes precedence over its parents'.
+
+    `own_limits` False (an ancestor holding for a descendant) checks the
+    dollar ceiling only: the other limits govern the run's own calls.
+    """
     account = txn.account
+    dims = dict(dims or {})
+    verdict: _Verdict | None
+    run = ScopeRef(ScopeKind.RUN, account.run_id)
     if account.status is RunStatus.CLOSED:
-        reason = DecisionReason.RUN_CLOSED
+        verdict = _Verdict(DecisionReason.RUN_CLOSED, scope=run, period=Period.LIFETIME)
     elif account.status is RunStatus.SUSPENDED:
-        reason = DecisionReason.SUSPENDED
-    elif account.committed_micros + account.reserved_micros + amount_micros > (
-        account.spec.limit_micros
-    ):
-        reason = DecisionReason.INSUFFICIENT_BUDGET
+        verdict = _Verdict(DecisionReason.SUSPENDED, scope=run, period=Period.LIFETIME)
+    elif own_limits:
+        verdict = _check(account, amount_micros, dims, txn.now_ms)
+    elif not _fits_money(account, amount_micros):
+        verdict = _Verdict(
+            DecisionReason.INSUFFICIENT_BUDGET, Dimension.SPEND, scope=run, period=Period.LIFETIME
+        )
     else:
-        reason = DecisionReason.WITHIN_BUDGET
+        verdict = None
+    if verdict is None and parent_block is not None:
+        dimension = (
+            Dimension.SPEND if parent_block.reason is DecisionReason.INSUFFICIENT_BUDGET else None
+        )
+        verdict = _Verdict(
+            parent_block.reason, dimension, scope=parent_block.scope, period=parent_block.period
+        )
+    actuals = account.policy.mode is EnforcementMode.ACTUALS_ONLY
+    if actuals and TOKENS in dims:
+        dims[TOKENS] = 0  # nothing estimated is held
+    dims = {k: v for k, v in dims.items() if v}
     reservation = Reservation(
         reservation_id=reservation_id,
         amount_micros=amount_micros,
         requested_ttl_ms=requested_ttl_ms,
         status=ReservationStatus.BLOCKED,
-        reason=reason,
+        reason=DecisionReason.WITHIN_BUDGET,
         created_ms=txn.now_ms,
-        blocking_scope=ScopeRef(ScopeKind.RUN, account.run_id),
-        blocking_period=Period.LIFETIME,
+        dims=dims,
     )
-    if reason is DecisionReason.WITHIN_BUDGET and parent_block is not None:
-        reservation.reason = parent_block.reason
-        reservation.blocking_scope = parent_block.scope
-        reservation.blocking_period = parent_block.period
-        txn.reservations[reservation_id] = reservation
-    elif reason is DecisionReason.WITHIN_BUDGET:
-        reservation.blocking_scope = reservation.blocking_period = None
+    if verdict is not None:
+        reservation.reason = verdict.reason
+        reservation.dimension = verdict.dimension
+        reservation.meter = verdict.meter
+        reservation.blocking_scope = verdict.scope
+        reservation.blocking_period = verdict.period
+    warn = (
+        verdict is not None
+        and account.policy.mode is EnforcementMode.ADVISORY
+        and verdict.reason in ADVISORY_REASONS
+    )
+    if verdict is None or warn:
+        held = 0 if actuals else amount_micros
         reservation.status = ReservationStatus.HELD
-        reservation.held_micros = amount_micros
+        reservation.held_micros = held
         reservation.expires_ms = txn.now_ms + ttl_ms
-        account.reserved_micros += amount_micros
+        account.reserved_micros += held
         account.active_reservations += 1
-        txn.record(EventType.RESERVED, reservation, amount_micros=amount_micros)
+        for dim, units in dims.items():
+            reserved, committed = account.usage.get(dim, (0, 0))
+            account.usage[dim] = (reserved + units, committed)
+        if own_limits:
+            _count_allowed(account, txn.now_ms)
+        txn.record(EventType.RESERVED, reservation, amount_micros=held)
     else:
-        # A block changes no money and no revision, but is remembered so a
-        # retry cannot turn it into an allow once budget frees up.
+        # A block (or throttle) changes no money and no revision, but is
+        # remembered so a retry cannot turn it into an allow once budget frees up.
+        assert verdict is not None
+        reservation.retry_at_ms = verdict.retry_at_ms
         txn.reservations[reservation_id] = reservation
     return reservation
 
@@ -320,7 +535,7 @@ def hold_for_child(
     found = _reservation(txn, hold_id)
     replayed = found is not None
     if found is None:
-        found = _decide(txn, hold_id, amount_micros, ttl_ms, ttl_ms)
+        found = _decide(txn, hold_id, amount_micros, ttl_ms, ttl_ms, own_limits=False)
     txn.apply()
     blocked = found.status is ReservationStatus.BLOCKED
     return ParentOutcome(
@@ -365,7 +580,12 @@ def settle_for_child(
 
 
 def commit(
-    store: RunStore, run_id: str, reservation_id: str, actual_micros: int, now_ms: int
+    store: RunStore,
+    run_id: str,
+    reservation_id: str,
+    actual_micros: int,
+    now_ms: int,
+    actual_tokens: int | None = None,
 ) -> CommitResult:
     txn = _open(store, run_id, now_ms)
     reservation = _reservation(txn, reservation_id)
@@ -388,7 +608,7 @@ def commit(
             replayed=True,
         )
 
-    overrun = _commit(txn, run_id, reservation, actual_micros)
+    overrun = _commit(txn, run_id, reservation, actual_micros, actual_tokens)
     return CommitResult(
         state=txn.apply(),
         reservation_status=reservation.status,
@@ -399,8 +619,15 @@ def commit(
     )
 
 
-def _commit(txn: _Txn, run_id: str, reservation: Reservation, actual_micros: int) -> int:
-    """Settle a held or expired reservation with its actual cost. Returns the overrun."""
+def _commit(
+    txn: _Txn,
+    run_id: str,
+    reservation: Reservation,
+    actual_micros: int,
+    actual_tokens: int | None = None,
+) -> int:
+    """Settle a held or expired reservation with its actual cost (and, when
+    known, tokens; else the tokens held). Returns the overrun."""
     account = txn.account
     if account.committed_micros + actual_micros > MAX_MICROS:
         # Totals must stay exact in every backend (Lua numbers are doubles).
@@ -413,8 +640,14 @@ def _commit(txn: _Txn, run_id: str, reservation: Reservation, actual_micros: int
     else:
         overrun = max(0, actual_micros - reservation.held_micros)
         reservation.status = ReservationStatus.COMMITTED
-        account.reserved_micros -= reservation.held_micros
-        account.active_reservations -= 1
+        txn.unhold(reservation)
+    actual_dims = dict(reservation.dims)
+    if actual_tokens is not None:
+        actual_dims[TOKENS] = actual_tokens
+    for dim, units in actual_dims.items():
+        if units:
+            reserved, committed = account.usage.get(dim, (0, 0))
+            account.usage[dim] = (reserved, committed + units)
     reservation.actual_micros = actual_micros
     reservation.overrun_micros = overrun
     reservation.settled_ms = txn.now_ms
@@ -428,15 +661,25 @@ def _commit(txn: _Txn, run_id: str, reservation: Reservation, actual_micros: int
         overrun_micros=overrun,
         late=late,
     )
+    _cross_thresholds(txn, reservation)
     return overrun
 
 
+def _cross_thresholds(txn: _Txn, reservation: Reservation) -> None:
+    """One event per threshold band the committed spend newly reached, in order."""
+    account = txn.account
+    reached = band(account)
+    percents = (*account.policy.thresholds, 100)
+    while account.threshold < reached:
+        account.threshold = Threshold(account.threshold + 1)
+        if percents[account.threshold - 1]:  # a level turned off is passed silently
+            txn.record(EventType.THRESHOLD_CROSSED, reservation, threshold=account.threshold)
+
+
 def _release(txn: _Txn, reservation: Reservation) -> int:
-    held = reservation.held_micros
+    held = txn.unhold(reservation)
     reservation.status = ReservationStatus.RELEASED
     reservation.settled_ms = txn.now_ms
-    txn.account.reserved_micros -= held
-    txn.account.active_reservations -= 1
     txn.record(EventType.REFUNDED, reservation, amount_micros=held)
     return held
 
@@ -502,6 +745,8 @@ def close_run(store: RunStore, run_id: str, now_ms: int) -> CloseRunResult:
 __all__ = [
     "Decision",
     "RunStore",
+    "adopt_child",
+    "band",
     "close_run",
     "commit",
     "create_run",

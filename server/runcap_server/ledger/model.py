@@ -223,10 +223,18 @@ class ModelLedger:
         return found.copy()
 
     async def commit(
-        self, tenant: str, run_id: str, reservation_id: str, actual_micros: int
+        self,
+        tenant: str,
+        run_id: str,
+        reservation_id: str,
+        actual_micros: int,
+        actual_tokens: int | None = None,
     ) -> CommitResult:
         return self._op(
-            tenant, lambda s, now: saga.commit(s, run_id, reservation_id, actual_micros, now)
+            tenant,
+            lambda s, now: saga.commit(
+                s, run_id, reservation_id, actual_micros, now, actual_tokens
+            ),
         )
 
     async def refund(self, tenant: str, run_id: str, reservation_id: str) -> RefundResult:

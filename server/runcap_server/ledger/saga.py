@@ -26,7 +26,7 @@ from runcap_server import errors
 from runcap_server.ledger import core, scopes
 from runcap_server.ledger.scopes import ParentOutcome
 from runcap_server.ledger.types import (
-    MAX_RUN_DEPTH,
+    TOKENS,
     Account,
     CommitResult,
     Decision,
@@ -35,11 +35,14 @@ from runcap_server.ledger.types import (
     RefundResult,
     ReservationStatus,
     ReserveResult,
+    RunPolicy,
     RunSpec,
     RunStatus,
+    RunView,
     ScopeKind,
     ScopeRef,
     hold_id,
+    meter_dim,
 )
 
 
@@ -51,6 +54,18 @@ class ReserveExtras:
     pricing: str = ""
     # A block decided before the ledgers are asked (an unknown price).
     preblock: DecisionReason | None = None
+    # An LLM call's tokens (input + effective max output), and the call
+    # meter with its units.
+    tokens: int = 0
+    meter: str = ""
+    meter_units: int = 0
+
+    def dims(self) -> dict[str, int]:
+        """What the reservation holds beyond money, by dimension."""
+        dims = {TOKENS: self.tokens} if self.tokens else {}
+        if self.meter:
+            dims[meter_dim(self.meter)] = self.meter_units
+        return dims
 
     def block(self) -> ParentOutcome | None:
         if self.preblock is None:
@@ -66,19 +81,38 @@ NO_EXTRAS = ReserveExtras()
 PARENT_HOLD_GRACE_MS = 1_000
 
 
-def lineage_under(spec: RunSpec, parent: tuple[Lineage, RunStatus] | None) -> Lineage:
-    """The lineage of a new run; `parent` is its parent run's lineage and status, if any."""
+def place_under(spec: RunSpec, parent: RunView | None) -> tuple[Lineage, RunPolicy]:
+    """A new run's lineage and effective policy; `parent` is its parent run, if any.
+
+    Checks the parent's subagent limits as they stand; the parent's own
+    step (core.adopt_child) counts the child atomically.
+    """
     if not spec.parent_run_id:
-        return Lineage(api_key_id=spec.api_key_id, user_id=spec.user_id, team_id=spec.team_id)
+        policy = spec.policy or RunPolicy()
+        lineage = Lineage(
+            api_key_id=spec.api_key_id,
+            user_id=spec.user_id,
+            team_id=spec.team_id,
+            depth_left=policy.max_depth,
+        )
+        return lineage, policy
     if parent is None:
         raise errors.ParentRunNotFound(spec.run_id, spec.parent_run_id)
-    parent_lineage, parent_status = parent
-    if parent_status is RunStatus.CLOSED:
+    if parent.state.status is RunStatus.CLOSED:
         raise errors.ParentRunClosed(spec.run_id, spec.parent_run_id)
-    lineage = parent_lineage.child(spec)
-    if len(lineage.ancestors) >= MAX_RUN_DEPTH:
-        raise errors.run_too_deep(spec.run_id, spec.parent_run_id, MAX_RUN_DEPTH)
-    return lineage
+    if parent.lineage.depth_left <= 0:
+        raise errors.SubagentLimit(
+            spec.run_id, spec.parent_run_id, "it would nest deeper than an ancestor's max_depth"
+        )
+    limit = parent.policy.max_children
+    if limit is not None and parent.children >= limit:
+        raise errors.SubagentLimit(
+            spec.run_id, spec.parent_run_id, f"the parent already has its {limit} children"
+        )
+    # max_depth is at most MAX_RUN_DEPTH - 1, so depth_left keeps every
+    # lineage within MAX_RUN_DEPTH runs.
+    policy = spec.policy or parent.policy
+    return parent.lineage.child(spec, policy), policy
 
 
 def hold_ttl_ms(account: Account, requested_ttl_ms: int | None, server_default_ttl_ms: int) -> int:
@@ -148,8 +182,10 @@ def create_run(stores: Stores, spec: RunSpec, now_ms: int) -> tuple[Account, boo
     if store.load_account() is not None:
         return core.create_run(store, spec, now_ms)  # a replay or a conflict
     parent = stores.run(spec.parent_run_id).load_account() if spec.parent_run_id else None
-    found = (parent.lineage, parent.status) if parent is not None else None
-    return core.create_run(store, spec, now_ms, lineage_under(spec, found))
+    lineage, policy = place_under(spec, parent.view(0) if parent is not None else None)
+    if parent is not None:
+        core.adopt_child(stores.run(spec.parent_run_id), spec.parent_run_id, spec.run_id)
+    return core.create_run(store, spec, now_ms, lineage, policy)
 
 
 def _account(stores: Stores, run_id: str) -> Account:
@@ -180,6 +216,7 @@ def reserve(
             parent_block=block,
             fingerprint=request.fingerprint,
             pricing=request.pricing,
+            dims=request.dims(),
         )
 
     if request.preblock is not None:
@@ -201,9 +238,16 @@ def reserve(
 
 
 def commit(
-    stores: Stores, run_id: str, reservation_id: str, actual_micros: int, now_ms: int
+    stores: Stores,
+    run_id: str,
+    reservation_id: str,
+    actual_micros: int,
+    now_ms: int,
+    actual_tokens: int | None = None,
 ) -> CommitResult:
-    result = core.commit(stores.run(run_id), run_id, reservation_id, actual_micros, now_ms)
+    result = core.commit(
+        stores.run(run_id), run_id, reservation_id, actual_micros, now_ms, actual_tokens
+    )
     hold = hold_id(run_id, reservation_id)
     for parent in _account(stores, run_id).lineage.parents():
         settle_on(stores, parent, hold, actual_micros, now_ms)

@@ -26,6 +26,8 @@ class RunStatus(IntEnum):
 class Decision(IntEnum):
     ALLOW = 1
     BLOCK = 2
+    WARN = 3
+    THROTTLE = 4
 
 
 class DecisionReason(IntEnum):
@@ -35,6 +37,40 @@ class DecisionReason(IntEnum):
     RESERVATION_EXPIRED = 4
     UNKNOWN_PRICE = 5
     SUSPENDED = 6
+    THROTTLED = 7
+    RATE_LIMITED = 8
+    IN_FLIGHT_LIMIT = 9
+
+
+# Reasons answered with Decision.THROTTLE: not now, but later.
+THROTTLE_REASONS = frozenset(
+    {DecisionReason.THROTTLED, DecisionReason.RATE_LIMITED, DecisionReason.IN_FLIGHT_LIMIT}
+)
+# Reasons an advisory run reports as a warning instead of enforcing.
+ADVISORY_REASONS = THROTTLE_REASONS | {DecisionReason.INSUFFICIENT_BUDGET}
+
+
+class EnforcementMode(IntEnum):
+    HARD_GATE = 1
+    SOFT_GATE = 2
+    ADVISORY = 3
+    ACTUALS_ONLY = 4
+
+
+class Dimension(IntEnum):
+    SPEND = 1
+    TOKENS = 2
+    METER = 3
+    RATE = 4
+    IN_FLIGHT = 5
+
+
+class Threshold(IntEnum):
+    NONE = 0
+    INFO = 1
+    WARN = 2
+    THROTTLE = 3
+    STOP = 4
 
 
 class ScopeKind(IntEnum):
@@ -71,6 +107,7 @@ class EventType(IntEnum):
     CLOSED = 6
     SUSPENDED = 7
     RESUMED = 8
+    THRESHOLD_CROSSED = 9
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -93,6 +130,132 @@ class ScopeRef:
 
 # Runs nest at most this deep (a run and 15 ancestors).
 MAX_RUN_DEPTH = 16
+DEFAULT_MAX_DEPTH = 5
+DEFAULT_THRESHOLDS = (60, 80, 95)
+
+# A run's dimensions beyond money, as stored: "tokens" and "m:<meter>".
+TOKENS = "tokens"
+
+
+def meter_dim(name: str) -> str:
+    return "m:" + name
+
+
+@dataclass(frozen=True, slots=True)
+class RunPolicy:
+    """How a run is governed beyond its dollar limit (runcap.v1.RunPolicy).
+
+    Fixed when the run is created. Stored as compact JSON with only the
+    non-default fields ("" for the defaults), which the Redis script decodes.
+    """
+
+    mode: EnforcementMode = EnforcementMode.HARD_GATE
+    soft_margin_percent: int = 0
+    # Info, warn and throttle, in percent of the limit; 0 turns one off.
+    thresholds: tuple[int, int, int] = DEFAULT_THRESHOLDS
+    throttle_base_ms: int = 1_000
+    throttle_max_ms: int = 60_000
+    max_tokens: int | None = None
+    # (meter name, ceiling in units), sorted by name.
+    meter_limits: tuple[tuple[str, int], ...] = ()
+    # (max calls, window ms), or None.
+    rate_limit: tuple[int, int] | None = None
+    max_in_flight: int | None = None
+    max_depth: int = DEFAULT_MAX_DEPTH
+    max_children: int | None = None
+
+    _KEYS = (
+        ("mode", "mode"),
+        ("soft_margin_percent", "margin"),
+        ("thresholds", "thr"),
+        ("throttle_base_ms", "tb"),
+        ("throttle_max_ms", "tm"),
+        ("max_tokens", "tok"),
+        ("meter_limits", "met"),
+        ("rate_limit", "rate"),
+        ("max_in_flight", "inf"),
+        ("max_depth", "depth"),
+        ("max_children", "kids"),
+    )
+
+    def limit_of(self, dim: str) -> int | None:
+        if dim == TOKENS:
+            return self.max_tokens
+        return dict(self.meter_limits).get(dim[2:])
+
+    def encode(self) -> str:
+        default = _DEFAULT_POLICY
+        out: dict[str, object] = {}
+        for attr, key in self._KEYS:
+            value = getattr(self, attr)
+            if value == getattr(default, attr):
+                continue
+            if attr == "meter_limits":
+                value = dict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[key] = int(value) if isinstance(value, IntEnum) else value
+        return json.dumps(out, separators=(",", ":"), sort_keys=True) if out else ""
+
+    @classmethod
+    def decode(cls, text: str) -> RunPolicy:
+        if not text:
+            return _DEFAULT_POLICY
+        raw = json.loads(text)
+        values: dict[str, object] = {}
+        for attr, key in cls._KEYS:
+            if key not in raw:
+                continue
+            value = raw[key]
+            if attr == "mode":
+                value = EnforcementMode(value)
+            elif attr == "meter_limits":
+                value = tuple(sorted(value.items()))
+            elif isinstance(value, list):
+                value = tuple(value)
+            values[attr] = value
+        return cls(**values)  # type: ignore[arg-type]
+
+
+_DEFAULT_POLICY = RunPolicy()
+
+
+def encode_given_policy(policy: RunPolicy | None) -> str:
+    """A CreateRun request's policy as given (compared on a retry): "" when unset."""
+    if policy is None:
+        return ""
+    return policy.encode() or "{}"
+
+
+def decode_given_policy(text: str) -> RunPolicy | None:
+    return None if not text else RunPolicy.decode("" if text == "{}" else text)
+
+
+def encode_dims(dims: Mapping[str, int]) -> str:
+    """A reservation's holds beyond money: "tokens=123;m:tool:serp=1" (sorted)."""
+    return ";".join(f"{k}={v}" for k, v in sorted(dims.items()) if v)
+
+
+def decode_dims(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in text.split(";") if text else ():
+        key, _, value = part.rpartition("=")
+        out[key] = int(value)
+    return out
+
+
+def encode_usage(usage: Mapping[str, tuple[int, int]]) -> str:
+    """A run's use per dimension: "tokens=reserved,committed;..." (sorted)."""
+    return ";".join(f"{k}={r},{c}" for k, (r, c) in sorted(usage.items()) if r or c)
+
+
+def decode_usage(text: str) -> dict[str, tuple[int, int]]:
+    out: dict[str, tuple[int, int]] = {}
+    for part in text.split(";") if text else ():
+        key, _, value = part.rpartition("=")
+        reserved, committed = value.split(",")
+        out[key] = (int(reserved), int(committed))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +272,8 @@ class RunSpec:
     api_key_id: str = ""
     user_id: str = ""
     team_id: str = ""
+    # As given; None: the parent's (a root run: the defaults).
+    policy: RunPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +284,8 @@ class Lineage:
     api_key_id: str = ""
     user_id: str = ""
     team_id: str = ""
+    # Levels of subagents that may still be created below the run.
+    depth_left: int = DEFAULT_MAX_DEPTH
 
     def parents(self) -> tuple[ScopeRef, ...]:
         """Every scope a reservation of the run is also held on, in saga order."""
@@ -132,18 +299,19 @@ class Lineage:
                 refs.append(ScopeRef(kind, id_))
         return tuple(refs)
 
-    def child(self, spec: RunSpec) -> Lineage:
+    def child(self, spec: RunSpec, policy: RunPolicy) -> Lineage:
         """The lineage of a run created under this one (this one is spec's parent)."""
         return Lineage(
             ancestors=(spec.parent_run_id, *self.ancestors) if spec.parent_run_id else (),
             api_key_id=spec.api_key_id or self.api_key_id,
             user_id=spec.user_id or self.user_id,
             team_id=spec.team_id or self.team_id,
+            depth_left=min(self.depth_left - 1, policy.max_depth),
         )
 
     def encode(self) -> str:
         return json.dumps(
-            [list(self.ancestors), self.api_key_id, self.user_id, self.team_id],
+            [list(self.ancestors), self.api_key_id, self.user_id, self.team_id, self.depth_left],
             separators=(",", ":"),
         )
 
@@ -151,8 +319,8 @@ class Lineage:
     def decode(cls, text: str) -> Lineage:
         if not text:
             return cls()
-        ancestors, key, user, team = json.loads(text)
-        return cls(tuple(ancestors), key, user, team)
+        ancestors, key, user, team, depth_left = json.loads(text)
+        return cls(tuple(ancestors), key, user, team, depth_left)
 
 
 def hold_id(run_id: str, reservation_id: str) -> str:
@@ -173,6 +341,9 @@ class BudgetState:
     status: RunStatus
     active_reservations: int
     overrun_micros: int
+    threshold: Threshold = Threshold.NONE
+    committed_tokens: int = 0
+    reserved_tokens: int = 0
     # The hash chain of the run's changes up to `revision` (chain_digest). Left
     # out of equality so states can be written down in tests; Account compares it.
     digest: str = dataclasses.field(default="", compare=False)
@@ -190,6 +361,8 @@ class Account:
     created_ms: int
     closed_ms: int | None = None
     lineage: Lineage = dataclasses.field(default_factory=Lineage)
+    # The effective policy: spec.policy, the parent's, or the defaults.
+    policy: RunPolicy = _DEFAULT_POLICY
     status: RunStatus = RunStatus.OPEN
     committed_micros: int = 0
     reserved_micros: int = 0
@@ -197,6 +370,17 @@ class Account:
     active_reservations: int = 0
     revision: int = 0
     digest: str = ""
+    # The policy's counters: the highest threshold band reached, the throttle
+    # back-off (allowed calls in the band so far, and when the next may come),
+    # the rate limit's current window (start, allowed calls), child runs, and
+    # the use of each dimension beyond money: (reserved, committed).
+    threshold: Threshold = Threshold.NONE
+    throttle_strikes: int = 0
+    throttle_until_ms: int = 0
+    rate_window_ms: int = 0
+    rate_count: int = 0
+    children: int = 0
+    usage: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
     @property
     def run_id(self) -> str:
@@ -212,11 +396,14 @@ class Account:
             status=self.status,
             active_reservations=self.active_reservations,
             overrun_micros=self.overrun_micros,
+            threshold=self.threshold,
+            committed_tokens=self.usage.get(TOKENS, (0, 0))[1],
+            reserved_tokens=self.usage.get(TOKENS, (0, 0))[0],
             digest=self.digest,
         )
 
     def copy(self) -> Account:
-        return dataclasses.replace(self)
+        return dataclasses.replace(self, usage=dict(self.usage))
 
     def view(self, server_default_ttl_ms: int) -> RunView:
         """The run as GetRun shows it; the server's default ttl fills in the run's."""
@@ -227,6 +414,9 @@ class Account:
             closed_ms=self.closed_ms,
             state=self.state(),
             lineage=self.lineage,
+            policy=self.policy,
+            children=self.children,
+            usage=dict(self.usage),
         )
 
 
@@ -255,13 +445,23 @@ class Reservation:
     fingerprint: str = ""
     # How an LLM call was priced ("<table version>#<rates>"), for Commit by usage.
     pricing: str = ""
+    # What is held beyond money, by dimension ("tokens", "m:<meter>").
+    dims: dict[str, int] = dataclasses.field(default_factory=dict)
+    # For a block, throttle or warning on a limit: which one.
+    dimension: Dimension | None = None
+    meter: str = ""
+    # For a throttle: when reserving again makes sense.
+    retry_at_ms: int | None = None
 
     @property
     def decision(self) -> Decision:
-        return Decision.BLOCK if self.status is ReservationStatus.BLOCKED else Decision.ALLOW
+        if self.status is ReservationStatus.BLOCKED:
+            throttled = self.reason in THROTTLE_REASONS
+            return Decision.THROTTLE if throttled else Decision.BLOCK
+        return Decision.ALLOW if self.reason is DecisionReason.WITHIN_BUDGET else Decision.WARN
 
     def copy(self) -> Reservation:
-        return dataclasses.replace(self)
+        return dataclasses.replace(self, dims=dict(self.dims))
 
 
 def chain_digest(
@@ -273,14 +473,18 @@ def chain_digest(
     actual_micros: int,
     overrun_micros: int,
     late: bool,
+    threshold: Threshold = Threshold.NONE,
 ) -> str:
     """The digest after one more change: sha1 over the previous digest and the change.
 
     Every backend computes exactly this (the Redis script with redis.sha1hex), so
-    a digest names one history whatever stored it.
+    a digest names one history whatever stored it. A threshold crossing adds
+    its band as one more field.
     """
     fields = (previous, revision, int(type_), reservation_id, amount_micros, actual_micros)
     text = "|".join(str(f) for f in (*fields, overrun_micros, "1" if late else "0"))
+    if threshold:
+        text += f"|{int(threshold)}"
     return hashlib.sha1(text.encode()).hexdigest()
 
 
@@ -297,6 +501,7 @@ class Change:
     actual_micros: int = 0
     overrun_micros: int = 0
     late: bool = False
+    threshold: Threshold = Threshold.NONE
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +514,9 @@ class RunView:
     closed_ms: int | None
     state: BudgetState
     lineage: Lineage = Lineage()
+    policy: RunPolicy = _DEFAULT_POLICY
+    children: int = 0
+    usage: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +536,10 @@ class ReserveResult:
     replayed: bool
     blocking_scope: ScopeRef | None = None
     blocking_period: Period | None = None
+    dimension: Dimension | None = None
+    meter: str = ""
+    retry_at_ms: int | None = None
+    mode: EnforcementMode = EnforcementMode.HARD_GATE
 
 
 @dataclass(frozen=True, slots=True)
