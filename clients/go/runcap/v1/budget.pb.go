@@ -386,21 +386,27 @@ const (
 	DecisionReason_DECISION_REASON_RATE_LIMITED DecisionReason = 8
 	// DECISION_THROTTLE: the run has its maximum number of holds in flight.
 	DecisionReason_DECISION_REASON_IN_FLIGHT_LIMIT DecisionReason = 9
+	// DECISION_WARN on an advisory run while the ledger's storage is
+	// unreachable and the deployment fails open (RUNCAP_FAIL_OPEN): nothing
+	// was held or recorded, and a later Commit of this reservation fails with
+	// RESERVATION_NOT_FOUND.
+	DecisionReason_DECISION_REASON_BACKEND_UNAVAILABLE DecisionReason = 10
 )
 
 // Enum value maps for DecisionReason.
 var (
 	DecisionReason_name = map[int32]string{
-		0: "DECISION_REASON_UNSPECIFIED",
-		1: "DECISION_REASON_WITHIN_BUDGET",
-		2: "DECISION_REASON_INSUFFICIENT_BUDGET",
-		3: "DECISION_REASON_RUN_CLOSED",
-		4: "DECISION_REASON_RESERVATION_EXPIRED",
-		5: "DECISION_REASON_UNKNOWN_PRICE",
-		6: "DECISION_REASON_SUSPENDED",
-		7: "DECISION_REASON_THROTTLED",
-		8: "DECISION_REASON_RATE_LIMITED",
-		9: "DECISION_REASON_IN_FLIGHT_LIMIT",
+		0:  "DECISION_REASON_UNSPECIFIED",
+		1:  "DECISION_REASON_WITHIN_BUDGET",
+		2:  "DECISION_REASON_INSUFFICIENT_BUDGET",
+		3:  "DECISION_REASON_RUN_CLOSED",
+		4:  "DECISION_REASON_RESERVATION_EXPIRED",
+		5:  "DECISION_REASON_UNKNOWN_PRICE",
+		6:  "DECISION_REASON_SUSPENDED",
+		7:  "DECISION_REASON_THROTTLED",
+		8:  "DECISION_REASON_RATE_LIMITED",
+		9:  "DECISION_REASON_IN_FLIGHT_LIMIT",
+		10: "DECISION_REASON_BACKEND_UNAVAILABLE",
 	}
 	DecisionReason_value = map[string]int32{
 		"DECISION_REASON_UNSPECIFIED":         0,
@@ -413,6 +419,7 @@ var (
 		"DECISION_REASON_THROTTLED":           7,
 		"DECISION_REASON_RATE_LIMITED":        8,
 		"DECISION_REASON_IN_FLIGHT_LIMIT":     9,
+		"DECISION_REASON_BACKEND_UNAVAILABLE": 10,
 	}
 )
 
@@ -1894,7 +1901,7 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x14THRESHOLD_LEVEL_INFO\x10\x01\x12\x18\n" +
 	"\x14THRESHOLD_LEVEL_WARN\x10\x02\x12\x1c\n" +
 	"\x18THRESHOLD_LEVEL_THROTTLE\x10\x03\x12\x18\n" +
-	"\x14THRESHOLD_LEVEL_STOP\x10\x04*\xee\x02\n" +
+	"\x14THRESHOLD_LEVEL_STOP\x10\x04*\x97\x03\n" +
 	"\x0eDecisionReason\x12\x1f\n" +
 	"\x1bDECISION_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dDECISION_REASON_WITHIN_BUDGET\x10\x01\x12'\n" +
@@ -1905,7 +1912,9 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x19DECISION_REASON_SUSPENDED\x10\x06\x12\x1d\n" +
 	"\x19DECISION_REASON_THROTTLED\x10\a\x12 \n" +
 	"\x1cDECISION_REASON_RATE_LIMITED\x10\b\x12#\n" +
-	"\x1fDECISION_REASON_IN_FLIGHT_LIMIT\x10\t*}\n" +
+	"\x1fDECISION_REASON_IN_FLIGHT_LIMIT\x10\t\x12'\n" +
+	"#DECISION_REASON_BACKEND_UNAVAILABLE\x10\n" +
+	"*}\n" +
 	"\tScopeKind\x12\x1a\n" +
 	"\x16SCOPE_KIND_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eSCOPE_KIND_RUN\x10\x01\x12\x16\n" +

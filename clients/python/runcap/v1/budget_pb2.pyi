@@ -292,6 +292,12 @@ class _DecisionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decisi
     """DECISION_THROTTLE: the run's rate limit is used up for this window."""
     DECISION_REASON_IN_FLIGHT_LIMIT: _DecisionReason.ValueType  # 9
     """DECISION_THROTTLE: the run has its maximum number of holds in flight."""
+    DECISION_REASON_BACKEND_UNAVAILABLE: _DecisionReason.ValueType  # 10
+    """DECISION_WARN on an advisory run while the ledger's storage is
+    unreachable and the deployment fails open (RUNCAP_FAIL_OPEN): nothing
+    was held or recorded, and a later Commit of this reservation fails with
+    RESERVATION_NOT_FOUND.
+    """
 
 class DecisionReason(_DecisionReason, metaclass=_DecisionReasonEnumTypeWrapper):
     """DecisionReason explains a decision in machine-readable form."""
@@ -330,6 +336,12 @@ DECISION_REASON_RATE_LIMITED: DecisionReason.ValueType  # 8
 """DECISION_THROTTLE: the run's rate limit is used up for this window."""
 DECISION_REASON_IN_FLIGHT_LIMIT: DecisionReason.ValueType  # 9
 """DECISION_THROTTLE: the run has its maximum number of holds in flight."""
+DECISION_REASON_BACKEND_UNAVAILABLE: DecisionReason.ValueType  # 10
+"""DECISION_WARN on an advisory run while the ledger's storage is
+unreachable and the deployment fails open (RUNCAP_FAIL_OPEN): nothing
+was held or recorded, and a later Commit of this reservation fails with
+RESERVATION_NOT_FOUND.
+"""
 Global___DecisionReason: _TypeAlias = DecisionReason  # noqa: Y015
 
 class _ScopeKind:
