@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from runcap.v1 import budget_pb2, budget_service_pb2
 from runcap_server.estimates import Estimate
 from runcap_server.ledger.scopes import ScopeView
-from runcap_server.ledger.types import BudgetState, Change, RunView, ScopeRef
+from runcap_server.ledger.types import (
+    TOKENS,
+    BudgetState,
+    Change,
+    RunPolicy,
+    RunView,
+    ScopeRef,
+)
 from runcap_server.prices import ModelPrice
 
 
@@ -15,6 +22,39 @@ def timestamp(ms: int) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromMilliseconds(ms)
     return stamp
+
+
+def duration(ms: int) -> duration_pb2.Duration:
+    value = duration_pb2.Duration()
+    value.FromMilliseconds(ms)
+    return value
+
+
+def policy_pb(policy: RunPolicy) -> budget_pb2.RunPolicy:
+    info, warn, throttle = policy.thresholds
+    message = budget_pb2.RunPolicy(
+        enforcement_mode=policy.mode.value,  # type: ignore[arg-type]
+        soft_gate_margin_percent=policy.soft_margin_percent,
+        thresholds=budget_pb2.Thresholds(
+            info_percent=info, warn_percent=warn, throttle_percent=throttle
+        ),
+        throttle_base_delay=duration(policy.throttle_base_ms),
+        throttle_max_delay=duration(policy.throttle_max_ms),
+        meter_limits=dict(policy.meter_limits),
+        max_depth=policy.max_depth,
+    )
+    if policy.max_tokens is not None:
+        message.max_tokens = policy.max_tokens
+    if policy.rate_limit is not None:
+        calls, window_ms = policy.rate_limit
+        message.rate_limit.CopyFrom(
+            budget_pb2.RateLimit(max_calls=calls, window=duration(window_ms))
+        )
+    if policy.max_in_flight is not None:
+        message.max_in_flight = policy.max_in_flight
+    if policy.max_children is not None:
+        message.max_children = policy.max_children
+    return message
 
 
 def state_pb(state: BudgetState) -> budget_pb2.BudgetState:
@@ -28,6 +68,9 @@ def state_pb(state: BudgetState) -> budget_pb2.BudgetState:
         status=state.status.value,  # type: ignore[arg-type]
         active_reservations=state.active_reservations,
         overrun_micros=state.overrun_micros,
+        threshold=state.threshold.value,  # type: ignore[arg-type]
+        committed_tokens=state.committed_tokens,
+        reserved_tokens=state.reserved_tokens,
         digest=state.digest,
     )
 
@@ -48,6 +91,16 @@ def run_pb(view: RunView) -> budget_pb2.Run:
     run.user_id = lineage.user_id
     run.team_id = lineage.team_id
     run.ancestor_run_ids.extend(lineage.ancestors)
+    run.policy.CopyFrom(policy_pb(view.policy))
+    run.depth_remaining = lineage.depth_left
+    run.children = view.children
+    limits = dict(view.policy.meter_limits)
+    used = {dim[2:]: v for dim, v in view.usage.items() if dim != TOKENS}
+    for name in sorted(limits.keys() | used.keys()):
+        reserved, committed = used.get(name, (0, 0))
+        meter = run.meters.add(name=name, committed=committed, reserved=reserved)
+        if name in limits:
+            meter.limit = limits[name]
     return run
 
 
@@ -117,4 +170,5 @@ def event_pb(change: Change) -> budget_pb2.BudgetEvent:
         late=change.late,
         time=timestamp(change.time_ms),
         state=state_pb(change.state),
+        threshold=change.threshold.value,  # type: ignore[arg-type]
     )

@@ -159,6 +159,11 @@ class TokenUsage:
             if not _non_negative_int(value):
                 raise ValueError(f"{item.name} must be a non-negative int, got {value!r}")
 
+    @property
+    def total_tokens(self) -> int:
+        """Every token of the call, as a run's token ceiling counts them."""
+        return sum(getattr(self, item.name) for item in fields(self))
+
 
 def _ceil_div(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)

@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
+import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from runcap.v1 import budget_service_pb2, budget_service_pb2_grpc
+from runcap.v1 import budget_pb2, budget_service_pb2, budget_service_pb2_grpc
 from runcap_server import convert, errors
 from runcap_server.backends.base import Backend
 from runcap_server.errors import FieldViolation, InvalidArgument
 from runcap_server.estimates import Estimate, LlmCall, actual_micros, estimate
-from runcap_server.ledger.saga import NO_EXTRAS, ReserveExtras
+from runcap_server.ledger.saga import ReserveExtras
 from runcap_server.ledger.types import (
     MAX_MICROS,
     Change,
     Decision,
     DecisionReason,
+    EnforcementMode,
     ReservationStatus,
     RunSpec,
 )
@@ -62,6 +66,9 @@ def _unary(handler: Handler) -> Handler:
 
 # LLM-call reservations whose pricing a replica remembers for their Commit.
 PRICING_CACHE_SIZE = 65_536
+# Runs whose enforcement mode a replica remembers, to fail open without storage.
+MODE_CACHE_SIZE = 65_536
+log = logging.getLogger("runcap.servicer")
 
 
 def _new_id() -> str:
@@ -85,6 +92,10 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         self.hub = hub
         self.settings = settings
         self.tenant = settings.tenant
+        # run -> enforcement mode, newest last (only with RUNCAP_FAIL_OPEN=advisory).
+        self._modes: collections.OrderedDict[str, EnforcementMode] = collections.OrderedDict()
+        # Reserves answered without the backend (RUNCAP_FAIL_OPEN).
+        self.failed_open = 0
 
     @_unary
     async def CreateRun(
@@ -113,9 +124,11 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             api_key_id=check.identifier("api_key_id", request.api_key_id, required=False),
             user_id=check.identifier("user_id", request.user_id, required=False),
             team_id=check.identifier("team_id", request.team_id, required=False),
+            policy=check.policy("policy", request.policy) if request.HasField("policy") else None,
         )
         check.done()
         result = await self.backend.create_run(self.tenant, spec)
+        self._remember_mode(run_id, result.run.policy.mode)
         return budget_service_pb2.CreateRunResponse(
             run=convert.run_pb(result.run),
             state=convert.state_pb(result.run.state),
@@ -132,6 +145,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         run_id = check.identifier("run_id", request.run_id)
         check.done()
         view = await self.backend.get_run(self.tenant, run_id)
+        self._remember_mode(run_id, view.policy.mode)
         return budget_service_pb2.GetRunResponse(
             run=convert.run_pb(view), state=convert.state_pb(view.state)
         )
@@ -172,8 +186,16 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             request.ttl if request.HasField("ttl") else None,
             max_ms=self.settings.max_ttl_ms,
         )
+        meter = check.meter("meter", request.meter) if request.meter else ""
+        units = 0
+        if request.HasField("meter_units"):
+            units = check.count("meter_units", request.meter_units)
+            if not meter:
+                check.fail("meter_units", "is only allowed with a meter")
+        elif meter:
+            units = 1
         check.done()
-        extras = NO_EXTRAS
+        extras = ReserveExtras(meter=meter, meter_units=units)
         priced: Estimate | None = None
         if call is not None:
             price, version = self._price_of(call.provider, call.model)
@@ -189,15 +211,24 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
                     [FieldViolation("llm_call", f"its estimate passes {MAX_MICROS} micro-USD")]
                 )
             amount = priced.amount_micros
-            extras = ReserveExtras(
+            extras = dataclasses.replace(
+                extras,
                 fingerprint=priced.fingerprint,
                 pricing=priced.pricing,
                 preblock=None if priced.known else DecisionReason.UNKNOWN_PRICE,
+                tokens=call.input_tokens + priced.effective_max_output_tokens,
             )
-        result = await self.backend.reserve(
-            self.tenant, run_id, reservation_id, amount, ttl, extras
-        )
-        if extras.pricing and result.decision is Decision.ALLOW and not result.replayed:
+        try:
+            result = await self.backend.reserve(
+                self.tenant, run_id, reservation_id, amount, ttl, extras
+            )
+        except errors.BackendUnavailable:
+            if not self._fails_open(run_id):
+                raise
+            return self._failed_open(run_id, reservation_id, priced)
+        self._remember_mode(run_id, result.mode)
+        held = result.decision in (Decision.ALLOW, Decision.WARN)
+        if extras.pricing and held and not result.replayed:
             self._remember_pricing((run_id, reservation_id), extras.pricing)
         response = budget_service_pb2.ReserveResponse(
             decision=result.decision.value,  # type: ignore[arg-type]
@@ -206,7 +237,16 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             amount_micros=result.held_micros,
             state=convert.state_pb(result.state),
             replayed=result.replayed,
+            blocking_meter=result.meter,
+            enforcement_mode=result.mode.value,  # type: ignore[arg-type]
         )
+        if result.dimension is not None:
+            response.blocking_dimension = result.dimension.value  # type: ignore[assignment]
+        if result.retry_at_ms is not None:
+            # Redis replies carry no time: the replica's clock is close enough for a hint.
+            now_ms = result.now_ms or time.time_ns() // 1_000_000
+            wait_ms = max(0, result.retry_at_ms - now_ms)
+            response.retry_after.CopyFrom(convert.duration(wait_ms))
         if result.blocking_scope is not None:
             response.blocking_scope.CopyFrom(convert.scope_ref_pb(result.blocking_scope))
         if result.blocking_period is not None:
@@ -244,9 +284,11 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
                 minimum=0,
             )
         check.done()
+        tokens = None
         if usage is not None:
             actual = await self._actual_of(run_id, reservation_id, usage)
-        result = await self.backend.commit(self.tenant, run_id, reservation_id, actual)
+            tokens = usage.total_tokens
+        result = await self.backend.commit(self.tenant, run_id, reservation_id, actual, tokens)
         return budget_service_pb2.CommitResponse(
             state=convert.state_pb(result.state),
             overrun_micros=result.overrun_micros,
@@ -255,6 +297,45 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             actual_micros=result.actual_micros,
             held_micros=result.held_micros,
         )
+
+    def _remember_mode(self, run_id: str, mode: EnforcementMode) -> None:
+        """Runs' modes (fixed at creation), for failing open without the backend."""
+        if self.settings.fail_open != "advisory":
+            return
+        self._modes[run_id] = mode
+        self._modes.move_to_end(run_id)
+        if len(self._modes) > MODE_CACHE_SIZE:
+            self._modes.popitem(last=False)
+
+    def _fails_open(self, run_id: str) -> bool:
+        policy = self.settings.fail_open
+        return policy == "always" or (
+            policy == "advisory" and self._modes.get(run_id) is EnforcementMode.ADVISORY
+        )
+
+    def _failed_open(
+        self, run_id: str, reservation_id: str, priced: Estimate | None
+    ) -> budget_service_pb2.ReserveResponse:
+        """The answer while the storage is down and the deployment fails open: a
+        warning that holds and records nothing. Loud: logged and counted."""
+        self.failed_open += 1
+        log.warning(
+            "storage unreachable: reserve %s/%s failed OPEN (RUNCAP_FAIL_OPEN=%s; %d so far)",
+            run_id,
+            reservation_id,
+            self.settings.fail_open,
+            self.failed_open,
+        )
+        response = budget_service_pb2.ReserveResponse(
+            decision=budget_pb2.DECISION_WARN,
+            reason=budget_pb2.DECISION_REASON_BACKEND_UNAVAILABLE,
+            reservation_id=reservation_id,
+            state=budget_pb2.BudgetState(run_id=run_id),
+            enforcement_mode=self._modes.get(run_id, EnforcementMode.HARD_GATE).value,  # type: ignore[arg-type]
+        )
+        if priced is not None:
+            response.estimate.CopyFrom(convert.estimate_pb(priced))
+        return response
 
     def _remember_pricing(self, key: tuple[str, str], pricing: str) -> None:
         self._pricings[key] = pricing

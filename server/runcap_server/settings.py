@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 _DURATION = re.compile(r"(\d+)(ms|s|m|h)")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 BACKENDS = ("sqlite", "memory", "redis")
+FAIL_OPEN = ("never", "advisory", "always")
 
 
 def parse_duration_ms(text: str) -> int:
@@ -55,6 +56,10 @@ class Settings:
     # the request must give one), and a cap on any request's maximum (0: none).
     default_max_output_tokens: int = field(default=0, metadata={"env": "DEFAULT_MAX_OUTPUT_TOKENS"})
     max_output_tokens: int = field(default=0, metadata={"env": "MAX_OUTPUT_TOKENS"})
+    # When the storage is unreachable, Reserve fails closed (never), or answers
+    # a warning that holds nothing for advisory runs (advisory) or for every
+    # run (always). Failing open is logged and counted.
+    fail_open: str = field(default="never", metadata={"env": "FAIL_OPEN"})
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -64,6 +69,8 @@ class Settings:
                 "RUNCAP_BACKEND=redis needs exactly one of RUNCAP_REDIS_URL "
                 "(standalone) or RUNCAP_REDIS_CLUSTER_NODES (cluster)"
             )
+        if self.fail_open not in FAIL_OPEN:
+            raise ValueError(f"RUNCAP_FAIL_OPEN must be one of {', '.join(FAIL_OPEN)}")
         if self.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError("RUNCAP_SQLITE_SYNCHRONOUS must be FULL, NORMAL or EXTRA")
         if not 0 < self.default_ttl_ms <= self.max_ttl_ms:

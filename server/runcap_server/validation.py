@@ -11,12 +11,26 @@ from collections.abc import Mapping
 
 from google.protobuf import duration_pb2
 
-from runcap.v1 import budget_service_pb2
+from runcap.v1 import budget_pb2, budget_service_pb2
 from runcap_server.errors import FieldViolation, InvalidArgument
-from runcap_server.ledger.types import MAX_MICROS, Period, ScopeKind, ScopeRef
+from runcap_server.ledger.types import (
+    DEFAULT_MAX_DEPTH,
+    MAX_MICROS,
+    MAX_RUN_DEPTH,
+    EnforcementMode,
+    Period,
+    RunPolicy,
+    ScopeKind,
+    ScopeRef,
+)
 from runcap_server.prices import MAX_RATE, ModelPrice, Rates
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+METER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+MAX_METERS = 32
+# Counts of calls, units and runs: far below where Lua doubles lose exactness.
+MAX_COUNT = 10**12
+DAY_MS = 86_400_000
 MODEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}")
 # Token counts: far above any context window, far below where sums lose exactness.
 MAX_TOKENS = 10**9
@@ -132,6 +146,116 @@ class Validator:
             tools=price.tools,
             json_schema=price.json_schema,
             modalities=modalities,
+        )
+
+    def meter(self, field: str, value: str) -> str:
+        if not METER_PATTERN.fullmatch(value):
+            shown = value if len(value) <= 40 else value[:40] + "..."
+            self.fail(
+                field,
+                f"{shown!r} must be 1 to 128 characters of letters, digits and . _ - : /, "
+                "starting with a letter or digit",
+            )
+        return value
+
+    def count(self, field: str, value: int, *, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
+        if not minimum <= value <= maximum:
+            self.fail(field, f"must be {minimum} to {maximum} (got {value})")
+        return value
+
+    def policy(self, field: str, message: budget_pb2.RunPolicy) -> RunPolicy:
+        """A run's policy, defaults filled in."""
+        mode = EnforcementMode.HARD_GATE
+        if message.enforcement_mode in {int(m) for m in EnforcementMode}:
+            mode = EnforcementMode(message.enforcement_mode)
+        elif message.enforcement_mode:
+            self.fail(f"{field}.enforcement_mode", "is not a known EnforcementMode")
+        margin = self.count(
+            f"{field}.soft_gate_margin_percent",
+            message.soft_gate_margin_percent,
+            minimum=0,
+            maximum=100,
+        )
+        if margin and mode is not EnforcementMode.SOFT_GATE:
+            self.fail(
+                f"{field}.soft_gate_margin_percent", "applies only to ENFORCEMENT_MODE_SOFT_GATE"
+            )
+        thresholds = RunPolicy().thresholds
+        if message.HasField("thresholds"):
+            t = message.thresholds
+            thresholds = (t.info_percent, t.warn_percent, t.throttle_percent)
+            last = 0
+            for name, percent in zip(("info", "warn", "throttle"), thresholds, strict=True):
+                if not percent:
+                    continue
+                if not last < percent < 100:
+                    self.fail(
+                        f"{field}.thresholds.{name}_percent",
+                        "must be 0 (off), or above the levels before it and below 100 "
+                        f"(got {percent})",
+                    )
+                last = max(last, percent)
+        base = RunPolicy().throttle_base_ms
+        if message.HasField("throttle_base_delay"):
+            base = (
+                self.duration_ms(
+                    f"{field}.throttle_base_delay", message.throttle_base_delay, max_ms=DAY_MS
+                )
+                or base
+            )
+        most = RunPolicy().throttle_max_ms
+        if message.HasField("throttle_max_delay"):
+            most = (
+                self.duration_ms(
+                    f"{field}.throttle_max_delay", message.throttle_max_delay, max_ms=DAY_MS
+                )
+                or most
+            )
+        if most < base:
+            self.fail(f"{field}.throttle_max_delay", f"must be at least the base delay ({base} ms)")
+        max_tokens = None
+        if message.HasField("max_tokens"):
+            max_tokens = self.count(f"{field}.max_tokens", message.max_tokens)
+        if len(message.meter_limits) > MAX_METERS:
+            self.fail(f"{field}.meter_limits", f"has more than {MAX_METERS} meters")
+        meters = []
+        for name, limit in sorted(message.meter_limits.items()):
+            self.meter(f"{field}.meter_limits[{name[:40]!r}]", name)
+            meters.append((name, self.count(f"{field}.meter_limits[{name[:40]!r}]", limit)))
+        rate = None
+        if message.HasField("rate_limit"):
+            calls = self.count(f"{field}.rate_limit.max_calls", message.rate_limit.max_calls)
+            window = self.duration_ms(
+                f"{field}.rate_limit.window",
+                message.rate_limit.window if message.rate_limit.HasField("window") else None,
+                max_ms=DAY_MS,
+            )
+            if window is None:
+                self.fail(f"{field}.rate_limit.window", "is required")
+            rate = (calls, window or 1)
+        in_flight = None
+        if message.HasField("max_in_flight"):
+            in_flight = self.count(f"{field}.max_in_flight", message.max_in_flight)
+        depth = DEFAULT_MAX_DEPTH
+        if message.HasField("max_depth"):
+            depth = self.count(
+                f"{field}.max_depth", message.max_depth, minimum=0, maximum=MAX_RUN_DEPTH - 1
+            )
+        children = None
+        if message.HasField("max_children"):
+            children = self.count(f"{field}.max_children", message.max_children, minimum=0)
+        return RunPolicy(
+            mode=mode,
+            soft_margin_percent=margin,
+            thresholds=thresholds,
+            throttle_base_ms=base,
+            throttle_max_ms=most,
+            max_tokens=max_tokens,
+            meter_limits=tuple(meters),
+            rate_limit=rate,
+            max_in_flight=in_flight,
+            max_depth=depth,
+            max_children=children,
         )
 
     def scope(self, field: str, kind: int, scope_id: str) -> ScopeRef:

@@ -3,6 +3,8 @@
 All ledgers get the same operations at the same (manual) time; every result or
 error must be identical, and after every step the stored rows, the change logs
 and the ledger invariants are checked against what this test tracked itself.
+Runs here have no thresholds (the plain two-phase ledger);
+test_ledger_policy_stateful.py covers policies.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from runcap_server.ledger.types import (
     RefundResult,
     ReservationStatus,
     ReserveResult,
+    RunPolicy,
     RunSpec,
 )
 from tests.ledger_backends import Ledger, RedisTargets, make_backend, redis_targets, snapshot
@@ -53,6 +56,12 @@ TTLS = st.none() | st.sampled_from([500, 1_000, 2_000]) | st.integers(1, 3_000)
 ADVANCES = st.sampled_from([1, 500, 1_000]) | st.integers(0, 3_000)
 # Small enough that a long example trims its logs.
 LOG_RETENTION = 6
+# No graduated response: every decision is the dollar ceiling's alone.
+PLAIN = RunPolicy(thresholds=(0, 0, 0))
+
+
+def plain_spec(run_id: str, limit: int, labels: dict[str, str], ttl: int | None) -> RunSpec:
+    return RunSpec(run_id, limit, labels, ttl, policy=PLAIN)
 
 
 @dataclass
@@ -157,7 +166,7 @@ class LedgerMachine(RuleBasedStateMachine):
     async def _call(self, ledger: Ledger, op: Op) -> Any:
         if op.kind == "create":
             limit, labels, ttl = op.args
-            return await ledger.create_run(op.tenant, RunSpec(op.run_id, limit, labels, ttl))
+            return await ledger.create_run(op.tenant, plain_spec(op.run_id, limit, labels, ttl))
         if op.kind == "get":
             return await ledger.get_run(op.tenant, op.run_id)
         if op.kind == "reserve":
@@ -201,7 +210,7 @@ class LedgerMachine(RuleBasedStateMachine):
             return
         if op.kind == "create":
             limit, labels, ttl = op.args
-            spec = RunSpec(op.run_id, limit, labels, ttl)
+            spec = plain_spec(op.run_id, limit, labels, ttl)
             if tracked is None:
                 assert status == "ok"
                 assert isinstance(value, CreateRunResult)

@@ -262,14 +262,14 @@ def reserve(
         asked = _arguments_of(amount_micros, requested_ttl_ms, fingerprint, dims)
         if _arguments(previous) != asked:
             raise errors.IdempotencyConflict(run_id, reservation_id, "reserved")
-        return _reserve_result(previous, txn.apply(), txn.account, replayed=True)
+        return _reserve_result(previous, txn.apply(), txn.account, now_ms, replayed=True)
     ttl_ms = requested_ttl_ms or txn.account.spec.default_ttl_ms or server_default_ttl_ms
     reservation = _decide(
         txn, reservation_id, amount_micros, requested_ttl_ms, ttl_ms, parent_block, dims
     )
     reservation.fingerprint = fingerprint
     reservation.pricing = pricing
-    return _reserve_result(reservation, txn.apply(), txn.account, replayed=False)
+    return _reserve_result(reservation, txn.apply(), txn.account, now_ms, replayed=False)
 
 
 def _meters(dims: Mapping[str, int]) -> dict[str, int]:
@@ -294,7 +294,7 @@ def _arguments(reservation: Reservation) -> tuple[object, ...]:
 
 
 def _reserve_result(
-    reservation: Reservation, state: BudgetState, account: Account, *, replayed: bool
+    reservation: Reservation, state: BudgetState, account: Account, now_ms: int, *, replayed: bool
 ) -> ReserveResult:
     return ReserveResult(
         decision=reservation.decision,
@@ -310,6 +310,7 @@ def _reserve_result(
         meter=reservation.meter,
         retry_at_ms=reservation.retry_at_ms,
         mode=account.policy.mode,
+        now_ms=now_ms,
     )
 
 

@@ -40,6 +40,7 @@ class DecisionReason(IntEnum):
     THROTTLED = 7
     RATE_LIMITED = 8
     IN_FLIGHT_LIMIT = 9
+    BACKEND_UNAVAILABLE = 10
 
 
 # Reasons answered with Decision.THROTTLE: not now, but later.
@@ -540,6 +541,8 @@ class ReserveResult:
     meter: str = ""
     retry_at_ms: int | None = None
     mode: EnforcementMode = EnforcementMode.HARD_GATE
+    # The decision's server time (a replay's: now), to turn retry_at_ms into a delay.
+    now_ms: int = dataclasses.field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

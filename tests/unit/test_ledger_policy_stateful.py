@@ -1,0 +1,207 @@
+"""Run policies on every storage backend against the reference model, under Hypothesis.
+
+Runs get random policies (every enforcement mode, thresholds and throttle
+delays, token, meter, rate and in-flight limits), then random reserves (money,
+LLM-call tokens, meter units), commits (with and without actual tokens),
+refunds, sweeps and clock moves. Every answer, every stored row and every
+change log must equal the model's; test_ledger_policy.py pins the model's
+answers to hand-worked examples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+
+from runcap_server import errors
+from runcap_server.clock import ManualClock
+from runcap_server.ledger.saga import ReserveExtras
+from runcap_server.ledger.types import EnforcementMode, RunPolicy, RunSpec
+from tests.ledger_backends import Ledger, RedisTargets, make_backend, redis_targets, snapshot
+
+T = "t0"
+RUNS = st.sampled_from(["r0", "r0", "r1"])
+IDS = st.sampled_from(["a", "b", "c", "d", "e", "f"])
+METERS = st.sampled_from(["", "", "tool:x", "tool:y"])
+
+POLICIES = st.builds(
+    RunPolicy,
+    mode=st.sampled_from(list(EnforcementMode)),
+    soft_margin_percent=st.sampled_from([0, 10, 50]),
+    thresholds=st.sampled_from([(60, 80, 95), (0, 0, 0), (0, 0, 50), (10, 20, 30)]),
+    throttle_base_ms=st.sampled_from([1, 100, 400]),
+    throttle_max_ms=st.just(800),
+    max_tokens=st.none() | st.integers(1, 400),
+    meter_limits=st.sampled_from([(), (("tool:x", 2),), (("tool:x", 1), ("tool:y", 3))]),
+    rate_limit=st.none() | st.tuples(st.integers(1, 4), st.sampled_from([500, 1_000])),
+    max_in_flight=st.none() | st.integers(1, 3),
+)
+
+
+class PolicyMachine(RuleBasedStateMachine):
+    kinds: tuple[str, ...] = ("sqlite",)
+    redis = RedisTargets()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.directory = Path(tempfile.mkdtemp(prefix="runcap-policy-"))
+        self.clocks = [ManualClock() for _ in range(len(self.kinds) + 1)]
+        self.ledgers: list[Ledger] = [
+            make_backend(
+                kind,
+                self.directory,
+                clock,
+                default_ttl_ms=1_000,
+                log_retention=1_000,
+                synchronous="OFF",
+                redis=self.redis,
+            )
+            for kind, clock in zip(("model", *self.kinds), self.clocks, strict=True)
+        ]
+        for ledger in self.ledgers:
+            self.run(ledger.start())
+        self.created: set[str] = set()
+
+    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def teardown(self) -> None:
+        try:
+            for ledger in self.ledgers:
+                self.run(ledger.close())
+        finally:
+            self.loop.close()
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def same(self, call: Callable[[Ledger], Coroutine[Any, Any, Any]]) -> None:
+        """Every ledger answers `call` exactly as the model does."""
+        outcomes = []
+        for ledger in self.ledgers:
+            try:
+                outcomes.append(("ok", self.run(call(ledger))))
+            except errors.RuncapError as exc:
+                outcomes.append(("error", (type(exc), exc.message)))
+        for kind, outcome in zip(self.kinds, outcomes[1:], strict=True):
+            assert outcome == outcomes[0], (kind, outcomes[0], outcome)
+
+    @initialize(policy=POLICIES, limit=st.integers(50, 500))
+    def create_first(self, policy: RunPolicy, limit: int) -> None:
+        self.create("r0", policy, limit)
+
+    @rule(run_id=RUNS, policy=POLICIES, limit=st.integers(50, 500))
+    def create(self, run_id: str, policy: RunPolicy, limit: int) -> None:
+        self.same(
+            lambda ledger: ledger.create_run(T, RunSpec(run_id, limit, {}, None, policy=policy))
+        )
+        self.created.add(run_id)
+
+    @rule(
+        run_id=RUNS,
+        reservation_id=IDS,
+        amount=st.integers(1, 120),
+        tokens=st.sampled_from([0, 0, 50, 150]),
+        meter=METERS,
+        units=st.integers(1, 2),
+        ttl=st.none() | st.sampled_from([300, 1_000]),
+    )
+    def reserve(
+        self,
+        run_id: str,
+        reservation_id: str,
+        amount: int,
+        tokens: int,
+        meter: str,
+        units: int,
+        ttl: int | None,
+    ) -> None:
+        # An LLM call's tokens come with its fingerprint (the retry key).
+        extras = ReserveExtras(
+            fingerprint=f"llm-{amount}-{tokens}" if tokens else "",
+            tokens=tokens,
+            meter=meter,
+            meter_units=units if meter else 0,
+        )
+        self.same(lambda ledger: ledger.reserve(T, run_id, reservation_id, amount, ttl, extras))
+
+    @rule(
+        run_id=RUNS,
+        reservation_id=IDS,
+        actual=st.integers(0, 150),
+        tokens=st.none() | st.integers(0, 200),
+    )
+    def commit(self, run_id: str, reservation_id: str, actual: int, tokens: int | None) -> None:
+        self.same(lambda ledger: ledger.commit(T, run_id, reservation_id, actual, tokens))
+
+    @rule(run_id=RUNS, reservation_id=IDS)
+    def refund(self, run_id: str, reservation_id: str) -> None:
+        self.same(lambda ledger: ledger.refund(T, run_id, reservation_id))
+
+    @rule(run_id=RUNS)
+    def get(self, run_id: str) -> None:
+        self.same(lambda ledger: ledger.get_run(T, run_id))
+
+    @rule()
+    def sweep(self) -> None:
+        self.same(lambda ledger: ledger.sweep(100))
+
+    @rule(ms=st.sampled_from([1, 100, 250, 500, 1_000]) | st.integers(0, 1_500))
+    def advance_clock(self, ms: int) -> None:
+        for clock in self.clocks:
+            clock.advance(ms)
+
+    @invariant()
+    def ledgers_agree(self) -> None:
+        for run_id in self.created:
+            model = self.run(snapshot(self.ledgers[0], T, run_id))
+            log = self.run(self.ledgers[0].read_changes(T, run_id, 0, 10_000))
+            for kind, ledger in zip(self.kinds, self.ledgers[1:], strict=True):
+                assert self.run(snapshot(ledger, T, run_id)) == model, kind
+                assert self.run(ledger.read_changes(T, run_id, 0, 10_000)) == log, kind
+            account = model[0]
+            assert account is not None
+            assert account.active_reservations >= 0
+            for reserved, committed in account.usage.values():
+                assert reserved >= 0
+                assert committed >= 0
+            if account.policy.mode in (EnforcementMode.HARD_GATE, EnforcementMode.ACTUALS_ONLY):
+                state = account.state()
+                assert state.committed_micros + state.reserved_micros <= (
+                    state.limit_micros + state.overrun_micros
+                )
+
+
+SETTINGS = settings(max_examples=120, deadline=None, stateful_step_count=30)
+
+
+NO_REDIS = RedisTargets()
+
+
+def _check(kinds: tuple[str, ...], redis: RedisTargets = NO_REDIS) -> None:
+    machine = type("Machine", (PolicyMachine,), {"kinds": kinds, "redis": redis})
+    run_state_machine_as_test(machine, settings=SETTINGS)
+
+
+def test_sqlite_policies_match_the_model() -> None:
+    _check(("sqlite",))
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(600)
+def test_redis_cluster_policies_match_the_model(request: pytest.FixtureRequest) -> None:
+    _check(("redis-cluster",), redis_targets(request, "redis-cluster"))
