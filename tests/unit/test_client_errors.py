@@ -40,6 +40,7 @@ from runcap import (
     RuncapError,
     RunClosedError,
     RunNotFoundError,
+    SubagentLimitError,
     UnavailableError,
     from_status,
 )
@@ -273,6 +274,16 @@ ROWS = [
         grpc.StatusCode.FAILED_PRECONDITION,
         "RUN_CLOSED",
         lambda e: _eq((e.run_id, e.violations[0][:2]), ("run-1", ("RUN_CLOSED", "run-1"))),
+    ),
+    Row(
+        server_errors.SubagentLimit("child", "root", "run 'root' has its 2 children"),
+        SubagentLimitError,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "SUBAGENT_LIMIT",
+        lambda e: _eq(
+            (e.run_id, e.parent_run_id, e.violations[0][:2]),
+            ("child", "root", ("SUBAGENT_LIMIT", "root")),
+        ),
     ),
     Row(
         server_errors.RevisionOutOfRange("run-1", 3, 10, 20),

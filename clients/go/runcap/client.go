@@ -22,7 +22,10 @@
 // return a *runcaperr.Error (package github.com/runcap/runcap/clients/go/runcaperr)
 // with the server's code, reason and details. A block decision is not an
 // error for Reserve: it is in the response. Only Hold and WithReservation,
-// which need a hold to go on, turn it into a *BudgetBlockedError.
+// which need a hold to go on, turn it into a *BudgetBlockedError (a
+// throttle into a *BudgetThrottledError, with the delay before reserving
+// again). A run's Policy is set at CreateRun; Meter counts a reservation on
+// a call meter.
 package runcap
 
 import (
@@ -35,6 +38,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	runcapv1 "github.com/runcap/runcap/clients/go/runcap/v1"
@@ -203,7 +207,8 @@ func call[Req, Resp any](
 // CreateRun creates a run with a ceiling of limitMicros, or returns it (with
 // Replayed set) when it exists with the same arguments. With an empty runID
 // the server picks one, and the call is not retried. Options set labels, the
-// default ttl and the parent scopes (ParentRunID, APIKeyID, UserID, TeamID):
+// default ttl, the run's Policy and the parent scopes (ParentRunID, APIKeyID,
+// UserID, TeamID):
 //
 //	client.CreateRun(ctx, "sub-1", 1_000_000, runcap.ParentRunID("run-42"), runcap.TeamID("team-7"))
 func (c *Client) CreateRun(ctx context.Context, runID string, limitMicros int64, opts ...RunOption) (*runcapv1.CreateRunResponse, error) {
@@ -259,6 +264,31 @@ func TeamID(teamID string) RunOption {
 	return func(r *runcapv1.CreateRunRequest) { r.TeamId = teamID }
 }
 
+// Policy governs the run beyond its dollar limit: its enforcement mode,
+// threshold bands and throttling, token, call-meter, rate and in-flight
+// limits, and caps on its subagents. Fields left unset take the server's
+// defaults (the response's Run.Policy has them all filled in); a subagent
+// run given no policy takes its parent's. The policy is copied.
+//
+//	client.CreateRun(ctx, "run-1", 5_000_000, runcap.Policy(&runcapv1.RunPolicy{
+//		EnforcementMode: runcapv1.EnforcementMode_ENFORCEMENT_MODE_ADVISORY,
+//		MeterLimits:     map[string]int64{"tool:serp_api": 50},
+//		RateLimit:       &runcapv1.RateLimit{MaxCalls: 30, Window: durationpb.New(time.Minute)},
+//		MaxInFlight:     proto.Int32(4),
+//	}))
+//
+// Creating a child past its parent's MaxChildren or an ancestor's MaxDepth
+// fails with an error matching runcaperr.ErrSubagentLimit.
+func Policy(policy *runcapv1.RunPolicy) RunOption {
+	return func(r *runcapv1.CreateRunRequest) {
+		if policy == nil {
+			r.Policy = nil
+			return
+		}
+		r.Policy = proto.Clone(policy).(*runcapv1.RunPolicy)
+	}
+}
+
 // GetRun returns a run's configuration and current budget state.
 func (c *Client) GetRun(ctx context.Context, runID string) (*runcapv1.GetRunResponse, error) {
 	return call(ctx, c, true, c.stub.GetRun, &runcapv1.GetRunRequest{RunId: runID})
@@ -278,6 +308,20 @@ func ReservationID(id string) ReserveOption {
 // ttl applies otherwise.
 func TTL(d time.Duration) ReserveOption {
 	return func(r *runcapv1.ReserveRequest) { r.Ttl = durationpb.New(d) }
+}
+
+// Meter counts the call on the named call meter (for example
+// "tool:serp_api"), one unit unless MeterUnits says otherwise. The run's
+// policy may cap a meter (RunPolicy.MeterLimits); a call past the cap is
+// blocked with BlockingDimension BUDGET_DIMENSION_METER.
+func Meter(name string) ReserveOption {
+	return func(r *runcapv1.ReserveRequest) { r.Meter = name }
+}
+
+// MeterUnits sets how many units of the Meter the call uses (1 when not
+// given). Only with Meter: the server rejects units without a meter.
+func MeterUnits(units int64) ReserveOption {
+	return func(r *runcapv1.ReserveRequest) { r.MeterUnits = proto.Int64(units) }
 }
 
 func reserveRequest(runID string, amountMicros int64, opts []ReserveOption) *runcapv1.ReserveRequest {
@@ -308,6 +352,11 @@ func withReserveOptions(req *runcapv1.ReserveRequest, opts []ReserveOption) *run
 // decision. A block is a response (Decision == DECISION_BLOCK), not an
 // error. The reservation id (generated when not given) is in the response.
 // ReserveLLM reserves for an LLM call instead.
+//
+// The run's policy adds two decisions: DECISION_WARN (an advisory run: the
+// amount is held, but a blocking run would have refused it; Reason and
+// BlockingDimension say why) and DECISION_THROTTLE (nothing is held: reserve
+// again, with a new reservation id, after RetryAfter).
 func (c *Client) Reserve(ctx context.Context, runID string, amountMicros int64, opts ...ReserveOption) (*runcapv1.ReserveResponse, error) {
 	return call(ctx, c, true, c.stub.Reserve, reserveRequest(runID, amountMicros, opts))
 }

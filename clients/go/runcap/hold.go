@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	runcapv1 "github.com/runcap/runcap/clients/go/runcap/v1"
 )
@@ -17,9 +18,16 @@ var ErrBudgetBlocked = errors.New("runcap: budget blocked")
 // LLM call's provider and model, so it failed closed.
 var ErrUnknownPrice = errors.New("runcap: unknown price")
 
+// ErrBudgetThrottled matches (with errors.Is) a *BudgetThrottledError: the
+// server answered DECISION_THROTTLE, so nothing is held; reserve again, with
+// a new reservation id, after its RetryAfter. Such an error matches
+// ErrBudgetBlocked too.
+var ErrBudgetThrottled = errors.New("runcap: budget throttled")
+
 // BudgetBlockedError is returned by Hold and WithReservation when the server
 // blocks the reservation. It is not a *runcaperr.Error: the call succeeded
-// and the answer was no. Nothing is held.
+// and the answer was no. Nothing is held. A throttle is a
+// *BudgetThrottledError, which errors.As also finds as a *BudgetBlockedError.
 type BudgetBlockedError struct {
 	// RunID is the run the reservation was for.
 	RunID string
@@ -41,6 +49,23 @@ func (e *BudgetBlockedError) Error() string {
 			}
 		}
 		return msg + "unknown price: the server has no price for " + model + ", so runcap fails closed; nothing is held"
+	}
+	switch e.Dimension() {
+	case runcapv1.BudgetDimension_BUDGET_DIMENSION_METER:
+		which := "the call meter"
+		if m := e.Meter(); m != "" {
+			which = fmt.Sprintf("meter %q", m)
+		}
+		return msg + which + " of the run is at its ceiling"
+	case runcapv1.BudgetDimension_BUDGET_DIMENSION_TOKENS:
+		st := r.GetState()
+		msg += fmt.Sprintf("the call does not fit the run's token ceiling (%d tokens committed, %d held)",
+			st.GetCommittedTokens(), st.GetReservedTokens())
+		if est != nil {
+			msg += fmt.Sprintf("; the %s/%s call was estimated at %d tokens",
+				est.GetProvider(), est.GetModel(), est.GetInputTokens()+est.GetEffectiveMaxOutputTokens())
+		}
+		return msg
 	}
 	msg += fmt.Sprintf("%d of %d micros remain", r.GetState().GetRemainingMicros(), r.GetState().GetLimitMicros())
 	if est != nil {
@@ -88,6 +113,95 @@ func (e *BudgetBlockedError) BlockingScope() *runcapv1.ScopeRef { return e.Respo
 // for runs), or PERIOD_UNSPECIFIED when the server did not say.
 func (e *BudgetBlockedError) BlockingPeriod() runcapv1.Period { return e.Response.GetBlockingPeriod() }
 
+// Dimension is the limit that blocked: spend, the run's token ceiling, a
+// call meter (see Meter), its rate limit or its in-flight cap;
+// BUDGET_DIMENSION_UNSPECIFIED for a block by the run's lifecycle (closed,
+// suspended) or when the server did not say.
+func (e *BudgetBlockedError) Dimension() runcapv1.BudgetDimension {
+	return e.Response.GetBlockingDimension()
+}
+
+// Meter is the call meter at its ceiling, for a block on
+// BUDGET_DIMENSION_METER; empty otherwise.
+func (e *BudgetBlockedError) Meter() string { return e.Response.GetBlockingMeter() }
+
+// EnforcementMode is the run's enforcement mode, which shaped the decision
+// (ENFORCEMENT_MODE_UNSPECIFIED when the server did not say).
+func (e *BudgetBlockedError) EnforcementMode() runcapv1.EnforcementMode {
+	return e.Response.GetEnforcementMode()
+}
+
+// BudgetThrottledError is returned by Hold and WithReservation when the
+// server answers DECISION_THROTTLE: not now. Nothing is held. The run is in
+// its throttle band (DECISION_REASON_THROTTLED), over its rate limit
+// (DECISION_REASON_RATE_LIMITED) or at its cap of holds in flight
+// (DECISION_REASON_IN_FLIGHT_LIMIT); Dimension says which limit.
+//
+// Wait RetryAfter, then reserve again with a new reservation id: the
+// throttled id is spent like a blocked one (a retry of it only replays this
+// answer). Without the ReservationID option each call makes a fresh id:
+//
+//	for {
+//		err := client.WithReservation(ctx, runID, 50_000, fn)
+//		var throttled *runcap.BudgetThrottledError
+//		if !errors.As(err, &throttled) {
+//			return err
+//		}
+//		time.Sleep(throttled.RetryAfter())
+//	}
+//
+// It matches ErrBudgetThrottled and ErrBudgetBlocked with errors.Is, and
+// errors.As finds it as a *BudgetBlockedError too, so code that treats every
+// refusal alike keeps working.
+type BudgetThrottledError struct {
+	BudgetBlockedError
+}
+
+// RetryAfter is how long to wait before reserving again (zero when the
+// server gave no delay, or for a replay whose delay has passed).
+func (e *BudgetThrottledError) RetryAfter() time.Duration {
+	return e.Response.GetRetryAfter().AsDuration()
+}
+
+func (e *BudgetThrottledError) Error() string {
+	r := e.Response
+	msg := fmt.Sprintf("runcap: reservation %q of run %q was throttled (%s): ", r.GetReservationId(), e.RunID, r.GetReason())
+	switch r.GetReason() {
+	case runcapv1.DecisionReason_DECISION_REASON_THROTTLED:
+		msg += "the run's committed spend is in its throttle band; "
+	case runcapv1.DecisionReason_DECISION_REASON_RATE_LIMITED:
+		msg += "the run's rate limit is used up for this window; "
+	case runcapv1.DecisionReason_DECISION_REASON_IN_FLIGHT_LIMIT:
+		msg += "the run has its maximum of holds in flight; "
+	}
+	return msg + fmt.Sprintf("reserve again with a new reservation id after %v; nothing is held", e.RetryAfter())
+}
+
+// Is makes errors.Is(err, ErrBudgetThrottled) and errors.Is(err,
+// ErrBudgetBlocked) true.
+func (e *BudgetThrottledError) Is(target error) bool {
+	return target == ErrBudgetThrottled || e.BudgetBlockedError.Is(target)
+}
+
+// As lets errors.As find the error as a *BudgetBlockedError.
+func (e *BudgetThrottledError) As(target any) bool {
+	if t, ok := target.(**BudgetBlockedError); ok {
+		*t = &e.BudgetBlockedError
+		return true
+	}
+	return false
+}
+
+// blockedError is the error of a reservation that is not held: a
+// *BudgetThrottledError for a throttle, else a *BudgetBlockedError.
+func blockedError(runID string, resp *runcapv1.ReserveResponse) error {
+	blocked := BudgetBlockedError{RunID: runID, Response: resp}
+	if resp.GetDecision() == runcapv1.Decision_DECISION_THROTTLE {
+		return &BudgetThrottledError{BudgetBlockedError: blocked}
+	}
+	return &blocked
+}
+
 // Hold is an allowed reservation: an amount held against a run until it is
 // committed or refunded (or expires at its ttl). Commit and Refund retry
 // safely: the reservation id makes them idempotent. A Hold is safe for
@@ -98,7 +212,7 @@ type Hold struct {
 	RunID string
 	// ReservationID is the reservation's id.
 	ReservationID string
-	// Response is the ReserveResponse (an allow decision).
+	// Response is the ReserveResponse (an allow, or a warning: see Warning).
 	Response *runcapv1.ReserveResponse
 
 	mu             sync.Mutex
@@ -111,7 +225,10 @@ type Hold struct {
 
 // Hold reserves amountMicros against the run and returns the hold. When the
 // server blocks the reservation it returns a *BudgetBlockedError (matching
-// ErrBudgetBlocked); other failures are *runcaperr.Error. The reservation id
+// ErrBudgetBlocked), and when it throttles it a *BudgetThrottledError
+// (matching ErrBudgetThrottled; reserve again after its RetryAfter); other
+// failures are *runcaperr.Error. A warning of an advisory run is held like
+// an allow: see Hold.Warning. The reservation id
 // is generated on the client unless given, so the Reserve is retried safely.
 // Settle the hold with Commit or Refund; see WithReservation for a helper
 // that always settles.
@@ -134,14 +251,44 @@ func (c *Client) hold(ctx context.Context, req *runcapv1.ReserveRequest) (*Hold,
 	if err != nil {
 		return nil, err
 	}
-	if resp.GetDecision() != runcapv1.Decision_DECISION_ALLOW {
-		return nil, &BudgetBlockedError{RunID: runID, Response: resp}
+	switch resp.GetDecision() {
+	case runcapv1.Decision_DECISION_ALLOW, runcapv1.Decision_DECISION_WARN:
+		return &Hold{client: c, RunID: runID, ReservationID: resp.GetReservationId(), Response: resp}, nil
 	}
-	return &Hold{client: c, RunID: runID, ReservationID: resp.GetReservationId(), Response: resp}, nil
+	// A block, a throttle, or a decision this client does not know: nothing
+	// to go on with.
+	return nil, blockedError(runID, resp)
 }
 
 // AmountMicros is the amount held.
 func (h *Hold) AmountMicros() int64 { return h.Response.GetAmountMicros() }
+
+// Warning reports whether the server answered DECISION_WARN: the run is in
+// advisory mode and a blocking run would have blocked or throttled this
+// call (see Reason and Dimension). The amount is held all the same.
+func (h *Hold) Warning() bool {
+	return h.Response.GetDecision() == runcapv1.Decision_DECISION_WARN
+}
+
+// FailedOpen reports whether the server failed open: an advisory run's
+// Reserve answered DECISION_WARN with DECISION_REASON_BACKEND_UNAVAILABLE
+// while the ledger's storage was unreachable. Nothing was held or recorded:
+// the call may go ahead, but there is nothing to commit or refund
+// (WithReservation settles nothing, and Commit fails with
+// RESERVATION_NOT_FOUND).
+func (h *Hold) FailedOpen() bool {
+	return h.Warning() && h.Response.GetReason() == runcapv1.DecisionReason_DECISION_REASON_BACKEND_UNAVAILABLE
+}
+
+// Reason is why the server decided as it did: DECISION_REASON_WITHIN_BUDGET
+// for a plain allow; for a warning, what a blocking run would have refused
+// the call for.
+func (h *Hold) Reason() runcapv1.DecisionReason { return h.Response.GetReason() }
+
+// Dimension is, for a warning, the limit it is about (spend, tokens, a
+// meter, the rate limit or the in-flight cap); BUDGET_DIMENSION_UNSPECIFIED
+// for a plain allow.
+func (h *Hold) Dimension() runcapv1.BudgetDimension { return h.Response.GetBlockingDimension() }
 
 // Estimate is how the server priced the LLM call of a HoldLLM (tokens,
 // amount, price table version), or nil for a hold of an amount.
@@ -299,8 +446,10 @@ func (h *Hold) outcome(failed bool) (commit bool, actual int64, usage *TokenUsag
 //     ttl.
 //
 // Settling uses a context that is not cancelled with ctx, so a cancelled
-// call still gets refunded. A block returns a *BudgetBlockedError and fn is
-// not called.
+// call still gets refunded. A block returns a *BudgetBlockedError, a
+// throttle a *BudgetThrottledError, and fn is not called; a warning of an
+// advisory run calls fn like an allow (Hold.Warning tells), and a warning
+// that failed open (Hold.FailedOpen) is not settled, as nothing was held.
 func (c *Client) WithReservation(ctx context.Context, runID string, amountMicros int64,
 	fn func(ctx context.Context, h *Hold) error, opts ...ReserveOption,
 ) error {
@@ -358,6 +507,9 @@ func (c *Client) withHold(ctx context.Context, req *runcapv1.ReserveRequest,
 }
 
 func (h *Hold) settle(ctx context.Context, failed bool) error {
+	if h.FailedOpen() {
+		return nil // nothing was held
+	}
 	ctx = context.WithoutCancel(ctx)
 	commit, actual, usage := h.outcome(failed)
 	switch {

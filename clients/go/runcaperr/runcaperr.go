@@ -204,6 +204,7 @@ var (
 	ErrParentRunNotFound   = reasonKind(codes.NotFound, runcapv1.ErrorReason_ERROR_REASON_PARENT_RUN_NOT_FOUND)
 	ErrParentRunClosed     = reasonKind(codes.FailedPrecondition, runcapv1.ErrorReason_ERROR_REASON_PARENT_RUN_CLOSED)
 	ErrRunClosed           = reasonKind(codes.FailedPrecondition, runcapv1.ErrorReason_ERROR_REASON_RUN_CLOSED)
+	ErrSubagentLimit       = reasonKind(codes.FailedPrecondition, runcapv1.ErrorReason_ERROR_REASON_SUBAGENT_LIMIT)
 )
 
 // FromError returns the runcap error err is or wraps: an *Error found with
@@ -388,6 +389,11 @@ func IsParentRunClosed(err error) bool { return is(err, ErrParentRunClosed) }
 // IsRunClosed reports whether err says SuspendRun or ResumeRun named a run
 // that is closed (a closed run can no longer be suspended or resumed).
 func IsRunClosed(err error) bool { return is(err, ErrRunClosed) }
+
+// IsSubagentLimit reports whether err says CreateRun would give the parent
+// run more children than its policy's max_children, or nest deeper than an
+// ancestor's max_depth allows (the PreconditionViolations say which).
+func IsSubagentLimit(err error) bool { return is(err, ErrSubagentLimit) }
 
 // IsOutOfRange reports whether err is OUT_OF_RANGE.
 func IsOutOfRange(err error) bool { return is(err, ErrOutOfRange) }

@@ -171,3 +171,31 @@ func TestRunClosedError(t *testing.T) {
 		t.Fatalf("%v / %v", parent, foreign)
 	}
 }
+
+func TestSubagentLimitError(t *testing.T) {
+	err := withDetails(t, codes.FailedPrecondition, "too many children",
+		&errdetails.ErrorInfo{Domain: runcaperr.Domain, Reason: "SUBAGENT_LIMIT",
+			Metadata: map[string]string{"run_id": "child"}},
+		&errdetails.PreconditionFailure{Violations: []*errdetails.PreconditionFailure_Violation{
+			{Type: "SUBAGENT_LIMIT", Subject: "root", Description: "run 'root' has its 2 children"},
+		}})
+	wrapped := fmt.Errorf("creating a subagent: %w", err)
+	if !runcaperr.IsSubagentLimit(wrapped) || !runcaperr.IsFailedPrecondition(wrapped) ||
+		!errors.Is(runcaperr.FromError(wrapped), runcaperr.ErrSubagentLimit) ||
+		runcaperr.IsParentRunClosed(wrapped) || runcaperr.IsRunClosed(wrapped) {
+		t.Fatalf("predicates on %v", wrapped)
+	}
+	e := runcaperr.FromError(wrapped)
+	if e.Reason != runcapv1.ErrorReason_ERROR_REASON_SUBAGENT_LIMIT || e.Metadata["run_id"] != "child" ||
+		len(e.PreconditionViolations) != 1 || e.PreconditionViolations[0].Subject != "root" || e.Retryable() {
+		t.Fatalf("%+v", e)
+	}
+	if got := e.Error(); got != "runcap: SUBAGENT_LIMIT (FailedPrecondition): too many children" {
+		t.Fatalf("Error() = %q", got)
+	}
+	foreign := withDetails(t, codes.FailedPrecondition, "limit",
+		&errdetails.ErrorInfo{Domain: "proxy.example", Reason: "SUBAGENT_LIMIT"})
+	if runcaperr.IsSubagentLimit(foreign) {
+		t.Fatalf("a proxy's SUBAGENT_LIMIT matched: %v", foreign)
+	}
+}

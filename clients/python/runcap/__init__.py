@@ -2,7 +2,15 @@
 
 ::
 
-    from runcap import BudgetBlockedError, LlmCall, RuncapClient, TokenUsage
+    from runcap import (
+        BudgetBlockedError,
+        BudgetThrottledError,
+        LlmCall,
+        RateLimit,
+        RunPolicy,
+        RuncapClient,
+        TokenUsage,
+    )
 
     with RuncapClient("127.0.0.1:50051") as client:
         client.create_run("run-1", limit_micros=5_000_000)
@@ -14,6 +22,17 @@
         with client.reserve("run-1", llm_call=call) as hold:
             reply = call_the_model()
             hold.set_usage(TokenUsage(input_tokens=1_200, output_tokens=310))
+
+        # A run with a policy: advisory (warns instead of blocking), at most
+        # 30 Reserves a minute; a throttled reserve says when to come back.
+        policy = RunPolicy(enforcement_mode="advisory", rate_limit=RateLimit(30, 60))
+        client.create_run("run-2", limit_micros=5_000_000, policy=policy)
+        try:
+            with client.reserve("run-2", 40_000, meter="tool:search") as hold:
+                if hold.warning:
+                    log_the_warning(hold.reason, hold.dimension)
+        except BudgetThrottledError as throttled:
+            time.sleep(throttled.retry_after)  # then reserve again
 
 `AsyncRuncapClient` offers the same API for asyncio. Responses are the
 generated `runcap.v1` protobuf messages; failures raise `RuncapError`
@@ -28,7 +47,10 @@ from runcap._shared import (
     WATCH_RECONNECT,
     HoldBase,
     LlmCall,
+    RateLimit,
     RetryPolicy,
+    RunPolicy,
+    Thresholds,
     TokenUsage,
 )
 from runcap.aio import AsyncHold, AsyncRuncapClient, AsyncWatchStream
@@ -36,6 +58,7 @@ from runcap.client import Hold, RuncapClient, WatchStream
 from runcap.errors import (
     REASON_TO_ERROR,
     BudgetBlockedError,
+    BudgetThrottledError,
     IdempotencyConflictError,
     InternalError,
     InvalidArgumentError,
@@ -49,6 +72,7 @@ from runcap.errors import (
     RuncapError,
     RunClosedError,
     RunNotFoundError,
+    SubagentLimitError,
     UnavailableError,
     from_rpc_error,
     from_status,
@@ -63,6 +87,7 @@ __all__ = [
     "AsyncRuncapClient",
     "AsyncWatchStream",
     "BudgetBlockedError",
+    "BudgetThrottledError",
     "Hold",
     "HoldBase",
     "IdempotencyConflictError",
@@ -71,6 +96,7 @@ __all__ = [
     "LlmCall",
     "ParentRunClosedError",
     "ParentRunNotFoundError",
+    "RateLimit",
     "ReservationBlockedError",
     "ReservationNotFoundError",
     "ReservationReleasedError",
@@ -79,8 +105,11 @@ __all__ = [
     "RunAlreadyExistsError",
     "RunClosedError",
     "RunNotFoundError",
+    "RunPolicy",
     "RuncapClient",
     "RuncapError",
+    "SubagentLimitError",
+    "Thresholds",
     "TokenUsage",
     "UnavailableError",
     "WatchStream",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Final, Literal, TypeAlias
 
@@ -14,6 +14,7 @@ from google.protobuf import duration_pb2
 
 from runcap.errors import (
     BudgetBlockedError,
+    BudgetThrottledError,
     RevisionOutOfRangeError,
     RuncapError,
     UnavailableError,
@@ -127,6 +128,7 @@ def create_run_request(
     api_key_id: str = "",
     user_id: str = "",
     team_id: str = "",
+    policy: RunPolicyLike | None = None,
 ) -> budget_service_pb2.CreateRunRequest:
     return budget_service_pb2.CreateRunRequest(
         run_id=run_id,
@@ -137,6 +139,7 @@ def create_run_request(
         api_key_id=api_key_id,
         user_id=user_id,
         team_id=team_id,
+        policy=None if policy is None else to_run_policy(policy),
     )
 
 
@@ -146,11 +149,18 @@ ScopeKindName = Literal["run", "api_key", "user", "team"]
 PeriodName = Literal["lifetime", "daily", "monthly"]
 """The short name of a `runcap.v1.Period`: ``"daily"`` is ``PERIOD_DAILY``."""
 
+EnforcementModeName = Literal["hard_gate", "soft_gate", "advisory", "actuals_only"]
+"""The short name of a `runcap.v1.EnforcementMode`: ``"advisory"`` is
+``ENFORCEMENT_MODE_ADVISORY``."""
+
 ScopeKind: TypeAlias = budget_pb2.ScopeKind.ValueType | ScopeKindName
 """A scope kind: a `runcap.v1.ScopeKind` value, or its short name."""
 
 Period: TypeAlias = budget_pb2.Period.ValueType | PeriodName
 """A period: a `runcap.v1.Period` value, or its short name."""
+
+EnforcementMode: TypeAlias = budget_pb2.EnforcementMode.ValueType | EnforcementModeName
+"""An enforcement mode: a `runcap.v1.EnforcementMode` value, or its short name."""
 
 _SCOPE_KINDS: Final[dict[str, budget_pb2.ScopeKind.ValueType]] = {
     "run": budget_pb2.SCOPE_KIND_RUN,
@@ -163,6 +173,14 @@ _PERIODS: Final[dict[str, budget_pb2.Period.ValueType]] = {
     "lifetime": budget_pb2.PERIOD_LIFETIME,
     "daily": budget_pb2.PERIOD_DAILY,
     "monthly": budget_pb2.PERIOD_MONTHLY,
+}
+
+
+_ENFORCEMENT_MODES: Final[dict[str, budget_pb2.EnforcementMode.ValueType]] = {
+    "hard_gate": budget_pb2.ENFORCEMENT_MODE_HARD_GATE,
+    "soft_gate": budget_pb2.ENFORCEMENT_MODE_SOFT_GATE,
+    "advisory": budget_pb2.ENFORCEMENT_MODE_ADVISORY,
+    "actuals_only": budget_pb2.ENFORCEMENT_MODE_ACTUALS_ONLY,
 }
 
 
@@ -189,6 +207,19 @@ def to_period(period: Period) -> budget_pb2.Period.ValueType:
     except KeyError:
         raise ValueError(
             f"unknown period {period!r}: expected one of {', '.join(_PERIODS)}"
+        ) from None
+
+
+def to_enforcement_mode(mode: EnforcementMode) -> budget_pb2.EnforcementMode.ValueType:
+    """The `runcap.v1.EnforcementMode` value of `mode`; a value passes
+    through unchanged (the server validates it)."""
+    if not isinstance(mode, str):
+        return mode
+    try:
+        return _ENFORCEMENT_MODES[mode]
+    except KeyError:
+        raise ValueError(
+            f"unknown enforcement mode {mode!r}: expected one of {', '.join(_ENFORCEMENT_MODES)}"
         ) from None
 
 
@@ -314,6 +345,142 @@ def to_token_usage(usage: TokenUsageLike) -> budget_service_pb2.TokenUsage:
     raise TypeError(f"usage must be a runcap.TokenUsage or a runcap.v1.TokenUsage, not {usage!r}")
 
 
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """The graduated response of a run: the percentages of its limit,
+    reached by committed spend, where each band starts. Each set level is
+    above the one before and below 100 (the stop level, always on); 0 turns a
+    level off. The defaults are the server's (used when a policy has no
+    thresholds).
+
+    Attributes:
+        info_percent: Where ``THRESHOLD_LEVEL_INFO`` starts.
+        warn_percent: Where ``THRESHOLD_LEVEL_WARN`` starts.
+        throttle_percent: Where ``THRESHOLD_LEVEL_THROTTLE`` starts: from
+            there on Reserve spaces calls out (``DECISION_THROTTLE``).
+    """
+
+    info_percent: int = 60
+    warn_percent: int = 80
+    throttle_percent: int = 95
+
+    def to_proto(self) -> budget_pb2.Thresholds:
+        """The `runcap.v1.Thresholds` message."""
+        return budget_pb2.Thresholds(
+            info_percent=self.info_percent,
+            warn_percent=self.warn_percent,
+            throttle_percent=self.throttle_percent,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A cap on a run's allowed Reserves per window. Windows are fixed,
+    aligned to multiples of `window` since the Unix epoch; a Reserve over
+    the cap is throttled (``DECISION_REASON_RATE_LIMITED``).
+
+    Attributes:
+        max_calls: Allowed Reserves per window (positive).
+        window: The window: a `timedelta` or seconds, in whole milliseconds,
+            from 1 ms to 24 hours.
+    """
+
+    max_calls: int
+    window: Duration
+
+    def to_proto(self) -> budget_pb2.RateLimit:
+        """The `runcap.v1.RateLimit` message."""
+        return budget_pb2.RateLimit(max_calls=self.max_calls, window=to_duration(self.window))
+
+
+@dataclass(frozen=True, slots=True)
+class RunPolicy:
+    """How a run is governed beyond its dollar limit, fixed when it is
+    created (``create_run(..., policy=...)``). Every limit is checked in the
+    same atomic decision as the dollar ceiling; a field left at its default
+    takes the server's default (or, for a subagent run given no policy at
+    all, its parent's policy)::
+
+        RunPolicy(
+            enforcement_mode="soft_gate",
+            soft_gate_margin_percent=10,
+            meter_limits={"tool:serp_api": 50},
+            rate_limit=RateLimit(max_calls=30, window=60),
+            max_in_flight=4,
+        )
+
+    Attributes:
+        enforcement_mode: How the ceilings are enforced: a
+            `runcap.v1.EnforcementMode` value or its short name
+            (``"hard_gate"``, ``"soft_gate"``, ``"advisory"``,
+            ``"actuals_only"``); None for the default (a hard gate).
+        soft_gate_margin_percent: For a soft gate, how far past the limit
+            estimates may go, in percent of it (0 to 100).
+        thresholds: The graduated response; None for the server's defaults.
+        throttle_base_delay: In the throttle band, the delay after the first
+            allowed call (a `timedelta` or seconds); it doubles with each
+            later call. None for the default (1 s).
+        throttle_max_delay: The longest throttle delay; None for the default
+            (60 s).
+        max_tokens: A ceiling on the run's LLM tokens (input plus effective
+            maximum output as reserved, actual usage once committed).
+        meter_limits: Ceilings on named call meters (`reserve(...,
+            meter=...)`), in units.
+        rate_limit: A cap on allowed Reserves per window.
+        max_in_flight: A cap on the run's holds in flight at once.
+        max_depth: How many levels of subagent runs may be created below
+            this run (server default 5, at most 15).
+        max_children: How many child runs this run may have.
+    """
+
+    enforcement_mode: EnforcementMode | None = None
+    soft_gate_margin_percent: int = 0
+    thresholds: Thresholds | None = None
+    throttle_base_delay: Duration | None = None
+    throttle_max_delay: Duration | None = None
+    max_tokens: int | None = None
+    meter_limits: Mapping[str, int] = field(default_factory=dict)
+    rate_limit: RateLimit | None = None
+    max_in_flight: int | None = None
+    max_depth: int | None = None
+    max_children: int | None = None
+
+    def to_proto(self) -> budget_pb2.RunPolicy:
+        """The `runcap.v1.RunPolicy` message; ValueError for an unknown
+        enforcement mode name."""
+        mode = budget_pb2.ENFORCEMENT_MODE_UNSPECIFIED
+        if self.enforcement_mode is not None:
+            mode = to_enforcement_mode(self.enforcement_mode)
+        return budget_pb2.RunPolicy(
+            enforcement_mode=mode,
+            soft_gate_margin_percent=self.soft_gate_margin_percent,
+            thresholds=None if self.thresholds is None else self.thresholds.to_proto(),
+            throttle_base_delay=to_duration(self.throttle_base_delay),
+            throttle_max_delay=to_duration(self.throttle_max_delay),
+            max_tokens=self.max_tokens,
+            meter_limits=dict(self.meter_limits),
+            rate_limit=None if self.rate_limit is None else self.rate_limit.to_proto(),
+            max_in_flight=self.max_in_flight,
+            max_depth=self.max_depth,
+            max_children=self.max_children,
+        )
+
+
+RunPolicyLike: TypeAlias = RunPolicy | budget_pb2.RunPolicy
+"""A run policy: a `RunPolicy`, or the `runcap.v1.RunPolicy` message."""
+
+
+def to_run_policy(policy: RunPolicyLike) -> budget_pb2.RunPolicy:
+    """The `runcap.v1.RunPolicy` message of `policy` (a copy when it is one)."""
+    if isinstance(policy, RunPolicy):
+        return policy.to_proto()
+    if isinstance(policy, budget_pb2.RunPolicy):
+        copy = budget_pb2.RunPolicy()
+        copy.CopyFrom(policy)
+        return copy
+    raise TypeError(f"policy must be a runcap.RunPolicy or a runcap.v1.RunPolicy, not {policy!r}")
+
+
 def estimate_of(
     amount_micros: int | None, llm_call: LlmCallLike | None
 ) -> int | budget_service_pb2.LlmCall:
@@ -340,16 +507,30 @@ def actual_of(
     return actual_micros
 
 
+def check_meter(meter: str, meter_units: int | None) -> None:
+    """Raises ValueError for `meter_units` without a `meter`."""
+    if meter_units is not None and not meter:
+        raise ValueError("meter_units needs a meter")
+
+
 def reserve_request(
     run_id: str,
     estimate: int | budget_service_pb2.LlmCall,
     reservation_id: str,
     ttl: Duration | None,
+    meter: str = "",
+    meter_units: int | None = None,
 ) -> budget_service_pb2.ReserveRequest:
     """A ReserveRequest for an amount in micro-USD or an LLM call (see
-    `estimate_of`)."""
+    `estimate_of`), counted on `meter` when one is given (`meter_units`
+    units of it, 1 when None)."""
+    check_meter(meter, meter_units)
     request = budget_service_pb2.ReserveRequest(
-        run_id=run_id, reservation_id=reservation_id, ttl=to_duration(ttl)
+        run_id=run_id,
+        reservation_id=reservation_id,
+        ttl=to_duration(ttl),
+        meter=meter,
+        meter_units=meter_units,
     )
     if isinstance(estimate, budget_service_pb2.LlmCall):
         request.llm_call.CopyFrom(estimate)
@@ -470,7 +651,9 @@ class WatchCursor:
 
 
 HoldOutcome = (
-    tuple[Literal["commit"], int | budget_service_pb2.TokenUsage] | tuple[Literal["refund"], None]
+    tuple[Literal["commit"], int | budget_service_pb2.TokenUsage]
+    | tuple[Literal["refund"], None]
+    | tuple[Literal["none"], None]
 )
 
 
@@ -490,7 +673,14 @@ class HoldBase:
       was spent). The exception propagates; a failure to settle is attached
       to it as a note and the hold is left to expire at its ttl.
 
-    A block decision raises `BudgetBlockedError` on entering; nothing is held.
+    A block decision raises `BudgetBlockedError` on entering, and a throttle
+    decision its subclass `BudgetThrottledError` (reserve again after its
+    `retry_after`); nothing is held. A warning (``DECISION_WARN``, from a run
+    in advisory mode) is held like an allow: `warning` is then true, and
+    `reason` and `dimension` say what a blocking run would have refused.
+    A warning with reason ``DECISION_REASON_BACKEND_UNAVAILABLE`` is the
+    server failing open while its storage is down: nothing was held or
+    recorded, so `failed_open` is true and nothing is settled on exit.
     """
 
     def __init__(
@@ -499,7 +689,10 @@ class HoldBase:
         estimate: int | budget_service_pb2.LlmCall,
         reservation_id: str | None,
         ttl: Duration | None,
+        meter: str = "",
+        meter_units: int | None = None,
     ) -> None:
+        check_meter(meter, meter_units)
         self.run_id = run_id
         self._estimate = estimate
         self.requested_micros: int | None = (
@@ -512,6 +705,10 @@ class HoldBase:
         """The LLM call asked for, or None for an amount."""
         self.reservation_id = reservation_id or new_reservation_id()
         self.ttl = ttl
+        self.meter = meter
+        """The call meter the hold counts on, or ``""``."""
+        self.meter_units = meter_units
+        """The units of `meter` asked for, or None for the default (1)."""
         self._response: budget_service_pb2.ReserveResponse | None = None
         self._actual: int | budget_service_pb2.TokenUsage | None = None
         self._release = False
@@ -523,10 +720,45 @@ class HoldBase:
 
     @property
     def response(self) -> budget_service_pb2.ReserveResponse:
-        """The ReserveResponse (an allow decision)."""
+        """The ReserveResponse (an allow or a warning)."""
         if self._response is None:
             raise RuntimeError("the hold is not reserved yet: use it as a context manager")
         return self._response
+
+    @property
+    def warning(self) -> bool:
+        """True when the server answered ``DECISION_WARN``: the run is in
+        advisory mode and a blocking run would have blocked or throttled
+        this call (see `reason` and `dimension`). The amount is held all
+        the same."""
+        return self.response.decision == budget_pb2.DECISION_WARN
+
+    @property
+    def failed_open(self) -> bool:
+        """True when the server failed open: an advisory run's Reserve
+        answered ``DECISION_WARN`` with ``DECISION_REASON_BACKEND_UNAVAILABLE``
+        while the ledger's storage was unreachable. Nothing was held or
+        recorded: the call may go ahead, but there is nothing to commit or
+        refund, so leaving the block settles nothing."""
+        response = self.response
+        return (
+            response.decision == budget_pb2.DECISION_WARN
+            and response.reason == budget_pb2.DECISION_REASON_BACKEND_UNAVAILABLE
+        )
+
+    @property
+    def reason(self) -> budget_pb2.DecisionReason.ValueType:
+        """Why the server decided as it did (`runcap.v1.DecisionReason`):
+        ``DECISION_REASON_WITHIN_BUDGET`` for a plain allow; for a warning,
+        what a blocking run would have refused it for."""
+        return self.response.reason
+
+    @property
+    def dimension(self) -> budget_pb2.BudgetDimension.ValueType:
+        """For a warning, the limit it is about (`runcap.v1.BudgetDimension`:
+        spend, tokens, a meter, the rate limit or the in-flight cap);
+        ``BUDGET_DIMENSION_UNSPECIFIED`` for a plain allow."""
+        return self.response.blocking_dimension
 
     @property
     def amount_micros(self) -> int:
@@ -586,14 +818,27 @@ class HoldBase:
         if self._entered:
             raise RuntimeError("a hold can be entered only once")
         self._entered = True
-        return reserve_request(self.run_id, self._estimate, self.reservation_id, self.ttl)
+        return reserve_request(
+            self.run_id,
+            self._estimate,
+            self.reservation_id,
+            self.ttl,
+            self.meter,
+            self.meter_units,
+        )
 
     def _accept(self, response: budget_service_pb2.ReserveResponse) -> None:
-        if response.decision == budget_pb2.DECISION_BLOCK:
+        decision = response.decision
+        if decision == budget_pb2.DECISION_THROTTLE:
+            raise BudgetThrottledError(self.run_id, response)
+        if decision not in (budget_pb2.DECISION_ALLOW, budget_pb2.DECISION_WARN):
+            # A block, or a decision this client does not know: nothing to go on with.
             raise BudgetBlockedError(self.run_id, response)
         self._response = response
 
     def _outcome(self, failed: bool) -> HoldOutcome:
+        if self.failed_open:
+            return ("none", None)
         if self._actual is not None:
             return ("commit", self._actual)
         if failed or self._release:

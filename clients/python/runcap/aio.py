@@ -20,6 +20,7 @@ from runcap._shared import (
     LlmCallLike,
     Period,
     RetryPolicy,
+    RunPolicyLike,
     ScopeKind,
     TokenUsageLike,
     WatchCursor,
@@ -132,6 +133,7 @@ class AsyncRuncapClient:
         api_key_id: str = "",
         user_id: str = "",
         team_id: str = "",
+        policy: RunPolicyLike | None = None,
     ) -> budget_service_pb2.CreateRunResponse:
         """See `RuncapClient.create_run`."""
         request = create_run_request(
@@ -143,6 +145,7 @@ class AsyncRuncapClient:
             api_key_id=api_key_id,
             user_id=user_id,
             team_id=team_id,
+            policy=policy,
         )
         return await self._call(self._stub.CreateRun, request, idempotent=bool(run_id))
 
@@ -159,10 +162,12 @@ class AsyncRuncapClient:
         llm_call: LlmCallLike | None = None,
         reservation_id: str = "",
         ttl: Duration | None = None,
+        meter: str = "",
+        meter_units: int | None = None,
     ) -> budget_service_pb2.ReserveResponse:
         """See `RuncapClient.reserve_once`."""
         estimate = estimate_of(amount_micros, llm_call)
-        request = reserve_request(run_id, estimate, reservation_id, ttl)
+        request = reserve_request(run_id, estimate, reservation_id, ttl, meter, meter_units)
         return await self._call(self._stub.Reserve, request, idempotent=bool(reservation_id))
 
     async def commit(
@@ -225,6 +230,8 @@ class AsyncRuncapClient:
         llm_call: LlmCallLike | None = None,
         reservation_id: str | None = None,
         ttl: Duration | None = None,
+        meter: str = "",
+        meter_units: int | None = None,
     ) -> AsyncHold:
         """An async context manager that holds `amount_micros`, or the
         server's price of `llm_call`, for the block::
@@ -236,7 +243,15 @@ class AsyncRuncapClient:
         See `RuncapClient.reserve`. Cancelling the task inside the block
         refunds the hold like any other exception.
         """
-        return AsyncHold(self, run_id, estimate_of(amount_micros, llm_call), reservation_id, ttl)
+        return AsyncHold(
+            self,
+            run_id,
+            estimate_of(amount_micros, llm_call),
+            reservation_id,
+            ttl,
+            meter,
+            meter_units,
+        )
 
     def watch(
         self,
@@ -277,8 +292,10 @@ class AsyncHold(HoldBase):
         estimate: int | budget_service_pb2.LlmCall,
         reservation_id: str | None,
         ttl: Duration | None,
+        meter: str = "",
+        meter_units: int | None = None,
     ) -> None:
-        super().__init__(run_id, estimate, reservation_id, ttl)
+        super().__init__(run_id, estimate, reservation_id, ttl, meter, meter_units)
         self._client = client
 
     async def __aenter__(self) -> Self:
@@ -294,6 +311,8 @@ class AsyncHold(HoldBase):
         tb: TracebackType | None,
     ) -> None:
         action, actual = self._outcome(failed=exc is not None)
+        if action == "none":
+            return
         client = self._client
         try:
             if action == "refund":

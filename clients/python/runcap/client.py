@@ -21,6 +21,7 @@ from runcap._shared import (
     LlmCallLike,
     Period,
     RetryPolicy,
+    RunPolicyLike,
     ScopeKind,
     TokenUsageLike,
     WatchCursor,
@@ -144,6 +145,7 @@ class RuncapClient:
         api_key_id: str = "",
         user_id: str = "",
         team_id: str = "",
+        policy: RunPolicyLike | None = None,
     ) -> budget_service_pb2.CreateRunResponse:
         """Creates a run (or returns it, with `replayed` set, when it exists
         with the same arguments). With an empty `run_id` the server picks one,
@@ -154,6 +156,22 @@ class RuncapClient:
         ancestor. `api_key_id`, `user_id` and `team_id` name the API key,
         user and team to charge as well; when empty they are inherited from
         the parent. A reservation must fit every ceiling of all those scopes.
+
+        `policy` governs the run beyond its dollar limit (a `RunPolicy`, or
+        the `runcap.v1.RunPolicy` message): enforcement mode, threshold
+        bands and throttling, token, call-meter, rate and in-flight limits,
+        and caps on its subagents; the server's answer has the policy with
+        every default filled in (``run.policy``). A subagent run given no
+        policy takes its parent's::
+
+            client.create_run(
+                "run-1",
+                limit_micros=5_000_000,
+                policy=RunPolicy(enforcement_mode="advisory", max_in_flight=4),
+            )
+
+        Creating a child past its parent's ``max_children`` or an ancestor's
+        ``max_depth`` raises `SubagentLimitError`.
         """
         request = create_run_request(
             run_id,
@@ -164,6 +182,7 @@ class RuncapClient:
             api_key_id=api_key_id,
             user_id=user_id,
             team_id=team_id,
+            policy=policy,
         )
         return self._call(self._stub.CreateRun, request, idempotent=bool(run_id))
 
@@ -180,6 +199,8 @@ class RuncapClient:
         llm_call: LlmCallLike | None = None,
         reservation_id: str = "",
         ttl: Duration | None = None,
+        meter: str = "",
+        meter_units: int | None = None,
     ) -> budget_service_pb2.ReserveResponse:
         """Asks to hold `amount_micros`, or the server's price of `llm_call`,
         against the run and returns the decision; a block is a response, not
@@ -192,9 +213,17 @@ class RuncapClient:
         For an LLM call the response's `estimate` says how it was priced; a
         model the server has no price for is blocked with
         ``DECISION_REASON_UNKNOWN_PRICE``. Retried on UNAVAILABLE only when
-        `reservation_id` is given."""
+        `reservation_id` is given.
+
+        `meter` names the call meter the call counts on (for example
+        ``"tool:serp_api"``; `meter_units` units of it, 1 when None), which
+        the run's policy may cap. Besides an allow or a block the decision
+        may be ``DECISION_WARN`` (an advisory run: held, but a blocking run
+        would have refused it) or ``DECISION_THROTTLE`` (nothing held:
+        reserve again, with a new reservation id, after the response's
+        `retry_after`)."""
         estimate = estimate_of(amount_micros, llm_call)
-        request = reserve_request(run_id, estimate, reservation_id, ttl)
+        request = reserve_request(run_id, estimate, reservation_id, ttl, meter, meter_units)
         return self._call(self._stub.Reserve, request, idempotent=bool(reservation_id))
 
     def commit(
@@ -275,6 +304,8 @@ class RuncapClient:
         llm_call: LlmCallLike | None = None,
         reservation_id: str | None = None,
         ttl: Duration | None = None,
+        meter: str = "",
+        meter_units: int | None = None,
     ) -> Hold:
         """A context manager that holds `amount_micros`, or the server's
         price of `llm_call`, for the block (exactly one of the two, or
@@ -292,14 +323,26 @@ class RuncapClient:
                 hold.set_usage(TokenUsage(input_tokens=1_200, output_tokens=310))
 
         Raises `BudgetBlockedError` on entering when the server blocks (for
-        an LLM call, also when it has no price for the model). On a normal
+        an LLM call, also when it has no price for the model), and its
+        subclass `BudgetThrottledError` when it throttles (reserve again
+        after its `retry_after`). A warning of an advisory run is held like
+        an allow, with `hold.warning` set. `meter` and `meter_units` count
+        the call on a call meter, as for `reserve_once`. On a normal
         exit the hold is committed (with `set_actual`'s amount or
         `set_usage`'s tokens, or the whole hold when neither was called); on
         an exception it is refunded. See `HoldBase` for the details. Without
         `reservation_id` a random one is generated, so the Reserve, Commit
         and Refund calls are all retried safely.
         """
-        return Hold(self, run_id, estimate_of(amount_micros, llm_call), reservation_id, ttl)
+        return Hold(
+            self,
+            run_id,
+            estimate_of(amount_micros, llm_call),
+            reservation_id,
+            ttl,
+            meter,
+            meter_units,
+        )
 
     def watch(
         self,
@@ -353,8 +396,10 @@ class Hold(HoldBase):
         estimate: int | budget_service_pb2.LlmCall,
         reservation_id: str | None,
         ttl: Duration | None,
+        meter: str = "",
+        meter_units: int | None = None,
     ) -> None:
-        super().__init__(run_id, estimate, reservation_id, ttl)
+        super().__init__(run_id, estimate, reservation_id, ttl, meter, meter_units)
         self._client = client
 
     def __enter__(self) -> Self:
@@ -370,6 +415,8 @@ class Hold(HoldBase):
         tb: TracebackType | None,
     ) -> None:
         action, actual = self._outcome(failed=exc is not None)
+        if action == "none":
+            return
         client = self._client
         try:
             if action == "refund":

@@ -9,8 +9,9 @@ failed sync or asyncio call, back into one exception class per reason; the table
 runcap ErrorInfo (a proxy's or the transport's own error) maps by its gRPC code.
 
 A block decision is not a failure: `reserve_once` returns it in the response.
-Only the `reserve(...)` context managers turn it into `BudgetBlockedError`,
-which deliberately does not derive from `RuncapError`, so that code which fails
+Only the `reserve(...)` context managers turn it into `BudgetBlockedError` (a
+throttle decision into its subclass `BudgetThrottledError`), which
+deliberately does not derive from `RuncapError`, so that code which fails
 open on service trouble (``except RuncapError``) never fails open on a block.
 """
 
@@ -225,6 +226,25 @@ class RunClosedError(_PreconditionError):
         return next((subject for _, subject, _ in self.violations), "")
 
 
+class SubagentLimitError(_PreconditionError):
+    """FAILED_PRECONDITION: CreateRun would give the parent run more children
+    than its policy's ``max_children``, or nest deeper than an ancestor's
+    ``max_depth`` allows; the PreconditionFailure detail says which."""
+
+    @property
+    def run_id(self) -> str:
+        """The run that was being created."""
+        return self.metadata.get("run_id", "")
+
+    @property
+    def parent_run_id(self) -> str:
+        """The parent run it was to be created under."""
+        parent = self.metadata.get("parent_run_id", "")
+        if parent:
+            return parent
+        return next((subject for _, subject, _ in self.violations), "")
+
+
 class RevisionOutOfRangeError(RuncapError):
     """OUT_OF_RANGE: Watch cannot resume from the requested revision.
 
@@ -299,6 +319,7 @@ REASON_TO_ERROR: Final[Mapping[str, type[RuncapError]]] = {
     _reason(errors_pb2.ERROR_REASON_PARENT_RUN_NOT_FOUND): ParentRunNotFoundError,
     _reason(errors_pb2.ERROR_REASON_PARENT_RUN_CLOSED): ParentRunClosedError,
     _reason(errors_pb2.ERROR_REASON_RUN_CLOSED): RunClosedError,
+    _reason(errors_pb2.ERROR_REASON_SUBAGENT_LIMIT): SubagentLimitError,
 }
 """The one table from ErrorInfo reason to exception class."""
 
@@ -391,7 +412,8 @@ class BudgetBlockedError(Exception):
     """The server blocked a reservation made by a `reserve(...)` context manager.
 
     Not a `RuncapError`: the call succeeded and the answer was no. Nothing is
-    held.
+    held. A throttle decision is the subclass `BudgetThrottledError`, so
+    ``except BudgetBlockedError`` catches both.
 
     Attributes:
         response: The ReserveResponse with the block decision.
@@ -404,6 +426,16 @@ class BudgetBlockedError(Exception):
         blocking_period: The period of the ceiling that blocked
             (`runcap.v1.Period`; ``PERIOD_LIFETIME`` for runs), or
             ``PERIOD_UNSPECIFIED`` when the server did not say.
+        dimension: Which limit blocked (`runcap.v1.BudgetDimension`): spend,
+            the run's token ceiling, a call meter, its rate limit or its
+            in-flight cap; ``BUDGET_DIMENSION_UNSPECIFIED`` for a block by
+            the run's lifecycle (closed, suspended) or when the server did
+            not say.
+        meter: For ``BUDGET_DIMENSION_METER``, the call meter at its
+            ceiling; ``""`` otherwise.
+        enforcement_mode: The run's `runcap.v1.EnforcementMode`, which
+            shaped the decision (``ENFORCEMENT_MODE_UNSPECIFIED`` when the
+            server did not say).
         estimate: For a reservation of an LLM call, how the server priced it
             (`runcap.v1.LlmEstimate`: provider, model, tokens, amount and
             price table version); None for an amount.
@@ -418,46 +450,68 @@ class BudgetBlockedError(Exception):
             response.blocking_scope if response.HasField("blocking_scope") else None
         )
         self.blocking_period: budget_pb2.Period.ValueType = response.blocking_period
+        self.dimension: budget_pb2.BudgetDimension.ValueType = response.blocking_dimension
+        self.meter: str = response.blocking_meter
+        self.enforcement_mode: budget_pb2.EnforcementMode.ValueType = response.enforcement_mode
         self.estimate: budget_service_pb2.LlmEstimate | None = (
             response.estimate if response.HasField("estimate") else None
         )
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        response, run_id = self.response, self.run_id
         message = (
             f"reservation {response.reservation_id!r} of run {run_id!r} was blocked "
             f"({_enum_name(budget_pb2.DecisionReason, response.reason)}): "
         )
         estimate = self.estimate
+        state = response.state
         if self.unknown_price:
             model = "the model"
             if estimate is not None:
                 model = f"model {estimate.model!r} of provider {estimate.provider!r}"
                 if estimate.price_table_version:
                     model += f" (price table {estimate.price_table_version!r})"
-            message += (
+            return message + (
                 f"unknown price: the server has no price for {model}, "
                 "so runcap fails closed; nothing is held"
             )
-        elif self.suspended:
+        if self.suspended:
             scope = self.blocking_scope
             which = f"run {scope.id!r}" if scope is not None else "the run"
-            message += f"{which} is suspended (the kill switch); nothing is held until resumed"
-        else:
-            state = response.state
-            message += f"{state.remaining_micros} of {state.limit_micros} micros remain"
+            return message + (
+                f"{which} is suspended (the kill switch); nothing is held until resumed"
+            )
+        if self.dimension == budget_pb2.BUDGET_DIMENSION_METER:
+            which = f"meter {self.meter!r}" if self.meter else "the call meter"
+            return message + f"{which} of the run is at its ceiling"
+        if self.dimension == budget_pb2.BUDGET_DIMENSION_TOKENS:
+            message += (
+                f"the call does not fit the run's token ceiling ({state.committed_tokens} "
+                f"tokens committed, {state.reserved_tokens} held)"
+            )
             if estimate is not None:
                 message += (
-                    f", the {estimate.provider}/{estimate.model} call was estimated at "
-                    f"{estimate.amount_micros} micros"
+                    f"; the {estimate.provider}/{estimate.model} call was estimated at "
+                    f"{estimate.input_tokens + estimate.effective_max_output_tokens} tokens"
                 )
-            scope = self.blocking_scope
-            if scope is not None and not (
-                scope.kind == budget_pb2.SCOPE_KIND_RUN and scope.id == run_id
-            ):
-                kind = _enum_name(budget_pb2.ScopeKind, scope.kind)
-                message += f" (blocked by {kind} {scope.id!r}"
-                if response.blocking_period != budget_pb2.PERIOD_UNSPECIFIED:
-                    message += f", {_enum_name(budget_pb2.Period, response.blocking_period)}"
-                message += ")"
-        super().__init__(message)
+            return message
+        message += f"{state.remaining_micros} of {state.limit_micros} micros remain"
+        if estimate is not None:
+            message += (
+                f", the {estimate.provider}/{estimate.model} call was estimated at "
+                f"{estimate.amount_micros} micros"
+            )
+        scope = self.blocking_scope
+        if scope is not None and not (
+            scope.kind == budget_pb2.SCOPE_KIND_RUN and scope.id == run_id
+        ):
+            kind = _enum_name(budget_pb2.ScopeKind, scope.kind)
+            message += f" (blocked by {kind} {scope.id!r}"
+            if response.blocking_period != budget_pb2.PERIOD_UNSPECIFIED:
+                message += f", {_enum_name(budget_pb2.Period, response.blocking_period)}"
+            message += ")"
+        return message
 
     @property
     def reservation_id(self) -> str:
@@ -477,6 +531,57 @@ class BudgetBlockedError(Exception):
         an alias, or a model newer than its price table), not a budget
         ceiling."""
         return self.reason == budget_pb2.DECISION_REASON_UNKNOWN_PRICE
+
+
+_THROTTLE_CAUSES: Final[Mapping[budget_pb2.DecisionReason.ValueType, str]] = {
+    budget_pb2.DECISION_REASON_THROTTLED: "the run's committed spend is in its throttle band",
+    budget_pb2.DECISION_REASON_RATE_LIMITED: "the run's rate limit is used up for this window",
+    budget_pb2.DECISION_REASON_IN_FLIGHT_LIMIT: "the run has its maximum of holds in flight",
+}
+
+
+class BudgetThrottledError(BudgetBlockedError):
+    """The server throttled a reservation made by a `reserve(...)` context
+    manager (``DECISION_THROTTLE``): not now. Nothing is held.
+
+    The run is in its throttle band (``DECISION_REASON_THROTTLED``), over its
+    rate limit (``DECISION_REASON_RATE_LIMITED``) or at its cap of holds in
+    flight (``DECISION_REASON_IN_FLIGHT_LIMIT``); `dimension` says which
+    limit. Wait `retry_after` seconds, then reserve again with a new
+    reservation id: the throttled id is spent, like a blocked one (a retry
+    of it only replays this answer). ``client.reserve(...)`` without a
+    `reservation_id` makes a fresh id each time::
+
+        while True:
+            try:
+                with client.reserve(run_id, 50_000) as hold:
+                    ...
+                break
+            except BudgetThrottledError as throttled:
+                time.sleep(throttled.retry_after)
+
+    A subclass of `BudgetBlockedError`, so code that treats every refusal
+    alike keeps working.
+    """
+
+    @property
+    def retry_after(self) -> float:
+        """How long to wait before reserving again, in seconds (0.0 when the
+        server gave no delay, or for a replay whose delay has passed)."""
+        return float(self.response.retry_after.ToNanoseconds()) / 1e9
+
+    def _describe(self) -> str:
+        response = self.response
+        message = (
+            f"reservation {response.reservation_id!r} of run {self.run_id!r} was throttled "
+            f"({_enum_name(budget_pb2.DecisionReason, response.reason)}): "
+        )
+        cause = _THROTTLE_CAUSES.get(response.reason)
+        if cause:
+            message += f"{cause}; "
+        return message + (
+            f"reserve again with a new reservation id after {self.retry_after:g} s; nothing is held"
+        )
 
 
 def _enum_name(enum: _EnumTypeWrapper[_V], value: _V) -> str:

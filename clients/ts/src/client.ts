@@ -3,7 +3,7 @@
 import { randomUUID } from "node:crypto";
 import type * as http2 from "node:http2";
 
-import { create } from "@bufbuild/protobuf";
+import { clone, create, isMessage } from "@bufbuild/protobuf";
 import { durationFromMs, type Duration } from "@bufbuild/protobuf/wkt";
 import { createClient, type Client, type Interceptor, type Transport } from "@connectrpc/connect";
 import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
@@ -36,7 +36,15 @@ import {
   type SuspendRunResponse,
   type TokenUsage,
 } from "./gen/runcap/v1/budget_service_pb.js";
-import type { Period, ScopeKind } from "./gen/runcap/v1/budget_pb.js";
+import {
+  EnforcementMode,
+  RateLimitSchema,
+  RunPolicySchema,
+  ThresholdsSchema,
+  type Period,
+  type RunPolicy,
+  type ScopeKind,
+} from "./gen/runcap/v1/budget_pb.js";
 import { DEFAULT_RETRY, retryDelayMs, sleep, type RetryPolicy } from "./retry.js";
 
 /** The address a client connects to when given none. */
@@ -105,6 +113,77 @@ export interface CreateRunArgs {
   userId?: string;
   /** The team to charge as well; inherited from the parent run when omitted. */
   teamId?: string;
+  /**
+   * How the run is governed beyond its limit ({@link RunPolicyInput}, or a
+   * `runcap.v1.RunPolicy` message): enforcement mode, threshold bands and
+   * throttling, token, call-meter, rate and in-flight limits, and caps on
+   * its subagents. The response's `run.policy` has every default filled in.
+   * When omitted, a subagent run takes its parent's policy and a root run
+   * the defaults. Creating a child past its parent's `maxChildren` or an
+   * ancestor's `maxDepth` rejects with `SubagentLimitError`.
+   *
+   * ```ts
+   * await client.createRun({
+   *   runId: "run-1",
+   *   limitMicros: 5_000_000n,
+   *   policy: { enforcementMode: EnforcementMode.ADVISORY, rateLimit: { maxCalls: 30, window: 60_000 }, maxInFlight: 4 },
+   * });
+   * ```
+   */
+  policy?: RunPolicyInput | RunPolicy;
+}
+
+/**
+ * The graduated response of a run: the percentages of its limit, reached by
+ * committed spend, where each band starts. Each set level is above the one
+ * before and below 100 (the stop level, always on); 0 turns a level off. An
+ * omitted level takes the server's default (60, 80 and 95).
+ */
+export interface ThresholdsInput {
+  /** Where `ThresholdLevel.INFO` starts (default 60). */
+  infoPercent?: number;
+  /** Where `ThresholdLevel.WARN` starts (default 80). */
+  warnPercent?: number;
+  /** Where `ThresholdLevel.THROTTLE` starts (default 95): from there on, reserve spaces calls out (`Decision.THROTTLE`). */
+  throttlePercent?: number;
+}
+
+/** A cap on a run's allowed reserves per window; a reserve over it is throttled (`DecisionReason.RATE_LIMITED`). */
+export interface RateLimitInput {
+  /** Allowed reserves per window (positive). */
+  maxCalls: TokenCount;
+  /** The window (milliseconds, or a Duration): whole milliseconds, from 1 ms to 24 hours, aligned to the Unix epoch. */
+  window: DurationInput;
+}
+
+/**
+ * How a run is governed beyond its dollar limit, fixed when it is created.
+ * Every limit is checked in the same atomic decision as the dollar ceiling;
+ * an omitted field takes the server's default.
+ */
+export interface RunPolicyInput {
+  /** How the ceilings are enforced; `EnforcementMode.HARD_GATE` by default. */
+  enforcementMode?: EnforcementMode;
+  /** For `EnforcementMode.SOFT_GATE`: how far past the limit estimates may go, in percent of it (0 to 100). */
+  softGateMarginPercent?: number;
+  /** The graduated response; the server's bands (60, 80, 95) when omitted. */
+  thresholds?: ThresholdsInput;
+  /** In the throttle band, the delay after the first allowed call (milliseconds, or a Duration); it doubles with each later call. Default 1 s. */
+  throttleBaseDelay?: DurationInput;
+  /** The longest throttle delay (milliseconds, or a Duration). Default 60 s. */
+  throttleMaxDelay?: DurationInput;
+  /** A ceiling on the run's LLM tokens (input plus effective maximum output as reserved, actual usage once committed). */
+  maxTokens?: TokenCount;
+  /** Ceilings on named call meters (`reserve({ meter })`), in units. */
+  meterLimits?: Record<string, TokenCount>;
+  /** A cap on allowed reserves per window. */
+  rateLimit?: RateLimitInput;
+  /** A cap on the run's holds in flight at once. */
+  maxInFlight?: number;
+  /** How many levels of subagent runs may be created below this run (default 5, at most 15). */
+  maxDepth?: number;
+  /** How many child runs this run may have. */
+  maxChildren?: number;
 }
 
 /** Names a parent scope: arguments of `getScope`, and the base of `setScopeLimit`'s and `clearScopeLimit`'s. */
@@ -208,6 +287,13 @@ export type ReserveArgs = ReserveEstimate & {
   reservationId?: string;
   /** How long the hold lives (milliseconds, or a Duration); the run's default when omitted. */
   ttl?: DurationInput;
+  /**
+   * The call meter the call counts on (for example `"tool:serp_api"`), which
+   * the run's policy may cap (`RunPolicyInput.meterLimits`).
+   */
+  meter?: string;
+  /** How many units of `meter` the call uses; 1 when omitted. Only with `meter` (a TypeError otherwise, before any call). */
+  meterUnits?: TokenCount;
 };
 
 /** Arguments of `commit`: the reservation, and its actual cost or token usage ({@link CommitActual}). */
@@ -247,7 +333,10 @@ export interface RuncapClient {
    * Asks to hold an estimate: `amountMicros`, or the server's price of an
    * `llmCall` (exactly one; otherwise it rejects with a TypeError before any
    * call). A block is not an error: check `response.decision`
-   * (`Decision.ALLOW` or `Decision.BLOCK`); for an LLM call,
+   * (`Decision.ALLOW` or `Decision.BLOCK`; with a run policy also
+   * `Decision.WARN`, held on an advisory run that a blocking one would have
+   * refused, and `Decision.THROTTLE`, nothing held: reserve again, with a
+   * new reservation id, after `response.retryAfter`); for an LLM call,
    * `response.estimate` says how it was priced, and a model the server has
    * no price for is blocked with `DecisionReason.UNKNOWN_PRICE`.
    *
@@ -356,6 +445,62 @@ function estimateOf(args: { amountMicros?: bigint | undefined; llmCall?: LlmCall
     : { case: "amountMicros" as const, value: args.amountMicros as bigint };
 }
 
+/** The meter fields of a ReserveRequest; throws TypeError for `meterUnits` without a `meter`. */
+function meterOf(args: { meter?: string | undefined; meterUnits?: TokenCount | undefined }): {
+  meter: string;
+  meterUnits: bigint | undefined;
+} {
+  if (args.meterUnits !== undefined && !args.meter) {
+    throw new TypeError("reserve: meterUnits needs a meter");
+  }
+  return {
+    meter: args.meter ?? "",
+    meterUnits: args.meterUnits === undefined ? undefined : tokens("meterUnits", args.meterUnits),
+  };
+}
+
+function count(field: string, value: TokenCount | undefined): bigint | undefined {
+  return value === undefined ? undefined : tokens(field, value);
+}
+
+/**
+ * The `runcap.v1.RunPolicy` message of a policy (a copy when it is one);
+ * throws RangeError for a count that is not a whole number or a duration
+ * that is not finite.
+ */
+export function toRunPolicy(policy: RunPolicyInput | RunPolicy): RunPolicy {
+  if (isMessage(policy, RunPolicySchema)) return clone(RunPolicySchema, policy);
+  const { thresholds, rateLimit } = policy;
+  return create(RunPolicySchema, {
+    enforcementMode: policy.enforcementMode ?? EnforcementMode.UNSPECIFIED,
+    softGateMarginPercent: policy.softGateMarginPercent ?? 0,
+    thresholds:
+      thresholds === undefined
+        ? undefined
+        : create(ThresholdsSchema, {
+            infoPercent: thresholds.infoPercent ?? 60,
+            warnPercent: thresholds.warnPercent ?? 80,
+            throttlePercent: thresholds.throttlePercent ?? 95,
+          }),
+    throttleBaseDelay: toDuration(policy.throttleBaseDelay),
+    throttleMaxDelay: toDuration(policy.throttleMaxDelay),
+    maxTokens: count("maxTokens", policy.maxTokens),
+    meterLimits: Object.fromEntries(
+      Object.entries(policy.meterLimits ?? {}).map(([meter, limit]) => [meter, tokens(`meterLimits.${meter}`, limit)]),
+    ),
+    rateLimit:
+      rateLimit === undefined
+        ? undefined
+        : create(RateLimitSchema, {
+            maxCalls: tokens("rateLimit.maxCalls", rateLimit.maxCalls),
+            window: toDuration(rateLimit.window),
+          }),
+    maxInFlight: policy.maxInFlight,
+    maxDepth: policy.maxDepth,
+    maxChildren: policy.maxChildren,
+  });
+}
+
 /** The CommitRequest oneof of an actual; throws TypeError unless exactly one of `actualMicros` and `usage` is given. */
 function actualOf(args: { actualMicros?: bigint | undefined; usage?: TokenUsageInput | undefined }) {
   if ((args.actualMicros === undefined) === (args.usage === undefined)) {
@@ -455,6 +600,7 @@ export function createRuncapClient(options: RuncapClientOptions = {}): RuncapCli
         apiKeyId: args.apiKeyId ?? "",
         userId: args.userId ?? "",
         teamId: args.teamId ?? "",
+        policy: args.policy === undefined ? undefined : toRunPolicy(args.policy),
       });
       return call((o) => raw.createRun(request, o), Boolean(args.runId), opts);
     },
@@ -468,6 +614,7 @@ export function createRuncapClient(options: RuncapClientOptions = {}): RuncapCli
         reservationId: args.reservationId ?? newReservationId(),
         estimate: estimateOf(args),
         ttl: toDuration(args.ttl),
+        ...meterOf(args),
       });
       return call((o) => raw.reserve(request, o), true, opts);
     },

@@ -12,7 +12,8 @@
  * UNAVAILABLE, a proxy's error) maps by its code alone.
  *
  * A block decision is not a failure: `reserve()` returns it in the response.
- * Only `withReservation()` turns it into {@link BudgetBlockedError}, which
+ * Only `withReservation()` turns it into {@link BudgetBlockedError} (a
+ * throttle into its subclass {@link BudgetThrottledError}), which
  * deliberately does not extend {@link RuncapError}, so that code which fails
  * open on service trouble (`if (e instanceof RuncapError)`) never fails open
  * on a block.
@@ -29,7 +30,16 @@ import {
   type ErrorInfo,
   type ResourceInfo,
 } from "./gen/google/rpc/error_details_pb.js";
-import { DecisionReason, Period, ScopeKind, type BudgetState, type ScopeRef } from "./gen/runcap/v1/budget_pb.js";
+import {
+  BudgetDimension,
+  Decision,
+  DecisionReason,
+  Period,
+  ScopeKind,
+  type BudgetState,
+  type EnforcementMode,
+  type ScopeRef,
+} from "./gen/runcap/v1/budget_pb.js";
 import type { LlmEstimate, ReserveResponse } from "./gen/runcap/v1/budget_service_pb.js";
 import { ErrorReason } from "./gen/runcap/v1/errors_pb.js";
 
@@ -201,6 +211,22 @@ export class RunClosedError extends RuncapError {
 }
 
 /**
+ * FAILED_PRECONDITION: `createRun` would give the parent run more children
+ * than its policy's `maxChildren`, or nest deeper than an ancestor's
+ * `maxDepth` allows; `preconditionViolations` say which.
+ */
+export class SubagentLimitError extends RuncapError {
+  /** The run that was being created. */
+  get runId(): string {
+    return this.metadata["run_id"] ?? "";
+  }
+  /** The parent run it was to be created under. */
+  get parentRunId(): string {
+    return this.metadata["parent_run_id"] || (this.preconditionViolations[0]?.subject ?? "");
+  }
+}
+
+/**
  * OUT_OF_RANGE: Watch cannot resume from the requested revision (the server no
  * longer retains it, the run never reached it, or the run's history up to it
  * is not the one `afterDigest` describes: see `diverged`). Watch again without
@@ -285,6 +311,7 @@ export const ERROR_TABLE: readonly ErrorRow[] = [
   { reason: ErrorReason.PARENT_RUN_NOT_FOUND, code: Code.NotFound, error: ParentRunNotFoundError },
   { reason: ErrorReason.PARENT_RUN_CLOSED, code: Code.FailedPrecondition, error: ParentRunClosedError },
   { reason: ErrorReason.RUN_CLOSED, code: Code.FailedPrecondition, error: RunClosedError },
+  { reason: ErrorReason.SUBAGENT_LIMIT, code: Code.FailedPrecondition, error: SubagentLimitError },
 ];
 
 /** Codes no runcap reason uses, and the class a status with that code gets. */
@@ -336,6 +363,8 @@ export function toRuncapError(error: unknown): RuncapError {
 /**
  * The server blocked a reservation made by `withReservation()`. Not a
  * `RuncapError`: the call succeeded and the answer was no. Nothing is held.
+ * A throttle is the subclass {@link BudgetThrottledError}, so
+ * `instanceof BudgetBlockedError` is true for both.
  */
 export class BudgetBlockedError extends Error {
   /** The run of the reservation. */
@@ -344,13 +373,36 @@ export class BudgetBlockedError extends Error {
   readonly response: ReserveResponse;
 
   constructor(runId: string, response: ReserveResponse) {
+    const reason = DecisionReason[response.reason] ?? response.reason;
+    const throttled = response.decision === Decision.THROTTLE;
     super(
       `reservation ${JSON.stringify(response.reservationId)} of run ${JSON.stringify(runId)} ` +
-        `was blocked (${DecisionReason[response.reason] ?? response.reason}): ${blockDetail(runId, response)}`,
+        `was ${throttled ? "throttled" : "blocked"} (${reason}): ` +
+        (throttled ? throttleDetail(response) : blockDetail(runId, response)),
     );
-    this.name = "BudgetBlockedError";
+    this.name = new.target.name;
     this.runId = runId;
     this.response = response;
+  }
+
+  /**
+   * The limit that blocked: spend, the run's token ceiling, a call meter
+   * (see `meter`), its rate limit or its in-flight cap;
+   * `BudgetDimension.UNSPECIFIED` for a block by the run's lifecycle
+   * (closed, suspended) or when the server did not say.
+   */
+  get dimension(): BudgetDimension {
+    return this.response.blockingDimension;
+  }
+
+  /** For `BudgetDimension.METER`, the call meter at its ceiling; `""` otherwise. */
+  get meter(): string {
+    return this.response.blockingMeter;
+  }
+
+  /** The run's enforcement mode, which shaped the decision (`UNSPECIFIED` when the server did not say). */
+  get enforcementMode(): EnforcementMode {
+    return this.response.enforcementMode;
   }
 
   /** Why the reservation was blocked, for example `DecisionReason.INSUFFICIENT_BUDGET`. */
@@ -400,6 +452,53 @@ export class BudgetBlockedError extends Error {
   }
 }
 
+/**
+ * The server throttled a reservation made by `withReservation()`
+ * (`Decision.THROTTLE`): not now. Nothing is held. The run is in its throttle
+ * band (`DecisionReason.THROTTLED`), over its rate limit (`RATE_LIMITED`) or
+ * at its cap of holds in flight (`IN_FLIGHT_LIMIT`); `dimension` says which
+ * limit. Wait `retryAfterMs`, then reserve again with a new reservation id:
+ * the throttled id is spent like a blocked one (a retry of it only replays
+ * this answer). Without a `reservationId` each `withReservation` call makes a
+ * fresh one:
+ *
+ * ```ts
+ * for (;;) {
+ *   try {
+ *     return await withReservation(client, { runId, amountMicros: 50_000n }, fn);
+ *   } catch (error) {
+ *     if (!(error instanceof BudgetThrottledError)) throw error;
+ *     await new Promise((resolve) => setTimeout(resolve, error.retryAfterMs));
+ *   }
+ * }
+ * ```
+ */
+export class BudgetThrottledError extends BudgetBlockedError {
+  /** How long to wait before reserving again, in milliseconds (0 when the server gave no delay, or for a replay whose delay has passed). */
+  get retryAfterMs(): number {
+    return durationMs(this.response.retryAfter);
+  }
+}
+
+function durationMs(duration: { seconds: bigint; nanos: number } | undefined): number {
+  return duration === undefined ? 0 : Number(duration.seconds) * 1000 + duration.nanos / 1e6;
+}
+
+const THROTTLE_CAUSES: ReadonlyMap<DecisionReason, string> = new Map([
+  [DecisionReason.THROTTLED, "the run's committed spend is in its throttle band"],
+  [DecisionReason.RATE_LIMITED, "the run's rate limit is used up for this window"],
+  [DecisionReason.IN_FLIGHT_LIMIT, "the run has its maximum of holds in flight"],
+]);
+
+/** What a throttle message says after the reason: the cause and when to come back. */
+function throttleDetail(response: ReserveResponse): string {
+  const cause = THROTTLE_CAUSES.get(response.reason);
+  return (
+    (cause === undefined ? "" : `${cause}; `) +
+    `reserve again with a new reservation id after ${durationMs(response.retryAfter)} ms; nothing is held`
+  );
+}
+
 /** What a block message says after the reason: the unknown price, or the budget, the estimate and the blocking scope. */
 function blockDetail(runId: string, response: ReserveResponse): string {
   const estimate = response.estimate;
@@ -412,6 +511,21 @@ function blockDetail(runId: string, response: ReserveResponse): string {
     return `unknown price: the server has no price for ${model}, so runcap fails closed; nothing is held`;
   }
   const state = response.state;
+  if (response.blockingDimension === BudgetDimension.METER) {
+    const which = response.blockingMeter ? `meter ${JSON.stringify(response.blockingMeter)}` : "the call meter";
+    return `${which} of the run is at its ceiling`;
+  }
+  if (response.blockingDimension === BudgetDimension.TOKENS) {
+    let detail =
+      `the call does not fit the run's token ceiling (${state?.committedTokens ?? 0n} tokens committed, ` +
+      `${state?.reservedTokens ?? 0n} held)`;
+    if (estimate !== undefined) {
+      detail +=
+        `; the ${estimate.provider}/${estimate.model} call was estimated at ` +
+        `${estimate.inputTokens + estimate.effectiveMaxOutputTokens} tokens`;
+    }
+    return detail;
+  }
   let detail = `${state?.remainingMicros ?? 0n} of ${state?.limitMicros ?? 0n} micros remain`;
   if (estimate !== undefined) {
     detail += `, the ${estimate.provider}/${estimate.model} call was estimated at ${estimate.amountMicros} micros`;

@@ -7,10 +7,16 @@ import {
   type DurationInput,
   type ReserveEstimate,
   type RuncapClient,
+  type TokenCount,
   type TokenUsageInput,
 } from "./client.js";
-import { BudgetBlockedError, toRuncapError, type RuncapError } from "./errors.js";
-import { Decision, type BudgetState } from "./gen/runcap/v1/budget_pb.js";
+import { BudgetBlockedError, BudgetThrottledError, toRuncapError, type RuncapError } from "./errors.js";
+import {
+  Decision,
+  DecisionReason,
+  type BudgetDimension,
+  type BudgetState,
+} from "./gen/runcap/v1/budget_pb.js";
 import type {
   CommitResponse,
   LlmEstimate,
@@ -33,6 +39,10 @@ export interface ReservationOptions {
   reservationId?: string;
   /** How long the hold lives (milliseconds, or a Duration); the run's default when omitted. */
   ttl?: DurationInput;
+  /** The call meter the call counts on (for example `"tool:serp_api"`), which the run's policy may cap. */
+  meter?: string;
+  /** How many units of `meter` the call uses; 1 when omitted. Only with `meter`. */
+  meterUnits?: TokenCount;
   /**
    * Options for the reserve, commit and refund calls (timeout, headers). The
    * signal aborts the reserve only: the hold is settled even after an abort.
@@ -54,13 +64,18 @@ export interface ReservationOptions {
  * refunded after `release()`. When the callback throws, the hold is
  * refunded, unless `setActual` or `setUsage` was called (the money was
  * spent), in which case that cost is committed.
+ *
+ * A warning of an advisory run (`Decision.WARN`) is held like an allow:
+ * `warning` is then true, and `reason` and `dimension` say what a blocking
+ * run would have refused. A warning that `failedOpen` held nothing, so it is
+ * not settled.
  */
 export class Hold {
   /** The run of the reservation. */
   readonly runId: string;
   /** The reservation's id. */
   readonly reservationId: string;
-  /** The ReserveResponse (an allow decision). */
+  /** The ReserveResponse (an allow, or a warning: see `warning`). */
   readonly response: ReserveResponse;
   /** The CommitResponse, once the hold was committed. */
   commitResponse: CommitResponse | undefined;
@@ -80,6 +95,39 @@ export class Hold {
   /** The amount held, in micro-USD. */
   get amountMicros(): bigint {
     return this.response.amountMicros;
+  }
+
+  /**
+   * Whether the server answered `Decision.WARN`: the run is in advisory mode
+   * and a blocking run would have blocked or throttled this call (see
+   * `reason` and `dimension`). The amount is held all the same.
+   */
+  get warning(): boolean {
+    return this.response.decision === Decision.WARN;
+  }
+
+  /**
+   * Whether the server failed open: an advisory run's reserve answered
+   * `Decision.WARN` with `DecisionReason.BACKEND_UNAVAILABLE` while the
+   * ledger's storage was unreachable. Nothing was held or recorded: the call
+   * may go ahead, but there is nothing to commit or refund, so
+   * `withReservation` settles nothing.
+   */
+  get failedOpen(): boolean {
+    return this.warning && this.response.reason === DecisionReason.BACKEND_UNAVAILABLE;
+  }
+
+  /**
+   * Why the server decided as it did: `DecisionReason.WITHIN_BUDGET` for a
+   * plain allow; for a warning, what a blocking run would have refused it for.
+   */
+  get reason(): DecisionReason {
+    return this.response.reason;
+  }
+
+  /** For a warning, the limit it is about (spend, tokens, a meter, the rate limit or the in-flight cap); `UNSPECIFIED` for a plain allow. */
+  get dimension(): BudgetDimension {
+    return this.response.blockingDimension;
   }
 
   /** How the server priced the LLM call (tokens, amount, price table version); undefined for a hold of an amount. */
@@ -168,7 +216,11 @@ function defaultSettleError(error: RuncapError, hold: Hold): void {
  *
  * Rejects with {@link BudgetBlockedError} when the server blocks the
  * reservation (nothing is held and `fn` is not called), also when it has no
- * price for the LLM call's model (`error.unknownPrice`). Otherwise resolves
+ * price for the LLM call's model (`error.unknownPrice`), and with its
+ * subclass {@link BudgetThrottledError} when it throttles it (reserve again
+ * after `error.retryAfterMs`). A warning of an advisory run calls `fn` like
+ * an allow (`hold.warning`). `meter` and `meterUnits` count the call on a
+ * call meter. Otherwise resolves
  * with `fn`'s result once the hold is committed (see {@link Hold}), or, when
  * `fn` throws, refunds the hold and rethrows `fn`'s error. Reserve, commit and
  * refund use one reservation id, so their retries are idempotent.
@@ -190,16 +242,23 @@ export async function withReservation<T>(
       ...estimate,
       reservationId: args.reservationId ?? newReservationId(),
       ...(args.ttl !== undefined ? { ttl: args.ttl } : {}),
+      ...(args.meter !== undefined ? { meter: args.meter } : {}),
+      ...(args.meterUnits !== undefined ? { meterUnits: args.meterUnits } : {}),
     },
     callOptions,
   );
-  if (response.decision !== Decision.ALLOW) throw new BudgetBlockedError(runId, response);
+  if (response.decision === Decision.THROTTLE) throw new BudgetThrottledError(runId, response);
+  // A block, or a decision this client does not know: nothing to go on with.
+  if (response.decision !== Decision.ALLOW && response.decision !== Decision.WARN) {
+    throw new BudgetBlockedError(runId, response);
+  }
   const hold = new Hold(runId, response);
   // Settle even when the caller's signal aborted the work: an unsettled hold
   // stays reserved until its ttl.
   const { signal: _signal, ...settleOptions } = callOptions ?? {};
 
   const settle = async (failed: boolean): Promise<void> => {
+    if (hold.failedOpen) return; // nothing was held
     const actual = hold.actualMicros;
     const usage = hold.usage;
     if (usage !== undefined) {
