@@ -134,7 +134,8 @@ async def test_thresholds_cross_in_order_and_the_throttle_spaces_calls_out(
             DecisionReason.THROTTLED,
             Dimension.SPEND,
         )
-        assert throttled.held_micros == 0 and throttled.retry_at_ms is not None
+        assert throttled.held_micros == 0
+        assert throttled.retry_at_ms is not None
         delay = throttled.retry_at_ms - clock.now_ms()
         delays.append(delay)
         clock.advance(delay)
