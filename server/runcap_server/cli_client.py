@@ -30,7 +30,15 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from runcap import InvalidArgumentError, RuncapClient, RuncapError, UnavailableError, WatchStream
+from runcap import (
+    InvalidArgumentError,
+    RateLimit,
+    RuncapClient,
+    RuncapError,
+    RunPolicy,
+    UnavailableError,
+    WatchStream,
+)
 from runcap.v1 import budget_pb2
 from runcap.v1 import budget_service_pb2 as pb
 from runcap_server.money import format_usd, parse_micros, parse_usd
@@ -44,6 +52,7 @@ DEFAULT_TARGET: Final = "127.0.0.1:50051"
 EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1
 EXIT_BLOCKED: Final = 3
+MODES: Final = ("hard_gate", "soft_gate", "advisory", "actuals_only")
 
 Handler = Callable[[argparse.Namespace, RuncapClient], int]
 
@@ -100,6 +109,26 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         metavar="DURATION",
         help="default time-to-live of the run's holds, such as 30s or 10m (default: the server's)",
     )
+    create.add_argument(
+        "--mode",
+        choices=MODES,
+        help="enforcement mode (default: hard_gate, or the parent's policy for a subagent)",
+    )
+    create.add_argument(
+        "--soft-margin", metavar="PERCENT", type=int, help="soft_gate: how far past the limit"
+    )
+    create.add_argument("--max-tokens", metavar="N", type=int, help="a ceiling on LLM tokens")
+    create.add_argument(
+        "--meter-limit",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="a ceiling on a call meter, such as tool:serp_api=50 (repeatable)",
+    )
+    create.add_argument(
+        "--rate", metavar="N/DURATION", help="allowed reserves per window, such as 60/1m"
+    )
+    create.add_argument("--max-in-flight", metavar="N", type=int, help="a cap on holds in flight")
     create.set_defaults(func=_command(_run_create))
 
     show = run_commands.add_parser(
@@ -147,6 +176,8 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         "--ttl", metavar="DURATION", help="how long the hold lives (default: the run's)"
     )
     reserve.add_argument("--micros", action="store_true", help="AMOUNT is whole micro-USD")
+    reserve.add_argument("--meter", metavar="NAME", help="the call meter it counts on")
+    reserve.add_argument("--units", metavar="N", type=int, help="units of --meter (default 1)")
     reserve.set_defaults(func=_command(_reserve))
 
     commit = commands.add_parser(
@@ -337,7 +368,10 @@ def _run_create(args: argparse.Namespace, client: RuncapClient) -> int:
         limit = _amount(args.limit_micros, micros=True)
     labels = _labels(args.label)
     ttl = _ttl(args.ttl)
-    response = client.create_run(args.run_id, limit_micros=limit, labels=labels, default_ttl=ttl)
+    policy = _policy(args)
+    response = client.create_run(
+        args.run_id, limit_micros=limit, labels=labels, default_ttl=ttl, policy=policy
+    )
     if args.json:
         _print_json(response)
         return EXIT_OK
@@ -346,6 +380,35 @@ def _run_create(args: argparse.Namespace, client: RuncapClient) -> int:
         _field("replayed", "yes: the run already existed with these arguments")
     _print_state(response.state)
     return EXIT_OK
+
+
+def _policy(args: argparse.Namespace) -> RunPolicy | None:
+    """The run policy the flags describe; None when no policy flag is given."""
+    meters = {}
+    for item in args.meter_limit:
+        name, sep, count = item.partition("=")
+        if not sep or not count.isdigit():
+            raise CliError(
+                f"invalid --meter-limit {item!r}: expected NAME=N, such as tool:serp_api=50"
+            )
+        meters[name] = int(count)
+    rate = None
+    if args.rate:
+        calls, sep, window = args.rate.partition("/")
+        if not sep or not calls.isdigit():
+            raise CliError(f"invalid --rate {args.rate!r}: expected N/DURATION, such as 60/1m")
+        rate = RateLimit(max_calls=int(calls), window=_ttl(window, "--rate") or timedelta(0))
+    given = (args.mode, args.soft_margin, args.max_tokens, args.max_in_flight, rate, meters)
+    if not any(v is not None and v != {} for v in given):
+        return None
+    return RunPolicy(
+        enforcement_mode=args.mode,
+        soft_gate_margin_percent=args.soft_margin or 0,
+        max_tokens=args.max_tokens,
+        meter_limits=meters,
+        rate_limit=rate,
+        max_in_flight=args.max_in_flight,
+    )
 
 
 def _run_show(args: argparse.Namespace, client: RuncapClient) -> int:
@@ -361,6 +424,12 @@ def _run_show(args: argparse.Namespace, client: RuncapClient) -> int:
     _field("created", _when(run.create_time))
     if run.HasField("close_time"):
         _field("closed", _when(run.close_time))
+    _field(
+        "mode", _name(budget_pb2.EnforcementMode, run.policy.enforcement_mode, "ENFORCEMENT_MODE_")
+    )
+    for meter in run.meters:
+        limit = f" of {meter.limit}" if meter.HasField("limit") else ""
+        _field(f"meter {meter.name}", f"{meter.committed} used, {meter.reserved} held{limit}")
     _print_state(response.state)
     return EXIT_OK
 
@@ -405,8 +474,15 @@ def _reserve(args: argparse.Namespace, client: RuncapClient) -> int:
     ttl = _ttl(args.ttl)
     # A client-side id makes the call safe to retry.
     reservation_id = args.reservation_id or uuid.uuid4().hex
-    response = client.reserve_once(args.run_id, amount, reservation_id=reservation_id, ttl=ttl)
-    blocked = response.decision == budget_pb2.DECISION_BLOCK
+    response = client.reserve_once(
+        args.run_id,
+        amount,
+        reservation_id=reservation_id,
+        ttl=ttl,
+        meter=args.meter or "",
+        meter_units=args.units,
+    )
+    blocked = response.decision in (budget_pb2.DECISION_BLOCK, budget_pb2.DECISION_THROTTLE)
     if args.json:
         _print_json(response)
         return EXIT_BLOCKED if blocked else EXIT_OK
@@ -414,6 +490,14 @@ def _reserve(args: argparse.Namespace, client: RuncapClient) -> int:
     decision = _name(budget_pb2.Decision, response.decision, "DECISION_")
     reason = _name(budget_pb2.DecisionReason, response.reason, "DECISION_REASON_")
     _field("decision", f"{decision} ({reason})")
+    if response.blocking_dimension:
+        dimension = _name(
+            budget_pb2.BudgetDimension, response.blocking_dimension, "BUDGET_DIMENSION_"
+        )
+        _field("limit", f"{dimension} {response.blocking_meter}".strip())
+    if response.decision == budget_pb2.DECISION_THROTTLE:
+        wait = _duration(response.retry_after.ToMilliseconds())
+        _field("retry", f"after {wait}, with a new reservation id")
     if blocked:
         _field("asked", f"{format_usd(amount)}; nothing is held")
     else:

@@ -196,10 +196,43 @@ def test_a_block_prints_the_decision_and_exits_3(server_target: str) -> None:
     assert response["state"]["reserved_micros"] == "750000"
 
 
+def test_a_policy_from_flags_limits_a_meter_and_the_rate(server_target: str) -> None:
+    run_id = new_id("cli")
+    ok(
+        server_target,
+        "run",
+        "create",
+        run_id,
+        "--limit",
+        "5",
+        "--meter-limit",
+        "tool:serp_api=1",
+        "--rate",
+        "2/1h",
+    )
+    ok(server_target, "reserve", run_id, "0.01", "--meter", "tool:serp_api")
+    metered = runcap(server_target, "reserve", run_id, "0.01", "--meter", "tool:serp_api")
+    assert metered.returncode == 3, metered.stderr
+    assert field(metered.stdout.splitlines(), "limit") == "METER tool:serp_api"
+    ok(server_target, "reserve", run_id, "0.01")
+    limited = runcap(server_target, "reserve", run_id, "0.01")
+    assert limited.returncode == 3, limited.stderr
+    lines = limited.stdout.splitlines()
+    assert field(lines, "decision") == "THROTTLE (RATE_LIMITED)"
+    assert field(lines, "retry").endswith("with a new reservation id")
+    shown = ok(server_target, "run", "show", run_id)
+    assert field(shown, "mode") == "HARD_GATE"
+    meter = field(shown, "meter")
+    assert meter.startswith("tool:serp_api")
+    assert meter.endswith("0 used, 1 held of 1")
+
+
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
         (("run", "show", "no-such-run"), ("RUN_NOT_FOUND", "no-such-run")),
+        (("run", "create", "--limit", "1", "--rate", "often"), ("invalid --rate",)),
+        (("run", "create", "--limit", "1", "--meter-limit", "x"), ("NAME=N",)),
         (("reserve", "no-such-run", "1"), ("RUN_NOT_FOUND",)),
         (("watch", "no-such-run"), ("RUN_NOT_FOUND",)),
         (("reserve", "some-run", "1.2345678"), ("more than 6 decimal places",)),
