@@ -317,6 +317,54 @@ async def test_health_follows_redis_through_an_outage(tmp_path: Path) -> None:
         redis_server.stop()
 
 
+async def test_advisory_runs_fail_open_loudly_and_hard_gates_fail_closed(tmp_path: Path) -> None:
+    """RUNCAP_FAIL_OPEN=advisory: with Redis down, an advisory run's Reserve is a
+    warning that holds nothing (and is logged); every other run fails closed."""
+    redis_server = RedisServer(tmp_path).start()
+    server = ServerProcess(
+        None,
+        env={
+            "RUNCAP_BACKEND": "redis",
+            "RUNCAP_REDIS_URL": redis_server.url,
+            "RUNCAP_REDIS_NAMESPACE": namespace(),
+            "RUNCAP_FAIL_OPEN": "advisory",
+        },
+    )
+    advisory = budget_pb2.RunPolicy(enforcement_mode=budget_pb2.ENFORCEMENT_MODE_ADVISORY)
+    try:
+        server.start()
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub: BudgetServiceAsyncStub = BudgetServiceStub(channel)
+            await stub.CreateRun(
+                pb.CreateRunRequest(run_id="soft", limit_micros=10, policy=advisory)
+            )
+            await stub.CreateRun(pb.CreateRunRequest(run_id="hard", limit_micros=10))
+            redis_server.kill()
+
+            opened = await stub.Reserve(pb.ReserveRequest(run_id="soft", amount_micros=5))
+            assert (opened.decision, opened.reason, opened.amount_micros) == (
+                budget_pb2.DECISION_WARN,
+                budget_pb2.DECISION_REASON_BACKEND_UNAVAILABLE,
+                0,
+            )
+            assert opened.enforcement_mode == budget_pb2.ENFORCEMENT_MODE_ADVISORY
+            with pytest.raises(grpc.aio.AioRpcError) as closed:
+                await stub.Reserve(pb.ReserveRequest(run_id="hard", amount_micros=5))
+            assert closed.value.code() == grpc.StatusCode.UNAVAILABLE
+
+            redis_server.restart()
+            for _ in range(100):
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    state = (await stub.GetRun(pb.GetRunRequest(run_id="soft"))).state
+                    break
+                await asyncio.sleep(0.1)
+            assert (state.reserved_micros, state.revision) == (0, 1)  # nothing was recorded
+    finally:
+        server.stop()
+        redis_server.stop()
+    assert any("failed OPEN" in line for line in server.log)
+
+
 @contextlib.asynccontextmanager
 async def two_replicas(redis_env: dict[str, str]) -> AsyncIterator[list[BudgetServiceAsyncStub]]:
     """Two runcap server processes on the same Redis (a namespace of their own)."""

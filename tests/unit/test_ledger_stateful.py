@@ -79,6 +79,9 @@ class Tracked:
     spec: RunSpec
     closed: bool = False
     committed: int = 0
+    # Whether committed spend has reached the limit: the stop threshold's
+    # one THRESHOLD_CROSSED change (the only level PLAIN leaves on).
+    stopped: bool = False
     # The number of changes the run has had, counted from the results.
     revision: int = 1
     holds: dict[str, Hold] = field(default_factory=dict)
@@ -309,6 +312,9 @@ class LedgerMachine(RuleBasedStateMachine):
         hold.actual = actual
         tracked.committed += actual
         tracked.revision += 1
+        if not tracked.stopped and tracked.committed >= tracked.spec.limit_micros:
+            tracked.stopped = True
+            tracked.revision += 1
 
     def _track_refund(self, op: Op, tracked: Tracked, result: RefundResult) -> None:
         hold = tracked.holds[op.args[0]]

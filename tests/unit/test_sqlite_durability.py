@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sqlite3
@@ -16,9 +17,13 @@ from runcap_server import errors
 from runcap_server.backends.sqlite import SCHEMA_VERSION, SqliteLedger
 from runcap_server.clock import ManualClock
 from runcap_server.ledger.types import (
+    DecisionReason,
     EventType,
+    Lineage,
     ReservationStatus,
+    RunPolicy,
     RunSpec,
+    Threshold,
 )
 from tests.ledger_backends import open_backend, snapshot
 
@@ -170,6 +175,172 @@ async def test_restart_keeps_state_revision_and_log(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     conn.close()
+
+
+# Version 4's tables that version 5 (run policies) changed, as version 4 made them.
+V4_TABLES = """
+CREATE TABLE runs (
+    tenant TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    limit_micros INTEGER NOT NULL,
+    labels TEXT NOT NULL,
+    default_ttl_ms INTEGER,
+    created_ms INTEGER NOT NULL,
+    closed_ms INTEGER,
+    status INTEGER NOT NULL,
+    committed_micros INTEGER NOT NULL,
+    reserved_micros INTEGER NOT NULL,
+    overrun_micros INTEGER NOT NULL,
+    active_reservations INTEGER NOT NULL,
+    revision INTEGER NOT NULL,
+    digest TEXT NOT NULL DEFAULT '',
+    parent_run_id TEXT NOT NULL DEFAULT '',
+    api_key_id TEXT NOT NULL DEFAULT '',
+    user_id TEXT NOT NULL DEFAULT '',
+    team_id TEXT NOT NULL DEFAULT '',
+    lineage TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (tenant, run_id)
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE reservations (
+    tenant TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    reservation_id TEXT NOT NULL,
+    amount_micros INTEGER NOT NULL,
+    requested_ttl_ms INTEGER,
+    status INTEGER NOT NULL,
+    reason INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    held_micros INTEGER NOT NULL,
+    expires_ms INTEGER,
+    actual_micros INTEGER,
+    overrun_micros INTEGER NOT NULL,
+    settled_ms INTEGER,
+    blocking_scope TEXT,
+    blocking_period INTEGER,
+    fingerprint TEXT NOT NULL DEFAULT '',
+    pricing TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (tenant, run_id, reservation_id)
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE changes (
+    tenant TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    type INTEGER NOT NULL,
+    time_ms INTEGER NOT NULL,
+    reservation_id TEXT NOT NULL,
+    amount_micros INTEGER NOT NULL,
+    actual_micros INTEGER NOT NULL,
+    overrun_micros INTEGER NOT NULL,
+    late INTEGER NOT NULL,
+    state_limit_micros INTEGER NOT NULL,
+    state_committed_micros INTEGER NOT NULL,
+    state_reserved_micros INTEGER NOT NULL,
+    state_status INTEGER NOT NULL,
+    state_active_reservations INTEGER NOT NULL,
+    state_overrun_micros INTEGER NOT NULL,
+    state_digest TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (tenant, run_id, revision)
+) STRICT, WITHOUT ROWID;
+"""
+NOW = ManualClock().now_ms()
+
+
+def _write_v4(path: Path) -> None:
+    """A version 4 ledger: a root run 70% spent with a hold, its child (lineages
+    without depth_left), a run nested 12 deep, and one from before lineages."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.executescript(V4_TABLES)
+        run = (
+            "INSERT INTO runs (tenant, run_id, limit_micros, labels, default_ttl_ms, created_ms, "
+            "status, committed_micros, reserved_micros, overrun_micros, active_reservations, "
+            "revision, digest, parent_run_id, lineage) "
+            "VALUES ('acme', ?, ?, '{}', NULL, ?, 1, ?, ?, 0, ?, ?, ?, ?, ?)"
+        )
+        deep = [f"a{i}" for i in range(12)]
+        conn.executemany(
+            run,
+            [
+                ("root", 1_000, NOW, 700, 100, 1, 3, "d3", "", '[[],"","",""]'),
+                ("child", 50, NOW, 0, 0, 0, 1, "d1", "root", '[["root"],"","",""]'),
+                ("deep", 50, NOW, 0, 0, 0, 1, "d1", "a0", json.dumps([deep, "", "", ""])),
+                ("ancient", 50, NOW, 0, 0, 0, 1, "d1", "", ""),
+            ],
+        )
+        conn.execute(
+            "INSERT INTO reservations (tenant, run_id, reservation_id, amount_micros, status, "
+            "reason, created_ms, held_micros, expires_ms, overrun_micros) "
+            "VALUES ('acme', 'root', 'held', 100, ?, ?, ?, 100, ?, 0)",
+            (int(ReservationStatus.HELD), int(DecisionReason.WITHIN_BUDGET), NOW, NOW + 60_000),
+        )
+        conn.execute(
+            "INSERT INTO changes VALUES ('acme', 'root', 3, ?, ?, 'held', 100, 0, 0, 0, "
+            "1000, 700, 100, 1, 1, 0, 'd3')",
+            (int(EventType.RESERVED), NOW),
+        )
+        conn.execute("PRAGMA user_version = 4")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _columns(path: Path) -> dict[str, list[tuple[object, ...]]]:
+    conn = sqlite3.connect(path)
+    try:
+        tables = [
+            name for (name,) in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")
+        ]
+        return {t: conn.execute(f"PRAGMA table_info({t})").fetchall() for t in sorted(tables)}
+    finally:
+        conn.close()
+
+
+async def test_a_version_4_ledger_gains_run_policies(tmp_path: Path) -> None:
+    old, fresh = tmp_path / "old", tmp_path / "fresh"
+    old.mkdir()
+    fresh.mkdir()
+    _write_v4(old / "ledger.db")
+    clock = ManualClock()
+    async with open_backend("sqlite", fresh, clock):
+        pass
+    for _ in range(2):  # migrated once, then found as it is
+        async with open_backend("sqlite", old, clock) as ledger:
+            root = await ledger.get_run(T, "root")
+            assert (root.policy, root.children, root.usage) == (RunPolicy(), 1, {})
+            assert root.spec.policy is None
+            assert root.lineage == Lineage(depth_left=5)
+            assert (root.state.revision, root.state.threshold) == (3, Threshold.NONE)
+            assert (root.state.committed_tokens, root.state.reserved_tokens) == (0, 0)
+            assert (await ledger.get_run(T, "child")).lineage == Lineage(("root",), depth_left=5)
+            # Its descendants stay within MAX_RUN_DEPTH runs.
+            assert (await ledger.get_run(T, "deep")).lineage.depth_left == 3
+            assert (await ledger.get_run(T, "ancient")).lineage == Lineage()
+            (change,) = (await ledger.read_changes(T, "root", 0, 10)).changes
+            assert (change.type, change.threshold, change.state) == (
+                EventType.RESERVED,
+                Threshold.NONE,
+                root.state,
+            )
+            _, (held,) = await snapshot(ledger, T, "root")
+            assert (held.dims, held.dimension, held.meter, held.retry_at_ms) == ({}, None, "", None)
+            assert (await ledger.create_run(T, RunSpec("root", 1_000, {}, None))).replayed
+    assert _columns(old / "ledger.db") == _columns(fresh / "ledger.db")
+
+    async with open_backend("sqlite", old, clock) as ledger:
+        # The bands already reached are announced at the run's next commit.
+        committed = await ledger.commit(T, "root", "held", 100)
+        assert (committed.state.revision, committed.state.threshold) == (6, Threshold.WARN)
+        page = await ledger.read_changes(T, "root", 3, 10)
+        assert [(c.type, c.threshold) for c in page.changes] == [
+            (EventType.COMMITTED, Threshold.NONE),
+            (EventType.THRESHOLD_CROSSED, Threshold.INFO),
+            (EventType.THRESHOLD_CROSSED, Threshold.WARN),
+        ]
+        grandchild = await ledger.create_run(T, RunSpec("grandchild", 10, {}, None, "child"))
+        assert grandchild.run.lineage == Lineage(("child", "root"), depth_left=4)
+        assert (await ledger.get_run(T, "child")).children == 1
 
 
 async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:

@@ -29,6 +29,8 @@ from runcap_server.clock import Clock, SystemClock
 from runcap_server.ledger import core, saga, scopes
 from runcap_server.ledger.scopes import ScopeHold, ScopeView, WindowTotals
 from runcap_server.ledger.types import (
+    DEFAULT_MAX_DEPTH,
+    MAX_RUN_DEPTH,
     Account,
     BudgetState,
     Change,
@@ -37,6 +39,7 @@ from runcap_server.ledger.types import (
     CommitResult,
     CreateRunResult,
     DecisionReason,
+    Dimension,
     EventType,
     Lineage,
     Period,
@@ -44,15 +47,23 @@ from runcap_server.ledger.types import (
     Reservation,
     ReservationStatus,
     ReserveResult,
+    RunPolicy,
     RunSpec,
     RunStatus,
     RunView,
     ScopeRef,
+    Threshold,
+    decode_dims,
+    decode_given_policy,
+    decode_usage,
+    encode_dims,
+    encode_given_policy,
+    encode_usage,
 )
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SYNCHRONOUS_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 
 # Every table is keyed by (tenant, run_id, ...): a run's rows are one range of
@@ -79,6 +90,15 @@ CREATE TABLE IF NOT EXISTS runs (
     user_id TEXT NOT NULL DEFAULT '',
     team_id TEXT NOT NULL DEFAULT '',
     lineage TEXT NOT NULL DEFAULT '',
+    spec_policy TEXT NOT NULL DEFAULT '',
+    policy TEXT NOT NULL DEFAULT '',
+    threshold INTEGER NOT NULL DEFAULT 0,
+    throttle_strikes INTEGER NOT NULL DEFAULT 0,
+    throttle_until_ms INTEGER NOT NULL DEFAULT 0,
+    rate_window_ms INTEGER NOT NULL DEFAULT 0,
+    rate_count INTEGER NOT NULL DEFAULT 0,
+    children INTEGER NOT NULL DEFAULT 0,
+    usage TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (tenant, run_id)
 ) STRICT, WITHOUT ROWID;
 
@@ -100,6 +120,10 @@ CREATE TABLE IF NOT EXISTS reservations (
     blocking_period INTEGER,
     fingerprint TEXT NOT NULL DEFAULT '',
     pricing TEXT NOT NULL DEFAULT '',
+    dims TEXT NOT NULL DEFAULT '',
+    dimension INTEGER,
+    meter TEXT NOT NULL DEFAULT '',
+    retry_at_ms INTEGER,
     PRIMARY KEY (tenant, run_id, reservation_id)
 ) STRICT, WITHOUT ROWID;
 
@@ -129,6 +153,10 @@ CREATE TABLE IF NOT EXISTS changes (
     state_active_reservations INTEGER NOT NULL,
     state_overrun_micros INTEGER NOT NULL,
     state_digest TEXT NOT NULL DEFAULT '',
+    threshold INTEGER NOT NULL DEFAULT 0,
+    state_threshold INTEGER NOT NULL DEFAULT 0,
+    state_committed_tokens INTEGER NOT NULL DEFAULT 0,
+    state_reserved_tokens INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (tenant, run_id, revision)
 ) STRICT, WITHOUT ROWID;
 
@@ -191,12 +219,13 @@ CREATE INDEX IF NOT EXISTS scope_holds_held_by_scope
 _ACCOUNT_COLUMNS = (
     "limit_micros, labels, default_ttl_ms, created_ms, closed_ms, status, "
     "committed_micros, reserved_micros, overrun_micros, active_reservations, revision, digest, "
-    "parent_run_id, api_key_id, user_id, team_id, lineage"
+    "parent_run_id, api_key_id, user_id, team_id, lineage, spec_policy, policy, threshold, "
+    "throttle_strikes, throttle_until_ms, rate_window_ms, rate_count, children, usage"
 )
 _RESERVATION_COLUMNS = (
     "reservation_id, amount_micros, requested_ttl_ms, status, reason, created_ms, "
     "held_micros, expires_ms, actual_micros, overrun_micros, settled_ms, "
-    "blocking_scope, blocking_period, fingerprint, pricing"
+    "blocking_scope, blocking_period, fingerprint, pricing, dims, dimension, meter, retry_at_ms"
 )
 _HOLD_COLUMNS = (
     "hold_id, amount_micros, status, created_ms, windows, expires_ms, actual_micros, "
@@ -205,8 +234,14 @@ _HOLD_COLUMNS = (
 _CHANGE_COLUMNS = (
     "revision, type, time_ms, reservation_id, amount_micros, actual_micros, overrun_micros, "
     "late, state_limit_micros, state_committed_micros, state_reserved_micros, state_status, "
-    "state_active_reservations, state_overrun_micros, state_digest"
+    "state_active_reservations, state_overrun_micros, state_digest, threshold, "
+    "state_threshold, state_committed_tokens, state_reserved_tokens"
 )
+
+
+def _values(columns: str) -> str:
+    """The VALUES clause for (tenant, key, *columns)."""
+    return "VALUES (" + ", ".join("?" * (2 + columns.count(",") + 1)) + ")"
 
 
 def _encode_labels(labels: Mapping[str, str]) -> str:
@@ -228,8 +263,10 @@ def _account(run_id: str, row: tuple[Any, ...]) -> Account:
             api_key_id=row[13],
             user_id=row[14],
             team_id=row[15],
+            policy=decode_given_policy(row[17]),
         ),
         lineage=Lineage.decode(row[16]),
+        policy=RunPolicy.decode(row[18]),
         created_ms=row[3],
         closed_ms=row[4],
         status=RunStatus(row[5]),
@@ -239,6 +276,13 @@ def _account(run_id: str, row: tuple[Any, ...]) -> Account:
         active_reservations=row[9],
         revision=row[10],
         digest=row[11],
+        threshold=Threshold(row[19]),
+        throttle_strikes=row[20],
+        throttle_until_ms=row[21],
+        rate_window_ms=row[22],
+        rate_count=row[23],
+        children=row[24],
+        usage=decode_usage(row[25]),
     )
 
 
@@ -259,6 +303,10 @@ def _reservation(row: tuple[Any, ...]) -> Reservation:
         blocking_period=Period(row[12]) if row[12] else None,
         fingerprint=row[13],
         pricing=row[14],
+        dims=decode_dims(row[15]),
+        dimension=Dimension(row[16]) if row[16] else None,
+        meter=row[17],
+        retry_at_ms=row[18],
     )
 
 
@@ -287,6 +335,7 @@ def _change(run_id: str, row: tuple[Any, ...]) -> Change:
         actual_micros=row[5],
         overrun_micros=row[6],
         late=bool(row[7]),
+        threshold=Threshold(row[15]),
         state=BudgetState(
             run_id=run_id,
             limit_micros=row[8],
@@ -296,6 +345,9 @@ def _change(run_id: str, row: tuple[Any, ...]) -> Change:
             status=RunStatus(row[11]),
             active_reservations=row[12],
             overrun_micros=row[13],
+            threshold=Threshold(row[16]),
+            committed_tokens=row[17],
+            reserved_tokens=row[18],
             digest=row[14],
         ),
     )
@@ -362,15 +414,18 @@ class _SqlStore:
         self._account, self._loaded = account.copy(), True
         spec = account.spec
         self.conn.execute(
-            f"INSERT INTO runs (tenant, run_id, {_ACCOUNT_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"INSERT INTO runs (tenant, run_id, {_ACCOUNT_COLUMNS}) {_values(_ACCOUNT_COLUMNS)} "
             "ON CONFLICT (tenant, run_id) DO UPDATE SET "
             "closed_ms = excluded.closed_ms, status = excluded.status, "
             "committed_micros = excluded.committed_micros, "
             "reserved_micros = excluded.reserved_micros, "
             "overrun_micros = excluded.overrun_micros, "
             "active_reservations = excluded.active_reservations, "
-            "revision = excluded.revision, digest = excluded.digest",
+            "revision = excluded.revision, digest = excluded.digest, "
+            "threshold = excluded.threshold, throttle_strikes = excluded.throttle_strikes, "
+            "throttle_until_ms = excluded.throttle_until_ms, "
+            "rate_window_ms = excluded.rate_window_ms, rate_count = excluded.rate_count, "
+            "children = excluded.children, usage = excluded.usage",
             (
                 self.tenant,
                 self.run_id,
@@ -391,6 +446,15 @@ class _SqlStore:
                 spec.user_id,
                 spec.team_id,
                 account.lineage.encode(),
+                encode_given_policy(spec.policy),
+                account.policy.encode(),
+                int(account.threshold),
+                account.throttle_strikes,
+                account.throttle_until_ms,
+                account.rate_window_ms,
+                account.rate_count,
+                account.children,
+                encode_usage(account.usage),
             ),
         )
 
@@ -398,7 +462,7 @@ class _SqlStore:
         r = reservation
         self.conn.execute(
             f"INSERT OR REPLACE INTO reservations (tenant, run_id, {_RESERVATION_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"{_values(_RESERVATION_COLUMNS)}",
             (
                 self.tenant,
                 self.run_id,
@@ -417,14 +481,17 @@ class _SqlStore:
                 int(r.blocking_period) if r.blocking_period else None,
                 r.fingerprint,
                 r.pricing,
+                encode_dims(r.dims),
+                int(r.dimension) if r.dimension else None,
+                r.meter,
+                r.retry_at_ms,
             ),
         )
 
     def append_change(self, change: Change) -> None:
         s = change.state
         self.conn.execute(
-            f"INSERT INTO changes (tenant, run_id, {_CHANGE_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO changes (tenant, run_id, {_CHANGE_COLUMNS}) {_values(_CHANGE_COLUMNS)}",
             (
                 self.tenant,
                 self.run_id,
@@ -443,6 +510,10 @@ class _SqlStore:
                 s.active_reservations,
                 s.overrun_micros,
                 s.digest,
+                int(change.threshold),
+                int(s.threshold),
+                s.committed_tokens,
+                s.reserved_tokens,
             ),
         )
         cutoff = change.revision - self.retention
@@ -588,6 +659,66 @@ def _expire_scope(token: str, stores: _SqlStores, now_ms: int) -> int:
     return scopes.expire_due(stores.scope(ScopeRef.parse(token)), now_ms)
 
 
+# Version 5's new columns (run policies), with the values that leave an older
+# run as it was: the default policy, no counters, nothing held beyond money.
+_POLICY_COLUMNS = {
+    "runs": (
+        "spec_policy TEXT NOT NULL DEFAULT ''",
+        "policy TEXT NOT NULL DEFAULT ''",
+        "threshold INTEGER NOT NULL DEFAULT 0",
+        "throttle_strikes INTEGER NOT NULL DEFAULT 0",
+        "throttle_until_ms INTEGER NOT NULL DEFAULT 0",
+        "rate_window_ms INTEGER NOT NULL DEFAULT 0",
+        "rate_count INTEGER NOT NULL DEFAULT 0",
+        "children INTEGER NOT NULL DEFAULT 0",
+        "usage TEXT NOT NULL DEFAULT ''",
+    ),
+    "reservations": (
+        "dims TEXT NOT NULL DEFAULT ''",
+        "dimension INTEGER",
+        "meter TEXT NOT NULL DEFAULT ''",
+        "retry_at_ms INTEGER",
+    ),
+    "changes": (
+        "threshold INTEGER NOT NULL DEFAULT 0",
+        "state_threshold INTEGER NOT NULL DEFAULT 0",
+        "state_committed_tokens INTEGER NOT NULL DEFAULT 0",
+        "state_reserved_tokens INTEGER NOT NULL DEFAULT 0",
+    ),
+}
+
+
+def _migrate_to_policies(conn: sqlite3.Connection) -> None:
+    """Version 5 added run policies.
+
+    Older runs get the default policy, and the lineage gains depth_left: the
+    default max_depth, less where the run already nests so deep that its
+    descendants would pass MAX_RUN_DEPTH. `children` counts the child runs
+    already created. The threshold band stays NONE (as the change log has
+    it): bands already reached are announced at the run's next commit.
+    """
+    for table, columns in _POLICY_COLUMNS.items():
+        for column in columns:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+    rows = conn.execute("SELECT tenant, run_id, lineage FROM runs WHERE lineage != ''").fetchall()
+    for tenant, run_id, text in rows:
+        ancestors, key, user, team, *rest = json.loads(text)
+        if rest:
+            continue
+        depth_left = max(0, min(DEFAULT_MAX_DEPTH, MAX_RUN_DEPTH - 1 - len(ancestors)))
+        lineage = Lineage(tuple(ancestors), key, user, team, depth_left)
+        conn.execute(
+            "UPDATE runs SET lineage = ? WHERE tenant = ? AND run_id = ?",
+            (lineage.encode(), tenant, run_id),
+        )
+    conn.execute(
+        "UPDATE runs SET children = counts.n FROM ("
+        "SELECT tenant, parent_run_id, COUNT(*) AS n FROM runs "
+        "WHERE parent_run_id != '' GROUP BY tenant, parent_run_id) AS counts "
+        "WHERE runs.tenant = counts.tenant AND runs.run_id = counts.parent_run_id"
+    )
+
+
 class SqliteLedger:
     """The ledger in a SQLite file; implements backends.base.Backend."""
 
@@ -717,6 +848,8 @@ class SqliteLedger:
                 conn.execute(
                     f"ALTER TABLE reservations ADD COLUMN {column} TEXT NOT NULL DEFAULT ''"
                 )
+        if 0 < version < 5:
+            _migrate_to_policies(conn)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _close_connection(self) -> None:
@@ -787,10 +920,18 @@ class SqliteLedger:
         return await self._op(tenant, read)
 
     async def commit(
-        self, tenant: str, run_id: str, reservation_id: str, actual_micros: int
+        self,
+        tenant: str,
+        run_id: str,
+        reservation_id: str,
+        actual_micros: int,
+        actual_tokens: int | None = None,
     ) -> CommitResult:
         return await self._op(
-            tenant, lambda s, now: saga.commit(s, run_id, reservation_id, actual_micros, now)
+            tenant,
+            lambda s, now: saga.commit(
+                s, run_id, reservation_id, actual_micros, now, actual_tokens
+            ),
         )
 
     async def refund(self, tenant: str, run_id: str, reservation_id: str) -> RefundResult:

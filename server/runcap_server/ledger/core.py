@@ -127,7 +127,7 @@ class _Txn:
         account.active_reservations -= 1
         for dim, units in reservation.dims.items():
             reserved, committed = account.usage[dim]
-            account.usage[dim] = (reserved - units, committed)
+            _set_usage(account, dim, reserved - units, committed)
         return reservation.held_micros
 
     def expire(self, reservation: Reservation) -> None:
@@ -144,6 +144,14 @@ class _Txn:
         if self.changes:
             self.store.save_account(self.account)
         return self.account.state()
+
+
+def _set_usage(account: Account, dim: str, reserved: int, committed: int) -> None:
+    """A dimension's use; one with none left is dropped (as backends store it)."""
+    if reserved or committed:
+        account.usage[dim] = (reserved, committed)
+    else:
+        account.usage.pop(dim, None)
 
 
 def _open(store: RunStore, run_id: str, now_ms: int) -> _Txn:
@@ -506,7 +514,7 @@ def _decide(
         account.active_reservations += 1
         for dim, units in dims.items():
             reserved, committed = account.usage.get(dim, (0, 0))
-            account.usage[dim] = (reserved + units, committed)
+            _set_usage(account, dim, reserved + units, committed)
         if own_limits:
             _count_allowed(account, txn.now_ms)
         txn.record(EventType.RESERVED, reservation, amount_micros=held)
@@ -646,9 +654,8 @@ def _commit(
     if actual_tokens is not None:
         actual_dims[TOKENS] = actual_tokens
     for dim, units in actual_dims.items():
-        if units:
-            reserved, committed = account.usage.get(dim, (0, 0))
-            account.usage[dim] = (reserved, committed + units)
+        reserved, committed = account.usage.get(dim, (0, 0))
+        _set_usage(account, dim, reserved, committed + units)
     reservation.actual_micros = actual_micros
     reservation.overrun_micros = overrun
     reservation.settled_ms = txn.now_ms
