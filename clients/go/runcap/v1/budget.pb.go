@@ -106,6 +106,11 @@ const (
 	// limit, or past its in-flight cap. Retrying the same id returns this
 	// same decision.
 	Decision_DECISION_THROTTLE Decision = 4
+	// The requested model did not fit, and the run's policy allows automatic
+	// downgrades (RunPolicy.auto_downgrade): the estimate of a cheaper
+	// capability-valid model is held instead. Call the model in
+	// `estimate.model`, and commit with the response's `reservation_id`.
+	Decision_DECISION_DOWNGRADE Decision = 5
 )
 
 // Enum value maps for Decision.
@@ -116,6 +121,7 @@ var (
 		2: "DECISION_BLOCK",
 		3: "DECISION_WARN",
 		4: "DECISION_THROTTLE",
+		5: "DECISION_DOWNGRADE",
 	}
 	Decision_value = map[string]int32{
 		"DECISION_UNSPECIFIED": 0,
@@ -123,6 +129,7 @@ var (
 		"DECISION_BLOCK":       2,
 		"DECISION_WARN":        3,
 		"DECISION_THROTTLE":    4,
+		"DECISION_DOWNGRADE":   5,
 	}
 )
 
@@ -884,9 +891,16 @@ type RunPolicy struct {
 	// children are one level). Default 5; at most 15.
 	MaxDepth *int32 `protobuf:"varint,10,opt,name=max_depth,json=maxDepth,proto3,oneof" json:"max_depth,omitempty"`
 	// How many child runs this run may have.
-	MaxChildren   *int32 `protobuf:"varint,11,opt,name=max_children,json=maxChildren,proto3,oneof" json:"max_children,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	MaxChildren *int32 `protobuf:"varint,11,opt,name=max_children,json=maxChildren,proto3,oneof" json:"max_children,omitempty"`
+	// When an LLM call does not fit the budget, hold the best alternative that
+	// does (the priciest that fits: the smallest step down) and answer
+	// DECISION_DOWNGRADE, instead of blocking.
+	AutoDowngrade bool `protobuf:"varint,12,opt,name=auto_downgrade,json=autoDowngrade,proto3" json:"auto_downgrade,omitempty"`
+	// The models alternatives and downgrades may pick from, as
+	// "provider/model". Empty: any model with a price.
+	DowngradeModels []string `protobuf:"bytes,13,rep,name=downgrade_models,json=downgradeModels,proto3" json:"downgrade_models,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *RunPolicy) Reset() {
@@ -994,6 +1008,20 @@ func (x *RunPolicy) GetMaxChildren() int32 {
 		return *x.MaxChildren
 	}
 	return 0
+}
+
+func (x *RunPolicy) GetAutoDowngrade() bool {
+	if x != nil {
+		return x.AutoDowngrade
+	}
+	return false
+}
+
+func (x *RunPolicy) GetDowngradeModels() []string {
+	if x != nil {
+		return x.DowngradeModels
+	}
+	return nil
 }
 
 // ScopeRef names a scope.
@@ -1773,7 +1801,7 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x10throttle_percent\x18\x03 \x01(\x05R\x0fthrottlePercent\"g\n" +
 	"\tRateLimit\x12!\n" +
 	"\tmax_calls\x18\x01 \x01(\x03B\x04\xe2A\x01\x02R\bmaxCalls\x127\n" +
-	"\x06window\x18\x02 \x01(\v2\x19.google.protobuf.DurationB\x04\xe2A\x01\x02R\x06window\"\xae\x06\n" +
+	"\x06window\x18\x02 \x01(\v2\x19.google.protobuf.DurationB\x04\xe2A\x01\x02R\x06window\"\x8c\a\n" +
 	"\tRunPolicy\x12K\n" +
 	"\x10enforcement_mode\x18\x01 \x01(\x0e2\x1a.runcap.v1.EnforcementModeB\x04\xe2A\x01\x01R\x0fenforcementMode\x12=\n" +
 	"\x18soft_gate_margin_percent\x18\x02 \x01(\x05B\x04\xe2A\x01\x01R\x15softGateMarginPercent\x12;\n" +
@@ -1790,7 +1818,9 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\rmax_in_flight\x18\t \x01(\x05B\x04\xe2A\x01\x01H\x01R\vmaxInFlight\x88\x01\x01\x12&\n" +
 	"\tmax_depth\x18\n" +
 	" \x01(\x05B\x04\xe2A\x01\x01H\x02R\bmaxDepth\x88\x01\x01\x12,\n" +
-	"\fmax_children\x18\v \x01(\x05B\x04\xe2A\x01\x01H\x03R\vmaxChildren\x88\x01\x01\x1a>\n" +
+	"\fmax_children\x18\v \x01(\x05B\x04\xe2A\x01\x01H\x03R\vmaxChildren\x88\x01\x01\x12+\n" +
+	"\x0eauto_downgrade\x18\f \x01(\bB\x04\xe2A\x01\x01R\rautoDowngrade\x12/\n" +
+	"\x10downgrade_models\x18\r \x03(\tB\x04\xe2A\x01\x01R\x0fdowngradeModels\x1a>\n" +
 	"\x10MeterLimitsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01B\r\n" +
@@ -1876,13 +1906,14 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fRUN_STATUS_OPEN\x10\x01\x12\x15\n" +
 	"\x11RUN_STATUS_CLOSED\x10\x02\x12\x18\n" +
-	"\x14RUN_STATUS_SUSPENDED\x10\x03*v\n" +
+	"\x14RUN_STATUS_SUSPENDED\x10\x03*\x8e\x01\n" +
 	"\bDecision\x12\x18\n" +
 	"\x14DECISION_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eDECISION_ALLOW\x10\x01\x12\x12\n" +
 	"\x0eDECISION_BLOCK\x10\x02\x12\x11\n" +
 	"\rDECISION_WARN\x10\x03\x12\x15\n" +
-	"\x11DECISION_THROTTLE\x10\x04*\xb5\x01\n" +
+	"\x11DECISION_THROTTLE\x10\x04\x12\x16\n" +
+	"\x12DECISION_DOWNGRADE\x10\x05*\xb5\x01\n" +
 	"\x0fEnforcementMode\x12 \n" +
 	"\x1cENFORCEMENT_MODE_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aENFORCEMENT_MODE_HARD_GATE\x10\x01\x12\x1e\n" +

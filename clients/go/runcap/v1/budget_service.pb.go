@@ -497,8 +497,16 @@ type ReserveResponse struct {
 	RetryAfter *durationpb.Duration `protobuf:"bytes,13,opt,name=retry_after,json=retryAfter,proto3" json:"retry_after,omitempty"`
 	// The run's enforcement mode, which shaped this decision.
 	EnforcementMode EnforcementMode `protobuf:"varint,14,opt,name=enforcement_mode,json=enforcementMode,proto3,enum=runcap.v1.EnforcementMode" json:"enforcement_mode,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// The decision's id, for GetDecision. A replay has the first answer's id.
+	DecisionId string `protobuf:"bytes,15,opt,name=decision_id,json=decisionId,proto3" json:"decision_id,omitempty"`
+	// For an LLM call blocked by money, and for a downgrade: the models that
+	// can stand in for it, cheapest first (at most 5).
+	Alternatives []*Alternative `protobuf:"bytes,16,rep,name=alternatives,proto3" json:"alternatives,omitempty"`
+	// For DECISION_DOWNGRADE: the model the request asked for; `estimate` is
+	// the model held instead.
+	RequestedModel string `protobuf:"bytes,17,opt,name=requested_model,json=requestedModel,proto3" json:"requested_model,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *ReserveResponse) Reset() {
@@ -629,6 +637,282 @@ func (x *ReserveResponse) GetEnforcementMode() EnforcementMode {
 	return EnforcementMode_ENFORCEMENT_MODE_UNSPECIFIED
 }
 
+func (x *ReserveResponse) GetDecisionId() string {
+	if x != nil {
+		return x.DecisionId
+	}
+	return ""
+}
+
+func (x *ReserveResponse) GetAlternatives() []*Alternative {
+	if x != nil {
+		return x.Alternatives
+	}
+	return nil
+}
+
+func (x *ReserveResponse) GetRequestedModel() string {
+	if x != nil {
+		return x.RequestedModel
+	}
+	return ""
+}
+
+// GetDecisionRequest names a decision.
+type GetDecisionRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// ReserveResponse.decision_id.
+	DecisionId    string `protobuf:"bytes,1,opt,name=decision_id,json=decisionId,proto3" json:"decision_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetDecisionRequest) Reset() {
+	*x = GetDecisionRequest{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetDecisionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetDecisionRequest) ProtoMessage() {}
+
+func (x *GetDecisionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetDecisionRequest.ProtoReflect.Descriptor instead.
+func (*GetDecisionRequest) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *GetDecisionRequest) GetDecisionId() string {
+	if x != nil {
+		return x.DecisionId
+	}
+	return ""
+}
+
+// GetDecisionResponse is a decision with its inputs.
+type GetDecisionResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The decision's id.
+	DecisionId string `protobuf:"bytes,1,opt,name=decision_id,json=decisionId,proto3" json:"decision_id,omitempty"`
+	// The run.
+	RunId string `protobuf:"bytes,2,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
+	// The reservation the decision was made on.
+	ReservationId string `protobuf:"bytes,3,opt,name=reservation_id,json=reservationId,proto3" json:"reservation_id,omitempty"`
+	// The decision, as first answered.
+	Decision Decision `protobuf:"varint,4,opt,name=decision,proto3,enum=runcap.v1.Decision" json:"decision,omitempty"`
+	// Why.
+	Reason DecisionReason `protobuf:"varint,5,opt,name=reason,proto3,enum=runcap.v1.DecisionReason" json:"reason,omitempty"`
+	// When it was made, in server time.
+	DecideTime *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=decide_time,json=decideTime,proto3" json:"decide_time,omitempty"`
+	// The estimate asked for, in micro-USD.
+	AmountMicros int64 `protobuf:"varint,7,opt,name=amount_micros,json=amountMicros,proto3" json:"amount_micros,omitempty"`
+	// What it held (0 unless allowed, warned or downgraded).
+	HeldMicros int64 `protobuf:"varint,8,opt,name=held_micros,json=heldMicros,proto3" json:"held_micros,omitempty"`
+	// The run's enforcement mode.
+	EnforcementMode EnforcementMode `protobuf:"varint,9,opt,name=enforcement_mode,json=enforcementMode,proto3,enum=runcap.v1.EnforcementMode" json:"enforcement_mode,omitempty"`
+	// Every scope the estimate was checked against: the run first, then its
+	// ancestors, its API key, user and team.
+	Scopes []*ScopeRef `protobuf:"bytes,10,rep,name=scopes,proto3" json:"scopes,omitempty"`
+	// For a block, throttle or warning: what objected.
+	BlockingScope *ScopeRef `protobuf:"bytes,11,opt,name=blocking_scope,json=blockingScope,proto3" json:"blocking_scope,omitempty"`
+	// The period of the ceiling that objected.
+	BlockingPeriod Period `protobuf:"varint,12,opt,name=blocking_period,json=blockingPeriod,proto3,enum=runcap.v1.Period" json:"blocking_period,omitempty"`
+	// The limit that objected.
+	BlockingDimension BudgetDimension `protobuf:"varint,13,opt,name=blocking_dimension,json=blockingDimension,proto3,enum=runcap.v1.BudgetDimension" json:"blocking_dimension,omitempty"`
+	// The meter that objected.
+	BlockingMeter string `protobuf:"bytes,14,opt,name=blocking_meter,json=blockingMeter,proto3" json:"blocking_meter,omitempty"`
+	// For an LLM call: how it was priced, with the price table version.
+	Estimate *LlmEstimate `protobuf:"bytes,15,opt,name=estimate,proto3" json:"estimate,omitempty"`
+	// The call meter and its units, when the Reserve named one.
+	Meter string `protobuf:"bytes,16,opt,name=meter,proto3" json:"meter,omitempty"`
+	// Units of `meter`.
+	MeterUnits int64 `protobuf:"varint,17,opt,name=meter_units,json=meterUnits,proto3" json:"meter_units,omitempty"`
+	// Where the reservation is now.
+	ReservationStatus ReservationStatus `protobuf:"varint,18,opt,name=reservation_status,json=reservationStatus,proto3,enum=runcap.v1.ReservationStatus" json:"reservation_status,omitempty"`
+	// Its actual cost, once committed.
+	ActualMicros  *int64 `protobuf:"varint,19,opt,name=actual_micros,json=actualMicros,proto3,oneof" json:"actual_micros,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetDecisionResponse) Reset() {
+	*x = GetDecisionResponse{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetDecisionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetDecisionResponse) ProtoMessage() {}
+
+func (x *GetDecisionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetDecisionResponse.ProtoReflect.Descriptor instead.
+func (*GetDecisionResponse) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *GetDecisionResponse) GetDecisionId() string {
+	if x != nil {
+		return x.DecisionId
+	}
+	return ""
+}
+
+func (x *GetDecisionResponse) GetRunId() string {
+	if x != nil {
+		return x.RunId
+	}
+	return ""
+}
+
+func (x *GetDecisionResponse) GetReservationId() string {
+	if x != nil {
+		return x.ReservationId
+	}
+	return ""
+}
+
+func (x *GetDecisionResponse) GetDecision() Decision {
+	if x != nil {
+		return x.Decision
+	}
+	return Decision_DECISION_UNSPECIFIED
+}
+
+func (x *GetDecisionResponse) GetReason() DecisionReason {
+	if x != nil {
+		return x.Reason
+	}
+	return DecisionReason_DECISION_REASON_UNSPECIFIED
+}
+
+func (x *GetDecisionResponse) GetDecideTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DecideTime
+	}
+	return nil
+}
+
+func (x *GetDecisionResponse) GetAmountMicros() int64 {
+	if x != nil {
+		return x.AmountMicros
+	}
+	return 0
+}
+
+func (x *GetDecisionResponse) GetHeldMicros() int64 {
+	if x != nil {
+		return x.HeldMicros
+	}
+	return 0
+}
+
+func (x *GetDecisionResponse) GetEnforcementMode() EnforcementMode {
+	if x != nil {
+		return x.EnforcementMode
+	}
+	return EnforcementMode_ENFORCEMENT_MODE_UNSPECIFIED
+}
+
+func (x *GetDecisionResponse) GetScopes() []*ScopeRef {
+	if x != nil {
+		return x.Scopes
+	}
+	return nil
+}
+
+func (x *GetDecisionResponse) GetBlockingScope() *ScopeRef {
+	if x != nil {
+		return x.BlockingScope
+	}
+	return nil
+}
+
+func (x *GetDecisionResponse) GetBlockingPeriod() Period {
+	if x != nil {
+		return x.BlockingPeriod
+	}
+	return Period_PERIOD_UNSPECIFIED
+}
+
+func (x *GetDecisionResponse) GetBlockingDimension() BudgetDimension {
+	if x != nil {
+		return x.BlockingDimension
+	}
+	return BudgetDimension_BUDGET_DIMENSION_UNSPECIFIED
+}
+
+func (x *GetDecisionResponse) GetBlockingMeter() string {
+	if x != nil {
+		return x.BlockingMeter
+	}
+	return ""
+}
+
+func (x *GetDecisionResponse) GetEstimate() *LlmEstimate {
+	if x != nil {
+		return x.Estimate
+	}
+	return nil
+}
+
+func (x *GetDecisionResponse) GetMeter() string {
+	if x != nil {
+		return x.Meter
+	}
+	return ""
+}
+
+func (x *GetDecisionResponse) GetMeterUnits() int64 {
+	if x != nil {
+		return x.MeterUnits
+	}
+	return 0
+}
+
+func (x *GetDecisionResponse) GetReservationStatus() ReservationStatus {
+	if x != nil {
+		return x.ReservationStatus
+	}
+	return ReservationStatus_RESERVATION_STATUS_UNSPECIFIED
+}
+
+func (x *GetDecisionResponse) GetActualMicros() int64 {
+	if x != nil && x.ActualMicros != nil {
+		return *x.ActualMicros
+	}
+	return 0
+}
+
 // LlmCall describes an LLM call to reserve for.
 type LlmCall struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -641,13 +925,23 @@ type LlmCall struct {
 	// The call's maximum output tokens (its `max_tokens`). When unset, the
 	// server's default applies, or the request is refused when there is none.
 	MaxOutputTokens *int64 `protobuf:"varint,4,opt,name=max_output_tokens,json=maxOutputTokens,proto3,oneof" json:"max_output_tokens,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// What the call needs from a model, so that alternatives can stand in for
+	// it: tool (function) calling.
+	NeedsTools bool `protobuf:"varint,5,opt,name=needs_tools,json=needsTools,proto3" json:"needs_tools,omitempty"`
+	// JSON-schema structured output.
+	NeedsJsonSchema bool `protobuf:"varint,6,opt,name=needs_json_schema,json=needsJsonSchema,proto3" json:"needs_json_schema,omitempty"`
+	// A context window of at least this many tokens (alternatives always need
+	// room for the input tokens).
+	MinContextTokens *int64 `protobuf:"varint,7,opt,name=min_context_tokens,json=minContextTokens,proto3,oneof" json:"min_context_tokens,omitempty"`
+	// Input modalities beyond text ("image", "audio", "video").
+	Modalities    []string `protobuf:"bytes,8,rep,name=modalities,proto3" json:"modalities,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *LlmCall) Reset() {
 	*x = LlmCall{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[6]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -659,7 +953,7 @@ func (x *LlmCall) String() string {
 func (*LlmCall) ProtoMessage() {}
 
 func (x *LlmCall) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[6]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -672,7 +966,7 @@ func (x *LlmCall) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LlmCall.ProtoReflect.Descriptor instead.
 func (*LlmCall) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{6}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *LlmCall) GetProvider() string {
@@ -703,6 +997,109 @@ func (x *LlmCall) GetMaxOutputTokens() int64 {
 	return 0
 }
 
+func (x *LlmCall) GetNeedsTools() bool {
+	if x != nil {
+		return x.NeedsTools
+	}
+	return false
+}
+
+func (x *LlmCall) GetNeedsJsonSchema() bool {
+	if x != nil {
+		return x.NeedsJsonSchema
+	}
+	return false
+}
+
+func (x *LlmCall) GetMinContextTokens() int64 {
+	if x != nil && x.MinContextTokens != nil {
+		return *x.MinContextTokens
+	}
+	return 0
+}
+
+func (x *LlmCall) GetModalities() []string {
+	if x != nil {
+		return x.Modalities
+	}
+	return nil
+}
+
+// Alternative is a model that can stand in for a blocked LLM call: it has
+// every capability the call needs and its estimate fits what the blocking
+// scope has left.
+type Alternative struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The provider.
+	Provider string `protobuf:"bytes,1,opt,name=provider,proto3" json:"provider,omitempty"`
+	// The model id.
+	Model string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
+	// The call's estimate on this model, in micro-USD.
+	AmountMicros int64 `protobuf:"varint,3,opt,name=amount_micros,json=amountMicros,proto3" json:"amount_micros,omitempty"`
+	// The output tokens that estimate prices.
+	EffectiveMaxOutputTokens int64 `protobuf:"varint,4,opt,name=effective_max_output_tokens,json=effectiveMaxOutputTokens,proto3" json:"effective_max_output_tokens,omitempty"`
+	unknownFields            protoimpl.UnknownFields
+	sizeCache                protoimpl.SizeCache
+}
+
+func (x *Alternative) Reset() {
+	*x = Alternative{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Alternative) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Alternative) ProtoMessage() {}
+
+func (x *Alternative) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Alternative.ProtoReflect.Descriptor instead.
+func (*Alternative) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *Alternative) GetProvider() string {
+	if x != nil {
+		return x.Provider
+	}
+	return ""
+}
+
+func (x *Alternative) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *Alternative) GetAmountMicros() int64 {
+	if x != nil {
+		return x.AmountMicros
+	}
+	return 0
+}
+
+func (x *Alternative) GetEffectiveMaxOutputTokens() int64 {
+	if x != nil {
+		return x.EffectiveMaxOutputTokens
+	}
+	return 0
+}
+
 // LlmEstimate is how the server priced an LLM call.
 type LlmEstimate struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -725,7 +1122,7 @@ type LlmEstimate struct {
 
 func (x *LlmEstimate) Reset() {
 	*x = LlmEstimate{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[7]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -737,7 +1134,7 @@ func (x *LlmEstimate) String() string {
 func (*LlmEstimate) ProtoMessage() {}
 
 func (x *LlmEstimate) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[7]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -750,7 +1147,7 @@ func (x *LlmEstimate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LlmEstimate.ProtoReflect.Descriptor instead.
 func (*LlmEstimate) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{7}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *LlmEstimate) GetProvider() string {
@@ -815,7 +1212,7 @@ type TokenUsage struct {
 
 func (x *TokenUsage) Reset() {
 	*x = TokenUsage{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[8]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -827,7 +1224,7 @@ func (x *TokenUsage) String() string {
 func (*TokenUsage) ProtoMessage() {}
 
 func (x *TokenUsage) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[8]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -840,7 +1237,7 @@ func (x *TokenUsage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenUsage.ProtoReflect.Descriptor instead.
 func (*TokenUsage) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{8}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *TokenUsage) GetInputTokens() int64 {
@@ -898,7 +1295,7 @@ type CommitRequest struct {
 
 func (x *CommitRequest) Reset() {
 	*x = CommitRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[9]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -910,7 +1307,7 @@ func (x *CommitRequest) String() string {
 func (*CommitRequest) ProtoMessage() {}
 
 func (x *CommitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[9]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -923,7 +1320,7 @@ func (x *CommitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitRequest.ProtoReflect.Descriptor instead.
 func (*CommitRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{9}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *CommitRequest) GetRunId() string {
@@ -1009,7 +1406,7 @@ type CommitResponse struct {
 
 func (x *CommitResponse) Reset() {
 	*x = CommitResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[10]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1021,7 +1418,7 @@ func (x *CommitResponse) String() string {
 func (*CommitResponse) ProtoMessage() {}
 
 func (x *CommitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[10]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1034,7 +1431,7 @@ func (x *CommitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitResponse.ProtoReflect.Descriptor instead.
 func (*CommitResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{10}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CommitResponse) GetState() *BudgetState {
@@ -1092,7 +1489,7 @@ type RefundRequest struct {
 
 func (x *RefundRequest) Reset() {
 	*x = RefundRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[11]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1104,7 +1501,7 @@ func (x *RefundRequest) String() string {
 func (*RefundRequest) ProtoMessage() {}
 
 func (x *RefundRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[11]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1117,7 +1514,7 @@ func (x *RefundRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefundRequest.ProtoReflect.Descriptor instead.
 func (*RefundRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{11}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *RefundRequest) GetRunId() string {
@@ -1156,7 +1553,7 @@ type RefundResponse struct {
 
 func (x *RefundResponse) Reset() {
 	*x = RefundResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[12]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1168,7 +1565,7 @@ func (x *RefundResponse) String() string {
 func (*RefundResponse) ProtoMessage() {}
 
 func (x *RefundResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[12]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1181,7 +1578,7 @@ func (x *RefundResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefundResponse.ProtoReflect.Descriptor instead.
 func (*RefundResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{12}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *RefundResponse) GetState() *BudgetState {
@@ -1223,7 +1620,7 @@ type CloseRunRequest struct {
 
 func (x *CloseRunRequest) Reset() {
 	*x = CloseRunRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[13]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1235,7 +1632,7 @@ func (x *CloseRunRequest) String() string {
 func (*CloseRunRequest) ProtoMessage() {}
 
 func (x *CloseRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[13]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1248,7 +1645,7 @@ func (x *CloseRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseRunRequest.ProtoReflect.Descriptor instead.
 func (*CloseRunRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{13}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CloseRunRequest) GetRunId() string {
@@ -1271,7 +1668,7 @@ type CloseRunResponse struct {
 
 func (x *CloseRunResponse) Reset() {
 	*x = CloseRunResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[14]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1283,7 +1680,7 @@ func (x *CloseRunResponse) String() string {
 func (*CloseRunResponse) ProtoMessage() {}
 
 func (x *CloseRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[14]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1296,7 +1693,7 @@ func (x *CloseRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseRunResponse.ProtoReflect.Descriptor instead.
 func (*CloseRunResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{14}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CloseRunResponse) GetState() *BudgetState {
@@ -1337,7 +1734,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[15]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1349,7 +1746,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[15]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1362,7 +1759,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{15}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *WatchRequest) GetRunId() string {
@@ -1407,7 +1804,7 @@ type WatchResponse struct {
 
 func (x *WatchResponse) Reset() {
 	*x = WatchResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[16]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1419,7 +1816,7 @@ func (x *WatchResponse) String() string {
 func (*WatchResponse) ProtoMessage() {}
 
 func (x *WatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[16]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1432,7 +1829,7 @@ func (x *WatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchResponse.ProtoReflect.Descriptor instead.
 func (*WatchResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{16}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *WatchResponse) GetRevision() int64 {
@@ -1515,7 +1912,7 @@ type Progress struct {
 
 func (x *Progress) Reset() {
 	*x = Progress{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[17]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1527,7 +1924,7 @@ func (x *Progress) String() string {
 func (*Progress) ProtoMessage() {}
 
 func (x *Progress) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[17]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1540,7 +1937,7 @@ func (x *Progress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Progress.ProtoReflect.Descriptor instead.
 func (*Progress) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{17}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Progress) GetFinal() bool {
@@ -1570,7 +1967,7 @@ type SetScopeLimitRequest struct {
 
 func (x *SetScopeLimitRequest) Reset() {
 	*x = SetScopeLimitRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[18]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1582,7 +1979,7 @@ func (x *SetScopeLimitRequest) String() string {
 func (*SetScopeLimitRequest) ProtoMessage() {}
 
 func (x *SetScopeLimitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[18]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1595,7 +1992,7 @@ func (x *SetScopeLimitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetScopeLimitRequest.ProtoReflect.Descriptor instead.
 func (*SetScopeLimitRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{18}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SetScopeLimitRequest) GetScope() *ScopeRef {
@@ -1667,7 +2064,7 @@ type SetScopeLimitResponse struct {
 
 func (x *SetScopeLimitResponse) Reset() {
 	*x = SetScopeLimitResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[19]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1679,7 +2076,7 @@ func (x *SetScopeLimitResponse) String() string {
 func (*SetScopeLimitResponse) ProtoMessage() {}
 
 func (x *SetScopeLimitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[19]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1692,7 +2089,7 @@ func (x *SetScopeLimitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetScopeLimitResponse.ProtoReflect.Descriptor instead.
 func (*SetScopeLimitResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{19}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *SetScopeLimitResponse) GetScope() *Scope {
@@ -1713,7 +2110,7 @@ type GetScopeRequest struct {
 
 func (x *GetScopeRequest) Reset() {
 	*x = GetScopeRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[20]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1725,7 +2122,7 @@ func (x *GetScopeRequest) String() string {
 func (*GetScopeRequest) ProtoMessage() {}
 
 func (x *GetScopeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[20]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1738,7 +2135,7 @@ func (x *GetScopeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScopeRequest.ProtoReflect.Descriptor instead.
 func (*GetScopeRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{20}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *GetScopeRequest) GetScope() *ScopeRef {
@@ -1759,7 +2156,7 @@ type GetScopeResponse struct {
 
 func (x *GetScopeResponse) Reset() {
 	*x = GetScopeResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[21]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1771,7 +2168,7 @@ func (x *GetScopeResponse) String() string {
 func (*GetScopeResponse) ProtoMessage() {}
 
 func (x *GetScopeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[21]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1784,7 +2181,7 @@ func (x *GetScopeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScopeResponse.ProtoReflect.Descriptor instead.
 func (*GetScopeResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{21}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *GetScopeResponse) GetScope() *Scope {
@@ -1830,7 +2227,7 @@ type ModelPrice struct {
 
 func (x *ModelPrice) Reset() {
 	*x = ModelPrice{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[22]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1842,7 +2239,7 @@ func (x *ModelPrice) String() string {
 func (*ModelPrice) ProtoMessage() {}
 
 func (x *ModelPrice) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[22]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1855,7 +2252,7 @@ func (x *ModelPrice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelPrice.ProtoReflect.Descriptor instead.
 func (*ModelPrice) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{22}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ModelPrice) GetProvider() string {
@@ -1953,7 +2350,7 @@ type SetModelPriceRequest struct {
 
 func (x *SetModelPriceRequest) Reset() {
 	*x = SetModelPriceRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[23]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1965,7 +2362,7 @@ func (x *SetModelPriceRequest) String() string {
 func (*SetModelPriceRequest) ProtoMessage() {}
 
 func (x *SetModelPriceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[23]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1978,7 +2375,7 @@ func (x *SetModelPriceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetModelPriceRequest.ProtoReflect.Descriptor instead.
 func (*SetModelPriceRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{23}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *SetModelPriceRequest) GetPrice() *ModelPrice {
@@ -1999,7 +2396,7 @@ type SetModelPriceResponse struct {
 
 func (x *SetModelPriceResponse) Reset() {
 	*x = SetModelPriceResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[24]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2011,7 +2408,7 @@ func (x *SetModelPriceResponse) String() string {
 func (*SetModelPriceResponse) ProtoMessage() {}
 
 func (x *SetModelPriceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[24]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2024,7 +2421,7 @@ func (x *SetModelPriceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetModelPriceResponse.ProtoReflect.Descriptor instead.
 func (*SetModelPriceResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{24}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *SetModelPriceResponse) GetPrice() *ModelPrice {
@@ -2047,7 +2444,7 @@ type DeleteModelPriceRequest struct {
 
 func (x *DeleteModelPriceRequest) Reset() {
 	*x = DeleteModelPriceRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[25]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2059,7 +2456,7 @@ func (x *DeleteModelPriceRequest) String() string {
 func (*DeleteModelPriceRequest) ProtoMessage() {}
 
 func (x *DeleteModelPriceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[25]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2072,7 +2469,7 @@ func (x *DeleteModelPriceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteModelPriceRequest.ProtoReflect.Descriptor instead.
 func (*DeleteModelPriceRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{25}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *DeleteModelPriceRequest) GetProvider() string {
@@ -2100,7 +2497,7 @@ type DeleteModelPriceResponse struct {
 
 func (x *DeleteModelPriceResponse) Reset() {
 	*x = DeleteModelPriceResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[26]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2112,7 +2509,7 @@ func (x *DeleteModelPriceResponse) String() string {
 func (*DeleteModelPriceResponse) ProtoMessage() {}
 
 func (x *DeleteModelPriceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[26]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2125,7 +2522,7 @@ func (x *DeleteModelPriceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteModelPriceResponse.ProtoReflect.Descriptor instead.
 func (*DeleteModelPriceResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{26}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *DeleteModelPriceResponse) GetDeleted() bool {
@@ -2148,7 +2545,7 @@ type GetModelPriceRequest struct {
 
 func (x *GetModelPriceRequest) Reset() {
 	*x = GetModelPriceRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[27]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2160,7 +2557,7 @@ func (x *GetModelPriceRequest) String() string {
 func (*GetModelPriceRequest) ProtoMessage() {}
 
 func (x *GetModelPriceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[27]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2173,7 +2570,7 @@ func (x *GetModelPriceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetModelPriceRequest.ProtoReflect.Descriptor instead.
 func (*GetModelPriceRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{27}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *GetModelPriceRequest) GetProvider() string {
@@ -2206,7 +2603,7 @@ type GetModelPriceResponse struct {
 
 func (x *GetModelPriceResponse) Reset() {
 	*x = GetModelPriceResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[28]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2218,7 +2615,7 @@ func (x *GetModelPriceResponse) String() string {
 func (*GetModelPriceResponse) ProtoMessage() {}
 
 func (x *GetModelPriceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[28]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2231,7 +2628,7 @@ func (x *GetModelPriceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetModelPriceResponse.ProtoReflect.Descriptor instead.
 func (*GetModelPriceResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{28}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *GetModelPriceResponse) GetPrice() *ModelPrice {
@@ -2266,7 +2663,7 @@ type SuspendRunRequest struct {
 
 func (x *SuspendRunRequest) Reset() {
 	*x = SuspendRunRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[29]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2278,7 +2675,7 @@ func (x *SuspendRunRequest) String() string {
 func (*SuspendRunRequest) ProtoMessage() {}
 
 func (x *SuspendRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[29]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2291,7 +2688,7 @@ func (x *SuspendRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SuspendRunRequest.ProtoReflect.Descriptor instead.
 func (*SuspendRunRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{29}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *SuspendRunRequest) GetRunId() string {
@@ -2314,7 +2711,7 @@ type SuspendRunResponse struct {
 
 func (x *SuspendRunResponse) Reset() {
 	*x = SuspendRunResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[30]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2326,7 +2723,7 @@ func (x *SuspendRunResponse) String() string {
 func (*SuspendRunResponse) ProtoMessage() {}
 
 func (x *SuspendRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[30]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2339,7 +2736,7 @@ func (x *SuspendRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SuspendRunResponse.ProtoReflect.Descriptor instead.
 func (*SuspendRunResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{30}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *SuspendRunResponse) GetState() *BudgetState {
@@ -2367,7 +2764,7 @@ type ResumeRunRequest struct {
 
 func (x *ResumeRunRequest) Reset() {
 	*x = ResumeRunRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[31]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2379,7 +2776,7 @@ func (x *ResumeRunRequest) String() string {
 func (*ResumeRunRequest) ProtoMessage() {}
 
 func (x *ResumeRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[31]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2392,7 +2789,7 @@ func (x *ResumeRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeRunRequest.ProtoReflect.Descriptor instead.
 func (*ResumeRunRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{31}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ResumeRunRequest) GetRunId() string {
@@ -2415,7 +2812,7 @@ type ResumeRunResponse struct {
 
 func (x *ResumeRunResponse) Reset() {
 	*x = ResumeRunResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[32]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2427,7 +2824,7 @@ func (x *ResumeRunResponse) String() string {
 func (*ResumeRunResponse) ProtoMessage() {}
 
 func (x *ResumeRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[32]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2440,7 +2837,7 @@ func (x *ResumeRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeRunResponse.ProtoReflect.Descriptor instead.
 func (*ResumeRunResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{32}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ResumeRunResponse) GetState() *BudgetState {
@@ -2497,7 +2894,7 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"meterUnits\x88\x01\x01B\n" +
 	"\n" +
 	"\bestimateB\x0e\n" +
-	"\f_meter_units\"\xe9\x05\n" +
+	"\f_meter_units\"\xef\x06\n" +
 	"\x0fReserveResponse\x12/\n" +
 	"\bdecision\x18\x01 \x01(\x0e2\x13.runcap.v1.DecisionR\bdecision\x121\n" +
 	"\x06reason\x18\x02 \x01(\x0e2\x19.runcap.v1.DecisionReasonR\x06reason\x12%\n" +
@@ -2515,13 +2912,59 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\x0eblocking_meter\x18\f \x01(\tR\rblockingMeter\x12:\n" +
 	"\vretry_after\x18\r \x01(\v2\x19.google.protobuf.DurationR\n" +
 	"retryAfter\x12E\n" +
-	"\x10enforcement_mode\x18\x0e \x01(\x0e2\x1a.runcap.v1.EnforcementModeR\x0fenforcementMode\"\xbd\x01\n" +
+	"\x10enforcement_mode\x18\x0e \x01(\x0e2\x1a.runcap.v1.EnforcementModeR\x0fenforcementMode\x12\x1f\n" +
+	"\vdecision_id\x18\x0f \x01(\tR\n" +
+	"decisionId\x12:\n" +
+	"\falternatives\x18\x10 \x03(\v2\x16.runcap.v1.AlternativeR\falternatives\x12'\n" +
+	"\x0frequested_model\x18\x11 \x01(\tR\x0erequestedModel\";\n" +
+	"\x12GetDecisionRequest\x12%\n" +
+	"\vdecision_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\n" +
+	"decisionId\"\xad\a\n" +
+	"\x13GetDecisionResponse\x12\x1f\n" +
+	"\vdecision_id\x18\x01 \x01(\tR\n" +
+	"decisionId\x12\x15\n" +
+	"\x06run_id\x18\x02 \x01(\tR\x05runId\x12%\n" +
+	"\x0ereservation_id\x18\x03 \x01(\tR\rreservationId\x12/\n" +
+	"\bdecision\x18\x04 \x01(\x0e2\x13.runcap.v1.DecisionR\bdecision\x121\n" +
+	"\x06reason\x18\x05 \x01(\x0e2\x19.runcap.v1.DecisionReasonR\x06reason\x12;\n" +
+	"\vdecide_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"decideTime\x12#\n" +
+	"\ramount_micros\x18\a \x01(\x03R\famountMicros\x12\x1f\n" +
+	"\vheld_micros\x18\b \x01(\x03R\n" +
+	"heldMicros\x12E\n" +
+	"\x10enforcement_mode\x18\t \x01(\x0e2\x1a.runcap.v1.EnforcementModeR\x0fenforcementMode\x12+\n" +
+	"\x06scopes\x18\n" +
+	" \x03(\v2\x13.runcap.v1.ScopeRefR\x06scopes\x12:\n" +
+	"\x0eblocking_scope\x18\v \x01(\v2\x13.runcap.v1.ScopeRefR\rblockingScope\x12:\n" +
+	"\x0fblocking_period\x18\f \x01(\x0e2\x11.runcap.v1.PeriodR\x0eblockingPeriod\x12I\n" +
+	"\x12blocking_dimension\x18\r \x01(\x0e2\x1a.runcap.v1.BudgetDimensionR\x11blockingDimension\x12%\n" +
+	"\x0eblocking_meter\x18\x0e \x01(\tR\rblockingMeter\x122\n" +
+	"\bestimate\x18\x0f \x01(\v2\x16.runcap.v1.LlmEstimateR\bestimate\x12\x14\n" +
+	"\x05meter\x18\x10 \x01(\tR\x05meter\x12\x1f\n" +
+	"\vmeter_units\x18\x11 \x01(\x03R\n" +
+	"meterUnits\x12K\n" +
+	"\x12reservation_status\x18\x12 \x01(\x0e2\x1c.runcap.v1.ReservationStatusR\x11reservationStatus\x12(\n" +
+	"\ractual_micros\x18\x13 \x01(\x03H\x00R\factualMicros\x88\x01\x01B\x10\n" +
+	"\x0e_actual_micros\"\x8c\x03\n" +
 	"\aLlmCall\x12 \n" +
 	"\bprovider\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\bprovider\x12\x1a\n" +
 	"\x05model\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\x05model\x12'\n" +
 	"\finput_tokens\x18\x03 \x01(\x03B\x04\xe2A\x01\x02R\vinputTokens\x125\n" +
-	"\x11max_output_tokens\x18\x04 \x01(\x03B\x04\xe2A\x01\x01H\x00R\x0fmaxOutputTokens\x88\x01\x01B\x14\n" +
-	"\x12_max_output_tokens\"\xf6\x01\n" +
+	"\x11max_output_tokens\x18\x04 \x01(\x03B\x04\xe2A\x01\x01H\x00R\x0fmaxOutputTokens\x88\x01\x01\x12%\n" +
+	"\vneeds_tools\x18\x05 \x01(\bB\x04\xe2A\x01\x01R\n" +
+	"needsTools\x120\n" +
+	"\x11needs_json_schema\x18\x06 \x01(\bB\x04\xe2A\x01\x01R\x0fneedsJsonSchema\x127\n" +
+	"\x12min_context_tokens\x18\a \x01(\x03B\x04\xe2A\x01\x01H\x01R\x10minContextTokens\x88\x01\x01\x12$\n" +
+	"\n" +
+	"modalities\x18\b \x03(\tB\x04\xe2A\x01\x01R\n" +
+	"modalitiesB\x14\n" +
+	"\x12_max_output_tokensB\x15\n" +
+	"\x13_min_context_tokens\"\xa3\x01\n" +
+	"\vAlternative\x12\x1a\n" +
+	"\bprovider\x18\x01 \x01(\tR\bprovider\x12\x14\n" +
+	"\x05model\x18\x02 \x01(\tR\x05model\x12#\n" +
+	"\ramount_micros\x18\x03 \x01(\x03R\famountMicros\x12=\n" +
+	"\x1beffective_max_output_tokens\x18\x04 \x01(\x03R\x18effectiveMaxOutputTokens\"\xf6\x01\n" +
 	"\vLlmEstimate\x12\x1a\n" +
 	"\bprovider\x18\x01 \x01(\tR\bprovider\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12!\n" +
@@ -2635,7 +3078,7 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\x05runId\"]\n" +
 	"\x11ResumeRunResponse\x12,\n" +
 	"\x05state\x18\x01 \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\x12\x1a\n" +
-	"\breplayed\x18\x02 \x01(\bR\breplayed2\x8a\b\n" +
+	"\breplayed\x18\x02 \x01(\bR\breplayed2\xd8\b\n" +
 	"\rBudgetService\x12F\n" +
 	"\tCreateRun\x12\x1b.runcap.v1.CreateRunRequest\x1a\x1c.runcap.v1.CreateRunResponse\x12=\n" +
 	"\x06GetRun\x12\x18.runcap.v1.GetRunRequest\x1a\x19.runcap.v1.GetRunResponse\x12@\n" +
@@ -2651,7 +3094,8 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\bGetScope\x12\x1a.runcap.v1.GetScopeRequest\x1a\x1b.runcap.v1.GetScopeResponse\x12R\n" +
 	"\rSetModelPrice\x12\x1f.runcap.v1.SetModelPriceRequest\x1a .runcap.v1.SetModelPriceResponse\x12[\n" +
 	"\x10DeleteModelPrice\x12\".runcap.v1.DeleteModelPriceRequest\x1a#.runcap.v1.DeleteModelPriceResponse\x12R\n" +
-	"\rGetModelPrice\x12\x1f.runcap.v1.GetModelPriceRequest\x1a .runcap.v1.GetModelPriceResponseB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
+	"\rGetModelPrice\x12\x1f.runcap.v1.GetModelPriceRequest\x1a .runcap.v1.GetModelPriceResponse\x12L\n" +
+	"\vGetDecision\x12\x1d.runcap.v1.GetDecisionRequest\x1a\x1e.runcap.v1.GetDecisionResponseB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
 
 var (
 	file_runcap_v1_budget_service_proto_rawDescOnce sync.Once
@@ -2665,7 +3109,7 @@ func file_runcap_v1_budget_service_proto_rawDescGZIP() []byte {
 	return file_runcap_v1_budget_service_proto_rawDescData
 }
 
-var file_runcap_v1_budget_service_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
+var file_runcap_v1_budget_service_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
 var file_runcap_v1_budget_service_proto_goTypes = []any{
 	(*CreateRunRequest)(nil),         // 0: runcap.v1.CreateRunRequest
 	(*CreateRunResponse)(nil),        // 1: runcap.v1.CreateRunResponse
@@ -2673,121 +3117,137 @@ var file_runcap_v1_budget_service_proto_goTypes = []any{
 	(*GetRunResponse)(nil),           // 3: runcap.v1.GetRunResponse
 	(*ReserveRequest)(nil),           // 4: runcap.v1.ReserveRequest
 	(*ReserveResponse)(nil),          // 5: runcap.v1.ReserveResponse
-	(*LlmCall)(nil),                  // 6: runcap.v1.LlmCall
-	(*LlmEstimate)(nil),              // 7: runcap.v1.LlmEstimate
-	(*TokenUsage)(nil),               // 8: runcap.v1.TokenUsage
-	(*CommitRequest)(nil),            // 9: runcap.v1.CommitRequest
-	(*CommitResponse)(nil),           // 10: runcap.v1.CommitResponse
-	(*RefundRequest)(nil),            // 11: runcap.v1.RefundRequest
-	(*RefundResponse)(nil),           // 12: runcap.v1.RefundResponse
-	(*CloseRunRequest)(nil),          // 13: runcap.v1.CloseRunRequest
-	(*CloseRunResponse)(nil),         // 14: runcap.v1.CloseRunResponse
-	(*WatchRequest)(nil),             // 15: runcap.v1.WatchRequest
-	(*WatchResponse)(nil),            // 16: runcap.v1.WatchResponse
-	(*Progress)(nil),                 // 17: runcap.v1.Progress
-	(*SetScopeLimitRequest)(nil),     // 18: runcap.v1.SetScopeLimitRequest
-	(*SetScopeLimitResponse)(nil),    // 19: runcap.v1.SetScopeLimitResponse
-	(*GetScopeRequest)(nil),          // 20: runcap.v1.GetScopeRequest
-	(*GetScopeResponse)(nil),         // 21: runcap.v1.GetScopeResponse
-	(*ModelPrice)(nil),               // 22: runcap.v1.ModelPrice
-	(*SetModelPriceRequest)(nil),     // 23: runcap.v1.SetModelPriceRequest
-	(*SetModelPriceResponse)(nil),    // 24: runcap.v1.SetModelPriceResponse
-	(*DeleteModelPriceRequest)(nil),  // 25: runcap.v1.DeleteModelPriceRequest
-	(*DeleteModelPriceResponse)(nil), // 26: runcap.v1.DeleteModelPriceResponse
-	(*GetModelPriceRequest)(nil),     // 27: runcap.v1.GetModelPriceRequest
-	(*GetModelPriceResponse)(nil),    // 28: runcap.v1.GetModelPriceResponse
-	(*SuspendRunRequest)(nil),        // 29: runcap.v1.SuspendRunRequest
-	(*SuspendRunResponse)(nil),       // 30: runcap.v1.SuspendRunResponse
-	(*ResumeRunRequest)(nil),         // 31: runcap.v1.ResumeRunRequest
-	(*ResumeRunResponse)(nil),        // 32: runcap.v1.ResumeRunResponse
-	nil,                              // 33: runcap.v1.CreateRunRequest.LabelsEntry
-	(*durationpb.Duration)(nil),      // 34: google.protobuf.Duration
-	(*RunPolicy)(nil),                // 35: runcap.v1.RunPolicy
-	(*Run)(nil),                      // 36: runcap.v1.Run
-	(*BudgetState)(nil),              // 37: runcap.v1.BudgetState
-	(Decision)(0),                    // 38: runcap.v1.Decision
-	(DecisionReason)(0),              // 39: runcap.v1.DecisionReason
-	(*timestamppb.Timestamp)(nil),    // 40: google.protobuf.Timestamp
-	(*ScopeRef)(nil),                 // 41: runcap.v1.ScopeRef
-	(Period)(0),                      // 42: runcap.v1.Period
-	(BudgetDimension)(0),             // 43: runcap.v1.BudgetDimension
-	(EnforcementMode)(0),             // 44: runcap.v1.EnforcementMode
-	(ReservationStatus)(0),           // 45: runcap.v1.ReservationStatus
-	(*BudgetEvent)(nil),              // 46: runcap.v1.BudgetEvent
-	(*Scope)(nil),                    // 47: runcap.v1.Scope
+	(*GetDecisionRequest)(nil),       // 6: runcap.v1.GetDecisionRequest
+	(*GetDecisionResponse)(nil),      // 7: runcap.v1.GetDecisionResponse
+	(*LlmCall)(nil),                  // 8: runcap.v1.LlmCall
+	(*Alternative)(nil),              // 9: runcap.v1.Alternative
+	(*LlmEstimate)(nil),              // 10: runcap.v1.LlmEstimate
+	(*TokenUsage)(nil),               // 11: runcap.v1.TokenUsage
+	(*CommitRequest)(nil),            // 12: runcap.v1.CommitRequest
+	(*CommitResponse)(nil),           // 13: runcap.v1.CommitResponse
+	(*RefundRequest)(nil),            // 14: runcap.v1.RefundRequest
+	(*RefundResponse)(nil),           // 15: runcap.v1.RefundResponse
+	(*CloseRunRequest)(nil),          // 16: runcap.v1.CloseRunRequest
+	(*CloseRunResponse)(nil),         // 17: runcap.v1.CloseRunResponse
+	(*WatchRequest)(nil),             // 18: runcap.v1.WatchRequest
+	(*WatchResponse)(nil),            // 19: runcap.v1.WatchResponse
+	(*Progress)(nil),                 // 20: runcap.v1.Progress
+	(*SetScopeLimitRequest)(nil),     // 21: runcap.v1.SetScopeLimitRequest
+	(*SetScopeLimitResponse)(nil),    // 22: runcap.v1.SetScopeLimitResponse
+	(*GetScopeRequest)(nil),          // 23: runcap.v1.GetScopeRequest
+	(*GetScopeResponse)(nil),         // 24: runcap.v1.GetScopeResponse
+	(*ModelPrice)(nil),               // 25: runcap.v1.ModelPrice
+	(*SetModelPriceRequest)(nil),     // 26: runcap.v1.SetModelPriceRequest
+	(*SetModelPriceResponse)(nil),    // 27: runcap.v1.SetModelPriceResponse
+	(*DeleteModelPriceRequest)(nil),  // 28: runcap.v1.DeleteModelPriceRequest
+	(*DeleteModelPriceResponse)(nil), // 29: runcap.v1.DeleteModelPriceResponse
+	(*GetModelPriceRequest)(nil),     // 30: runcap.v1.GetModelPriceRequest
+	(*GetModelPriceResponse)(nil),    // 31: runcap.v1.GetModelPriceResponse
+	(*SuspendRunRequest)(nil),        // 32: runcap.v1.SuspendRunRequest
+	(*SuspendRunResponse)(nil),       // 33: runcap.v1.SuspendRunResponse
+	(*ResumeRunRequest)(nil),         // 34: runcap.v1.ResumeRunRequest
+	(*ResumeRunResponse)(nil),        // 35: runcap.v1.ResumeRunResponse
+	nil,                              // 36: runcap.v1.CreateRunRequest.LabelsEntry
+	(*durationpb.Duration)(nil),      // 37: google.protobuf.Duration
+	(*RunPolicy)(nil),                // 38: runcap.v1.RunPolicy
+	(*Run)(nil),                      // 39: runcap.v1.Run
+	(*BudgetState)(nil),              // 40: runcap.v1.BudgetState
+	(Decision)(0),                    // 41: runcap.v1.Decision
+	(DecisionReason)(0),              // 42: runcap.v1.DecisionReason
+	(*timestamppb.Timestamp)(nil),    // 43: google.protobuf.Timestamp
+	(*ScopeRef)(nil),                 // 44: runcap.v1.ScopeRef
+	(Period)(0),                      // 45: runcap.v1.Period
+	(BudgetDimension)(0),             // 46: runcap.v1.BudgetDimension
+	(EnforcementMode)(0),             // 47: runcap.v1.EnforcementMode
+	(ReservationStatus)(0),           // 48: runcap.v1.ReservationStatus
+	(*BudgetEvent)(nil),              // 49: runcap.v1.BudgetEvent
+	(*Scope)(nil),                    // 50: runcap.v1.Scope
 }
 var file_runcap_v1_budget_service_proto_depIdxs = []int32{
-	33, // 0: runcap.v1.CreateRunRequest.labels:type_name -> runcap.v1.CreateRunRequest.LabelsEntry
-	34, // 1: runcap.v1.CreateRunRequest.default_ttl:type_name -> google.protobuf.Duration
-	35, // 2: runcap.v1.CreateRunRequest.policy:type_name -> runcap.v1.RunPolicy
-	36, // 3: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
-	37, // 4: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
-	36, // 5: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
-	37, // 6: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
-	6,  // 7: runcap.v1.ReserveRequest.llm_call:type_name -> runcap.v1.LlmCall
-	34, // 8: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
-	38, // 9: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
-	39, // 10: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
-	40, // 11: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
-	37, // 12: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
-	41, // 13: runcap.v1.ReserveResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
-	42, // 14: runcap.v1.ReserveResponse.blocking_period:type_name -> runcap.v1.Period
-	7,  // 15: runcap.v1.ReserveResponse.estimate:type_name -> runcap.v1.LlmEstimate
-	43, // 16: runcap.v1.ReserveResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
-	34, // 17: runcap.v1.ReserveResponse.retry_after:type_name -> google.protobuf.Duration
-	44, // 18: runcap.v1.ReserveResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
-	8,  // 19: runcap.v1.CommitRequest.usage:type_name -> runcap.v1.TokenUsage
-	37, // 20: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
-	45, // 21: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	37, // 22: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
-	45, // 23: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	37, // 24: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
-	37, // 25: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
-	46, // 26: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
-	17, // 27: runcap.v1.WatchResponse.progress:type_name -> runcap.v1.Progress
-	41, // 28: runcap.v1.SetScopeLimitRequest.scope:type_name -> runcap.v1.ScopeRef
-	42, // 29: runcap.v1.SetScopeLimitRequest.period:type_name -> runcap.v1.Period
-	47, // 30: runcap.v1.SetScopeLimitResponse.scope:type_name -> runcap.v1.Scope
-	41, // 31: runcap.v1.GetScopeRequest.scope:type_name -> runcap.v1.ScopeRef
-	47, // 32: runcap.v1.GetScopeResponse.scope:type_name -> runcap.v1.Scope
-	22, // 33: runcap.v1.SetModelPriceRequest.price:type_name -> runcap.v1.ModelPrice
-	22, // 34: runcap.v1.SetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
-	22, // 35: runcap.v1.GetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
-	37, // 36: runcap.v1.SuspendRunResponse.state:type_name -> runcap.v1.BudgetState
-	37, // 37: runcap.v1.ResumeRunResponse.state:type_name -> runcap.v1.BudgetState
-	0,  // 38: runcap.v1.BudgetService.CreateRun:input_type -> runcap.v1.CreateRunRequest
-	2,  // 39: runcap.v1.BudgetService.GetRun:input_type -> runcap.v1.GetRunRequest
-	4,  // 40: runcap.v1.BudgetService.Reserve:input_type -> runcap.v1.ReserveRequest
-	9,  // 41: runcap.v1.BudgetService.Commit:input_type -> runcap.v1.CommitRequest
-	11, // 42: runcap.v1.BudgetService.Refund:input_type -> runcap.v1.RefundRequest
-	13, // 43: runcap.v1.BudgetService.CloseRun:input_type -> runcap.v1.CloseRunRequest
-	29, // 44: runcap.v1.BudgetService.SuspendRun:input_type -> runcap.v1.SuspendRunRequest
-	31, // 45: runcap.v1.BudgetService.ResumeRun:input_type -> runcap.v1.ResumeRunRequest
-	15, // 46: runcap.v1.BudgetService.Watch:input_type -> runcap.v1.WatchRequest
-	18, // 47: runcap.v1.BudgetService.SetScopeLimit:input_type -> runcap.v1.SetScopeLimitRequest
-	20, // 48: runcap.v1.BudgetService.GetScope:input_type -> runcap.v1.GetScopeRequest
-	23, // 49: runcap.v1.BudgetService.SetModelPrice:input_type -> runcap.v1.SetModelPriceRequest
-	25, // 50: runcap.v1.BudgetService.DeleteModelPrice:input_type -> runcap.v1.DeleteModelPriceRequest
-	27, // 51: runcap.v1.BudgetService.GetModelPrice:input_type -> runcap.v1.GetModelPriceRequest
-	1,  // 52: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
-	3,  // 53: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
-	5,  // 54: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
-	10, // 55: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
-	12, // 56: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
-	14, // 57: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
-	30, // 58: runcap.v1.BudgetService.SuspendRun:output_type -> runcap.v1.SuspendRunResponse
-	32, // 59: runcap.v1.BudgetService.ResumeRun:output_type -> runcap.v1.ResumeRunResponse
-	16, // 60: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
-	19, // 61: runcap.v1.BudgetService.SetScopeLimit:output_type -> runcap.v1.SetScopeLimitResponse
-	21, // 62: runcap.v1.BudgetService.GetScope:output_type -> runcap.v1.GetScopeResponse
-	24, // 63: runcap.v1.BudgetService.SetModelPrice:output_type -> runcap.v1.SetModelPriceResponse
-	26, // 64: runcap.v1.BudgetService.DeleteModelPrice:output_type -> runcap.v1.DeleteModelPriceResponse
-	28, // 65: runcap.v1.BudgetService.GetModelPrice:output_type -> runcap.v1.GetModelPriceResponse
-	52, // [52:66] is the sub-list for method output_type
-	38, // [38:52] is the sub-list for method input_type
-	38, // [38:38] is the sub-list for extension type_name
-	38, // [38:38] is the sub-list for extension extendee
-	0,  // [0:38] is the sub-list for field type_name
+	36, // 0: runcap.v1.CreateRunRequest.labels:type_name -> runcap.v1.CreateRunRequest.LabelsEntry
+	37, // 1: runcap.v1.CreateRunRequest.default_ttl:type_name -> google.protobuf.Duration
+	38, // 2: runcap.v1.CreateRunRequest.policy:type_name -> runcap.v1.RunPolicy
+	39, // 3: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
+	40, // 4: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
+	39, // 5: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
+	40, // 6: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
+	8,  // 7: runcap.v1.ReserveRequest.llm_call:type_name -> runcap.v1.LlmCall
+	37, // 8: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
+	41, // 9: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
+	42, // 10: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
+	43, // 11: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
+	40, // 12: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
+	44, // 13: runcap.v1.ReserveResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
+	45, // 14: runcap.v1.ReserveResponse.blocking_period:type_name -> runcap.v1.Period
+	10, // 15: runcap.v1.ReserveResponse.estimate:type_name -> runcap.v1.LlmEstimate
+	46, // 16: runcap.v1.ReserveResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
+	37, // 17: runcap.v1.ReserveResponse.retry_after:type_name -> google.protobuf.Duration
+	47, // 18: runcap.v1.ReserveResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
+	9,  // 19: runcap.v1.ReserveResponse.alternatives:type_name -> runcap.v1.Alternative
+	41, // 20: runcap.v1.GetDecisionResponse.decision:type_name -> runcap.v1.Decision
+	42, // 21: runcap.v1.GetDecisionResponse.reason:type_name -> runcap.v1.DecisionReason
+	43, // 22: runcap.v1.GetDecisionResponse.decide_time:type_name -> google.protobuf.Timestamp
+	47, // 23: runcap.v1.GetDecisionResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
+	44, // 24: runcap.v1.GetDecisionResponse.scopes:type_name -> runcap.v1.ScopeRef
+	44, // 25: runcap.v1.GetDecisionResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
+	45, // 26: runcap.v1.GetDecisionResponse.blocking_period:type_name -> runcap.v1.Period
+	46, // 27: runcap.v1.GetDecisionResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
+	10, // 28: runcap.v1.GetDecisionResponse.estimate:type_name -> runcap.v1.LlmEstimate
+	48, // 29: runcap.v1.GetDecisionResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	11, // 30: runcap.v1.CommitRequest.usage:type_name -> runcap.v1.TokenUsage
+	40, // 31: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
+	48, // 32: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	40, // 33: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
+	48, // 34: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	40, // 35: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
+	40, // 36: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
+	49, // 37: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
+	20, // 38: runcap.v1.WatchResponse.progress:type_name -> runcap.v1.Progress
+	44, // 39: runcap.v1.SetScopeLimitRequest.scope:type_name -> runcap.v1.ScopeRef
+	45, // 40: runcap.v1.SetScopeLimitRequest.period:type_name -> runcap.v1.Period
+	50, // 41: runcap.v1.SetScopeLimitResponse.scope:type_name -> runcap.v1.Scope
+	44, // 42: runcap.v1.GetScopeRequest.scope:type_name -> runcap.v1.ScopeRef
+	50, // 43: runcap.v1.GetScopeResponse.scope:type_name -> runcap.v1.Scope
+	25, // 44: runcap.v1.SetModelPriceRequest.price:type_name -> runcap.v1.ModelPrice
+	25, // 45: runcap.v1.SetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
+	25, // 46: runcap.v1.GetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
+	40, // 47: runcap.v1.SuspendRunResponse.state:type_name -> runcap.v1.BudgetState
+	40, // 48: runcap.v1.ResumeRunResponse.state:type_name -> runcap.v1.BudgetState
+	0,  // 49: runcap.v1.BudgetService.CreateRun:input_type -> runcap.v1.CreateRunRequest
+	2,  // 50: runcap.v1.BudgetService.GetRun:input_type -> runcap.v1.GetRunRequest
+	4,  // 51: runcap.v1.BudgetService.Reserve:input_type -> runcap.v1.ReserveRequest
+	12, // 52: runcap.v1.BudgetService.Commit:input_type -> runcap.v1.CommitRequest
+	14, // 53: runcap.v1.BudgetService.Refund:input_type -> runcap.v1.RefundRequest
+	16, // 54: runcap.v1.BudgetService.CloseRun:input_type -> runcap.v1.CloseRunRequest
+	32, // 55: runcap.v1.BudgetService.SuspendRun:input_type -> runcap.v1.SuspendRunRequest
+	34, // 56: runcap.v1.BudgetService.ResumeRun:input_type -> runcap.v1.ResumeRunRequest
+	18, // 57: runcap.v1.BudgetService.Watch:input_type -> runcap.v1.WatchRequest
+	21, // 58: runcap.v1.BudgetService.SetScopeLimit:input_type -> runcap.v1.SetScopeLimitRequest
+	23, // 59: runcap.v1.BudgetService.GetScope:input_type -> runcap.v1.GetScopeRequest
+	26, // 60: runcap.v1.BudgetService.SetModelPrice:input_type -> runcap.v1.SetModelPriceRequest
+	28, // 61: runcap.v1.BudgetService.DeleteModelPrice:input_type -> runcap.v1.DeleteModelPriceRequest
+	30, // 62: runcap.v1.BudgetService.GetModelPrice:input_type -> runcap.v1.GetModelPriceRequest
+	6,  // 63: runcap.v1.BudgetService.GetDecision:input_type -> runcap.v1.GetDecisionRequest
+	1,  // 64: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
+	3,  // 65: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
+	5,  // 66: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
+	13, // 67: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
+	15, // 68: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
+	17, // 69: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
+	33, // 70: runcap.v1.BudgetService.SuspendRun:output_type -> runcap.v1.SuspendRunResponse
+	35, // 71: runcap.v1.BudgetService.ResumeRun:output_type -> runcap.v1.ResumeRunResponse
+	19, // 72: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
+	22, // 73: runcap.v1.BudgetService.SetScopeLimit:output_type -> runcap.v1.SetScopeLimitResponse
+	24, // 74: runcap.v1.BudgetService.GetScope:output_type -> runcap.v1.GetScopeResponse
+	27, // 75: runcap.v1.BudgetService.SetModelPrice:output_type -> runcap.v1.SetModelPriceResponse
+	29, // 76: runcap.v1.BudgetService.DeleteModelPrice:output_type -> runcap.v1.DeleteModelPriceResponse
+	31, // 77: runcap.v1.BudgetService.GetModelPrice:output_type -> runcap.v1.GetModelPriceResponse
+	7,  // 78: runcap.v1.BudgetService.GetDecision:output_type -> runcap.v1.GetDecisionResponse
+	64, // [64:79] is the sub-list for method output_type
+	49, // [49:64] is the sub-list for method input_type
+	49, // [49:49] is the sub-list for extension type_name
+	49, // [49:49] is the sub-list for extension extendee
+	0,  // [0:49] is the sub-list for field type_name
 }
 
 func init() { file_runcap_v1_budget_service_proto_init() }
@@ -2800,29 +3260,30 @@ func file_runcap_v1_budget_service_proto_init() {
 		(*ReserveRequest_AmountMicros)(nil),
 		(*ReserveRequest_LlmCall)(nil),
 	}
-	file_runcap_v1_budget_service_proto_msgTypes[6].OneofWrappers = []any{}
-	file_runcap_v1_budget_service_proto_msgTypes[9].OneofWrappers = []any{
+	file_runcap_v1_budget_service_proto_msgTypes[7].OneofWrappers = []any{}
+	file_runcap_v1_budget_service_proto_msgTypes[8].OneofWrappers = []any{}
+	file_runcap_v1_budget_service_proto_msgTypes[12].OneofWrappers = []any{
 		(*CommitRequest_ActualMicros)(nil),
 		(*CommitRequest_Usage)(nil),
 	}
-	file_runcap_v1_budget_service_proto_msgTypes[15].OneofWrappers = []any{}
-	file_runcap_v1_budget_service_proto_msgTypes[16].OneofWrappers = []any{
+	file_runcap_v1_budget_service_proto_msgTypes[18].OneofWrappers = []any{}
+	file_runcap_v1_budget_service_proto_msgTypes[19].OneofWrappers = []any{
 		(*WatchResponse_Snapshot)(nil),
 		(*WatchResponse_Event)(nil),
 		(*WatchResponse_Progress)(nil),
 	}
-	file_runcap_v1_budget_service_proto_msgTypes[18].OneofWrappers = []any{
+	file_runcap_v1_budget_service_proto_msgTypes[21].OneofWrappers = []any{
 		(*SetScopeLimitRequest_LimitMicros)(nil),
 		(*SetScopeLimitRequest_Clear)(nil),
 	}
-	file_runcap_v1_budget_service_proto_msgTypes[22].OneofWrappers = []any{}
+	file_runcap_v1_budget_service_proto_msgTypes[25].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_runcap_v1_budget_service_proto_rawDesc), len(file_runcap_v1_budget_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   34,
+			NumMessages:   37,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -33,6 +33,7 @@ const (
 	BudgetService_SetModelPrice_FullMethodName    = "/runcap.v1.BudgetService/SetModelPrice"
 	BudgetService_DeleteModelPrice_FullMethodName = "/runcap.v1.BudgetService/DeleteModelPrice"
 	BudgetService_GetModelPrice_FullMethodName    = "/runcap.v1.BudgetService/GetModelPrice"
+	BudgetService_GetDecision_FullMethodName      = "/runcap.v1.BudgetService/GetDecision"
 )
 
 // BudgetServiceClient is the client API for BudgetService service.
@@ -100,6 +101,10 @@ type BudgetServiceClient interface {
 	DeleteModelPrice(ctx context.Context, in *DeleteModelPriceRequest, opts ...grpc.CallOption) (*DeleteModelPriceResponse, error)
 	// Returns the price Reserve uses for a model now, and where it comes from.
 	GetModelPrice(ctx context.Context, in *GetModelPriceRequest, opts ...grpc.CallOption) (*GetModelPriceResponse, error)
+	// Returns a Reserve decision by its id, with the inputs it was made from.
+	// Decisions are kept as long as their run: on Redis, until
+	// RUNCAP_CLOSED_RUN_RETENTION (30 days by default) after the run closes.
+	GetDecision(ctx context.Context, in *GetDecisionRequest, opts ...grpc.CallOption) (*GetDecisionResponse, error)
 }
 
 type budgetServiceClient struct {
@@ -259,6 +264,16 @@ func (c *budgetServiceClient) GetModelPrice(ctx context.Context, in *GetModelPri
 	return out, nil
 }
 
+func (c *budgetServiceClient) GetDecision(ctx context.Context, in *GetDecisionRequest, opts ...grpc.CallOption) (*GetDecisionResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetDecisionResponse)
+	err := c.cc.Invoke(ctx, BudgetService_GetDecision_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // BudgetServiceServer is the server API for BudgetService service.
 // All implementations must embed UnimplementedBudgetServiceServer
 // for forward compatibility.
@@ -324,6 +339,10 @@ type BudgetServiceServer interface {
 	DeleteModelPrice(context.Context, *DeleteModelPriceRequest) (*DeleteModelPriceResponse, error)
 	// Returns the price Reserve uses for a model now, and where it comes from.
 	GetModelPrice(context.Context, *GetModelPriceRequest) (*GetModelPriceResponse, error)
+	// Returns a Reserve decision by its id, with the inputs it was made from.
+	// Decisions are kept as long as their run: on Redis, until
+	// RUNCAP_CLOSED_RUN_RETENTION (30 days by default) after the run closes.
+	GetDecision(context.Context, *GetDecisionRequest) (*GetDecisionResponse, error)
 	mustEmbedUnimplementedBudgetServiceServer()
 }
 
@@ -375,6 +394,9 @@ func (UnimplementedBudgetServiceServer) DeleteModelPrice(context.Context, *Delet
 }
 func (UnimplementedBudgetServiceServer) GetModelPrice(context.Context, *GetModelPriceRequest) (*GetModelPriceResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetModelPrice not implemented")
+}
+func (UnimplementedBudgetServiceServer) GetDecision(context.Context, *GetDecisionRequest) (*GetDecisionResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetDecision not implemented")
 }
 func (UnimplementedBudgetServiceServer) mustEmbedUnimplementedBudgetServiceServer() {}
 func (UnimplementedBudgetServiceServer) testEmbeddedByValue()                       {}
@@ -642,6 +664,24 @@ func _BudgetService_GetModelPrice_Handler(srv interface{}, ctx context.Context, 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _BudgetService_GetDecision_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetDecisionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BudgetServiceServer).GetDecision(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BudgetService_GetDecision_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BudgetServiceServer).GetDecision(ctx, req.(*GetDecisionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // BudgetService_ServiceDesc is the grpc.ServiceDesc for BudgetService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -700,6 +740,10 @@ var BudgetService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetModelPrice",
 			Handler:    _BudgetService_GetModelPrice_Handler,
+		},
+		{
+			MethodName: "GetDecision",
+			Handler:    _BudgetService_GetDecision_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -83,6 +83,9 @@ const (
 	// than its max_children, or nest deeper than an ancestor's max_depth
 	// allows. A `google.rpc.PreconditionFailure` detail says which.
 	ErrorReason_ERROR_REASON_SUBAGENT_LIMIT ErrorReason = 15
+	// NOT_FOUND: GetDecision named a decision the server does not have (never
+	// made, or its run aged out). A `google.rpc.ResourceInfo` detail names it.
+	ErrorReason_ERROR_REASON_DECISION_NOT_FOUND ErrorReason = 16
 )
 
 // Enum value maps for ErrorReason.
@@ -104,6 +107,7 @@ var (
 		13: "ERROR_REASON_PARENT_RUN_CLOSED",
 		14: "ERROR_REASON_RUN_CLOSED",
 		15: "ERROR_REASON_SUBAGENT_LIMIT",
+		16: "ERROR_REASON_DECISION_NOT_FOUND",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":           0,
@@ -122,6 +126,7 @@ var (
 		"ERROR_REASON_PARENT_RUN_CLOSED":     13,
 		"ERROR_REASON_RUN_CLOSED":            14,
 		"ERROR_REASON_SUBAGENT_LIMIT":        15,
+		"ERROR_REASON_DECISION_NOT_FOUND":    16,
 	}
 )
 
@@ -156,7 +161,7 @@ var File_runcap_v1_errors_proto protoreflect.FileDescriptor
 
 const file_runcap_v1_errors_proto_rawDesc = "" +
 	"\n" +
-	"\x16runcap/v1/errors.proto\x12\truncap.v1*\xc1\x04\n" +
+	"\x16runcap/v1/errors.proto\x12\truncap.v1*\xe6\x04\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x01\x12\x1e\n" +
@@ -174,7 +179,8 @@ const file_runcap_v1_errors_proto_rawDesc = "" +
 	"!ERROR_REASON_PARENT_RUN_NOT_FOUND\x10\f\x12\"\n" +
 	"\x1eERROR_REASON_PARENT_RUN_CLOSED\x10\r\x12\x1b\n" +
 	"\x17ERROR_REASON_RUN_CLOSED\x10\x0e\x12\x1f\n" +
-	"\x1bERROR_REASON_SUBAGENT_LIMIT\x10\x0fB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
+	"\x1bERROR_REASON_SUBAGENT_LIMIT\x10\x0f\x12#\n" +
+	"\x1fERROR_REASON_DECISION_NOT_FOUND\x10\x10B8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
 
 var (
 	file_runcap_v1_errors_proto_rawDescOnce sync.Once

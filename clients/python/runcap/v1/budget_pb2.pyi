@@ -83,6 +83,12 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     limit, or past its in-flight cap. Retrying the same id returns this
     same decision.
     """
+    DECISION_DOWNGRADE: _Decision.ValueType  # 5
+    """The requested model did not fit, and the run's policy allows automatic
+    downgrades (RunPolicy.auto_downgrade): the estimate of a cheaper
+    capability-valid model is held instead. Call the model in
+    `estimate.model`, and commit with the response's `reservation_id`.
+    """
 
 class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
     """Decision is the server's answer to a Reserve request. A block is a business
@@ -109,6 +115,12 @@ after `retry_after`. Answers calls in the throttle band of the run's
 thresholds (with delays that grow with each call), over the run's rate
 limit, or past its in-flight cap. Retrying the same id returns this
 same decision.
+"""
+DECISION_DOWNGRADE: Decision.ValueType  # 5
+"""The requested model did not fit, and the run's policy allows automatic
+downgrades (RunPolicy.auto_downgrade): the estimate of a cheaper
+capability-valid model is held instead. Call the model in
+`estimate.model`, and commit with the response's `reservation_id`.
 """
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
 
@@ -625,6 +637,8 @@ class RunPolicy(_message.Message):
     MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     MAX_DEPTH_FIELD_NUMBER: _builtins.int
     MAX_CHILDREN_FIELD_NUMBER: _builtins.int
+    AUTO_DOWNGRADE_FIELD_NUMBER: _builtins.int
+    DOWNGRADE_MODELS_FIELD_NUMBER: _builtins.int
     enforcement_mode: Global___EnforcementMode.ValueType
     """How the run's ceilings are enforced."""
     soft_gate_margin_percent: _builtins.int
@@ -645,6 +659,11 @@ class RunPolicy(_message.Message):
     """
     max_children: _builtins.int
     """How many child runs this run may have."""
+    auto_downgrade: _builtins.bool
+    """When an LLM call does not fit the budget, hold the best alternative that
+    does (the priciest that fits: the smallest step down) and answer
+    DECISION_DOWNGRADE, instead of blocking.
+    """
     @_builtins.property
     def thresholds(self) -> Global___Thresholds:
         """The graduated response. When unset: 60% info, 80% warn, 95% throttle."""
@@ -670,6 +689,12 @@ class RunPolicy(_message.Message):
     def rate_limit(self) -> Global___RateLimit:
         """A rate limit on the run's allowed Reserves."""
 
+    @_builtins.property
+    def downgrade_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The models alternatives and downgrades may pick from, as
+        "provider/model". Empty: any model with a price.
+        """
+
     def __init__(
         self,
         *,
@@ -684,10 +709,12 @@ class RunPolicy(_message.Message):
         max_in_flight: _builtins.int | None = ...,
         max_depth: _builtins.int | None = ...,
         max_children: _builtins.int | None = ...,
+        auto_downgrade: _builtins.bool = ...,
+        downgrade_models: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_children", b"_max_children", "_max_depth", b"_max_depth", "_max_in_flight", b"_max_in_flight", "_max_tokens", b"_max_tokens", "max_children", b"max_children", "max_depth", b"max_depth", "max_in_flight", b"max_in_flight", "max_tokens", b"max_tokens", "rate_limit", b"rate_limit", "thresholds", b"thresholds", "throttle_base_delay", b"throttle_base_delay", "throttle_max_delay", b"throttle_max_delay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_children", b"_max_children", "_max_depth", b"_max_depth", "_max_in_flight", b"_max_in_flight", "_max_tokens", b"_max_tokens", "enforcement_mode", b"enforcement_mode", "max_children", b"max_children", "max_depth", b"max_depth", "max_in_flight", b"max_in_flight", "max_tokens", b"max_tokens", "meter_limits", b"meter_limits", "rate_limit", b"rate_limit", "soft_gate_margin_percent", b"soft_gate_margin_percent", "thresholds", b"thresholds", "throttle_base_delay", b"throttle_base_delay", "throttle_max_delay", b"throttle_max_delay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_children", b"_max_children", "_max_depth", b"_max_depth", "_max_in_flight", b"_max_in_flight", "_max_tokens", b"_max_tokens", "auto_downgrade", b"auto_downgrade", "downgrade_models", b"downgrade_models", "enforcement_mode", b"enforcement_mode", "max_children", b"max_children", "max_depth", b"max_depth", "max_in_flight", b"max_in_flight", "max_tokens", b"max_tokens", "meter_limits", b"meter_limits", "rate_limit", b"rate_limit", "soft_gate_margin_percent", b"soft_gate_margin_percent", "thresholds", b"thresholds", "throttle_base_delay", b"throttle_base_delay", "throttle_max_delay", b"throttle_max_delay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_children: _TypeAlias = _typing.Literal["max_children"]  # noqa: Y015
     _WhichOneofArgType__max_children: _TypeAlias = _typing.Literal["_max_children", b"_max_children"]  # noqa: Y015

@@ -295,6 +295,9 @@ class ReserveResponse(_message.Message):
     BLOCKING_METER_FIELD_NUMBER: _builtins.int
     RETRY_AFTER_FIELD_NUMBER: _builtins.int
     ENFORCEMENT_MODE_FIELD_NUMBER: _builtins.int
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    ALTERNATIVES_FIELD_NUMBER: _builtins.int
+    REQUESTED_MODEL_FIELD_NUMBER: _builtins.int
     decision: _budget_pb2.Decision.ValueType
     """Allow or block."""
     reason: _budget_pb2.DecisionReason.ValueType
@@ -318,6 +321,12 @@ class ReserveResponse(_message.Message):
     """For BUDGET_DIMENSION_METER: the meter."""
     enforcement_mode: _budget_pb2.EnforcementMode.ValueType
     """The run's enforcement mode, which shaped this decision."""
+    decision_id: _builtins.str
+    """The decision's id, for GetDecision. A replay has the first answer's id."""
+    requested_model: _builtins.str
+    """For DECISION_DOWNGRADE: the model the request asked for; `estimate` is
+    the model held instead.
+    """
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the hold expires, in server time. Unset when blocked."""
@@ -345,6 +354,12 @@ class ReserveResponse(_message.Message):
         replay, the time left from now (possibly zero).
         """
 
+    @_builtins.property
+    def alternatives(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alternative]:
+        """For an LLM call blocked by money, and for a downgrade: the models that
+        can stand in for it, cheapest first (at most 5).
+        """
+
     def __init__(
         self,
         *,
@@ -362,14 +377,145 @@ class ReserveResponse(_message.Message):
         blocking_meter: _builtins.str = ...,
         retry_after: _duration_pb2.Duration | None = ...,
         enforcement_mode: _budget_pb2.EnforcementMode.ValueType = ...,
+        decision_id: _builtins.str = ...,
+        alternatives: _abc.Iterable[Global___Alternative] | None = ...,
+        requested_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["blocking_scope", b"blocking_scope", "estimate", b"estimate", "expire_time", b"expire_time", "retry_after", b"retry_after", "state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "blocking_dimension", b"blocking_dimension", "blocking_meter", b"blocking_meter", "blocking_period", b"blocking_period", "blocking_scope", b"blocking_scope", "decision", b"decision", "enforcement_mode", b"enforcement_mode", "estimate", b"estimate", "expire_time", b"expire_time", "reason", b"reason", "replayed", b"replayed", "reservation_id", b"reservation_id", "retry_after", b"retry_after", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alternatives", b"alternatives", "amount_micros", b"amount_micros", "blocking_dimension", b"blocking_dimension", "blocking_meter", b"blocking_meter", "blocking_period", b"blocking_period", "blocking_scope", b"blocking_scope", "decision", b"decision", "decision_id", b"decision_id", "enforcement_mode", b"enforcement_mode", "estimate", b"estimate", "expire_time", b"expire_time", "reason", b"reason", "replayed", b"replayed", "requested_model", b"requested_model", "reservation_id", b"reservation_id", "retry_after", b"retry_after", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReserveResponse: _TypeAlias = ReserveResponse  # noqa: Y015
+
+@_typing.final
+class GetDecisionRequest(_message.Message):
+    """GetDecisionRequest names a decision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    decision_id: _builtins.str
+    """ReserveResponse.decision_id."""
+    def __init__(
+        self,
+        *,
+        decision_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_id", b"decision_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDecisionRequest: _TypeAlias = GetDecisionRequest  # noqa: Y015
+
+@_typing.final
+class GetDecisionResponse(_message.Message):
+    """GetDecisionResponse is a decision with its inputs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DECIDE_TIME_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    HELD_MICROS_FIELD_NUMBER: _builtins.int
+    ENFORCEMENT_MODE_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    BLOCKING_SCOPE_FIELD_NUMBER: _builtins.int
+    BLOCKING_PERIOD_FIELD_NUMBER: _builtins.int
+    BLOCKING_DIMENSION_FIELD_NUMBER: _builtins.int
+    BLOCKING_METER_FIELD_NUMBER: _builtins.int
+    ESTIMATE_FIELD_NUMBER: _builtins.int
+    METER_FIELD_NUMBER: _builtins.int
+    METER_UNITS_FIELD_NUMBER: _builtins.int
+    RESERVATION_STATUS_FIELD_NUMBER: _builtins.int
+    ACTUAL_MICROS_FIELD_NUMBER: _builtins.int
+    decision_id: _builtins.str
+    """The decision's id."""
+    run_id: _builtins.str
+    """The run."""
+    reservation_id: _builtins.str
+    """The reservation the decision was made on."""
+    decision: _budget_pb2.Decision.ValueType
+    """The decision, as first answered."""
+    reason: _budget_pb2.DecisionReason.ValueType
+    """Why."""
+    amount_micros: _builtins.int
+    """The estimate asked for, in micro-USD."""
+    held_micros: _builtins.int
+    """What it held (0 unless allowed, warned or downgraded)."""
+    enforcement_mode: _budget_pb2.EnforcementMode.ValueType
+    """The run's enforcement mode."""
+    blocking_period: _budget_pb2.Period.ValueType
+    """The period of the ceiling that objected."""
+    blocking_dimension: _budget_pb2.BudgetDimension.ValueType
+    """The limit that objected."""
+    blocking_meter: _builtins.str
+    """The meter that objected."""
+    meter: _builtins.str
+    """The call meter and its units, when the Reserve named one."""
+    meter_units: _builtins.int
+    """Units of `meter`."""
+    reservation_status: _budget_pb2.ReservationStatus.ValueType
+    """Where the reservation is now."""
+    actual_micros: _builtins.int
+    """Its actual cost, once committed."""
+    @_builtins.property
+    def decide_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was made, in server time."""
+
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedCompositeFieldContainer[_budget_pb2.ScopeRef]:
+        """Every scope the estimate was checked against: the run first, then its
+        ancestors, its API key, user and team.
+        """
+
+    @_builtins.property
+    def blocking_scope(self) -> _budget_pb2.ScopeRef:
+        """For a block, throttle or warning: what objected."""
+
+    @_builtins.property
+    def estimate(self) -> Global___LlmEstimate:
+        """For an LLM call: how it was priced, with the price table version."""
+
+    def __init__(
+        self,
+        *,
+        decision_id: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        reservation_id: _builtins.str = ...,
+        decision: _budget_pb2.Decision.ValueType = ...,
+        reason: _budget_pb2.DecisionReason.ValueType = ...,
+        decide_time: _timestamp_pb2.Timestamp | None = ...,
+        amount_micros: _builtins.int = ...,
+        held_micros: _builtins.int = ...,
+        enforcement_mode: _budget_pb2.EnforcementMode.ValueType = ...,
+        scopes: _abc.Iterable[_budget_pb2.ScopeRef] | None = ...,
+        blocking_scope: _budget_pb2.ScopeRef | None = ...,
+        blocking_period: _budget_pb2.Period.ValueType = ...,
+        blocking_dimension: _budget_pb2.BudgetDimension.ValueType = ...,
+        blocking_meter: _builtins.str = ...,
+        estimate: Global___LlmEstimate | None = ...,
+        meter: _builtins.str = ...,
+        meter_units: _builtins.int = ...,
+        reservation_status: _budget_pb2.ReservationStatus.ValueType = ...,
+        actual_micros: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_actual_micros", b"_actual_micros", "actual_micros", b"actual_micros", "blocking_scope", b"blocking_scope", "decide_time", b"decide_time", "estimate", b"estimate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_actual_micros", b"_actual_micros", "actual_micros", b"actual_micros", "amount_micros", b"amount_micros", "blocking_dimension", b"blocking_dimension", "blocking_meter", b"blocking_meter", "blocking_period", b"blocking_period", "blocking_scope", b"blocking_scope", "decide_time", b"decide_time", "decision", b"decision", "decision_id", b"decision_id", "enforcement_mode", b"enforcement_mode", "estimate", b"estimate", "held_micros", b"held_micros", "meter", b"meter", "meter_units", b"meter_units", "reason", b"reason", "reservation_id", b"reservation_id", "reservation_status", b"reservation_status", "run_id", b"run_id", "scopes", b"scopes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__actual_micros: _TypeAlias = _typing.Literal["actual_micros"]  # noqa: Y015
+    _WhichOneofArgType__actual_micros: _TypeAlias = _typing.Literal["_actual_micros", b"_actual_micros"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__actual_micros) -> _WhichOneofReturnType__actual_micros | None: ...
+
+Global___GetDecisionResponse: _TypeAlias = GetDecisionResponse  # noqa: Y015
 
 @_typing.final
 class LlmCall(_message.Message):
@@ -381,6 +527,10 @@ class LlmCall(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    NEEDS_TOOLS_FIELD_NUMBER: _builtins.int
+    NEEDS_JSON_SCHEMA_FIELD_NUMBER: _builtins.int
+    MIN_CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
+    MODALITIES_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     """The provider, as in the price table (for example "openai", "anthropic")."""
     model: _builtins.str
@@ -391,6 +541,20 @@ class LlmCall(_message.Message):
     """The call's maximum output tokens (its `max_tokens`). When unset, the
     server's default applies, or the request is refused when there is none.
     """
+    needs_tools: _builtins.bool
+    """What the call needs from a model, so that alternatives can stand in for
+    it: tool (function) calling.
+    """
+    needs_json_schema: _builtins.bool
+    """JSON-schema structured output."""
+    min_context_tokens: _builtins.int
+    """A context window of at least this many tokens (alternatives always need
+    room for the input tokens).
+    """
+    @_builtins.property
+    def modalities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Input modalities beyond text ("image", "audio", "video")."""
+
     def __init__(
         self,
         *,
@@ -398,16 +562,62 @@ class LlmCall(_message.Message):
         model: _builtins.str = ...,
         input_tokens: _builtins.int = ...,
         max_output_tokens: _builtins.int | None = ...,
+        needs_tools: _builtins.bool = ...,
+        needs_json_schema: _builtins.bool = ...,
+        min_context_tokens: _builtins.int | None = ...,
+        modalities: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "max_output_tokens", b"max_output_tokens"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_min_context_tokens", b"_min_context_tokens", "max_output_tokens", b"max_output_tokens", "min_context_tokens", b"min_context_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "input_tokens", b"input_tokens", "max_output_tokens", b"max_output_tokens", "model", b"model", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_min_context_tokens", b"_min_context_tokens", "input_tokens", b"input_tokens", "max_output_tokens", b"max_output_tokens", "min_context_tokens", b"min_context_tokens", "modalities", b"modalities", "model", b"model", "needs_json_schema", b"needs_json_schema", "needs_tools", b"needs_tools", "provider", b"provider"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_output_tokens: _TypeAlias = _typing.Literal["max_output_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_output_tokens: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__min_context_tokens: _TypeAlias = _typing.Literal["min_context_tokens"]  # noqa: Y015
+    _WhichOneofArgType__min_context_tokens: _TypeAlias = _typing.Literal["_min_context_tokens", b"_min_context_tokens"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_output_tokens) -> _WhichOneofReturnType__max_output_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_context_tokens) -> _WhichOneofReturnType__min_context_tokens | None: ...
 
 Global___LlmCall: _TypeAlias = LlmCall  # noqa: Y015
+
+@_typing.final
+class Alternative(_message.Message):
+    """Alternative is a model that can stand in for a blocked LLM call: it has
+    every capability the call needs and its estimate fits what the blocking
+    scope has left.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
+    """The provider."""
+    model: _builtins.str
+    """The model id."""
+    amount_micros: _builtins.int
+    """The call's estimate on this model, in micro-USD."""
+    effective_max_output_tokens: _builtins.int
+    """The output tokens that estimate prices."""
+    def __init__(
+        self,
+        *,
+        provider: _builtins.str = ...,
+        model: _builtins.str = ...,
+        amount_micros: _builtins.int = ...,
+        effective_max_output_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "effective_max_output_tokens", b"effective_max_output_tokens", "model", b"model", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Alternative: _TypeAlias = Alternative  # noqa: Y015
 
 @_typing.final
 class LlmEstimate(_message.Message):

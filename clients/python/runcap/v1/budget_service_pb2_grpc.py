@@ -115,6 +115,11 @@ class BudgetServiceStub:
                 request_serializer=runcap_dot_v1_dot_budget__service__pb2.GetModelPriceRequest.SerializeToString,
                 response_deserializer=runcap_dot_v1_dot_budget__service__pb2.GetModelPriceResponse.FromString,
                 _registered_method=True)
+        self.GetDecision = channel.unary_unary(
+                '/runcap.v1.BudgetService/GetDecision',
+                request_serializer=runcap_dot_v1_dot_budget__service__pb2.GetDecisionRequest.SerializeToString,
+                response_deserializer=runcap_dot_v1_dot_budget__service__pb2.GetDecisionResponse.FromString,
+                _registered_method=True)
 
 
 class BudgetServiceServicer:
@@ -250,6 +255,15 @@ class BudgetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDecision(self, request, context):
+        """Returns a Reserve decision by its id, with the inputs it was made from.
+        Decisions are kept as long as their run: on Redis, until
+        RUNCAP_CLOSED_RUN_RETENTION (30 days by default) after the run closes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BudgetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -322,6 +336,11 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.GetModelPrice,
                     request_deserializer=runcap_dot_v1_dot_budget__service__pb2.GetModelPriceRequest.FromString,
                     response_serializer=runcap_dot_v1_dot_budget__service__pb2.GetModelPriceResponse.SerializeToString,
+            ),
+            'GetDecision': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDecision,
+                    request_deserializer=runcap_dot_v1_dot_budget__service__pb2.GetDecisionRequest.FromString,
+                    response_serializer=runcap_dot_v1_dot_budget__service__pb2.GetDecisionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -713,6 +732,33 @@ class BudgetService:
             '/runcap.v1.BudgetService/GetModelPrice',
             runcap_dot_v1_dot_budget__service__pb2.GetModelPriceRequest.SerializeToString,
             runcap_dot_v1_dot_budget__service__pb2.GetModelPriceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDecision(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runcap.v1.BudgetService/GetDecision',
+            runcap_dot_v1_dot_budget__service__pb2.GetDecisionRequest.SerializeToString,
+            runcap_dot_v1_dot_budget__service__pb2.GetDecisionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -104,6 +104,11 @@ class BudgetServiceStub:
     """
     GetModelPrice: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.GetModelPriceRequest, _budget_service_pb2.GetModelPriceResponse]
     """Returns the price Reserve uses for a model now, and where it comes from."""
+    GetDecision: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.GetDecisionRequest, _budget_service_pb2.GetDecisionResponse]
+    """Returns a Reserve decision by its id, with the inputs it was made from.
+    Decisions are kept as long as their run: on Redis, until
+    RUNCAP_CLOSED_RUN_RETENTION (30 days by default) after the run closes.
+    """
 
 @_typing.type_check_only
 class BudgetServiceAsyncStub(BudgetServiceStub):
@@ -181,6 +186,11 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     """
     GetModelPrice: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.GetModelPriceRequest, _budget_service_pb2.GetModelPriceResponse]  # type: ignore[assignment]
     """Returns the price Reserve uses for a model now, and where it comes from."""
+    GetDecision: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.GetDecisionRequest, _budget_service_pb2.GetDecisionResponse]  # type: ignore[assignment]
+    """Returns a Reserve decision by its id, with the inputs it was made from.
+    Decisions are kept as long as their run: on Redis, until
+    RUNCAP_CLOSED_RUN_RETENTION (30 days by default) after the run closes.
+    """
 
 class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
     """BudgetService is the budget authority for agent runs. Ask it before every
@@ -339,5 +349,16 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_budget_service_pb2.GetModelPriceResponse, _abc.Awaitable[_budget_service_pb2.GetModelPriceResponse]]:
         """Returns the price Reserve uses for a model now, and where it comes from."""
+
+    @_abc_1.abstractmethod
+    def GetDecision(
+        self,
+        request: _budget_service_pb2.GetDecisionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_service_pb2.GetDecisionResponse, _abc.Awaitable[_budget_service_pb2.GetDecisionResponse]]:
+        """Returns a Reserve decision by its id, with the inputs it was made from.
+        Decisions are kept as long as their run: on Redis, until
+        RUNCAP_CLOSED_RUN_RETENTION (30 days by default) after the run closes.
+        """
 
 def add_BudgetServiceServicer_to_server(servicer: BudgetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

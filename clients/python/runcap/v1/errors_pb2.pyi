@@ -91,6 +91,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     than its max_children, or nest deeper than an ancestor's max_depth
     allows. A `google.rpc.PreconditionFailure` detail says which.
     """
+    ERROR_REASON_DECISION_NOT_FOUND: _ErrorReason.ValueType  # 16
+    """NOT_FOUND: GetDecision named a decision the server does not have (never
+    made, or its run aged out). A `google.rpc.ResourceInfo` detail names it.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every reason the server puts in the `google.rpc.ErrorInfo`
@@ -168,5 +172,9 @@ ERROR_REASON_SUBAGENT_LIMIT: ErrorReason.ValueType  # 15
 """FAILED_PRECONDITION: CreateRun would give the parent run more children
 than its max_children, or nest deeper than an ancestor's max_depth
 allows. A `google.rpc.PreconditionFailure` detail says which.
+"""
+ERROR_REASON_DECISION_NOT_FOUND: ErrorReason.ValueType  # 16
+"""NOT_FOUND: GetDecision named a decision the server does not have (never
+made, or its run aged out). A `google.rpc.ResourceInfo` detail names it.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
