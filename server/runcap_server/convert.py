@@ -42,6 +42,8 @@ def policy_pb(policy: RunPolicy) -> budget_pb2.RunPolicy:
         throttle_max_delay=duration(policy.throttle_max_ms),
         meter_limits=dict(policy.meter_limits),
         max_depth=policy.max_depth,
+        auto_downgrade=policy.auto_downgrade,
+        downgrade_models=policy.downgrade_models,
     )
     if policy.max_tokens is not None:
         message.max_tokens = policy.max_tokens

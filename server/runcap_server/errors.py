@@ -128,6 +128,18 @@ class ReservationNotFound(_ResourceError):
         )
 
 
+class DecisionNotFound(_ResourceError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = errors_pb2.ERROR_REASON_DECISION_NOT_FOUND
+    resource_type = "runcap.v1.Decision"
+
+    def __init__(self, decision_id: str) -> None:
+        super().__init__(
+            f"there is no decision {decision_id!r} (never made, or its run aged out)",
+            decision_id,
+        )
+
+
 class RunAlreadyExists(_ResourceError):
     code = grpc.StatusCode.ALREADY_EXISTS
     reason = errors_pb2.ERROR_REASON_RUN_ALREADY_EXISTS

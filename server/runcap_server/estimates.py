@@ -11,6 +11,7 @@ Commit by usage is priced with the same table version even after a reload.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from runcap_server.errors import FieldViolation, InvalidArgument
@@ -24,6 +25,15 @@ class LlmCall:
     input_tokens: int
     # None: the request gave none.
     max_output_tokens: int | None
+    # What a model must offer to stand in for this call (alternatives).
+    needs_tools: bool = False
+    needs_json_schema: bool = False
+    min_context_tokens: int | None = None
+    modalities: frozenset[str] = frozenset()
+
+    def on(self, provider: str, model: str) -> LlmCall:
+        """The same call on another model."""
+        return dataclasses.replace(self, provider=provider, model=model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +43,9 @@ class Estimate:
     effective_max_output_tokens: int
     amount_micros: int
     price_table_version: str
-    # "<version>#<rates>"; "" when the model is unknown.
+    # How it was priced, stored with the reservation (the "#" never appears in
+    # versions, rates or model names): "<version>#<rates>#<effective max
+    # output>#<provider>#<model>#<input tokens>"; "" when the model is unknown.
     pricing: str
 
     @property
@@ -76,11 +88,31 @@ def estimate(
     limits = [requested, max_output_cap or requested, price.max_output_tokens or requested]
     effective = min(limits)
     amount = estimate_micros(price.rates, call.input_tokens, effective)
-    pricing = f"{version}#{price.rates.encode()}"
-    return Estimate(call, effective, amount, version, pricing)
+    parts = (version, price.rates.encode(), effective, call.provider, call.model, call.input_tokens)
+    return Estimate(call, effective, amount, version, "#".join(str(p) for p in parts))
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    """A stored reservation's pricing, read back."""
+
+    version: str
+    rates: Rates
+    # None for reservations priced before these were stored.
+    effective_max_output_tokens: int | None = None
+    provider: str = ""
+    model: str = ""
+    input_tokens: int = 0
+
+    @classmethod
+    def decode(cls, pricing: str) -> Pricing:
+        version, rates, *call = pricing.split("#")
+        if not call:
+            return cls(version, Rates.decode(rates))
+        effective, provider, model, input_tokens = call
+        return cls(version, Rates.decode(rates), int(effective), provider, model, int(input_tokens))
 
 
 def actual_micros(pricing: str, usage: TokenUsage) -> int:
     """What `usage` cost at the rates a reservation was priced with."""
-    _, _, rates = pricing.partition("#")
-    return cost_micros(Rates.decode(rates), usage)
+    return cost_micros(Pricing.decode(pricing).rates, usage)

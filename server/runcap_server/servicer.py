@@ -7,27 +7,30 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 
 from runcap.v1 import budget_pb2, budget_service_pb2, budget_service_pb2_grpc
-from runcap_server import convert, errors
+from runcap_server import alternatives, convert, decisions, errors
 from runcap_server.backends.base import Backend
 from runcap_server.errors import FieldViolation, InvalidArgument
-from runcap_server.estimates import Estimate, LlmCall, actual_micros, estimate
+from runcap_server.estimates import Estimate, LlmCall, Pricing, actual_micros, estimate
 from runcap_server.ledger.saga import ReserveExtras
 from runcap_server.ledger.types import (
     MAX_MICROS,
     Change,
-    Decision,
     DecisionReason,
     EnforcementMode,
+    Period,
     ReservationStatus,
+    ReserveResult,
     RunSpec,
+    RunView,
+    ScopeKind,
+    ScopeRef,
 )
 from runcap_server.prices import ModelPrice, PriceBook, TokenUsage
 from runcap_server.settings import Settings
@@ -69,6 +72,14 @@ PRICING_CACHE_SIZE = 65_536
 # Runs whose enforcement mode a replica remembers, to fail open without storage.
 MODE_CACHE_SIZE = 65_536
 log = logging.getLogger("runcap.servicer")
+
+
+class _FailedOpen(Exception):
+    """The storage is down and the deployment fails open: answer this."""
+
+    def __init__(self, response: budget_service_pb2.ReserveResponse) -> None:
+        super().__init__("failed open")
+        self.response = response
 
 
 def _new_id() -> str:
@@ -156,6 +167,14 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         request: budget_service_pb2.ReserveRequest,
         context: Context,
     ) -> budget_service_pb2.ReserveResponse:
+        try:
+            return await self._decide(request)
+        except _FailedOpen as opened:
+            return opened.response
+
+    async def _decide(
+        self, request: budget_service_pb2.ReserveRequest
+    ) -> budget_service_pb2.ReserveResponse:
         check = Validator()
         run_id = check.identifier("run_id", request.run_id)
         reservation_id = (
@@ -164,17 +183,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         call: LlmCall | None = None
         amount = 0
         if request.HasField("llm_call"):
-            llm = request.llm_call
-            call = LlmCall(
-                provider=check.model_name("llm_call.provider", llm.provider),
-                model=check.model_name("llm_call.model", llm.model),
-                input_tokens=check.tokens("llm_call.input_tokens", llm.input_tokens),
-                max_output_tokens=(
-                    check.tokens("llm_call.max_output_tokens", llm.max_output_tokens, minimum=1)
-                    if llm.HasField("max_output_tokens")
-                    else None
-                ),
-            )
+            call = check.llm_call("llm_call", request.llm_call)
         else:
             amount = check.micros(
                 "amount_micros",
@@ -196,27 +205,70 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             units = 1
         check.done()
         extras = ReserveExtras(meter=meter, meter_units=units)
-        priced: Estimate | None = None
-        if call is not None:
-            price, version = self._price_of(call.provider, call.model)
-            priced = estimate(
-                price,
-                version,
-                call,
-                default_max_output=self.settings.default_max_output_tokens,
-                max_output_cap=self.settings.max_output_tokens,
+        if call is None:
+            result = await self._reserve(run_id, reservation_id, amount, ttl, extras, None)
+            return decisions.reserve_response(run_id, result)
+        priced = self._estimate(call)
+        result = await self._reserve(run_id, reservation_id, 0, ttl, extras, priced)
+        if not decisions.short_of_money(result):
+            return decisions.reserve_response(run_id, result, priced)
+        # An LLM call that did not fit: find what could stand in for it.
+        view = await self.backend.get_run(self.tenant, run_id)
+        remaining = await self._remaining(view, result)
+        found = alternatives.find(
+            call,
+            self._models(),
+            remaining,
+            allowed=frozenset(view.policy.downgrade_models),
+            default_max_output=self.settings.default_max_output_tokens,
+            max_output_cap=self.settings.max_output_tokens,
+        )
+        listed = found[: alternatives.MAX_LISTED]
+        if view.policy.auto_downgrade:
+            downgraded = await self._downgrade(
+                call, reservation_id, run_id, ttl, extras, result, found
             )
-            if priced.amount_micros > MAX_MICROS:
-                raise InvalidArgument(
-                    [FieldViolation("llm_call", f"its estimate passes {MAX_MICROS} micro-USD")]
+            if downgraded is not None:
+                chosen, held = downgraded
+                return decisions.reserve_response(
+                    run_id, held, chosen, listed, requested_model=call.model
                 )
+        return decisions.reserve_response(run_id, result, priced, listed)
+
+    def _estimate(self, call: LlmCall) -> Estimate:
+        price, version = self._price_of(call.provider, call.model)
+        priced = estimate(
+            price,
+            version,
+            call,
+            default_max_output=self.settings.default_max_output_tokens,
+            max_output_cap=self.settings.max_output_tokens,
+        )
+        if priced.amount_micros > MAX_MICROS:
+            raise InvalidArgument(
+                [FieldViolation("llm_call", f"its estimate passes {MAX_MICROS} micro-USD")]
+            )
+        return priced
+
+    async def _reserve(
+        self,
+        run_id: str,
+        reservation_id: str,
+        amount: int,
+        ttl: int | None,
+        extras: ReserveExtras,
+        priced: Estimate | None,
+    ) -> ReserveResult:
+        """One Reserve on the backend (an LLM call at its estimate), failing
+        open when the deployment says so."""
+        if priced is not None:
             amount = priced.amount_micros
             extras = dataclasses.replace(
                 extras,
                 fingerprint=priced.fingerprint,
                 pricing=priced.pricing,
                 preblock=None if priced.known else DecisionReason.UNKNOWN_PRICE,
-                tokens=call.input_tokens + priced.effective_max_output_tokens,
+                tokens=priced.call.input_tokens + priced.effective_max_output_tokens,
             )
         try:
             result = await self.backend.reserve(
@@ -225,37 +277,59 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         except errors.BackendUnavailable:
             if not self._fails_open(run_id):
                 raise
-            return self._failed_open(run_id, reservation_id, priced)
+            raise _FailedOpen(self._failed_open(run_id, reservation_id, priced)) from None
         self._remember_mode(run_id, result.mode)
-        held = result.decision in (Decision.ALLOW, Decision.WARN)
+        held = result.decision in decisions.HOLDING
         if extras.pricing and held and not result.replayed:
-            self._remember_pricing((run_id, reservation_id), extras.pricing)
-        response = budget_service_pb2.ReserveResponse(
-            decision=result.decision.value,  # type: ignore[arg-type]
-            reason=result.reason.value,  # type: ignore[arg-type]
-            reservation_id=result.reservation_id,
-            amount_micros=result.held_micros,
-            state=convert.state_pb(result.state),
-            replayed=result.replayed,
-            blocking_meter=result.meter,
-            enforcement_mode=result.mode.value,  # type: ignore[arg-type]
+            self._remember_pricing((run_id, result.reservation_id), extras.pricing)
+        return result
+
+    async def _remaining(self, view: RunView, result: ReserveResult) -> int:
+        """What the run and the scope that blocked have left (the smaller)."""
+        remaining = view.state.remaining_micros
+        scope = result.blocking_scope
+        if scope is None or scope == ScopeRef(ScopeKind.RUN, view.spec.run_id):
+            return remaining
+        if scope.kind is ScopeKind.RUN:
+            ancestor = await self.backend.get_run(self.tenant, scope.id)
+            return min(remaining, ancestor.state.remaining_micros)
+        usage = (await self.backend.get_scope(self.tenant, scope)).period(
+            result.blocking_period or Period.LIFETIME
         )
-        if result.dimension is not None:
-            response.blocking_dimension = result.dimension.value  # type: ignore[assignment]
-        if result.retry_at_ms is not None:
-            # Redis replies carry no time: the replica's clock is close enough for a hint.
-            now_ms = result.now_ms or time.time_ns() // 1_000_000
-            wait_ms = max(0, result.retry_at_ms - now_ms)
-            response.retry_after.CopyFrom(convert.duration(wait_ms))
-        if result.blocking_scope is not None:
-            response.blocking_scope.CopyFrom(convert.scope_ref_pb(result.blocking_scope))
-        if result.blocking_period is not None:
-            response.blocking_period = result.blocking_period.value  # type: ignore[assignment]
-        if result.expires_ms is not None:
-            response.expire_time.CopyFrom(convert.timestamp(result.expires_ms))
-        if priced is not None:
-            response.estimate.CopyFrom(convert.estimate_pb(priced))
-        return response
+        return min(remaining, usage.remaining_micros)
+
+    async def _downgrade(
+        self,
+        call: LlmCall,
+        reservation_id: str,
+        run_id: str,
+        ttl: int | None,
+        extras: ReserveExtras,
+        blocked: ReserveResult,
+        found: list[alternatives.Alternative],
+    ) -> tuple[Estimate, ReserveResult] | None:
+        """Hold the priciest alternative that fits, under the blocked
+        reservation's downgrade id; None when nothing is held.
+
+        A retry replays the downgrade made the first time, if any, whatever
+        fits now: the same request gets the same answer.
+        """
+        downgrade_id = decisions.downgrade_id(reservation_id)
+        if blocked.replayed:
+            try:
+                first = await self.backend.get_reservation(self.tenant, run_id, downgrade_id)
+            except errors.ReservationNotFound:
+                return None
+            if not first.pricing:
+                return None
+            chosen = Pricing.decode(first.pricing)
+            priced = self._estimate(call.on(chosen.provider, chosen.model))
+        elif found:
+            priced = found[-1].estimate
+        else:
+            return None
+        held = await self._reserve(run_id, downgrade_id, 0, ttl, extras, priced)
+        return (priced, held) if held.decision in decisions.HOLDING else None
 
     @_unary
     async def Commit(
@@ -342,6 +416,16 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         if len(self._pricings) > PRICING_CACHE_SIZE:
             self._pricings.popitem(last=False)
 
+    def _models(self) -> Iterator[tuple[ModelPrice, str]]:
+        """Every priced model with its version: the tenant's prices, then the table's."""
+        own = self.tenant_prices.models()
+        yield from ((price, self.tenant_prices.label) for price in own)
+        table = self.prices.table
+        taken = {(p.provider, p.model) for p in own}
+        for price in table.models():
+            if (price.provider, price.model) not in taken:
+                yield price, table.version
+
     def _price_of(self, provider: str, model: str) -> tuple[ModelPrice | None, str]:
         """The price Reserve uses: the tenant's own, else the table's; and its version."""
         own = self.tenant_prices.lookup(provider, model)
@@ -395,6 +479,22 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         if price is not None:
             response.price.CopyFrom(convert.model_price_pb(price))
         return response
+
+    @_unary
+    async def GetDecision(
+        self,
+        request: budget_service_pb2.GetDecisionRequest,
+        context: Context,
+    ) -> budget_service_pb2.GetDecisionResponse:
+        if not request.decision_id:
+            raise InvalidArgument([FieldViolation("decision_id", "is required")])
+        run_id, reservation_id = decisions.parse_decision_id(request.decision_id)
+        try:
+            reservation = await self.backend.get_reservation(self.tenant, run_id, reservation_id)
+            view = await self.backend.get_run(self.tenant, run_id)
+        except (errors.RunNotFound, errors.ReservationNotFound):
+            raise errors.DecisionNotFound(request.decision_id) from None
+        return decisions.record_pb(view, reservation)
 
     async def _actual_of(self, run_id: str, reservation_id: str, usage: TokenUsage) -> int:
         """Price `usage` at the rates the reservation was made with.

@@ -36,6 +36,9 @@ class TenantPrices:
     def lookup(self, provider: str, model: str) -> ModelPrice | None:
         return self._prices.get((provider, model))
 
+    def models(self) -> list[ModelPrice]:
+        return list(self._prices.values())
+
     @property
     def label(self) -> str:
         """The version recorded with a decision priced by an override."""

@@ -13,6 +13,7 @@ from google.protobuf import duration_pb2
 
 from runcap.v1 import budget_pb2, budget_service_pb2
 from runcap_server.errors import FieldViolation, InvalidArgument
+from runcap_server.estimates import LlmCall
 from runcap_server.ledger.types import (
     DEFAULT_MAX_DEPTH,
     MAX_MICROS,
@@ -28,6 +29,7 @@ from runcap_server.prices import MAX_RATE, ModelPrice, Rates
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 METER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 MAX_METERS = 32
+MAX_DOWNGRADE_MODELS = 256
 # Counts of calls, units and runs: far below where Lua doubles lose exactness.
 MAX_COUNT = 10**12
 DAY_MS = 86_400_000
@@ -148,6 +150,29 @@ class Validator:
             modalities=modalities,
         )
 
+    def llm_call(self, field: str, llm: budget_service_pb2.LlmCall) -> LlmCall:
+        modalities = frozenset(llm.modalities)
+        for modality in sorted(modalities - MODALITIES):
+            self.fail(f"{field}.modalities", f"{modality!r} is not one of {sorted(MODALITIES)}")
+        return LlmCall(
+            provider=self.model_name(f"{field}.provider", llm.provider),
+            model=self.model_name(f"{field}.model", llm.model),
+            input_tokens=self.tokens(f"{field}.input_tokens", llm.input_tokens),
+            max_output_tokens=(
+                self.tokens(f"{field}.max_output_tokens", llm.max_output_tokens, minimum=1)
+                if llm.HasField("max_output_tokens")
+                else None
+            ),
+            needs_tools=llm.needs_tools,
+            needs_json_schema=llm.needs_json_schema,
+            min_context_tokens=(
+                self.tokens(f"{field}.min_context_tokens", llm.min_context_tokens, minimum=1)
+                if llm.HasField("min_context_tokens")
+                else None
+            ),
+            modalities=modalities - {"text"},
+        )
+
     def meter(self, field: str, value: str) -> str:
         if not METER_PATTERN.fullmatch(value):
             shown = value if len(value) <= 40 else value[:40] + "..."
@@ -244,6 +269,12 @@ class Validator:
         children = None
         if message.HasField("max_children"):
             children = self.count(f"{field}.max_children", message.max_children, minimum=0)
+        if len(message.downgrade_models) > MAX_DOWNGRADE_MODELS:
+            self.fail(f"{field}.downgrade_models", f"has more than {MAX_DOWNGRADE_MODELS} models")
+        for i, name in enumerate(message.downgrade_models):
+            provider, sep, model = name.partition("/")
+            if not (sep and MODEL_PATTERN.fullmatch(provider) and MODEL_PATTERN.fullmatch(model)):
+                self.fail(f"{field}.downgrade_models[{i}]", f"{name[:60]!r} is not provider/model")
         return RunPolicy(
             mode=mode,
             soft_margin_percent=margin,
@@ -256,6 +287,8 @@ class Validator:
             max_in_flight=in_flight,
             max_depth=depth,
             max_children=children,
+            auto_downgrade=message.auto_downgrade,
+            downgrade_models=tuple(sorted(set(message.downgrade_models))),
         )
 
     def scope(self, field: str, kind: int, scope_id: str) -> ScopeRef:

@@ -28,6 +28,7 @@ class Decision(IntEnum):
     BLOCK = 2
     WARN = 3
     THROTTLE = 4
+    DOWNGRADE = 5
 
 
 class DecisionReason(IntEnum):
@@ -164,6 +165,10 @@ class RunPolicy:
     max_in_flight: int | None = None
     max_depth: int = DEFAULT_MAX_DEPTH
     max_children: int | None = None
+    # LLM calls that do not fit: hold the best alternative instead; and the
+    # "provider/model"s alternatives may be (empty: any priced model).
+    auto_downgrade: bool = False
+    downgrade_models: tuple[str, ...] = ()
 
     _KEYS = (
         ("mode", "mode"),
@@ -177,6 +182,8 @@ class RunPolicy:
         ("max_in_flight", "inf"),
         ("max_depth", "depth"),
         ("max_children", "kids"),
+        ("auto_downgrade", "dg"),
+        ("downgrade_models", "dm"),
     )
 
     def limit_of(self, dim: str) -> int | None:
