@@ -38,7 +38,7 @@ class Settings:
     redis_max_connections: int = field(default=64, metadata={"env": "REDIS_MAX_CONNECTIONS"})
     redis_namespace: str = field(default="rc", metadata={"env": "REDIS_NAMESPACE"})
     closed_run_retention_ms: int = field(
-        default=7 * 86_400_000, metadata={"env": "CLOSED_RUN_RETENTION"}
+        default=30 * 86_400_000, metadata={"env": "CLOSED_RUN_RETENTION"}
     )
     default_ttl_ms: int = field(default=600_000, metadata={"env": "DEFAULT_TTL"})
     max_ttl_ms: int = field(default=86_400_000, metadata={"env": "MAX_TTL"})
