@@ -25,7 +25,10 @@
 // which need a hold to go on, turn it into a *BudgetBlockedError (a
 // throttle into a *BudgetThrottledError, with the delay before reserving
 // again). A run's Policy is set at CreateRun; Meter counts a reservation on
-// a call meter.
+// a call meter. A run whose policy has AutoDowngrade answers an LLM call
+// that does not fit with DECISION_DOWNGRADE: the hold is of a cheaper model
+// (Hold.Downgraded, Hold.Model). GetDecision returns a decision by its id,
+// with the inputs it was made from.
 package runcap
 
 import (
@@ -279,6 +282,14 @@ func TeamID(teamID string) RunOption {
 //
 // Creating a child past its parent's MaxChildren or an ancestor's MaxDepth
 // fails with an error matching runcaperr.ErrSubagentLimit.
+//
+// AutoDowngrade makes an LLM call that does not fit the budget hold the best
+// alternative that does (the priciest that fits, with every capability the
+// LLMCall needs) and answer DECISION_DOWNGRADE instead of blocking;
+// DowngradeModels limits alternatives and downgrades to the models it names
+// ("provider/model"):
+//
+//	runcap.Policy(&runcapv1.RunPolicy{AutoDowngrade: true, DowngradeModels: []string{"openai/gpt-4o-mini"}})
 func Policy(policy *runcapv1.RunPolicy) RunOption {
 	return func(r *runcapv1.CreateRunRequest) {
 		if policy == nil {
@@ -292,6 +303,16 @@ func Policy(policy *runcapv1.RunPolicy) RunOption {
 // GetRun returns a run's configuration and current budget state.
 func (c *Client) GetRun(ctx context.Context, runID string) (*runcapv1.GetRunResponse, error) {
 	return call(ctx, c, true, c.stub.GetRun, &runcapv1.GetRunRequest{RunId: runID})
+}
+
+// GetDecision returns a Reserve decision by its id (the DecisionID of a
+// ReserveResponse, a Hold or a BudgetBlockedError), with the inputs it was
+// made from: the amount asked for and held, every scope checked, what
+// objected, the LLM estimate, and where the reservation is now. Decisions
+// are kept as long as their run; one the server does not have is an error
+// matching runcaperr.ErrDecisionNotFound (IsDecisionNotFound).
+func (c *Client) GetDecision(ctx context.Context, decisionID string) (*runcapv1.GetDecisionResponse, error) {
+	return call(ctx, c, true, c.stub.GetDecision, &runcapv1.GetDecisionRequest{DecisionId: decisionID})
 }
 
 // ReserveOption sets an optional field of Reserve, Hold and WithReservation
@@ -356,7 +377,8 @@ func withReserveOptions(req *runcapv1.ReserveRequest, opts []ReserveOption) *run
 // The run's policy adds two decisions: DECISION_WARN (an advisory run: the
 // amount is held, but a blocking run would have refused it; Reason and
 // BlockingDimension say why) and DECISION_THROTTLE (nothing is held: reserve
-// again, with a new reservation id, after RetryAfter).
+// again, with a new reservation id, after RetryAfter). The response's
+// DecisionId names the decision for GetDecision.
 func (c *Client) Reserve(ctx context.Context, runID string, amountMicros int64, opts ...ReserveOption) (*runcapv1.ReserveResponse, error) {
 	return call(ctx, c, true, c.stub.Reserve, reserveRequest(runID, amountMicros, opts))
 }
@@ -366,7 +388,11 @@ func (c *Client) Reserve(ctx context.Context, runID string, amountMicros int64, 
 // output at the output price) and returns the decision, with the pricing in
 // the response's Estimate. A model the server has no price for is a block
 // with DECISION_REASON_UNKNOWN_PRICE (fail closed). Commit it with
-// CommitUsage (or Commit, with a cost in micros).
+// CommitUsage (or Commit, with a cost in micros). A block by money lists the
+// Alternatives that would fit; a run with AutoDowngrade answers
+// DECISION_DOWNGRADE instead, holding the estimate of a cheaper model
+// (Estimate.Model; RequestedModel is the one asked for) under the response's
+// ReservationId: call that model, and commit with that id.
 //
 //	resp, err := client.ReserveLLM(ctx, runID, runcap.LLMCall{Provider: "openai", Model: "gpt-4o", InputTokens: 1200, MaxOutputTokens: 500})
 func (c *Client) ReserveLLM(ctx context.Context, runID string, llm LLMCall, opts ...ReserveOption) (*runcapv1.ReserveResponse, error) {

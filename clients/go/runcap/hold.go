@@ -78,6 +78,10 @@ func (e *BudgetBlockedError) Error() string {
 		}
 		msg += ")"
 	}
+	if alts := r.GetAlternatives(); len(alts) > 0 {
+		msg += fmt.Sprintf("; %d alternative model(s) fit, the cheapest %s/%s at %d micros",
+			len(alts), alts[0].GetProvider(), alts[0].GetModel(), alts[0].GetAmountMicros())
+	}
 	return msg
 }
 
@@ -129,6 +133,19 @@ func (e *BudgetBlockedError) Meter() string { return e.Response.GetBlockingMeter
 // (ENFORCEMENT_MODE_UNSPECIFIED when the server did not say).
 func (e *BudgetBlockedError) EnforcementMode() runcapv1.EnforcementMode {
 	return e.Response.GetEnforcementMode()
+}
+
+// DecisionID is the decision's id, for GetDecision (the decision with the
+// inputs it was made from); empty when the server did not say.
+func (e *BudgetBlockedError) DecisionID() string { return e.Response.GetDecisionId() }
+
+// Alternatives are, for an LLM call blocked by money, the models that could
+// stand in for it (provider, model, the call's estimate on it and the output
+// tokens that prices): each has every capability the call needs (see
+// LLMCall) and fits what the blocking scope has left. Cheapest first, at
+// most 5; empty when none fits or for an amount.
+func (e *BudgetBlockedError) Alternatives() []*runcapv1.Alternative {
+	return e.Response.GetAlternatives()
 }
 
 // BudgetThrottledError is returned by Hold and WithReservation when the
@@ -206,14 +223,24 @@ func blockedError(runID string, resp *runcapv1.ReserveResponse) error {
 // committed or refunded (or expires at its ttl). Commit and Refund retry
 // safely: the reservation id makes them idempotent. A Hold is safe for
 // concurrent use.
+//
+// A downgrade (DECISION_DOWNGRADE, from a run whose policy has
+// AutoDowngrade) is held like an allow, against a cheaper model than the
+// one asked for: Downgraded reports it, and Provider and Model name the
+// model to call (RequestedModel the one asked for).
 type Hold struct {
 	client *Client
 	// RunID is the run the amount is held against.
 	RunID string
-	// ReservationID is the reservation's id.
+	// ReservationID is the reservation's id, as the server answered it (a
+	// downgrade may be held under an id other than the one asked for):
+	// Commit and Refund settle it.
 	ReservationID string
-	// Response is the ReserveResponse (an allow, or a warning: see Warning).
+	// Response is the ReserveResponse (an allow, a warning or a downgrade:
+	// see Warning and Downgraded).
 	Response *runcapv1.ReserveResponse
+
+	llm *runcapv1.LlmCall // the LLM call asked for, or nil for an amount
 
 	mu             sync.Mutex
 	actual         *int64
@@ -239,8 +266,10 @@ func (c *Client) Hold(ctx context.Context, runID string, amountMicros int64, opt
 // HoldLLM reserves the server's price of an LLM call against the run and
 // returns the hold, as Hold does for an amount; Hold.Estimate says how it
 // was priced. A model the server has no price for is a *BudgetBlockedError
-// matching ErrUnknownPrice. Settle the hold with CommitUsage (or Commit, or
-// Refund).
+// matching ErrUnknownPrice, and a block by money lists the Alternatives that
+// would fit. A run with AutoDowngrade answers DECISION_DOWNGRADE instead: the
+// hold is of a cheaper model (Hold.Downgraded; call Hold.Model). Settle the
+// hold with CommitUsage (or Commit, or Refund).
 func (c *Client) HoldLLM(ctx context.Context, runID string, llm LLMCall, opts ...ReserveOption) (*Hold, error) {
 	return c.hold(ctx, reserveLLMRequest(runID, llm, opts))
 }
@@ -252,8 +281,13 @@ func (c *Client) hold(ctx context.Context, req *runcapv1.ReserveRequest) (*Hold,
 		return nil, err
 	}
 	switch resp.GetDecision() {
-	case runcapv1.Decision_DECISION_ALLOW, runcapv1.Decision_DECISION_WARN:
-		return &Hold{client: c, RunID: runID, ReservationID: resp.GetReservationId(), Response: resp}, nil
+	case runcapv1.Decision_DECISION_ALLOW, runcapv1.Decision_DECISION_WARN, runcapv1.Decision_DECISION_DOWNGRADE:
+		// Settle what the server holds: a downgrade's id may not be the one asked for.
+		id := resp.GetReservationId()
+		if id == "" {
+			id = req.GetReservationId()
+		}
+		return &Hold{client: c, RunID: runID, ReservationID: id, Response: resp, llm: req.GetLlmCall()}, nil
 	}
 	// A block, a throttle, or a decision this client does not know: nothing
 	// to go on with.
@@ -279,6 +313,54 @@ func (h *Hold) Warning() bool {
 func (h *Hold) FailedOpen() bool {
 	return h.Warning() && h.Response.GetReason() == runcapv1.DecisionReason_DECISION_REASON_BACKEND_UNAVAILABLE
 }
+
+// Downgraded reports whether the server answered DECISION_DOWNGRADE: the
+// LLM call asked for did not fit, the run's policy allows automatic
+// downgrades, and the estimate of a cheaper model that has every capability
+// the call needs is held instead. Call Model (of Provider), not the model
+// asked for (RequestedModel).
+func (h *Hold) Downgraded() bool {
+	return h.Response.GetDecision() == runcapv1.Decision_DECISION_DOWNGRADE
+}
+
+// Model is the model to call: the one the server priced and held
+// (Estimate().Model; for a downgrade, the cheaper stand-in), or the model of
+// the LLM call asked for when the server gave no estimate (it failed open);
+// empty for a hold of an amount.
+func (h *Hold) Model() string {
+	if m := h.Response.GetEstimate().GetModel(); m != "" {
+		return m
+	}
+	return h.llm.GetModel()
+}
+
+// Provider is the provider of Model: Estimate().Provider (a downgrade may
+// pick another provider's model), or that of the LLM call asked for when the
+// server gave no estimate; empty for a hold of an amount.
+func (h *Hold) Provider() string {
+	if p := h.Response.GetEstimate().GetProvider(); p != "" {
+		return p
+	}
+	return h.llm.GetProvider()
+}
+
+// RequestedModel is the model the LLM call asked for (for a downgrade, the
+// response's RequestedModel); empty for a hold of an amount.
+func (h *Hold) RequestedModel() string {
+	if m := h.Response.GetRequestedModel(); m != "" {
+		return m
+	}
+	return h.llm.GetModel()
+}
+
+// DecisionID is the decision's id, for GetDecision (the decision with the
+// inputs it was made from); empty when the server did not say (a warning
+// that failed open records nothing).
+func (h *Hold) DecisionID() string { return h.Response.GetDecisionId() }
+
+// Alternatives are, for a downgrade, the models that could stand in for the
+// LLM call, cheapest first; empty otherwise.
+func (h *Hold) Alternatives() []*runcapv1.Alternative { return h.Response.GetAlternatives() }
 
 // Reason is why the server decided as it did: DECISION_REASON_WITHIN_BUDGET
 // for a plain allow; for a warning, what a blocking run would have refused
@@ -449,7 +531,10 @@ func (h *Hold) outcome(failed bool) (commit bool, actual int64, usage *TokenUsag
 // call still gets refunded. A block returns a *BudgetBlockedError, a
 // throttle a *BudgetThrottledError, and fn is not called; a warning of an
 // advisory run calls fn like an allow (Hold.Warning tells), and a warning
-// that failed open (Hold.FailedOpen) is not settled, as nothing was held.
+// that failed open (Hold.FailedOpen) is not settled, as nothing was held. A
+// downgrade of an LLM call calls fn like an allow too (Hold.Downgraded
+// tells; call Hold.Model) and is settled under Hold.ReservationID, the id
+// the server answered with.
 func (c *Client) WithReservation(ctx context.Context, runID string, amountMicros int64,
 	fn func(ctx context.Context, h *Hold) error, opts ...ReserveOption,
 ) error {

@@ -22,13 +22,41 @@ type LLMCall struct {
 	// Zero leaves it unset: the server's default applies, or the request is
 	// refused when the server has none.
 	MaxOutputTokens int64
+
+	// What the call needs from a model decides which models can stand in
+	// for it: the Alternatives of a block, and the cheaper model a run with
+	// RunPolicy.AutoDowngrade holds instead (DECISION_DOWNGRADE).
+
+	// NeedsTools says the call uses tool (function) calling.
+	NeedsTools bool
+	// NeedsJSONSchema says the call uses JSON-schema structured output.
+	NeedsJSONSchema bool
+	// MinContextTokens is the context window the call needs at least, in
+	// tokens. Zero leaves it unset: no minimum (a stand-in always needs room
+	// for the input tokens).
+	MinContextTokens int64
+	// Modalities are the input modalities beyond text the call uses
+	// ("image", "audio", "video").
+	Modalities []string
 }
 
 // Proto returns the runcapv1.LlmCall message of the call.
 func (c LLMCall) Proto() *runcapv1.LlmCall {
-	m := &runcapv1.LlmCall{Provider: c.Provider, Model: c.Model, InputTokens: c.InputTokens}
+	m := &runcapv1.LlmCall{
+		Provider:        c.Provider,
+		Model:           c.Model,
+		InputTokens:     c.InputTokens,
+		NeedsTools:      c.NeedsTools,
+		NeedsJsonSchema: c.NeedsJSONSchema,
+	}
 	if c.MaxOutputTokens != 0 {
 		m.MaxOutputTokens = proto.Int64(c.MaxOutputTokens)
+	}
+	if c.MinContextTokens != 0 {
+		m.MinContextTokens = proto.Int64(c.MinContextTokens)
+	}
+	if len(c.Modalities) > 0 {
+		m.Modalities = append([]string(nil), c.Modalities...)
 	}
 	return m
 }

@@ -205,6 +205,7 @@ var (
 	ErrParentRunClosed     = reasonKind(codes.FailedPrecondition, runcapv1.ErrorReason_ERROR_REASON_PARENT_RUN_CLOSED)
 	ErrRunClosed           = reasonKind(codes.FailedPrecondition, runcapv1.ErrorReason_ERROR_REASON_RUN_CLOSED)
 	ErrSubagentLimit       = reasonKind(codes.FailedPrecondition, runcapv1.ErrorReason_ERROR_REASON_SUBAGENT_LIMIT)
+	ErrDecisionNotFound    = reasonKind(codes.NotFound, runcapv1.ErrorReason_ERROR_REASON_DECISION_NOT_FOUND)
 )
 
 // FromError returns the runcap error err is or wraps: an *Error found with
@@ -347,8 +348,8 @@ func FieldViolations(err error) []FieldViolation {
 // IsInvalidArgument reports whether err is INVALID_ARGUMENT; see FieldViolations.
 func IsInvalidArgument(err error) bool { return is(err, ErrInvalidArgument) }
 
-// IsNotFound reports whether err is NOT_FOUND (a run, a reservation or a
-// parent run).
+// IsNotFound reports whether err is NOT_FOUND (a run, a reservation, a
+// parent run or a decision).
 func IsNotFound(err error) bool { return is(err, ErrNotFound) }
 
 // IsRunNotFound reports whether err says the run does not exist.
@@ -360,6 +361,11 @@ func IsReservationNotFound(err error) bool { return is(err, ErrReservationNotFou
 // IsParentRunNotFound reports whether err says CreateRun named a parent run
 // that does not exist.
 func IsParentRunNotFound(err error) bool { return is(err, ErrParentRunNotFound) }
+
+// IsDecisionNotFound reports whether err says GetDecision named a decision
+// the server does not have (never made, or its run aged out); Resource names
+// it.
+func IsDecisionNotFound(err error) bool { return is(err, ErrDecisionNotFound) }
 
 // IsAlreadyExists reports whether err is ALREADY_EXISTS.
 func IsAlreadyExists(err error) bool { return is(err, ErrAlreadyExists) }

@@ -199,3 +199,33 @@ func TestSubagentLimitError(t *testing.T) {
 		t.Fatalf("a proxy's SUBAGENT_LIMIT matched: %v", foreign)
 	}
 }
+
+func TestDecisionNotFoundError(t *testing.T) {
+	err := withDetails(t, codes.NotFound, "no decision \"dec-1\"",
+		&errdetails.ErrorInfo{Domain: runcaperr.Domain, Reason: "DECISION_NOT_FOUND",
+			Metadata: map[string]string{"decision_id": "dec-1"}},
+		&errdetails.ResourceInfo{ResourceType: "runcap.v1.Decision", ResourceName: "dec-1"})
+	wrapped := fmt.Errorf("explaining a decision: %w", err)
+	if !runcaperr.IsDecisionNotFound(wrapped) || !runcaperr.IsNotFound(wrapped) ||
+		!errors.Is(runcaperr.FromError(wrapped), runcaperr.ErrDecisionNotFound) ||
+		runcaperr.IsRunNotFound(wrapped) || runcaperr.IsReservationNotFound(wrapped) {
+		t.Fatalf("predicates on %v", wrapped)
+	}
+	e := runcaperr.FromError(wrapped)
+	if e.Reason != runcapv1.ErrorReason_ERROR_REASON_DECISION_NOT_FOUND || e.Metadata["decision_id"] != "dec-1" ||
+		e.Resource == nil || e.Resource.Type != "runcap.v1.Decision" || e.Resource.Name != "dec-1" || e.Retryable() {
+		t.Fatalf("%+v", e)
+	}
+	if got := e.Error(); got != `runcap: DECISION_NOT_FOUND (NotFound): no decision "dec-1"` {
+		t.Fatalf("Error() = %q", got)
+	}
+	// A run that is not found is another reason, and a proxy's
+	// DECISION_NOT_FOUND matches by code only.
+	run := withDetails(t, codes.NotFound, "no run",
+		&errdetails.ErrorInfo{Domain: runcaperr.Domain, Reason: "RUN_NOT_FOUND"})
+	foreign := withDetails(t, codes.NotFound, "no decision",
+		&errdetails.ErrorInfo{Domain: "proxy.example", Reason: "DECISION_NOT_FOUND"})
+	if runcaperr.IsDecisionNotFound(run) || runcaperr.IsDecisionNotFound(foreign) || !runcaperr.IsNotFound(foreign) {
+		t.Fatalf("%v / %v", run, foreign)
+	}
+}

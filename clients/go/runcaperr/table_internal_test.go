@@ -26,6 +26,7 @@ var reasonSentinels = map[runcapv1.ErrorReason]error{
 	runcapv1.ErrorReason_ERROR_REASON_PARENT_RUN_CLOSED:     ErrParentRunClosed,
 	runcapv1.ErrorReason_ERROR_REASON_RUN_CLOSED:            ErrRunClosed,
 	runcapv1.ErrorReason_ERROR_REASON_SUBAGENT_LIMIT:        ErrSubagentLimit,
+	runcapv1.ErrorReason_ERROR_REASON_DECISION_NOT_FOUND:    ErrDecisionNotFound,
 }
 
 // TestEveryErrorReasonHasOneSentinel fails when the contract gains an
@@ -61,5 +62,8 @@ func TestEveryErrorReasonHasOneSentinel(t *testing.T) {
 	}
 	if ErrSubagentLimit.(*kind).code != codes.FailedPrecondition {
 		t.Error("SUBAGENT_LIMIT is FAILED_PRECONDITION")
+	}
+	if ErrDecisionNotFound.(*kind).code != codes.NotFound {
+		t.Error("DECISION_NOT_FOUND is NOT_FOUND")
 	}
 }

@@ -34,6 +34,15 @@
         except BudgetThrottledError as throttled:
             time.sleep(throttled.retry_after)  # then reserve again
 
+        # A run that downgrades an LLM call that does not fit to a cheaper
+        # model with the capabilities it needs, instead of blocking it:
+        policy = RunPolicy(auto_downgrade=True, downgrade_models=["openai/gpt-4o-mini"])
+        client.create_run("run-3", limit_micros=5_000_000, policy=policy)
+        call = LlmCall("openai", "gpt-4o", input_tokens=1_200, needs_tools=True)
+        with client.reserve("run-3", llm_call=call) as hold:
+            reply = call_the_model(hold.model)  # "gpt-4o-mini" when hold.downgraded
+        client.get_decision(hold.decision_id)  # the decision and its inputs
+
 `AsyncRuncapClient` offers the same API for asyncio. Responses are the
 generated `runcap.v1` protobuf messages; failures raise `RuncapError`
 subclasses (see `runcap.errors`).
@@ -59,6 +68,7 @@ from runcap.errors import (
     REASON_TO_ERROR,
     BudgetBlockedError,
     BudgetThrottledError,
+    DecisionNotFoundError,
     IdempotencyConflictError,
     InternalError,
     InvalidArgumentError,
@@ -88,6 +98,7 @@ __all__ = [
     "AsyncWatchStream",
     "BudgetBlockedError",
     "BudgetThrottledError",
+    "DecisionNotFoundError",
     "Hold",
     "HoldBase",
     "IdempotencyConflictError",

@@ -267,21 +267,49 @@ class LlmCall:
         max_output_tokens: The call's maximum output tokens (its
             ``max_tokens``); None for the server's default (the request is
             refused when the server has none).
+        needs_tools: The call uses tool (function) calling.
+        needs_json_schema: The call uses JSON-schema structured output.
+        min_context_tokens: The context window the call needs at least, in
+            tokens; None for no minimum (a stand-in always needs room for the
+            input tokens).
+        modalities: Input modalities beyond text the call uses (``"image"``,
+            ``"audio"``, ``"video"``).
+
+    What the call needs from a model (the last four) decides which models
+    can stand in for it: the ``alternatives`` of a block, and the cheaper
+    model a run with ``auto_downgrade`` holds instead (``DECISION_DOWNGRADE``).
     """
 
     provider: str
     model: str
     input_tokens: int
     max_output_tokens: int | None = None
+    needs_tools: bool = False
+    needs_json_schema: bool = False
+    min_context_tokens: int | None = None
+    modalities: Sequence[str] = ()
 
     def to_proto(self) -> budget_service_pb2.LlmCall:
-        """The `runcap.v1.LlmCall` message."""
+        """The `runcap.v1.LlmCall` message; TypeError when `modalities` is a
+        single string rather than a sequence of them."""
         return budget_service_pb2.LlmCall(
             provider=self.provider,
             model=self.model,
             input_tokens=self.input_tokens,
             max_output_tokens=self.max_output_tokens,
+            needs_tools=self.needs_tools,
+            needs_json_schema=self.needs_json_schema,
+            min_context_tokens=self.min_context_tokens,
+            modalities=_strings("modalities", self.modalities),
         )
+
+
+def _strings(name: str, values: Sequence[str]) -> list[str]:
+    """`values` as a list; TypeError for a bare string (which would otherwise
+    be split into its characters)."""
+    if isinstance(values, str):
+        raise TypeError(f"{name} must be a sequence of strings, not the string {values!r}")
+    return list(values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,6 +459,12 @@ class RunPolicy:
         max_depth: How many levels of subagent runs may be created below
             this run (server default 5, at most 15).
         max_children: How many child runs this run may have.
+        auto_downgrade: When an LLM call does not fit the budget, hold the
+            best capability-valid alternative that does (the priciest that
+            fits) and answer ``DECISION_DOWNGRADE`` instead of blocking; the
+            hold then says which model to call (``hold.model``).
+        downgrade_models: The models alternatives and downgrades may pick
+            from, as ``"provider/model"``; empty for any model with a price.
     """
 
     enforcement_mode: EnforcementMode | None = None
@@ -444,10 +478,13 @@ class RunPolicy:
     max_in_flight: int | None = None
     max_depth: int | None = None
     max_children: int | None = None
+    auto_downgrade: bool = False
+    downgrade_models: Sequence[str] = ()
 
     def to_proto(self) -> budget_pb2.RunPolicy:
         """The `runcap.v1.RunPolicy` message; ValueError for an unknown
-        enforcement mode name."""
+        enforcement mode name, TypeError when `downgrade_models` is a single
+        string."""
         mode = budget_pb2.ENFORCEMENT_MODE_UNSPECIFIED
         if self.enforcement_mode is not None:
             mode = to_enforcement_mode(self.enforcement_mode)
@@ -463,6 +500,8 @@ class RunPolicy:
             max_in_flight=self.max_in_flight,
             max_depth=self.max_depth,
             max_children=self.max_children,
+            auto_downgrade=self.auto_downgrade,
+            downgrade_models=_strings("downgrade_models", self.downgrade_models),
         )
 
 
@@ -650,6 +689,11 @@ class WatchCursor:
         return 0.0 if self._failures == 1 else self._policy.backoff(self._failures - 1)
 
 
+_HELD_DECISIONS: Final = frozenset(
+    (budget_pb2.DECISION_ALLOW, budget_pb2.DECISION_WARN, budget_pb2.DECISION_DOWNGRADE)
+)
+"""The decisions a `reserve(...)` context manager holds and goes on with."""
+
 HoldOutcome = (
     tuple[Literal["commit"], int | budget_service_pb2.TokenUsage]
     | tuple[Literal["refund"], None]
@@ -681,6 +725,14 @@ class HoldBase:
     A warning with reason ``DECISION_REASON_BACKEND_UNAVAILABLE`` is the
     server failing open while its storage is down: nothing was held or
     recorded, so `failed_open` is true and nothing is settled on exit.
+
+    A downgrade (``DECISION_DOWNGRADE``, from a run whose policy has
+    ``auto_downgrade``) is held like an allow, against a cheaper model than
+    the one asked for: `downgraded` is then true, and `provider` and `model`
+    name the model to call (`requested_model` the one asked for). The
+    server may hold a downgrade under a reservation id of its own:
+    `reservation_id` is always the one the server answered with, and the
+    hold is settled under it.
     """
 
     def __init__(
@@ -704,6 +756,9 @@ class HoldBase:
         )
         """The LLM call asked for, or None for an amount."""
         self.reservation_id = reservation_id or new_reservation_id()
+        """The reservation's id: the one asked for (generated when not given)
+        until the server answers, then the one it answered with, which the
+        hold is settled under."""
         self.ttl = ttl
         self.meter = meter
         """The call meter the hold counts on, or ``""``."""
@@ -720,7 +775,7 @@ class HoldBase:
 
     @property
     def response(self) -> budget_service_pb2.ReserveResponse:
-        """The ReserveResponse (an allow or a warning)."""
+        """The ReserveResponse (an allow, a warning or a downgrade)."""
         if self._response is None:
             raise RuntimeError("the hold is not reserved yet: use it as a context manager")
         return self._response
@@ -745,6 +800,58 @@ class HoldBase:
             response.decision == budget_pb2.DECISION_WARN
             and response.reason == budget_pb2.DECISION_REASON_BACKEND_UNAVAILABLE
         )
+
+    @property
+    def downgraded(self) -> bool:
+        """True when the server answered ``DECISION_DOWNGRADE``: the LLM call
+        asked for did not fit, the run's policy allows automatic downgrades,
+        and the estimate of a cheaper model that has every capability the
+        call needs is held instead. Call `model` (of `provider`), not the
+        model asked for (`requested_model`)."""
+        return self.response.decision == budget_pb2.DECISION_DOWNGRADE
+
+    @property
+    def model(self) -> str | None:
+        """The model to call: the one the server priced and held
+        (``estimate.model``; for a downgrade, the cheaper stand-in), or the
+        model of the LLM call asked for when the server gave no estimate (it
+        failed open); None for a hold of an amount."""
+        estimate = self.estimate
+        if estimate is not None and estimate.model:
+            return estimate.model
+        return None if self.llm_call is None else self.llm_call.model
+
+    @property
+    def provider(self) -> str | None:
+        """The provider of `model`: ``estimate.provider`` (a downgrade may
+        pick another provider's model), or that of the LLM call asked for
+        when the server gave no estimate; None for a hold of an amount."""
+        estimate = self.estimate
+        if estimate is not None and estimate.provider:
+            return estimate.provider
+        return None if self.llm_call is None else self.llm_call.provider
+
+    @property
+    def requested_model(self) -> str | None:
+        """The model the LLM call asked for (for a downgrade, the response's
+        ``requested_model``); None for a hold of an amount."""
+        if self.response.requested_model:
+            return self.response.requested_model
+        return None if self.llm_call is None else self.llm_call.model
+
+    @property
+    def decision_id(self) -> str:
+        """The decision's id, for ``get_decision`` (the decision with the
+        inputs it was made from); ``""`` when the server did not say (a
+        failed-open warning records nothing)."""
+        return self.response.decision_id
+
+    @property
+    def alternatives(self) -> list[budget_service_pb2.Alternative]:
+        """For a downgrade, the models that could stand in for the LLM call
+        (`runcap.v1.Alternative`: provider, model, estimate and output
+        tokens), cheapest first; empty otherwise."""
+        return list(self.response.alternatives)
 
     @property
     def reason(self) -> budget_pb2.DecisionReason.ValueType:
@@ -831,9 +938,12 @@ class HoldBase:
         decision = response.decision
         if decision == budget_pb2.DECISION_THROTTLE:
             raise BudgetThrottledError(self.run_id, response)
-        if decision not in (budget_pb2.DECISION_ALLOW, budget_pb2.DECISION_WARN):
+        if decision not in _HELD_DECISIONS:
             # A block, or a decision this client does not know: nothing to go on with.
             raise BudgetBlockedError(self.run_id, response)
+        if response.reservation_id:
+            # Settle what the server holds: a downgrade's id may not be the one asked for.
+            self.reservation_id = response.reservation_id
         self._response = response
 
     def _outcome(self, failed: bool) -> HoldOutcome:

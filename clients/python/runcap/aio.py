@@ -154,6 +154,11 @@ class AsyncRuncapClient:
         request = budget_service_pb2.GetRunRequest(run_id=run_id)
         return await self._call(self._stub.GetRun, request, idempotent=True)
 
+    async def get_decision(self, decision_id: str) -> budget_service_pb2.GetDecisionResponse:
+        """See `RuncapClient.get_decision`."""
+        request = budget_service_pb2.GetDecisionRequest(decision_id=decision_id)
+        return await self._call(self._stub.GetDecision, request, idempotent=True)
+
     async def reserve_once(
         self,
         run_id: str,

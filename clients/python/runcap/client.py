@@ -191,6 +191,16 @@ class RuncapClient:
         request = budget_service_pb2.GetRunRequest(run_id=run_id)
         return self._call(self._stub.GetRun, request, idempotent=True)
 
+    def get_decision(self, decision_id: str) -> budget_service_pb2.GetDecisionResponse:
+        """Returns a Reserve decision by its id (``ReserveResponse.decision_id``,
+        ``hold.decision_id``, ``BudgetBlockedError.decision_id``), with the
+        inputs it was made from: the amount asked for and held, every scope
+        checked, what objected, the LLM estimate, and where the reservation
+        is now. Decisions are kept as long as their run; one the server does
+        not have raises `DecisionNotFoundError`."""
+        request = budget_service_pb2.GetDecisionRequest(decision_id=decision_id)
+        return self._call(self._stub.GetDecision, request, idempotent=True)
+
     def reserve_once(
         self,
         run_id: str,
@@ -219,9 +229,14 @@ class RuncapClient:
         ``"tool:serp_api"``; `meter_units` units of it, 1 when None), which
         the run's policy may cap. Besides an allow or a block the decision
         may be ``DECISION_WARN`` (an advisory run: held, but a blocking run
-        would have refused it) or ``DECISION_THROTTLE`` (nothing held:
+        would have refused it), ``DECISION_THROTTLE`` (nothing held:
         reserve again, with a new reservation id, after the response's
-        `retry_after`)."""
+        `retry_after`) or, for an LLM call on a run with ``auto_downgrade``,
+        ``DECISION_DOWNGRADE`` (the estimate of a cheaper model, in
+        ``estimate.model``, is held under the response's `reservation_id`:
+        call that model, and commit with that id). The response's
+        `decision_id` names the decision for `get_decision`; a block of an
+        LLM call by money lists the `alternatives` that would fit."""
         estimate = estimate_of(amount_micros, llm_call)
         request = reserve_request(run_id, estimate, reservation_id, ttl, meter, meter_units)
         return self._call(self._stub.Reserve, request, idempotent=bool(reservation_id))
@@ -326,7 +341,9 @@ class RuncapClient:
         an LLM call, also when it has no price for the model), and its
         subclass `BudgetThrottledError` when it throttles (reserve again
         after its `retry_after`). A warning of an advisory run is held like
-        an allow, with `hold.warning` set. `meter` and `meter_units` count
+        an allow, with `hold.warning` set, and so is a downgrade of an LLM
+        call, with `hold.downgraded` set: call `hold.model` (of
+        `hold.provider`), the cheaper model held. `meter` and `meter_units` count
         the call on a call meter, as for `reserve_once`. On a normal
         exit the hold is committed (with `set_actual`'s amount or
         `set_usage`'s tokens, or the whole hold when neither was called); on

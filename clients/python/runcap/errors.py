@@ -151,6 +151,20 @@ class ParentRunNotFoundError(RuncapError):
         return self.metadata.get("parent_run_id", "")
 
 
+class DecisionNotFoundError(RuncapError):
+    """NOT_FOUND: ``get_decision`` named a decision the server does not have
+    (never made, or its run aged out of retention)."""
+
+    @property
+    def decision_id(self) -> str:
+        """The decision that was not found."""
+        decision_id = self.metadata.get("decision_id", "")
+        if decision_id:
+            return decision_id
+        info = self.resource_info
+        return "" if info is None else info.resource_name
+
+
 class RunAlreadyExistsError(RuncapError):
     """ALREADY_EXISTS: a run with this id exists with different arguments."""
 
@@ -320,6 +334,7 @@ REASON_TO_ERROR: Final[Mapping[str, type[RuncapError]]] = {
     _reason(errors_pb2.ERROR_REASON_PARENT_RUN_CLOSED): ParentRunClosedError,
     _reason(errors_pb2.ERROR_REASON_RUN_CLOSED): RunClosedError,
     _reason(errors_pb2.ERROR_REASON_SUBAGENT_LIMIT): SubagentLimitError,
+    _reason(errors_pb2.ERROR_REASON_DECISION_NOT_FOUND): DecisionNotFoundError,
 }
 """The one table from ErrorInfo reason to exception class."""
 
@@ -439,6 +454,15 @@ class BudgetBlockedError(Exception):
         estimate: For a reservation of an LLM call, how the server priced it
             (`runcap.v1.LlmEstimate`: provider, model, tokens, amount and
             price table version); None for an amount.
+        decision_id: The decision's id, for ``get_decision`` (the decision
+            with the inputs it was made from); ``""`` when the server did not
+            say.
+        alternatives: For an LLM call blocked by money, the models that could
+            stand in for it (`runcap.v1.Alternative`: provider, model, the
+            call's estimate on it and the output tokens that prices): each
+            has every capability the call needs (see `LlmCall`) and fits what
+            the blocking scope has left. Cheapest first, at most 5; empty
+            when none fits or for an amount.
     """
 
     def __init__(self, run_id: str, response: budget_service_pb2.ReserveResponse) -> None:
@@ -456,6 +480,8 @@ class BudgetBlockedError(Exception):
         self.estimate: budget_service_pb2.LlmEstimate | None = (
             response.estimate if response.HasField("estimate") else None
         )
+        self.decision_id: str = response.decision_id
+        self.alternatives: list[budget_service_pb2.Alternative] = list(response.alternatives)
         super().__init__(self._describe())
 
     def _describe(self) -> str:
@@ -511,6 +537,12 @@ class BudgetBlockedError(Exception):
             if response.blocking_period != budget_pb2.PERIOD_UNSPECIFIED:
                 message += f", {_enum_name(budget_pb2.Period, response.blocking_period)}"
             message += ")"
+        if self.alternatives:
+            cheapest = self.alternatives[0]
+            message += (
+                f"; {len(self.alternatives)} alternative model(s) fit, the cheapest "
+                f"{cheapest.provider}/{cheapest.model} at {cheapest.amount_micros} micros"
+            )
         return message
 
     @property

@@ -14,6 +14,7 @@ import {
   CloseRunRequestSchema,
   CommitRequestSchema,
   CreateRunRequestSchema,
+  GetDecisionRequestSchema,
   GetRunRequestSchema,
   GetScopeRequestSchema,
   LlmCallSchema,
@@ -26,6 +27,7 @@ import {
   type CloseRunResponse,
   type CommitResponse,
   type CreateRunResponse,
+  type GetDecisionResponse,
   type GetRunResponse,
   type GetScopeResponse,
   type LlmCall,
@@ -184,6 +186,15 @@ export interface RunPolicyInput {
   maxDepth?: number;
   /** How many child runs this run may have. */
   maxChildren?: number;
+  /**
+   * When an LLM call does not fit the budget, hold the best alternative that
+   * does (the priciest that fits, with every capability the call needs) and
+   * answer `Decision.DOWNGRADE` instead of blocking; `hold.model` then names
+   * the model to call.
+   */
+  autoDowngrade?: boolean;
+  /** The models alternatives and downgrades may pick from, as `"provider/model"`; any model with a price when omitted or empty. */
+  downgradeModels?: readonly string[];
 }
 
 /** Names a parent scope: arguments of `getScope`, and the base of `setScopeLimit`'s and `clearScopeLimit`'s. */
@@ -218,6 +229,11 @@ export type TokenCount = bigint | number;
  * An LLM call to reserve for; the server prices it from its price table
  * (the input tokens at the input price plus the effective maximum output at
  * the output price). A `runcap.v1.LlmCall` message fits too.
+ *
+ * What the call needs from a model (`needsTools`, `needsJsonSchema`,
+ * `minContextTokens`, `modalities`) decides which models can stand in for
+ * it: the `alternatives` of a block, and the cheaper model a run with
+ * `autoDowngrade` holds instead (`Decision.DOWNGRADE`).
  */
 export interface LlmCallInput {
   /** The provider, as in the price table (`"openai"`, `"anthropic"`...). */
@@ -228,6 +244,14 @@ export interface LlmCallInput {
   inputTokens: TokenCount;
   /** The call's maximum output tokens (its `max_tokens`); the server's default when omitted. */
   maxOutputTokens?: TokenCount | undefined;
+  /** The call uses tool (function) calling. */
+  needsTools?: boolean | undefined;
+  /** The call uses JSON-schema structured output. */
+  needsJsonSchema?: boolean | undefined;
+  /** The context window the call needs at least, in tokens; no minimum when omitted (a stand-in always needs room for the input tokens). */
+  minContextTokens?: TokenCount | undefined;
+  /** Input modalities beyond text the call uses (`"image"`, `"audio"`, `"video"`). */
+  modalities?: readonly string[] | undefined;
 }
 
 /**
@@ -330,6 +354,15 @@ export interface RuncapClient {
   /** A run's configuration and current budget state. */
   getRun(runId: string, options?: CallOptions): Promise<GetRunResponse>;
   /**
+   * A reserve decision by its id (`response.decisionId`, `hold.decisionId`,
+   * `BudgetBlockedError.decisionId`), with the inputs it was made from: the
+   * amount asked for and held, every scope checked, what objected, the LLM
+   * estimate, and where the reservation is now. Decisions are kept as long
+   * as their run; one the server does not have rejects with
+   * `DecisionNotFoundError`. A read, so retried on UNAVAILABLE.
+   */
+  getDecision(decisionId: string, options?: CallOptions): Promise<GetDecisionResponse>;
+  /**
    * Asks to hold an estimate: `amountMicros`, or the server's price of an
    * `llmCall` (exactly one; otherwise it rejects with a TypeError before any
    * call). A block is not an error: check `response.decision`
@@ -338,7 +371,13 @@ export interface RuncapClient {
    * refused, and `Decision.THROTTLE`, nothing held: reserve again, with a
    * new reservation id, after `response.retryAfter`); for an LLM call,
    * `response.estimate` says how it was priced, and a model the server has
-   * no price for is blocked with `DecisionReason.UNKNOWN_PRICE`.
+   * no price for is blocked with `DecisionReason.UNKNOWN_PRICE`. A block of
+   * an LLM call by money lists the `response.alternatives` that would fit;
+   * a run with `autoDowngrade` answers `Decision.DOWNGRADE` instead, holding
+   * the estimate of a cheaper model (`response.estimate.model`;
+   * `response.requestedModel` is the one asked for) under
+   * `response.reservationId`: call that model, and commit with that id.
+   * `response.decisionId` names the decision for `getDecision`.
    *
    * ```ts
    * await client.reserve({ runId, llmCall: { provider: "openai", model: "gpt-4o", inputTokens: 1200, maxOutputTokens: 500 } });
@@ -421,6 +460,10 @@ export function toLlmCall(call: LlmCallInput): LlmCall {
     model: call.model,
     inputTokens: tokens("inputTokens", call.inputTokens),
     maxOutputTokens: call.maxOutputTokens === undefined ? undefined : tokens("maxOutputTokens", call.maxOutputTokens),
+    needsTools: call.needsTools ?? false,
+    needsJsonSchema: call.needsJsonSchema ?? false,
+    minContextTokens: count("minContextTokens", call.minContextTokens),
+    modalities: [...(call.modalities ?? [])],
   });
 }
 
@@ -498,6 +541,8 @@ export function toRunPolicy(policy: RunPolicyInput | RunPolicy): RunPolicy {
     maxInFlight: policy.maxInFlight,
     maxDepth: policy.maxDepth,
     maxChildren: policy.maxChildren,
+    autoDowngrade: policy.autoDowngrade ?? false,
+    downgradeModels: [...(policy.downgradeModels ?? [])],
   });
 }
 
@@ -607,6 +652,10 @@ export function createRuncapClient(options: RuncapClientOptions = {}): RuncapCli
     getRun(runId, opts) {
       const request = create(GetRunRequestSchema, { runId });
       return call((o) => raw.getRun(request, o), true, opts);
+    },
+    getDecision(decisionId, opts) {
+      const request = create(GetDecisionRequestSchema, { decisionId });
+      return call((o) => raw.getDecision(request, o), true, opts);
     },
     async reserve(args, opts) {
       const request = create(ReserveRequestSchema, {

@@ -40,7 +40,7 @@ import {
   type EnforcementMode,
   type ScopeRef,
 } from "./gen/runcap/v1/budget_pb.js";
-import type { LlmEstimate, ReserveResponse } from "./gen/runcap/v1/budget_service_pb.js";
+import type { Alternative, LlmEstimate, ReserveResponse } from "./gen/runcap/v1/budget_service_pb.js";
 import { ErrorReason } from "./gen/runcap/v1/errors_pb.js";
 
 /** The ErrorInfo domain of every error the runcap server sends. */
@@ -158,6 +158,14 @@ export class ParentRunNotFoundError extends RuncapError {
   /** The parent run that was not found. */
   get parentRunId(): string {
     return this.metadata["parent_run_id"] ?? this.resourceInfo?.resourceName ?? "";
+  }
+}
+
+/** NOT_FOUND: `getDecision` named a decision the server does not have (never made, or its run aged out of retention). */
+export class DecisionNotFoundError extends RuncapError {
+  /** The decision that was not found. */
+  get decisionId(): string {
+    return this.metadata["decision_id"] || (this.resourceInfo?.resourceName ?? "");
   }
 }
 
@@ -312,6 +320,7 @@ export const ERROR_TABLE: readonly ErrorRow[] = [
   { reason: ErrorReason.PARENT_RUN_CLOSED, code: Code.FailedPrecondition, error: ParentRunClosedError },
   { reason: ErrorReason.RUN_CLOSED, code: Code.FailedPrecondition, error: RunClosedError },
   { reason: ErrorReason.SUBAGENT_LIMIT, code: Code.FailedPrecondition, error: SubagentLimitError },
+  { reason: ErrorReason.DECISION_NOT_FOUND, code: Code.NotFound, error: DecisionNotFoundError },
 ];
 
 /** Codes no runcap reason uses, and the class a status with that code gets. */
@@ -450,6 +459,22 @@ export class BudgetBlockedError extends Error {
   get unknownPrice(): boolean {
     return this.response.reason === DecisionReason.UNKNOWN_PRICE;
   }
+
+  /** The decision's id, for `getDecision` (the decision with the inputs it was made from); `""` when the server did not say. */
+  get decisionId(): string {
+    return this.response.decisionId;
+  }
+
+  /**
+   * For an LLM call blocked by money, the models that could stand in for it
+   * (provider, model, the call's estimate on it and the output tokens that
+   * prices): each has every capability the call needs (see `LlmCallInput`)
+   * and fits what the blocking scope has left. Cheapest first, at most 5;
+   * empty when none fits or for an amount.
+   */
+  get alternatives(): readonly Alternative[] {
+    return this.response.alternatives;
+  }
 }
 
 /**
@@ -536,6 +561,12 @@ function blockDetail(runId: string, response: ReserveResponse): string {
     detail +=
       ` (blocked by ${ScopeKind[scope.kind] ?? scope.kind} ${JSON.stringify(scope.id)}` +
       (period === Period.UNSPECIFIED ? ")" : `, ${Period[period] ?? period})`);
+  }
+  const [cheapest] = response.alternatives;
+  if (cheapest !== undefined) {
+    detail +=
+      `; ${response.alternatives.length} alternative model(s) fit, the cheapest ` +
+      `${cheapest.provider}/${cheapest.model} at ${cheapest.amountMicros} micros`;
   }
   return detail;
 }

@@ -41,6 +41,7 @@ export {
   BudgetThrottledError,
   CanceledError,
   DeadlineExceededError,
+  DecisionNotFoundError,
   ERROR_DOMAIN,
   ERROR_TABLE,
   IdempotencyConflictError,

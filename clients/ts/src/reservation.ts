@@ -5,6 +5,7 @@ import {
   toTokenUsage,
   type CallOptions,
   type DurationInput,
+  type LlmCallInput,
   type ReserveEstimate,
   type RuncapClient,
   type TokenCount,
@@ -18,6 +19,7 @@ import {
   type BudgetState,
 } from "./gen/runcap/v1/budget_pb.js";
 import type {
+  Alternative,
   CommitResponse,
   LlmEstimate,
   RefundResponse,
@@ -69,13 +71,21 @@ export interface ReservationOptions {
  * `warning` is then true, and `reason` and `dimension` say what a blocking
  * run would have refused. A warning that `failedOpen` held nothing, so it is
  * not settled.
+ *
+ * A downgrade (`Decision.DOWNGRADE`, from a run whose policy has
+ * `autoDowngrade`) is held like an allow, against a cheaper model than the
+ * one asked for: `downgraded` is then true, and `provider` and `model` name
+ * the model to call (`requestedModel` the one asked for).
  */
 export class Hold {
   /** The run of the reservation. */
   readonly runId: string;
-  /** The reservation's id. */
+  /**
+   * The reservation's id, as the server answered it (a downgrade may be held
+   * under an id other than the one asked for): the hold is settled under it.
+   */
   readonly reservationId: string;
-  /** The ReserveResponse (an allow, or a warning: see `warning`). */
+  /** The ReserveResponse (an allow, a warning or a downgrade: see `warning` and `downgraded`). */
   readonly response: ReserveResponse;
   /** The CommitResponse, once the hold was committed. */
   commitResponse: CommitResponse | undefined;
@@ -84,12 +94,21 @@ export class Hold {
   #actual: bigint | undefined;
   #usage: TokenUsage | undefined;
   #release = false;
+  #llmCall: LlmCallInput | undefined;
 
-  /** @internal */
-  constructor(runId: string, response: ReserveResponse) {
+  /**
+   * @internal `requested` is what the reserve asked with: its reservation id
+   * (used when the response has none) and its LLM call.
+   */
+  constructor(
+    runId: string,
+    response: ReserveResponse,
+    requested: { reservationId?: string | undefined; llmCall?: LlmCallInput | undefined } = {},
+  ) {
     this.runId = runId;
-    this.reservationId = response.reservationId;
+    this.reservationId = response.reservationId || (requested.reservationId ?? "");
     this.response = response;
+    this.#llmCall = requested.llmCall;
   }
 
   /** The amount held, in micro-USD. */
@@ -115,6 +134,55 @@ export class Hold {
    */
   get failedOpen(): boolean {
     return this.warning && this.response.reason === DecisionReason.BACKEND_UNAVAILABLE;
+  }
+
+  /**
+   * Whether the server answered `Decision.DOWNGRADE`: the LLM call asked for
+   * did not fit, the run's policy allows automatic downgrades, and the
+   * estimate of a cheaper model that has every capability the call needs is
+   * held instead. Call `model` (of `provider`), not the model asked for
+   * (`requestedModel`).
+   */
+  get downgraded(): boolean {
+    return this.response.decision === Decision.DOWNGRADE;
+  }
+
+  /**
+   * The model to call: the one the server priced and held
+   * (`estimate.model`; for a downgrade, the cheaper stand-in), or the model
+   * of the LLM call asked for when the server gave no estimate (it failed
+   * open); undefined for a hold of an amount.
+   */
+  get model(): string | undefined {
+    return this.response.estimate?.model || this.#llmCall?.model;
+  }
+
+  /**
+   * The provider of `model`: `estimate.provider` (a downgrade may pick
+   * another provider's model), or that of the LLM call asked for when the
+   * server gave no estimate; undefined for a hold of an amount.
+   */
+  get provider(): string | undefined {
+    return this.response.estimate?.provider || this.#llmCall?.provider;
+  }
+
+  /** The model the LLM call asked for (for a downgrade, `response.requestedModel`); undefined for a hold of an amount. */
+  get requestedModel(): string | undefined {
+    return this.response.requestedModel || this.#llmCall?.model;
+  }
+
+  /**
+   * The decision's id, for `client.getDecision` (the decision with the
+   * inputs it was made from); `""` when the server did not say (a warning
+   * that failed open records nothing).
+   */
+  get decisionId(): string {
+    return this.response.decisionId;
+  }
+
+  /** For a downgrade, the models that could stand in for the LLM call, cheapest first; empty otherwise. */
+  get alternatives(): readonly Alternative[] {
+    return this.response.alternatives;
   }
 
   /**
@@ -187,6 +255,9 @@ export class Hold {
   }
 }
 
+/** The decisions `withReservation` holds and calls back for. */
+const HELD_DECISIONS: ReadonlySet<Decision> = new Set([Decision.ALLOW, Decision.WARN, Decision.DOWNGRADE]);
+
 function defaultSettleError(error: RuncapError, hold: Hold): void {
   process.emitWarning(
     `runcap: settling reservation ${JSON.stringify(hold.reservationId)} of run ` +
@@ -219,7 +290,11 @@ function defaultSettleError(error: RuncapError, hold: Hold): void {
  * price for the LLM call's model (`error.unknownPrice`), and with its
  * subclass {@link BudgetThrottledError} when it throttles it (reserve again
  * after `error.retryAfterMs`). A warning of an advisory run calls `fn` like
- * an allow (`hold.warning`). `meter` and `meterUnits` count the call on a
+ * an allow (`hold.warning`), and so does a downgrade of an LLM call
+ * (`hold.downgraded`: call `hold.model`, the cheaper model held; the hold
+ * is settled under the reservation id the server answered with). A block
+ * of an LLM call by money lists the models that would fit in
+ * `error.alternatives`. `meter` and `meterUnits` count the call on a
  * call meter. Otherwise resolves
  * with `fn`'s result once the hold is committed (see {@link Hold}), or, when
  * `fn` throws, refunds the hold and rethrows `fn`'s error. Reserve, commit and
@@ -236,11 +311,12 @@ export async function withReservation<T>(
   }
   const estimate: ReserveEstimate =
     args.llmCall === undefined ? { amountMicros: args.amountMicros } : { llmCall: args.llmCall };
+  const reservationId = args.reservationId ?? newReservationId();
   const response = await client.reserve(
     {
       runId,
       ...estimate,
-      reservationId: args.reservationId ?? newReservationId(),
+      reservationId,
       ...(args.ttl !== undefined ? { ttl: args.ttl } : {}),
       ...(args.meter !== undefined ? { meter: args.meter } : {}),
       ...(args.meterUnits !== undefined ? { meterUnits: args.meterUnits } : {}),
@@ -249,10 +325,8 @@ export async function withReservation<T>(
   );
   if (response.decision === Decision.THROTTLE) throw new BudgetThrottledError(runId, response);
   // A block, or a decision this client does not know: nothing to go on with.
-  if (response.decision !== Decision.ALLOW && response.decision !== Decision.WARN) {
-    throw new BudgetBlockedError(runId, response);
-  }
-  const hold = new Hold(runId, response);
+  if (!HELD_DECISIONS.has(response.decision)) throw new BudgetBlockedError(runId, response);
+  const hold = new Hold(runId, response, { reservationId, llmCall: args.llmCall });
   // Settle even when the caller's signal aborted the work: an unsettled hold
   // stays reserved until its ttl.
   const { signal: _signal, ...settleOptions } = callOptions ?? {};
