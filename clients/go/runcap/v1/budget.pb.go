@@ -111,6 +111,11 @@ const (
 	// capability-valid model is held instead. Call the model in
 	// `estimate.model`, and commit with the response's `reservation_id`.
 	Decision_DECISION_DOWNGRADE Decision = 5
+	// Nothing was held: the call trips one of the run's escalation triggers
+	// (RunPolicy.approval_percent or approved_meters), and a person or a
+	// supervising agent must first Approve `approval_id`. Watch shows the
+	// request and its outcome; once approved, reserve again with a new id.
+	Decision_DECISION_APPROVAL_REQUIRED Decision = 6
 )
 
 // Enum value maps for Decision.
@@ -122,14 +127,16 @@ var (
 		3: "DECISION_WARN",
 		4: "DECISION_THROTTLE",
 		5: "DECISION_DOWNGRADE",
+		6: "DECISION_APPROVAL_REQUIRED",
 	}
 	Decision_value = map[string]int32{
-		"DECISION_UNSPECIFIED": 0,
-		"DECISION_ALLOW":       1,
-		"DECISION_BLOCK":       2,
-		"DECISION_WARN":        3,
-		"DECISION_THROTTLE":    4,
-		"DECISION_DOWNGRADE":   5,
+		"DECISION_UNSPECIFIED":       0,
+		"DECISION_ALLOW":             1,
+		"DECISION_BLOCK":             2,
+		"DECISION_WARN":              3,
+		"DECISION_THROTTLE":          4,
+		"DECISION_DOWNGRADE":         5,
+		"DECISION_APPROVAL_REQUIRED": 6,
 	}
 )
 
@@ -158,6 +165,63 @@ func (x Decision) Number() protoreflect.EnumNumber {
 // Deprecated: Use Decision.Descriptor instead.
 func (Decision) EnumDescriptor() ([]byte, []int) {
 	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{1}
+}
+
+// ApprovalStatus is where an escalation stands.
+type ApprovalStatus int32
+
+const (
+	// Not set. The server never returns this value.
+	ApprovalStatus_APPROVAL_STATUS_UNSPECIFIED ApprovalStatus = 0
+	// Waiting for Approve or Deny.
+	ApprovalStatus_APPROVAL_STATUS_PENDING ApprovalStatus = 1
+	// Approved: calls that trip this trigger are decided as usual.
+	ApprovalStatus_APPROVAL_STATUS_APPROVED ApprovalStatus = 2
+	// Denied: calls that trip this trigger are blocked.
+	ApprovalStatus_APPROVAL_STATUS_DENIED ApprovalStatus = 3
+)
+
+// Enum value maps for ApprovalStatus.
+var (
+	ApprovalStatus_name = map[int32]string{
+		0: "APPROVAL_STATUS_UNSPECIFIED",
+		1: "APPROVAL_STATUS_PENDING",
+		2: "APPROVAL_STATUS_APPROVED",
+		3: "APPROVAL_STATUS_DENIED",
+	}
+	ApprovalStatus_value = map[string]int32{
+		"APPROVAL_STATUS_UNSPECIFIED": 0,
+		"APPROVAL_STATUS_PENDING":     1,
+		"APPROVAL_STATUS_APPROVED":    2,
+		"APPROVAL_STATUS_DENIED":      3,
+	}
+)
+
+func (x ApprovalStatus) Enum() *ApprovalStatus {
+	p := new(ApprovalStatus)
+	*p = x
+	return p
+}
+
+func (x ApprovalStatus) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ApprovalStatus) Descriptor() protoreflect.EnumDescriptor {
+	return file_runcap_v1_budget_proto_enumTypes[2].Descriptor()
+}
+
+func (ApprovalStatus) Type() protoreflect.EnumType {
+	return &file_runcap_v1_budget_proto_enumTypes[2]
+}
+
+func (x ApprovalStatus) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ApprovalStatus.Descriptor instead.
+func (ApprovalStatus) EnumDescriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{2}
 }
 
 // EnforcementMode is how a run's ceilings are enforced.
@@ -217,11 +281,11 @@ func (x EnforcementMode) String() string {
 }
 
 func (EnforcementMode) Descriptor() protoreflect.EnumDescriptor {
-	return file_runcap_v1_budget_proto_enumTypes[2].Descriptor()
+	return file_runcap_v1_budget_proto_enumTypes[3].Descriptor()
 }
 
 func (EnforcementMode) Type() protoreflect.EnumType {
-	return &file_runcap_v1_budget_proto_enumTypes[2]
+	return &file_runcap_v1_budget_proto_enumTypes[3]
 }
 
 func (x EnforcementMode) Number() protoreflect.EnumNumber {
@@ -230,7 +294,7 @@ func (x EnforcementMode) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use EnforcementMode.Descriptor instead.
 func (EnforcementMode) EnumDescriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{2}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{3}
 }
 
 // BudgetDimension names what a verdict was about.
@@ -282,11 +346,11 @@ func (x BudgetDimension) String() string {
 }
 
 func (BudgetDimension) Descriptor() protoreflect.EnumDescriptor {
-	return file_runcap_v1_budget_proto_enumTypes[3].Descriptor()
+	return file_runcap_v1_budget_proto_enumTypes[4].Descriptor()
 }
 
 func (BudgetDimension) Type() protoreflect.EnumType {
-	return &file_runcap_v1_budget_proto_enumTypes[3]
+	return &file_runcap_v1_budget_proto_enumTypes[4]
 }
 
 func (x BudgetDimension) Number() protoreflect.EnumNumber {
@@ -295,7 +359,7 @@ func (x BudgetDimension) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use BudgetDimension.Descriptor instead.
 func (BudgetDimension) EnumDescriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{3}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{4}
 }
 
 // ThresholdLevel is a band of a run's graduated response, by committed spend
@@ -345,11 +409,11 @@ func (x ThresholdLevel) String() string {
 }
 
 func (ThresholdLevel) Descriptor() protoreflect.EnumDescriptor {
-	return file_runcap_v1_budget_proto_enumTypes[4].Descriptor()
+	return file_runcap_v1_budget_proto_enumTypes[5].Descriptor()
 }
 
 func (ThresholdLevel) Type() protoreflect.EnumType {
-	return &file_runcap_v1_budget_proto_enumTypes[4]
+	return &file_runcap_v1_budget_proto_enumTypes[5]
 }
 
 func (x ThresholdLevel) Number() protoreflect.EnumNumber {
@@ -358,7 +422,7 @@ func (x ThresholdLevel) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ThresholdLevel.Descriptor instead.
 func (ThresholdLevel) EnumDescriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{4}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{5}
 }
 
 // DecisionReason explains a decision in machine-readable form.
@@ -393,6 +457,14 @@ const (
 	DecisionReason_DECISION_REASON_RATE_LIMITED DecisionReason = 8
 	// DECISION_THROTTLE: the run has its maximum number of holds in flight.
 	DecisionReason_DECISION_REASON_IN_FLIGHT_LIMIT DecisionReason = 9
+	// DECISION_APPROVAL_REQUIRED: the run's committed and held spend with
+	// this estimate would pass RunPolicy.approval_percent of its limit.
+	DecisionReason_DECISION_REASON_SPEND_NEEDS_APPROVAL DecisionReason = 11
+	// DECISION_APPROVAL_REQUIRED: the call's meter is not on the run's
+	// RunPolicy.approved_meters (`blocking_meter` names it).
+	DecisionReason_DECISION_REASON_METER_NEEDS_APPROVAL DecisionReason = 12
+	// DECISION_BLOCK: the escalation this call trips was denied (Deny).
+	DecisionReason_DECISION_REASON_APPROVAL_DENIED DecisionReason = 13
 	// DECISION_WARN on an advisory run while the ledger's storage is
 	// unreachable and the deployment fails open (RUNCAP_FAIL_OPEN): nothing
 	// was held or recorded, and a later Commit of this reservation fails with
@@ -413,20 +485,26 @@ var (
 		7:  "DECISION_REASON_THROTTLED",
 		8:  "DECISION_REASON_RATE_LIMITED",
 		9:  "DECISION_REASON_IN_FLIGHT_LIMIT",
+		11: "DECISION_REASON_SPEND_NEEDS_APPROVAL",
+		12: "DECISION_REASON_METER_NEEDS_APPROVAL",
+		13: "DECISION_REASON_APPROVAL_DENIED",
 		10: "DECISION_REASON_BACKEND_UNAVAILABLE",
 	}
 	DecisionReason_value = map[string]int32{
-		"DECISION_REASON_UNSPECIFIED":         0,
-		"DECISION_REASON_WITHIN_BUDGET":       1,
-		"DECISION_REASON_INSUFFICIENT_BUDGET": 2,
-		"DECISION_REASON_RUN_CLOSED":          3,
-		"DECISION_REASON_RESERVATION_EXPIRED": 4,
-		"DECISION_REASON_UNKNOWN_PRICE":       5,
-		"DECISION_REASON_SUSPENDED":           6,
-		"DECISION_REASON_THROTTLED":           7,
-		"DECISION_REASON_RATE_LIMITED":        8,
-		"DECISION_REASON_IN_FLIGHT_LIMIT":     9,
-		"DECISION_REASON_BACKEND_UNAVAILABLE": 10,
+		"DECISION_REASON_UNSPECIFIED":          0,
+		"DECISION_REASON_WITHIN_BUDGET":        1,
+		"DECISION_REASON_INSUFFICIENT_BUDGET":  2,
+		"DECISION_REASON_RUN_CLOSED":           3,
+		"DECISION_REASON_RESERVATION_EXPIRED":  4,
+		"DECISION_REASON_UNKNOWN_PRICE":        5,
+		"DECISION_REASON_SUSPENDED":            6,
+		"DECISION_REASON_THROTTLED":            7,
+		"DECISION_REASON_RATE_LIMITED":         8,
+		"DECISION_REASON_IN_FLIGHT_LIMIT":      9,
+		"DECISION_REASON_SPEND_NEEDS_APPROVAL": 11,
+		"DECISION_REASON_METER_NEEDS_APPROVAL": 12,
+		"DECISION_REASON_APPROVAL_DENIED":      13,
+		"DECISION_REASON_BACKEND_UNAVAILABLE":  10,
 	}
 )
 
@@ -441,11 +519,11 @@ func (x DecisionReason) String() string {
 }
 
 func (DecisionReason) Descriptor() protoreflect.EnumDescriptor {
-	return file_runcap_v1_budget_proto_enumTypes[5].Descriptor()
+	return file_runcap_v1_budget_proto_enumTypes[6].Descriptor()
 }
 
 func (DecisionReason) Type() protoreflect.EnumType {
-	return &file_runcap_v1_budget_proto_enumTypes[5]
+	return &file_runcap_v1_budget_proto_enumTypes[6]
 }
 
 func (x DecisionReason) Number() protoreflect.EnumNumber {
@@ -454,7 +532,7 @@ func (x DecisionReason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use DecisionReason.Descriptor instead.
 func (DecisionReason) EnumDescriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{5}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{6}
 }
 
 // ScopeKind names what a scope is. A run is charged on its own ledger and on
@@ -504,11 +582,11 @@ func (x ScopeKind) String() string {
 }
 
 func (ScopeKind) Descriptor() protoreflect.EnumDescriptor {
-	return file_runcap_v1_budget_proto_enumTypes[6].Descriptor()
+	return file_runcap_v1_budget_proto_enumTypes[7].Descriptor()
 }
 
 func (ScopeKind) Type() protoreflect.EnumType {
-	return &file_runcap_v1_budget_proto_enumTypes[6]
+	return &file_runcap_v1_budget_proto_enumTypes[7]
 }
 
 func (x ScopeKind) Number() protoreflect.EnumNumber {
@@ -517,7 +595,7 @@ func (x ScopeKind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ScopeKind.Descriptor instead.
 func (ScopeKind) EnumDescriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{6}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{7}
 }
 
 // Period is the window a scope ceiling applies to. Daily and monthly windows
@@ -563,11 +641,11 @@ func (x Period) String() string {
 }
 
 func (Period) Descriptor() protoreflect.EnumDescriptor {
-	return file_runcap_v1_budget_proto_enumTypes[7].Descriptor()
+	return file_runcap_v1_budget_proto_enumTypes[8].Descriptor()
 }
 
 func (Period) Type() protoreflect.EnumType {
-	return &file_runcap_v1_budget_proto_enumTypes[7]
+	return &file_runcap_v1_budget_proto_enumTypes[8]
 }
 
 func (x Period) Number() protoreflect.EnumNumber {
@@ -576,7 +654,7 @@ func (x Period) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Period.Descriptor instead.
 func (Period) EnumDescriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{7}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{8}
 }
 
 // ReservationStatus is where a reservation is in its state machine:
@@ -637,11 +715,11 @@ func (x ReservationStatus) String() string {
 }
 
 func (ReservationStatus) Descriptor() protoreflect.EnumDescriptor {
-	return file_runcap_v1_budget_proto_enumTypes[8].Descriptor()
+	return file_runcap_v1_budget_proto_enumTypes[9].Descriptor()
 }
 
 func (ReservationStatus) Type() protoreflect.EnumType {
-	return &file_runcap_v1_budget_proto_enumTypes[8]
+	return &file_runcap_v1_budget_proto_enumTypes[9]
 }
 
 func (x ReservationStatus) Number() protoreflect.EnumNumber {
@@ -650,7 +728,7 @@ func (x ReservationStatus) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ReservationStatus.Descriptor instead.
 func (ReservationStatus) EnumDescriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{8}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{9}
 }
 
 // EventType names what changed in a run.
@@ -679,33 +757,46 @@ const (
 	// The run's committed spend reached a new threshold band; `threshold`
 	// says which. One event per band, in order, after the commit that crossed it.
 	EventType_EVENT_TYPE_THRESHOLD_CROSSED EventType = 9
+	// A Reserve tripped an escalation trigger: `approval_id` awaits Approve or
+	// Deny.
+	EventType_EVENT_TYPE_APPROVAL_REQUESTED EventType = 10
+	// `approval_id` was approved.
+	EventType_EVENT_TYPE_APPROVAL_GRANTED EventType = 11
+	// `approval_id` was denied.
+	EventType_EVENT_TYPE_APPROVAL_DENIED EventType = 12
 )
 
 // Enum value maps for EventType.
 var (
 	EventType_name = map[int32]string{
-		0: "EVENT_TYPE_UNSPECIFIED",
-		1: "EVENT_TYPE_CREATED",
-		2: "EVENT_TYPE_RESERVED",
-		3: "EVENT_TYPE_COMMITTED",
-		4: "EVENT_TYPE_REFUNDED",
-		5: "EVENT_TYPE_EXPIRED",
-		6: "EVENT_TYPE_CLOSED",
-		7: "EVENT_TYPE_SUSPENDED",
-		8: "EVENT_TYPE_RESUMED",
-		9: "EVENT_TYPE_THRESHOLD_CROSSED",
+		0:  "EVENT_TYPE_UNSPECIFIED",
+		1:  "EVENT_TYPE_CREATED",
+		2:  "EVENT_TYPE_RESERVED",
+		3:  "EVENT_TYPE_COMMITTED",
+		4:  "EVENT_TYPE_REFUNDED",
+		5:  "EVENT_TYPE_EXPIRED",
+		6:  "EVENT_TYPE_CLOSED",
+		7:  "EVENT_TYPE_SUSPENDED",
+		8:  "EVENT_TYPE_RESUMED",
+		9:  "EVENT_TYPE_THRESHOLD_CROSSED",
+		10: "EVENT_TYPE_APPROVAL_REQUESTED",
+		11: "EVENT_TYPE_APPROVAL_GRANTED",
+		12: "EVENT_TYPE_APPROVAL_DENIED",
 	}
 	EventType_value = map[string]int32{
-		"EVENT_TYPE_UNSPECIFIED":       0,
-		"EVENT_TYPE_CREATED":           1,
-		"EVENT_TYPE_RESERVED":          2,
-		"EVENT_TYPE_COMMITTED":         3,
-		"EVENT_TYPE_REFUNDED":          4,
-		"EVENT_TYPE_EXPIRED":           5,
-		"EVENT_TYPE_CLOSED":            6,
-		"EVENT_TYPE_SUSPENDED":         7,
-		"EVENT_TYPE_RESUMED":           8,
-		"EVENT_TYPE_THRESHOLD_CROSSED": 9,
+		"EVENT_TYPE_UNSPECIFIED":        0,
+		"EVENT_TYPE_CREATED":            1,
+		"EVENT_TYPE_RESERVED":           2,
+		"EVENT_TYPE_COMMITTED":          3,
+		"EVENT_TYPE_REFUNDED":           4,
+		"EVENT_TYPE_EXPIRED":            5,
+		"EVENT_TYPE_CLOSED":             6,
+		"EVENT_TYPE_SUSPENDED":          7,
+		"EVENT_TYPE_RESUMED":            8,
+		"EVENT_TYPE_THRESHOLD_CROSSED":  9,
+		"EVENT_TYPE_APPROVAL_REQUESTED": 10,
+		"EVENT_TYPE_APPROVAL_GRANTED":   11,
+		"EVENT_TYPE_APPROVAL_DENIED":    12,
 	}
 )
 
@@ -720,11 +811,11 @@ func (x EventType) String() string {
 }
 
 func (EventType) Descriptor() protoreflect.EnumDescriptor {
-	return file_runcap_v1_budget_proto_enumTypes[9].Descriptor()
+	return file_runcap_v1_budget_proto_enumTypes[10].Descriptor()
 }
 
 func (EventType) Type() protoreflect.EnumType {
-	return &file_runcap_v1_budget_proto_enumTypes[9]
+	return &file_runcap_v1_budget_proto_enumTypes[10]
 }
 
 func (x EventType) Number() protoreflect.EnumNumber {
@@ -733,7 +824,73 @@ func (x EventType) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use EventType.Descriptor instead.
 func (EventType) EnumDescriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{9}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{10}
+}
+
+// Approval is one escalation of a run: the run's spend passing its approval
+// threshold, or a call to a meter not on its approved list.
+type Approval struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The approval's id: "<run id>/approval:spend" or
+	// "<run id>/approval:meter:<meter>".
+	ApprovalId string `protobuf:"bytes,1,opt,name=approval_id,json=approvalId,proto3" json:"approval_id,omitempty"`
+	// Where it stands.
+	Status ApprovalStatus `protobuf:"varint,2,opt,name=status,proto3,enum=runcap.v1.ApprovalStatus" json:"status,omitempty"`
+	// The meter, for a meter's approval; empty for spend.
+	Meter         string `protobuf:"bytes,3,opt,name=meter,proto3" json:"meter,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Approval) Reset() {
+	*x = Approval{}
+	mi := &file_runcap_v1_budget_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Approval) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Approval) ProtoMessage() {}
+
+func (x *Approval) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Approval.ProtoReflect.Descriptor instead.
+func (*Approval) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *Approval) GetApprovalId() string {
+	if x != nil {
+		return x.ApprovalId
+	}
+	return ""
+}
+
+func (x *Approval) GetStatus() ApprovalStatus {
+	if x != nil {
+		return x.Status
+	}
+	return ApprovalStatus_APPROVAL_STATUS_UNSPECIFIED
+}
+
+func (x *Approval) GetMeter() string {
+	if x != nil {
+		return x.Meter
+	}
+	return ""
 }
 
 // Thresholds are the percentages of a run's limit where its graduated
@@ -753,7 +910,7 @@ type Thresholds struct {
 
 func (x *Thresholds) Reset() {
 	*x = Thresholds{}
-	mi := &file_runcap_v1_budget_proto_msgTypes[0]
+	mi := &file_runcap_v1_budget_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -765,7 +922,7 @@ func (x *Thresholds) String() string {
 func (*Thresholds) ProtoMessage() {}
 
 func (x *Thresholds) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_proto_msgTypes[0]
+	mi := &file_runcap_v1_budget_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -778,7 +935,7 @@ func (x *Thresholds) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Thresholds.ProtoReflect.Descriptor instead.
 func (*Thresholds) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{0}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{1}
 }
 
 func (x *Thresholds) GetInfoPercent() int32 {
@@ -816,7 +973,7 @@ type RateLimit struct {
 
 func (x *RateLimit) Reset() {
 	*x = RateLimit{}
-	mi := &file_runcap_v1_budget_proto_msgTypes[1]
+	mi := &file_runcap_v1_budget_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -828,7 +985,7 @@ func (x *RateLimit) String() string {
 func (*RateLimit) ProtoMessage() {}
 
 func (x *RateLimit) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_proto_msgTypes[1]
+	mi := &file_runcap_v1_budget_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -841,7 +998,7 @@ func (x *RateLimit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RateLimit.ProtoReflect.Descriptor instead.
 func (*RateLimit) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{1}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *RateLimit) GetMaxCalls() int64 {
@@ -899,13 +1056,20 @@ type RunPolicy struct {
 	// The models alternatives and downgrades may pick from, as
 	// "provider/model". Empty: any model with a price.
 	DowngradeModels []string `protobuf:"bytes,13,rep,name=downgrade_models,json=downgradeModels,proto3" json:"downgrade_models,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Escalate once the run's committed and held spend with a call's estimate
+	// would pass this percent of its limit (1 to 100; 0: never): the call gets
+	// DECISION_APPROVAL_REQUIRED until the spend approval is approved.
+	ApprovalPercent int32 `protobuf:"varint,14,opt,name=approval_percent,json=approvalPercent,proto3" json:"approval_percent,omitempty"`
+	// When set, a call naming a meter not on this list needs that meter's
+	// approval first. Same names as meter_limits; at most 32.
+	ApprovedMeters []string `protobuf:"bytes,15,rep,name=approved_meters,json=approvedMeters,proto3" json:"approved_meters,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *RunPolicy) Reset() {
 	*x = RunPolicy{}
-	mi := &file_runcap_v1_budget_proto_msgTypes[2]
+	mi := &file_runcap_v1_budget_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -917,7 +1081,7 @@ func (x *RunPolicy) String() string {
 func (*RunPolicy) ProtoMessage() {}
 
 func (x *RunPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_proto_msgTypes[2]
+	mi := &file_runcap_v1_budget_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -930,7 +1094,7 @@ func (x *RunPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunPolicy.ProtoReflect.Descriptor instead.
 func (*RunPolicy) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{2}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *RunPolicy) GetEnforcementMode() EnforcementMode {
@@ -1024,6 +1188,20 @@ func (x *RunPolicy) GetDowngradeModels() []string {
 	return nil
 }
 
+func (x *RunPolicy) GetApprovalPercent() int32 {
+	if x != nil {
+		return x.ApprovalPercent
+	}
+	return 0
+}
+
+func (x *RunPolicy) GetApprovedMeters() []string {
+	if x != nil {
+		return x.ApprovedMeters
+	}
+	return nil
+}
+
 // ScopeRef names a scope.
 type ScopeRef struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1038,7 +1216,7 @@ type ScopeRef struct {
 
 func (x *ScopeRef) Reset() {
 	*x = ScopeRef{}
-	mi := &file_runcap_v1_budget_proto_msgTypes[3]
+	mi := &file_runcap_v1_budget_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1050,7 +1228,7 @@ func (x *ScopeRef) String() string {
 func (*ScopeRef) ProtoMessage() {}
 
 func (x *ScopeRef) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_proto_msgTypes[3]
+	mi := &file_runcap_v1_budget_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1063,7 +1241,7 @@ func (x *ScopeRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScopeRef.ProtoReflect.Descriptor instead.
 func (*ScopeRef) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{3}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ScopeRef) GetKind() ScopeKind {
@@ -1109,7 +1287,7 @@ type ScopeUsage struct {
 
 func (x *ScopeUsage) Reset() {
 	*x = ScopeUsage{}
-	mi := &file_runcap_v1_budget_proto_msgTypes[4]
+	mi := &file_runcap_v1_budget_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1121,7 +1299,7 @@ func (x *ScopeUsage) String() string {
 func (*ScopeUsage) ProtoMessage() {}
 
 func (x *ScopeUsage) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_proto_msgTypes[4]
+	mi := &file_runcap_v1_budget_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1134,7 +1312,7 @@ func (x *ScopeUsage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScopeUsage.ProtoReflect.Descriptor instead.
 func (*ScopeUsage) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{4}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ScopeUsage) GetPeriod() Period {
@@ -1214,7 +1392,7 @@ type Scope struct {
 
 func (x *Scope) Reset() {
 	*x = Scope{}
-	mi := &file_runcap_v1_budget_proto_msgTypes[5]
+	mi := &file_runcap_v1_budget_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1226,7 +1404,7 @@ func (x *Scope) String() string {
 func (*Scope) ProtoMessage() {}
 
 func (x *Scope) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_proto_msgTypes[5]
+	mi := &file_runcap_v1_budget_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1239,7 +1417,7 @@ func (x *Scope) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Scope.ProtoReflect.Descriptor instead.
 func (*Scope) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{5}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Scope) GetRef() *ScopeRef {
@@ -1302,7 +1480,7 @@ type BudgetState struct {
 
 func (x *BudgetState) Reset() {
 	*x = BudgetState{}
-	mi := &file_runcap_v1_budget_proto_msgTypes[6]
+	mi := &file_runcap_v1_budget_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1314,7 +1492,7 @@ func (x *BudgetState) String() string {
 func (*BudgetState) ProtoMessage() {}
 
 func (x *BudgetState) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_proto_msgTypes[6]
+	mi := &file_runcap_v1_budget_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1327,7 +1505,7 @@ func (x *BudgetState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BudgetState.ProtoReflect.Descriptor instead.
 func (*BudgetState) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{6}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *BudgetState) GetRunId() string {
@@ -1456,14 +1634,16 @@ type Run struct {
 	// How many child runs the run has.
 	Children int32 `protobuf:"varint,14,opt,name=children,proto3" json:"children,omitempty"`
 	// The run's call meters: every meter with a ceiling or any use.
-	Meters        []*MeterUsage `protobuf:"bytes,15,rep,name=meters,proto3" json:"meters,omitempty"`
+	Meters []*MeterUsage `protobuf:"bytes,15,rep,name=meters,proto3" json:"meters,omitempty"`
+	// The run's escalations, pending and resolved.
+	Approvals     []*Approval `protobuf:"bytes,16,rep,name=approvals,proto3" json:"approvals,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Run) Reset() {
 	*x = Run{}
-	mi := &file_runcap_v1_budget_proto_msgTypes[7]
+	mi := &file_runcap_v1_budget_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1475,7 +1655,7 @@ func (x *Run) String() string {
 func (*Run) ProtoMessage() {}
 
 func (x *Run) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_proto_msgTypes[7]
+	mi := &file_runcap_v1_budget_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1488,7 +1668,7 @@ func (x *Run) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Run.ProtoReflect.Descriptor instead.
 func (*Run) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{7}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Run) GetRunId() string {
@@ -1596,6 +1776,13 @@ func (x *Run) GetMeters() []*MeterUsage {
 	return nil
 }
 
+func (x *Run) GetApprovals() []*Approval {
+	if x != nil {
+		return x.Approvals
+	}
+	return nil
+}
+
 // MeterUsage is a run's use of one call meter, in units.
 type MeterUsage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1613,7 +1800,7 @@ type MeterUsage struct {
 
 func (x *MeterUsage) Reset() {
 	*x = MeterUsage{}
-	mi := &file_runcap_v1_budget_proto_msgTypes[8]
+	mi := &file_runcap_v1_budget_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1625,7 +1812,7 @@ func (x *MeterUsage) String() string {
 func (*MeterUsage) ProtoMessage() {}
 
 func (x *MeterUsage) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_proto_msgTypes[8]
+	mi := &file_runcap_v1_budget_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1638,7 +1825,7 @@ func (x *MeterUsage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MeterUsage.ProtoReflect.Descriptor instead.
 func (*MeterUsage) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{8}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *MeterUsage) GetName() string {
@@ -1691,14 +1878,16 @@ type BudgetEvent struct {
 	// enclosing message's revision.
 	State *BudgetState `protobuf:"bytes,8,opt,name=state,proto3" json:"state,omitempty"`
 	// For THRESHOLD_CROSSED: the band reached.
-	Threshold     ThresholdLevel `protobuf:"varint,9,opt,name=threshold,proto3,enum=runcap.v1.ThresholdLevel" json:"threshold,omitempty"`
+	Threshold ThresholdLevel `protobuf:"varint,9,opt,name=threshold,proto3,enum=runcap.v1.ThresholdLevel" json:"threshold,omitempty"`
+	// For the APPROVAL_ events: the approval.
+	ApprovalId    string `protobuf:"bytes,10,opt,name=approval_id,json=approvalId,proto3" json:"approval_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *BudgetEvent) Reset() {
 	*x = BudgetEvent{}
-	mi := &file_runcap_v1_budget_proto_msgTypes[9]
+	mi := &file_runcap_v1_budget_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1710,7 +1899,7 @@ func (x *BudgetEvent) String() string {
 func (*BudgetEvent) ProtoMessage() {}
 
 func (x *BudgetEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_proto_msgTypes[9]
+	mi := &file_runcap_v1_budget_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1723,7 +1912,7 @@ func (x *BudgetEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BudgetEvent.ProtoReflect.Descriptor instead.
 func (*BudgetEvent) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{9}
+	return file_runcap_v1_budget_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *BudgetEvent) GetType() EventType {
@@ -1789,11 +1978,23 @@ func (x *BudgetEvent) GetThreshold() ThresholdLevel {
 	return ThresholdLevel_THRESHOLD_LEVEL_UNSPECIFIED
 }
 
+func (x *BudgetEvent) GetApprovalId() string {
+	if x != nil {
+		return x.ApprovalId
+	}
+	return ""
+}
+
 var File_runcap_v1_budget_proto protoreflect.FileDescriptor
 
 const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\n" +
-	"\x16runcap/v1/budget.proto\x12\truncap.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"}\n" +
+	"\x16runcap/v1/budget.proto\x12\truncap.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"t\n" +
+	"\bApproval\x12\x1f\n" +
+	"\vapproval_id\x18\x01 \x01(\tR\n" +
+	"approvalId\x121\n" +
+	"\x06status\x18\x02 \x01(\x0e2\x19.runcap.v1.ApprovalStatusR\x06status\x12\x14\n" +
+	"\x05meter\x18\x03 \x01(\tR\x05meter\"}\n" +
 	"\n" +
 	"Thresholds\x12!\n" +
 	"\finfo_percent\x18\x01 \x01(\x05R\vinfoPercent\x12!\n" +
@@ -1801,7 +2002,7 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x10throttle_percent\x18\x03 \x01(\x05R\x0fthrottlePercent\"g\n" +
 	"\tRateLimit\x12!\n" +
 	"\tmax_calls\x18\x01 \x01(\x03B\x04\xe2A\x01\x02R\bmaxCalls\x127\n" +
-	"\x06window\x18\x02 \x01(\v2\x19.google.protobuf.DurationB\x04\xe2A\x01\x02R\x06window\"\x8c\a\n" +
+	"\x06window\x18\x02 \x01(\v2\x19.google.protobuf.DurationB\x04\xe2A\x01\x02R\x06window\"\xec\a\n" +
 	"\tRunPolicy\x12K\n" +
 	"\x10enforcement_mode\x18\x01 \x01(\x0e2\x1a.runcap.v1.EnforcementModeB\x04\xe2A\x01\x01R\x0fenforcementMode\x12=\n" +
 	"\x18soft_gate_margin_percent\x18\x02 \x01(\x05B\x04\xe2A\x01\x01R\x15softGateMarginPercent\x12;\n" +
@@ -1820,7 +2021,9 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	" \x01(\x05B\x04\xe2A\x01\x01H\x02R\bmaxDepth\x88\x01\x01\x12,\n" +
 	"\fmax_children\x18\v \x01(\x05B\x04\xe2A\x01\x01H\x03R\vmaxChildren\x88\x01\x01\x12+\n" +
 	"\x0eauto_downgrade\x18\f \x01(\bB\x04\xe2A\x01\x01R\rautoDowngrade\x12/\n" +
-	"\x10downgrade_models\x18\r \x03(\tB\x04\xe2A\x01\x01R\x0fdowngradeModels\x1a>\n" +
+	"\x10downgrade_models\x18\r \x03(\tB\x04\xe2A\x01\x01R\x0fdowngradeModels\x12/\n" +
+	"\x10approval_percent\x18\x0e \x01(\x05B\x04\xe2A\x01\x01R\x0fapprovalPercent\x12-\n" +
+	"\x0fapproved_meters\x18\x0f \x03(\tB\x04\xe2A\x01\x01R\x0eapprovedMeters\x1a>\n" +
 	"\x10MeterLimitsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01B\r\n" +
@@ -1861,7 +2064,7 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x10committed_tokens\x18\f \x01(\x03B\x04\xe2A\x01\x03R\x0fcommittedTokens\x12-\n" +
 	"\x0freserved_tokens\x18\r \x01(\x03B\x04\xe2A\x01\x03R\x0ereservedTokens\x12\x1c\n" +
 	"\x06digest\x18\n" +
-	" \x01(\tB\x04\xe2A\x01\x03R\x06digest\"\xee\x05\n" +
+	" \x01(\tB\x04\xe2A\x01\x03R\x06digest\"\xa7\x06\n" +
 	"\x03Run\x12\x1b\n" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x03R\x05runId\x12'\n" +
 	"\flimit_micros\x18\x02 \x01(\x03B\x04\xe2A\x01\x03R\vlimitMicros\x128\n" +
@@ -1881,7 +2084,8 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x06policy\x18\f \x01(\v2\x14.runcap.v1.RunPolicyB\x04\xe2A\x01\x03R\x06policy\x12-\n" +
 	"\x0fdepth_remaining\x18\r \x01(\x05B\x04\xe2A\x01\x03R\x0edepthRemaining\x12 \n" +
 	"\bchildren\x18\x0e \x01(\x05B\x04\xe2A\x01\x03R\bchildren\x123\n" +
-	"\x06meters\x18\x0f \x03(\v2\x15.runcap.v1.MeterUsageB\x04\xe2A\x01\x03R\x06meters\x1a9\n" +
+	"\x06meters\x18\x0f \x03(\v2\x15.runcap.v1.MeterUsageB\x04\xe2A\x01\x03R\x06meters\x127\n" +
+	"\tapprovals\x18\x10 \x03(\v2\x13.runcap.v1.ApprovalB\x04\xe2A\x01\x03R\tapprovals\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x7f\n" +
@@ -1891,7 +2095,7 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x05limit\x18\x02 \x01(\x03H\x00R\x05limit\x88\x01\x01\x12\x1c\n" +
 	"\tcommitted\x18\x03 \x01(\x03R\tcommitted\x12\x1a\n" +
 	"\breserved\x18\x04 \x01(\x03R\breservedB\b\n" +
-	"\x06_limit\"\xfa\x02\n" +
+	"\x06_limit\"\x9b\x03\n" +
 	"\vBudgetEvent\x12(\n" +
 	"\x04type\x18\x01 \x01(\x0e2\x14.runcap.v1.EventTypeR\x04type\x12%\n" +
 	"\x0ereservation_id\x18\x02 \x01(\tR\rreservationId\x12#\n" +
@@ -1901,19 +2105,28 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x04late\x18\x06 \x01(\bR\x04late\x12.\n" +
 	"\x04time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12,\n" +
 	"\x05state\x18\b \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\x127\n" +
-	"\tthreshold\x18\t \x01(\x0e2\x19.runcap.v1.ThresholdLevelR\tthreshold*m\n" +
+	"\tthreshold\x18\t \x01(\x0e2\x19.runcap.v1.ThresholdLevelR\tthreshold\x12\x1f\n" +
+	"\vapproval_id\x18\n" +
+	" \x01(\tR\n" +
+	"approvalId*m\n" +
 	"\tRunStatus\x12\x1a\n" +
 	"\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fRUN_STATUS_OPEN\x10\x01\x12\x15\n" +
 	"\x11RUN_STATUS_CLOSED\x10\x02\x12\x18\n" +
-	"\x14RUN_STATUS_SUSPENDED\x10\x03*\x8e\x01\n" +
+	"\x14RUN_STATUS_SUSPENDED\x10\x03*\xae\x01\n" +
 	"\bDecision\x12\x18\n" +
 	"\x14DECISION_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eDECISION_ALLOW\x10\x01\x12\x12\n" +
 	"\x0eDECISION_BLOCK\x10\x02\x12\x11\n" +
 	"\rDECISION_WARN\x10\x03\x12\x15\n" +
 	"\x11DECISION_THROTTLE\x10\x04\x12\x16\n" +
-	"\x12DECISION_DOWNGRADE\x10\x05*\xb5\x01\n" +
+	"\x12DECISION_DOWNGRADE\x10\x05\x12\x1e\n" +
+	"\x1aDECISION_APPROVAL_REQUIRED\x10\x06*\x88\x01\n" +
+	"\x0eApprovalStatus\x12\x1f\n" +
+	"\x1bAPPROVAL_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n" +
+	"\x17APPROVAL_STATUS_PENDING\x10\x01\x12\x1c\n" +
+	"\x18APPROVAL_STATUS_APPROVED\x10\x02\x12\x1a\n" +
+	"\x16APPROVAL_STATUS_DENIED\x10\x03*\xb5\x01\n" +
 	"\x0fEnforcementMode\x12 \n" +
 	"\x1cENFORCEMENT_MODE_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aENFORCEMENT_MODE_HARD_GATE\x10\x01\x12\x1e\n" +
@@ -1932,7 +2145,7 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x14THRESHOLD_LEVEL_INFO\x10\x01\x12\x18\n" +
 	"\x14THRESHOLD_LEVEL_WARN\x10\x02\x12\x1c\n" +
 	"\x18THRESHOLD_LEVEL_THROTTLE\x10\x03\x12\x18\n" +
-	"\x14THRESHOLD_LEVEL_STOP\x10\x04*\x97\x03\n" +
+	"\x14THRESHOLD_LEVEL_STOP\x10\x04*\x90\x04\n" +
 	"\x0eDecisionReason\x12\x1f\n" +
 	"\x1bDECISION_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dDECISION_REASON_WITHIN_BUDGET\x10\x01\x12'\n" +
@@ -1943,7 +2156,10 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x19DECISION_REASON_SUSPENDED\x10\x06\x12\x1d\n" +
 	"\x19DECISION_REASON_THROTTLED\x10\a\x12 \n" +
 	"\x1cDECISION_REASON_RATE_LIMITED\x10\b\x12#\n" +
-	"\x1fDECISION_REASON_IN_FLIGHT_LIMIT\x10\t\x12'\n" +
+	"\x1fDECISION_REASON_IN_FLIGHT_LIMIT\x10\t\x12(\n" +
+	"$DECISION_REASON_SPEND_NEEDS_APPROVAL\x10\v\x12(\n" +
+	"$DECISION_REASON_METER_NEEDS_APPROVAL\x10\f\x12#\n" +
+	"\x1fDECISION_REASON_APPROVAL_DENIED\x10\r\x12'\n" +
 	"#DECISION_REASON_BACKEND_UNAVAILABLE\x10\n" +
 	"*}\n" +
 	"\tScopeKind\x12\x1a\n" +
@@ -1964,7 +2180,7 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x1bRESERVATION_STATUS_RELEASED\x10\x03\x12\x1e\n" +
 	"\x1aRESERVATION_STATUS_EXPIRED\x10\x04\x12%\n" +
 	"!RESERVATION_STATUS_LATE_COMMITTED\x10\x05\x12\x1e\n" +
-	"\x1aRESERVATION_STATUS_BLOCKED\x10\x06*\x8e\x02\n" +
+	"\x1aRESERVATION_STATUS_BLOCKED\x10\x06*\xf2\x02\n" +
 	"\tEventType\x12\x1a\n" +
 	"\x16EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12EVENT_TYPE_CREATED\x10\x01\x12\x17\n" +
@@ -1975,7 +2191,11 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x11EVENT_TYPE_CLOSED\x10\x06\x12\x18\n" +
 	"\x14EVENT_TYPE_SUSPENDED\x10\a\x12\x16\n" +
 	"\x12EVENT_TYPE_RESUMED\x10\b\x12 \n" +
-	"\x1cEVENT_TYPE_THRESHOLD_CROSSED\x10\tB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
+	"\x1cEVENT_TYPE_THRESHOLD_CROSSED\x10\t\x12!\n" +
+	"\x1dEVENT_TYPE_APPROVAL_REQUESTED\x10\n" +
+	"\x12\x1f\n" +
+	"\x1bEVENT_TYPE_APPROVAL_GRANTED\x10\v\x12\x1e\n" +
+	"\x1aEVENT_TYPE_APPROVAL_DENIED\x10\fB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
 
 var (
 	file_runcap_v1_budget_proto_rawDescOnce sync.Once
@@ -1989,64 +2209,68 @@ func file_runcap_v1_budget_proto_rawDescGZIP() []byte {
 	return file_runcap_v1_budget_proto_rawDescData
 }
 
-var file_runcap_v1_budget_proto_enumTypes = make([]protoimpl.EnumInfo, 10)
-var file_runcap_v1_budget_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_runcap_v1_budget_proto_enumTypes = make([]protoimpl.EnumInfo, 11)
+var file_runcap_v1_budget_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_runcap_v1_budget_proto_goTypes = []any{
 	(RunStatus)(0),                // 0: runcap.v1.RunStatus
 	(Decision)(0),                 // 1: runcap.v1.Decision
-	(EnforcementMode)(0),          // 2: runcap.v1.EnforcementMode
-	(BudgetDimension)(0),          // 3: runcap.v1.BudgetDimension
-	(ThresholdLevel)(0),           // 4: runcap.v1.ThresholdLevel
-	(DecisionReason)(0),           // 5: runcap.v1.DecisionReason
-	(ScopeKind)(0),                // 6: runcap.v1.ScopeKind
-	(Period)(0),                   // 7: runcap.v1.Period
-	(ReservationStatus)(0),        // 8: runcap.v1.ReservationStatus
-	(EventType)(0),                // 9: runcap.v1.EventType
-	(*Thresholds)(nil),            // 10: runcap.v1.Thresholds
-	(*RateLimit)(nil),             // 11: runcap.v1.RateLimit
-	(*RunPolicy)(nil),             // 12: runcap.v1.RunPolicy
-	(*ScopeRef)(nil),              // 13: runcap.v1.ScopeRef
-	(*ScopeUsage)(nil),            // 14: runcap.v1.ScopeUsage
-	(*Scope)(nil),                 // 15: runcap.v1.Scope
-	(*BudgetState)(nil),           // 16: runcap.v1.BudgetState
-	(*Run)(nil),                   // 17: runcap.v1.Run
-	(*MeterUsage)(nil),            // 18: runcap.v1.MeterUsage
-	(*BudgetEvent)(nil),           // 19: runcap.v1.BudgetEvent
-	nil,                           // 20: runcap.v1.RunPolicy.MeterLimitsEntry
-	nil,                           // 21: runcap.v1.Run.LabelsEntry
-	(*durationpb.Duration)(nil),   // 22: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 23: google.protobuf.Timestamp
+	(ApprovalStatus)(0),           // 2: runcap.v1.ApprovalStatus
+	(EnforcementMode)(0),          // 3: runcap.v1.EnforcementMode
+	(BudgetDimension)(0),          // 4: runcap.v1.BudgetDimension
+	(ThresholdLevel)(0),           // 5: runcap.v1.ThresholdLevel
+	(DecisionReason)(0),           // 6: runcap.v1.DecisionReason
+	(ScopeKind)(0),                // 7: runcap.v1.ScopeKind
+	(Period)(0),                   // 8: runcap.v1.Period
+	(ReservationStatus)(0),        // 9: runcap.v1.ReservationStatus
+	(EventType)(0),                // 10: runcap.v1.EventType
+	(*Approval)(nil),              // 11: runcap.v1.Approval
+	(*Thresholds)(nil),            // 12: runcap.v1.Thresholds
+	(*RateLimit)(nil),             // 13: runcap.v1.RateLimit
+	(*RunPolicy)(nil),             // 14: runcap.v1.RunPolicy
+	(*ScopeRef)(nil),              // 15: runcap.v1.ScopeRef
+	(*ScopeUsage)(nil),            // 16: runcap.v1.ScopeUsage
+	(*Scope)(nil),                 // 17: runcap.v1.Scope
+	(*BudgetState)(nil),           // 18: runcap.v1.BudgetState
+	(*Run)(nil),                   // 19: runcap.v1.Run
+	(*MeterUsage)(nil),            // 20: runcap.v1.MeterUsage
+	(*BudgetEvent)(nil),           // 21: runcap.v1.BudgetEvent
+	nil,                           // 22: runcap.v1.RunPolicy.MeterLimitsEntry
+	nil,                           // 23: runcap.v1.Run.LabelsEntry
+	(*durationpb.Duration)(nil),   // 24: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 25: google.protobuf.Timestamp
 }
 var file_runcap_v1_budget_proto_depIdxs = []int32{
-	22, // 0: runcap.v1.RateLimit.window:type_name -> google.protobuf.Duration
-	2,  // 1: runcap.v1.RunPolicy.enforcement_mode:type_name -> runcap.v1.EnforcementMode
-	10, // 2: runcap.v1.RunPolicy.thresholds:type_name -> runcap.v1.Thresholds
-	22, // 3: runcap.v1.RunPolicy.throttle_base_delay:type_name -> google.protobuf.Duration
-	22, // 4: runcap.v1.RunPolicy.throttle_max_delay:type_name -> google.protobuf.Duration
-	20, // 5: runcap.v1.RunPolicy.meter_limits:type_name -> runcap.v1.RunPolicy.MeterLimitsEntry
-	11, // 6: runcap.v1.RunPolicy.rate_limit:type_name -> runcap.v1.RateLimit
-	6,  // 7: runcap.v1.ScopeRef.kind:type_name -> runcap.v1.ScopeKind
-	7,  // 8: runcap.v1.ScopeUsage.period:type_name -> runcap.v1.Period
-	23, // 9: runcap.v1.ScopeUsage.window_start_time:type_name -> google.protobuf.Timestamp
-	23, // 10: runcap.v1.ScopeUsage.window_end_time:type_name -> google.protobuf.Timestamp
-	13, // 11: runcap.v1.Scope.ref:type_name -> runcap.v1.ScopeRef
-	14, // 12: runcap.v1.Scope.usage:type_name -> runcap.v1.ScopeUsage
-	0,  // 13: runcap.v1.BudgetState.status:type_name -> runcap.v1.RunStatus
-	4,  // 14: runcap.v1.BudgetState.threshold:type_name -> runcap.v1.ThresholdLevel
-	21, // 15: runcap.v1.Run.labels:type_name -> runcap.v1.Run.LabelsEntry
-	23, // 16: runcap.v1.Run.create_time:type_name -> google.protobuf.Timestamp
-	23, // 17: runcap.v1.Run.close_time:type_name -> google.protobuf.Timestamp
-	12, // 18: runcap.v1.Run.policy:type_name -> runcap.v1.RunPolicy
-	18, // 19: runcap.v1.Run.meters:type_name -> runcap.v1.MeterUsage
-	9,  // 20: runcap.v1.BudgetEvent.type:type_name -> runcap.v1.EventType
-	23, // 21: runcap.v1.BudgetEvent.time:type_name -> google.protobuf.Timestamp
-	16, // 22: runcap.v1.BudgetEvent.state:type_name -> runcap.v1.BudgetState
-	4,  // 23: runcap.v1.BudgetEvent.threshold:type_name -> runcap.v1.ThresholdLevel
-	24, // [24:24] is the sub-list for method output_type
-	24, // [24:24] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	2,  // 0: runcap.v1.Approval.status:type_name -> runcap.v1.ApprovalStatus
+	24, // 1: runcap.v1.RateLimit.window:type_name -> google.protobuf.Duration
+	3,  // 2: runcap.v1.RunPolicy.enforcement_mode:type_name -> runcap.v1.EnforcementMode
+	12, // 3: runcap.v1.RunPolicy.thresholds:type_name -> runcap.v1.Thresholds
+	24, // 4: runcap.v1.RunPolicy.throttle_base_delay:type_name -> google.protobuf.Duration
+	24, // 5: runcap.v1.RunPolicy.throttle_max_delay:type_name -> google.protobuf.Duration
+	22, // 6: runcap.v1.RunPolicy.meter_limits:type_name -> runcap.v1.RunPolicy.MeterLimitsEntry
+	13, // 7: runcap.v1.RunPolicy.rate_limit:type_name -> runcap.v1.RateLimit
+	7,  // 8: runcap.v1.ScopeRef.kind:type_name -> runcap.v1.ScopeKind
+	8,  // 9: runcap.v1.ScopeUsage.period:type_name -> runcap.v1.Period
+	25, // 10: runcap.v1.ScopeUsage.window_start_time:type_name -> google.protobuf.Timestamp
+	25, // 11: runcap.v1.ScopeUsage.window_end_time:type_name -> google.protobuf.Timestamp
+	15, // 12: runcap.v1.Scope.ref:type_name -> runcap.v1.ScopeRef
+	16, // 13: runcap.v1.Scope.usage:type_name -> runcap.v1.ScopeUsage
+	0,  // 14: runcap.v1.BudgetState.status:type_name -> runcap.v1.RunStatus
+	5,  // 15: runcap.v1.BudgetState.threshold:type_name -> runcap.v1.ThresholdLevel
+	23, // 16: runcap.v1.Run.labels:type_name -> runcap.v1.Run.LabelsEntry
+	25, // 17: runcap.v1.Run.create_time:type_name -> google.protobuf.Timestamp
+	25, // 18: runcap.v1.Run.close_time:type_name -> google.protobuf.Timestamp
+	14, // 19: runcap.v1.Run.policy:type_name -> runcap.v1.RunPolicy
+	20, // 20: runcap.v1.Run.meters:type_name -> runcap.v1.MeterUsage
+	11, // 21: runcap.v1.Run.approvals:type_name -> runcap.v1.Approval
+	10, // 22: runcap.v1.BudgetEvent.type:type_name -> runcap.v1.EventType
+	25, // 23: runcap.v1.BudgetEvent.time:type_name -> google.protobuf.Timestamp
+	18, // 24: runcap.v1.BudgetEvent.state:type_name -> runcap.v1.BudgetState
+	5,  // 25: runcap.v1.BudgetEvent.threshold:type_name -> runcap.v1.ThresholdLevel
+	26, // [26:26] is the sub-list for method output_type
+	26, // [26:26] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_runcap_v1_budget_proto_init() }
@@ -2054,16 +2278,16 @@ func file_runcap_v1_budget_proto_init() {
 	if File_runcap_v1_budget_proto != nil {
 		return
 	}
-	file_runcap_v1_budget_proto_msgTypes[2].OneofWrappers = []any{}
-	file_runcap_v1_budget_proto_msgTypes[4].OneofWrappers = []any{}
-	file_runcap_v1_budget_proto_msgTypes[8].OneofWrappers = []any{}
+	file_runcap_v1_budget_proto_msgTypes[3].OneofWrappers = []any{}
+	file_runcap_v1_budget_proto_msgTypes[5].OneofWrappers = []any{}
+	file_runcap_v1_budget_proto_msgTypes[9].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_runcap_v1_budget_proto_rawDesc), len(file_runcap_v1_budget_proto_rawDesc)),
-			NumEnums:      10,
-			NumMessages:   12,
+			NumEnums:      11,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

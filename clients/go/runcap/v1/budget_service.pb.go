@@ -505,8 +505,11 @@ type ReserveResponse struct {
 	// For DECISION_DOWNGRADE: the model the request asked for; `estimate` is
 	// the model held instead.
 	RequestedModel string `protobuf:"bytes,17,opt,name=requested_model,json=requestedModel,proto3" json:"requested_model,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// For DECISION_APPROVAL_REQUIRED, and for a block by a denied approval:
+	// the approval.
+	ApprovalId    string `protobuf:"bytes,18,opt,name=approval_id,json=approvalId,proto3" json:"approval_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ReserveResponse) Reset() {
@@ -658,6 +661,233 @@ func (x *ReserveResponse) GetRequestedModel() string {
 	return ""
 }
 
+func (x *ReserveResponse) GetApprovalId() string {
+	if x != nil {
+		return x.ApprovalId
+	}
+	return ""
+}
+
+// ApproveRequest names a pending approval.
+type ApproveRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Approval.approval_id (also in ReserveResponse and BudgetEvent).
+	ApprovalId    string `protobuf:"bytes,1,opt,name=approval_id,json=approvalId,proto3" json:"approval_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ApproveRequest) Reset() {
+	*x = ApproveRequest{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApproveRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApproveRequest) ProtoMessage() {}
+
+func (x *ApproveRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApproveRequest.ProtoReflect.Descriptor instead.
+func (*ApproveRequest) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ApproveRequest) GetApprovalId() string {
+	if x != nil {
+		return x.ApprovalId
+	}
+	return ""
+}
+
+// ApproveResponse is the approval after the call.
+type ApproveResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The approval.
+	Approval *Approval `protobuf:"bytes,1,opt,name=approval,proto3" json:"approval,omitempty"`
+	// The run's budget state after the call.
+	State *BudgetState `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
+	// True when it was already approved and nothing changed.
+	Replayed      bool `protobuf:"varint,3,opt,name=replayed,proto3" json:"replayed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ApproveResponse) Reset() {
+	*x = ApproveResponse{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApproveResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApproveResponse) ProtoMessage() {}
+
+func (x *ApproveResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApproveResponse.ProtoReflect.Descriptor instead.
+func (*ApproveResponse) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *ApproveResponse) GetApproval() *Approval {
+	if x != nil {
+		return x.Approval
+	}
+	return nil
+}
+
+func (x *ApproveResponse) GetState() *BudgetState {
+	if x != nil {
+		return x.State
+	}
+	return nil
+}
+
+func (x *ApproveResponse) GetReplayed() bool {
+	if x != nil {
+		return x.Replayed
+	}
+	return false
+}
+
+// DenyRequest names a pending approval.
+type DenyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Approval.approval_id.
+	ApprovalId    string `protobuf:"bytes,1,opt,name=approval_id,json=approvalId,proto3" json:"approval_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DenyRequest) Reset() {
+	*x = DenyRequest{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DenyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DenyRequest) ProtoMessage() {}
+
+func (x *DenyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DenyRequest.ProtoReflect.Descriptor instead.
+func (*DenyRequest) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *DenyRequest) GetApprovalId() string {
+	if x != nil {
+		return x.ApprovalId
+	}
+	return ""
+}
+
+// DenyResponse is the approval after the call.
+type DenyResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The approval.
+	Approval *Approval `protobuf:"bytes,1,opt,name=approval,proto3" json:"approval,omitempty"`
+	// The run's budget state after the call.
+	State *BudgetState `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
+	// True when it was already denied and nothing changed.
+	Replayed      bool `protobuf:"varint,3,opt,name=replayed,proto3" json:"replayed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DenyResponse) Reset() {
+	*x = DenyResponse{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DenyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DenyResponse) ProtoMessage() {}
+
+func (x *DenyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DenyResponse.ProtoReflect.Descriptor instead.
+func (*DenyResponse) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *DenyResponse) GetApproval() *Approval {
+	if x != nil {
+		return x.Approval
+	}
+	return nil
+}
+
+func (x *DenyResponse) GetState() *BudgetState {
+	if x != nil {
+		return x.State
+	}
+	return nil
+}
+
+func (x *DenyResponse) GetReplayed() bool {
+	if x != nil {
+		return x.Replayed
+	}
+	return false
+}
+
 // GetDecisionRequest names a decision.
 type GetDecisionRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -669,7 +899,7 @@ type GetDecisionRequest struct {
 
 func (x *GetDecisionRequest) Reset() {
 	*x = GetDecisionRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[6]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -681,7 +911,7 @@ func (x *GetDecisionRequest) String() string {
 func (*GetDecisionRequest) ProtoMessage() {}
 
 func (x *GetDecisionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[6]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -694,7 +924,7 @@ func (x *GetDecisionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetDecisionRequest.ProtoReflect.Descriptor instead.
 func (*GetDecisionRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{6}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetDecisionRequest) GetDecisionId() string {
@@ -752,7 +982,7 @@ type GetDecisionResponse struct {
 
 func (x *GetDecisionResponse) Reset() {
 	*x = GetDecisionResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[7]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -764,7 +994,7 @@ func (x *GetDecisionResponse) String() string {
 func (*GetDecisionResponse) ProtoMessage() {}
 
 func (x *GetDecisionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[7]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -777,7 +1007,7 @@ func (x *GetDecisionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetDecisionResponse.ProtoReflect.Descriptor instead.
 func (*GetDecisionResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{7}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GetDecisionResponse) GetDecisionId() string {
@@ -941,7 +1171,7 @@ type LlmCall struct {
 
 func (x *LlmCall) Reset() {
 	*x = LlmCall{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[8]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -953,7 +1183,7 @@ func (x *LlmCall) String() string {
 func (*LlmCall) ProtoMessage() {}
 
 func (x *LlmCall) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[8]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -966,7 +1196,7 @@ func (x *LlmCall) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LlmCall.ProtoReflect.Descriptor instead.
 func (*LlmCall) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{8}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *LlmCall) GetProvider() string {
@@ -1044,7 +1274,7 @@ type Alternative struct {
 
 func (x *Alternative) Reset() {
 	*x = Alternative{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[9]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1056,7 +1286,7 @@ func (x *Alternative) String() string {
 func (*Alternative) ProtoMessage() {}
 
 func (x *Alternative) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[9]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1069,7 +1299,7 @@ func (x *Alternative) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Alternative.ProtoReflect.Descriptor instead.
 func (*Alternative) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{9}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Alternative) GetProvider() string {
@@ -1122,7 +1352,7 @@ type LlmEstimate struct {
 
 func (x *LlmEstimate) Reset() {
 	*x = LlmEstimate{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[10]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1134,7 +1364,7 @@ func (x *LlmEstimate) String() string {
 func (*LlmEstimate) ProtoMessage() {}
 
 func (x *LlmEstimate) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[10]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1147,7 +1377,7 @@ func (x *LlmEstimate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LlmEstimate.ProtoReflect.Descriptor instead.
 func (*LlmEstimate) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{10}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *LlmEstimate) GetProvider() string {
@@ -1212,7 +1442,7 @@ type TokenUsage struct {
 
 func (x *TokenUsage) Reset() {
 	*x = TokenUsage{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[11]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1224,7 +1454,7 @@ func (x *TokenUsage) String() string {
 func (*TokenUsage) ProtoMessage() {}
 
 func (x *TokenUsage) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[11]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1237,7 +1467,7 @@ func (x *TokenUsage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenUsage.ProtoReflect.Descriptor instead.
 func (*TokenUsage) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{11}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *TokenUsage) GetInputTokens() int64 {
@@ -1295,7 +1525,7 @@ type CommitRequest struct {
 
 func (x *CommitRequest) Reset() {
 	*x = CommitRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[12]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1307,7 +1537,7 @@ func (x *CommitRequest) String() string {
 func (*CommitRequest) ProtoMessage() {}
 
 func (x *CommitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[12]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1320,7 +1550,7 @@ func (x *CommitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitRequest.ProtoReflect.Descriptor instead.
 func (*CommitRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{12}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CommitRequest) GetRunId() string {
@@ -1406,7 +1636,7 @@ type CommitResponse struct {
 
 func (x *CommitResponse) Reset() {
 	*x = CommitResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[13]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1418,7 +1648,7 @@ func (x *CommitResponse) String() string {
 func (*CommitResponse) ProtoMessage() {}
 
 func (x *CommitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[13]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1431,7 +1661,7 @@ func (x *CommitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitResponse.ProtoReflect.Descriptor instead.
 func (*CommitResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{13}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CommitResponse) GetState() *BudgetState {
@@ -1489,7 +1719,7 @@ type RefundRequest struct {
 
 func (x *RefundRequest) Reset() {
 	*x = RefundRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[14]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1501,7 +1731,7 @@ func (x *RefundRequest) String() string {
 func (*RefundRequest) ProtoMessage() {}
 
 func (x *RefundRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[14]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1514,7 +1744,7 @@ func (x *RefundRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefundRequest.ProtoReflect.Descriptor instead.
 func (*RefundRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{14}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *RefundRequest) GetRunId() string {
@@ -1553,7 +1783,7 @@ type RefundResponse struct {
 
 func (x *RefundResponse) Reset() {
 	*x = RefundResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[15]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1565,7 +1795,7 @@ func (x *RefundResponse) String() string {
 func (*RefundResponse) ProtoMessage() {}
 
 func (x *RefundResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[15]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1578,7 +1808,7 @@ func (x *RefundResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefundResponse.ProtoReflect.Descriptor instead.
 func (*RefundResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{15}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *RefundResponse) GetState() *BudgetState {
@@ -1620,7 +1850,7 @@ type CloseRunRequest struct {
 
 func (x *CloseRunRequest) Reset() {
 	*x = CloseRunRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[16]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1632,7 +1862,7 @@ func (x *CloseRunRequest) String() string {
 func (*CloseRunRequest) ProtoMessage() {}
 
 func (x *CloseRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[16]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1645,7 +1875,7 @@ func (x *CloseRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseRunRequest.ProtoReflect.Descriptor instead.
 func (*CloseRunRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{16}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *CloseRunRequest) GetRunId() string {
@@ -1668,7 +1898,7 @@ type CloseRunResponse struct {
 
 func (x *CloseRunResponse) Reset() {
 	*x = CloseRunResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[17]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1680,7 +1910,7 @@ func (x *CloseRunResponse) String() string {
 func (*CloseRunResponse) ProtoMessage() {}
 
 func (x *CloseRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[17]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1693,7 +1923,7 @@ func (x *CloseRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseRunResponse.ProtoReflect.Descriptor instead.
 func (*CloseRunResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{17}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CloseRunResponse) GetState() *BudgetState {
@@ -1734,7 +1964,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[18]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1746,7 +1976,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[18]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1759,7 +1989,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{18}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *WatchRequest) GetRunId() string {
@@ -1804,7 +2034,7 @@ type WatchResponse struct {
 
 func (x *WatchResponse) Reset() {
 	*x = WatchResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[19]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1816,7 +2046,7 @@ func (x *WatchResponse) String() string {
 func (*WatchResponse) ProtoMessage() {}
 
 func (x *WatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[19]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1829,7 +2059,7 @@ func (x *WatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchResponse.ProtoReflect.Descriptor instead.
 func (*WatchResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{19}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *WatchResponse) GetRevision() int64 {
@@ -1912,7 +2142,7 @@ type Progress struct {
 
 func (x *Progress) Reset() {
 	*x = Progress{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[20]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1924,7 +2154,7 @@ func (x *Progress) String() string {
 func (*Progress) ProtoMessage() {}
 
 func (x *Progress) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[20]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1937,7 +2167,7 @@ func (x *Progress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Progress.ProtoReflect.Descriptor instead.
 func (*Progress) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{20}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Progress) GetFinal() bool {
@@ -1967,7 +2197,7 @@ type SetScopeLimitRequest struct {
 
 func (x *SetScopeLimitRequest) Reset() {
 	*x = SetScopeLimitRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[21]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1979,7 +2209,7 @@ func (x *SetScopeLimitRequest) String() string {
 func (*SetScopeLimitRequest) ProtoMessage() {}
 
 func (x *SetScopeLimitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[21]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1992,7 +2222,7 @@ func (x *SetScopeLimitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetScopeLimitRequest.ProtoReflect.Descriptor instead.
 func (*SetScopeLimitRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{21}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *SetScopeLimitRequest) GetScope() *ScopeRef {
@@ -2064,7 +2294,7 @@ type SetScopeLimitResponse struct {
 
 func (x *SetScopeLimitResponse) Reset() {
 	*x = SetScopeLimitResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[22]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2076,7 +2306,7 @@ func (x *SetScopeLimitResponse) String() string {
 func (*SetScopeLimitResponse) ProtoMessage() {}
 
 func (x *SetScopeLimitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[22]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2089,7 +2319,7 @@ func (x *SetScopeLimitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetScopeLimitResponse.ProtoReflect.Descriptor instead.
 func (*SetScopeLimitResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{22}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *SetScopeLimitResponse) GetScope() *Scope {
@@ -2110,7 +2340,7 @@ type GetScopeRequest struct {
 
 func (x *GetScopeRequest) Reset() {
 	*x = GetScopeRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[23]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2122,7 +2352,7 @@ func (x *GetScopeRequest) String() string {
 func (*GetScopeRequest) ProtoMessage() {}
 
 func (x *GetScopeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[23]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2135,7 +2365,7 @@ func (x *GetScopeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScopeRequest.ProtoReflect.Descriptor instead.
 func (*GetScopeRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{23}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *GetScopeRequest) GetScope() *ScopeRef {
@@ -2156,7 +2386,7 @@ type GetScopeResponse struct {
 
 func (x *GetScopeResponse) Reset() {
 	*x = GetScopeResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[24]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2168,7 +2398,7 @@ func (x *GetScopeResponse) String() string {
 func (*GetScopeResponse) ProtoMessage() {}
 
 func (x *GetScopeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[24]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2181,7 +2411,7 @@ func (x *GetScopeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScopeResponse.ProtoReflect.Descriptor instead.
 func (*GetScopeResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{24}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *GetScopeResponse) GetScope() *Scope {
@@ -2227,7 +2457,7 @@ type ModelPrice struct {
 
 func (x *ModelPrice) Reset() {
 	*x = ModelPrice{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[25]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2239,7 +2469,7 @@ func (x *ModelPrice) String() string {
 func (*ModelPrice) ProtoMessage() {}
 
 func (x *ModelPrice) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[25]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2252,7 +2482,7 @@ func (x *ModelPrice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelPrice.ProtoReflect.Descriptor instead.
 func (*ModelPrice) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{25}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ModelPrice) GetProvider() string {
@@ -2350,7 +2580,7 @@ type SetModelPriceRequest struct {
 
 func (x *SetModelPriceRequest) Reset() {
 	*x = SetModelPriceRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[26]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2362,7 +2592,7 @@ func (x *SetModelPriceRequest) String() string {
 func (*SetModelPriceRequest) ProtoMessage() {}
 
 func (x *SetModelPriceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[26]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2375,7 +2605,7 @@ func (x *SetModelPriceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetModelPriceRequest.ProtoReflect.Descriptor instead.
 func (*SetModelPriceRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{26}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *SetModelPriceRequest) GetPrice() *ModelPrice {
@@ -2396,7 +2626,7 @@ type SetModelPriceResponse struct {
 
 func (x *SetModelPriceResponse) Reset() {
 	*x = SetModelPriceResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[27]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2408,7 +2638,7 @@ func (x *SetModelPriceResponse) String() string {
 func (*SetModelPriceResponse) ProtoMessage() {}
 
 func (x *SetModelPriceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[27]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2421,7 +2651,7 @@ func (x *SetModelPriceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetModelPriceResponse.ProtoReflect.Descriptor instead.
 func (*SetModelPriceResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{27}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *SetModelPriceResponse) GetPrice() *ModelPrice {
@@ -2444,7 +2674,7 @@ type DeleteModelPriceRequest struct {
 
 func (x *DeleteModelPriceRequest) Reset() {
 	*x = DeleteModelPriceRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[28]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2456,7 +2686,7 @@ func (x *DeleteModelPriceRequest) String() string {
 func (*DeleteModelPriceRequest) ProtoMessage() {}
 
 func (x *DeleteModelPriceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[28]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2469,7 +2699,7 @@ func (x *DeleteModelPriceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteModelPriceRequest.ProtoReflect.Descriptor instead.
 func (*DeleteModelPriceRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{28}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *DeleteModelPriceRequest) GetProvider() string {
@@ -2497,7 +2727,7 @@ type DeleteModelPriceResponse struct {
 
 func (x *DeleteModelPriceResponse) Reset() {
 	*x = DeleteModelPriceResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[29]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2509,7 +2739,7 @@ func (x *DeleteModelPriceResponse) String() string {
 func (*DeleteModelPriceResponse) ProtoMessage() {}
 
 func (x *DeleteModelPriceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[29]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2522,7 +2752,7 @@ func (x *DeleteModelPriceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteModelPriceResponse.ProtoReflect.Descriptor instead.
 func (*DeleteModelPriceResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{29}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *DeleteModelPriceResponse) GetDeleted() bool {
@@ -2545,7 +2775,7 @@ type GetModelPriceRequest struct {
 
 func (x *GetModelPriceRequest) Reset() {
 	*x = GetModelPriceRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[30]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2557,7 +2787,7 @@ func (x *GetModelPriceRequest) String() string {
 func (*GetModelPriceRequest) ProtoMessage() {}
 
 func (x *GetModelPriceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[30]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2570,7 +2800,7 @@ func (x *GetModelPriceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetModelPriceRequest.ProtoReflect.Descriptor instead.
 func (*GetModelPriceRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{30}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *GetModelPriceRequest) GetProvider() string {
@@ -2603,7 +2833,7 @@ type GetModelPriceResponse struct {
 
 func (x *GetModelPriceResponse) Reset() {
 	*x = GetModelPriceResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[31]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2615,7 +2845,7 @@ func (x *GetModelPriceResponse) String() string {
 func (*GetModelPriceResponse) ProtoMessage() {}
 
 func (x *GetModelPriceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[31]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2628,7 +2858,7 @@ func (x *GetModelPriceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetModelPriceResponse.ProtoReflect.Descriptor instead.
 func (*GetModelPriceResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{31}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *GetModelPriceResponse) GetPrice() *ModelPrice {
@@ -2663,7 +2893,7 @@ type SuspendRunRequest struct {
 
 func (x *SuspendRunRequest) Reset() {
 	*x = SuspendRunRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[32]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2675,7 +2905,7 @@ func (x *SuspendRunRequest) String() string {
 func (*SuspendRunRequest) ProtoMessage() {}
 
 func (x *SuspendRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[32]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2688,7 +2918,7 @@ func (x *SuspendRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SuspendRunRequest.ProtoReflect.Descriptor instead.
 func (*SuspendRunRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{32}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *SuspendRunRequest) GetRunId() string {
@@ -2711,7 +2941,7 @@ type SuspendRunResponse struct {
 
 func (x *SuspendRunResponse) Reset() {
 	*x = SuspendRunResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[33]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2723,7 +2953,7 @@ func (x *SuspendRunResponse) String() string {
 func (*SuspendRunResponse) ProtoMessage() {}
 
 func (x *SuspendRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[33]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2736,7 +2966,7 @@ func (x *SuspendRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SuspendRunResponse.ProtoReflect.Descriptor instead.
 func (*SuspendRunResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{33}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *SuspendRunResponse) GetState() *BudgetState {
@@ -2764,7 +2994,7 @@ type ResumeRunRequest struct {
 
 func (x *ResumeRunRequest) Reset() {
 	*x = ResumeRunRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[34]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2776,7 +3006,7 @@ func (x *ResumeRunRequest) String() string {
 func (*ResumeRunRequest) ProtoMessage() {}
 
 func (x *ResumeRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[34]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2789,7 +3019,7 @@ func (x *ResumeRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeRunRequest.ProtoReflect.Descriptor instead.
 func (*ResumeRunRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{34}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *ResumeRunRequest) GetRunId() string {
@@ -2812,7 +3042,7 @@ type ResumeRunResponse struct {
 
 func (x *ResumeRunResponse) Reset() {
 	*x = ResumeRunResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[35]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2824,7 +3054,7 @@ func (x *ResumeRunResponse) String() string {
 func (*ResumeRunResponse) ProtoMessage() {}
 
 func (x *ResumeRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[35]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2837,7 +3067,7 @@ func (x *ResumeRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeRunResponse.ProtoReflect.Descriptor instead.
 func (*ResumeRunResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{35}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *ResumeRunResponse) GetState() *BudgetState {
@@ -2894,7 +3124,7 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"meterUnits\x88\x01\x01B\n" +
 	"\n" +
 	"\bestimateB\x0e\n" +
-	"\f_meter_units\"\xef\x06\n" +
+	"\f_meter_units\"\x90\a\n" +
 	"\x0fReserveResponse\x12/\n" +
 	"\bdecision\x18\x01 \x01(\x0e2\x13.runcap.v1.DecisionR\bdecision\x121\n" +
 	"\x06reason\x18\x02 \x01(\x0e2\x19.runcap.v1.DecisionReasonR\x06reason\x12%\n" +
@@ -2916,7 +3146,23 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\vdecision_id\x18\x0f \x01(\tR\n" +
 	"decisionId\x12:\n" +
 	"\falternatives\x18\x10 \x03(\v2\x16.runcap.v1.AlternativeR\falternatives\x12'\n" +
-	"\x0frequested_model\x18\x11 \x01(\tR\x0erequestedModel\";\n" +
+	"\x0frequested_model\x18\x11 \x01(\tR\x0erequestedModel\x12\x1f\n" +
+	"\vapproval_id\x18\x12 \x01(\tR\n" +
+	"approvalId\"7\n" +
+	"\x0eApproveRequest\x12%\n" +
+	"\vapproval_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\n" +
+	"approvalId\"\x8c\x01\n" +
+	"\x0fApproveResponse\x12/\n" +
+	"\bapproval\x18\x01 \x01(\v2\x13.runcap.v1.ApprovalR\bapproval\x12,\n" +
+	"\x05state\x18\x02 \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\x12\x1a\n" +
+	"\breplayed\x18\x03 \x01(\bR\breplayed\"4\n" +
+	"\vDenyRequest\x12%\n" +
+	"\vapproval_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\n" +
+	"approvalId\"\x89\x01\n" +
+	"\fDenyResponse\x12/\n" +
+	"\bapproval\x18\x01 \x01(\v2\x13.runcap.v1.ApprovalR\bapproval\x12,\n" +
+	"\x05state\x18\x02 \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\x12\x1a\n" +
+	"\breplayed\x18\x03 \x01(\bR\breplayed\";\n" +
 	"\x12GetDecisionRequest\x12%\n" +
 	"\vdecision_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\n" +
 	"decisionId\"\xad\a\n" +
@@ -3078,7 +3324,7 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\x05runId\"]\n" +
 	"\x11ResumeRunResponse\x12,\n" +
 	"\x05state\x18\x01 \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\x12\x1a\n" +
-	"\breplayed\x18\x02 \x01(\bR\breplayed2\xd8\b\n" +
+	"\breplayed\x18\x02 \x01(\bR\breplayed2\xd3\t\n" +
 	"\rBudgetService\x12F\n" +
 	"\tCreateRun\x12\x1b.runcap.v1.CreateRunRequest\x1a\x1c.runcap.v1.CreateRunResponse\x12=\n" +
 	"\x06GetRun\x12\x18.runcap.v1.GetRunRequest\x1a\x19.runcap.v1.GetRunResponse\x12@\n" +
@@ -3095,7 +3341,9 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\rSetModelPrice\x12\x1f.runcap.v1.SetModelPriceRequest\x1a .runcap.v1.SetModelPriceResponse\x12[\n" +
 	"\x10DeleteModelPrice\x12\".runcap.v1.DeleteModelPriceRequest\x1a#.runcap.v1.DeleteModelPriceResponse\x12R\n" +
 	"\rGetModelPrice\x12\x1f.runcap.v1.GetModelPriceRequest\x1a .runcap.v1.GetModelPriceResponse\x12L\n" +
-	"\vGetDecision\x12\x1d.runcap.v1.GetDecisionRequest\x1a\x1e.runcap.v1.GetDecisionResponseB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
+	"\vGetDecision\x12\x1d.runcap.v1.GetDecisionRequest\x1a\x1e.runcap.v1.GetDecisionResponse\x12@\n" +
+	"\aApprove\x12\x19.runcap.v1.ApproveRequest\x1a\x1a.runcap.v1.ApproveResponse\x127\n" +
+	"\x04Deny\x12\x16.runcap.v1.DenyRequest\x1a\x17.runcap.v1.DenyResponseB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
 
 var (
 	file_runcap_v1_budget_service_proto_rawDescOnce sync.Once
@@ -3109,7 +3357,7 @@ func file_runcap_v1_budget_service_proto_rawDescGZIP() []byte {
 	return file_runcap_v1_budget_service_proto_rawDescData
 }
 
-var file_runcap_v1_budget_service_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
+var file_runcap_v1_budget_service_proto_msgTypes = make([]protoimpl.MessageInfo, 41)
 var file_runcap_v1_budget_service_proto_goTypes = []any{
 	(*CreateRunRequest)(nil),         // 0: runcap.v1.CreateRunRequest
 	(*CreateRunResponse)(nil),        // 1: runcap.v1.CreateRunResponse
@@ -3117,137 +3365,150 @@ var file_runcap_v1_budget_service_proto_goTypes = []any{
 	(*GetRunResponse)(nil),           // 3: runcap.v1.GetRunResponse
 	(*ReserveRequest)(nil),           // 4: runcap.v1.ReserveRequest
 	(*ReserveResponse)(nil),          // 5: runcap.v1.ReserveResponse
-	(*GetDecisionRequest)(nil),       // 6: runcap.v1.GetDecisionRequest
-	(*GetDecisionResponse)(nil),      // 7: runcap.v1.GetDecisionResponse
-	(*LlmCall)(nil),                  // 8: runcap.v1.LlmCall
-	(*Alternative)(nil),              // 9: runcap.v1.Alternative
-	(*LlmEstimate)(nil),              // 10: runcap.v1.LlmEstimate
-	(*TokenUsage)(nil),               // 11: runcap.v1.TokenUsage
-	(*CommitRequest)(nil),            // 12: runcap.v1.CommitRequest
-	(*CommitResponse)(nil),           // 13: runcap.v1.CommitResponse
-	(*RefundRequest)(nil),            // 14: runcap.v1.RefundRequest
-	(*RefundResponse)(nil),           // 15: runcap.v1.RefundResponse
-	(*CloseRunRequest)(nil),          // 16: runcap.v1.CloseRunRequest
-	(*CloseRunResponse)(nil),         // 17: runcap.v1.CloseRunResponse
-	(*WatchRequest)(nil),             // 18: runcap.v1.WatchRequest
-	(*WatchResponse)(nil),            // 19: runcap.v1.WatchResponse
-	(*Progress)(nil),                 // 20: runcap.v1.Progress
-	(*SetScopeLimitRequest)(nil),     // 21: runcap.v1.SetScopeLimitRequest
-	(*SetScopeLimitResponse)(nil),    // 22: runcap.v1.SetScopeLimitResponse
-	(*GetScopeRequest)(nil),          // 23: runcap.v1.GetScopeRequest
-	(*GetScopeResponse)(nil),         // 24: runcap.v1.GetScopeResponse
-	(*ModelPrice)(nil),               // 25: runcap.v1.ModelPrice
-	(*SetModelPriceRequest)(nil),     // 26: runcap.v1.SetModelPriceRequest
-	(*SetModelPriceResponse)(nil),    // 27: runcap.v1.SetModelPriceResponse
-	(*DeleteModelPriceRequest)(nil),  // 28: runcap.v1.DeleteModelPriceRequest
-	(*DeleteModelPriceResponse)(nil), // 29: runcap.v1.DeleteModelPriceResponse
-	(*GetModelPriceRequest)(nil),     // 30: runcap.v1.GetModelPriceRequest
-	(*GetModelPriceResponse)(nil),    // 31: runcap.v1.GetModelPriceResponse
-	(*SuspendRunRequest)(nil),        // 32: runcap.v1.SuspendRunRequest
-	(*SuspendRunResponse)(nil),       // 33: runcap.v1.SuspendRunResponse
-	(*ResumeRunRequest)(nil),         // 34: runcap.v1.ResumeRunRequest
-	(*ResumeRunResponse)(nil),        // 35: runcap.v1.ResumeRunResponse
-	nil,                              // 36: runcap.v1.CreateRunRequest.LabelsEntry
-	(*durationpb.Duration)(nil),      // 37: google.protobuf.Duration
-	(*RunPolicy)(nil),                // 38: runcap.v1.RunPolicy
-	(*Run)(nil),                      // 39: runcap.v1.Run
-	(*BudgetState)(nil),              // 40: runcap.v1.BudgetState
-	(Decision)(0),                    // 41: runcap.v1.Decision
-	(DecisionReason)(0),              // 42: runcap.v1.DecisionReason
-	(*timestamppb.Timestamp)(nil),    // 43: google.protobuf.Timestamp
-	(*ScopeRef)(nil),                 // 44: runcap.v1.ScopeRef
-	(Period)(0),                      // 45: runcap.v1.Period
-	(BudgetDimension)(0),             // 46: runcap.v1.BudgetDimension
-	(EnforcementMode)(0),             // 47: runcap.v1.EnforcementMode
-	(ReservationStatus)(0),           // 48: runcap.v1.ReservationStatus
-	(*BudgetEvent)(nil),              // 49: runcap.v1.BudgetEvent
-	(*Scope)(nil),                    // 50: runcap.v1.Scope
+	(*ApproveRequest)(nil),           // 6: runcap.v1.ApproveRequest
+	(*ApproveResponse)(nil),          // 7: runcap.v1.ApproveResponse
+	(*DenyRequest)(nil),              // 8: runcap.v1.DenyRequest
+	(*DenyResponse)(nil),             // 9: runcap.v1.DenyResponse
+	(*GetDecisionRequest)(nil),       // 10: runcap.v1.GetDecisionRequest
+	(*GetDecisionResponse)(nil),      // 11: runcap.v1.GetDecisionResponse
+	(*LlmCall)(nil),                  // 12: runcap.v1.LlmCall
+	(*Alternative)(nil),              // 13: runcap.v1.Alternative
+	(*LlmEstimate)(nil),              // 14: runcap.v1.LlmEstimate
+	(*TokenUsage)(nil),               // 15: runcap.v1.TokenUsage
+	(*CommitRequest)(nil),            // 16: runcap.v1.CommitRequest
+	(*CommitResponse)(nil),           // 17: runcap.v1.CommitResponse
+	(*RefundRequest)(nil),            // 18: runcap.v1.RefundRequest
+	(*RefundResponse)(nil),           // 19: runcap.v1.RefundResponse
+	(*CloseRunRequest)(nil),          // 20: runcap.v1.CloseRunRequest
+	(*CloseRunResponse)(nil),         // 21: runcap.v1.CloseRunResponse
+	(*WatchRequest)(nil),             // 22: runcap.v1.WatchRequest
+	(*WatchResponse)(nil),            // 23: runcap.v1.WatchResponse
+	(*Progress)(nil),                 // 24: runcap.v1.Progress
+	(*SetScopeLimitRequest)(nil),     // 25: runcap.v1.SetScopeLimitRequest
+	(*SetScopeLimitResponse)(nil),    // 26: runcap.v1.SetScopeLimitResponse
+	(*GetScopeRequest)(nil),          // 27: runcap.v1.GetScopeRequest
+	(*GetScopeResponse)(nil),         // 28: runcap.v1.GetScopeResponse
+	(*ModelPrice)(nil),               // 29: runcap.v1.ModelPrice
+	(*SetModelPriceRequest)(nil),     // 30: runcap.v1.SetModelPriceRequest
+	(*SetModelPriceResponse)(nil),    // 31: runcap.v1.SetModelPriceResponse
+	(*DeleteModelPriceRequest)(nil),  // 32: runcap.v1.DeleteModelPriceRequest
+	(*DeleteModelPriceResponse)(nil), // 33: runcap.v1.DeleteModelPriceResponse
+	(*GetModelPriceRequest)(nil),     // 34: runcap.v1.GetModelPriceRequest
+	(*GetModelPriceResponse)(nil),    // 35: runcap.v1.GetModelPriceResponse
+	(*SuspendRunRequest)(nil),        // 36: runcap.v1.SuspendRunRequest
+	(*SuspendRunResponse)(nil),       // 37: runcap.v1.SuspendRunResponse
+	(*ResumeRunRequest)(nil),         // 38: runcap.v1.ResumeRunRequest
+	(*ResumeRunResponse)(nil),        // 39: runcap.v1.ResumeRunResponse
+	nil,                              // 40: runcap.v1.CreateRunRequest.LabelsEntry
+	(*durationpb.Duration)(nil),      // 41: google.protobuf.Duration
+	(*RunPolicy)(nil),                // 42: runcap.v1.RunPolicy
+	(*Run)(nil),                      // 43: runcap.v1.Run
+	(*BudgetState)(nil),              // 44: runcap.v1.BudgetState
+	(Decision)(0),                    // 45: runcap.v1.Decision
+	(DecisionReason)(0),              // 46: runcap.v1.DecisionReason
+	(*timestamppb.Timestamp)(nil),    // 47: google.protobuf.Timestamp
+	(*ScopeRef)(nil),                 // 48: runcap.v1.ScopeRef
+	(Period)(0),                      // 49: runcap.v1.Period
+	(BudgetDimension)(0),             // 50: runcap.v1.BudgetDimension
+	(EnforcementMode)(0),             // 51: runcap.v1.EnforcementMode
+	(*Approval)(nil),                 // 52: runcap.v1.Approval
+	(ReservationStatus)(0),           // 53: runcap.v1.ReservationStatus
+	(*BudgetEvent)(nil),              // 54: runcap.v1.BudgetEvent
+	(*Scope)(nil),                    // 55: runcap.v1.Scope
 }
 var file_runcap_v1_budget_service_proto_depIdxs = []int32{
-	36, // 0: runcap.v1.CreateRunRequest.labels:type_name -> runcap.v1.CreateRunRequest.LabelsEntry
-	37, // 1: runcap.v1.CreateRunRequest.default_ttl:type_name -> google.protobuf.Duration
-	38, // 2: runcap.v1.CreateRunRequest.policy:type_name -> runcap.v1.RunPolicy
-	39, // 3: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
-	40, // 4: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
-	39, // 5: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
-	40, // 6: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
-	8,  // 7: runcap.v1.ReserveRequest.llm_call:type_name -> runcap.v1.LlmCall
-	37, // 8: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
-	41, // 9: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
-	42, // 10: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
-	43, // 11: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
-	40, // 12: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
-	44, // 13: runcap.v1.ReserveResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
-	45, // 14: runcap.v1.ReserveResponse.blocking_period:type_name -> runcap.v1.Period
-	10, // 15: runcap.v1.ReserveResponse.estimate:type_name -> runcap.v1.LlmEstimate
-	46, // 16: runcap.v1.ReserveResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
-	37, // 17: runcap.v1.ReserveResponse.retry_after:type_name -> google.protobuf.Duration
-	47, // 18: runcap.v1.ReserveResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
-	9,  // 19: runcap.v1.ReserveResponse.alternatives:type_name -> runcap.v1.Alternative
-	41, // 20: runcap.v1.GetDecisionResponse.decision:type_name -> runcap.v1.Decision
-	42, // 21: runcap.v1.GetDecisionResponse.reason:type_name -> runcap.v1.DecisionReason
-	43, // 22: runcap.v1.GetDecisionResponse.decide_time:type_name -> google.protobuf.Timestamp
-	47, // 23: runcap.v1.GetDecisionResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
-	44, // 24: runcap.v1.GetDecisionResponse.scopes:type_name -> runcap.v1.ScopeRef
-	44, // 25: runcap.v1.GetDecisionResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
-	45, // 26: runcap.v1.GetDecisionResponse.blocking_period:type_name -> runcap.v1.Period
-	46, // 27: runcap.v1.GetDecisionResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
-	10, // 28: runcap.v1.GetDecisionResponse.estimate:type_name -> runcap.v1.LlmEstimate
-	48, // 29: runcap.v1.GetDecisionResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	11, // 30: runcap.v1.CommitRequest.usage:type_name -> runcap.v1.TokenUsage
-	40, // 31: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
-	48, // 32: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	40, // 33: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
-	48, // 34: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	40, // 35: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
-	40, // 36: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
-	49, // 37: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
-	20, // 38: runcap.v1.WatchResponse.progress:type_name -> runcap.v1.Progress
-	44, // 39: runcap.v1.SetScopeLimitRequest.scope:type_name -> runcap.v1.ScopeRef
-	45, // 40: runcap.v1.SetScopeLimitRequest.period:type_name -> runcap.v1.Period
-	50, // 41: runcap.v1.SetScopeLimitResponse.scope:type_name -> runcap.v1.Scope
-	44, // 42: runcap.v1.GetScopeRequest.scope:type_name -> runcap.v1.ScopeRef
-	50, // 43: runcap.v1.GetScopeResponse.scope:type_name -> runcap.v1.Scope
-	25, // 44: runcap.v1.SetModelPriceRequest.price:type_name -> runcap.v1.ModelPrice
-	25, // 45: runcap.v1.SetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
-	25, // 46: runcap.v1.GetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
-	40, // 47: runcap.v1.SuspendRunResponse.state:type_name -> runcap.v1.BudgetState
-	40, // 48: runcap.v1.ResumeRunResponse.state:type_name -> runcap.v1.BudgetState
-	0,  // 49: runcap.v1.BudgetService.CreateRun:input_type -> runcap.v1.CreateRunRequest
-	2,  // 50: runcap.v1.BudgetService.GetRun:input_type -> runcap.v1.GetRunRequest
-	4,  // 51: runcap.v1.BudgetService.Reserve:input_type -> runcap.v1.ReserveRequest
-	12, // 52: runcap.v1.BudgetService.Commit:input_type -> runcap.v1.CommitRequest
-	14, // 53: runcap.v1.BudgetService.Refund:input_type -> runcap.v1.RefundRequest
-	16, // 54: runcap.v1.BudgetService.CloseRun:input_type -> runcap.v1.CloseRunRequest
-	32, // 55: runcap.v1.BudgetService.SuspendRun:input_type -> runcap.v1.SuspendRunRequest
-	34, // 56: runcap.v1.BudgetService.ResumeRun:input_type -> runcap.v1.ResumeRunRequest
-	18, // 57: runcap.v1.BudgetService.Watch:input_type -> runcap.v1.WatchRequest
-	21, // 58: runcap.v1.BudgetService.SetScopeLimit:input_type -> runcap.v1.SetScopeLimitRequest
-	23, // 59: runcap.v1.BudgetService.GetScope:input_type -> runcap.v1.GetScopeRequest
-	26, // 60: runcap.v1.BudgetService.SetModelPrice:input_type -> runcap.v1.SetModelPriceRequest
-	28, // 61: runcap.v1.BudgetService.DeleteModelPrice:input_type -> runcap.v1.DeleteModelPriceRequest
-	30, // 62: runcap.v1.BudgetService.GetModelPrice:input_type -> runcap.v1.GetModelPriceRequest
-	6,  // 63: runcap.v1.BudgetService.GetDecision:input_type -> runcap.v1.GetDecisionRequest
-	1,  // 64: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
-	3,  // 65: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
-	5,  // 66: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
-	13, // 67: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
-	15, // 68: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
-	17, // 69: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
-	33, // 70: runcap.v1.BudgetService.SuspendRun:output_type -> runcap.v1.SuspendRunResponse
-	35, // 71: runcap.v1.BudgetService.ResumeRun:output_type -> runcap.v1.ResumeRunResponse
-	19, // 72: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
-	22, // 73: runcap.v1.BudgetService.SetScopeLimit:output_type -> runcap.v1.SetScopeLimitResponse
-	24, // 74: runcap.v1.BudgetService.GetScope:output_type -> runcap.v1.GetScopeResponse
-	27, // 75: runcap.v1.BudgetService.SetModelPrice:output_type -> runcap.v1.SetModelPriceResponse
-	29, // 76: runcap.v1.BudgetService.DeleteModelPrice:output_type -> runcap.v1.DeleteModelPriceResponse
-	31, // 77: runcap.v1.BudgetService.GetModelPrice:output_type -> runcap.v1.GetModelPriceResponse
-	7,  // 78: runcap.v1.BudgetService.GetDecision:output_type -> runcap.v1.GetDecisionResponse
-	64, // [64:79] is the sub-list for method output_type
-	49, // [49:64] is the sub-list for method input_type
-	49, // [49:49] is the sub-list for extension type_name
-	49, // [49:49] is the sub-list for extension extendee
-	0,  // [0:49] is the sub-list for field type_name
+	40, // 0: runcap.v1.CreateRunRequest.labels:type_name -> runcap.v1.CreateRunRequest.LabelsEntry
+	41, // 1: runcap.v1.CreateRunRequest.default_ttl:type_name -> google.protobuf.Duration
+	42, // 2: runcap.v1.CreateRunRequest.policy:type_name -> runcap.v1.RunPolicy
+	43, // 3: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
+	44, // 4: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
+	43, // 5: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
+	44, // 6: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
+	12, // 7: runcap.v1.ReserveRequest.llm_call:type_name -> runcap.v1.LlmCall
+	41, // 8: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
+	45, // 9: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
+	46, // 10: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
+	47, // 11: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
+	44, // 12: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
+	48, // 13: runcap.v1.ReserveResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
+	49, // 14: runcap.v1.ReserveResponse.blocking_period:type_name -> runcap.v1.Period
+	14, // 15: runcap.v1.ReserveResponse.estimate:type_name -> runcap.v1.LlmEstimate
+	50, // 16: runcap.v1.ReserveResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
+	41, // 17: runcap.v1.ReserveResponse.retry_after:type_name -> google.protobuf.Duration
+	51, // 18: runcap.v1.ReserveResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
+	13, // 19: runcap.v1.ReserveResponse.alternatives:type_name -> runcap.v1.Alternative
+	52, // 20: runcap.v1.ApproveResponse.approval:type_name -> runcap.v1.Approval
+	44, // 21: runcap.v1.ApproveResponse.state:type_name -> runcap.v1.BudgetState
+	52, // 22: runcap.v1.DenyResponse.approval:type_name -> runcap.v1.Approval
+	44, // 23: runcap.v1.DenyResponse.state:type_name -> runcap.v1.BudgetState
+	45, // 24: runcap.v1.GetDecisionResponse.decision:type_name -> runcap.v1.Decision
+	46, // 25: runcap.v1.GetDecisionResponse.reason:type_name -> runcap.v1.DecisionReason
+	47, // 26: runcap.v1.GetDecisionResponse.decide_time:type_name -> google.protobuf.Timestamp
+	51, // 27: runcap.v1.GetDecisionResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
+	48, // 28: runcap.v1.GetDecisionResponse.scopes:type_name -> runcap.v1.ScopeRef
+	48, // 29: runcap.v1.GetDecisionResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
+	49, // 30: runcap.v1.GetDecisionResponse.blocking_period:type_name -> runcap.v1.Period
+	50, // 31: runcap.v1.GetDecisionResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
+	14, // 32: runcap.v1.GetDecisionResponse.estimate:type_name -> runcap.v1.LlmEstimate
+	53, // 33: runcap.v1.GetDecisionResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	15, // 34: runcap.v1.CommitRequest.usage:type_name -> runcap.v1.TokenUsage
+	44, // 35: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
+	53, // 36: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	44, // 37: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
+	53, // 38: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	44, // 39: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
+	44, // 40: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
+	54, // 41: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
+	24, // 42: runcap.v1.WatchResponse.progress:type_name -> runcap.v1.Progress
+	48, // 43: runcap.v1.SetScopeLimitRequest.scope:type_name -> runcap.v1.ScopeRef
+	49, // 44: runcap.v1.SetScopeLimitRequest.period:type_name -> runcap.v1.Period
+	55, // 45: runcap.v1.SetScopeLimitResponse.scope:type_name -> runcap.v1.Scope
+	48, // 46: runcap.v1.GetScopeRequest.scope:type_name -> runcap.v1.ScopeRef
+	55, // 47: runcap.v1.GetScopeResponse.scope:type_name -> runcap.v1.Scope
+	29, // 48: runcap.v1.SetModelPriceRequest.price:type_name -> runcap.v1.ModelPrice
+	29, // 49: runcap.v1.SetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
+	29, // 50: runcap.v1.GetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
+	44, // 51: runcap.v1.SuspendRunResponse.state:type_name -> runcap.v1.BudgetState
+	44, // 52: runcap.v1.ResumeRunResponse.state:type_name -> runcap.v1.BudgetState
+	0,  // 53: runcap.v1.BudgetService.CreateRun:input_type -> runcap.v1.CreateRunRequest
+	2,  // 54: runcap.v1.BudgetService.GetRun:input_type -> runcap.v1.GetRunRequest
+	4,  // 55: runcap.v1.BudgetService.Reserve:input_type -> runcap.v1.ReserveRequest
+	16, // 56: runcap.v1.BudgetService.Commit:input_type -> runcap.v1.CommitRequest
+	18, // 57: runcap.v1.BudgetService.Refund:input_type -> runcap.v1.RefundRequest
+	20, // 58: runcap.v1.BudgetService.CloseRun:input_type -> runcap.v1.CloseRunRequest
+	36, // 59: runcap.v1.BudgetService.SuspendRun:input_type -> runcap.v1.SuspendRunRequest
+	38, // 60: runcap.v1.BudgetService.ResumeRun:input_type -> runcap.v1.ResumeRunRequest
+	22, // 61: runcap.v1.BudgetService.Watch:input_type -> runcap.v1.WatchRequest
+	25, // 62: runcap.v1.BudgetService.SetScopeLimit:input_type -> runcap.v1.SetScopeLimitRequest
+	27, // 63: runcap.v1.BudgetService.GetScope:input_type -> runcap.v1.GetScopeRequest
+	30, // 64: runcap.v1.BudgetService.SetModelPrice:input_type -> runcap.v1.SetModelPriceRequest
+	32, // 65: runcap.v1.BudgetService.DeleteModelPrice:input_type -> runcap.v1.DeleteModelPriceRequest
+	34, // 66: runcap.v1.BudgetService.GetModelPrice:input_type -> runcap.v1.GetModelPriceRequest
+	10, // 67: runcap.v1.BudgetService.GetDecision:input_type -> runcap.v1.GetDecisionRequest
+	6,  // 68: runcap.v1.BudgetService.Approve:input_type -> runcap.v1.ApproveRequest
+	8,  // 69: runcap.v1.BudgetService.Deny:input_type -> runcap.v1.DenyRequest
+	1,  // 70: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
+	3,  // 71: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
+	5,  // 72: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
+	17, // 73: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
+	19, // 74: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
+	21, // 75: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
+	37, // 76: runcap.v1.BudgetService.SuspendRun:output_type -> runcap.v1.SuspendRunResponse
+	39, // 77: runcap.v1.BudgetService.ResumeRun:output_type -> runcap.v1.ResumeRunResponse
+	23, // 78: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
+	26, // 79: runcap.v1.BudgetService.SetScopeLimit:output_type -> runcap.v1.SetScopeLimitResponse
+	28, // 80: runcap.v1.BudgetService.GetScope:output_type -> runcap.v1.GetScopeResponse
+	31, // 81: runcap.v1.BudgetService.SetModelPrice:output_type -> runcap.v1.SetModelPriceResponse
+	33, // 82: runcap.v1.BudgetService.DeleteModelPrice:output_type -> runcap.v1.DeleteModelPriceResponse
+	35, // 83: runcap.v1.BudgetService.GetModelPrice:output_type -> runcap.v1.GetModelPriceResponse
+	11, // 84: runcap.v1.BudgetService.GetDecision:output_type -> runcap.v1.GetDecisionResponse
+	7,  // 85: runcap.v1.BudgetService.Approve:output_type -> runcap.v1.ApproveResponse
+	9,  // 86: runcap.v1.BudgetService.Deny:output_type -> runcap.v1.DenyResponse
+	70, // [70:87] is the sub-list for method output_type
+	53, // [53:70] is the sub-list for method input_type
+	53, // [53:53] is the sub-list for extension type_name
+	53, // [53:53] is the sub-list for extension extendee
+	0,  // [0:53] is the sub-list for field type_name
 }
 
 func init() { file_runcap_v1_budget_service_proto_init() }
@@ -3260,30 +3521,30 @@ func file_runcap_v1_budget_service_proto_init() {
 		(*ReserveRequest_AmountMicros)(nil),
 		(*ReserveRequest_LlmCall)(nil),
 	}
-	file_runcap_v1_budget_service_proto_msgTypes[7].OneofWrappers = []any{}
-	file_runcap_v1_budget_service_proto_msgTypes[8].OneofWrappers = []any{}
-	file_runcap_v1_budget_service_proto_msgTypes[12].OneofWrappers = []any{
+	file_runcap_v1_budget_service_proto_msgTypes[11].OneofWrappers = []any{}
+	file_runcap_v1_budget_service_proto_msgTypes[12].OneofWrappers = []any{}
+	file_runcap_v1_budget_service_proto_msgTypes[16].OneofWrappers = []any{
 		(*CommitRequest_ActualMicros)(nil),
 		(*CommitRequest_Usage)(nil),
 	}
-	file_runcap_v1_budget_service_proto_msgTypes[18].OneofWrappers = []any{}
-	file_runcap_v1_budget_service_proto_msgTypes[19].OneofWrappers = []any{
+	file_runcap_v1_budget_service_proto_msgTypes[22].OneofWrappers = []any{}
+	file_runcap_v1_budget_service_proto_msgTypes[23].OneofWrappers = []any{
 		(*WatchResponse_Snapshot)(nil),
 		(*WatchResponse_Event)(nil),
 		(*WatchResponse_Progress)(nil),
 	}
-	file_runcap_v1_budget_service_proto_msgTypes[21].OneofWrappers = []any{
+	file_runcap_v1_budget_service_proto_msgTypes[25].OneofWrappers = []any{
 		(*SetScopeLimitRequest_LimitMicros)(nil),
 		(*SetScopeLimitRequest_Clear)(nil),
 	}
-	file_runcap_v1_budget_service_proto_msgTypes[25].OneofWrappers = []any{}
+	file_runcap_v1_budget_service_proto_msgTypes[29].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_runcap_v1_budget_service_proto_rawDesc), len(file_runcap_v1_budget_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   37,
+			NumMessages:   41,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

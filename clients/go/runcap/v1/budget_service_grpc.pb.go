@@ -34,6 +34,8 @@ const (
 	BudgetService_DeleteModelPrice_FullMethodName = "/runcap.v1.BudgetService/DeleteModelPrice"
 	BudgetService_GetModelPrice_FullMethodName    = "/runcap.v1.BudgetService/GetModelPrice"
 	BudgetService_GetDecision_FullMethodName      = "/runcap.v1.BudgetService/GetDecision"
+	BudgetService_Approve_FullMethodName          = "/runcap.v1.BudgetService/Approve"
+	BudgetService_Deny_FullMethodName             = "/runcap.v1.BudgetService/Deny"
 )
 
 // BudgetServiceClient is the client API for BudgetService service.
@@ -105,6 +107,12 @@ type BudgetServiceClient interface {
 	// Decisions are kept as long as their run: on Redis, until
 	// RUNCAP_CLOSED_RUN_RETENTION (30 days by default) after the run closes.
 	GetDecision(ctx context.Context, in *GetDecisionRequest, opts ...grpc.CallOption) (*GetDecisionResponse, error)
+	// Approves a pending escalation: calls that trip its trigger are decided
+	// as usual from now on, on every replica. Watch shows it. Idempotent.
+	Approve(ctx context.Context, in *ApproveRequest, opts ...grpc.CallOption) (*ApproveResponse, error)
+	// Denies a pending escalation: calls that trip its trigger are blocked
+	// (DECISION_REASON_APPROVAL_DENIED). Watch shows it. Idempotent.
+	Deny(ctx context.Context, in *DenyRequest, opts ...grpc.CallOption) (*DenyResponse, error)
 }
 
 type budgetServiceClient struct {
@@ -274,6 +282,26 @@ func (c *budgetServiceClient) GetDecision(ctx context.Context, in *GetDecisionRe
 	return out, nil
 }
 
+func (c *budgetServiceClient) Approve(ctx context.Context, in *ApproveRequest, opts ...grpc.CallOption) (*ApproveResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ApproveResponse)
+	err := c.cc.Invoke(ctx, BudgetService_Approve_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *budgetServiceClient) Deny(ctx context.Context, in *DenyRequest, opts ...grpc.CallOption) (*DenyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DenyResponse)
+	err := c.cc.Invoke(ctx, BudgetService_Deny_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // BudgetServiceServer is the server API for BudgetService service.
 // All implementations must embed UnimplementedBudgetServiceServer
 // for forward compatibility.
@@ -343,6 +371,12 @@ type BudgetServiceServer interface {
 	// Decisions are kept as long as their run: on Redis, until
 	// RUNCAP_CLOSED_RUN_RETENTION (30 days by default) after the run closes.
 	GetDecision(context.Context, *GetDecisionRequest) (*GetDecisionResponse, error)
+	// Approves a pending escalation: calls that trip its trigger are decided
+	// as usual from now on, on every replica. Watch shows it. Idempotent.
+	Approve(context.Context, *ApproveRequest) (*ApproveResponse, error)
+	// Denies a pending escalation: calls that trip its trigger are blocked
+	// (DECISION_REASON_APPROVAL_DENIED). Watch shows it. Idempotent.
+	Deny(context.Context, *DenyRequest) (*DenyResponse, error)
 	mustEmbedUnimplementedBudgetServiceServer()
 }
 
@@ -397,6 +431,12 @@ func (UnimplementedBudgetServiceServer) GetModelPrice(context.Context, *GetModel
 }
 func (UnimplementedBudgetServiceServer) GetDecision(context.Context, *GetDecisionRequest) (*GetDecisionResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetDecision not implemented")
+}
+func (UnimplementedBudgetServiceServer) Approve(context.Context, *ApproveRequest) (*ApproveResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Approve not implemented")
+}
+func (UnimplementedBudgetServiceServer) Deny(context.Context, *DenyRequest) (*DenyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Deny not implemented")
 }
 func (UnimplementedBudgetServiceServer) mustEmbedUnimplementedBudgetServiceServer() {}
 func (UnimplementedBudgetServiceServer) testEmbeddedByValue()                       {}
@@ -682,6 +722,42 @@ func _BudgetService_GetDecision_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _BudgetService_Approve_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ApproveRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BudgetServiceServer).Approve(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BudgetService_Approve_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BudgetServiceServer).Approve(ctx, req.(*ApproveRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _BudgetService_Deny_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DenyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BudgetServiceServer).Deny(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BudgetService_Deny_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BudgetServiceServer).Deny(ctx, req.(*DenyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // BudgetService_ServiceDesc is the grpc.ServiceDesc for BudgetService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -744,6 +820,14 @@ var BudgetService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetDecision",
 			Handler:    _BudgetService_GetDecision_Handler,
+		},
+		{
+			MethodName: "Approve",
+			Handler:    _BudgetService_Approve_Handler,
+		},
+		{
+			MethodName: "Deny",
+			Handler:    _BudgetService_Deny_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -86,6 +86,13 @@ const (
 	// NOT_FOUND: GetDecision named a decision the server does not have (never
 	// made, or its run aged out). A `google.rpc.ResourceInfo` detail names it.
 	ErrorReason_ERROR_REASON_DECISION_NOT_FOUND ErrorReason = 16
+	// NOT_FOUND: Approve or Deny named an approval the run never requested. A
+	// `google.rpc.ResourceInfo` detail names it.
+	ErrorReason_ERROR_REASON_APPROVAL_NOT_FOUND ErrorReason = 17
+	// FAILED_PRECONDITION: the approval was already resolved the other way
+	// (approving a denied one, or denying an approved one). A
+	// `google.rpc.PreconditionFailure` detail names it.
+	ErrorReason_ERROR_REASON_APPROVAL_RESOLVED ErrorReason = 18
 )
 
 // Enum value maps for ErrorReason.
@@ -108,6 +115,8 @@ var (
 		14: "ERROR_REASON_RUN_CLOSED",
 		15: "ERROR_REASON_SUBAGENT_LIMIT",
 		16: "ERROR_REASON_DECISION_NOT_FOUND",
+		17: "ERROR_REASON_APPROVAL_NOT_FOUND",
+		18: "ERROR_REASON_APPROVAL_RESOLVED",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":           0,
@@ -127,6 +136,8 @@ var (
 		"ERROR_REASON_RUN_CLOSED":            14,
 		"ERROR_REASON_SUBAGENT_LIMIT":        15,
 		"ERROR_REASON_DECISION_NOT_FOUND":    16,
+		"ERROR_REASON_APPROVAL_NOT_FOUND":    17,
+		"ERROR_REASON_APPROVAL_RESOLVED":     18,
 	}
 )
 
@@ -161,7 +172,7 @@ var File_runcap_v1_errors_proto protoreflect.FileDescriptor
 
 const file_runcap_v1_errors_proto_rawDesc = "" +
 	"\n" +
-	"\x16runcap/v1/errors.proto\x12\truncap.v1*\xe6\x04\n" +
+	"\x16runcap/v1/errors.proto\x12\truncap.v1*\xaf\x05\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x01\x12\x1e\n" +
@@ -180,7 +191,9 @@ const file_runcap_v1_errors_proto_rawDesc = "" +
 	"\x1eERROR_REASON_PARENT_RUN_CLOSED\x10\r\x12\x1b\n" +
 	"\x17ERROR_REASON_RUN_CLOSED\x10\x0e\x12\x1f\n" +
 	"\x1bERROR_REASON_SUBAGENT_LIMIT\x10\x0f\x12#\n" +
-	"\x1fERROR_REASON_DECISION_NOT_FOUND\x10\x10B8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
+	"\x1fERROR_REASON_DECISION_NOT_FOUND\x10\x10\x12#\n" +
+	"\x1fERROR_REASON_APPROVAL_NOT_FOUND\x10\x11\x12\"\n" +
+	"\x1eERROR_REASON_APPROVAL_RESOLVED\x10\x12B8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
 
 var (
 	file_runcap_v1_errors_proto_rawDescOnce sync.Once

@@ -89,6 +89,12 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     capability-valid model is held instead. Call the model in
     `estimate.model`, and commit with the response's `reservation_id`.
     """
+    DECISION_APPROVAL_REQUIRED: _Decision.ValueType  # 6
+    """Nothing was held: the call trips one of the run's escalation triggers
+    (RunPolicy.approval_percent or approved_meters), and a person or a
+    supervising agent must first Approve `approval_id`. Watch shows the
+    request and its outcome; once approved, reserve again with a new id.
+    """
 
 class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
     """Decision is the server's answer to a Reserve request. A block is a business
@@ -122,7 +128,41 @@ downgrades (RunPolicy.auto_downgrade): the estimate of a cheaper
 capability-valid model is held instead. Call the model in
 `estimate.model`, and commit with the response's `reservation_id`.
 """
+DECISION_APPROVAL_REQUIRED: Decision.ValueType  # 6
+"""Nothing was held: the call trips one of the run's escalation triggers
+(RunPolicy.approval_percent or approved_meters), and a person or a
+supervising agent must first Approve `approval_id`. Watch shows the
+request and its outcome; once approved, reserve again with a new id.
+"""
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
+
+class _ApprovalStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ApprovalStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ApprovalStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    APPROVAL_STATUS_UNSPECIFIED: _ApprovalStatus.ValueType  # 0
+    """Not set. The server never returns this value."""
+    APPROVAL_STATUS_PENDING: _ApprovalStatus.ValueType  # 1
+    """Waiting for Approve or Deny."""
+    APPROVAL_STATUS_APPROVED: _ApprovalStatus.ValueType  # 2
+    """Approved: calls that trip this trigger are decided as usual."""
+    APPROVAL_STATUS_DENIED: _ApprovalStatus.ValueType  # 3
+    """Denied: calls that trip this trigger are blocked."""
+
+class ApprovalStatus(_ApprovalStatus, metaclass=_ApprovalStatusEnumTypeWrapper):
+    """ApprovalStatus is where an escalation stands."""
+
+APPROVAL_STATUS_UNSPECIFIED: ApprovalStatus.ValueType  # 0
+"""Not set. The server never returns this value."""
+APPROVAL_STATUS_PENDING: ApprovalStatus.ValueType  # 1
+"""Waiting for Approve or Deny."""
+APPROVAL_STATUS_APPROVED: ApprovalStatus.ValueType  # 2
+"""Approved: calls that trip this trigger are decided as usual."""
+APPROVAL_STATUS_DENIED: ApprovalStatus.ValueType  # 3
+"""Denied: calls that trip this trigger are blocked."""
+Global___ApprovalStatus: _TypeAlias = ApprovalStatus  # noqa: Y015
 
 class _EnforcementMode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -304,6 +344,16 @@ class _DecisionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decisi
     """DECISION_THROTTLE: the run's rate limit is used up for this window."""
     DECISION_REASON_IN_FLIGHT_LIMIT: _DecisionReason.ValueType  # 9
     """DECISION_THROTTLE: the run has its maximum number of holds in flight."""
+    DECISION_REASON_SPEND_NEEDS_APPROVAL: _DecisionReason.ValueType  # 11
+    """DECISION_APPROVAL_REQUIRED: the run's committed and held spend with
+    this estimate would pass RunPolicy.approval_percent of its limit.
+    """
+    DECISION_REASON_METER_NEEDS_APPROVAL: _DecisionReason.ValueType  # 12
+    """DECISION_APPROVAL_REQUIRED: the call's meter is not on the run's
+    RunPolicy.approved_meters (`blocking_meter` names it).
+    """
+    DECISION_REASON_APPROVAL_DENIED: _DecisionReason.ValueType  # 13
+    """DECISION_BLOCK: the escalation this call trips was denied (Deny)."""
     DECISION_REASON_BACKEND_UNAVAILABLE: _DecisionReason.ValueType  # 10
     """DECISION_WARN on an advisory run while the ledger's storage is
     unreachable and the deployment fails open (RUNCAP_FAIL_OPEN): nothing
@@ -348,6 +398,16 @@ DECISION_REASON_RATE_LIMITED: DecisionReason.ValueType  # 8
 """DECISION_THROTTLE: the run's rate limit is used up for this window."""
 DECISION_REASON_IN_FLIGHT_LIMIT: DecisionReason.ValueType  # 9
 """DECISION_THROTTLE: the run has its maximum number of holds in flight."""
+DECISION_REASON_SPEND_NEEDS_APPROVAL: DecisionReason.ValueType  # 11
+"""DECISION_APPROVAL_REQUIRED: the run's committed and held spend with
+this estimate would pass RunPolicy.approval_percent of its limit.
+"""
+DECISION_REASON_METER_NEEDS_APPROVAL: DecisionReason.ValueType  # 12
+"""DECISION_APPROVAL_REQUIRED: the call's meter is not on the run's
+RunPolicy.approved_meters (`blocking_meter` names it).
+"""
+DECISION_REASON_APPROVAL_DENIED: DecisionReason.ValueType  # 13
+"""DECISION_BLOCK: the escalation this call trips was denied (Deny)."""
 DECISION_REASON_BACKEND_UNAVAILABLE: DecisionReason.ValueType  # 10
 """DECISION_WARN on an advisory run while the ledger's storage is
 unreachable and the deployment fails open (RUNCAP_FAIL_OPEN): nothing
@@ -504,6 +564,14 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """The run's committed spend reached a new threshold band; `threshold`
     says which. One event per band, in order, after the commit that crossed it.
     """
+    EVENT_TYPE_APPROVAL_REQUESTED: _EventType.ValueType  # 10
+    """A Reserve tripped an escalation trigger: `approval_id` awaits Approve or
+    Deny.
+    """
+    EVENT_TYPE_APPROVAL_GRANTED: _EventType.ValueType  # 11
+    """`approval_id` was approved."""
+    EVENT_TYPE_APPROVAL_DENIED: _EventType.ValueType  # 12
+    """`approval_id` was denied."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """EventType names what changed in a run."""
@@ -532,7 +600,49 @@ EVENT_TYPE_THRESHOLD_CROSSED: EventType.ValueType  # 9
 """The run's committed spend reached a new threshold band; `threshold`
 says which. One event per band, in order, after the commit that crossed it.
 """
+EVENT_TYPE_APPROVAL_REQUESTED: EventType.ValueType  # 10
+"""A Reserve tripped an escalation trigger: `approval_id` awaits Approve or
+Deny.
+"""
+EVENT_TYPE_APPROVAL_GRANTED: EventType.ValueType  # 11
+"""`approval_id` was approved."""
+EVENT_TYPE_APPROVAL_DENIED: EventType.ValueType  # 12
+"""`approval_id` was denied."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
+
+@_typing.final
+class Approval(_message.Message):
+    """Approval is one escalation of a run: the run's spend passing its approval
+    threshold, or a call to a meter not on its approved list.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    METER_FIELD_NUMBER: _builtins.int
+    approval_id: _builtins.str
+    """The approval's id: "<run id>/approval:spend" or
+    "<run id>/approval:meter:<meter>".
+    """
+    status: Global___ApprovalStatus.ValueType
+    """Where it stands."""
+    meter: _builtins.str
+    """The meter, for a meter's approval; empty for spend."""
+    def __init__(
+        self,
+        *,
+        approval_id: _builtins.str = ...,
+        status: Global___ApprovalStatus.ValueType = ...,
+        meter: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "meter", b"meter", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Approval: _TypeAlias = Approval  # noqa: Y015
 
 @_typing.final
 class Thresholds(_message.Message):
@@ -639,6 +749,8 @@ class RunPolicy(_message.Message):
     MAX_CHILDREN_FIELD_NUMBER: _builtins.int
     AUTO_DOWNGRADE_FIELD_NUMBER: _builtins.int
     DOWNGRADE_MODELS_FIELD_NUMBER: _builtins.int
+    APPROVAL_PERCENT_FIELD_NUMBER: _builtins.int
+    APPROVED_METERS_FIELD_NUMBER: _builtins.int
     enforcement_mode: Global___EnforcementMode.ValueType
     """How the run's ceilings are enforced."""
     soft_gate_margin_percent: _builtins.int
@@ -663,6 +775,11 @@ class RunPolicy(_message.Message):
     """When an LLM call does not fit the budget, hold the best alternative that
     does (the priciest that fits: the smallest step down) and answer
     DECISION_DOWNGRADE, instead of blocking.
+    """
+    approval_percent: _builtins.int
+    """Escalate once the run's committed and held spend with a call's estimate
+    would pass this percent of its limit (1 to 100; 0: never): the call gets
+    DECISION_APPROVAL_REQUIRED until the spend approval is approved.
     """
     @_builtins.property
     def thresholds(self) -> Global___Thresholds:
@@ -695,6 +812,12 @@ class RunPolicy(_message.Message):
         "provider/model". Empty: any model with a price.
         """
 
+    @_builtins.property
+    def approved_meters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """When set, a call naming a meter not on this list needs that meter's
+        approval first. Same names as meter_limits; at most 32.
+        """
+
     def __init__(
         self,
         *,
@@ -711,10 +834,12 @@ class RunPolicy(_message.Message):
         max_children: _builtins.int | None = ...,
         auto_downgrade: _builtins.bool = ...,
         downgrade_models: _abc.Iterable[_builtins.str] | None = ...,
+        approval_percent: _builtins.int = ...,
+        approved_meters: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_children", b"_max_children", "_max_depth", b"_max_depth", "_max_in_flight", b"_max_in_flight", "_max_tokens", b"_max_tokens", "max_children", b"max_children", "max_depth", b"max_depth", "max_in_flight", b"max_in_flight", "max_tokens", b"max_tokens", "rate_limit", b"rate_limit", "thresholds", b"thresholds", "throttle_base_delay", b"throttle_base_delay", "throttle_max_delay", b"throttle_max_delay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_children", b"_max_children", "_max_depth", b"_max_depth", "_max_in_flight", b"_max_in_flight", "_max_tokens", b"_max_tokens", "auto_downgrade", b"auto_downgrade", "downgrade_models", b"downgrade_models", "enforcement_mode", b"enforcement_mode", "max_children", b"max_children", "max_depth", b"max_depth", "max_in_flight", b"max_in_flight", "max_tokens", b"max_tokens", "meter_limits", b"meter_limits", "rate_limit", b"rate_limit", "soft_gate_margin_percent", b"soft_gate_margin_percent", "thresholds", b"thresholds", "throttle_base_delay", b"throttle_base_delay", "throttle_max_delay", b"throttle_max_delay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_children", b"_max_children", "_max_depth", b"_max_depth", "_max_in_flight", b"_max_in_flight", "_max_tokens", b"_max_tokens", "approval_percent", b"approval_percent", "approved_meters", b"approved_meters", "auto_downgrade", b"auto_downgrade", "downgrade_models", b"downgrade_models", "enforcement_mode", b"enforcement_mode", "max_children", b"max_children", "max_depth", b"max_depth", "max_in_flight", b"max_in_flight", "max_tokens", b"max_tokens", "meter_limits", b"meter_limits", "rate_limit", b"rate_limit", "soft_gate_margin_percent", b"soft_gate_margin_percent", "thresholds", b"thresholds", "throttle_base_delay", b"throttle_base_delay", "throttle_max_delay", b"throttle_max_delay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_children: _TypeAlias = _typing.Literal["max_children"]  # noqa: Y015
     _WhichOneofArgType__max_children: _TypeAlias = _typing.Literal["_max_children", b"_max_children"]  # noqa: Y015
@@ -987,6 +1112,7 @@ class Run(_message.Message):
     DEPTH_REMAINING_FIELD_NUMBER: _builtins.int
     CHILDREN_FIELD_NUMBER: _builtins.int
     METERS_FIELD_NUMBER: _builtins.int
+    APPROVALS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id."""
     limit_micros: _builtins.int
@@ -1035,6 +1161,10 @@ class Run(_message.Message):
     def meters(self) -> _containers.RepeatedCompositeFieldContainer[Global___MeterUsage]:
         """The run's call meters: every meter with a ceiling or any use."""
 
+    @_builtins.property
+    def approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___Approval]:
+        """The run's escalations, pending and resolved."""
+
     def __init__(
         self,
         *,
@@ -1053,10 +1183,11 @@ class Run(_message.Message):
         depth_remaining: _builtins.int = ...,
         children: _builtins.int = ...,
         meters: _abc.Iterable[Global___MeterUsage] | None = ...,
+        approvals: _abc.Iterable[Global___Approval] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["close_time", b"close_time", "create_time", b"create_time", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ancestor_run_ids", b"ancestor_run_ids", "api_key_id", b"api_key_id", "children", b"children", "close_time", b"close_time", "create_time", b"create_time", "default_ttl_millis", b"default_ttl_millis", "depth_remaining", b"depth_remaining", "labels", b"labels", "limit_micros", b"limit_micros", "meters", b"meters", "parent_run_id", b"parent_run_id", "policy", b"policy", "run_id", b"run_id", "team_id", b"team_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ancestor_run_ids", b"ancestor_run_ids", "api_key_id", b"api_key_id", "approvals", b"approvals", "children", b"children", "close_time", b"close_time", "create_time", b"create_time", "default_ttl_millis", b"default_ttl_millis", "depth_remaining", b"depth_remaining", "labels", b"labels", "limit_micros", b"limit_micros", "meters", b"meters", "parent_run_id", b"parent_run_id", "policy", b"policy", "run_id", b"run_id", "team_id", b"team_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1113,6 +1244,7 @@ class BudgetEvent(_message.Message):
     TIME_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     THRESHOLD_FIELD_NUMBER: _builtins.int
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
     type: Global___EventType.ValueType
     """What changed."""
     reservation_id: _builtins.str
@@ -1129,6 +1261,8 @@ class BudgetEvent(_message.Message):
     """True for a commit that arrived after its hold had expired."""
     threshold: Global___ThresholdLevel.ValueType
     """For THRESHOLD_CROSSED: the band reached."""
+    approval_id: _builtins.str
+    """For the APPROVAL_ events: the approval."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the change happened, in server time."""
@@ -1151,10 +1285,11 @@ class BudgetEvent(_message.Message):
         time: _timestamp_pb2.Timestamp | None = ...,
         state: Global___BudgetState | None = ...,
         threshold: Global___ThresholdLevel.ValueType = ...,
+        approval_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual_micros", b"actual_micros", "amount_micros", b"amount_micros", "late", b"late", "overrun_micros", b"overrun_micros", "reservation_id", b"reservation_id", "state", b"state", "threshold", b"threshold", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual_micros", b"actual_micros", "amount_micros", b"amount_micros", "approval_id", b"approval_id", "late", b"late", "overrun_micros", b"overrun_micros", "reservation_id", b"reservation_id", "state", b"state", "threshold", b"threshold", "time", b"time", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

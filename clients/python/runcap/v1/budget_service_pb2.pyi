@@ -298,6 +298,7 @@ class ReserveResponse(_message.Message):
     DECISION_ID_FIELD_NUMBER: _builtins.int
     ALTERNATIVES_FIELD_NUMBER: _builtins.int
     REQUESTED_MODEL_FIELD_NUMBER: _builtins.int
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
     decision: _budget_pb2.Decision.ValueType
     """Allow or block."""
     reason: _budget_pb2.DecisionReason.ValueType
@@ -326,6 +327,10 @@ class ReserveResponse(_message.Message):
     requested_model: _builtins.str
     """For DECISION_DOWNGRADE: the model the request asked for; `estimate` is
     the model held instead.
+    """
+    approval_id: _builtins.str
+    """For DECISION_APPROVAL_REQUIRED, and for a block by a denied approval:
+    the approval.
     """
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
@@ -380,14 +385,127 @@ class ReserveResponse(_message.Message):
         decision_id: _builtins.str = ...,
         alternatives: _abc.Iterable[Global___Alternative] | None = ...,
         requested_model: _builtins.str = ...,
+        approval_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["blocking_scope", b"blocking_scope", "estimate", b"estimate", "expire_time", b"expire_time", "retry_after", b"retry_after", "state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alternatives", b"alternatives", "amount_micros", b"amount_micros", "blocking_dimension", b"blocking_dimension", "blocking_meter", b"blocking_meter", "blocking_period", b"blocking_period", "blocking_scope", b"blocking_scope", "decision", b"decision", "decision_id", b"decision_id", "enforcement_mode", b"enforcement_mode", "estimate", b"estimate", "expire_time", b"expire_time", "reason", b"reason", "replayed", b"replayed", "requested_model", b"requested_model", "reservation_id", b"reservation_id", "retry_after", b"retry_after", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alternatives", b"alternatives", "amount_micros", b"amount_micros", "approval_id", b"approval_id", "blocking_dimension", b"blocking_dimension", "blocking_meter", b"blocking_meter", "blocking_period", b"blocking_period", "blocking_scope", b"blocking_scope", "decision", b"decision", "decision_id", b"decision_id", "enforcement_mode", b"enforcement_mode", "estimate", b"estimate", "expire_time", b"expire_time", "reason", b"reason", "replayed", b"replayed", "requested_model", b"requested_model", "reservation_id", b"reservation_id", "retry_after", b"retry_after", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReserveResponse: _TypeAlias = ReserveResponse  # noqa: Y015
+
+@_typing.final
+class ApproveRequest(_message.Message):
+    """ApproveRequest names a pending approval."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    approval_id: _builtins.str
+    """Approval.approval_id (also in ReserveResponse and BudgetEvent)."""
+    def __init__(
+        self,
+        *,
+        approval_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveRequest: _TypeAlias = ApproveRequest  # noqa: Y015
+
+@_typing.final
+class ApproveResponse(_message.Message):
+    """ApproveResponse is the approval after the call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when it was already approved and nothing changed."""
+    @_builtins.property
+    def approval(self) -> _budget_pb2.Approval:
+        """The approval."""
+
+    @_builtins.property
+    def state(self) -> _budget_pb2.BudgetState:
+        """The run's budget state after the call."""
+
+    def __init__(
+        self,
+        *,
+        approval: _budget_pb2.Approval | None = ...,
+        state: _budget_pb2.BudgetState | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "replayed", b"replayed", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveResponse: _TypeAlias = ApproveResponse  # noqa: Y015
+
+@_typing.final
+class DenyRequest(_message.Message):
+    """DenyRequest names a pending approval."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    approval_id: _builtins.str
+    """Approval.approval_id."""
+    def __init__(
+        self,
+        *,
+        approval_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DenyRequest: _TypeAlias = DenyRequest  # noqa: Y015
+
+@_typing.final
+class DenyResponse(_message.Message):
+    """DenyResponse is the approval after the call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when it was already denied and nothing changed."""
+    @_builtins.property
+    def approval(self) -> _budget_pb2.Approval:
+        """The approval."""
+
+    @_builtins.property
+    def state(self) -> _budget_pb2.BudgetState:
+        """The run's budget state after the call."""
+
+    def __init__(
+        self,
+        *,
+        approval: _budget_pb2.Approval | None = ...,
+        state: _budget_pb2.BudgetState | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "replayed", b"replayed", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DenyResponse: _TypeAlias = DenyResponse  # noqa: Y015
 
 @_typing.final
 class GetDecisionRequest(_message.Message):

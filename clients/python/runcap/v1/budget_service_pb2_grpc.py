@@ -120,6 +120,16 @@ class BudgetServiceStub:
                 request_serializer=runcap_dot_v1_dot_budget__service__pb2.GetDecisionRequest.SerializeToString,
                 response_deserializer=runcap_dot_v1_dot_budget__service__pb2.GetDecisionResponse.FromString,
                 _registered_method=True)
+        self.Approve = channel.unary_unary(
+                '/runcap.v1.BudgetService/Approve',
+                request_serializer=runcap_dot_v1_dot_budget__service__pb2.ApproveRequest.SerializeToString,
+                response_deserializer=runcap_dot_v1_dot_budget__service__pb2.ApproveResponse.FromString,
+                _registered_method=True)
+        self.Deny = channel.unary_unary(
+                '/runcap.v1.BudgetService/Deny',
+                request_serializer=runcap_dot_v1_dot_budget__service__pb2.DenyRequest.SerializeToString,
+                response_deserializer=runcap_dot_v1_dot_budget__service__pb2.DenyResponse.FromString,
+                _registered_method=True)
 
 
 class BudgetServiceServicer:
@@ -264,6 +274,22 @@ class BudgetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Approve(self, request, context):
+        """Approves a pending escalation: calls that trip its trigger are decided
+        as usual from now on, on every replica. Watch shows it. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Deny(self, request, context):
+        """Denies a pending escalation: calls that trip its trigger are blocked
+        (DECISION_REASON_APPROVAL_DENIED). Watch shows it. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BudgetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -341,6 +367,16 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.GetDecision,
                     request_deserializer=runcap_dot_v1_dot_budget__service__pb2.GetDecisionRequest.FromString,
                     response_serializer=runcap_dot_v1_dot_budget__service__pb2.GetDecisionResponse.SerializeToString,
+            ),
+            'Approve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Approve,
+                    request_deserializer=runcap_dot_v1_dot_budget__service__pb2.ApproveRequest.FromString,
+                    response_serializer=runcap_dot_v1_dot_budget__service__pb2.ApproveResponse.SerializeToString,
+            ),
+            'Deny': grpc.unary_unary_rpc_method_handler(
+                    servicer.Deny,
+                    request_deserializer=runcap_dot_v1_dot_budget__service__pb2.DenyRequest.FromString,
+                    response_serializer=runcap_dot_v1_dot_budget__service__pb2.DenyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -759,6 +795,60 @@ class BudgetService:
             '/runcap.v1.BudgetService/GetDecision',
             runcap_dot_v1_dot_budget__service__pb2.GetDecisionRequest.SerializeToString,
             runcap_dot_v1_dot_budget__service__pb2.GetDecisionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Approve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runcap.v1.BudgetService/Approve',
+            runcap_dot_v1_dot_budget__service__pb2.ApproveRequest.SerializeToString,
+            runcap_dot_v1_dot_budget__service__pb2.ApproveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Deny(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runcap.v1.BudgetService/Deny',
+            runcap_dot_v1_dot_budget__service__pb2.DenyRequest.SerializeToString,
+            runcap_dot_v1_dot_budget__service__pb2.DenyResponse.FromString,
             options,
             channel_credentials,
             insecure,

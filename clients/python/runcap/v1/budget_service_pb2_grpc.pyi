@@ -109,6 +109,14 @@ class BudgetServiceStub:
     Decisions are kept as long as their run: on Redis, until
     RUNCAP_CLOSED_RUN_RETENTION (30 days by default) after the run closes.
     """
+    Approve: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.ApproveRequest, _budget_service_pb2.ApproveResponse]
+    """Approves a pending escalation: calls that trip its trigger are decided
+    as usual from now on, on every replica. Watch shows it. Idempotent.
+    """
+    Deny: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.DenyRequest, _budget_service_pb2.DenyResponse]
+    """Denies a pending escalation: calls that trip its trigger are blocked
+    (DECISION_REASON_APPROVAL_DENIED). Watch shows it. Idempotent.
+    """
 
 @_typing.type_check_only
 class BudgetServiceAsyncStub(BudgetServiceStub):
@@ -190,6 +198,14 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     """Returns a Reserve decision by its id, with the inputs it was made from.
     Decisions are kept as long as their run: on Redis, until
     RUNCAP_CLOSED_RUN_RETENTION (30 days by default) after the run closes.
+    """
+    Approve: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.ApproveRequest, _budget_service_pb2.ApproveResponse]  # type: ignore[assignment]
+    """Approves a pending escalation: calls that trip its trigger are decided
+    as usual from now on, on every replica. Watch shows it. Idempotent.
+    """
+    Deny: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.DenyRequest, _budget_service_pb2.DenyResponse]  # type: ignore[assignment]
+    """Denies a pending escalation: calls that trip its trigger are blocked
+    (DECISION_REASON_APPROVAL_DENIED). Watch shows it. Idempotent.
     """
 
 class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -359,6 +375,26 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         """Returns a Reserve decision by its id, with the inputs it was made from.
         Decisions are kept as long as their run: on Redis, until
         RUNCAP_CLOSED_RUN_RETENTION (30 days by default) after the run closes.
+        """
+
+    @_abc_1.abstractmethod
+    def Approve(
+        self,
+        request: _budget_service_pb2.ApproveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_service_pb2.ApproveResponse, _abc.Awaitable[_budget_service_pb2.ApproveResponse]]:
+        """Approves a pending escalation: calls that trip its trigger are decided
+        as usual from now on, on every replica. Watch shows it. Idempotent.
+        """
+
+    @_abc_1.abstractmethod
+    def Deny(
+        self,
+        request: _budget_service_pb2.DenyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_service_pb2.DenyResponse, _abc.Awaitable[_budget_service_pb2.DenyResponse]]:
+        """Denies a pending escalation: calls that trip its trigger are blocked
+        (DECISION_REASON_APPROVAL_DENIED). Watch shows it. Idempotent.
         """
 
 def add_BudgetServiceServicer_to_server(servicer: BudgetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16runcap/v1/errors.proto\x12\truncap.v1*\xe6\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x01\x12\x1e\n\x1a\x45RROR_REASON_RUN_NOT_FOUND\x10\x02\x12&\n\"ERROR_REASON_RESERVATION_NOT_FOUND\x10\x03\x12#\n\x1f\x45RROR_REASON_RUN_ALREADY_EXISTS\x10\x04\x12%\n!ERROR_REASON_IDEMPOTENCY_CONFLICT\x10\x05\x12$\n ERROR_REASON_RESERVATION_BLOCKED\x10\x06\x12%\n!ERROR_REASON_RESERVATION_RELEASED\x10\x07\x12&\n\"ERROR_REASON_REVISION_OUT_OF_RANGE\x10\x08\x12$\n ERROR_REASON_BACKEND_UNAVAILABLE\x10\t\x12\x1e\n\x1a\x45RROR_REASON_SHUTTING_DOWN\x10\n\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\x0b\x12%\n!ERROR_REASON_PARENT_RUN_NOT_FOUND\x10\x0c\x12\"\n\x1e\x45RROR_REASON_PARENT_RUN_CLOSED\x10\r\x12\x1b\n\x17\x45RROR_REASON_RUN_CLOSED\x10\x0e\x12\x1f\n\x1b\x45RROR_REASON_SUBAGENT_LIMIT\x10\x0f\x12#\n\x1f\x45RROR_REASON_DECISION_NOT_FOUND\x10\x10\x42\x38Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16runcap/v1/errors.proto\x12\truncap.v1*\xaf\x05\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x01\x12\x1e\n\x1a\x45RROR_REASON_RUN_NOT_FOUND\x10\x02\x12&\n\"ERROR_REASON_RESERVATION_NOT_FOUND\x10\x03\x12#\n\x1f\x45RROR_REASON_RUN_ALREADY_EXISTS\x10\x04\x12%\n!ERROR_REASON_IDEMPOTENCY_CONFLICT\x10\x05\x12$\n ERROR_REASON_RESERVATION_BLOCKED\x10\x06\x12%\n!ERROR_REASON_RESERVATION_RELEASED\x10\x07\x12&\n\"ERROR_REASON_REVISION_OUT_OF_RANGE\x10\x08\x12$\n ERROR_REASON_BACKEND_UNAVAILABLE\x10\t\x12\x1e\n\x1a\x45RROR_REASON_SHUTTING_DOWN\x10\n\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\x0b\x12%\n!ERROR_REASON_PARENT_RUN_NOT_FOUND\x10\x0c\x12\"\n\x1e\x45RROR_REASON_PARENT_RUN_CLOSED\x10\r\x12\x1b\n\x17\x45RROR_REASON_RUN_CLOSED\x10\x0e\x12\x1f\n\x1b\x45RROR_REASON_SUBAGENT_LIMIT\x10\x0f\x12#\n\x1f\x45RROR_REASON_DECISION_NOT_FOUND\x10\x10\x12#\n\x1f\x45RROR_REASON_APPROVAL_NOT_FOUND\x10\x11\x12\"\n\x1e\x45RROR_REASON_APPROVAL_RESOLVED\x10\x12\x42\x38Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1'
   _globals['_ERRORREASON']._serialized_start=38
-  _globals['_ERRORREASON']._serialized_end=652
+  _globals['_ERRORREASON']._serialized_end=725
 # @@protoc_insertion_point(module_scope)

@@ -95,6 +95,15 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """NOT_FOUND: GetDecision named a decision the server does not have (never
     made, or its run aged out). A `google.rpc.ResourceInfo` detail names it.
     """
+    ERROR_REASON_APPROVAL_NOT_FOUND: _ErrorReason.ValueType  # 17
+    """NOT_FOUND: Approve or Deny named an approval the run never requested. A
+    `google.rpc.ResourceInfo` detail names it.
+    """
+    ERROR_REASON_APPROVAL_RESOLVED: _ErrorReason.ValueType  # 18
+    """FAILED_PRECONDITION: the approval was already resolved the other way
+    (approving a denied one, or denying an approved one). A
+    `google.rpc.PreconditionFailure` detail names it.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every reason the server puts in the `google.rpc.ErrorInfo`
@@ -176,5 +185,14 @@ allows. A `google.rpc.PreconditionFailure` detail says which.
 ERROR_REASON_DECISION_NOT_FOUND: ErrorReason.ValueType  # 16
 """NOT_FOUND: GetDecision named a decision the server does not have (never
 made, or its run aged out). A `google.rpc.ResourceInfo` detail names it.
+"""
+ERROR_REASON_APPROVAL_NOT_FOUND: ErrorReason.ValueType  # 17
+"""NOT_FOUND: Approve or Deny named an approval the run never requested. A
+`google.rpc.ResourceInfo` detail names it.
+"""
+ERROR_REASON_APPROVAL_RESOLVED: ErrorReason.ValueType  # 18
+"""FAILED_PRECONDITION: the approval was already resolved the other way
+(approving a denied one, or denying an approved one). A
+`google.rpc.PreconditionFailure` detail names it.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

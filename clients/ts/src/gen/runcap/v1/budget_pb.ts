@@ -13,7 +13,44 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file runcap/v1/budget.proto.
  */
 export const file_runcap_v1_budget: GenFile = /*@__PURE__*/
-  fileDesc("ChZydW5jYXAvdjEvYnVkZ2V0LnByb3RvEglydW5jYXAudjEiUgoKVGhyZXNob2xkcxIUCgxpbmZvX3BlcmNlbnQYASABKAUSFAoMd2Fybl9wZXJjZW50GAIgASgFEhgKEHRocm90dGxlX3BlcmNlbnQYAyABKAUiVQoJUmF0ZUxpbWl0EhcKCW1heF9jYWxscxgBIAEoA0IE4kEBAhIvCgZ3aW5kb3cYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb25CBOJBAQIiwAUKCVJ1blBvbGljeRI6ChBlbmZvcmNlbWVudF9tb2RlGAEgASgOMhoucnVuY2FwLnYxLkVuZm9yY2VtZW50TW9kZUIE4kEBARImChhzb2Z0X2dhdGVfbWFyZ2luX3BlcmNlbnQYAiABKAVCBOJBAQESLwoKdGhyZXNob2xkcxgDIAEoCzIVLnJ1bmNhcC52MS5UaHJlc2hvbGRzQgTiQQEBEjwKE3Rocm90dGxlX2Jhc2VfZGVsYXkYBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb25CBOJBAQESOwoSdGhyb3R0bGVfbWF4X2RlbGF5GAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEBEh0KCm1heF90b2tlbnMYBiABKANCBOJBAQFIAIgBARJBCgxtZXRlcl9saW1pdHMYByADKAsyJS5ydW5jYXAudjEuUnVuUG9saWN5Lk1ldGVyTGltaXRzRW50cnlCBOJBAQESLgoKcmF0ZV9saW1pdBgIIAEoCzIULnJ1bmNhcC52MS5SYXRlTGltaXRCBOJBAQESIAoNbWF4X2luX2ZsaWdodBgJIAEoBUIE4kEBAUgBiAEBEhwKCW1heF9kZXB0aBgKIAEoBUIE4kEBAUgCiAEBEh8KDG1heF9jaGlsZHJlbhgLIAEoBUIE4kEBAUgDiAEBEhwKDmF1dG9fZG93bmdyYWRlGAwgASgIQgTiQQEBEh4KEGRvd25ncmFkZV9tb2RlbHMYDSADKAlCBOJBAQEaMgoQTWV0ZXJMaW1pdHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAM6AjgBQg0KC19tYXhfdG9rZW5zQhAKDl9tYXhfaW5fZmxpZ2h0QgwKCl9tYXhfZGVwdGhCDwoNX21heF9jaGlsZHJlbiI6CghTY29wZVJlZhIiCgRraW5kGAEgASgOMhQucnVuY2FwLnYxLlNjb3BlS2luZBIKCgJpZBgCIAEoCSLJAgoKU2NvcGVVc2FnZRIhCgZwZXJpb2QYASABKA4yES5ydW5jYXAudjEuUGVyaW9kEhkKDGxpbWl0X21pY3JvcxgCIAEoA0gAiAEBEjUKEXdpbmRvd19zdGFydF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCg93aW5kb3dfZW5kX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEGNvbW1pdHRlZF9taWNyb3MYBSABKAMSFwoPcmVzZXJ2ZWRfbWljcm9zGAYgASgDEhgKEHJlbWFpbmluZ19taWNyb3MYByABKAMSFgoOb3ZlcnJ1bl9taWNyb3MYCCABKAMSGwoTYWN0aXZlX3Jlc2VydmF0aW9ucxgJIAEoA0IPCg1fbGltaXRfbWljcm9zIk8KBVNjb3BlEiAKA3JlZhgBIAEoCzITLnJ1bmNhcC52MS5TY29wZVJlZhIkCgV1c2FnZRgCIAMoCzIVLnJ1bmNhcC52MS5TY29wZVVzYWdlIqwDCgtCdWRnZXRTdGF0ZRIUCgZydW5faWQYASABKAlCBOJBAQMSGgoMbGltaXRfbWljcm9zGAIgASgDQgTiQQEDEh4KEGNvbW1pdHRlZF9taWNyb3MYAyABKANCBOJBAQMSHQoPcmVzZXJ2ZWRfbWljcm9zGAQgASgDQgTiQQEDEh4KEHJlbWFpbmluZ19taWNyb3MYBSABKANCBOJBAQMSFgoIcmV2aXNpb24YBiABKANCBOJBAQMSKgoGc3RhdHVzGAcgASgOMhQucnVuY2FwLnYxLlJ1blN0YXR1c0IE4kEBAxIhChNhY3RpdmVfcmVzZXJ2YXRpb25zGAggASgDQgTiQQEDEhwKDm92ZXJydW5fbWljcm9zGAkgASgDQgTiQQEDEjIKCXRocmVzaG9sZBgLIAEoDjIZLnJ1bmNhcC52MS5UaHJlc2hvbGRMZXZlbEIE4kEBAxIeChBjb21taXR0ZWRfdG9rZW5zGAwgASgDQgTiQQEDEh0KD3Jlc2VydmVkX3Rva2VucxgNIAEoA0IE4kEBAxIUCgZkaWdlc3QYCiABKAlCBOJBAQMivAQKA1J1bhIUCgZydW5faWQYASABKAlCBOJBAQMSGgoMbGltaXRfbWljcm9zGAIgASgDQgTiQQEDEjAKBmxhYmVscxgDIAMoCzIaLnJ1bmNhcC52MS5SdW4uTGFiZWxzRW50cnlCBOJBAQMSIAoSZGVmYXVsdF90dGxfbWlsbGlzGAQgASgDQgTiQQEDEjUKC2NyZWF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxI0CgpjbG9zZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxIbCg1wYXJlbnRfcnVuX2lkGAcgASgJQgTiQQEDEhgKCmFwaV9rZXlfaWQYCCABKAlCBOJBAQMSFQoHdXNlcl9pZBgJIAEoCUIE4kEBAxIVCgd0ZWFtX2lkGAogASgJQgTiQQEDEh4KEGFuY2VzdG9yX3J1bl9pZHMYCyADKAlCBOJBAQMSKgoGcG9saWN5GAwgASgLMhQucnVuY2FwLnYxLlJ1blBvbGljeUIE4kEBAxIdCg9kZXB0aF9yZW1haW5pbmcYDSABKAVCBOJBAQMSFgoIY2hpbGRyZW4YDiABKAVCBOJBAQMSKwoGbWV0ZXJzGA8gAygLMhUucnVuY2FwLnYxLk1ldGVyVXNhZ2VCBOJBAQMaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJdCgpNZXRlclVzYWdlEgwKBG5hbWUYASABKAkSEgoFbGltaXQYAiABKANIAIgBARIRCgljb21taXR0ZWQYAyABKAMSEAoIcmVzZXJ2ZWQYBCABKANCCAoGX2xpbWl0IpwCCgtCdWRnZXRFdmVudBIiCgR0eXBlGAEgASgOMhQucnVuY2FwLnYxLkV2ZW50VHlwZRIWCg5yZXNlcnZhdGlvbl9pZBgCIAEoCRIVCg1hbW91bnRfbWljcm9zGAMgASgDEhUKDWFjdHVhbF9taWNyb3MYBCABKAMSFgoOb3ZlcnJ1bl9taWNyb3MYBSABKAMSDAoEbGF0ZRgGIAEoCBIoCgR0aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgVzdGF0ZRgIIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZRIsCgl0aHJlc2hvbGQYCSABKA4yGS5ydW5jYXAudjEuVGhyZXNob2xkTGV2ZWwqbQoJUnVuU3RhdHVzEhoKFlJVTl9TVEFUVVNfVU5TUEVDSUZJRUQQABITCg9SVU5fU1RBVFVTX09QRU4QARIVChFSVU5fU1RBVFVTX0NMT1NFRBACEhgKFFJVTl9TVEFUVVNfU1VTUEVOREVEEAMqjgEKCERlY2lzaW9uEhgKFERFQ0lTSU9OX1VOU1BFQ0lGSUVEEAASEgoOREVDSVNJT05fQUxMT1cQARISCg5ERUNJU0lPTl9CTE9DSxACEhEKDURFQ0lTSU9OX1dBUk4QAxIVChFERUNJU0lPTl9USFJPVFRMRRAEEhYKEkRFQ0lTSU9OX0RPV05HUkFERRAFKrUBCg9FbmZvcmNlbWVudE1vZGUSIAocRU5GT1JDRU1FTlRfTU9ERV9VTlNQRUNJRklFRBAAEh4KGkVORk9SQ0VNRU5UX01PREVfSEFSRF9HQVRFEAESHgoaRU5GT1JDRU1FTlRfTU9ERV9TT0ZUX0dBVEUQAhIdChlFTkZPUkNFTUVOVF9NT0RFX0FEVklTT1JZEAMSIQodRU5GT1JDRU1FTlRfTU9ERV9BQ1RVQUxTX09OTFkQBCrDAQoPQnVkZ2V0RGltZW5zaW9uEiAKHEJVREdFVF9ESU1FTlNJT05fVU5TUEVDSUZJRUQQABIaChZCVURHRVRfRElNRU5TSU9OX1NQRU5EEAESGwoXQlVER0VUX0RJTUVOU0lPTl9UT0tFTlMQAhIaChZCVURHRVRfRElNRU5TSU9OX01FVEVSEAMSGQoVQlVER0VUX0RJTUVOU0lPTl9SQVRFEAQSHgoaQlVER0VUX0RJTUVOU0lPTl9JTl9GTElHSFQQBSqdAQoOVGhyZXNob2xkTGV2ZWwSHwobVEhSRVNIT0xEX0xFVkVMX1VOU1BFQ0lGSUVEEAASGAoUVEhSRVNIT0xEX0xFVkVMX0lORk8QARIYChRUSFJFU0hPTERfTEVWRUxfV0FSThACEhwKGFRIUkVTSE9MRF9MRVZFTF9USFJPVFRMRRADEhgKFFRIUkVTSE9MRF9MRVZFTF9TVE9QEAQqlwMKDkRlY2lzaW9uUmVhc29uEh8KG0RFQ0lTSU9OX1JFQVNPTl9VTlNQRUNJRklFRBAAEiEKHURFQ0lTSU9OX1JFQVNPTl9XSVRISU5fQlVER0VUEAESJwojREVDSVNJT05fUkVBU09OX0lOU1VGRklDSUVOVF9CVURHRVQQAhIeChpERUNJU0lPTl9SRUFTT05fUlVOX0NMT1NFRBADEicKI0RFQ0lTSU9OX1JFQVNPTl9SRVNFUlZBVElPTl9FWFBJUkVEEAQSIQodREVDSVNJT05fUkVBU09OX1VOS05PV05fUFJJQ0UQBRIdChlERUNJU0lPTl9SRUFTT05fU1VTUEVOREVEEAYSHQoZREVDSVNJT05fUkVBU09OX1RIUk9UVExFRBAHEiAKHERFQ0lTSU9OX1JFQVNPTl9SQVRFX0xJTUlURUQQCBIjCh9ERUNJU0lPTl9SRUFTT05fSU5fRkxJR0hUX0xJTUlUEAkSJwojREVDSVNJT05fUkVBU09OX0JBQ0tFTkRfVU5BVkFJTEFCTEUQCip9CglTY29wZUtpbmQSGgoWU0NPUEVfS0lORF9VTlNQRUNJRklFRBAAEhIKDlNDT1BFX0tJTkRfUlVOEAESFgoSU0NPUEVfS0lORF9BUElfS0VZEAISEwoPU0NPUEVfS0lORF9VU0VSEAMSEwoPU0NPUEVfS0lORF9URUFNEAQqWwoGUGVyaW9kEhYKElBFUklPRF9VTlNQRUNJRklFRBAAEhMKD1BFUklPRF9MSUZFVElNRRABEhAKDFBFUklPRF9EQUlMWRACEhIKDlBFUklPRF9NT05USExZEAMq/gEKEVJlc2VydmF0aW9uU3RhdHVzEiIKHlJFU0VSVkFUSU9OX1NUQVRVU19VTlNQRUNJRklFRBAAEhsKF1JFU0VSVkFUSU9OX1NUQVRVU19IRUxEEAESIAocUkVTRVJWQVRJT05fU1RBVFVTX0NPTU1JVFRFRBACEh8KG1JFU0VSVkFUSU9OX1NUQVRVU19SRUxFQVNFRBADEh4KGlJFU0VSVkFUSU9OX1NUQVRVU19FWFBJUkVEEAQSJQohUkVTRVJWQVRJT05fU1RBVFVTX0xBVEVfQ09NTUlUVEVEEAUSHgoaUkVTRVJWQVRJT05fU1RBVFVTX0JMT0NLRUQQBiqOAgoJRXZlbnRUeXBlEhoKFkVWRU5UX1RZUEVfVU5TUEVDSUZJRUQQABIWChJFVkVOVF9UWVBFX0NSRUFURUQQARIXChNFVkVOVF9UWVBFX1JFU0VSVkVEEAISGAoURVZFTlRfVFlQRV9DT01NSVRURUQQAxIXChNFVkVOVF9UWVBFX1JFRlVOREVEEAQSFgoSRVZFTlRfVFlQRV9FWFBJUkVEEAUSFQoRRVZFTlRfVFlQRV9DTE9TRUQQBhIYChRFVkVOVF9UWVBFX1NVU1BFTkRFRBAHEhYKEkVWRU5UX1RZUEVfUkVTVU1FRBAIEiAKHEVWRU5UX1RZUEVfVEhSRVNIT0xEX0NST1NTRUQQCUI4WjZnaXRodWIuY29tL3J1bmNhcC9ydW5jYXAvY2xpZW50cy9nby9ydW5jYXAvdjE7cnVuY2FwdjFiBnByb3RvMw", [file_google_api_field_behavior, file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChZydW5jYXAvdjEvYnVkZ2V0LnByb3RvEglydW5jYXAudjEiWQoIQXBwcm92YWwSEwoLYXBwcm92YWxfaWQYASABKAkSKQoGc3RhdHVzGAIgASgOMhkucnVuY2FwLnYxLkFwcHJvdmFsU3RhdHVzEg0KBW1ldGVyGAMgASgJIlIKClRocmVzaG9sZHMSFAoMaW5mb19wZXJjZW50GAEgASgFEhQKDHdhcm5fcGVyY2VudBgCIAEoBRIYChB0aHJvdHRsZV9wZXJjZW50GAMgASgFIlUKCVJhdGVMaW1pdBIXCgltYXhfY2FsbHMYASABKANCBOJBAQISLwoGd2luZG93GAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQECIv8FCglSdW5Qb2xpY3kSOgoQZW5mb3JjZW1lbnRfbW9kZRgBIAEoDjIaLnJ1bmNhcC52MS5FbmZvcmNlbWVudE1vZGVCBOJBAQESJgoYc29mdF9nYXRlX21hcmdpbl9wZXJjZW50GAIgASgFQgTiQQEBEi8KCnRocmVzaG9sZHMYAyABKAsyFS5ydW5jYXAudjEuVGhyZXNob2xkc0IE4kEBARI8ChN0aHJvdHRsZV9iYXNlX2RlbGF5GAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEBEjsKEnRocm90dGxlX21heF9kZWxheRgFIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbkIE4kEBARIdCgptYXhfdG9rZW5zGAYgASgDQgTiQQEBSACIAQESQQoMbWV0ZXJfbGltaXRzGAcgAygLMiUucnVuY2FwLnYxLlJ1blBvbGljeS5NZXRlckxpbWl0c0VudHJ5QgTiQQEBEi4KCnJhdGVfbGltaXQYCCABKAsyFC5ydW5jYXAudjEuUmF0ZUxpbWl0QgTiQQEBEiAKDW1heF9pbl9mbGlnaHQYCSABKAVCBOJBAQFIAYgBARIcCgltYXhfZGVwdGgYCiABKAVCBOJBAQFIAogBARIfCgxtYXhfY2hpbGRyZW4YCyABKAVCBOJBAQFIA4gBARIcCg5hdXRvX2Rvd25ncmFkZRgMIAEoCEIE4kEBARIeChBkb3duZ3JhZGVfbW9kZWxzGA0gAygJQgTiQQEBEh4KEGFwcHJvdmFsX3BlcmNlbnQYDiABKAVCBOJBAQESHQoPYXBwcm92ZWRfbWV0ZXJzGA8gAygJQgTiQQEBGjIKEE1ldGVyTGltaXRzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgDOgI4AUINCgtfbWF4X3Rva2Vuc0IQCg5fbWF4X2luX2ZsaWdodEIMCgpfbWF4X2RlcHRoQg8KDV9tYXhfY2hpbGRyZW4iOgoIU2NvcGVSZWYSIgoEa2luZBgBIAEoDjIULnJ1bmNhcC52MS5TY29wZUtpbmQSCgoCaWQYAiABKAkiyQIKClNjb3BlVXNhZ2USIQoGcGVyaW9kGAEgASgOMhEucnVuY2FwLnYxLlBlcmlvZBIZCgxsaW1pdF9taWNyb3MYAiABKANIAIgBARI1ChF3aW5kb3dfc3RhcnRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMwoPd2luZG93X2VuZF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBjb21taXR0ZWRfbWljcm9zGAUgASgDEhcKD3Jlc2VydmVkX21pY3JvcxgGIAEoAxIYChByZW1haW5pbmdfbWljcm9zGAcgASgDEhYKDm92ZXJydW5fbWljcm9zGAggASgDEhsKE2FjdGl2ZV9yZXNlcnZhdGlvbnMYCSABKANCDwoNX2xpbWl0X21pY3JvcyJPCgVTY29wZRIgCgNyZWYYASABKAsyEy5ydW5jYXAudjEuU2NvcGVSZWYSJAoFdXNhZ2UYAiADKAsyFS5ydW5jYXAudjEuU2NvcGVVc2FnZSKsAwoLQnVkZ2V0U3RhdGUSFAoGcnVuX2lkGAEgASgJQgTiQQEDEhoKDGxpbWl0X21pY3JvcxgCIAEoA0IE4kEBAxIeChBjb21taXR0ZWRfbWljcm9zGAMgASgDQgTiQQEDEh0KD3Jlc2VydmVkX21pY3JvcxgEIAEoA0IE4kEBAxIeChByZW1haW5pbmdfbWljcm9zGAUgASgDQgTiQQEDEhYKCHJldmlzaW9uGAYgASgDQgTiQQEDEioKBnN0YXR1cxgHIAEoDjIULnJ1bmNhcC52MS5SdW5TdGF0dXNCBOJBAQMSIQoTYWN0aXZlX3Jlc2VydmF0aW9ucxgIIAEoA0IE4kEBAxIcCg5vdmVycnVuX21pY3JvcxgJIAEoA0IE4kEBAxIyCgl0aHJlc2hvbGQYCyABKA4yGS5ydW5jYXAudjEuVGhyZXNob2xkTGV2ZWxCBOJBAQMSHgoQY29tbWl0dGVkX3Rva2VucxgMIAEoA0IE4kEBAxIdCg9yZXNlcnZlZF90b2tlbnMYDSABKANCBOJBAQMSFAoGZGlnZXN0GAogASgJQgTiQQEDIuoECgNSdW4SFAoGcnVuX2lkGAEgASgJQgTiQQEDEhoKDGxpbWl0X21pY3JvcxgCIAEoA0IE4kEBAxIwCgZsYWJlbHMYAyADKAsyGi5ydW5jYXAudjEuUnVuLkxhYmVsc0VudHJ5QgTiQQEDEiAKEmRlZmF1bHRfdHRsX21pbGxpcxgEIAEoA0IE4kEBAxI1CgtjcmVhdGVfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSNAoKY2xvc2VfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSGwoNcGFyZW50X3J1bl9pZBgHIAEoCUIE4kEBAxIYCgphcGlfa2V5X2lkGAggASgJQgTiQQEDEhUKB3VzZXJfaWQYCSABKAlCBOJBAQMSFQoHdGVhbV9pZBgKIAEoCUIE4kEBAxIeChBhbmNlc3Rvcl9ydW5faWRzGAsgAygJQgTiQQEDEioKBnBvbGljeRgMIAEoCzIULnJ1bmNhcC52MS5SdW5Qb2xpY3lCBOJBAQMSHQoPZGVwdGhfcmVtYWluaW5nGA0gASgFQgTiQQEDEhYKCGNoaWxkcmVuGA4gASgFQgTiQQEDEisKBm1ldGVycxgPIAMoCzIVLnJ1bmNhcC52MS5NZXRlclVzYWdlQgTiQQEDEiwKCWFwcHJvdmFscxgQIAMoCzITLnJ1bmNhcC52MS5BcHByb3ZhbEIE4kEBAxotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIl0KCk1ldGVyVXNhZ2USDAoEbmFtZRgBIAEoCRISCgVsaW1pdBgCIAEoA0gAiAEBEhEKCWNvbW1pdHRlZBgDIAEoAxIQCghyZXNlcnZlZBgEIAEoA0IICgZfbGltaXQisQIKC0J1ZGdldEV2ZW50EiIKBHR5cGUYASABKA4yFC5ydW5jYXAudjEuRXZlbnRUeXBlEhYKDnJlc2VydmF0aW9uX2lkGAIgASgJEhUKDWFtb3VudF9taWNyb3MYAyABKAMSFQoNYWN0dWFsX21pY3JvcxgEIAEoAxIWCg5vdmVycnVuX21pY3JvcxgFIAEoAxIMCgRsYXRlGAYgASgIEigKBHRpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiUKBXN0YXRlGAggASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlEiwKCXRocmVzaG9sZBgJIAEoDjIZLnJ1bmNhcC52MS5UaHJlc2hvbGRMZXZlbBITCgthcHByb3ZhbF9pZBgKIAEoCSptCglSdW5TdGF0dXMSGgoWUlVOX1NUQVRVU19VTlNQRUNJRklFRBAAEhMKD1JVTl9TVEFUVVNfT1BFThABEhUKEVJVTl9TVEFUVVNfQ0xPU0VEEAISGAoUUlVOX1NUQVRVU19TVVNQRU5ERUQQAyquAQoIRGVjaXNpb24SGAoUREVDSVNJT05fVU5TUEVDSUZJRUQQABISCg5ERUNJU0lPTl9BTExPVxABEhIKDkRFQ0lTSU9OX0JMT0NLEAISEQoNREVDSVNJT05fV0FSThADEhUKEURFQ0lTSU9OX1RIUk9UVExFEAQSFgoSREVDSVNJT05fRE9XTkdSQURFEAUSHgoaREVDSVNJT05fQVBQUk9WQUxfUkVRVUlSRUQQBiqIAQoOQXBwcm92YWxTdGF0dXMSHwobQVBQUk9WQUxfU1RBVFVTX1VOU1BFQ0lGSUVEEAASGwoXQVBQUk9WQUxfU1RBVFVTX1BFTkRJTkcQARIcChhBUFBST1ZBTF9TVEFUVVNfQVBQUk9WRUQQAhIaChZBUFBST1ZBTF9TVEFUVVNfREVOSUVEEAMqtQEKD0VuZm9yY2VtZW50TW9kZRIgChxFTkZPUkNFTUVOVF9NT0RFX1VOU1BFQ0lGSUVEEAASHgoaRU5GT1JDRU1FTlRfTU9ERV9IQVJEX0dBVEUQARIeChpFTkZPUkNFTUVOVF9NT0RFX1NPRlRfR0FURRACEh0KGUVORk9SQ0VNRU5UX01PREVfQURWSVNPUlkQAxIhCh1FTkZPUkNFTUVOVF9NT0RFX0FDVFVBTFNfT05MWRAEKsMBCg9CdWRnZXREaW1lbnNpb24SIAocQlVER0VUX0RJTUVOU0lPTl9VTlNQRUNJRklFRBAAEhoKFkJVREdFVF9ESU1FTlNJT05fU1BFTkQQARIbChdCVURHRVRfRElNRU5TSU9OX1RPS0VOUxACEhoKFkJVREdFVF9ESU1FTlNJT05fTUVURVIQAxIZChVCVURHRVRfRElNRU5TSU9OX1JBVEUQBBIeChpCVURHRVRfRElNRU5TSU9OX0lOX0ZMSUdIVBAFKp0BCg5UaHJlc2hvbGRMZXZlbBIfChtUSFJFU0hPTERfTEVWRUxfVU5TUEVDSUZJRUQQABIYChRUSFJFU0hPTERfTEVWRUxfSU5GTxABEhgKFFRIUkVTSE9MRF9MRVZFTF9XQVJOEAISHAoYVEhSRVNIT0xEX0xFVkVMX1RIUk9UVExFEAMSGAoUVEhSRVNIT0xEX0xFVkVMX1NUT1AQBCqQBAoORGVjaXNpb25SZWFzb24SHwobREVDSVNJT05fUkVBU09OX1VOU1BFQ0lGSUVEEAASIQodREVDSVNJT05fUkVBU09OX1dJVEhJTl9CVURHRVQQARInCiNERUNJU0lPTl9SRUFTT05fSU5TVUZGSUNJRU5UX0JVREdFVBACEh4KGkRFQ0lTSU9OX1JFQVNPTl9SVU5fQ0xPU0VEEAMSJwojREVDSVNJT05fUkVBU09OX1JFU0VSVkFUSU9OX0VYUElSRUQQBBIhCh1ERUNJU0lPTl9SRUFTT05fVU5LTk9XTl9QUklDRRAFEh0KGURFQ0lTSU9OX1JFQVNPTl9TVVNQRU5ERUQQBhIdChlERUNJU0lPTl9SRUFTT05fVEhST1RUTEVEEAcSIAocREVDSVNJT05fUkVBU09OX1JBVEVfTElNSVRFRBAIEiMKH0RFQ0lTSU9OX1JFQVNPTl9JTl9GTElHSFRfTElNSVQQCRIoCiRERUNJU0lPTl9SRUFTT05fU1BFTkRfTkVFRFNfQVBQUk9WQUwQCxIoCiRERUNJU0lPTl9SRUFTT05fTUVURVJfTkVFRFNfQVBQUk9WQUwQDBIjCh9ERUNJU0lPTl9SRUFTT05fQVBQUk9WQUxfREVOSUVEEA0SJwojREVDSVNJT05fUkVBU09OX0JBQ0tFTkRfVU5BVkFJTEFCTEUQCip9CglTY29wZUtpbmQSGgoWU0NPUEVfS0lORF9VTlNQRUNJRklFRBAAEhIKDlNDT1BFX0tJTkRfUlVOEAESFgoSU0NPUEVfS0lORF9BUElfS0VZEAISEwoPU0NPUEVfS0lORF9VU0VSEAMSEwoPU0NPUEVfS0lORF9URUFNEAQqWwoGUGVyaW9kEhYKElBFUklPRF9VTlNQRUNJRklFRBAAEhMKD1BFUklPRF9MSUZFVElNRRABEhAKDFBFUklPRF9EQUlMWRACEhIKDlBFUklPRF9NT05USExZEAMq/gEKEVJlc2VydmF0aW9uU3RhdHVzEiIKHlJFU0VSVkFUSU9OX1NUQVRVU19VTlNQRUNJRklFRBAAEhsKF1JFU0VSVkFUSU9OX1NUQVRVU19IRUxEEAESIAocUkVTRVJWQVRJT05fU1RBVFVTX0NPTU1JVFRFRBACEh8KG1JFU0VSVkFUSU9OX1NUQVRVU19SRUxFQVNFRBADEh4KGlJFU0VSVkFUSU9OX1NUQVRVU19FWFBJUkVEEAQSJQohUkVTRVJWQVRJT05fU1RBVFVTX0xBVEVfQ09NTUlUVEVEEAUSHgoaUkVTRVJWQVRJT05fU1RBVFVTX0JMT0NLRUQQBiryAgoJRXZlbnRUeXBlEhoKFkVWRU5UX1RZUEVfVU5TUEVDSUZJRUQQABIWChJFVkVOVF9UWVBFX0NSRUFURUQQARIXChNFVkVOVF9UWVBFX1JFU0VSVkVEEAISGAoURVZFTlRfVFlQRV9DT01NSVRURUQQAxIXChNFVkVOVF9UWVBFX1JFRlVOREVEEAQSFgoSRVZFTlRfVFlQRV9FWFBJUkVEEAUSFQoRRVZFTlRfVFlQRV9DTE9TRUQQBhIYChRFVkVOVF9UWVBFX1NVU1BFTkRFRBAHEhYKEkVWRU5UX1RZUEVfUkVTVU1FRBAIEiAKHEVWRU5UX1RZUEVfVEhSRVNIT0xEX0NST1NTRUQQCRIhCh1FVkVOVF9UWVBFX0FQUFJPVkFMX1JFUVVFU1RFRBAKEh8KG0VWRU5UX1RZUEVfQVBQUk9WQUxfR1JBTlRFRBALEh4KGkVWRU5UX1RZUEVfQVBQUk9WQUxfREVOSUVEEAxCOFo2Z2l0aHViLmNvbS9ydW5jYXAvcnVuY2FwL2NsaWVudHMvZ28vcnVuY2FwL3YxO3J1bmNhcHYxYgZwcm90bzM", [file_google_api_field_behavior, file_google_protobuf_duration, file_google_protobuf_timestamp]);
+
+/**
+ * Approval is one escalation of a run: the run's spend passing its approval
+ * threshold, or a call to a meter not on its approved list.
+ *
+ * @generated from message runcap.v1.Approval
+ */
+export type Approval = Message<"runcap.v1.Approval"> & {
+  /**
+   * The approval's id: "<run id>/approval:spend" or
+   * "<run id>/approval:meter:<meter>".
+   *
+   * @generated from field: string approval_id = 1;
+   */
+  approvalId: string;
+
+  /**
+   * Where it stands.
+   *
+   * @generated from field: runcap.v1.ApprovalStatus status = 2;
+   */
+  status: ApprovalStatus;
+
+  /**
+   * The meter, for a meter's approval; empty for spend.
+   *
+   * @generated from field: string meter = 3;
+   */
+  meter: string;
+};
+
+/**
+ * Describes the message runcap.v1.Approval.
+ * Use `create(ApprovalSchema)` to create a new message.
+ */
+export const ApprovalSchema: GenMessage<Approval> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget, 0);
 
 /**
  * Thresholds are the percentages of a run's limit where its graduated
@@ -50,7 +87,7 @@ export type Thresholds = Message<"runcap.v1.Thresholds"> & {
  * Use `create(ThresholdsSchema)` to create a new message.
  */
 export const ThresholdsSchema: GenMessage<Thresholds> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget, 0);
+  messageDesc(file_runcap_v1_budget, 1);
 
 /**
  * RateLimit caps how many Reserves a run may have allowed per window.
@@ -79,7 +116,7 @@ export type RateLimit = Message<"runcap.v1.RateLimit"> & {
  * Use `create(RateLimitSchema)` to create a new message.
  */
 export const RateLimitSchema: GenMessage<RateLimit> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget, 1);
+  messageDesc(file_runcap_v1_budget, 2);
 
 /**
  * RunPolicy is how a run is governed beyond its dollar limit. Every limit is
@@ -189,6 +226,23 @@ export type RunPolicy = Message<"runcap.v1.RunPolicy"> & {
    * @generated from field: repeated string downgrade_models = 13;
    */
   downgradeModels: string[];
+
+  /**
+   * Escalate once the run's committed and held spend with a call's estimate
+   * would pass this percent of its limit (1 to 100; 0: never): the call gets
+   * DECISION_APPROVAL_REQUIRED until the spend approval is approved.
+   *
+   * @generated from field: int32 approval_percent = 14;
+   */
+  approvalPercent: number;
+
+  /**
+   * When set, a call naming a meter not on this list needs that meter's
+   * approval first. Same names as meter_limits; at most 32.
+   *
+   * @generated from field: repeated string approved_meters = 15;
+   */
+  approvedMeters: string[];
 };
 
 /**
@@ -196,7 +250,7 @@ export type RunPolicy = Message<"runcap.v1.RunPolicy"> & {
  * Use `create(RunPolicySchema)` to create a new message.
  */
 export const RunPolicySchema: GenMessage<RunPolicy> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget, 2);
+  messageDesc(file_runcap_v1_budget, 3);
 
 /**
  * ScopeRef names a scope.
@@ -225,7 +279,7 @@ export type ScopeRef = Message<"runcap.v1.ScopeRef"> & {
  * Use `create(ScopeRefSchema)` to create a new message.
  */
 export const ScopeRefSchema: GenMessage<ScopeRef> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget, 3);
+  messageDesc(file_runcap_v1_budget, 4);
 
 /**
  * ScopeUsage is a scope's ledger for one period, in its current window.
@@ -304,7 +358,7 @@ export type ScopeUsage = Message<"runcap.v1.ScopeUsage"> & {
  * Use `create(ScopeUsageSchema)` to create a new message.
  */
 export const ScopeUsageSchema: GenMessage<ScopeUsage> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget, 4);
+  messageDesc(file_runcap_v1_budget, 5);
 
 /**
  * Scope is a parent scope's ceilings and usage. Scopes exist implicitly: a
@@ -333,7 +387,7 @@ export type Scope = Message<"runcap.v1.Scope"> & {
  * Use `create(ScopeSchema)` to create a new message.
  */
 export const ScopeSchema: GenMessage<Scope> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget, 5);
+  messageDesc(file_runcap_v1_budget, 6);
 
 /**
  * BudgetState is the ledger of one run at one revision. All money is integer
@@ -449,7 +503,7 @@ export type BudgetState = Message<"runcap.v1.BudgetState"> & {
  * Use `create(BudgetStateSchema)` to create a new message.
  */
 export const BudgetStateSchema: GenMessage<BudgetState> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget, 6);
+  messageDesc(file_runcap_v1_budget, 7);
 
 /**
  * Run is a run's configuration, as given when it was created.
@@ -564,6 +618,13 @@ export type Run = Message<"runcap.v1.Run"> & {
    * @generated from field: repeated runcap.v1.MeterUsage meters = 15;
    */
   meters: MeterUsage[];
+
+  /**
+   * The run's escalations, pending and resolved.
+   *
+   * @generated from field: repeated runcap.v1.Approval approvals = 16;
+   */
+  approvals: Approval[];
 };
 
 /**
@@ -571,7 +632,7 @@ export type Run = Message<"runcap.v1.Run"> & {
  * Use `create(RunSchema)` to create a new message.
  */
 export const RunSchema: GenMessage<Run> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget, 7);
+  messageDesc(file_runcap_v1_budget, 8);
 
 /**
  * MeterUsage is a run's use of one call meter, in units.
@@ -613,7 +674,7 @@ export type MeterUsage = Message<"runcap.v1.MeterUsage"> & {
  * Use `create(MeterUsageSchema)` to create a new message.
  */
 export const MeterUsageSchema: GenMessage<MeterUsage> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget, 8);
+  messageDesc(file_runcap_v1_budget, 9);
 
 /**
  * BudgetEvent is one change of a run, with the state right after it.
@@ -685,6 +746,13 @@ export type BudgetEvent = Message<"runcap.v1.BudgetEvent"> & {
    * @generated from field: runcap.v1.ThresholdLevel threshold = 9;
    */
   threshold: ThresholdLevel;
+
+  /**
+   * For the APPROVAL_ events: the approval.
+   *
+   * @generated from field: string approval_id = 10;
+   */
+  approvalId: string;
 };
 
 /**
@@ -692,7 +760,7 @@ export type BudgetEvent = Message<"runcap.v1.BudgetEvent"> & {
  * Use `create(BudgetEventSchema)` to create a new message.
  */
 export const BudgetEventSchema: GenMessage<BudgetEvent> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget, 9);
+  messageDesc(file_runcap_v1_budget, 10);
 
 /**
  * RunStatus is the lifecycle state of a run.
@@ -796,6 +864,16 @@ export enum Decision {
    * @generated from enum value: DECISION_DOWNGRADE = 5;
    */
   DOWNGRADE = 5,
+
+  /**
+   * Nothing was held: the call trips one of the run's escalation triggers
+   * (RunPolicy.approval_percent or approved_meters), and a person or a
+   * supervising agent must first Approve `approval_id`. Watch shows the
+   * request and its outcome; once approved, reserve again with a new id.
+   *
+   * @generated from enum value: DECISION_APPROVAL_REQUIRED = 6;
+   */
+  APPROVAL_REQUIRED = 6,
 }
 
 /**
@@ -803,6 +881,47 @@ export enum Decision {
  */
 export const DecisionSchema: GenEnum<Decision> = /*@__PURE__*/
   enumDesc(file_runcap_v1_budget, 1);
+
+/**
+ * ApprovalStatus is where an escalation stands.
+ *
+ * @generated from enum runcap.v1.ApprovalStatus
+ */
+export enum ApprovalStatus {
+  /**
+   * Not set. The server never returns this value.
+   *
+   * @generated from enum value: APPROVAL_STATUS_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Waiting for Approve or Deny.
+   *
+   * @generated from enum value: APPROVAL_STATUS_PENDING = 1;
+   */
+  PENDING = 1,
+
+  /**
+   * Approved: calls that trip this trigger are decided as usual.
+   *
+   * @generated from enum value: APPROVAL_STATUS_APPROVED = 2;
+   */
+  APPROVED = 2,
+
+  /**
+   * Denied: calls that trip this trigger are blocked.
+   *
+   * @generated from enum value: APPROVAL_STATUS_DENIED = 3;
+   */
+  DENIED = 3,
+}
+
+/**
+ * Describes the enum runcap.v1.ApprovalStatus.
+ */
+export const ApprovalStatusSchema: GenEnum<ApprovalStatus> = /*@__PURE__*/
+  enumDesc(file_runcap_v1_budget, 2);
 
 /**
  * EnforcementMode is how a run's ceilings are enforced.
@@ -862,7 +981,7 @@ export enum EnforcementMode {
  * Describes the enum runcap.v1.EnforcementMode.
  */
 export const EnforcementModeSchema: GenEnum<EnforcementMode> = /*@__PURE__*/
-  enumDesc(file_runcap_v1_budget, 2);
+  enumDesc(file_runcap_v1_budget, 3);
 
 /**
  * BudgetDimension names what a verdict was about.
@@ -917,7 +1036,7 @@ export enum BudgetDimension {
  * Describes the enum runcap.v1.BudgetDimension.
  */
 export const BudgetDimensionSchema: GenEnum<BudgetDimension> = /*@__PURE__*/
-  enumDesc(file_runcap_v1_budget, 3);
+  enumDesc(file_runcap_v1_budget, 4);
 
 /**
  * ThresholdLevel is a band of a run's graduated response, by committed spend
@@ -967,7 +1086,7 @@ export enum ThresholdLevel {
  * Describes the enum runcap.v1.ThresholdLevel.
  */
 export const ThresholdLevelSchema: GenEnum<ThresholdLevel> = /*@__PURE__*/
-  enumDesc(file_runcap_v1_budget, 4);
+  enumDesc(file_runcap_v1_budget, 5);
 
 /**
  * DecisionReason explains a decision in machine-readable form.
@@ -1054,6 +1173,29 @@ export enum DecisionReason {
   IN_FLIGHT_LIMIT = 9,
 
   /**
+   * DECISION_APPROVAL_REQUIRED: the run's committed and held spend with
+   * this estimate would pass RunPolicy.approval_percent of its limit.
+   *
+   * @generated from enum value: DECISION_REASON_SPEND_NEEDS_APPROVAL = 11;
+   */
+  SPEND_NEEDS_APPROVAL = 11,
+
+  /**
+   * DECISION_APPROVAL_REQUIRED: the call's meter is not on the run's
+   * RunPolicy.approved_meters (`blocking_meter` names it).
+   *
+   * @generated from enum value: DECISION_REASON_METER_NEEDS_APPROVAL = 12;
+   */
+  METER_NEEDS_APPROVAL = 12,
+
+  /**
+   * DECISION_BLOCK: the escalation this call trips was denied (Deny).
+   *
+   * @generated from enum value: DECISION_REASON_APPROVAL_DENIED = 13;
+   */
+  APPROVAL_DENIED = 13,
+
+  /**
    * DECISION_WARN on an advisory run while the ledger's storage is
    * unreachable and the deployment fails open (RUNCAP_FAIL_OPEN): nothing
    * was held or recorded, and a later Commit of this reservation fails with
@@ -1068,7 +1210,7 @@ export enum DecisionReason {
  * Describes the enum runcap.v1.DecisionReason.
  */
 export const DecisionReasonSchema: GenEnum<DecisionReason> = /*@__PURE__*/
-  enumDesc(file_runcap_v1_budget, 5);
+  enumDesc(file_runcap_v1_budget, 6);
 
 /**
  * ScopeKind names what a scope is. A run is charged on its own ledger and on
@@ -1118,7 +1260,7 @@ export enum ScopeKind {
  * Describes the enum runcap.v1.ScopeKind.
  */
 export const ScopeKindSchema: GenEnum<ScopeKind> = /*@__PURE__*/
-  enumDesc(file_runcap_v1_budget, 6);
+  enumDesc(file_runcap_v1_budget, 7);
 
 /**
  * Period is the window a scope ceiling applies to. Daily and monthly windows
@@ -1161,7 +1303,7 @@ export enum Period {
  * Describes the enum runcap.v1.Period.
  */
 export const PeriodSchema: GenEnum<Period> = /*@__PURE__*/
-  enumDesc(file_runcap_v1_budget, 7);
+  enumDesc(file_runcap_v1_budget, 8);
 
 /**
  * ReservationStatus is where a reservation is in its state machine:
@@ -1228,7 +1370,7 @@ export enum ReservationStatus {
  * Describes the enum runcap.v1.ReservationStatus.
  */
 export const ReservationStatusSchema: GenEnum<ReservationStatus> = /*@__PURE__*/
-  enumDesc(file_runcap_v1_budget, 8);
+  enumDesc(file_runcap_v1_budget, 9);
 
 /**
  * EventType names what changed in a run.
@@ -1307,11 +1449,33 @@ export enum EventType {
    * @generated from enum value: EVENT_TYPE_THRESHOLD_CROSSED = 9;
    */
   THRESHOLD_CROSSED = 9,
+
+  /**
+   * A Reserve tripped an escalation trigger: `approval_id` awaits Approve or
+   * Deny.
+   *
+   * @generated from enum value: EVENT_TYPE_APPROVAL_REQUESTED = 10;
+   */
+  APPROVAL_REQUESTED = 10,
+
+  /**
+   * `approval_id` was approved.
+   *
+   * @generated from enum value: EVENT_TYPE_APPROVAL_GRANTED = 11;
+   */
+  APPROVAL_GRANTED = 11,
+
+  /**
+   * `approval_id` was denied.
+   *
+   * @generated from enum value: EVENT_TYPE_APPROVAL_DENIED = 12;
+   */
+  APPROVAL_DENIED = 12,
 }
 
 /**
  * Describes the enum runcap.v1.EventType.
  */
 export const EventTypeSchema: GenEnum<EventType> = /*@__PURE__*/
-  enumDesc(file_runcap_v1_budget, 9);
+  enumDesc(file_runcap_v1_budget, 10);
 

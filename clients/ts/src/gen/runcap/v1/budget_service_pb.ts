@@ -7,7 +7,7 @@ import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2
 import { file_google_api_field_behavior } from "../../google/api/field_behavior_pb.js";
 import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
-import type { BudgetDimension, BudgetEvent, BudgetState, Decision, DecisionReason, EnforcementMode, Period, ReservationStatus, Run, RunPolicy, Scope, ScopeRef } from "./budget_pb.js";
+import type { Approval, BudgetDimension, BudgetEvent, BudgetState, Decision, DecisionReason, EnforcementMode, Period, ReservationStatus, Run, RunPolicy, Scope, ScopeRef } from "./budget_pb.js";
 import { file_runcap_v1_budget } from "./budget_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file runcap/v1/budget_service.proto.
  */
 export const file_runcap_v1_budget_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch5ydW5jYXAvdjEvYnVkZ2V0X3NlcnZpY2UucHJvdG8SCXJ1bmNhcC52MSL5AgoQQ3JlYXRlUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQESGgoMbGltaXRfbWljcm9zGAIgASgDQgTiQQECEj0KBmxhYmVscxgDIAMoCzInLnJ1bmNhcC52MS5DcmVhdGVSdW5SZXF1ZXN0LkxhYmVsc0VudHJ5QgTiQQEBEjQKC2RlZmF1bHRfdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEBEhsKDXBhcmVudF9ydW5faWQYBSABKAlCBOJBAQESGAoKYXBpX2tleV9pZBgGIAEoCUIE4kEBARIVCgd1c2VyX2lkGAcgASgJQgTiQQEBEhUKB3RlYW1faWQYCCABKAlCBOJBAQESKgoGcG9saWN5GAkgASgLMhQucnVuY2FwLnYxLlJ1blBvbGljeUIE4kEBARotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBImkKEUNyZWF0ZVJ1blJlc3BvbnNlEhsKA3J1bhgBIAEoCzIOLnJ1bmNhcC52MS5SdW4SJQoFc3RhdGUYAiABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAyABKAgiJQoNR2V0UnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQIiVAoOR2V0UnVuUmVzcG9uc2USGwoDcnVuGAEgASgLMg4ucnVuY2FwLnYxLlJ1bhIlCgVzdGF0ZRgCIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZSKEAgoOUmVzZXJ2ZVJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEhwKDnJlc2VydmF0aW9uX2lkGAIgASgJQgTiQQEBEhcKDWFtb3VudF9taWNyb3MYAyABKANIABImCghsbG1fY2FsbBgFIAEoCzISLnJ1bmNhcC52MS5MbG1DYWxsSAASLAoDdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEBEhMKBW1ldGVyGAYgASgJQgTiQQEBEh4KC21ldGVyX3VuaXRzGAcgASgDQgTiQQEBSAGIAQFCCgoIZXN0aW1hdGVCDgoMX21ldGVyX3VuaXRzIpEFCg9SZXNlcnZlUmVzcG9uc2USJQoIZGVjaXNpb24YASABKA4yEy5ydW5jYXAudjEuRGVjaXNpb24SKQoGcmVhc29uGAIgASgOMhkucnVuY2FwLnYxLkRlY2lzaW9uUmVhc29uEhYKDnJlc2VydmF0aW9uX2lkGAMgASgJEhUKDWFtb3VudF9taWNyb3MYBCABKAMSLwoLZXhwaXJlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiUKBXN0YXRlGAYgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlEhAKCHJlcGxheWVkGAcgASgIEisKDmJsb2NraW5nX3Njb3BlGAggASgLMhMucnVuY2FwLnYxLlNjb3BlUmVmEioKD2Jsb2NraW5nX3BlcmlvZBgJIAEoDjIRLnJ1bmNhcC52MS5QZXJpb2QSKAoIZXN0aW1hdGUYCiABKAsyFi5ydW5jYXAudjEuTGxtRXN0aW1hdGUSNgoSYmxvY2tpbmdfZGltZW5zaW9uGAsgASgOMhoucnVuY2FwLnYxLkJ1ZGdldERpbWVuc2lvbhIWCg5ibG9ja2luZ19tZXRlchgMIAEoCRIuCgtyZXRyeV9hZnRlchgNIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI0ChBlbmZvcmNlbWVudF9tb2RlGA4gASgOMhoucnVuY2FwLnYxLkVuZm9yY2VtZW50TW9kZRITCgtkZWNpc2lvbl9pZBgPIAEoCRIsCgxhbHRlcm5hdGl2ZXMYECADKAsyFi5ydW5jYXAudjEuQWx0ZXJuYXRpdmUSFwoPcmVxdWVzdGVkX21vZGVsGBEgASgJIi8KEkdldERlY2lzaW9uUmVxdWVzdBIZCgtkZWNpc2lvbl9pZBgBIAEoCUIE4kEBAiK7BQoTR2V0RGVjaXNpb25SZXNwb25zZRITCgtkZWNpc2lvbl9pZBgBIAEoCRIOCgZydW5faWQYAiABKAkSFgoOcmVzZXJ2YXRpb25faWQYAyABKAkSJQoIZGVjaXNpb24YBCABKA4yEy5ydW5jYXAudjEuRGVjaXNpb24SKQoGcmVhc29uGAUgASgOMhkucnVuY2FwLnYxLkRlY2lzaW9uUmVhc29uEi8KC2RlY2lkZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1hbW91bnRfbWljcm9zGAcgASgDEhMKC2hlbGRfbWljcm9zGAggASgDEjQKEGVuZm9yY2VtZW50X21vZGUYCSABKA4yGi5ydW5jYXAudjEuRW5mb3JjZW1lbnRNb2RlEiMKBnNjb3BlcxgKIAMoCzITLnJ1bmNhcC52MS5TY29wZVJlZhIrCg5ibG9ja2luZ19zY29wZRgLIAEoCzITLnJ1bmNhcC52MS5TY29wZVJlZhIqCg9ibG9ja2luZ19wZXJpb2QYDCABKA4yES5ydW5jYXAudjEuUGVyaW9kEjYKEmJsb2NraW5nX2RpbWVuc2lvbhgNIAEoDjIaLnJ1bmNhcC52MS5CdWRnZXREaW1lbnNpb24SFgoOYmxvY2tpbmdfbWV0ZXIYDiABKAkSKAoIZXN0aW1hdGUYDyABKAsyFi5ydW5jYXAudjEuTGxtRXN0aW1hdGUSDQoFbWV0ZXIYECABKAkSEwoLbWV0ZXJfdW5pdHMYESABKAMSOAoScmVzZXJ2YXRpb25fc3RhdHVzGBIgASgOMhwucnVuY2FwLnYxLlJlc2VydmF0aW9uU3RhdHVzEhoKDWFjdHVhbF9taWNyb3MYEyABKANIAIgBAUIQCg5fYWN0dWFsX21pY3JvcyKiAgoHTGxtQ2FsbBIWCghwcm92aWRlchgBIAEoCUIE4kEBAhITCgVtb2RlbBgCIAEoCUIE4kEBAhIaCgxpbnB1dF90b2tlbnMYAyABKANCBOJBAQISJAoRbWF4X291dHB1dF90b2tlbnMYBCABKANCBOJBAQFIAIgBARIZCgtuZWVkc190b29scxgFIAEoCEIE4kEBARIfChFuZWVkc19qc29uX3NjaGVtYRgGIAEoCEIE4kEBARIlChJtaW5fY29udGV4dF90b2tlbnMYByABKANCBOJBAQFIAYgBARIYCgptb2RhbGl0aWVzGAggAygJQgTiQQEBQhQKEl9tYXhfb3V0cHV0X3Rva2Vuc0IVChNfbWluX2NvbnRleHRfdG9rZW5zImoKC0FsdGVybmF0aXZlEhAKCHByb3ZpZGVyGAEgASgJEg0KBW1vZGVsGAIgASgJEhUKDWFtb3VudF9taWNyb3MYAyABKAMSIwobZWZmZWN0aXZlX21heF9vdXRwdXRfdG9rZW5zGAQgASgDIp0BCgtMbG1Fc3RpbWF0ZRIQCghwcm92aWRlchgBIAEoCRINCgVtb2RlbBgCIAEoCRIUCgxpbnB1dF90b2tlbnMYAyABKAMSIwobZWZmZWN0aXZlX21heF9vdXRwdXRfdG9rZW5zGAQgASgDEhUKDWFtb3VudF9taWNyb3MYBSABKAMSGwoTcHJpY2VfdGFibGVfdmVyc2lvbhgGIAEoCSKKAQoKVG9rZW5Vc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAMSFQoNb3V0cHV0X3Rva2VucxgCIAEoAxIZChFjYWNoZV9yZWFkX3Rva2VucxgDIAEoAxIaChJjYWNoZV93cml0ZV90b2tlbnMYBCABKAMSGAoQcmVhc29uaW5nX3Rva2VucxgFIAEoAyKOAQoNQ29tbWl0UmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQISHAoOcmVzZXJ2YXRpb25faWQYAiABKAlCBOJBAQISFwoNYWN0dWFsX21pY3JvcxgDIAEoA0gAEiYKBXVzYWdlGAQgASgLMhUucnVuY2FwLnYxLlRva2VuVXNhZ2VIAEIICgZhY3R1YWwixwEKDkNvbW1pdFJlc3BvbnNlEiUKBXN0YXRlGAEgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlEhYKDm92ZXJydW5fbWljcm9zGAIgASgDEhAKCHJlcGxheWVkGAMgASgIEjgKEnJlc2VydmF0aW9uX3N0YXR1cxgEIAEoDjIcLnJ1bmNhcC52MS5SZXNlcnZhdGlvblN0YXR1cxIVCg1hY3R1YWxfbWljcm9zGAUgASgDEhMKC2hlbGRfbWljcm9zGAYgASgDIkMKDVJlZnVuZFJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEhwKDnJlc2VydmF0aW9uX2lkGAIgASgJQgTiQQECIpwBCg5SZWZ1bmRSZXNwb25zZRIlCgVzdGF0ZRgBIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZRIQCghyZXBsYXllZBgCIAEoCBI4ChJyZXNlcnZhdGlvbl9zdGF0dXMYAyABKA4yHC5ydW5jYXAudjEuUmVzZXJ2YXRpb25TdGF0dXMSFwoPcmVsZWFzZWRfbWljcm9zGAQgASgDIicKD0Nsb3NlUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQIiSwoQQ2xvc2VSdW5SZXNwb25zZRIlCgVzdGF0ZRgBIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZRIQCghyZXBsYXllZBgCIAEoCCJ2CgxXYXRjaFJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEiEKDmFmdGVyX3JldmlzaW9uGAIgASgDQgTiQQEBSACIAQESGgoMYWZ0ZXJfZGlnZXN0GAMgASgJQgTiQQEBQhEKD19hZnRlcl9yZXZpc2lvbiKnAQoNV2F0Y2hSZXNwb25zZRIQCghyZXZpc2lvbhgBIAEoAxIqCghzbmFwc2hvdBgCIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZUgAEicKBWV2ZW50GAMgASgLMhYucnVuY2FwLnYxLkJ1ZGdldEV2ZW50SAASJwoIcHJvZ3Jlc3MYBCABKAsyEy5ydW5jYXAudjEuUHJvZ3Jlc3NIAEIGCgRraW5kIhkKCFByb2dyZXNzEg0KBWZpbmFsGAEgASgIIp0BChRTZXRTY29wZUxpbWl0UmVxdWVzdBIoCgVzY29wZRgBIAEoCzITLnJ1bmNhcC52MS5TY29wZVJlZkIE4kEBAhInCgZwZXJpb2QYAiABKA4yES5ydW5jYXAudjEuUGVyaW9kQgTiQQECEhYKDGxpbWl0X21pY3JvcxgDIAEoA0gAEg8KBWNsZWFyGAQgASgISABCCQoHY2VpbGluZyI4ChVTZXRTY29wZUxpbWl0UmVzcG9uc2USHwoFc2NvcGUYASABKAsyEC5ydW5jYXAudjEuU2NvcGUiOwoPR2V0U2NvcGVSZXF1ZXN0EigKBXNjb3BlGAEgASgLMhMucnVuY2FwLnYxLlNjb3BlUmVmQgTiQQECIjMKEEdldFNjb3BlUmVzcG9uc2USHwoFc2NvcGUYASABKAsyEC5ydW5jYXAudjEuU2NvcGUihwMKCk1vZGVsUHJpY2USFgoIcHJvdmlkZXIYASABKAlCBOJBAQISEwoFbW9kZWwYAiABKAlCBOJBAQISGAoKaW5wdXRfcmF0ZRgDIAEoA0IE4kEBAhIZCgtvdXRwdXRfcmF0ZRgEIAEoA0IE4kEBAhIdCg9jYWNoZV9yZWFkX3JhdGUYBSABKANCBOJBAQISHgoQY2FjaGVfd3JpdGVfcmF0ZRgGIAEoA0IE4kEBAhIcCg5yZWFzb25pbmdfcmF0ZRgHIAEoA0IE4kEBAhIhCg5jb250ZXh0X3dpbmRvdxgIIAEoA0IE4kEBAUgAiAEBEiQKEW1heF9vdXRwdXRfdG9rZW5zGAkgASgDQgTiQQEBSAGIAQESEwoFdG9vbHMYCiABKAhCBOJBAQESGQoLanNvbl9zY2hlbWEYCyABKAhCBOJBAQESGAoKbW9kYWxpdGllcxgMIAMoCUIE4kEBAUIRCg9fY29udGV4dF93aW5kb3dCFAoSX21heF9vdXRwdXRfdG9rZW5zIkIKFFNldE1vZGVsUHJpY2VSZXF1ZXN0EioKBXByaWNlGAEgASgLMhUucnVuY2FwLnYxLk1vZGVsUHJpY2VCBOJBAQIiPQoVU2V0TW9kZWxQcmljZVJlc3BvbnNlEiQKBXByaWNlGAEgASgLMhUucnVuY2FwLnYxLk1vZGVsUHJpY2UiRgoXRGVsZXRlTW9kZWxQcmljZVJlcXVlc3QSFgoIcHJvdmlkZXIYASABKAlCBOJBAQISEwoFbW9kZWwYAiABKAlCBOJBAQIiKwoYRGVsZXRlTW9kZWxQcmljZVJlc3BvbnNlEg8KB2RlbGV0ZWQYASABKAgiQwoUR2V0TW9kZWxQcmljZVJlcXVlc3QSFgoIcHJvdmlkZXIYASABKAlCBOJBAQISEwoFbW9kZWwYAiABKAlCBOJBAQIicwoVR2V0TW9kZWxQcmljZVJlc3BvbnNlEiQKBXByaWNlGAEgASgLMhUucnVuY2FwLnYxLk1vZGVsUHJpY2USFwoPdGVuYW50X292ZXJyaWRlGAIgASgIEhsKE3ByaWNlX3RhYmxlX3ZlcnNpb24YAyABKAkiKQoRU3VzcGVuZFJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECIk0KElN1c3BlbmRSdW5SZXNwb25zZRIlCgVzdGF0ZRgBIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZRIQCghyZXBsYXllZBgCIAEoCCIoChBSZXN1bWVSdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAiJMChFSZXN1bWVSdW5SZXNwb25zZRIlCgVzdGF0ZRgBIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZRIQCghyZXBsYXllZBgCIAEoCDLYCAoNQnVkZ2V0U2VydmljZRJGCglDcmVhdGVSdW4SGy5ydW5jYXAudjEuQ3JlYXRlUnVuUmVxdWVzdBocLnJ1bmNhcC52MS5DcmVhdGVSdW5SZXNwb25zZRI9CgZHZXRSdW4SGC5ydW5jYXAudjEuR2V0UnVuUmVxdWVzdBoZLnJ1bmNhcC52MS5HZXRSdW5SZXNwb25zZRJACgdSZXNlcnZlEhkucnVuY2FwLnYxLlJlc2VydmVSZXF1ZXN0GhoucnVuY2FwLnYxLlJlc2VydmVSZXNwb25zZRI9CgZDb21taXQSGC5ydW5jYXAudjEuQ29tbWl0UmVxdWVzdBoZLnJ1bmNhcC52MS5Db21taXRSZXNwb25zZRI9CgZSZWZ1bmQSGC5ydW5jYXAudjEuUmVmdW5kUmVxdWVzdBoZLnJ1bmNhcC52MS5SZWZ1bmRSZXNwb25zZRJDCghDbG9zZVJ1bhIaLnJ1bmNhcC52MS5DbG9zZVJ1blJlcXVlc3QaGy5ydW5jYXAudjEuQ2xvc2VSdW5SZXNwb25zZRJJCgpTdXNwZW5kUnVuEhwucnVuY2FwLnYxLlN1c3BlbmRSdW5SZXF1ZXN0Gh0ucnVuY2FwLnYxLlN1c3BlbmRSdW5SZXNwb25zZRJGCglSZXN1bWVSdW4SGy5ydW5jYXAudjEuUmVzdW1lUnVuUmVxdWVzdBocLnJ1bmNhcC52MS5SZXN1bWVSdW5SZXNwb25zZRI8CgVXYXRjaBIXLnJ1bmNhcC52MS5XYXRjaFJlcXVlc3QaGC5ydW5jYXAudjEuV2F0Y2hSZXNwb25zZTABElIKDVNldFNjb3BlTGltaXQSHy5ydW5jYXAudjEuU2V0U2NvcGVMaW1pdFJlcXVlc3QaIC5ydW5jYXAudjEuU2V0U2NvcGVMaW1pdFJlc3BvbnNlEkMKCEdldFNjb3BlEhoucnVuY2FwLnYxLkdldFNjb3BlUmVxdWVzdBobLnJ1bmNhcC52MS5HZXRTY29wZVJlc3BvbnNlElIKDVNldE1vZGVsUHJpY2USHy5ydW5jYXAudjEuU2V0TW9kZWxQcmljZVJlcXVlc3QaIC5ydW5jYXAudjEuU2V0TW9kZWxQcmljZVJlc3BvbnNlElsKEERlbGV0ZU1vZGVsUHJpY2USIi5ydW5jYXAudjEuRGVsZXRlTW9kZWxQcmljZVJlcXVlc3QaIy5ydW5jYXAudjEuRGVsZXRlTW9kZWxQcmljZVJlc3BvbnNlElIKDUdldE1vZGVsUHJpY2USHy5ydW5jYXAudjEuR2V0TW9kZWxQcmljZVJlcXVlc3QaIC5ydW5jYXAudjEuR2V0TW9kZWxQcmljZVJlc3BvbnNlEkwKC0dldERlY2lzaW9uEh0ucnVuY2FwLnYxLkdldERlY2lzaW9uUmVxdWVzdBoeLnJ1bmNhcC52MS5HZXREZWNpc2lvblJlc3BvbnNlQjhaNmdpdGh1Yi5jb20vcnVuY2FwL3J1bmNhcC9jbGllbnRzL2dvL3J1bmNhcC92MTtydW5jYXB2MWIGcHJvdG8z", [file_google_api_field_behavior, file_google_protobuf_duration, file_google_protobuf_timestamp, file_runcap_v1_budget]);
+  fileDesc("Ch5ydW5jYXAvdjEvYnVkZ2V0X3NlcnZpY2UucHJvdG8SCXJ1bmNhcC52MSL5AgoQQ3JlYXRlUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQESGgoMbGltaXRfbWljcm9zGAIgASgDQgTiQQECEj0KBmxhYmVscxgDIAMoCzInLnJ1bmNhcC52MS5DcmVhdGVSdW5SZXF1ZXN0LkxhYmVsc0VudHJ5QgTiQQEBEjQKC2RlZmF1bHRfdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEBEhsKDXBhcmVudF9ydW5faWQYBSABKAlCBOJBAQESGAoKYXBpX2tleV9pZBgGIAEoCUIE4kEBARIVCgd1c2VyX2lkGAcgASgJQgTiQQEBEhUKB3RlYW1faWQYCCABKAlCBOJBAQESKgoGcG9saWN5GAkgASgLMhQucnVuY2FwLnYxLlJ1blBvbGljeUIE4kEBARotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBImkKEUNyZWF0ZVJ1blJlc3BvbnNlEhsKA3J1bhgBIAEoCzIOLnJ1bmNhcC52MS5SdW4SJQoFc3RhdGUYAiABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAyABKAgiJQoNR2V0UnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQIiVAoOR2V0UnVuUmVzcG9uc2USGwoDcnVuGAEgASgLMg4ucnVuY2FwLnYxLlJ1bhIlCgVzdGF0ZRgCIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZSKEAgoOUmVzZXJ2ZVJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEhwKDnJlc2VydmF0aW9uX2lkGAIgASgJQgTiQQEBEhcKDWFtb3VudF9taWNyb3MYAyABKANIABImCghsbG1fY2FsbBgFIAEoCzISLnJ1bmNhcC52MS5MbG1DYWxsSAASLAoDdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEBEhMKBW1ldGVyGAYgASgJQgTiQQEBEh4KC21ldGVyX3VuaXRzGAcgASgDQgTiQQEBSAGIAQFCCgoIZXN0aW1hdGVCDgoMX21ldGVyX3VuaXRzIqYFCg9SZXNlcnZlUmVzcG9uc2USJQoIZGVjaXNpb24YASABKA4yEy5ydW5jYXAudjEuRGVjaXNpb24SKQoGcmVhc29uGAIgASgOMhkucnVuY2FwLnYxLkRlY2lzaW9uUmVhc29uEhYKDnJlc2VydmF0aW9uX2lkGAMgASgJEhUKDWFtb3VudF9taWNyb3MYBCABKAMSLwoLZXhwaXJlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiUKBXN0YXRlGAYgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlEhAKCHJlcGxheWVkGAcgASgIEisKDmJsb2NraW5nX3Njb3BlGAggASgLMhMucnVuY2FwLnYxLlNjb3BlUmVmEioKD2Jsb2NraW5nX3BlcmlvZBgJIAEoDjIRLnJ1bmNhcC52MS5QZXJpb2QSKAoIZXN0aW1hdGUYCiABKAsyFi5ydW5jYXAudjEuTGxtRXN0aW1hdGUSNgoSYmxvY2tpbmdfZGltZW5zaW9uGAsgASgOMhoucnVuY2FwLnYxLkJ1ZGdldERpbWVuc2lvbhIWCg5ibG9ja2luZ19tZXRlchgMIAEoCRIuCgtyZXRyeV9hZnRlchgNIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI0ChBlbmZvcmNlbWVudF9tb2RlGA4gASgOMhoucnVuY2FwLnYxLkVuZm9yY2VtZW50TW9kZRITCgtkZWNpc2lvbl9pZBgPIAEoCRIsCgxhbHRlcm5hdGl2ZXMYECADKAsyFi5ydW5jYXAudjEuQWx0ZXJuYXRpdmUSFwoPcmVxdWVzdGVkX21vZGVsGBEgASgJEhMKC2FwcHJvdmFsX2lkGBIgASgJIisKDkFwcHJvdmVSZXF1ZXN0EhkKC2FwcHJvdmFsX2lkGAEgASgJQgTiQQECInEKD0FwcHJvdmVSZXNwb25zZRIlCghhcHByb3ZhbBgBIAEoCzITLnJ1bmNhcC52MS5BcHByb3ZhbBIlCgVzdGF0ZRgCIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZRIQCghyZXBsYXllZBgDIAEoCCIoCgtEZW55UmVxdWVzdBIZCgthcHByb3ZhbF9pZBgBIAEoCUIE4kEBAiJuCgxEZW55UmVzcG9uc2USJQoIYXBwcm92YWwYASABKAsyEy5ydW5jYXAudjEuQXBwcm92YWwSJQoFc3RhdGUYAiABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAyABKAgiLwoSR2V0RGVjaXNpb25SZXF1ZXN0EhkKC2RlY2lzaW9uX2lkGAEgASgJQgTiQQECIrsFChNHZXREZWNpc2lvblJlc3BvbnNlEhMKC2RlY2lzaW9uX2lkGAEgASgJEg4KBnJ1bl9pZBgCIAEoCRIWCg5yZXNlcnZhdGlvbl9pZBgDIAEoCRIlCghkZWNpc2lvbhgEIAEoDjITLnJ1bmNhcC52MS5EZWNpc2lvbhIpCgZyZWFzb24YBSABKA4yGS5ydW5jYXAudjEuRGVjaXNpb25SZWFzb24SLwoLZGVjaWRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhUKDWFtb3VudF9taWNyb3MYByABKAMSEwoLaGVsZF9taWNyb3MYCCABKAMSNAoQZW5mb3JjZW1lbnRfbW9kZRgJIAEoDjIaLnJ1bmNhcC52MS5FbmZvcmNlbWVudE1vZGUSIwoGc2NvcGVzGAogAygLMhMucnVuY2FwLnYxLlNjb3BlUmVmEisKDmJsb2NraW5nX3Njb3BlGAsgASgLMhMucnVuY2FwLnYxLlNjb3BlUmVmEioKD2Jsb2NraW5nX3BlcmlvZBgMIAEoDjIRLnJ1bmNhcC52MS5QZXJpb2QSNgoSYmxvY2tpbmdfZGltZW5zaW9uGA0gASgOMhoucnVuY2FwLnYxLkJ1ZGdldERpbWVuc2lvbhIWCg5ibG9ja2luZ19tZXRlchgOIAEoCRIoCghlc3RpbWF0ZRgPIAEoCzIWLnJ1bmNhcC52MS5MbG1Fc3RpbWF0ZRINCgVtZXRlchgQIAEoCRITCgttZXRlcl91bml0cxgRIAEoAxI4ChJyZXNlcnZhdGlvbl9zdGF0dXMYEiABKA4yHC5ydW5jYXAudjEuUmVzZXJ2YXRpb25TdGF0dXMSGgoNYWN0dWFsX21pY3JvcxgTIAEoA0gAiAEBQhAKDl9hY3R1YWxfbWljcm9zIqICCgdMbG1DYWxsEhYKCHByb3ZpZGVyGAEgASgJQgTiQQECEhMKBW1vZGVsGAIgASgJQgTiQQECEhoKDGlucHV0X3Rva2VucxgDIAEoA0IE4kEBAhIkChFtYXhfb3V0cHV0X3Rva2VucxgEIAEoA0IE4kEBAUgAiAEBEhkKC25lZWRzX3Rvb2xzGAUgASgIQgTiQQEBEh8KEW5lZWRzX2pzb25fc2NoZW1hGAYgASgIQgTiQQEBEiUKEm1pbl9jb250ZXh0X3Rva2VucxgHIAEoA0IE4kEBAUgBiAEBEhgKCm1vZGFsaXRpZXMYCCADKAlCBOJBAQFCFAoSX21heF9vdXRwdXRfdG9rZW5zQhUKE19taW5fY29udGV4dF90b2tlbnMiagoLQWx0ZXJuYXRpdmUSEAoIcHJvdmlkZXIYASABKAkSDQoFbW9kZWwYAiABKAkSFQoNYW1vdW50X21pY3JvcxgDIAEoAxIjChtlZmZlY3RpdmVfbWF4X291dHB1dF90b2tlbnMYBCABKAMinQEKC0xsbUVzdGltYXRlEhAKCHByb3ZpZGVyGAEgASgJEg0KBW1vZGVsGAIgASgJEhQKDGlucHV0X3Rva2VucxgDIAEoAxIjChtlZmZlY3RpdmVfbWF4X291dHB1dF90b2tlbnMYBCABKAMSFQoNYW1vdW50X21pY3JvcxgFIAEoAxIbChNwcmljZV90YWJsZV92ZXJzaW9uGAYgASgJIooBCgpUb2tlblVzYWdlEhQKDGlucHV0X3Rva2VucxgBIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAIgASgDEhkKEWNhY2hlX3JlYWRfdG9rZW5zGAMgASgDEhoKEmNhY2hlX3dyaXRlX3Rva2VucxgEIAEoAxIYChByZWFzb25pbmdfdG9rZW5zGAUgASgDIo4BCg1Db21taXRSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIcCg5yZXNlcnZhdGlvbl9pZBgCIAEoCUIE4kEBAhIXCg1hY3R1YWxfbWljcm9zGAMgASgDSAASJgoFdXNhZ2UYBCABKAsyFS5ydW5jYXAudjEuVG9rZW5Vc2FnZUgAQggKBmFjdHVhbCLHAQoOQ29tbWl0UmVzcG9uc2USJQoFc3RhdGUYASABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSFgoOb3ZlcnJ1bl9taWNyb3MYAiABKAMSEAoIcmVwbGF5ZWQYAyABKAgSOAoScmVzZXJ2YXRpb25fc3RhdHVzGAQgASgOMhwucnVuY2FwLnYxLlJlc2VydmF0aW9uU3RhdHVzEhUKDWFjdHVhbF9taWNyb3MYBSABKAMSEwoLaGVsZF9taWNyb3MYBiABKAMiQwoNUmVmdW5kUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQISHAoOcmVzZXJ2YXRpb25faWQYAiABKAlCBOJBAQIinAEKDlJlZnVuZFJlc3BvbnNlEiUKBXN0YXRlGAEgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlEhAKCHJlcGxheWVkGAIgASgIEjgKEnJlc2VydmF0aW9uX3N0YXR1cxgDIAEoDjIcLnJ1bmNhcC52MS5SZXNlcnZhdGlvblN0YXR1cxIXCg9yZWxlYXNlZF9taWNyb3MYBCABKAMiJwoPQ2xvc2VSdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAiJLChBDbG9zZVJ1blJlc3BvbnNlEiUKBXN0YXRlGAEgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlEhAKCHJlcGxheWVkGAIgASgIInYKDFdhdGNoUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQISIQoOYWZ0ZXJfcmV2aXNpb24YAiABKANCBOJBAQFIAIgBARIaCgxhZnRlcl9kaWdlc3QYAyABKAlCBOJBAQFCEQoPX2FmdGVyX3JldmlzaW9uIqcBCg1XYXRjaFJlc3BvbnNlEhAKCHJldmlzaW9uGAEgASgDEioKCHNuYXBzaG90GAIgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlSAASJwoFZXZlbnQYAyABKAsyFi5ydW5jYXAudjEuQnVkZ2V0RXZlbnRIABInCghwcm9ncmVzcxgEIAEoCzITLnJ1bmNhcC52MS5Qcm9ncmVzc0gAQgYKBGtpbmQiGQoIUHJvZ3Jlc3MSDQoFZmluYWwYASABKAginQEKFFNldFNjb3BlTGltaXRSZXF1ZXN0EigKBXNjb3BlGAEgASgLMhMucnVuY2FwLnYxLlNjb3BlUmVmQgTiQQECEicKBnBlcmlvZBgCIAEoDjIRLnJ1bmNhcC52MS5QZXJpb2RCBOJBAQISFgoMbGltaXRfbWljcm9zGAMgASgDSAASDwoFY2xlYXIYBCABKAhIAEIJCgdjZWlsaW5nIjgKFVNldFNjb3BlTGltaXRSZXNwb25zZRIfCgVzY29wZRgBIAEoCzIQLnJ1bmNhcC52MS5TY29wZSI7Cg9HZXRTY29wZVJlcXVlc3QSKAoFc2NvcGUYASABKAsyEy5ydW5jYXAudjEuU2NvcGVSZWZCBOJBAQIiMwoQR2V0U2NvcGVSZXNwb25zZRIfCgVzY29wZRgBIAEoCzIQLnJ1bmNhcC52MS5TY29wZSKHAwoKTW9kZWxQcmljZRIWCghwcm92aWRlchgBIAEoCUIE4kEBAhITCgVtb2RlbBgCIAEoCUIE4kEBAhIYCgppbnB1dF9yYXRlGAMgASgDQgTiQQECEhkKC291dHB1dF9yYXRlGAQgASgDQgTiQQECEh0KD2NhY2hlX3JlYWRfcmF0ZRgFIAEoA0IE4kEBAhIeChBjYWNoZV93cml0ZV9yYXRlGAYgASgDQgTiQQECEhwKDnJlYXNvbmluZ19yYXRlGAcgASgDQgTiQQECEiEKDmNvbnRleHRfd2luZG93GAggASgDQgTiQQEBSACIAQESJAoRbWF4X291dHB1dF90b2tlbnMYCSABKANCBOJBAQFIAYgBARITCgV0b29scxgKIAEoCEIE4kEBARIZCgtqc29uX3NjaGVtYRgLIAEoCEIE4kEBARIYCgptb2RhbGl0aWVzGAwgAygJQgTiQQEBQhEKD19jb250ZXh0X3dpbmRvd0IUChJfbWF4X291dHB1dF90b2tlbnMiQgoUU2V0TW9kZWxQcmljZVJlcXVlc3QSKgoFcHJpY2UYASABKAsyFS5ydW5jYXAudjEuTW9kZWxQcmljZUIE4kEBAiI9ChVTZXRNb2RlbFByaWNlUmVzcG9uc2USJAoFcHJpY2UYASABKAsyFS5ydW5jYXAudjEuTW9kZWxQcmljZSJGChdEZWxldGVNb2RlbFByaWNlUmVxdWVzdBIWCghwcm92aWRlchgBIAEoCUIE4kEBAhITCgVtb2RlbBgCIAEoCUIE4kEBAiIrChhEZWxldGVNb2RlbFByaWNlUmVzcG9uc2USDwoHZGVsZXRlZBgBIAEoCCJDChRHZXRNb2RlbFByaWNlUmVxdWVzdBIWCghwcm92aWRlchgBIAEoCUIE4kEBAhITCgVtb2RlbBgCIAEoCUIE4kEBAiJzChVHZXRNb2RlbFByaWNlUmVzcG9uc2USJAoFcHJpY2UYASABKAsyFS5ydW5jYXAudjEuTW9kZWxQcmljZRIXCg90ZW5hbnRfb3ZlcnJpZGUYAiABKAgSGwoTcHJpY2VfdGFibGVfdmVyc2lvbhgDIAEoCSIpChFTdXNwZW5kUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQIiTQoSU3VzcGVuZFJ1blJlc3BvbnNlEiUKBXN0YXRlGAEgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlEhAKCHJlcGxheWVkGAIgASgIIigKEFJlc3VtZVJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECIkwKEVJlc3VtZVJ1blJlc3BvbnNlEiUKBXN0YXRlGAEgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlEhAKCHJlcGxheWVkGAIgASgIMtMJCg1CdWRnZXRTZXJ2aWNlEkYKCUNyZWF0ZVJ1bhIbLnJ1bmNhcC52MS5DcmVhdGVSdW5SZXF1ZXN0GhwucnVuY2FwLnYxLkNyZWF0ZVJ1blJlc3BvbnNlEj0KBkdldFJ1bhIYLnJ1bmNhcC52MS5HZXRSdW5SZXF1ZXN0GhkucnVuY2FwLnYxLkdldFJ1blJlc3BvbnNlEkAKB1Jlc2VydmUSGS5ydW5jYXAudjEuUmVzZXJ2ZVJlcXVlc3QaGi5ydW5jYXAudjEuUmVzZXJ2ZVJlc3BvbnNlEj0KBkNvbW1pdBIYLnJ1bmNhcC52MS5Db21taXRSZXF1ZXN0GhkucnVuY2FwLnYxLkNvbW1pdFJlc3BvbnNlEj0KBlJlZnVuZBIYLnJ1bmNhcC52MS5SZWZ1bmRSZXF1ZXN0GhkucnVuY2FwLnYxLlJlZnVuZFJlc3BvbnNlEkMKCENsb3NlUnVuEhoucnVuY2FwLnYxLkNsb3NlUnVuUmVxdWVzdBobLnJ1bmNhcC52MS5DbG9zZVJ1blJlc3BvbnNlEkkKClN1c3BlbmRSdW4SHC5ydW5jYXAudjEuU3VzcGVuZFJ1blJlcXVlc3QaHS5ydW5jYXAudjEuU3VzcGVuZFJ1blJlc3BvbnNlEkYKCVJlc3VtZVJ1bhIbLnJ1bmNhcC52MS5SZXN1bWVSdW5SZXF1ZXN0GhwucnVuY2FwLnYxLlJlc3VtZVJ1blJlc3BvbnNlEjwKBVdhdGNoEhcucnVuY2FwLnYxLldhdGNoUmVxdWVzdBoYLnJ1bmNhcC52MS5XYXRjaFJlc3BvbnNlMAESUgoNU2V0U2NvcGVMaW1pdBIfLnJ1bmNhcC52MS5TZXRTY29wZUxpbWl0UmVxdWVzdBogLnJ1bmNhcC52MS5TZXRTY29wZUxpbWl0UmVzcG9uc2USQwoIR2V0U2NvcGUSGi5ydW5jYXAudjEuR2V0U2NvcGVSZXF1ZXN0GhsucnVuY2FwLnYxLkdldFNjb3BlUmVzcG9uc2USUgoNU2V0TW9kZWxQcmljZRIfLnJ1bmNhcC52MS5TZXRNb2RlbFByaWNlUmVxdWVzdBogLnJ1bmNhcC52MS5TZXRNb2RlbFByaWNlUmVzcG9uc2USWwoQRGVsZXRlTW9kZWxQcmljZRIiLnJ1bmNhcC52MS5EZWxldGVNb2RlbFByaWNlUmVxdWVzdBojLnJ1bmNhcC52MS5EZWxldGVNb2RlbFByaWNlUmVzcG9uc2USUgoNR2V0TW9kZWxQcmljZRIfLnJ1bmNhcC52MS5HZXRNb2RlbFByaWNlUmVxdWVzdBogLnJ1bmNhcC52MS5HZXRNb2RlbFByaWNlUmVzcG9uc2USTAoLR2V0RGVjaXNpb24SHS5ydW5jYXAudjEuR2V0RGVjaXNpb25SZXF1ZXN0Gh4ucnVuY2FwLnYxLkdldERlY2lzaW9uUmVzcG9uc2USQAoHQXBwcm92ZRIZLnJ1bmNhcC52MS5BcHByb3ZlUmVxdWVzdBoaLnJ1bmNhcC52MS5BcHByb3ZlUmVzcG9uc2USNwoERGVueRIWLnJ1bmNhcC52MS5EZW55UmVxdWVzdBoXLnJ1bmNhcC52MS5EZW55UmVzcG9uc2VCOFo2Z2l0aHViLmNvbS9ydW5jYXAvcnVuY2FwL2NsaWVudHMvZ28vcnVuY2FwL3YxO3J1bmNhcHYxYgZwcm90bzM", [file_google_api_field_behavior, file_google_protobuf_duration, file_google_protobuf_timestamp, file_runcap_v1_budget]);
 
 /**
  * CreateRunRequest asks for a new run.
@@ -403,6 +403,14 @@ export type ReserveResponse = Message<"runcap.v1.ReserveResponse"> & {
    * @generated from field: string requested_model = 17;
    */
   requestedModel: string;
+
+  /**
+   * For DECISION_APPROVAL_REQUIRED, and for a block by a denied approval:
+   * the approval.
+   *
+   * @generated from field: string approval_id = 18;
+   */
+  approvalId: string;
 };
 
 /**
@@ -411,6 +419,118 @@ export type ReserveResponse = Message<"runcap.v1.ReserveResponse"> & {
  */
 export const ReserveResponseSchema: GenMessage<ReserveResponse> = /*@__PURE__*/
   messageDesc(file_runcap_v1_budget_service, 5);
+
+/**
+ * ApproveRequest names a pending approval.
+ *
+ * @generated from message runcap.v1.ApproveRequest
+ */
+export type ApproveRequest = Message<"runcap.v1.ApproveRequest"> & {
+  /**
+   * Approval.approval_id (also in ReserveResponse and BudgetEvent).
+   *
+   * @generated from field: string approval_id = 1;
+   */
+  approvalId: string;
+};
+
+/**
+ * Describes the message runcap.v1.ApproveRequest.
+ * Use `create(ApproveRequestSchema)` to create a new message.
+ */
+export const ApproveRequestSchema: GenMessage<ApproveRequest> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget_service, 6);
+
+/**
+ * ApproveResponse is the approval after the call.
+ *
+ * @generated from message runcap.v1.ApproveResponse
+ */
+export type ApproveResponse = Message<"runcap.v1.ApproveResponse"> & {
+  /**
+   * The approval.
+   *
+   * @generated from field: runcap.v1.Approval approval = 1;
+   */
+  approval?: Approval | undefined;
+
+  /**
+   * The run's budget state after the call.
+   *
+   * @generated from field: runcap.v1.BudgetState state = 2;
+   */
+  state?: BudgetState | undefined;
+
+  /**
+   * True when it was already approved and nothing changed.
+   *
+   * @generated from field: bool replayed = 3;
+   */
+  replayed: boolean;
+};
+
+/**
+ * Describes the message runcap.v1.ApproveResponse.
+ * Use `create(ApproveResponseSchema)` to create a new message.
+ */
+export const ApproveResponseSchema: GenMessage<ApproveResponse> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget_service, 7);
+
+/**
+ * DenyRequest names a pending approval.
+ *
+ * @generated from message runcap.v1.DenyRequest
+ */
+export type DenyRequest = Message<"runcap.v1.DenyRequest"> & {
+  /**
+   * Approval.approval_id.
+   *
+   * @generated from field: string approval_id = 1;
+   */
+  approvalId: string;
+};
+
+/**
+ * Describes the message runcap.v1.DenyRequest.
+ * Use `create(DenyRequestSchema)` to create a new message.
+ */
+export const DenyRequestSchema: GenMessage<DenyRequest> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget_service, 8);
+
+/**
+ * DenyResponse is the approval after the call.
+ *
+ * @generated from message runcap.v1.DenyResponse
+ */
+export type DenyResponse = Message<"runcap.v1.DenyResponse"> & {
+  /**
+   * The approval.
+   *
+   * @generated from field: runcap.v1.Approval approval = 1;
+   */
+  approval?: Approval | undefined;
+
+  /**
+   * The run's budget state after the call.
+   *
+   * @generated from field: runcap.v1.BudgetState state = 2;
+   */
+  state?: BudgetState | undefined;
+
+  /**
+   * True when it was already denied and nothing changed.
+   *
+   * @generated from field: bool replayed = 3;
+   */
+  replayed: boolean;
+};
+
+/**
+ * Describes the message runcap.v1.DenyResponse.
+ * Use `create(DenyResponseSchema)` to create a new message.
+ */
+export const DenyResponseSchema: GenMessage<DenyResponse> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget_service, 9);
 
 /**
  * GetDecisionRequest names a decision.
@@ -431,7 +551,7 @@ export type GetDecisionRequest = Message<"runcap.v1.GetDecisionRequest"> & {
  * Use `create(GetDecisionRequestSchema)` to create a new message.
  */
 export const GetDecisionRequestSchema: GenMessage<GetDecisionRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 6);
+  messageDesc(file_runcap_v1_budget_service, 10);
 
 /**
  * GetDecisionResponse is a decision with its inputs.
@@ -579,7 +699,7 @@ export type GetDecisionResponse = Message<"runcap.v1.GetDecisionResponse"> & {
  * Use `create(GetDecisionResponseSchema)` to create a new message.
  */
 export const GetDecisionResponseSchema: GenMessage<GetDecisionResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 7);
+  messageDesc(file_runcap_v1_budget_service, 11);
 
 /**
  * LlmCall describes an LLM call to reserve for.
@@ -652,7 +772,7 @@ export type LlmCall = Message<"runcap.v1.LlmCall"> & {
  * Use `create(LlmCallSchema)` to create a new message.
  */
 export const LlmCallSchema: GenMessage<LlmCall> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 8);
+  messageDesc(file_runcap_v1_budget_service, 12);
 
 /**
  * Alternative is a model that can stand in for a blocked LLM call: it has
@@ -696,7 +816,7 @@ export type Alternative = Message<"runcap.v1.Alternative"> & {
  * Use `create(AlternativeSchema)` to create a new message.
  */
 export const AlternativeSchema: GenMessage<Alternative> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 9);
+  messageDesc(file_runcap_v1_budget_service, 13);
 
 /**
  * LlmEstimate is how the server priced an LLM call.
@@ -753,7 +873,7 @@ export type LlmEstimate = Message<"runcap.v1.LlmEstimate"> & {
  * Use `create(LlmEstimateSchema)` to create a new message.
  */
 export const LlmEstimateSchema: GenMessage<LlmEstimate> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 10);
+  messageDesc(file_runcap_v1_budget_service, 14);
 
 /**
  * TokenUsage is an LLM call's actual usage, in disjoint token classes.
@@ -803,7 +923,7 @@ export type TokenUsage = Message<"runcap.v1.TokenUsage"> & {
  * Use `create(TokenUsageSchema)` to create a new message.
  */
 export const TokenUsageSchema: GenMessage<TokenUsage> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 11);
+  messageDesc(file_runcap_v1_budget_service, 15);
 
 /**
  * CommitRequest records the actual cost of a reservation.
@@ -856,7 +976,7 @@ export type CommitRequest = Message<"runcap.v1.CommitRequest"> & {
  * Use `create(CommitRequestSchema)` to create a new message.
  */
 export const CommitRequestSchema: GenMessage<CommitRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 12);
+  messageDesc(file_runcap_v1_budget_service, 16);
 
 /**
  * CommitResponse reports the settled reservation.
@@ -915,7 +1035,7 @@ export type CommitResponse = Message<"runcap.v1.CommitResponse"> & {
  * Use `create(CommitResponseSchema)` to create a new message.
  */
 export const CommitResponseSchema: GenMessage<CommitResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 13);
+  messageDesc(file_runcap_v1_budget_service, 17);
 
 /**
  * RefundRequest releases the hold of a reservation.
@@ -943,7 +1063,7 @@ export type RefundRequest = Message<"runcap.v1.RefundRequest"> & {
  * Use `create(RefundRequestSchema)` to create a new message.
  */
 export const RefundRequestSchema: GenMessage<RefundRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 14);
+  messageDesc(file_runcap_v1_budget_service, 18);
 
 /**
  * RefundResponse reports the released reservation.
@@ -990,7 +1110,7 @@ export type RefundResponse = Message<"runcap.v1.RefundResponse"> & {
  * Use `create(RefundResponseSchema)` to create a new message.
  */
 export const RefundResponseSchema: GenMessage<RefundResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 15);
+  messageDesc(file_runcap_v1_budget_service, 19);
 
 /**
  * CloseRunRequest closes a run.
@@ -1011,7 +1131,7 @@ export type CloseRunRequest = Message<"runcap.v1.CloseRunRequest"> & {
  * Use `create(CloseRunRequestSchema)` to create a new message.
  */
 export const CloseRunRequestSchema: GenMessage<CloseRunRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 16);
+  messageDesc(file_runcap_v1_budget_service, 20);
 
 /**
  * CloseRunResponse reports the closed run.
@@ -1039,7 +1159,7 @@ export type CloseRunResponse = Message<"runcap.v1.CloseRunResponse"> & {
  * Use `create(CloseRunResponseSchema)` to create a new message.
  */
 export const CloseRunResponseSchema: GenMessage<CloseRunResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 17);
+  messageDesc(file_runcap_v1_budget_service, 21);
 
 /**
  * WatchRequest opens a stream of a run's budget changes.
@@ -1083,7 +1203,7 @@ export type WatchRequest = Message<"runcap.v1.WatchRequest"> & {
  * Use `create(WatchRequestSchema)` to create a new message.
  */
 export const WatchRequestSchema: GenMessage<WatchRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 18);
+  messageDesc(file_runcap_v1_budget_service, 22);
 
 /**
  * WatchResponse is one message of a Watch stream.
@@ -1137,7 +1257,7 @@ export type WatchResponse = Message<"runcap.v1.WatchResponse"> & {
  * Use `create(WatchResponseSchema)` to create a new message.
  */
 export const WatchResponseSchema: GenMessage<WatchResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 19);
+  messageDesc(file_runcap_v1_budget_service, 23);
 
 /**
  * Progress is a heartbeat on a Watch stream. It keeps idle connections alive
@@ -1161,7 +1281,7 @@ export type Progress = Message<"runcap.v1.Progress"> & {
  * Use `create(ProgressSchema)` to create a new message.
  */
 export const ProgressSchema: GenMessage<Progress> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 20);
+  messageDesc(file_runcap_v1_budget_service, 24);
 
 /**
  * SetScopeLimitRequest sets or clears one ceiling of a parent scope.
@@ -1213,7 +1333,7 @@ export type SetScopeLimitRequest = Message<"runcap.v1.SetScopeLimitRequest"> & {
  * Use `create(SetScopeLimitRequestSchema)` to create a new message.
  */
 export const SetScopeLimitRequestSchema: GenMessage<SetScopeLimitRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 21);
+  messageDesc(file_runcap_v1_budget_service, 25);
 
 /**
  * SetScopeLimitResponse is the scope after the change.
@@ -1234,7 +1354,7 @@ export type SetScopeLimitResponse = Message<"runcap.v1.SetScopeLimitResponse"> &
  * Use `create(SetScopeLimitResponseSchema)` to create a new message.
  */
 export const SetScopeLimitResponseSchema: GenMessage<SetScopeLimitResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 22);
+  messageDesc(file_runcap_v1_budget_service, 26);
 
 /**
  * GetScopeRequest names a parent scope.
@@ -1255,7 +1375,7 @@ export type GetScopeRequest = Message<"runcap.v1.GetScopeRequest"> & {
  * Use `create(GetScopeRequestSchema)` to create a new message.
  */
 export const GetScopeRequestSchema: GenMessage<GetScopeRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 23);
+  messageDesc(file_runcap_v1_budget_service, 27);
 
 /**
  * GetScopeResponse describes a parent scope.
@@ -1276,7 +1396,7 @@ export type GetScopeResponse = Message<"runcap.v1.GetScopeResponse"> & {
  * Use `create(GetScopeResponseSchema)` to create a new message.
  */
 export const GetScopeResponseSchema: GenMessage<GetScopeResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 24);
+  messageDesc(file_runcap_v1_budget_service, 28);
 
 /**
  * ModelPrice is what one model costs and can do. Rates are integer micro-USD
@@ -1377,7 +1497,7 @@ export type ModelPrice = Message<"runcap.v1.ModelPrice"> & {
  * Use `create(ModelPriceSchema)` to create a new message.
  */
 export const ModelPriceSchema: GenMessage<ModelPrice> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 25);
+  messageDesc(file_runcap_v1_budget_service, 29);
 
 /**
  * SetModelPriceRequest sets a tenant's price for one model.
@@ -1398,7 +1518,7 @@ export type SetModelPriceRequest = Message<"runcap.v1.SetModelPriceRequest"> & {
  * Use `create(SetModelPriceRequestSchema)` to create a new message.
  */
 export const SetModelPriceRequestSchema: GenMessage<SetModelPriceRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 26);
+  messageDesc(file_runcap_v1_budget_service, 30);
 
 /**
  * SetModelPriceResponse confirms the price.
@@ -1419,7 +1539,7 @@ export type SetModelPriceResponse = Message<"runcap.v1.SetModelPriceResponse"> &
  * Use `create(SetModelPriceResponseSchema)` to create a new message.
  */
 export const SetModelPriceResponseSchema: GenMessage<SetModelPriceResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 27);
+  messageDesc(file_runcap_v1_budget_service, 31);
 
 /**
  * DeleteModelPriceRequest names a model whose tenant price to remove.
@@ -1447,7 +1567,7 @@ export type DeleteModelPriceRequest = Message<"runcap.v1.DeleteModelPriceRequest
  * Use `create(DeleteModelPriceRequestSchema)` to create a new message.
  */
 export const DeleteModelPriceRequestSchema: GenMessage<DeleteModelPriceRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 28);
+  messageDesc(file_runcap_v1_budget_service, 32);
 
 /**
  * DeleteModelPriceResponse reports the removal.
@@ -1468,7 +1588,7 @@ export type DeleteModelPriceResponse = Message<"runcap.v1.DeleteModelPriceRespon
  * Use `create(DeleteModelPriceResponseSchema)` to create a new message.
  */
 export const DeleteModelPriceResponseSchema: GenMessage<DeleteModelPriceResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 29);
+  messageDesc(file_runcap_v1_budget_service, 33);
 
 /**
  * GetModelPriceRequest names a model.
@@ -1496,7 +1616,7 @@ export type GetModelPriceRequest = Message<"runcap.v1.GetModelPriceRequest"> & {
  * Use `create(GetModelPriceRequestSchema)` to create a new message.
  */
 export const GetModelPriceRequestSchema: GenMessage<GetModelPriceRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 30);
+  messageDesc(file_runcap_v1_budget_service, 34);
 
 /**
  * GetModelPriceResponse is the price Reserve uses for a model now.
@@ -1532,7 +1652,7 @@ export type GetModelPriceResponse = Message<"runcap.v1.GetModelPriceResponse"> &
  * Use `create(GetModelPriceResponseSchema)` to create a new message.
  */
 export const GetModelPriceResponseSchema: GenMessage<GetModelPriceResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 31);
+  messageDesc(file_runcap_v1_budget_service, 35);
 
 /**
  * SuspendRunRequest names the run to stop.
@@ -1553,7 +1673,7 @@ export type SuspendRunRequest = Message<"runcap.v1.SuspendRunRequest"> & {
  * Use `create(SuspendRunRequestSchema)` to create a new message.
  */
 export const SuspendRunRequestSchema: GenMessage<SuspendRunRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 32);
+  messageDesc(file_runcap_v1_budget_service, 36);
 
 /**
  * SuspendRunResponse reports the suspended run.
@@ -1581,7 +1701,7 @@ export type SuspendRunResponse = Message<"runcap.v1.SuspendRunResponse"> & {
  * Use `create(SuspendRunResponseSchema)` to create a new message.
  */
 export const SuspendRunResponseSchema: GenMessage<SuspendRunResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 33);
+  messageDesc(file_runcap_v1_budget_service, 37);
 
 /**
  * ResumeRunRequest names the run to resume.
@@ -1602,7 +1722,7 @@ export type ResumeRunRequest = Message<"runcap.v1.ResumeRunRequest"> & {
  * Use `create(ResumeRunRequestSchema)` to create a new message.
  */
 export const ResumeRunRequestSchema: GenMessage<ResumeRunRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 34);
+  messageDesc(file_runcap_v1_budget_service, 38);
 
 /**
  * ResumeRunResponse reports the resumed run.
@@ -1630,7 +1750,7 @@ export type ResumeRunResponse = Message<"runcap.v1.ResumeRunResponse"> & {
  * Use `create(ResumeRunResponseSchema)` to create a new message.
  */
 export const ResumeRunResponseSchema: GenMessage<ResumeRunResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 35);
+  messageDesc(file_runcap_v1_budget_service, 39);
 
 /**
  * BudgetService is the budget authority for agent runs. Ask it before every
@@ -1820,6 +1940,28 @@ export const BudgetService: GenService<{
     methodKind: "unary";
     input: typeof GetDecisionRequestSchema;
     output: typeof GetDecisionResponseSchema;
+  },
+  /**
+   * Approves a pending escalation: calls that trip its trigger are decided
+   * as usual from now on, on every replica. Watch shows it. Idempotent.
+   *
+   * @generated from rpc runcap.v1.BudgetService.Approve
+   */
+  approve: {
+    methodKind: "unary";
+    input: typeof ApproveRequestSchema;
+    output: typeof ApproveResponseSchema;
+  },
+  /**
+   * Denies a pending escalation: calls that trip its trigger are blocked
+   * (DECISION_REASON_APPROVAL_DENIED). Watch shows it. Idempotent.
+   *
+   * @generated from rpc runcap.v1.BudgetService.Deny
+   */
+  deny: {
+    methodKind: "unary";
+    input: typeof DenyRequestSchema;
+    output: typeof DenyResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_runcap_v1_budget_service, 0);
