@@ -8,12 +8,15 @@ from runcap.v1 import budget_pb2, budget_service_pb2
 from runcap_server.estimates import Estimate
 from runcap_server.ledger.scopes import ScopeView
 from runcap_server.ledger.types import (
+    SPEND_APPROVAL,
     TOKENS,
+    ApprovalStatus,
     BudgetState,
     Change,
     RunPolicy,
     RunView,
     ScopeRef,
+    approval_id,
 )
 from runcap_server.prices import ModelPrice
 
@@ -44,6 +47,8 @@ def policy_pb(policy: RunPolicy) -> budget_pb2.RunPolicy:
         max_depth=policy.max_depth,
         auto_downgrade=policy.auto_downgrade,
         downgrade_models=policy.downgrade_models,
+        approval_percent=policy.approval_percent,
+        approved_meters=policy.approved_meters,
     )
     if policy.max_tokens is not None:
         message.max_tokens = policy.max_tokens
@@ -103,7 +108,17 @@ def run_pb(view: RunView) -> budget_pb2.Run:
         meter = run.meters.add(name=name, committed=committed, reserved=reserved)
         if name in limits:
             meter.limit = limits[name]
+    for trigger, status in sorted(view.approvals.items()):
+        run.approvals.append(approval_pb(view.spec.run_id, trigger, status))
     return run
+
+
+def approval_pb(run_id: str, trigger: str, status: ApprovalStatus) -> budget_pb2.Approval:
+    return budget_pb2.Approval(
+        approval_id=approval_id(run_id, trigger),
+        status=status.value,  # type: ignore[arg-type]
+        meter="" if trigger == SPEND_APPROVAL else trigger[2:],
+    )
 
 
 def estimate_pb(priced: Estimate) -> budget_service_pb2.LlmEstimate:
@@ -173,4 +188,5 @@ def event_pb(change: Change) -> budget_pb2.BudgetEvent:
         time=timestamp(change.time_ms),
         state=state_pb(change.state),
         threshold=change.threshold.value,  # type: ignore[arg-type]
+        approval_id=approval_id(change.state.run_id, change.approval) if change.approval else "",
     )

@@ -26,6 +26,7 @@ from runcap_server.ledger.types import (
     RunView,
     ScopeKind,
     ScopeRef,
+    approval_id,
 )
 from runcap_server.validation import ID_PATTERN
 
@@ -83,6 +84,7 @@ def reserve_response(
         enforcement_mode=result.mode.value,  # type: ignore[arg-type]
         decision_id=decision_id(run_id, result.reservation_id),
         requested_model=requested_model,
+        approval_id=approval_id(run_id, result.approval) if result.approval else "",
     )
     if result.dimension is not None:
         response.blocking_dimension = result.dimension.value  # type: ignore[assignment]

@@ -140,6 +140,17 @@ class DecisionNotFound(_ResourceError):
         )
 
 
+class ApprovalNotFound(_ResourceError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = errors_pb2.ERROR_REASON_APPROVAL_NOT_FOUND
+    resource_type = "runcap.v1.Approval"
+
+    def __init__(self, approval_id: str) -> None:
+        super().__init__(
+            f"there is no approval {approval_id!r}: its run never requested it", approval_id
+        )
+
+
 class RunAlreadyExists(_ResourceError):
     code = grpc.StatusCode.ALREADY_EXISTS
     reason = errors_pb2.ERROR_REASON_RUN_ALREADY_EXISTS
@@ -254,6 +265,15 @@ class SubagentLimit(_PreconditionError):
             f"run {run_id!r} cannot be created under {parent_run_id!r}: {what}", run_id, ""
         )
         self.subject = parent_run_id
+
+
+class ApprovalResolved(_PreconditionError):
+    reason = errors_pb2.ERROR_REASON_APPROVAL_RESOLVED
+    violation_type = "APPROVAL_RESOLVED"
+
+    def __init__(self, run_id: str, approval_id: str, status: str) -> None:
+        super().__init__(f"approval {approval_id!r} is already {status}", run_id, "")
+        self.subject = approval_id
 
 
 class RunClosed(_PreconditionError):

@@ -21,6 +21,7 @@ from runcap_server.estimates import Estimate, LlmCall, Pricing, actual_micros, e
 from runcap_server.ledger.saga import ReserveExtras
 from runcap_server.ledger.types import (
     MAX_MICROS,
+    ApprovalResult,
     Change,
     DecisionReason,
     EnforcementMode,
@@ -479,6 +480,42 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         if price is not None:
             response.price.CopyFrom(convert.model_price_pb(price))
         return response
+
+    @_unary
+    async def Approve(
+        self,
+        request: budget_service_pb2.ApproveRequest,
+        context: Context,
+    ) -> budget_service_pb2.ApproveResponse:
+        run_id, trigger, result = await self._resolve(request.approval_id, approve=True)
+        return budget_service_pb2.ApproveResponse(
+            approval=convert.approval_pb(run_id, trigger, result.status),
+            state=convert.state_pb(result.state),
+            replayed=result.replayed,
+        )
+
+    @_unary
+    async def Deny(
+        self,
+        request: budget_service_pb2.DenyRequest,
+        context: Context,
+    ) -> budget_service_pb2.DenyResponse:
+        run_id, trigger, result = await self._resolve(request.approval_id, approve=False)
+        return budget_service_pb2.DenyResponse(
+            approval=convert.approval_pb(run_id, trigger, result.status),
+            state=convert.state_pb(result.state),
+            replayed=result.replayed,
+        )
+
+    async def _resolve(self, text: str, *, approve: bool) -> tuple[str, str, ApprovalResult]:
+        check = Validator()
+        run_id, trigger = check.approval_id("approval_id", text)
+        check.done()
+        try:
+            result = await self.backend.resolve_approval(self.tenant, run_id, trigger, approve)
+        except errors.RunNotFound:
+            raise errors.ApprovalNotFound(text) from None
+        return run_id, trigger, result
 
     @_unary
     async def GetDecision(

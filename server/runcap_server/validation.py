@@ -18,11 +18,13 @@ from runcap_server.ledger.types import (
     DEFAULT_MAX_DEPTH,
     MAX_MICROS,
     MAX_RUN_DEPTH,
+    SPEND_APPROVAL,
     EnforcementMode,
     Period,
     RunPolicy,
     ScopeKind,
     ScopeRef,
+    parse_approval_id,
 )
 from runcap_server.prices import MAX_RATE, ModelPrice, Rates
 
@@ -173,6 +175,21 @@ class Validator:
             modalities=modalities - {"text"},
         )
 
+    def approval_id(self, field: str, value: str) -> tuple[str, str]:
+        """(run id, trigger) of an approval id."""
+        parsed = parse_approval_id(value)
+        if not value:
+            self.fail(field, "is required")
+        elif parsed is None or not ID_PATTERN.fullmatch(parsed[0]):
+            shown = value if len(value) <= 60 else value[:60] + "..."
+            self.fail(
+                field,
+                f"{shown!r} is not an approval id (RUN/approval:spend or RUN/approval:meter:NAME)",
+            )
+        elif parsed[1] != SPEND_APPROVAL:
+            self.meter(field, parsed[1][2:])
+        return parsed or ("", "")
+
     def meter(self, field: str, value: str) -> str:
         if not METER_PATTERN.fullmatch(value):
             shown = value if len(value) <= 40 else value[:40] + "..."
@@ -269,6 +286,10 @@ class Validator:
         children = None
         if message.HasField("max_children"):
             children = self.count(f"{field}.max_children", message.max_children, minimum=0)
+        if len(message.approved_meters) > MAX_METERS:
+            self.fail(f"{field}.approved_meters", f"has more than {MAX_METERS} meters")
+        for i, name in enumerate(message.approved_meters):
+            self.meter(f"{field}.approved_meters[{i}]", name)
         if len(message.downgrade_models) > MAX_DOWNGRADE_MODELS:
             self.fail(f"{field}.downgrade_models", f"has more than {MAX_DOWNGRADE_MODELS} models")
         for i, name in enumerate(message.downgrade_models):
@@ -289,6 +310,10 @@ class Validator:
             max_children=children,
             auto_downgrade=message.auto_downgrade,
             downgrade_models=tuple(sorted(set(message.downgrade_models))),
+            approval_percent=self.count(
+                f"{field}.approval_percent", message.approval_percent, minimum=0, maximum=100
+            ),
+            approved_meters=tuple(sorted(set(message.approved_meters))),
         )
 
     def scope(self, field: str, kind: int, scope_id: str) -> ScopeRef:

@@ -230,3 +230,69 @@ async def test_a_runaway_loop_sees_info_warn_throttle_then_stop_on_watch(
     assert delays[-1] > delays[0]
     state = (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).state
     assert (state.committed_micros, state.overrun_micros) == (5_000_000, 0)
+
+
+async def test_approvals_round_trip_through_watch(stub: BudgetServiceAsyncStub) -> None:
+    """An agent asks for an unapproved tool; a supervisor watching the run
+    sees the request, approves it, and the agent's next call goes through."""
+    run_id = await create(stub, 1_000_000, approved_meters=["tool:search"])
+    stream = stub.Watch(pb.WatchRequest(run_id=run_id))
+    first = await stream.read()
+    assert isinstance(first, pb.WatchResponse)
+    assert first.HasField("snapshot")
+
+    async def supervise() -> list[int]:
+        seen = []
+        while True:
+            message = await stream.read()
+            assert isinstance(message, pb.WatchResponse)
+            event = message.event
+            if event.approval_id:
+                seen.append(event.type)
+                if event.type != budget_pb2.EVENT_TYPE_APPROVAL_REQUESTED:
+                    return seen
+                await stub.Approve(pb.ApproveRequest(approval_id=event.approval_id))
+
+    supervisor = asyncio.create_task(supervise())
+    asked = await stub.Reserve(
+        pb.ReserveRequest(run_id=run_id, amount_micros=CENT, meter="tool:write_db")
+    )
+    assert asked.decision == budget_pb2.DECISION_APPROVAL_REQUIRED
+    assert asked.approval_id == f"{run_id}/approval:meter:tool:write_db"
+    seen = await asyncio.wait_for(supervisor, 10)
+    stream.cancel()
+    assert seen == [
+        budget_pb2.EVENT_TYPE_APPROVAL_REQUESTED,
+        budget_pb2.EVENT_TYPE_APPROVAL_GRANTED,
+    ]
+    allowed = await stub.Reserve(
+        pb.ReserveRequest(run_id=run_id, amount_micros=CENT, meter="tool:write_db")
+    )
+    assert allowed.decision == budget_pb2.DECISION_ALLOW
+    run = (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).run
+    assert [(a.meter, a.status) for a in run.approvals] == [
+        ("tool:write_db", budget_pb2.APPROVAL_STATUS_APPROVED)
+    ]
+    again = await stub.Approve(pb.ApproveRequest(approval_id=asked.approval_id))
+    assert again.replayed
+    with pytest.raises(grpc.aio.AioRpcError) as resolved:
+        await stub.Deny(pb.DenyRequest(approval_id=asked.approval_id))
+    assert resolved.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(resolved.value)[0].reason == "APPROVAL_RESOLVED"
+
+
+@pytest.mark.parametrize(
+    ("approval_id", "code", "reason"),
+    [
+        ("no-such-run/approval:spend", grpc.StatusCode.NOT_FOUND, "APPROVAL_NOT_FOUND"),
+        ("run/approval:later", grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        ("", grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+    ],
+)
+async def test_unknown_and_malformed_approval_ids(
+    stub: BudgetServiceAsyncStub, approval_id: str, code: grpc.StatusCode, reason: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Deny(pb.DenyRequest(approval_id=approval_id))
+    assert info.value.code() == code
+    assert error_info(info.value)[0].reason == reason

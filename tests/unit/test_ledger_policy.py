@@ -11,6 +11,8 @@ from runcap_server import errors
 from runcap_server.clock import ManualClock
 from runcap_server.ledger.saga import ReserveExtras
 from runcap_server.ledger.types import (
+    SPEND_APPROVAL,
+    ApprovalStatus,
     Decision,
     DecisionReason,
     Dimension,
@@ -313,3 +315,78 @@ async def test_a_policy_is_part_of_the_create_request(ledger: Ledger) -> None:
         await ledger.create_run(T, spec("run", max_in_flight=4))
     with pytest.raises(errors.RunAlreadyExists):
         await ledger.create_run(T, RunSpec("run", 1_000, {}, None))
+
+
+async def test_spend_past_the_approval_threshold_waits_for_an_approval(ledger: Ledger) -> None:
+    await ledger.create_run(T, spec("run", approval_percent=50, thresholds=(0, 0, 0)))
+    assert (await ledger.reserve(T, "run", "a", 500, None)).decision is Decision.ALLOW
+    asked = await ledger.reserve(T, "run", "b", 1, None)
+    assert (asked.decision, asked.reason, asked.approval, asked.held_micros) == (
+        Decision.APPROVAL_REQUIRED,
+        DecisionReason.SPEND_NEEDS_APPROVAL,
+        SPEND_APPROVAL,
+        0,
+    )
+    # Asked once: a second call waits on the same approval, with no new request.
+    again = await ledger.reserve(T, "run", "c", 1, None)
+    assert again.decision is Decision.APPROVAL_REQUIRED
+    assert (await ledger.get_run(T, "run")).approvals == {SPEND_APPROVAL: ApprovalStatus.PENDING}
+
+    granted = await ledger.resolve_approval(T, "run", SPEND_APPROVAL, True)
+    assert (granted.status, granted.replayed) == (ApprovalStatus.APPROVED, False)
+    assert (await ledger.resolve_approval(T, "run", SPEND_APPROVAL, True)).replayed
+    with pytest.raises(errors.ApprovalResolved):
+        await ledger.resolve_approval(T, "run", SPEND_APPROVAL, False)
+    assert (await ledger.reserve(T, "run", "d", 400, None)).decision is Decision.ALLOW
+    assert (await ledger.reserve(T, "run", "b", 1, None)).replayed  # the id stays spent
+
+    page = await ledger.read_changes(T, "run", 0, 100)
+    approvals = [(c.type, c.approval, c.reservation_id) for c in page.changes if c.approval]
+    assert approvals == [
+        (EventType.APPROVAL_REQUESTED, SPEND_APPROVAL, "b"),
+        (EventType.APPROVAL_GRANTED, SPEND_APPROVAL, ""),
+    ]
+
+
+async def test_a_meter_off_the_approved_list_needs_approval_and_a_denial_blocks(
+    ledger: Ledger,
+) -> None:
+    await ledger.create_run(T, spec("run", approved_meters=("tool:search",)))
+
+    def call(meter: str) -> ReserveExtras:
+        return ReserveExtras(meter=meter, meter_units=1)
+
+    approved = await ledger.reserve(T, "run", "s", 1, None, call("tool:search"))
+    assert approved.decision is Decision.ALLOW
+    asked = await ledger.reserve(T, "run", "w", 1, None, call("tool:write_db"))
+    assert (asked.decision, asked.reason, asked.meter, asked.approval) == (
+        Decision.APPROVAL_REQUIRED,
+        DecisionReason.METER_NEEDS_APPROVAL,
+        "tool:write_db",
+        "m:tool:write_db",
+    )
+    denied = await ledger.resolve_approval(T, "run", "m:tool:write_db", False)
+    assert denied.status is ApprovalStatus.DENIED
+    blocked = await ledger.reserve(T, "run", "w2", 1, None, call("tool:write_db"))
+    assert (blocked.decision, blocked.reason, blocked.approval) == (
+        Decision.BLOCK,
+        DecisionReason.APPROVAL_DENIED,
+        "m:tool:write_db",
+    )
+    with pytest.raises(errors.ApprovalNotFound):
+        await ledger.resolve_approval(T, "run", "m:tool:other", True)
+    with pytest.raises(errors.RunNotFound):
+        await ledger.resolve_approval(T, "nope", SPEND_APPROVAL, True)
+
+
+async def test_an_advisory_run_warns_and_still_asks(ledger: Ledger) -> None:
+    await ledger.create_run(
+        T, spec("run", mode=EnforcementMode.ADVISORY, approval_percent=10, thresholds=(0, 0, 0))
+    )
+    warned = await ledger.reserve(T, "run", "a", 500, None)
+    assert (warned.decision, warned.reason, warned.held_micros) == (
+        Decision.WARN,
+        DecisionReason.SPEND_NEEDS_APPROVAL,
+        500,
+    )
+    assert (await ledger.get_run(T, "run")).approvals == {SPEND_APPROVAL: ApprovalStatus.PENDING}

@@ -1,11 +1,12 @@
 """Run policies on every storage backend against the reference model, under Hypothesis.
 
 Runs get random policies (every enforcement mode, thresholds and throttle
-delays, token, meter, rate and in-flight limits), then random reserves (money,
-LLM-call tokens, meter units), commits (with and without actual tokens),
-refunds, sweeps and clock moves. Every answer, every stored row and every
-change log must equal the model's; test_ledger_policy.py pins the model's
-answers to hand-worked examples.
+delays, token, meter, rate and in-flight limits, escalation triggers), then
+random reserves (money, LLM-call tokens, meter units), commits (with and
+without actual tokens), refunds, approvals and denials, sweeps and clock
+moves. Every answer, every stored row and every change log must equal the
+model's; test_ledger_policy.py pins the model's answers to hand-worked
+examples.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ POLICIES = st.builds(
     meter_limits=st.sampled_from([(), (("tool:x", 2),), (("tool:x", 1), ("tool:y", 3))]),
     rate_limit=st.none() | st.tuples(st.integers(1, 4), st.sampled_from([500, 1_000])),
     max_in_flight=st.none() | st.integers(1, 3),
+    approval_percent=st.sampled_from([0, 0, 50, 90]),
+    approved_meters=st.sampled_from([(), (), ("tool:x",)]),
 )
 
 
@@ -147,6 +150,14 @@ class PolicyMachine(RuleBasedStateMachine):
     )
     def commit(self, run_id: str, reservation_id: str, actual: int, tokens: int | None) -> None:
         self.same(lambda ledger: ledger.commit(T, run_id, reservation_id, actual, tokens))
+
+    @rule(
+        run_id=RUNS,
+        trigger=st.sampled_from(["spend", "m:tool:x", "m:tool:y"]),
+        approve=st.booleans(),
+    )
+    def resolve(self, run_id: str, trigger: str, approve: bool) -> None:
+        self.same(lambda ledger: ledger.resolve_approval(T, run_id, trigger, approve))
 
     @rule(run_id=RUNS, reservation_id=IDS)
     def refund(self, run_id: str, reservation_id: str) -> None:

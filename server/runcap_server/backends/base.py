@@ -14,6 +14,7 @@ from typing import Protocol
 from runcap_server.ledger.saga import NO_EXTRAS, ReserveExtras
 from runcap_server.ledger.scopes import ScopeView
 from runcap_server.ledger.types import (
+    ApprovalResult,
     ChangePage,
     CloseRunResult,
     CommitResult,
@@ -72,6 +73,12 @@ class Backend(Protocol):
     async def refund(self, tenant: str, run_id: str, reservation_id: str) -> RefundResult: ...
 
     async def close_run(self, tenant: str, run_id: str) -> CloseRunResult: ...
+
+    async def resolve_approval(
+        self, tenant: str, run_id: str, trigger: str, approve: bool
+    ) -> ApprovalResult:
+        """Approve (or deny) one of the run's requested escalations."""
+        ...
 
     async def suspend_run(self, tenant: str, run_id: str) -> CloseRunResult: ...
 

@@ -32,6 +32,7 @@ from runcap_server.ledger.types import (
     DEFAULT_MAX_DEPTH,
     MAX_RUN_DEPTH,
     Account,
+    ApprovalResult,
     BudgetState,
     Change,
     ChangePage,
@@ -53,9 +54,11 @@ from runcap_server.ledger.types import (
     RunView,
     ScopeRef,
     Threshold,
+    decode_approvals,
     decode_dims,
     decode_given_policy,
     decode_usage,
+    encode_approvals,
     encode_dims,
     encode_given_policy,
     encode_usage,
@@ -99,6 +102,7 @@ CREATE TABLE IF NOT EXISTS runs (
     rate_count INTEGER NOT NULL DEFAULT 0,
     children INTEGER NOT NULL DEFAULT 0,
     usage TEXT NOT NULL DEFAULT '',
+    approvals TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (tenant, run_id)
 ) STRICT, WITHOUT ROWID;
 
@@ -157,6 +161,7 @@ CREATE TABLE IF NOT EXISTS changes (
     state_threshold INTEGER NOT NULL DEFAULT 0,
     state_committed_tokens INTEGER NOT NULL DEFAULT 0,
     state_reserved_tokens INTEGER NOT NULL DEFAULT 0,
+    approval TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (tenant, run_id, revision)
 ) STRICT, WITHOUT ROWID;
 
@@ -220,7 +225,8 @@ _ACCOUNT_COLUMNS = (
     "limit_micros, labels, default_ttl_ms, created_ms, closed_ms, status, "
     "committed_micros, reserved_micros, overrun_micros, active_reservations, revision, digest, "
     "parent_run_id, api_key_id, user_id, team_id, lineage, spec_policy, policy, threshold, "
-    "throttle_strikes, throttle_until_ms, rate_window_ms, rate_count, children, usage"
+    "throttle_strikes, throttle_until_ms, rate_window_ms, rate_count, children, usage, "
+    "approvals"
 )
 _RESERVATION_COLUMNS = (
     "reservation_id, amount_micros, requested_ttl_ms, status, reason, created_ms, "
@@ -235,7 +241,7 @@ _CHANGE_COLUMNS = (
     "revision, type, time_ms, reservation_id, amount_micros, actual_micros, overrun_micros, "
     "late, state_limit_micros, state_committed_micros, state_reserved_micros, state_status, "
     "state_active_reservations, state_overrun_micros, state_digest, threshold, "
-    "state_threshold, state_committed_tokens, state_reserved_tokens"
+    "state_threshold, state_committed_tokens, state_reserved_tokens, approval"
 )
 
 
@@ -283,6 +289,7 @@ def _account(run_id: str, row: tuple[Any, ...]) -> Account:
         rate_count=row[23],
         children=row[24],
         usage=decode_usage(row[25]),
+        approvals=decode_approvals(row[26]),
     )
 
 
@@ -336,6 +343,7 @@ def _change(run_id: str, row: tuple[Any, ...]) -> Change:
         overrun_micros=row[6],
         late=bool(row[7]),
         threshold=Threshold(row[15]),
+        approval=row[19],
         state=BudgetState(
             run_id=run_id,
             limit_micros=row[8],
@@ -425,7 +433,8 @@ class _SqlStore:
             "threshold = excluded.threshold, throttle_strikes = excluded.throttle_strikes, "
             "throttle_until_ms = excluded.throttle_until_ms, "
             "rate_window_ms = excluded.rate_window_ms, rate_count = excluded.rate_count, "
-            "children = excluded.children, usage = excluded.usage",
+            "children = excluded.children, usage = excluded.usage, "
+            "approvals = excluded.approvals",
             (
                 self.tenant,
                 self.run_id,
@@ -455,6 +464,7 @@ class _SqlStore:
                 account.rate_count,
                 account.children,
                 encode_usage(account.usage),
+                encode_approvals(account.approvals),
             ),
         )
 
@@ -514,6 +524,7 @@ class _SqlStore:
                 int(s.threshold),
                 s.committed_tokens,
                 s.reserved_tokens,
+                change.approval,
             ),
         )
         cutoff = change.revision - self.retention
@@ -672,6 +683,7 @@ _POLICY_COLUMNS = {
         "rate_count INTEGER NOT NULL DEFAULT 0",
         "children INTEGER NOT NULL DEFAULT 0",
         "usage TEXT NOT NULL DEFAULT ''",
+        "approvals TEXT NOT NULL DEFAULT ''",
     ),
     "reservations": (
         "dims TEXT NOT NULL DEFAULT ''",
@@ -684,6 +696,7 @@ _POLICY_COLUMNS = {
         "state_threshold INTEGER NOT NULL DEFAULT 0",
         "state_committed_tokens INTEGER NOT NULL DEFAULT 0",
         "state_reserved_tokens INTEGER NOT NULL DEFAULT 0",
+        "approval TEXT NOT NULL DEFAULT ''",
     ),
 }
 
@@ -939,6 +952,14 @@ class SqliteLedger:
 
     async def close_run(self, tenant: str, run_id: str) -> CloseRunResult:
         return await self._op(tenant, lambda s, now: core.close_run(s.run(run_id), run_id, now))
+
+    async def resolve_approval(
+        self, tenant: str, run_id: str, trigger: str, approve: bool
+    ) -> ApprovalResult:
+        return await self._op(
+            tenant,
+            lambda s, now: core.resolve_approval(s.run(run_id), run_id, trigger, approve, now),
+        )
 
     async def suspend_run(self, tenant: str, run_id: str) -> CloseRunResult:
         return await self._op(tenant, lambda s, now: core.suspend_run(s.run(run_id), run_id, now))

@@ -20,10 +20,14 @@ from runcap_server import errors
 from runcap_server.ledger.scopes import ParentOutcome
 from runcap_server.ledger.types import (
     ADVISORY_REASONS,
+    APPROVAL_REASONS,
     MAX_MICROS,
     SETTLED_BY_COMMIT,
+    SPEND_APPROVAL,
     TOKENS,
     Account,
+    ApprovalResult,
+    ApprovalStatus,
     BudgetState,
     Change,
     CloseRunResult,
@@ -45,6 +49,7 @@ from runcap_server.ledger.types import (
     ScopeKind,
     ScopeRef,
     Threshold,
+    approval_id,
     chain_digest,
 )
 
@@ -87,6 +92,7 @@ class _Txn:
         overrun_micros: int = 0,
         late: bool = False,
         threshold: Threshold = Threshold.NONE,
+        approval: str = "",
     ) -> None:
         account = self.account
         account.revision += 1
@@ -104,6 +110,7 @@ class _Txn:
             overrun_micros,
             late,
             threshold,
+            approval,
         )
         self.changes.append(
             Change(
@@ -117,6 +124,7 @@ class _Txn:
                 overrun_micros=overrun_micros,
                 late=late,
                 threshold=threshold,
+                approval=approval,
             )
         )
 
@@ -318,6 +326,7 @@ def _reserve_result(
         meter=reservation.meter,
         retry_at_ms=reservation.retry_at_ms,
         mode=account.policy.mode,
+        approval=reservation.approval,
         now_ms=now_ms,
     )
 
@@ -399,6 +408,9 @@ def _check(
             return _Verdict(
                 DecisionReason.INSUFFICIENT_BUDGET, Dimension.METER, meter=dim[2:], scope=run
             )
+    escalation = _escalation(account, amount_micros, dims)
+    if escalation is not None:
+        return escalation
     if policy.max_in_flight is not None and account.active_reservations >= policy.max_in_flight:
         return _Verdict(
             DecisionReason.IN_FLIGHT_LIMIT,
@@ -423,6 +435,35 @@ def _check(
             retry_at_ms=account.throttle_until_ms,
             scope=run,
         )
+    return None
+
+
+def _escalation(account: Account, amount_micros: int, dims: Mapping[str, int]) -> _Verdict | None:
+    """An escalation trigger the call trips that is not approved: a meter off
+    the approved list, or spend past the approval threshold."""
+    policy = account.policy
+    run = ScopeRef(ScopeKind.RUN, account.run_id)
+    if policy.approved_meters:
+        for dim in sorted(dims):
+            if dim == TOKENS or dim[2:] in policy.approved_meters:
+                continue
+            status = account.approvals.get(dim)
+            if status is ApprovalStatus.DENIED:
+                return _Verdict(DecisionReason.APPROVAL_DENIED, Dimension.METER, dim[2:], scope=run)
+            if status is not ApprovalStatus.APPROVED:
+                return _Verdict(
+                    DecisionReason.METER_NEEDS_APPROVAL, Dimension.METER, dim[2:], scope=run
+                )
+    if policy.approval_percent:
+        used = account.committed_micros + account.reserved_micros
+        if policy.mode is not EnforcementMode.ACTUALS_ONLY:
+            used += amount_micros
+        if used * 100 > policy.approval_percent * account.spec.limit_micros:
+            status = account.approvals.get(SPEND_APPROVAL)
+            if status is ApprovalStatus.DENIED:
+                return _Verdict(DecisionReason.APPROVAL_DENIED, Dimension.SPEND, scope=run)
+            if status is not ApprovalStatus.APPROVED:
+                return _Verdict(DecisionReason.SPEND_NEEDS_APPROVAL, Dimension.SPEND, scope=run)
     return None
 
 
@@ -500,6 +541,11 @@ def _decide(
         reservation.meter = verdict.meter
         reservation.blocking_scope = verdict.scope
         reservation.blocking_period = verdict.period
+        trigger = reservation.approval
+        if verdict.reason in APPROVAL_REASONS and trigger not in account.approvals:
+            # The first call to trip it asks for the approval (Watch shows it).
+            account.approvals[trigger] = ApprovalStatus.PENDING
+            txn.record(EventType.APPROVAL_REQUESTED, reservation, approval=trigger)
     warn = (
         verdict is not None
         and account.policy.mode is EnforcementMode.ADVISORY
@@ -714,6 +760,27 @@ def refund(store: RunStore, run_id: str, reservation_id: str, now_ms: int) -> Re
         released_micros=held,
         replayed=False,
     )
+
+
+def resolve_approval(
+    store: RunStore, run_id: str, trigger: str, approve: bool, now_ms: int
+) -> ApprovalResult:
+    """Approve or deny a requested escalation. Idempotent; a resolved one
+    cannot be turned the other way."""
+    txn = _open(store, run_id, now_ms)
+    account = txn.account
+    status = account.approvals.get(trigger)
+    if status is None:
+        raise errors.ApprovalNotFound(approval_id(run_id, trigger))
+    target = ApprovalStatus.APPROVED if approve else ApprovalStatus.DENIED
+    if status is target:
+        return ApprovalResult(status, txn.apply(), replayed=True)
+    if status is not ApprovalStatus.PENDING:
+        raise errors.ApprovalResolved(run_id, approval_id(run_id, trigger), status.name.lower())
+    account.approvals[trigger] = target
+    event = EventType.APPROVAL_GRANTED if approve else EventType.APPROVAL_DENIED
+    txn.record(event, approval=trigger)
+    return ApprovalResult(target, txn.apply(), replayed=False)
 
 
 def suspend_run(store: RunStore, run_id: str, now_ms: int) -> CloseRunResult:

@@ -19,6 +19,7 @@ from runcap_server.ledger import core, saga, scopes
 from runcap_server.ledger.scopes import ScopeHold, ScopeView, WindowTotals
 from runcap_server.ledger.types import (
     Account,
+    ApprovalResult,
     Change,
     ChangePage,
     CloseRunResult,
@@ -242,6 +243,14 @@ class ModelLedger:
 
     async def close_run(self, tenant: str, run_id: str) -> CloseRunResult:
         return self._op(tenant, lambda s, now: core.close_run(s.run(run_id), run_id, now))
+
+    async def resolve_approval(
+        self, tenant: str, run_id: str, trigger: str, approve: bool
+    ) -> ApprovalResult:
+        return self._op(
+            tenant,
+            lambda s, now: core.resolve_approval(s.run(run_id), run_id, trigger, approve, now),
+        )
 
     async def suspend_run(self, tenant: str, run_id: str) -> CloseRunResult:
         return self._op(tenant, lambda s, now: core.suspend_run(s.run(run_id), run_id, now))

@@ -29,6 +29,7 @@ class Decision(IntEnum):
     WARN = 3
     THROTTLE = 4
     DOWNGRADE = 5
+    APPROVAL_REQUIRED = 6
 
 
 class DecisionReason(IntEnum):
@@ -42,14 +43,51 @@ class DecisionReason(IntEnum):
     RATE_LIMITED = 8
     IN_FLIGHT_LIMIT = 9
     BACKEND_UNAVAILABLE = 10
+    SPEND_NEEDS_APPROVAL = 11
+    METER_NEEDS_APPROVAL = 12
+    APPROVAL_DENIED = 13
 
 
 # Reasons answered with Decision.THROTTLE: not now, but later.
 THROTTLE_REASONS = frozenset(
     {DecisionReason.THROTTLED, DecisionReason.RATE_LIMITED, DecisionReason.IN_FLIGHT_LIMIT}
 )
-# Reasons an advisory run reports as a warning instead of enforcing.
-ADVISORY_REASONS = THROTTLE_REASONS | {DecisionReason.INSUFFICIENT_BUDGET}
+# Reasons answered with Decision.APPROVAL_REQUIRED.
+APPROVAL_REASONS = frozenset(
+    {DecisionReason.SPEND_NEEDS_APPROVAL, DecisionReason.METER_NEEDS_APPROVAL}
+)
+# Reasons an advisory run reports as a warning instead of enforcing (a denied
+# approval is a person's decision, and blocks in every mode).
+ADVISORY_REASONS = THROTTLE_REASONS | APPROVAL_REASONS | {DecisionReason.INSUFFICIENT_BUDGET}
+
+
+class ApprovalStatus(IntEnum):
+    PENDING = 1
+    APPROVED = 2
+    DENIED = 3
+
+
+# The approval of a run's spend past policy.approval_percent; a meter's is its
+# dimension ("m:<meter>").
+SPEND_APPROVAL = "spend"
+
+
+def approval_id(run_id: str, trigger: str) -> str:
+    """The API's id of a run's approval: "run/approval:spend", "run/approval:meter:x"."""
+    what = trigger if trigger == SPEND_APPROVAL else "meter:" + trigger[2:]
+    return f"{run_id}/approval:{what}"
+
+
+def parse_approval_id(text: str) -> tuple[str, str] | None:
+    """(run id, trigger) of an approval id, or None when it is not one."""
+    run_id, _, what = text.partition("/approval:")
+    if not run_id or not what:
+        return None
+    if what == SPEND_APPROVAL:
+        return run_id, SPEND_APPROVAL
+    if what.startswith("meter:") and len(what) > len("meter:"):
+        return run_id, "m:" + what[len("meter:") :]
+    return None
 
 
 class EnforcementMode(IntEnum):
@@ -110,6 +148,9 @@ class EventType(IntEnum):
     SUSPENDED = 7
     RESUMED = 8
     THRESHOLD_CROSSED = 9
+    APPROVAL_REQUESTED = 10
+    APPROVAL_GRANTED = 11
+    APPROVAL_DENIED = 12
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -169,6 +210,10 @@ class RunPolicy:
     # "provider/model"s alternatives may be (empty: any priced model).
     auto_downgrade: bool = False
     downgrade_models: tuple[str, ...] = ()
+    # Escalations: spend past this percent of the limit (0: never), and calls
+    # to meters not on this list (empty: none), need an approval first.
+    approval_percent: int = 0
+    approved_meters: tuple[str, ...] = ()
 
     _KEYS = (
         ("mode", "mode"),
@@ -184,6 +229,8 @@ class RunPolicy:
         ("max_children", "kids"),
         ("auto_downgrade", "dg"),
         ("downgrade_models", "dm"),
+        ("approval_percent", "ap"),
+        ("approved_meters", "am"),
     )
 
     def limit_of(self, dim: str) -> int | None:
@@ -250,6 +297,15 @@ def decode_dims(text: str) -> dict[str, int]:
         key, _, value = part.rpartition("=")
         out[key] = int(value)
     return out
+
+
+def encode_approvals(approvals: Mapping[str, ApprovalStatus]) -> str:
+    """A run's escalations: "m:tool:x=1;spend=2" (sorted)."""
+    return encode_dims({k: int(v) for k, v in approvals.items()})
+
+
+def decode_approvals(text: str) -> dict[str, ApprovalStatus]:
+    return {k: ApprovalStatus(v) for k, v in decode_dims(text).items()}
 
 
 def encode_usage(usage: Mapping[str, tuple[int, int]]) -> str:
@@ -389,6 +445,8 @@ class Account:
     rate_count: int = 0
     children: int = 0
     usage: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    # Escalations by trigger (SPEND_APPROVAL, "m:<meter>").
+    approvals: dict[str, ApprovalStatus] = dataclasses.field(default_factory=dict)
 
     @property
     def run_id(self) -> str:
@@ -411,7 +469,7 @@ class Account:
         )
 
     def copy(self) -> Account:
-        return dataclasses.replace(self, usage=dict(self.usage))
+        return dataclasses.replace(self, usage=dict(self.usage), approvals=dict(self.approvals))
 
     def view(self, server_default_ttl_ms: int) -> RunView:
         """The run as GetRun shows it; the server's default ttl fills in the run's."""
@@ -425,6 +483,7 @@ class Account:
             policy=self.policy,
             children=self.children,
             usage=dict(self.usage),
+            approvals=dict(self.approvals),
         )
 
 
@@ -464,9 +523,22 @@ class Reservation:
     @property
     def decision(self) -> Decision:
         if self.status is ReservationStatus.BLOCKED:
-            throttled = self.reason in THROTTLE_REASONS
-            return Decision.THROTTLE if throttled else Decision.BLOCK
+            if self.reason in THROTTLE_REASONS:
+                return Decision.THROTTLE
+            if self.reason in APPROVAL_REASONS:
+                return Decision.APPROVAL_REQUIRED
+            return Decision.BLOCK
         return Decision.ALLOW if self.reason is DecisionReason.WITHIN_BUDGET else Decision.WARN
+
+    @property
+    def approval(self) -> str:
+        """The escalation trigger this decision awaits or was denied by; "" if none."""
+        if (
+            self.reason not in APPROVAL_REASONS
+            and self.reason is not DecisionReason.APPROVAL_DENIED
+        ):
+            return ""
+        return "m:" + self.meter if self.dimension is Dimension.METER else SPEND_APPROVAL
 
     def copy(self) -> Reservation:
         return dataclasses.replace(self, dims=dict(self.dims))
@@ -482,6 +554,7 @@ def chain_digest(
     overrun_micros: int,
     late: bool,
     threshold: Threshold = Threshold.NONE,
+    approval: str = "",
 ) -> str:
     """The digest after one more change: sha1 over the previous digest and the change.
 
@@ -493,6 +566,8 @@ def chain_digest(
     text = "|".join(str(f) for f in (*fields, overrun_micros, "1" if late else "0"))
     if threshold:
         text += f"|{int(threshold)}"
+    if approval:
+        text += f"|a:{approval}"
     return hashlib.sha1(text.encode()).hexdigest()
 
 
@@ -510,6 +585,8 @@ class Change:
     overrun_micros: int = 0
     late: bool = False
     threshold: Threshold = Threshold.NONE
+    # For the APPROVAL_ events: the trigger.
+    approval: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -525,6 +602,7 @@ class RunView:
     policy: RunPolicy = _DEFAULT_POLICY
     children: int = 0
     usage: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    approvals: Mapping[str, ApprovalStatus] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -548,6 +626,8 @@ class ReserveResult:
     meter: str = ""
     retry_at_ms: int | None = None
     mode: EnforcementMode = EnforcementMode.HARD_GATE
+    # The escalation trigger a decision awaits or was denied by.
+    approval: str = ""
     # The decision's server time (a replay's: now), to turn retry_at_ms into a delay.
     now_ms: int = dataclasses.field(default=0, compare=False)
 
@@ -567,6 +647,13 @@ class RefundResult:
     state: BudgetState
     reservation_status: ReservationStatus
     released_micros: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalResult:
+    status: ApprovalStatus
+    state: BudgetState
     replayed: bool
 
 
