@@ -24,7 +24,8 @@
 // error for Reserve: it is in the response. Only Hold and WithReservation,
 // which need a hold to go on, turn it into a *BudgetBlockedError (a
 // throttle into a *BudgetThrottledError, with the delay before reserving
-// again). A run's Policy is set at CreateRun; Meter counts a reservation on
+// again; a call that needs approval into an *ApprovalRequiredError, with
+// the ApprovalID to Approve or Deny). A run's Policy is set at CreateRun; Meter counts a reservation on
 // a call meter. A run whose policy has AutoDowngrade answers an LLM call
 // that does not fit with DECISION_DOWNGRADE: the hold is of a cheaper model
 // (Hold.Downgraded, Hold.Model). GetDecision returns a decision by its id,
@@ -57,7 +58,7 @@ const DefaultTimeout = 10 * time.Second
 // Client is a client of the runcap BudgetService. It is safe for concurrent
 // use. Every failed call returns a *runcaperr.Error. Calls that are
 // idempotent (those that carry a client-side id, the reads, CloseRun,
-// SuspendRun, ResumeRun and the scope limit calls) are retried on
+// SuspendRun, ResumeRun, Approve, Deny and the scope limit calls) are retried on
 // UNAVAILABLE according to the client's RetryPolicy.
 type Client struct {
 	conn    *grpc.ClientConn // nil when the connection is the caller's
@@ -290,6 +291,14 @@ func TeamID(teamID string) RunOption {
 // ("provider/model"):
 //
 //	runcap.Policy(&runcapv1.RunPolicy{AutoDowngrade: true, DowngradeModels: []string{"openai/gpt-4o-mini"}})
+//
+// ApprovalPercent (1 to 100; 0 never) and ApprovedMeters are escalation
+// triggers: a call that would bring the run's committed and held spend past
+// that percent of its limit, or that names a meter not on the list, is
+// answered DECISION_APPROVAL_REQUIRED (an *ApprovalRequiredError from Hold and
+// WithReservation) until its approval is approved with Approve:
+//
+//	runcap.Policy(&runcapv1.RunPolicy{ApprovalPercent: 80, ApprovedMeters: []string{"tool:search"}})
 func Policy(policy *runcapv1.RunPolicy) RunOption {
 	return func(r *runcapv1.CreateRunRequest) {
 		if policy == nil {
@@ -313,6 +322,28 @@ func (c *Client) GetRun(ctx context.Context, runID string) (*runcapv1.GetRunResp
 // matching runcaperr.ErrDecisionNotFound (IsDecisionNotFound).
 func (c *Client) GetDecision(ctx context.Context, decisionID string) (*runcapv1.GetDecisionResponse, error) {
 	return call(ctx, c, true, c.stub.GetDecision, &runcapv1.GetDecisionRequest{DecisionId: decisionID})
+}
+
+// Approve approves a pending escalation (the ApprovalId of a ReserveResponse,
+// the ApprovalID of an *ApprovalRequiredError, a Watch event's ApprovalId or
+// Run.Approvals): calls that trip its trigger are decided as usual from now
+// on, on every replica, and Watch shows it. It returns the approval and the
+// run's budget state; approving an approved one changes nothing (Replayed is
+// set), so the call is retried. An approval the run never requested is an
+// error matching runcaperr.ErrApprovalNotFound, and one that was denied
+// runcaperr.ErrApprovalResolved.
+func (c *Client) Approve(ctx context.Context, approvalID string) (*runcapv1.ApproveResponse, error) {
+	return call(ctx, c, true, c.stub.Approve, &runcapv1.ApproveRequest{ApprovalId: approvalID})
+}
+
+// Deny denies a pending escalation: calls that trip its trigger are blocked
+// from now on (DECISION_REASON_APPROVAL_DENIED; the *BudgetBlockedError's
+// ApprovalID names it), and Watch shows it. Denying a denied one changes
+// nothing (Replayed is set), so the call is retried. An approval the run
+// never requested is an error matching runcaperr.ErrApprovalNotFound, and
+// one that was approved runcaperr.ErrApprovalResolved.
+func (c *Client) Deny(ctx context.Context, approvalID string) (*runcapv1.DenyResponse, error) {
+	return call(ctx, c, true, c.stub.Deny, &runcapv1.DenyRequest{ApprovalId: approvalID})
 }
 
 // ReserveOption sets an optional field of Reserve, Hold and WithReservation
@@ -377,8 +408,12 @@ func withReserveOptions(req *runcapv1.ReserveRequest, opts []ReserveOption) *run
 // The run's policy adds two decisions: DECISION_WARN (an advisory run: the
 // amount is held, but a blocking run would have refused it; Reason and
 // BlockingDimension say why) and DECISION_THROTTLE (nothing is held: reserve
-// again, with a new reservation id, after RetryAfter). The response's
-// DecisionId names the decision for GetDecision.
+// again, with a new reservation id, after RetryAfter). A call that trips one
+// of the run's escalation triggers (ApprovalPercent, ApprovedMeters) is
+// answered DECISION_APPROVAL_REQUIRED: nothing is held, and the response's
+// ApprovalId names the approval to Approve before reserving again with a new
+// reservation id. The response's DecisionId names the decision for
+// GetDecision.
 func (c *Client) Reserve(ctx context.Context, runID string, amountMicros int64, opts ...ReserveOption) (*runcapv1.ReserveResponse, error) {
 	return call(ctx, c, true, c.stub.Reserve, reserveRequest(runID, amountMicros, opts))
 }

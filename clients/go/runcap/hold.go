@@ -24,10 +24,18 @@ var ErrUnknownPrice = errors.New("runcap: unknown price")
 // ErrBudgetBlocked too.
 var ErrBudgetThrottled = errors.New("runcap: budget throttled")
 
+// ErrApprovalRequired matches (with errors.Is) an *ApprovalRequiredError: the
+// server answered DECISION_APPROVAL_REQUIRED, so nothing is held; reserve
+// again, with a new reservation id, once its ApprovalID is approved. Such an
+// error matches ErrBudgetBlocked too.
+var ErrApprovalRequired = errors.New("runcap: approval required")
+
 // BudgetBlockedError is returned by Hold and WithReservation when the server
 // blocks the reservation. It is not a *runcaperr.Error: the call succeeded
 // and the answer was no. Nothing is held. A throttle is a
-// *BudgetThrottledError, which errors.As also finds as a *BudgetBlockedError.
+// *BudgetThrottledError, and a call that needs approval first an
+// *ApprovalRequiredError; errors.As also finds either as a
+// *BudgetBlockedError.
 type BudgetBlockedError struct {
 	// RunID is the run the reservation was for.
 	RunID string
@@ -49,6 +57,13 @@ func (e *BudgetBlockedError) Error() string {
 			}
 		}
 		return msg + "unknown price: the server has no price for " + model + ", so runcap fails closed; nothing is held"
+	}
+	if e.ApprovalDenied() {
+		which := "its approval"
+		if id := e.ApprovalID(); id != "" {
+			which = fmt.Sprintf("approval %q", id)
+		}
+		return msg + "the call needs " + which + ", which was denied; nothing is held"
 	}
 	switch e.Dimension() {
 	case runcapv1.BudgetDimension_BUDGET_DIMENSION_METER:
@@ -148,6 +163,18 @@ func (e *BudgetBlockedError) Alternatives() []*runcapv1.Alternative {
 	return e.Response.GetAlternatives()
 }
 
+// ApprovalID is the escalation the decision is about: for a block by a
+// denied approval (DECISION_REASON_APPROVAL_DENIED) the one that was denied,
+// for an *ApprovalRequiredError the one to approve; empty otherwise.
+func (e *BudgetBlockedError) ApprovalID() string { return e.Response.GetApprovalId() }
+
+// ApprovalDenied reports whether the block is DECISION_REASON_APPROVAL_DENIED:
+// the call trips one of the run's escalation triggers, and its approval
+// (ApprovalID) was denied.
+func (e *BudgetBlockedError) ApprovalDenied() bool {
+	return e.Response.GetReason() == runcapv1.DecisionReason_DECISION_REASON_APPROVAL_DENIED
+}
+
 // BudgetThrottledError is returned by Hold and WithReservation when the
 // server answers DECISION_THROTTLE: not now. Nothing is held. The run is in
 // its throttle band (DECISION_REASON_THROTTLED), over its rate limit
@@ -209,12 +236,74 @@ func (e *BudgetThrottledError) As(target any) bool {
 	return false
 }
 
+// ApprovalRequiredError is returned by Hold and WithReservation when the
+// server answers DECISION_APPROVAL_REQUIRED: the call needs approval first.
+// Nothing is held. The call trips one of the run's escalation triggers: its
+// committed and held spend with this estimate would pass the policy's
+// ApprovalPercent of its limit (DECISION_REASON_SPEND_NEEDS_APPROVAL), or
+// its meter is not on the policy's ApprovedMeters
+// (DECISION_REASON_METER_NEEDS_APPROVAL; Meter names it).
+//
+// A person or a supervising agent resolves ApprovalID with Client.Approve or
+// Client.Deny (Watch shows the request and its outcome). Once it is
+// approved, reserve again with a new reservation id (the one answered is
+// spent, like a blocked one); once it is denied, such calls are blocked
+// (DECISION_REASON_APPROVAL_DENIED):
+//
+//	err := client.WithReservation(ctx, runID, 50_000, fn, runcap.Meter("tool:deploy"))
+//	var pending *runcap.ApprovalRequiredError
+//	if errors.As(err, &pending) {
+//		askAHuman(pending.ApprovalID()) // who calls client.Approve(ctx, id)
+//	}
+//
+// It matches ErrApprovalRequired and ErrBudgetBlocked with errors.Is, and
+// errors.As finds it as a *BudgetBlockedError too, so code that treats every
+// refusal alike keeps working.
+type ApprovalRequiredError struct {
+	BudgetBlockedError
+}
+
+func (e *ApprovalRequiredError) Error() string {
+	r := e.Response
+	msg := fmt.Sprintf("runcap: reservation %q of run %q needs approval (%s): ", r.GetReservationId(), e.RunID, r.GetReason())
+	switch r.GetReason() {
+	case runcapv1.DecisionReason_DECISION_REASON_METER_NEEDS_APPROVAL:
+		which := "the call's meter"
+		if m := e.Meter(); m != "" {
+			which = fmt.Sprintf("meter %q", m)
+		}
+		msg += which + " is not on the run's approved meters; "
+	case runcapv1.DecisionReason_DECISION_REASON_SPEND_NEEDS_APPROVAL:
+		msg += "the run's spend with this call would pass its approval threshold; "
+	}
+	return msg + fmt.Sprintf("approve %q, then reserve again with a new reservation id; nothing is held", e.ApprovalID())
+}
+
+// Is makes errors.Is(err, ErrApprovalRequired) and errors.Is(err,
+// ErrBudgetBlocked) true.
+func (e *ApprovalRequiredError) Is(target error) bool {
+	return target == ErrApprovalRequired || e.BudgetBlockedError.Is(target)
+}
+
+// As lets errors.As find the error as a *BudgetBlockedError.
+func (e *ApprovalRequiredError) As(target any) bool {
+	if t, ok := target.(**BudgetBlockedError); ok {
+		*t = &e.BudgetBlockedError
+		return true
+	}
+	return false
+}
+
 // blockedError is the error of a reservation that is not held: a
-// *BudgetThrottledError for a throttle, else a *BudgetBlockedError.
+// *BudgetThrottledError for a throttle, an *ApprovalRequiredError for an
+// escalation, else a *BudgetBlockedError.
 func blockedError(runID string, resp *runcapv1.ReserveResponse) error {
 	blocked := BudgetBlockedError{RunID: runID, Response: resp}
-	if resp.GetDecision() == runcapv1.Decision_DECISION_THROTTLE {
+	switch resp.GetDecision() {
+	case runcapv1.Decision_DECISION_THROTTLE:
 		return &BudgetThrottledError{BudgetBlockedError: blocked}
+	case runcapv1.Decision_DECISION_APPROVAL_REQUIRED:
+		return &ApprovalRequiredError{BudgetBlockedError: blocked}
 	}
 	return &blocked
 }
@@ -252,8 +341,10 @@ type Hold struct {
 
 // Hold reserves amountMicros against the run and returns the hold. When the
 // server blocks the reservation it returns a *BudgetBlockedError (matching
-// ErrBudgetBlocked), and when it throttles it a *BudgetThrottledError
-// (matching ErrBudgetThrottled; reserve again after its RetryAfter); other
+// ErrBudgetBlocked), when it throttles it a *BudgetThrottledError
+// (matching ErrBudgetThrottled; reserve again after its RetryAfter), and
+// when the call needs approval first an *ApprovalRequiredError (matching
+// ErrApprovalRequired; reserve again once its ApprovalID is approved); other
 // failures are *runcaperr.Error. A warning of an advisory run is held like
 // an allow: see Hold.Warning. The reservation id
 // is generated on the client unless given, so the Reserve is retried safely.
@@ -529,7 +620,8 @@ func (h *Hold) outcome(failed bool) (commit bool, actual int64, usage *TokenUsag
 //
 // Settling uses a context that is not cancelled with ctx, so a cancelled
 // call still gets refunded. A block returns a *BudgetBlockedError, a
-// throttle a *BudgetThrottledError, and fn is not called; a warning of an
+// throttle a *BudgetThrottledError, an escalation an
+// *ApprovalRequiredError, and fn is not called; a warning of an
 // advisory run calls fn like an allow (Hold.Warning tells), and a warning
 // that failed open (Hold.FailedOpen) is not settled, as nothing was held. A
 // downgrade of an LLM call calls fn like an allow too (Hold.Downgraded

@@ -206,6 +206,8 @@ var (
 	ErrRunClosed           = reasonKind(codes.FailedPrecondition, runcapv1.ErrorReason_ERROR_REASON_RUN_CLOSED)
 	ErrSubagentLimit       = reasonKind(codes.FailedPrecondition, runcapv1.ErrorReason_ERROR_REASON_SUBAGENT_LIMIT)
 	ErrDecisionNotFound    = reasonKind(codes.NotFound, runcapv1.ErrorReason_ERROR_REASON_DECISION_NOT_FOUND)
+	ErrApprovalNotFound    = reasonKind(codes.NotFound, runcapv1.ErrorReason_ERROR_REASON_APPROVAL_NOT_FOUND)
+	ErrApprovalResolved    = reasonKind(codes.FailedPrecondition, runcapv1.ErrorReason_ERROR_REASON_APPROVAL_RESOLVED)
 )
 
 // FromError returns the runcap error err is or wraps: an *Error found with
@@ -349,7 +351,7 @@ func FieldViolations(err error) []FieldViolation {
 func IsInvalidArgument(err error) bool { return is(err, ErrInvalidArgument) }
 
 // IsNotFound reports whether err is NOT_FOUND (a run, a reservation, a
-// parent run or a decision).
+// parent run, a decision or an approval).
 func IsNotFound(err error) bool { return is(err, ErrNotFound) }
 
 // IsRunNotFound reports whether err says the run does not exist.
@@ -366,6 +368,10 @@ func IsParentRunNotFound(err error) bool { return is(err, ErrParentRunNotFound) 
 // the server does not have (never made, or its run aged out); Resource names
 // it.
 func IsDecisionNotFound(err error) bool { return is(err, ErrDecisionNotFound) }
+
+// IsApprovalNotFound reports whether err says Approve or Deny named an
+// approval the run never requested; Resource names it.
+func IsApprovalNotFound(err error) bool { return is(err, ErrApprovalNotFound) }
 
 // IsAlreadyExists reports whether err is ALREADY_EXISTS.
 func IsAlreadyExists(err error) bool { return is(err, ErrAlreadyExists) }
@@ -400,6 +406,12 @@ func IsRunClosed(err error) bool { return is(err, ErrRunClosed) }
 // run more children than its policy's max_children, or nest deeper than an
 // ancestor's max_depth allows (the PreconditionViolations say which).
 func IsSubagentLimit(err error) bool { return is(err, ErrSubagentLimit) }
+
+// IsApprovalResolved reports whether err says the approval was already
+// resolved the other way: Approve of a denied approval, or Deny of an
+// approved one (the PreconditionViolations' Subject names it). Repeating the
+// same call is a replay, not this error.
+func IsApprovalResolved(err error) bool { return is(err, ErrApprovalResolved) }
 
 // IsOutOfRange reports whether err is OUT_OF_RANGE.
 func IsOutOfRange(err error) bool { return is(err, ErrOutOfRange) }

@@ -229,3 +229,50 @@ func TestDecisionNotFoundError(t *testing.T) {
 		t.Fatalf("%v / %v", run, foreign)
 	}
 }
+
+func TestApprovalNotFoundError(t *testing.T) {
+	// As the server sends it: no metadata, the ResourceInfo names the approval.
+	err := withDetails(t, codes.NotFound, `there is no approval "run-1/approval:spend"`,
+		&errdetails.ErrorInfo{Domain: runcaperr.Domain, Reason: "APPROVAL_NOT_FOUND"},
+		&errdetails.ResourceInfo{ResourceType: "runcap.v1.Approval", ResourceName: "run-1/approval:spend"})
+	wrapped := fmt.Errorf("approving: %w", err)
+	if !runcaperr.IsApprovalNotFound(wrapped) || !runcaperr.IsNotFound(wrapped) ||
+		!errors.Is(runcaperr.FromError(wrapped), runcaperr.ErrApprovalNotFound) ||
+		runcaperr.IsDecisionNotFound(wrapped) || runcaperr.IsRunNotFound(wrapped) || runcaperr.IsApprovalResolved(wrapped) {
+		t.Fatalf("predicates on %v", wrapped)
+	}
+	e := runcaperr.FromError(wrapped)
+	if e.Reason != runcapv1.ErrorReason_ERROR_REASON_APPROVAL_NOT_FOUND || e.Resource == nil ||
+		e.Resource.Type != "runcap.v1.Approval" || e.Resource.Name != "run-1/approval:spend" || e.Retryable() {
+		t.Fatalf("%+v", e)
+	}
+	// A proxy's APPROVAL_NOT_FOUND matches by code only.
+	foreign := withDetails(t, codes.NotFound, "no approval",
+		&errdetails.ErrorInfo{Domain: "proxy.example", Reason: "APPROVAL_NOT_FOUND"})
+	if runcaperr.IsApprovalNotFound(foreign) || !runcaperr.IsNotFound(foreign) {
+		t.Fatalf("%v", foreign)
+	}
+}
+
+func TestApprovalResolvedError(t *testing.T) {
+	err := withDetails(t, codes.FailedPrecondition, `approval "run-1/approval:spend" is already denied`,
+		&errdetails.ErrorInfo{Domain: runcaperr.Domain, Reason: "APPROVAL_RESOLVED",
+			Metadata: map[string]string{"run_id": "run-1", "reservation_id": ""}},
+		&errdetails.PreconditionFailure{Violations: []*errdetails.PreconditionFailure_Violation{
+			{Type: "APPROVAL_RESOLVED", Subject: "run-1/approval:spend", Description: "already denied"},
+		}})
+	wrapped := fmt.Errorf("approving: %w", err)
+	if !runcaperr.IsApprovalResolved(wrapped) || !runcaperr.IsFailedPrecondition(wrapped) ||
+		!errors.Is(runcaperr.FromError(wrapped), runcaperr.ErrApprovalResolved) ||
+		runcaperr.IsRunClosed(wrapped) || runcaperr.IsReservationBlocked(wrapped) || runcaperr.IsApprovalNotFound(wrapped) {
+		t.Fatalf("predicates on %v", wrapped)
+	}
+	e := runcaperr.FromError(wrapped)
+	if e.Reason != runcapv1.ErrorReason_ERROR_REASON_APPROVAL_RESOLVED || e.Metadata["run_id"] != "run-1" ||
+		len(e.PreconditionViolations) != 1 || e.PreconditionViolations[0].Subject != "run-1/approval:spend" || e.Retryable() {
+		t.Fatalf("%+v", e)
+	}
+	if got := e.Error(); got != `runcap: APPROVAL_RESOLVED (FailedPrecondition): approval "run-1/approval:spend" is already denied` {
+		t.Fatalf("Error() = %q", got)
+	}
+}

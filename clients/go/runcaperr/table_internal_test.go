@@ -27,6 +27,8 @@ var reasonSentinels = map[runcapv1.ErrorReason]error{
 	runcapv1.ErrorReason_ERROR_REASON_RUN_CLOSED:            ErrRunClosed,
 	runcapv1.ErrorReason_ERROR_REASON_SUBAGENT_LIMIT:        ErrSubagentLimit,
 	runcapv1.ErrorReason_ERROR_REASON_DECISION_NOT_FOUND:    ErrDecisionNotFound,
+	runcapv1.ErrorReason_ERROR_REASON_APPROVAL_NOT_FOUND:    ErrApprovalNotFound,
+	runcapv1.ErrorReason_ERROR_REASON_APPROVAL_RESOLVED:     ErrApprovalResolved,
 }
 
 // TestEveryErrorReasonHasOneSentinel fails when the contract gains an
@@ -65,5 +67,11 @@ func TestEveryErrorReasonHasOneSentinel(t *testing.T) {
 	}
 	if ErrDecisionNotFound.(*kind).code != codes.NotFound {
 		t.Error("DECISION_NOT_FOUND is NOT_FOUND")
+	}
+	if ErrApprovalNotFound.(*kind).code != codes.NotFound {
+		t.Error("APPROVAL_NOT_FOUND is NOT_FOUND")
+	}
+	if ErrApprovalResolved.(*kind).code != codes.FailedPrecondition {
+		t.Error("APPROVAL_RESOLVED is FAILED_PRECONDITION")
 	}
 }

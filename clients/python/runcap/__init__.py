@@ -43,6 +43,16 @@
             reply = call_the_model(hold.model)  # "gpt-4o-mini" when hold.downgraded
         client.get_decision(hold.decision_id)  # the decision and its inputs
 
+        # A run that escalates: past 80 % of its limit, or on a meter not
+        # approved, a call waits for a person (or a supervising agent).
+        policy = RunPolicy(approval_percent=80, approved_meters=["tool:search"])
+        client.create_run("run-4", limit_micros=5_000_000, policy=policy)
+        try:
+            with client.reserve("run-4", 40_000, meter="tool:deploy") as hold:
+                ...
+        except ApprovalRequiredError as pending:
+            client.approve(pending.approval_id)  # or deny(...); then reserve again
+
 `AsyncRuncapClient` offers the same API for asyncio. Responses are the
 generated `runcap.v1` protobuf messages; failures raise `RuncapError`
 subclasses (see `runcap.errors`).
@@ -66,6 +76,9 @@ from runcap.aio import AsyncHold, AsyncRuncapClient, AsyncWatchStream
 from runcap.client import Hold, RuncapClient, WatchStream
 from runcap.errors import (
     REASON_TO_ERROR,
+    ApprovalNotFoundError,
+    ApprovalRequiredError,
+    ApprovalResolvedError,
     BudgetBlockedError,
     BudgetThrottledError,
     DecisionNotFoundError,
@@ -93,6 +106,9 @@ __all__ = [
     "NO_RETRY",
     "REASON_TO_ERROR",
     "WATCH_RECONNECT",
+    "ApprovalNotFoundError",
+    "ApprovalRequiredError",
+    "ApprovalResolvedError",
     "AsyncHold",
     "AsyncRuncapClient",
     "AsyncWatchStream",

@@ -13,6 +13,7 @@ from typing import Final, Literal, TypeAlias
 from google.protobuf import duration_pb2
 
 from runcap.errors import (
+    ApprovalRequiredError,
     BudgetBlockedError,
     BudgetThrottledError,
     RevisionOutOfRangeError,
@@ -465,6 +466,14 @@ class RunPolicy:
             hold then says which model to call (``hold.model``).
         downgrade_models: The models alternatives and downgrades may pick
             from, as ``"provider/model"``; empty for any model with a price.
+        approval_percent: Escalate once the run's committed and held spend
+            with a call's estimate would pass this percent of its limit (1 to
+            100; 0 never): the call is answered ``DECISION_APPROVAL_REQUIRED``
+            (`ApprovalRequiredError` from ``reserve(...)``) until the run's
+            spend approval is approved.
+        approved_meters: When set, a call naming a meter not on this list
+            needs that meter's approval first. Same names as `meter_limits`;
+            at most 32.
     """
 
     enforcement_mode: EnforcementMode | None = None
@@ -480,11 +489,13 @@ class RunPolicy:
     max_children: int | None = None
     auto_downgrade: bool = False
     downgrade_models: Sequence[str] = ()
+    approval_percent: int = 0
+    approved_meters: Sequence[str] = ()
 
     def to_proto(self) -> budget_pb2.RunPolicy:
         """The `runcap.v1.RunPolicy` message; ValueError for an unknown
-        enforcement mode name, TypeError when `downgrade_models` is a single
-        string."""
+        enforcement mode name, TypeError when `downgrade_models` or
+        `approved_meters` is a single string."""
         mode = budget_pb2.ENFORCEMENT_MODE_UNSPECIFIED
         if self.enforcement_mode is not None:
             mode = to_enforcement_mode(self.enforcement_mode)
@@ -502,6 +513,8 @@ class RunPolicy:
             max_children=self.max_children,
             auto_downgrade=self.auto_downgrade,
             downgrade_models=_strings("downgrade_models", self.downgrade_models),
+            approval_percent=self.approval_percent,
+            approved_meters=_strings("approved_meters", self.approved_meters),
         )
 
 
@@ -717,9 +730,11 @@ class HoldBase:
       was spent). The exception propagates; a failure to settle is attached
       to it as a note and the hold is left to expire at its ttl.
 
-    A block decision raises `BudgetBlockedError` on entering, and a throttle
+    A block decision raises `BudgetBlockedError` on entering, a throttle
     decision its subclass `BudgetThrottledError` (reserve again after its
-    `retry_after`); nothing is held. A warning (``DECISION_WARN``, from a run
+    `retry_after`), and an escalation (``DECISION_APPROVAL_REQUIRED``) its
+    subclass `ApprovalRequiredError` (reserve again once its `approval_id`
+    is approved); nothing is held. A warning (``DECISION_WARN``, from a run
     in advisory mode) is held like an allow: `warning` is then true, and
     `reason` and `dimension` say what a blocking run would have refused.
     A warning with reason ``DECISION_REASON_BACKEND_UNAVAILABLE`` is the
@@ -938,6 +953,8 @@ class HoldBase:
         decision = response.decision
         if decision == budget_pb2.DECISION_THROTTLE:
             raise BudgetThrottledError(self.run_id, response)
+        if decision == budget_pb2.DECISION_APPROVAL_REQUIRED:
+            raise ApprovalRequiredError(self.run_id, response)
         if decision not in _HELD_DECISIONS:
             # A block, or a decision this client does not know: nothing to go on with.
             raise BudgetBlockedError(self.run_id, response)

@@ -207,6 +207,16 @@ class AsyncRuncapClient:
         request = budget_service_pb2.ResumeRunRequest(run_id=run_id)
         return await self._call(self._stub.ResumeRun, request, idempotent=True)
 
+    async def approve(self, approval_id: str) -> budget_service_pb2.ApproveResponse:
+        """See `RuncapClient.approve`."""
+        request = budget_service_pb2.ApproveRequest(approval_id=approval_id)
+        return await self._call(self._stub.Approve, request, idempotent=True)
+
+    async def deny(self, approval_id: str) -> budget_service_pb2.DenyResponse:
+        """See `RuncapClient.deny`."""
+        request = budget_service_pb2.DenyRequest(approval_id=approval_id)
+        return await self._call(self._stub.Deny, request, idempotent=True)
+
     async def set_scope_limit(
         self,
         kind: ScopeKind,

@@ -56,8 +56,9 @@ class RuncapClient:
     """A synchronous client of the runcap BudgetService.
 
     Every failed call raises a `runcap.errors.RuncapError` subclass. Calls that
-    are idempotent (those that carry a client-side id, reads, CloseRun and
-    SetScopeLimit) are retried on UNAVAILABLE according to `retry`.
+    are idempotent (those that carry a client-side id, reads, CloseRun,
+    SuspendRun, ResumeRun, Approve, Deny and SetScopeLimit) are retried on
+    UNAVAILABLE according to `retry`.
 
     Use it as a context manager, or call `close()`, to close the channel it
     created; a channel passed in stays open (it is the caller's).
@@ -236,7 +237,12 @@ class RuncapClient:
         ``estimate.model``, is held under the response's `reservation_id`:
         call that model, and commit with that id). The response's
         `decision_id` names the decision for `get_decision`; a block of an
-        LLM call by money lists the `alternatives` that would fit."""
+        LLM call by money lists the `alternatives` that would fit. A call
+        that trips one of the run's escalation triggers (the policy's
+        ``approval_percent`` or ``approved_meters``) is answered
+        ``DECISION_APPROVAL_REQUIRED``: nothing held, and the response's
+        `approval_id` names the approval to `approve` before reserving
+        again with a new reservation id."""
         estimate = estimate_of(amount_micros, llm_call)
         request = reserve_request(run_id, estimate, reservation_id, ttl, meter, meter_units)
         return self._call(self._stub.Reserve, request, idempotent=bool(reservation_id))
@@ -277,6 +283,29 @@ class RuncapClient:
         """Lets a suspended run reserve again."""
         request = budget_service_pb2.ResumeRunRequest(run_id=run_id)
         return self._call(self._stub.ResumeRun, request, idempotent=True)
+
+    def approve(self, approval_id: str) -> budget_service_pb2.ApproveResponse:
+        """Approves a pending escalation (``ReserveResponse.approval_id``,
+        `ApprovalRequiredError.approval_id`, a Watch event's ``approval_id`` or
+        ``run.approvals``): calls that trip its trigger are decided as usual
+        from now on, on every replica, and Watch shows it. Returns the
+        approval and the run's budget state; approving an approved one
+        changes nothing (`replayed`), so the call is retried on UNAVAILABLE.
+        An approval the run never requested raises `ApprovalNotFoundError`,
+        and one that was denied `ApprovalResolvedError`."""
+        request = budget_service_pb2.ApproveRequest(approval_id=approval_id)
+        return self._call(self._stub.Approve, request, idempotent=True)
+
+    def deny(self, approval_id: str) -> budget_service_pb2.DenyResponse:
+        """Denies a pending escalation: calls that trip its trigger are
+        blocked from now on (``DECISION_REASON_APPROVAL_DENIED``, with the
+        `approval_id` on the `BudgetBlockedError`), and Watch shows it.
+        Denying a denied one changes nothing (`replayed`), so the call is
+        retried on UNAVAILABLE. An approval the run never requested raises
+        `ApprovalNotFoundError`, and one that was approved
+        `ApprovalResolvedError`."""
+        request = budget_service_pb2.DenyRequest(approval_id=approval_id)
+        return self._call(self._stub.Deny, request, idempotent=True)
 
     def set_scope_limit(
         self,
@@ -338,9 +367,11 @@ class RuncapClient:
                 hold.set_usage(TokenUsage(input_tokens=1_200, output_tokens=310))
 
         Raises `BudgetBlockedError` on entering when the server blocks (for
-        an LLM call, also when it has no price for the model), and its
+        an LLM call, also when it has no price for the model), its
         subclass `BudgetThrottledError` when it throttles (reserve again
-        after its `retry_after`). A warning of an advisory run is held like
+        after its `retry_after`), and its subclass `ApprovalRequiredError`
+        when the call needs approval first (reserve again once its
+        `approval_id` is approved). A warning of an advisory run is held like
         an allow, with `hold.warning` set, and so is a downgrade of an LLM
         call, with `hold.downgraded` set: call `hold.model` (of
         `hold.provider`), the cheaper model held. `meter` and `meter_units` count

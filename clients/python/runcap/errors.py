@@ -10,7 +10,8 @@ runcap ErrorInfo (a proxy's or the transport's own error) maps by its gRPC code.
 
 A block decision is not a failure: `reserve_once` returns it in the response.
 Only the `reserve(...)` context managers turn it into `BudgetBlockedError` (a
-throttle decision into its subclass `BudgetThrottledError`), which
+throttle decision into its subclass `BudgetThrottledError`, an escalation
+into its subclass `ApprovalRequiredError`), which
 deliberately does not derive from `RuncapError`, so that code which fails
 open on service trouble (``except RuncapError``) never fails open on a block.
 """
@@ -165,6 +166,21 @@ class DecisionNotFoundError(RuncapError):
         return "" if info is None else info.resource_name
 
 
+class ApprovalNotFoundError(RuncapError):
+    """NOT_FOUND: ``approve`` or ``deny`` named an approval the run never
+    requested (an id not taken from a ``DECISION_APPROVAL_REQUIRED`` answer,
+    a Watch event or ``run.approvals``)."""
+
+    @property
+    def approval_id(self) -> str:
+        """The approval that was not found."""
+        approval_id = self.metadata.get("approval_id", "")
+        if approval_id:
+            return approval_id
+        info = self.resource_info
+        return "" if info is None else info.resource_name
+
+
 class RunAlreadyExistsError(RuncapError):
     """ALREADY_EXISTS: a run with this id exists with different arguments."""
 
@@ -259,6 +275,26 @@ class SubagentLimitError(_PreconditionError):
         return next((subject for _, subject, _ in self.violations), "")
 
 
+class ApprovalResolvedError(_PreconditionError):
+    """FAILED_PRECONDITION: the approval was already resolved the other way:
+    ``approve`` of a denied approval, or ``deny`` of an approved one. A
+    resolved approval stays as it is; repeating the same call is a replay,
+    not this error."""
+
+    @property
+    def run_id(self) -> str:
+        """The run the approval belongs to."""
+        return self.metadata.get("run_id", "")
+
+    @property
+    def approval_id(self) -> str:
+        """The approval that is already resolved."""
+        approval_id = self.metadata.get("approval_id", "")
+        if approval_id:
+            return approval_id
+        return next((subject for _, subject, _ in self.violations), "")
+
+
 class RevisionOutOfRangeError(RuncapError):
     """OUT_OF_RANGE: Watch cannot resume from the requested revision.
 
@@ -335,6 +371,8 @@ REASON_TO_ERROR: Final[Mapping[str, type[RuncapError]]] = {
     _reason(errors_pb2.ERROR_REASON_RUN_CLOSED): RunClosedError,
     _reason(errors_pb2.ERROR_REASON_SUBAGENT_LIMIT): SubagentLimitError,
     _reason(errors_pb2.ERROR_REASON_DECISION_NOT_FOUND): DecisionNotFoundError,
+    _reason(errors_pb2.ERROR_REASON_APPROVAL_NOT_FOUND): ApprovalNotFoundError,
+    _reason(errors_pb2.ERROR_REASON_APPROVAL_RESOLVED): ApprovalResolvedError,
 }
 """The one table from ErrorInfo reason to exception class."""
 
@@ -427,8 +465,10 @@ class BudgetBlockedError(Exception):
     """The server blocked a reservation made by a `reserve(...)` context manager.
 
     Not a `RuncapError`: the call succeeded and the answer was no. Nothing is
-    held. A throttle decision is the subclass `BudgetThrottledError`, so
-    ``except BudgetBlockedError`` catches both.
+    held. A throttle decision is the subclass `BudgetThrottledError`, and a
+    call that needs approval first (``DECISION_APPROVAL_REQUIRED``) the
+    subclass `ApprovalRequiredError`, so ``except BudgetBlockedError``
+    catches all three.
 
     Attributes:
         response: The ReserveResponse with the block decision.
@@ -463,6 +503,10 @@ class BudgetBlockedError(Exception):
             has every capability the call needs (see `LlmCall`) and fits what
             the blocking scope has left. Cheapest first, at most 5; empty
             when none fits or for an amount.
+        approval_id: The escalation the decision is about: for a block by a
+            denied approval (``DECISION_REASON_APPROVAL_DENIED``) the one that
+            was denied, for an `ApprovalRequiredError` the one to approve;
+            ``""`` otherwise.
     """
 
     def __init__(self, run_id: str, response: budget_service_pb2.ReserveResponse) -> None:
@@ -482,6 +526,7 @@ class BudgetBlockedError(Exception):
         )
         self.decision_id: str = response.decision_id
         self.alternatives: list[budget_service_pb2.Alternative] = list(response.alternatives)
+        self.approval_id: str = response.approval_id
         super().__init__(self._describe())
 
     def _describe(self) -> str:
@@ -502,6 +547,9 @@ class BudgetBlockedError(Exception):
                 f"unknown price: the server has no price for {model}, "
                 "so runcap fails closed; nothing is held"
             )
+        if self.approval_denied:
+            which = f"approval {self.approval_id!r}" if self.approval_id else "its approval"
+            return message + f"the call needs {which}, which was denied; nothing is held"
         if self.suspended:
             scope = self.blocking_scope
             which = f"run {scope.id!r}" if scope is not None else "the run"
@@ -555,6 +603,13 @@ class BudgetBlockedError(Exception):
         """True when the block is ``DECISION_REASON_SUSPENDED``: an operator
         stopped the run or one of its ancestors (SuspendRun)."""
         return self.reason == budget_pb2.DECISION_REASON_SUSPENDED
+
+    @property
+    def approval_denied(self) -> bool:
+        """True when the block is ``DECISION_REASON_APPROVAL_DENIED``: the call
+        trips one of the run's escalation triggers, and its approval
+        (`approval_id`) was denied."""
+        return self.reason == budget_pb2.DECISION_REASON_APPROVAL_DENIED
 
     @property
     def unknown_price(self) -> bool:
@@ -613,6 +668,48 @@ class BudgetThrottledError(BudgetBlockedError):
             message += f"{cause}; "
         return message + (
             f"reserve again with a new reservation id after {self.retry_after:g} s; nothing is held"
+        )
+
+
+class ApprovalRequiredError(BudgetBlockedError):
+    """A reservation made by a `reserve(...)` context manager needs approval
+    first (``DECISION_APPROVAL_REQUIRED``). Nothing is held.
+
+    The call trips one of the run's escalation triggers: its committed and
+    held spend with this estimate would pass the policy's
+    ``approval_percent`` of its limit (``DECISION_REASON_SPEND_NEEDS_APPROVAL``),
+    or its meter is not on the policy's ``approved_meters``
+    (``DECISION_REASON_METER_NEEDS_APPROVAL``; `meter` names it). A person
+    or a supervising agent resolves `approval_id` with ``approve`` or
+    ``deny`` (Watch shows the request and its outcome); once it is approved,
+    reserve again with a new reservation id (the one answered is spent, like
+    a blocked one). Once it is denied, such calls are blocked
+    (``DECISION_REASON_APPROVAL_DENIED``)::
+
+        try:
+            with client.reserve(run_id, 50_000, meter="tool:deploy") as hold:
+                ...
+        except ApprovalRequiredError as pending:
+            ask_a_human(pending.approval_id)  # who calls client.approve(...)
+
+    A subclass of `BudgetBlockedError`, so code that treats every refusal
+    alike keeps working.
+    """
+
+    def _describe(self) -> str:
+        response = self.response
+        message = (
+            f"reservation {response.reservation_id!r} of run {self.run_id!r} needs approval "
+            f"({_enum_name(budget_pb2.DecisionReason, response.reason)}): "
+        )
+        if response.reason == budget_pb2.DECISION_REASON_METER_NEEDS_APPROVAL:
+            which = f"meter {self.meter!r}" if self.meter else "the call's meter"
+            message += f"{which} is not on the run's approved meters; "
+        elif response.reason == budget_pb2.DECISION_REASON_SPEND_NEEDS_APPROVAL:
+            message += "the run's spend with this call would pass its approval threshold; "
+        return message + (
+            f"approve {self.approval_id!r}, then reserve again with a new reservation id; "
+            "nothing is held"
         )
 
 

@@ -10,10 +10,12 @@ import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-no
 
 import { toRuncapError } from "./errors.js";
 import {
+  ApproveRequestSchema,
   BudgetService,
   CloseRunRequestSchema,
   CommitRequestSchema,
   CreateRunRequestSchema,
+  DenyRequestSchema,
   GetDecisionRequestSchema,
   GetRunRequestSchema,
   GetScopeRequestSchema,
@@ -24,9 +26,11 @@ import {
   SetScopeLimitRequestSchema,
   SuspendRunRequestSchema,
   TokenUsageSchema,
+  type ApproveResponse,
   type CloseRunResponse,
   type CommitResponse,
   type CreateRunResponse,
+  type DenyResponse,
   type GetDecisionResponse,
   type GetRunResponse,
   type GetScopeResponse,
@@ -195,6 +199,19 @@ export interface RunPolicyInput {
   autoDowngrade?: boolean;
   /** The models alternatives and downgrades may pick from, as `"provider/model"`; any model with a price when omitted or empty. */
   downgradeModels?: readonly string[];
+  /**
+   * Escalate once the run's committed and held spend with a call's estimate
+   * would pass this percent of its limit (1 to 100; 0 or omitted: never):
+   * the call is answered `Decision.APPROVAL_REQUIRED` (an
+   * `ApprovalRequiredError` from `withReservation`) until the run's spend
+   * approval is approved. A whole number (a RangeError otherwise).
+   */
+  approvalPercent?: number;
+  /**
+   * When set, a call naming a meter not on this list needs that meter's
+   * approval first. Same names as `meterLimits`; at most 32.
+   */
+  approvedMeters?: readonly string[];
 }
 
 /** Names a parent scope: arguments of `getScope`, and the base of `setScopeLimit`'s and `clearScopeLimit`'s. */
@@ -377,7 +394,11 @@ export interface RuncapClient {
    * the estimate of a cheaper model (`response.estimate.model`;
    * `response.requestedModel` is the one asked for) under
    * `response.reservationId`: call that model, and commit with that id.
-   * `response.decisionId` names the decision for `getDecision`.
+   * `response.decisionId` names the decision for `getDecision`. A call
+   * that trips one of the run's escalation triggers (`approvalPercent`,
+   * `approvedMeters`) is answered `Decision.APPROVAL_REQUIRED`: nothing is
+   * held, and `response.approvalId` names the approval to `approve` before
+   * reserving again with a new reservation id.
    *
    * ```ts
    * await client.reserve({ runId, llmCall: { provider: "openai", model: "gpt-4o", inputTokens: 1200, maxOutputTokens: 500 } });
@@ -415,6 +436,30 @@ export interface RuncapClient {
    * be resumed: the call rejects with `RunClosedError`.
    */
   resumeRun(args: ResumeRunArgs, options?: CallOptions): Promise<ResumeRunResponse>;
+  /**
+   * Approves a pending escalation (`response.approvalId` of a reserve,
+   * `ApprovalRequiredError.approvalId`, a watch event's `approvalId` or
+   * `run.approvals`): calls that trip its trigger are decided as usual from
+   * now on, on every replica, and a watch sees it. Resolves with the
+   * approval and the run's budget state; approving an approved one changes
+   * nothing (`replayed`), so the call is retried on UNAVAILABLE. An approval
+   * the run never requested rejects with `ApprovalNotFoundError`, and one
+   * that was denied with `ApprovalResolvedError`.
+   *
+   * ```ts
+   * const { approval } = await client.approve(error.approvalId); // approval.status === ApprovalStatus.APPROVED
+   * ```
+   */
+  approve(approvalId: string, options?: CallOptions): Promise<ApproveResponse>;
+  /**
+   * Denies a pending escalation: calls that trip its trigger are blocked
+   * from now on (`DecisionReason.APPROVAL_DENIED`, with the `approvalId` on
+   * the `BudgetBlockedError`), and a watch sees it. Denying a denied one
+   * changes nothing (`replayed`), so the call is retried on UNAVAILABLE. An
+   * approval the run never requested rejects with `ApprovalNotFoundError`,
+   * and one that was approved with `ApprovalResolvedError`.
+   */
+  deny(approvalId: string, options?: CallOptions): Promise<DenyResponse>;
   /**
    * Sets a parent scope's ceiling for one period (API keys, users and teams);
    * it applies from the next reservation on. Resolves with the scope after
@@ -508,8 +553,8 @@ function count(field: string, value: TokenCount | undefined): bigint | undefined
 
 /**
  * The `runcap.v1.RunPolicy` message of a policy (a copy when it is one);
- * throws RangeError for a count that is not a whole number or a duration
- * that is not finite.
+ * throws RangeError for a count or `approvalPercent` that is not a whole
+ * number, or a duration that is not finite.
  */
 export function toRunPolicy(policy: RunPolicyInput | RunPolicy): RunPolicy {
   if (isMessage(policy, RunPolicySchema)) return clone(RunPolicySchema, policy);
@@ -543,7 +588,16 @@ export function toRunPolicy(policy: RunPolicyInput | RunPolicy): RunPolicy {
     maxChildren: policy.maxChildren,
     autoDowngrade: policy.autoDowngrade ?? false,
     downgradeModels: [...(policy.downgradeModels ?? [])],
+    approvalPercent: percent("approvalPercent", policy.approvalPercent),
+    approvedMeters: [...(policy.approvedMeters ?? [])],
   });
+}
+
+/** A percentage field: 0 when omitted; throws RangeError for one that is not a whole number. */
+function percent(field: string, value: number | undefined): number {
+  if (value === undefined) return 0;
+  if (!Number.isSafeInteger(value)) throw new RangeError(`${field} must be a whole number, not ${value}`);
+  return value;
 }
 
 /** The CommitRequest oneof of an actual; throws TypeError unless exactly one of `actualMicros` and `usage` is given. */
@@ -693,6 +747,14 @@ export function createRuncapClient(options: RuncapClientOptions = {}): RuncapCli
     resumeRun(args, opts) {
       const request = create(ResumeRunRequestSchema, { runId: args.runId });
       return call((o) => raw.resumeRun(request, o), true, opts);
+    },
+    approve(approvalId, opts) {
+      const request = create(ApproveRequestSchema, { approvalId });
+      return call((o) => raw.approve(request, o), true, opts);
+    },
+    deny(approvalId, opts) {
+      const request = create(DenyRequestSchema, { approvalId });
+      return call((o) => raw.deny(request, o), true, opts);
     },
     setScopeLimit(args, opts) {
       const request = create(SetScopeLimitRequestSchema, {

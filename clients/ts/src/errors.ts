@@ -13,7 +13,8 @@
  *
  * A block decision is not a failure: `reserve()` returns it in the response.
  * Only `withReservation()` turns it into {@link BudgetBlockedError} (a
- * throttle into its subclass {@link BudgetThrottledError}), which
+ * throttle into its subclass {@link BudgetThrottledError}, an escalation into
+ * its subclass {@link ApprovalRequiredError}), which
  * deliberately does not extend {@link RuncapError}, so that code which fails
  * open on service trouble (`if (e instanceof RuncapError)`) never fails open
  * on a block.
@@ -169,6 +170,18 @@ export class DecisionNotFoundError extends RuncapError {
   }
 }
 
+/**
+ * NOT_FOUND: `approve` or `deny` named an approval the run never requested
+ * (an id not taken from a `Decision.APPROVAL_REQUIRED` answer, a watch event
+ * or `run.approvals`).
+ */
+export class ApprovalNotFoundError extends RuncapError {
+  /** The approval that was not found. */
+  get approvalId(): string {
+    return this.metadata["approval_id"] || (this.resourceInfo?.resourceName ?? "");
+  }
+}
+
 /** ALREADY_EXISTS: a run with this id exists with different arguments. */
 export class RunAlreadyExistsError extends RuncapError {
   /** The run that already exists. */
@@ -231,6 +244,23 @@ export class SubagentLimitError extends RuncapError {
   /** The parent run it was to be created under. */
   get parentRunId(): string {
     return this.metadata["parent_run_id"] || (this.preconditionViolations[0]?.subject ?? "");
+  }
+}
+
+/**
+ * FAILED_PRECONDITION: the approval was already resolved the other way:
+ * `approve` of a denied approval, or `deny` of an approved one. A resolved
+ * approval stays as it is; repeating the same call is a replay, not this
+ * error.
+ */
+export class ApprovalResolvedError extends RuncapError {
+  /** The run the approval belongs to. */
+  get runId(): string {
+    return this.metadata["run_id"] ?? "";
+  }
+  /** The approval that is already resolved. */
+  get approvalId(): string {
+    return this.metadata["approval_id"] || (this.preconditionViolations[0]?.subject ?? "");
   }
 }
 
@@ -321,6 +351,8 @@ export const ERROR_TABLE: readonly ErrorRow[] = [
   { reason: ErrorReason.RUN_CLOSED, code: Code.FailedPrecondition, error: RunClosedError },
   { reason: ErrorReason.SUBAGENT_LIMIT, code: Code.FailedPrecondition, error: SubagentLimitError },
   { reason: ErrorReason.DECISION_NOT_FOUND, code: Code.NotFound, error: DecisionNotFoundError },
+  { reason: ErrorReason.APPROVAL_NOT_FOUND, code: Code.NotFound, error: ApprovalNotFoundError },
+  { reason: ErrorReason.APPROVAL_RESOLVED, code: Code.FailedPrecondition, error: ApprovalResolvedError },
 ];
 
 /** Codes no runcap reason uses, and the class a status with that code gets. */
@@ -372,8 +404,9 @@ export function toRuncapError(error: unknown): RuncapError {
 /**
  * The server blocked a reservation made by `withReservation()`. Not a
  * `RuncapError`: the call succeeded and the answer was no. Nothing is held.
- * A throttle is the subclass {@link BudgetThrottledError}, so
- * `instanceof BudgetBlockedError` is true for both.
+ * A throttle is the subclass {@link BudgetThrottledError}, and a call that
+ * needs approval first the subclass {@link ApprovalRequiredError}, so
+ * `instanceof BudgetBlockedError` is true for all three.
  */
 export class BudgetBlockedError extends Error {
   /** The run of the reservation. */
@@ -384,10 +417,12 @@ export class BudgetBlockedError extends Error {
   constructor(runId: string, response: ReserveResponse) {
     const reason = DecisionReason[response.reason] ?? response.reason;
     const throttled = response.decision === Decision.THROTTLE;
+    const escalated = response.decision === Decision.APPROVAL_REQUIRED;
+    const outcome = throttled ? "was throttled" : escalated ? "needs approval" : "was blocked";
     super(
       `reservation ${JSON.stringify(response.reservationId)} of run ${JSON.stringify(runId)} ` +
-        `was ${throttled ? "throttled" : "blocked"} (${reason}): ` +
-        (throttled ? throttleDetail(response) : blockDetail(runId, response)),
+        `${outcome} (${reason}): ` +
+        (throttled ? throttleDetail(response) : escalated ? approvalDetail(response) : blockDetail(runId, response)),
     );
     this.name = new.target.name;
     this.runId = runId;
@@ -475,6 +510,24 @@ export class BudgetBlockedError extends Error {
   get alternatives(): readonly Alternative[] {
     return this.response.alternatives;
   }
+
+  /**
+   * The escalation the decision is about: for a block by a denied approval
+   * (`DecisionReason.APPROVAL_DENIED`) the one that was denied, for an
+   * {@link ApprovalRequiredError} the one to approve; `""` otherwise.
+   */
+  get approvalId(): string {
+    return this.response.approvalId;
+  }
+
+  /**
+   * True when the block is `DecisionReason.APPROVAL_DENIED`: the call trips
+   * one of the run's escalation triggers, and its approval (`approvalId`)
+   * was denied.
+   */
+  get approvalDenied(): boolean {
+    return this.response.reason === DecisionReason.APPROVAL_DENIED;
+  }
 }
 
 /**
@@ -505,6 +558,30 @@ export class BudgetThrottledError extends BudgetBlockedError {
   }
 }
 
+/**
+ * A reservation made by `withReservation()` needs approval first
+ * (`Decision.APPROVAL_REQUIRED`). Nothing is held. The call trips one of the
+ * run's escalation triggers: its committed and held spend with this
+ * estimate would pass the policy's `approvalPercent` of its limit
+ * (`DecisionReason.SPEND_NEEDS_APPROVAL`), or its meter is not on the
+ * policy's `approvedMeters` (`DecisionReason.METER_NEEDS_APPROVAL`; `meter`
+ * names it). A person or a supervising agent resolves `approvalId` with
+ * `client.approve` or `client.deny` (a watch shows the request and its
+ * outcome); once it is approved, reserve again with a new reservation id
+ * (the one answered is spent, like a blocked one). Once it is denied, such
+ * calls are blocked (`DecisionReason.APPROVAL_DENIED`).
+ *
+ * ```ts
+ * try {
+ *   await withReservation(client, { runId, amountMicros: 50_000n, meter: "tool:deploy" }, fn);
+ * } catch (error) {
+ *   if (!(error instanceof ApprovalRequiredError)) throw error;
+ *   await askAHuman(error.approvalId); // who calls client.approve(error.approvalId)
+ * }
+ * ```
+ */
+export class ApprovalRequiredError extends BudgetBlockedError {}
+
 function durationMs(duration: { seconds: bigint; nanos: number } | undefined): number {
   return duration === undefined ? 0 : Number(duration.seconds) * 1000 + duration.nanos / 1e6;
 }
@@ -524,6 +601,21 @@ function throttleDetail(response: ReserveResponse): string {
   );
 }
 
+/** What an escalation's message says after the reason: the trigger, and what to approve. */
+function approvalDetail(response: ReserveResponse): string {
+  let trigger = "";
+  if (response.reason === DecisionReason.METER_NEEDS_APPROVAL) {
+    const which = response.blockingMeter ? `meter ${JSON.stringify(response.blockingMeter)}` : "the call's meter";
+    trigger = `${which} is not on the run's approved meters; `;
+  } else if (response.reason === DecisionReason.SPEND_NEEDS_APPROVAL) {
+    trigger = "the run's spend with this call would pass its approval threshold; ";
+  }
+  return (
+    trigger +
+    `approve ${JSON.stringify(response.approvalId)}, then reserve again with a new reservation id; nothing is held`
+  );
+}
+
 /** What a block message says after the reason: the unknown price, or the budget, the estimate and the blocking scope. */
 function blockDetail(runId: string, response: ReserveResponse): string {
   const estimate = response.estimate;
@@ -534,6 +626,10 @@ function blockDetail(runId: string, response: ReserveResponse): string {
       if (estimate.priceTableVersion) model += ` (price table ${JSON.stringify(estimate.priceTableVersion)})`;
     }
     return `unknown price: the server has no price for ${model}, so runcap fails closed; nothing is held`;
+  }
+  if (response.reason === DecisionReason.APPROVAL_DENIED) {
+    const which = response.approvalId ? `approval ${JSON.stringify(response.approvalId)}` : "its approval";
+    return `the call needs ${which}, which was denied; nothing is held`;
   }
   const state = response.state;
   if (response.blockingDimension === BudgetDimension.METER) {

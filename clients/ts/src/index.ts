@@ -37,6 +37,9 @@ export {
   type TokenUsageInput,
 } from "./client.js";
 export {
+  ApprovalNotFoundError,
+  ApprovalRequiredError,
+  ApprovalResolvedError,
   BudgetBlockedError,
   BudgetThrottledError,
   CanceledError,

@@ -11,7 +11,13 @@ import {
   type TokenCount,
   type TokenUsageInput,
 } from "./client.js";
-import { BudgetBlockedError, BudgetThrottledError, toRuncapError, type RuncapError } from "./errors.js";
+import {
+  ApprovalRequiredError,
+  BudgetBlockedError,
+  BudgetThrottledError,
+  toRuncapError,
+  type RuncapError,
+} from "./errors.js";
 import {
   Decision,
   DecisionReason,
@@ -289,7 +295,9 @@ function defaultSettleError(error: RuncapError, hold: Hold): void {
  * reservation (nothing is held and `fn` is not called), also when it has no
  * price for the LLM call's model (`error.unknownPrice`), and with its
  * subclass {@link BudgetThrottledError} when it throttles it (reserve again
- * after `error.retryAfterMs`). A warning of an advisory run calls `fn` like
+ * after `error.retryAfterMs`), and with its subclass
+ * {@link ApprovalRequiredError} when the call needs approval first (reserve
+ * again once `error.approvalId` is approved). A warning of an advisory run calls `fn` like
  * an allow (`hold.warning`), and so does a downgrade of an LLM call
  * (`hold.downgraded`: call `hold.model`, the cheaper model held; the hold
  * is settled under the reservation id the server answered with). A block
@@ -324,6 +332,7 @@ export async function withReservation<T>(
     callOptions,
   );
   if (response.decision === Decision.THROTTLE) throw new BudgetThrottledError(runId, response);
+  if (response.decision === Decision.APPROVAL_REQUIRED) throw new ApprovalRequiredError(runId, response);
   // A block, or a decision this client does not know: nothing to go on with.
   if (!HELD_DECISIONS.has(response.decision)) throw new BudgetBlockedError(runId, response);
   const hold = new Hold(runId, response, { reservationId, llmCall: args.llmCall });
