@@ -15,6 +15,7 @@ Keys, for namespace `rc`:
     rc:{t/run}:log  STREAM  one entry per change; entry id = revision
     rc:{t/run}:bell         shard channel rung (SPUBLISH) after each change
     rc:{t/run}:p    ZSET    settled reservations whose parents await settlement
+    rc:{t/run}:k    SET     ids of the run's child runs (counted against max_children)
     rc:{t/@team:acme}:l|w|h|x  a parent scope: limits, window totals, holds,
                     expiry ZSET (redis_scripts/scope.lua)
     rc:due:{n}      ZSET    best-effort index of runs and scopes with holds (or
@@ -23,7 +24,10 @@ Keys, for namespace `rc`:
 A run with parent scopes reserves by the saga of `ledger/saga.py`: its
 parents concurrently (one script each, in their own slots), then the run.
 A run's lineage never changes, so each replica caches it; a run without
-parents stays one round trip.
+parents stays one round trip. A child run is created in three steps: its
+parent is read (and the child looked up: a retry is a replay whatever the
+parent's state), the parent counts it (`adopt`, atomic and idempotent per
+child, within the parent's max_children), then the child is created.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ from runcap_server.ledger.types import (
     CreateRunResult,
     Decision,
     DecisionReason,
+    Dimension,
+    EnforcementMode,
     EventType,
     Lineage,
     Period,
@@ -70,11 +76,17 @@ from runcap_server.ledger.types import (
     Reservation,
     ReservationStatus,
     ReserveResult,
+    RunPolicy,
     RunSpec,
     RunStatus,
     RunView,
     ScopeKind,
     ScopeRef,
+    Threshold,
+    decode_dims,
+    decode_given_policy,
+    decode_usage,
+    encode_given_policy,
     hold_id,
 )
 
@@ -148,8 +160,16 @@ def _opt_int(value: bytes | str | None) -> int | None:
     return None if value is None or value in (b"", "") else int(value)
 
 
+# A run's state in a script's reply: limit, committed, reserved, revision,
+# status, active holds, overrun, digest, threshold, committed and reserved tokens.
+STATE_LEN = 11
+# A run's configuration in a script's reply (ledger.lua, config()).
+CONFIG_LEN = 13
+
+
 def _state(run_id: str, values: Sequence[Any]) -> BudgetState:
     limit, committed, reserved, revision, status, active, overrun = (int(v) for v in values[:7])
+    threshold, committed_tokens, reserved_tokens = (int(v) for v in values[8:STATE_LEN])
     return BudgetState(
         run_id=run_id,
         limit_micros=limit,
@@ -159,8 +179,16 @@ def _state(run_id: str, values: Sequence[Any]) -> BudgetState:
         status=RunStatus(status),
         active_reservations=active,
         overrun_micros=overrun,
+        threshold=Threshold(threshold),
+        committed_tokens=committed_tokens,
+        reserved_tokens=reserved_tokens,
         digest=values[7].decode(),
     )
+
+
+def _dims_arg(dims: Mapping[str, int]) -> str:
+    """A Reserve's dims for the script: sorted, zeros kept (a limit checks them too)."""
+    return ";".join(f"{k}={v}" for k, v in sorted(dims.items()))
 
 
 def _change(run_id: str, entry_id: bytes, fields: Sequence[bytes]) -> Change:
@@ -175,6 +203,9 @@ def _change(run_id: str, entry_id: bytes, fields: Sequence[bytes]) -> Change:
         status=RunStatus(int(f["S"])),
         active_reservations=int(f["N"]),
         overrun_micros=int(f["O"]),
+        threshold=Threshold(int(f.get("B", 0))),
+        committed_tokens=int(f.get("U", 0)),
+        reserved_tokens=int(f.get("V", 0)),
         digest=f["d"].decode(),
     )
     return Change(
@@ -187,6 +218,7 @@ def _change(run_id: str, entry_id: bytes, fields: Sequence[bytes]) -> Change:
         actual_micros=int(f["c"]),
         overrun_micros=int(f["o"]),
         late=f["l"] == b"1",
+        threshold=Threshold(int(f.get("h", 0))),
     )
 
 
@@ -294,7 +326,15 @@ class RedisLedger:
 
     def _keys(self, tenant: str, run_id: str) -> list[str]:
         tag = f"{self.namespace}:{{{tenant}/{run_id}}}"
-        return [f"{tag}:a", f"{tag}:r", f"{tag}:x", f"{tag}:log", f"{tag}:bell", f"{tag}:p"]
+        return [
+            f"{tag}:a",
+            f"{tag}:r",
+            f"{tag}:x",
+            f"{tag}:log",
+            f"{tag}:bell",
+            f"{tag}:p",
+            f"{tag}:k",
+        ]
 
     def _scope_keys(self, tenant: str, ref: ScopeRef) -> list[str]:
         tag = f"{self.namespace}:{{{tenant}/@{ref.token}}}"
@@ -352,6 +392,13 @@ class RedisLedger:
             return errors.RunClosed(run_id)
         if reason == "TOTAL_OUT_OF_RANGE":
             return errors.committed_total_out_of_range(run_id)
+        if reason == "SUBAGENT_LIMIT":
+            # Only `adopt` answers this: run_id is the parent, the argument the child.
+            return errors.SubagentLimit(
+                reservation_id,
+                run_id,
+                f"the parent already has its {detail} children (max_children)",
+            )
         return RuntimeError(f"ledger script answered {reason} {detail}")
 
     def _ring(self, tenant: str, run_id: str) -> None:
@@ -362,11 +409,20 @@ class RedisLedger:
     # -- operations ---------------------------------------------------------
 
     def _view(self, tenant: str, run_id: str, config: Sequence[Any], state: BudgetState) -> RunView:
-        created, closed, labels, ttl, lineage_json, *given = config
+        created, closed, labels, ttl, lineage_json, *given = config[:9]
+        given_policy, policy, children, usage = (c.decode() for c in config[9:CONFIG_LEN])
         lineage = Lineage.decode(lineage_json.decode())
         parent, key, user, team = (g.decode() for g in given)
         spec = RunSpec(
-            run_id, state.limit_micros, json.loads(labels), _opt_int(ttl), parent, key, user, team
+            run_id,
+            state.limit_micros,
+            json.loads(labels),
+            _opt_int(ttl),
+            parent,
+            key,
+            user,
+            team,
+            decode_given_policy(given_policy),
         )
         self._lineages[(tenant, run_id)] = (lineage, spec.default_ttl_ms)
         return RunView(
@@ -376,20 +432,44 @@ class RedisLedger:
             closed_ms=_opt_int(closed),
             state=state,
             lineage=lineage,
+            policy=RunPolicy.decode(policy),
+            children=int(children),
+            usage=decode_usage(usage),
         )
 
     async def create_run(self, tenant: str, spec: RunSpec) -> CreateRunResult:
-        lineage = Lineage(api_key_id=spec.api_key_id, user_id=spec.user_id, team_id=spec.team_id)
-        if spec.parent_run_id:
+        if not spec.parent_run_id:
+            return await self._create(tenant, spec, *saga.place_under(spec, None))
+
+        async def parent_view() -> RunView | None:
             try:
-                parent = await self.get_run(tenant, spec.parent_run_id)
-                lineage = saga.lineage_under(spec, (parent.lineage, parent.state.status))
+                return await self.get_run(tenant, spec.parent_run_id)
             except errors.RunNotFound:
-                lineage = await self._lineage_or_raise(
-                    tenant, spec, errors.ParentRunNotFound(spec.run_id, spec.parent_run_id)
-                )
-            except errors.ParentRunClosed as error:
-                lineage = await self._lineage_or_raise(tenant, spec, error)
+                return None
+
+        account_key = self._keys(tenant, spec.run_id)[0]
+        parent, exists = await asyncio.gather(parent_view(), self._cmd("exists", account_key))
+        if exists:
+            # A replay or a conflict, whatever the parent's state (as on the model).
+            with contextlib.suppress(errors.RunNotFound):  # aged out meanwhile
+                return await self._create(tenant, spec, None, None)
+        lineage, policy = saga.place_under(spec, parent)
+        await self._adopt(tenant, spec)
+        return await self._create(tenant, spec, lineage, policy)
+
+    async def _adopt(self, tenant: str, spec: RunSpec) -> None:
+        """The parent's step: count the child within its max_children (idempotent)."""
+        try:
+            await self._script(tenant, spec.parent_run_id, "adopt", spec.run_id)
+        except errors.RunNotFound:
+            raise errors.ParentRunNotFound(spec.run_id, spec.parent_run_id) from None
+        except errors.RunClosed:
+            raise errors.ParentRunClosed(spec.run_id, spec.parent_run_id) from None
+
+    async def _create(
+        self, tenant: str, spec: RunSpec, lineage: Lineage | None, policy: RunPolicy | None
+    ) -> CreateRunResult:
+        """The run's step; without a lineage, only a replay (else RunNotFound)."""
         reply = await self._script(
             tenant,
             spec.run_id,
@@ -401,24 +481,20 @@ class RedisLedger:
             spec.api_key_id,
             spec.user_id,
             spec.team_id,
-            lineage.encode(),
-            len(lineage.parents()),
+            lineage.encode() if lineage is not None else "",
+            len(lineage.parents()) if lineage is not None else 0,
+            encode_given_policy(spec.policy),
+            policy.encode() if policy is not None else "",
+            "" if lineage is not None else "1",
         )
-        state = _state(spec.run_id, reply[1:9])
-        view = self._view(tenant, spec.run_id, reply[9:18], state)
+        state = _state(spec.run_id, reply[1 : 1 + STATE_LEN])
+        view = self._view(tenant, spec.run_id, reply[1 + STATE_LEN :], state)
         return CreateRunResult(run=view, replayed=reply[0] == b"1")
-
-    async def _lineage_or_raise(self, tenant: str, spec: RunSpec, error: Exception) -> Lineage:
-        """A create whose parent is gone or closed: a replay if the run exists, else error."""
-        try:
-            return (await self.get_run(tenant, spec.run_id)).lineage
-        except errors.RunNotFound:
-            raise error from None
 
     async def get_run(self, tenant: str, run_id: str) -> RunView:
         reply = await self._script(tenant, run_id, "get")
-        state = _state(run_id, reply[0:8])
-        return self._view(tenant, run_id, reply[8:17], state)
+        state = _state(run_id, reply[:STATE_LEN])
+        return self._view(tenant, run_id, reply[STATE_LEN:], state)
 
     async def reserve(
         self,
@@ -430,7 +506,7 @@ class RedisLedger:
         extras: saga.ReserveExtras = saga.NO_EXTRAS,
     ) -> ReserveResult:
         cached = self._lineages.get((tenant, run_id))
-        tail = (extras.fingerprint, extras.pricing)
+        tail = (extras.fingerprint, extras.pricing, _dims_arg(extras.dims()))
         if extras.preblock is not None:
             # Decided before any ledger (an unknown price): no saga, no holds.
             reply = await self._script(
@@ -484,16 +560,22 @@ class RedisLedger:
         self, tenant: str, run_id: str, reservation_id: str, reply: Sequence[Any]
     ) -> ReserveResult:
         replayed, decision, reason, held, expires, scope, period = reply[0:7]
+        dimension, meter, retry_at, mode, now = reply[7:12]
         result = ReserveResult(
             decision=Decision(int(decision)),
             reason=DecisionReason(int(reason)),
             reservation_id=reservation_id,
             held_micros=int(held),
             expires_ms=_opt_int(expires),
-            state=_state(run_id, reply[7:15]),
+            state=_state(run_id, reply[12 : 12 + STATE_LEN]),
             replayed=replayed == b"1",
             blocking_scope=ScopeRef.parse(scope.decode()) if scope else None,
             blocking_period=Period(int(period)) if period else None,
+            dimension=Dimension(int(dimension)) if dimension else None,
+            meter=meter.decode(),
+            retry_at_ms=_opt_int(retry_at),
+            mode=EnforcementMode(int(mode)),
+            now_ms=int(now),
         )
         if result.expires_ms is not None and not result.replayed:
             self._index(tenant, run_id, result.expires_ms)
@@ -573,19 +655,26 @@ class RedisLedger:
         raise errors.ReservationNotFound(run_id, reservation_id)
 
     async def commit(
-        self, tenant: str, run_id: str, reservation_id: str, actual_micros: int
+        self,
+        tenant: str,
+        run_id: str,
+        reservation_id: str,
+        actual_micros: int,
+        actual_tokens: int | None = None,
     ) -> CommitResult:
-        reply = await self._script(tenant, run_id, "commit", reservation_id, actual_micros)
+        reply = await self._script(
+            tenant, run_id, "commit", reservation_id, actual_micros, actual_tokens
+        )
         replayed, status, actual, held, overrun = reply[0:5]
         result = CommitResult(
-            state=_state(run_id, reply[5:13]),
+            state=_state(run_id, reply[5 : 5 + STATE_LEN]),
             reservation_status=ReservationStatus(int(status)),
             actual_micros=int(actual),
             held_micros=int(held),
             overrun_micros=int(overrun),
             replayed=replayed == b"1",
         )
-        lineage = Lineage.decode(reply[13].decode())
+        lineage = Lineage.decode(reply[5 + STATE_LEN].decode())
         if lineage.parents():
             _crash_point("commit:run-settled")
             # A replay settles again too: that finishes what a crash interrupted.
@@ -597,12 +686,12 @@ class RedisLedger:
         reply = await self._script(tenant, run_id, "refund", reservation_id)
         replayed, status, released = reply[0:3]
         result = RefundResult(
-            state=_state(run_id, reply[3:11]),
+            state=_state(run_id, reply[3 : 3 + STATE_LEN]),
             reservation_status=ReservationStatus(int(status)),
             released_micros=int(released),
             replayed=replayed == b"1",
         )
-        lineage = Lineage.decode(reply[11].decode())
+        lineage = Lineage.decode(reply[3 + STATE_LEN].decode())
         if lineage.parents() and result.reservation_status is ReservationStatus.RELEASED:
             _crash_point("refund:run-settled")
             self._index(tenant, run_id, self._now_ms_guess() + SETTLE_WAIT_MS)
@@ -648,7 +737,8 @@ class RedisLedger:
 
     async def _status_op(self, tenant: str, run_id: str, op: str) -> CloseRunResult:
         reply = await self._script(tenant, run_id, op)
-        return CloseRunResult(state=_state(run_id, reply[1:9]), replayed=reply[0] == b"1")
+        state = _state(run_id, reply[1 : 1 + STATE_LEN])
+        return CloseRunResult(state=state, replayed=reply[0] == b"1")
 
     # -- the change log and watch doorbell -----------------------------------
 
@@ -859,7 +949,8 @@ class RedisLedger:
 
     async def snapshot(self, tenant: str, run_id: str) -> tuple[Account | None, list[Reservation]]:
         """A run's stored account and reservations, nothing expired (tests)."""
-        a, r = self._keys(tenant, run_id)[:2]
+        keys = self._keys(tenant, run_id)
+        a, r, kids = keys[0], keys[1], keys[6]
         fields = await self._cmd("hgetall", a)
         if not fields:
             return None, []
@@ -874,6 +965,7 @@ class RedisLedger:
                 f.get("ak", ""),
                 f.get("us", ""),
                 f.get("tm", ""),
+                decode_given_policy(f.get("gp", "")),
             ),
             created_ms=int(f["cr"]),
             closed_ms=_opt_int(f["cl"]),
@@ -885,6 +977,14 @@ class RedisLedger:
             revision=int(f["rev"]),
             digest=f["dig"],
             lineage=Lineage.decode(f.get("lin", "")),
+            policy=RunPolicy.decode(f.get("pol", "")),
+            threshold=Threshold(int(f.get("thr", 0))),
+            throttle_strikes=int(f.get("tst", 0)),
+            throttle_until_ms=int(f.get("tun", 0)),
+            rate_window_ms=int(f.get("rw", 0)),
+            rate_count=int(f.get("rc", 0)),
+            children=int(await self._cmd("scard", kids)),
+            usage=decode_usage(f.get("use", "")),
         )
         records = await self._cmd("hgetall", r)
         reservations = [_decode_reservation(k.decode(), v.decode()) for k, v in records.items()]
@@ -909,6 +1009,10 @@ def _decode_reservation(reservation_id: str, record: str) -> Reservation:
         blocking_period=Period(int(f[11])) if len(f) > 11 and f[11] else None,
         fingerprint=f[12] if len(f) > 12 else "",
         pricing=f[13] if len(f) > 13 else "",
+        dims=decode_dims(f[14]) if len(f) > 14 else {},
+        dimension=Dimension(int(f[15])) if len(f) > 15 and f[15] else None,
+        meter=f[16] if len(f) > 16 else "",
+        retry_at_ms=_opt_int(f[17]) if len(f) > 17 else None,
     )
 
 

@@ -7,15 +7,25 @@
 --       held ids (score = expires_ms), 4 change log STREAM (entry id = revision),
 --       5 the run's shard channel (a doorbell for watchers; never read), 6 ZSET
 --       of reservations whose parent scopes still await settlement (score =
---       when the run settled; the saga removes them, the sweeper re-drives them)
+--       when the run settled; the saga removes them, the sweeper re-drives them),
+--       7 SET of the ids of the run's child runs (counted against max_children)
 -- ARGV: 1 operation, 2 now_ms ("" = the server's TIME; tests only), 3 log
 --       retention, 4 expiry batch, 5 closed-run retention ms, 6.. operation args
 --
+-- The account HASH holds the run's totals (lim com res ovr act rev st dig), its
+-- configuration (cr cl lab ttl pr ak us tm lin np; gp: the policy as given,
+-- types.encode_given_policy; pol: the effective policy, RunPolicy.encode, ""
+-- for the defaults) and its policy's counters (thr: the highest threshold band
+-- reached; tst, tun: throttle strikes and until when; rw, rc: the rate
+-- window's start and allowed calls; use: the use of each dimension beyond
+-- money, "name=reserved,committed;..."). A missing counter is 0.
+--
 -- Replies are flat arrays: {"OK", ...} or {"ERR", reason, detail}. Nothing is
 -- written before every check has passed. Lua numbers are doubles: every amount
--- is at most 2^53 - 1, and numbers are written with %d, never tostring.
+-- is at most 2^53 - 1, and numbers are written with %d, never tostring (nor
+-- cjson.encode); cjson only decodes a policy that is not the default one.
 
-local A, R, X, LOG, BELL, P = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local A, R, X, LOG, BELL, P, K = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local op = ARGV[1]
 local retention = ARGV[3]
 local batch = tonumber(ARGV[4])
@@ -24,38 +34,69 @@ local MAX_MICROS = 9007199254740991
 
 -- Enum values as in runcap.v1 (and ledger/types.py).
 local OPEN, CLOSED, SUSPENDED = 1, 2, 3
-local ALLOW, BLOCK = 1, 2
+local ALLOW, BLOCK, WARN, THROTTLE = 1, 2, 3, 4
 local WITHIN_BUDGET, INSUFFICIENT_BUDGET, RUN_CLOSED, RUN_SUSPENDED = 1, 2, 3, 6
+local THROTTLED, RATE_LIMITED, IN_FLIGHT_LIMIT = 7, 8, 9
+local HARD_GATE, SOFT_GATE, ADVISORY, ACTUALS_ONLY = 1, 2, 3, 4
+local D_SPEND, D_TOKENS, D_METER, D_RATE, D_IN_FLIGHT = 1, 2, 3, 4, 5
+local STOP = 4
 local LIFETIME = 1
 local HELD, COMMITTED, RELEASED, EXPIRED, LATE_COMMITTED, BLOCKED = 1, 2, 3, 4, 5, 6
 local CREATED, RESERVED, EV_COMMITTED, REFUNDED, EV_EXPIRED, EV_CLOSED = 1, 2, 3, 4, 5, 6
-local EV_SUSPENDED, EV_RESUMED = 7, 8
+local EV_SUSPENDED, EV_RESUMED, EV_THRESHOLD = 7, 8, 9
+local TOKENS = 'tokens'
+
+-- Answered with THROTTLE (not now, but later); an advisory run only warns of these.
+local THROTTLE_REASONS = {[THROTTLED] = true, [RATE_LIMITED] = true, [IN_FLIGHT_LIMIT] = true}
+local ADVISORY_REASONS = {[THROTTLED] = true, [RATE_LIMITED] = true, [IN_FLIGHT_LIMIT] = true,
+  [INSUFFICIENT_BUDGET] = true}
+
+-- Holds beyond money, "name=units;..." (types.encode_dims), as a list of
+-- {name, units} in the order given (sorted by name).
+local function parse_dims(s)
+  local list = {}
+  for name, units in string.gmatch(s, '([^;]+)=(%-?%d+)') do
+    list[#list + 1] = {name, tonumber(units)}
+  end
+  return list
+end
+
+local function encode_dims(list, skip)
+  local parts = {}
+  for _, d in ipairs(list) do
+    if d[1] ~= skip then parts[#parts + 1] = d[1] .. '=' .. num(d[2]) end
+  end
+  return table.concat(parts, ';')
+end
 
 -- Reservation records: "amount|requested_ttl|status|reason|created|held|expires|actual|
--- overrun|settled|blocking scope|blocking period|fingerprint|pricing" (no field holds "|").
+-- overrun|settled|blocking scope|blocking period|fingerprint|pricing|dims|dimension|
+-- meter|retry_at" (no field holds "|"; dims as types.encode_dims, units held).
 local function decode(id, s)
   local f = {}
   for part in string.gmatch(s, '([^|]*)|?') do
     f[#f + 1] = part
-    if #f == 14 then break end
+    if #f == 18 then break end
   end
   return {
     id = id, amount = tonumber(f[1]), requested_ttl = tonumber(f[2]), status = tonumber(f[3]),
     reason = tonumber(f[4]), created = tonumber(f[5]), held = tonumber(f[6]),
     expires = tonumber(f[7]), actual = tonumber(f[8]), overrun = tonumber(f[9]),
     settled = tonumber(f[10]), scope = f[11] or '', period = tonumber(f[12]),
-    fingerprint = f[13] or '', pricing = f[14] or '',
+    fingerprint = f[13] or '', pricing = f[14] or '', dims = parse_dims(f[15] or ''),
+    dimension = tonumber(f[16]), meter = f[17] or '', retry = tonumber(f[18]),
   }
 end
 
 local function encode(r)
   return table.concat({num(r.amount), opt(r.requested_ttl), num(r.status), num(r.reason),
     num(r.created), num(r.held), opt(r.expires), opt(r.actual), num(r.overrun),
-    opt(r.settled), r.scope or '', opt(r.period), r.fingerprint or '', r.pricing or ''}, '|')
+    opt(r.settled), r.scope or '', opt(r.period), r.fingerprint or '', r.pricing or '',
+    encode_dims(r.dims or {}), opt(r.dimension), r.meter or '', opt(r.retry)}, '|')
 end
 
 local FIELDS = {'lim', 'com', 'res', 'ovr', 'act', 'rev', 'st', 'cr', 'cl', 'lab', 'ttl', 'dig',
-  'pr', 'ak', 'us', 'tm', 'lin', 'np'}
+  'pr', 'ak', 'us', 'tm', 'lin', 'np', 'gp', 'pol', 'thr', 'tst', 'tun', 'rw', 'rc', 'use'}
 
 local function load_account()
   local v = redis.call('HMGET', A, unpack(FIELDS))
@@ -65,16 +106,93 @@ local function load_account()
     act = tonumber(v[5]), rev = tonumber(v[6]), st = tonumber(v[7]), cr = tonumber(v[8]),
     cl = tonumber(v[9]), lab = v[10], ttl = tonumber(v[11]), dig = v[12],
     pr = v[13] or '', ak = v[14] or '', us = v[15] or '', tm = v[16] or '', lin = v[17] or '',
-    np = tonumber(v[18]) or 0,
+    np = tonumber(v[18]) or 0, gp = v[19] or '', pol = v[20] or '',
+    thr = tonumber(v[21]) or 0, tst = tonumber(v[22]) or 0, tun = tonumber(v[23]) or 0,
+    rw = tonumber(v[24]) or 0, rc = tonumber(v[25]) or 0, use = v[26] or '',
   }
+end
+
+-- The effective policy (RunPolicy.encode's short keys; a missing key is the default).
+local DEFAULT_THRESHOLDS = {60, 80, 95}
+local DEFAULT_POLICY = {mode = HARD_GATE, margin = 0, thr = DEFAULT_THRESHOLDS, tb = 1000,
+  tm = 60000, met = {}, depth = 5}
+
+local function decode_policy(text)
+  if text == '' then return DEFAULT_POLICY end
+  local raw = cjson.decode(text)
+  return {mode = raw.mode or HARD_GATE, margin = raw.margin or 0,
+    thr = raw.thr or DEFAULT_THRESHOLDS, tb = raw.tb or 1000, tm = raw.tm or 60000,
+    tok = raw.tok, met = raw.met or {}, rate = raw.rate, inf = raw.inf,
+    depth = raw.depth or 5, kids = raw.kids}
+end
+
+local function policy_of(acc)
+  if not acc.policy then acc.policy = decode_policy(acc.pol) end
+  return acc.policy
+end
+
+-- The run's use per dimension: name -> {reserved, committed}, parsed when first needed.
+local function usage_of(acc)
+  if not acc.usage then
+    local u = {}
+    for name, r, c in string.gmatch(acc.use, '([^;]+)=(%-?%d+),(%-?%d+)') do
+      u[name] = {tonumber(r), tonumber(c)}
+    end
+    acc.usage = u
+  end
+  return acc.usage
+end
+
+local function encode_usage(u)
+  local names = {}
+  for name in pairs(u) do names[#names + 1] = name end
+  table.sort(names)
+  local parts = {}
+  for i, name in ipairs(names) do
+    parts[i] = name .. '=' .. num(u[name][1]) .. ',' .. num(u[name][2])
+  end
+  return table.concat(parts, ';')
+end
+
+-- A dimension with no use left is dropped (core._set_usage).
+local function add_use(acc, name, reserved, committed)
+  local u = usage_of(acc)
+  local e = u[name] or {0, 0}
+  local r, c = e[1] + reserved, e[2] + committed
+  if r ~= 0 or c ~= 0 then u[name] = {r, c} else u[name] = nil end
+  acc.use_dirty = true
+end
+
+local function tokens(acc)
+  if not acc.usage and acc.use == '' then return 0, 0 end
+  local e = usage_of(acc)[TOKENS]
+  if not e then return 0, 0 end
+  return e[1], e[2]
+end
+
+-- a * m as {high, low} digits in base 2^24, exactly (0 <= a < 2^53, 0 <= m < 2^16).
+local B24 = 16777216
+local function mul(a, m)
+  local high = math.floor(a / B24)
+  local low = (a - high * B24) * m
+  local carry = math.floor(low / B24)
+  return high * m + carry, low - carry * B24
+end
+
+-- Exactly a * ma >= b * mb (doubles lose the low digits of a product past 2^53).
+local function ge_scaled(a, ma, b, mb)
+  local ah, al = mul(a, ma)
+  local bh, bl = mul(b, mb)
+  return ah > bh or (ah == bh and al >= bl)
 end
 
 -- One operation's pending writes: applied only once nothing can fail any more.
 local txn = {acc = nil, now = 0, res = {}, order = {}, changes = {}}
 
 local function state(acc)
+  local reserved_tokens, committed_tokens = tokens(acc)
   return {num(acc.lim), num(acc.com), num(acc.res), num(acc.rev), num(acc.st), num(acc.act),
-    num(acc.ovr), acc.dig}
+    num(acc.ovr), acc.dig, num(acc.thr), num(committed_tokens), num(reserved_tokens)}
 end
 
 local function put(r)
@@ -82,28 +200,45 @@ local function put(r)
   txn.res[r.id] = r
 end
 
-local function record(kind, r, amount, actual, overrun, late)
+-- Change log entries: t type, r reservation, a amount, c actual, o overrun, l late,
+-- h threshold crossed, ts time, d digest, then the state after the change: L limit,
+-- C committed, R reserved, S status, N active holds, O overrun, B threshold band,
+-- U committed tokens, V reserved tokens.
+local function record(kind, r, amount, actual, overrun, late, threshold)
   local acc = txn.acc
   acc.rev = acc.rev + 1
   if r then put(r) end
   local rid = r and r.id or ''
-  acc.dig = redis.sha1hex(table.concat({acc.dig, num(acc.rev), num(kind), rid, num(amount or 0),
-    num(actual or 0), num(overrun or 0), late and '1' or '0'}, '|'))
+  local text = table.concat({acc.dig, num(acc.rev), num(kind), rid, num(amount or 0),
+    num(actual or 0), num(overrun or 0), late and '1' or '0'}, '|')
+  if threshold and threshold ~= 0 then text = text .. '|' .. num(threshold) end
+  acc.dig = redis.sha1hex(text)
+  local reserved_tokens, committed_tokens = tokens(acc)
   txn.changes[#txn.changes + 1] = {
     num(acc.rev) .. '-1',
     't', num(kind), 'r', rid, 'a', num(amount or 0), 'c', num(actual or 0),
-    'o', num(overrun or 0), 'l', late and '1' or '0', 'ts', num(txn.now), 'd', acc.dig,
+    'o', num(overrun or 0), 'l', late and '1' or '0', 'h', num(threshold or 0),
+    'ts', num(txn.now), 'd', acc.dig,
     'L', num(acc.lim), 'C', num(acc.com), 'R', num(acc.res), 'S', num(acc.st),
-    'N', num(acc.act), 'O', num(acc.ovr),
+    'N', num(acc.act), 'O', num(acc.ovr), 'B', num(acc.thr), 'U', num(committed_tokens),
+    'V', num(reserved_tokens),
   }
 end
 
+-- Take a held reservation's holds off the run's totals. Returns the money.
+local function unhold(r)
+  local acc = txn.acc
+  acc.res = acc.res - r.held
+  acc.act = acc.act - 1
+  for _, d in ipairs(r.dims) do add_use(acc, d[1], -d[2], 0) end
+  return r.held
+end
+
 local function expire(r)
+  local held = unhold(r)
   r.status = EXPIRED
   r.settled = txn.now
-  txn.acc.res = txn.acc.res - r.held
-  txn.acc.act = txn.acc.act - 1
-  record(EV_EXPIRED, r, r.held)
+  record(EV_EXPIRED, r, held)
 end
 
 -- Start an operation on an existing run, with its due holds expired.
@@ -151,11 +286,19 @@ local function apply()
     redis.call('HSET', A, 'lim', num(acc.lim), 'com', num(acc.com), 'res', num(acc.res),
       'ovr', num(acc.ovr), 'act', num(acc.act), 'rev', num(acc.rev), 'st', num(acc.st),
       'cl', opt(acc.cl), 'dig', acc.dig)
+    if acc.counters_dirty then
+      redis.call('HSET', A, 'thr', num(acc.thr), 'tst', num(acc.tst), 'tun', num(acc.tun),
+        'rw', num(acc.rw), 'rc', num(acc.rc))
+    end
+    if acc.use_dirty then
+      acc.use = encode_usage(acc.usage)
+      redis.call('HSET', A, 'use', acc.use)
+    end
     redis.call('SPUBLISH', BELL, num(acc.rev))
   end
   if acc.st == CLOSED then
     -- Closed runs age out; holds made before the close can still settle.
-    for _, key in ipairs({A, R, X, LOG, P}) do
+    for _, key in ipairs({A, R, X, LOG, P, K}) do
       redis.call('PEXPIRE', key, closed_retention_ms)
     end
   end
@@ -178,34 +321,56 @@ local function err(reason, detail)
   return {'ERR', reason, detail or ''}
 end
 
+-- The run's configuration, after apply(): created, closed, labels, default ttl,
+-- lineage, parent run, API key, user, team, policy as given, effective policy,
+-- number of children, use per dimension.
 local function config(acc)
   return {num(acc.cr), opt(acc.cl), acc.lab, opt(acc.ttl), acc.lin, acc.pr, acc.ak, acc.us,
-    acc.tm}
+    acc.tm, acc.gp, acc.pol, num(redis.call('SCARD', K)), acc.use}
 end
 
 local ops = {}
 
 -- ARGV 6..: limit, labels (canonical JSON), default ttl ms or "", then the
 -- parent run, API key, user and team as given, the lineage (JSON) and its
--- number of parent scopes.
+-- number of parent scopes, the policy as given and the effective policy, and
+-- "1" to only find an existing run (RUN_NOT_FOUND if there is none).
 function ops.create()
   local lim, lab, ttl = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
   local pr, ak, us, tm, lin, np = ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13], ARGV[14]
+  local gp, pol, existing_only = ARGV[15], ARGV[16], ARGV[17] == '1'
   if open_run() then
     local acc = txn.acc
     if acc.lim ~= lim or acc.lab ~= lab or acc.ttl ~= ttl or acc.pr ~= pr or acc.ak ~= ak
-        or acc.us ~= us or acc.tm ~= tm then
+        or acc.us ~= us or acc.tm ~= tm or acc.gp ~= gp then
       return err('RUN_ALREADY_EXISTS')
     end
     return ok('1', apply(), config(acc))
   end
+  if existing_only then return err('RUN_NOT_FOUND') end
   txn.now = now_ms()
   txn.acc = {lim = lim, com = 0, res = 0, ovr = 0, act = 0, rev = 0, st = OPEN, cr = txn.now,
-    cl = nil, lab = lab, ttl = ttl, dig = '', lin = lin, pr = pr, ak = ak, us = us, tm = tm}
+    cl = nil, lab = lab, ttl = ttl, dig = '', lin = lin, pr = pr, ak = ak, us = us, tm = tm,
+    np = tonumber(np), gp = gp, pol = pol, thr = 0, tst = 0, tun = 0, rw = 0, rc = 0, use = ''}
   redis.call('HSET', A, 'cr', num(txn.now), 'lab', lab, 'ttl', opt(ttl), 'pr', pr, 'ak', ak,
-    'us', us, 'tm', tm, 'lin', lin, 'np', np)
+    'us', us, 'tm', tm, 'lin', lin, 'np', np, 'gp', gp, 'pol', pol)
   record(CREATED)
   return ok('0', apply(), config(txn.acc))
+end
+
+-- Count a new child run (ARGV 6: its id) within max_children: idempotent per
+-- child, no change of the run's budget (no revision). Replies "1" when newly
+-- counted; a closed run adopts none.
+function ops.adopt()
+  local child = ARGV[6]
+  local v = redis.call('HMGET', A, 'st', 'pol')
+  if not v[1] then return err('RUN_NOT_FOUND') end
+  if tonumber(v[1]) == CLOSED then return err('RUN_CLOSED') end
+  if redis.call('SISMEMBER', K, child) == 1 then return ok('0') end
+  local limit = decode_policy(v[2] or '').kids
+  if limit and redis.call('SCARD', K) >= limit then return err('SUBAGENT_LIMIT', num(limit)) end
+  redis.call('SADD', K, child)
+  return ok('1')
 end
 
 function ops.get()
@@ -242,51 +407,175 @@ function ops.expire()
   return reply
 end
 
--- A new reservation: held if the run is open and has room and no parent
--- blocked (`pb`: reason, scope, period), else blocked; the run's own verdict
--- takes precedence.
-local function decide(id, amount, requested_ttl, ttl, pb)
+-- Whether the run's dollar ceiling, as its mode reads it, admits the amount.
+local function fits_money(acc, p, amount)
+  local used = acc.com + acc.res
+  if p.mode == ACTUALS_ONLY then return used < acc.lim end
+  local margin = 0
+  if p.mode == SOFT_GATE and p.margin ~= 0 then
+    -- lim * margin // 100, exactly.
+    local hundreds = math.floor(acc.lim / 100)
+    margin = hundreds * p.margin + math.floor((acc.lim - hundreds * 100) * p.margin / 100)
+  end
+  return used + amount - acc.lim <= margin
+end
+
+-- The highest threshold band the run's committed spend is in.
+local function band(acc, p)
+  if acc.com >= acc.lim then return STOP end
+  local reached = 0
+  for level = 1, 3 do
+    local percent = p.thr[level]
+    if percent ~= 0 and ge_scaled(acc.com, 100, acc.lim, percent) then reached = level end
+  end
+  return reached
+end
+
+local function in_throttle_band(acc, p)
+  local percent = p.thr[3]
+  return percent ~= 0 and ge_scaled(acc.com, 100, acc.lim, percent)
+end
+
+local function rate_window(p)
+  return txn.now - txn.now % p.rate[2]
+end
+
+-- The run's own verdict on a new reservation (nil allows it): money, tokens and
+-- meters first (a lasting block), then holds in flight, the rate limit and the
+-- throttle band (a passing throttle). `dims` are sorted by name.
+local function check(acc, p, amount, dims, run)
+  if not fits_money(acc, p, amount) then
+    return {reason = INSUFFICIENT_BUDGET, dimension = D_SPEND, scope = run, period = LIFETIME}
+  end
+  for _, d in ipairs(dims) do
+    local name, units = d[1], d[2]
+    local limit
+    if name == TOKENS then limit = p.tok else limit = p.met[string.sub(name, 3)] end
+    if limit then
+      local e = usage_of(acc)[name] or {0, 0}
+      local over
+      if p.mode == ACTUALS_ONLY and name == TOKENS then
+        over = e[1] + e[2] >= limit
+      else
+        over = e[1] + e[2] + units > limit
+      end
+      if over and name == TOKENS then
+        return {reason = INSUFFICIENT_BUDGET, dimension = D_TOKENS, scope = run}
+      elseif over then
+        return {reason = INSUFFICIENT_BUDGET, dimension = D_METER, meter = string.sub(name, 3),
+          scope = run}
+      end
+    end
+  end
+  if p.inf and acc.act >= p.inf then
+    return {reason = IN_FLIGHT_LIMIT, dimension = D_IN_FLIGHT, retry = txn.now + p.tb,
+      scope = run}
+  end
+  if p.rate then
+    local start = rate_window(p)
+    local used = acc.rw == start and acc.rc or 0
+    if used >= p.rate[1] then
+      return {reason = RATE_LIMITED, dimension = D_RATE, retry = start + p.rate[2], scope = run}
+    end
+  end
+  if in_throttle_band(acc, p) and txn.now < acc.tun then
+    return {reason = THROTTLED, dimension = D_SPEND, retry = acc.tun, scope = run}
+  end
+  return nil
+end
+
+-- An allowed call uses the rate window and, in the throttle band, spaces the next one.
+local function count_allowed(acc, p)
+  if p.rate then
+    local start = rate_window(p)
+    if acc.rw ~= start then acc.rw, acc.rc = start, 0 end
+    acc.rc = acc.rc + 1
+    acc.counters_dirty = true
+  end
+  if in_throttle_band(acc, p) then
+    acc.tst = acc.tst + 1
+    -- A power of two times an integer is exact in a double.
+    local delay = p.tb * 2 ^ math.min(acc.tst - 1, 32)
+    acc.tun = txn.now + math.min(p.tm, delay)
+    acc.counters_dirty = true
+  end
+end
+
+-- A new reservation: held if the run is open and every limit and parent allows
+-- it (or the run is advisory and only a limit objects), else blocked or
+-- throttled; the run's own verdict takes precedence over its parents'
+-- (`pb`: reason, scope, period). `own_limits` false (an ancestor holding for a
+-- descendant) checks the dollar ceiling only.
+local function decide(id, amount, requested_ttl, ttl, pb, dims, own_limits)
   local acc = txn.acc
-  local reason = WITHIN_BUDGET
+  local p = policy_of(acc)
+  local run = 'run:' .. acc.run
+  local v = nil
   if acc.st == CLOSED then
-    reason = RUN_CLOSED
+    v = {reason = RUN_CLOSED, scope = run, period = LIFETIME}
   elseif acc.st == SUSPENDED then
-    reason = RUN_SUSPENDED
-  elseif acc.com + acc.res + amount > acc.lim then
-    reason = INSUFFICIENT_BUDGET
+    v = {reason = RUN_SUSPENDED, scope = run, period = LIFETIME}
+  elseif own_limits then
+    v = check(acc, p, amount, dims, run)
+  elseif not fits_money(acc, p, amount) then
+    v = {reason = INSUFFICIENT_BUDGET, dimension = D_SPEND, scope = run, period = LIFETIME}
+  end
+  if not v and pb then
+    local dimension = nil
+    if pb[1] == INSUFFICIENT_BUDGET then dimension = D_SPEND end
+    v = {reason = pb[1], dimension = dimension, scope = pb[2], period = pb[3]}
+  end
+  local actuals = p.mode == ACTUALS_ONLY
+  local held_dims = {}
+  for _, d in ipairs(dims) do
+    -- An actuals-only run holds no estimated tokens.
+    if d[2] ~= 0 and not (actuals and d[1] == TOKENS) then held_dims[#held_dims + 1] = d end
   end
   local r = {id = id, amount = amount, requested_ttl = requested_ttl, status = BLOCKED,
-    reason = reason, created = txn.now, held = 0, overrun = 0, scope = 'run:' .. acc.run,
-    period = LIFETIME}
-  if reason == WITHIN_BUDGET and pb then
-    r.reason, r.scope, r.period = pb[1], pb[2], pb[3]
-    put(r)
-  elseif reason == WITHIN_BUDGET then
-    r.scope, r.period = '', nil
+    reason = WITHIN_BUDGET, created = txn.now, held = 0, overrun = 0, scope = '',
+    dims = held_dims, meter = ''}
+  if v then
+    r.reason, r.dimension, r.meter = v.reason, v.dimension, v.meter or ''
+    r.scope, r.period = v.scope or '', v.period
+  end
+  if not v or (p.mode == ADVISORY and ADVISORY_REASONS[v.reason]) then
+    local held = actuals and 0 or amount
     r.status = HELD
-    r.held = amount
+    r.held = held
     r.expires = txn.now + ttl
-    acc.res = acc.res + amount
+    acc.res = acc.res + held
     acc.act = acc.act + 1
-    record(RESERVED, r, amount)
+    for _, d in ipairs(held_dims) do add_use(acc, d[1], d[2], 0) end
+    if own_limits then count_allowed(acc, p) end
+    record(RESERVED, r, held)
   else
-    -- A block changes no money and no revision, but is remembered.
+    -- A block (or throttle) changes no money and no revision, but is remembered.
+    r.retry = v.retry
     put(r)
   end
   return r
 end
 
+-- decision, reason, held, expires, blocking scope, blocking period, dimension,
+-- meter, retry at, the run's mode, now.
 local function decision(r)
-  return {num(r.status == BLOCKED and BLOCK or ALLOW), num(r.reason), num(r.held),
-    opt(r.expires), r.scope or '', opt(r.period)}
+  local d
+  if r.status == BLOCKED then
+    d = THROTTLE_REASONS[r.reason] and THROTTLE or BLOCK
+  else
+    d = r.reason == WITHIN_BUDGET and ALLOW or WARN
+  end
+  return {num(d), num(r.reason), num(r.held), opt(r.expires), r.scope or '', opt(r.period),
+    opt(r.dimension), r.meter or '', opt(r.retry), num(policy_of(txn.acc).mode), num(txn.now)}
 end
 
 -- ARGV 6..: reservation id, amount, requested ttl ms or "", server default ttl
 -- ms, run id, "1" when the caller runs the parent saga (or needs none), then
 -- the block decided before the run (reason, scope, period) or three "", then
--- the request's fingerprint and pricing (or ""). A run with parents reserved
--- without the saga answers {"OK", "SAGA", lineage, default ttl} and writes nothing.
--- A retry is compared by fingerprint when there is one, else by amount.
+-- the request's fingerprint and pricing (or ""), then its dims ("name=units;...",
+-- sorted, zeros included). A run with parents reserved without the saga
+-- answers {"OK", "SAGA", lineage, default ttl} and writes nothing. A retry is
+-- compared by fingerprint when there is one, else by amount, and by its meters.
 function ops.reserve()
   local id, amount, requested_ttl = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
   local default_ttl, saga = tonumber(ARGV[9]), ARGV[11]
@@ -296,17 +585,20 @@ function ops.reserve()
   local acc = txn.acc
   acc.run = ARGV[10]
   if acc.np > 0 and saga ~= '1' then return {'OK', 'SAGA', acc.lin, opt(acc.ttl)} end
-  local fingerprint, pricing = ARGV[15], ARGV[16]
+  local fingerprint, pricing, dims = ARGV[15], ARGV[16], parse_dims(ARGV[17])
   local prev = reservation(id)
   if prev then
     local same = prev.fingerprint == fingerprint
     if fingerprint == '' and prev.fingerprint == '' then same = prev.amount == amount end
-    if not same or prev.requested_ttl ~= requested_ttl then
+    -- Tokens come only with a fingerprint (an LLM call), which covers them.
+    if not same or prev.requested_ttl ~= requested_ttl
+        or encode_dims(prev.dims, TOKENS) ~= encode_dims(dims, TOKENS) then
       return err('IDEMPOTENCY_CONFLICT', 'reserved')
     end
     return ok('1', decision(prev), apply())
   end
-  local r = decide(id, amount, requested_ttl, requested_ttl or acc.ttl or default_ttl, pb)
+  local r = decide(id, amount, requested_ttl, requested_ttl or acc.ttl or default_ttl, pb, dims,
+    true)
   r.fingerprint, r.pricing = fingerprint, pricing
   return ok('0', decision(r), apply())
 end
@@ -319,13 +611,29 @@ function ops.child_hold()
   txn.acc.run = ARGV[9]
   local r = reservation(id)
   local replayed = r ~= nil
-  if not r then r = decide(id, amount, ttl, ttl, nil) end
+  if not r then r = decide(id, amount, ttl, ttl, nil, {}, false) end
   apply()
   return {'OK', replayed and '1' or '0', num(r.status), num(r.reason)}
 end
 
--- Settle a held or expired reservation with its actual cost; returns the overrun.
-local function settle_commit(r, actual)
+-- One change per threshold band the committed spend newly reached, in order;
+-- a level turned off (0%) is passed silently.
+local function cross_thresholds(r)
+  local acc = txn.acc
+  local p = policy_of(acc)
+  local reached = band(acc, p)
+  while acc.thr < reached do
+    acc.thr = acc.thr + 1
+    acc.counters_dirty = true
+    local percent = 100
+    if acc.thr < STOP then percent = p.thr[acc.thr] end
+    if percent ~= 0 then record(EV_THRESHOLD, r, 0, 0, 0, false, acc.thr) end
+  end
+end
+
+-- Settle a held or expired reservation with its actual cost (and, when known,
+-- tokens; else the tokens held); returns the overrun.
+local function settle_commit(r, actual, actual_tokens)
   local acc = txn.acc
   local late = r.status == EXPIRED
   local overrun
@@ -335,8 +643,19 @@ local function settle_commit(r, actual)
   else
     overrun = math.max(0, actual - r.held)
     r.status = COMMITTED
-    acc.res = acc.res - r.held
-    acc.act = acc.act - 1
+    unhold(r)
+  end
+  local tokens_done = false
+  for _, d in ipairs(r.dims) do
+    local units = d[2]
+    if d[1] == TOKENS and actual_tokens then
+      units = actual_tokens
+      tokens_done = true
+    end
+    if units ~= 0 then add_use(acc, d[1], 0, units) end
+  end
+  if actual_tokens and not tokens_done and actual_tokens ~= 0 then
+    add_use(acc, TOKENS, 0, actual_tokens)
   end
   r.actual = actual
   r.overrun = overrun
@@ -344,22 +663,22 @@ local function settle_commit(r, actual)
   acc.com = acc.com + actual
   acc.ovr = acc.ovr + overrun
   record(EV_COMMITTED, r, r.held, actual, overrun, late)
+  cross_thresholds(r)
   return overrun
 end
 
 local function settle_release(r)
-  local held = r.held
+  local held = unhold(r)
   r.status = RELEASED
   r.settled = txn.now
-  txn.acc.res = txn.acc.res - held
-  txn.acc.act = txn.acc.act - 1
   record(REFUNDED, r, held)
   return held
 end
 
--- ARGV 6..: reservation id, actual. Replies end with the run's lineage.
+-- ARGV 6..: reservation id, actual, actual tokens or "" (keep those held).
+-- Replies end with the run's lineage.
 function ops.commit()
-  local id, actual = ARGV[6], tonumber(ARGV[7])
+  local id, actual, actual_tokens = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
   if not open_run() then return err('RUN_NOT_FOUND') end
   local acc = txn.acc
   local r = reservation(id)
@@ -371,7 +690,7 @@ function ops.commit()
     return ok('1', num(r.status), num(actual), num(r.held), num(r.overrun), apply(), acc.lin)
   end
   if acc.com + actual > MAX_MICROS then return err('TOTAL_OUT_OF_RANGE') end
-  local overrun = settle_commit(r, actual)
+  local overrun = settle_commit(r, actual, actual_tokens)
   if acc.np > 0 then redis.call('ZADD', P, num(txn.now), id) end
   return ok('0', num(r.status), num(actual), num(r.held), num(overrun), apply(), acc.lin)
 end
@@ -403,10 +722,10 @@ function ops.child_settle()
   else
     if not r then
       r = {id = id, amount = 0, status = EXPIRED, reason = WITHIN_BUDGET, created = txn.now,
-        held = 0, overrun = 0}
+        held = 0, overrun = 0, dims = {}, meter = ''}
     end
     if (r.status == HELD or r.status == EXPIRED) and txn.acc.com + actual <= MAX_MICROS then
-      settle_commit(r, actual)
+      settle_commit(r, actual, nil)
     end
   end
   apply()
