@@ -320,7 +320,7 @@ async def test_health_follows_redis_through_an_outage(tmp_path: Path) -> None:
 async def test_advisory_runs_fail_open_loudly_and_hard_gates_fail_closed(tmp_path: Path) -> None:
     """RUNCAP_FAIL_OPEN=advisory: with Redis down, an advisory run's Reserve is a
     warning that holds nothing (and is logged); every other run fails closed."""
-    redis_server = RedisServer(tmp_path).start()
+    redis_server = RedisServer(tmp_path, appendonly=True).start()
     server = ServerProcess(
         None,
         env={

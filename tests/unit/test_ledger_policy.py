@@ -11,6 +11,7 @@ from runcap_server import errors
 from runcap_server.clock import ManualClock
 from runcap_server.ledger.saga import ReserveExtras
 from runcap_server.ledger.types import (
+    MAX_MICROS,
     SPEND_APPROVAL,
     ApprovalStatus,
     Decision,
@@ -390,3 +391,37 @@ async def test_an_advisory_run_warns_and_still_asks(ledger: Ledger) -> None:
         500,
     )
     assert (await ledger.get_run(T, "run")).approvals == {SPEND_APPROVAL: ApprovalStatus.PENDING}
+
+
+async def test_an_advisory_childs_warned_spend_is_charged_to_every_parent(
+    ledger: Ledger,
+) -> None:
+    await ledger.set_scope_limit(T, ScopeRef(ScopeKind.TEAM, "core"), Period.LIFETIME, 10_000)
+    await ledger.create_run(T, RunSpec("root", 100, {}, None, team_id="core"))
+    advisory = RunPolicy(EnforcementMode.ADVISORY)
+    await ledger.create_run(
+        T, RunSpec("kid", 1_000, {}, None, parent_run_id="root", policy=advisory)
+    )
+    warned = await ledger.reserve(T, "kid", "a", 500, None)  # the root has only 100
+    assert (warned.decision, warned.blocking_scope) == (
+        Decision.WARN,
+        ScopeRef(ScopeKind.RUN, "root"),
+    )
+    team = (await ledger.get_scope(T, ScopeRef(ScopeKind.TEAM, "core"))).period(Period.LIFETIME)
+    assert team.reserved_micros == 500  # the team's hold is kept with the run's
+    await ledger.commit(T, "kid", "a", 450)
+    root = (await ledger.get_run(T, "root")).state
+    assert (root.committed_micros, root.overrun_micros, root.reserved_micros) == (450, 450, 0)
+    team = (await ledger.get_scope(T, ScopeRef(ScopeKind.TEAM, "core"))).period(Period.LIFETIME)
+    assert (team.committed_micros, team.reserved_micros) == (450, 0)
+
+
+async def test_no_mode_holds_past_the_largest_exact_total(ledger: Ledger) -> None:
+    await ledger.create_run(T, spec("run", 100, mode=EnforcementMode.ADVISORY))
+    assert (await ledger.reserve(T, "run", "a", 3, None)).decision is Decision.ALLOW
+    too_much = await ledger.reserve(T, "run", "b", MAX_MICROS - 1, None)
+    assert (too_much.decision, too_much.reason) == (
+        Decision.BLOCK,
+        DecisionReason.INSUFFICIENT_BUDGET,
+    )
+    assert (await ledger.reserve(T, "run", "c", MAX_MICROS - 3, None)).decision is Decision.WARN

@@ -503,7 +503,14 @@ def _decide(
     dims = dict(dims or {})
     verdict: _Verdict | None
     run = ScopeRef(ScopeKind.RUN, account.run_id)
-    if account.status is RunStatus.CLOSED:
+    # Totals must stay exact in every backend (Lua numbers are doubles): not
+    # even an advisory or soft-gated run holds past MAX_MICROS.
+    overflow = account.committed_micros + account.reserved_micros + amount_micros > MAX_MICROS
+    if overflow:
+        verdict = _Verdict(
+            DecisionReason.INSUFFICIENT_BUDGET, Dimension.SPEND, scope=run, period=Period.LIFETIME
+        )
+    elif account.status is RunStatus.CLOSED:
         verdict = _Verdict(DecisionReason.RUN_CLOSED, scope=run, period=Period.LIFETIME)
     elif account.status is RunStatus.SUSPENDED:
         verdict = _Verdict(DecisionReason.SUSPENDED, scope=run, period=Period.LIFETIME)
@@ -548,6 +555,7 @@ def _decide(
             txn.record(EventType.APPROVAL_REQUESTED, reservation, approval=trigger)
     warn = (
         verdict is not None
+        and not overflow
         and account.policy.mode is EnforcementMode.ADVISORY
         and verdict.reason in ADVISORY_REASONS
     )
@@ -604,7 +612,8 @@ def settle_for_child(
     """The commit (or, with None, refund) saga's step on an ancestor run.
 
     Idempotent. The descendant's record is the truth: a commit always records
-    the money (late when the hold expired or never reached this run), and a
+    the money (late when the hold expired, never reached this run, or was
+    blocked here while an advisory descendant held it), and a
     release after any settlement changes nothing. The one exception: a commit
     that would bring this run's committed total past MAX_MICROS is not
     recorded here (the hold stays until it expires), rather than fail the
@@ -630,6 +639,10 @@ def settle_for_child(
         )
         _commit(txn, run_id, found, actual_micros)
     elif found.status in (ReservationStatus.HELD, ReservationStatus.EXPIRED):
+        _commit(txn, run_id, found, actual_micros)
+    elif found.status is ReservationStatus.BLOCKED:
+        # Blocked here, yet the descendant held it (an advisory run's warning).
+        found.status = ReservationStatus.EXPIRED
         _commit(txn, run_id, found, actual_micros)
     txn.apply()
 

@@ -63,7 +63,7 @@ class ReserveExtras:
     def dims(self) -> dict[str, int]:
         """What the reservation holds beyond money, by dimension."""
         dims = {TOKENS: self.tokens} if self.tokens else {}
-        if self.meter:
+        if self.meter and self.meter_units:
             dims[meter_dim(self.meter)] = self.meter_units
         return dims
 
@@ -144,7 +144,9 @@ def to_release(outcomes: Sequence[ParentOutcome], result: ReserveResult | None) 
 
     `result` is None when the run's step failed (an error): nothing is kept.
     """
-    kept = result is not None and result.decision is Decision.ALLOW and not result.replayed
+    # An advisory run's warning holds too, so its parents keep their holds.
+    holding = (Decision.ALLOW, Decision.WARN)
+    kept = result is not None and result.decision in holding and not result.replayed
     return [] if kept else [o.scope for o in outcomes if o.freshly_held and o.scope]
 
 

@@ -287,8 +287,9 @@ def settle(
     """Commit `actual` (or release, when None) the hold; idempotent by hold id.
 
     The run's record is the truth: a commit always records the money, as a
-    late commit when the hold had expired or is unknown here. A release after
-    any settlement changes nothing.
+    late commit when the hold had expired, is unknown here, or was blocked
+    here (an advisory run holds what its parents block). A release after any
+    settlement changes nothing.
     """
     txn = _ScopeTxn(store, now_ms)
     found = txn.find(hold_id)
@@ -306,6 +307,9 @@ def settle(
             created_ms=now_ms,
             windows=current_windows(now_ms),
         )
+    if found.status is ReservationStatus.BLOCKED:
+        # The scope blocked it, yet the run held it (an advisory run's warning).
+        found.status = ReservationStatus.EXPIRED
     if found.status in (ReservationStatus.HELD, ReservationStatus.EXPIRED):
         late = found.status is ReservationStatus.EXPIRED
         if not late:

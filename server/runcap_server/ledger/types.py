@@ -383,7 +383,9 @@ class Lineage:
     def decode(cls, text: str) -> Lineage:
         if not text:
             return cls()
-        ancestors, key, user, team, depth_left = json.loads(text)
+        ancestors, key, user, team, *rest = json.loads(text)
+        # Stored before depth_left existed: the default, within MAX_RUN_DEPTH.
+        depth_left = rest[0] if rest else min(DEFAULT_MAX_DEPTH, MAX_RUN_DEPTH - 1 - len(ancestors))
         return cls(tuple(ancestors), key, user, team, depth_left)
 
 
