@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import dataclasses
@@ -516,6 +517,22 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         except errors.RunNotFound:
             raise errors.ApprovalNotFound(text) from None
         return run_id, trigger, result
+
+    @_unary
+    async def ReloadPriceTable(
+        self,
+        request: budget_service_pb2.ReloadPriceTableRequest,
+        context: Context,
+    ) -> budget_service_pb2.ReloadPriceTableResponse:
+        # Reading and checking ~2,000 models takes a moment: off the event loop.
+        reloaded, message = await asyncio.to_thread(self.prices.reload)
+        table = self.prices.table
+        return budget_service_pb2.ReloadPriceTableResponse(
+            reloaded=reloaded,
+            price_table_version=table.version,
+            models=len(table),
+            message=message,
+        )
 
     @_unary
     async def GetDecision(

@@ -233,6 +233,29 @@ async def test_a_reloaded_table_prices_new_calls_and_keeps_old_ones(
         await reload(V1)
 
 
+async def test_the_admin_rpc_reloads_the_table_or_says_why_not(
+    llm: BudgetServiceAsyncStub, price_file: Path
+) -> None:
+    try:
+        await asyncio.to_thread(price_file.write_text, '{"version": "broken"')
+        refused = await llm.ReloadPriceTable(pb.ReloadPriceTableRequest())
+        assert (refused.reloaded, refused.price_table_version) == (False, "test-v1")
+        assert "not reloaded" in refused.message
+        await asyncio.to_thread(price_file.write_text, V2)
+        reloaded = await llm.ReloadPriceTable(pb.ReloadPriceTableRequest())
+        assert (reloaded.reloaded, reloaded.price_table_version, reloaded.models) == (
+            True,
+            "test-v2",
+            1,
+        )
+        run_id = await create_run(llm, limit_micros=10**9)
+        after = await llm.Reserve(pb.ReserveRequest(run_id=run_id, llm_call=call("big", 0, 10)))
+        assert after.estimate.price_table_version == "test-v2"
+    finally:
+        await asyncio.to_thread(price_file.write_text, V1)
+        assert (await llm.ReloadPriceTable(pb.ReloadPriceTableRequest())).reloaded
+
+
 def custom_price(model_id: str, input_rate: int, output_rate: int) -> pb.ModelPrice:
     return pb.ModelPrice(
         provider="acme",

@@ -2882,6 +2882,118 @@ func (x *GetModelPriceResponse) GetPriceTableVersion() string {
 	return ""
 }
 
+// ReloadPriceTableRequest asks for a reload; it has no fields.
+type ReloadPriceTableRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReloadPriceTableRequest) Reset() {
+	*x = ReloadPriceTableRequest{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReloadPriceTableRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReloadPriceTableRequest) ProtoMessage() {}
+
+func (x *ReloadPriceTableRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReloadPriceTableRequest.ProtoReflect.Descriptor instead.
+func (*ReloadPriceTableRequest) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{36}
+}
+
+// ReloadPriceTableResponse says which table is in use after the reload.
+type ReloadPriceTableResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// True when the file was read and is now in use; false when it was invalid
+	// and the previous table stays.
+	Reloaded bool `protobuf:"varint,1,opt,name=reloaded,proto3" json:"reloaded,omitempty"`
+	// The version in use now.
+	PriceTableVersion string `protobuf:"bytes,2,opt,name=price_table_version,json=priceTableVersion,proto3" json:"price_table_version,omitempty"`
+	// The number of models it prices.
+	Models int64 `protobuf:"varint,3,opt,name=models,proto3" json:"models,omitempty"`
+	// What happened, for people: the new table's summary, or why the file was
+	// refused.
+	Message       string `protobuf:"bytes,4,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReloadPriceTableResponse) Reset() {
+	*x = ReloadPriceTableResponse{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReloadPriceTableResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReloadPriceTableResponse) ProtoMessage() {}
+
+func (x *ReloadPriceTableResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReloadPriceTableResponse.ProtoReflect.Descriptor instead.
+func (*ReloadPriceTableResponse) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *ReloadPriceTableResponse) GetReloaded() bool {
+	if x != nil {
+		return x.Reloaded
+	}
+	return false
+}
+
+func (x *ReloadPriceTableResponse) GetPriceTableVersion() string {
+	if x != nil {
+		return x.PriceTableVersion
+	}
+	return ""
+}
+
+func (x *ReloadPriceTableResponse) GetModels() int64 {
+	if x != nil {
+		return x.Models
+	}
+	return 0
+}
+
+func (x *ReloadPriceTableResponse) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
 // SuspendRunRequest names the run to stop.
 type SuspendRunRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2893,7 +3005,7 @@ type SuspendRunRequest struct {
 
 func (x *SuspendRunRequest) Reset() {
 	*x = SuspendRunRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[36]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2905,7 +3017,7 @@ func (x *SuspendRunRequest) String() string {
 func (*SuspendRunRequest) ProtoMessage() {}
 
 func (x *SuspendRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[36]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2918,7 +3030,7 @@ func (x *SuspendRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SuspendRunRequest.ProtoReflect.Descriptor instead.
 func (*SuspendRunRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{36}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *SuspendRunRequest) GetRunId() string {
@@ -2941,7 +3053,7 @@ type SuspendRunResponse struct {
 
 func (x *SuspendRunResponse) Reset() {
 	*x = SuspendRunResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[37]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2953,7 +3065,7 @@ func (x *SuspendRunResponse) String() string {
 func (*SuspendRunResponse) ProtoMessage() {}
 
 func (x *SuspendRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[37]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2966,7 +3078,7 @@ func (x *SuspendRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SuspendRunResponse.ProtoReflect.Descriptor instead.
 func (*SuspendRunResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{37}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *SuspendRunResponse) GetState() *BudgetState {
@@ -2994,7 +3106,7 @@ type ResumeRunRequest struct {
 
 func (x *ResumeRunRequest) Reset() {
 	*x = ResumeRunRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[38]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3006,7 +3118,7 @@ func (x *ResumeRunRequest) String() string {
 func (*ResumeRunRequest) ProtoMessage() {}
 
 func (x *ResumeRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[38]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3019,7 +3131,7 @@ func (x *ResumeRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeRunRequest.ProtoReflect.Descriptor instead.
 func (*ResumeRunRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{38}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *ResumeRunRequest) GetRunId() string {
@@ -3042,7 +3154,7 @@ type ResumeRunResponse struct {
 
 func (x *ResumeRunResponse) Reset() {
 	*x = ResumeRunResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[39]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3054,7 +3166,7 @@ func (x *ResumeRunResponse) String() string {
 func (*ResumeRunResponse) ProtoMessage() {}
 
 func (x *ResumeRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[39]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3067,7 +3179,7 @@ func (x *ResumeRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeRunResponse.ProtoReflect.Descriptor instead.
 func (*ResumeRunResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{39}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ResumeRunResponse) GetState() *BudgetState {
@@ -3314,7 +3426,13 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\x15GetModelPriceResponse\x12+\n" +
 	"\x05price\x18\x01 \x01(\v2\x15.runcap.v1.ModelPriceR\x05price\x12'\n" +
 	"\x0ftenant_override\x18\x02 \x01(\bR\x0etenantOverride\x12.\n" +
-	"\x13price_table_version\x18\x03 \x01(\tR\x11priceTableVersion\"0\n" +
+	"\x13price_table_version\x18\x03 \x01(\tR\x11priceTableVersion\"\x19\n" +
+	"\x17ReloadPriceTableRequest\"\x98\x01\n" +
+	"\x18ReloadPriceTableResponse\x12\x1a\n" +
+	"\breloaded\x18\x01 \x01(\bR\breloaded\x12.\n" +
+	"\x13price_table_version\x18\x02 \x01(\tR\x11priceTableVersion\x12\x16\n" +
+	"\x06models\x18\x03 \x01(\x03R\x06models\x12\x18\n" +
+	"\amessage\x18\x04 \x01(\tR\amessage\"0\n" +
 	"\x11SuspendRunRequest\x12\x1b\n" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\x05runId\"^\n" +
 	"\x12SuspendRunResponse\x12,\n" +
@@ -3324,7 +3442,8 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\x05runId\"]\n" +
 	"\x11ResumeRunResponse\x12,\n" +
 	"\x05state\x18\x01 \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\x12\x1a\n" +
-	"\breplayed\x18\x02 \x01(\bR\breplayed2\xd3\t\n" +
+	"\breplayed\x18\x02 \x01(\bR\breplayed2\xb0\n" +
+	"\n" +
 	"\rBudgetService\x12F\n" +
 	"\tCreateRun\x12\x1b.runcap.v1.CreateRunRequest\x1a\x1c.runcap.v1.CreateRunResponse\x12=\n" +
 	"\x06GetRun\x12\x18.runcap.v1.GetRunRequest\x1a\x19.runcap.v1.GetRunResponse\x12@\n" +
@@ -3340,7 +3459,8 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\bGetScope\x12\x1a.runcap.v1.GetScopeRequest\x1a\x1b.runcap.v1.GetScopeResponse\x12R\n" +
 	"\rSetModelPrice\x12\x1f.runcap.v1.SetModelPriceRequest\x1a .runcap.v1.SetModelPriceResponse\x12[\n" +
 	"\x10DeleteModelPrice\x12\".runcap.v1.DeleteModelPriceRequest\x1a#.runcap.v1.DeleteModelPriceResponse\x12R\n" +
-	"\rGetModelPrice\x12\x1f.runcap.v1.GetModelPriceRequest\x1a .runcap.v1.GetModelPriceResponse\x12L\n" +
+	"\rGetModelPrice\x12\x1f.runcap.v1.GetModelPriceRequest\x1a .runcap.v1.GetModelPriceResponse\x12[\n" +
+	"\x10ReloadPriceTable\x12\".runcap.v1.ReloadPriceTableRequest\x1a#.runcap.v1.ReloadPriceTableResponse\x12L\n" +
 	"\vGetDecision\x12\x1d.runcap.v1.GetDecisionRequest\x1a\x1e.runcap.v1.GetDecisionResponse\x12@\n" +
 	"\aApprove\x12\x19.runcap.v1.ApproveRequest\x1a\x1a.runcap.v1.ApproveResponse\x127\n" +
 	"\x04Deny\x12\x16.runcap.v1.DenyRequest\x1a\x17.runcap.v1.DenyResponseB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
@@ -3357,7 +3477,7 @@ func file_runcap_v1_budget_service_proto_rawDescGZIP() []byte {
 	return file_runcap_v1_budget_service_proto_rawDescData
 }
 
-var file_runcap_v1_budget_service_proto_msgTypes = make([]protoimpl.MessageInfo, 41)
+var file_runcap_v1_budget_service_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
 var file_runcap_v1_budget_service_proto_goTypes = []any{
 	(*CreateRunRequest)(nil),         // 0: runcap.v1.CreateRunRequest
 	(*CreateRunResponse)(nil),        // 1: runcap.v1.CreateRunResponse
@@ -3395,117 +3515,121 @@ var file_runcap_v1_budget_service_proto_goTypes = []any{
 	(*DeleteModelPriceResponse)(nil), // 33: runcap.v1.DeleteModelPriceResponse
 	(*GetModelPriceRequest)(nil),     // 34: runcap.v1.GetModelPriceRequest
 	(*GetModelPriceResponse)(nil),    // 35: runcap.v1.GetModelPriceResponse
-	(*SuspendRunRequest)(nil),        // 36: runcap.v1.SuspendRunRequest
-	(*SuspendRunResponse)(nil),       // 37: runcap.v1.SuspendRunResponse
-	(*ResumeRunRequest)(nil),         // 38: runcap.v1.ResumeRunRequest
-	(*ResumeRunResponse)(nil),        // 39: runcap.v1.ResumeRunResponse
-	nil,                              // 40: runcap.v1.CreateRunRequest.LabelsEntry
-	(*durationpb.Duration)(nil),      // 41: google.protobuf.Duration
-	(*RunPolicy)(nil),                // 42: runcap.v1.RunPolicy
-	(*Run)(nil),                      // 43: runcap.v1.Run
-	(*BudgetState)(nil),              // 44: runcap.v1.BudgetState
-	(Decision)(0),                    // 45: runcap.v1.Decision
-	(DecisionReason)(0),              // 46: runcap.v1.DecisionReason
-	(*timestamppb.Timestamp)(nil),    // 47: google.protobuf.Timestamp
-	(*ScopeRef)(nil),                 // 48: runcap.v1.ScopeRef
-	(Period)(0),                      // 49: runcap.v1.Period
-	(BudgetDimension)(0),             // 50: runcap.v1.BudgetDimension
-	(EnforcementMode)(0),             // 51: runcap.v1.EnforcementMode
-	(*Approval)(nil),                 // 52: runcap.v1.Approval
-	(ReservationStatus)(0),           // 53: runcap.v1.ReservationStatus
-	(*BudgetEvent)(nil),              // 54: runcap.v1.BudgetEvent
-	(*Scope)(nil),                    // 55: runcap.v1.Scope
+	(*ReloadPriceTableRequest)(nil),  // 36: runcap.v1.ReloadPriceTableRequest
+	(*ReloadPriceTableResponse)(nil), // 37: runcap.v1.ReloadPriceTableResponse
+	(*SuspendRunRequest)(nil),        // 38: runcap.v1.SuspendRunRequest
+	(*SuspendRunResponse)(nil),       // 39: runcap.v1.SuspendRunResponse
+	(*ResumeRunRequest)(nil),         // 40: runcap.v1.ResumeRunRequest
+	(*ResumeRunResponse)(nil),        // 41: runcap.v1.ResumeRunResponse
+	nil,                              // 42: runcap.v1.CreateRunRequest.LabelsEntry
+	(*durationpb.Duration)(nil),      // 43: google.protobuf.Duration
+	(*RunPolicy)(nil),                // 44: runcap.v1.RunPolicy
+	(*Run)(nil),                      // 45: runcap.v1.Run
+	(*BudgetState)(nil),              // 46: runcap.v1.BudgetState
+	(Decision)(0),                    // 47: runcap.v1.Decision
+	(DecisionReason)(0),              // 48: runcap.v1.DecisionReason
+	(*timestamppb.Timestamp)(nil),    // 49: google.protobuf.Timestamp
+	(*ScopeRef)(nil),                 // 50: runcap.v1.ScopeRef
+	(Period)(0),                      // 51: runcap.v1.Period
+	(BudgetDimension)(0),             // 52: runcap.v1.BudgetDimension
+	(EnforcementMode)(0),             // 53: runcap.v1.EnforcementMode
+	(*Approval)(nil),                 // 54: runcap.v1.Approval
+	(ReservationStatus)(0),           // 55: runcap.v1.ReservationStatus
+	(*BudgetEvent)(nil),              // 56: runcap.v1.BudgetEvent
+	(*Scope)(nil),                    // 57: runcap.v1.Scope
 }
 var file_runcap_v1_budget_service_proto_depIdxs = []int32{
-	40, // 0: runcap.v1.CreateRunRequest.labels:type_name -> runcap.v1.CreateRunRequest.LabelsEntry
-	41, // 1: runcap.v1.CreateRunRequest.default_ttl:type_name -> google.protobuf.Duration
-	42, // 2: runcap.v1.CreateRunRequest.policy:type_name -> runcap.v1.RunPolicy
-	43, // 3: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
-	44, // 4: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
-	43, // 5: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
-	44, // 6: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
+	42, // 0: runcap.v1.CreateRunRequest.labels:type_name -> runcap.v1.CreateRunRequest.LabelsEntry
+	43, // 1: runcap.v1.CreateRunRequest.default_ttl:type_name -> google.protobuf.Duration
+	44, // 2: runcap.v1.CreateRunRequest.policy:type_name -> runcap.v1.RunPolicy
+	45, // 3: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
+	46, // 4: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
+	45, // 5: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
+	46, // 6: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
 	12, // 7: runcap.v1.ReserveRequest.llm_call:type_name -> runcap.v1.LlmCall
-	41, // 8: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
-	45, // 9: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
-	46, // 10: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
-	47, // 11: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
-	44, // 12: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
-	48, // 13: runcap.v1.ReserveResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
-	49, // 14: runcap.v1.ReserveResponse.blocking_period:type_name -> runcap.v1.Period
+	43, // 8: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
+	47, // 9: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
+	48, // 10: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
+	49, // 11: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
+	46, // 12: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
+	50, // 13: runcap.v1.ReserveResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
+	51, // 14: runcap.v1.ReserveResponse.blocking_period:type_name -> runcap.v1.Period
 	14, // 15: runcap.v1.ReserveResponse.estimate:type_name -> runcap.v1.LlmEstimate
-	50, // 16: runcap.v1.ReserveResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
-	41, // 17: runcap.v1.ReserveResponse.retry_after:type_name -> google.protobuf.Duration
-	51, // 18: runcap.v1.ReserveResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
+	52, // 16: runcap.v1.ReserveResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
+	43, // 17: runcap.v1.ReserveResponse.retry_after:type_name -> google.protobuf.Duration
+	53, // 18: runcap.v1.ReserveResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
 	13, // 19: runcap.v1.ReserveResponse.alternatives:type_name -> runcap.v1.Alternative
-	52, // 20: runcap.v1.ApproveResponse.approval:type_name -> runcap.v1.Approval
-	44, // 21: runcap.v1.ApproveResponse.state:type_name -> runcap.v1.BudgetState
-	52, // 22: runcap.v1.DenyResponse.approval:type_name -> runcap.v1.Approval
-	44, // 23: runcap.v1.DenyResponse.state:type_name -> runcap.v1.BudgetState
-	45, // 24: runcap.v1.GetDecisionResponse.decision:type_name -> runcap.v1.Decision
-	46, // 25: runcap.v1.GetDecisionResponse.reason:type_name -> runcap.v1.DecisionReason
-	47, // 26: runcap.v1.GetDecisionResponse.decide_time:type_name -> google.protobuf.Timestamp
-	51, // 27: runcap.v1.GetDecisionResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
-	48, // 28: runcap.v1.GetDecisionResponse.scopes:type_name -> runcap.v1.ScopeRef
-	48, // 29: runcap.v1.GetDecisionResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
-	49, // 30: runcap.v1.GetDecisionResponse.blocking_period:type_name -> runcap.v1.Period
-	50, // 31: runcap.v1.GetDecisionResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
+	54, // 20: runcap.v1.ApproveResponse.approval:type_name -> runcap.v1.Approval
+	46, // 21: runcap.v1.ApproveResponse.state:type_name -> runcap.v1.BudgetState
+	54, // 22: runcap.v1.DenyResponse.approval:type_name -> runcap.v1.Approval
+	46, // 23: runcap.v1.DenyResponse.state:type_name -> runcap.v1.BudgetState
+	47, // 24: runcap.v1.GetDecisionResponse.decision:type_name -> runcap.v1.Decision
+	48, // 25: runcap.v1.GetDecisionResponse.reason:type_name -> runcap.v1.DecisionReason
+	49, // 26: runcap.v1.GetDecisionResponse.decide_time:type_name -> google.protobuf.Timestamp
+	53, // 27: runcap.v1.GetDecisionResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
+	50, // 28: runcap.v1.GetDecisionResponse.scopes:type_name -> runcap.v1.ScopeRef
+	50, // 29: runcap.v1.GetDecisionResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
+	51, // 30: runcap.v1.GetDecisionResponse.blocking_period:type_name -> runcap.v1.Period
+	52, // 31: runcap.v1.GetDecisionResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
 	14, // 32: runcap.v1.GetDecisionResponse.estimate:type_name -> runcap.v1.LlmEstimate
-	53, // 33: runcap.v1.GetDecisionResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	55, // 33: runcap.v1.GetDecisionResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
 	15, // 34: runcap.v1.CommitRequest.usage:type_name -> runcap.v1.TokenUsage
-	44, // 35: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
-	53, // 36: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	44, // 37: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
-	53, // 38: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	44, // 39: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
-	44, // 40: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
-	54, // 41: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
+	46, // 35: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
+	55, // 36: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	46, // 37: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
+	55, // 38: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	46, // 39: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
+	46, // 40: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
+	56, // 41: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
 	24, // 42: runcap.v1.WatchResponse.progress:type_name -> runcap.v1.Progress
-	48, // 43: runcap.v1.SetScopeLimitRequest.scope:type_name -> runcap.v1.ScopeRef
-	49, // 44: runcap.v1.SetScopeLimitRequest.period:type_name -> runcap.v1.Period
-	55, // 45: runcap.v1.SetScopeLimitResponse.scope:type_name -> runcap.v1.Scope
-	48, // 46: runcap.v1.GetScopeRequest.scope:type_name -> runcap.v1.ScopeRef
-	55, // 47: runcap.v1.GetScopeResponse.scope:type_name -> runcap.v1.Scope
+	50, // 43: runcap.v1.SetScopeLimitRequest.scope:type_name -> runcap.v1.ScopeRef
+	51, // 44: runcap.v1.SetScopeLimitRequest.period:type_name -> runcap.v1.Period
+	57, // 45: runcap.v1.SetScopeLimitResponse.scope:type_name -> runcap.v1.Scope
+	50, // 46: runcap.v1.GetScopeRequest.scope:type_name -> runcap.v1.ScopeRef
+	57, // 47: runcap.v1.GetScopeResponse.scope:type_name -> runcap.v1.Scope
 	29, // 48: runcap.v1.SetModelPriceRequest.price:type_name -> runcap.v1.ModelPrice
 	29, // 49: runcap.v1.SetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
 	29, // 50: runcap.v1.GetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
-	44, // 51: runcap.v1.SuspendRunResponse.state:type_name -> runcap.v1.BudgetState
-	44, // 52: runcap.v1.ResumeRunResponse.state:type_name -> runcap.v1.BudgetState
+	46, // 51: runcap.v1.SuspendRunResponse.state:type_name -> runcap.v1.BudgetState
+	46, // 52: runcap.v1.ResumeRunResponse.state:type_name -> runcap.v1.BudgetState
 	0,  // 53: runcap.v1.BudgetService.CreateRun:input_type -> runcap.v1.CreateRunRequest
 	2,  // 54: runcap.v1.BudgetService.GetRun:input_type -> runcap.v1.GetRunRequest
 	4,  // 55: runcap.v1.BudgetService.Reserve:input_type -> runcap.v1.ReserveRequest
 	16, // 56: runcap.v1.BudgetService.Commit:input_type -> runcap.v1.CommitRequest
 	18, // 57: runcap.v1.BudgetService.Refund:input_type -> runcap.v1.RefundRequest
 	20, // 58: runcap.v1.BudgetService.CloseRun:input_type -> runcap.v1.CloseRunRequest
-	36, // 59: runcap.v1.BudgetService.SuspendRun:input_type -> runcap.v1.SuspendRunRequest
-	38, // 60: runcap.v1.BudgetService.ResumeRun:input_type -> runcap.v1.ResumeRunRequest
+	38, // 59: runcap.v1.BudgetService.SuspendRun:input_type -> runcap.v1.SuspendRunRequest
+	40, // 60: runcap.v1.BudgetService.ResumeRun:input_type -> runcap.v1.ResumeRunRequest
 	22, // 61: runcap.v1.BudgetService.Watch:input_type -> runcap.v1.WatchRequest
 	25, // 62: runcap.v1.BudgetService.SetScopeLimit:input_type -> runcap.v1.SetScopeLimitRequest
 	27, // 63: runcap.v1.BudgetService.GetScope:input_type -> runcap.v1.GetScopeRequest
 	30, // 64: runcap.v1.BudgetService.SetModelPrice:input_type -> runcap.v1.SetModelPriceRequest
 	32, // 65: runcap.v1.BudgetService.DeleteModelPrice:input_type -> runcap.v1.DeleteModelPriceRequest
 	34, // 66: runcap.v1.BudgetService.GetModelPrice:input_type -> runcap.v1.GetModelPriceRequest
-	10, // 67: runcap.v1.BudgetService.GetDecision:input_type -> runcap.v1.GetDecisionRequest
-	6,  // 68: runcap.v1.BudgetService.Approve:input_type -> runcap.v1.ApproveRequest
-	8,  // 69: runcap.v1.BudgetService.Deny:input_type -> runcap.v1.DenyRequest
-	1,  // 70: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
-	3,  // 71: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
-	5,  // 72: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
-	17, // 73: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
-	19, // 74: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
-	21, // 75: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
-	37, // 76: runcap.v1.BudgetService.SuspendRun:output_type -> runcap.v1.SuspendRunResponse
-	39, // 77: runcap.v1.BudgetService.ResumeRun:output_type -> runcap.v1.ResumeRunResponse
-	23, // 78: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
-	26, // 79: runcap.v1.BudgetService.SetScopeLimit:output_type -> runcap.v1.SetScopeLimitResponse
-	28, // 80: runcap.v1.BudgetService.GetScope:output_type -> runcap.v1.GetScopeResponse
-	31, // 81: runcap.v1.BudgetService.SetModelPrice:output_type -> runcap.v1.SetModelPriceResponse
-	33, // 82: runcap.v1.BudgetService.DeleteModelPrice:output_type -> runcap.v1.DeleteModelPriceResponse
-	35, // 83: runcap.v1.BudgetService.GetModelPrice:output_type -> runcap.v1.GetModelPriceResponse
-	11, // 84: runcap.v1.BudgetService.GetDecision:output_type -> runcap.v1.GetDecisionResponse
-	7,  // 85: runcap.v1.BudgetService.Approve:output_type -> runcap.v1.ApproveResponse
-	9,  // 86: runcap.v1.BudgetService.Deny:output_type -> runcap.v1.DenyResponse
-	70, // [70:87] is the sub-list for method output_type
-	53, // [53:70] is the sub-list for method input_type
+	36, // 67: runcap.v1.BudgetService.ReloadPriceTable:input_type -> runcap.v1.ReloadPriceTableRequest
+	10, // 68: runcap.v1.BudgetService.GetDecision:input_type -> runcap.v1.GetDecisionRequest
+	6,  // 69: runcap.v1.BudgetService.Approve:input_type -> runcap.v1.ApproveRequest
+	8,  // 70: runcap.v1.BudgetService.Deny:input_type -> runcap.v1.DenyRequest
+	1,  // 71: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
+	3,  // 72: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
+	5,  // 73: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
+	17, // 74: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
+	19, // 75: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
+	21, // 76: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
+	39, // 77: runcap.v1.BudgetService.SuspendRun:output_type -> runcap.v1.SuspendRunResponse
+	41, // 78: runcap.v1.BudgetService.ResumeRun:output_type -> runcap.v1.ResumeRunResponse
+	23, // 79: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
+	26, // 80: runcap.v1.BudgetService.SetScopeLimit:output_type -> runcap.v1.SetScopeLimitResponse
+	28, // 81: runcap.v1.BudgetService.GetScope:output_type -> runcap.v1.GetScopeResponse
+	31, // 82: runcap.v1.BudgetService.SetModelPrice:output_type -> runcap.v1.SetModelPriceResponse
+	33, // 83: runcap.v1.BudgetService.DeleteModelPrice:output_type -> runcap.v1.DeleteModelPriceResponse
+	35, // 84: runcap.v1.BudgetService.GetModelPrice:output_type -> runcap.v1.GetModelPriceResponse
+	37, // 85: runcap.v1.BudgetService.ReloadPriceTable:output_type -> runcap.v1.ReloadPriceTableResponse
+	11, // 86: runcap.v1.BudgetService.GetDecision:output_type -> runcap.v1.GetDecisionResponse
+	7,  // 87: runcap.v1.BudgetService.Approve:output_type -> runcap.v1.ApproveResponse
+	9,  // 88: runcap.v1.BudgetService.Deny:output_type -> runcap.v1.DenyResponse
+	71, // [71:89] is the sub-list for method output_type
+	53, // [53:71] is the sub-list for method input_type
 	53, // [53:53] is the sub-list for extension type_name
 	53, // [53:53] is the sub-list for extension extendee
 	0,  // [0:53] is the sub-list for field type_name
@@ -3544,7 +3668,7 @@ func file_runcap_v1_budget_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_runcap_v1_budget_service_proto_rawDesc), len(file_runcap_v1_budget_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   41,
+			NumMessages:   43,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -33,6 +33,7 @@ const (
 	BudgetService_SetModelPrice_FullMethodName    = "/runcap.v1.BudgetService/SetModelPrice"
 	BudgetService_DeleteModelPrice_FullMethodName = "/runcap.v1.BudgetService/DeleteModelPrice"
 	BudgetService_GetModelPrice_FullMethodName    = "/runcap.v1.BudgetService/GetModelPrice"
+	BudgetService_ReloadPriceTable_FullMethodName = "/runcap.v1.BudgetService/ReloadPriceTable"
 	BudgetService_GetDecision_FullMethodName      = "/runcap.v1.BudgetService/GetDecision"
 	BudgetService_Approve_FullMethodName          = "/runcap.v1.BudgetService/Approve"
 	BudgetService_Deny_FullMethodName             = "/runcap.v1.BudgetService/Deny"
@@ -103,6 +104,11 @@ type BudgetServiceClient interface {
 	DeleteModelPrice(ctx context.Context, in *DeleteModelPriceRequest, opts ...grpc.CallOption) (*DeleteModelPriceResponse, error)
 	// Returns the price Reserve uses for a model now, and where it comes from.
 	GetModelPrice(ctx context.Context, in *GetModelPriceRequest, opts ...grpc.CallOption) (*GetModelPriceResponse, error)
+	// Re-reads this server's price table file (RUNCAP_PRICE_TABLE), as SIGHUP
+	// does. An invalid file changes nothing: the current table stays in use,
+	// and the response says why. Each replica reads its own file: call every
+	// replica (or send each one SIGHUP).
+	ReloadPriceTable(ctx context.Context, in *ReloadPriceTableRequest, opts ...grpc.CallOption) (*ReloadPriceTableResponse, error)
 	// Returns a Reserve decision by its id, with the inputs it was made from.
 	// Decisions are kept as long as their run: on Redis, until
 	// RUNCAP_CLOSED_RUN_RETENTION (30 days by default) after the run closes.
@@ -272,6 +278,16 @@ func (c *budgetServiceClient) GetModelPrice(ctx context.Context, in *GetModelPri
 	return out, nil
 }
 
+func (c *budgetServiceClient) ReloadPriceTable(ctx context.Context, in *ReloadPriceTableRequest, opts ...grpc.CallOption) (*ReloadPriceTableResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReloadPriceTableResponse)
+	err := c.cc.Invoke(ctx, BudgetService_ReloadPriceTable_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *budgetServiceClient) GetDecision(ctx context.Context, in *GetDecisionRequest, opts ...grpc.CallOption) (*GetDecisionResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(GetDecisionResponse)
@@ -367,6 +383,11 @@ type BudgetServiceServer interface {
 	DeleteModelPrice(context.Context, *DeleteModelPriceRequest) (*DeleteModelPriceResponse, error)
 	// Returns the price Reserve uses for a model now, and where it comes from.
 	GetModelPrice(context.Context, *GetModelPriceRequest) (*GetModelPriceResponse, error)
+	// Re-reads this server's price table file (RUNCAP_PRICE_TABLE), as SIGHUP
+	// does. An invalid file changes nothing: the current table stays in use,
+	// and the response says why. Each replica reads its own file: call every
+	// replica (or send each one SIGHUP).
+	ReloadPriceTable(context.Context, *ReloadPriceTableRequest) (*ReloadPriceTableResponse, error)
 	// Returns a Reserve decision by its id, with the inputs it was made from.
 	// Decisions are kept as long as their run: on Redis, until
 	// RUNCAP_CLOSED_RUN_RETENTION (30 days by default) after the run closes.
@@ -428,6 +449,9 @@ func (UnimplementedBudgetServiceServer) DeleteModelPrice(context.Context, *Delet
 }
 func (UnimplementedBudgetServiceServer) GetModelPrice(context.Context, *GetModelPriceRequest) (*GetModelPriceResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetModelPrice not implemented")
+}
+func (UnimplementedBudgetServiceServer) ReloadPriceTable(context.Context, *ReloadPriceTableRequest) (*ReloadPriceTableResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ReloadPriceTable not implemented")
 }
 func (UnimplementedBudgetServiceServer) GetDecision(context.Context, *GetDecisionRequest) (*GetDecisionResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetDecision not implemented")
@@ -704,6 +728,24 @@ func _BudgetService_GetModelPrice_Handler(srv interface{}, ctx context.Context, 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _BudgetService_ReloadPriceTable_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReloadPriceTableRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BudgetServiceServer).ReloadPriceTable(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BudgetService_ReloadPriceTable_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BudgetServiceServer).ReloadPriceTable(ctx, req.(*ReloadPriceTableRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _BudgetService_GetDecision_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(GetDecisionRequest)
 	if err := dec(in); err != nil {
@@ -816,6 +858,10 @@ var BudgetService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetModelPrice",
 			Handler:    _BudgetService_GetModelPrice_Handler,
+		},
+		{
+			MethodName: "ReloadPriceTable",
+			Handler:    _BudgetService_ReloadPriceTable_Handler,
 		},
 		{
 			MethodName: "GetDecision",

@@ -1498,6 +1498,61 @@ class GetModelPriceResponse(_message.Message):
 Global___GetModelPriceResponse: _TypeAlias = GetModelPriceResponse  # noqa: Y015
 
 @_typing.final
+class ReloadPriceTableRequest(_message.Message):
+    """ReloadPriceTableRequest asks for a reload; it has no fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReloadPriceTableRequest: _TypeAlias = ReloadPriceTableRequest  # noqa: Y015
+
+@_typing.final
+class ReloadPriceTableResponse(_message.Message):
+    """ReloadPriceTableResponse says which table is in use after the reload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELOADED_FIELD_NUMBER: _builtins.int
+    PRICE_TABLE_VERSION_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    reloaded: _builtins.bool
+    """True when the file was read and is now in use; false when it was invalid
+    and the previous table stays.
+    """
+    price_table_version: _builtins.str
+    """The version in use now."""
+    models: _builtins.int
+    """The number of models it prices."""
+    message: _builtins.str
+    """What happened, for people: the new table's summary, or why the file was
+    refused.
+    """
+    def __init__(
+        self,
+        *,
+        reloaded: _builtins.bool = ...,
+        price_table_version: _builtins.str = ...,
+        models: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "models", b"models", "price_table_version", b"price_table_version", "reloaded", b"reloaded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReloadPriceTableResponse: _TypeAlias = ReloadPriceTableResponse  # noqa: Y015
+
+@_typing.final
 class SuspendRunRequest(_message.Message):
     """SuspendRunRequest names the run to stop."""
 

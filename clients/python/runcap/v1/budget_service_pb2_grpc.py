@@ -115,6 +115,11 @@ class BudgetServiceStub:
                 request_serializer=runcap_dot_v1_dot_budget__service__pb2.GetModelPriceRequest.SerializeToString,
                 response_deserializer=runcap_dot_v1_dot_budget__service__pb2.GetModelPriceResponse.FromString,
                 _registered_method=True)
+        self.ReloadPriceTable = channel.unary_unary(
+                '/runcap.v1.BudgetService/ReloadPriceTable',
+                request_serializer=runcap_dot_v1_dot_budget__service__pb2.ReloadPriceTableRequest.SerializeToString,
+                response_deserializer=runcap_dot_v1_dot_budget__service__pb2.ReloadPriceTableResponse.FromString,
+                _registered_method=True)
         self.GetDecision = channel.unary_unary(
                 '/runcap.v1.BudgetService/GetDecision',
                 request_serializer=runcap_dot_v1_dot_budget__service__pb2.GetDecisionRequest.SerializeToString,
@@ -265,6 +270,16 @@ class BudgetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadPriceTable(self, request, context):
+        """Re-reads this server's price table file (RUNCAP_PRICE_TABLE), as SIGHUP
+        does. An invalid file changes nothing: the current table stays in use,
+        and the response says why. Each replica reads its own file: call every
+        replica (or send each one SIGHUP).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetDecision(self, request, context):
         """Returns a Reserve decision by its id, with the inputs it was made from.
         Decisions are kept as long as their run: on Redis, until
@@ -362,6 +377,11 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.GetModelPrice,
                     request_deserializer=runcap_dot_v1_dot_budget__service__pb2.GetModelPriceRequest.FromString,
                     response_serializer=runcap_dot_v1_dot_budget__service__pb2.GetModelPriceResponse.SerializeToString,
+            ),
+            'ReloadPriceTable': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadPriceTable,
+                    request_deserializer=runcap_dot_v1_dot_budget__service__pb2.ReloadPriceTableRequest.FromString,
+                    response_serializer=runcap_dot_v1_dot_budget__service__pb2.ReloadPriceTableResponse.SerializeToString,
             ),
             'GetDecision': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDecision,
@@ -768,6 +788,33 @@ class BudgetService:
             '/runcap.v1.BudgetService/GetModelPrice',
             runcap_dot_v1_dot_budget__service__pb2.GetModelPriceRequest.SerializeToString,
             runcap_dot_v1_dot_budget__service__pb2.GetModelPriceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadPriceTable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runcap.v1.BudgetService/ReloadPriceTable',
+            runcap_dot_v1_dot_budget__service__pb2.ReloadPriceTableRequest.SerializeToString,
+            runcap_dot_v1_dot_budget__service__pb2.ReloadPriceTableResponse.FromString,
             options,
             channel_credentials,
             insecure,

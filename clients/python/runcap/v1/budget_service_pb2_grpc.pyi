@@ -104,6 +104,12 @@ class BudgetServiceStub:
     """
     GetModelPrice: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.GetModelPriceRequest, _budget_service_pb2.GetModelPriceResponse]
     """Returns the price Reserve uses for a model now, and where it comes from."""
+    ReloadPriceTable: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.ReloadPriceTableRequest, _budget_service_pb2.ReloadPriceTableResponse]
+    """Re-reads this server's price table file (RUNCAP_PRICE_TABLE), as SIGHUP
+    does. An invalid file changes nothing: the current table stays in use,
+    and the response says why. Each replica reads its own file: call every
+    replica (or send each one SIGHUP).
+    """
     GetDecision: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.GetDecisionRequest, _budget_service_pb2.GetDecisionResponse]
     """Returns a Reserve decision by its id, with the inputs it was made from.
     Decisions are kept as long as their run: on Redis, until
@@ -194,6 +200,12 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     """
     GetModelPrice: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.GetModelPriceRequest, _budget_service_pb2.GetModelPriceResponse]  # type: ignore[assignment]
     """Returns the price Reserve uses for a model now, and where it comes from."""
+    ReloadPriceTable: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.ReloadPriceTableRequest, _budget_service_pb2.ReloadPriceTableResponse]  # type: ignore[assignment]
+    """Re-reads this server's price table file (RUNCAP_PRICE_TABLE), as SIGHUP
+    does. An invalid file changes nothing: the current table stays in use,
+    and the response says why. Each replica reads its own file: call every
+    replica (or send each one SIGHUP).
+    """
     GetDecision: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.GetDecisionRequest, _budget_service_pb2.GetDecisionResponse]  # type: ignore[assignment]
     """Returns a Reserve decision by its id, with the inputs it was made from.
     Decisions are kept as long as their run: on Redis, until
@@ -365,6 +377,18 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_budget_service_pb2.GetModelPriceResponse, _abc.Awaitable[_budget_service_pb2.GetModelPriceResponse]]:
         """Returns the price Reserve uses for a model now, and where it comes from."""
+
+    @_abc_1.abstractmethod
+    def ReloadPriceTable(
+        self,
+        request: _budget_service_pb2.ReloadPriceTableRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_service_pb2.ReloadPriceTableResponse, _abc.Awaitable[_budget_service_pb2.ReloadPriceTableResponse]]:
+        """Re-reads this server's price table file (RUNCAP_PRICE_TABLE), as SIGHUP
+        does. An invalid file changes nothing: the current table stays in use,
+        and the response says why. Each replica reads its own file: call every
+        replica (or send each one SIGHUP).
+        """
 
     @_abc_1.abstractmethod
     def GetDecision(
