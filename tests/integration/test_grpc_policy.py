@@ -242,13 +242,13 @@ async def test_approvals_round_trip_through_watch(stub: BudgetServiceAsyncStub) 
     assert first.HasField("snapshot")
 
     async def supervise() -> list[int]:
-        seen = []
+        seen: list[int] = []
         while True:
             message = await stream.read()
             assert isinstance(message, pb.WatchResponse)
             event = message.event
             if event.approval_id:
-                seen.append(event.type)
+                seen.append(int(event.type))
                 if event.type != budget_pb2.EVENT_TYPE_APPROVAL_REQUESTED:
                     return seen
                 await stub.Approve(pb.ApproveRequest(approval_id=event.approval_id))

@@ -7,15 +7,11 @@ gRPC server that records every request (no runcap server needed)."""
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import any_pb2
-from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -35,25 +31,16 @@ from runcap import (
 from runcap.errors import REASON_TO_ERROR
 from runcap.v1 import budget_pb2
 from runcap.v1 import budget_service_pb2 as pb
-from tests.unit.fake_budget import FAST, serve
+from tests.unit.fake_budget import CORE_METHODS, FAST, RecordingFake, error_status, serve
 
 SPEND_APPROVAL = "run-1/approval:spend"
 DEPLOY_APPROVAL = "run-1/approval:meter:tool:deploy"
 
 
-def _status(code: int, message: str, *details: Message) -> status_pb2.Status:
-    packed = []
-    for detail in details:
-        any_detail = any_pb2.Any()
-        any_detail.Pack(detail)
-        packed.append(any_detail)
-    return status_pb2.Status(code=code, message=message, details=packed)
-
-
 def approval_not_found(approval_id: str, *, metadata: bool = False) -> status_pb2.Status:
     """The status the server sends for Approve or Deny of an unknown approval
     (its ErrorInfo has no metadata: the ResourceInfo names the approval)."""
-    return _status(
+    return error_status(
         code_pb2.NOT_FOUND,
         f"there is no approval {approval_id!r}: its run never requested it",
         error_details_pb2.ErrorInfo(
@@ -71,7 +58,7 @@ def approval_resolved(run_id: str, approval_id: str, status: str) -> status_pb2.
     """The status the server sends for Approve of a denied approval, or Deny of
     an approved one (the PreconditionFailure's subject names the approval)."""
     message = f"approval {approval_id!r} is already {status}"
-    return _status(
+    return error_status(
         code_pb2.FAILED_PRECONDITION,
         message,
         error_details_pb2.ErrorInfo(
@@ -128,38 +115,31 @@ def approval_denied(request: pb.ReserveRequest) -> pb.ReserveResponse:
     )
 
 
-Answer = Callable[[pb.ReserveRequest], pb.ReserveResponse]
-
 _STATUS_NAMES = {
     budget_pb2.APPROVAL_STATUS_APPROVED: "approved",
     budget_pb2.APPROVAL_STATUS_DENIED: "denied",
 }
 
 
-class FakeApprovals:
+class FakeApprovals(RecordingFake):
     """Records every request. Reserve answers with the queued answers first,
     then an allow. Approve and Deny fail with UNAVAILABLE `unavailable` times
     first, then resolve the approvals in `approvals` (a replay when already
     resolved the same way, APPROVAL_RESOLVED the other way) and answer
     APPROVAL_NOT_FOUND for any other id."""
 
-    def __init__(self) -> None:
-        self.calls: dict[str, list[Any]] = defaultdict(list)
-        self.answers: list[Answer] = []
-        self.approvals: dict[str, budget_pb2.ApprovalStatus.ValueType] = {}
-        self.unavailable = 0
-        self.lock = threading.Lock()
+    methods = (*CORE_METHODS, "Approve", "Deny")
+    limit_micros = 10_000
 
-    def _resolve(
+    def __init__(self) -> None:
+        super().__init__()
+        self.approvals: dict[str, budget_pb2.ApprovalStatus.ValueType] = {}
+
+    def other(
         self, method: str, request: Any, context: grpc.ServicerContext
     ) -> pb.ApproveResponse | pb.DenyResponse:
         with self.lock:
-            unavailable = self.unavailable > 0
-            if unavailable:
-                self.unavailable -= 1
             current = self.approvals.get(request.approval_id)
-        if unavailable:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
         if current is None:
             context.abort_with_status(rpc_status.to_status(approval_not_found(request.approval_id)))
         wanted = (
@@ -178,41 +158,11 @@ class FakeApprovals:
         kind = pb.ApproveResponse if method == "Approve" else pb.DenyResponse
         return kind(approval=approval, state=state, replayed=current == wanted)
 
-    def handler(self, method: str) -> Callable[[Any, grpc.ServicerContext], Message]:
-        def handle(request: Any, context: grpc.ServicerContext) -> Message:
-            with self.lock:
-                self.calls[method].append(request)
-                answer = self.answers.pop(0) if method == "Reserve" and self.answers else None
-            if method in ("Approve", "Deny"):
-                return self._resolve(method, request, context)
-            state = budget_pb2.BudgetState(run_id=request.run_id, limit_micros=10_000)
-            if method == "CreateRun":
-                run = budget_pb2.Run(run_id=request.run_id, policy=request.policy)
-                return pb.CreateRunResponse(run=run, state=state)
-            if method == "Reserve":
-                if answer is not None:
-                    return answer(request)
-                return pb.ReserveResponse(
-                    decision=budget_pb2.DECISION_ALLOW,
-                    reason=budget_pb2.DECISION_REASON_WITHIN_BUDGET,
-                    reservation_id=request.reservation_id,
-                    amount_micros=request.amount_micros,
-                    state=state,
-                )
-            if method == "Commit":
-                return pb.CommitResponse(state=state, actual_micros=request.actual_micros)
-            return pb.RefundResponse(state=state)
-
-        return handle
-
-
-METHODS = ["CreateRun", "Reserve", "Commit", "Refund", "Approve", "Deny"]
-
 
 @pytest.fixture
 def fake() -> Iterator[tuple[FakeApprovals, str]]:
     approvals = FakeApprovals()
-    with serve(approvals.handler, METHODS) as target:
+    with serve(approvals.handler, approvals.methods) as target:
         yield approvals, target
 
 

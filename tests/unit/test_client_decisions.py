@@ -7,14 +7,11 @@ records every request (no runcap server needed)."""
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -36,7 +33,7 @@ from runcap._shared import reserve_request, to_llm_call
 from runcap.errors import REASON_TO_ERROR
 from runcap.v1 import budget_pb2
 from runcap.v1 import budget_service_pb2 as pb
-from tests.unit.fake_budget import FAST, serve
+from tests.unit.fake_budget import CORE_METHODS, FAST, RecordingFake, error_status, serve
 
 GPT_4O = LlmCall(
     "openai",
@@ -131,86 +128,46 @@ def decision_not_found(decision_id: str, *, metadata: bool = True) -> status_pb2
         resource_name=decision_id,
         description=f"no decision {decision_id!r}",
     )
-    details = []
-    for detail in (info, resource):
-        packed = any_pb2.Any()
-        packed.Pack(detail)
-        details.append(packed)
-    return status_pb2.Status(
-        code=code_pb2.NOT_FOUND, message=f"no decision {decision_id!r}", details=details
-    )
+    return error_status(code_pb2.NOT_FOUND, f"no decision {decision_id!r}", info, resource)
 
 
-Answer = Callable[[pb.ReserveRequest], pb.ReserveResponse]
-
-
-class FakeDecisions:
+class FakeDecisions(RecordingFake):
     """Records every request. Reserve answers with the queued answers first,
-    then an allow; GetDecision answers the decisions it knows, fails with the
-    queued failures first, and with DECISION_NOT_FOUND for any other id."""
+    then an allow; GetDecision fails with UNAVAILABLE `unavailable` times
+    first, then answers the decisions it knows, and DECISION_NOT_FOUND for any
+    other id."""
+
+    methods = (*CORE_METHODS, "GetDecision")
 
     def __init__(self) -> None:
-        self.calls: dict[str, list[Any]] = defaultdict(list)
-        self.answers: list[Answer] = []
+        super().__init__()
         self.decisions: dict[str, pb.GetDecisionResponse] = {}
-        self.unavailable = 0
-        self.lock = threading.Lock()
 
-    def handler(self, method: str) -> Callable[[Any, grpc.ServicerContext], Message]:
-        def handle(request: Any, context: grpc.ServicerContext) -> Message:
-            with self.lock:
-                self.calls[method].append(request)
-                answer = self.answers.pop(0) if method == "Reserve" and self.answers else None
-                unavailable = method == "GetDecision" and self.unavailable > 0
-                if unavailable:
-                    self.unavailable -= 1
-            if method == "GetDecision":
-                if unavailable:
-                    context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
-                known = self.decisions.get(request.decision_id)
-                if known is None:
-                    status = decision_not_found(request.decision_id)
-                    context.abort_with_status(rpc_status.to_status(status))
-                return known
-            state = budget_pb2.BudgetState(run_id=request.run_id, limit_micros=1_000)
-            if method == "CreateRun":
-                run = budget_pb2.Run(run_id=request.run_id, policy=request.policy)
-                return pb.CreateRunResponse(run=run, state=state)
-            if method == "Reserve":
-                if answer is not None:
-                    return answer(request)
-                response = pb.ReserveResponse(
-                    decision=budget_pb2.DECISION_ALLOW,
-                    reason=budget_pb2.DECISION_REASON_WITHIN_BUDGET,
-                    reservation_id=request.reservation_id,
-                    state=state,
-                    decision_id="dec-allow",
-                )
-                if request.HasField("llm_call"):
-                    call = request.llm_call
-                    response.amount_micros = 6_400
-                    response.estimate.CopyFrom(
-                        pb.LlmEstimate(
-                            provider=call.provider, model=call.model, amount_micros=6_400
-                        )
-                    )
-                else:
-                    response.amount_micros = request.amount_micros
-                return response
-            if method == "Commit":
-                return pb.CommitResponse(state=state, actual_micros=request.actual_micros)
-            return pb.RefundResponse(state=state)
+    def allow(
+        self, request: pb.ReserveRequest, state: budget_pb2.BudgetState
+    ) -> pb.ReserveResponse:
+        response = super().allow(request, state)
+        response.decision_id = "dec-allow"
+        if request.HasField("llm_call"):
+            call = request.llm_call
+            response.amount_micros = 6_400
+            response.estimate.CopyFrom(
+                pb.LlmEstimate(provider=call.provider, model=call.model, amount_micros=6_400)
+            )
+        return response
 
-        return handle
-
-
-METHODS = ["CreateRun", "Reserve", "Commit", "Refund", "GetDecision"]
+    def other(self, method: str, request: Any, context: grpc.ServicerContext) -> Message:
+        known = self.decisions.get(request.decision_id)
+        if known is None:
+            status = decision_not_found(request.decision_id)
+            context.abort_with_status(rpc_status.to_status(status))
+        return known
 
 
 @pytest.fixture
 def fake() -> Iterator[tuple[FakeDecisions, str]]:
     decisions = FakeDecisions()
-    with serve(decisions.handler, METHODS) as target:
+    with serve(decisions.handler, decisions.methods) as target:
         yield decisions, target
 
 

@@ -6,16 +6,12 @@ server needed)."""
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-import grpc
 import pytest
 from google.protobuf import duration_pb2
-from google.protobuf.message import Message
 
 from runcap import (
     AsyncRuncapClient,
@@ -30,7 +26,7 @@ from runcap import (
 from runcap._shared import create_run_request, estimate_of, reserve_request
 from runcap.v1 import budget_pb2
 from runcap.v1 import budget_service_pb2 as pb
-from tests.unit.fake_budget import serve
+from tests.unit.fake_budget import RecordingFake, serve
 
 
 def seconds(value: float) -> duration_pb2.Duration:
@@ -87,51 +83,12 @@ def block_on_meter(request: pb.ReserveRequest) -> pb.ReserveResponse:
     )
 
 
-Answer = Callable[[pb.ReserveRequest], pb.ReserveResponse]
-
-
-class FakePolicies:
+@pytest.fixture
+def fake() -> Iterator[tuple[RecordingFake, str]]:
     """Records every request; CreateRun echoes the policy into the run, and
     Reserve answers with the queued answers first, then an allow."""
-
-    def __init__(self) -> None:
-        self.calls: dict[str, list[Any]] = defaultdict(list)
-        self.answers: list[Answer] = []
-        self.lock = threading.Lock()
-
-    def handler(self, method: str) -> Callable[[Any, grpc.ServicerContext], Message]:
-        def handle(request: Any, context: grpc.ServicerContext) -> Message:
-            with self.lock:
-                self.calls[method].append(request)
-                answer = self.answers.pop(0) if method == "Reserve" and self.answers else None
-            state = budget_pb2.BudgetState(run_id=request.run_id, limit_micros=1000)
-            if method == "CreateRun":
-                run = budget_pb2.Run(run_id=request.run_id, policy=request.policy)
-                return pb.CreateRunResponse(run=run, state=state)
-            if method == "Reserve":
-                if answer is not None:
-                    return answer(request)
-                return pb.ReserveResponse(
-                    decision=budget_pb2.DECISION_ALLOW,
-                    reason=budget_pb2.DECISION_REASON_WITHIN_BUDGET,
-                    reservation_id=request.reservation_id,
-                    amount_micros=request.amount_micros,
-                    state=state,
-                )
-            if method == "Commit":
-                return pb.CommitResponse(state=state, actual_micros=request.actual_micros)
-            return pb.RefundResponse(state=state)
-
-        return handle
-
-
-METHODS = ["CreateRun", "Reserve", "Commit", "Refund"]
-
-
-@pytest.fixture
-def fake() -> Iterator[tuple[FakePolicies, str]]:
-    policies = FakePolicies()
-    with serve(policies.handler, METHODS) as target:
+    policies = RecordingFake()
+    with serve(policies.handler, policies.methods) as target:
         yield policies, target
 
 
@@ -251,7 +208,7 @@ def test_reserve_request_carries_the_meter() -> None:
 # --- through a channel ------------------------------------------------------------------
 
 
-def test_create_run_sends_the_policy(fake: tuple[FakePolicies, str], client: RuncapClient) -> None:
+def test_create_run_sends_the_policy(fake: tuple[RecordingFake, str], client: RuncapClient) -> None:
     created = client.create_run("run-1", limit_micros=5, policy=FULL)
     assert created.run.policy == FULL_PROTO
     client.create_run("run-2", limit_micros=5, policy=budget_pb2.RunPolicy(max_depth=1))
@@ -262,7 +219,7 @@ def test_create_run_sends_the_policy(fake: tuple[FakePolicies, str], client: Run
     assert not third.HasField("policy")
 
 
-def test_reserve_sends_the_meter(fake: tuple[FakePolicies, str], client: RuncapClient) -> None:
+def test_reserve_sends_the_meter(fake: tuple[RecordingFake, str], client: RuncapClient) -> None:
     client.reserve_once("run-1", 40, meter="tool:serp_api", meter_units=2)
     with client.reserve("run-1", 40, meter="tool:browse") as hold:
         assert (hold.meter, hold.meter_units) == ("tool:browse", None)
@@ -278,7 +235,7 @@ def test_reserve_sends_the_meter(fake: tuple[FakePolicies, str], client: RuncapC
 
 
 def test_a_warning_is_held_and_says_so(
-    fake: tuple[FakePolicies, str], client: RuncapClient
+    fake: tuple[RecordingFake, str], client: RuncapClient
 ) -> None:
     budget = fake[0]
     budget.answers.append(warn)
@@ -299,7 +256,7 @@ def test_a_warning_is_held_and_says_so(
 
 
 def test_a_failed_open_warning_runs_the_block_and_settles_nothing(
-    fake: tuple[FakePolicies, str], client: RuncapClient
+    fake: tuple[RecordingFake, str], client: RuncapClient
 ) -> None:
     budget = fake[0]
     budget.answers += [fail_open, fail_open]
@@ -321,7 +278,7 @@ def test_a_failed_open_warning_runs_the_block_and_settles_nothing(
 
 
 def test_a_throttle_raises_a_typed_error_with_retry_after(
-    fake: tuple[FakePolicies, str], client: RuncapClient
+    fake: tuple[RecordingFake, str], client: RuncapClient
 ) -> None:
     budget = fake[0]
     budget.answers.append(throttle)
@@ -347,7 +304,7 @@ def test_a_throttle_raises_a_typed_error_with_retry_after(
 
 
 def test_a_throttle_is_still_caught_as_a_block(
-    fake: tuple[FakePolicies, str], client: RuncapClient
+    fake: tuple[RecordingFake, str], client: RuncapClient
 ) -> None:
     fake[0].answers.append(throttle)
     entered = False
@@ -358,7 +315,7 @@ def test_a_throttle_is_still_caught_as_a_block(
 
 
 def test_a_block_names_its_dimension_and_meter(
-    fake: tuple[FakePolicies, str], client: RuncapClient
+    fake: tuple[RecordingFake, str], client: RuncapClient
 ) -> None:
     fake[0].answers.append(block_on_meter)
     with (
@@ -374,7 +331,7 @@ def test_a_block_names_its_dimension_and_meter(
 
 
 def test_a_decision_the_client_does_not_know_is_not_held(
-    fake: tuple[FakePolicies, str], client: RuncapClient
+    fake: tuple[RecordingFake, str], client: RuncapClient
 ) -> None:
     fake[0].answers.append(lambda request: pb.ReserveResponse(reservation_id="r"))
     with pytest.raises(BudgetBlockedError), client.reserve("run-1", 40):
@@ -383,7 +340,7 @@ def test_a_decision_the_client_does_not_know_is_not_held(
 
 
 async def test_async_policy_meter_warning_and_throttle(
-    fake: tuple[FakePolicies, str], aclient: AsyncRuncapClient
+    fake: tuple[RecordingFake, str], aclient: AsyncRuncapClient
 ) -> None:
     budget = fake[0]
     created = await aclient.create_run("run-1", limit_micros=5, policy=RunPolicy(max_tokens=9))
