@@ -59,6 +59,8 @@ from runcap_server.ledger import saga, scopes
 from runcap_server.ledger.scopes import ParentOutcome, ScopeUsage, ScopeView
 from runcap_server.ledger.types import (
     Account,
+    ApprovalResult,
+    ApprovalStatus,
     BudgetState,
     Change,
     ChangePage,
@@ -83,6 +85,8 @@ from runcap_server.ledger.types import (
     ScopeKind,
     ScopeRef,
     Threshold,
+    approval_id,
+    decode_approvals,
     decode_dims,
     decode_given_policy,
     decode_usage,
@@ -164,7 +168,7 @@ def _opt_int(value: bytes | str | None) -> int | None:
 # status, active holds, overrun, digest, threshold, committed and reserved tokens.
 STATE_LEN = 11
 # A run's configuration in a script's reply (ledger.lua, config()).
-CONFIG_LEN = 13
+CONFIG_LEN = 14
 
 
 def _state(run_id: str, values: Sequence[Any]) -> BudgetState:
@@ -219,6 +223,7 @@ def _change(run_id: str, entry_id: bytes, fields: Sequence[bytes]) -> Change:
         overrun_micros=int(f["o"]),
         late=f["l"] == b"1",
         threshold=Threshold(int(f.get("h", 0))),
+        approval=f.get("g", b"").decode(),
     )
 
 
@@ -233,7 +238,7 @@ class RedisLedger:
         default_ttl_ms: int,
         clock: Clock | None = None,
         log_retention: int = 10_000,
-        closed_retention_ms: int = 7 * 86_400_000,
+        closed_retention_ms: int = 30 * 86_400_000,
         namespace: str = "rc",
         max_connections: int = 64,
         expiry_batch: int = 100,
@@ -375,6 +380,7 @@ class RedisLedger:
 
     @staticmethod
     def _error(reason: str, detail: str, run_id: str, args: Sequence[object]) -> Exception:
+        # The operation's first argument: a reservation id (an approval's trigger).
         reservation_id = str(args[0]) if args else ""
         if reason == "RUN_NOT_FOUND":
             return errors.RunNotFound(run_id)
@@ -392,6 +398,11 @@ class RedisLedger:
             return errors.RunClosed(run_id)
         if reason == "TOTAL_OUT_OF_RANGE":
             return errors.committed_total_out_of_range(run_id)
+        if reason == "APPROVAL_NOT_FOUND":
+            return errors.ApprovalNotFound(approval_id(run_id, reservation_id))
+        if reason == "APPROVAL_RESOLVED":
+            status = ApprovalStatus(int(detail)).name.lower()
+            return errors.ApprovalResolved(run_id, approval_id(run_id, reservation_id), status)
         if reason == "SUBAGENT_LIMIT":
             # Only `adopt` answers this: run_id is the parent, the argument the child.
             return errors.SubagentLimit(
@@ -410,7 +421,9 @@ class RedisLedger:
 
     def _view(self, tenant: str, run_id: str, config: Sequence[Any], state: BudgetState) -> RunView:
         created, closed, labels, ttl, lineage_json, *given = config[:9]
-        given_policy, policy, children, usage = (c.decode() for c in config[9:CONFIG_LEN])
+        given_policy, policy, children, usage, approvals = (
+            c.decode() for c in config[9:CONFIG_LEN]
+        )
         lineage = Lineage.decode(lineage_json.decode())
         parent, key, user, team = (g.decode() for g in given)
         spec = RunSpec(
@@ -435,6 +448,7 @@ class RedisLedger:
             policy=RunPolicy.decode(policy),
             children=int(children),
             usage=decode_usage(usage),
+            approvals=decode_approvals(approvals),
         )
 
     async def create_run(self, tenant: str, spec: RunSpec) -> CreateRunResult:
@@ -560,14 +574,14 @@ class RedisLedger:
         self, tenant: str, run_id: str, reservation_id: str, reply: Sequence[Any]
     ) -> ReserveResult:
         replayed, decision, reason, held, expires, scope, period = reply[0:7]
-        dimension, meter, retry_at, mode, now = reply[7:12]
+        dimension, meter, retry_at, mode, now, approval = reply[7:13]
         result = ReserveResult(
             decision=Decision(int(decision)),
             reason=DecisionReason(int(reason)),
             reservation_id=reservation_id,
             held_micros=int(held),
             expires_ms=_opt_int(expires),
-            state=_state(run_id, reply[12 : 12 + STATE_LEN]),
+            state=_state(run_id, reply[13 : 13 + STATE_LEN]),
             replayed=replayed == b"1",
             blocking_scope=ScopeRef.parse(scope.decode()) if scope else None,
             blocking_period=Period(int(period)) if period else None,
@@ -575,6 +589,7 @@ class RedisLedger:
             meter=meter.decode(),
             retry_at_ms=_opt_int(retry_at),
             mode=EnforcementMode(int(mode)),
+            approval=approval.decode(),
             now_ms=int(now),
         )
         if result.expires_ms is not None and not result.replayed:
@@ -725,6 +740,17 @@ class RedisLedger:
     async def price_overrides_version(self, tenant: str) -> int:
         version = await self._cmd("hget", self._prices_key(tenant), _PRICES_VERSION)
         return int(version or 0)
+
+    async def resolve_approval(
+        self, tenant: str, run_id: str, trigger: str, approve: bool
+    ) -> ApprovalResult:
+        reply = await self._script(tenant, run_id, "approve", trigger, "1" if approve else "0")
+        replayed, status = reply[0:2]
+        return ApprovalResult(
+            status=ApprovalStatus(int(status)),
+            state=_state(run_id, reply[2 : 2 + STATE_LEN]),
+            replayed=replayed == b"1",
+        )
 
     async def close_run(self, tenant: str, run_id: str) -> CloseRunResult:
         return await self._status_op(tenant, run_id, "close")
@@ -985,6 +1011,7 @@ class RedisLedger:
             rate_count=int(f.get("rc", 0)),
             children=int(await self._cmd("scard", kids)),
             usage=decode_usage(f.get("use", "")),
+            approvals=decode_approvals(f.get("apv", "")),
         )
         records = await self._cmd("hgetall", r)
         reservations = [_decode_reservation(k.decode(), v.decode()) for k, v in records.items()]

@@ -18,12 +18,20 @@
 -- for the defaults) and its policy's counters (thr: the highest threshold band
 -- reached; tst, tun: throttle strikes and until when; rw, rc: the rate
 -- window's start and allowed calls; use: the use of each dimension beyond
--- money, "name=reserved,committed;..."). A missing counter is 0.
+-- money, "name=reserved,committed;..."; apv: the run's escalations by trigger,
+-- "spend" or "m:<meter>", as types.encode_approvals, "trigger=status;...",
+-- sorted; written only once an approval is requested). A missing counter is 0,
+-- a missing use or apv "".
+--
+-- Reservation records are laid out above decode(), change log entries above
+-- record(). A decision's approval trigger is derived from its reason,
+-- dimension and meter (approval_of), so records need no field for it.
 --
 -- Replies are flat arrays: {"OK", ...} or {"ERR", reason, detail}. Nothing is
 -- written before every check has passed. Lua numbers are doubles: every amount
--- is at most 2^53 - 1, and numbers are written with %d, never tostring (nor
--- cjson.encode); cjson only decodes a policy that is not the default one.
+-- is at most 2^53 - 1 (no mode holds past it, and a commit past it fails), and
+-- numbers are written with %d, never tostring (nor cjson.encode); cjson only
+-- decodes a policy that is not the default one.
 
 local A, R, X, LOG, BELL, P, K = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local op = ARGV[1]
@@ -34,9 +42,11 @@ local MAX_MICROS = 9007199254740991
 
 -- Enum values as in runcap.v1 (and ledger/types.py).
 local OPEN, CLOSED, SUSPENDED = 1, 2, 3
-local ALLOW, BLOCK, WARN, THROTTLE = 1, 2, 3, 4
+local ALLOW, BLOCK, WARN, THROTTLE, APPROVAL_REQUIRED = 1, 2, 3, 4, 6
 local WITHIN_BUDGET, INSUFFICIENT_BUDGET, RUN_CLOSED, RUN_SUSPENDED = 1, 2, 3, 6
 local THROTTLED, RATE_LIMITED, IN_FLIGHT_LIMIT = 7, 8, 9
+local SPEND_NEEDS_APPROVAL, METER_NEEDS_APPROVAL, APPROVAL_DENIED = 11, 12, 13
+local PENDING, APPROVED, DENIED = 1, 2, 3
 local HARD_GATE, SOFT_GATE, ADVISORY, ACTUALS_ONLY = 1, 2, 3, 4
 local D_SPEND, D_TOKENS, D_METER, D_RATE, D_IN_FLIGHT = 1, 2, 3, 4, 5
 local STOP = 4
@@ -44,12 +54,17 @@ local LIFETIME = 1
 local HELD, COMMITTED, RELEASED, EXPIRED, LATE_COMMITTED, BLOCKED = 1, 2, 3, 4, 5, 6
 local CREATED, RESERVED, EV_COMMITTED, REFUNDED, EV_EXPIRED, EV_CLOSED = 1, 2, 3, 4, 5, 6
 local EV_SUSPENDED, EV_RESUMED, EV_THRESHOLD = 7, 8, 9
+local EV_APPROVAL_REQUESTED, EV_APPROVAL_GRANTED, EV_APPROVAL_DENIED = 10, 11, 12
 local TOKENS = 'tokens'
+local SPEND_APPROVAL = 'spend'
 
--- Answered with THROTTLE (not now, but later); an advisory run only warns of these.
+-- Answered with THROTTLE (not now, but later), with APPROVAL_REQUIRED; an
+-- advisory run only warns of these and of INSUFFICIENT_BUDGET (a denied
+-- approval blocks in every mode).
 local THROTTLE_REASONS = {[THROTTLED] = true, [RATE_LIMITED] = true, [IN_FLIGHT_LIMIT] = true}
+local APPROVAL_REASONS = {[SPEND_NEEDS_APPROVAL] = true, [METER_NEEDS_APPROVAL] = true}
 local ADVISORY_REASONS = {[THROTTLED] = true, [RATE_LIMITED] = true, [IN_FLIGHT_LIMIT] = true,
-  [INSUFFICIENT_BUDGET] = true}
+  [SPEND_NEEDS_APPROVAL] = true, [METER_NEEDS_APPROVAL] = true, [INSUFFICIENT_BUDGET] = true}
 
 -- Holds beyond money, "name=units;..." (types.encode_dims), as a list of
 -- {name, units} in the order given (sorted by name).
@@ -95,8 +110,16 @@ local function encode(r)
     encode_dims(r.dims or {}), opt(r.dimension), r.meter or '', opt(r.retry)}, '|')
 end
 
+-- The escalation trigger a decision awaits or was denied by, "" if none
+-- (Reservation.approval: derived, so records need no field for it).
+local function approval_of(r)
+  if not APPROVAL_REASONS[r.reason] and r.reason ~= APPROVAL_DENIED then return '' end
+  if r.dimension == D_METER then return 'm:' .. r.meter end
+  return SPEND_APPROVAL
+end
+
 local FIELDS = {'lim', 'com', 'res', 'ovr', 'act', 'rev', 'st', 'cr', 'cl', 'lab', 'ttl', 'dig',
-  'pr', 'ak', 'us', 'tm', 'lin', 'np', 'gp', 'pol', 'thr', 'tst', 'tun', 'rw', 'rc', 'use'}
+  'pr', 'ak', 'us', 'tm', 'lin', 'np', 'gp', 'pol', 'thr', 'tst', 'tun', 'rw', 'rc', 'use', 'apv'}
 
 local function load_account()
   local v = redis.call('HMGET', A, unpack(FIELDS))
@@ -108,22 +131,29 @@ local function load_account()
     pr = v[13] or '', ak = v[14] or '', us = v[15] or '', tm = v[16] or '', lin = v[17] or '',
     np = tonumber(v[18]) or 0, gp = v[19] or '', pol = v[20] or '',
     thr = tonumber(v[21]) or 0, tst = tonumber(v[22]) or 0, tun = tonumber(v[23]) or 0,
-    rw = tonumber(v[24]) or 0, rc = tonumber(v[25]) or 0, use = v[26] or '',
+    rw = tonumber(v[24]) or 0, rc = tonumber(v[25]) or 0, use = v[26] or '', apv = v[27] or '',
   }
 end
 
 -- The effective policy (RunPolicy.encode's short keys; a missing key is the default).
 local DEFAULT_THRESHOLDS = {60, 80, 95}
+-- `ap`: the approval percent (0: never); `am`: the approved meters as a set,
+-- nil when there is no list (no meter needs an approval).
 local DEFAULT_POLICY = {mode = HARD_GATE, margin = 0, thr = DEFAULT_THRESHOLDS, tb = 1000,
-  tm = 60000, met = {}, depth = 5}
+  tm = 60000, met = {}, depth = 5, ap = 0}
 
 local function decode_policy(text)
   if text == '' then return DEFAULT_POLICY end
   local raw = cjson.decode(text)
+  local approved = nil
+  if raw.am and #raw.am > 0 then
+    approved = {}
+    for _, name in ipairs(raw.am) do approved[name] = true end
+  end
   return {mode = raw.mode or HARD_GATE, margin = raw.margin or 0,
     thr = raw.thr or DEFAULT_THRESHOLDS, tb = raw.tb or 1000, tm = raw.tm or 60000,
     tok = raw.tok, met = raw.met or {}, rate = raw.rate, inf = raw.inf,
-    depth = raw.depth or 5, kids = raw.kids}
+    depth = raw.depth or 5, kids = raw.kids, ap = raw.ap or 0, am = approved}
 end
 
 local function policy_of(acc)
@@ -161,6 +191,27 @@ local function add_use(acc, name, reserved, committed)
   local r, c = e[1] + reserved, e[2] + committed
   if r ~= 0 or c ~= 0 then u[name] = {r, c} else u[name] = nil end
   acc.use_dirty = true
+end
+
+-- The run's escalations: trigger -> status, parsed when first needed.
+local function approvals_of(acc)
+  if not acc.approvals then
+    local a = {}
+    for _, d in ipairs(parse_dims(acc.apv)) do a[d[1]] = d[2] end
+    acc.approvals = a
+  end
+  return acc.approvals
+end
+
+local function set_approval(acc, trigger, status)
+  approvals_of(acc)[trigger] = status
+  local triggers = {}
+  for name in pairs(acc.approvals) do triggers[#triggers + 1] = name end
+  table.sort(triggers)
+  local parts = {}
+  for i, name in ipairs(triggers) do parts[i] = name .. '=' .. num(acc.approvals[name]) end
+  acc.apv = table.concat(parts, ';')
+  acc.apv_dirty = true
 end
 
 local function tokens(acc)
@@ -203,8 +254,9 @@ end
 -- Change log entries: t type, r reservation, a amount, c actual, o overrun, l late,
 -- h threshold crossed, ts time, d digest, then the state after the change: L limit,
 -- C committed, R reserved, S status, N active holds, O overrun, B threshold band,
--- U committed tokens, V reserved tokens.
-local function record(kind, r, amount, actual, overrun, late, threshold)
+-- U committed tokens, V reserved tokens; and only on the APPROVAL_ events, g the
+-- approval's trigger. The digest is types.chain_digest's.
+local function record(kind, r, amount, actual, overrun, late, threshold, approval)
   local acc = txn.acc
   acc.rev = acc.rev + 1
   if r then put(r) end
@@ -212,9 +264,10 @@ local function record(kind, r, amount, actual, overrun, late, threshold)
   local text = table.concat({acc.dig, num(acc.rev), num(kind), rid, num(amount or 0),
     num(actual or 0), num(overrun or 0), late and '1' or '0'}, '|')
   if threshold and threshold ~= 0 then text = text .. '|' .. num(threshold) end
+  if approval and approval ~= '' then text = text .. '|a:' .. approval end
   acc.dig = redis.sha1hex(text)
   local reserved_tokens, committed_tokens = tokens(acc)
-  txn.changes[#txn.changes + 1] = {
+  local entry = {
     num(acc.rev) .. '-1',
     't', num(kind), 'r', rid, 'a', num(amount or 0), 'c', num(actual or 0),
     'o', num(overrun or 0), 'l', late and '1' or '0', 'h', num(threshold or 0),
@@ -223,6 +276,11 @@ local function record(kind, r, amount, actual, overrun, late, threshold)
     'N', num(acc.act), 'O', num(acc.ovr), 'B', num(acc.thr), 'U', num(committed_tokens),
     'V', num(reserved_tokens),
   }
+  if approval and approval ~= '' then
+    entry[#entry + 1] = 'g'
+    entry[#entry + 1] = approval
+  end
+  txn.changes[#txn.changes + 1] = entry
 end
 
 -- Take a held reservation's holds off the run's totals. Returns the money.
@@ -294,6 +352,7 @@ local function apply()
       acc.use = encode_usage(acc.usage)
       redis.call('HSET', A, 'use', acc.use)
     end
+    if acc.apv_dirty then redis.call('HSET', A, 'apv', acc.apv) end
     redis.call('SPUBLISH', BELL, num(acc.rev))
   end
   if acc.st == CLOSED then
@@ -323,10 +382,10 @@ end
 
 -- The run's configuration, after apply(): created, closed, labels, default ttl,
 -- lineage, parent run, API key, user, team, policy as given, effective policy,
--- number of children, use per dimension.
+-- number of children, use per dimension, escalations.
 local function config(acc)
   return {num(acc.cr), opt(acc.cl), acc.lab, opt(acc.ttl), acc.lin, acc.pr, acc.ak, acc.us,
-    acc.tm, acc.gp, acc.pol, num(redis.call('SCARD', K)), acc.use}
+    acc.tm, acc.gp, acc.pol, num(redis.call('SCARD', K)), acc.use, acc.apv}
 end
 
 local ops = {}
@@ -351,7 +410,8 @@ function ops.create()
   txn.now = now_ms()
   txn.acc = {lim = lim, com = 0, res = 0, ovr = 0, act = 0, rev = 0, st = OPEN, cr = txn.now,
     cl = nil, lab = lab, ttl = ttl, dig = '', lin = lin, pr = pr, ak = ak, us = us, tm = tm,
-    np = tonumber(np), gp = gp, pol = pol, thr = 0, tst = 0, tun = 0, rw = 0, rc = 0, use = ''}
+    np = tonumber(np), gp = gp, pol = pol, thr = 0, tst = 0, tun = 0, rw = 0, rc = 0, use = '',
+    apv = ''}
   redis.call('HSET', A, 'cr', num(txn.now), 'lab', lab, 'ttl', opt(ttl), 'pr', pr, 'ak', ak,
     'us', us, 'tm', tm, 'lin', lin, 'np', np, 'gp', gp, 'pol', pol)
   record(CREATED)
@@ -440,9 +500,44 @@ local function rate_window(p)
   return txn.now - txn.now % p.rate[2]
 end
 
+-- An escalation trigger the call trips that is not approved (nil if none): a
+-- meter off the approved list, or spend past the approval percent. Called past
+-- the MAX_MICROS check, so `used` is exact.
+local function escalation(acc, p, amount, dims, run)
+  if p.am then
+    for _, d in ipairs(dims) do
+      local name = d[1]
+      if name ~= TOKENS and not p.am[string.sub(name, 3)] then
+        local status = approvals_of(acc)[name]
+        if status == DENIED then
+          return {reason = APPROVAL_DENIED, dimension = D_METER, meter = string.sub(name, 3),
+            scope = run}
+        elseif status ~= APPROVED then
+          return {reason = METER_NEEDS_APPROVAL, dimension = D_METER,
+            meter = string.sub(name, 3), scope = run}
+        end
+      end
+    end
+  end
+  if p.ap ~= 0 then
+    local used = acc.com + acc.res
+    if p.mode ~= ACTUALS_ONLY then used = used + amount end
+    -- used * 100 > ap * limit, exactly.
+    if not ge_scaled(acc.lim, p.ap, used, 100) then
+      local status = approvals_of(acc)[SPEND_APPROVAL]
+      if status == DENIED then
+        return {reason = APPROVAL_DENIED, dimension = D_SPEND, scope = run}
+      elseif status ~= APPROVED then
+        return {reason = SPEND_NEEDS_APPROVAL, dimension = D_SPEND, scope = run}
+      end
+    end
+  end
+  return nil
+end
+
 -- The run's own verdict on a new reservation (nil allows it): money, tokens and
--- meters first (a lasting block), then holds in flight, the rate limit and the
--- throttle band (a passing throttle). `dims` are sorted by name.
+-- meters first (a lasting block), then escalations, then holds in flight, the
+-- rate limit and the throttle band (a passing throttle). `dims` are sorted by name.
 local function check(acc, p, amount, dims, run)
   if not fits_money(acc, p, amount) then
     return {reason = INSUFFICIENT_BUDGET, dimension = D_SPEND, scope = run, period = LIFETIME}
@@ -467,6 +562,8 @@ local function check(acc, p, amount, dims, run)
       end
     end
   end
+  local v = escalation(acc, p, amount, dims, run)
+  if v then return v end
   if p.inf and acc.act >= p.inf then
     return {reason = IN_FLIGHT_LIMIT, dimension = D_IN_FLIGHT, retry = txn.now + p.tb,
       scope = run}
@@ -505,13 +602,18 @@ end
 -- it (or the run is advisory and only a limit objects), else blocked or
 -- throttled; the run's own verdict takes precedence over its parents'
 -- (`pb`: reason, scope, period). `own_limits` false (an ancestor holding for a
--- descendant) checks the dollar ceiling only.
+-- descendant) checks the dollar ceiling only. No mode holds past MAX_MICROS:
+-- totals stay exact (com, res and amount are each at most 2^53 - 1, and a sum
+-- past 2^53 rounds to at least 2^53, so the comparison is exact).
 local function decide(id, amount, requested_ttl, ttl, pb, dims, own_limits)
   local acc = txn.acc
   local p = policy_of(acc)
   local run = 'run:' .. acc.run
   local v = nil
-  if acc.st == CLOSED then
+  local overflow = acc.com + acc.res + amount > MAX_MICROS
+  if overflow then
+    v = {reason = INSUFFICIENT_BUDGET, dimension = D_SPEND, scope = run, period = LIFETIME}
+  elseif acc.st == CLOSED then
     v = {reason = RUN_CLOSED, scope = run, period = LIFETIME}
   elseif acc.st == SUSPENDED then
     v = {reason = RUN_SUSPENDED, scope = run, period = LIFETIME}
@@ -537,8 +639,14 @@ local function decide(id, amount, requested_ttl, ttl, pb, dims, own_limits)
   if v then
     r.reason, r.dimension, r.meter = v.reason, v.dimension, v.meter or ''
     r.scope, r.period = v.scope or '', v.period
+    local trigger = approval_of(r)
+    if APPROVAL_REASONS[v.reason] and not approvals_of(acc)[trigger] then
+      -- The first call to trip it asks for the approval (Watch shows it).
+      set_approval(acc, trigger, PENDING)
+      record(EV_APPROVAL_REQUESTED, r, 0, 0, 0, false, 0, trigger)
+    end
   end
-  if not v or (p.mode == ADVISORY and ADVISORY_REASONS[v.reason]) then
+  if not v or (not overflow and p.mode == ADVISORY and ADVISORY_REASONS[v.reason]) then
     local held = actuals and 0 or amount
     r.status = HELD
     r.held = held
@@ -557,16 +665,23 @@ local function decide(id, amount, requested_ttl, ttl, pb, dims, own_limits)
 end
 
 -- decision, reason, held, expires, blocking scope, blocking period, dimension,
--- meter, retry at, the run's mode, now.
+-- meter, retry at, the run's mode, now, the approval awaited or denied ("" if none).
 local function decision(r)
   local d
   if r.status == BLOCKED then
-    d = THROTTLE_REASONS[r.reason] and THROTTLE or BLOCK
+    if THROTTLE_REASONS[r.reason] then
+      d = THROTTLE
+    elseif APPROVAL_REASONS[r.reason] then
+      d = APPROVAL_REQUIRED
+    else
+      d = BLOCK
+    end
   else
     d = r.reason == WITHIN_BUDGET and ALLOW or WARN
   end
   return {num(d), num(r.reason), num(r.held), opt(r.expires), r.scope or '', opt(r.period),
-    opt(r.dimension), r.meter or '', opt(r.retry), num(policy_of(txn.acc).mode), num(txn.now)}
+    opt(r.dimension), r.meter or '', opt(r.retry), num(policy_of(txn.acc).mode), num(txn.now),
+    approval_of(r)}
 end
 
 -- ARGV 6..: reservation id, amount, requested ttl ms or "", server default ttl
@@ -712,21 +827,24 @@ function ops.refund()
 end
 
 -- The commit (or refund) saga's step on an ancestor run. ARGV 6..: hold id,
--- actual ("" releases). Idempotent; the descendant's record is the truth.
+-- actual ("" releases). Idempotent; the descendant's record is the truth: a
+-- commit is recorded late when the hold expired, never reached this run, or was
+-- blocked here while an advisory descendant held it; not at all when it would
+-- bring the committed total past MAX_MICROS (the hold stays until it expires).
 function ops.child_settle()
   local id, actual = ARGV[6], tonumber(ARGV[7])
   if not open_run() then return {'OK'} end
   local r = reservation(id)
   if not actual then
     if r and r.status == HELD then settle_release(r) end
-  else
+  elseif txn.acc.com + actual <= MAX_MICROS then
     if not r then
       r = {id = id, amount = 0, status = EXPIRED, reason = WITHIN_BUDGET, created = txn.now,
         held = 0, overrun = 0, dims = {}, meter = ''}
+    elseif r.status == BLOCKED then
+      r.status = EXPIRED
     end
-    if (r.status == HELD or r.status == EXPIRED) and txn.acc.com + actual <= MAX_MICROS then
-      settle_commit(r, actual, nil)
-    end
+    if r.status == HELD or r.status == EXPIRED then settle_commit(r, actual, nil) end
   end
   apply()
   return {'OK'}
@@ -736,6 +854,23 @@ end
 function ops.settled()
   redis.call('ZREM', P, unpack(ARGV, 6))
   return {'OK'}
+end
+
+-- Approve ("1") or deny ("0") a requested escalation. ARGV 6..: trigger, approve.
+-- Idempotent; a resolved one cannot be turned the other way. Replies replayed,
+-- the status, the state.
+function ops.approve()
+  local trigger, approve = ARGV[6], ARGV[7] == '1'
+  if not open_run() then return err('RUN_NOT_FOUND') end
+  local acc = txn.acc
+  local status = approvals_of(acc)[trigger]
+  if not status then return err('APPROVAL_NOT_FOUND') end
+  local target = approve and APPROVED or DENIED
+  if status == target then return ok('1', num(target), apply()) end
+  if status ~= PENDING then return err('APPROVAL_RESOLVED', num(status)) end
+  set_approval(acc, trigger, target)
+  record(approve and EV_APPROVAL_GRANTED or EV_APPROVAL_DENIED, nil, 0, 0, 0, false, 0, trigger)
+  return ok('0', num(target), apply())
 end
 
 -- The kill switch and its release: no new holds while suspended.

@@ -164,6 +164,9 @@ function ops.hold()
 end
 
 -- ARGV 4..: hold id, actual ("" releases). Replies the hold's status after.
+-- The run's record is the truth: a commit always records the money, late when
+-- the hold expired, is unknown here, or was blocked here (an advisory run holds
+-- what its parents block).
 function ops.settle()
   local id, actual = ARGV[4], tonumber(ARGV[5])
   open_scope()
@@ -177,6 +180,8 @@ function ops.settle()
     -- Never held here (or forgotten): the money was spent all the same.
     h = {id = id, amount = 0, status = EXPIRED, created = txn.now, windows = windows_at(txn.now),
       overrun = 0}
+  elseif h.status == BLOCKED then
+    h.status = EXPIRED
   end
   if h.status == HELD or h.status == EXPIRED then
     local late = h.status == EXPIRED
