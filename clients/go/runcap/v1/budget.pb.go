@@ -1385,7 +1385,10 @@ type Scope struct {
 	// The scope.
 	Ref *ScopeRef `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
 	// One entry per period, lifetime, daily and monthly, in that order.
-	Usage         []*ScopeUsage `protobuf:"bytes,2,rep,name=usage,proto3" json:"usage,omitempty"`
+	Usage []*ScopeUsage `protobuf:"bytes,2,rep,name=usage,proto3" json:"usage,omitempty"`
+	// The policy root runs charged to this scope get when CreateRun gives
+	// none (SetScopePolicy); unset when the scope has none.
+	DefaultPolicy *RunPolicy `protobuf:"bytes,3,opt,name=default_policy,json=defaultPolicy,proto3" json:"default_policy,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1430,6 +1433,13 @@ func (x *Scope) GetRef() *ScopeRef {
 func (x *Scope) GetUsage() []*ScopeUsage {
 	if x != nil {
 		return x.Usage
+	}
+	return nil
+}
+
+func (x *Scope) GetDefaultPolicy() *RunPolicy {
+	if x != nil {
+		return x.DefaultPolicy
 	}
 	return nil
 }
@@ -2046,10 +2056,11 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x10remaining_micros\x18\a \x01(\x03R\x0fremainingMicros\x12%\n" +
 	"\x0eoverrun_micros\x18\b \x01(\x03R\roverrunMicros\x12/\n" +
 	"\x13active_reservations\x18\t \x01(\x03R\x12activeReservationsB\x0f\n" +
-	"\r_limit_micros\"[\n" +
+	"\r_limit_micros\"\x98\x01\n" +
 	"\x05Scope\x12%\n" +
 	"\x03ref\x18\x01 \x01(\v2\x13.runcap.v1.ScopeRefR\x03ref\x12+\n" +
-	"\x05usage\x18\x02 \x03(\v2\x15.runcap.v1.ScopeUsageR\x05usage\"\xdb\x04\n" +
+	"\x05usage\x18\x02 \x03(\v2\x15.runcap.v1.ScopeUsageR\x05usage\x12;\n" +
+	"\x0edefault_policy\x18\x03 \x01(\v2\x14.runcap.v1.RunPolicyR\rdefaultPolicy\"\xdb\x04\n" +
 	"\vBudgetState\x12\x1b\n" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x03R\x05runId\x12'\n" +
 	"\flimit_micros\x18\x02 \x01(\x03B\x04\xe2A\x01\x03R\vlimitMicros\x12/\n" +
@@ -2254,23 +2265,24 @@ var file_runcap_v1_budget_proto_depIdxs = []int32{
 	25, // 11: runcap.v1.ScopeUsage.window_end_time:type_name -> google.protobuf.Timestamp
 	15, // 12: runcap.v1.Scope.ref:type_name -> runcap.v1.ScopeRef
 	16, // 13: runcap.v1.Scope.usage:type_name -> runcap.v1.ScopeUsage
-	0,  // 14: runcap.v1.BudgetState.status:type_name -> runcap.v1.RunStatus
-	5,  // 15: runcap.v1.BudgetState.threshold:type_name -> runcap.v1.ThresholdLevel
-	23, // 16: runcap.v1.Run.labels:type_name -> runcap.v1.Run.LabelsEntry
-	25, // 17: runcap.v1.Run.create_time:type_name -> google.protobuf.Timestamp
-	25, // 18: runcap.v1.Run.close_time:type_name -> google.protobuf.Timestamp
-	14, // 19: runcap.v1.Run.policy:type_name -> runcap.v1.RunPolicy
-	20, // 20: runcap.v1.Run.meters:type_name -> runcap.v1.MeterUsage
-	11, // 21: runcap.v1.Run.approvals:type_name -> runcap.v1.Approval
-	10, // 22: runcap.v1.BudgetEvent.type:type_name -> runcap.v1.EventType
-	25, // 23: runcap.v1.BudgetEvent.time:type_name -> google.protobuf.Timestamp
-	18, // 24: runcap.v1.BudgetEvent.state:type_name -> runcap.v1.BudgetState
-	5,  // 25: runcap.v1.BudgetEvent.threshold:type_name -> runcap.v1.ThresholdLevel
-	26, // [26:26] is the sub-list for method output_type
-	26, // [26:26] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	14, // 14: runcap.v1.Scope.default_policy:type_name -> runcap.v1.RunPolicy
+	0,  // 15: runcap.v1.BudgetState.status:type_name -> runcap.v1.RunStatus
+	5,  // 16: runcap.v1.BudgetState.threshold:type_name -> runcap.v1.ThresholdLevel
+	23, // 17: runcap.v1.Run.labels:type_name -> runcap.v1.Run.LabelsEntry
+	25, // 18: runcap.v1.Run.create_time:type_name -> google.protobuf.Timestamp
+	25, // 19: runcap.v1.Run.close_time:type_name -> google.protobuf.Timestamp
+	14, // 20: runcap.v1.Run.policy:type_name -> runcap.v1.RunPolicy
+	20, // 21: runcap.v1.Run.meters:type_name -> runcap.v1.MeterUsage
+	11, // 22: runcap.v1.Run.approvals:type_name -> runcap.v1.Approval
+	10, // 23: runcap.v1.BudgetEvent.type:type_name -> runcap.v1.EventType
+	25, // 24: runcap.v1.BudgetEvent.time:type_name -> google.protobuf.Timestamp
+	18, // 25: runcap.v1.BudgetEvent.state:type_name -> runcap.v1.BudgetState
+	5,  // 26: runcap.v1.BudgetEvent.threshold:type_name -> runcap.v1.ThresholdLevel
+	27, // [27:27] is the sub-list for method output_type
+	27, // [27:27] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_runcap_v1_budget_proto_init() }

@@ -51,7 +51,9 @@ type CreateRunRequest struct {
 	// The team to charge. When empty, the parent's (if any) is inherited.
 	TeamId string `protobuf:"bytes,8,opt,name=team_id,json=teamId,proto3" json:"team_id,omitempty"`
 	// How the run is governed beyond its limit. When unset, a subagent run
-	// takes its parent's policy and a root run the defaults. Creating a child
+	// takes its parent's policy, and a root run its scopes' default policy
+	// (SetScopePolicy: the API key's, else the user's, else the team's) or
+	// the defaults. Creating a child
 	// fails with FAILED_PRECONDITION (SUBAGENT_LIMIT) past the parent's
 	// max_children or any ancestor's max_depth.
 	Policy        *RunPolicy `protobuf:"bytes,9,opt,name=policy,proto3" json:"policy,omitempty"`
@@ -2329,6 +2331,148 @@ func (x *SetScopeLimitResponse) GetScope() *Scope {
 	return nil
 }
 
+// SetScopePolicyRequest sets or clears a scope's default run policy.
+type SetScopePolicyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The scope: an API key, a user or a team.
+	Scope *ScopeRef `protobuf:"bytes,1,opt,name=scope,proto3" json:"scope,omitempty"`
+	// What to set. Exactly one must be set.
+	//
+	// Types that are valid to be assigned to Default:
+	//
+	//	*SetScopePolicyRequest_Policy
+	//	*SetScopePolicyRequest_Clear
+	Default       isSetScopePolicyRequest_Default `protobuf_oneof:"default"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetScopePolicyRequest) Reset() {
+	*x = SetScopePolicyRequest{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetScopePolicyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetScopePolicyRequest) ProtoMessage() {}
+
+func (x *SetScopePolicyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetScopePolicyRequest.ProtoReflect.Descriptor instead.
+func (*SetScopePolicyRequest) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *SetScopePolicyRequest) GetScope() *ScopeRef {
+	if x != nil {
+		return x.Scope
+	}
+	return nil
+}
+
+func (x *SetScopePolicyRequest) GetDefault() isSetScopePolicyRequest_Default {
+	if x != nil {
+		return x.Default
+	}
+	return nil
+}
+
+func (x *SetScopePolicyRequest) GetPolicy() *RunPolicy {
+	if x != nil {
+		if x, ok := x.Default.(*SetScopePolicyRequest_Policy); ok {
+			return x.Policy
+		}
+	}
+	return nil
+}
+
+func (x *SetScopePolicyRequest) GetClear() bool {
+	if x != nil {
+		if x, ok := x.Default.(*SetScopePolicyRequest_Clear); ok {
+			return x.Clear
+		}
+	}
+	return false
+}
+
+type isSetScopePolicyRequest_Default interface {
+	isSetScopePolicyRequest_Default()
+}
+
+type SetScopePolicyRequest_Policy struct {
+	// The policy new root runs charged to the scope get.
+	Policy *RunPolicy `protobuf:"bytes,2,opt,name=policy,proto3,oneof"`
+}
+
+type SetScopePolicyRequest_Clear struct {
+	// True removes the scope's default policy.
+	Clear bool `protobuf:"varint,3,opt,name=clear,proto3,oneof"`
+}
+
+func (*SetScopePolicyRequest_Policy) isSetScopePolicyRequest_Default() {}
+
+func (*SetScopePolicyRequest_Clear) isSetScopePolicyRequest_Default() {}
+
+// SetScopePolicyResponse is the scope after the change.
+type SetScopePolicyResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The scope, with its default policy.
+	Scope         *Scope `protobuf:"bytes,1,opt,name=scope,proto3" json:"scope,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetScopePolicyResponse) Reset() {
+	*x = SetScopePolicyResponse{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetScopePolicyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetScopePolicyResponse) ProtoMessage() {}
+
+func (x *SetScopePolicyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetScopePolicyResponse.ProtoReflect.Descriptor instead.
+func (*SetScopePolicyResponse) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *SetScopePolicyResponse) GetScope() *Scope {
+	if x != nil {
+		return x.Scope
+	}
+	return nil
+}
+
 // GetScopeRequest names a parent scope.
 type GetScopeRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2340,7 +2484,7 @@ type GetScopeRequest struct {
 
 func (x *GetScopeRequest) Reset() {
 	*x = GetScopeRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[27]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2352,7 +2496,7 @@ func (x *GetScopeRequest) String() string {
 func (*GetScopeRequest) ProtoMessage() {}
 
 func (x *GetScopeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[27]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2365,7 +2509,7 @@ func (x *GetScopeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScopeRequest.ProtoReflect.Descriptor instead.
 func (*GetScopeRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{27}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *GetScopeRequest) GetScope() *ScopeRef {
@@ -2386,7 +2530,7 @@ type GetScopeResponse struct {
 
 func (x *GetScopeResponse) Reset() {
 	*x = GetScopeResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[28]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2398,7 +2542,7 @@ func (x *GetScopeResponse) String() string {
 func (*GetScopeResponse) ProtoMessage() {}
 
 func (x *GetScopeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[28]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2411,7 +2555,7 @@ func (x *GetScopeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScopeResponse.ProtoReflect.Descriptor instead.
 func (*GetScopeResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{28}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *GetScopeResponse) GetScope() *Scope {
@@ -2457,7 +2601,7 @@ type ModelPrice struct {
 
 func (x *ModelPrice) Reset() {
 	*x = ModelPrice{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[29]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2469,7 +2613,7 @@ func (x *ModelPrice) String() string {
 func (*ModelPrice) ProtoMessage() {}
 
 func (x *ModelPrice) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[29]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2482,7 +2626,7 @@ func (x *ModelPrice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelPrice.ProtoReflect.Descriptor instead.
 func (*ModelPrice) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{29}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ModelPrice) GetProvider() string {
@@ -2580,7 +2724,7 @@ type SetModelPriceRequest struct {
 
 func (x *SetModelPriceRequest) Reset() {
 	*x = SetModelPriceRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[30]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2592,7 +2736,7 @@ func (x *SetModelPriceRequest) String() string {
 func (*SetModelPriceRequest) ProtoMessage() {}
 
 func (x *SetModelPriceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[30]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2605,7 +2749,7 @@ func (x *SetModelPriceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetModelPriceRequest.ProtoReflect.Descriptor instead.
 func (*SetModelPriceRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{30}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *SetModelPriceRequest) GetPrice() *ModelPrice {
@@ -2626,7 +2770,7 @@ type SetModelPriceResponse struct {
 
 func (x *SetModelPriceResponse) Reset() {
 	*x = SetModelPriceResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[31]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2638,7 +2782,7 @@ func (x *SetModelPriceResponse) String() string {
 func (*SetModelPriceResponse) ProtoMessage() {}
 
 func (x *SetModelPriceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[31]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2651,7 +2795,7 @@ func (x *SetModelPriceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetModelPriceResponse.ProtoReflect.Descriptor instead.
 func (*SetModelPriceResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{31}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *SetModelPriceResponse) GetPrice() *ModelPrice {
@@ -2674,7 +2818,7 @@ type DeleteModelPriceRequest struct {
 
 func (x *DeleteModelPriceRequest) Reset() {
 	*x = DeleteModelPriceRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[32]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2686,7 +2830,7 @@ func (x *DeleteModelPriceRequest) String() string {
 func (*DeleteModelPriceRequest) ProtoMessage() {}
 
 func (x *DeleteModelPriceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[32]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2699,7 +2843,7 @@ func (x *DeleteModelPriceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteModelPriceRequest.ProtoReflect.Descriptor instead.
 func (*DeleteModelPriceRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{32}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *DeleteModelPriceRequest) GetProvider() string {
@@ -2727,7 +2871,7 @@ type DeleteModelPriceResponse struct {
 
 func (x *DeleteModelPriceResponse) Reset() {
 	*x = DeleteModelPriceResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[33]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2739,7 +2883,7 @@ func (x *DeleteModelPriceResponse) String() string {
 func (*DeleteModelPriceResponse) ProtoMessage() {}
 
 func (x *DeleteModelPriceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[33]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2752,7 +2896,7 @@ func (x *DeleteModelPriceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteModelPriceResponse.ProtoReflect.Descriptor instead.
 func (*DeleteModelPriceResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{33}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *DeleteModelPriceResponse) GetDeleted() bool {
@@ -2775,7 +2919,7 @@ type GetModelPriceRequest struct {
 
 func (x *GetModelPriceRequest) Reset() {
 	*x = GetModelPriceRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[34]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2787,7 +2931,7 @@ func (x *GetModelPriceRequest) String() string {
 func (*GetModelPriceRequest) ProtoMessage() {}
 
 func (x *GetModelPriceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[34]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2800,7 +2944,7 @@ func (x *GetModelPriceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetModelPriceRequest.ProtoReflect.Descriptor instead.
 func (*GetModelPriceRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{34}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *GetModelPriceRequest) GetProvider() string {
@@ -2833,7 +2977,7 @@ type GetModelPriceResponse struct {
 
 func (x *GetModelPriceResponse) Reset() {
 	*x = GetModelPriceResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[35]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2845,7 +2989,7 @@ func (x *GetModelPriceResponse) String() string {
 func (*GetModelPriceResponse) ProtoMessage() {}
 
 func (x *GetModelPriceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[35]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2858,7 +3002,7 @@ func (x *GetModelPriceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetModelPriceResponse.ProtoReflect.Descriptor instead.
 func (*GetModelPriceResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{35}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *GetModelPriceResponse) GetPrice() *ModelPrice {
@@ -2891,7 +3035,7 @@ type ReloadPriceTableRequest struct {
 
 func (x *ReloadPriceTableRequest) Reset() {
 	*x = ReloadPriceTableRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[36]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2903,7 +3047,7 @@ func (x *ReloadPriceTableRequest) String() string {
 func (*ReloadPriceTableRequest) ProtoMessage() {}
 
 func (x *ReloadPriceTableRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[36]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2916,7 +3060,7 @@ func (x *ReloadPriceTableRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReloadPriceTableRequest.ProtoReflect.Descriptor instead.
 func (*ReloadPriceTableRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{36}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{38}
 }
 
 // ReloadPriceTableResponse says which table is in use after the reload.
@@ -2938,7 +3082,7 @@ type ReloadPriceTableResponse struct {
 
 func (x *ReloadPriceTableResponse) Reset() {
 	*x = ReloadPriceTableResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[37]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2950,7 +3094,7 @@ func (x *ReloadPriceTableResponse) String() string {
 func (*ReloadPriceTableResponse) ProtoMessage() {}
 
 func (x *ReloadPriceTableResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[37]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2963,7 +3107,7 @@ func (x *ReloadPriceTableResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReloadPriceTableResponse.ProtoReflect.Descriptor instead.
 func (*ReloadPriceTableResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{37}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *ReloadPriceTableResponse) GetReloaded() bool {
@@ -3005,7 +3149,7 @@ type SuspendRunRequest struct {
 
 func (x *SuspendRunRequest) Reset() {
 	*x = SuspendRunRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[38]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3017,7 +3161,7 @@ func (x *SuspendRunRequest) String() string {
 func (*SuspendRunRequest) ProtoMessage() {}
 
 func (x *SuspendRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[38]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3030,7 +3174,7 @@ func (x *SuspendRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SuspendRunRequest.ProtoReflect.Descriptor instead.
 func (*SuspendRunRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{38}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *SuspendRunRequest) GetRunId() string {
@@ -3053,7 +3197,7 @@ type SuspendRunResponse struct {
 
 func (x *SuspendRunResponse) Reset() {
 	*x = SuspendRunResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[39]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3065,7 +3209,7 @@ func (x *SuspendRunResponse) String() string {
 func (*SuspendRunResponse) ProtoMessage() {}
 
 func (x *SuspendRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[39]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3078,7 +3222,7 @@ func (x *SuspendRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SuspendRunResponse.ProtoReflect.Descriptor instead.
 func (*SuspendRunResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{39}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *SuspendRunResponse) GetState() *BudgetState {
@@ -3106,7 +3250,7 @@ type ResumeRunRequest struct {
 
 func (x *ResumeRunRequest) Reset() {
 	*x = ResumeRunRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[40]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3118,7 +3262,7 @@ func (x *ResumeRunRequest) String() string {
 func (*ResumeRunRequest) ProtoMessage() {}
 
 func (x *ResumeRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[40]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3131,7 +3275,7 @@ func (x *ResumeRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeRunRequest.ProtoReflect.Descriptor instead.
 func (*ResumeRunRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{40}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ResumeRunRequest) GetRunId() string {
@@ -3154,7 +3298,7 @@ type ResumeRunResponse struct {
 
 func (x *ResumeRunResponse) Reset() {
 	*x = ResumeRunResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[41]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3166,7 +3310,7 @@ func (x *ResumeRunResponse) String() string {
 func (*ResumeRunResponse) ProtoMessage() {}
 
 func (x *ResumeRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[41]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3179,7 +3323,7 @@ func (x *ResumeRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeRunResponse.ProtoReflect.Descriptor instead.
 func (*ResumeRunResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{41}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *ResumeRunResponse) GetState() *BudgetState {
@@ -3384,6 +3528,13 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\x05clear\x18\x04 \x01(\bH\x00R\x05clearB\t\n" +
 	"\aceiling\"?\n" +
 	"\x15SetScopeLimitResponse\x12&\n" +
+	"\x05scope\x18\x01 \x01(\v2\x10.runcap.v1.ScopeR\x05scope\"\x9b\x01\n" +
+	"\x15SetScopePolicyRequest\x12/\n" +
+	"\x05scope\x18\x01 \x01(\v2\x13.runcap.v1.ScopeRefB\x04\xe2A\x01\x02R\x05scope\x12.\n" +
+	"\x06policy\x18\x02 \x01(\v2\x14.runcap.v1.RunPolicyH\x00R\x06policy\x12\x16\n" +
+	"\x05clear\x18\x03 \x01(\bH\x00R\x05clearB\t\n" +
+	"\adefault\"@\n" +
+	"\x16SetScopePolicyResponse\x12&\n" +
 	"\x05scope\x18\x01 \x01(\v2\x10.runcap.v1.ScopeR\x05scope\"B\n" +
 	"\x0fGetScopeRequest\x12/\n" +
 	"\x05scope\x18\x01 \x01(\v2\x13.runcap.v1.ScopeRefB\x04\xe2A\x01\x02R\x05scope\":\n" +
@@ -3442,8 +3593,7 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\x05runId\"]\n" +
 	"\x11ResumeRunResponse\x12,\n" +
 	"\x05state\x18\x01 \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\x12\x1a\n" +
-	"\breplayed\x18\x02 \x01(\bR\breplayed2\xb0\n" +
-	"\n" +
+	"\breplayed\x18\x02 \x01(\bR\breplayed2\x87\v\n" +
 	"\rBudgetService\x12F\n" +
 	"\tCreateRun\x12\x1b.runcap.v1.CreateRunRequest\x1a\x1c.runcap.v1.CreateRunResponse\x12=\n" +
 	"\x06GetRun\x12\x18.runcap.v1.GetRunRequest\x1a\x19.runcap.v1.GetRunResponse\x12@\n" +
@@ -3456,7 +3606,8 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\tResumeRun\x12\x1b.runcap.v1.ResumeRunRequest\x1a\x1c.runcap.v1.ResumeRunResponse\x12<\n" +
 	"\x05Watch\x12\x17.runcap.v1.WatchRequest\x1a\x18.runcap.v1.WatchResponse0\x01\x12R\n" +
 	"\rSetScopeLimit\x12\x1f.runcap.v1.SetScopeLimitRequest\x1a .runcap.v1.SetScopeLimitResponse\x12C\n" +
-	"\bGetScope\x12\x1a.runcap.v1.GetScopeRequest\x1a\x1b.runcap.v1.GetScopeResponse\x12R\n" +
+	"\bGetScope\x12\x1a.runcap.v1.GetScopeRequest\x1a\x1b.runcap.v1.GetScopeResponse\x12U\n" +
+	"\x0eSetScopePolicy\x12 .runcap.v1.SetScopePolicyRequest\x1a!.runcap.v1.SetScopePolicyResponse\x12R\n" +
 	"\rSetModelPrice\x12\x1f.runcap.v1.SetModelPriceRequest\x1a .runcap.v1.SetModelPriceResponse\x12[\n" +
 	"\x10DeleteModelPrice\x12\".runcap.v1.DeleteModelPriceRequest\x1a#.runcap.v1.DeleteModelPriceResponse\x12R\n" +
 	"\rGetModelPrice\x12\x1f.runcap.v1.GetModelPriceRequest\x1a .runcap.v1.GetModelPriceResponse\x12[\n" +
@@ -3477,7 +3628,7 @@ func file_runcap_v1_budget_service_proto_rawDescGZIP() []byte {
 	return file_runcap_v1_budget_service_proto_rawDescData
 }
 
-var file_runcap_v1_budget_service_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
+var file_runcap_v1_budget_service_proto_msgTypes = make([]protoimpl.MessageInfo, 45)
 var file_runcap_v1_budget_service_proto_goTypes = []any{
 	(*CreateRunRequest)(nil),         // 0: runcap.v1.CreateRunRequest
 	(*CreateRunResponse)(nil),        // 1: runcap.v1.CreateRunResponse
@@ -3506,133 +3657,140 @@ var file_runcap_v1_budget_service_proto_goTypes = []any{
 	(*Progress)(nil),                 // 24: runcap.v1.Progress
 	(*SetScopeLimitRequest)(nil),     // 25: runcap.v1.SetScopeLimitRequest
 	(*SetScopeLimitResponse)(nil),    // 26: runcap.v1.SetScopeLimitResponse
-	(*GetScopeRequest)(nil),          // 27: runcap.v1.GetScopeRequest
-	(*GetScopeResponse)(nil),         // 28: runcap.v1.GetScopeResponse
-	(*ModelPrice)(nil),               // 29: runcap.v1.ModelPrice
-	(*SetModelPriceRequest)(nil),     // 30: runcap.v1.SetModelPriceRequest
-	(*SetModelPriceResponse)(nil),    // 31: runcap.v1.SetModelPriceResponse
-	(*DeleteModelPriceRequest)(nil),  // 32: runcap.v1.DeleteModelPriceRequest
-	(*DeleteModelPriceResponse)(nil), // 33: runcap.v1.DeleteModelPriceResponse
-	(*GetModelPriceRequest)(nil),     // 34: runcap.v1.GetModelPriceRequest
-	(*GetModelPriceResponse)(nil),    // 35: runcap.v1.GetModelPriceResponse
-	(*ReloadPriceTableRequest)(nil),  // 36: runcap.v1.ReloadPriceTableRequest
-	(*ReloadPriceTableResponse)(nil), // 37: runcap.v1.ReloadPriceTableResponse
-	(*SuspendRunRequest)(nil),        // 38: runcap.v1.SuspendRunRequest
-	(*SuspendRunResponse)(nil),       // 39: runcap.v1.SuspendRunResponse
-	(*ResumeRunRequest)(nil),         // 40: runcap.v1.ResumeRunRequest
-	(*ResumeRunResponse)(nil),        // 41: runcap.v1.ResumeRunResponse
-	nil,                              // 42: runcap.v1.CreateRunRequest.LabelsEntry
-	(*durationpb.Duration)(nil),      // 43: google.protobuf.Duration
-	(*RunPolicy)(nil),                // 44: runcap.v1.RunPolicy
-	(*Run)(nil),                      // 45: runcap.v1.Run
-	(*BudgetState)(nil),              // 46: runcap.v1.BudgetState
-	(Decision)(0),                    // 47: runcap.v1.Decision
-	(DecisionReason)(0),              // 48: runcap.v1.DecisionReason
-	(*timestamppb.Timestamp)(nil),    // 49: google.protobuf.Timestamp
-	(*ScopeRef)(nil),                 // 50: runcap.v1.ScopeRef
-	(Period)(0),                      // 51: runcap.v1.Period
-	(BudgetDimension)(0),             // 52: runcap.v1.BudgetDimension
-	(EnforcementMode)(0),             // 53: runcap.v1.EnforcementMode
-	(*Approval)(nil),                 // 54: runcap.v1.Approval
-	(ReservationStatus)(0),           // 55: runcap.v1.ReservationStatus
-	(*BudgetEvent)(nil),              // 56: runcap.v1.BudgetEvent
-	(*Scope)(nil),                    // 57: runcap.v1.Scope
+	(*SetScopePolicyRequest)(nil),    // 27: runcap.v1.SetScopePolicyRequest
+	(*SetScopePolicyResponse)(nil),   // 28: runcap.v1.SetScopePolicyResponse
+	(*GetScopeRequest)(nil),          // 29: runcap.v1.GetScopeRequest
+	(*GetScopeResponse)(nil),         // 30: runcap.v1.GetScopeResponse
+	(*ModelPrice)(nil),               // 31: runcap.v1.ModelPrice
+	(*SetModelPriceRequest)(nil),     // 32: runcap.v1.SetModelPriceRequest
+	(*SetModelPriceResponse)(nil),    // 33: runcap.v1.SetModelPriceResponse
+	(*DeleteModelPriceRequest)(nil),  // 34: runcap.v1.DeleteModelPriceRequest
+	(*DeleteModelPriceResponse)(nil), // 35: runcap.v1.DeleteModelPriceResponse
+	(*GetModelPriceRequest)(nil),     // 36: runcap.v1.GetModelPriceRequest
+	(*GetModelPriceResponse)(nil),    // 37: runcap.v1.GetModelPriceResponse
+	(*ReloadPriceTableRequest)(nil),  // 38: runcap.v1.ReloadPriceTableRequest
+	(*ReloadPriceTableResponse)(nil), // 39: runcap.v1.ReloadPriceTableResponse
+	(*SuspendRunRequest)(nil),        // 40: runcap.v1.SuspendRunRequest
+	(*SuspendRunResponse)(nil),       // 41: runcap.v1.SuspendRunResponse
+	(*ResumeRunRequest)(nil),         // 42: runcap.v1.ResumeRunRequest
+	(*ResumeRunResponse)(nil),        // 43: runcap.v1.ResumeRunResponse
+	nil,                              // 44: runcap.v1.CreateRunRequest.LabelsEntry
+	(*durationpb.Duration)(nil),      // 45: google.protobuf.Duration
+	(*RunPolicy)(nil),                // 46: runcap.v1.RunPolicy
+	(*Run)(nil),                      // 47: runcap.v1.Run
+	(*BudgetState)(nil),              // 48: runcap.v1.BudgetState
+	(Decision)(0),                    // 49: runcap.v1.Decision
+	(DecisionReason)(0),              // 50: runcap.v1.DecisionReason
+	(*timestamppb.Timestamp)(nil),    // 51: google.protobuf.Timestamp
+	(*ScopeRef)(nil),                 // 52: runcap.v1.ScopeRef
+	(Period)(0),                      // 53: runcap.v1.Period
+	(BudgetDimension)(0),             // 54: runcap.v1.BudgetDimension
+	(EnforcementMode)(0),             // 55: runcap.v1.EnforcementMode
+	(*Approval)(nil),                 // 56: runcap.v1.Approval
+	(ReservationStatus)(0),           // 57: runcap.v1.ReservationStatus
+	(*BudgetEvent)(nil),              // 58: runcap.v1.BudgetEvent
+	(*Scope)(nil),                    // 59: runcap.v1.Scope
 }
 var file_runcap_v1_budget_service_proto_depIdxs = []int32{
-	42, // 0: runcap.v1.CreateRunRequest.labels:type_name -> runcap.v1.CreateRunRequest.LabelsEntry
-	43, // 1: runcap.v1.CreateRunRequest.default_ttl:type_name -> google.protobuf.Duration
-	44, // 2: runcap.v1.CreateRunRequest.policy:type_name -> runcap.v1.RunPolicy
-	45, // 3: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
-	46, // 4: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
-	45, // 5: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
-	46, // 6: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
+	44, // 0: runcap.v1.CreateRunRequest.labels:type_name -> runcap.v1.CreateRunRequest.LabelsEntry
+	45, // 1: runcap.v1.CreateRunRequest.default_ttl:type_name -> google.protobuf.Duration
+	46, // 2: runcap.v1.CreateRunRequest.policy:type_name -> runcap.v1.RunPolicy
+	47, // 3: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
+	48, // 4: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
+	47, // 5: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
+	48, // 6: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
 	12, // 7: runcap.v1.ReserveRequest.llm_call:type_name -> runcap.v1.LlmCall
-	43, // 8: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
-	47, // 9: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
-	48, // 10: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
-	49, // 11: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
-	46, // 12: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
-	50, // 13: runcap.v1.ReserveResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
-	51, // 14: runcap.v1.ReserveResponse.blocking_period:type_name -> runcap.v1.Period
+	45, // 8: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
+	49, // 9: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
+	50, // 10: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
+	51, // 11: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
+	48, // 12: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
+	52, // 13: runcap.v1.ReserveResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
+	53, // 14: runcap.v1.ReserveResponse.blocking_period:type_name -> runcap.v1.Period
 	14, // 15: runcap.v1.ReserveResponse.estimate:type_name -> runcap.v1.LlmEstimate
-	52, // 16: runcap.v1.ReserveResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
-	43, // 17: runcap.v1.ReserveResponse.retry_after:type_name -> google.protobuf.Duration
-	53, // 18: runcap.v1.ReserveResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
+	54, // 16: runcap.v1.ReserveResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
+	45, // 17: runcap.v1.ReserveResponse.retry_after:type_name -> google.protobuf.Duration
+	55, // 18: runcap.v1.ReserveResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
 	13, // 19: runcap.v1.ReserveResponse.alternatives:type_name -> runcap.v1.Alternative
-	54, // 20: runcap.v1.ApproveResponse.approval:type_name -> runcap.v1.Approval
-	46, // 21: runcap.v1.ApproveResponse.state:type_name -> runcap.v1.BudgetState
-	54, // 22: runcap.v1.DenyResponse.approval:type_name -> runcap.v1.Approval
-	46, // 23: runcap.v1.DenyResponse.state:type_name -> runcap.v1.BudgetState
-	47, // 24: runcap.v1.GetDecisionResponse.decision:type_name -> runcap.v1.Decision
-	48, // 25: runcap.v1.GetDecisionResponse.reason:type_name -> runcap.v1.DecisionReason
-	49, // 26: runcap.v1.GetDecisionResponse.decide_time:type_name -> google.protobuf.Timestamp
-	53, // 27: runcap.v1.GetDecisionResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
-	50, // 28: runcap.v1.GetDecisionResponse.scopes:type_name -> runcap.v1.ScopeRef
-	50, // 29: runcap.v1.GetDecisionResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
-	51, // 30: runcap.v1.GetDecisionResponse.blocking_period:type_name -> runcap.v1.Period
-	52, // 31: runcap.v1.GetDecisionResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
+	56, // 20: runcap.v1.ApproveResponse.approval:type_name -> runcap.v1.Approval
+	48, // 21: runcap.v1.ApproveResponse.state:type_name -> runcap.v1.BudgetState
+	56, // 22: runcap.v1.DenyResponse.approval:type_name -> runcap.v1.Approval
+	48, // 23: runcap.v1.DenyResponse.state:type_name -> runcap.v1.BudgetState
+	49, // 24: runcap.v1.GetDecisionResponse.decision:type_name -> runcap.v1.Decision
+	50, // 25: runcap.v1.GetDecisionResponse.reason:type_name -> runcap.v1.DecisionReason
+	51, // 26: runcap.v1.GetDecisionResponse.decide_time:type_name -> google.protobuf.Timestamp
+	55, // 27: runcap.v1.GetDecisionResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
+	52, // 28: runcap.v1.GetDecisionResponse.scopes:type_name -> runcap.v1.ScopeRef
+	52, // 29: runcap.v1.GetDecisionResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
+	53, // 30: runcap.v1.GetDecisionResponse.blocking_period:type_name -> runcap.v1.Period
+	54, // 31: runcap.v1.GetDecisionResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
 	14, // 32: runcap.v1.GetDecisionResponse.estimate:type_name -> runcap.v1.LlmEstimate
-	55, // 33: runcap.v1.GetDecisionResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	57, // 33: runcap.v1.GetDecisionResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
 	15, // 34: runcap.v1.CommitRequest.usage:type_name -> runcap.v1.TokenUsage
-	46, // 35: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
-	55, // 36: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	46, // 37: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
-	55, // 38: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	46, // 39: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
-	46, // 40: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
-	56, // 41: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
+	48, // 35: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
+	57, // 36: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	48, // 37: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
+	57, // 38: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	48, // 39: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
+	48, // 40: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
+	58, // 41: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
 	24, // 42: runcap.v1.WatchResponse.progress:type_name -> runcap.v1.Progress
-	50, // 43: runcap.v1.SetScopeLimitRequest.scope:type_name -> runcap.v1.ScopeRef
-	51, // 44: runcap.v1.SetScopeLimitRequest.period:type_name -> runcap.v1.Period
-	57, // 45: runcap.v1.SetScopeLimitResponse.scope:type_name -> runcap.v1.Scope
-	50, // 46: runcap.v1.GetScopeRequest.scope:type_name -> runcap.v1.ScopeRef
-	57, // 47: runcap.v1.GetScopeResponse.scope:type_name -> runcap.v1.Scope
-	29, // 48: runcap.v1.SetModelPriceRequest.price:type_name -> runcap.v1.ModelPrice
-	29, // 49: runcap.v1.SetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
-	29, // 50: runcap.v1.GetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
-	46, // 51: runcap.v1.SuspendRunResponse.state:type_name -> runcap.v1.BudgetState
-	46, // 52: runcap.v1.ResumeRunResponse.state:type_name -> runcap.v1.BudgetState
-	0,  // 53: runcap.v1.BudgetService.CreateRun:input_type -> runcap.v1.CreateRunRequest
-	2,  // 54: runcap.v1.BudgetService.GetRun:input_type -> runcap.v1.GetRunRequest
-	4,  // 55: runcap.v1.BudgetService.Reserve:input_type -> runcap.v1.ReserveRequest
-	16, // 56: runcap.v1.BudgetService.Commit:input_type -> runcap.v1.CommitRequest
-	18, // 57: runcap.v1.BudgetService.Refund:input_type -> runcap.v1.RefundRequest
-	20, // 58: runcap.v1.BudgetService.CloseRun:input_type -> runcap.v1.CloseRunRequest
-	38, // 59: runcap.v1.BudgetService.SuspendRun:input_type -> runcap.v1.SuspendRunRequest
-	40, // 60: runcap.v1.BudgetService.ResumeRun:input_type -> runcap.v1.ResumeRunRequest
-	22, // 61: runcap.v1.BudgetService.Watch:input_type -> runcap.v1.WatchRequest
-	25, // 62: runcap.v1.BudgetService.SetScopeLimit:input_type -> runcap.v1.SetScopeLimitRequest
-	27, // 63: runcap.v1.BudgetService.GetScope:input_type -> runcap.v1.GetScopeRequest
-	30, // 64: runcap.v1.BudgetService.SetModelPrice:input_type -> runcap.v1.SetModelPriceRequest
-	32, // 65: runcap.v1.BudgetService.DeleteModelPrice:input_type -> runcap.v1.DeleteModelPriceRequest
-	34, // 66: runcap.v1.BudgetService.GetModelPrice:input_type -> runcap.v1.GetModelPriceRequest
-	36, // 67: runcap.v1.BudgetService.ReloadPriceTable:input_type -> runcap.v1.ReloadPriceTableRequest
-	10, // 68: runcap.v1.BudgetService.GetDecision:input_type -> runcap.v1.GetDecisionRequest
-	6,  // 69: runcap.v1.BudgetService.Approve:input_type -> runcap.v1.ApproveRequest
-	8,  // 70: runcap.v1.BudgetService.Deny:input_type -> runcap.v1.DenyRequest
-	1,  // 71: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
-	3,  // 72: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
-	5,  // 73: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
-	17, // 74: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
-	19, // 75: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
-	21, // 76: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
-	39, // 77: runcap.v1.BudgetService.SuspendRun:output_type -> runcap.v1.SuspendRunResponse
-	41, // 78: runcap.v1.BudgetService.ResumeRun:output_type -> runcap.v1.ResumeRunResponse
-	23, // 79: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
-	26, // 80: runcap.v1.BudgetService.SetScopeLimit:output_type -> runcap.v1.SetScopeLimitResponse
-	28, // 81: runcap.v1.BudgetService.GetScope:output_type -> runcap.v1.GetScopeResponse
-	31, // 82: runcap.v1.BudgetService.SetModelPrice:output_type -> runcap.v1.SetModelPriceResponse
-	33, // 83: runcap.v1.BudgetService.DeleteModelPrice:output_type -> runcap.v1.DeleteModelPriceResponse
-	35, // 84: runcap.v1.BudgetService.GetModelPrice:output_type -> runcap.v1.GetModelPriceResponse
-	37, // 85: runcap.v1.BudgetService.ReloadPriceTable:output_type -> runcap.v1.ReloadPriceTableResponse
-	11, // 86: runcap.v1.BudgetService.GetDecision:output_type -> runcap.v1.GetDecisionResponse
-	7,  // 87: runcap.v1.BudgetService.Approve:output_type -> runcap.v1.ApproveResponse
-	9,  // 88: runcap.v1.BudgetService.Deny:output_type -> runcap.v1.DenyResponse
-	71, // [71:89] is the sub-list for method output_type
-	53, // [53:71] is the sub-list for method input_type
-	53, // [53:53] is the sub-list for extension type_name
-	53, // [53:53] is the sub-list for extension extendee
-	0,  // [0:53] is the sub-list for field type_name
+	52, // 43: runcap.v1.SetScopeLimitRequest.scope:type_name -> runcap.v1.ScopeRef
+	53, // 44: runcap.v1.SetScopeLimitRequest.period:type_name -> runcap.v1.Period
+	59, // 45: runcap.v1.SetScopeLimitResponse.scope:type_name -> runcap.v1.Scope
+	52, // 46: runcap.v1.SetScopePolicyRequest.scope:type_name -> runcap.v1.ScopeRef
+	46, // 47: runcap.v1.SetScopePolicyRequest.policy:type_name -> runcap.v1.RunPolicy
+	59, // 48: runcap.v1.SetScopePolicyResponse.scope:type_name -> runcap.v1.Scope
+	52, // 49: runcap.v1.GetScopeRequest.scope:type_name -> runcap.v1.ScopeRef
+	59, // 50: runcap.v1.GetScopeResponse.scope:type_name -> runcap.v1.Scope
+	31, // 51: runcap.v1.SetModelPriceRequest.price:type_name -> runcap.v1.ModelPrice
+	31, // 52: runcap.v1.SetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
+	31, // 53: runcap.v1.GetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
+	48, // 54: runcap.v1.SuspendRunResponse.state:type_name -> runcap.v1.BudgetState
+	48, // 55: runcap.v1.ResumeRunResponse.state:type_name -> runcap.v1.BudgetState
+	0,  // 56: runcap.v1.BudgetService.CreateRun:input_type -> runcap.v1.CreateRunRequest
+	2,  // 57: runcap.v1.BudgetService.GetRun:input_type -> runcap.v1.GetRunRequest
+	4,  // 58: runcap.v1.BudgetService.Reserve:input_type -> runcap.v1.ReserveRequest
+	16, // 59: runcap.v1.BudgetService.Commit:input_type -> runcap.v1.CommitRequest
+	18, // 60: runcap.v1.BudgetService.Refund:input_type -> runcap.v1.RefundRequest
+	20, // 61: runcap.v1.BudgetService.CloseRun:input_type -> runcap.v1.CloseRunRequest
+	40, // 62: runcap.v1.BudgetService.SuspendRun:input_type -> runcap.v1.SuspendRunRequest
+	42, // 63: runcap.v1.BudgetService.ResumeRun:input_type -> runcap.v1.ResumeRunRequest
+	22, // 64: runcap.v1.BudgetService.Watch:input_type -> runcap.v1.WatchRequest
+	25, // 65: runcap.v1.BudgetService.SetScopeLimit:input_type -> runcap.v1.SetScopeLimitRequest
+	29, // 66: runcap.v1.BudgetService.GetScope:input_type -> runcap.v1.GetScopeRequest
+	27, // 67: runcap.v1.BudgetService.SetScopePolicy:input_type -> runcap.v1.SetScopePolicyRequest
+	32, // 68: runcap.v1.BudgetService.SetModelPrice:input_type -> runcap.v1.SetModelPriceRequest
+	34, // 69: runcap.v1.BudgetService.DeleteModelPrice:input_type -> runcap.v1.DeleteModelPriceRequest
+	36, // 70: runcap.v1.BudgetService.GetModelPrice:input_type -> runcap.v1.GetModelPriceRequest
+	38, // 71: runcap.v1.BudgetService.ReloadPriceTable:input_type -> runcap.v1.ReloadPriceTableRequest
+	10, // 72: runcap.v1.BudgetService.GetDecision:input_type -> runcap.v1.GetDecisionRequest
+	6,  // 73: runcap.v1.BudgetService.Approve:input_type -> runcap.v1.ApproveRequest
+	8,  // 74: runcap.v1.BudgetService.Deny:input_type -> runcap.v1.DenyRequest
+	1,  // 75: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
+	3,  // 76: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
+	5,  // 77: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
+	17, // 78: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
+	19, // 79: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
+	21, // 80: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
+	41, // 81: runcap.v1.BudgetService.SuspendRun:output_type -> runcap.v1.SuspendRunResponse
+	43, // 82: runcap.v1.BudgetService.ResumeRun:output_type -> runcap.v1.ResumeRunResponse
+	23, // 83: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
+	26, // 84: runcap.v1.BudgetService.SetScopeLimit:output_type -> runcap.v1.SetScopeLimitResponse
+	30, // 85: runcap.v1.BudgetService.GetScope:output_type -> runcap.v1.GetScopeResponse
+	28, // 86: runcap.v1.BudgetService.SetScopePolicy:output_type -> runcap.v1.SetScopePolicyResponse
+	33, // 87: runcap.v1.BudgetService.SetModelPrice:output_type -> runcap.v1.SetModelPriceResponse
+	35, // 88: runcap.v1.BudgetService.DeleteModelPrice:output_type -> runcap.v1.DeleteModelPriceResponse
+	37, // 89: runcap.v1.BudgetService.GetModelPrice:output_type -> runcap.v1.GetModelPriceResponse
+	39, // 90: runcap.v1.BudgetService.ReloadPriceTable:output_type -> runcap.v1.ReloadPriceTableResponse
+	11, // 91: runcap.v1.BudgetService.GetDecision:output_type -> runcap.v1.GetDecisionResponse
+	7,  // 92: runcap.v1.BudgetService.Approve:output_type -> runcap.v1.ApproveResponse
+	9,  // 93: runcap.v1.BudgetService.Deny:output_type -> runcap.v1.DenyResponse
+	75, // [75:94] is the sub-list for method output_type
+	56, // [56:75] is the sub-list for method input_type
+	56, // [56:56] is the sub-list for extension type_name
+	56, // [56:56] is the sub-list for extension extendee
+	0,  // [0:56] is the sub-list for field type_name
 }
 
 func init() { file_runcap_v1_budget_service_proto_init() }
@@ -3661,14 +3819,18 @@ func file_runcap_v1_budget_service_proto_init() {
 		(*SetScopeLimitRequest_LimitMicros)(nil),
 		(*SetScopeLimitRequest_Clear)(nil),
 	}
-	file_runcap_v1_budget_service_proto_msgTypes[29].OneofWrappers = []any{}
+	file_runcap_v1_budget_service_proto_msgTypes[27].OneofWrappers = []any{
+		(*SetScopePolicyRequest_Policy)(nil),
+		(*SetScopePolicyRequest_Clear)(nil),
+	}
+	file_runcap_v1_budget_service_proto_msgTypes[31].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_runcap_v1_budget_service_proto_rawDesc), len(file_runcap_v1_budget_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   43,
+			NumMessages:   45,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

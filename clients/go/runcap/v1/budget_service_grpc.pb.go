@@ -30,6 +30,7 @@ const (
 	BudgetService_Watch_FullMethodName            = "/runcap.v1.BudgetService/Watch"
 	BudgetService_SetScopeLimit_FullMethodName    = "/runcap.v1.BudgetService/SetScopeLimit"
 	BudgetService_GetScope_FullMethodName         = "/runcap.v1.BudgetService/GetScope"
+	BudgetService_SetScopePolicy_FullMethodName   = "/runcap.v1.BudgetService/SetScopePolicy"
 	BudgetService_SetModelPrice_FullMethodName    = "/runcap.v1.BudgetService/SetModelPrice"
 	BudgetService_DeleteModelPrice_FullMethodName = "/runcap.v1.BudgetService/DeleteModelPrice"
 	BudgetService_GetModelPrice_FullMethodName    = "/runcap.v1.BudgetService/GetModelPrice"
@@ -95,6 +96,11 @@ type BudgetServiceClient interface {
 	// Returns a parent scope's ceilings and its usage in each period's current
 	// window.
 	GetScope(ctx context.Context, in *GetScopeRequest, opts ...grpc.CallOption) (*GetScopeResponse, error)
+	// Sets or clears the policy that root runs charged to an API key, user or
+	// team get when CreateRun gives none (the API key's first, then the
+	// user's, then the team's). Applies to runs created afterwards; a run's
+	// policy never changes.
+	SetScopePolicy(ctx context.Context, in *SetScopePolicyRequest, opts ...grpc.CallOption) (*SetScopePolicyResponse, error)
 	// Prices a model for this tenant: a custom model the price table does not
 	// know, or a negotiated price that replaces the table's. Applies to the
 	// next Reserve on every replica (within a second).
@@ -248,6 +254,16 @@ func (c *budgetServiceClient) GetScope(ctx context.Context, in *GetScopeRequest,
 	return out, nil
 }
 
+func (c *budgetServiceClient) SetScopePolicy(ctx context.Context, in *SetScopePolicyRequest, opts ...grpc.CallOption) (*SetScopePolicyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SetScopePolicyResponse)
+	err := c.cc.Invoke(ctx, BudgetService_SetScopePolicy_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *budgetServiceClient) SetModelPrice(ctx context.Context, in *SetModelPriceRequest, opts ...grpc.CallOption) (*SetModelPriceResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(SetModelPriceResponse)
@@ -374,6 +390,11 @@ type BudgetServiceServer interface {
 	// Returns a parent scope's ceilings and its usage in each period's current
 	// window.
 	GetScope(context.Context, *GetScopeRequest) (*GetScopeResponse, error)
+	// Sets or clears the policy that root runs charged to an API key, user or
+	// team get when CreateRun gives none (the API key's first, then the
+	// user's, then the team's). Applies to runs created afterwards; a run's
+	// policy never changes.
+	SetScopePolicy(context.Context, *SetScopePolicyRequest) (*SetScopePolicyResponse, error)
 	// Prices a model for this tenant: a custom model the price table does not
 	// know, or a negotiated price that replaces the table's. Applies to the
 	// next Reserve on every replica (within a second).
@@ -440,6 +461,9 @@ func (UnimplementedBudgetServiceServer) SetScopeLimit(context.Context, *SetScope
 }
 func (UnimplementedBudgetServiceServer) GetScope(context.Context, *GetScopeRequest) (*GetScopeResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetScope not implemented")
+}
+func (UnimplementedBudgetServiceServer) SetScopePolicy(context.Context, *SetScopePolicyRequest) (*SetScopePolicyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetScopePolicy not implemented")
 }
 func (UnimplementedBudgetServiceServer) SetModelPrice(context.Context, *SetModelPriceRequest) (*SetModelPriceResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method SetModelPrice not implemented")
@@ -674,6 +698,24 @@ func _BudgetService_GetScope_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _BudgetService_SetScopePolicy_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetScopePolicyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BudgetServiceServer).SetScopePolicy(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BudgetService_SetScopePolicy_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BudgetServiceServer).SetScopePolicy(ctx, req.(*SetScopePolicyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _BudgetService_SetModelPrice_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(SetModelPriceRequest)
 	if err := dec(in); err != nil {
@@ -846,6 +888,10 @@ var BudgetService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetScope",
 			Handler:    _BudgetService_GetScope_Handler,
+		},
+		{
+			MethodName: "SetScopePolicy",
+			Handler:    _BudgetService_SetScopePolicy_Handler,
 		},
 		{
 			MethodName: "SetModelPrice",

@@ -962,6 +962,7 @@ class Scope(_message.Message):
 
     REF_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    DEFAULT_POLICY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ref(self) -> Global___ScopeRef:
         """The scope."""
@@ -970,15 +971,22 @@ class Scope(_message.Message):
     def usage(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScopeUsage]:
         """One entry per period, lifetime, daily and monthly, in that order."""
 
+    @_builtins.property
+    def default_policy(self) -> Global___RunPolicy:
+        """The policy root runs charged to this scope get when CreateRun gives
+        none (SetScopePolicy); unset when the scope has none.
+        """
+
     def __init__(
         self,
         *,
         ref: Global___ScopeRef | None = ...,
         usage: _abc.Iterable[Global___ScopeUsage] | None = ...,
+        default_policy: Global___RunPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["default_policy", b"default_policy", "ref", b"ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_policy", b"default_policy", "ref", b"ref", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -90,7 +90,9 @@ class CreateRunRequest(_message.Message):
     @_builtins.property
     def policy(self) -> _budget_pb2.RunPolicy:
         """How the run is governed beyond its limit. When unset, a subagent run
-        takes its parent's policy and a root run the defaults. Creating a child
+        takes its parent's policy, and a root run its scopes' default policy
+        (SetScopePolicy: the API key's, else the user's, else the team's) or
+        the defaults. Creating a child
         fails with FAILED_PRECONDITION (SUBAGENT_LIMIT) past the parent's
         max_children or any ancestor's max_depth.
         """
@@ -1211,6 +1213,66 @@ class SetScopeLimitResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetScopeLimitResponse: _TypeAlias = SetScopeLimitResponse  # noqa: Y015
+
+@_typing.final
+class SetScopePolicyRequest(_message.Message):
+    """SetScopePolicyRequest sets or clears a scope's default run policy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    CLEAR_FIELD_NUMBER: _builtins.int
+    clear: _builtins.bool
+    """True removes the scope's default policy."""
+    @_builtins.property
+    def scope(self) -> _budget_pb2.ScopeRef:
+        """The scope: an API key, a user or a team."""
+
+    @_builtins.property
+    def policy(self) -> _budget_pb2.RunPolicy:
+        """The policy new root runs charged to the scope get."""
+
+    def __init__(
+        self,
+        *,
+        scope: _budget_pb2.ScopeRef | None = ...,
+        policy: _budget_pb2.RunPolicy | None = ...,
+        clear: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["clear", b"clear", "default", b"default", "policy", b"policy", "scope", b"scope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clear", b"clear", "default", b"default", "policy", b"policy", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_default: _TypeAlias = _typing.Literal["policy", "clear"]  # noqa: Y015
+    _WhichOneofArgType_default: _TypeAlias = _typing.Literal["default", b"default"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_default) -> _WhichOneofReturnType_default | None: ...
+
+Global___SetScopePolicyRequest: _TypeAlias = SetScopePolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetScopePolicyResponse(_message.Message):
+    """SetScopePolicyResponse is the scope after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def scope(self) -> _budget_pb2.Scope:
+        """The scope, with its default policy."""
+
+    def __init__(
+        self,
+        *,
+        scope: _budget_pb2.Scope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetScopePolicyResponse: _TypeAlias = SetScopePolicyResponse  # noqa: Y015
 
 @_typing.final
 class GetScopeRequest(_message.Message):

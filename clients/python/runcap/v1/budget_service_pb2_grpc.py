@@ -100,6 +100,11 @@ class BudgetServiceStub:
                 request_serializer=runcap_dot_v1_dot_budget__service__pb2.GetScopeRequest.SerializeToString,
                 response_deserializer=runcap_dot_v1_dot_budget__service__pb2.GetScopeResponse.FromString,
                 _registered_method=True)
+        self.SetScopePolicy = channel.unary_unary(
+                '/runcap.v1.BudgetService/SetScopePolicy',
+                request_serializer=runcap_dot_v1_dot_budget__service__pb2.SetScopePolicyRequest.SerializeToString,
+                response_deserializer=runcap_dot_v1_dot_budget__service__pb2.SetScopePolicyResponse.FromString,
+                _registered_method=True)
         self.SetModelPrice = channel.unary_unary(
                 '/runcap.v1.BudgetService/SetModelPrice',
                 request_serializer=runcap_dot_v1_dot_budget__service__pb2.SetModelPriceRequest.SerializeToString,
@@ -246,6 +251,16 @@ class BudgetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetScopePolicy(self, request, context):
+        """Sets or clears the policy that root runs charged to an API key, user or
+        team get when CreateRun gives none (the API key's first, then the
+        user's, then the team's). Applies to runs created afterwards; a run's
+        policy never changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetModelPrice(self, request, context):
         """Prices a model for this tenant: a custom model the price table does not
         know, or a negotiated price that replaces the table's. Applies to the
@@ -362,6 +377,11 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.GetScope,
                     request_deserializer=runcap_dot_v1_dot_budget__service__pb2.GetScopeRequest.FromString,
                     response_serializer=runcap_dot_v1_dot_budget__service__pb2.GetScopeResponse.SerializeToString,
+            ),
+            'SetScopePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetScopePolicy,
+                    request_deserializer=runcap_dot_v1_dot_budget__service__pb2.SetScopePolicyRequest.FromString,
+                    response_serializer=runcap_dot_v1_dot_budget__service__pb2.SetScopePolicyResponse.SerializeToString,
             ),
             'SetModelPrice': grpc.unary_unary_rpc_method_handler(
                     servicer.SetModelPrice,
@@ -707,6 +727,33 @@ class BudgetService:
             '/runcap.v1.BudgetService/GetScope',
             runcap_dot_v1_dot_budget__service__pb2.GetScopeRequest.SerializeToString,
             runcap_dot_v1_dot_budget__service__pb2.GetScopeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetScopePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runcap.v1.BudgetService/SetScopePolicy',
+            runcap_dot_v1_dot_budget__service__pb2.SetScopePolicyRequest.SerializeToString,
+            runcap_dot_v1_dot_budget__service__pb2.SetScopePolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

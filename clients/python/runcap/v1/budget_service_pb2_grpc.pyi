@@ -93,6 +93,12 @@ class BudgetServiceStub:
     """Returns a parent scope's ceilings and its usage in each period's current
     window.
     """
+    SetScopePolicy: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.SetScopePolicyRequest, _budget_service_pb2.SetScopePolicyResponse]
+    """Sets or clears the policy that root runs charged to an API key, user or
+    team get when CreateRun gives none (the API key's first, then the
+    user's, then the team's). Applies to runs created afterwards; a run's
+    policy never changes.
+    """
     SetModelPrice: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.SetModelPriceRequest, _budget_service_pb2.SetModelPriceResponse]
     """Prices a model for this tenant: a custom model the price table does not
     know, or a negotiated price that replaces the table's. Applies to the
@@ -188,6 +194,12 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     GetScope: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.GetScopeRequest, _budget_service_pb2.GetScopeResponse]  # type: ignore[assignment]
     """Returns a parent scope's ceilings and its usage in each period's current
     window.
+    """
+    SetScopePolicy: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.SetScopePolicyRequest, _budget_service_pb2.SetScopePolicyResponse]  # type: ignore[assignment]
+    """Sets or clears the policy that root runs charged to an API key, user or
+    team get when CreateRun gives none (the API key's first, then the
+    user's, then the team's). Applies to runs created afterwards; a run's
+    policy never changes.
     """
     SetModelPrice: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.SetModelPriceRequest, _budget_service_pb2.SetModelPriceResponse]  # type: ignore[assignment]
     """Prices a model for this tenant: a custom model the price table does not
@@ -347,6 +359,18 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_budget_service_pb2.GetScopeResponse, _abc.Awaitable[_budget_service_pb2.GetScopeResponse]]:
         """Returns a parent scope's ceilings and its usage in each period's current
         window.
+        """
+
+    @_abc_1.abstractmethod
+    def SetScopePolicy(
+        self,
+        request: _budget_service_pb2.SetScopePolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_service_pb2.SetScopePolicyResponse, _abc.Awaitable[_budget_service_pb2.SetScopePolicyResponse]]:
+        """Sets or clears the policy that root runs charged to an API key, user or
+        team get when CreateRun gives none (the API key's first, then the
+        user's, then the team's). Applies to runs created afterwards; a run's
+        policy never changes.
         """
 
     @_abc_1.abstractmethod
