@@ -159,6 +159,8 @@ def scope_ref_pb(ref: ScopeRef) -> budget_pb2.ScopeRef:
 
 def scope_pb(view: ScopeView) -> budget_pb2.Scope:
     scope = budget_pb2.Scope(ref=scope_ref_pb(view.ref))
+    if view.policy is not None:
+        scope.default_policy.CopyFrom(policy_pb(view.policy))
     for usage in view.usage:
         entry = scope.usage.add(
             period=usage.period.value,

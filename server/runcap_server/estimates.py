@@ -4,9 +4,12 @@ The estimate is the worst case the call can bill: its input tokens at the input
 price plus its effective maximum output at the output price, where the
 effective maximum is the smallest of the request's `max_output_tokens`, the
 server's cap (RUNCAP_MAX_OUTPUT_TOKENS) and the model's own output limit. A
+tiered model is priced at the rates of the tier its input tokens fall in (the
+base rates up to the first tier's threshold, see `ModelPrice.rates_for`). A
 model the price table does not know cannot be estimated: the Reserve is
-blocked (fail closed). The rates used are stored with the reservation, so a
-Commit by usage is priced with the same table version even after a reload.
+blocked (fail closed). The rates used, a tier's if one applied, are stored with
+the reservation, so a Commit by usage is priced at them, with the same table
+version, even after a reload.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ class Estimate:
     price_table_version: str
     # How it was priced, stored with the reservation (the "#" never appears in
     # versions, rates or model names): "<version>#<rates>#<effective max
-    # output>#<provider>#<model>#<input tokens>"; "" when the model is unknown.
+    # output>#<provider>#<model>#<input tokens>", where <rates> are those of
+    # the tier the input tokens selected; "" when the model is unknown.
     pricing: str
 
     @property
@@ -68,7 +72,8 @@ def estimate(
     default_max_output: int,
     max_output_cap: int,
 ) -> Estimate:
-    """Price `call` at `price` (None: unknown), from the prices named `version`.
+    """Price `call` at `price` (None: unknown), from the prices named `version`,
+    at the rates of the tier that `call.input_tokens` selects.
 
     Policy values of 0 mean "none".
     """
@@ -87,8 +92,9 @@ def estimate(
         return Estimate(call, 0, 0, version, "")
     limits = [requested, max_output_cap or requested, price.max_output_tokens or requested]
     effective = min(limits)
-    amount = estimate_micros(price.rates, call.input_tokens, effective)
-    parts = (version, price.rates.encode(), effective, call.provider, call.model, call.input_tokens)
+    rates = price.rates_for(call.input_tokens)
+    amount = estimate_micros(rates, call.input_tokens, effective)
+    parts = (version, rates.encode(), effective, call.provider, call.model, call.input_tokens)
     return Estimate(call, effective, amount, version, "#".join(str(p) for p in parts))
 
 

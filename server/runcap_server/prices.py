@@ -11,6 +11,14 @@ classes of a `TokenUsage` are disjoint: ``input`` is uncached input, ``output``
 is visible output without reasoning. All arithmetic is on integers: a cost is
 the exact sum of tokens times rates, divided by 1,000,000 and rounded up once,
 so a call that used any priced token costs at least 1 micro-USD.
+
+Some models are tiered: a long prompt is billed at higher rates. A model's
+``tiers`` list, ascending by threshold, gives the rates of every token class
+for a prompt of *more than* ``above_input_tokens`` input tokens (cached input
+included); the base rates apply up to the first threshold. This is
+genai-prices' rule (``TieredPrices``: a tier applies when the usage's total
+input tokens are greater than its ``start``, and then to all tokens of the
+call, output included, not only to those past the threshold).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ __all__ = [
     "PriceTable",
     "PriceTableError",
     "Rates",
+    "Tier",
     "TokenUsage",
     "cost_micros",
     "estimate_micros",
@@ -59,7 +68,11 @@ _FIELD_ORDER: Final = (
     "json_schema",
     "modalities",
 )
-_ENTRY_FIELDS: Final = frozenset(_FIELD_ORDER)
+# Optional: written only for a tiered model.
+_TIERS: Final = "tiers"
+_THRESHOLD: Final = "above_input_tokens"
+_ENTRY_FIELDS: Final = frozenset((*_FIELD_ORDER, _TIERS))
+_TIER_FIELDS: Final = frozenset((_THRESHOLD, *_RATE_FIELDS))
 _TOP_FIELDS: Final = frozenset({"version", "sources", "models", "comment"})
 _DIGITS = re.compile(r"[0-9]+")
 # A version is stored in reservations as "<version>#<rates>": no "#", "|" or spaces.
@@ -73,6 +86,10 @@ class PriceTableError(ValueError):
 
 def _non_negative_int(value: object) -> TypeGuard[int]:
     return type(value) is int and value >= 0
+
+
+def _rate_items(rates: Rates) -> dict[str, int]:
+    return {name: getattr(rates, name) for name in _RATE_FIELDS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +125,27 @@ class Rates:
 
 
 @dataclass(frozen=True, slots=True)
+class Tier:
+    """The rates of a prompt of more than `above_input_tokens` input tokens
+    (cached input included): they apply to every token of such a call."""
+
+    above_input_tokens: int
+    rates: Rates
+
+    def __post_init__(self) -> None:
+        if not _non_negative_int(self.above_input_tokens):
+            raise ValueError(
+                f"above_input_tokens must be a non-negative int, got {self.above_input_tokens!r}"
+            )
+        if not isinstance(self.rates, Rates):
+            raise ValueError(f"rates must be Rates, got {self.rates!r}")
+
+    def to_entry(self) -> dict[str, int]:
+        """The tier as an element of a `models` entry's `tiers` list."""
+        return {_THRESHOLD: self.above_input_tokens, **_rate_items(self.rates)}
+
+
+@dataclass(frozen=True, slots=True)
 class ModelPrice:
     """One model of one provider: its rates and what it can do."""
 
@@ -122,19 +160,48 @@ class ModelPrice:
     json_schema: bool
     # Input modalities priced at these rates: "text", "image", "audio", "video".
     modalities: frozenset[str]
+    # Higher rates for longer prompts, ascending by threshold; () for a model
+    # priced the same whatever its prompt (tenant prices are never tiered).
+    tiers: tuple[Tier, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tiers, tuple) or not all(isinstance(t, Tier) for t in self.tiers):
+            raise ValueError(f"tiers must be a tuple of Tier, got {self.tiers!r}")
+        for lower, upper in zip(self.tiers, self.tiers[1:], strict=False):
+            if upper.above_input_tokens <= lower.above_input_tokens:
+                raise ValueError(
+                    "tiers must be in strictly ascending order of above_input_tokens, got "
+                    f"{lower.above_input_tokens} then {upper.above_input_tokens}"
+                )
+
+    def rates_for(self, input_tokens: int) -> Rates:
+        """The rates of a call whose prompt has `input_tokens` input tokens
+        (cached ones included): those of the last tier it is above, or the
+        base rates."""
+        if not _non_negative_int(input_tokens):
+            raise ValueError(f"input_tokens must be a non-negative int, got {input_tokens!r}")
+        rates = self.rates
+        for tier in self.tiers:
+            if input_tokens <= tier.above_input_tokens:
+                break
+            rates = tier.rates
+        return rates
 
     def to_entry(self) -> dict[str, object]:
-        """The model as a price table file's `models` entry."""
-        return {
+        """The model as a price table file's `models` entry (`tiers` only if tiered)."""
+        entry: dict[str, object] = {
             "provider": self.provider,
             "model": self.model,
-            **{name: getattr(self.rates, name) for name in _RATE_FIELDS},
+            **_rate_items(self.rates),
             "context_window": self.context_window,
             "max_output_tokens": self.max_output_tokens,
             "tools": self.tools,
             "json_schema": self.json_schema,
             "modalities": sorted(self.modalities),
         }
+        if self.tiers:
+            entry[_TIERS] = [tier.to_entry() for tier in self.tiers]
+        return entry
 
     @classmethod
     def from_entry(cls, entry: object, name: str) -> ModelPrice:
@@ -338,15 +405,53 @@ class _Reader:
                 raise self.fail(where, f"field {key!r} must be a non-empty string, got {value!r}")
             return value
 
-        def rate(key: str) -> int:
-            value = entry[key]
+        def rate(key: str, source: dict[str, Any] = entry, label: str = "") -> int:
+            value = source[key]
             if not _non_negative_int(value) or value > MAX_RATE:
                 raise self.fail(
                     where,
-                    f"field {key!r} must be an integer number of micro-USD per 1,000,000 "
-                    f"tokens in [0, {MAX_RATE}], got {_show(value)}",
+                    f"field {label or repr(key)} must be an integer number of micro-USD per "
+                    f"1,000,000 tokens in [0, {MAX_RATE}], got {_show(value)}",
                 )
             return value
+
+        def tiers() -> tuple[Tier, ...]:
+            if _TIERS not in entry:
+                return ()
+            items = entry[_TIERS]
+            if not isinstance(items, list) or not items:
+                raise self.fail(
+                    where,
+                    f"field {_TIERS!r} must be a non-empty list (omitted when the model is "
+                    f"not tiered), got {_show(items)}",
+                )
+            found: list[Tier] = []
+            for number, item in enumerate(items):
+                label = f"{_TIERS}[{number}]"
+                if not isinstance(item, dict):
+                    raise self.fail(where, f"field '{label}' must be an object, got {_show(item)}")
+                unknown = sorted(item.keys() - _TIER_FIELDS)
+                if unknown:
+                    raise self.fail(where, f"field '{label}' has an unknown field {unknown[0]!r}")
+                absent = [key for key in (_THRESHOLD, *_RATE_FIELDS) if key not in item]
+                if absent:
+                    raise self.fail(where, f"field '{label}.{absent[0]}' is missing")
+                threshold = item[_THRESHOLD]
+                if not _non_negative_int(threshold):
+                    raise self.fail(
+                        where,
+                        f"field '{label}.{_THRESHOLD}' must be a non-negative integer, "
+                        f"got {_show(threshold)}",
+                    )
+                if found and threshold <= found[-1].above_input_tokens:
+                    raise self.fail(
+                        where,
+                        f"field '{label}.{_THRESHOLD}' must be greater than the previous "
+                        f"tier's ({found[-1].above_input_tokens}): tiers ascend, got {threshold}",
+                    )
+                tier_rates = Rates(*(rate(key, item, f"'{label}.{key}'") for key in _RATE_FIELDS))
+                found.append(Tier(threshold, tier_rates))
+            return tuple(found)
 
         def limit(key: str) -> int | None:
             value = entry[key]
@@ -384,6 +489,7 @@ class _Reader:
             tools=flag("tools"),
             json_schema=flag("json_schema"),
             modalities=frozenset(modalities),
+            tiers=tiers(),
         )
 
 

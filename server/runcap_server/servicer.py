@@ -29,6 +29,7 @@ from runcap_server.ledger.types import (
     Period,
     ReservationStatus,
     ReserveResult,
+    RunPolicy,
     RunSpec,
     RunView,
     ScopeKind,
@@ -652,6 +653,24 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         check.done()
         view = await self.backend.set_scope_limit(self.tenant, ref, period, limit)
         return budget_service_pb2.SetScopeLimitResponse(scope=convert.scope_pb(view))
+
+    @_unary
+    async def SetScopePolicy(
+        self,
+        request: budget_service_pb2.SetScopePolicyRequest,
+        context: Context,
+    ) -> budget_service_pb2.SetScopePolicyResponse:
+        check = Validator()
+        ref = check.scope("scope", request.scope.kind, request.scope.id)
+        policy: RunPolicy | None = None
+        which = request.WhichOneof("default")
+        if which == "policy":
+            policy = check.policy("policy", request.policy)
+        elif which != "clear" or not request.clear:
+            check.fail("policy", "is required (or set clear to remove the default)")
+        check.done()
+        view = await self.backend.set_scope_policy(self.tenant, ref, policy)
+        return budget_service_pb2.SetScopePolicyResponse(scope=convert.scope_pb(view))
 
     @_unary
     async def GetScope(

@@ -296,3 +296,24 @@ async def test_unknown_and_malformed_approval_ids(
         await stub.Deny(pb.DenyRequest(approval_id=approval_id))
     assert info.value.code() == code
     assert error_info(info.value)[0].reason == reason
+
+
+async def test_a_teams_default_policy_governs_its_new_runs(stub: BudgetServiceAsyncStub) -> None:
+    team = budget_pb2.ScopeRef(kind=budget_pb2.SCOPE_KIND_TEAM, id=new_id("team"))
+    advisory = budget_pb2.RunPolicy(enforcement_mode=budget_pb2.ENFORCEMENT_MODE_ADVISORY)
+    set_ = await stub.SetScopePolicy(pb.SetScopePolicyRequest(scope=team, policy=advisory))
+    assert set_.scope.default_policy.enforcement_mode == budget_pb2.ENFORCEMENT_MODE_ADVISORY
+    shown = await stub.GetScope(pb.GetScopeRequest(scope=team))
+    assert shown.scope.HasField("default_policy")
+    run_id = new_id("run")
+    created = await stub.CreateRun(
+        pb.CreateRunRequest(run_id=run_id, limit_micros=100, team_id=team.id)
+    )
+    assert created.run.policy.enforcement_mode == budget_pb2.ENFORCEMENT_MODE_ADVISORY
+    warned = await stub.Reserve(pb.ReserveRequest(run_id=run_id, amount_micros=500))
+    assert warned.decision == budget_pb2.DECISION_WARN
+    cleared = await stub.SetScopePolicy(pb.SetScopePolicyRequest(scope=team, clear=True))
+    assert not cleared.scope.HasField("default_policy")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.SetScopePolicy(pb.SetScopePolicyRequest(scope=team))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,7 +1,8 @@
 """Parent scopes in the Python client: the requests it builds for CreateRun's
-parent fields, SetScopeLimit and GetScope, sent to a scripted in-process gRPC
-server that records them (no runcap server needed), the blocking scope of a
-`BudgetBlockedError`, and the typed errors of a bad parent run."""
+parent fields, SetScopeLimit, SetScopePolicy and GetScope, sent to a scripted
+in-process gRPC server that records them (no runcap server needed), the
+blocking scope of a `BudgetBlockedError`, and the typed errors of a bad parent
+run."""
 
 from __future__ import annotations
 
@@ -20,16 +21,25 @@ from runcap import (
     BudgetBlockedError,
     ParentRunClosedError,
     ParentRunNotFoundError,
+    RateLimit,
     RuncapClient,
+    RunPolicy,
+    UnavailableError,
     from_status,
 )
-from runcap._shared import create_run_request, get_scope_request, set_scope_limit_request
+from runcap._shared import (
+    create_run_request,
+    get_scope_request,
+    set_scope_limit_request,
+    set_scope_policy_request,
+)
 from runcap.v1 import budget_pb2
 from runcap.v1 import budget_service_pb2 as pb
 from runcap_server import errors as server_errors
-from tests.unit.fake_budget import serve
+from tests.unit.fake_budget import FAST, serve
 
 TEAM = budget_pb2.ScopeRef(kind=budget_pb2.SCOPE_KIND_TEAM, id="team-7")
+ADVISORY = RunPolicy(enforcement_mode="advisory", rate_limit=RateLimit(30, 60), max_in_flight=4)
 
 
 def abort(context: grpc.ServicerContext, error: BaseException) -> None:
@@ -77,12 +87,16 @@ class FakeScopes:
             scope = budget_pb2.Scope(ref=request.scope, usage=[usage])
             if method == "SetScopeLimit":
                 return pb.SetScopeLimitResponse(scope=scope)
+            if method == "SetScopePolicy":
+                if request.WhichOneof("default") == "policy":
+                    scope.default_policy.CopyFrom(request.policy)
+                return pb.SetScopePolicyResponse(scope=scope)
             return pb.GetScopeResponse(scope=scope)
 
         return handle
 
 
-METHODS = ["CreateRun", "Reserve", "SetScopeLimit", "GetScope"]
+METHODS = ["CreateRun", "Reserve", "SetScopeLimit", "SetScopePolicy", "GetScope"]
 
 
 @pytest.fixture
@@ -160,6 +174,36 @@ def test_set_scope_limit_needs_exactly_one_ceiling() -> None:
         set_scope_limit_request("team", "t", "daily", 5, True)
 
 
+def test_set_scope_policy_request_sets_or_clears() -> None:
+    ada = budget_pb2.ScopeRef(kind=budget_pb2.SCOPE_KIND_USER, id="ada")
+    policy = set_scope_policy_request("user", "ada", ADVISORY, False)
+    assert policy == pb.SetScopePolicyRequest(scope=ada, policy=ADVISORY.to_proto())
+    cleared = set_scope_policy_request(budget_pb2.SCOPE_KIND_USER, "ada", None, True)
+    assert cleared.WhichOneof("default") == "clear"
+    assert cleared == pb.SetScopePolicyRequest(scope=ada, clear=True)
+
+
+def test_set_scope_policy_request_copies_a_message_and_sends_an_empty_one() -> None:
+    message = budget_pb2.RunPolicy(max_tokens=100_000)
+    request = set_scope_policy_request("team", "t", message, False)
+    message.max_tokens = 1
+    assert request.policy == budget_pb2.RunPolicy(max_tokens=100_000)
+    # An empty policy (every field the server's default) is a policy, not a clear.
+    empty = set_scope_policy_request("team", "t", RunPolicy(), False)
+    assert empty.WhichOneof("default") == "policy"
+    assert pb.SetScopePolicyRequest.FromString(empty.SerializeToString()).HasField("policy")
+
+
+def test_set_scope_policy_needs_exactly_one_of_policy_and_clear() -> None:
+    with pytest.raises(ValueError, match="exactly one of policy and clear"):
+        set_scope_policy_request("team", "t", None, False)
+    with pytest.raises(ValueError, match="exactly one of policy and clear"):
+        set_scope_policy_request("team", "t", ADVISORY, True)
+    not_a_policy: Any = {"enforcement_mode": "advisory"}
+    with pytest.raises(TypeError, match="policy must be"):
+        set_scope_policy_request("team", "t", not_a_policy, False)
+
+
 def test_unknown_names_are_rejected_on_the_client() -> None:
     bad_kind: Any = "org"
     bad_period: Any = "weekly"
@@ -198,13 +242,53 @@ def test_sync_client_sends_parent_scopes_and_scope_calls(
     assert len(scopes.calls["SetScopeLimit"]) == 2  # nothing was sent
 
 
+def test_sync_client_sets_and_clears_a_scope_policy(
+    fake: tuple[FakeScopes, str], client: RuncapClient
+) -> None:
+    scopes = fake[0]
+    response = client.set_scope_policy("team", "team-7", ADVISORY)
+    assert response.scope.ref == TEAM
+    assert response.scope.default_policy == ADVISORY.to_proto()
+    message = budget_pb2.RunPolicy(enforcement_mode=budget_pb2.ENFORCEMENT_MODE_SOFT_GATE)
+    client.set_scope_policy(budget_pb2.SCOPE_KIND_TEAM, "team-7", policy=message)
+    cleared = client.set_scope_policy("team", "team-7", clear=True)
+    assert not cleared.scope.HasField("default_policy")
+
+    assert scopes.calls["SetScopePolicy"] == [
+        pb.SetScopePolicyRequest(scope=TEAM, policy=ADVISORY.to_proto()),
+        pb.SetScopePolicyRequest(scope=TEAM, policy=message),
+        pb.SetScopePolicyRequest(scope=TEAM, clear=True),
+    ]
+    with pytest.raises(ValueError, match="exactly one"):
+        client.set_scope_policy("team", "team-7")
+    with pytest.raises(ValueError, match="exactly one"):
+        client.set_scope_policy("team", "team-7", ADVISORY, clear=True)
+    assert len(scopes.calls["SetScopePolicy"]) == 3  # nothing was sent
+
+
 def test_scope_calls_retry_unavailable(fake: tuple[FakeScopes, str], client: RuncapClient) -> None:
     scopes = fake[0]
-    for method in ("SetScopeLimit", "GetScope"):
+    methods = ("SetScopeLimit", "SetScopePolicy", "GetScope")
+    for method in methods:
         scopes.failures[method] += [server_errors.ShuttingDown(retry_after_ms=1)] * 2
     client.set_scope_limit("api_key", "k", "monthly", limit_micros=1)
+    client.set_scope_policy("api_key", "k", ADVISORY)
     client.get_scope("api_key", "k")
-    assert (len(scopes.calls["SetScopeLimit"]), len(scopes.calls["GetScope"])) == (3, 3)
+    assert [len(scopes.calls[method]) for method in methods] == [3, 3, 3]
+    key = budget_pb2.ScopeRef(kind=budget_pb2.SCOPE_KIND_API_KEY, id="k")
+    assert scopes.calls["SetScopePolicy"] == [
+        pb.SetScopePolicyRequest(scope=key, policy=ADVISORY.to_proto())
+    ] * 3
+
+
+def test_set_scope_policy_retries_stop_after_the_policy(
+    fake: tuple[FakeScopes, str], client: RuncapClient
+) -> None:
+    scopes = fake[0]
+    scopes.failures["SetScopePolicy"] += [server_errors.ShuttingDown(retry_after_ms=1)] * 10
+    with pytest.raises(UnavailableError):
+        client.set_scope_policy("user", "ada", clear=True)
+    assert len(scopes.calls["SetScopePolicy"]) == FAST.max_attempts
 
 
 async def test_async_client_sends_parent_scopes_and_scope_calls(
@@ -223,6 +307,25 @@ async def test_async_client_sends_parent_scopes_and_scope_calls(
         "limit_micros",
         "clear",
     ]
+
+
+async def test_async_client_sets_clears_and_retries_a_scope_policy(
+    fake: tuple[FakeScopes, str], aclient: AsyncRuncapClient
+) -> None:
+    scopes = fake[0]
+    scopes.failures["SetScopePolicy"] += [server_errors.ShuttingDown(retry_after_ms=1)] * 2
+    response = await aclient.set_scope_policy("user", "ada", ADVISORY)
+    assert response.scope.default_policy == ADVISORY.to_proto()
+    cleared = await aclient.set_scope_policy("user", "ada", clear=True)
+    assert not cleared.scope.HasField("default_policy")
+    ada = budget_pb2.ScopeRef(kind=budget_pb2.SCOPE_KIND_USER, id="ada")
+    assert scopes.calls["SetScopePolicy"] == [
+        *[pb.SetScopePolicyRequest(scope=ada, policy=ADVISORY.to_proto())] * 3,
+        pb.SetScopePolicyRequest(scope=ada, clear=True),
+    ]
+    with pytest.raises(ValueError, match="exactly one"):
+        await aclient.set_scope_policy("user", "ada")
+    assert len(scopes.calls["SetScopePolicy"]) == 4
 
 
 def test_budget_blocked_error_names_the_blocking_scope(client: RuncapClient) -> None:

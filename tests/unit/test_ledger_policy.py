@@ -425,3 +425,28 @@ async def test_no_mode_holds_past_the_largest_exact_total(ledger: Ledger) -> Non
         DecisionReason.INSUFFICIENT_BUDGET,
     )
     assert (await ledger.reserve(T, "run", "c", MAX_MICROS - 3, None)).decision is Decision.WARN
+
+
+async def test_a_root_run_takes_its_scopes_default_policy(ledger: Ledger) -> None:
+    team, user = ScopeRef(ScopeKind.TEAM, "core"), ScopeRef(ScopeKind.USER, "ann")
+    advisory = RunPolicy(EnforcementMode.ADVISORY)
+    view = await ledger.set_scope_policy(T, team, advisory)
+    assert view.policy == advisory
+    assert (await ledger.get_scope(T, team)).policy == advisory
+
+    charged = RunSpec("a", 1_000, {}, None, team_id="core")
+    assert (await ledger.create_run(T, charged)).run.policy == advisory
+    # The user's default comes before the team's; a policy given wins over both.
+    await ledger.set_scope_policy(T, user, RunPolicy(max_in_flight=2))
+    both = RunSpec("b", 1_000, {}, None, user_id="ann", team_id="core")
+    assert (await ledger.create_run(T, both)).run.policy == RunPolicy(max_in_flight=2)
+    own = RunSpec("c", 1_000, {}, None, team_id="core", policy=RunPolicy())
+    assert (await ledger.create_run(T, own)).run.policy == RunPolicy()
+    # A subagent takes its parent's policy, not its scopes'.
+    kid = RunSpec("kid", 100, {}, None, parent_run_id="c", team_id="core")
+    assert (await ledger.create_run(T, kid)).run.policy == RunPolicy()
+    # Clearing it leaves runs made before as they are.
+    assert (await ledger.set_scope_policy(T, team, None)).policy is None
+    later = RunSpec("d", 1_000, {}, None, team_id="core")
+    assert (await ledger.create_run(T, later)).run.policy == RunPolicy()
+    assert (await ledger.get_run(T, "a")).policy == advisory

@@ -23,6 +23,7 @@ from runcap_server.ledger.types import (
     RefundResult,
     Reservation,
     ReserveResult,
+    RunPolicy,
     RunSpec,
     RunView,
     ScopeRef,
@@ -88,6 +89,12 @@ class Backend(Protocol):
         self, tenant: str, ref: ScopeRef, period: Period, limit_micros: int | None
     ) -> ScopeView:
         """Set (or, with None, clear) one ceiling of an API key, user or team."""
+        ...
+
+    async def set_scope_policy(
+        self, tenant: str, ref: ScopeRef, policy: RunPolicy | None
+    ) -> ScopeView:
+        """Set (or, with None, clear) the policy new root runs of the scope get."""
         ...
 
     async def get_scope(self, tenant: str, ref: ScopeRef) -> ScopeView: ...

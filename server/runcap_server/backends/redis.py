@@ -118,6 +118,8 @@ _RUN_SCRIPT = _Script.load("ledger.lua")
 _SCOPE_SCRIPT = _Script.load("scope.lua")
 _PRICES_SCRIPT = _Script.load("prices.lua")
 _PRICES_VERSION = "~version"
+# A scope's default run policy: a field of its limits hash (the periods' are digits).
+_SCOPE_POLICY = "policy"
 # How long a settled reservation's parents may wait for the saga before the
 # sweeper settles them itself.
 SETTLE_WAIT_MS = 5_000
@@ -453,7 +455,8 @@ class RedisLedger:
 
     async def create_run(self, tenant: str, spec: RunSpec) -> CreateRunResult:
         if not spec.parent_run_id:
-            return await self._create(tenant, spec, *saga.place_under(spec, None))
+            defaults = await self._scope_default(tenant, spec) if spec.policy is None else None
+            return await self._create(tenant, spec, *saga.place_under(spec, None, defaults))
 
         async def parent_view() -> RunView | None:
             try:
@@ -470,6 +473,14 @@ class RedisLedger:
         lineage, policy = saga.place_under(spec, parent)
         await self._adopt(tenant, spec)
         return await self._create(tenant, spec, lineage, policy)
+
+    async def _scope_default(self, tenant: str, spec: RunSpec) -> RunPolicy | None:
+        """A new root run's first scope default policy (saga.scope_refs), if any."""
+        refs = saga.scope_refs(spec)
+        texts = await asyncio.gather(
+            *(self._cmd("hget", self._scope_keys(tenant, ref)[0], _SCOPE_POLICY) for ref in refs)
+        )
+        return decode_given_policy(next((t.decode() for t in texts if t), ""))
 
     async def _adopt(self, tenant: str, spec: RunSpec) -> None:
         """The parent's step: count the child within its max_children (idempotent)."""
@@ -719,8 +730,27 @@ class RedisLedger:
         reply = await self._scope_script(tenant, ref, "set_limit", int(period), limit_micros)
         return _scope_view(ref, reply)
 
+    async def set_scope_policy(
+        self, tenant: str, ref: ScopeRef, policy: RunPolicy | None
+    ) -> ScopeView:
+        # The scope's limits hash holds it too; scope.lua reads only the periods.
+        limits = self._scope_keys(tenant, ref)[0]
+        text = encode_given_policy(policy)
+        if text:
+            await self._cmd("hset", limits, _SCOPE_POLICY, text)
+        else:
+            await self._cmd("hdel", limits, _SCOPE_POLICY)
+        return await self.get_scope(tenant, ref)
+
     async def get_scope(self, tenant: str, ref: ScopeRef) -> ScopeView:
-        return _scope_view(ref, await self._scope_script(tenant, ref, "view"))
+        limits = self._scope_keys(tenant, ref)[0]
+        reply, policy = await asyncio.gather(
+            self._scope_script(tenant, ref, "view"), self._cmd("hget", limits, _SCOPE_POLICY)
+        )
+        view = _scope_view(ref, reply)
+        return dataclasses.replace(
+            view, policy=decode_given_policy(policy.decode() if policy else "")
+        )
 
     def _prices_key(self, tenant: str) -> str:
         return f"{self.namespace}:{{{tenant}/@prices}}:o"

@@ -175,6 +175,15 @@ CREATE TABLE IF NOT EXISTS scope_limits (
     PRIMARY KEY (tenant, scope, period)
 ) STRICT, WITHOUT ROWID;
 
+-- A scope's default run policy (SetScopePolicy), created on open so older
+-- ledgers gain it too.
+CREATE TABLE IF NOT EXISTS scope_policies (
+    tenant TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    PRIMARY KEY (tenant, scope)
+) STRICT, WITHOUT ROWID;
+
 CREATE TABLE IF NOT EXISTS scope_windows (
     tenant TEXT NOT NULL,
     scope TEXT NOT NULL,
@@ -579,6 +588,20 @@ class _SqlScopeStore:
                 (*self.key, int(period), limit_micros),
             )
 
+    def load_policy(self) -> str:
+        row = self.conn.execute(
+            "SELECT policy FROM scope_policies WHERE tenant = ? AND scope = ?", self.key
+        ).fetchone()
+        return cast(str, row[0]) if row else ""
+
+    def save_policy(self, text: str) -> None:
+        if text:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO scope_policies VALUES (?, ?, ?)", (*self.key, text)
+            )
+        else:
+            self.conn.execute("DELETE FROM scope_policies WHERE tenant = ? AND scope = ?", self.key)
+
     def load_window(self, key: str) -> WindowTotals:
         row = self.conn.execute(
             "SELECT committed_micros, reserved_micros, overrun_micros, active_reservations "
@@ -972,6 +995,13 @@ class SqliteLedger:
     ) -> ScopeView:
         return await self._op(
             tenant, lambda s, now: scopes.set_limit(s.scope(ref), ref, period, limit_micros, now)
+        )
+
+    async def set_scope_policy(
+        self, tenant: str, ref: ScopeRef, policy: RunPolicy | None
+    ) -> ScopeView:
+        return await self._op(
+            tenant, lambda s, now: scopes.set_policy(s.scope(ref), ref, policy, now)
         )
 
     async def get_scope(self, tenant: str, ref: ScopeRef) -> ScopeView:

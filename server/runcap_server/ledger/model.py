@@ -30,6 +30,7 @@ from runcap_server.ledger.types import (
     Reservation,
     ReservationStatus,
     ReserveResult,
+    RunPolicy,
     RunSpec,
     RunView,
     ScopeRef,
@@ -85,6 +86,7 @@ class _MemoryStore:
 @dataclass
 class _Scope:
     limits: dict[Period, int] = field(default_factory=dict)
+    policy: str = ""
     windows: dict[str, WindowTotals] = field(default_factory=dict)
     holds: dict[str, ScopeHold] = field(default_factory=dict)
 
@@ -103,6 +105,12 @@ class _MemoryScopeStore:
             self.scope.limits.pop(period, None)
         else:
             self.scope.limits[period] = limit_micros
+
+    def load_policy(self) -> str:
+        return self.scope.policy
+
+    def save_policy(self, text: str) -> None:
+        self.scope.policy = text
 
     def load_window(self, key: str) -> WindowTotals:
         return dataclasses.replace(self.scope.windows.get(key) or WindowTotals())
@@ -264,6 +272,11 @@ class ModelLedger:
         return self._op(
             tenant, lambda s, now: scopes.set_limit(s.scope(ref), ref, period, limit_micros, now)
         )
+
+    async def set_scope_policy(
+        self, tenant: str, ref: ScopeRef, policy: RunPolicy | None
+    ) -> ScopeView:
+        return self._op(tenant, lambda s, now: scopes.set_policy(s.scope(ref), ref, policy, now))
 
     async def get_scope(self, tenant: str, ref: ScopeRef) -> ScopeView:
         return self._op(tenant, lambda s, now: scopes.view(s.scope(ref), ref, now))

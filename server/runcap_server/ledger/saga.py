@@ -41,6 +41,7 @@ from runcap_server.ledger.types import (
     RunView,
     ScopeKind,
     ScopeRef,
+    decode_given_policy,
     hold_id,
     meter_dim,
 )
@@ -81,14 +82,24 @@ NO_EXTRAS = ReserveExtras()
 PARENT_HOLD_GRACE_MS = 1_000
 
 
-def place_under(spec: RunSpec, parent: RunView | None) -> tuple[Lineage, RunPolicy]:
-    """A new run's lineage and effective policy; `parent` is its parent run, if any.
+def scope_refs(spec: RunSpec) -> list[ScopeRef]:
+    """The scopes a root run's default policy comes from, in precedence order."""
+    kinds = (ScopeKind.API_KEY, ScopeKind.USER, ScopeKind.TEAM)
+    ids = (spec.api_key_id, spec.user_id, spec.team_id)
+    return [ScopeRef(kind, id_) for kind, id_ in zip(kinds, ids, strict=True) if id_]
+
+
+def place_under(
+    spec: RunSpec, parent: RunView | None, scope_policy: RunPolicy | None = None
+) -> tuple[Lineage, RunPolicy]:
+    """A new run's lineage and effective policy; `parent` is its parent run, if
+    any, and `scope_policy` a root run's first scope default (scope_refs).
 
     Checks the parent's subagent limits as they stand; the parent's own
     step (core.adopt_child) counts the child atomically.
     """
     if not spec.parent_run_id:
-        policy = spec.policy or RunPolicy()
+        policy = spec.policy or scope_policy or RunPolicy()
         lineage = Lineage(
             api_key_id=spec.api_key_id,
             user_id=spec.user_id,
@@ -184,7 +195,13 @@ def create_run(stores: Stores, spec: RunSpec, now_ms: int) -> tuple[Account, boo
     if store.load_account() is not None:
         return core.create_run(store, spec, now_ms)  # a replay or a conflict
     parent = stores.run(spec.parent_run_id).load_account() if spec.parent_run_id else None
-    lineage, policy = place_under(spec, parent.view(0) if parent is not None else None)
+    scope_policy = None
+    if parent is None and spec.policy is None:
+        defaults = (stores.scope(ref).load_policy() for ref in scope_refs(spec))
+        scope_policy = decode_given_policy(next((p for p in defaults if p), ""))
+    lineage, policy = place_under(
+        spec, parent.view(0) if parent is not None else None, scope_policy
+    )
     if parent is not None:
         core.adopt_child(stores.run(spec.parent_run_id), spec.parent_run_id, spec.run_id)
     return core.create_run(store, spec, now_ms, lineage, policy)

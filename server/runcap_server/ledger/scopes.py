@@ -23,7 +23,10 @@ from runcap_server.ledger.types import (
     DecisionReason,
     Period,
     ReservationStatus,
+    RunPolicy,
     ScopeRef,
+    decode_given_policy,
+    encode_given_policy,
 )
 
 DAY_MS = 86_400_000
@@ -132,6 +135,8 @@ class ScopeUsage:
 class ScopeView:
     ref: ScopeRef
     usage: tuple[ScopeUsage, ...]
+    # The policy root runs charged to the scope get by default.
+    policy: RunPolicy | None = None
 
     def period(self, period: Period) -> ScopeUsage:
         return self.usage[int(period) - 1]
@@ -159,6 +164,12 @@ class ScopeStore(Protocol):
     def load_limits(self) -> dict[Period, int]: ...
 
     def save_limit(self, period: Period, limit_micros: int | None) -> None: ...
+
+    def load_policy(self) -> str:
+        """The scope's default run policy (types.encode_given_policy); "" when none."""
+        ...
+
+    def save_policy(self, text: str) -> None: ...
 
     def load_window(self, key: str) -> WindowTotals: ...
 
@@ -357,11 +368,19 @@ def view(store: ScopeStore, ref: ScopeRef, now_ms: int) -> ScopeView:
                 active_reservations=totals.active_reservations,
             )
         )
-    return ScopeView(ref=ref, usage=tuple(usage))
+    return ScopeView(ref=ref, usage=tuple(usage), policy=decode_given_policy(store.load_policy()))
 
 
 def set_limit(
     store: ScopeStore, ref: ScopeRef, period: Period, limit_micros: int | None, now_ms: int
 ) -> ScopeView:
     store.save_limit(period, limit_micros)
+    return view(store, ref, now_ms)
+
+
+def set_policy(
+    store: ScopeStore, ref: ScopeRef, policy: RunPolicy | None, now_ms: int
+) -> ScopeView:
+    """Set (or, with None, clear) the policy new root runs of the scope get."""
+    store.save_policy(encode_given_policy(policy))
     return view(store, ref, now_ms)
