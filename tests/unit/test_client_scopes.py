@@ -276,9 +276,8 @@ def test_scope_calls_retry_unavailable(fake: tuple[FakeScopes, str], client: Run
     client.get_scope("api_key", "k")
     assert [len(scopes.calls[method]) for method in methods] == [3, 3, 3]
     key = budget_pb2.ScopeRef(kind=budget_pb2.SCOPE_KIND_API_KEY, id="k")
-    assert scopes.calls["SetScopePolicy"] == [
-        pb.SetScopePolicyRequest(scope=key, policy=ADVISORY.to_proto())
-    ] * 3
+    sent = pb.SetScopePolicyRequest(scope=key, policy=ADVISORY.to_proto())
+    assert scopes.calls["SetScopePolicy"] == [sent] * 3
 
 
 def test_set_scope_policy_retries_stop_after_the_policy(

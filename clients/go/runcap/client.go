@@ -25,7 +25,8 @@
 // which need a hold to go on, turn it into a *BudgetBlockedError (a
 // throttle into a *BudgetThrottledError, with the delay before reserving
 // again; a call that needs approval into an *ApprovalRequiredError, with
-// the ApprovalID to Approve or Deny). A run's Policy is set at CreateRun; Meter counts a reservation on
+// the ApprovalID to Approve or Deny). A run's Policy is set at CreateRun (a
+// root run given none gets its scopes' default, SetScopePolicy); Meter counts a reservation on
 // a call meter. A run whose policy has AutoDowngrade answers an LLM call
 // that does not fit with DECISION_DOWNGRADE: the hold is of a cheaper model
 // (Hold.Downgraded, Hold.Model). GetDecision returns a decision by its id,
@@ -36,6 +37,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"time"
 
 	"google.golang.org/grpc"
@@ -58,8 +60,8 @@ const DefaultTimeout = 10 * time.Second
 // Client is a client of the runcap BudgetService. It is safe for concurrent
 // use. Every failed call returns a *runcaperr.Error. Calls that are
 // idempotent (those that carry a client-side id, the reads, CloseRun,
-// SuspendRun, ResumeRun, Approve, Deny and the scope limit calls) are retried on
-// UNAVAILABLE according to the client's RetryPolicy.
+// SuspendRun, ResumeRun, Approve, Deny and the scope limit and policy calls)
+// are retried on UNAVAILABLE according to the client's RetryPolicy.
 type Client struct {
 	conn    *grpc.ClientConn // nil when the connection is the caller's
 	stub    runcapv1.BudgetServiceClient
@@ -272,7 +274,9 @@ func TeamID(teamID string) RunOption {
 // threshold bands and throttling, token, call-meter, rate and in-flight
 // limits, and caps on its subagents. Fields left unset take the server's
 // defaults (the response's Run.Policy has them all filled in); a subagent
-// run given no policy takes its parent's. The policy is copied.
+// run given no policy takes its parent's, and a root run its scopes' default
+// policy (SetScopePolicy: the API key's, else the user's, else the team's).
+// The policy is copied.
 //
 //	client.CreateRun(ctx, "run-1", 5_000_000, runcap.Policy(&runcapv1.RunPolicy{
 //		EnforcementMode: runcapv1.EnforcementMode_ENFORCEMENT_MODE_ADVISORY,
@@ -515,9 +519,47 @@ func (c *Client) ClearScopeLimit(ctx context.Context, kind runcapv1.ScopeKind, s
 	return call(ctx, c, true, c.stub.SetScopeLimit, req)
 }
 
-// GetScope returns a parent scope's ceilings and its usage in the current
-// window of each period (lifetime, daily, monthly, in that order). A scope
-// nobody has charged or limited reads as zeros with no limits.
+// SetScopePolicy sets the default run policy of a parent scope (an API key,
+// a user or a team) and returns the scope after the change (its
+// DefaultPolicy). A root run created without a Policy gets its API key's
+// default policy, else its user's, else its team's (else the server's
+// defaults); a subagent run still takes its parent's. It applies to runs
+// created afterwards: a run's policy never changes. The policy is copied;
+// a nil policy is an error, returned before any call (ClearScopePolicy
+// removes the default). Setting a value is idempotent, so the call is
+// retried.
+//
+//	client.SetScopePolicy(ctx, runcapv1.ScopeKind_SCOPE_KIND_TEAM, "team-7", &runcapv1.RunPolicy{
+//		EnforcementMode: runcapv1.EnforcementMode_ENFORCEMENT_MODE_ADVISORY,
+//	})
+func (c *Client) SetScopePolicy(ctx context.Context, kind runcapv1.ScopeKind, scopeID string, policy *runcapv1.RunPolicy) (*runcapv1.SetScopePolicyResponse, error) {
+	if policy == nil {
+		return nil, errNilScopePolicy
+	}
+	req := &runcapv1.SetScopePolicyRequest{
+		Scope:   &runcapv1.ScopeRef{Kind: kind, Id: scopeID},
+		Default: &runcapv1.SetScopePolicyRequest_Policy{Policy: proto.Clone(policy).(*runcapv1.RunPolicy)},
+	}
+	return call(ctx, c, true, c.stub.SetScopePolicy, req)
+}
+
+var errNilScopePolicy = errors.New("runcap: SetScopePolicy needs a policy (ClearScopePolicy removes one)")
+
+// ClearScopePolicy removes the default run policy of a parent scope (root
+// runs created afterwards fall back to the next scope's, or the server's
+// defaults) and returns the scope after the change.
+func (c *Client) ClearScopePolicy(ctx context.Context, kind runcapv1.ScopeKind, scopeID string) (*runcapv1.SetScopePolicyResponse, error) {
+	req := &runcapv1.SetScopePolicyRequest{
+		Scope:   &runcapv1.ScopeRef{Kind: kind, Id: scopeID},
+		Default: &runcapv1.SetScopePolicyRequest_Clear{Clear: true},
+	}
+	return call(ctx, c, true, c.stub.SetScopePolicy, req)
+}
+
+// GetScope returns a parent scope's ceilings, its usage in the current
+// window of each period (lifetime, daily, monthly, in that order) and its
+// DefaultPolicy (nil when it has none). A scope nobody has charged or
+// limited reads as zeros with no limits.
 func (c *Client) GetScope(ctx context.Context, kind runcapv1.ScopeKind, scopeID string) (*runcapv1.GetScopeResponse, error) {
 	req := &runcapv1.GetScopeRequest{Scope: &runcapv1.ScopeRef{Kind: kind, Id: scopeID}}
 	return call(ctx, c, true, c.stub.GetScope, req)

@@ -250,6 +250,24 @@ def set_scope_limit_request(
     return request
 
 
+def set_scope_policy_request(
+    kind: ScopeKind,
+    scope_id: str,
+    policy: RunPolicyLike | None,
+    clear: bool,
+) -> budget_service_pb2.SetScopePolicyRequest:
+    """A SetScopePolicyRequest that sets `policy` as the scope's default run
+    policy or, with `clear`, removes it. Exactly one of the two must be
+    given; an empty policy is sent as set (every field the server's
+    default)."""
+    if (policy is None) == (not clear):
+        raise ValueError("give exactly one of policy and clear=True")
+    scope = scope_ref(kind, scope_id)
+    if policy is not None:
+        return budget_service_pb2.SetScopePolicyRequest(scope=scope, policy=to_run_policy(policy))
+    return budget_service_pb2.SetScopePolicyRequest(scope=scope, clear=True)
+
+
 def get_scope_request(kind: ScopeKind, scope_id: str) -> budget_service_pb2.GetScopeRequest:
     return budget_service_pb2.GetScopeRequest(scope=scope_ref(kind, scope_id))
 

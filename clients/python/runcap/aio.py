@@ -33,6 +33,7 @@ from runcap._shared import (
     refund_request,
     reserve_request,
     set_scope_limit_request,
+    set_scope_policy_request,
     settle_note,
 )
 from runcap.errors import RuncapError, from_rpc_error
@@ -229,6 +230,18 @@ class AsyncRuncapClient:
         """See `RuncapClient.set_scope_limit`."""
         request = set_scope_limit_request(kind, scope_id, period, limit_micros, clear)
         return await self._call(self._stub.SetScopeLimit, request, idempotent=True)
+
+    async def set_scope_policy(
+        self,
+        kind: ScopeKind,
+        scope_id: str,
+        policy: RunPolicyLike | None = None,
+        *,
+        clear: bool = False,
+    ) -> budget_service_pb2.SetScopePolicyResponse:
+        """See `RuncapClient.set_scope_policy`."""
+        request = set_scope_policy_request(kind, scope_id, policy, clear)
+        return await self._call(self._stub.SetScopePolicy, request, idempotent=True)
 
     async def get_scope(
         self, kind: ScopeKind, scope_id: str

@@ -34,6 +34,7 @@ from runcap._shared import (
     refund_request,
     reserve_request,
     set_scope_limit_request,
+    set_scope_policy_request,
     settle_note,
 )
 from runcap.errors import RuncapError, from_rpc_error
@@ -57,8 +58,8 @@ class RuncapClient:
 
     Every failed call raises a `runcap.errors.RuncapError` subclass. Calls that
     are idempotent (those that carry a client-side id, reads, CloseRun,
-    SuspendRun, ResumeRun, Approve, Deny and SetScopeLimit) are retried on
-    UNAVAILABLE according to `retry`.
+    SuspendRun, ResumeRun, Approve, Deny, SetScopeLimit and SetScopePolicy)
+    are retried on UNAVAILABLE according to `retry`.
 
     Use it as a context manager, or call `close()`, to close the channel it
     created; a channel passed in stays open (it is the caller's).
@@ -163,7 +164,9 @@ class RuncapClient:
         bands and throttling, token, call-meter, rate and in-flight limits,
         and caps on its subagents; the server's answer has the policy with
         every default filled in (``run.policy``). A subagent run given no
-        policy takes its parent's::
+        policy takes its parent's, and a root run its scopes' default policy
+        (`set_scope_policy`: the API key's, else the user's, else the
+        team's)::
 
             client.create_run(
                 "run-1",
@@ -333,10 +336,39 @@ class RuncapClient:
         request = set_scope_limit_request(kind, scope_id, period, limit_micros, clear)
         return self._call(self._stub.SetScopeLimit, request, idempotent=True)
 
+    def set_scope_policy(
+        self,
+        kind: ScopeKind,
+        scope_id: str,
+        policy: RunPolicyLike | None = None,
+        *,
+        clear: bool = False,
+    ) -> budget_service_pb2.SetScopePolicyResponse:
+        """Sets a parent scope's default run policy to `policy` (a
+        `RunPolicy`, or the `runcap.v1.RunPolicy` message), or with
+        ``clear=True`` removes it; give exactly one of the two, or ValueError
+        is raised before any call.
+
+        A root run created without a policy gets its API key's default
+        policy, else its user's, else its team's (else the server's
+        defaults); a subagent run still takes its parent's::
+
+            client.set_scope_policy("team", "team-7", RunPolicy(enforcement_mode="advisory"))
+            client.set_scope_policy("team", "team-7", clear=True)
+
+        The policy applies to runs created afterwards; a run's policy never
+        changes. Returns the scope after the change (its
+        ``default_policy``); the call is retried on UNAVAILABLE (it sets a
+        value, so a repeat changes nothing).
+        """
+        request = set_scope_policy_request(kind, scope_id, policy, clear)
+        return self._call(self._stub.SetScopePolicy, request, idempotent=True)
+
     def get_scope(self, kind: ScopeKind, scope_id: str) -> budget_service_pb2.GetScopeResponse:
-        """Returns a parent scope's ceilings and its usage in the current
-        window of each period (lifetime, daily, monthly, in that order). A
-        scope nobody has charged or limited reads as zeros with no limits."""
+        """Returns a parent scope's ceilings, its usage in the current window
+        of each period (lifetime, daily, monthly, in that order) and its
+        ``default_policy`` (unset when it has none). A scope nobody has
+        charged or limited reads as zeros with no limits."""
         request = get_scope_request(kind, scope_id)
         return self._call(self._stub.GetScope, request, idempotent=True)
 

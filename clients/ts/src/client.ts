@@ -24,6 +24,7 @@ import {
   ReserveRequestSchema,
   ResumeRunRequestSchema,
   SetScopeLimitRequestSchema,
+  SetScopePolicyRequestSchema,
   SuspendRunRequestSchema,
   TokenUsageSchema,
   type ApproveResponse,
@@ -39,6 +40,7 @@ import {
   type ReserveResponse,
   type ResumeRunResponse,
   type SetScopeLimitResponse,
+  type SetScopePolicyResponse,
   type SuspendRunResponse,
   type TokenUsage,
 } from "./gen/runcap/v1/budget_service_pb.js";
@@ -125,7 +127,8 @@ export interface CreateRunArgs {
    * throttling, token, call-meter, rate and in-flight limits, and caps on
    * its subagents. The response's `run.policy` has every default filled in.
    * When omitted, a subagent run takes its parent's policy and a root run
-   * the defaults. Creating a child past its parent's `maxChildren` or an
+   * its scopes' default policy (`setScopePolicy`: the API key's, else the
+   * user's, else the team's) or the defaults. Creating a child past its parent's `maxChildren` or an
    * ancestor's `maxDepth` rejects with `SubagentLimitError`.
    *
    * ```ts
@@ -214,7 +217,10 @@ export interface RunPolicyInput {
   approvedMeters?: readonly string[];
 }
 
-/** Names a parent scope: arguments of `getScope`, and the base of `setScopeLimit`'s and `clearScopeLimit`'s. */
+/**
+ * Names a parent scope: arguments of `getScope` and `clearScopePolicy`, and
+ * the base of `setScopeLimit`'s, `clearScopeLimit`'s and `setScopePolicy`'s.
+ */
 export interface ScopeArgs {
   /** What the scope is, for example `ScopeKind.TEAM`. */
   kind: ScopeKind;
@@ -234,6 +240,16 @@ export interface SetScopeLimitArgs extends ScopeArgs {
 export interface ClearScopeLimitArgs extends ScopeArgs {
   /** The period whose ceiling to remove. */
   period: Period;
+}
+
+/** Arguments of `setScopePolicy`. */
+export interface SetScopePolicyArgs extends ScopeArgs {
+  /**
+   * The default policy of root runs charged to the scope ({@link RunPolicyInput},
+   * or a `runcap.v1.RunPolicy` message); an empty one is sent as set (every
+   * field the server's default).
+   */
+  policy: RunPolicyInput | RunPolicy;
 }
 
 /**
@@ -473,9 +489,26 @@ export interface RuncapClient {
   /** Removes a parent scope's ceiling for one period (its spend is still tracked). Resolves with the scope after the change. */
   clearScopeLimit(args: ClearScopeLimitArgs, options?: CallOptions): Promise<SetScopeLimitResponse>;
   /**
-   * A parent scope's ceilings and its usage in the current window of each
-   * period (lifetime, daily, monthly, in that order). A scope nobody has
-   * charged or limited reads as zeros with no limits.
+   * Sets a parent scope's default run policy: a root run created without a
+   * `policy` gets its API key's, else its user's, else its team's (else the
+   * server's defaults); a subagent run still takes its parent's. It applies
+   * to runs created afterwards: a run's policy never changes. Resolves with
+   * the scope after the change (`scope.defaultPolicy`). Idempotent, so
+   * retried on UNAVAILABLE. Rejects with RangeError, before any call, for a
+   * policy `toRunPolicy` refuses.
+   *
+   * ```ts
+   * await client.setScopePolicy({ kind: ScopeKind.TEAM, scopeId: "team-7", policy: { enforcementMode: EnforcementMode.ADVISORY } });
+   * ```
+   */
+  setScopePolicy(args: SetScopePolicyArgs, options?: CallOptions): Promise<SetScopePolicyResponse>;
+  /** Removes a parent scope's default run policy. Resolves with the scope after the change. */
+  clearScopePolicy(args: ScopeArgs, options?: CallOptions): Promise<SetScopePolicyResponse>;
+  /**
+   * A parent scope's ceilings, its usage in the current window of each
+   * period (lifetime, daily, monthly, in that order) and its `defaultPolicy`
+   * (undefined when it has none). A scope nobody has charged or limited
+   * reads as zeros with no limits.
    */
   getScope(args: ScopeArgs, options?: CallOptions): Promise<GetScopeResponse>;
   /** The generated Connect client underneath, for calls the wrapper does not cover. */
@@ -771,6 +804,20 @@ export function createRuncapClient(options: RuncapClientOptions = {}): RuncapCli
         ceiling: { case: "clear", value: true },
       });
       return call((o) => raw.setScopeLimit(request, o), true, opts);
+    },
+    async setScopePolicy(args, opts) {
+      const request = create(SetScopePolicyRequestSchema, {
+        scope: { kind: args.kind, id: args.scopeId },
+        default: { case: "policy", value: toRunPolicy(args.policy) },
+      });
+      return call((o) => raw.setScopePolicy(request, o), true, opts);
+    },
+    clearScopePolicy(args, opts) {
+      const request = create(SetScopePolicyRequestSchema, {
+        scope: { kind: args.kind, id: args.scopeId },
+        default: { case: "clear", value: true },
+      });
+      return call((o) => raw.setScopePolicy(request, o), true, opts);
     },
     getScope(args, opts) {
       const request = create(GetScopeRequestSchema, { scope: { kind: args.kind, id: args.scopeId } });

@@ -31,6 +31,7 @@ export {
   type RuncapClientOptions,
   type ScopeArgs,
   type SetScopeLimitArgs,
+  type SetScopePolicyArgs,
   type SuspendRunArgs,
   type ThresholdsInput,
   type TokenCount,

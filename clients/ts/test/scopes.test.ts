@@ -1,14 +1,15 @@
 /**
- * Parent scopes: the requests createRun, setScopeLimit, clearScopeLimit and
- * getScope send, over an in-memory Connect transport that records them (no
- * server), the blocking scope of a BudgetBlockedError, and the parent run
- * errors.
+ * Parent scopes: the requests createRun, setScopeLimit, clearScopeLimit,
+ * setScopePolicy, clearScopePolicy and getScope send, over an in-memory
+ * Connect transport that records them (no server), the retries of the scope
+ * policy calls, the blocking scope of a BudgetBlockedError, and the parent
+ * run errors.
  */
 
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
-import { create } from "@bufbuild/protobuf";
+import { create, equals } from "@bufbuild/protobuf";
 import { Code, ConnectError, createRouterTransport } from "@connectrpc/connect";
 
 import {
@@ -16,26 +17,43 @@ import {
   BudgetService,
   Decision,
   DecisionReason,
+  EnforcementMode,
   ErrorReason,
   ParentRunClosedError,
   ParentRunNotFoundError,
   Period,
   ReserveResponseSchema,
+  RunPolicySchema,
   ScopeKind,
+  UnavailableError,
   createRuncapClient,
+  toRunPolicy,
   toRuncapError,
   withReservation,
   type CreateRunRequest,
   type GetScopeRequest,
   type ReserveResponse,
+  type RetryPolicy,
+  type RunPolicyInput,
   type SetScopeLimitRequest,
+  type SetScopePolicyRequest,
 } from "../src/index.js";
 import { ErrorInfoSchema, PreconditionFailureSchema } from "../src/gen/google/rpc/error_details_pb.js";
 
-function recordingClient(reserve?: ReserveResponse) {
+const FAST: RetryPolicy = { maxAttempts: 4, initialBackoffMs: 1, maxBackoffMs: 5, multiplier: 2 };
+
+const ADVISORY: RunPolicyInput = {
+  enforcementMode: EnforcementMode.ADVISORY,
+  rateLimit: { maxCalls: 30, window: 60_000 },
+  maxInFlight: 4,
+};
+
+/** A client over a transport that records every request; setScopePolicy first fails with the queued `failures`. */
+function recordingClient(reserve?: ReserveResponse, failures: Error[] = []) {
   const seen = {
     createRun: [] as CreateRunRequest[],
     setScopeLimit: [] as SetScopeLimitRequest[],
+    setScopePolicy: [] as SetScopePolicyRequest[],
     getScope: [] as GetScopeRequest[],
   };
   const transport = createRouterTransport(({ service }) => {
@@ -49,6 +67,13 @@ function recordingClient(reserve?: ReserveResponse) {
         const limitMicros = request.ceiling.case === "limitMicros" ? request.ceiling.value : undefined;
         return { scope: { ref: request.scope, usage: [{ period: request.period, limitMicros }] } };
       },
+      setScopePolicy(request) {
+        seen.setScopePolicy.push(request);
+        const failure = failures.shift();
+        if (failure !== undefined) throw failure;
+        const defaultPolicy = request.default.case === "policy" ? request.default.value : undefined;
+        return { scope: { ref: request.scope, defaultPolicy } };
+      },
       getScope(request) {
         seen.getScope.push(request);
         return { scope: { ref: request.scope } };
@@ -61,7 +86,7 @@ function recordingClient(reserve?: ReserveResponse) {
       },
     });
   });
-  return { client: createRuncapClient({ transport }), seen };
+  return { client: createRuncapClient({ transport, retry: FAST }), seen };
 }
 
 describe("parent scopes", () => {
@@ -106,6 +131,73 @@ describe("parent scopes", () => {
     assert.equal(clear?.period, Period.MONTHLY);
     assert.deepEqual(clear?.ceiling, { case: "clear", value: true });
     assert.deepEqual([seen.getScope[0]?.scope?.kind, seen.getScope[0]?.scope?.id], [ScopeKind.USER, "ada"]);
+  });
+
+  test("setScopePolicy sends the policy, clearScopePolicy the clear", async () => {
+    const { client, seen } = recordingClient();
+    const team = { kind: ScopeKind.TEAM, scopeId: "team-7" };
+    const set = await client.setScopePolicy({ ...team, policy: ADVISORY });
+    assert.deepEqual([set.scope?.ref?.kind, set.scope?.ref?.id], [ScopeKind.TEAM, "team-7"]);
+    const defaultPolicy = set.scope?.defaultPolicy;
+    assert.ok(defaultPolicy !== undefined && equals(RunPolicySchema, defaultPolicy, toRunPolicy(ADVISORY)));
+    const message = create(RunPolicySchema, { enforcementMode: EnforcementMode.SOFT_GATE, maxTokens: 100_000n });
+    await client.setScopePolicy({ kind: ScopeKind.USER, scopeId: "ada", policy: message });
+    message.maxTokens = 1n; // the call copied it
+    await client.setScopePolicy({ ...team, policy: {} });
+    const cleared = await client.clearScopePolicy(team);
+    assert.equal(cleared.scope?.defaultPolicy, undefined);
+
+    const [advisory, copied, empty, clear] = seen.setScopePolicy;
+    assert.deepEqual([advisory?.scope?.kind, advisory?.scope?.id], [ScopeKind.TEAM, "team-7"]);
+    assert.ok(advisory?.default.case === "policy");
+    assert.ok(equals(RunPolicySchema, advisory.default.value, toRunPolicy(ADVISORY)));
+    assert.deepEqual([copied?.scope?.kind, copied?.scope?.id], [ScopeKind.USER, "ada"]);
+    assert.ok(copied?.default.case === "policy");
+    assert.deepEqual(
+      [copied.default.value.enforcementMode, copied.default.value.maxTokens],
+      [EnforcementMode.SOFT_GATE, 100_000n],
+    );
+    // An empty policy (every field the server's default) is a policy, not a clear.
+    assert.equal(empty?.default.case, "policy");
+    assert.deepEqual([clear?.scope?.id, clear?.default], ["team-7", { case: "clear", value: true }]);
+  });
+
+  test("setScopePolicy rejects a bad policy before any call", async () => {
+    const { client, seen } = recordingClient();
+    await assert.rejects(
+      client.setScopePolicy({ kind: ScopeKind.TEAM, scopeId: "team-7", policy: { approvalPercent: 12.5 } }),
+      RangeError,
+    );
+    assert.equal(seen.setScopePolicy.length, 0);
+  });
+
+  test("setScopePolicy and clearScopePolicy are retried on UNAVAILABLE, up to the policy's attempts", async () => {
+    const unavailable = () => [
+      new ConnectError("shutting down", Code.Unavailable, undefined, [
+        { desc: ErrorInfoSchema, value: { domain: "runcap.dev", reason: "SHUTTING_DOWN" } },
+      ]),
+      new ConnectError("connection refused", Code.Unavailable),
+    ];
+    const { client, seen } = recordingClient(undefined, unavailable());
+    await client.setScopePolicy({ kind: ScopeKind.API_KEY, scopeId: "key-1", policy: ADVISORY });
+    assert.equal(seen.setScopePolicy.length, 3);
+    for (const request of seen.setScopePolicy) {
+      assert.deepEqual(
+        [request.scope?.kind, request.scope?.id, request.default.case],
+        [ScopeKind.API_KEY, "key-1", "policy"],
+      );
+    }
+    const retried = recordingClient(undefined, unavailable());
+    await retried.client.clearScopePolicy({ kind: ScopeKind.API_KEY, scopeId: "key-1" });
+    assert.deepEqual(
+      retried.seen.setScopePolicy.map((r) => r.default),
+      Array.from({ length: 3 }, () => ({ case: "clear", value: true })),
+    );
+
+    const down = Array.from({ length: 10 }, () => new ConnectError("down", Code.Unavailable));
+    const gone = recordingClient(undefined, down);
+    await assert.rejects(gone.client.clearScopePolicy({ kind: ScopeKind.USER, scopeId: "ada" }), UnavailableError);
+    assert.equal(gone.seen.setScopePolicy.length, FAST.maxAttempts);
   });
 
   test("a block by a parent scope names it", async () => {
