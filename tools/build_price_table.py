@@ -29,8 +29,17 @@ What is kept, and how prices that runcap's five rates cannot express are handled
 - Prices that change on a date are resolved as of --as-of (default: today, UTC);
   a change scheduled after it is reported (rebuild after that date).
 - Time-of-day prices, per-request fees, and non-token units are skipped.
-- Tiered prices (a higher rate above N input tokens): the base tier, which
-  genai-prices marks as such, is used and the model is reported.
+- Tiered prices (higher rates for a prompt of more than N input tokens) become
+  the entry's `tiers`, ascending: {"above_input_tokens": N, and all five
+  rates}. genai-prices' rule is kept: a tier applies when the call's input
+  tokens, cached ones included, are greater than its `start` (N), and then to
+  every token of the call, not only to those past N (genai_prices.types:
+  `TieredPrices`, `calc_unit_price`, `ModelPrice.calc_price`). Each price key
+  is tiered on its own in genai-prices; a runcap tier is written for every
+  threshold any of the five rates changes at, carrying for each class its own
+  price at that threshold, the base one if the class is not tiered. A class
+  with no price of its own follows the tier's input (cache) or output
+  (reasoning) rate, as the base rates do. Such models are counted.
 - Input priced per modality (audio, image, video tokens): that modality is left
   out of the model's `modalities`, which lists only inputs priced at its rates.
   Output priced per modality (audio, image, video) skips the model.
@@ -138,6 +147,8 @@ ADDON_KEYS = {
     "code_executions_kcount": "server-side tool fees (web/file/social search, code execution)",
     "cache_write_1h_mtok": "one-hour cache writes priced apart (cache_write is the 5-minute rate)",
 }
+# The table's name for a tier's threshold: the tier applies above it (">", as genai-prices).
+THRESHOLD = "above_input_tokens"
 # Names of unmatched models that are not text generation.
 NON_TEXT_WORDS = frozenset(
     {"tts", "transcribe", "whisper", "embed", "embedding", "rerank", "reranker", "image"}
@@ -229,8 +240,8 @@ def price_entry(
         raise Skip("no input and output token prices")
 
     rates: dict[str, int] = {}
+    tiered: dict[str, tuple[str, Any]] = {}
     priced_apart: set[str] = set()
-    tiers: list[int] = []
     for key in sorted(values):
         value = values[key]
         if key in ADDON_KEYS:
@@ -245,19 +256,19 @@ def price_entry(
         if target is None:
             raise Skip(f"price {key} cannot be expressed in runcap's rates")
         if isinstance(value, types.TieredPrices):
-            tiers.extend(tier.start for tier in value.tiers)
+            tiered[target] = (key, value)
             value = value.base
         rates[target] = micros_per_mtok(value, key)
+    tiers = tier_entries(rates, tiered)
     if tiers:
+        thresholds = ", ".join(f">{tier[THRESHOLD]}" for tier in tiers)
         report.note(
-            "tiered prices: base tier used (under-prices prompts above the first tier)",
-            f"{name} (>{min(tiers)} tokens)",
+            "tiered prices: kept as `tiers` (higher rates above N input tokens)",
+            f"{name} ({thresholds})",
         )
     if model.price_variants:
         report.note("request variants (batch, service tier, fast mode): standard price", name)
-    rates.setdefault("cache_read", rates["input"])
-    rates.setdefault("cache_write", rates["input"])
-    rates.setdefault("reasoning", rates["output"])
+    rates = with_defaults(rates)
 
     entry = litellm_entry(provider_id, model.id, litellm)
     if entry is None:
@@ -292,7 +303,47 @@ def price_entry(
         "tools": tools,
         "json_schema": json_schema,
         "modalities": sorted(modalities - priced_apart),
+        **({"tiers": tiers} if tiers else {}),
     }
+
+
+def with_defaults(rates: Mapping[str, int]) -> dict[str, int]:
+    """All five rates: a class without a price of its own is billed as plain
+    input (cache reads and writes) or output (reasoning), as genai-prices bills
+    it (its tokens stay in the input or output count)."""
+    return {
+        **rates,
+        "cache_read": rates.get("cache_read", rates["input"]),
+        "cache_write": rates.get("cache_write", rates["input"]),
+        "reasoning": rates.get("reasoning", rates["output"]),
+    }
+
+
+def tier_entries(
+    base: Mapping[str, int], tiered: Mapping[str, tuple[str, Any]]
+) -> list[dict[str, int]]:
+    """genai-prices' per-price tiers as the table's `tiers`: one for each
+    threshold any rate is tiered at, with every class's rate for a prompt just
+    above it (that class's last tier starting at or below the threshold, else
+    its base rate). A tier that changes nothing is left out."""
+    thresholds = sorted({tier.start for _, prices in tiered.values() for tier in prices.tiers})
+    tiers: list[dict[str, int]] = []
+    previous = with_defaults(base)
+    for threshold in thresholds:
+        if type(threshold) is not int or threshold < 0:
+            raise Skip(f"a tier starts at {threshold!r}, not a non-negative number of tokens")
+        rates = dict(base)
+        for target, (key, prices) in tiered.items():
+            price = prices.base
+            for tier in sorted(prices.tiers, key=lambda tier: tier.start):
+                if tier.start <= threshold:
+                    price = tier.price
+            rates[target] = micros_per_mtok(price, f"{key} above {threshold} input tokens")
+        rates = with_defaults(rates)
+        if rates != previous:
+            tiers.append({THRESHOLD: threshold, **rates})
+        previous = rates
+    return tiers
 
 
 def id_words(model_id: str) -> set[str]:
@@ -362,9 +413,9 @@ def render(document: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_summary(report: Report, output: Path, version: str) -> None:
+def print_summary(report: Report, output: Path, version: str, tiered: int) -> None:
     where = output.relative_to(ROOT) if output.is_relative_to(ROOT) else output
-    print(f"\nwrote {report.written} models to {where}")
+    print(f"\nwrote {report.written} models ({tiered} with tiers) to {where}")
     print(f"version {version}")
     skipped = sum(len(names) for names in report.skipped.values())
     print(f"\nskipped {skipped} models:")
@@ -433,7 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     document = {
         "comment": (
             "Generated by tools/build_price_table.py (make prices); do not edit. Rates are "
-            "integer micro-USD per 1,000,000 tokens; modalities are the inputs priced at them."
+            "integer micro-USD per 1,000,000 tokens; modalities are the inputs priced at them; "
+            "a model's tiers give all its rates for a prompt of more than above_input_tokens "
+            "input tokens (cached ones included)."
         ),
         "version": version,
         "sources": {
@@ -453,10 +506,13 @@ def main(argv: list[str] | None = None) -> int:
     from runcap_server.prices import PriceTable
 
     table = PriceTable.parse(text.encode(), str(args.output))
-    if len(table) != len(models) or table.version != version:
+    read_back = [(m.provider, m.model, len(m.tiers)) for m in table.models()]
+    built = [(m["provider"], m["model"], len(m.get("tiers", ()))) for m in models]
+    if read_back != built or table.version != version:
         raise SystemExit("error: the server's loader read something else than was built")
     args.output.write_text(text, encoding="utf-8")
-    print_summary(report, args.output.resolve(), version)
+    tiered = sum(1 for model in models if "tiers" in model)
+    print_summary(report, args.output.resolve(), version, tiered)
     return 0
 
 

@@ -4,15 +4,23 @@ The expected amounts below are worked out by hand from the rates written in
 this file (micro-USD per 1,000,000 tokens), not by calling the formula under
 test. `test_committed_rates` pins those rates to the committed table: after
 `make prices`, update them if a provider changed a price.
+
+Tiered models (higher rates above N input tokens) carry `tiers`: a tier
+applies to a prompt of more than `above_input_tokens` input tokens, as in
+genai-prices. `test_committed_tiers_match_genai_prices` checks the committed
+table against genai-prices itself when it is installed (`make prices`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import math
 import re
+from datetime import UTC, date, datetime, time
+from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +33,7 @@ from runcap_server.prices import (
     PriceTable,
     PriceTableError,
     Rates,
+    Tier,
     TokenUsage,
     cost_micros,
     estimate_micros,
@@ -42,6 +51,12 @@ CLAUDE_OPUS_4_1 = Rates(15_000_000, 75_000_000, 1_500_000, 18_750_000, 75_000_00
 GEMINI_2_5_PRO = Rates(1_250_000, 10_000_000, 125_000, 1_250_000, 10_000_000)
 GEMINI_2_5_FLASH = Rates(300_000, 2_500_000, 30_000, 300_000, 2_500_000)
 LLAMA_3_3_70B = Rates(590_000, 790_000, 590_000, 590_000, 790_000)
+# Their tiers, as in the committed table: the rates of a prompt of more than N input tokens.
+GEMINI_2_5_PRO_ABOVE_200K = Rates(2_500_000, 15_000_000, 250_000, 2_500_000, 15_000_000)
+CLAUDE_SONNET_4_5_ABOVE_200K = Rates(6_000_000, 22_500_000, 600_000, 7_500_000, 22_500_000)
+QWEN3_CODER_FLASH = Rates(195_000, 975_000, 39_000, 243_750, 975_000)
+QWEN3_CODER_FLASH_ABOVE_32K = Rates(325_000, 1_625_000, 65_000, 406_250, 1_625_000)
+QWEN3_CODER_FLASH_ABOVE_128K = Rates(520_000, 2_600_000, 104_000, 650_000, 2_600_000)
 
 COMMITTED = [
     ("openai", "gpt-4o", GPT_4O),
@@ -66,6 +81,88 @@ def test_committed_rates(packaged: PriceTable, provider: str, model: str, rates:
     price = packaged.lookup(provider, model)
     assert price is not None, f"{provider}/{model} is not in the table"
     assert price.rates == rates
+
+
+COMMITTED_TIERS = [
+    ("google", "gemini-2.5-pro", (Tier(200_000, GEMINI_2_5_PRO_ABOVE_200K),)),
+    ("anthropic", "claude-sonnet-4-5", (Tier(200_000, CLAUDE_SONNET_4_5_ABOVE_200K),)),
+    (
+        "openrouter",
+        "qwen/qwen3-coder-flash",
+        (Tier(32_000, QWEN3_CODER_FLASH_ABOVE_32K), Tier(128_000, QWEN3_CODER_FLASH_ABOVE_128K)),
+    ),
+]
+
+
+@pytest.mark.parametrize(("provider", "model", "tiers"), COMMITTED_TIERS)
+def test_committed_tiers(
+    packaged: PriceTable, provider: str, model: str, tiers: tuple[Tier, ...]
+) -> None:
+    price = packaged.lookup(provider, model)
+    assert price is not None, f"{provider}/{model} is not in the table"
+    assert price.tiers == tiers
+
+
+def test_an_untiered_model_has_no_tiers(packaged: PriceTable) -> None:
+    price = packaged.lookup("openai", "gpt-4o")
+    assert price is not None
+    assert price.tiers == ()
+    assert price.rates_for(10**9) == GPT_4O
+
+
+@pytest.mark.parametrize(
+    ("input_tokens", "rates"),
+    [
+        (0, QWEN3_CODER_FLASH),
+        (1, QWEN3_CODER_FLASH),
+        (31_999, QWEN3_CODER_FLASH),
+        # The threshold itself is not above it: still the base rates (genai-prices: `>`).
+        (32_000, QWEN3_CODER_FLASH),
+        (32_001, QWEN3_CODER_FLASH_ABOVE_32K),
+        (128_000, QWEN3_CODER_FLASH_ABOVE_32K),
+        (128_001, QWEN3_CODER_FLASH_ABOVE_128K),
+        (2**62, QWEN3_CODER_FLASH_ABOVE_128K),
+    ],
+)
+def test_rates_for_picks_the_last_tier_the_prompt_is_above(
+    packaged: PriceTable, input_tokens: int, rates: Rates
+) -> None:
+    price = packaged.lookup("openrouter", "qwen/qwen3-coder-flash")
+    assert price is not None
+    assert price.rates == QWEN3_CODER_FLASH
+    assert price.rates_for(input_tokens) == rates
+
+
+def test_rates_for_refuses_a_bad_token_count(packaged: PriceTable) -> None:
+    price = packaged.lookup("google", "gemini-2.5-pro")
+    assert price is not None
+    for bad in (-1, 1.5, True, "200001"):
+        with pytest.raises(ValueError, match="input_tokens"):
+            price.rates_for(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("input_tokens", "usage", "micros"),
+    [
+        # gemini-2.5-pro, a prompt of 199,999 tokens (base rates):
+        # 149,999 x 1.25 + 50,000 x 0.125 + 2,000 x 10 + 1,000 x 10 (reasoning)
+        #   = 187,498.75 + 6,250 + 20,000 + 10,000 = 223,748.75 -> 223,749
+        (199_999, TokenUsage(149_999, 2_000, 50_000, 0, 1_000), 223_749),
+        # 200,000 tokens: not above the threshold, still base:
+        # 150,000 x 1.25 + 6,250 + 20,000 + 10,000 = 187,500 + 36,250 = 223,750
+        (200_000, TokenUsage(150_000, 2_000, 50_000, 0, 1_000), 223_750),
+        # 200,001 tokens: the tier, for every token, output included:
+        # 150,001 x 2.5 + 50,000 x 0.25 + 2,000 x 15 + 1,000 x 15
+        #   = 375,002.5 + 12,500 + 30,000 + 15,000 = 432,502.5 -> 432,503
+        (200_001, TokenUsage(150_001, 2_000, 50_000, 0, 1_000), 432_503),
+    ],
+)
+def test_cost_of_a_tiered_model_below_at_and_above_its_threshold(
+    packaged: PriceTable, input_tokens: int, usage: TokenUsage, micros: int
+) -> None:
+    price = packaged.lookup("google", "gemini-2.5-pro")
+    assert price is not None
+    assert cost_micros(price.rates_for(input_tokens), usage) == micros
 
 
 @pytest.mark.parametrize(
@@ -380,6 +477,121 @@ def test_load_rejects_invalid_utf8(tmp_path: Path) -> None:
         PriceTable.load(path)
 
 
+# --- tiers in a file --------------------------------------------------------------------
+
+
+def tier(above: object, **changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "above_input_tokens": above,
+        "input": 5_000_000,
+        "output": 20_000_000,
+        "cache_read": 2_500_000,
+        "cache_write": 5_000_000,
+        "reasoning": 20_000_000,
+    }
+    base.update(changes)
+    return base
+
+
+def test_load_a_tiered_model_and_round_trip_it(tmp_path: Path) -> None:
+    tiers = [tier(200_000), tier(1_000_000, input=10_000_000)]
+    table = PriceTable.load(write(tmp_path / "t.json", document(entry(tiers=tiers))))
+    price = table.lookup("openai", "gpt-4o")
+    assert price is not None
+    assert price.rates == GPT_4O
+    above_200k = Rates(5_000_000, 20_000_000, 2_500_000, 5_000_000, 20_000_000)
+    above_1m = Rates(10_000_000, 20_000_000, 2_500_000, 5_000_000, 20_000_000)
+    assert price.tiers == (Tier(200_000, above_200k), Tier(1_000_000, above_1m))
+    assert [price.rates_for(n) for n in (200_000, 200_001, 1_000_000, 1_000_001)] == [
+        GPT_4O,
+        above_200k,
+        above_200k,
+        above_1m,
+    ]
+    assert price.to_entry() == entry(tiers=tiers)
+    assert ModelPrice.from_entry(price.to_entry(), "again") == price
+    # An untiered model writes no `tiers` field, and reads back the same.
+    plain = ModelPrice.from_entry(entry(), "plain")
+    assert plain.tiers == ()
+    assert plain.to_entry() == entry()
+    assert "tiers" not in plain.to_entry()
+    # A threshold of 0 is a tier for any prompt of at least one token.
+    zero = ModelPrice.from_entry(entry(tiers=[tier(0)]), "zero")
+    assert (zero.rates_for(0), zero.rates_for(1)) == (GPT_4O, above_200k)
+
+
+@pytest.mark.parametrize(
+    ("tiers", "expected"),
+    [
+        ({}, r"field 'tiers' must be a non-empty list .* got \{\}"),
+        ([], r"field 'tiers' must be a non-empty list \(omitted when the model is not tiered\)"),
+        (None, r"field 'tiers' must be a non-empty list"),
+        ([200_000], r"field 'tiers\[0\]' must be an object, got 200000"),
+        (
+            [{k: v for k, v in tier(1).items() if k != "reasoning"}],
+            r"field 'tiers\[0\]\.reasoning' is missing",
+        ),
+        (
+            [{k: v for k, v in tier(1).items() if k != "above_input_tokens"}],
+            r"field 'tiers\[0\]\.above_input_tokens' is missing",
+        ),
+        ([tier(1, start=1)], r"field 'tiers\[0\]' has an unknown field 'start'"),
+        ([tier(-1)], r"'tiers\[0\]\.above_input_tokens' must be a non-negative integer, got -1"),
+        ([tier(2.5)], r"'tiers\[0\]\.above_input_tokens' must be a non-negative .* decimal"),
+        ([tier(True)], r"'tiers\[0\]\.above_input_tokens' must be a non-negative .* True"),
+        ([tier("1")], r"'tiers\[0\]\.above_input_tokens' must be a non-negative .* '1'"),
+        (
+            [tier(200_000), tier(100_000)],
+            r"'tiers\[1\]\.above_input_tokens' must be greater than the previous tier's "
+            r"\(200000\): tiers ascend, got 100000",
+        ),
+        ([tier(200_000), tier(200_000)], r"'tiers\[1\]\.above_input_tokens' must be greater"),
+        (
+            [tier(1), tier(2), tier(2)],
+            r"'tiers\[2\]\.above_input_tokens' must be greater than the previous tier's \(2\)",
+        ),
+        ([tier(1, output=-1)], r"field 'tiers\[0\]\.output' must be an integer .* got -1"),
+        ([tier(1, input=2.5)], r"field 'tiers\[0\]\.input' must be an integer .* 2\.5 \(a dec"),
+        ([tier(1), tier(2, cache_read=2**53)], r"field 'tiers\[1\]\.cache_read' must be an int"),
+        ([tier(1, cache_write=None)], r"field 'tiers\[0\]\.cache_write' must be an integer"),
+    ],
+)
+def test_load_rejects_a_bad_tier_list(tmp_path: Path, tiers: object, expected: str) -> None:
+    path = write(tmp_path / "prices.json", document(entry(tiers=tiers)))
+    with pytest.raises(PriceTableError, match=expected) as caught:
+        PriceTable.load(path)
+    assert str(caught.value).startswith(f"{path}: models[0] (openai/gpt-4o): field 'tiers")
+    # The same entry given as data (numbers read as the loader reads them).
+    given = json.loads(json.dumps(entry(tiers=tiers)), parse_float=Decimal)
+    with pytest.raises(PriceTableError, match=expected):
+        ModelPrice.from_entry(given, "entry")
+
+
+def test_tiers_built_in_code_are_checked_too() -> None:
+    above = Rates(5_000_000, 20_000_000, 2_500_000, 5_000_000, 20_000_000)
+    plain = ModelPrice.from_entry(entry(), "plain")
+    fields = {
+        "provider": plain.provider,
+        "model": plain.model,
+        "rates": plain.rates,
+        "context_window": plain.context_window,
+        "max_output_tokens": plain.max_output_tokens,
+        "tools": plain.tools,
+        "json_schema": plain.json_schema,
+        "modalities": plain.modalities,
+    }
+    with pytest.raises(ValueError, match="strictly ascending"):
+        ModelPrice(**fields, tiers=(Tier(2, above), Tier(1, above)))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="strictly ascending"):
+        ModelPrice(**fields, tiers=(Tier(2, above), Tier(2, above)))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="tuple of Tier"):
+        ModelPrice(**fields, tiers=[Tier(2, above)])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="above_input_tokens"):
+        Tier(-1, above)
+    with pytest.raises(ValueError, match="rates must be Rates"):
+        Tier(1, (1, 2, 3, 4, 5))  # type: ignore[arg-type]
+
+
 # --- the price book and reload ---------------------------------------------------------
 
 
@@ -499,6 +711,7 @@ def test_packaged_file_is_canonical_and_its_version_names_its_content() -> None:
     keys = [(m["provider"], m["model"]) for m in models]
     assert keys == sorted(keys)
     assert all(list(m) == sorted(m) for m in models)
+    assert all(list(t) == sorted(t) for m in models for t in m.get("tiers", ()))
     assert list(raw) == sorted(raw)
     # Hand edits show: the version ends with a hash of the models.
     canonical = json.dumps(models, sort_keys=True, separators=(",", ":")).encode()
@@ -518,3 +731,67 @@ def test_load_errors_read_well(tmp_path: Path) -> None:
     with pytest.raises(PriceTableError) as caught:
         PriceTable.load(path)
     assert str(caught.value) == f"{path}: models[1] (openai/o3): field 'cache_write' is missing"
+
+
+# --- the committed tiers against genai-prices --------------------------------------------
+
+# genai-prices' price keys that runcap's five rates (and so its tiers) hold.
+_RATE_PRICE_KEYS = (
+    "input_mtok",
+    "output_mtok",
+    "cache_read_mtok",
+    "cache_write_mtok",
+    "cache_write_5m_mtok",
+    "output_reasoning_mtok",
+)
+
+
+def test_committed_tiers_match_genai_prices(packaged: PriceTable) -> None:
+    """Every model of the table that genai-prices tiers carries those tiers,
+    and is priced as genai-prices prices it just below, at and above each one.
+
+    Needs genai-prices (the `tools` extra, installed by `make prices`)."""
+    genai_prices = pytest.importorskip("genai_prices")
+    types = pytest.importorskip("genai_prices.types")
+    data = pytest.importorskip("genai_prices.data")
+    installed = f"genai-prices=={importlib.metadata.version('genai-prices')}"
+    raw = json.loads(PACKAGED.read_text(encoding="utf-8"))
+    if installed != raw["sources"]["genai-prices"]["package"]:
+        pytest.skip(f"{installed} is installed, the table was built with another version")
+    as_of = date.fromisoformat(raw["sources"]["prices_as_of"])
+    when = datetime.combine(as_of, time(12), tzinfo=UTC)
+
+    tiered = 0
+    for provider in data.providers:
+        for model in provider.models:
+            price = packaged.lookup(provider.id, model.id)
+            if price is None:
+                continue  # not in the table (not text generation, or not expressible)
+            source = model.get_prices(when)
+            starts = sorted(
+                {
+                    tier.start
+                    for key in _RATE_PRICE_KEYS
+                    if isinstance(value := getattr(source, key, None), types.TieredPrices)
+                    for tier in value.tiers
+                }
+            )
+            name = f"{provider.id}/{model.id}"
+            assert [t.above_input_tokens for t in price.tiers] == starts, name
+            if not starts:
+                continue
+            tiered += 1
+            # A short prompt, and prompts just below, at and just above each threshold.
+            prompts = {1_000, *starts, *(s - 1 for s in starts), *(s + 1 for s in starts)}
+            for n in sorted(p for p in prompts if p >= 0):
+                cached = min(n, 500)
+                usage = genai_prices.Usage(
+                    input_tokens=n, cache_read_tokens=cached, output_tokens=1_000
+                )
+                usd = Decimal(source.calc_price(usage)["total_price"])
+                expected = int((usd * 1_000_000).to_integral_value(ROUND_CEILING))
+                ours = TokenUsage(
+                    input_tokens=n - cached, cache_read_tokens=cached, output_tokens=1_000
+                )
+                assert cost_micros(price.rates_for(n), ours) == expected, (name, n)
+    assert tiered == sum(1 for price in packaged.models() if price.tiers) > 0
