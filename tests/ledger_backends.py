@@ -13,8 +13,10 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis.stateful import run_state_machine_as_test
 
 from runcap_server.backends.base import Backend
 from runcap_server.backends.redis import RedisLedger
@@ -34,6 +36,9 @@ class RedisTargets:
 
     url: str = ""
     cluster_nodes: Sequence[str] = ()
+
+
+NO_REDIS = RedisTargets()
 
 
 def redis_targets(request: pytest.FixtureRequest, kind: str) -> RedisTargets:
@@ -125,3 +130,11 @@ async def snapshot(
 def as_backend(backend: Ledger) -> Backend:
     """All implement the Backend protocol (checked by mypy here)."""
     return backend
+
+
+def check_machine(
+    machine: type[Any], settings: Any, kinds: tuple[str, ...], redis: RedisTargets = NO_REDIS
+) -> None:
+    """Run a Hypothesis state machine that holds the backends `kinds` to the model."""
+    configured = type("Machine", (machine,), {"kinds": kinds, "redis": redis})
+    run_state_machine_as_test(configured, settings=settings)

@@ -26,14 +26,21 @@ from hypothesis.stateful import (
     initialize,
     invariant,
     rule,
-    run_state_machine_as_test,
 )
 
 from runcap_server import errors
 from runcap_server.clock import ManualClock
 from runcap_server.ledger.saga import ReserveExtras
 from runcap_server.ledger.types import EnforcementMode, RunPolicy, RunSpec
-from tests.ledger_backends import Ledger, RedisTargets, make_backend, redis_targets, snapshot
+from tests.ledger_backends import (
+    NO_REDIS,
+    Ledger,
+    RedisTargets,
+    check_machine,
+    make_backend,
+    redis_targets,
+    snapshot,
+)
 
 T = "t0"
 RUNS = st.sampled_from(["r0", "r0", "r1"])
@@ -200,12 +207,8 @@ class PolicyMachine(RuleBasedStateMachine):
 SETTINGS = settings(max_examples=120, deadline=None, stateful_step_count=30)
 
 
-NO_REDIS = RedisTargets()
-
-
 def _check(kinds: tuple[str, ...], redis: RedisTargets = NO_REDIS) -> None:
-    machine = type("Machine", (PolicyMachine,), {"kinds": kinds, "redis": redis})
-    run_state_machine_as_test(machine, settings=SETTINGS)
+    check_machine(PolicyMachine, SETTINGS, kinds, redis)
 
 
 def test_sqlite_policies_match_the_model() -> None:

@@ -21,12 +21,19 @@ from typing import Any
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from runcap_server import errors
 from runcap_server.clock import ManualClock
 from runcap_server.ledger.types import Period, RunSpec, ScopeKind, ScopeRef
-from tests.ledger_backends import Ledger, RedisTargets, make_backend, redis_targets
+from tests.ledger_backends import (
+    NO_REDIS,
+    Ledger,
+    RedisTargets,
+    check_machine,
+    make_backend,
+    redis_targets,
+)
 
 T = "t0"
 TEAM = ScopeRef(ScopeKind.TEAM, "acme")
@@ -140,12 +147,8 @@ class ScopeMachine(RuleBasedStateMachine):
 SETTINGS = settings(max_examples=60, deadline=None, stateful_step_count=25)
 
 
-NO_REDIS = RedisTargets()
-
-
 def _check(kinds: tuple[str, ...], redis: RedisTargets = NO_REDIS) -> None:
-    machine = type("Machine", (ScopeMachine,), {"kinds": kinds, "redis": redis})
-    run_state_machine_as_test(machine, settings=SETTINGS)
+    check_machine(ScopeMachine, SETTINGS, kinds, redis)
 
 
 def test_sqlite_scopes_match_the_model() -> None:

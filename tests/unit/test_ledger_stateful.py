@@ -26,7 +26,6 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 
 from runcap_server import errors
@@ -43,7 +42,15 @@ from runcap_server.ledger.types import (
     RunPolicy,
     RunSpec,
 )
-from tests.ledger_backends import Ledger, RedisTargets, make_backend, redis_targets, snapshot
+from tests.ledger_backends import (
+    NO_REDIS,
+    Ledger,
+    RedisTargets,
+    check_machine,
+    make_backend,
+    redis_targets,
+    snapshot,
+)
 
 DEFAULT_TTL_MS = 2_000
 # (tenant, run id): mostly one run, so its holds pile up; the same run id under
@@ -423,12 +430,8 @@ class LedgerMachine(RuleBasedStateMachine):
 SETTINGS = settings(max_examples=200, deadline=None, stateful_step_count=30)
 
 
-NO_REDIS = RedisTargets()
-
-
 def _check(kinds: tuple[str, ...], redis: RedisTargets = NO_REDIS) -> None:
-    machine = type("Machine", (LedgerMachine,), {"kinds": kinds, "redis": redis})
-    run_state_machine_as_test(machine, settings=SETTINGS)
+    check_machine(LedgerMachine, SETTINGS, kinds, redis)
 
 
 def test_sqlite_matches_the_model() -> None:
