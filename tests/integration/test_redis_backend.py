@@ -22,7 +22,7 @@ from runcap.v1.budget_service_pb2_grpc import BudgetServiceStub
 from runcap_server import errors
 from runcap_server.backends.redis import RedisLedger
 from runcap_server.ledger.types import Decision, RunSpec, RunStatus
-from tests.redis_servers import RedisCluster, RedisServer
+from tests.redis_servers import RedisCluster, RedisServer, command
 from tests.servers import ServerProcess
 
 if TYPE_CHECKING:
@@ -230,6 +230,9 @@ async def test_primary_failover_keeps_the_invariants(
         await ledger.create_run(T, RunSpec("run", 1_000_000, {}, None))
         async with aioredis.RedisCluster.from_url(cluster.url) as probe:
             slot = probe.keyslot(ledger._keys(T, "run")[0])
+        # The run itself must survive the failover: wait until its replica has it
+        # (replication is asynchronous; a loaded machine can lag a whole second).
+        assert command(cluster.slot_owner(slot), "WAIT", 1, 10_000) == 1
         stop = asyncio.Event()
         acknowledged: list[str] = []
 

@@ -20,7 +20,7 @@ from runcap_server.backends.redis import RedisLedger
 from runcap_server.ledger.types import Change, RunSpec
 from runcap_server.watch import Snapshot, WatchHub
 from tests.integration.rpc import error_info
-from tests.redis_servers import RedisCluster, RedisServer
+from tests.redis_servers import RedisCluster, RedisServer, command
 from tests.servers import ServerProcess
 
 if TYPE_CHECKING:
@@ -278,6 +278,8 @@ async def test_a_watcher_through_a_primary_failover_never_sees_a_silent_gap(
         ):
             await writer_client.create_run("fo", limit_micros=10**12)
             slot = probe.keyslot(f"{namespace}:{{default/fo}}:a")
+            # The run itself must survive the failover (replication is asynchronous).
+            assert command(cluster.slot_owner(slot), "WAIT", 1, 10_000) == 1
             delivered: list[pb.WatchResponse] = []
             stop = asyncio.Event()
 
