@@ -66,7 +66,7 @@ class CliError(Exception):
 
 
 def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
-    """Adds the client subcommands (run, reserve, commit, refund, watch)."""
+    """Adds the client subcommands: run, reserve, commit, refund, approve, deny, decision, watch."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--target",
@@ -129,6 +129,19 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         "--rate", metavar="N/DURATION", help="allowed reserves per window, such as 60/1m"
     )
     create.add_argument("--max-in-flight", metavar="N", type=int, help="a cap on holds in flight")
+    create.add_argument(
+        "--approval-percent",
+        metavar="PERCENT",
+        type=int,
+        help="spend past this share of the limit waits for an approval",
+    )
+    create.add_argument(
+        "--approved-meter",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a meter calls may use without approval; others wait for one (repeatable)",
+    )
     create.set_defaults(func=_command(_run_create))
 
     show = run_commands.add_parser(
@@ -195,6 +208,27 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     refund.add_argument("run_id", metavar="RUN_ID")
     refund.add_argument("reservation_id", metavar="RESERVATION_ID")
     refund.set_defaults(func=_command(_refund))
+
+    for verb, what in (("approve", "let calls that trip it go on"), ("deny", "block them")):
+        resolve = commands.add_parser(
+            verb,
+            parents=[common],
+            help=f"resolve a pending approval: {what}",
+            description=f"Resolves APPROVAL_ID (from a Reserve answer or `runcap watch`): {what}. "
+            "Idempotent.",
+        )
+        resolve.add_argument("approval_id", metavar="APPROVAL_ID", help="RUN/approval:...")
+        resolve.set_defaults(func=_command(_approve if verb == "approve" else _deny))
+
+    decision = commands.add_parser(
+        "decision",
+        parents=[common],
+        help="show a Reserve decision and its inputs",
+        description="Shows a decision (its id is RUN/RESERVATION, as Reserve answers it) with "
+        "what it was made from and where its reservation is now.",
+    )
+    decision.add_argument("decision_id", metavar="DECISION_ID")
+    decision.set_defaults(func=_command(_decision))
 
     watch = commands.add_parser(
         "watch",
@@ -398,8 +432,9 @@ def _policy(args: argparse.Namespace) -> RunPolicy | None:
         if not sep or not calls.isdigit():
             raise CliError(f"invalid --rate {args.rate!r}: expected N/DURATION, such as 60/1m")
         rate = RateLimit(max_calls=int(calls), window=_ttl(window, "--rate") or timedelta(0))
-    given = (args.mode, args.soft_margin, args.max_tokens, args.max_in_flight, rate, meters)
-    if not any(v is not None and v != {} for v in given):
+    given: list[object] = [args.mode, args.soft_margin, args.max_tokens, args.max_in_flight]
+    given += [rate, args.approval_percent]
+    if not meters and not args.approved_meter and all(v is None for v in given):
         return None
     return RunPolicy(
         enforcement_mode=args.mode,
@@ -408,6 +443,8 @@ def _policy(args: argparse.Namespace) -> RunPolicy | None:
         meter_limits=meters,
         rate_limit=rate,
         max_in_flight=args.max_in_flight,
+        approval_percent=args.approval_percent or 0,
+        approved_meters=args.approved_meter,
     )
 
 
@@ -482,7 +519,11 @@ def _reserve(args: argparse.Namespace, client: RuncapClient) -> int:
         meter=args.meter or "",
         meter_units=args.units,
     )
-    blocked = response.decision in (budget_pb2.DECISION_BLOCK, budget_pb2.DECISION_THROTTLE)
+    blocked = response.decision in (
+        budget_pb2.DECISION_BLOCK,
+        budget_pb2.DECISION_THROTTLE,
+        budget_pb2.DECISION_APPROVAL_REQUIRED,
+    )
     if args.json:
         _print_json(response)
         return EXIT_BLOCKED if blocked else EXIT_OK
@@ -498,6 +539,8 @@ def _reserve(args: argparse.Namespace, client: RuncapClient) -> int:
     if response.decision == budget_pb2.DECISION_THROTTLE:
         wait = _duration(response.retry_after.ToMilliseconds())
         _field("retry", f"after {wait}, with a new reservation id")
+    if response.approval_id:
+        _field("approval", response.approval_id)
     if blocked:
         _field("asked", f"{format_usd(amount)}; nothing is held")
     else:
@@ -541,6 +584,60 @@ def _refund(args: argparse.Namespace, client: RuncapClient) -> int:
     if response.replayed:
         _field("replayed", f"yes: the reservation had already settled ({status}); nothing changed")
     _print_state(response.state)
+    return EXIT_OK
+
+
+def _approve(args: argparse.Namespace, client: RuncapClient) -> int:
+    return _resolved(args, client.approve(args.approval_id), "approved")
+
+
+def _deny(args: argparse.Namespace, client: RuncapClient) -> int:
+    return _resolved(args, client.deny(args.approval_id), "denied")
+
+
+def _resolved(
+    args: argparse.Namespace, response: pb.ApproveResponse | pb.DenyResponse, already: str
+) -> int:
+    if args.json:
+        _print_json(response)
+        return EXIT_OK
+    print(response.approval.approval_id)
+    _field("status", _name(budget_pb2.ApprovalStatus, response.approval.status, "APPROVAL_STATUS_"))
+    if response.replayed:
+        _field("replayed", f"yes: it was already {already}")
+    _print_state(response.state)
+    return EXIT_OK
+
+
+def _decision(args: argparse.Namespace, client: RuncapClient) -> int:
+    record = client.get_decision(args.decision_id)
+    if args.json:
+        _print_json(record)
+        return EXIT_OK
+    print(record.decision_id)
+    decision = _name(budget_pb2.Decision, record.decision, "DECISION_")
+    reason = _name(budget_pb2.DecisionReason, record.reason, "DECISION_REASON_")
+    _field("decision", f"{decision} ({reason})")
+    _field("when", _when(record.decide_time))
+    _field("mode", _name(budget_pb2.EnforcementMode, record.enforcement_mode, "ENFORCEMENT_MODE_"))
+    _field("asked", format_usd(record.amount_micros))
+    _field("held", format_usd(record.held_micros))
+    if record.HasField("estimate"):
+        e = record.estimate
+        _field(
+            "llm call",
+            f"{e.provider}/{e.model}, {e.input_tokens} in + {e.effective_max_output_tokens} out "
+            f"(prices {e.price_table_version})",
+        )
+    if record.meter:
+        _field("meter", f"{record.meter} x{record.meter_units}")
+    if record.HasField("blocking_scope"):
+        kind = _name(budget_pb2.ScopeKind, record.blocking_scope.kind, "SCOPE_KIND_").lower()
+        _field("blocked by", f"{kind} {record.blocking_scope.id}")
+    status = _name(budget_pb2.ReservationStatus, record.reservation_status, "RESERVATION_STATUS_")
+    if record.HasField("actual_micros"):
+        status += f", actual {format_usd(record.actual_micros)}"
+    _field("now", status)
     return EXIT_OK
 
 

@@ -434,3 +434,30 @@ def test_suspend_blocks_reserves_until_resume(server_target: str) -> None:
     resumed = as_json(server_target, "run", "resume", run_id)
     assert resumed["state"]["status"] == "RUN_STATUS_OPEN"
     assert field(ok(server_target, "reserve", run_id, "0.10"), "decision").startswith("ALLOW")
+
+
+def test_approve_and_decision_from_the_terminal(server_target: str) -> None:
+    run_id = new_id("cli")
+    ok(server_target, "run", "create", run_id, "--limit", "5")
+    asked = runcap(server_target, "reserve", run_id, "0.01", "--meter", "tool:deploy")
+    assert asked.returncode == 0, asked.stderr  # no approved list: no approval needed
+    shown = ok(server_target, "decision", f"{run_id}/{asked.stdout.splitlines()[0]}")
+    assert field(shown, "decision") == "ALLOW (WITHIN_BUDGET)"
+    assert field(shown, "meter") == "tool:deploy x1"
+    assert field(shown, "now") == "HELD"
+    missing = runcap(server_target, "approve", f"{run_id}/approval:spend")
+    assert_one_error(missing, "APPROVAL_NOT_FOUND")
+
+    guarded = new_id("cli")
+    ok(server_target, "run", "create", guarded, "--limit", "5", "--approved-meter", "tool:search")
+    waiting = runcap(server_target, "reserve", guarded, "0.01", "--meter", "tool:deploy")
+    assert waiting.returncode == 3, waiting.stderr
+    lines = waiting.stdout.splitlines()
+    assert field(lines, "decision") == "APPROVAL_REQUIRED (METER_NEEDS_APPROVAL)"
+    approval = field(lines, "approval")
+    assert approval == f"{guarded}/approval:meter:tool:deploy"
+    approved = ok(server_target, "approve", approval)
+    assert (approved[0], field(approved, "status")) == (approval, "APPROVED")
+    ok(server_target, "reserve", guarded, "0.01", "--meter", "tool:deploy")
+    bad = runcap(server_target, "decision", "not-a-decision")
+    assert_one_error(bad, "INVALID_ARGUMENT")
