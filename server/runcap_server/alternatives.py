@@ -3,9 +3,10 @@
 A model is an alternative when it has every capability the call needs (tool
 calling, JSON-schema output, a context window large enough, the input
 modalities), the run's policy lets it be picked (RunPolicy.downgrade_models),
-and the same call's estimate on it fits what the budget has left. They are
-listed cheapest first; an automatic downgrade takes the priciest that fits,
-the smallest step down from what was asked.
+the caller can use it (LlmCall.candidate_models), and the same call's estimate
+on it fits what the budget has left. They are listed cheapest first; an
+automatic downgrade takes the priciest that fits, the smallest step down from
+what was asked.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def find(
     for price, version in models:
         if (price.provider, price.model) == (call.provider, call.model):
             continue
-        if allowed and f"{price.provider}/{price.model}" not in allowed:
+        name = f"{price.provider}/{price.model}"
+        if (allowed and name not in allowed) or (call.candidates and name not in call.candidates):
             continue
         if not capable(price, call):
             continue

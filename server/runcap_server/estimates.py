@@ -33,6 +33,8 @@ class LlmCall:
     needs_json_schema: bool = False
     min_context_tokens: int | None = None
     modalities: frozenset[str] = frozenset()
+    # The "provider/model" names the caller can use instead; empty: any.
+    candidates: frozenset[str] = frozenset()
 
     def on(self, provider: str, model: str) -> LlmCall:
         """The same call on another model."""

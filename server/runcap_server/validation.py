@@ -7,7 +7,7 @@ of its mistakes in a single INVALID_ARGUMENT answer.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from google.protobuf import duration_pb2
 
@@ -31,7 +31,8 @@ from runcap_server.prices import MAX_RATE, ModelPrice, Rates
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 METER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 MAX_METERS = 32
-MAX_DOWNGRADE_MODELS = 256
+# Lists of "provider/model" names (downgrade_models, candidate_models).
+MAX_MODEL_REFS = 256
 # Counts of calls, units and runs: far below where Lua doubles lose exactness.
 MAX_COUNT = 10**12
 DAY_MS = 86_400_000
@@ -173,7 +174,18 @@ class Validator:
                 else None
             ),
             modalities=modalities - {"text"},
+            candidates=self.model_refs(f"{field}.candidate_models", llm.candidate_models),
         )
+
+    def model_refs(self, field: str, names: Sequence[str]) -> frozenset[str]:
+        """A list of "provider/model" names, as a set."""
+        if len(names) > MAX_MODEL_REFS:
+            self.fail(field, f"has more than {MAX_MODEL_REFS} models")
+        for i, name in enumerate(names):
+            provider, sep, model = name.partition("/")
+            if not (sep and MODEL_PATTERN.fullmatch(provider) and MODEL_PATTERN.fullmatch(model)):
+                self.fail(f"{field}[{i}]", f"{name[:60]!r} is not provider/model")
+        return frozenset(names)
 
     def approval_id(self, field: str, value: str) -> tuple[str, str]:
         """(run id, trigger) of an approval id."""
@@ -290,12 +302,7 @@ class Validator:
             self.fail(f"{field}.approved_meters", f"has more than {MAX_METERS} meters")
         for i, name in enumerate(message.approved_meters):
             self.meter(f"{field}.approved_meters[{i}]", name)
-        if len(message.downgrade_models) > MAX_DOWNGRADE_MODELS:
-            self.fail(f"{field}.downgrade_models", f"has more than {MAX_DOWNGRADE_MODELS} models")
-        for i, name in enumerate(message.downgrade_models):
-            provider, sep, model = name.partition("/")
-            if not (sep and MODEL_PATTERN.fullmatch(provider) and MODEL_PATTERN.fullmatch(model)):
-                self.fail(f"{field}.downgrade_models[{i}]", f"{name[:60]!r} is not provider/model")
+        self.model_refs(f"{field}.downgrade_models", message.downgrade_models)
         return RunPolicy(
             mode=mode,
             soft_margin_percent=margin,

@@ -189,6 +189,30 @@ async def test_downgrade_models_limit_what_may_stand_in(stub: BudgetServiceAsync
     assert [a.model for a in answer.alternatives] == ["tiny"]
 
 
+async def test_candidate_models_are_what_a_gateway_can_serve(
+    stub: BudgetServiceAsyncStub,
+) -> None:
+    # The policy allows mid and tiny; the caller can use vision and mid: only
+    # mid is both, and the downgrade takes it.
+    policy = budget_pb2.RunPolicy(auto_downgrade=True, downgrade_models=["acme/mid", "acme/tiny"])
+    run_id = await create(stub, 100_000, policy=policy)
+    call = flagship_call(candidate_models=["acme/vision", "acme/mid"])
+    answer = await stub.Reserve(pb.ReserveRequest(run_id=run_id, llm_call=call))
+    assert (answer.decision, answer.estimate.model) == (budget_pb2.DECISION_DOWNGRADE, "mid")
+    assert [a.model for a in answer.alternatives] == ["mid"]
+    # Without a policy list the candidates alone decide, cheapest first.
+    plain = await create(stub, 100_000)
+    call = flagship_call(candidate_models=["acme/mid", "acme/vision", "acme/flagship"])
+    blocked = await stub.Reserve(pb.ReserveRequest(run_id=plain, llm_call=call))
+    assert [a.model for a in blocked.alternatives] == ["vision", "mid"]
+
+    bad = flagship_call(candidate_models=["acme/mid", "no-slash"])
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.Reserve(pb.ReserveRequest(run_id=plain, llm_call=bad))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "llm_call.candidate_models[1]" in str(raised.value.details())
+
+
 async def test_nothing_fits_so_the_block_stands(stub: BudgetServiceAsyncStub) -> None:
     run_id = await create(stub, 1_000, policy=budget_pb2.RunPolicy(auto_downgrade=True))
     answer = await stub.Reserve(pb.ReserveRequest(run_id=run_id, llm_call=flagship_call()))

@@ -38,6 +38,10 @@ type LLMCall struct {
 	// Modalities are the input modalities beyond text the call uses
 	// ("image", "audio", "video").
 	Modalities []string
+	// CandidateModels are the models the caller can use instead, as
+	// "provider/model" (a gateway's served models, say): alternatives and
+	// downgrades come only from these. Empty: any.
+	CandidateModels []string
 }
 
 // Proto returns the runcapv1.LlmCall message of the call.
@@ -57,6 +61,9 @@ func (c LLMCall) Proto() *runcapv1.LlmCall {
 	}
 	if len(c.Modalities) > 0 {
 		m.Modalities = append([]string(nil), c.Modalities...)
+	}
+	if len(c.CandidateModels) > 0 {
+		m.CandidateModels = append([]string(nil), c.CandidateModels...)
 	}
 	return m
 }

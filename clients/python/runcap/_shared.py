@@ -293,10 +293,14 @@ class LlmCall:
             input tokens).
         modalities: Input modalities beyond text the call uses (``"image"``,
             ``"audio"``, ``"video"``).
+        candidate_models: The models the caller can use instead, as
+            ``"provider/model"`` (a gateway's served models, say):
+            alternatives and downgrades come only from these. Empty: any.
 
-    What the call needs from a model (the last four) decides which models
-    can stand in for it: the ``alternatives`` of a block, and the cheaper
-    model a run with ``auto_downgrade`` holds instead (``DECISION_DOWNGRADE``).
+    What the call needs from a model (the four fields before
+    `candidate_models`) decides which models can stand in for it: the
+    ``alternatives`` of a block, and the cheaper model a run with
+    ``auto_downgrade`` holds instead (``DECISION_DOWNGRADE``).
     """
 
     provider: str
@@ -307,6 +311,7 @@ class LlmCall:
     needs_json_schema: bool = False
     min_context_tokens: int | None = None
     modalities: Sequence[str] = ()
+    candidate_models: Sequence[str] = ()
 
     def to_proto(self) -> budget_service_pb2.LlmCall:
         """The `runcap.v1.LlmCall` message; TypeError when `modalities` is a
@@ -320,6 +325,7 @@ class LlmCall:
             needs_json_schema=self.needs_json_schema,
             min_context_tokens=self.min_context_tokens,
             modalities=_strings("modalities", self.modalities),
+            candidate_models=_strings("candidate_models", self.candidate_models),
         )
 
 

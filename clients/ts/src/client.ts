@@ -285,6 +285,8 @@ export interface LlmCallInput {
   minContextTokens?: TokenCount | undefined;
   /** Input modalities beyond text the call uses (`"image"`, `"audio"`, `"video"`). */
   modalities?: readonly string[] | undefined;
+  /** The models the caller can use instead, as `"provider/model"` (a gateway's served models, say): alternatives and downgrades come only from these. Any when omitted. */
+  candidateModels?: readonly string[] | undefined;
 }
 
 /**
@@ -542,6 +544,7 @@ export function toLlmCall(call: LlmCallInput): LlmCall {
     needsJsonSchema: call.needsJsonSchema ?? false,
     minContextTokens: count("minContextTokens", call.minContextTokens),
     modalities: [...(call.modalities ?? [])],
+    candidateModels: [...(call.candidateModels ?? [])],
   });
 }
 

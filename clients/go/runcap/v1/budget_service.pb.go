@@ -1166,9 +1166,15 @@ type LlmCall struct {
 	// room for the input tokens).
 	MinContextTokens *int64 `protobuf:"varint,7,opt,name=min_context_tokens,json=minContextTokens,proto3,oneof" json:"min_context_tokens,omitempty"`
 	// Input modalities beyond text ("image", "audio", "video").
-	Modalities    []string `protobuf:"bytes,8,rep,name=modalities,proto3" json:"modalities,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Modalities []string `protobuf:"bytes,8,rep,name=modalities,proto3" json:"modalities,omitempty"`
+	// The models the caller can actually use instead, as "provider/model" (for
+	// example the models a gateway serves to this caller): alternatives and
+	// downgrades are drawn only from these, and from the run policy's
+	// `downgrade_models` when it has any. Empty: any model of the price table.
+	// At most 256.
+	CandidateModels []string `protobuf:"bytes,9,rep,name=candidate_models,json=candidateModels,proto3" json:"candidate_models,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *LlmCall) Reset() {
@@ -1253,6 +1259,13 @@ func (x *LlmCall) GetMinContextTokens() int64 {
 func (x *LlmCall) GetModalities() []string {
 	if x != nil {
 		return x.Modalities
+	}
+	return nil
+}
+
+func (x *LlmCall) GetCandidateModels() []string {
+	if x != nil {
+		return x.CandidateModels
 	}
 	return nil
 }
@@ -3447,7 +3460,7 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"meterUnits\x12K\n" +
 	"\x12reservation_status\x18\x12 \x01(\x0e2\x1c.runcap.v1.ReservationStatusR\x11reservationStatus\x12(\n" +
 	"\ractual_micros\x18\x13 \x01(\x03H\x00R\factualMicros\x88\x01\x01B\x10\n" +
-	"\x0e_actual_micros\"\x8c\x03\n" +
+	"\x0e_actual_micros\"\xbd\x03\n" +
 	"\aLlmCall\x12 \n" +
 	"\bprovider\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\bprovider\x12\x1a\n" +
 	"\x05model\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\x05model\x12'\n" +
@@ -3459,7 +3472,8 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\x12min_context_tokens\x18\a \x01(\x03B\x04\xe2A\x01\x01H\x01R\x10minContextTokens\x88\x01\x01\x12$\n" +
 	"\n" +
 	"modalities\x18\b \x03(\tB\x04\xe2A\x01\x01R\n" +
-	"modalitiesB\x14\n" +
+	"modalities\x12/\n" +
+	"\x10candidate_models\x18\t \x03(\tB\x04\xe2A\x01\x01R\x0fcandidateModelsB\x14\n" +
 	"\x12_max_output_tokensB\x15\n" +
 	"\x13_min_context_tokens\"\xa3\x01\n" +
 	"\vAlternative\x12\x1a\n" +

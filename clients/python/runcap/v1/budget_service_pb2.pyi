@@ -651,6 +651,7 @@ class LlmCall(_message.Message):
     NEEDS_JSON_SCHEMA_FIELD_NUMBER: _builtins.int
     MIN_CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
     MODALITIES_FIELD_NUMBER: _builtins.int
+    CANDIDATE_MODELS_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     """The provider, as in the price table (for example "openai", "anthropic")."""
     model: _builtins.str
@@ -675,6 +676,15 @@ class LlmCall(_message.Message):
     def modalities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Input modalities beyond text ("image", "audio", "video")."""
 
+    @_builtins.property
+    def candidate_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The models the caller can actually use instead, as "provider/model" (for
+        example the models a gateway serves to this caller): alternatives and
+        downgrades are drawn only from these, and from the run policy's
+        `downgrade_models` when it has any. Empty: any model of the price table.
+        At most 256.
+        """
+
     def __init__(
         self,
         *,
@@ -686,10 +696,11 @@ class LlmCall(_message.Message):
         needs_json_schema: _builtins.bool = ...,
         min_context_tokens: _builtins.int | None = ...,
         modalities: _abc.Iterable[_builtins.str] | None = ...,
+        candidate_models: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_min_context_tokens", b"_min_context_tokens", "max_output_tokens", b"max_output_tokens", "min_context_tokens", b"min_context_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_min_context_tokens", b"_min_context_tokens", "input_tokens", b"input_tokens", "max_output_tokens", b"max_output_tokens", "min_context_tokens", b"min_context_tokens", "modalities", b"modalities", "model", b"model", "needs_json_schema", b"needs_json_schema", "needs_tools", b"needs_tools", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_min_context_tokens", b"_min_context_tokens", "candidate_models", b"candidate_models", "input_tokens", b"input_tokens", "max_output_tokens", b"max_output_tokens", "min_context_tokens", b"min_context_tokens", "modalities", b"modalities", "model", b"model", "needs_json_schema", b"needs_json_schema", "needs_tools", b"needs_tools", "provider", b"provider"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_output_tokens: _TypeAlias = _typing.Literal["max_output_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_output_tokens: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens"]  # noqa: Y015
