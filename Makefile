@@ -42,7 +42,7 @@ BREAKING_AGAINST ?= HEAD~1
 help: ## Show this help.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-venv: $(VENV_STAMP) ## Create .venv and install runcap with the dev extras (re-runs when pyproject.toml changes).
+venv: $(VENV_STAMP) ## Create .venv and install runcap with the dev, litellm and demo extras (re-runs when pyproject.toml changes).
 
 $(VENV_STAMP): pyproject.toml
 	@if ! $(VENV)/bin/python -c '' 2>/dev/null; then
@@ -51,8 +51,8 @@ $(VENV_STAMP): pyproject.toml
 	  $(PYTHON) -m venv $(VENV)
 	  $(VENV)/bin/python -m pip install -q --upgrade pip
 	fi
-	echo "installing runcap[dev] into $(VENV)"
-	$(VENV)/bin/python -m pip install -q -e '.[dev]'
+	echo "installing runcap[dev,litellm,demo] into $(VENV)"
+	$(VENV)/bin/python -m pip install -q -e '.[dev,litellm,demo]'
 	touch $@
 
 serve: venv ## Run the server (settings from RUNCAP_* env; default 127.0.0.1:50051, ./runcap.db).

@@ -41,6 +41,7 @@ from runcap import (
 )
 from runcap.v1 import budget_pb2
 from runcap.v1 import budget_service_pb2 as pb
+from runcap_server import demo as runcap_demo
 from runcap_server.money import format_usd, parse_micros, parse_usd
 from runcap_server.settings import parse_duration_ms
 
@@ -66,7 +67,8 @@ class CliError(Exception):
 
 
 def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
-    """Adds the client subcommands: run, reserve, commit, refund, approve, deny, decision, watch."""
+    """Adds the client subcommands: run, reserve, commit, refund, approve, deny, decision,
+    watch, and demo."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--target",
@@ -250,6 +252,19 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         "--plain", action="store_true", help="one plain line per event, even on a terminal"
     )
     watch.set_defaults(func=_command(_watch))
+
+    demo = commands.add_parser("demo", help="demonstrations of runcap at work")
+    demos = demo.add_subparsers(dest="demo_command", required=True, metavar="{runaway}")
+    runaway = demos.add_parser(
+        "runaway",
+        help="seed 001: a runaway agent loop against a $5 ceiling, live",
+        description="A simulated agent calls a mock LLM in a loop with a growing context; runcap "
+        "throttles it near its ceiling, then stops it. Prints the timeline, the spend and what "
+        "an hour without a governor would cost (docs/runaway.md). Without --target or "
+        "RUNCAP_TARGET it starts a server of its own.",
+    )
+    runcap_demo.add_arguments(runaway)
+    runaway.set_defaults(func=runcap_demo.main)
 
 
 def _command(handler: Handler) -> Callable[[argparse.Namespace], int]:
