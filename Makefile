@@ -55,8 +55,8 @@ $(VENV_STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e '.[dev,litellm,demo]'
 	touch $@
 
-serve: venv ## Run the server (settings from RUNCAP_* env; default 127.0.0.1:50051, ./runcap.db).
-	exec $(BIN)/runcap serve
+serve: venv ## Run the server without authentication (--insecure-dev; settings from RUNCAP_* env; default 127.0.0.1:50051, ./runcap.db).
+	exec $(BIN)/runcap serve --insecure-dev
 
 gen: venv go-plugins ts-deps ## Regenerate the committed client stubs from proto/ with buf.
 	@echo "removing old generated files in $(GEN_PY) $(GEN_GO)"
@@ -154,7 +154,7 @@ test: venv ## Run the test suite (installs Debian's redis-server first when miss
 	  fi
 	fi
 	echo "--- python tests"
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -rs
 	echo "--- go client tests (clients/go)"
 	(cd clients/go && go vet ./... && RUNCAP_PYTHON="$(BIN)/python" go test ./...)
 	echo "--- typescript client tests (clients/ts)"

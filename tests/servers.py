@@ -43,6 +43,8 @@ class ServerProcess:
 
     def start(self, timeout_s: float = 20.0) -> ServerProcess:
         env = {**os.environ, "RUNCAP_LOG_LEVEL": "INFO", **self.extra_env}
+        if not env.get("RUNCAP_API_KEYS_FILE"):
+            env.setdefault("RUNCAP_INSECURE_DEV", "1")  # loopback test servers: no keys
         args = [sys.executable, "-m", "runcap_server", "serve", "--listen", self.listen]
         if env.get("RUNCAP_BACKEND") == "redis":
             pass  # RUNCAP_REDIS_* in env say where

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,18 +19,24 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from runcap.v1 import budget_service_pb2, budget_service_pb2_grpc
+from runcap_server.auth import KeyStore
 from runcap_server.backends.base import Backend
 from runcap_server.ledger.model import ModelLedger
 from runcap_server.prices import PriceBook
 from runcap_server.servicer import BudgetServicer
 from runcap_server.settings import Settings
 from runcap_server.sweeper import sweep_forever
+from runcap_server.telemetry import Telemetry
 from runcap_server.tenant_prices import TenantPrices
 from runcap_server.watch import WatchHub
 
 _log = logging.getLogger("runcap")
 BACKEND_CHECK_S = 1.0
 SERVICE_NAME: str = budget_service_pb2.DESCRIPTOR.services_by_name["BudgetService"].full_name
+# A health service name that says only that the process serves: SERVING from
+# start to drain, whatever the storage does, for liveness probes (restarting
+# replicas does not bring Redis back). "" and SERVICE_NAME are for readiness.
+LIVENESS_SERVICE = "liveness"
 
 
 def build_backend(settings: Settings) -> Backend:
@@ -76,8 +83,15 @@ def _server_options(settings: Settings) -> list[tuple[str, int]]:
 class RuncapServer:
     """The service on one port. `start` returns the bound port (0 picks one)."""
 
-    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        backend: Backend | None = None,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self.settings = settings
+        # OTEL_* and RUNCAP_METRICS_ADDR; nothing configured: no interceptor at all.
+        self.telemetry = telemetry or Telemetry.from_settings(settings)
         self.backend = backend or build_backend(settings)
         self.hub = WatchHub(
             self.backend,
@@ -88,16 +102,29 @@ class RuncapServer:
         # Read now: a server with an unreadable price table does not start.
         self.prices = PriceBook(settings.price_table or None)
         self.tenant_prices = TenantPrices(self.backend, settings.tenant)
-        self.server = grpc.aio.server(options=_server_options(settings))
+        # Read now: a server with an unreadable keys file does not start.
+        self.keys = KeyStore(Path(settings.api_keys_file)) if settings.api_keys_file else None
+        self.server = grpc.aio.server(
+            options=_server_options(settings), interceptors=self.telemetry.interceptors()
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self.port = 0
 
     async def start(self) -> int:
         await self.backend.start()
-        budget_service_pb2_grpc.add_BudgetServiceServicer_to_server(
-            BudgetServicer(self.backend, self.hub, self.settings, self.prices, self.tenant_prices),
-            self.server,
+        servicer = BudgetServicer(
+            self.backend,
+            self.hub,
+            self.settings,
+            self.prices,
+            self.tenant_prices,
+            keys=self.keys,
         )
+        budget_service_pb2_grpc.add_BudgetServiceServicer_to_server(servicer, self.server)
+        self.telemetry.observe(
+            failed_open=lambda: servicer.failed_open, watchers=lambda: self.hub.watchers
+        )
+        self.telemetry.start()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [
@@ -109,11 +136,16 @@ class RuncapServer:
         )
         self.port = self.server.add_insecure_port(self.settings.listen_addr)
         await self.server.start()
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, LIVENESS_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._tasks = [
             asyncio.create_task(
-                sweep_forever(self.backend, self.settings.sweep_interval_ms / 1000),
+                sweep_forever(
+                    self.backend,
+                    self.settings.sweep_interval_ms / 1000,
+                    on_released=self.telemetry.expired,
+                    on_error=lambda: self.telemetry.backend_error("sweep"),
+                ),
                 name="expiry-sweeper",
             ),
             asyncio.create_task(self._watch_backend(), name="backend-health"),
@@ -131,6 +163,7 @@ class RuncapServer:
                 healthy = True
             except Exception as error:
                 healthy = False
+                self.telemetry.backend_error("ping")
                 if serving:
                     _log.error("backend unavailable, health is NOT_SERVING: %s", error)
             if healthy != serving:
@@ -157,6 +190,7 @@ class RuncapServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.backend.close()
+        self.telemetry.shutdown()
 
 
 def _bound_address(listen_addr: str, port: int) -> str:
@@ -176,6 +210,13 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, stop.set)
     # SIGHUP reloads the price table; an invalid file keeps the current one.
     loop.add_signal_handler(signal.SIGHUP, server.prices.reload)
+    if server.keys is None:
+        _log.warning(
+            "INSECURE: no authentication (--insecure-dev): any caller that reaches %s may "
+            "read, spend and change every budget. Use RUNCAP_API_KEYS_FILE outside a "
+            "single-user machine.",
+            _bound_address(settings.listen_addr, port),
+        )
     location = {
         "sqlite": settings.sqlite_path,
         "memory": "nothing survives a restart",

@@ -7,7 +7,9 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from runcap_server.auth import read_keys
 from runcap_server.settings import BACKENDS, Settings, parse_duration_ms
 
 
@@ -18,16 +20,25 @@ def _serve(args: argparse.Namespace) -> int:
             backend=args.backend,
             sqlite_path=args.sqlite_path,
             log_level=args.log_level,
+            insecure_dev=args.insecure_dev or None,
         )
+        if settings.api_keys_file:
+            read_keys(Path(settings.api_keys_file))
+        elif not settings.insecure_dev:
+            raise ValueError(
+                "no API keys: set RUNCAP_API_KEYS_FILE (see `runcap keys create`), or pass "
+                "--insecure-dev to serve without authentication on a machine of your own"
+            )
     except ValueError as error:
         print(f"runcap: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     from runcap_server.app import serve
+    from runcap_server.telemetry import log_handler
+
+    # RUNCAP_LOG_FORMAT: text, or JSON lines with the trace and span ids.
+    logging.basicConfig(
+        level=settings.log_level.upper(), handlers=[log_handler(settings.log_format, sys.stderr)]
+    )
 
     asyncio.run(serve(settings))
     return 0
@@ -52,11 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--sqlite-path", help="SQLite ledger file (RUNCAP_SQLITE_PATH, default ./runcap.db)"
     )
     serve.add_argument("--log-level", help="log level (RUNCAP_LOG_LEVEL, default INFO)")
+    serve.add_argument(
+        "--insecure-dev",
+        action="store_true",
+        help="serve without authentication, for a first run on your own machine "
+        "(RUNCAP_INSECURE_DEV); otherwise RUNCAP_API_KEYS_FILE is required",
+    )
     serve.set_defaults(func=_serve)
 
-    from runcap_server import cli_client
+    from runcap_server import cli_client, cli_keys
 
     cli_client.add_commands(commands)
+    cli_keys.add_commands(commands)
     return parser
 
 

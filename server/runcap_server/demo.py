@@ -634,7 +634,7 @@ async def run_demo(options: Options) -> Summary:
     server when it is None, and returns its summary."""
     async with (
         _server(options.target) as (target, embedded),
-        AsyncRuncapClient(target) as client,
+        AsyncRuncapClient(target, api_key=os.environ.get("RUNCAP_API_KEY") or None) as client,
     ):
         return await _run(client, options, target, embedded)
 

@@ -314,6 +314,16 @@ class RevisionOutOfRange(RuncapError):
         )
 
 
+class Unauthenticated(RuncapError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = errors_pb2.ERROR_REASON_UNAUTHENTICATED
+
+
+class PermissionDenied(RuncapError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = errors_pb2.ERROR_REASON_PERMISSION_DENIED
+
+
 class _RetryableError(RuncapError):
     code = grpc.StatusCode.UNAVAILABLE
 

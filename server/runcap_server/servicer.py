@@ -15,7 +15,8 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from runcap.v1 import budget_pb2, budget_service_pb2, budget_service_pb2_grpc
-from runcap_server import alternatives, convert, decisions, errors
+from runcap_server import alternatives, auth, convert, decisions, errors
+from runcap_server.auth import KeyStore
 from runcap_server.backends.base import Backend
 from runcap_server.errors import FieldViolation, InvalidArgument
 from runcap_server.estimates import Estimate, LlmCall, Pricing, actual_micros, estimate
@@ -37,7 +38,7 @@ from runcap_server.ledger.types import (
 )
 from runcap_server.prices import ModelPrice, PriceBook, TokenUsage
 from runcap_server.settings import Settings
-from runcap_server.tenant_prices import TenantPrices
+from runcap_server.tenant_prices import REFRESH_S, TenantPrices
 from runcap_server.validation import Validator
 from runcap_server.watch import Progress, Snapshot, WatchHub, WatchItem
 
@@ -63,6 +64,7 @@ def _unary(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def wrapped(self: BudgetServicer, request: Any, context: Context) -> Any:
         try:
+            await self._enter(handler.__name__, request, context)
             return await handler(self, request, context)
         except Exception as error:
             await _abort(context, error)
@@ -74,6 +76,8 @@ def _unary(handler: Handler) -> Handler:
 PRICING_CACHE_SIZE = 65_536
 # Runs whose enforcement mode a replica remembers, to fail open without storage.
 MODE_CACHE_SIZE = 65_536
+# Runs whose API key a replica remembers, to check agents' access without a read.
+OWNER_CACHE_SIZE = 65_536
 log = logging.getLogger("runcap.servicer")
 
 
@@ -97,19 +101,105 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         settings: Settings,
         prices: PriceBook,
         tenant_prices: TenantPrices,
+        keys: KeyStore | None = None,
     ) -> None:
         self.backend = backend
+        # None: no authentication (--insecure-dev, or embedded use).
+        self.keys = keys
         self.prices = prices
-        # (run, reservation) -> pricing of LLM-call holds made here, newest last.
-        self._pricings: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
-        self.tenant_prices = tenant_prices
+        # (tenant, run, reservation) -> pricing of LLM-call holds made here, newest last.
+        self._pricings: collections.OrderedDict[tuple[str, str, str], str] = (
+            collections.OrderedDict()
+        )
+        # Each tenant's own prices; the server's tenant is refreshed by the app.
+        self._tenant_prices = {settings.tenant: tenant_prices}
+        self._prices_read: dict[str, float] = {}
+        # (tenant, run) -> the API key id the run is charged to, for agents' access.
+        self._owners: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
         self.hub = hub
         self.settings = settings
-        self.tenant = settings.tenant
-        # run -> enforcement mode, newest last (only with RUNCAP_FAIL_OPEN=advisory).
-        self._modes: collections.OrderedDict[str, EnforcementMode] = collections.OrderedDict()
+        # (tenant, run) -> enforcement mode, newest last (only with RUNCAP_FAIL_OPEN=advisory).
+        self._modes: collections.OrderedDict[tuple[str, str], EnforcementMode] = (
+            collections.OrderedDict()
+        )
         # Reserves answered without the backend (RUNCAP_FAIL_OPEN).
         self.failed_open = 0
+
+    @property
+    def tenant(self) -> str:
+        """The tenant of the RPC being served: its key's, else the server's."""
+        principal = auth.CALLER.get()
+        return self.settings.tenant if principal is None else principal.tenant
+
+    @property
+    def tenant_prices(self) -> TenantPrices:
+        return self._tenant_prices[self.tenant]
+
+    async def _enter(self, method: str, request: Any, context: Context) -> None:
+        """Authenticates the call (when keys are configured) and checks that
+        its principal may make it. Sets `auth.CALLER` for the handler."""
+        if self.keys is None:
+            return
+        principal = self.keys.authenticate(context.invocation_metadata())
+        auth.CALLER.set(principal)
+        role, run_of = _ACCESS[method]
+        auth.require(role, method)
+        tenant = principal.tenant
+        if tenant != self.settings.tenant:
+            await self._refresh_tenant_prices(tenant)
+        if principal.role >= auth.Role.OPERATOR:
+            return
+        if method == "CreateRun":
+            self._bind_new_run(principal, request)
+        run_id = run_of(request) if run_of is not None else ""
+        if run_id and await self._owner(run_id) != principal.key_id:
+            raise auth.deny_run(principal, run_id)
+
+    async def _refresh_tenant_prices(self, tenant: str) -> None:
+        """Another tenant's prices, read on first use and at most once a
+        second after (the server's own tenant is refreshed in the background)."""
+        now = asyncio.get_running_loop().time()
+        if now - self._prices_read.get(tenant, -REFRESH_S) < REFRESH_S:
+            return
+        prices = self._tenant_prices.setdefault(tenant, TenantPrices(self.backend, tenant))
+        await prices.refresh()
+        self._prices_read[tenant] = now
+
+    def _bind_new_run(
+        self, principal: auth.Principal, request: budget_service_pb2.CreateRunRequest
+    ) -> None:
+        """An agent's runs are charged to its own key, user and team."""
+        for field, own in (
+            ("api_key_id", principal.key_id),
+            ("user_id", principal.user_id),
+            ("team_id", principal.team_id),
+        ):
+            given = getattr(request, field)
+            if given and given != own:
+                raise errors.PermissionDenied(
+                    f"an agent key creates runs for its own scopes: {field} must be "
+                    f"{own!r} or empty (got {given!r})",
+                    key_id=principal.key_id,
+                )
+            setattr(request, field, own)
+
+    async def _owner(self, run_id: str) -> str:
+        """The API key a run is charged to ("" for none, or no such run)."""
+        key = (self.tenant, run_id)
+        owner = self._owners.get(key)
+        if owner is None:
+            try:
+                view = await self.backend.get_run(self.tenant, run_id)
+            except errors.RunNotFound:
+                return ""
+            owner = view.spec.api_key_id
+            self._remember_owner(run_id, owner)
+        return owner
+
+    def _remember_owner(self, run_id: str, api_key_id: str) -> None:
+        self._owners[(self.tenant, run_id)] = api_key_id
+        if len(self._owners) > OWNER_CACHE_SIZE:
+            self._owners.popitem(last=False)
 
     @_unary
     async def CreateRun(
@@ -143,6 +233,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         check.done()
         result = await self.backend.create_run(self.tenant, spec)
         self._remember_mode(run_id, result.run.policy.mode)
+        self._remember_owner(run_id, result.run.spec.api_key_id)
         return budget_service_pb2.CreateRunResponse(
             run=convert.run_pb(result.run),
             state=convert.state_pb(result.run.state),
@@ -284,7 +375,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         self._remember_mode(run_id, result.mode)
         held = result.decision in decisions.HOLDING
         if extras.pricing and held and not result.replayed:
-            self._remember_pricing((run_id, result.reservation_id), extras.pricing)
+            self._remember_pricing((self.tenant, run_id, result.reservation_id), extras.pricing)
         return result
 
     async def _remaining(self, view: RunView, result: ReserveResult) -> int:
@@ -379,15 +470,17 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         """Runs' modes (fixed at creation), for failing open without the backend."""
         if self.settings.fail_open != "advisory":
             return
-        self._modes[run_id] = mode
-        self._modes.move_to_end(run_id)
+        key = (self.tenant, run_id)
+        self._modes[key] = mode
+        self._modes.move_to_end(key)
         if len(self._modes) > MODE_CACHE_SIZE:
             self._modes.popitem(last=False)
 
     def _fails_open(self, run_id: str) -> bool:
         policy = self.settings.fail_open
         return policy == "always" or (
-            policy == "advisory" and self._modes.get(run_id) is EnforcementMode.ADVISORY
+            policy == "advisory"
+            and self._modes.get((self.tenant, run_id)) is EnforcementMode.ADVISORY
         )
 
     def _failed_open(
@@ -408,13 +501,15 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             reason=budget_pb2.DECISION_REASON_BACKEND_UNAVAILABLE,
             reservation_id=reservation_id,
             state=budget_pb2.BudgetState(run_id=run_id),
-            enforcement_mode=self._modes.get(run_id, EnforcementMode.HARD_GATE).value,  # type: ignore[arg-type]
+            enforcement_mode=self._modes.get(  # type: ignore[arg-type]
+                (self.tenant, run_id), EnforcementMode.HARD_GATE
+            ).value,
         )
         if priced is not None:
             response.estimate.CopyFrom(convert.estimate_pb(priced))
         return response
 
-    def _remember_pricing(self, key: tuple[str, str], pricing: str) -> None:
+    def _remember_pricing(self, key: tuple[str, str, str], pricing: str) -> None:
         self._pricings[key] = pricing
         if len(self._pricings) > PRICING_CACHE_SIZE:
             self._pricings.popitem(last=False)
@@ -557,7 +652,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         A reservation made through this replica needs no read: its pricing is
         remembered here (it never changes), saving Commit a round trip.
         """
-        known = self._pricings.get((run_id, reservation_id))
+        known = self._pricings.get((self.tenant, run_id, reservation_id))
         if known is not None:
             return actual_micros(known, usage)
         reservation = await self.backend.get_reservation(self.tenant, run_id, reservation_id)
@@ -690,6 +785,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         context: Context,
     ) -> AsyncGenerator[budget_service_pb2.WatchResponse, None]:
         try:
+            await self._enter("Watch", request, context)
             check = Validator()
             run_id = check.identifier("run_id", request.run_id)
             after: int | None = None
@@ -717,3 +813,42 @@ def _watch_response(item: WatchItem) -> budget_service_pb2.WatchResponse:
         )
     assert isinstance(item, Change)
     return budget_service_pb2.WatchResponse(revision=item.revision, event=convert.event_pb(item))
+
+
+def _run_id(request: Any) -> str:
+    return str(request.run_id)
+
+
+def _run_of_id(request: Any) -> str:
+    """The run of a decision or approval id ("run/...")."""
+    field = "decision_id" if hasattr(request, "decision_id") else "approval_id"
+    return str(getattr(request, field)).partition("/")[0]
+
+
+def _parent_run(request: Any) -> str:
+    return str(request.parent_run_id)
+
+
+_Access = tuple[auth.Role, Callable[[Any], str] | None]
+# What each RPC needs: the least role, and for an agent the run it must own.
+_ACCESS: dict[str, _Access] = {
+    "CreateRun": (auth.Role.AGENT, _parent_run),
+    "GetRun": (auth.Role.AGENT, _run_id),
+    "Reserve": (auth.Role.AGENT, _run_id),
+    "Commit": (auth.Role.AGENT, _run_id),
+    "Refund": (auth.Role.AGENT, _run_id),
+    "CloseRun": (auth.Role.AGENT, _run_id),
+    "Watch": (auth.Role.AGENT, _run_id),
+    "GetDecision": (auth.Role.AGENT, _run_of_id),
+    "GetModelPrice": (auth.Role.AGENT, None),
+    "SuspendRun": (auth.Role.OPERATOR, None),
+    "ResumeRun": (auth.Role.OPERATOR, None),
+    "Approve": (auth.Role.OPERATOR, None),
+    "Deny": (auth.Role.OPERATOR, None),
+    "GetScope": (auth.Role.OPERATOR, None),
+    "SetScopeLimit": (auth.Role.ADMIN, None),
+    "SetScopePolicy": (auth.Role.ADMIN, None),
+    "SetModelPrice": (auth.Role.ADMIN, None),
+    "DeleteModelPrice": (auth.Role.ADMIN, None),
+    "ReloadPriceTable": (auth.Role.ADMIN, None),
+}

@@ -16,6 +16,7 @@ _DURATION = re.compile(r"(\d+)(ms|s|m|h)")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 BACKENDS = ("sqlite", "memory", "redis")
 FAIL_OPEN = ("never", "advisory", "always")
+LOG_FORMATS = ("text", "json")
 
 
 def parse_duration_ms(text: str) -> int:
@@ -49,6 +50,10 @@ class Settings:
     shutdown_grace_ms: int = field(default=10_000, metadata={"env": "SHUTDOWN_GRACE"})
     max_connection_age_ms: int = field(default=1_800_000, metadata={"env": "MAX_CONNECTION_AGE"})
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL"})
+    # text, or json: one object a line with time, level, logger, message, trace_id.
+    log_format: str = field(default="text", metadata={"env": "LOG_FORMAT"})
+    # host:port of a Prometheus scrape endpoint (/metrics); empty: none.
+    metrics_addr: str = field(default="", metadata={"env": "METRICS_ADDR"})
     tenant: str = field(default="default", metadata={"env": "TENANT"})
     # The price table file; empty: the one shipped with the server.
     price_table: str = field(default="", metadata={"env": "PRICE_TABLE"})
@@ -60,6 +65,11 @@ class Settings:
     # a warning that holds nothing for advisory runs (advisory) or for every
     # run (always). Failing open is logged and counted.
     fail_open: str = field(default="never", metadata={"env": "FAIL_OPEN"})
+    # The API keys (JSON, `runcap keys`); every call must then carry one.
+    api_keys_file: str = field(default="", metadata={"env": "API_KEYS_FILE"})
+    # No authentication at all, for a first run on one machine (`runcap serve
+    # --insecure-dev`); `serve` refuses to start with neither this nor keys.
+    insecure_dev: bool = field(default=False, metadata={"env": "INSECURE_DEV"})
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -69,6 +79,12 @@ class Settings:
                 "RUNCAP_BACKEND=redis needs exactly one of RUNCAP_REDIS_URL "
                 "(standalone) or RUNCAP_REDIS_CLUSTER_NODES (cluster)"
             )
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"RUNCAP_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}")
+        if self.metrics_addr:
+            _, sep, port = self.metrics_addr.rpartition(":")
+            if not sep or not port.isdigit() or int(port) > 65_535:
+                raise ValueError("RUNCAP_METRICS_ADDR must be host:port, such as 127.0.0.1:9464")
         if self.fail_open not in FAIL_OPEN:
             raise ValueError(f"RUNCAP_FAIL_OPEN must be one of {', '.join(FAIL_OPEN)}")
         if self.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
@@ -84,6 +100,8 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"RUNCAP_{_env_name(name)} must be positive")
+        if self.api_keys_file and self.insecure_dev:
+            raise ValueError("RUNCAP_API_KEYS_FILE and RUNCAP_INSECURE_DEV exclude each other")
         if self.log_retention < 1:
             raise ValueError("RUNCAP_LOG_RETENTION must be at least 1")
         for name in ("default_max_output_tokens", "max_output_tokens"):
@@ -113,6 +131,11 @@ def _convert(f: dataclasses.Field[object], raw: str) -> object:
             return parse_duration_ms(raw)
         if f.type in ("int", int):
             return int(raw)
+        if f.type in ("bool", bool):
+            value = raw.strip().lower()
+            if value not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError(f"expected true or false, not {raw!r}")
+            return value in ("1", "true", "yes")
     except ValueError as error:
         raise ValueError(f"RUNCAP_{f.metadata['env']}: {error}") from None
     return raw

@@ -54,9 +54,11 @@ async def test_health_tracks_the_backend_and_drain(monkeypatch: pytest.MonkeyPat
             backend.unplugged = True
             await _wait_for(stub, NOT_SERVING)
             assert await _status(stub, "") == NOT_SERVING
+            assert await _status(stub, "liveness") == SERVING  # the process is alive
             backend.unplugged = False
             await _wait_for(stub, SERVING)
             await server.health.enter_graceful_shutdown()
             assert await _status(stub, "runcap.v1.BudgetService") == NOT_SERVING
+            assert await _status(stub, "liveness") == NOT_SERVING
     finally:
         await server.stop()

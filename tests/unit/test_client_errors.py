@@ -30,6 +30,7 @@ from runcap import (
     IdempotencyConflictError,
     InternalError,
     InvalidArgumentError,
+    PermissionDeniedError,
     ReservationBlockedError,
     ReservationNotFoundError,
     ReservationReleasedError,
@@ -366,7 +367,8 @@ async def test_async_call_raises_typed_error(fake: tuple[FakeBudget, str], row: 
         (grpc.StatusCode.INVALID_ARGUMENT, InvalidArgumentError),
         (grpc.StatusCode.OUT_OF_RANGE, RevisionOutOfRangeError),
         (grpc.StatusCode.NOT_FOUND, RuncapError),
-        (grpc.StatusCode.PERMISSION_DENIED, RuncapError),
+        (grpc.StatusCode.PERMISSION_DENIED, PermissionDeniedError),
+        (grpc.StatusCode.ABORTED, RuncapError),
     ],
 )
 def test_status_without_runcap_error_info_maps_by_code(

@@ -29,6 +29,8 @@ var reasonSentinels = map[runcapv1.ErrorReason]error{
 	runcapv1.ErrorReason_ERROR_REASON_DECISION_NOT_FOUND:    ErrDecisionNotFound,
 	runcapv1.ErrorReason_ERROR_REASON_APPROVAL_NOT_FOUND:    ErrApprovalNotFound,
 	runcapv1.ErrorReason_ERROR_REASON_APPROVAL_RESOLVED:     ErrApprovalResolved,
+	runcapv1.ErrorReason_ERROR_REASON_UNAUTHENTICATED:       ErrUnauthenticated,
+	runcapv1.ErrorReason_ERROR_REASON_PERMISSION_DENIED:     ErrPermissionDenied,
 }
 
 // TestEveryErrorReasonHasOneSentinel fails when the contract gains an

@@ -93,6 +93,11 @@ WATCH_RECONNECT: Final = RetryPolicy(max_attempts=10)
 (about 20 seconds of back-off) before the error reaches the caller."""
 
 
+def api_key_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata that presents `api_key`; none for None."""
+    return () if api_key is None else (("authorization", f"Bearer {api_key}"),)
+
+
 def channel_options(options: ChannelOptions | None) -> list[tuple[str, str | int]]:
     """`DEFAULT_CHANNEL_OPTIONS` merged with the caller's `options`; on the
     same key the caller's value wins."""

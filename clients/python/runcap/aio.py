@@ -25,6 +25,7 @@ from runcap._shared import (
     TokenUsageLike,
     WatchCursor,
     actual_of,
+    api_key_metadata,
     channel_options,
     commit_request,
     create_run_request,
@@ -62,6 +63,8 @@ class AsyncRuncapClient:
             Watch streams have no deadline.
         metadata: Metadata sent with every call (for example authorization).
         retry: The retry policy of idempotent unary calls.
+        api_key: The API key to send with every call (``authorization:
+            Bearer <key>``), for a server with keys configured.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class AsyncRuncapClient:
         timeout: float | None = 10.0,
         metadata: CallMetadata | None = None,
         retry: RetryPolicy | None = None,
+        api_key: str | None = None,
     ) -> None:
         self._owns_channel = channel is None
         if channel is None:
@@ -85,7 +89,7 @@ class AsyncRuncapClient:
         self._channel = channel
         self._stub = budget_service_pb2_grpc.BudgetServiceStub(channel)
         self._timeout = timeout
-        self._metadata = tuple(metadata or ())
+        self._metadata = tuple(metadata or ()) + api_key_metadata(api_key)
         self._retry = retry or RetryPolicy()
 
     async def close(self) -> None:

@@ -295,6 +295,23 @@ class ApprovalResolvedError(_PreconditionError):
         return next((subject for _, subject, _ in self.violations), "")
 
 
+class UnauthenticatedError(RuncapError):
+    """UNAUTHENTICATED: the server needs an API key and the call carried none,
+    or one it does not know (or that was revoked). Pass
+    ``metadata=[("authorization", "Bearer <key>")]`` to the client."""
+
+
+class PermissionDeniedError(RuncapError):
+    """PERMISSION_DENIED: the key's role may not make this call, or the run is
+    not one of the key's own (an agent key sees only its own runs; a run of
+    another key and a missing run look the same)."""
+
+    @property
+    def key_id(self) -> str:
+        """The id of the key that was refused."""
+        return self.metadata.get("key_id", "")
+
+
 class RevisionOutOfRangeError(RuncapError):
     """OUT_OF_RANGE: Watch cannot resume from the requested revision.
 
@@ -373,12 +390,16 @@ REASON_TO_ERROR: Final[Mapping[str, type[RuncapError]]] = {
     _reason(errors_pb2.ERROR_REASON_DECISION_NOT_FOUND): DecisionNotFoundError,
     _reason(errors_pb2.ERROR_REASON_APPROVAL_NOT_FOUND): ApprovalNotFoundError,
     _reason(errors_pb2.ERROR_REASON_APPROVAL_RESOLVED): ApprovalResolvedError,
+    _reason(errors_pb2.ERROR_REASON_UNAUTHENTICATED): UnauthenticatedError,
+    _reason(errors_pb2.ERROR_REASON_PERMISSION_DENIED): PermissionDeniedError,
 }
 """The one table from ErrorInfo reason to exception class."""
 
 _CODE_TO_ERROR: Final[Mapping[grpc.StatusCode, type[RuncapError]]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.OUT_OF_RANGE: RevisionOutOfRangeError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.INTERNAL: InternalError,
     grpc.StatusCode.UNKNOWN: InternalError,

@@ -265,6 +265,25 @@ export class ApprovalResolvedError extends RuncapError {
 }
 
 /**
+ * UNAUTHENTICATED: the server needs an API key and the call carried none, or
+ * one it does not know (or that was revoked). Send the metadata
+ * `authorization: Bearer <key>`.
+ */
+export class UnauthenticatedError extends RuncapError {}
+
+/**
+ * PERMISSION_DENIED: the key's role may not make this call, or the run is
+ * not one of the key's own (a run of another key and a missing run look the
+ * same).
+ */
+export class PermissionDeniedError extends RuncapError {
+  /** The id of the key that was refused. */
+  get keyId(): string {
+    return this.metadata["key_id"] ?? "";
+  }
+}
+
+/**
  * OUT_OF_RANGE: Watch cannot resume from the requested revision (the server no
  * longer retains it, the run never reached it, or the run's history up to it
  * is not the one `afterDigest` describes: see `diverged`). Watch again without
@@ -353,6 +372,8 @@ export const ERROR_TABLE: readonly ErrorRow[] = [
   { reason: ErrorReason.DECISION_NOT_FOUND, code: Code.NotFound, error: DecisionNotFoundError },
   { reason: ErrorReason.APPROVAL_NOT_FOUND, code: Code.NotFound, error: ApprovalNotFoundError },
   { reason: ErrorReason.APPROVAL_RESOLVED, code: Code.FailedPrecondition, error: ApprovalResolvedError },
+  { reason: ErrorReason.UNAUTHENTICATED, code: Code.Unauthenticated, error: UnauthenticatedError },
+  { reason: ErrorReason.PERMISSION_DENIED, code: Code.PermissionDenied, error: PermissionDeniedError },
 ];
 
 /** Codes no runcap reason uses, and the class a status with that code gets. */

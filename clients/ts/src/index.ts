@@ -41,6 +41,8 @@ export {
   ApprovalNotFoundError,
   ApprovalRequiredError,
   ApprovalResolvedError,
+  PermissionDeniedError,
+  UnauthenticatedError,
   BudgetBlockedError,
   BudgetThrottledError,
   CanceledError,

@@ -44,7 +44,8 @@ export class RuncapServer {
     const args = ["-m", "runcap_server", "serve", "--listen", listen];
     args.push(...(sqlitePath ? ["--backend", "sqlite", "--sqlite-path", sqlitePath] : ["--backend", "memory"]));
     const child = spawn(PYTHON, args, {
-      env: { ...process.env, RUNCAP_LOG_LEVEL: "INFO", ...env },
+      // Test servers on loopback run without API keys.
+      env: { ...process.env, RUNCAP_LOG_LEVEL: "INFO", RUNCAP_INSECURE_DEV: "1", ...env },
       stdio: ["ignore", "ignore", "pipe"],
     });
     this.#child = child;

@@ -66,6 +66,8 @@ func Start(args []string, env ...string) (*Server, error) {
 	cmd.Env = append(append(os.Environ(),
 		"RUNCAP_SHUTDOWN_GRACE=3s",
 		"PYTHONUNBUFFERED=1",
+		// Test servers on loopback run without API keys.
+		"RUNCAP_INSECURE_DEV=1",
 	), env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {

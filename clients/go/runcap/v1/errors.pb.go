@@ -93,6 +93,13 @@ const (
 	// (approving a denied one, or denying an approved one). A
 	// `google.rpc.PreconditionFailure` detail names it.
 	ErrorReason_ERROR_REASON_APPROVAL_RESOLVED ErrorReason = 18
+	// UNAUTHENTICATED: the call carries no API key, or one the server does not
+	// know (or that was revoked). Send `authorization: Bearer <key>`.
+	ErrorReason_ERROR_REASON_UNAUTHENTICATED ErrorReason = 19
+	// PERMISSION_DENIED: the caller's role may not make this call, or the run
+	// belongs to another principal. Checked before existence, so a run of
+	// another principal and a missing run look the same to an agent.
+	ErrorReason_ERROR_REASON_PERMISSION_DENIED ErrorReason = 20
 )
 
 // Enum value maps for ErrorReason.
@@ -117,6 +124,8 @@ var (
 		16: "ERROR_REASON_DECISION_NOT_FOUND",
 		17: "ERROR_REASON_APPROVAL_NOT_FOUND",
 		18: "ERROR_REASON_APPROVAL_RESOLVED",
+		19: "ERROR_REASON_UNAUTHENTICATED",
+		20: "ERROR_REASON_PERMISSION_DENIED",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":           0,
@@ -138,6 +147,8 @@ var (
 		"ERROR_REASON_DECISION_NOT_FOUND":    16,
 		"ERROR_REASON_APPROVAL_NOT_FOUND":    17,
 		"ERROR_REASON_APPROVAL_RESOLVED":     18,
+		"ERROR_REASON_UNAUTHENTICATED":       19,
+		"ERROR_REASON_PERMISSION_DENIED":     20,
 	}
 )
 
@@ -172,7 +183,7 @@ var File_runcap_v1_errors_proto protoreflect.FileDescriptor
 
 const file_runcap_v1_errors_proto_rawDesc = "" +
 	"\n" +
-	"\x16runcap/v1/errors.proto\x12\truncap.v1*\xaf\x05\n" +
+	"\x16runcap/v1/errors.proto\x12\truncap.v1*\xf5\x05\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x01\x12\x1e\n" +
@@ -193,7 +204,9 @@ const file_runcap_v1_errors_proto_rawDesc = "" +
 	"\x1bERROR_REASON_SUBAGENT_LIMIT\x10\x0f\x12#\n" +
 	"\x1fERROR_REASON_DECISION_NOT_FOUND\x10\x10\x12#\n" +
 	"\x1fERROR_REASON_APPROVAL_NOT_FOUND\x10\x11\x12\"\n" +
-	"\x1eERROR_REASON_APPROVAL_RESOLVED\x10\x12B8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
+	"\x1eERROR_REASON_APPROVAL_RESOLVED\x10\x12\x12 \n" +
+	"\x1cERROR_REASON_UNAUTHENTICATED\x10\x13\x12\"\n" +
+	"\x1eERROR_REASON_PERMISSION_DENIED\x10\x14B8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
 
 var (
 	file_runcap_v1_errors_proto_rawDescOnce sync.Once

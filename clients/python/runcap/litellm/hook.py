@@ -103,7 +103,10 @@ class RuncapBudgetHook(CustomLogger):  # type: ignore[misc]
     def client(self) -> AsyncRuncapClient:
         if self._client is None:
             self._client = AsyncRuncapClient(
-                self.settings.target, timeout=self.settings.timeout_s, retry=_RETRY
+                self.settings.target,
+                timeout=self.settings.timeout_s,
+                retry=_RETRY,
+                api_key=self.settings.api_key,
             )
         return self._client
 

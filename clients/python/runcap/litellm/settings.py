@@ -22,6 +22,8 @@ class HookSettings:
 
     Attributes:
         target: The runcap server (RUNCAP_TARGET).
+        api_key: The key the hook presents to runcap (RUNCAP_API_KEY). An
+            operator key: the hook charges runs to its callers' scopes.
         create_runs: Create a run for a request that names none, or names one
             runcap does not know (RUNCAP_LITELLM_CREATE_RUNS, default true).
             When false such a request is refused with 400.
@@ -47,6 +49,7 @@ class HookSettings:
     """
 
     target: str = DEFAULT_TARGET
+    api_key: str | None = None
     create_runs: bool = True
     run_limit_micros: int = 5_000_000
     run_mode: EnforcementModeName | None = None
@@ -68,6 +71,7 @@ class HookSettings:
             raise ValueError(f"RUNCAP_LITELLM_BLOCK_STATUS={status}: expected an HTTP error status")
         return cls(
             target=env.get("RUNCAP_TARGET", "").strip() or DEFAULT_TARGET,
+            api_key=env.get("RUNCAP_API_KEY", "").strip() or None,
             create_runs=_flag(env, "RUNCAP_LITELLM_CREATE_RUNS", default=True),
             run_limit_micros=_usd(env, "RUNCAP_LITELLM_RUN_LIMIT", "5.00"),
             run_mode=mode,  # type: ignore[arg-type]

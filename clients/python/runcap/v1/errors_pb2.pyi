@@ -104,6 +104,15 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     (approving a denied one, or denying an approved one). A
     `google.rpc.PreconditionFailure` detail names it.
     """
+    ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 19
+    """UNAUTHENTICATED: the call carries no API key, or one the server does not
+    know (or that was revoked). Send `authorization: Bearer <key>`.
+    """
+    ERROR_REASON_PERMISSION_DENIED: _ErrorReason.ValueType  # 20
+    """PERMISSION_DENIED: the caller's role may not make this call, or the run
+    belongs to another principal. Checked before existence, so a run of
+    another principal and a missing run look the same to an agent.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every reason the server puts in the `google.rpc.ErrorInfo`
@@ -194,5 +203,14 @@ ERROR_REASON_APPROVAL_RESOLVED: ErrorReason.ValueType  # 18
 """FAILED_PRECONDITION: the approval was already resolved the other way
 (approving a denied one, or denying an approved one). A
 `google.rpc.PreconditionFailure` detail names it.
+"""
+ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 19
+"""UNAUTHENTICATED: the call carries no API key, or one the server does not
+know (or that was revoked). Send `authorization: Bearer <key>`.
+"""
+ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 20
+"""PERMISSION_DENIED: the caller's role may not make this call, or the run
+belongs to another principal. Checked before existence, so a run of
+another principal and a missing run look the same to an agent.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
