@@ -68,7 +68,7 @@ class CliError(Exception):
 
 def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     """Adds the client subcommands: run, reserve, commit, refund, approve, deny, decision,
-    watch, and demo."""
+    watch, top, and demo."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--target",
@@ -253,6 +253,26 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     )
     watch.set_defaults(func=_command(_watch))
 
+    top = commands.add_parser(
+        "top",
+        help="a live terminal view of active runs",
+        description="Shows the named runs live, one row each: spend against the limit, burn "
+        "rate over the last minute, time to exhaustion, threshold band, suspended and "
+        "approval flags. Follows a Watch stream per run. Keys: s suspends the selected run, "
+        "r resumes it, q quits (docs/top.md).",
+    )
+    top.add_argument("run_ids", nargs="*", metavar="RUN_ID")
+    top.add_argument(
+        "--from-file", metavar="FILE", help="also the run ids in FILE, one a line (-: stdin)"
+    )
+    top.add_argument(
+        "--target",
+        default=common.get_default("target"),
+        metavar="HOST:PORT",
+        help=f"the server's address (env RUNCAP_TARGET, default {DEFAULT_TARGET})",
+    )
+    top.set_defaults(func=_top)
+
     demo = commands.add_parser("demo", help="demonstrations of runcap at work")
     demos = demo.add_subparsers(dest="demo_command", required=True, metavar="{runaway}")
     runaway = demos.add_parser(
@@ -272,7 +292,8 @@ def _command(handler: Handler) -> Callable[[argparse.Namespace], int]:
 
     def run(args: argparse.Namespace) -> int:
         try:
-            with RuncapClient(args.target) as client:
+            api_key = os.environ.get("RUNCAP_API_KEY") or None
+            with RuncapClient(args.target, api_key=api_key) as client:
                 return handler(args, client)
         except CliError as error:
             _error(str(error))
@@ -288,6 +309,12 @@ def _command(handler: Handler) -> Callable[[argparse.Namespace], int]:
         return EXIT_ERROR
 
     return run
+
+
+def _top(args: argparse.Namespace) -> int:
+    from runcap_server import top  # Textual loads only for `runcap top`
+
+    return top.main(args)
 
 
 def _error(message: str) -> None:
