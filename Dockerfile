@@ -1,7 +1,11 @@
 # syntax=docker/dockerfile:1
-# runcap server image: `docker build -t runcap .` then
-# `docker run -p 50051:50051 -v runcap-data:/var/lib/runcap runcap`.
-# Settings are RUNCAP_* environment variables (see README).
+# runcap server image: `docker build -t runcap .` then, with an API keys file
+# made by `runcap keys create` in ./keys/keys.json,
+# `docker run -p 50051:50051 -v runcap-data:/var/lib/runcap -v "$PWD/keys:/etc/runcap/keys:ro"
+#  -e RUNCAP_API_KEYS_FILE=/etc/runcap/keys/keys.json runcap`
+# (or `-e RUNCAP_INSECURE_DEV=1` instead of the keys, on a machine of your own).
+# Settings are RUNCAP_* environment variables (see README); Kubernetes and
+# service-mesh manifests are in deploy/k8s (docs/deploy.md).
 
 # ---- builder: install runcap and its runtime dependencies into /opt/venv ----
 FROM python:3.11-slim-bookworm AS builder
@@ -13,6 +17,7 @@ WORKDIR /src
 # .dockerignore lets through only what the package build needs.
 COPY . .
 RUN /opt/venv/bin/pip install . \
+ && /opt/venv/bin/pip check \
  && /opt/venv/bin/python -c "import runcap_server.cli, runcap.v1.budget_service_pb2_grpc, grpc_health.v1.health_pb2_grpc"
 
 # ---- runtime ----
