@@ -42,6 +42,7 @@ from runcap import (
 from runcap.v1 import budget_pb2
 from runcap.v1 import budget_service_pb2 as pb
 from runcap_server import demo as runcap_demo
+from runcap_server import report as runcap_report
 from runcap_server.money import format_usd, parse_micros, parse_usd
 from runcap_server.settings import parse_duration_ms
 
@@ -272,6 +273,8 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         help=f"the server's address (env RUNCAP_TARGET, default {DEFAULT_TARGET})",
     )
     top.set_defaults(func=_top)
+
+    runcap_report.add_command(commands, common.get_default("target"))
 
     demo = commands.add_parser("demo", help="demonstrations of runcap at work")
     demos = demo.add_subparsers(dest="demo_command", required=True, metavar="{runaway}")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
@@ -76,6 +78,9 @@ def _unary(handler: Handler) -> Handler:
 PRICING_CACHE_SIZE = 65_536
 # Runs whose enforcement mode a replica remembers, to fail open without storage.
 MODE_CACHE_SIZE = 65_536
+# ListRuns pages: the default and the largest.
+LIST_PAGE_SIZE = 100
+MAX_LIST_PAGE_SIZE = 1000
 # Runs whose API key a replica remembers, to check agents' access without a read.
 OWNER_CACHE_SIZE = 65_536
 log = logging.getLogger("runcap.servicer")
@@ -254,6 +259,50 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         return budget_service_pb2.GetRunResponse(
             run=convert.run_pb(view), state=convert.state_pb(view.state)
         )
+
+    @_unary
+    async def ListRuns(
+        self,
+        request: budget_service_pb2.ListRunsRequest,
+        context: Context,
+    ) -> budget_service_pb2.ListRunsResponse:
+        check = Validator()
+        if not request.HasField("created_after"):
+            check.fail("created_after", "is required")
+        from_ms = request.created_after.ToMilliseconds()
+        to_ms = (
+            request.created_before.ToMilliseconds() if request.HasField("created_before") else 2**53
+        )
+        if to_ms <= from_ms:
+            check.fail("created_before", "must be after created_after")
+        size = request.page_size or LIST_PAGE_SIZE
+        if not 0 < size <= MAX_LIST_PAGE_SIZE:
+            check.fail("page_size", f"must be between 1 and {MAX_LIST_PAGE_SIZE} (got {size})")
+        query = f"{from_ms}:{to_ms}"
+        after = _page_cursor(request.page_token, query) if request.page_token else None
+        if request.page_token and after is None:
+            check.fail("page_token", "is not a token of this query (same created_after and before)")
+        check.done()
+        ids = await self.backend.list_run_ids(self.tenant, from_ms, to_ms, after, size)
+
+        async def view(run_id: str) -> RunView | None:
+            try:
+                return await self.backend.get_run(self.tenant, run_id)
+            except errors.RunNotFound:  # aged out since it was listed
+                await self.backend.forget_listed_run(self.tenant, run_id)
+                return None
+
+        views = await asyncio.gather(*(view(run_id) for _, run_id in ids))
+        response = budget_service_pb2.ListRunsResponse(
+            runs=[
+                budget_service_pb2.ListedRun(run=convert.run_pb(v), state=convert.state_pb(v.state))
+                for v in views
+                if v is not None
+            ]
+        )
+        if len(ids) == size:
+            response.next_page_token = _page_token(ids[-1], query)
+        return response
 
     @_unary
     async def Reserve(
@@ -815,6 +864,24 @@ def _watch_response(item: WatchItem) -> budget_service_pb2.WatchResponse:
     return budget_service_pb2.WatchResponse(revision=item.revision, event=convert.event_pb(item))
 
 
+def _page_token(cursor: tuple[int, str], query: str) -> str:
+    """An opaque ListRuns page token: where the page ended, and for which query."""
+    text = json.dumps([cursor[0], cursor[1], query], separators=(",", ":"))
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _page_cursor(token: str, query: str) -> tuple[int, str] | None:
+    """The cursor of a page token of `query`, or None for any other token."""
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        created_ms, run_id, of = json.loads(base64.urlsafe_b64decode(padded))
+    except (ValueError, TypeError):
+        return None
+    if of != query or not isinstance(created_ms, int) or not isinstance(run_id, str):
+        return None
+    return created_ms, run_id
+
+
 def _run_id(request: Any) -> str:
     return str(request.run_id)
 
@@ -846,6 +913,7 @@ _ACCESS: dict[str, _Access] = {
     "Approve": (auth.Role.OPERATOR, None),
     "Deny": (auth.Role.OPERATOR, None),
     "GetScope": (auth.Role.OPERATOR, None),
+    "ListRuns": (auth.Role.OPERATOR, None),
     "SetScopeLimit": (auth.Role.ADMIN, None),
     "SetScopePolicy": (auth.Role.ADMIN, None),
     "SetModelPrice": (auth.Role.ADMIN, None),

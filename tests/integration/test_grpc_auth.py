@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 
 from runcap.v1 import budget_pb2
 from runcap.v1 import budget_service_pb2 as pb
@@ -194,6 +195,9 @@ RPCS: dict[str, Call] = {
     "DeleteModelPrice": lambda s, m, r: s.DeleteModelPrice(
         pb.DeleteModelPriceRequest(provider="acme", model="gone"), metadata=m
     ),
+    "ListRuns": lambda s, m, r: s.ListRuns(
+        pb.ListRunsRequest(created_after=timestamp_pb2.Timestamp(seconds=1)), metadata=m
+    ),
     "ReloadPriceTable": lambda s, m, r: s.ReloadPriceTable(
         pb.ReloadPriceTableRequest(), metadata=m
     ),
@@ -201,6 +205,7 @@ RPCS: dict[str, Call] = {
 AGENT_RPCS = {"CreateRun", "GetRun", "Reserve", "Commit", "Refund", "CloseRun", "Watch"}
 AGENT_RPCS |= {"GetDecision", "GetModelPrice"}
 OPERATOR_RPCS = AGENT_RPCS | {"SuspendRun", "ResumeRun", "Approve", "Deny", "GetScope"}
+OPERATOR_RPCS |= {"ListRuns"}
 # Calls an agent makes about a run (CreateRun: as the parent): refused for a
 # run that is not its own.
 RUN_BOUND = AGENT_RPCS - {"GetModelPrice"}

@@ -7,7 +7,7 @@ import random
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Final, Literal, TypeAlias
 
 from google.protobuf import duration_pb2
@@ -96,6 +96,16 @@ WATCH_RECONNECT: Final = RetryPolicy(max_attempts=10)
 def api_key_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     """The metadata that presents `api_key`; none for None."""
     return () if api_key is None else (("authorization", f"Bearer {api_key}"),)
+
+
+def list_runs_request(
+    created_after: datetime, created_before: datetime | None, page_size: int, page_token: str
+) -> budget_service_pb2.ListRunsRequest:
+    request = budget_service_pb2.ListRunsRequest(page_size=page_size, page_token=page_token)
+    request.created_after.FromDatetime(created_after)
+    if created_before is not None:
+        request.created_before.FromDatetime(created_before)
+    return request
 
 
 def channel_options(options: ChannelOptions | None) -> list[tuple[str, str | int]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from datetime import datetime
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -31,6 +32,7 @@ from runcap._shared import (
     create_run_request,
     estimate_of,
     get_scope_request,
+    list_runs_request,
     refund_request,
     reserve_request,
     set_scope_limit_request,
@@ -158,6 +160,18 @@ class AsyncRuncapClient:
         """See `RuncapClient.get_run`."""
         request = budget_service_pb2.GetRunRequest(run_id=run_id)
         return await self._call(self._stub.GetRun, request, idempotent=True)
+
+    async def list_runs(
+        self,
+        created_after: datetime,
+        created_before: datetime | None = None,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> budget_service_pb2.ListRunsResponse:
+        """See `RuncapClient.list_runs`."""
+        request = list_runs_request(created_after, created_before, page_size, page_token)
+        return await self._call(self._stub.ListRuns, request, idempotent=True)
 
     async def get_decision(self, decision_id: str) -> budget_service_pb2.GetDecisionResponse:
         """See `RuncapClient.get_decision`."""

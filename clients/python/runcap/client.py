@@ -6,6 +6,7 @@ import inspect
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping
+from datetime import datetime
 from types import TracebackType
 from typing import Protocol, Self, TypeVar, cast
 
@@ -32,6 +33,7 @@ from runcap._shared import (
     create_run_request,
     estimate_of,
     get_scope_request,
+    list_runs_request,
     refund_request,
     reserve_request,
     set_scope_limit_request,
@@ -198,6 +200,32 @@ class RuncapClient:
         """Returns a run's configuration and current budget state."""
         request = budget_service_pb2.GetRunRequest(run_id=run_id)
         return self._call(self._stub.GetRun, request, idempotent=True)
+
+    def list_runs(
+        self,
+        created_after: datetime,
+        created_before: datetime | None = None,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> budget_service_pb2.ListRunsResponse:
+        """One page of the runs created in [created_after, created_before),
+        oldest first (operator role); pass `next_page_token` back for the
+        next. Times must be timezone-aware."""
+        request = list_runs_request(created_after, created_before, page_size, page_token)
+        return self._call(self._stub.ListRuns, request, idempotent=True)
+
+    def iter_runs(
+        self, created_after: datetime, created_before: datetime | None = None
+    ) -> Iterator[budget_service_pb2.ListedRun]:
+        """Every run created in the range, page after page."""
+        token = ""
+        while True:
+            page = self.list_runs(created_after, created_before, page_token=token)
+            yield from page.runs
+            token = page.next_page_token
+            if not token:
+                return
 
     def get_decision(self, decision_id: str) -> budget_service_pb2.GetDecisionResponse:
         """Returns a Reserve decision by its id (``ReserveResponse.decision_id``,

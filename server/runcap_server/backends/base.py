@@ -45,6 +45,19 @@ class Backend(Protocol):
 
     async def get_run(self, tenant: str, run_id: str) -> RunView: ...
 
+    async def list_run_ids(
+        self, tenant: str, from_ms: int, to_ms: int, after: tuple[int, str] | None, limit: int
+    ) -> list[tuple[int, str]]:
+        """Up to `limit` runs created in [from_ms, to_ms), as (created_ms,
+        run_id), in that order, after the `after` cursor. From an index, not
+        a scan of every key; a run that aged out may still be listed (its
+        GetRun is then NOT_FOUND)."""
+        ...
+
+    async def forget_listed_run(self, tenant: str, run_id: str) -> None:
+        """Drops a run that aged out from the listing index (if it has one)."""
+        ...
+
     async def reserve(
         self,
         tenant: str,

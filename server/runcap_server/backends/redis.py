@@ -20,6 +20,8 @@ Keys, for namespace `rc`:
                     expiry ZSET (redis_scripts/scope.lua)
     rc:due:{n}      ZSET    best-effort index of runs and scopes with holds (or
                     pending settlements), by when to look next
+    rc:{t/@runs}:c  ZSET    the tenant's run ids by creation time (ListRuns);
+                    written after each create, pruned when a listed run aged out
 
 A run with parent scopes reserves by the saga of `ledger/saga.py`: its
 parents concurrently (one script each, in their own slots), then the run.
@@ -514,7 +516,37 @@ class RedisLedger:
         )
         state = _state(spec.run_id, reply[1 : 1 + STATE_LEN])
         view = self._view(tenant, spec.run_id, reply[1 + STATE_LEN :], state)
+        # The listing index, in its own slot: after the run exists, so a crash
+        # between the two only leaves a run unlisted (a replayed create adds it).
+        await self._cmd("zadd", self._runs_index(tenant), {spec.run_id: view.created_ms}, nx=True)
         return CreateRunResult(run=view, replayed=reply[0] == b"1")
+
+    def _runs_index(self, tenant: str) -> str:
+        return f"{self.namespace}:{{{tenant}/@runs}}:c"
+
+    async def list_run_ids(
+        self, tenant: str, from_ms: int, to_ms: int, after: tuple[int, str] | None, limit: int
+    ) -> list[tuple[int, str]]:
+        key = self._runs_index(tenant)
+        low = from_ms if after is None else max(from_ms, after[0])
+        found: list[tuple[int, str]] = []
+        offset = 0
+        while len(found) < limit:
+            batch = await self._cmd(
+                "zrangebyscore", key, low, f"({to_ms}", start=offset, num=limit, withscores=True
+            )
+            offset += len(batch)
+            for member, score in batch:
+                item = (int(score), member.decode())
+                if after is None or item > after:
+                    found.append(item)
+            if len(batch) < limit:
+                break
+        return found[:limit]
+
+    async def forget_listed_run(self, tenant: str, run_id: str) -> None:
+        """Drops a run that aged out from the listing index."""
+        await self._cmd("zrem", self._runs_index(tenant), run_id)
 
     async def get_run(self, tenant: str, run_id: str) -> RunView:
         reply = await self._script(tenant, run_id, "get")

@@ -131,6 +131,9 @@ CREATE TABLE IF NOT EXISTS reservations (
     PRIMARY KEY (tenant, run_id, reservation_id)
 ) STRICT, WITHOUT ROWID;
 
+-- ListRuns: a tenant's runs by creation time.
+CREATE INDEX IF NOT EXISTS runs_by_creation ON runs (tenant, created_ms, run_id);
+
 -- The sweeper's scan: due holds of every run, oldest first.
 CREATE INDEX IF NOT EXISTS reservations_held_by_expiry
     ON reservations (expires_ms) WHERE status = {_HELD};
@@ -926,6 +929,25 @@ class SqliteLedger:
     async def get_run(self, tenant: str, run_id: str) -> RunView:
         account = await self._op(tenant, lambda s, now: core.get_state(s.run(run_id), run_id, now))
         return account.view(self.default_ttl_ms)
+
+    async def list_run_ids(
+        self, tenant: str, from_ms: int, to_ms: int, after: tuple[int, str] | None, limit: int
+    ) -> list[tuple[int, str]]:
+        after_ms, after_id = after if after is not None else (from_ms - 1, "")
+
+        def query() -> list[tuple[int, str]]:
+            rows = self._connection().execute(
+                "SELECT created_ms, run_id FROM runs WHERE tenant = ? AND created_ms >= ? "
+                "AND created_ms < ? AND (created_ms, run_id) > (?, ?) "
+                "ORDER BY created_ms, run_id LIMIT ?",
+                (tenant, from_ms, to_ms, after_ms, after_id, limit),
+            )
+            return [(int(ms), str(run_id)) for ms, run_id in rows]
+
+        return await self._call(query)
+
+    async def forget_listed_run(self, tenant: str, run_id: str) -> None:
+        pass  # runs are listed from their own rows: nothing to forget
 
     async def reserve(
         self,

@@ -206,6 +206,22 @@ class ModelLedger:
         account = self._op(tenant, lambda s, now: core.get_state(s.run(run_id), run_id, now))
         return account.view(self.default_ttl_ms)
 
+    async def list_run_ids(
+        self, tenant: str, from_ms: int, to_ms: int, after: tuple[int, str] | None, limit: int
+    ) -> list[tuple[int, str]]:
+        found = sorted(
+            (run.account.created_ms, run_id)
+            for (owner, run_id), run in self._runs.items()
+            if owner == tenant
+            and run.account is not None
+            and from_ms <= run.account.created_ms < to_ms
+            and (after is None or (run.account.created_ms, run_id) > after)
+        )
+        return found[:limit]
+
+    async def forget_listed_run(self, tenant: str, run_id: str) -> None:
+        pass  # runs are listed from their own rows: nothing to forget
+
     async def reserve(
         self,
         tenant: str,

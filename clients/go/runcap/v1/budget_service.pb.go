@@ -320,6 +320,189 @@ func (x *GetRunResponse) GetState() *BudgetState {
 	return nil
 }
 
+// ListRunsRequest asks for a page of the runs created in a time range.
+type ListRunsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Runs created at or after this time. Required.
+	CreatedAfter *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=created_after,json=createdAfter,proto3" json:"created_after,omitempty"`
+	// Runs created before this time; when unset, up to now.
+	CreatedBefore *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=created_before,json=createdBefore,proto3" json:"created_before,omitempty"`
+	// At most this many runs (default 100, at most 1000).
+	PageSize int32 `protobuf:"varint,3,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// The next_page_token of the previous page, with the same other fields.
+	PageToken     string `protobuf:"bytes,4,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListRunsRequest) Reset() {
+	*x = ListRunsRequest{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListRunsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListRunsRequest) ProtoMessage() {}
+
+func (x *ListRunsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListRunsRequest.ProtoReflect.Descriptor instead.
+func (*ListRunsRequest) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *ListRunsRequest) GetCreatedAfter() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAfter
+	}
+	return nil
+}
+
+func (x *ListRunsRequest) GetCreatedBefore() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedBefore
+	}
+	return nil
+}
+
+func (x *ListRunsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListRunsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// ListRunsResponse is a page of runs, oldest first.
+type ListRunsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The runs.
+	Runs []*ListedRun `protobuf:"bytes,1,rep,name=runs,proto3" json:"runs,omitempty"`
+	// The token of the next page; empty on the last.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListRunsResponse) Reset() {
+	*x = ListRunsResponse{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListRunsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListRunsResponse) ProtoMessage() {}
+
+func (x *ListRunsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListRunsResponse.ProtoReflect.Descriptor instead.
+func (*ListRunsResponse) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *ListRunsResponse) GetRuns() []*ListedRun {
+	if x != nil {
+		return x.Runs
+	}
+	return nil
+}
+
+func (x *ListRunsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+// ListedRun is a run with its state, as GetRun gives them.
+type ListedRun struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The run's configuration.
+	Run *Run `protobuf:"bytes,1,opt,name=run,proto3" json:"run,omitempty"`
+	// The run's budget state.
+	State         *BudgetState `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListedRun) Reset() {
+	*x = ListedRun{}
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListedRun) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListedRun) ProtoMessage() {}
+
+func (x *ListedRun) ProtoReflect() protoreflect.Message {
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListedRun.ProtoReflect.Descriptor instead.
+func (*ListedRun) Descriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ListedRun) GetRun() *Run {
+	if x != nil {
+		return x.Run
+	}
+	return nil
+}
+
+func (x *ListedRun) GetState() *BudgetState {
+	if x != nil {
+		return x.State
+	}
+	return nil
+}
+
 // ReserveRequest asks to hold an estimated cost against a run.
 type ReserveRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -352,7 +535,7 @@ type ReserveRequest struct {
 
 func (x *ReserveRequest) Reset() {
 	*x = ReserveRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[4]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -364,7 +547,7 @@ func (x *ReserveRequest) String() string {
 func (*ReserveRequest) ProtoMessage() {}
 
 func (x *ReserveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[4]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -377,7 +560,7 @@ func (x *ReserveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReserveRequest.ProtoReflect.Descriptor instead.
 func (*ReserveRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{4}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ReserveRequest) GetRunId() string {
@@ -516,7 +699,7 @@ type ReserveResponse struct {
 
 func (x *ReserveResponse) Reset() {
 	*x = ReserveResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[5]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -528,7 +711,7 @@ func (x *ReserveResponse) String() string {
 func (*ReserveResponse) ProtoMessage() {}
 
 func (x *ReserveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[5]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -541,7 +724,7 @@ func (x *ReserveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReserveResponse.ProtoReflect.Descriptor instead.
 func (*ReserveResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{5}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ReserveResponse) GetDecision() Decision {
@@ -681,7 +864,7 @@ type ApproveRequest struct {
 
 func (x *ApproveRequest) Reset() {
 	*x = ApproveRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[6]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -693,7 +876,7 @@ func (x *ApproveRequest) String() string {
 func (*ApproveRequest) ProtoMessage() {}
 
 func (x *ApproveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[6]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -706,7 +889,7 @@ func (x *ApproveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApproveRequest.ProtoReflect.Descriptor instead.
 func (*ApproveRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{6}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ApproveRequest) GetApprovalId() string {
@@ -731,7 +914,7 @@ type ApproveResponse struct {
 
 func (x *ApproveResponse) Reset() {
 	*x = ApproveResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[7]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -743,7 +926,7 @@ func (x *ApproveResponse) String() string {
 func (*ApproveResponse) ProtoMessage() {}
 
 func (x *ApproveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[7]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -756,7 +939,7 @@ func (x *ApproveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApproveResponse.ProtoReflect.Descriptor instead.
 func (*ApproveResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{7}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ApproveResponse) GetApproval() *Approval {
@@ -791,7 +974,7 @@ type DenyRequest struct {
 
 func (x *DenyRequest) Reset() {
 	*x = DenyRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[8]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -803,7 +986,7 @@ func (x *DenyRequest) String() string {
 func (*DenyRequest) ProtoMessage() {}
 
 func (x *DenyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[8]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -816,7 +999,7 @@ func (x *DenyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DenyRequest.ProtoReflect.Descriptor instead.
 func (*DenyRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{8}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *DenyRequest) GetApprovalId() string {
@@ -841,7 +1024,7 @@ type DenyResponse struct {
 
 func (x *DenyResponse) Reset() {
 	*x = DenyResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[9]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -853,7 +1036,7 @@ func (x *DenyResponse) String() string {
 func (*DenyResponse) ProtoMessage() {}
 
 func (x *DenyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[9]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -866,7 +1049,7 @@ func (x *DenyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DenyResponse.ProtoReflect.Descriptor instead.
 func (*DenyResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{9}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *DenyResponse) GetApproval() *Approval {
@@ -901,7 +1084,7 @@ type GetDecisionRequest struct {
 
 func (x *GetDecisionRequest) Reset() {
 	*x = GetDecisionRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[10]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -913,7 +1096,7 @@ func (x *GetDecisionRequest) String() string {
 func (*GetDecisionRequest) ProtoMessage() {}
 
 func (x *GetDecisionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[10]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -926,7 +1109,7 @@ func (x *GetDecisionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetDecisionRequest.ProtoReflect.Descriptor instead.
 func (*GetDecisionRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{10}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GetDecisionRequest) GetDecisionId() string {
@@ -984,7 +1167,7 @@ type GetDecisionResponse struct {
 
 func (x *GetDecisionResponse) Reset() {
 	*x = GetDecisionResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[11]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -996,7 +1179,7 @@ func (x *GetDecisionResponse) String() string {
 func (*GetDecisionResponse) ProtoMessage() {}
 
 func (x *GetDecisionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[11]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1009,7 +1192,7 @@ func (x *GetDecisionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetDecisionResponse.ProtoReflect.Descriptor instead.
 func (*GetDecisionResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{11}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GetDecisionResponse) GetDecisionId() string {
@@ -1179,7 +1362,7 @@ type LlmCall struct {
 
 func (x *LlmCall) Reset() {
 	*x = LlmCall{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[12]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1191,7 +1374,7 @@ func (x *LlmCall) String() string {
 func (*LlmCall) ProtoMessage() {}
 
 func (x *LlmCall) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[12]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1204,7 +1387,7 @@ func (x *LlmCall) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LlmCall.ProtoReflect.Descriptor instead.
 func (*LlmCall) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{12}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *LlmCall) GetProvider() string {
@@ -1289,7 +1472,7 @@ type Alternative struct {
 
 func (x *Alternative) Reset() {
 	*x = Alternative{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[13]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1301,7 +1484,7 @@ func (x *Alternative) String() string {
 func (*Alternative) ProtoMessage() {}
 
 func (x *Alternative) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[13]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1314,7 +1497,7 @@ func (x *Alternative) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Alternative.ProtoReflect.Descriptor instead.
 func (*Alternative) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{13}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Alternative) GetProvider() string {
@@ -1367,7 +1550,7 @@ type LlmEstimate struct {
 
 func (x *LlmEstimate) Reset() {
 	*x = LlmEstimate{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[14]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1379,7 +1562,7 @@ func (x *LlmEstimate) String() string {
 func (*LlmEstimate) ProtoMessage() {}
 
 func (x *LlmEstimate) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[14]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1392,7 +1575,7 @@ func (x *LlmEstimate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LlmEstimate.ProtoReflect.Descriptor instead.
 func (*LlmEstimate) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{14}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *LlmEstimate) GetProvider() string {
@@ -1457,7 +1640,7 @@ type TokenUsage struct {
 
 func (x *TokenUsage) Reset() {
 	*x = TokenUsage{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[15]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1469,7 +1652,7 @@ func (x *TokenUsage) String() string {
 func (*TokenUsage) ProtoMessage() {}
 
 func (x *TokenUsage) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[15]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1482,7 +1665,7 @@ func (x *TokenUsage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenUsage.ProtoReflect.Descriptor instead.
 func (*TokenUsage) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{15}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *TokenUsage) GetInputTokens() int64 {
@@ -1540,7 +1723,7 @@ type CommitRequest struct {
 
 func (x *CommitRequest) Reset() {
 	*x = CommitRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[16]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1552,7 +1735,7 @@ func (x *CommitRequest) String() string {
 func (*CommitRequest) ProtoMessage() {}
 
 func (x *CommitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[16]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1565,7 +1748,7 @@ func (x *CommitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitRequest.ProtoReflect.Descriptor instead.
 func (*CommitRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{16}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *CommitRequest) GetRunId() string {
@@ -1651,7 +1834,7 @@ type CommitResponse struct {
 
 func (x *CommitResponse) Reset() {
 	*x = CommitResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[17]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1663,7 +1846,7 @@ func (x *CommitResponse) String() string {
 func (*CommitResponse) ProtoMessage() {}
 
 func (x *CommitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[17]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1676,7 +1859,7 @@ func (x *CommitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitResponse.ProtoReflect.Descriptor instead.
 func (*CommitResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{17}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *CommitResponse) GetState() *BudgetState {
@@ -1734,7 +1917,7 @@ type RefundRequest struct {
 
 func (x *RefundRequest) Reset() {
 	*x = RefundRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[18]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1746,7 +1929,7 @@ func (x *RefundRequest) String() string {
 func (*RefundRequest) ProtoMessage() {}
 
 func (x *RefundRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[18]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1759,7 +1942,7 @@ func (x *RefundRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefundRequest.ProtoReflect.Descriptor instead.
 func (*RefundRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{18}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *RefundRequest) GetRunId() string {
@@ -1798,7 +1981,7 @@ type RefundResponse struct {
 
 func (x *RefundResponse) Reset() {
 	*x = RefundResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[19]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1810,7 +1993,7 @@ func (x *RefundResponse) String() string {
 func (*RefundResponse) ProtoMessage() {}
 
 func (x *RefundResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[19]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1823,7 +2006,7 @@ func (x *RefundResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefundResponse.ProtoReflect.Descriptor instead.
 func (*RefundResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{19}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *RefundResponse) GetState() *BudgetState {
@@ -1865,7 +2048,7 @@ type CloseRunRequest struct {
 
 func (x *CloseRunRequest) Reset() {
 	*x = CloseRunRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[20]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1877,7 +2060,7 @@ func (x *CloseRunRequest) String() string {
 func (*CloseRunRequest) ProtoMessage() {}
 
 func (x *CloseRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[20]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1890,7 +2073,7 @@ func (x *CloseRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseRunRequest.ProtoReflect.Descriptor instead.
 func (*CloseRunRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{20}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CloseRunRequest) GetRunId() string {
@@ -1913,7 +2096,7 @@ type CloseRunResponse struct {
 
 func (x *CloseRunResponse) Reset() {
 	*x = CloseRunResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[21]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1925,7 +2108,7 @@ func (x *CloseRunResponse) String() string {
 func (*CloseRunResponse) ProtoMessage() {}
 
 func (x *CloseRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[21]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1938,7 +2121,7 @@ func (x *CloseRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseRunResponse.ProtoReflect.Descriptor instead.
 func (*CloseRunResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{21}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *CloseRunResponse) GetState() *BudgetState {
@@ -1979,7 +2162,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[22]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1991,7 +2174,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[22]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2004,7 +2187,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{22}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *WatchRequest) GetRunId() string {
@@ -2049,7 +2232,7 @@ type WatchResponse struct {
 
 func (x *WatchResponse) Reset() {
 	*x = WatchResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[23]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2061,7 +2244,7 @@ func (x *WatchResponse) String() string {
 func (*WatchResponse) ProtoMessage() {}
 
 func (x *WatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[23]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2074,7 +2257,7 @@ func (x *WatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchResponse.ProtoReflect.Descriptor instead.
 func (*WatchResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{23}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *WatchResponse) GetRevision() int64 {
@@ -2157,7 +2340,7 @@ type Progress struct {
 
 func (x *Progress) Reset() {
 	*x = Progress{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[24]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2169,7 +2352,7 @@ func (x *Progress) String() string {
 func (*Progress) ProtoMessage() {}
 
 func (x *Progress) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[24]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2182,7 +2365,7 @@ func (x *Progress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Progress.ProtoReflect.Descriptor instead.
 func (*Progress) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{24}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Progress) GetFinal() bool {
@@ -2212,7 +2395,7 @@ type SetScopeLimitRequest struct {
 
 func (x *SetScopeLimitRequest) Reset() {
 	*x = SetScopeLimitRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[25]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2224,7 +2407,7 @@ func (x *SetScopeLimitRequest) String() string {
 func (*SetScopeLimitRequest) ProtoMessage() {}
 
 func (x *SetScopeLimitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[25]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2237,7 +2420,7 @@ func (x *SetScopeLimitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetScopeLimitRequest.ProtoReflect.Descriptor instead.
 func (*SetScopeLimitRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{25}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *SetScopeLimitRequest) GetScope() *ScopeRef {
@@ -2309,7 +2492,7 @@ type SetScopeLimitResponse struct {
 
 func (x *SetScopeLimitResponse) Reset() {
 	*x = SetScopeLimitResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[26]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2321,7 +2504,7 @@ func (x *SetScopeLimitResponse) String() string {
 func (*SetScopeLimitResponse) ProtoMessage() {}
 
 func (x *SetScopeLimitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[26]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2334,7 +2517,7 @@ func (x *SetScopeLimitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetScopeLimitResponse.ProtoReflect.Descriptor instead.
 func (*SetScopeLimitResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{26}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *SetScopeLimitResponse) GetScope() *Scope {
@@ -2362,7 +2545,7 @@ type SetScopePolicyRequest struct {
 
 func (x *SetScopePolicyRequest) Reset() {
 	*x = SetScopePolicyRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[27]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2374,7 +2557,7 @@ func (x *SetScopePolicyRequest) String() string {
 func (*SetScopePolicyRequest) ProtoMessage() {}
 
 func (x *SetScopePolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[27]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2387,7 +2570,7 @@ func (x *SetScopePolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetScopePolicyRequest.ProtoReflect.Descriptor instead.
 func (*SetScopePolicyRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{27}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *SetScopePolicyRequest) GetScope() *ScopeRef {
@@ -2451,7 +2634,7 @@ type SetScopePolicyResponse struct {
 
 func (x *SetScopePolicyResponse) Reset() {
 	*x = SetScopePolicyResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[28]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2463,7 +2646,7 @@ func (x *SetScopePolicyResponse) String() string {
 func (*SetScopePolicyResponse) ProtoMessage() {}
 
 func (x *SetScopePolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[28]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2476,7 +2659,7 @@ func (x *SetScopePolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetScopePolicyResponse.ProtoReflect.Descriptor instead.
 func (*SetScopePolicyResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{28}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *SetScopePolicyResponse) GetScope() *Scope {
@@ -2497,7 +2680,7 @@ type GetScopeRequest struct {
 
 func (x *GetScopeRequest) Reset() {
 	*x = GetScopeRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[29]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2509,7 +2692,7 @@ func (x *GetScopeRequest) String() string {
 func (*GetScopeRequest) ProtoMessage() {}
 
 func (x *GetScopeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[29]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2522,7 +2705,7 @@ func (x *GetScopeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScopeRequest.ProtoReflect.Descriptor instead.
 func (*GetScopeRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{29}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *GetScopeRequest) GetScope() *ScopeRef {
@@ -2543,7 +2726,7 @@ type GetScopeResponse struct {
 
 func (x *GetScopeResponse) Reset() {
 	*x = GetScopeResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[30]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2555,7 +2738,7 @@ func (x *GetScopeResponse) String() string {
 func (*GetScopeResponse) ProtoMessage() {}
 
 func (x *GetScopeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[30]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2568,7 +2751,7 @@ func (x *GetScopeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScopeResponse.ProtoReflect.Descriptor instead.
 func (*GetScopeResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{30}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *GetScopeResponse) GetScope() *Scope {
@@ -2614,7 +2797,7 @@ type ModelPrice struct {
 
 func (x *ModelPrice) Reset() {
 	*x = ModelPrice{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[31]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2626,7 +2809,7 @@ func (x *ModelPrice) String() string {
 func (*ModelPrice) ProtoMessage() {}
 
 func (x *ModelPrice) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[31]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2639,7 +2822,7 @@ func (x *ModelPrice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelPrice.ProtoReflect.Descriptor instead.
 func (*ModelPrice) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{31}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ModelPrice) GetProvider() string {
@@ -2737,7 +2920,7 @@ type SetModelPriceRequest struct {
 
 func (x *SetModelPriceRequest) Reset() {
 	*x = SetModelPriceRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[32]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2749,7 +2932,7 @@ func (x *SetModelPriceRequest) String() string {
 func (*SetModelPriceRequest) ProtoMessage() {}
 
 func (x *SetModelPriceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[32]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2762,7 +2945,7 @@ func (x *SetModelPriceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetModelPriceRequest.ProtoReflect.Descriptor instead.
 func (*SetModelPriceRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{32}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *SetModelPriceRequest) GetPrice() *ModelPrice {
@@ -2783,7 +2966,7 @@ type SetModelPriceResponse struct {
 
 func (x *SetModelPriceResponse) Reset() {
 	*x = SetModelPriceResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[33]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2795,7 +2978,7 @@ func (x *SetModelPriceResponse) String() string {
 func (*SetModelPriceResponse) ProtoMessage() {}
 
 func (x *SetModelPriceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[33]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2808,7 +2991,7 @@ func (x *SetModelPriceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetModelPriceResponse.ProtoReflect.Descriptor instead.
 func (*SetModelPriceResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{33}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *SetModelPriceResponse) GetPrice() *ModelPrice {
@@ -2831,7 +3014,7 @@ type DeleteModelPriceRequest struct {
 
 func (x *DeleteModelPriceRequest) Reset() {
 	*x = DeleteModelPriceRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[34]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2843,7 +3026,7 @@ func (x *DeleteModelPriceRequest) String() string {
 func (*DeleteModelPriceRequest) ProtoMessage() {}
 
 func (x *DeleteModelPriceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[34]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2856,7 +3039,7 @@ func (x *DeleteModelPriceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteModelPriceRequest.ProtoReflect.Descriptor instead.
 func (*DeleteModelPriceRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{34}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *DeleteModelPriceRequest) GetProvider() string {
@@ -2884,7 +3067,7 @@ type DeleteModelPriceResponse struct {
 
 func (x *DeleteModelPriceResponse) Reset() {
 	*x = DeleteModelPriceResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[35]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2896,7 +3079,7 @@ func (x *DeleteModelPriceResponse) String() string {
 func (*DeleteModelPriceResponse) ProtoMessage() {}
 
 func (x *DeleteModelPriceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[35]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2909,7 +3092,7 @@ func (x *DeleteModelPriceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteModelPriceResponse.ProtoReflect.Descriptor instead.
 func (*DeleteModelPriceResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{35}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *DeleteModelPriceResponse) GetDeleted() bool {
@@ -2932,7 +3115,7 @@ type GetModelPriceRequest struct {
 
 func (x *GetModelPriceRequest) Reset() {
 	*x = GetModelPriceRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[36]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2944,7 +3127,7 @@ func (x *GetModelPriceRequest) String() string {
 func (*GetModelPriceRequest) ProtoMessage() {}
 
 func (x *GetModelPriceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[36]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2957,7 +3140,7 @@ func (x *GetModelPriceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetModelPriceRequest.ProtoReflect.Descriptor instead.
 func (*GetModelPriceRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{36}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *GetModelPriceRequest) GetProvider() string {
@@ -2990,7 +3173,7 @@ type GetModelPriceResponse struct {
 
 func (x *GetModelPriceResponse) Reset() {
 	*x = GetModelPriceResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[37]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3002,7 +3185,7 @@ func (x *GetModelPriceResponse) String() string {
 func (*GetModelPriceResponse) ProtoMessage() {}
 
 func (x *GetModelPriceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[37]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3015,7 +3198,7 @@ func (x *GetModelPriceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetModelPriceResponse.ProtoReflect.Descriptor instead.
 func (*GetModelPriceResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{37}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *GetModelPriceResponse) GetPrice() *ModelPrice {
@@ -3048,7 +3231,7 @@ type ReloadPriceTableRequest struct {
 
 func (x *ReloadPriceTableRequest) Reset() {
 	*x = ReloadPriceTableRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[38]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3060,7 +3243,7 @@ func (x *ReloadPriceTableRequest) String() string {
 func (*ReloadPriceTableRequest) ProtoMessage() {}
 
 func (x *ReloadPriceTableRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[38]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3073,7 +3256,7 @@ func (x *ReloadPriceTableRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReloadPriceTableRequest.ProtoReflect.Descriptor instead.
 func (*ReloadPriceTableRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{38}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{41}
 }
 
 // ReloadPriceTableResponse says which table is in use after the reload.
@@ -3095,7 +3278,7 @@ type ReloadPriceTableResponse struct {
 
 func (x *ReloadPriceTableResponse) Reset() {
 	*x = ReloadPriceTableResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[39]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3107,7 +3290,7 @@ func (x *ReloadPriceTableResponse) String() string {
 func (*ReloadPriceTableResponse) ProtoMessage() {}
 
 func (x *ReloadPriceTableResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[39]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3120,7 +3303,7 @@ func (x *ReloadPriceTableResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReloadPriceTableResponse.ProtoReflect.Descriptor instead.
 func (*ReloadPriceTableResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{39}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ReloadPriceTableResponse) GetReloaded() bool {
@@ -3162,7 +3345,7 @@ type SuspendRunRequest struct {
 
 func (x *SuspendRunRequest) Reset() {
 	*x = SuspendRunRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[40]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3174,7 +3357,7 @@ func (x *SuspendRunRequest) String() string {
 func (*SuspendRunRequest) ProtoMessage() {}
 
 func (x *SuspendRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[40]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3187,7 +3370,7 @@ func (x *SuspendRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SuspendRunRequest.ProtoReflect.Descriptor instead.
 func (*SuspendRunRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{40}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *SuspendRunRequest) GetRunId() string {
@@ -3210,7 +3393,7 @@ type SuspendRunResponse struct {
 
 func (x *SuspendRunResponse) Reset() {
 	*x = SuspendRunResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[41]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3222,7 +3405,7 @@ func (x *SuspendRunResponse) String() string {
 func (*SuspendRunResponse) ProtoMessage() {}
 
 func (x *SuspendRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[41]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3235,7 +3418,7 @@ func (x *SuspendRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SuspendRunResponse.ProtoReflect.Descriptor instead.
 func (*SuspendRunResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{41}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *SuspendRunResponse) GetState() *BudgetState {
@@ -3263,7 +3446,7 @@ type ResumeRunRequest struct {
 
 func (x *ResumeRunRequest) Reset() {
 	*x = ResumeRunRequest{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[42]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3275,7 +3458,7 @@ func (x *ResumeRunRequest) String() string {
 func (*ResumeRunRequest) ProtoMessage() {}
 
 func (x *ResumeRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[42]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3288,7 +3471,7 @@ func (x *ResumeRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeRunRequest.ProtoReflect.Descriptor instead.
 func (*ResumeRunRequest) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{42}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *ResumeRunRequest) GetRunId() string {
@@ -3311,7 +3494,7 @@ type ResumeRunResponse struct {
 
 func (x *ResumeRunResponse) Reset() {
 	*x = ResumeRunResponse{}
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[43]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3323,7 +3506,7 @@ func (x *ResumeRunResponse) String() string {
 func (*ResumeRunResponse) ProtoMessage() {}
 
 func (x *ResumeRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_runcap_v1_budget_service_proto_msgTypes[43]
+	mi := &file_runcap_v1_budget_service_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3336,7 +3519,7 @@ func (x *ResumeRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeRunResponse.ProtoReflect.Descriptor instead.
 func (*ResumeRunResponse) Descriptor() ([]byte, []int) {
-	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{43}
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ResumeRunResponse) GetState() *BudgetState {
@@ -3380,6 +3563,18 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\rGetRunRequest\x12\x1b\n" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\x05runId\"`\n" +
 	"\x0eGetRunResponse\x12 \n" +
+	"\x03run\x18\x01 \x01(\v2\x0e.runcap.v1.RunR\x03run\x12,\n" +
+	"\x05state\x18\x02 \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\"\xe9\x01\n" +
+	"\x0fListRunsRequest\x12E\n" +
+	"\rcreated_after\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampB\x04\xe2A\x01\x02R\fcreatedAfter\x12G\n" +
+	"\x0ecreated_before\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampB\x04\xe2A\x01\x01R\rcreatedBefore\x12!\n" +
+	"\tpage_size\x18\x03 \x01(\x05B\x04\xe2A\x01\x01R\bpageSize\x12#\n" +
+	"\n" +
+	"page_token\x18\x04 \x01(\tB\x04\xe2A\x01\x01R\tpageToken\"d\n" +
+	"\x10ListRunsResponse\x12(\n" +
+	"\x04runs\x18\x01 \x03(\v2\x14.runcap.v1.ListedRunR\x04runs\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"[\n" +
+	"\tListedRun\x12 \n" +
 	"\x03run\x18\x01 \x01(\v2\x0e.runcap.v1.RunR\x03run\x12,\n" +
 	"\x05state\x18\x02 \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\"\xc9\x02\n" +
 	"\x0eReserveRequest\x12\x1b\n" +
@@ -3607,10 +3802,11 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\x05runId\"]\n" +
 	"\x11ResumeRunResponse\x12,\n" +
 	"\x05state\x18\x01 \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\x12\x1a\n" +
-	"\breplayed\x18\x02 \x01(\bR\breplayed2\x87\v\n" +
+	"\breplayed\x18\x02 \x01(\bR\breplayed2\xcc\v\n" +
 	"\rBudgetService\x12F\n" +
 	"\tCreateRun\x12\x1b.runcap.v1.CreateRunRequest\x1a\x1c.runcap.v1.CreateRunResponse\x12=\n" +
-	"\x06GetRun\x12\x18.runcap.v1.GetRunRequest\x1a\x19.runcap.v1.GetRunResponse\x12@\n" +
+	"\x06GetRun\x12\x18.runcap.v1.GetRunRequest\x1a\x19.runcap.v1.GetRunResponse\x12C\n" +
+	"\bListRuns\x12\x1a.runcap.v1.ListRunsRequest\x1a\x1b.runcap.v1.ListRunsResponse\x12@\n" +
 	"\aReserve\x12\x19.runcap.v1.ReserveRequest\x1a\x1a.runcap.v1.ReserveResponse\x12=\n" +
 	"\x06Commit\x12\x18.runcap.v1.CommitRequest\x1a\x19.runcap.v1.CommitResponse\x12=\n" +
 	"\x06Refund\x12\x18.runcap.v1.RefundRequest\x1a\x19.runcap.v1.RefundResponse\x12C\n" +
@@ -3642,169 +3838,179 @@ func file_runcap_v1_budget_service_proto_rawDescGZIP() []byte {
 	return file_runcap_v1_budget_service_proto_rawDescData
 }
 
-var file_runcap_v1_budget_service_proto_msgTypes = make([]protoimpl.MessageInfo, 45)
+var file_runcap_v1_budget_service_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
 var file_runcap_v1_budget_service_proto_goTypes = []any{
 	(*CreateRunRequest)(nil),         // 0: runcap.v1.CreateRunRequest
 	(*CreateRunResponse)(nil),        // 1: runcap.v1.CreateRunResponse
 	(*GetRunRequest)(nil),            // 2: runcap.v1.GetRunRequest
 	(*GetRunResponse)(nil),           // 3: runcap.v1.GetRunResponse
-	(*ReserveRequest)(nil),           // 4: runcap.v1.ReserveRequest
-	(*ReserveResponse)(nil),          // 5: runcap.v1.ReserveResponse
-	(*ApproveRequest)(nil),           // 6: runcap.v1.ApproveRequest
-	(*ApproveResponse)(nil),          // 7: runcap.v1.ApproveResponse
-	(*DenyRequest)(nil),              // 8: runcap.v1.DenyRequest
-	(*DenyResponse)(nil),             // 9: runcap.v1.DenyResponse
-	(*GetDecisionRequest)(nil),       // 10: runcap.v1.GetDecisionRequest
-	(*GetDecisionResponse)(nil),      // 11: runcap.v1.GetDecisionResponse
-	(*LlmCall)(nil),                  // 12: runcap.v1.LlmCall
-	(*Alternative)(nil),              // 13: runcap.v1.Alternative
-	(*LlmEstimate)(nil),              // 14: runcap.v1.LlmEstimate
-	(*TokenUsage)(nil),               // 15: runcap.v1.TokenUsage
-	(*CommitRequest)(nil),            // 16: runcap.v1.CommitRequest
-	(*CommitResponse)(nil),           // 17: runcap.v1.CommitResponse
-	(*RefundRequest)(nil),            // 18: runcap.v1.RefundRequest
-	(*RefundResponse)(nil),           // 19: runcap.v1.RefundResponse
-	(*CloseRunRequest)(nil),          // 20: runcap.v1.CloseRunRequest
-	(*CloseRunResponse)(nil),         // 21: runcap.v1.CloseRunResponse
-	(*WatchRequest)(nil),             // 22: runcap.v1.WatchRequest
-	(*WatchResponse)(nil),            // 23: runcap.v1.WatchResponse
-	(*Progress)(nil),                 // 24: runcap.v1.Progress
-	(*SetScopeLimitRequest)(nil),     // 25: runcap.v1.SetScopeLimitRequest
-	(*SetScopeLimitResponse)(nil),    // 26: runcap.v1.SetScopeLimitResponse
-	(*SetScopePolicyRequest)(nil),    // 27: runcap.v1.SetScopePolicyRequest
-	(*SetScopePolicyResponse)(nil),   // 28: runcap.v1.SetScopePolicyResponse
-	(*GetScopeRequest)(nil),          // 29: runcap.v1.GetScopeRequest
-	(*GetScopeResponse)(nil),         // 30: runcap.v1.GetScopeResponse
-	(*ModelPrice)(nil),               // 31: runcap.v1.ModelPrice
-	(*SetModelPriceRequest)(nil),     // 32: runcap.v1.SetModelPriceRequest
-	(*SetModelPriceResponse)(nil),    // 33: runcap.v1.SetModelPriceResponse
-	(*DeleteModelPriceRequest)(nil),  // 34: runcap.v1.DeleteModelPriceRequest
-	(*DeleteModelPriceResponse)(nil), // 35: runcap.v1.DeleteModelPriceResponse
-	(*GetModelPriceRequest)(nil),     // 36: runcap.v1.GetModelPriceRequest
-	(*GetModelPriceResponse)(nil),    // 37: runcap.v1.GetModelPriceResponse
-	(*ReloadPriceTableRequest)(nil),  // 38: runcap.v1.ReloadPriceTableRequest
-	(*ReloadPriceTableResponse)(nil), // 39: runcap.v1.ReloadPriceTableResponse
-	(*SuspendRunRequest)(nil),        // 40: runcap.v1.SuspendRunRequest
-	(*SuspendRunResponse)(nil),       // 41: runcap.v1.SuspendRunResponse
-	(*ResumeRunRequest)(nil),         // 42: runcap.v1.ResumeRunRequest
-	(*ResumeRunResponse)(nil),        // 43: runcap.v1.ResumeRunResponse
-	nil,                              // 44: runcap.v1.CreateRunRequest.LabelsEntry
-	(*durationpb.Duration)(nil),      // 45: google.protobuf.Duration
-	(*RunPolicy)(nil),                // 46: runcap.v1.RunPolicy
-	(*Run)(nil),                      // 47: runcap.v1.Run
-	(*BudgetState)(nil),              // 48: runcap.v1.BudgetState
-	(Decision)(0),                    // 49: runcap.v1.Decision
-	(DecisionReason)(0),              // 50: runcap.v1.DecisionReason
-	(*timestamppb.Timestamp)(nil),    // 51: google.protobuf.Timestamp
-	(*ScopeRef)(nil),                 // 52: runcap.v1.ScopeRef
-	(Period)(0),                      // 53: runcap.v1.Period
-	(BudgetDimension)(0),             // 54: runcap.v1.BudgetDimension
-	(EnforcementMode)(0),             // 55: runcap.v1.EnforcementMode
-	(*Approval)(nil),                 // 56: runcap.v1.Approval
-	(ReservationStatus)(0),           // 57: runcap.v1.ReservationStatus
-	(*BudgetEvent)(nil),              // 58: runcap.v1.BudgetEvent
-	(*Scope)(nil),                    // 59: runcap.v1.Scope
+	(*ListRunsRequest)(nil),          // 4: runcap.v1.ListRunsRequest
+	(*ListRunsResponse)(nil),         // 5: runcap.v1.ListRunsResponse
+	(*ListedRun)(nil),                // 6: runcap.v1.ListedRun
+	(*ReserveRequest)(nil),           // 7: runcap.v1.ReserveRequest
+	(*ReserveResponse)(nil),          // 8: runcap.v1.ReserveResponse
+	(*ApproveRequest)(nil),           // 9: runcap.v1.ApproveRequest
+	(*ApproveResponse)(nil),          // 10: runcap.v1.ApproveResponse
+	(*DenyRequest)(nil),              // 11: runcap.v1.DenyRequest
+	(*DenyResponse)(nil),             // 12: runcap.v1.DenyResponse
+	(*GetDecisionRequest)(nil),       // 13: runcap.v1.GetDecisionRequest
+	(*GetDecisionResponse)(nil),      // 14: runcap.v1.GetDecisionResponse
+	(*LlmCall)(nil),                  // 15: runcap.v1.LlmCall
+	(*Alternative)(nil),              // 16: runcap.v1.Alternative
+	(*LlmEstimate)(nil),              // 17: runcap.v1.LlmEstimate
+	(*TokenUsage)(nil),               // 18: runcap.v1.TokenUsage
+	(*CommitRequest)(nil),            // 19: runcap.v1.CommitRequest
+	(*CommitResponse)(nil),           // 20: runcap.v1.CommitResponse
+	(*RefundRequest)(nil),            // 21: runcap.v1.RefundRequest
+	(*RefundResponse)(nil),           // 22: runcap.v1.RefundResponse
+	(*CloseRunRequest)(nil),          // 23: runcap.v1.CloseRunRequest
+	(*CloseRunResponse)(nil),         // 24: runcap.v1.CloseRunResponse
+	(*WatchRequest)(nil),             // 25: runcap.v1.WatchRequest
+	(*WatchResponse)(nil),            // 26: runcap.v1.WatchResponse
+	(*Progress)(nil),                 // 27: runcap.v1.Progress
+	(*SetScopeLimitRequest)(nil),     // 28: runcap.v1.SetScopeLimitRequest
+	(*SetScopeLimitResponse)(nil),    // 29: runcap.v1.SetScopeLimitResponse
+	(*SetScopePolicyRequest)(nil),    // 30: runcap.v1.SetScopePolicyRequest
+	(*SetScopePolicyResponse)(nil),   // 31: runcap.v1.SetScopePolicyResponse
+	(*GetScopeRequest)(nil),          // 32: runcap.v1.GetScopeRequest
+	(*GetScopeResponse)(nil),         // 33: runcap.v1.GetScopeResponse
+	(*ModelPrice)(nil),               // 34: runcap.v1.ModelPrice
+	(*SetModelPriceRequest)(nil),     // 35: runcap.v1.SetModelPriceRequest
+	(*SetModelPriceResponse)(nil),    // 36: runcap.v1.SetModelPriceResponse
+	(*DeleteModelPriceRequest)(nil),  // 37: runcap.v1.DeleteModelPriceRequest
+	(*DeleteModelPriceResponse)(nil), // 38: runcap.v1.DeleteModelPriceResponse
+	(*GetModelPriceRequest)(nil),     // 39: runcap.v1.GetModelPriceRequest
+	(*GetModelPriceResponse)(nil),    // 40: runcap.v1.GetModelPriceResponse
+	(*ReloadPriceTableRequest)(nil),  // 41: runcap.v1.ReloadPriceTableRequest
+	(*ReloadPriceTableResponse)(nil), // 42: runcap.v1.ReloadPriceTableResponse
+	(*SuspendRunRequest)(nil),        // 43: runcap.v1.SuspendRunRequest
+	(*SuspendRunResponse)(nil),       // 44: runcap.v1.SuspendRunResponse
+	(*ResumeRunRequest)(nil),         // 45: runcap.v1.ResumeRunRequest
+	(*ResumeRunResponse)(nil),        // 46: runcap.v1.ResumeRunResponse
+	nil,                              // 47: runcap.v1.CreateRunRequest.LabelsEntry
+	(*durationpb.Duration)(nil),      // 48: google.protobuf.Duration
+	(*RunPolicy)(nil),                // 49: runcap.v1.RunPolicy
+	(*Run)(nil),                      // 50: runcap.v1.Run
+	(*BudgetState)(nil),              // 51: runcap.v1.BudgetState
+	(*timestamppb.Timestamp)(nil),    // 52: google.protobuf.Timestamp
+	(Decision)(0),                    // 53: runcap.v1.Decision
+	(DecisionReason)(0),              // 54: runcap.v1.DecisionReason
+	(*ScopeRef)(nil),                 // 55: runcap.v1.ScopeRef
+	(Period)(0),                      // 56: runcap.v1.Period
+	(BudgetDimension)(0),             // 57: runcap.v1.BudgetDimension
+	(EnforcementMode)(0),             // 58: runcap.v1.EnforcementMode
+	(*Approval)(nil),                 // 59: runcap.v1.Approval
+	(ReservationStatus)(0),           // 60: runcap.v1.ReservationStatus
+	(*BudgetEvent)(nil),              // 61: runcap.v1.BudgetEvent
+	(*Scope)(nil),                    // 62: runcap.v1.Scope
 }
 var file_runcap_v1_budget_service_proto_depIdxs = []int32{
-	44, // 0: runcap.v1.CreateRunRequest.labels:type_name -> runcap.v1.CreateRunRequest.LabelsEntry
-	45, // 1: runcap.v1.CreateRunRequest.default_ttl:type_name -> google.protobuf.Duration
-	46, // 2: runcap.v1.CreateRunRequest.policy:type_name -> runcap.v1.RunPolicy
-	47, // 3: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
-	48, // 4: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
-	47, // 5: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
-	48, // 6: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
-	12, // 7: runcap.v1.ReserveRequest.llm_call:type_name -> runcap.v1.LlmCall
-	45, // 8: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
-	49, // 9: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
-	50, // 10: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
-	51, // 11: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
-	48, // 12: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
-	52, // 13: runcap.v1.ReserveResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
-	53, // 14: runcap.v1.ReserveResponse.blocking_period:type_name -> runcap.v1.Period
-	14, // 15: runcap.v1.ReserveResponse.estimate:type_name -> runcap.v1.LlmEstimate
-	54, // 16: runcap.v1.ReserveResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
-	45, // 17: runcap.v1.ReserveResponse.retry_after:type_name -> google.protobuf.Duration
-	55, // 18: runcap.v1.ReserveResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
-	13, // 19: runcap.v1.ReserveResponse.alternatives:type_name -> runcap.v1.Alternative
-	56, // 20: runcap.v1.ApproveResponse.approval:type_name -> runcap.v1.Approval
-	48, // 21: runcap.v1.ApproveResponse.state:type_name -> runcap.v1.BudgetState
-	56, // 22: runcap.v1.DenyResponse.approval:type_name -> runcap.v1.Approval
-	48, // 23: runcap.v1.DenyResponse.state:type_name -> runcap.v1.BudgetState
-	49, // 24: runcap.v1.GetDecisionResponse.decision:type_name -> runcap.v1.Decision
-	50, // 25: runcap.v1.GetDecisionResponse.reason:type_name -> runcap.v1.DecisionReason
-	51, // 26: runcap.v1.GetDecisionResponse.decide_time:type_name -> google.protobuf.Timestamp
-	55, // 27: runcap.v1.GetDecisionResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
-	52, // 28: runcap.v1.GetDecisionResponse.scopes:type_name -> runcap.v1.ScopeRef
-	52, // 29: runcap.v1.GetDecisionResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
-	53, // 30: runcap.v1.GetDecisionResponse.blocking_period:type_name -> runcap.v1.Period
-	54, // 31: runcap.v1.GetDecisionResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
-	14, // 32: runcap.v1.GetDecisionResponse.estimate:type_name -> runcap.v1.LlmEstimate
-	57, // 33: runcap.v1.GetDecisionResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	15, // 34: runcap.v1.CommitRequest.usage:type_name -> runcap.v1.TokenUsage
-	48, // 35: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
-	57, // 36: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	48, // 37: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
-	57, // 38: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	48, // 39: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
-	48, // 40: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
-	58, // 41: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
-	24, // 42: runcap.v1.WatchResponse.progress:type_name -> runcap.v1.Progress
-	52, // 43: runcap.v1.SetScopeLimitRequest.scope:type_name -> runcap.v1.ScopeRef
-	53, // 44: runcap.v1.SetScopeLimitRequest.period:type_name -> runcap.v1.Period
-	59, // 45: runcap.v1.SetScopeLimitResponse.scope:type_name -> runcap.v1.Scope
-	52, // 46: runcap.v1.SetScopePolicyRequest.scope:type_name -> runcap.v1.ScopeRef
-	46, // 47: runcap.v1.SetScopePolicyRequest.policy:type_name -> runcap.v1.RunPolicy
-	59, // 48: runcap.v1.SetScopePolicyResponse.scope:type_name -> runcap.v1.Scope
-	52, // 49: runcap.v1.GetScopeRequest.scope:type_name -> runcap.v1.ScopeRef
-	59, // 50: runcap.v1.GetScopeResponse.scope:type_name -> runcap.v1.Scope
-	31, // 51: runcap.v1.SetModelPriceRequest.price:type_name -> runcap.v1.ModelPrice
-	31, // 52: runcap.v1.SetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
-	31, // 53: runcap.v1.GetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
-	48, // 54: runcap.v1.SuspendRunResponse.state:type_name -> runcap.v1.BudgetState
-	48, // 55: runcap.v1.ResumeRunResponse.state:type_name -> runcap.v1.BudgetState
-	0,  // 56: runcap.v1.BudgetService.CreateRun:input_type -> runcap.v1.CreateRunRequest
-	2,  // 57: runcap.v1.BudgetService.GetRun:input_type -> runcap.v1.GetRunRequest
-	4,  // 58: runcap.v1.BudgetService.Reserve:input_type -> runcap.v1.ReserveRequest
-	16, // 59: runcap.v1.BudgetService.Commit:input_type -> runcap.v1.CommitRequest
-	18, // 60: runcap.v1.BudgetService.Refund:input_type -> runcap.v1.RefundRequest
-	20, // 61: runcap.v1.BudgetService.CloseRun:input_type -> runcap.v1.CloseRunRequest
-	40, // 62: runcap.v1.BudgetService.SuspendRun:input_type -> runcap.v1.SuspendRunRequest
-	42, // 63: runcap.v1.BudgetService.ResumeRun:input_type -> runcap.v1.ResumeRunRequest
-	22, // 64: runcap.v1.BudgetService.Watch:input_type -> runcap.v1.WatchRequest
-	25, // 65: runcap.v1.BudgetService.SetScopeLimit:input_type -> runcap.v1.SetScopeLimitRequest
-	29, // 66: runcap.v1.BudgetService.GetScope:input_type -> runcap.v1.GetScopeRequest
-	27, // 67: runcap.v1.BudgetService.SetScopePolicy:input_type -> runcap.v1.SetScopePolicyRequest
-	32, // 68: runcap.v1.BudgetService.SetModelPrice:input_type -> runcap.v1.SetModelPriceRequest
-	34, // 69: runcap.v1.BudgetService.DeleteModelPrice:input_type -> runcap.v1.DeleteModelPriceRequest
-	36, // 70: runcap.v1.BudgetService.GetModelPrice:input_type -> runcap.v1.GetModelPriceRequest
-	38, // 71: runcap.v1.BudgetService.ReloadPriceTable:input_type -> runcap.v1.ReloadPriceTableRequest
-	10, // 72: runcap.v1.BudgetService.GetDecision:input_type -> runcap.v1.GetDecisionRequest
-	6,  // 73: runcap.v1.BudgetService.Approve:input_type -> runcap.v1.ApproveRequest
-	8,  // 74: runcap.v1.BudgetService.Deny:input_type -> runcap.v1.DenyRequest
-	1,  // 75: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
-	3,  // 76: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
-	5,  // 77: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
-	17, // 78: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
-	19, // 79: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
-	21, // 80: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
-	41, // 81: runcap.v1.BudgetService.SuspendRun:output_type -> runcap.v1.SuspendRunResponse
-	43, // 82: runcap.v1.BudgetService.ResumeRun:output_type -> runcap.v1.ResumeRunResponse
-	23, // 83: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
-	26, // 84: runcap.v1.BudgetService.SetScopeLimit:output_type -> runcap.v1.SetScopeLimitResponse
-	30, // 85: runcap.v1.BudgetService.GetScope:output_type -> runcap.v1.GetScopeResponse
-	28, // 86: runcap.v1.BudgetService.SetScopePolicy:output_type -> runcap.v1.SetScopePolicyResponse
-	33, // 87: runcap.v1.BudgetService.SetModelPrice:output_type -> runcap.v1.SetModelPriceResponse
-	35, // 88: runcap.v1.BudgetService.DeleteModelPrice:output_type -> runcap.v1.DeleteModelPriceResponse
-	37, // 89: runcap.v1.BudgetService.GetModelPrice:output_type -> runcap.v1.GetModelPriceResponse
-	39, // 90: runcap.v1.BudgetService.ReloadPriceTable:output_type -> runcap.v1.ReloadPriceTableResponse
-	11, // 91: runcap.v1.BudgetService.GetDecision:output_type -> runcap.v1.GetDecisionResponse
-	7,  // 92: runcap.v1.BudgetService.Approve:output_type -> runcap.v1.ApproveResponse
-	9,  // 93: runcap.v1.BudgetService.Deny:output_type -> runcap.v1.DenyResponse
-	75, // [75:94] is the sub-list for method output_type
-	56, // [56:75] is the sub-list for method input_type
-	56, // [56:56] is the sub-list for extension type_name
-	56, // [56:56] is the sub-list for extension extendee
-	0,  // [0:56] is the sub-list for field type_name
+	47, // 0: runcap.v1.CreateRunRequest.labels:type_name -> runcap.v1.CreateRunRequest.LabelsEntry
+	48, // 1: runcap.v1.CreateRunRequest.default_ttl:type_name -> google.protobuf.Duration
+	49, // 2: runcap.v1.CreateRunRequest.policy:type_name -> runcap.v1.RunPolicy
+	50, // 3: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
+	51, // 4: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
+	50, // 5: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
+	51, // 6: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
+	52, // 7: runcap.v1.ListRunsRequest.created_after:type_name -> google.protobuf.Timestamp
+	52, // 8: runcap.v1.ListRunsRequest.created_before:type_name -> google.protobuf.Timestamp
+	6,  // 9: runcap.v1.ListRunsResponse.runs:type_name -> runcap.v1.ListedRun
+	50, // 10: runcap.v1.ListedRun.run:type_name -> runcap.v1.Run
+	51, // 11: runcap.v1.ListedRun.state:type_name -> runcap.v1.BudgetState
+	15, // 12: runcap.v1.ReserveRequest.llm_call:type_name -> runcap.v1.LlmCall
+	48, // 13: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
+	53, // 14: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
+	54, // 15: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
+	52, // 16: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
+	51, // 17: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
+	55, // 18: runcap.v1.ReserveResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
+	56, // 19: runcap.v1.ReserveResponse.blocking_period:type_name -> runcap.v1.Period
+	17, // 20: runcap.v1.ReserveResponse.estimate:type_name -> runcap.v1.LlmEstimate
+	57, // 21: runcap.v1.ReserveResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
+	48, // 22: runcap.v1.ReserveResponse.retry_after:type_name -> google.protobuf.Duration
+	58, // 23: runcap.v1.ReserveResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
+	16, // 24: runcap.v1.ReserveResponse.alternatives:type_name -> runcap.v1.Alternative
+	59, // 25: runcap.v1.ApproveResponse.approval:type_name -> runcap.v1.Approval
+	51, // 26: runcap.v1.ApproveResponse.state:type_name -> runcap.v1.BudgetState
+	59, // 27: runcap.v1.DenyResponse.approval:type_name -> runcap.v1.Approval
+	51, // 28: runcap.v1.DenyResponse.state:type_name -> runcap.v1.BudgetState
+	53, // 29: runcap.v1.GetDecisionResponse.decision:type_name -> runcap.v1.Decision
+	54, // 30: runcap.v1.GetDecisionResponse.reason:type_name -> runcap.v1.DecisionReason
+	52, // 31: runcap.v1.GetDecisionResponse.decide_time:type_name -> google.protobuf.Timestamp
+	58, // 32: runcap.v1.GetDecisionResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
+	55, // 33: runcap.v1.GetDecisionResponse.scopes:type_name -> runcap.v1.ScopeRef
+	55, // 34: runcap.v1.GetDecisionResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
+	56, // 35: runcap.v1.GetDecisionResponse.blocking_period:type_name -> runcap.v1.Period
+	57, // 36: runcap.v1.GetDecisionResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
+	17, // 37: runcap.v1.GetDecisionResponse.estimate:type_name -> runcap.v1.LlmEstimate
+	60, // 38: runcap.v1.GetDecisionResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	18, // 39: runcap.v1.CommitRequest.usage:type_name -> runcap.v1.TokenUsage
+	51, // 40: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
+	60, // 41: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	51, // 42: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
+	60, // 43: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	51, // 44: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
+	51, // 45: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
+	61, // 46: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
+	27, // 47: runcap.v1.WatchResponse.progress:type_name -> runcap.v1.Progress
+	55, // 48: runcap.v1.SetScopeLimitRequest.scope:type_name -> runcap.v1.ScopeRef
+	56, // 49: runcap.v1.SetScopeLimitRequest.period:type_name -> runcap.v1.Period
+	62, // 50: runcap.v1.SetScopeLimitResponse.scope:type_name -> runcap.v1.Scope
+	55, // 51: runcap.v1.SetScopePolicyRequest.scope:type_name -> runcap.v1.ScopeRef
+	49, // 52: runcap.v1.SetScopePolicyRequest.policy:type_name -> runcap.v1.RunPolicy
+	62, // 53: runcap.v1.SetScopePolicyResponse.scope:type_name -> runcap.v1.Scope
+	55, // 54: runcap.v1.GetScopeRequest.scope:type_name -> runcap.v1.ScopeRef
+	62, // 55: runcap.v1.GetScopeResponse.scope:type_name -> runcap.v1.Scope
+	34, // 56: runcap.v1.SetModelPriceRequest.price:type_name -> runcap.v1.ModelPrice
+	34, // 57: runcap.v1.SetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
+	34, // 58: runcap.v1.GetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
+	51, // 59: runcap.v1.SuspendRunResponse.state:type_name -> runcap.v1.BudgetState
+	51, // 60: runcap.v1.ResumeRunResponse.state:type_name -> runcap.v1.BudgetState
+	0,  // 61: runcap.v1.BudgetService.CreateRun:input_type -> runcap.v1.CreateRunRequest
+	2,  // 62: runcap.v1.BudgetService.GetRun:input_type -> runcap.v1.GetRunRequest
+	4,  // 63: runcap.v1.BudgetService.ListRuns:input_type -> runcap.v1.ListRunsRequest
+	7,  // 64: runcap.v1.BudgetService.Reserve:input_type -> runcap.v1.ReserveRequest
+	19, // 65: runcap.v1.BudgetService.Commit:input_type -> runcap.v1.CommitRequest
+	21, // 66: runcap.v1.BudgetService.Refund:input_type -> runcap.v1.RefundRequest
+	23, // 67: runcap.v1.BudgetService.CloseRun:input_type -> runcap.v1.CloseRunRequest
+	43, // 68: runcap.v1.BudgetService.SuspendRun:input_type -> runcap.v1.SuspendRunRequest
+	45, // 69: runcap.v1.BudgetService.ResumeRun:input_type -> runcap.v1.ResumeRunRequest
+	25, // 70: runcap.v1.BudgetService.Watch:input_type -> runcap.v1.WatchRequest
+	28, // 71: runcap.v1.BudgetService.SetScopeLimit:input_type -> runcap.v1.SetScopeLimitRequest
+	32, // 72: runcap.v1.BudgetService.GetScope:input_type -> runcap.v1.GetScopeRequest
+	30, // 73: runcap.v1.BudgetService.SetScopePolicy:input_type -> runcap.v1.SetScopePolicyRequest
+	35, // 74: runcap.v1.BudgetService.SetModelPrice:input_type -> runcap.v1.SetModelPriceRequest
+	37, // 75: runcap.v1.BudgetService.DeleteModelPrice:input_type -> runcap.v1.DeleteModelPriceRequest
+	39, // 76: runcap.v1.BudgetService.GetModelPrice:input_type -> runcap.v1.GetModelPriceRequest
+	41, // 77: runcap.v1.BudgetService.ReloadPriceTable:input_type -> runcap.v1.ReloadPriceTableRequest
+	13, // 78: runcap.v1.BudgetService.GetDecision:input_type -> runcap.v1.GetDecisionRequest
+	9,  // 79: runcap.v1.BudgetService.Approve:input_type -> runcap.v1.ApproveRequest
+	11, // 80: runcap.v1.BudgetService.Deny:input_type -> runcap.v1.DenyRequest
+	1,  // 81: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
+	3,  // 82: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
+	5,  // 83: runcap.v1.BudgetService.ListRuns:output_type -> runcap.v1.ListRunsResponse
+	8,  // 84: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
+	20, // 85: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
+	22, // 86: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
+	24, // 87: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
+	44, // 88: runcap.v1.BudgetService.SuspendRun:output_type -> runcap.v1.SuspendRunResponse
+	46, // 89: runcap.v1.BudgetService.ResumeRun:output_type -> runcap.v1.ResumeRunResponse
+	26, // 90: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
+	29, // 91: runcap.v1.BudgetService.SetScopeLimit:output_type -> runcap.v1.SetScopeLimitResponse
+	33, // 92: runcap.v1.BudgetService.GetScope:output_type -> runcap.v1.GetScopeResponse
+	31, // 93: runcap.v1.BudgetService.SetScopePolicy:output_type -> runcap.v1.SetScopePolicyResponse
+	36, // 94: runcap.v1.BudgetService.SetModelPrice:output_type -> runcap.v1.SetModelPriceResponse
+	38, // 95: runcap.v1.BudgetService.DeleteModelPrice:output_type -> runcap.v1.DeleteModelPriceResponse
+	40, // 96: runcap.v1.BudgetService.GetModelPrice:output_type -> runcap.v1.GetModelPriceResponse
+	42, // 97: runcap.v1.BudgetService.ReloadPriceTable:output_type -> runcap.v1.ReloadPriceTableResponse
+	14, // 98: runcap.v1.BudgetService.GetDecision:output_type -> runcap.v1.GetDecisionResponse
+	10, // 99: runcap.v1.BudgetService.Approve:output_type -> runcap.v1.ApproveResponse
+	12, // 100: runcap.v1.BudgetService.Deny:output_type -> runcap.v1.DenyResponse
+	81, // [81:101] is the sub-list for method output_type
+	61, // [61:81] is the sub-list for method input_type
+	61, // [61:61] is the sub-list for extension type_name
+	61, // [61:61] is the sub-list for extension extendee
+	0,  // [0:61] is the sub-list for field type_name
 }
 
 func init() { file_runcap_v1_budget_service_proto_init() }
@@ -3813,38 +4019,38 @@ func file_runcap_v1_budget_service_proto_init() {
 		return
 	}
 	file_runcap_v1_budget_proto_init()
-	file_runcap_v1_budget_service_proto_msgTypes[4].OneofWrappers = []any{
+	file_runcap_v1_budget_service_proto_msgTypes[7].OneofWrappers = []any{
 		(*ReserveRequest_AmountMicros)(nil),
 		(*ReserveRequest_LlmCall)(nil),
 	}
-	file_runcap_v1_budget_service_proto_msgTypes[11].OneofWrappers = []any{}
-	file_runcap_v1_budget_service_proto_msgTypes[12].OneofWrappers = []any{}
-	file_runcap_v1_budget_service_proto_msgTypes[16].OneofWrappers = []any{
+	file_runcap_v1_budget_service_proto_msgTypes[14].OneofWrappers = []any{}
+	file_runcap_v1_budget_service_proto_msgTypes[15].OneofWrappers = []any{}
+	file_runcap_v1_budget_service_proto_msgTypes[19].OneofWrappers = []any{
 		(*CommitRequest_ActualMicros)(nil),
 		(*CommitRequest_Usage)(nil),
 	}
-	file_runcap_v1_budget_service_proto_msgTypes[22].OneofWrappers = []any{}
-	file_runcap_v1_budget_service_proto_msgTypes[23].OneofWrappers = []any{
+	file_runcap_v1_budget_service_proto_msgTypes[25].OneofWrappers = []any{}
+	file_runcap_v1_budget_service_proto_msgTypes[26].OneofWrappers = []any{
 		(*WatchResponse_Snapshot)(nil),
 		(*WatchResponse_Event)(nil),
 		(*WatchResponse_Progress)(nil),
 	}
-	file_runcap_v1_budget_service_proto_msgTypes[25].OneofWrappers = []any{
+	file_runcap_v1_budget_service_proto_msgTypes[28].OneofWrappers = []any{
 		(*SetScopeLimitRequest_LimitMicros)(nil),
 		(*SetScopeLimitRequest_Clear)(nil),
 	}
-	file_runcap_v1_budget_service_proto_msgTypes[27].OneofWrappers = []any{
+	file_runcap_v1_budget_service_proto_msgTypes[30].OneofWrappers = []any{
 		(*SetScopePolicyRequest_Policy)(nil),
 		(*SetScopePolicyRequest_Clear)(nil),
 	}
-	file_runcap_v1_budget_service_proto_msgTypes[31].OneofWrappers = []any{}
+	file_runcap_v1_budget_service_proto_msgTypes[34].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_runcap_v1_budget_service_proto_rawDesc), len(file_runcap_v1_budget_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   45,
+			NumMessages:   48,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

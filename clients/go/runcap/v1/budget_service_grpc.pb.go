@@ -21,6 +21,7 @@ const _ = grpc.SupportPackageIsVersion9
 const (
 	BudgetService_CreateRun_FullMethodName        = "/runcap.v1.BudgetService/CreateRun"
 	BudgetService_GetRun_FullMethodName           = "/runcap.v1.BudgetService/GetRun"
+	BudgetService_ListRuns_FullMethodName         = "/runcap.v1.BudgetService/ListRuns"
 	BudgetService_Reserve_FullMethodName          = "/runcap.v1.BudgetService/Reserve"
 	BudgetService_Commit_FullMethodName           = "/runcap.v1.BudgetService/Commit"
 	BudgetService_Refund_FullMethodName           = "/runcap.v1.BudgetService/Refund"
@@ -62,6 +63,10 @@ type BudgetServiceClient interface {
 	CreateRun(ctx context.Context, in *CreateRunRequest, opts ...grpc.CallOption) (*CreateRunResponse, error)
 	// Returns a run's configuration and current budget state.
 	GetRun(ctx context.Context, in *GetRunRequest, opts ...grpc.CallOption) (*GetRunResponse, error)
+	// Lists the tenant's runs created in a time range, oldest first, with their
+	// state: what showback reports (runcap report) and live views start from.
+	// Paginated (AIP-158). Needs the operator role.
+	ListRuns(ctx context.Context, in *ListRunsRequest, opts ...grpc.CallOption) (*ListRunsResponse, error)
 	// Holds an estimated cost against the run, atomically, if it fits. The
 	// answer is a decision (allow or block) with the budget state after it. A
 	// retry with the same reservation id returns the first decision.
@@ -149,6 +154,16 @@ func (c *budgetServiceClient) GetRun(ctx context.Context, in *GetRunRequest, opt
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(GetRunResponse)
 	err := c.cc.Invoke(ctx, BudgetService_GetRun_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *budgetServiceClient) ListRuns(ctx context.Context, in *ListRunsRequest, opts ...grpc.CallOption) (*ListRunsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListRunsResponse)
+	err := c.cc.Invoke(ctx, BudgetService_ListRuns_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -356,6 +371,10 @@ type BudgetServiceServer interface {
 	CreateRun(context.Context, *CreateRunRequest) (*CreateRunResponse, error)
 	// Returns a run's configuration and current budget state.
 	GetRun(context.Context, *GetRunRequest) (*GetRunResponse, error)
+	// Lists the tenant's runs created in a time range, oldest first, with their
+	// state: what showback reports (runcap report) and live views start from.
+	// Paginated (AIP-158). Needs the operator role.
+	ListRuns(context.Context, *ListRunsRequest) (*ListRunsResponse, error)
 	// Holds an estimated cost against the run, atomically, if it fits. The
 	// answer is a decision (allow or block) with the budget state after it. A
 	// retry with the same reservation id returns the first decision.
@@ -434,6 +453,9 @@ func (UnimplementedBudgetServiceServer) CreateRun(context.Context, *CreateRunReq
 }
 func (UnimplementedBudgetServiceServer) GetRun(context.Context, *GetRunRequest) (*GetRunResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetRun not implemented")
+}
+func (UnimplementedBudgetServiceServer) ListRuns(context.Context, *ListRunsRequest) (*ListRunsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListRuns not implemented")
 }
 func (UnimplementedBudgetServiceServer) Reserve(context.Context, *ReserveRequest) (*ReserveResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Reserve not implemented")
@@ -539,6 +561,24 @@ func _BudgetService_GetRun_Handler(srv interface{}, ctx context.Context, dec fun
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(BudgetServiceServer).GetRun(ctx, req.(*GetRunRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _BudgetService_ListRuns_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListRunsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BudgetServiceServer).ListRuns(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BudgetService_ListRuns_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BudgetServiceServer).ListRuns(ctx, req.(*ListRunsRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -856,6 +896,10 @@ var BudgetService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetRun",
 			Handler:    _BudgetService_GetRun_Handler,
+		},
+		{
+			MethodName: "ListRuns",
+			Handler:    _BudgetService_ListRuns_Handler,
 		},
 		{
 			MethodName: "Reserve",

@@ -55,6 +55,11 @@ class BudgetServiceStub:
                 request_serializer=runcap_dot_v1_dot_budget__service__pb2.GetRunRequest.SerializeToString,
                 response_deserializer=runcap_dot_v1_dot_budget__service__pb2.GetRunResponse.FromString,
                 _registered_method=True)
+        self.ListRuns = channel.unary_unary(
+                '/runcap.v1.BudgetService/ListRuns',
+                request_serializer=runcap_dot_v1_dot_budget__service__pb2.ListRunsRequest.SerializeToString,
+                response_deserializer=runcap_dot_v1_dot_budget__service__pb2.ListRunsResponse.FromString,
+                _registered_method=True)
         self.Reserve = channel.unary_unary(
                 '/runcap.v1.BudgetService/Reserve',
                 request_serializer=runcap_dot_v1_dot_budget__service__pb2.ReserveRequest.SerializeToString,
@@ -167,6 +172,15 @@ class BudgetServiceServicer:
 
     def GetRun(self, request, context):
         """Returns a run's configuration and current budget state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRuns(self, request, context):
+        """Lists the tenant's runs created in a time range, oldest first, with their
+        state: what showback reports (runcap report) and live views start from.
+        Paginated (AIP-158). Needs the operator role.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -333,6 +347,11 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     request_deserializer=runcap_dot_v1_dot_budget__service__pb2.GetRunRequest.FromString,
                     response_serializer=runcap_dot_v1_dot_budget__service__pb2.GetRunResponse.SerializeToString,
             ),
+            'ListRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRuns,
+                    request_deserializer=runcap_dot_v1_dot_budget__service__pb2.ListRunsRequest.FromString,
+                    response_serializer=runcap_dot_v1_dot_budget__service__pb2.ListRunsResponse.SerializeToString,
+            ),
             'Reserve': grpc.unary_unary_rpc_method_handler(
                     servicer.Reserve,
                     request_deserializer=runcap_dot_v1_dot_budget__service__pb2.ReserveRequest.FromString,
@@ -484,6 +503,33 @@ class BudgetService:
             '/runcap.v1.BudgetService/GetRun',
             runcap_dot_v1_dot_budget__service__pb2.GetRunRequest.SerializeToString,
             runcap_dot_v1_dot_budget__service__pb2.GetRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runcap.v1.BudgetService/ListRuns',
+            runcap_dot_v1_dot_budget__service__pb2.ListRunsRequest.SerializeToString,
+            runcap_dot_v1_dot_budget__service__pb2.ListRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,11 @@ class BudgetServiceStub:
     """
     GetRun: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.GetRunRequest, _budget_service_pb2.GetRunResponse]
     """Returns a run's configuration and current budget state."""
+    ListRuns: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.ListRunsRequest, _budget_service_pb2.ListRunsResponse]
+    """Lists the tenant's runs created in a time range, oldest first, with their
+    state: what showback reports (runcap report) and live views start from.
+    Paginated (AIP-158). Needs the operator role.
+    """
     Reserve: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.ReserveRequest, _budget_service_pb2.ReserveResponse]
     """Holds an estimated cost against the run, atomically, if it fits. The
     answer is a decision (allow or block) with the budget state after it. A
@@ -153,6 +158,11 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     """
     GetRun: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.GetRunRequest, _budget_service_pb2.GetRunResponse]  # type: ignore[assignment]
     """Returns a run's configuration and current budget state."""
+    ListRuns: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.ListRunsRequest, _budget_service_pb2.ListRunsResponse]  # type: ignore[assignment]
+    """Lists the tenant's runs created in a time range, oldest first, with their
+    state: what showback reports (runcap report) and live views start from.
+    Paginated (AIP-158). Needs the operator role.
+    """
     Reserve: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.ReserveRequest, _budget_service_pb2.ReserveResponse]  # type: ignore[assignment]
     """Holds an estimated cost against the run, atomically, if it fits. The
     answer is a decision (allow or block) with the budget state after it. A
@@ -264,6 +274,17 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_budget_service_pb2.GetRunResponse, _abc.Awaitable[_budget_service_pb2.GetRunResponse]]:
         """Returns a run's configuration and current budget state."""
+
+    @_abc_1.abstractmethod
+    def ListRuns(
+        self,
+        request: _budget_service_pb2.ListRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_service_pb2.ListRunsResponse, _abc.Awaitable[_budget_service_pb2.ListRunsResponse]]:
+        """Lists the tenant's runs created in a time range, oldest first, with their
+        state: what showback reports (runcap report) and live views start from.
+        Paginated (AIP-158). Needs the operator role.
+        """
 
     @_abc_1.abstractmethod
     def Reserve(

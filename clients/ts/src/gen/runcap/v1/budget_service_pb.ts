@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file runcap/v1/budget_service.proto.
  */
 export const file_runcap_v1_budget_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch5ydW5jYXAvdjEvYnVkZ2V0X3NlcnZpY2UucHJvdG8SCXJ1bmNhcC52MSL5AgoQQ3JlYXRlUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQESGgoMbGltaXRfbWljcm9zGAIgASgDQgTiQQECEj0KBmxhYmVscxgDIAMoCzInLnJ1bmNhcC52MS5DcmVhdGVSdW5SZXF1ZXN0LkxhYmVsc0VudHJ5QgTiQQEBEjQKC2RlZmF1bHRfdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEBEhsKDXBhcmVudF9ydW5faWQYBSABKAlCBOJBAQESGAoKYXBpX2tleV9pZBgGIAEoCUIE4kEBARIVCgd1c2VyX2lkGAcgASgJQgTiQQEBEhUKB3RlYW1faWQYCCABKAlCBOJBAQESKgoGcG9saWN5GAkgASgLMhQucnVuY2FwLnYxLlJ1blBvbGljeUIE4kEBARotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBImkKEUNyZWF0ZVJ1blJlc3BvbnNlEhsKA3J1bhgBIAEoCzIOLnJ1bmNhcC52MS5SdW4SJQoFc3RhdGUYAiABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAyABKAgiJQoNR2V0UnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQIiVAoOR2V0UnVuUmVzcG9uc2USGwoDcnVuGAEgASgLMg4ucnVuY2FwLnYxLlJ1bhIlCgVzdGF0ZRgCIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZSKEAgoOUmVzZXJ2ZVJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEhwKDnJlc2VydmF0aW9uX2lkGAIgASgJQgTiQQEBEhcKDWFtb3VudF9taWNyb3MYAyABKANIABImCghsbG1fY2FsbBgFIAEoCzISLnJ1bmNhcC52MS5MbG1DYWxsSAASLAoDdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEBEhMKBW1ldGVyGAYgASgJQgTiQQEBEh4KC21ldGVyX3VuaXRzGAcgASgDQgTiQQEBSAGIAQFCCgoIZXN0aW1hdGVCDgoMX21ldGVyX3VuaXRzIqYFCg9SZXNlcnZlUmVzcG9uc2USJQoIZGVjaXNpb24YASABKA4yEy5ydW5jYXAudjEuRGVjaXNpb24SKQoGcmVhc29uGAIgASgOMhkucnVuY2FwLnYxLkRlY2lzaW9uUmVhc29uEhYKDnJlc2VydmF0aW9uX2lkGAMgASgJEhUKDWFtb3VudF9taWNyb3MYBCABKAMSLwoLZXhwaXJlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiUKBXN0YXRlGAYgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlEhAKCHJlcGxheWVkGAcgASgIEisKDmJsb2NraW5nX3Njb3BlGAggASgLMhMucnVuY2FwLnYxLlNjb3BlUmVmEioKD2Jsb2NraW5nX3BlcmlvZBgJIAEoDjIRLnJ1bmNhcC52MS5QZXJpb2QSKAoIZXN0aW1hdGUYCiABKAsyFi5ydW5jYXAudjEuTGxtRXN0aW1hdGUSNgoSYmxvY2tpbmdfZGltZW5zaW9uGAsgASgOMhoucnVuY2FwLnYxLkJ1ZGdldERpbWVuc2lvbhIWCg5ibG9ja2luZ19tZXRlchgMIAEoCRIuCgtyZXRyeV9hZnRlchgNIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI0ChBlbmZvcmNlbWVudF9tb2RlGA4gASgOMhoucnVuY2FwLnYxLkVuZm9yY2VtZW50TW9kZRITCgtkZWNpc2lvbl9pZBgPIAEoCRIsCgxhbHRlcm5hdGl2ZXMYECADKAsyFi5ydW5jYXAudjEuQWx0ZXJuYXRpdmUSFwoPcmVxdWVzdGVkX21vZGVsGBEgASgJEhMKC2FwcHJvdmFsX2lkGBIgASgJIisKDkFwcHJvdmVSZXF1ZXN0EhkKC2FwcHJvdmFsX2lkGAEgASgJQgTiQQECInEKD0FwcHJvdmVSZXNwb25zZRIlCghhcHByb3ZhbBgBIAEoCzITLnJ1bmNhcC52MS5BcHByb3ZhbBIlCgVzdGF0ZRgCIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZRIQCghyZXBsYXllZBgDIAEoCCIoCgtEZW55UmVxdWVzdBIZCgthcHByb3ZhbF9pZBgBIAEoCUIE4kEBAiJuCgxEZW55UmVzcG9uc2USJQoIYXBwcm92YWwYASABKAsyEy5ydW5jYXAudjEuQXBwcm92YWwSJQoFc3RhdGUYAiABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAyABKAgiLwoSR2V0RGVjaXNpb25SZXF1ZXN0EhkKC2RlY2lzaW9uX2lkGAEgASgJQgTiQQECIrsFChNHZXREZWNpc2lvblJlc3BvbnNlEhMKC2RlY2lzaW9uX2lkGAEgASgJEg4KBnJ1bl9pZBgCIAEoCRIWCg5yZXNlcnZhdGlvbl9pZBgDIAEoCRIlCghkZWNpc2lvbhgEIAEoDjITLnJ1bmNhcC52MS5EZWNpc2lvbhIpCgZyZWFzb24YBSABKA4yGS5ydW5jYXAudjEuRGVjaXNpb25SZWFzb24SLwoLZGVjaWRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhUKDWFtb3VudF9taWNyb3MYByABKAMSEwoLaGVsZF9taWNyb3MYCCABKAMSNAoQZW5mb3JjZW1lbnRfbW9kZRgJIAEoDjIaLnJ1bmNhcC52MS5FbmZvcmNlbWVudE1vZGUSIwoGc2NvcGVzGAogAygLMhMucnVuY2FwLnYxLlNjb3BlUmVmEisKDmJsb2NraW5nX3Njb3BlGAsgASgLMhMucnVuY2FwLnYxLlNjb3BlUmVmEioKD2Jsb2NraW5nX3BlcmlvZBgMIAEoDjIRLnJ1bmNhcC52MS5QZXJpb2QSNgoSYmxvY2tpbmdfZGltZW5zaW9uGA0gASgOMhoucnVuY2FwLnYxLkJ1ZGdldERpbWVuc2lvbhIWCg5ibG9ja2luZ19tZXRlchgOIAEoCRIoCghlc3RpbWF0ZRgPIAEoCzIWLnJ1bmNhcC52MS5MbG1Fc3RpbWF0ZRINCgVtZXRlchgQIAEoCRITCgttZXRlcl91bml0cxgRIAEoAxI4ChJyZXNlcnZhdGlvbl9zdGF0dXMYEiABKA4yHC5ydW5jYXAudjEuUmVzZXJ2YXRpb25TdGF0dXMSGgoNYWN0dWFsX21pY3JvcxgTIAEoA0gAiAEBQhAKDl9hY3R1YWxfbWljcm9zIsICCgdMbG1DYWxsEhYKCHByb3ZpZGVyGAEgASgJQgTiQQECEhMKBW1vZGVsGAIgASgJQgTiQQECEhoKDGlucHV0X3Rva2VucxgDIAEoA0IE4kEBAhIkChFtYXhfb3V0cHV0X3Rva2VucxgEIAEoA0IE4kEBAUgAiAEBEhkKC25lZWRzX3Rvb2xzGAUgASgIQgTiQQEBEh8KEW5lZWRzX2pzb25fc2NoZW1hGAYgASgIQgTiQQEBEiUKEm1pbl9jb250ZXh0X3Rva2VucxgHIAEoA0IE4kEBAUgBiAEBEhgKCm1vZGFsaXRpZXMYCCADKAlCBOJBAQESHgoQY2FuZGlkYXRlX21vZGVscxgJIAMoCUIE4kEBAUIUChJfbWF4X291dHB1dF90b2tlbnNCFQoTX21pbl9jb250ZXh0X3Rva2VucyJqCgtBbHRlcm5hdGl2ZRIQCghwcm92aWRlchgBIAEoCRINCgVtb2RlbBgCIAEoCRIVCg1hbW91bnRfbWljcm9zGAMgASgDEiMKG2VmZmVjdGl2ZV9tYXhfb3V0cHV0X3Rva2VucxgEIAEoAyKdAQoLTGxtRXN0aW1hdGUSEAoIcHJvdmlkZXIYASABKAkSDQoFbW9kZWwYAiABKAkSFAoMaW5wdXRfdG9rZW5zGAMgASgDEiMKG2VmZmVjdGl2ZV9tYXhfb3V0cHV0X3Rva2VucxgEIAEoAxIVCg1hbW91bnRfbWljcm9zGAUgASgDEhsKE3ByaWNlX3RhYmxlX3ZlcnNpb24YBiABKAkiigEKClRva2VuVXNhZ2USFAoMaW5wdXRfdG9rZW5zGAEgASgDEhUKDW91dHB1dF90b2tlbnMYAiABKAMSGQoRY2FjaGVfcmVhZF90b2tlbnMYAyABKAMSGgoSY2FjaGVfd3JpdGVfdG9rZW5zGAQgASgDEhgKEHJlYXNvbmluZ190b2tlbnMYBSABKAMijgEKDUNvbW1pdFJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEhwKDnJlc2VydmF0aW9uX2lkGAIgASgJQgTiQQECEhcKDWFjdHVhbF9taWNyb3MYAyABKANIABImCgV1c2FnZRgEIAEoCzIVLnJ1bmNhcC52MS5Ub2tlblVzYWdlSABCCAoGYWN0dWFsIscBCg5Db21taXRSZXNwb25zZRIlCgVzdGF0ZRgBIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZRIWCg5vdmVycnVuX21pY3JvcxgCIAEoAxIQCghyZXBsYXllZBgDIAEoCBI4ChJyZXNlcnZhdGlvbl9zdGF0dXMYBCABKA4yHC5ydW5jYXAudjEuUmVzZXJ2YXRpb25TdGF0dXMSFQoNYWN0dWFsX21pY3JvcxgFIAEoAxITCgtoZWxkX21pY3JvcxgGIAEoAyJDCg1SZWZ1bmRSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIcCg5yZXNlcnZhdGlvbl9pZBgCIAEoCUIE4kEBAiKcAQoOUmVmdW5kUmVzcG9uc2USJQoFc3RhdGUYASABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAiABKAgSOAoScmVzZXJ2YXRpb25fc3RhdHVzGAMgASgOMhwucnVuY2FwLnYxLlJlc2VydmF0aW9uU3RhdHVzEhcKD3JlbGVhc2VkX21pY3JvcxgEIAEoAyInCg9DbG9zZVJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECIksKEENsb3NlUnVuUmVzcG9uc2USJQoFc3RhdGUYASABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAiABKAgidgoMV2F0Y2hSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIhCg5hZnRlcl9yZXZpc2lvbhgCIAEoA0IE4kEBAUgAiAEBEhoKDGFmdGVyX2RpZ2VzdBgDIAEoCUIE4kEBAUIRCg9fYWZ0ZXJfcmV2aXNpb24ipwEKDVdhdGNoUmVzcG9uc2USEAoIcmV2aXNpb24YASABKAMSKgoIc25hcHNob3QYAiABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGVIABInCgVldmVudBgDIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRFdmVudEgAEicKCHByb2dyZXNzGAQgASgLMhMucnVuY2FwLnYxLlByb2dyZXNzSABCBgoEa2luZCIZCghQcm9ncmVzcxINCgVmaW5hbBgBIAEoCCKdAQoUU2V0U2NvcGVMaW1pdFJlcXVlc3QSKAoFc2NvcGUYASABKAsyEy5ydW5jYXAudjEuU2NvcGVSZWZCBOJBAQISJwoGcGVyaW9kGAIgASgOMhEucnVuY2FwLnYxLlBlcmlvZEIE4kEBAhIWCgxsaW1pdF9taWNyb3MYAyABKANIABIPCgVjbGVhchgEIAEoCEgAQgkKB2NlaWxpbmciOAoVU2V0U2NvcGVMaW1pdFJlc3BvbnNlEh8KBXNjb3BlGAEgASgLMhAucnVuY2FwLnYxLlNjb3BlIoUBChVTZXRTY29wZVBvbGljeVJlcXVlc3QSKAoFc2NvcGUYASABKAsyEy5ydW5jYXAudjEuU2NvcGVSZWZCBOJBAQISJgoGcG9saWN5GAIgASgLMhQucnVuY2FwLnYxLlJ1blBvbGljeUgAEg8KBWNsZWFyGAMgASgISABCCQoHZGVmYXVsdCI5ChZTZXRTY29wZVBvbGljeVJlc3BvbnNlEh8KBXNjb3BlGAEgASgLMhAucnVuY2FwLnYxLlNjb3BlIjsKD0dldFNjb3BlUmVxdWVzdBIoCgVzY29wZRgBIAEoCzITLnJ1bmNhcC52MS5TY29wZVJlZkIE4kEBAiIzChBHZXRTY29wZVJlc3BvbnNlEh8KBXNjb3BlGAEgASgLMhAucnVuY2FwLnYxLlNjb3BlIocDCgpNb2RlbFByaWNlEhYKCHByb3ZpZGVyGAEgASgJQgTiQQECEhMKBW1vZGVsGAIgASgJQgTiQQECEhgKCmlucHV0X3JhdGUYAyABKANCBOJBAQISGQoLb3V0cHV0X3JhdGUYBCABKANCBOJBAQISHQoPY2FjaGVfcmVhZF9yYXRlGAUgASgDQgTiQQECEh4KEGNhY2hlX3dyaXRlX3JhdGUYBiABKANCBOJBAQISHAoOcmVhc29uaW5nX3JhdGUYByABKANCBOJBAQISIQoOY29udGV4dF93aW5kb3cYCCABKANCBOJBAQFIAIgBARIkChFtYXhfb3V0cHV0X3Rva2VucxgJIAEoA0IE4kEBAUgBiAEBEhMKBXRvb2xzGAogASgIQgTiQQEBEhkKC2pzb25fc2NoZW1hGAsgASgIQgTiQQEBEhgKCm1vZGFsaXRpZXMYDCADKAlCBOJBAQFCEQoPX2NvbnRleHRfd2luZG93QhQKEl9tYXhfb3V0cHV0X3Rva2VucyJCChRTZXRNb2RlbFByaWNlUmVxdWVzdBIqCgVwcmljZRgBIAEoCzIVLnJ1bmNhcC52MS5Nb2RlbFByaWNlQgTiQQECIj0KFVNldE1vZGVsUHJpY2VSZXNwb25zZRIkCgVwcmljZRgBIAEoCzIVLnJ1bmNhcC52MS5Nb2RlbFByaWNlIkYKF0RlbGV0ZU1vZGVsUHJpY2VSZXF1ZXN0EhYKCHByb3ZpZGVyGAEgASgJQgTiQQECEhMKBW1vZGVsGAIgASgJQgTiQQECIisKGERlbGV0ZU1vZGVsUHJpY2VSZXNwb25zZRIPCgdkZWxldGVkGAEgASgIIkMKFEdldE1vZGVsUHJpY2VSZXF1ZXN0EhYKCHByb3ZpZGVyGAEgASgJQgTiQQECEhMKBW1vZGVsGAIgASgJQgTiQQECInMKFUdldE1vZGVsUHJpY2VSZXNwb25zZRIkCgVwcmljZRgBIAEoCzIVLnJ1bmNhcC52MS5Nb2RlbFByaWNlEhcKD3RlbmFudF9vdmVycmlkZRgCIAEoCBIbChNwcmljZV90YWJsZV92ZXJzaW9uGAMgASgJIhkKF1JlbG9hZFByaWNlVGFibGVSZXF1ZXN0ImoKGFJlbG9hZFByaWNlVGFibGVSZXNwb25zZRIQCghyZWxvYWRlZBgBIAEoCBIbChNwcmljZV90YWJsZV92ZXJzaW9uGAIgASgJEg4KBm1vZGVscxgDIAEoAxIPCgdtZXNzYWdlGAQgASgJIikKEVN1c3BlbmRSdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAiJNChJTdXNwZW5kUnVuUmVzcG9uc2USJQoFc3RhdGUYASABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAiABKAgiKAoQUmVzdW1lUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQIiTAoRUmVzdW1lUnVuUmVzcG9uc2USJQoFc3RhdGUYASABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAiABKAgyhwsKDUJ1ZGdldFNlcnZpY2USRgoJQ3JlYXRlUnVuEhsucnVuY2FwLnYxLkNyZWF0ZVJ1blJlcXVlc3QaHC5ydW5jYXAudjEuQ3JlYXRlUnVuUmVzcG9uc2USPQoGR2V0UnVuEhgucnVuY2FwLnYxLkdldFJ1blJlcXVlc3QaGS5ydW5jYXAudjEuR2V0UnVuUmVzcG9uc2USQAoHUmVzZXJ2ZRIZLnJ1bmNhcC52MS5SZXNlcnZlUmVxdWVzdBoaLnJ1bmNhcC52MS5SZXNlcnZlUmVzcG9uc2USPQoGQ29tbWl0EhgucnVuY2FwLnYxLkNvbW1pdFJlcXVlc3QaGS5ydW5jYXAudjEuQ29tbWl0UmVzcG9uc2USPQoGUmVmdW5kEhgucnVuY2FwLnYxLlJlZnVuZFJlcXVlc3QaGS5ydW5jYXAudjEuUmVmdW5kUmVzcG9uc2USQwoIQ2xvc2VSdW4SGi5ydW5jYXAudjEuQ2xvc2VSdW5SZXF1ZXN0GhsucnVuY2FwLnYxLkNsb3NlUnVuUmVzcG9uc2USSQoKU3VzcGVuZFJ1bhIcLnJ1bmNhcC52MS5TdXNwZW5kUnVuUmVxdWVzdBodLnJ1bmNhcC52MS5TdXNwZW5kUnVuUmVzcG9uc2USRgoJUmVzdW1lUnVuEhsucnVuY2FwLnYxLlJlc3VtZVJ1blJlcXVlc3QaHC5ydW5jYXAudjEuUmVzdW1lUnVuUmVzcG9uc2USPAoFV2F0Y2gSFy5ydW5jYXAudjEuV2F0Y2hSZXF1ZXN0GhgucnVuY2FwLnYxLldhdGNoUmVzcG9uc2UwARJSCg1TZXRTY29wZUxpbWl0Eh8ucnVuY2FwLnYxLlNldFNjb3BlTGltaXRSZXF1ZXN0GiAucnVuY2FwLnYxLlNldFNjb3BlTGltaXRSZXNwb25zZRJDCghHZXRTY29wZRIaLnJ1bmNhcC52MS5HZXRTY29wZVJlcXVlc3QaGy5ydW5jYXAudjEuR2V0U2NvcGVSZXNwb25zZRJVCg5TZXRTY29wZVBvbGljeRIgLnJ1bmNhcC52MS5TZXRTY29wZVBvbGljeVJlcXVlc3QaIS5ydW5jYXAudjEuU2V0U2NvcGVQb2xpY3lSZXNwb25zZRJSCg1TZXRNb2RlbFByaWNlEh8ucnVuY2FwLnYxLlNldE1vZGVsUHJpY2VSZXF1ZXN0GiAucnVuY2FwLnYxLlNldE1vZGVsUHJpY2VSZXNwb25zZRJbChBEZWxldGVNb2RlbFByaWNlEiIucnVuY2FwLnYxLkRlbGV0ZU1vZGVsUHJpY2VSZXF1ZXN0GiMucnVuY2FwLnYxLkRlbGV0ZU1vZGVsUHJpY2VSZXNwb25zZRJSCg1HZXRNb2RlbFByaWNlEh8ucnVuY2FwLnYxLkdldE1vZGVsUHJpY2VSZXF1ZXN0GiAucnVuY2FwLnYxLkdldE1vZGVsUHJpY2VSZXNwb25zZRJbChBSZWxvYWRQcmljZVRhYmxlEiIucnVuY2FwLnYxLlJlbG9hZFByaWNlVGFibGVSZXF1ZXN0GiMucnVuY2FwLnYxLlJlbG9hZFByaWNlVGFibGVSZXNwb25zZRJMCgtHZXREZWNpc2lvbhIdLnJ1bmNhcC52MS5HZXREZWNpc2lvblJlcXVlc3QaHi5ydW5jYXAudjEuR2V0RGVjaXNpb25SZXNwb25zZRJACgdBcHByb3ZlEhkucnVuY2FwLnYxLkFwcHJvdmVSZXF1ZXN0GhoucnVuY2FwLnYxLkFwcHJvdmVSZXNwb25zZRI3CgREZW55EhYucnVuY2FwLnYxLkRlbnlSZXF1ZXN0GhcucnVuY2FwLnYxLkRlbnlSZXNwb25zZUI4WjZnaXRodWIuY29tL3J1bmNhcC9ydW5jYXAvY2xpZW50cy9nby9ydW5jYXAvdjE7cnVuY2FwdjFiBnByb3RvMw", [file_google_api_field_behavior, file_google_protobuf_duration, file_google_protobuf_timestamp, file_runcap_v1_budget]);
+  fileDesc("Ch5ydW5jYXAvdjEvYnVkZ2V0X3NlcnZpY2UucHJvdG8SCXJ1bmNhcC52MSL5AgoQQ3JlYXRlUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQESGgoMbGltaXRfbWljcm9zGAIgASgDQgTiQQECEj0KBmxhYmVscxgDIAMoCzInLnJ1bmNhcC52MS5DcmVhdGVSdW5SZXF1ZXN0LkxhYmVsc0VudHJ5QgTiQQEBEjQKC2RlZmF1bHRfdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEBEhsKDXBhcmVudF9ydW5faWQYBSABKAlCBOJBAQESGAoKYXBpX2tleV9pZBgGIAEoCUIE4kEBARIVCgd1c2VyX2lkGAcgASgJQgTiQQEBEhUKB3RlYW1faWQYCCABKAlCBOJBAQESKgoGcG9saWN5GAkgASgLMhQucnVuY2FwLnYxLlJ1blBvbGljeUIE4kEBARotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBImkKEUNyZWF0ZVJ1blJlc3BvbnNlEhsKA3J1bhgBIAEoCzIOLnJ1bmNhcC52MS5SdW4SJQoFc3RhdGUYAiABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAyABKAgiJQoNR2V0UnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQIiVAoOR2V0UnVuUmVzcG9uc2USGwoDcnVuGAEgASgLMg4ucnVuY2FwLnYxLlJ1bhIlCgVzdGF0ZRgCIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZSK3AQoPTGlzdFJ1bnNSZXF1ZXN0EjcKDWNyZWF0ZWRfYWZ0ZXIYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQECEjgKDmNyZWF0ZWRfYmVmb3JlGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBARIXCglwYWdlX3NpemUYAyABKAVCBOJBAQESGAoKcGFnZV90b2tlbhgEIAEoCUIE4kEBASJPChBMaXN0UnVuc1Jlc3BvbnNlEiIKBHJ1bnMYASADKAsyFC5ydW5jYXAudjEuTGlzdGVkUnVuEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJPCglMaXN0ZWRSdW4SGwoDcnVuGAEgASgLMg4ucnVuY2FwLnYxLlJ1bhIlCgVzdGF0ZRgCIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZSKEAgoOUmVzZXJ2ZVJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEhwKDnJlc2VydmF0aW9uX2lkGAIgASgJQgTiQQEBEhcKDWFtb3VudF9taWNyb3MYAyABKANIABImCghsbG1fY2FsbBgFIAEoCzISLnJ1bmNhcC52MS5MbG1DYWxsSAASLAoDdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEBEhMKBW1ldGVyGAYgASgJQgTiQQEBEh4KC21ldGVyX3VuaXRzGAcgASgDQgTiQQEBSAGIAQFCCgoIZXN0aW1hdGVCDgoMX21ldGVyX3VuaXRzIqYFCg9SZXNlcnZlUmVzcG9uc2USJQoIZGVjaXNpb24YASABKA4yEy5ydW5jYXAudjEuRGVjaXNpb24SKQoGcmVhc29uGAIgASgOMhkucnVuY2FwLnYxLkRlY2lzaW9uUmVhc29uEhYKDnJlc2VydmF0aW9uX2lkGAMgASgJEhUKDWFtb3VudF9taWNyb3MYBCABKAMSLwoLZXhwaXJlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiUKBXN0YXRlGAYgASgLMhYucnVuY2FwLnYxLkJ1ZGdldFN0YXRlEhAKCHJlcGxheWVkGAcgASgIEisKDmJsb2NraW5nX3Njb3BlGAggASgLMhMucnVuY2FwLnYxLlNjb3BlUmVmEioKD2Jsb2NraW5nX3BlcmlvZBgJIAEoDjIRLnJ1bmNhcC52MS5QZXJpb2QSKAoIZXN0aW1hdGUYCiABKAsyFi5ydW5jYXAudjEuTGxtRXN0aW1hdGUSNgoSYmxvY2tpbmdfZGltZW5zaW9uGAsgASgOMhoucnVuY2FwLnYxLkJ1ZGdldERpbWVuc2lvbhIWCg5ibG9ja2luZ19tZXRlchgMIAEoCRIuCgtyZXRyeV9hZnRlchgNIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI0ChBlbmZvcmNlbWVudF9tb2RlGA4gASgOMhoucnVuY2FwLnYxLkVuZm9yY2VtZW50TW9kZRITCgtkZWNpc2lvbl9pZBgPIAEoCRIsCgxhbHRlcm5hdGl2ZXMYECADKAsyFi5ydW5jYXAudjEuQWx0ZXJuYXRpdmUSFwoPcmVxdWVzdGVkX21vZGVsGBEgASgJEhMKC2FwcHJvdmFsX2lkGBIgASgJIisKDkFwcHJvdmVSZXF1ZXN0EhkKC2FwcHJvdmFsX2lkGAEgASgJQgTiQQECInEKD0FwcHJvdmVSZXNwb25zZRIlCghhcHByb3ZhbBgBIAEoCzITLnJ1bmNhcC52MS5BcHByb3ZhbBIlCgVzdGF0ZRgCIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZRIQCghyZXBsYXllZBgDIAEoCCIoCgtEZW55UmVxdWVzdBIZCgthcHByb3ZhbF9pZBgBIAEoCUIE4kEBAiJuCgxEZW55UmVzcG9uc2USJQoIYXBwcm92YWwYASABKAsyEy5ydW5jYXAudjEuQXBwcm92YWwSJQoFc3RhdGUYAiABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAyABKAgiLwoSR2V0RGVjaXNpb25SZXF1ZXN0EhkKC2RlY2lzaW9uX2lkGAEgASgJQgTiQQECIrsFChNHZXREZWNpc2lvblJlc3BvbnNlEhMKC2RlY2lzaW9uX2lkGAEgASgJEg4KBnJ1bl9pZBgCIAEoCRIWCg5yZXNlcnZhdGlvbl9pZBgDIAEoCRIlCghkZWNpc2lvbhgEIAEoDjITLnJ1bmNhcC52MS5EZWNpc2lvbhIpCgZyZWFzb24YBSABKA4yGS5ydW5jYXAudjEuRGVjaXNpb25SZWFzb24SLwoLZGVjaWRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhUKDWFtb3VudF9taWNyb3MYByABKAMSEwoLaGVsZF9taWNyb3MYCCABKAMSNAoQZW5mb3JjZW1lbnRfbW9kZRgJIAEoDjIaLnJ1bmNhcC52MS5FbmZvcmNlbWVudE1vZGUSIwoGc2NvcGVzGAogAygLMhMucnVuY2FwLnYxLlNjb3BlUmVmEisKDmJsb2NraW5nX3Njb3BlGAsgASgLMhMucnVuY2FwLnYxLlNjb3BlUmVmEioKD2Jsb2NraW5nX3BlcmlvZBgMIAEoDjIRLnJ1bmNhcC52MS5QZXJpb2QSNgoSYmxvY2tpbmdfZGltZW5zaW9uGA0gASgOMhoucnVuY2FwLnYxLkJ1ZGdldERpbWVuc2lvbhIWCg5ibG9ja2luZ19tZXRlchgOIAEoCRIoCghlc3RpbWF0ZRgPIAEoCzIWLnJ1bmNhcC52MS5MbG1Fc3RpbWF0ZRINCgVtZXRlchgQIAEoCRITCgttZXRlcl91bml0cxgRIAEoAxI4ChJyZXNlcnZhdGlvbl9zdGF0dXMYEiABKA4yHC5ydW5jYXAudjEuUmVzZXJ2YXRpb25TdGF0dXMSGgoNYWN0dWFsX21pY3JvcxgTIAEoA0gAiAEBQhAKDl9hY3R1YWxfbWljcm9zIsICCgdMbG1DYWxsEhYKCHByb3ZpZGVyGAEgASgJQgTiQQECEhMKBW1vZGVsGAIgASgJQgTiQQECEhoKDGlucHV0X3Rva2VucxgDIAEoA0IE4kEBAhIkChFtYXhfb3V0cHV0X3Rva2VucxgEIAEoA0IE4kEBAUgAiAEBEhkKC25lZWRzX3Rvb2xzGAUgASgIQgTiQQEBEh8KEW5lZWRzX2pzb25fc2NoZW1hGAYgASgIQgTiQQEBEiUKEm1pbl9jb250ZXh0X3Rva2VucxgHIAEoA0IE4kEBAUgBiAEBEhgKCm1vZGFsaXRpZXMYCCADKAlCBOJBAQESHgoQY2FuZGlkYXRlX21vZGVscxgJIAMoCUIE4kEBAUIUChJfbWF4X291dHB1dF90b2tlbnNCFQoTX21pbl9jb250ZXh0X3Rva2VucyJqCgtBbHRlcm5hdGl2ZRIQCghwcm92aWRlchgBIAEoCRINCgVtb2RlbBgCIAEoCRIVCg1hbW91bnRfbWljcm9zGAMgASgDEiMKG2VmZmVjdGl2ZV9tYXhfb3V0cHV0X3Rva2VucxgEIAEoAyKdAQoLTGxtRXN0aW1hdGUSEAoIcHJvdmlkZXIYASABKAkSDQoFbW9kZWwYAiABKAkSFAoMaW5wdXRfdG9rZW5zGAMgASgDEiMKG2VmZmVjdGl2ZV9tYXhfb3V0cHV0X3Rva2VucxgEIAEoAxIVCg1hbW91bnRfbWljcm9zGAUgASgDEhsKE3ByaWNlX3RhYmxlX3ZlcnNpb24YBiABKAkiigEKClRva2VuVXNhZ2USFAoMaW5wdXRfdG9rZW5zGAEgASgDEhUKDW91dHB1dF90b2tlbnMYAiABKAMSGQoRY2FjaGVfcmVhZF90b2tlbnMYAyABKAMSGgoSY2FjaGVfd3JpdGVfdG9rZW5zGAQgASgDEhgKEHJlYXNvbmluZ190b2tlbnMYBSABKAMijgEKDUNvbW1pdFJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECEhwKDnJlc2VydmF0aW9uX2lkGAIgASgJQgTiQQECEhcKDWFjdHVhbF9taWNyb3MYAyABKANIABImCgV1c2FnZRgEIAEoCzIVLnJ1bmNhcC52MS5Ub2tlblVzYWdlSABCCAoGYWN0dWFsIscBCg5Db21taXRSZXNwb25zZRIlCgVzdGF0ZRgBIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRTdGF0ZRIWCg5vdmVycnVuX21pY3JvcxgCIAEoAxIQCghyZXBsYXllZBgDIAEoCBI4ChJyZXNlcnZhdGlvbl9zdGF0dXMYBCABKA4yHC5ydW5jYXAudjEuUmVzZXJ2YXRpb25TdGF0dXMSFQoNYWN0dWFsX21pY3JvcxgFIAEoAxITCgtoZWxkX21pY3JvcxgGIAEoAyJDCg1SZWZ1bmRSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIcCg5yZXNlcnZhdGlvbl9pZBgCIAEoCUIE4kEBAiKcAQoOUmVmdW5kUmVzcG9uc2USJQoFc3RhdGUYASABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAiABKAgSOAoScmVzZXJ2YXRpb25fc3RhdHVzGAMgASgOMhwucnVuY2FwLnYxLlJlc2VydmF0aW9uU3RhdHVzEhcKD3JlbGVhc2VkX21pY3JvcxgEIAEoAyInCg9DbG9zZVJ1blJlcXVlc3QSFAoGcnVuX2lkGAEgASgJQgTiQQECIksKEENsb3NlUnVuUmVzcG9uc2USJQoFc3RhdGUYASABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAiABKAgidgoMV2F0Y2hSZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAhIhCg5hZnRlcl9yZXZpc2lvbhgCIAEoA0IE4kEBAUgAiAEBEhoKDGFmdGVyX2RpZ2VzdBgDIAEoCUIE4kEBAUIRCg9fYWZ0ZXJfcmV2aXNpb24ipwEKDVdhdGNoUmVzcG9uc2USEAoIcmV2aXNpb24YASABKAMSKgoIc25hcHNob3QYAiABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGVIABInCgVldmVudBgDIAEoCzIWLnJ1bmNhcC52MS5CdWRnZXRFdmVudEgAEicKCHByb2dyZXNzGAQgASgLMhMucnVuY2FwLnYxLlByb2dyZXNzSABCBgoEa2luZCIZCghQcm9ncmVzcxINCgVmaW5hbBgBIAEoCCKdAQoUU2V0U2NvcGVMaW1pdFJlcXVlc3QSKAoFc2NvcGUYASABKAsyEy5ydW5jYXAudjEuU2NvcGVSZWZCBOJBAQISJwoGcGVyaW9kGAIgASgOMhEucnVuY2FwLnYxLlBlcmlvZEIE4kEBAhIWCgxsaW1pdF9taWNyb3MYAyABKANIABIPCgVjbGVhchgEIAEoCEgAQgkKB2NlaWxpbmciOAoVU2V0U2NvcGVMaW1pdFJlc3BvbnNlEh8KBXNjb3BlGAEgASgLMhAucnVuY2FwLnYxLlNjb3BlIoUBChVTZXRTY29wZVBvbGljeVJlcXVlc3QSKAoFc2NvcGUYASABKAsyEy5ydW5jYXAudjEuU2NvcGVSZWZCBOJBAQISJgoGcG9saWN5GAIgASgLMhQucnVuY2FwLnYxLlJ1blBvbGljeUgAEg8KBWNsZWFyGAMgASgISABCCQoHZGVmYXVsdCI5ChZTZXRTY29wZVBvbGljeVJlc3BvbnNlEh8KBXNjb3BlGAEgASgLMhAucnVuY2FwLnYxLlNjb3BlIjsKD0dldFNjb3BlUmVxdWVzdBIoCgVzY29wZRgBIAEoCzITLnJ1bmNhcC52MS5TY29wZVJlZkIE4kEBAiIzChBHZXRTY29wZVJlc3BvbnNlEh8KBXNjb3BlGAEgASgLMhAucnVuY2FwLnYxLlNjb3BlIocDCgpNb2RlbFByaWNlEhYKCHByb3ZpZGVyGAEgASgJQgTiQQECEhMKBW1vZGVsGAIgASgJQgTiQQECEhgKCmlucHV0X3JhdGUYAyABKANCBOJBAQISGQoLb3V0cHV0X3JhdGUYBCABKANCBOJBAQISHQoPY2FjaGVfcmVhZF9yYXRlGAUgASgDQgTiQQECEh4KEGNhY2hlX3dyaXRlX3JhdGUYBiABKANCBOJBAQISHAoOcmVhc29uaW5nX3JhdGUYByABKANCBOJBAQISIQoOY29udGV4dF93aW5kb3cYCCABKANCBOJBAQFIAIgBARIkChFtYXhfb3V0cHV0X3Rva2VucxgJIAEoA0IE4kEBAUgBiAEBEhMKBXRvb2xzGAogASgIQgTiQQEBEhkKC2pzb25fc2NoZW1hGAsgASgIQgTiQQEBEhgKCm1vZGFsaXRpZXMYDCADKAlCBOJBAQFCEQoPX2NvbnRleHRfd2luZG93QhQKEl9tYXhfb3V0cHV0X3Rva2VucyJCChRTZXRNb2RlbFByaWNlUmVxdWVzdBIqCgVwcmljZRgBIAEoCzIVLnJ1bmNhcC52MS5Nb2RlbFByaWNlQgTiQQECIj0KFVNldE1vZGVsUHJpY2VSZXNwb25zZRIkCgVwcmljZRgBIAEoCzIVLnJ1bmNhcC52MS5Nb2RlbFByaWNlIkYKF0RlbGV0ZU1vZGVsUHJpY2VSZXF1ZXN0EhYKCHByb3ZpZGVyGAEgASgJQgTiQQECEhMKBW1vZGVsGAIgASgJQgTiQQECIisKGERlbGV0ZU1vZGVsUHJpY2VSZXNwb25zZRIPCgdkZWxldGVkGAEgASgIIkMKFEdldE1vZGVsUHJpY2VSZXF1ZXN0EhYKCHByb3ZpZGVyGAEgASgJQgTiQQECEhMKBW1vZGVsGAIgASgJQgTiQQECInMKFUdldE1vZGVsUHJpY2VSZXNwb25zZRIkCgVwcmljZRgBIAEoCzIVLnJ1bmNhcC52MS5Nb2RlbFByaWNlEhcKD3RlbmFudF9vdmVycmlkZRgCIAEoCBIbChNwcmljZV90YWJsZV92ZXJzaW9uGAMgASgJIhkKF1JlbG9hZFByaWNlVGFibGVSZXF1ZXN0ImoKGFJlbG9hZFByaWNlVGFibGVSZXNwb25zZRIQCghyZWxvYWRlZBgBIAEoCBIbChNwcmljZV90YWJsZV92ZXJzaW9uGAIgASgJEg4KBm1vZGVscxgDIAEoAxIPCgdtZXNzYWdlGAQgASgJIikKEVN1c3BlbmRSdW5SZXF1ZXN0EhQKBnJ1bl9pZBgBIAEoCUIE4kEBAiJNChJTdXNwZW5kUnVuUmVzcG9uc2USJQoFc3RhdGUYASABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAiABKAgiKAoQUmVzdW1lUnVuUmVxdWVzdBIUCgZydW5faWQYASABKAlCBOJBAQIiTAoRUmVzdW1lUnVuUmVzcG9uc2USJQoFc3RhdGUYASABKAsyFi5ydW5jYXAudjEuQnVkZ2V0U3RhdGUSEAoIcmVwbGF5ZWQYAiABKAgyzAsKDUJ1ZGdldFNlcnZpY2USRgoJQ3JlYXRlUnVuEhsucnVuY2FwLnYxLkNyZWF0ZVJ1blJlcXVlc3QaHC5ydW5jYXAudjEuQ3JlYXRlUnVuUmVzcG9uc2USPQoGR2V0UnVuEhgucnVuY2FwLnYxLkdldFJ1blJlcXVlc3QaGS5ydW5jYXAudjEuR2V0UnVuUmVzcG9uc2USQwoITGlzdFJ1bnMSGi5ydW5jYXAudjEuTGlzdFJ1bnNSZXF1ZXN0GhsucnVuY2FwLnYxLkxpc3RSdW5zUmVzcG9uc2USQAoHUmVzZXJ2ZRIZLnJ1bmNhcC52MS5SZXNlcnZlUmVxdWVzdBoaLnJ1bmNhcC52MS5SZXNlcnZlUmVzcG9uc2USPQoGQ29tbWl0EhgucnVuY2FwLnYxLkNvbW1pdFJlcXVlc3QaGS5ydW5jYXAudjEuQ29tbWl0UmVzcG9uc2USPQoGUmVmdW5kEhgucnVuY2FwLnYxLlJlZnVuZFJlcXVlc3QaGS5ydW5jYXAudjEuUmVmdW5kUmVzcG9uc2USQwoIQ2xvc2VSdW4SGi5ydW5jYXAudjEuQ2xvc2VSdW5SZXF1ZXN0GhsucnVuY2FwLnYxLkNsb3NlUnVuUmVzcG9uc2USSQoKU3VzcGVuZFJ1bhIcLnJ1bmNhcC52MS5TdXNwZW5kUnVuUmVxdWVzdBodLnJ1bmNhcC52MS5TdXNwZW5kUnVuUmVzcG9uc2USRgoJUmVzdW1lUnVuEhsucnVuY2FwLnYxLlJlc3VtZVJ1blJlcXVlc3QaHC5ydW5jYXAudjEuUmVzdW1lUnVuUmVzcG9uc2USPAoFV2F0Y2gSFy5ydW5jYXAudjEuV2F0Y2hSZXF1ZXN0GhgucnVuY2FwLnYxLldhdGNoUmVzcG9uc2UwARJSCg1TZXRTY29wZUxpbWl0Eh8ucnVuY2FwLnYxLlNldFNjb3BlTGltaXRSZXF1ZXN0GiAucnVuY2FwLnYxLlNldFNjb3BlTGltaXRSZXNwb25zZRJDCghHZXRTY29wZRIaLnJ1bmNhcC52MS5HZXRTY29wZVJlcXVlc3QaGy5ydW5jYXAudjEuR2V0U2NvcGVSZXNwb25zZRJVCg5TZXRTY29wZVBvbGljeRIgLnJ1bmNhcC52MS5TZXRTY29wZVBvbGljeVJlcXVlc3QaIS5ydW5jYXAudjEuU2V0U2NvcGVQb2xpY3lSZXNwb25zZRJSCg1TZXRNb2RlbFByaWNlEh8ucnVuY2FwLnYxLlNldE1vZGVsUHJpY2VSZXF1ZXN0GiAucnVuY2FwLnYxLlNldE1vZGVsUHJpY2VSZXNwb25zZRJbChBEZWxldGVNb2RlbFByaWNlEiIucnVuY2FwLnYxLkRlbGV0ZU1vZGVsUHJpY2VSZXF1ZXN0GiMucnVuY2FwLnYxLkRlbGV0ZU1vZGVsUHJpY2VSZXNwb25zZRJSCg1HZXRNb2RlbFByaWNlEh8ucnVuY2FwLnYxLkdldE1vZGVsUHJpY2VSZXF1ZXN0GiAucnVuY2FwLnYxLkdldE1vZGVsUHJpY2VSZXNwb25zZRJbChBSZWxvYWRQcmljZVRhYmxlEiIucnVuY2FwLnYxLlJlbG9hZFByaWNlVGFibGVSZXF1ZXN0GiMucnVuY2FwLnYxLlJlbG9hZFByaWNlVGFibGVSZXNwb25zZRJMCgtHZXREZWNpc2lvbhIdLnJ1bmNhcC52MS5HZXREZWNpc2lvblJlcXVlc3QaHi5ydW5jYXAudjEuR2V0RGVjaXNpb25SZXNwb25zZRJACgdBcHByb3ZlEhkucnVuY2FwLnYxLkFwcHJvdmVSZXF1ZXN0GhoucnVuY2FwLnYxLkFwcHJvdmVSZXNwb25zZRI3CgREZW55EhYucnVuY2FwLnYxLkRlbnlSZXF1ZXN0GhcucnVuY2FwLnYxLkRlbnlSZXNwb25zZUI4WjZnaXRodWIuY29tL3J1bmNhcC9ydW5jYXAvY2xpZW50cy9nby9ydW5jYXAvdjE7cnVuY2FwdjFiBnByb3RvMw", [file_google_api_field_behavior, file_google_protobuf_duration, file_google_protobuf_timestamp, file_runcap_v1_budget]);
 
 /**
  * CreateRunRequest asks for a new run.
@@ -192,6 +192,104 @@ export const GetRunResponseSchema: GenMessage<GetRunResponse> = /*@__PURE__*/
   messageDesc(file_runcap_v1_budget_service, 3);
 
 /**
+ * ListRunsRequest asks for a page of the runs created in a time range.
+ *
+ * @generated from message runcap.v1.ListRunsRequest
+ */
+export type ListRunsRequest = Message<"runcap.v1.ListRunsRequest"> & {
+  /**
+   * Runs created at or after this time. Required.
+   *
+   * @generated from field: google.protobuf.Timestamp created_after = 1;
+   */
+  createdAfter?: Timestamp | undefined;
+
+  /**
+   * Runs created before this time; when unset, up to now.
+   *
+   * @generated from field: google.protobuf.Timestamp created_before = 2;
+   */
+  createdBefore?: Timestamp | undefined;
+
+  /**
+   * At most this many runs (default 100, at most 1000).
+   *
+   * @generated from field: int32 page_size = 3;
+   */
+  pageSize: number;
+
+  /**
+   * The next_page_token of the previous page, with the same other fields.
+   *
+   * @generated from field: string page_token = 4;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message runcap.v1.ListRunsRequest.
+ * Use `create(ListRunsRequestSchema)` to create a new message.
+ */
+export const ListRunsRequestSchema: GenMessage<ListRunsRequest> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget_service, 4);
+
+/**
+ * ListRunsResponse is a page of runs, oldest first.
+ *
+ * @generated from message runcap.v1.ListRunsResponse
+ */
+export type ListRunsResponse = Message<"runcap.v1.ListRunsResponse"> & {
+  /**
+   * The runs.
+   *
+   * @generated from field: repeated runcap.v1.ListedRun runs = 1;
+   */
+  runs: ListedRun[];
+
+  /**
+   * The token of the next page; empty on the last.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message runcap.v1.ListRunsResponse.
+ * Use `create(ListRunsResponseSchema)` to create a new message.
+ */
+export const ListRunsResponseSchema: GenMessage<ListRunsResponse> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget_service, 5);
+
+/**
+ * ListedRun is a run with its state, as GetRun gives them.
+ *
+ * @generated from message runcap.v1.ListedRun
+ */
+export type ListedRun = Message<"runcap.v1.ListedRun"> & {
+  /**
+   * The run's configuration.
+   *
+   * @generated from field: runcap.v1.Run run = 1;
+   */
+  run?: Run | undefined;
+
+  /**
+   * The run's budget state.
+   *
+   * @generated from field: runcap.v1.BudgetState state = 2;
+   */
+  state?: BudgetState | undefined;
+};
+
+/**
+ * Describes the message runcap.v1.ListedRun.
+ * Use `create(ListedRunSchema)` to create a new message.
+ */
+export const ListedRunSchema: GenMessage<ListedRun> = /*@__PURE__*/
+  messageDesc(file_runcap_v1_budget_service, 6);
+
+/**
  * ReserveRequest asks to hold an estimated cost against a run.
  *
  * @generated from message runcap.v1.ReserveRequest
@@ -270,7 +368,7 @@ export type ReserveRequest = Message<"runcap.v1.ReserveRequest"> & {
  * Use `create(ReserveRequestSchema)` to create a new message.
  */
 export const ReserveRequestSchema: GenMessage<ReserveRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 4);
+  messageDesc(file_runcap_v1_budget_service, 7);
 
 /**
  * ReserveResponse is the decision on a reservation.
@@ -420,7 +518,7 @@ export type ReserveResponse = Message<"runcap.v1.ReserveResponse"> & {
  * Use `create(ReserveResponseSchema)` to create a new message.
  */
 export const ReserveResponseSchema: GenMessage<ReserveResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 5);
+  messageDesc(file_runcap_v1_budget_service, 8);
 
 /**
  * ApproveRequest names a pending approval.
@@ -441,7 +539,7 @@ export type ApproveRequest = Message<"runcap.v1.ApproveRequest"> & {
  * Use `create(ApproveRequestSchema)` to create a new message.
  */
 export const ApproveRequestSchema: GenMessage<ApproveRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 6);
+  messageDesc(file_runcap_v1_budget_service, 9);
 
 /**
  * ApproveResponse is the approval after the call.
@@ -476,7 +574,7 @@ export type ApproveResponse = Message<"runcap.v1.ApproveResponse"> & {
  * Use `create(ApproveResponseSchema)` to create a new message.
  */
 export const ApproveResponseSchema: GenMessage<ApproveResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 7);
+  messageDesc(file_runcap_v1_budget_service, 10);
 
 /**
  * DenyRequest names a pending approval.
@@ -497,7 +595,7 @@ export type DenyRequest = Message<"runcap.v1.DenyRequest"> & {
  * Use `create(DenyRequestSchema)` to create a new message.
  */
 export const DenyRequestSchema: GenMessage<DenyRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 8);
+  messageDesc(file_runcap_v1_budget_service, 11);
 
 /**
  * DenyResponse is the approval after the call.
@@ -532,7 +630,7 @@ export type DenyResponse = Message<"runcap.v1.DenyResponse"> & {
  * Use `create(DenyResponseSchema)` to create a new message.
  */
 export const DenyResponseSchema: GenMessage<DenyResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 9);
+  messageDesc(file_runcap_v1_budget_service, 12);
 
 /**
  * GetDecisionRequest names a decision.
@@ -553,7 +651,7 @@ export type GetDecisionRequest = Message<"runcap.v1.GetDecisionRequest"> & {
  * Use `create(GetDecisionRequestSchema)` to create a new message.
  */
 export const GetDecisionRequestSchema: GenMessage<GetDecisionRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 10);
+  messageDesc(file_runcap_v1_budget_service, 13);
 
 /**
  * GetDecisionResponse is a decision with its inputs.
@@ -701,7 +799,7 @@ export type GetDecisionResponse = Message<"runcap.v1.GetDecisionResponse"> & {
  * Use `create(GetDecisionResponseSchema)` to create a new message.
  */
 export const GetDecisionResponseSchema: GenMessage<GetDecisionResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 11);
+  messageDesc(file_runcap_v1_budget_service, 14);
 
 /**
  * LlmCall describes an LLM call to reserve for.
@@ -785,7 +883,7 @@ export type LlmCall = Message<"runcap.v1.LlmCall"> & {
  * Use `create(LlmCallSchema)` to create a new message.
  */
 export const LlmCallSchema: GenMessage<LlmCall> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 12);
+  messageDesc(file_runcap_v1_budget_service, 15);
 
 /**
  * Alternative is a model that can stand in for a blocked LLM call: it has
@@ -829,7 +927,7 @@ export type Alternative = Message<"runcap.v1.Alternative"> & {
  * Use `create(AlternativeSchema)` to create a new message.
  */
 export const AlternativeSchema: GenMessage<Alternative> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 13);
+  messageDesc(file_runcap_v1_budget_service, 16);
 
 /**
  * LlmEstimate is how the server priced an LLM call.
@@ -886,7 +984,7 @@ export type LlmEstimate = Message<"runcap.v1.LlmEstimate"> & {
  * Use `create(LlmEstimateSchema)` to create a new message.
  */
 export const LlmEstimateSchema: GenMessage<LlmEstimate> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 14);
+  messageDesc(file_runcap_v1_budget_service, 17);
 
 /**
  * TokenUsage is an LLM call's actual usage, in disjoint token classes.
@@ -936,7 +1034,7 @@ export type TokenUsage = Message<"runcap.v1.TokenUsage"> & {
  * Use `create(TokenUsageSchema)` to create a new message.
  */
 export const TokenUsageSchema: GenMessage<TokenUsage> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 15);
+  messageDesc(file_runcap_v1_budget_service, 18);
 
 /**
  * CommitRequest records the actual cost of a reservation.
@@ -989,7 +1087,7 @@ export type CommitRequest = Message<"runcap.v1.CommitRequest"> & {
  * Use `create(CommitRequestSchema)` to create a new message.
  */
 export const CommitRequestSchema: GenMessage<CommitRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 16);
+  messageDesc(file_runcap_v1_budget_service, 19);
 
 /**
  * CommitResponse reports the settled reservation.
@@ -1048,7 +1146,7 @@ export type CommitResponse = Message<"runcap.v1.CommitResponse"> & {
  * Use `create(CommitResponseSchema)` to create a new message.
  */
 export const CommitResponseSchema: GenMessage<CommitResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 17);
+  messageDesc(file_runcap_v1_budget_service, 20);
 
 /**
  * RefundRequest releases the hold of a reservation.
@@ -1076,7 +1174,7 @@ export type RefundRequest = Message<"runcap.v1.RefundRequest"> & {
  * Use `create(RefundRequestSchema)` to create a new message.
  */
 export const RefundRequestSchema: GenMessage<RefundRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 18);
+  messageDesc(file_runcap_v1_budget_service, 21);
 
 /**
  * RefundResponse reports the released reservation.
@@ -1123,7 +1221,7 @@ export type RefundResponse = Message<"runcap.v1.RefundResponse"> & {
  * Use `create(RefundResponseSchema)` to create a new message.
  */
 export const RefundResponseSchema: GenMessage<RefundResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 19);
+  messageDesc(file_runcap_v1_budget_service, 22);
 
 /**
  * CloseRunRequest closes a run.
@@ -1144,7 +1242,7 @@ export type CloseRunRequest = Message<"runcap.v1.CloseRunRequest"> & {
  * Use `create(CloseRunRequestSchema)` to create a new message.
  */
 export const CloseRunRequestSchema: GenMessage<CloseRunRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 20);
+  messageDesc(file_runcap_v1_budget_service, 23);
 
 /**
  * CloseRunResponse reports the closed run.
@@ -1172,7 +1270,7 @@ export type CloseRunResponse = Message<"runcap.v1.CloseRunResponse"> & {
  * Use `create(CloseRunResponseSchema)` to create a new message.
  */
 export const CloseRunResponseSchema: GenMessage<CloseRunResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 21);
+  messageDesc(file_runcap_v1_budget_service, 24);
 
 /**
  * WatchRequest opens a stream of a run's budget changes.
@@ -1216,7 +1314,7 @@ export type WatchRequest = Message<"runcap.v1.WatchRequest"> & {
  * Use `create(WatchRequestSchema)` to create a new message.
  */
 export const WatchRequestSchema: GenMessage<WatchRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 22);
+  messageDesc(file_runcap_v1_budget_service, 25);
 
 /**
  * WatchResponse is one message of a Watch stream.
@@ -1270,7 +1368,7 @@ export type WatchResponse = Message<"runcap.v1.WatchResponse"> & {
  * Use `create(WatchResponseSchema)` to create a new message.
  */
 export const WatchResponseSchema: GenMessage<WatchResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 23);
+  messageDesc(file_runcap_v1_budget_service, 26);
 
 /**
  * Progress is a heartbeat on a Watch stream. It keeps idle connections alive
@@ -1294,7 +1392,7 @@ export type Progress = Message<"runcap.v1.Progress"> & {
  * Use `create(ProgressSchema)` to create a new message.
  */
 export const ProgressSchema: GenMessage<Progress> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 24);
+  messageDesc(file_runcap_v1_budget_service, 27);
 
 /**
  * SetScopeLimitRequest sets or clears one ceiling of a parent scope.
@@ -1346,7 +1444,7 @@ export type SetScopeLimitRequest = Message<"runcap.v1.SetScopeLimitRequest"> & {
  * Use `create(SetScopeLimitRequestSchema)` to create a new message.
  */
 export const SetScopeLimitRequestSchema: GenMessage<SetScopeLimitRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 25);
+  messageDesc(file_runcap_v1_budget_service, 28);
 
 /**
  * SetScopeLimitResponse is the scope after the change.
@@ -1367,7 +1465,7 @@ export type SetScopeLimitResponse = Message<"runcap.v1.SetScopeLimitResponse"> &
  * Use `create(SetScopeLimitResponseSchema)` to create a new message.
  */
 export const SetScopeLimitResponseSchema: GenMessage<SetScopeLimitResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 26);
+  messageDesc(file_runcap_v1_budget_service, 29);
 
 /**
  * SetScopePolicyRequest sets or clears a scope's default run policy.
@@ -1411,7 +1509,7 @@ export type SetScopePolicyRequest = Message<"runcap.v1.SetScopePolicyRequest"> &
  * Use `create(SetScopePolicyRequestSchema)` to create a new message.
  */
 export const SetScopePolicyRequestSchema: GenMessage<SetScopePolicyRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 27);
+  messageDesc(file_runcap_v1_budget_service, 30);
 
 /**
  * SetScopePolicyResponse is the scope after the change.
@@ -1432,7 +1530,7 @@ export type SetScopePolicyResponse = Message<"runcap.v1.SetScopePolicyResponse">
  * Use `create(SetScopePolicyResponseSchema)` to create a new message.
  */
 export const SetScopePolicyResponseSchema: GenMessage<SetScopePolicyResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 28);
+  messageDesc(file_runcap_v1_budget_service, 31);
 
 /**
  * GetScopeRequest names a parent scope.
@@ -1453,7 +1551,7 @@ export type GetScopeRequest = Message<"runcap.v1.GetScopeRequest"> & {
  * Use `create(GetScopeRequestSchema)` to create a new message.
  */
 export const GetScopeRequestSchema: GenMessage<GetScopeRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 29);
+  messageDesc(file_runcap_v1_budget_service, 32);
 
 /**
  * GetScopeResponse describes a parent scope.
@@ -1474,7 +1572,7 @@ export type GetScopeResponse = Message<"runcap.v1.GetScopeResponse"> & {
  * Use `create(GetScopeResponseSchema)` to create a new message.
  */
 export const GetScopeResponseSchema: GenMessage<GetScopeResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 30);
+  messageDesc(file_runcap_v1_budget_service, 33);
 
 /**
  * ModelPrice is what one model costs and can do. Rates are integer micro-USD
@@ -1575,7 +1673,7 @@ export type ModelPrice = Message<"runcap.v1.ModelPrice"> & {
  * Use `create(ModelPriceSchema)` to create a new message.
  */
 export const ModelPriceSchema: GenMessage<ModelPrice> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 31);
+  messageDesc(file_runcap_v1_budget_service, 34);
 
 /**
  * SetModelPriceRequest sets a tenant's price for one model.
@@ -1596,7 +1694,7 @@ export type SetModelPriceRequest = Message<"runcap.v1.SetModelPriceRequest"> & {
  * Use `create(SetModelPriceRequestSchema)` to create a new message.
  */
 export const SetModelPriceRequestSchema: GenMessage<SetModelPriceRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 32);
+  messageDesc(file_runcap_v1_budget_service, 35);
 
 /**
  * SetModelPriceResponse confirms the price.
@@ -1617,7 +1715,7 @@ export type SetModelPriceResponse = Message<"runcap.v1.SetModelPriceResponse"> &
  * Use `create(SetModelPriceResponseSchema)` to create a new message.
  */
 export const SetModelPriceResponseSchema: GenMessage<SetModelPriceResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 33);
+  messageDesc(file_runcap_v1_budget_service, 36);
 
 /**
  * DeleteModelPriceRequest names a model whose tenant price to remove.
@@ -1645,7 +1743,7 @@ export type DeleteModelPriceRequest = Message<"runcap.v1.DeleteModelPriceRequest
  * Use `create(DeleteModelPriceRequestSchema)` to create a new message.
  */
 export const DeleteModelPriceRequestSchema: GenMessage<DeleteModelPriceRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 34);
+  messageDesc(file_runcap_v1_budget_service, 37);
 
 /**
  * DeleteModelPriceResponse reports the removal.
@@ -1666,7 +1764,7 @@ export type DeleteModelPriceResponse = Message<"runcap.v1.DeleteModelPriceRespon
  * Use `create(DeleteModelPriceResponseSchema)` to create a new message.
  */
 export const DeleteModelPriceResponseSchema: GenMessage<DeleteModelPriceResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 35);
+  messageDesc(file_runcap_v1_budget_service, 38);
 
 /**
  * GetModelPriceRequest names a model.
@@ -1694,7 +1792,7 @@ export type GetModelPriceRequest = Message<"runcap.v1.GetModelPriceRequest"> & {
  * Use `create(GetModelPriceRequestSchema)` to create a new message.
  */
 export const GetModelPriceRequestSchema: GenMessage<GetModelPriceRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 36);
+  messageDesc(file_runcap_v1_budget_service, 39);
 
 /**
  * GetModelPriceResponse is the price Reserve uses for a model now.
@@ -1730,7 +1828,7 @@ export type GetModelPriceResponse = Message<"runcap.v1.GetModelPriceResponse"> &
  * Use `create(GetModelPriceResponseSchema)` to create a new message.
  */
 export const GetModelPriceResponseSchema: GenMessage<GetModelPriceResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 37);
+  messageDesc(file_runcap_v1_budget_service, 40);
 
 /**
  * ReloadPriceTableRequest asks for a reload; it has no fields.
@@ -1745,7 +1843,7 @@ export type ReloadPriceTableRequest = Message<"runcap.v1.ReloadPriceTableRequest
  * Use `create(ReloadPriceTableRequestSchema)` to create a new message.
  */
 export const ReloadPriceTableRequestSchema: GenMessage<ReloadPriceTableRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 38);
+  messageDesc(file_runcap_v1_budget_service, 41);
 
 /**
  * ReloadPriceTableResponse says which table is in use after the reload.
@@ -1789,7 +1887,7 @@ export type ReloadPriceTableResponse = Message<"runcap.v1.ReloadPriceTableRespon
  * Use `create(ReloadPriceTableResponseSchema)` to create a new message.
  */
 export const ReloadPriceTableResponseSchema: GenMessage<ReloadPriceTableResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 39);
+  messageDesc(file_runcap_v1_budget_service, 42);
 
 /**
  * SuspendRunRequest names the run to stop.
@@ -1810,7 +1908,7 @@ export type SuspendRunRequest = Message<"runcap.v1.SuspendRunRequest"> & {
  * Use `create(SuspendRunRequestSchema)` to create a new message.
  */
 export const SuspendRunRequestSchema: GenMessage<SuspendRunRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 40);
+  messageDesc(file_runcap_v1_budget_service, 43);
 
 /**
  * SuspendRunResponse reports the suspended run.
@@ -1838,7 +1936,7 @@ export type SuspendRunResponse = Message<"runcap.v1.SuspendRunResponse"> & {
  * Use `create(SuspendRunResponseSchema)` to create a new message.
  */
 export const SuspendRunResponseSchema: GenMessage<SuspendRunResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 41);
+  messageDesc(file_runcap_v1_budget_service, 44);
 
 /**
  * ResumeRunRequest names the run to resume.
@@ -1859,7 +1957,7 @@ export type ResumeRunRequest = Message<"runcap.v1.ResumeRunRequest"> & {
  * Use `create(ResumeRunRequestSchema)` to create a new message.
  */
 export const ResumeRunRequestSchema: GenMessage<ResumeRunRequest> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 42);
+  messageDesc(file_runcap_v1_budget_service, 45);
 
 /**
  * ResumeRunResponse reports the resumed run.
@@ -1887,7 +1985,7 @@ export type ResumeRunResponse = Message<"runcap.v1.ResumeRunResponse"> & {
  * Use `create(ResumeRunResponseSchema)` to create a new message.
  */
 export const ResumeRunResponseSchema: GenMessage<ResumeRunResponse> = /*@__PURE__*/
-  messageDesc(file_runcap_v1_budget_service, 43);
+  messageDesc(file_runcap_v1_budget_service, 46);
 
 /**
  * BudgetService is the budget authority for agent runs. Ask it before every
@@ -1926,6 +2024,18 @@ export const BudgetService: GenService<{
     methodKind: "unary";
     input: typeof GetRunRequestSchema;
     output: typeof GetRunResponseSchema;
+  },
+  /**
+   * Lists the tenant's runs created in a time range, oldest first, with their
+   * state: what showback reports (runcap report) and live views start from.
+   * Paginated (AIP-158). Needs the operator role.
+   *
+   * @generated from rpc runcap.v1.BudgetService.ListRuns
+   */
+  listRuns: {
+    methodKind: "unary";
+    input: typeof ListRunsRequestSchema;
+    output: typeof ListRunsResponseSchema;
   },
   /**
    * Holds an estimated cost against the run, atomically, if it fits. The
