@@ -13,6 +13,7 @@ from runcap_server.ledger.types import (
     ApprovalStatus,
     BudgetState,
     Change,
+    EnforcementMode,
     RunPolicy,
     RunView,
     ScopeRef,
@@ -61,6 +62,12 @@ def policy_pb(policy: RunPolicy) -> budget_pb2.RunPolicy:
         message.max_in_flight = policy.max_in_flight
     if policy.max_children is not None:
         message.max_children = policy.max_children
+    if policy.mode is EnforcementMode.CALIBRATED:
+        message.calibration_min_samples = policy.calibration_min_samples
+    if policy.exposure_allowance_micros is not None:
+        message.exposure_allowance_micros = policy.exposure_allowance_micros
+    if policy.exposure_allowance_percent is not None:
+        message.exposure_allowance_percent = policy.exposure_allowance_percent
     return message
 
 

@@ -17,10 +17,12 @@ from runcap_server import convert
 from runcap_server.alternatives import Alternative
 from runcap_server.errors import FieldViolation, InvalidArgument
 from runcap_server.estimates import Estimate, Pricing
+from runcap_server.ledger.core import calibrated_micros
 from runcap_server.ledger.types import (
     Decision,
     DecisionReason,
     Dimension,
+    EnforcementMode,
     Reservation,
     ReserveResult,
     RunView,
@@ -100,6 +102,10 @@ def reserve_response(
         response.expire_time.CopyFrom(convert.timestamp(result.expires_ms))
     if priced is not None:
         response.estimate.CopyFrom(convert.estimate_pb(priced))
+        _basis(response.estimate, result)
+    if result.mode is EnforcementMode.CALIBRATED:
+        response.exposure_micros = result.exposure_micros
+        response.exposure_ceiling_micros = result.exposure_ceiling_micros
     for alternative in listed:
         response.alternatives.add(
             provider=alternative.price.provider,
@@ -108,6 +114,29 @@ def reserve_response(
             effective_max_output_tokens=alternative.estimate.effective_max_output_tokens,
         )
     return response
+
+
+def _basis(estimate: budget_service_pb2.LlmEstimate, result: ReserveResult) -> None:
+    """How the ledger sized an LLM call's hold (a calibrated run's pricing says)."""
+    if not estimate.amount_micros or not result.pricing:
+        return
+    pricing = Pricing.decode(result.pricing)
+    if pricing.calibration_samples is not None:
+        estimate.calibration_samples = pricing.calibration_samples
+    if pricing.calibrated_output_tokens is None:
+        estimate.basis = budget_service_pb2.ESTIMATE_BASIS_WORST_CASE
+        return
+    estimate.basis = budget_service_pb2.ESTIMATE_BASIS_CALIBRATED
+    estimate.calibrated_output_tokens = pricing.calibrated_output_tokens
+    estimate.calibrated_amount_micros = min(
+        result.worst_micros,
+        calibrated_micros(
+            pricing.input_tokens,
+            pricing.rates.input,
+            pricing.calibrated_output_tokens,
+            pricing.rates.output,
+        ),
+    )
 
 
 def record_pb(view: RunView, reservation: Reservation) -> budget_service_pb2.GetDecisionResponse:

@@ -111,14 +111,28 @@ class Pricing:
     provider: str = ""
     model: str = ""
     input_tokens: int = 0
+    # A CALIBRATED run's call (ledger.core._calibrated appends "#<output>#<n>"):
+    # the output tokens held (None: the worst case) and the samples seen.
+    calibrated_output_tokens: int | None = None
+    calibration_samples: int | None = None
 
     @classmethod
     def decode(cls, pricing: str) -> Pricing:
         version, rates, *call = pricing.split("#")
         if not call:
             return cls(version, Rates.decode(rates))
-        effective, provider, model, input_tokens = call
-        return cls(version, Rates.decode(rates), int(effective), provider, model, int(input_tokens))
+        effective, provider, model, input_tokens, *basis = call
+        output, samples = basis if basis else ("", None)
+        return cls(
+            version,
+            Rates.decode(rates),
+            int(effective),
+            provider,
+            model,
+            int(input_tokens),
+            int(output) if output else None,
+            None if samples is None else int(samples),
+        )
 
 
 def actual_micros(pricing: str, usage: TokenUsage) -> int:

@@ -501,11 +501,15 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
                 minimum=0,
             )
         check.done()
-        tokens = None
+        tokens = output = None
         if usage is not None:
             actual = await self._actual_of(run_id, reservation_id, usage)
             tokens = usage.total_tokens
-        result = await self.backend.commit(self.tenant, run_id, reservation_id, actual, tokens)
+            # What counts against max_output_tokens feeds a calibrated run's estimate.
+            output = usage.output_tokens + usage.reasoning_tokens
+        result = await self.backend.commit(
+            self.tenant, run_id, reservation_id, actual, tokens, output
+        )
         return budget_service_pb2.CommitResponse(
             state=convert.state_pb(result.state),
             overrun_micros=result.overrun_micros,

@@ -15,6 +15,8 @@ from runcap.v1 import budget_pb2, budget_service_pb2
 from runcap_server.errors import FieldViolation, InvalidArgument
 from runcap_server.estimates import LlmCall
 from runcap_server.ledger.types import (
+    CALIBRATION_RING,
+    DEFAULT_CALIBRATION_MIN_SAMPLES,
     DEFAULT_MAX_DEPTH,
     MAX_MICROS,
     MAX_RUN_DEPTH,
@@ -303,6 +305,35 @@ class Validator:
         for i, name in enumerate(message.approved_meters):
             self.meter(f"{field}.approved_meters[{i}]", name)
         self.model_refs(f"{field}.downgrade_models", message.downgrade_models)
+        calibrated = mode is EnforcementMode.CALIBRATED
+        min_samples = message.calibration_min_samples or DEFAULT_CALIBRATION_MIN_SAMPLES
+        self.count(
+            f"{field}.calibration_min_samples", min_samples, minimum=1, maximum=CALIBRATION_RING
+        )
+        allowance_micros = allowance_percent = None
+        if message.HasField("exposure_allowance_micros"):
+            allowance_micros = self.micros(
+                f"{field}.exposure_allowance_micros", message.exposure_allowance_micros, minimum=0
+            )
+        if message.HasField("exposure_allowance_percent"):
+            allowance_percent = self.count(
+                f"{field}.exposure_allowance_percent",
+                message.exposure_allowance_percent,
+                minimum=0,
+                maximum=100,
+            )
+            if allowance_micros is not None:
+                self.fail(
+                    f"{field}.exposure_allowance_percent",
+                    "is not allowed with exposure_allowance_micros (set one)",
+                )
+        for name, given in (
+            ("calibration_min_samples", message.calibration_min_samples),
+            ("exposure_allowance_micros", allowance_micros is not None),
+            ("exposure_allowance_percent", allowance_percent is not None),
+        ):
+            if given and not calibrated:
+                self.fail(f"{field}.{name}", "applies only to ENFORCEMENT_MODE_CALIBRATED")
         return RunPolicy(
             mode=mode,
             soft_margin_percent=margin,
@@ -321,6 +352,9 @@ class Validator:
                 f"{field}.approval_percent", message.approval_percent, minimum=0, maximum=100
             ),
             approved_meters=tuple(sorted(set(message.approved_meters))),
+            calibration_min_samples=min_samples,
+            exposure_allowance_micros=allowance_micros,
+            exposure_allowance_percent=allowance_percent,
         )
 
     def scope(self, field: str, kind: int, scope_id: str) -> ScopeRef:

@@ -343,3 +343,60 @@ async def test_a_bad_tenant_price_is_refused_and_changes_nothing(
     }
     shown = await llm.GetModelPrice(pb.GetModelPriceRequest(provider="acme", model="big"))
     assert (shown.tenant_override, shown.price.input_rate) == (False, 3_000_000)
+
+
+async def test_a_calibrated_run_learns_its_outputs_and_reports_its_exposure(
+    llm: BudgetServiceAsyncStub,
+) -> None:
+    policy = budget_pb2.RunPolicy(
+        enforcement_mode=budget_pb2.ENFORCEMENT_MODE_CALIBRATED, calibration_min_samples=2
+    )
+    run_id = await create_run(llm, limit_micros=1_000_000, policy=policy)
+    # 1,000 x 3 + 8,000 x 15 = 123,000 worst case; 200 real output tokens cost 6,000.
+    for i in range(2):
+        warm = await llm.Reserve(
+            pb.ReserveRequest(
+                run_id=run_id, reservation_id=f"w{i}", llm_call=call("big", 1_000, 8_000)
+            )
+        )
+        assert (warm.amount_micros, warm.estimate.basis) == (123_000, pb.ESTIMATE_BASIS_WORST_CASE)
+        assert warm.estimate.calibration_samples == i
+        usage = pb.TokenUsage(input_tokens=1_000, output_tokens=150, reasoning_tokens=50)
+        await llm.Commit(pb.CommitRequest(run_id=run_id, reservation_id=f"w{i}", usage=usage))
+
+    reply = await llm.Reserve(
+        pb.ReserveRequest(run_id=run_id, reservation_id="next", llm_call=call("big", 1_000, 8_000))
+    )
+
+    assert reply.decision == budget_pb2.DECISION_ALLOW
+    estimate = reply.estimate
+    assert (estimate.basis, estimate.calibrated_output_tokens, estimate.calibration_samples) == (
+        pb.ESTIMATE_BASIS_CALIBRATED,
+        200,
+        2,
+    )
+    assert (estimate.amount_micros, estimate.calibrated_amount_micros) == (123_000, 6_000)
+    assert (reply.amount_micros, reply.state.reserved_micros) == (6_000, 6_000)
+    assert (reply.exposure_micros, reply.exposure_ceiling_micros) == (12_000 + 123_000, 1_100_000)
+    run = (await llm.GetRun(pb.GetRunRequest(run_id=run_id))).run
+    assert run.policy.enforcement_mode == budget_pb2.ENFORCEMENT_MODE_CALIBRATED
+    assert run.policy.calibration_min_samples == 2
+
+
+async def test_exposure_allowances_apply_only_to_calibrated_runs(
+    llm: BudgetServiceAsyncStub,
+) -> None:
+    for policy in (
+        budget_pb2.RunPolicy(exposure_allowance_micros=10),
+        budget_pb2.RunPolicy(
+            enforcement_mode=budget_pb2.ENFORCEMENT_MODE_CALIBRATED,
+            exposure_allowance_micros=10,
+            exposure_allowance_percent=5,
+        ),
+        budget_pb2.RunPolicy(
+            enforcement_mode=budget_pb2.ENFORCEMENT_MODE_CALIBRATED, calibration_min_samples=33
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await create_run(llm, limit_micros=1_000, policy=policy)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -74,10 +74,13 @@ class _UnplugableLedger(ModelLedger):
         reservation_id: str,
         actual_micros: int,
         actual_tokens: int | None = None,
+        output_tokens: int | None = None,
     ) -> CommitResult:
         if self.unplugged:
             raise errors.BackendUnavailable("unplugged by the test")
-        return await super().commit(tenant, run_id, reservation_id, actual_micros, actual_tokens)
+        return await super().commit(
+            tenant, run_id, reservation_id, actual_micros, actual_tokens, output_tokens
+        )
 
 
 @dataclass

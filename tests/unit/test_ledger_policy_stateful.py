@@ -1,12 +1,13 @@
 """Run policies on every storage backend against the reference model, under Hypothesis.
 
 Runs get random policies (every enforcement mode, thresholds and throttle
-delays, token, meter, rate and in-flight limits, escalation triggers), then
-random reserves (money, LLM-call tokens, meter units), commits (with and
-without actual tokens), refunds, approvals and denials, sweeps and clock
-moves. Every answer, every stored row and every change log must equal the
-model's; test_ledger_policy.py pins the model's answers to hand-worked
-examples.
+delays, token, meter, rate and in-flight limits, escalation triggers,
+calibration and exposure allowances), then random reserves (money, LLM-call
+tokens, priced LLM calls, meter units), commits (with and without actual and
+output tokens), refunds, approvals and denials, sweeps and clock moves.
+Every answer, every stored row and every change log must equal the model's;
+a CALIBRATED run's exposure invariant (check_exposure) must hold after every
+step. test_ledger_policy.py pins the model's answers to hand-worked examples.
 """
 
 from __future__ import annotations
@@ -31,7 +32,16 @@ from hypothesis.stateful import (
 from runcap_server import errors
 from runcap_server.clock import ManualClock
 from runcap_server.ledger.saga import ReserveExtras
-from runcap_server.ledger.types import EnforcementMode, RunPolicy, RunSpec
+from runcap_server.ledger.types import (
+    SETTLED_BY_COMMIT,
+    Account,
+    EnforcementMode,
+    Reservation,
+    ReservationStatus,
+    RunPolicy,
+    RunSpec,
+)
+from runcap_server.prices import Rates, estimate_micros
 from tests.ledger_backends import (
     NO_REDIS,
     Ledger,
@@ -47,9 +57,18 @@ RUNS = st.sampled_from(["r0", "r0", "r1"])
 IDS = st.sampled_from(["a", "b", "c", "d", "e", "f"])
 METERS = st.sampled_from(["", "", "tool:x", "tool:y"])
 
+# Priced LLM calls (estimates.Estimate.pricing) on two models, one with rates
+# large enough to exercise the Redis script's exact arithmetic.
+MODELS = {
+    "m1": Rates(1_500_000, 2_500_001, 0, 0, 0),
+    "m2": Rates(3, 2**40 + 999_999, 0, 0, 0),
+}
+
+LIMITS = st.integers(50, 500) | st.just(4_000_000)
+
 POLICIES = st.builds(
     RunPolicy,
-    mode=st.sampled_from(list(EnforcementMode)),
+    mode=st.sampled_from([*EnforcementMode, EnforcementMode.CALIBRATED]),
     soft_margin_percent=st.sampled_from([0, 10, 50]),
     thresholds=st.sampled_from([(60, 80, 95), (0, 0, 0), (0, 0, 50), (10, 20, 30)]),
     throttle_base_ms=st.sampled_from([1, 100, 400]),
@@ -60,6 +79,9 @@ POLICIES = st.builds(
     max_in_flight=st.none() | st.integers(1, 3),
     approval_percent=st.sampled_from([0, 0, 50, 90]),
     approved_meters=st.sampled_from([(), (), ("tool:x",)]),
+    calibration_min_samples=st.integers(1, 4),
+    exposure_allowance_micros=st.none() | st.integers(0, 100),
+    exposure_allowance_percent=st.none() | st.sampled_from([0, 25]),
 )
 
 
@@ -110,11 +132,11 @@ class PolicyMachine(RuleBasedStateMachine):
         for kind, outcome in zip(self.kinds, outcomes[1:], strict=True):
             assert outcome == outcomes[0], (kind, outcomes[0], outcome)
 
-    @initialize(policy=POLICIES, limit=st.integers(50, 500))
+    @initialize(policy=POLICIES, limit=LIMITS)
     def create_first(self, policy: RunPolicy, limit: int) -> None:
         self.create("r0", policy, limit)
 
-    @rule(run_id=RUNS, policy=POLICIES, limit=st.integers(50, 500))
+    @rule(run_id=RUNS, policy=POLICIES, limit=LIMITS)
     def create(self, run_id: str, policy: RunPolicy, limit: int) -> None:
         self.same(
             lambda ledger: ledger.create_run(T, RunSpec(run_id, limit, {}, None, policy=policy))
@@ -152,11 +174,45 @@ class PolicyMachine(RuleBasedStateMachine):
     @rule(
         run_id=RUNS,
         reservation_id=IDS,
+        model=st.sampled_from(sorted(MODELS)),
+        input_tokens=st.integers(0, 20),
+        max_output=st.integers(1, 60),
+        ttl=st.none() | st.sampled_from([300, 1_000]),
+    )
+    def reserve_llm(
+        self,
+        run_id: str,
+        reservation_id: str,
+        model: str,
+        input_tokens: int,
+        max_output: int,
+        ttl: int | None,
+    ) -> None:
+        rates = MODELS[model]
+        amount = estimate_micros(rates, input_tokens, max_output) if model == "m1" else 0
+        if model == "m2":
+            # Large rates: only a run with a large limit holds these.
+            max_output = max_output % 3 + 1
+            amount = estimate_micros(rates, input_tokens, max_output)
+        pricing = f"v1#{rates.encode()}#{max_output}#acme#{model}#{input_tokens}"
+        extras = ReserveExtras(
+            fingerprint=f"llm:acme:{model}:{input_tokens}:{max_output}",
+            pricing=pricing,
+            tokens=input_tokens + max_output,
+        )
+        self.same(lambda ledger: ledger.reserve(T, run_id, reservation_id, amount, ttl, extras))
+
+    @rule(
+        run_id=RUNS,
+        reservation_id=IDS,
         actual=st.integers(0, 150),
         tokens=st.none() | st.integers(0, 200),
+        output=st.none() | st.integers(0, 80),
     )
-    def commit(self, run_id: str, reservation_id: str, actual: int, tokens: int | None) -> None:
-        self.same(lambda ledger: ledger.commit(T, run_id, reservation_id, actual, tokens))
+    def commit(
+        self, run_id: str, reservation_id: str, actual: int, tokens: int | None, output: int | None
+    ) -> None:
+        self.same(lambda ledger: ledger.commit(T, run_id, reservation_id, actual, tokens, output))
 
     @rule(
         run_id=RUNS,
@@ -202,6 +258,33 @@ class PolicyMachine(RuleBasedStateMachine):
                 assert state.committed_micros + state.reserved_micros <= (
                     state.limit_micros + state.overrun_micros
                 )
+            if account.policy.mode is EnforcementMode.CALIBRATED:
+                check_exposure(account, model[1])
+
+
+def check_exposure(account: Account, reservations: list[Reservation]) -> None:
+    """A CALIBRATED run's invariants.
+
+    Its exposure is the sum of the worst cases of the holds in flight, and
+    committed + exposure <= limit + allowance + what commits billed beyond
+    their own worst case (all of a late commit's cost: its hold was gone).
+    The calibrated gate also holds: committed + reserved <= limit + overrun.
+    """
+    held = [r for r in reservations if r.status is ReservationStatus.HELD]
+    assert account.exposure_micros == sum(r.amount_micros for r in held)
+    beyond = sum(
+        r.actual_micros or 0
+        if r.status is ReservationStatus.LATE_COMMITTED
+        else max(0, (r.actual_micros or 0) - r.amount_micros)
+        for r in reservations
+        if r.status in SETTLED_BY_COMMIT
+    )
+    limit = account.spec.limit_micros
+    ceiling = limit + account.policy.exposure_allowance(limit)
+    assert account.committed_micros + account.exposure_micros <= ceiling + beyond
+    assert account.committed_micros + account.reserved_micros <= limit + account.overrun_micros
+    for r in held:
+        assert r.held_micros <= r.amount_micros
 
 
 SETTINGS = settings(max_examples=120, deadline=None, stateful_step_count=30)

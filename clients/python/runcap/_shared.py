@@ -165,7 +165,7 @@ ScopeKindName = Literal["run", "api_key", "user", "team"]
 PeriodName = Literal["lifetime", "daily", "monthly"]
 """The short name of a `runcap.v1.Period`: ``"daily"`` is ``PERIOD_DAILY``."""
 
-EnforcementModeName = Literal["hard_gate", "soft_gate", "advisory", "actuals_only"]
+EnforcementModeName = Literal["hard_gate", "soft_gate", "advisory", "actuals_only", "calibrated"]
 """The short name of a `runcap.v1.EnforcementMode`: ``"advisory"`` is
 ``ENFORCEMENT_MODE_ADVISORY``."""
 
@@ -197,6 +197,7 @@ _ENFORCEMENT_MODES: Final[dict[str, budget_pb2.EnforcementMode.ValueType]] = {
     "soft_gate": budget_pb2.ENFORCEMENT_MODE_SOFT_GATE,
     "advisory": budget_pb2.ENFORCEMENT_MODE_ADVISORY,
     "actuals_only": budget_pb2.ENFORCEMENT_MODE_ACTUALS_ONLY,
+    "calibrated": budget_pb2.ENFORCEMENT_MODE_CALIBRATED,
 }
 
 
@@ -481,7 +482,8 @@ class RunPolicy:
         enforcement_mode: How the ceilings are enforced: a
             `runcap.v1.EnforcementMode` value or its short name
             (``"hard_gate"``, ``"soft_gate"``, ``"advisory"``,
-            ``"actuals_only"``); None for the default (a hard gate).
+            ``"actuals_only"``, ``"calibrated"``); None for the default (a
+            hard gate).
         soft_gate_margin_percent: For a soft gate, how far past the limit
             estimates may go, in percent of it (0 to 100).
         thresholds: The graduated response; None for the server's defaults.
@@ -513,6 +515,13 @@ class RunPolicy:
         approved_meters: When set, a call naming a meter not on this list
             needs that meter's approval first. Same names as `meter_limits`;
             at most 32.
+        calibration_min_samples: For ``"calibrated"``: the committed calls
+            to a model (with usage) to observe before its calls are held at
+            the learned output estimate (1 to 32; None for the default, 5).
+        exposure_allowance_micros: For ``"calibrated"``: how far past the
+            limit committed spend plus the worst cases in flight may go.
+        exposure_allowance_percent: The same in percent of the limit (at
+            most one of the two; neither: 10%).
     """
 
     enforcement_mode: EnforcementMode | None = None
@@ -530,6 +539,9 @@ class RunPolicy:
     downgrade_models: Sequence[str] = ()
     approval_percent: int = 0
     approved_meters: Sequence[str] = ()
+    calibration_min_samples: int | None = None
+    exposure_allowance_micros: int | None = None
+    exposure_allowance_percent: int | None = None
 
     def to_proto(self) -> budget_pb2.RunPolicy:
         """The `runcap.v1.RunPolicy` message; ValueError for an unknown
@@ -554,6 +566,9 @@ class RunPolicy:
             downgrade_models=_strings("downgrade_models", self.downgrade_models),
             approval_percent=self.approval_percent,
             approved_meters=_strings("approved_meters", self.approved_meters),
+            calibration_min_samples=self.calibration_min_samples or 0,
+            exposure_allowance_micros=self.exposure_allowance_micros,
+            exposure_allowance_percent=self.exposure_allowance_percent,
         )
 
 

@@ -79,9 +79,11 @@ class Backend(Protocol):
         reservation_id: str,
         actual_micros: int,
         actual_tokens: int | None = None,
+        output_tokens: int | None = None,
     ) -> CommitResult:
         """Settle with the actual cost; `actual_tokens` (an LLM call's usage)
-        replaces the tokens held, when given."""
+        replaces the tokens held, when given, and `output_tokens` (its output,
+        reasoning included) feed a CALIBRATED run's samples."""
         ...
 
     async def refund(self, tenant: str, run_id: str, reservation_id: str) -> RefundResult: ...

@@ -89,6 +89,7 @@ from runcap_server.ledger.types import (
     Threshold,
     approval_id,
     decode_approvals,
+    decode_calibration,
     decode_dims,
     decode_given_policy,
     decode_usage,
@@ -192,6 +193,17 @@ def _state(run_id: str, values: Sequence[Any]) -> BudgetState:
         reserved_tokens=reserved_tokens,
         digest=values[7].decode(),
     )
+
+
+def _calibration(values: Sequence[Any]) -> dict[str, Any]:
+    """A reserve reply's tail: worst case, pricing, then a CALIBRATED run's
+    exposure and its ceiling ("" otherwise)."""
+    worst, pricing, exposure, ceiling = values
+    out: dict[str, Any] = {"worst_micros": int(worst), "pricing": pricing.decode()}
+    if exposure:
+        out["exposure_micros"] = int(exposure)
+        out["exposure_ceiling_micros"] = int(ceiling)
+    return out
 
 
 def _dims_arg(dims: Mapping[str, int]) -> str:
@@ -634,6 +646,8 @@ class RedisLedger:
             mode=EnforcementMode(int(mode)),
             approval=approval.decode(),
             now_ms=int(now),
+            # ledger.lua calibration(): worst case, pricing, exposure, ceiling.
+            **_calibration(reply[13 + STATE_LEN : 17 + STATE_LEN]),
         )
         if result.expires_ms is not None and not result.replayed:
             self._index(tenant, run_id, result.expires_ms)
@@ -719,9 +733,10 @@ class RedisLedger:
         reservation_id: str,
         actual_micros: int,
         actual_tokens: int | None = None,
+        output_tokens: int | None = None,
     ) -> CommitResult:
         reply = await self._script(
-            tenant, run_id, "commit", reservation_id, actual_micros, actual_tokens
+            tenant, run_id, "commit", reservation_id, actual_micros, actual_tokens, output_tokens
         )
         replayed, status, actual, held, overrun = reply[0:5]
         result = CommitResult(
@@ -1074,6 +1089,8 @@ class RedisLedger:
             children=int(await self._cmd("scard", kids)),
             usage=decode_usage(f.get("use", "")),
             approvals=decode_approvals(f.get("apv", "")),
+            exposure_micros=int(f.get("xpo", 0)),
+            calibration=decode_calibration(f.get("cal", "")),
         )
         records = await self._cmd("hgetall", r)
         reservations = [_decode_reservation(k.decode(), v.decode()) for k, v in records.items()]

@@ -55,10 +55,12 @@ from runcap_server.ledger.types import (
     ScopeRef,
     Threshold,
     decode_approvals,
+    decode_calibration,
     decode_dims,
     decode_given_policy,
     decode_usage,
     encode_approvals,
+    encode_calibration,
     encode_dims,
     encode_given_policy,
     encode_usage,
@@ -66,7 +68,7 @@ from runcap_server.ledger.types import (
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 SYNCHRONOUS_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 
 # Every table is keyed by (tenant, run_id, ...): a run's rows are one range of
@@ -103,6 +105,8 @@ CREATE TABLE IF NOT EXISTS runs (
     children INTEGER NOT NULL DEFAULT 0,
     usage TEXT NOT NULL DEFAULT '',
     approvals TEXT NOT NULL DEFAULT '',
+    exposure_micros INTEGER NOT NULL DEFAULT 0,
+    calibration TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (tenant, run_id)
 ) STRICT, WITHOUT ROWID;
 
@@ -238,7 +242,7 @@ _ACCOUNT_COLUMNS = (
     "committed_micros, reserved_micros, overrun_micros, active_reservations, revision, digest, "
     "parent_run_id, api_key_id, user_id, team_id, lineage, spec_policy, policy, threshold, "
     "throttle_strikes, throttle_until_ms, rate_window_ms, rate_count, children, usage, "
-    "approvals"
+    "approvals, exposure_micros, calibration"
 )
 _RESERVATION_COLUMNS = (
     "reservation_id, amount_micros, requested_ttl_ms, status, reason, created_ms, "
@@ -302,6 +306,8 @@ def _account(run_id: str, row: tuple[Any, ...]) -> Account:
         children=row[24],
         usage=decode_usage(row[25]),
         approvals=decode_approvals(row[26]),
+        exposure_micros=row[27],
+        calibration=decode_calibration(row[28]),
     )
 
 
@@ -446,7 +452,8 @@ class _SqlStore:
             "throttle_until_ms = excluded.throttle_until_ms, "
             "rate_window_ms = excluded.rate_window_ms, rate_count = excluded.rate_count, "
             "children = excluded.children, usage = excluded.usage, "
-            "approvals = excluded.approvals",
+            "approvals = excluded.approvals, exposure_micros = excluded.exposure_micros, "
+            "calibration = excluded.calibration",
             (
                 self.tenant,
                 self.run_id,
@@ -477,6 +484,8 @@ class _SqlStore:
                 account.children,
                 encode_usage(account.usage),
                 encode_approvals(account.approvals),
+                account.exposure_micros,
+                encode_calibration(account.calibration),
             ),
         )
 
@@ -889,6 +898,10 @@ class SqliteLedger:
                 )
         if 0 < version < 5:
             _migrate_to_policies(conn)
+        if 0 < version < 6:
+            # Version 6 added CALIBRATED runs (none exist before it).
+            conn.execute("ALTER TABLE runs ADD COLUMN exposure_micros INTEGER NOT NULL DEFAULT 0")
+            conn.execute("ALTER TABLE runs ADD COLUMN calibration TEXT NOT NULL DEFAULT ''")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _close_connection(self) -> None:
@@ -984,11 +997,12 @@ class SqliteLedger:
         reservation_id: str,
         actual_micros: int,
         actual_tokens: int | None = None,
+        output_tokens: int | None = None,
     ) -> CommitResult:
         return await self._op(
             tenant,
             lambda s, now: saga.commit(
-                s, run_id, reservation_id, actual_micros, now, actual_tokens
+                s, run_id, reservation_id, actual_micros, now, actual_tokens, output_tokens
             ),
         )
 

@@ -21,6 +21,8 @@ from runcap_server.ledger.scopes import ParentOutcome
 from runcap_server.ledger.types import (
     ADVISORY_REASONS,
     APPROVAL_REASONS,
+    CALIBRATION_MODELS,
+    CALIBRATION_RING,
     MAX_MICROS,
     SETTLED_BY_COMMIT,
     SPEND_APPROVAL,
@@ -133,6 +135,8 @@ class _Txn:
         account = self.account
         account.reserved_micros -= reservation.held_micros
         account.active_reservations -= 1
+        if account.policy.mode is EnforcementMode.CALIBRATED:
+            account.exposure_micros -= reservation.amount_micros
         for dim, units in reservation.dims.items():
             reserved, committed = account.usage[dim]
             _set_usage(account, dim, reserved - units, committed)
@@ -281,10 +285,9 @@ def reserve(
         return _reserve_result(previous, txn.apply(), txn.account, now_ms, replayed=True)
     ttl_ms = requested_ttl_ms or txn.account.spec.default_ttl_ms or server_default_ttl_ms
     reservation = _decide(
-        txn, reservation_id, amount_micros, requested_ttl_ms, ttl_ms, parent_block, dims
+        txn, reservation_id, amount_micros, requested_ttl_ms, ttl_ms, parent_block, dims, pricing
     )
     reservation.fingerprint = fingerprint
-    reservation.pricing = pricing
     return _reserve_result(reservation, txn.apply(), txn.account, now_ms, replayed=False)
 
 
@@ -328,7 +331,77 @@ def _reserve_result(
         mode=account.policy.mode,
         approval=reservation.approval,
         now_ms=now_ms,
+        worst_micros=reservation.amount_micros,
+        pricing=reservation.pricing,
+        **_exposure(account),
     )
+
+
+def _exposure(account: Account) -> dict[str, int]:
+    """A CALIBRATED run's exposure and its ceiling (ReserveResult's fields)."""
+    if account.policy.mode is not EnforcementMode.CALIBRATED:
+        return {}
+    limit = account.spec.limit_micros
+    return {
+        "exposure_micros": account.committed_micros + account.exposure_micros,
+        "exposure_ceiling_micros": limit + account.policy.exposure_allowance(limit),
+    }
+
+
+# Rates are micro-USD per this many tokens (prices.TOKENS_PER_RATE).
+_PER_RATE = 1_000_000
+
+
+def _llm_call(pricing: str) -> tuple[str, int, int, int, int] | None:
+    """An LLM call's (model key "provider/model", input rate, output rate,
+    effective max output, input tokens) from its pricing
+    (estimates.Estimate.pricing); None for anything else."""
+    parts = pricing.split("#")
+    if len(parts) < 6:
+        return None
+    rates = parts[1].split(",")
+    return f"{parts[3]}/{parts[4]}", int(rates[0]), int(rates[1]), int(parts[2]), int(parts[5])
+
+
+def calibrated_micros(input_tokens: int, input_rate: int, output_tokens: int, rate: int) -> int:
+    """prices.estimate_micros, computed as the Redis script does: every
+    product stays below 2**53 (tokens are at most 10**9 each)."""
+    whole = input_tokens * (input_rate // _PER_RATE) + output_tokens * (rate // _PER_RATE)
+    part = input_tokens * (input_rate % _PER_RATE) + output_tokens * (rate % _PER_RATE)
+    return whole + -(-part // _PER_RATE)
+
+
+def _calibrated(account: Account, amount_micros: int, pricing: str) -> tuple[int, str]:
+    """What a new reservation holds, and the pricing stored with it.
+
+    A CALIBRATED run holds an LLM call at its input plus the largest output
+    of the model's last CALIBRATION_RING calls (at most the effective max
+    output) once it has seen calibration_min_samples of them; before, and in
+    every other mode, at `amount_micros` (the worst case). The pricing gains
+    the basis: "#<output estimate>#<samples>" ("" estimate: the worst case).
+    """
+    call = _llm_call(pricing)
+    if account.policy.mode is not EnforcementMode.CALIBRATED or call is None:
+        return amount_micros, pricing
+    key, input_rate, output_rate, effective, input_tokens = call
+    samples = account.calibration.get(key, ())
+    if len(samples) < account.policy.calibration_min_samples:
+        return amount_micros, f"{pricing}##{len(samples)}"
+    output = min(max(samples), effective)
+    held = calibrated_micros(input_tokens, input_rate, output, output_rate)
+    return min(amount_micros, held), f"{pricing}#{output}#{len(samples)}"
+
+
+def _observe(account: Account, pricing: str, output_tokens: int) -> None:
+    """A CALIBRATED run's committed LLM call feeds its model's samples."""
+    call = _llm_call(pricing)
+    if account.policy.mode is not EnforcementMode.CALIBRATED or call is None:
+        return
+    key = call[0]
+    samples = account.calibration.get(key)
+    if samples is None and len(account.calibration) >= CALIBRATION_MODELS:
+        return  # bounded: a run's further models stay at their worst case
+    account.calibration[key] = (*(samples or ()), output_tokens)[-CALIBRATION_RING:]
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +414,16 @@ class _Verdict:
     retry_at_ms: int | None = None
     scope: ScopeRef | None = None
     period: Period | None = None
+
+
+def _fits_exposure(account: Account, worst_micros: int) -> bool:
+    """A CALIBRATED run's second ceiling: committed + the worst cases in
+    flight, this one's included, within the limit plus the allowance."""
+    if account.policy.mode is not EnforcementMode.CALIBRATED:
+        return True
+    limit = account.spec.limit_micros
+    exposure = account.committed_micros + account.exposure_micros + worst_micros
+    return exposure <= limit + account.policy.exposure_allowance(limit)
 
 
 def _fits_money(account: Account, amount_micros: int) -> bool:
@@ -379,7 +462,7 @@ def _rate_window(policy: RunPolicy, now_ms: int) -> int:
 
 
 def _check(
-    account: Account, amount_micros: int, dims: Mapping[str, int], now_ms: int
+    account: Account, amount_micros: int, dims: Mapping[str, int], now_ms: int, worst_micros: int
 ) -> _Verdict | None:
     """The run's own verdict on a new reservation; None allows it.
 
@@ -392,6 +475,13 @@ def _check(
     if not _fits_money(account, amount_micros):
         return _Verdict(
             DecisionReason.INSUFFICIENT_BUDGET, Dimension.SPEND, scope=run, period=Period.LIFETIME
+        )
+    if not _fits_exposure(account, worst_micros):
+        return _Verdict(
+            DecisionReason.INSUFFICIENT_BUDGET,
+            Dimension.EXPOSURE,
+            scope=run,
+            period=Period.LIFETIME,
         )
     for dim, units in sorted(dims.items()):
         limit = policy.limit_of(dim)
@@ -489,6 +579,7 @@ def _decide(
     ttl_ms: int,
     parent_block: ParentOutcome | None = None,
     dims: Mapping[str, int] | None = None,
+    pricing: str = "",
     *,
     own_limits: bool = True,
 ) -> Reservation:
@@ -503,6 +594,7 @@ def _decide(
     dims = dict(dims or {})
     verdict: _Verdict | None
     run = ScopeRef(ScopeKind.RUN, account.run_id)
+    hold, pricing = _calibrated(account, amount_micros, pricing)
     # Totals must stay exact in every backend (Lua numbers are doubles): not
     # even an advisory or soft-gated run holds past MAX_MICROS.
     overflow = account.committed_micros + account.reserved_micros + amount_micros > MAX_MICROS
@@ -515,10 +607,17 @@ def _decide(
     elif account.status is RunStatus.SUSPENDED:
         verdict = _Verdict(DecisionReason.SUSPENDED, scope=run, period=Period.LIFETIME)
     elif own_limits:
-        verdict = _check(account, amount_micros, dims, txn.now_ms)
-    elif not _fits_money(account, amount_micros):
+        verdict = _check(account, hold, dims, txn.now_ms, amount_micros)
+    elif not _fits_money(account, hold):
         verdict = _Verdict(
             DecisionReason.INSUFFICIENT_BUDGET, Dimension.SPEND, scope=run, period=Period.LIFETIME
+        )
+    elif not _fits_exposure(account, amount_micros):
+        verdict = _Verdict(
+            DecisionReason.INSUFFICIENT_BUDGET,
+            Dimension.EXPOSURE,
+            scope=run,
+            period=Period.LIFETIME,
         )
     else:
         verdict = None
@@ -540,6 +639,7 @@ def _decide(
         status=ReservationStatus.BLOCKED,
         reason=DecisionReason.WITHIN_BUDGET,
         created_ms=txn.now_ms,
+        pricing=pricing,
         dims=dims,
     )
     if verdict is not None:
@@ -560,12 +660,14 @@ def _decide(
         and verdict.reason in ADVISORY_REASONS
     )
     if verdict is None or warn:
-        held = 0 if actuals else amount_micros
+        held = 0 if actuals else hold
         reservation.status = ReservationStatus.HELD
         reservation.held_micros = held
         reservation.expires_ms = txn.now_ms + ttl_ms
         account.reserved_micros += held
         account.active_reservations += 1
+        if account.policy.mode is EnforcementMode.CALIBRATED:
+            account.exposure_micros += amount_micros
         for dim, units in dims.items():
             reserved, committed = account.usage.get(dim, (0, 0))
             _set_usage(account, dim, reserved + units, committed)
@@ -654,7 +756,11 @@ def commit(
     actual_micros: int,
     now_ms: int,
     actual_tokens: int | None = None,
+    output_tokens: int | None = None,
 ) -> CommitResult:
+    """Settle a reservation with its actual cost; `actual_tokens` are all its
+    tokens and `output_tokens` its output (reasoning included) when committed
+    by usage: they feed a CALIBRATED run's samples."""
     txn = _open(store, run_id, now_ms)
     reservation = _reservation(txn, reservation_id)
     if reservation is None:
@@ -677,6 +783,8 @@ def commit(
         )
 
     overrun = _commit(txn, run_id, reservation, actual_micros, actual_tokens)
+    if output_tokens is not None:
+        _observe(txn.account, reservation.pricing, output_tokens)
     return CommitResult(
         state=txn.apply(),
         reservation_status=reservation.status,

@@ -254,11 +254,12 @@ class ModelLedger:
         reservation_id: str,
         actual_micros: int,
         actual_tokens: int | None = None,
+        output_tokens: int | None = None,
     ) -> CommitResult:
         return self._op(
             tenant,
             lambda s, now: saga.commit(
-                s, run_id, reservation_id, actual_micros, now, actual_tokens
+                s, run_id, reservation_id, actual_micros, now, actual_tokens, output_tokens
             ),
         )
 

@@ -263,9 +263,16 @@ def commit(
     actual_micros: int,
     now_ms: int,
     actual_tokens: int | None = None,
+    output_tokens: int | None = None,
 ) -> CommitResult:
     result = core.commit(
-        stores.run(run_id), run_id, reservation_id, actual_micros, now_ms, actual_tokens
+        stores.run(run_id),
+        run_id,
+        reservation_id,
+        actual_micros,
+        now_ms,
+        actual_tokens,
+        output_tokens,
     )
     hold = hold_id(run_id, reservation_id)
     for parent in _account(stores, run_id).lineage.parents():

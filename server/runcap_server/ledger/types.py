@@ -95,6 +95,7 @@ class EnforcementMode(IntEnum):
     SOFT_GATE = 2
     ADVISORY = 3
     ACTUALS_ONLY = 4
+    CALIBRATED = 5
 
 
 class Dimension(IntEnum):
@@ -103,6 +104,7 @@ class Dimension(IntEnum):
     METER = 3
     RATE = 4
     IN_FLIGHT = 5
+    EXPOSURE = 6
 
 
 class Threshold(IntEnum):
@@ -176,6 +178,13 @@ MAX_RUN_DEPTH = 16
 DEFAULT_MAX_DEPTH = 5
 DEFAULT_THRESHOLDS = (60, 80, 95)
 
+# CALIBRATED mode: each model's last CALIBRATION_RING observed output tokens
+# are kept with the run, for at most CALIBRATION_MODELS models per run.
+CALIBRATION_RING = 32
+CALIBRATION_MODELS = 16
+DEFAULT_CALIBRATION_MIN_SAMPLES = 5
+DEFAULT_EXPOSURE_ALLOWANCE_PERCENT = 10
+
 # A run's dimensions beyond money, as stored: "tokens" and "m:<meter>".
 TOKENS = "tokens"
 
@@ -214,6 +223,12 @@ class RunPolicy:
     # to meters not on this list (empty: none), need an approval first.
     approval_percent: int = 0
     approved_meters: tuple[str, ...] = ()
+    # CALIBRATED mode: observed outputs per model needed before an LLM call is
+    # held at its calibrated estimate, and the exposure allowance (micro-USD,
+    # else percent of the limit, else DEFAULT_EXPOSURE_ALLOWANCE_PERCENT).
+    calibration_min_samples: int = DEFAULT_CALIBRATION_MIN_SAMPLES
+    exposure_allowance_micros: int | None = None
+    exposure_allowance_percent: int | None = None
 
     _KEYS = (
         ("mode", "mode"),
@@ -231,7 +246,19 @@ class RunPolicy:
         ("downgrade_models", "dm"),
         ("approval_percent", "ap"),
         ("approved_meters", "am"),
+        ("calibration_min_samples", "cms"),
+        ("exposure_allowance_micros", "xa"),
+        ("exposure_allowance_percent", "xp"),
     )
+
+    def exposure_allowance(self, limit_micros: int) -> int:
+        """How far past the limit a CALIBRATED run's worst-case exposure may go."""
+        if self.exposure_allowance_micros is not None:
+            return self.exposure_allowance_micros
+        percent = self.exposure_allowance_percent
+        if percent is None:
+            percent = DEFAULT_EXPOSURE_ALLOWANCE_PERCENT
+        return limit_micros * percent // 100
 
     def limit_of(self, dim: str) -> int | None:
         if dim == TOKENS:
@@ -297,6 +324,23 @@ def decode_dims(text: str) -> dict[str, int]:
         key, _, value = part.rpartition("=")
         out[key] = int(value)
     return out
+
+
+def encode_calibration(calibration: Mapping[str, tuple[int, ...]]) -> str:
+    """A run's observed outputs: "provider/model#12,40,7#provider/model2#..."
+    (sorted by model; each model's samples oldest first). "#" never appears in
+    provider or model names (estimates.Estimate.pricing)."""
+    parts: list[str] = []
+    for key, samples in sorted(calibration.items()):
+        parts += [key, ",".join(str(v) for v in samples)]
+    return "#".join(parts)
+
+
+def decode_calibration(text: str) -> dict[str, tuple[int, ...]]:
+    parts = text.split("#") if text else []
+    return {
+        parts[i]: tuple(int(v) for v in parts[i + 1].split(",")) for i in range(0, len(parts), 2)
+    }
 
 
 def encode_approvals(approvals: Mapping[str, ApprovalStatus]) -> str:
@@ -449,6 +493,10 @@ class Account:
     usage: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     # Escalations by trigger (SPEND_APPROVAL, "m:<meter>").
     approvals: dict[str, ApprovalStatus] = dataclasses.field(default_factory=dict)
+    # CALIBRATED runs only: the worst cases of the holds in flight, and each
+    # model's observed output tokens (encode_calibration).
+    exposure_micros: int = 0
+    calibration: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def run_id(self) -> str:
@@ -471,7 +519,12 @@ class Account:
         )
 
     def copy(self) -> Account:
-        return dataclasses.replace(self, usage=dict(self.usage), approvals=dict(self.approvals))
+        return dataclasses.replace(
+            self,
+            usage=dict(self.usage),
+            approvals=dict(self.approvals),
+            calibration=dict(self.calibration),
+        )
 
     def view(self, server_default_ttl_ms: int) -> RunView:
         """The run as GetRun shows it; the server's default ttl fills in the run's."""
@@ -632,6 +685,15 @@ class ReserveResult:
     approval: str = ""
     # The decision's server time (a replay's: now), to turn retry_at_ms into a delay.
     now_ms: int = dataclasses.field(default=0, compare=False)
+    # The worst case asked for (an LLM call's estimate; else the amount), and
+    # how the call was priced (a CALIBRATED run's LLM call: with the basis,
+    # see core.calibrated_pricing).
+    worst_micros: int = 0
+    pricing: str = ""
+    # CALIBRATED runs: committed + the worst cases in flight after the
+    # decision, and what it may reach (limit + allowance); else 0.
+    exposure_micros: int = 0
+    exposure_ceiling_micros: int = 0
 
 
 @dataclass(frozen=True, slots=True)

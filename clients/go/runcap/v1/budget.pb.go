@@ -250,6 +250,14 @@ const (
 	// overshoots it by its whole actual cost; the next Reserve is blocked.
 	// Holds count as in flight but hold 0 micro-USD (and 0 tokens).
 	EnforcementMode_ENFORCEMENT_MODE_ACTUALS_ONLY EnforcementMode = 4
+	// Like a hard gate (committed + held + hold <= limit), but an LLM call is
+	// held at its input plus a learned output estimate: the largest output of
+	// the run's last 32 committed calls to the same model, at most the
+	// effective max output, once `calibration_min_samples` were observed (the
+	// worst case before). A second ceiling, checked in the same decision,
+	// bounds what can go wrong: committed + the worst cases of all holds in
+	// flight <= limit + the exposure allowance (BUDGET_DIMENSION_EXPOSURE).
+	EnforcementMode_ENFORCEMENT_MODE_CALIBRATED EnforcementMode = 5
 )
 
 // Enum value maps for EnforcementMode.
@@ -260,6 +268,7 @@ var (
 		2: "ENFORCEMENT_MODE_SOFT_GATE",
 		3: "ENFORCEMENT_MODE_ADVISORY",
 		4: "ENFORCEMENT_MODE_ACTUALS_ONLY",
+		5: "ENFORCEMENT_MODE_CALIBRATED",
 	}
 	EnforcementMode_value = map[string]int32{
 		"ENFORCEMENT_MODE_UNSPECIFIED":  0,
@@ -267,6 +276,7 @@ var (
 		"ENFORCEMENT_MODE_SOFT_GATE":    2,
 		"ENFORCEMENT_MODE_ADVISORY":     3,
 		"ENFORCEMENT_MODE_ACTUALS_ONLY": 4,
+		"ENFORCEMENT_MODE_CALIBRATED":   5,
 	}
 )
 
@@ -313,6 +323,9 @@ const (
 	BudgetDimension_BUDGET_DIMENSION_RATE BudgetDimension = 4
 	// The run's cap on holds in flight (RunPolicy.max_in_flight).
 	BudgetDimension_BUDGET_DIMENSION_IN_FLIGHT BudgetDimension = 5
+	// A calibrated run's exposure ceiling: committed + the worst cases of the
+	// holds in flight may not pass the limit + the exposure allowance.
+	BudgetDimension_BUDGET_DIMENSION_EXPOSURE BudgetDimension = 6
 )
 
 // Enum value maps for BudgetDimension.
@@ -324,6 +337,7 @@ var (
 		3: "BUDGET_DIMENSION_METER",
 		4: "BUDGET_DIMENSION_RATE",
 		5: "BUDGET_DIMENSION_IN_FLIGHT",
+		6: "BUDGET_DIMENSION_EXPOSURE",
 	}
 	BudgetDimension_value = map[string]int32{
 		"BUDGET_DIMENSION_UNSPECIFIED": 0,
@@ -332,6 +346,7 @@ var (
 		"BUDGET_DIMENSION_METER":       3,
 		"BUDGET_DIMENSION_RATE":        4,
 		"BUDGET_DIMENSION_IN_FLIGHT":   5,
+		"BUDGET_DIMENSION_EXPOSURE":    6,
 	}
 )
 
@@ -1063,8 +1078,18 @@ type RunPolicy struct {
 	// When set, a call naming a meter not on this list needs that meter's
 	// approval first. Same names as meter_limits; at most 32.
 	ApprovedMeters []string `protobuf:"bytes,15,rep,name=approved_meters,json=approvedMeters,proto3" json:"approved_meters,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// For ENFORCEMENT_MODE_CALIBRATED: how many committed calls to a model
+	// (with usage) the run must have observed before its calls to that model
+	// are held at the calibrated estimate (1 to 32; 0: the default, 5).
+	CalibrationMinSamples int32 `protobuf:"varint,16,opt,name=calibration_min_samples,json=calibrationMinSamples,proto3" json:"calibration_min_samples,omitempty"`
+	// For ENFORCEMENT_MODE_CALIBRATED: how far past the limit committed spend
+	// plus the worst cases in flight may go, in micro-USD. At most one of this
+	// and `exposure_allowance_percent`; neither: 10% of the limit.
+	ExposureAllowanceMicros *int64 `protobuf:"varint,17,opt,name=exposure_allowance_micros,json=exposureAllowanceMicros,proto3,oneof" json:"exposure_allowance_micros,omitempty"`
+	// The same allowance in percent of the limit (0 to 100).
+	ExposureAllowancePercent *int32 `protobuf:"varint,18,opt,name=exposure_allowance_percent,json=exposureAllowancePercent,proto3,oneof" json:"exposure_allowance_percent,omitempty"`
+	unknownFields            protoimpl.UnknownFields
+	sizeCache                protoimpl.SizeCache
 }
 
 func (x *RunPolicy) Reset() {
@@ -1200,6 +1225,27 @@ func (x *RunPolicy) GetApprovedMeters() []string {
 		return x.ApprovedMeters
 	}
 	return nil
+}
+
+func (x *RunPolicy) GetCalibrationMinSamples() int32 {
+	if x != nil {
+		return x.CalibrationMinSamples
+	}
+	return 0
+}
+
+func (x *RunPolicy) GetExposureAllowanceMicros() int64 {
+	if x != nil && x.ExposureAllowanceMicros != nil {
+		return *x.ExposureAllowanceMicros
+	}
+	return 0
+}
+
+func (x *RunPolicy) GetExposureAllowancePercent() int32 {
+	if x != nil && x.ExposureAllowancePercent != nil {
+		return *x.ExposureAllowancePercent
+	}
+	return 0
 }
 
 // ScopeRef names a scope.
@@ -2012,7 +2058,7 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x10throttle_percent\x18\x03 \x01(\x05R\x0fthrottlePercent\"g\n" +
 	"\tRateLimit\x12!\n" +
 	"\tmax_calls\x18\x01 \x01(\x03B\x04\xe2A\x01\x02R\bmaxCalls\x127\n" +
-	"\x06window\x18\x02 \x01(\v2\x19.google.protobuf.DurationB\x04\xe2A\x01\x02R\x06window\"\xec\a\n" +
+	"\x06window\x18\x02 \x01(\v2\x19.google.protobuf.DurationB\x04\xe2A\x01\x02R\x06window\"\xf7\t\n" +
 	"\tRunPolicy\x12K\n" +
 	"\x10enforcement_mode\x18\x01 \x01(\x0e2\x1a.runcap.v1.EnforcementModeB\x04\xe2A\x01\x01R\x0fenforcementMode\x12=\n" +
 	"\x18soft_gate_margin_percent\x18\x02 \x01(\x05B\x04\xe2A\x01\x01R\x15softGateMarginPercent\x12;\n" +
@@ -2033,7 +2079,10 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x0eauto_downgrade\x18\f \x01(\bB\x04\xe2A\x01\x01R\rautoDowngrade\x12/\n" +
 	"\x10downgrade_models\x18\r \x03(\tB\x04\xe2A\x01\x01R\x0fdowngradeModels\x12/\n" +
 	"\x10approval_percent\x18\x0e \x01(\x05B\x04\xe2A\x01\x01R\x0fapprovalPercent\x12-\n" +
-	"\x0fapproved_meters\x18\x0f \x03(\tB\x04\xe2A\x01\x01R\x0eapprovedMeters\x1a>\n" +
+	"\x0fapproved_meters\x18\x0f \x03(\tB\x04\xe2A\x01\x01R\x0eapprovedMeters\x12<\n" +
+	"\x17calibration_min_samples\x18\x10 \x01(\x05B\x04\xe2A\x01\x01R\x15calibrationMinSamples\x12E\n" +
+	"\x19exposure_allowance_micros\x18\x11 \x01(\x03B\x04\xe2A\x01\x01H\x04R\x17exposureAllowanceMicros\x88\x01\x01\x12G\n" +
+	"\x1aexposure_allowance_percent\x18\x12 \x01(\x05B\x04\xe2A\x01\x01H\x05R\x18exposureAllowancePercent\x88\x01\x01\x1a>\n" +
 	"\x10MeterLimitsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01B\r\n" +
@@ -2041,7 +2090,9 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x0e_max_in_flightB\f\n" +
 	"\n" +
 	"_max_depthB\x0f\n" +
-	"\r_max_children\"D\n" +
+	"\r_max_childrenB\x1c\n" +
+	"\x1a_exposure_allowance_microsB\x1d\n" +
+	"\x1b_exposure_allowance_percent\"D\n" +
 	"\bScopeRef\x12(\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x14.runcap.v1.ScopeKindR\x04kind\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\"\xd3\x03\n" +
@@ -2137,20 +2188,22 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x1bAPPROVAL_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n" +
 	"\x17APPROVAL_STATUS_PENDING\x10\x01\x12\x1c\n" +
 	"\x18APPROVAL_STATUS_APPROVED\x10\x02\x12\x1a\n" +
-	"\x16APPROVAL_STATUS_DENIED\x10\x03*\xb5\x01\n" +
+	"\x16APPROVAL_STATUS_DENIED\x10\x03*\xd6\x01\n" +
 	"\x0fEnforcementMode\x12 \n" +
 	"\x1cENFORCEMENT_MODE_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aENFORCEMENT_MODE_HARD_GATE\x10\x01\x12\x1e\n" +
 	"\x1aENFORCEMENT_MODE_SOFT_GATE\x10\x02\x12\x1d\n" +
 	"\x19ENFORCEMENT_MODE_ADVISORY\x10\x03\x12!\n" +
-	"\x1dENFORCEMENT_MODE_ACTUALS_ONLY\x10\x04*\xc3\x01\n" +
+	"\x1dENFORCEMENT_MODE_ACTUALS_ONLY\x10\x04\x12\x1f\n" +
+	"\x1bENFORCEMENT_MODE_CALIBRATED\x10\x05*\xe2\x01\n" +
 	"\x0fBudgetDimension\x12 \n" +
 	"\x1cBUDGET_DIMENSION_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16BUDGET_DIMENSION_SPEND\x10\x01\x12\x1b\n" +
 	"\x17BUDGET_DIMENSION_TOKENS\x10\x02\x12\x1a\n" +
 	"\x16BUDGET_DIMENSION_METER\x10\x03\x12\x19\n" +
 	"\x15BUDGET_DIMENSION_RATE\x10\x04\x12\x1e\n" +
-	"\x1aBUDGET_DIMENSION_IN_FLIGHT\x10\x05*\x9d\x01\n" +
+	"\x1aBUDGET_DIMENSION_IN_FLIGHT\x10\x05\x12\x1d\n" +
+	"\x19BUDGET_DIMENSION_EXPOSURE\x10\x06*\x9d\x01\n" +
 	"\x0eThresholdLevel\x12\x1f\n" +
 	"\x1bTHRESHOLD_LEVEL_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14THRESHOLD_LEVEL_INFO\x10\x01\x12\x18\n" +

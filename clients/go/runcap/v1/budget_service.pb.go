@@ -24,6 +24,59 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// EstimateBasis says how an LLM call's hold was sized.
+type EstimateBasis int32
+
+const (
+	// Not an LLM call, or not priced.
+	EstimateBasis_ESTIMATE_BASIS_UNSPECIFIED EstimateBasis = 0
+	// Input plus the effective max output: the most the call can bill.
+	EstimateBasis_ESTIMATE_BASIS_WORST_CASE EstimateBasis = 1
+	// Input plus the run's learned output estimate (ENFORCEMENT_MODE_CALIBRATED).
+	EstimateBasis_ESTIMATE_BASIS_CALIBRATED EstimateBasis = 2
+)
+
+// Enum value maps for EstimateBasis.
+var (
+	EstimateBasis_name = map[int32]string{
+		0: "ESTIMATE_BASIS_UNSPECIFIED",
+		1: "ESTIMATE_BASIS_WORST_CASE",
+		2: "ESTIMATE_BASIS_CALIBRATED",
+	}
+	EstimateBasis_value = map[string]int32{
+		"ESTIMATE_BASIS_UNSPECIFIED": 0,
+		"ESTIMATE_BASIS_WORST_CASE":  1,
+		"ESTIMATE_BASIS_CALIBRATED":  2,
+	}
+)
+
+func (x EstimateBasis) Enum() *EstimateBasis {
+	p := new(EstimateBasis)
+	*p = x
+	return p
+}
+
+func (x EstimateBasis) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (EstimateBasis) Descriptor() protoreflect.EnumDescriptor {
+	return file_runcap_v1_budget_service_proto_enumTypes[0].Descriptor()
+}
+
+func (EstimateBasis) Type() protoreflect.EnumType {
+	return &file_runcap_v1_budget_service_proto_enumTypes[0]
+}
+
+func (x EstimateBasis) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use EstimateBasis.Descriptor instead.
+func (EstimateBasis) EnumDescriptor() ([]byte, []int) {
+	return file_runcap_v1_budget_service_proto_rawDescGZIP(), []int{0}
+}
+
 // CreateRunRequest asks for a new run.
 type CreateRunRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -692,9 +745,15 @@ type ReserveResponse struct {
 	RequestedModel string `protobuf:"bytes,17,opt,name=requested_model,json=requestedModel,proto3" json:"requested_model,omitempty"`
 	// For DECISION_APPROVAL_REQUIRED, and for a block by a denied approval:
 	// the approval.
-	ApprovalId    string `protobuf:"bytes,18,opt,name=approval_id,json=approvalId,proto3" json:"approval_id,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	ApprovalId string `protobuf:"bytes,18,opt,name=approval_id,json=approvalId,proto3" json:"approval_id,omitempty"`
+	// For a calibrated run: committed spend plus the worst cases of all holds
+	// in flight, after this decision.
+	ExposureMicros int64 `protobuf:"varint,19,opt,name=exposure_micros,json=exposureMicros,proto3" json:"exposure_micros,omitempty"`
+	// For a calibrated run: what `exposure_micros` may reach (the limit plus
+	// the exposure allowance).
+	ExposureCeilingMicros int64 `protobuf:"varint,20,opt,name=exposure_ceiling_micros,json=exposureCeilingMicros,proto3" json:"exposure_ceiling_micros,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
 }
 
 func (x *ReserveResponse) Reset() {
@@ -851,6 +910,20 @@ func (x *ReserveResponse) GetApprovalId() string {
 		return x.ApprovalId
 	}
 	return ""
+}
+
+func (x *ReserveResponse) GetExposureMicros() int64 {
+	if x != nil {
+		return x.ExposureMicros
+	}
+	return 0
+}
+
+func (x *ReserveResponse) GetExposureCeilingMicros() int64 {
+	if x != nil {
+		return x.ExposureCeilingMicros
+	}
+	return 0
 }
 
 // ApproveRequest names a pending approval.
@@ -1544,8 +1617,20 @@ type LlmEstimate struct {
 	AmountMicros int64 `protobuf:"varint,5,opt,name=amount_micros,json=amountMicros,proto3" json:"amount_micros,omitempty"`
 	// The price table version used; Commit with `usage` prices with it too.
 	PriceTableVersion string `protobuf:"bytes,6,opt,name=price_table_version,json=priceTableVersion,proto3" json:"price_table_version,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// How the hold was sized: the worst case, or (a calibrated run with
+	// enough samples of this model) the calibrated estimate.
+	Basis EstimateBasis `protobuf:"varint,7,opt,name=basis,proto3,enum=runcap.v1.EstimateBasis" json:"basis,omitempty"`
+	// For ESTIMATE_BASIS_CALIBRATED: the output tokens held (the largest
+	// recently observed, at most `effective_max_output_tokens`).
+	CalibratedOutputTokens int64 `protobuf:"varint,8,opt,name=calibrated_output_tokens,json=calibratedOutputTokens,proto3" json:"calibrated_output_tokens,omitempty"`
+	// For a calibrated run: how many outputs of this model the estimate is
+	// based on (the run's last 32 at most).
+	CalibrationSamples int32 `protobuf:"varint,9,opt,name=calibration_samples,json=calibrationSamples,proto3" json:"calibration_samples,omitempty"`
+	// For ESTIMATE_BASIS_CALIBRATED: what is held, in micro-USD; `amount_micros`
+	// stays the worst case, counted against the exposure ceiling.
+	CalibratedAmountMicros int64 `protobuf:"varint,10,opt,name=calibrated_amount_micros,json=calibratedAmountMicros,proto3" json:"calibrated_amount_micros,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
 }
 
 func (x *LlmEstimate) Reset() {
@@ -1618,6 +1703,34 @@ func (x *LlmEstimate) GetPriceTableVersion() string {
 		return x.PriceTableVersion
 	}
 	return ""
+}
+
+func (x *LlmEstimate) GetBasis() EstimateBasis {
+	if x != nil {
+		return x.Basis
+	}
+	return EstimateBasis_ESTIMATE_BASIS_UNSPECIFIED
+}
+
+func (x *LlmEstimate) GetCalibratedOutputTokens() int64 {
+	if x != nil {
+		return x.CalibratedOutputTokens
+	}
+	return 0
+}
+
+func (x *LlmEstimate) GetCalibrationSamples() int32 {
+	if x != nil {
+		return x.CalibrationSamples
+	}
+	return 0
+}
+
+func (x *LlmEstimate) GetCalibratedAmountMicros() int64 {
+	if x != nil {
+		return x.CalibratedAmountMicros
+	}
+	return 0
 }
 
 // TokenUsage is an LLM call's actual usage, in disjoint token classes.
@@ -3588,7 +3701,7 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"meterUnits\x88\x01\x01B\n" +
 	"\n" +
 	"\bestimateB\x0e\n" +
-	"\f_meter_units\"\x90\a\n" +
+	"\f_meter_units\"\xf1\a\n" +
 	"\x0fReserveResponse\x12/\n" +
 	"\bdecision\x18\x01 \x01(\x0e2\x13.runcap.v1.DecisionR\bdecision\x121\n" +
 	"\x06reason\x18\x02 \x01(\x0e2\x19.runcap.v1.DecisionReasonR\x06reason\x12%\n" +
@@ -3612,7 +3725,9 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\falternatives\x18\x10 \x03(\v2\x16.runcap.v1.AlternativeR\falternatives\x12'\n" +
 	"\x0frequested_model\x18\x11 \x01(\tR\x0erequestedModel\x12\x1f\n" +
 	"\vapproval_id\x18\x12 \x01(\tR\n" +
-	"approvalId\"7\n" +
+	"approvalId\x12'\n" +
+	"\x0fexposure_micros\x18\x13 \x01(\x03R\x0eexposureMicros\x126\n" +
+	"\x17exposure_ceiling_micros\x18\x14 \x01(\x03R\x15exposureCeilingMicros\"7\n" +
 	"\x0eApproveRequest\x12%\n" +
 	"\vapproval_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\n" +
 	"approvalId\"\x8c\x01\n" +
@@ -3675,14 +3790,19 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\bprovider\x18\x01 \x01(\tR\bprovider\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12#\n" +
 	"\ramount_micros\x18\x03 \x01(\x03R\famountMicros\x12=\n" +
-	"\x1beffective_max_output_tokens\x18\x04 \x01(\x03R\x18effectiveMaxOutputTokens\"\xf6\x01\n" +
+	"\x1beffective_max_output_tokens\x18\x04 \x01(\x03R\x18effectiveMaxOutputTokens\"\xcb\x03\n" +
 	"\vLlmEstimate\x12\x1a\n" +
 	"\bprovider\x18\x01 \x01(\tR\bprovider\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12!\n" +
 	"\finput_tokens\x18\x03 \x01(\x03R\vinputTokens\x12=\n" +
 	"\x1beffective_max_output_tokens\x18\x04 \x01(\x03R\x18effectiveMaxOutputTokens\x12#\n" +
 	"\ramount_micros\x18\x05 \x01(\x03R\famountMicros\x12.\n" +
-	"\x13price_table_version\x18\x06 \x01(\tR\x11priceTableVersion\"\xd9\x01\n" +
+	"\x13price_table_version\x18\x06 \x01(\tR\x11priceTableVersion\x12.\n" +
+	"\x05basis\x18\a \x01(\x0e2\x18.runcap.v1.EstimateBasisR\x05basis\x128\n" +
+	"\x18calibrated_output_tokens\x18\b \x01(\x03R\x16calibratedOutputTokens\x12/\n" +
+	"\x13calibration_samples\x18\t \x01(\x05R\x12calibrationSamples\x128\n" +
+	"\x18calibrated_amount_micros\x18\n" +
+	" \x01(\x03R\x16calibratedAmountMicros\"\xd9\x01\n" +
 	"\n" +
 	"TokenUsage\x12!\n" +
 	"\finput_tokens\x18\x01 \x01(\x03R\vinputTokens\x12#\n" +
@@ -3802,7 +3922,11 @@ const file_runcap_v1_budget_service_proto_rawDesc = "" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\x05runId\"]\n" +
 	"\x11ResumeRunResponse\x12,\n" +
 	"\x05state\x18\x01 \x01(\v2\x16.runcap.v1.BudgetStateR\x05state\x12\x1a\n" +
-	"\breplayed\x18\x02 \x01(\bR\breplayed2\xcc\v\n" +
+	"\breplayed\x18\x02 \x01(\bR\breplayed*m\n" +
+	"\rEstimateBasis\x12\x1e\n" +
+	"\x1aESTIMATE_BASIS_UNSPECIFIED\x10\x00\x12\x1d\n" +
+	"\x19ESTIMATE_BASIS_WORST_CASE\x10\x01\x12\x1d\n" +
+	"\x19ESTIMATE_BASIS_CALIBRATED\x10\x022\xcc\v\n" +
 	"\rBudgetService\x12F\n" +
 	"\tCreateRun\x12\x1b.runcap.v1.CreateRunRequest\x1a\x1c.runcap.v1.CreateRunResponse\x12=\n" +
 	"\x06GetRun\x12\x18.runcap.v1.GetRunRequest\x1a\x19.runcap.v1.GetRunResponse\x12C\n" +
@@ -3838,179 +3962,182 @@ func file_runcap_v1_budget_service_proto_rawDescGZIP() []byte {
 	return file_runcap_v1_budget_service_proto_rawDescData
 }
 
+var file_runcap_v1_budget_service_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
 var file_runcap_v1_budget_service_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
 var file_runcap_v1_budget_service_proto_goTypes = []any{
-	(*CreateRunRequest)(nil),         // 0: runcap.v1.CreateRunRequest
-	(*CreateRunResponse)(nil),        // 1: runcap.v1.CreateRunResponse
-	(*GetRunRequest)(nil),            // 2: runcap.v1.GetRunRequest
-	(*GetRunResponse)(nil),           // 3: runcap.v1.GetRunResponse
-	(*ListRunsRequest)(nil),          // 4: runcap.v1.ListRunsRequest
-	(*ListRunsResponse)(nil),         // 5: runcap.v1.ListRunsResponse
-	(*ListedRun)(nil),                // 6: runcap.v1.ListedRun
-	(*ReserveRequest)(nil),           // 7: runcap.v1.ReserveRequest
-	(*ReserveResponse)(nil),          // 8: runcap.v1.ReserveResponse
-	(*ApproveRequest)(nil),           // 9: runcap.v1.ApproveRequest
-	(*ApproveResponse)(nil),          // 10: runcap.v1.ApproveResponse
-	(*DenyRequest)(nil),              // 11: runcap.v1.DenyRequest
-	(*DenyResponse)(nil),             // 12: runcap.v1.DenyResponse
-	(*GetDecisionRequest)(nil),       // 13: runcap.v1.GetDecisionRequest
-	(*GetDecisionResponse)(nil),      // 14: runcap.v1.GetDecisionResponse
-	(*LlmCall)(nil),                  // 15: runcap.v1.LlmCall
-	(*Alternative)(nil),              // 16: runcap.v1.Alternative
-	(*LlmEstimate)(nil),              // 17: runcap.v1.LlmEstimate
-	(*TokenUsage)(nil),               // 18: runcap.v1.TokenUsage
-	(*CommitRequest)(nil),            // 19: runcap.v1.CommitRequest
-	(*CommitResponse)(nil),           // 20: runcap.v1.CommitResponse
-	(*RefundRequest)(nil),            // 21: runcap.v1.RefundRequest
-	(*RefundResponse)(nil),           // 22: runcap.v1.RefundResponse
-	(*CloseRunRequest)(nil),          // 23: runcap.v1.CloseRunRequest
-	(*CloseRunResponse)(nil),         // 24: runcap.v1.CloseRunResponse
-	(*WatchRequest)(nil),             // 25: runcap.v1.WatchRequest
-	(*WatchResponse)(nil),            // 26: runcap.v1.WatchResponse
-	(*Progress)(nil),                 // 27: runcap.v1.Progress
-	(*SetScopeLimitRequest)(nil),     // 28: runcap.v1.SetScopeLimitRequest
-	(*SetScopeLimitResponse)(nil),    // 29: runcap.v1.SetScopeLimitResponse
-	(*SetScopePolicyRequest)(nil),    // 30: runcap.v1.SetScopePolicyRequest
-	(*SetScopePolicyResponse)(nil),   // 31: runcap.v1.SetScopePolicyResponse
-	(*GetScopeRequest)(nil),          // 32: runcap.v1.GetScopeRequest
-	(*GetScopeResponse)(nil),         // 33: runcap.v1.GetScopeResponse
-	(*ModelPrice)(nil),               // 34: runcap.v1.ModelPrice
-	(*SetModelPriceRequest)(nil),     // 35: runcap.v1.SetModelPriceRequest
-	(*SetModelPriceResponse)(nil),    // 36: runcap.v1.SetModelPriceResponse
-	(*DeleteModelPriceRequest)(nil),  // 37: runcap.v1.DeleteModelPriceRequest
-	(*DeleteModelPriceResponse)(nil), // 38: runcap.v1.DeleteModelPriceResponse
-	(*GetModelPriceRequest)(nil),     // 39: runcap.v1.GetModelPriceRequest
-	(*GetModelPriceResponse)(nil),    // 40: runcap.v1.GetModelPriceResponse
-	(*ReloadPriceTableRequest)(nil),  // 41: runcap.v1.ReloadPriceTableRequest
-	(*ReloadPriceTableResponse)(nil), // 42: runcap.v1.ReloadPriceTableResponse
-	(*SuspendRunRequest)(nil),        // 43: runcap.v1.SuspendRunRequest
-	(*SuspendRunResponse)(nil),       // 44: runcap.v1.SuspendRunResponse
-	(*ResumeRunRequest)(nil),         // 45: runcap.v1.ResumeRunRequest
-	(*ResumeRunResponse)(nil),        // 46: runcap.v1.ResumeRunResponse
-	nil,                              // 47: runcap.v1.CreateRunRequest.LabelsEntry
-	(*durationpb.Duration)(nil),      // 48: google.protobuf.Duration
-	(*RunPolicy)(nil),                // 49: runcap.v1.RunPolicy
-	(*Run)(nil),                      // 50: runcap.v1.Run
-	(*BudgetState)(nil),              // 51: runcap.v1.BudgetState
-	(*timestamppb.Timestamp)(nil),    // 52: google.protobuf.Timestamp
-	(Decision)(0),                    // 53: runcap.v1.Decision
-	(DecisionReason)(0),              // 54: runcap.v1.DecisionReason
-	(*ScopeRef)(nil),                 // 55: runcap.v1.ScopeRef
-	(Period)(0),                      // 56: runcap.v1.Period
-	(BudgetDimension)(0),             // 57: runcap.v1.BudgetDimension
-	(EnforcementMode)(0),             // 58: runcap.v1.EnforcementMode
-	(*Approval)(nil),                 // 59: runcap.v1.Approval
-	(ReservationStatus)(0),           // 60: runcap.v1.ReservationStatus
-	(*BudgetEvent)(nil),              // 61: runcap.v1.BudgetEvent
-	(*Scope)(nil),                    // 62: runcap.v1.Scope
+	(EstimateBasis)(0),               // 0: runcap.v1.EstimateBasis
+	(*CreateRunRequest)(nil),         // 1: runcap.v1.CreateRunRequest
+	(*CreateRunResponse)(nil),        // 2: runcap.v1.CreateRunResponse
+	(*GetRunRequest)(nil),            // 3: runcap.v1.GetRunRequest
+	(*GetRunResponse)(nil),           // 4: runcap.v1.GetRunResponse
+	(*ListRunsRequest)(nil),          // 5: runcap.v1.ListRunsRequest
+	(*ListRunsResponse)(nil),         // 6: runcap.v1.ListRunsResponse
+	(*ListedRun)(nil),                // 7: runcap.v1.ListedRun
+	(*ReserveRequest)(nil),           // 8: runcap.v1.ReserveRequest
+	(*ReserveResponse)(nil),          // 9: runcap.v1.ReserveResponse
+	(*ApproveRequest)(nil),           // 10: runcap.v1.ApproveRequest
+	(*ApproveResponse)(nil),          // 11: runcap.v1.ApproveResponse
+	(*DenyRequest)(nil),              // 12: runcap.v1.DenyRequest
+	(*DenyResponse)(nil),             // 13: runcap.v1.DenyResponse
+	(*GetDecisionRequest)(nil),       // 14: runcap.v1.GetDecisionRequest
+	(*GetDecisionResponse)(nil),      // 15: runcap.v1.GetDecisionResponse
+	(*LlmCall)(nil),                  // 16: runcap.v1.LlmCall
+	(*Alternative)(nil),              // 17: runcap.v1.Alternative
+	(*LlmEstimate)(nil),              // 18: runcap.v1.LlmEstimate
+	(*TokenUsage)(nil),               // 19: runcap.v1.TokenUsage
+	(*CommitRequest)(nil),            // 20: runcap.v1.CommitRequest
+	(*CommitResponse)(nil),           // 21: runcap.v1.CommitResponse
+	(*RefundRequest)(nil),            // 22: runcap.v1.RefundRequest
+	(*RefundResponse)(nil),           // 23: runcap.v1.RefundResponse
+	(*CloseRunRequest)(nil),          // 24: runcap.v1.CloseRunRequest
+	(*CloseRunResponse)(nil),         // 25: runcap.v1.CloseRunResponse
+	(*WatchRequest)(nil),             // 26: runcap.v1.WatchRequest
+	(*WatchResponse)(nil),            // 27: runcap.v1.WatchResponse
+	(*Progress)(nil),                 // 28: runcap.v1.Progress
+	(*SetScopeLimitRequest)(nil),     // 29: runcap.v1.SetScopeLimitRequest
+	(*SetScopeLimitResponse)(nil),    // 30: runcap.v1.SetScopeLimitResponse
+	(*SetScopePolicyRequest)(nil),    // 31: runcap.v1.SetScopePolicyRequest
+	(*SetScopePolicyResponse)(nil),   // 32: runcap.v1.SetScopePolicyResponse
+	(*GetScopeRequest)(nil),          // 33: runcap.v1.GetScopeRequest
+	(*GetScopeResponse)(nil),         // 34: runcap.v1.GetScopeResponse
+	(*ModelPrice)(nil),               // 35: runcap.v1.ModelPrice
+	(*SetModelPriceRequest)(nil),     // 36: runcap.v1.SetModelPriceRequest
+	(*SetModelPriceResponse)(nil),    // 37: runcap.v1.SetModelPriceResponse
+	(*DeleteModelPriceRequest)(nil),  // 38: runcap.v1.DeleteModelPriceRequest
+	(*DeleteModelPriceResponse)(nil), // 39: runcap.v1.DeleteModelPriceResponse
+	(*GetModelPriceRequest)(nil),     // 40: runcap.v1.GetModelPriceRequest
+	(*GetModelPriceResponse)(nil),    // 41: runcap.v1.GetModelPriceResponse
+	(*ReloadPriceTableRequest)(nil),  // 42: runcap.v1.ReloadPriceTableRequest
+	(*ReloadPriceTableResponse)(nil), // 43: runcap.v1.ReloadPriceTableResponse
+	(*SuspendRunRequest)(nil),        // 44: runcap.v1.SuspendRunRequest
+	(*SuspendRunResponse)(nil),       // 45: runcap.v1.SuspendRunResponse
+	(*ResumeRunRequest)(nil),         // 46: runcap.v1.ResumeRunRequest
+	(*ResumeRunResponse)(nil),        // 47: runcap.v1.ResumeRunResponse
+	nil,                              // 48: runcap.v1.CreateRunRequest.LabelsEntry
+	(*durationpb.Duration)(nil),      // 49: google.protobuf.Duration
+	(*RunPolicy)(nil),                // 50: runcap.v1.RunPolicy
+	(*Run)(nil),                      // 51: runcap.v1.Run
+	(*BudgetState)(nil),              // 52: runcap.v1.BudgetState
+	(*timestamppb.Timestamp)(nil),    // 53: google.protobuf.Timestamp
+	(Decision)(0),                    // 54: runcap.v1.Decision
+	(DecisionReason)(0),              // 55: runcap.v1.DecisionReason
+	(*ScopeRef)(nil),                 // 56: runcap.v1.ScopeRef
+	(Period)(0),                      // 57: runcap.v1.Period
+	(BudgetDimension)(0),             // 58: runcap.v1.BudgetDimension
+	(EnforcementMode)(0),             // 59: runcap.v1.EnforcementMode
+	(*Approval)(nil),                 // 60: runcap.v1.Approval
+	(ReservationStatus)(0),           // 61: runcap.v1.ReservationStatus
+	(*BudgetEvent)(nil),              // 62: runcap.v1.BudgetEvent
+	(*Scope)(nil),                    // 63: runcap.v1.Scope
 }
 var file_runcap_v1_budget_service_proto_depIdxs = []int32{
-	47, // 0: runcap.v1.CreateRunRequest.labels:type_name -> runcap.v1.CreateRunRequest.LabelsEntry
-	48, // 1: runcap.v1.CreateRunRequest.default_ttl:type_name -> google.protobuf.Duration
-	49, // 2: runcap.v1.CreateRunRequest.policy:type_name -> runcap.v1.RunPolicy
-	50, // 3: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
-	51, // 4: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
-	50, // 5: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
-	51, // 6: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
-	52, // 7: runcap.v1.ListRunsRequest.created_after:type_name -> google.protobuf.Timestamp
-	52, // 8: runcap.v1.ListRunsRequest.created_before:type_name -> google.protobuf.Timestamp
-	6,  // 9: runcap.v1.ListRunsResponse.runs:type_name -> runcap.v1.ListedRun
-	50, // 10: runcap.v1.ListedRun.run:type_name -> runcap.v1.Run
-	51, // 11: runcap.v1.ListedRun.state:type_name -> runcap.v1.BudgetState
-	15, // 12: runcap.v1.ReserveRequest.llm_call:type_name -> runcap.v1.LlmCall
-	48, // 13: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
-	53, // 14: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
-	54, // 15: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
-	52, // 16: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
-	51, // 17: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
-	55, // 18: runcap.v1.ReserveResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
-	56, // 19: runcap.v1.ReserveResponse.blocking_period:type_name -> runcap.v1.Period
-	17, // 20: runcap.v1.ReserveResponse.estimate:type_name -> runcap.v1.LlmEstimate
-	57, // 21: runcap.v1.ReserveResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
-	48, // 22: runcap.v1.ReserveResponse.retry_after:type_name -> google.protobuf.Duration
-	58, // 23: runcap.v1.ReserveResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
-	16, // 24: runcap.v1.ReserveResponse.alternatives:type_name -> runcap.v1.Alternative
-	59, // 25: runcap.v1.ApproveResponse.approval:type_name -> runcap.v1.Approval
-	51, // 26: runcap.v1.ApproveResponse.state:type_name -> runcap.v1.BudgetState
-	59, // 27: runcap.v1.DenyResponse.approval:type_name -> runcap.v1.Approval
-	51, // 28: runcap.v1.DenyResponse.state:type_name -> runcap.v1.BudgetState
-	53, // 29: runcap.v1.GetDecisionResponse.decision:type_name -> runcap.v1.Decision
-	54, // 30: runcap.v1.GetDecisionResponse.reason:type_name -> runcap.v1.DecisionReason
-	52, // 31: runcap.v1.GetDecisionResponse.decide_time:type_name -> google.protobuf.Timestamp
-	58, // 32: runcap.v1.GetDecisionResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
-	55, // 33: runcap.v1.GetDecisionResponse.scopes:type_name -> runcap.v1.ScopeRef
-	55, // 34: runcap.v1.GetDecisionResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
-	56, // 35: runcap.v1.GetDecisionResponse.blocking_period:type_name -> runcap.v1.Period
-	57, // 36: runcap.v1.GetDecisionResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
-	17, // 37: runcap.v1.GetDecisionResponse.estimate:type_name -> runcap.v1.LlmEstimate
-	60, // 38: runcap.v1.GetDecisionResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	18, // 39: runcap.v1.CommitRequest.usage:type_name -> runcap.v1.TokenUsage
-	51, // 40: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
-	60, // 41: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	51, // 42: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
-	60, // 43: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
-	51, // 44: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
-	51, // 45: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
-	61, // 46: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
-	27, // 47: runcap.v1.WatchResponse.progress:type_name -> runcap.v1.Progress
-	55, // 48: runcap.v1.SetScopeLimitRequest.scope:type_name -> runcap.v1.ScopeRef
-	56, // 49: runcap.v1.SetScopeLimitRequest.period:type_name -> runcap.v1.Period
-	62, // 50: runcap.v1.SetScopeLimitResponse.scope:type_name -> runcap.v1.Scope
-	55, // 51: runcap.v1.SetScopePolicyRequest.scope:type_name -> runcap.v1.ScopeRef
-	49, // 52: runcap.v1.SetScopePolicyRequest.policy:type_name -> runcap.v1.RunPolicy
-	62, // 53: runcap.v1.SetScopePolicyResponse.scope:type_name -> runcap.v1.Scope
-	55, // 54: runcap.v1.GetScopeRequest.scope:type_name -> runcap.v1.ScopeRef
-	62, // 55: runcap.v1.GetScopeResponse.scope:type_name -> runcap.v1.Scope
-	34, // 56: runcap.v1.SetModelPriceRequest.price:type_name -> runcap.v1.ModelPrice
-	34, // 57: runcap.v1.SetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
-	34, // 58: runcap.v1.GetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
-	51, // 59: runcap.v1.SuspendRunResponse.state:type_name -> runcap.v1.BudgetState
-	51, // 60: runcap.v1.ResumeRunResponse.state:type_name -> runcap.v1.BudgetState
-	0,  // 61: runcap.v1.BudgetService.CreateRun:input_type -> runcap.v1.CreateRunRequest
-	2,  // 62: runcap.v1.BudgetService.GetRun:input_type -> runcap.v1.GetRunRequest
-	4,  // 63: runcap.v1.BudgetService.ListRuns:input_type -> runcap.v1.ListRunsRequest
-	7,  // 64: runcap.v1.BudgetService.Reserve:input_type -> runcap.v1.ReserveRequest
-	19, // 65: runcap.v1.BudgetService.Commit:input_type -> runcap.v1.CommitRequest
-	21, // 66: runcap.v1.BudgetService.Refund:input_type -> runcap.v1.RefundRequest
-	23, // 67: runcap.v1.BudgetService.CloseRun:input_type -> runcap.v1.CloseRunRequest
-	43, // 68: runcap.v1.BudgetService.SuspendRun:input_type -> runcap.v1.SuspendRunRequest
-	45, // 69: runcap.v1.BudgetService.ResumeRun:input_type -> runcap.v1.ResumeRunRequest
-	25, // 70: runcap.v1.BudgetService.Watch:input_type -> runcap.v1.WatchRequest
-	28, // 71: runcap.v1.BudgetService.SetScopeLimit:input_type -> runcap.v1.SetScopeLimitRequest
-	32, // 72: runcap.v1.BudgetService.GetScope:input_type -> runcap.v1.GetScopeRequest
-	30, // 73: runcap.v1.BudgetService.SetScopePolicy:input_type -> runcap.v1.SetScopePolicyRequest
-	35, // 74: runcap.v1.BudgetService.SetModelPrice:input_type -> runcap.v1.SetModelPriceRequest
-	37, // 75: runcap.v1.BudgetService.DeleteModelPrice:input_type -> runcap.v1.DeleteModelPriceRequest
-	39, // 76: runcap.v1.BudgetService.GetModelPrice:input_type -> runcap.v1.GetModelPriceRequest
-	41, // 77: runcap.v1.BudgetService.ReloadPriceTable:input_type -> runcap.v1.ReloadPriceTableRequest
-	13, // 78: runcap.v1.BudgetService.GetDecision:input_type -> runcap.v1.GetDecisionRequest
-	9,  // 79: runcap.v1.BudgetService.Approve:input_type -> runcap.v1.ApproveRequest
-	11, // 80: runcap.v1.BudgetService.Deny:input_type -> runcap.v1.DenyRequest
-	1,  // 81: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
-	3,  // 82: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
-	5,  // 83: runcap.v1.BudgetService.ListRuns:output_type -> runcap.v1.ListRunsResponse
-	8,  // 84: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
-	20, // 85: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
-	22, // 86: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
-	24, // 87: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
-	44, // 88: runcap.v1.BudgetService.SuspendRun:output_type -> runcap.v1.SuspendRunResponse
-	46, // 89: runcap.v1.BudgetService.ResumeRun:output_type -> runcap.v1.ResumeRunResponse
-	26, // 90: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
-	29, // 91: runcap.v1.BudgetService.SetScopeLimit:output_type -> runcap.v1.SetScopeLimitResponse
-	33, // 92: runcap.v1.BudgetService.GetScope:output_type -> runcap.v1.GetScopeResponse
-	31, // 93: runcap.v1.BudgetService.SetScopePolicy:output_type -> runcap.v1.SetScopePolicyResponse
-	36, // 94: runcap.v1.BudgetService.SetModelPrice:output_type -> runcap.v1.SetModelPriceResponse
-	38, // 95: runcap.v1.BudgetService.DeleteModelPrice:output_type -> runcap.v1.DeleteModelPriceResponse
-	40, // 96: runcap.v1.BudgetService.GetModelPrice:output_type -> runcap.v1.GetModelPriceResponse
-	42, // 97: runcap.v1.BudgetService.ReloadPriceTable:output_type -> runcap.v1.ReloadPriceTableResponse
-	14, // 98: runcap.v1.BudgetService.GetDecision:output_type -> runcap.v1.GetDecisionResponse
-	10, // 99: runcap.v1.BudgetService.Approve:output_type -> runcap.v1.ApproveResponse
-	12, // 100: runcap.v1.BudgetService.Deny:output_type -> runcap.v1.DenyResponse
-	81, // [81:101] is the sub-list for method output_type
-	61, // [61:81] is the sub-list for method input_type
-	61, // [61:61] is the sub-list for extension type_name
-	61, // [61:61] is the sub-list for extension extendee
-	0,  // [0:61] is the sub-list for field type_name
+	48, // 0: runcap.v1.CreateRunRequest.labels:type_name -> runcap.v1.CreateRunRequest.LabelsEntry
+	49, // 1: runcap.v1.CreateRunRequest.default_ttl:type_name -> google.protobuf.Duration
+	50, // 2: runcap.v1.CreateRunRequest.policy:type_name -> runcap.v1.RunPolicy
+	51, // 3: runcap.v1.CreateRunResponse.run:type_name -> runcap.v1.Run
+	52, // 4: runcap.v1.CreateRunResponse.state:type_name -> runcap.v1.BudgetState
+	51, // 5: runcap.v1.GetRunResponse.run:type_name -> runcap.v1.Run
+	52, // 6: runcap.v1.GetRunResponse.state:type_name -> runcap.v1.BudgetState
+	53, // 7: runcap.v1.ListRunsRequest.created_after:type_name -> google.protobuf.Timestamp
+	53, // 8: runcap.v1.ListRunsRequest.created_before:type_name -> google.protobuf.Timestamp
+	7,  // 9: runcap.v1.ListRunsResponse.runs:type_name -> runcap.v1.ListedRun
+	51, // 10: runcap.v1.ListedRun.run:type_name -> runcap.v1.Run
+	52, // 11: runcap.v1.ListedRun.state:type_name -> runcap.v1.BudgetState
+	16, // 12: runcap.v1.ReserveRequest.llm_call:type_name -> runcap.v1.LlmCall
+	49, // 13: runcap.v1.ReserveRequest.ttl:type_name -> google.protobuf.Duration
+	54, // 14: runcap.v1.ReserveResponse.decision:type_name -> runcap.v1.Decision
+	55, // 15: runcap.v1.ReserveResponse.reason:type_name -> runcap.v1.DecisionReason
+	53, // 16: runcap.v1.ReserveResponse.expire_time:type_name -> google.protobuf.Timestamp
+	52, // 17: runcap.v1.ReserveResponse.state:type_name -> runcap.v1.BudgetState
+	56, // 18: runcap.v1.ReserveResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
+	57, // 19: runcap.v1.ReserveResponse.blocking_period:type_name -> runcap.v1.Period
+	18, // 20: runcap.v1.ReserveResponse.estimate:type_name -> runcap.v1.LlmEstimate
+	58, // 21: runcap.v1.ReserveResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
+	49, // 22: runcap.v1.ReserveResponse.retry_after:type_name -> google.protobuf.Duration
+	59, // 23: runcap.v1.ReserveResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
+	17, // 24: runcap.v1.ReserveResponse.alternatives:type_name -> runcap.v1.Alternative
+	60, // 25: runcap.v1.ApproveResponse.approval:type_name -> runcap.v1.Approval
+	52, // 26: runcap.v1.ApproveResponse.state:type_name -> runcap.v1.BudgetState
+	60, // 27: runcap.v1.DenyResponse.approval:type_name -> runcap.v1.Approval
+	52, // 28: runcap.v1.DenyResponse.state:type_name -> runcap.v1.BudgetState
+	54, // 29: runcap.v1.GetDecisionResponse.decision:type_name -> runcap.v1.Decision
+	55, // 30: runcap.v1.GetDecisionResponse.reason:type_name -> runcap.v1.DecisionReason
+	53, // 31: runcap.v1.GetDecisionResponse.decide_time:type_name -> google.protobuf.Timestamp
+	59, // 32: runcap.v1.GetDecisionResponse.enforcement_mode:type_name -> runcap.v1.EnforcementMode
+	56, // 33: runcap.v1.GetDecisionResponse.scopes:type_name -> runcap.v1.ScopeRef
+	56, // 34: runcap.v1.GetDecisionResponse.blocking_scope:type_name -> runcap.v1.ScopeRef
+	57, // 35: runcap.v1.GetDecisionResponse.blocking_period:type_name -> runcap.v1.Period
+	58, // 36: runcap.v1.GetDecisionResponse.blocking_dimension:type_name -> runcap.v1.BudgetDimension
+	18, // 37: runcap.v1.GetDecisionResponse.estimate:type_name -> runcap.v1.LlmEstimate
+	61, // 38: runcap.v1.GetDecisionResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	0,  // 39: runcap.v1.LlmEstimate.basis:type_name -> runcap.v1.EstimateBasis
+	19, // 40: runcap.v1.CommitRequest.usage:type_name -> runcap.v1.TokenUsage
+	52, // 41: runcap.v1.CommitResponse.state:type_name -> runcap.v1.BudgetState
+	61, // 42: runcap.v1.CommitResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	52, // 43: runcap.v1.RefundResponse.state:type_name -> runcap.v1.BudgetState
+	61, // 44: runcap.v1.RefundResponse.reservation_status:type_name -> runcap.v1.ReservationStatus
+	52, // 45: runcap.v1.CloseRunResponse.state:type_name -> runcap.v1.BudgetState
+	52, // 46: runcap.v1.WatchResponse.snapshot:type_name -> runcap.v1.BudgetState
+	62, // 47: runcap.v1.WatchResponse.event:type_name -> runcap.v1.BudgetEvent
+	28, // 48: runcap.v1.WatchResponse.progress:type_name -> runcap.v1.Progress
+	56, // 49: runcap.v1.SetScopeLimitRequest.scope:type_name -> runcap.v1.ScopeRef
+	57, // 50: runcap.v1.SetScopeLimitRequest.period:type_name -> runcap.v1.Period
+	63, // 51: runcap.v1.SetScopeLimitResponse.scope:type_name -> runcap.v1.Scope
+	56, // 52: runcap.v1.SetScopePolicyRequest.scope:type_name -> runcap.v1.ScopeRef
+	50, // 53: runcap.v1.SetScopePolicyRequest.policy:type_name -> runcap.v1.RunPolicy
+	63, // 54: runcap.v1.SetScopePolicyResponse.scope:type_name -> runcap.v1.Scope
+	56, // 55: runcap.v1.GetScopeRequest.scope:type_name -> runcap.v1.ScopeRef
+	63, // 56: runcap.v1.GetScopeResponse.scope:type_name -> runcap.v1.Scope
+	35, // 57: runcap.v1.SetModelPriceRequest.price:type_name -> runcap.v1.ModelPrice
+	35, // 58: runcap.v1.SetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
+	35, // 59: runcap.v1.GetModelPriceResponse.price:type_name -> runcap.v1.ModelPrice
+	52, // 60: runcap.v1.SuspendRunResponse.state:type_name -> runcap.v1.BudgetState
+	52, // 61: runcap.v1.ResumeRunResponse.state:type_name -> runcap.v1.BudgetState
+	1,  // 62: runcap.v1.BudgetService.CreateRun:input_type -> runcap.v1.CreateRunRequest
+	3,  // 63: runcap.v1.BudgetService.GetRun:input_type -> runcap.v1.GetRunRequest
+	5,  // 64: runcap.v1.BudgetService.ListRuns:input_type -> runcap.v1.ListRunsRequest
+	8,  // 65: runcap.v1.BudgetService.Reserve:input_type -> runcap.v1.ReserveRequest
+	20, // 66: runcap.v1.BudgetService.Commit:input_type -> runcap.v1.CommitRequest
+	22, // 67: runcap.v1.BudgetService.Refund:input_type -> runcap.v1.RefundRequest
+	24, // 68: runcap.v1.BudgetService.CloseRun:input_type -> runcap.v1.CloseRunRequest
+	44, // 69: runcap.v1.BudgetService.SuspendRun:input_type -> runcap.v1.SuspendRunRequest
+	46, // 70: runcap.v1.BudgetService.ResumeRun:input_type -> runcap.v1.ResumeRunRequest
+	26, // 71: runcap.v1.BudgetService.Watch:input_type -> runcap.v1.WatchRequest
+	29, // 72: runcap.v1.BudgetService.SetScopeLimit:input_type -> runcap.v1.SetScopeLimitRequest
+	33, // 73: runcap.v1.BudgetService.GetScope:input_type -> runcap.v1.GetScopeRequest
+	31, // 74: runcap.v1.BudgetService.SetScopePolicy:input_type -> runcap.v1.SetScopePolicyRequest
+	36, // 75: runcap.v1.BudgetService.SetModelPrice:input_type -> runcap.v1.SetModelPriceRequest
+	38, // 76: runcap.v1.BudgetService.DeleteModelPrice:input_type -> runcap.v1.DeleteModelPriceRequest
+	40, // 77: runcap.v1.BudgetService.GetModelPrice:input_type -> runcap.v1.GetModelPriceRequest
+	42, // 78: runcap.v1.BudgetService.ReloadPriceTable:input_type -> runcap.v1.ReloadPriceTableRequest
+	14, // 79: runcap.v1.BudgetService.GetDecision:input_type -> runcap.v1.GetDecisionRequest
+	10, // 80: runcap.v1.BudgetService.Approve:input_type -> runcap.v1.ApproveRequest
+	12, // 81: runcap.v1.BudgetService.Deny:input_type -> runcap.v1.DenyRequest
+	2,  // 82: runcap.v1.BudgetService.CreateRun:output_type -> runcap.v1.CreateRunResponse
+	4,  // 83: runcap.v1.BudgetService.GetRun:output_type -> runcap.v1.GetRunResponse
+	6,  // 84: runcap.v1.BudgetService.ListRuns:output_type -> runcap.v1.ListRunsResponse
+	9,  // 85: runcap.v1.BudgetService.Reserve:output_type -> runcap.v1.ReserveResponse
+	21, // 86: runcap.v1.BudgetService.Commit:output_type -> runcap.v1.CommitResponse
+	23, // 87: runcap.v1.BudgetService.Refund:output_type -> runcap.v1.RefundResponse
+	25, // 88: runcap.v1.BudgetService.CloseRun:output_type -> runcap.v1.CloseRunResponse
+	45, // 89: runcap.v1.BudgetService.SuspendRun:output_type -> runcap.v1.SuspendRunResponse
+	47, // 90: runcap.v1.BudgetService.ResumeRun:output_type -> runcap.v1.ResumeRunResponse
+	27, // 91: runcap.v1.BudgetService.Watch:output_type -> runcap.v1.WatchResponse
+	30, // 92: runcap.v1.BudgetService.SetScopeLimit:output_type -> runcap.v1.SetScopeLimitResponse
+	34, // 93: runcap.v1.BudgetService.GetScope:output_type -> runcap.v1.GetScopeResponse
+	32, // 94: runcap.v1.BudgetService.SetScopePolicy:output_type -> runcap.v1.SetScopePolicyResponse
+	37, // 95: runcap.v1.BudgetService.SetModelPrice:output_type -> runcap.v1.SetModelPriceResponse
+	39, // 96: runcap.v1.BudgetService.DeleteModelPrice:output_type -> runcap.v1.DeleteModelPriceResponse
+	41, // 97: runcap.v1.BudgetService.GetModelPrice:output_type -> runcap.v1.GetModelPriceResponse
+	43, // 98: runcap.v1.BudgetService.ReloadPriceTable:output_type -> runcap.v1.ReloadPriceTableResponse
+	15, // 99: runcap.v1.BudgetService.GetDecision:output_type -> runcap.v1.GetDecisionResponse
+	11, // 100: runcap.v1.BudgetService.Approve:output_type -> runcap.v1.ApproveResponse
+	13, // 101: runcap.v1.BudgetService.Deny:output_type -> runcap.v1.DenyResponse
+	82, // [82:102] is the sub-list for method output_type
+	62, // [62:82] is the sub-list for method input_type
+	62, // [62:62] is the sub-list for extension type_name
+	62, // [62:62] is the sub-list for extension extendee
+	0,  // [0:62] is the sub-list for field type_name
 }
 
 func init() { file_runcap_v1_budget_service_proto_init() }
@@ -4049,13 +4176,14 @@ func file_runcap_v1_budget_service_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_runcap_v1_budget_service_proto_rawDesc), len(file_runcap_v1_budget_service_proto_rawDesc)),
-			NumEnums:      0,
+			NumEnums:      1,
 			NumMessages:   48,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
 		GoTypes:           file_runcap_v1_budget_service_proto_goTypes,
 		DependencyIndexes: file_runcap_v1_budget_service_proto_depIdxs,
+		EnumInfos:         file_runcap_v1_budget_service_proto_enumTypes,
 		MessageInfos:      file_runcap_v1_budget_service_proto_msgTypes,
 	}.Build()
 	File_runcap_v1_budget_service_proto = out.File

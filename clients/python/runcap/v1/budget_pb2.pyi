@@ -197,6 +197,15 @@ class _EnforcementModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Enfor
     overshoots it by its whole actual cost; the next Reserve is blocked.
     Holds count as in flight but hold 0 micro-USD (and 0 tokens).
     """
+    ENFORCEMENT_MODE_CALIBRATED: _EnforcementMode.ValueType  # 5
+    """Like a hard gate (committed + held + hold <= limit), but an LLM call is
+    held at its input plus a learned output estimate: the largest output of
+    the run's last 32 committed calls to the same model, at most the
+    effective max output, once `calibration_min_samples` were observed (the
+    worst case before). A second ceiling, checked in the same decision,
+    bounds what can go wrong: committed + the worst cases of all holds in
+    flight <= limit + the exposure allowance (BUDGET_DIMENSION_EXPOSURE).
+    """
 
 class EnforcementMode(_EnforcementMode, metaclass=_EnforcementModeEnumTypeWrapper):
     """EnforcementMode is how a run's ceilings are enforced."""
@@ -228,6 +237,15 @@ the limit, whatever its estimate, so the call that crosses the ceiling
 overshoots it by its whole actual cost; the next Reserve is blocked.
 Holds count as in flight but hold 0 micro-USD (and 0 tokens).
 """
+ENFORCEMENT_MODE_CALIBRATED: EnforcementMode.ValueType  # 5
+"""Like a hard gate (committed + held + hold <= limit), but an LLM call is
+held at its input plus a learned output estimate: the largest output of
+the run's last 32 committed calls to the same model, at most the
+effective max output, once `calibration_min_samples` were observed (the
+worst case before). A second ceiling, checked in the same decision,
+bounds what can go wrong: committed + the worst cases of all holds in
+flight <= limit + the exposure allowance (BUDGET_DIMENSION_EXPOSURE).
+"""
 Global___EnforcementMode: _TypeAlias = EnforcementMode  # noqa: Y015
 
 class _BudgetDimension:
@@ -248,6 +266,10 @@ class _BudgetDimensionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Budge
     """The run's rate limit (RunPolicy.rate_limit)."""
     BUDGET_DIMENSION_IN_FLIGHT: _BudgetDimension.ValueType  # 5
     """The run's cap on holds in flight (RunPolicy.max_in_flight)."""
+    BUDGET_DIMENSION_EXPOSURE: _BudgetDimension.ValueType  # 6
+    """A calibrated run's exposure ceiling: committed + the worst cases of the
+    holds in flight may not pass the limit + the exposure allowance.
+    """
 
 class BudgetDimension(_BudgetDimension, metaclass=_BudgetDimensionEnumTypeWrapper):
     """BudgetDimension names what a verdict was about."""
@@ -264,6 +286,10 @@ BUDGET_DIMENSION_RATE: BudgetDimension.ValueType  # 4
 """The run's rate limit (RunPolicy.rate_limit)."""
 BUDGET_DIMENSION_IN_FLIGHT: BudgetDimension.ValueType  # 5
 """The run's cap on holds in flight (RunPolicy.max_in_flight)."""
+BUDGET_DIMENSION_EXPOSURE: BudgetDimension.ValueType  # 6
+"""A calibrated run's exposure ceiling: committed + the worst cases of the
+holds in flight may not pass the limit + the exposure allowance.
+"""
 Global___BudgetDimension: _TypeAlias = BudgetDimension  # noqa: Y015
 
 class _ThresholdLevel:
@@ -751,6 +777,9 @@ class RunPolicy(_message.Message):
     DOWNGRADE_MODELS_FIELD_NUMBER: _builtins.int
     APPROVAL_PERCENT_FIELD_NUMBER: _builtins.int
     APPROVED_METERS_FIELD_NUMBER: _builtins.int
+    CALIBRATION_MIN_SAMPLES_FIELD_NUMBER: _builtins.int
+    EXPOSURE_ALLOWANCE_MICROS_FIELD_NUMBER: _builtins.int
+    EXPOSURE_ALLOWANCE_PERCENT_FIELD_NUMBER: _builtins.int
     enforcement_mode: Global___EnforcementMode.ValueType
     """How the run's ceilings are enforced."""
     soft_gate_margin_percent: _builtins.int
@@ -781,6 +810,18 @@ class RunPolicy(_message.Message):
     would pass this percent of its limit (1 to 100; 0: never): the call gets
     DECISION_APPROVAL_REQUIRED until the spend approval is approved.
     """
+    calibration_min_samples: _builtins.int
+    """For ENFORCEMENT_MODE_CALIBRATED: how many committed calls to a model
+    (with usage) the run must have observed before its calls to that model
+    are held at the calibrated estimate (1 to 32; 0: the default, 5).
+    """
+    exposure_allowance_micros: _builtins.int
+    """For ENFORCEMENT_MODE_CALIBRATED: how far past the limit committed spend
+    plus the worst cases in flight may go, in micro-USD. At most one of this
+    and `exposure_allowance_percent`; neither: 10% of the limit.
+    """
+    exposure_allowance_percent: _builtins.int
+    """The same allowance in percent of the limit (0 to 100)."""
     @_builtins.property
     def thresholds(self) -> Global___Thresholds:
         """The graduated response. When unset: 60% info, 80% warn, 95% throttle."""
@@ -836,11 +877,18 @@ class RunPolicy(_message.Message):
         downgrade_models: _abc.Iterable[_builtins.str] | None = ...,
         approval_percent: _builtins.int = ...,
         approved_meters: _abc.Iterable[_builtins.str] | None = ...,
+        calibration_min_samples: _builtins.int = ...,
+        exposure_allowance_micros: _builtins.int | None = ...,
+        exposure_allowance_percent: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_children", b"_max_children", "_max_depth", b"_max_depth", "_max_in_flight", b"_max_in_flight", "_max_tokens", b"_max_tokens", "max_children", b"max_children", "max_depth", b"max_depth", "max_in_flight", b"max_in_flight", "max_tokens", b"max_tokens", "rate_limit", b"rate_limit", "thresholds", b"thresholds", "throttle_base_delay", b"throttle_base_delay", "throttle_max_delay", b"throttle_max_delay"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_exposure_allowance_micros", b"_exposure_allowance_micros", "_exposure_allowance_percent", b"_exposure_allowance_percent", "_max_children", b"_max_children", "_max_depth", b"_max_depth", "_max_in_flight", b"_max_in_flight", "_max_tokens", b"_max_tokens", "exposure_allowance_micros", b"exposure_allowance_micros", "exposure_allowance_percent", b"exposure_allowance_percent", "max_children", b"max_children", "max_depth", b"max_depth", "max_in_flight", b"max_in_flight", "max_tokens", b"max_tokens", "rate_limit", b"rate_limit", "thresholds", b"thresholds", "throttle_base_delay", b"throttle_base_delay", "throttle_max_delay", b"throttle_max_delay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_children", b"_max_children", "_max_depth", b"_max_depth", "_max_in_flight", b"_max_in_flight", "_max_tokens", b"_max_tokens", "approval_percent", b"approval_percent", "approved_meters", b"approved_meters", "auto_downgrade", b"auto_downgrade", "downgrade_models", b"downgrade_models", "enforcement_mode", b"enforcement_mode", "max_children", b"max_children", "max_depth", b"max_depth", "max_in_flight", b"max_in_flight", "max_tokens", b"max_tokens", "meter_limits", b"meter_limits", "rate_limit", b"rate_limit", "soft_gate_margin_percent", b"soft_gate_margin_percent", "thresholds", b"thresholds", "throttle_base_delay", b"throttle_base_delay", "throttle_max_delay", b"throttle_max_delay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exposure_allowance_micros", b"_exposure_allowance_micros", "_exposure_allowance_percent", b"_exposure_allowance_percent", "_max_children", b"_max_children", "_max_depth", b"_max_depth", "_max_in_flight", b"_max_in_flight", "_max_tokens", b"_max_tokens", "approval_percent", b"approval_percent", "approved_meters", b"approved_meters", "auto_downgrade", b"auto_downgrade", "calibration_min_samples", b"calibration_min_samples", "downgrade_models", b"downgrade_models", "enforcement_mode", b"enforcement_mode", "exposure_allowance_micros", b"exposure_allowance_micros", "exposure_allowance_percent", b"exposure_allowance_percent", "max_children", b"max_children", "max_depth", b"max_depth", "max_in_flight", b"max_in_flight", "max_tokens", b"max_tokens", "meter_limits", b"meter_limits", "rate_limit", b"rate_limit", "soft_gate_margin_percent", b"soft_gate_margin_percent", "thresholds", b"thresholds", "throttle_base_delay", b"throttle_base_delay", "throttle_max_delay", b"throttle_max_delay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__exposure_allowance_micros: _TypeAlias = _typing.Literal["exposure_allowance_micros"]  # noqa: Y015
+    _WhichOneofArgType__exposure_allowance_micros: _TypeAlias = _typing.Literal["_exposure_allowance_micros", b"_exposure_allowance_micros"]  # noqa: Y015
+    _WhichOneofReturnType__exposure_allowance_percent: _TypeAlias = _typing.Literal["exposure_allowance_percent"]  # noqa: Y015
+    _WhichOneofArgType__exposure_allowance_percent: _TypeAlias = _typing.Literal["_exposure_allowance_percent", b"_exposure_allowance_percent"]  # noqa: Y015
     _WhichOneofReturnType__max_children: _TypeAlias = _typing.Literal["max_children"]  # noqa: Y015
     _WhichOneofArgType__max_children: _TypeAlias = _typing.Literal["_max_children", b"_max_children"]  # noqa: Y015
     _WhichOneofReturnType__max_depth: _TypeAlias = _typing.Literal["max_depth"]  # noqa: Y015
@@ -849,6 +897,10 @@ class RunPolicy(_message.Message):
     _WhichOneofArgType__max_in_flight: _TypeAlias = _typing.Literal["_max_in_flight", b"_max_in_flight"]  # noqa: Y015
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__exposure_allowance_micros) -> _WhichOneofReturnType__exposure_allowance_micros | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__exposure_allowance_percent) -> _WhichOneofReturnType__exposure_allowance_percent | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_children) -> _WhichOneofReturnType__max_children | None: ...
     @_typing.overload

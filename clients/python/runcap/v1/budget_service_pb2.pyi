@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from runcap.v1 import budget_pb2 as _budget_pb2
 import builtins as _builtins
 import sys
@@ -20,6 +21,30 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _EstimateBasis:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EstimateBasisEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EstimateBasis.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ESTIMATE_BASIS_UNSPECIFIED: _EstimateBasis.ValueType  # 0
+    """Not an LLM call, or not priced."""
+    ESTIMATE_BASIS_WORST_CASE: _EstimateBasis.ValueType  # 1
+    """Input plus the effective max output: the most the call can bill."""
+    ESTIMATE_BASIS_CALIBRATED: _EstimateBasis.ValueType  # 2
+    """Input plus the run's learned output estimate (ENFORCEMENT_MODE_CALIBRATED)."""
+
+class EstimateBasis(_EstimateBasis, metaclass=_EstimateBasisEnumTypeWrapper):
+    """EstimateBasis says how an LLM call's hold was sized."""
+
+ESTIMATE_BASIS_UNSPECIFIED: EstimateBasis.ValueType  # 0
+"""Not an LLM call, or not priced."""
+ESTIMATE_BASIS_WORST_CASE: EstimateBasis.ValueType  # 1
+"""Input plus the effective max output: the most the call can bill."""
+ESTIMATE_BASIS_CALIBRATED: EstimateBasis.ValueType  # 2
+"""Input plus the run's learned output estimate (ENFORCEMENT_MODE_CALIBRATED)."""
+Global___EstimateBasis: _TypeAlias = EstimateBasis  # noqa: Y015
 
 @_typing.final
 class CreateRunRequest(_message.Message):
@@ -397,6 +422,8 @@ class ReserveResponse(_message.Message):
     ALTERNATIVES_FIELD_NUMBER: _builtins.int
     REQUESTED_MODEL_FIELD_NUMBER: _builtins.int
     APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    EXPOSURE_MICROS_FIELD_NUMBER: _builtins.int
+    EXPOSURE_CEILING_MICROS_FIELD_NUMBER: _builtins.int
     decision: _budget_pb2.Decision.ValueType
     """Allow or block."""
     reason: _budget_pb2.DecisionReason.ValueType
@@ -429,6 +456,14 @@ class ReserveResponse(_message.Message):
     approval_id: _builtins.str
     """For DECISION_APPROVAL_REQUIRED, and for a block by a denied approval:
     the approval.
+    """
+    exposure_micros: _builtins.int
+    """For a calibrated run: committed spend plus the worst cases of all holds
+    in flight, after this decision.
+    """
+    exposure_ceiling_micros: _builtins.int
+    """For a calibrated run: what `exposure_micros` may reach (the limit plus
+    the exposure allowance).
     """
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
@@ -484,10 +519,12 @@ class ReserveResponse(_message.Message):
         alternatives: _abc.Iterable[Global___Alternative] | None = ...,
         requested_model: _builtins.str = ...,
         approval_id: _builtins.str = ...,
+        exposure_micros: _builtins.int = ...,
+        exposure_ceiling_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["blocking_scope", b"blocking_scope", "estimate", b"estimate", "expire_time", b"expire_time", "retry_after", b"retry_after", "state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alternatives", b"alternatives", "amount_micros", b"amount_micros", "approval_id", b"approval_id", "blocking_dimension", b"blocking_dimension", "blocking_meter", b"blocking_meter", "blocking_period", b"blocking_period", "blocking_scope", b"blocking_scope", "decision", b"decision", "decision_id", b"decision_id", "enforcement_mode", b"enforcement_mode", "estimate", b"estimate", "expire_time", b"expire_time", "reason", b"reason", "replayed", b"replayed", "requested_model", b"requested_model", "reservation_id", b"reservation_id", "retry_after", b"retry_after", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alternatives", b"alternatives", "amount_micros", b"amount_micros", "approval_id", b"approval_id", "blocking_dimension", b"blocking_dimension", "blocking_meter", b"blocking_meter", "blocking_period", b"blocking_period", "blocking_scope", b"blocking_scope", "decision", b"decision", "decision_id", b"decision_id", "enforcement_mode", b"enforcement_mode", "estimate", b"estimate", "expire_time", b"expire_time", "exposure_ceiling_micros", b"exposure_ceiling_micros", "exposure_micros", b"exposure_micros", "reason", b"reason", "replayed", b"replayed", "requested_model", b"requested_model", "reservation_id", b"reservation_id", "retry_after", b"retry_after", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -858,6 +895,10 @@ class LlmEstimate(_message.Message):
     EFFECTIVE_MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
     PRICE_TABLE_VERSION_FIELD_NUMBER: _builtins.int
+    BASIS_FIELD_NUMBER: _builtins.int
+    CALIBRATED_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CALIBRATION_SAMPLES_FIELD_NUMBER: _builtins.int
+    CALIBRATED_AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     """The provider priced."""
     model: _builtins.str
@@ -872,6 +913,22 @@ class LlmEstimate(_message.Message):
     """The estimate in micro-USD, rounded up; 0 for an unknown model."""
     price_table_version: _builtins.str
     """The price table version used; Commit with `usage` prices with it too."""
+    basis: Global___EstimateBasis.ValueType
+    """How the hold was sized: the worst case, or (a calibrated run with
+    enough samples of this model) the calibrated estimate.
+    """
+    calibrated_output_tokens: _builtins.int
+    """For ESTIMATE_BASIS_CALIBRATED: the output tokens held (the largest
+    recently observed, at most `effective_max_output_tokens`).
+    """
+    calibration_samples: _builtins.int
+    """For a calibrated run: how many outputs of this model the estimate is
+    based on (the run's last 32 at most).
+    """
+    calibrated_amount_micros: _builtins.int
+    """For ESTIMATE_BASIS_CALIBRATED: what is held, in micro-USD; `amount_micros`
+    stays the worst case, counted against the exposure ceiling.
+    """
     def __init__(
         self,
         *,
@@ -881,10 +938,14 @@ class LlmEstimate(_message.Message):
         effective_max_output_tokens: _builtins.int = ...,
         amount_micros: _builtins.int = ...,
         price_table_version: _builtins.str = ...,
+        basis: Global___EstimateBasis.ValueType = ...,
+        calibrated_output_tokens: _builtins.int = ...,
+        calibration_samples: _builtins.int = ...,
+        calibrated_amount_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "effective_max_output_tokens", b"effective_max_output_tokens", "input_tokens", b"input_tokens", "model", b"model", "price_table_version", b"price_table_version", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "basis", b"basis", "calibrated_amount_micros", b"calibrated_amount_micros", "calibrated_output_tokens", b"calibrated_output_tokens", "calibration_samples", b"calibration_samples", "effective_max_output_tokens", b"effective_max_output_tokens", "input_tokens", b"input_tokens", "model", b"model", "price_table_version", b"price_table_version", "provider", b"provider"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -20,8 +20,10 @@
 -- window's start and allowed calls; use: the use of each dimension beyond
 -- money, "name=reserved,committed;..."; apv: the run's escalations by trigger,
 -- "spend" or "m:<meter>", as types.encode_approvals, "trigger=status;...",
--- sorted; written only once an approval is requested). A missing counter is 0,
--- a missing use or apv "".
+-- sorted; written only once an approval is requested; and CALIBRATED runs
+-- only: xpo, the worst cases of the holds in flight, and cal, each model's
+-- observed output tokens, types.encode_calibration). A missing counter is 0,
+-- a missing use, apv or cal "".
 --
 -- Reservation records are laid out above decode(), change log entries above
 -- record(). A decision's approval trigger is derived from its reason,
@@ -47,8 +49,11 @@ local WITHIN_BUDGET, INSUFFICIENT_BUDGET, RUN_CLOSED, RUN_SUSPENDED = 1, 2, 3, 6
 local THROTTLED, RATE_LIMITED, IN_FLIGHT_LIMIT = 7, 8, 9
 local SPEND_NEEDS_APPROVAL, METER_NEEDS_APPROVAL, APPROVAL_DENIED = 11, 12, 13
 local PENDING, APPROVED, DENIED = 1, 2, 3
-local HARD_GATE, SOFT_GATE, ADVISORY, ACTUALS_ONLY = 1, 2, 3, 4
-local D_SPEND, D_TOKENS, D_METER, D_RATE, D_IN_FLIGHT = 1, 2, 3, 4, 5
+local HARD_GATE, SOFT_GATE, ADVISORY, ACTUALS_ONLY, CALIBRATED = 1, 2, 3, 4, 5
+local D_SPEND, D_TOKENS, D_METER, D_RATE, D_IN_FLIGHT, D_EXPOSURE = 1, 2, 3, 4, 5, 6
+-- types.CALIBRATION_RING, CALIBRATION_MODELS, DEFAULT_CALIBRATION_MIN_SAMPLES,
+-- DEFAULT_EXPOSURE_ALLOWANCE_PERCENT; rates are per PER_RATE tokens.
+local RING, MODELS, MIN_SAMPLES, ALLOWANCE_PERCENT, PER_RATE = 32, 16, 5, 10, 1000000
 local STOP = 4
 local LIFETIME = 1
 local HELD, COMMITTED, RELEASED, EXPIRED, LATE_COMMITTED, BLOCKED = 1, 2, 3, 4, 5, 6
@@ -119,7 +124,8 @@ local function approval_of(r)
 end
 
 local FIELDS = {'lim', 'com', 'res', 'ovr', 'act', 'rev', 'st', 'cr', 'cl', 'lab', 'ttl', 'dig',
-  'pr', 'ak', 'us', 'tm', 'lin', 'np', 'gp', 'pol', 'thr', 'tst', 'tun', 'rw', 'rc', 'use', 'apv'}
+  'pr', 'ak', 'us', 'tm', 'lin', 'np', 'gp', 'pol', 'thr', 'tst', 'tun', 'rw', 'rc', 'use', 'apv',
+  'xpo', 'cal'}
 
 local function load_account()
   local v = redis.call('HMGET', A, unpack(FIELDS))
@@ -132,6 +138,7 @@ local function load_account()
     np = tonumber(v[18]) or 0, gp = v[19] or '', pol = v[20] or '',
     thr = tonumber(v[21]) or 0, tst = tonumber(v[22]) or 0, tun = tonumber(v[23]) or 0,
     rw = tonumber(v[24]) or 0, rc = tonumber(v[25]) or 0, use = v[26] or '', apv = v[27] or '',
+    xpo = tonumber(v[28]) or 0, cal = v[29] or '',
   }
 end
 
@@ -140,7 +147,7 @@ local DEFAULT_THRESHOLDS = {60, 80, 95}
 -- `ap`: the approval percent (0: never); `am`: the approved meters as a set,
 -- nil when there is no list (no meter needs an approval).
 local DEFAULT_POLICY = {mode = HARD_GATE, margin = 0, thr = DEFAULT_THRESHOLDS, tb = 1000,
-  tm = 60000, met = {}, depth = 5, ap = 0}
+  tm = 60000, met = {}, depth = 5, ap = 0, cms = MIN_SAMPLES}
 
 local function decode_policy(text)
   if text == '' then return DEFAULT_POLICY end
@@ -153,7 +160,8 @@ local function decode_policy(text)
   return {mode = raw.mode or HARD_GATE, margin = raw.margin or 0,
     thr = raw.thr or DEFAULT_THRESHOLDS, tb = raw.tb or 1000, tm = raw.tm or 60000,
     tok = raw.tok, met = raw.met or {}, rate = raw.rate, inf = raw.inf,
-    depth = raw.depth or 5, kids = raw.kids, ap = raw.ap or 0, am = approved}
+    depth = raw.depth or 5, kids = raw.kids, ap = raw.ap or 0, am = approved,
+    cms = raw.cms or MIN_SAMPLES, xa = raw.xa, xp = raw.xp}
 end
 
 local function policy_of(acc)
@@ -237,6 +245,69 @@ local function ge_scaled(a, ma, b, mb)
   return ah > bh or (ah == bh and al >= bl)
 end
 
+-- "a#b#c" split at every "#" ("" is one empty part, as Python's str.split).
+local function split_hash(s)
+  local parts, start = {}, 1
+  while true do
+    local i = string.find(s, '#', start, true)
+    if not i then
+      parts[#parts + 1] = string.sub(s, start)
+      return parts
+    end
+    parts[#parts + 1] = string.sub(s, start, i - 1)
+    start = i + 1
+  end
+end
+
+-- a // m and a % m, exactly (a < 2^53; a / m may round across an integer).
+local function divmod(a, m)
+  local q = math.floor(a / m)
+  local r = a - q * m
+  if r < 0 then
+    q, r = q - 1, r + m
+  elseif r >= m then
+    q, r = q + 1, r - m
+  end
+  return q, r
+end
+
+-- An LLM call's model key, input and output rates, effective max output and
+-- input tokens from its pricing (core._llm_call); nil for anything else.
+local function llm_call(pricing)
+  local parts = split_hash(pricing)
+  if #parts < 6 then return nil end
+  local rin, rout = string.match(parts[2], '^(%d+),(%d+),')
+  return {key = parts[4] .. '/' .. parts[5], rin = tonumber(rin), rout = tonumber(rout),
+    eff = tonumber(parts[3]), inp = tonumber(parts[6])}
+end
+
+-- core.calibrated_micros: every product stays below 2^53.
+local function calibrated_micros(inp, rin, out, rout)
+  local qin, rmin = divmod(rin, PER_RATE)
+  local qout, rmout = divmod(rout, PER_RATE)
+  local q, r = divmod(inp * rmin + out * rmout, PER_RATE)
+  if r > 0 then q = q + 1 end
+  return inp * qin + out * qout + q
+end
+
+-- The run's observed outputs: key -> list (oldest first), parsed when first needed.
+local function calibration_of(acc)
+  if not acc.calibration then
+    local c, n = {}, 0
+    if acc.cal ~= '' then
+      local parts = split_hash(acc.cal)
+      for i = 1, #parts, 2 do
+        local list = {}
+        for v in string.gmatch(parts[i + 1], '%d+') do list[#list + 1] = tonumber(v) end
+        c[parts[i]] = list
+        n = n + 1
+      end
+    end
+    acc.calibration, acc.cal_models = c, n
+  end
+  return acc.calibration
+end
+
 -- One operation's pending writes: applied only once nothing can fail any more.
 local txn = {acc = nil, now = 0, res = {}, order = {}, changes = {}}
 
@@ -288,6 +359,10 @@ local function unhold(r)
   local acc = txn.acc
   acc.res = acc.res - r.held
   acc.act = acc.act - 1
+  if policy_of(acc).mode == CALIBRATED then
+    acc.xpo = acc.xpo - r.amount
+    acc.xpo_dirty = true
+  end
   for _, d in ipairs(r.dims) do add_use(acc, d[1], -d[2], 0) end
   return r.held
 end
@@ -353,6 +428,7 @@ local function apply()
       redis.call('HSET', A, 'use', acc.use)
     end
     if acc.apv_dirty then redis.call('HSET', A, 'apv', acc.apv) end
+    if acc.xpo_dirty then redis.call('HSET', A, 'xpo', num(acc.xpo)) end
     redis.call('SPUBLISH', BELL, num(acc.rev))
   end
   if acc.st == CLOSED then
@@ -411,7 +487,7 @@ function ops.create()
   txn.acc = {lim = lim, com = 0, res = 0, ovr = 0, act = 0, rev = 0, st = OPEN, cr = txn.now,
     cl = nil, lab = lab, ttl = ttl, dig = '', lin = lin, pr = pr, ak = ak, us = us, tm = tm,
     np = tonumber(np), gp = gp, pol = pol, thr = 0, tst = 0, tun = 0, rw = 0, rc = 0, use = '',
-    apv = ''}
+    apv = '', xpo = 0, cal = ''}
   redis.call('HSET', A, 'cr', num(txn.now), 'lab', lab, 'ttl', opt(ttl), 'pr', pr, 'ak', ak,
     'us', us, 'tm', tm, 'lin', lin, 'np', np, 'gp', gp, 'pol', pol)
   record(CREATED)
@@ -480,6 +556,68 @@ local function fits_money(acc, p, amount)
   return used + amount - acc.lim <= margin
 end
 
+-- How far past the limit a CALIBRATED run's exposure may go (RunPolicy.exposure_allowance).
+local function allowance(acc, p)
+  if p.xa then return p.xa end
+  local percent = p.xp or ALLOWANCE_PERCENT
+  -- lim * percent // 100, exactly.
+  local hundreds = math.floor(acc.lim / 100)
+  return hundreds * percent + math.floor((acc.lim - hundreds * 100) * percent / 100)
+end
+
+-- A CALIBRATED run's second ceiling: committed + the worst cases in flight,
+-- this one's included, within the limit plus the allowance.
+local function fits_exposure(acc, p, worst)
+  if p.mode ~= CALIBRATED then return true end
+  return acc.com + acc.xpo + worst - acc.lim <= allowance(acc, p)
+end
+
+-- What a new reservation holds, and the pricing stored with it (core._calibrated).
+local function calibrated(acc, p, amount, pricing)
+  if p.mode ~= CALIBRATED then return amount, pricing end
+  local call = llm_call(pricing)
+  if not call then return amount, pricing end
+  local samples = calibration_of(acc)[call.key] or {}
+  local n = #samples
+  if n < p.cms then return amount, pricing .. '##' .. num(n) end
+  local out = 0
+  for _, v in ipairs(samples) do
+    if v > out then out = v end
+  end
+  if call.eff < out then out = call.eff end
+  local held = calibrated_micros(call.inp, call.rin, out, call.rout)
+  if amount < held then held = amount end
+  return held, pricing .. '#' .. num(out) .. '#' .. num(n)
+end
+
+-- A CALIBRATED run's committed LLM call feeds its model's samples (core._observe).
+local function observe(acc, p, pricing, output)
+  if p.mode ~= CALIBRATED then return end
+  local call = llm_call(pricing)
+  if not call then return end
+  local c = calibration_of(acc)
+  local samples = c[call.key]
+  if not samples then
+    if acc.cal_models >= MODELS then return end
+    samples = {}
+    c[call.key] = samples
+  end
+  samples[#samples + 1] = output
+  if #samples > RING then table.remove(samples, 1) end
+  local keys = {}
+  for key in pairs(c) do keys[#keys + 1] = key end
+  table.sort(keys)
+  local parts = {}
+  for _, key in ipairs(keys) do
+    local values = {}
+    for i, v in ipairs(c[key]) do values[i] = num(v) end
+    parts[#parts + 1] = key
+    parts[#parts + 1] = table.concat(values, ',')
+  end
+  acc.cal = table.concat(parts, '#')
+  redis.call('HSET', A, 'cal', acc.cal)
+end
+
 -- The highest threshold band the run's committed spend is in.
 local function band(acc, p)
   if acc.com >= acc.lim then return STOP end
@@ -538,9 +676,12 @@ end
 -- The run's own verdict on a new reservation (nil allows it): money, tokens and
 -- meters first (a lasting block), then escalations, then holds in flight, the
 -- rate limit and the throttle band (a passing throttle). `dims` are sorted by name.
-local function check(acc, p, amount, dims, run)
+local function check(acc, p, amount, dims, run, worst)
   if not fits_money(acc, p, amount) then
     return {reason = INSUFFICIENT_BUDGET, dimension = D_SPEND, scope = run, period = LIFETIME}
+  end
+  if not fits_exposure(acc, p, worst) then
+    return {reason = INSUFFICIENT_BUDGET, dimension = D_EXPOSURE, scope = run, period = LIFETIME}
   end
   for _, d in ipairs(dims) do
     local name, units = d[1], d[2]
@@ -605,10 +746,12 @@ end
 -- descendant) checks the dollar ceiling only. No mode holds past MAX_MICROS:
 -- totals stay exact (com, res and amount are each at most 2^53 - 1, and a sum
 -- past 2^53 rounds to at least 2^53, so the comparison is exact).
-local function decide(id, amount, requested_ttl, ttl, pb, dims, own_limits)
+local function decide(id, amount, requested_ttl, ttl, pb, dims, own_limits, pricing)
   local acc = txn.acc
   local p = policy_of(acc)
   local run = 'run:' .. acc.run
+  local hold
+  hold, pricing = calibrated(acc, p, amount, pricing)
   local v = nil
   local overflow = acc.com + acc.res + amount > MAX_MICROS
   if overflow then
@@ -618,9 +761,11 @@ local function decide(id, amount, requested_ttl, ttl, pb, dims, own_limits)
   elseif acc.st == SUSPENDED then
     v = {reason = RUN_SUSPENDED, scope = run, period = LIFETIME}
   elseif own_limits then
-    v = check(acc, p, amount, dims, run)
-  elseif not fits_money(acc, p, amount) then
+    v = check(acc, p, hold, dims, run, amount)
+  elseif not fits_money(acc, p, hold) then
     v = {reason = INSUFFICIENT_BUDGET, dimension = D_SPEND, scope = run, period = LIFETIME}
+  elseif not fits_exposure(acc, p, amount) then
+    v = {reason = INSUFFICIENT_BUDGET, dimension = D_EXPOSURE, scope = run, period = LIFETIME}
   end
   if not v and pb then
     local dimension = nil
@@ -635,7 +780,7 @@ local function decide(id, amount, requested_ttl, ttl, pb, dims, own_limits)
   end
   local r = {id = id, amount = amount, requested_ttl = requested_ttl, status = BLOCKED,
     reason = WITHIN_BUDGET, created = txn.now, held = 0, overrun = 0, scope = '',
-    dims = held_dims, meter = ''}
+    dims = held_dims, meter = '', pricing = pricing}
   if v then
     r.reason, r.dimension, r.meter = v.reason, v.dimension, v.meter or ''
     r.scope, r.period = v.scope or '', v.period
@@ -647,12 +792,16 @@ local function decide(id, amount, requested_ttl, ttl, pb, dims, own_limits)
     end
   end
   if not v or (not overflow and p.mode == ADVISORY and ADVISORY_REASONS[v.reason]) then
-    local held = actuals and 0 or amount
+    local held = actuals and 0 or hold
     r.status = HELD
     r.held = held
     r.expires = txn.now + ttl
     acc.res = acc.res + held
     acc.act = acc.act + 1
+    if p.mode == CALIBRATED then
+      acc.xpo = acc.xpo + amount
+      acc.xpo_dirty = true
+    end
     for _, d in ipairs(held_dims) do add_use(acc, d[1], d[2], 0) end
     if own_limits then count_allowed(acc, p) end
     record(RESERVED, r, held)
@@ -684,6 +833,18 @@ local function decision(r)
     approval_of(r)}
 end
 
+-- After the state: the worst case asked for, the pricing as stored, and a
+-- CALIBRATED run's exposure and its ceiling ("" in other modes).
+local function calibration(r)
+  local acc = txn.acc
+  local p = policy_of(acc)
+  local exposure, ceiling = '', ''
+  if p.mode == CALIBRATED then
+    exposure, ceiling = num(acc.com + acc.xpo), num(acc.lim + allowance(acc, p))
+  end
+  return {num(r.amount), r.pricing or '', exposure, ceiling}
+end
+
 -- ARGV 6..: reservation id, amount, requested ttl ms or "", server default ttl
 -- ms, run id, "1" when the caller runs the parent saga (or needs none), then
 -- the block decided before the run (reason, scope, period) or three "", then
@@ -710,12 +871,12 @@ function ops.reserve()
         or encode_dims(prev.dims, TOKENS) ~= encode_dims(dims, TOKENS) then
       return err('IDEMPOTENCY_CONFLICT', 'reserved')
     end
-    return ok('1', decision(prev), apply())
+    return ok('1', decision(prev), apply(), calibration(prev))
   end
   local r = decide(id, amount, requested_ttl, requested_ttl or acc.ttl or default_ttl, pb, dims,
-    true)
-  r.fingerprint, r.pricing = fingerprint, pricing
-  return ok('0', decision(r), apply())
+    true, pricing)
+  r.fingerprint = fingerprint
+  return ok('0', decision(r), apply(), calibration(r))
 end
 
 -- The saga's step on an ancestor run. ARGV 6..: hold id, amount, ttl ms.
@@ -726,7 +887,7 @@ function ops.child_hold()
   txn.acc.run = ARGV[9]
   local r = reservation(id)
   local replayed = r ~= nil
-  if not r then r = decide(id, amount, ttl, ttl, nil, {}, false) end
+  if not r then r = decide(id, amount, ttl, ttl, nil, {}, false, '') end
   apply()
   return {'OK', replayed and '1' or '0', num(r.status), num(r.reason)}
 end
@@ -790,10 +951,12 @@ local function settle_release(r)
   return held
 end
 
--- ARGV 6..: reservation id, actual, actual tokens or "" (keep those held).
--- Replies end with the run's lineage.
+-- ARGV 6..: reservation id, actual, actual tokens or "" (keep those held),
+-- output tokens or "" (feed a CALIBRATED run's samples). Replies end with the
+-- run's lineage.
 function ops.commit()
   local id, actual, actual_tokens = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
+  local output = tonumber(ARGV[9])
   if not open_run() then return err('RUN_NOT_FOUND') end
   local acc = txn.acc
   local r = reservation(id)
@@ -806,6 +969,7 @@ function ops.commit()
   end
   if acc.com + actual > MAX_MICROS then return err('TOTAL_OUT_OF_RANGE') end
   local overrun = settle_commit(r, actual, actual_tokens)
+  if output then observe(acc, policy_of(acc), r.pricing, output) end
   if acc.np > 0 then redis.call('ZADD', P, num(txn.now), id) end
   return ok('0', num(r.status), num(actual), num(r.held), num(overrun), apply(), acc.lin)
 end
