@@ -24,6 +24,8 @@ class ServerProcess:
 
     SQLite at `db_path`, the memory backend without one, or Redis when `env`
     sets RUNCAP_BACKEND=redis (with RUNCAP_REDIS_URL or _CLUSTER_NODES).
+    With RUNCAP_TLS_* in `env`, `credentials` are what the readiness check
+    connects with (for mTLS, with a client certificate).
     """
 
     def __init__(
@@ -31,8 +33,10 @@ class ServerProcess:
         db_path: Path | None,
         env: Mapping[str, str] | None = None,
         listen: str = "127.0.0.1:0",
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.db_path = db_path
+        self.credentials = credentials
         self.extra_env = dict(env or {})
         self.listen = listen
         self.process: subprocess.Popen[str] | None = None
@@ -61,7 +65,7 @@ class ServerProcess:
         if not self._listening.wait(timeout_s):
             self.kill()
             raise RuntimeError("runcap server did not start:\n" + "".join(self.log))
-        wait_serving(self.target)
+        wait_serving(self.target, credentials=self.credentials)
         return self
 
     def _read(self) -> None:
@@ -107,9 +111,16 @@ class ServerProcess:
         return code
 
 
-def wait_serving(target: str, timeout_s: float = 10.0) -> None:
+def wait_serving(
+    target: str, timeout_s: float = 10.0, credentials: grpc.ChannelCredentials | None = None
+) -> None:
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
+    channel = (
+        grpc.insecure_channel(target)
+        if credentials is None
+        else grpc.secure_channel(target, credentials)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

@@ -28,6 +28,7 @@ from runcap_server.settings import Settings
 from runcap_server.sweeper import sweep_forever
 from runcap_server.telemetry import Telemetry
 from runcap_server.tenant_prices import TenantPrices
+from runcap_server.tls import load_server_tls
 from runcap_server.watch import WatchHub
 
 _log = logging.getLogger("runcap")
@@ -102,8 +103,12 @@ class RuncapServer:
         # Read now: a server with an unreadable price table does not start.
         self.prices = PriceBook(settings.price_table or None)
         self.tenant_prices = TenantPrices(self.backend, settings.tenant)
-        # Read now: a server with an unreadable keys file does not start.
-        self.keys = KeyStore(Path(settings.api_keys_file)) if settings.api_keys_file else None
+        # Read now: a server with unreadable TLS files or keys file does not start.
+        self.tls = load_server_tls(settings)
+        mtls = self.tls is not None and self.tls.mtls
+        self.keys = (
+            KeyStore(Path(settings.api_keys_file), mtls=mtls) if settings.api_keys_file else None
+        )
         self.server = grpc.aio.server(
             options=_server_options(settings), interceptors=self.telemetry.interceptors()
         )
@@ -134,7 +139,12 @@ class RuncapServer:
             ],
             self.server,
         )
-        self.port = self.server.add_insecure_port(self.settings.listen_addr)
+        if self.tls is None:
+            self.port = self.server.add_insecure_port(self.settings.listen_addr)
+        else:
+            self.port = self.server.add_secure_port(
+                self.settings.listen_addr, self.tls.credentials()
+            )
         await self.server.start()
         for service in ("", SERVICE_NAME, LIVENESS_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -223,10 +233,11 @@ async def serve(settings: Settings) -> None:
         "redis": settings.redis_url or settings.redis_cluster_nodes,
     }[settings.backend]
     _log.info(
-        "runcap listening on %s (backend %s: %s)",
+        "runcap listening on %s (backend %s: %s; %s)",
         _bound_address(settings.listen_addr, port),
         settings.backend,
         location,
+        "plaintext" if server.tls is None else server.tls.describe(),
     )
     await stop.wait()
     _log.info("shutting down: draining for up to %d ms", settings.shutdown_grace_ms)

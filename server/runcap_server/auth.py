@@ -9,8 +9,15 @@ file is read again when it changes (checked at most once a second), so a
 revocation reaches every replica that reads the file within a second of the
 file changing there.
 
-Each key belongs to one tenant (the ledger namespace it reaches) and one
-principal: its key id, with an optional user and team, which become the API
+With mTLS (RUNCAP_TLS_CLIENT_CA_FILE), an entry may instead (or also) name
+a client certificate: its ``mtls_subject`` is matched against the verified
+peer certificate's name (`certificate_subject`: the certificate's SPIFFE ID,
+its one ``spiffe://`` URI SAN, when it has one, else its subject common
+name). A call with a Bearer key is authenticated by the key; a call without
+one by its certificate.
+
+Each entry belongs to one tenant (the ledger namespace it reaches) and one
+principal: its id, with an optional user and team, which become the API
 key, user and team scopes of the runs it creates. Roles nest:
 
 - ``agent``: create runs (bound to its principal) and reserve, commit,
@@ -46,6 +53,8 @@ _log = logging.getLogger(__name__)
 RELOAD_CHECK_S: Final = 1.0
 KEY_PREFIX: Final = "rck_"
 _BEARER: Final = re.compile(r"Bearer\s+(\S+)\s*", re.IGNORECASE)
+SPIFFE_SCHEME: Final = "spiffe://"
+MAX_SUBJECT_LENGTH: Final = 1024
 
 
 class Role(enum.IntEnum):
@@ -82,7 +91,11 @@ CALLER: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
 
 @dataclass(frozen=True, slots=True)
 class KeyEntry:
-    """One key as the keys file stores it: never the key itself."""
+    """One key as the keys file stores it: never the key itself.
+
+    `sha256` is empty for an entry that has no API key, only a client
+    certificate (`mtls_subject`); an entry has at least one of the two.
+    """
 
     id: str
     sha256: str
@@ -92,6 +105,7 @@ class KeyEntry:
     team_id: str = ""
     created: str = ""
     revoked: str = ""
+    mtls_subject: str = ""
 
     def principal(self) -> Principal:
         return Principal(self.id, self.tenant, self.role, self.user_id, self.team_id)
@@ -106,13 +120,14 @@ class KeyEntry:
         try:
             key = cls(
                 id=str(entry["id"]),
-                sha256=str(entry["sha256"]).lower(),
+                sha256=str(entry.get("sha256", "")).lower(),
                 tenant=str(entry["tenant"]),
                 role=Role.parse(str(entry["role"])),
                 user_id=str(entry.get("user_id", "")),
                 team_id=str(entry.get("team_id", "")),
                 created=str(entry.get("created", "")),
                 revoked=str(entry.get("revoked", "")),
+                mtls_subject=str(entry.get("mtls_subject", "")),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{where}: {error}") from None
@@ -120,9 +135,68 @@ class KeyEntry:
             value = getattr(key, name)
             if value and not ID_PATTERN.fullmatch(value):
                 raise ValueError(f"{where}: {name} {value!r} is not a valid id")
-        if not re.fullmatch(r"[0-9a-f]{64}", key.sha256):
+        if not key.sha256 and not key.mtls_subject:
+            raise ValueError(f"{where}: needs a sha256 (an API key), an mtls_subject, or both")
+        if key.sha256 and not re.fullmatch(r"[0-9a-f]{64}", key.sha256):
             raise ValueError(f"{where}: sha256 must be 64 hex digits")
+        if key.mtls_subject:
+            check_subject(key.mtls_subject, where)
         return key
+
+
+def check_subject(subject: str, where: str = "mtls_subject") -> None:
+    """ValueError unless `subject` can name a client certificate."""
+    if not (
+        0 < len(subject) <= MAX_SUBJECT_LENGTH
+        and subject.isprintable()
+        and subject == subject.strip()
+    ):
+        raise ValueError(
+            f"{where}: mtls_subject {subject!r} must be 1 to {MAX_SUBJECT_LENGTH} printable "
+            "characters, without blanks at either end"
+        )
+
+
+def certificate_subject(auth_context: Mapping[str, Iterable[bytes]] | None) -> str | None:
+    """The name of a call's verified client certificate, as keys files name
+    it: its SPIFFE ID (its `spiffe://` URI SAN) when it has one, else its
+    subject common name (CN). None when the call presented no certificate
+    (plaintext, or TLS without client certificates).
+
+    gRPC puts a peer certificate's names in the auth context only once it is
+    verified (the server requires and verifies client certificates whenever
+    it has a client CA). A certificate with several SPIFFE IDs, or with
+    neither a SPIFFE ID nor a CN, is Unauthenticated: it names no one.
+    """
+    if not auth_context:
+        return None
+    security = [bytes(value) for value in auth_context.get("transport_security_type", ())]
+    if security != [b"ssl"]:
+        return None
+    names = {
+        bytes(value).decode("utf-8", "replace")
+        for field in ("peer_uri", "x509_subject_alternative_name")
+        for value in auth_context.get(field, ())
+    }
+    spiffe = sorted(name for name in names if name.startswith(SPIFFE_SCHEME))
+    if len(spiffe) > 1:
+        raise Unauthenticated(
+            f"the client certificate has several SPIFFE IDs ({', '.join(spiffe)}); "
+            "runcap needs exactly one"
+        )
+    if spiffe:
+        return spiffe[0]
+    common_names = [
+        bytes(value).decode("utf-8", "replace")
+        for value in auth_context.get("x509_common_name", ())
+    ]
+    if common_names:
+        return common_names[0]
+    if any(auth_context.get(field) for field in ("x509_pem_cert", "x509_subject")):
+        raise Unauthenticated(
+            "the client certificate has neither a spiffe:// URI SAN nor a subject common name"
+        )
+    return None
 
 
 def digest(key: str) -> str:
@@ -151,6 +225,9 @@ def read_keys(path: Path) -> list[KeyEntry]:
     ids = [key.id for key in keys]
     if len(set(ids)) != len(ids):
         raise ValueError(f"the keys file {path} names a key id twice")
+    subjects = [key.mtls_subject for key in keys if key.mtls_subject and not key.revoked]
+    if len(set(subjects)) != len(subjects):
+        raise ValueError(f"the keys file {path} gives an mtls_subject to two active entries")
     return keys
 
 
@@ -172,9 +249,13 @@ class KeyStore:
     in a valid file takes effect on the next check.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, mtls: bool = False) -> None:
         self.path = path
+        # Whether the server verifies client certificates (a client CA): only
+        # then does a certificate authenticate a call.
+        self.mtls = mtls
         self._by_hash: dict[str, KeyEntry] = {}
+        self._by_subject: dict[str, KeyEntry] = {}
         self._stamp: tuple[int, int, int] | None = None
         self._checked = 0.0
         self._load(strict=True)
@@ -191,12 +272,31 @@ class KeyStore:
                 raise ValueError(str(error)) from None
             _log.error("keeping the keys read before: %s", error)
             return
-        self._by_hash = {key.sha256: key for key in keys if not key.revoked}
+        active = [key for key in keys if not key.revoked]
+        self._by_hash = {key.sha256: key for key in active if key.sha256}
+        self._by_subject = {key.mtls_subject: key for key in active if key.mtls_subject}
         self._stamp = stamp
-        _log.info("read %d active API keys from %s", len(self._by_hash), self.path)
+        _log.info(
+            "read %d active API keys and %d client certificate subjects from %s",
+            len(self._by_hash),
+            len(self._by_subject),
+            self.path,
+        )
+        if self._by_subject and not self.mtls:
+            _log.warning(
+                "the keys file names client certificates (mtls_subject), but this server does "
+                "not verify client certificates (RUNCAP_TLS_CLIENT_CA_FILE): they authenticate "
+                "nothing"
+            )
 
-    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
-        """The principal of a call's `authorization` metadata."""
+    def authenticate(
+        self,
+        metadata: Iterable[tuple[str, str | bytes]] | None,
+        auth_context: Mapping[str, Iterable[bytes]] | None = None,
+    ) -> Principal:
+        """The principal of a call: its `authorization: Bearer` key when it
+        sends one; else, with mTLS, its verified client certificate's subject
+        (`certificate_subject`) as the keys file maps it."""
         now = time.monotonic()
         if now - self._checked >= RELOAD_CHECK_S:
             self._checked = now
@@ -208,14 +308,28 @@ class KeyStore:
                 matched = _BEARER.fullmatch(text)
                 token = matched.group(1) if matched else ""
                 break
-        if not token:
+        if token:
+            entry = self._by_hash.get(digest(token))
+            if entry is None:
+                raise Unauthenticated("the API key is not valid (unknown or revoked)")
+            return entry.principal()
+        subject = certificate_subject(auth_context) if self.mtls else None
+        if subject is not None:
+            entry = self._by_subject.get(subject)
+            if entry is None:
+                raise Unauthenticated(
+                    f"the client certificate {subject!r} is not valid here (no active entry of "
+                    "the keys file has this mtls_subject)"
+                )
+            return entry.principal()
+        if self.mtls:
             raise Unauthenticated(
-                "this server needs an API key: send the metadata `authorization: Bearer <key>`"
+                "this server needs an API key (the metadata `authorization: Bearer <key>`) or "
+                "a client certificate named in its keys file"
             )
-        entry = self._by_hash.get(digest(token))
-        if entry is None:
-            raise Unauthenticated("the API key is not valid (unknown or revoked)")
-        return entry.principal()
+        raise Unauthenticated(
+            "this server needs an API key: send the metadata `authorization: Bearer <key>`"
+        )
 
 
 def caller() -> Principal | None:

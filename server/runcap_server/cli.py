@@ -11,6 +11,7 @@ from pathlib import Path
 
 from runcap_server.auth import read_keys
 from runcap_server.settings import BACKENDS, Settings, parse_duration_ms
+from runcap_server.tls import load_server_tls
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -22,6 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             insecure_dev=args.insecure_dev or None,
         )
+        load_server_tls(settings)  # unreadable or mismatched TLS files: exit 2
         if settings.api_keys_file:
             read_keys(Path(settings.api_keys_file))
         elif not settings.insecure_dev:

@@ -10,6 +10,11 @@ the response as JSON with `--json`), and exits with:
 * 3 when a reservation is blocked, so that scripts can branch on it;
 * 2 for a malformed command line (argparse's usage errors).
 
+A server with TLS: RUNCAP_TLS_CA_FILE (the CA that issued the server's
+certificate; the system's roots when unset), and for mTLS
+RUNCAP_TLS_CLIENT_CERT_FILE with RUNCAP_TLS_CLIENT_KEY_FILE. Any of them
+turns TLS on; RUNCAP_API_KEY is sent over it as over plaintext.
+
 Amounts are USD as exact decimals (``5``, ``0.25``, ``$1.50``, at most 6
 decimal places), or whole micro-USD with ``--micros`` / ``--limit-micros``.
 """
@@ -22,10 +27,12 @@ import queue
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -54,7 +61,7 @@ DEFAULT_TARGET: Final = "127.0.0.1:50051"
 EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1
 EXIT_BLOCKED: Final = 3
-MODES: Final = ("hard_gate", "soft_gate", "advisory", "actuals_only")
+MODES: Final = ("hard_gate", "soft_gate", "advisory", "actuals_only", "calibrated")
 
 Handler = Callable[[argparse.Namespace, RuncapClient], int]
 
@@ -296,7 +303,8 @@ def _command(handler: Handler) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         try:
             api_key = os.environ.get("RUNCAP_API_KEY") or None
-            with RuncapClient(args.target, api_key=api_key) as client:
+            credentials = tls_credentials_from_env()
+            with RuncapClient(args.target, api_key=api_key, credentials=credentials) as client:
                 return handler(args, client)
         except CliError as error:
             _error(str(error))
@@ -318,6 +326,34 @@ def _top(args: argparse.Namespace) -> int:
     from runcap_server import top  # Textual loads only for `runcap top`
 
     return top.main(args)
+
+
+TLS_ENV: Final = ("RUNCAP_TLS_CA_FILE", "RUNCAP_TLS_CLIENT_CERT_FILE", "RUNCAP_TLS_CLIENT_KEY_FILE")
+
+
+def tls_credentials_from_env(
+    environ: Mapping[str, str] | None = None,
+) -> grpc.ChannelCredentials | None:
+    """TLS channel credentials from RUNCAP_TLS_CA_FILE and, for mTLS,
+    RUNCAP_TLS_CLIENT_CERT_FILE and RUNCAP_TLS_CLIENT_KEY_FILE; None (plaintext)
+    when none is set."""
+    environ = os.environ if environ is None else environ
+    ca, cert, key = (environ.get(name) or "" for name in TLS_ENV)
+    if not (ca or cert or key):
+        return None
+    if bool(cert) != bool(key):
+        raise CliError("RUNCAP_TLS_CLIENT_CERT_FILE and RUNCAP_TLS_CLIENT_KEY_FILE go together")
+    contents: dict[str, bytes | None] = {}
+    for name, path in zip(TLS_ENV, (ca, cert, key), strict=True):
+        try:
+            contents[name] = Path(path).read_bytes() if path else None
+        except OSError as error:
+            raise CliError(f"cannot read {name} {path}: {error.strerror}") from None
+    return grpc.ssl_channel_credentials(
+        root_certificates=contents["RUNCAP_TLS_CA_FILE"],
+        private_key=contents["RUNCAP_TLS_CLIENT_KEY_FILE"],
+        certificate_chain=contents["RUNCAP_TLS_CLIENT_CERT_FILE"],
+    )
 
 
 def _error(message: str) -> None:
@@ -432,6 +468,9 @@ def _print_state(state: budget_pb2.BudgetState) -> None:
     _field("remaining", format_usd(state.remaining_micros))
     if state.overrun_micros:
         _field("overrun", format_usd(state.overrun_micros))
+    if state.exposure_ceiling_micros:  # a calibrated run
+        exposure = format_usd(state.exposure_micros)
+        _field("exposure", f"{exposure} of {format_usd(state.exposure_ceiling_micros)}")
     _field("holds", _holds(state.active_reservations))
     _field("revision", str(state.revision))
 
@@ -789,6 +828,8 @@ def _state_pairs(state: budget_pb2.BudgetState) -> list[tuple[str, str]]:
     ]
     if state.overrun_micros:
         pairs.append(("overrun_total", format_usd(state.overrun_micros)))
+    if state.exposure_ceiling_micros:  # a calibrated run
+        pairs.append(("exposure", format_usd(state.exposure_micros)))
     pairs += [("holds", str(state.active_reservations)), ("status", _status(state))]
     return pairs
 

@@ -86,6 +86,8 @@ def state_pb(state: BudgetState) -> budget_pb2.BudgetState:
         committed_tokens=state.committed_tokens,
         reserved_tokens=state.reserved_tokens,
         digest=state.digest,
+        exposure_micros=state.exposure_micros,
+        exposure_ceiling_micros=state.exposure_ceiling_micros,
     )
 
 

@@ -58,11 +58,12 @@ def downgrade_id(reservation_id: str) -> str:
 
 
 def short_of_money(result: ReserveResult) -> bool:
-    """Whether a cheaper model could have been allowed: blocked by a dollar ceiling."""
+    """Whether a cheaper model could have been allowed: blocked by a dollar
+    ceiling, or by a calibrated run's exposure ceiling."""
     return (
         result.decision is Decision.BLOCK
         and result.reason is DecisionReason.INSUFFICIENT_BUDGET
-        and result.dimension is Dimension.SPEND
+        and result.dimension in (Dimension.SPEND, Dimension.EXPOSURE)
     )
 
 

@@ -145,7 +145,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         its principal may make it. Sets `auth.CALLER` for the handler."""
         if self.keys is None:
             return
-        principal = self.keys.authenticate(context.invocation_metadata())
+        principal = self.keys.authenticate(context.invocation_metadata(), context.auth_context())
         auth.CALLER.set(principal)
         role, run_of = _ACCESS[method]
         auth.require(role, method)
@@ -428,8 +428,18 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         return result
 
     async def _remaining(self, view: RunView, result: ReserveResult) -> int:
-        """What the run and the scope that blocked have left (the smaller)."""
-        remaining = view.state.remaining_micros
+        """What the run and the scope that blocked have left (the smaller).
+
+        A calibrated run checks an alternative's worst case (its estimate)
+        against its exposure ceiling too: what that ceiling has left counts.
+        A calibrated hold is at most the worst case, so an estimate within
+        both fits either way.
+        """
+        state = view.state
+        remaining = state.remaining_micros
+        if state.exposure_ceiling_micros:
+            room = max(0, state.exposure_ceiling_micros - state.exposure_micros)
+            remaining = min(remaining, room)
         scope = result.blocking_scope
         if scope is None or scope == ScopeRef(ScopeKind.RUN, view.spec.run_id):
             return remaining

@@ -70,6 +70,13 @@ class Settings:
     # No authentication at all, for a first run on one machine (`runcap serve
     # --insecure-dev`); `serve` refuses to start with neither this nor keys.
     insecure_dev: bool = field(default=False, metadata={"env": "INSECURE_DEV"})
+    # TLS: the server's certificate chain and private key (PEM files); both or
+    # neither (plaintext). With a client CA too, clients must present a
+    # certificate it issued (mTLS), and the keys file may map certificates to
+    # principals (docs/auth.md, "mTLS").
+    tls_cert_file: str = field(default="", metadata={"env": "TLS_CERT_FILE"})
+    tls_key_file: str = field(default="", metadata={"env": "TLS_KEY_FILE"})
+    tls_client_ca_file: str = field(default="", metadata={"env": "TLS_CLIENT_CA_FILE"})
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -102,6 +109,16 @@ class Settings:
                 raise ValueError(f"RUNCAP_{_env_name(name)} must be positive")
         if self.api_keys_file and self.insecure_dev:
             raise ValueError("RUNCAP_API_KEYS_FILE and RUNCAP_INSECURE_DEV exclude each other")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError(
+                "RUNCAP_TLS_CERT_FILE and RUNCAP_TLS_KEY_FILE go together: set both (TLS) "
+                "or neither (plaintext)"
+            )
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError(
+                "RUNCAP_TLS_CLIENT_CA_FILE (mTLS) needs RUNCAP_TLS_CERT_FILE and "
+                "RUNCAP_TLS_KEY_FILE (the server's own certificate and key)"
+            )
         if self.log_retention < 1:
             raise ValueError("RUNCAP_LOG_RETENTION must be at least 1")
         for name in ("default_max_output_tokens", "max_output_tokens"):

@@ -461,3 +461,11 @@ def test_approve_and_decision_from_the_terminal(server_target: str) -> None:
     ok(server_target, "reserve", guarded, "0.01", "--meter", "tool:deploy")
     bad = runcap(server_target, "decision", "not-a-decision")
     assert_one_error(bad, "INVALID_ARGUMENT")
+
+
+def test_a_calibrated_run_shows_its_exposure(server_target: str) -> None:
+    run_id = new_id("cli")
+    ok(server_target, "run", "create", run_id, "--limit", "1", "--mode", "calibrated")
+    ok(server_target, "reserve", run_id, "0.25")
+    # Committed 0 + the $0.25 hold's worst case, of the limit + the default 10%.
+    assert field(ok(server_target, "run", "show", run_id), "exposure") == "$0.25 of $1.10"

@@ -262,3 +262,48 @@ async def test_unknown_and_malformed_decision_ids(
         await stub.GetDecision(pb.GetDecisionRequest(decision_id=decision_id))
     assert info.value.code() == code
     assert error_info(info.value)[0].reason == reason
+
+
+@pytest.mark.parametrize("auto_downgrade", [False, True])
+async def test_a_calibrated_run_blocked_by_its_exposure_lists_what_fits_its_ceiling(
+    stub: BudgetServiceAsyncStub, auto_downgrade: bool
+) -> None:
+    # One flagship call observed (100 output tokens): the next ones hold
+    # 150,000 + 7,500 = 157,500 each, but count their worst case, FLAGSHIP,
+    # against the exposure ceiling (the limit: no allowance).
+    policy = budget_pb2.RunPolicy(
+        enforcement_mode=budget_pb2.ENFORCEMENT_MODE_CALIBRATED,
+        calibration_min_samples=1,
+        exposure_allowance_micros=0,
+        auto_downgrade=auto_downgrade,
+    )
+    observed = 157_500
+    limit = observed + 3 * FLAGSHIP + 40_000
+    run_id = await create(stub, limit, policy=policy)
+    warm = await stub.Reserve(pb.ReserveRequest(run_id=run_id, llm_call=flagship_call()))
+    usage = pb.TokenUsage(input_tokens=10_000, output_tokens=100)
+    await stub.Commit(
+        pb.CommitRequest(run_id=run_id, reservation_id=warm.reservation_id, usage=usage)
+    )
+    for _ in range(3):
+        held = await stub.Reserve(pb.ReserveRequest(run_id=run_id, llm_call=flagship_call()))
+        assert (held.decision, held.amount_micros) == (budget_pb2.DECISION_ALLOW, observed)
+
+    answer = await stub.Reserve(pb.ReserveRequest(run_id=run_id, llm_call=flagship_call()))
+
+    # 40,000 left under the exposure ceiling (money has 242,500): not mid.
+    assert [a.model for a in answer.alternatives] == ["tiny", "vision"]
+    if not auto_downgrade:
+        assert (answer.decision, answer.blocking_dimension) == (
+            budget_pb2.DECISION_BLOCK,
+            budget_pb2.BUDGET_DIMENSION_EXPOSURE,
+        )
+        assert answer.state.remaining_micros == limit - 4 * observed == 242_500
+        assert answer.state.exposure_micros == limit - 40_000
+        return
+    assert (answer.decision, answer.estimate.model, answer.amount_micros) == (
+        budget_pb2.DECISION_DOWNGRADE,
+        "vision",
+        VISION,
+    )
+    assert answer.state.exposure_micros == answer.exposure_micros == limit - 40_000 + VISION

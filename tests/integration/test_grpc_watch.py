@@ -153,3 +153,48 @@ async def test_closed_run_events(stub: BudgetServiceAsyncStub) -> None:
     ]
     assert events[-1].event.state.status == budget_pb2.RUN_STATUS_CLOSED
     assert events[-1].event.actual_micros == 40
+
+
+async def check_calibrated_exposure(
+    writer: BudgetServiceAsyncStub, watcher: BudgetServiceAsyncStub
+) -> None:
+    """A calibrated run's snapshot and events carry its exposure and ceiling
+    (explicit amounts are their own worst case); other runs show 0."""
+    policy = budget_pb2.RunPolicy(enforcement_mode=budget_pb2.ENFORCEMENT_MODE_CALIBRATED)
+    run_id = await create_run(writer, limit_micros=1_000, policy=policy)
+    stream = watcher.Watch(pb.WatchRequest(run_id=run_id))
+    first = await stream.read()
+    assert isinstance(first, pb.WatchResponse)
+    assert (first.snapshot.exposure_micros, first.snapshot.exposure_ceiling_micros) == (0, 1_100)
+    for rid, amount in (("a", 300), ("b", 200)):
+        await writer.Reserve(
+            pb.ReserveRequest(run_id=run_id, reservation_id=rid, amount_micros=amount)
+        )
+    await writer.Commit(pb.CommitRequest(run_id=run_id, reservation_id="a", actual_micros=250))
+    await writer.Refund(pb.RefundRequest(run_id=run_id, reservation_id="b"))
+    events = await collect_events(stream, 5)
+    stream.cancel()
+    assert [(e.event.type, e.event.state.exposure_micros) for e in events] == [
+        (budget_pb2.EVENT_TYPE_RESERVED, 300),
+        (budget_pb2.EVENT_TYPE_RESERVED, 500),
+        (budget_pb2.EVENT_TYPE_COMMITTED, 250 + 200),
+        (budget_pb2.EVENT_TYPE_REFUNDED, 250),
+    ]
+    assert {e.event.state.exposure_ceiling_micros for e in events} == {1_100}
+    # A replay from the log shows the same, and so does GetRun.
+    replayed = await collect_events(
+        watcher.Watch(pb.WatchRequest(run_id=run_id, after_revision=0)), 5
+    )
+    assert [e.event.state for e in replayed[1:]] == [e.event.state for e in events]
+    state = (await watcher.GetRun(pb.GetRunRequest(run_id=run_id))).state
+    assert (state.exposure_micros, state.exposure_ceiling_micros) == (250, 1_100)
+    hard = await create_run(writer, limit_micros=1_000)
+    await writer.Reserve(pb.ReserveRequest(run_id=hard, reservation_id="a", amount_micros=300))
+    shown = await collect_events(watcher.Watch(pb.WatchRequest(run_id=hard, after_revision=0)), 2)
+    assert {
+        (e.event.state.exposure_micros, e.event.state.exposure_ceiling_micros) for e in shown
+    } == {(0, 0)}
+
+
+async def test_a_calibrated_runs_events_carry_its_exposure(stub: BudgetServiceAsyncStub) -> None:
+    await check_calibrated_exposure(stub, stub)

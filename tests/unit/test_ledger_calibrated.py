@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from runcap_server.clock import ManualClock
 from runcap_server.estimates import Pricing
 from runcap_server.ledger.core import calibrated_micros
 from runcap_server.ledger.saga import ReserveExtras
@@ -15,6 +16,7 @@ from runcap_server.ledger.types import (
     DecisionReason,
     Dimension,
     EnforcementMode,
+    EventType,
     ReserveResult,
     RunPolicy,
     RunSpec,
@@ -94,6 +96,50 @@ async def test_calls_are_held_at_the_worst_case_until_enough_outputs_were_observ
     # A replay answers the same.
     replay = await reserve(ledger, "run", "next")
     assert (replay.replayed, replay.held_micros, replay.pricing) == (True, held, result.pricing)
+
+
+async def test_the_state_shows_the_exposure_after_every_change(
+    ledger: Ledger, clock: ManualClock
+) -> None:
+    limit = 1_000_000
+    ceiling = limit + limit // 10
+    await ledger.create_run(T, calibrated_spec("run", limit, calibration_min_samples=1))
+    await observe(ledger, "run", "warm", 500)
+    committed = cost(500)
+    state = (await ledger.get_run(T, "run")).state
+    assert (state.exposure_micros, state.exposure_ceiling_micros) == (committed, ceiling)
+
+    reserved = await reserve(ledger, "run", "a")
+    assert reserved.held_micros == cost(500) < WORST
+    assert (reserved.state.exposure_micros, reserved.state.exposure_ceiling_micros) == (
+        committed + WORST,
+        ceiling,
+    )
+    assert reserved.state.exposure_micros == reserved.exposure_micros
+    await reserve(ledger, "run", "b")
+    await ledger.reserve(T, "run", "c", 1_000, 1_000)  # an explicit amount, expiring soon
+    assert (await ledger.get_run(T, "run")).state.exposure_micros == (committed + 2 * WORST + 1_000)
+
+    committed_a = await ledger.commit(T, "run", "a", cost(900), INPUT + 900, 900)
+    committed += cost(900)
+    assert committed_a.state.exposure_micros == committed + WORST + 1_000
+    refunded = await ledger.refund(T, "run", "b")
+    assert refunded.state.exposure_micros == committed + 1_000
+    clock.advance(1_000)
+    expired = (await ledger.get_run(T, "run")).state
+    assert (expired.active_reservations, expired.exposure_micros) == (0, committed)
+
+    # The change log's states carry it too (what Watch replays).
+    page = await ledger.read_changes(T, "run", 0, 100)
+    shown = [(c.type, c.state.exposure_micros) for c in page.changes]
+    assert shown[-5:] == [
+        (EventType.RESERVED, committed - cost(900) + 2 * WORST),
+        (EventType.RESERVED, committed - cost(900) + 2 * WORST + 1_000),
+        (EventType.COMMITTED, committed + WORST + 1_000),
+        (EventType.REFUNDED, committed + 1_000),
+        (EventType.EXPIRED, committed),
+    ]
+    assert {c.state.exposure_ceiling_micros for c in page.changes} == {ceiling}
 
 
 async def test_the_exposure_ceiling_blocks_what_the_calibrated_gate_would_allow(
@@ -225,4 +271,9 @@ async def test_other_modes_learn_nothing_and_report_no_exposure(
         0,
         0,
     )
+    assert (result.state.exposure_micros, result.state.exposure_ceiling_micros) == (0, 0)
+    page = await ledger.read_changes(T, "run", 0, 100)
+    assert {(c.state.exposure_micros, c.state.exposure_ceiling_micros) for c in page.changes} == {
+        (0, 0)
+    }
     assert Pricing.decode(result.pricing).calibration_samples is None

@@ -260,6 +260,14 @@ class PolicyMachine(RuleBasedStateMachine):
                 )
             if account.policy.mode is EnforcementMode.CALIBRATED:
                 check_exposure(account, model[1])
+            # The state every response and Watch event carries: the last change's.
+            if log.changes:
+                last = log.changes[-1].state
+                assert last.revision == account.revision
+                assert (last.exposure_micros, last.exposure_ceiling_micros) == (
+                    account.state().exposure_micros,
+                    account.state().exposure_ceiling_micros,
+                )
 
 
 def check_exposure(account: Account, reservations: list[Reservation]) -> None:
@@ -282,6 +290,9 @@ def check_exposure(account: Account, reservations: list[Reservation]) -> None:
     limit = account.spec.limit_micros
     ceiling = limit + account.policy.exposure_allowance(limit)
     assert account.committed_micros + account.exposure_micros <= ceiling + beyond
+    state = account.state()
+    assert state.exposure_micros == account.committed_micros + account.exposure_micros
+    assert state.exposure_ceiling_micros == ceiling
     assert account.committed_micros + account.reserved_micros <= limit + account.overrun_micros
     for r in held:
         assert r.held_micros <= r.amount_micros

@@ -170,15 +170,18 @@ def _opt_int(value: bytes | str | None) -> int | None:
 
 
 # A run's state in a script's reply: limit, committed, reserved, revision,
-# status, active holds, overrun, digest, threshold, committed and reserved tokens.
-STATE_LEN = 11
+# status, active holds, overrun, digest, threshold, committed and reserved tokens,
+# a CALIBRATED run's exposure and its ceiling (0 in other modes).
+STATE_LEN = 13
 # A run's configuration in a script's reply (ledger.lua, config()).
 CONFIG_LEN = 14
 
 
 def _state(run_id: str, values: Sequence[Any]) -> BudgetState:
     limit, committed, reserved, revision, status, active, overrun = (int(v) for v in values[:7])
-    threshold, committed_tokens, reserved_tokens = (int(v) for v in values[8:STATE_LEN])
+    threshold, committed_tokens, reserved_tokens, exposure, ceiling = (
+        int(v) for v in values[8:STATE_LEN]
+    )
     return BudgetState(
         run_id=run_id,
         limit_micros=limit,
@@ -192,6 +195,8 @@ def _state(run_id: str, values: Sequence[Any]) -> BudgetState:
         committed_tokens=committed_tokens,
         reserved_tokens=reserved_tokens,
         digest=values[7].decode(),
+        exposure_micros=exposure,
+        exposure_ceiling_micros=ceiling,
     )
 
 
@@ -227,6 +232,8 @@ def _change(run_id: str, entry_id: bytes, fields: Sequence[bytes]) -> Change:
         committed_tokens=int(f.get("U", 0)),
         reserved_tokens=int(f.get("V", 0)),
         digest=f["d"].decode(),
+        exposure_micros=int(f.get("X", 0)),
+        exposure_ceiling_micros=int(f.get("Y", 0)),
     )
     return Change(
         revision=revision,

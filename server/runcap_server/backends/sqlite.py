@@ -68,7 +68,7 @@ from runcap_server.ledger.types import (
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 SYNCHRONOUS_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 
 # Every table is keyed by (tenant, run_id, ...): a run's rows are one range of
@@ -169,6 +169,8 @@ CREATE TABLE IF NOT EXISTS changes (
     state_committed_tokens INTEGER NOT NULL DEFAULT 0,
     state_reserved_tokens INTEGER NOT NULL DEFAULT 0,
     approval TEXT NOT NULL DEFAULT '',
+    state_exposure_micros INTEGER NOT NULL DEFAULT 0,
+    state_exposure_ceiling_micros INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (tenant, run_id, revision)
 ) STRICT, WITHOUT ROWID;
 
@@ -257,7 +259,8 @@ _CHANGE_COLUMNS = (
     "revision, type, time_ms, reservation_id, amount_micros, actual_micros, overrun_micros, "
     "late, state_limit_micros, state_committed_micros, state_reserved_micros, state_status, "
     "state_active_reservations, state_overrun_micros, state_digest, threshold, "
-    "state_threshold, state_committed_tokens, state_reserved_tokens, approval"
+    "state_threshold, state_committed_tokens, state_reserved_tokens, approval, "
+    "state_exposure_micros, state_exposure_ceiling_micros"
 )
 
 
@@ -375,6 +378,8 @@ def _change(run_id: str, row: tuple[Any, ...]) -> Change:
             committed_tokens=row[17],
             reserved_tokens=row[18],
             digest=row[14],
+            exposure_micros=row[20],
+            exposure_ceiling_micros=row[21],
         ),
     )
 
@@ -546,6 +551,8 @@ class _SqlStore:
                 s.committed_tokens,
                 s.reserved_tokens,
                 change.approval,
+                s.exposure_micros,
+                s.exposure_ceiling_micros,
             ),
         )
         cutoff = change.revision - self.retention
@@ -902,6 +909,11 @@ class SqliteLedger:
             # Version 6 added CALIBRATED runs (none exist before it).
             conn.execute("ALTER TABLE runs ADD COLUMN exposure_micros INTEGER NOT NULL DEFAULT 0")
             conn.execute("ALTER TABLE runs ADD COLUMN calibration TEXT NOT NULL DEFAULT ''")
+        if 0 < version < 7:
+            # Version 7 added a CALIBRATED run's exposure to the change log's
+            # states; older entries read 0.
+            for column in ("state_exposure_micros", "state_exposure_ceiling_micros"):
+                conn.execute(f"ALTER TABLE changes ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _close_connection(self) -> None:

@@ -333,19 +333,8 @@ def _reserve_result(
         now_ms=now_ms,
         worst_micros=reservation.amount_micros,
         pricing=reservation.pricing,
-        **_exposure(account),
+        **account.exposure(),
     )
-
-
-def _exposure(account: Account) -> dict[str, int]:
-    """A CALIBRATED run's exposure and its ceiling (ReserveResult's fields)."""
-    if account.policy.mode is not EnforcementMode.CALIBRATED:
-        return {}
-    limit = account.spec.limit_micros
-    return {
-        "exposure_micros": account.committed_micros + account.exposure_micros,
-        "exposure_ceiling_micros": limit + account.policy.exposure_allowance(limit),
-    }
 
 
 # Rates are micro-USD per this many tokens (prices.TOKENS_PER_RATE).

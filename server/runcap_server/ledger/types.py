@@ -457,6 +457,11 @@ class BudgetState:
     # The hash chain of the run's changes up to `revision` (chain_digest). Left
     # out of equality so states can be written down in tests; Account compares it.
     digest: str = dataclasses.field(default="", compare=False)
+    # CALIBRATED runs: committed + the worst cases of the holds in flight, and
+    # what it may reach (limit + exposure allowance); 0 in other modes. Not
+    # part of the digest: they follow from the history it fingerprints.
+    exposure_micros: int = 0
+    exposure_ceiling_micros: int = 0
 
     @property
     def remaining_micros(self) -> int:
@@ -516,7 +521,18 @@ class Account:
             committed_tokens=self.usage.get(TOKENS, (0, 0))[1],
             reserved_tokens=self.usage.get(TOKENS, (0, 0))[0],
             digest=self.digest,
+            **self.exposure(),
         )
+
+    def exposure(self) -> dict[str, int]:
+        """A CALIBRATED run's exposure and its ceiling (BudgetState's fields); {} otherwise."""
+        if self.policy.mode is not EnforcementMode.CALIBRATED:
+            return {}
+        limit = self.spec.limit_micros
+        return {
+            "exposure_micros": self.committed_micros + self.exposure_micros,
+            "exposure_ceiling_micros": limit + self.policy.exposure_allowance(limit),
+        }
 
     def copy(self) -> Account:
         return dataclasses.replace(

@@ -1529,9 +1529,17 @@ type BudgetState struct {
 	// have the same history. Pass it back as WatchRequest.after_digest so a
 	// resumed Watch can tell when the history it saw is no longer the server's
 	// (for example after a failover lost writes).
-	Digest        string `protobuf:"bytes,10,opt,name=digest,proto3" json:"digest,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Digest string `protobuf:"bytes,10,opt,name=digest,proto3" json:"digest,omitempty"`
+	// For an ENFORCEMENT_MODE_CALIBRATED run: committed spend plus the worst
+	// cases of its holds in flight, what the run could spend at most if every
+	// call in flight used its whole max output; 0 in other modes.
+	ExposureMicros int64 `protobuf:"varint,14,opt,name=exposure_micros,json=exposureMicros,proto3" json:"exposure_micros,omitempty"`
+	// For an ENFORCEMENT_MODE_CALIBRATED run: the most `exposure_micros` may
+	// reach, the limit plus the exposure allowance (a Reserve past it is
+	// blocked with BUDGET_DIMENSION_EXPOSURE); 0 in other modes.
+	ExposureCeilingMicros int64 `protobuf:"varint,15,opt,name=exposure_ceiling_micros,json=exposureCeilingMicros,proto3" json:"exposure_ceiling_micros,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
 }
 
 func (x *BudgetState) Reset() {
@@ -1653,6 +1661,20 @@ func (x *BudgetState) GetDigest() string {
 		return x.Digest
 	}
 	return ""
+}
+
+func (x *BudgetState) GetExposureMicros() int64 {
+	if x != nil {
+		return x.ExposureMicros
+	}
+	return 0
+}
+
+func (x *BudgetState) GetExposureCeilingMicros() int64 {
+	if x != nil {
+		return x.ExposureCeilingMicros
+	}
+	return 0
 }
 
 // Run is a run's configuration, as given when it was created.
@@ -2111,7 +2133,7 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x05Scope\x12%\n" +
 	"\x03ref\x18\x01 \x01(\v2\x13.runcap.v1.ScopeRefR\x03ref\x12+\n" +
 	"\x05usage\x18\x02 \x03(\v2\x15.runcap.v1.ScopeUsageR\x05usage\x12;\n" +
-	"\x0edefault_policy\x18\x03 \x01(\v2\x14.runcap.v1.RunPolicyR\rdefaultPolicy\"\xdb\x04\n" +
+	"\x0edefault_policy\x18\x03 \x01(\v2\x14.runcap.v1.RunPolicyR\rdefaultPolicy\"\xc8\x05\n" +
 	"\vBudgetState\x12\x1b\n" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x03R\x05runId\x12'\n" +
 	"\flimit_micros\x18\x02 \x01(\x03B\x04\xe2A\x01\x03R\vlimitMicros\x12/\n" +
@@ -2126,7 +2148,9 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x10committed_tokens\x18\f \x01(\x03B\x04\xe2A\x01\x03R\x0fcommittedTokens\x12-\n" +
 	"\x0freserved_tokens\x18\r \x01(\x03B\x04\xe2A\x01\x03R\x0ereservedTokens\x12\x1c\n" +
 	"\x06digest\x18\n" +
-	" \x01(\tB\x04\xe2A\x01\x03R\x06digest\"\xa7\x06\n" +
+	" \x01(\tB\x04\xe2A\x01\x03R\x06digest\x12-\n" +
+	"\x0fexposure_micros\x18\x0e \x01(\x03B\x04\xe2A\x01\x03R\x0eexposureMicros\x12<\n" +
+	"\x17exposure_ceiling_micros\x18\x0f \x01(\x03B\x04\xe2A\x01\x03R\x15exposureCeilingMicros\"\xa7\x06\n" +
 	"\x03Run\x12\x1b\n" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x03R\x05runId\x12'\n" +
 	"\flimit_micros\x18\x02 \x01(\x03B\x04\xe2A\x01\x03R\vlimitMicros\x128\n" +

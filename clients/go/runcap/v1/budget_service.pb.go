@@ -737,8 +737,9 @@ type ReserveResponse struct {
 	EnforcementMode EnforcementMode `protobuf:"varint,14,opt,name=enforcement_mode,json=enforcementMode,proto3,enum=runcap.v1.EnforcementMode" json:"enforcement_mode,omitempty"`
 	// The decision's id, for GetDecision. A replay has the first answer's id.
 	DecisionId string `protobuf:"bytes,15,opt,name=decision_id,json=decisionId,proto3" json:"decision_id,omitempty"`
-	// For an LLM call blocked by money, and for a downgrade: the models that
-	// can stand in for it, cheapest first (at most 5).
+	// For an LLM call blocked by money or by a calibrated run's exposure
+	// ceiling, and for a downgrade: the models that can stand in for it,
+	// cheapest first (at most 5).
 	Alternatives []*Alternative `protobuf:"bytes,16,rep,name=alternatives,proto3" json:"alternatives,omitempty"`
 	// For DECISION_DOWNGRADE: the model the request asked for; `estimate` is
 	// the model held instead.
@@ -1528,7 +1529,8 @@ func (x *LlmCall) GetCandidateModels() []string {
 
 // Alternative is a model that can stand in for a blocked LLM call: it has
 // every capability the call needs and its estimate fits what the blocking
-// scope has left.
+// scope has left (on a calibrated run, also what its exposure ceiling has
+// left: the estimate is the worst case).
 type Alternative struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The provider.

@@ -1065,6 +1065,8 @@ class BudgetState(_message.Message):
     COMMITTED_TOKENS_FIELD_NUMBER: _builtins.int
     RESERVED_TOKENS_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
+    EXPOSURE_MICROS_FIELD_NUMBER: _builtins.int
+    EXPOSURE_CEILING_MICROS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id."""
     limit_micros: _builtins.int
@@ -1106,6 +1108,16 @@ class BudgetState(_message.Message):
     resumed Watch can tell when the history it saw is no longer the server's
     (for example after a failover lost writes).
     """
+    exposure_micros: _builtins.int
+    """For an ENFORCEMENT_MODE_CALIBRATED run: committed spend plus the worst
+    cases of its holds in flight, what the run could spend at most if every
+    call in flight used its whole max output; 0 in other modes.
+    """
+    exposure_ceiling_micros: _builtins.int
+    """For an ENFORCEMENT_MODE_CALIBRATED run: the most `exposure_micros` may
+    reach, the limit plus the exposure allowance (a Reserve past it is
+    blocked with BUDGET_DIMENSION_EXPOSURE); 0 in other modes.
+    """
     def __init__(
         self,
         *,
@@ -1122,10 +1134,12 @@ class BudgetState(_message.Message):
         committed_tokens: _builtins.int = ...,
         reserved_tokens: _builtins.int = ...,
         digest: _builtins.str = ...,
+        exposure_micros: _builtins.int = ...,
+        exposure_ceiling_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_reservations", b"active_reservations", "committed_micros", b"committed_micros", "committed_tokens", b"committed_tokens", "digest", b"digest", "limit_micros", b"limit_micros", "overrun_micros", b"overrun_micros", "remaining_micros", b"remaining_micros", "reserved_micros", b"reserved_micros", "reserved_tokens", b"reserved_tokens", "revision", b"revision", "run_id", b"run_id", "status", b"status", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_reservations", b"active_reservations", "committed_micros", b"committed_micros", "committed_tokens", b"committed_tokens", "digest", b"digest", "exposure_ceiling_micros", b"exposure_ceiling_micros", "exposure_micros", b"exposure_micros", "limit_micros", b"limit_micros", "overrun_micros", b"overrun_micros", "remaining_micros", b"remaining_micros", "reserved_micros", b"reserved_micros", "reserved_tokens", b"reserved_tokens", "revision", b"revision", "run_id", b"run_id", "status", b"status", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -494,8 +494,9 @@ class ReserveResponse(_message.Message):
 
     @_builtins.property
     def alternatives(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alternative]:
-        """For an LLM call blocked by money, and for a downgrade: the models that
-        can stand in for it, cheapest first (at most 5).
+        """For an LLM call blocked by money or by a calibrated run's exposure
+        ceiling, and for a downgrade: the models that can stand in for it,
+        cheapest first (at most 5).
         """
 
     def __init__(
@@ -850,7 +851,8 @@ Global___LlmCall: _TypeAlias = LlmCall  # noqa: Y015
 class Alternative(_message.Message):
     """Alternative is a model that can stand in for a blocked LLM call: it has
     every capability the call needs and its estimate fits what the blocking
-    scope has left.
+    scope has left (on a calibrated run, also what its exposure ceiling has
+    left: the estimate is the worst case).
     """
 
     DESCRIPTOR: _descriptor.Descriptor

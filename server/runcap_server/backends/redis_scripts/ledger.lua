@@ -311,10 +311,29 @@ end
 -- One operation's pending writes: applied only once nothing can fail any more.
 local txn = {acc = nil, now = 0, res = {}, order = {}, changes = {}}
 
+-- How far past the limit a CALIBRATED run's exposure may go (RunPolicy.exposure_allowance).
+local function allowance(acc, p)
+  if p.xa then return p.xa end
+  local percent = p.xp or ALLOWANCE_PERCENT
+  -- lim * percent // 100, exactly.
+  local hundreds = math.floor(acc.lim / 100)
+  return hundreds * percent + math.floor((acc.lim - hundreds * 100) * percent / 100)
+end
+
+-- A CALIBRATED run's exposure (committed + the worst cases in flight) and
+-- its ceiling (limit + allowance); nil in other modes (Account.exposure).
+local function exposure(acc)
+  local p = policy_of(acc)
+  if p.mode ~= CALIBRATED then return nil end
+  return acc.com + acc.xpo, acc.lim + allowance(acc, p)
+end
+
 local function state(acc)
   local reserved_tokens, committed_tokens = tokens(acc)
+  local xpo, ceiling = exposure(acc)
   return {num(acc.lim), num(acc.com), num(acc.res), num(acc.rev), num(acc.st), num(acc.act),
-    num(acc.ovr), acc.dig, num(acc.thr), num(committed_tokens), num(reserved_tokens)}
+    num(acc.ovr), acc.dig, num(acc.thr), num(committed_tokens), num(reserved_tokens),
+    num(xpo or 0), num(ceiling or 0)}
 end
 
 local function put(r)
@@ -325,8 +344,9 @@ end
 -- Change log entries: t type, r reservation, a amount, c actual, o overrun, l late,
 -- h threshold crossed, ts time, d digest, then the state after the change: L limit,
 -- C committed, R reserved, S status, N active holds, O overrun, B threshold band,
--- U committed tokens, V reserved tokens; and only on the APPROVAL_ events, g the
--- approval's trigger. The digest is types.chain_digest's.
+-- U committed tokens, V reserved tokens; only on the APPROVAL_ events, g the
+-- approval's trigger; and only for a CALIBRATED run, X its exposure and Y the
+-- exposure's ceiling. The digest is types.chain_digest's.
 local function record(kind, r, amount, actual, overrun, late, threshold, approval)
   local acc = txn.acc
   acc.rev = acc.rev + 1
@@ -350,6 +370,13 @@ local function record(kind, r, amount, actual, overrun, late, threshold, approva
   if approval and approval ~= '' then
     entry[#entry + 1] = 'g'
     entry[#entry + 1] = approval
+  end
+  local xpo, ceiling = exposure(acc)
+  if xpo then
+    entry[#entry + 1] = 'X'
+    entry[#entry + 1] = num(xpo)
+    entry[#entry + 1] = 'Y'
+    entry[#entry + 1] = num(ceiling)
   end
   txn.changes[#txn.changes + 1] = entry
 end
@@ -554,15 +581,6 @@ local function fits_money(acc, p, amount)
     margin = hundreds * p.margin + math.floor((acc.lim - hundreds * 100) * p.margin / 100)
   end
   return used + amount - acc.lim <= margin
-end
-
--- How far past the limit a CALIBRATED run's exposure may go (RunPolicy.exposure_allowance).
-local function allowance(acc, p)
-  if p.xa then return p.xa end
-  local percent = p.xp or ALLOWANCE_PERCENT
-  -- lim * percent // 100, exactly.
-  local hundreds = math.floor(acc.lim / 100)
-  return hundreds * percent + math.floor((acc.lim - hundreds * 100) * percent / 100)
 end
 
 -- A CALIBRATED run's second ceiling: committed + the worst cases in flight,
@@ -836,13 +854,9 @@ end
 -- After the state: the worst case asked for, the pricing as stored, and a
 -- CALIBRATED run's exposure and its ceiling ("" in other modes).
 local function calibration(r)
-  local acc = txn.acc
-  local p = policy_of(acc)
-  local exposure, ceiling = '', ''
-  if p.mode == CALIBRATED then
-    exposure, ceiling = num(acc.com + acc.xpo), num(acc.lim + allowance(acc, p))
-  end
-  return {num(r.amount), r.pricing or '', exposure, ceiling}
+  local xpo, ceiling = exposure(txn.acc)
+  if not xpo then return {num(r.amount), r.pricing or '', '', ''} end
+  return {num(r.amount), r.pricing or '', num(xpo), num(ceiling)}
 end
 
 -- ARGV 6..: reservation id, amount, requested ttl ms or "", server default ttl

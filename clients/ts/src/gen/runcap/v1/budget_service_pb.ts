@@ -489,8 +489,9 @@ export type ReserveResponse = Message<"runcap.v1.ReserveResponse"> & {
   decisionId: string;
 
   /**
-   * For an LLM call blocked by money, and for a downgrade: the models that
-   * can stand in for it, cheapest first (at most 5).
+   * For an LLM call blocked by money or by a calibrated run's exposure
+   * ceiling, and for a downgrade: the models that can stand in for it,
+   * cheapest first (at most 5).
    *
    * @generated from field: repeated runcap.v1.Alternative alternatives = 16;
    */
@@ -904,7 +905,8 @@ export const LlmCallSchema: GenMessage<LlmCall> = /*@__PURE__*/
 /**
  * Alternative is a model that can stand in for a blocked LLM call: it has
  * every capability the call needs and its estimate fits what the blocking
- * scope has left.
+ * scope has left (on a calibrated run, also what its exposure ceiling has
+ * left: the estimate is the worst case).
  *
  * @generated from message runcap.v1.Alternative
  */
