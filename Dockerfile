@@ -38,8 +38,9 @@ USER 10001:10001
 WORKDIR /var/lib/runcap
 VOLUME ["/var/lib/runcap"]
 EXPOSE 50051
-# grpc.health.v1 Check on the listen port over loopback (plaintext), no extra binary.
+# grpc.health.v1 Check over loopback (plaintext), no extra binary: on the health-only
+# port when RUNCAP_HEALTH_ADDR is set (needed with TLS), else on the listen port.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
-  CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; port = os.environ.get('RUNCAP_LISTEN_ADDR', '0.0.0.0:50051').rsplit(':', 1)[-1]; channel = grpc.insecure_channel('127.0.0.1:' + port, options=[('grpc.enable_http_proxy', 0)]); status = g.HealthStub(channel).Check(h.HealthCheckRequest(), timeout=3).status; sys.exit(0 if status == h.HealthCheckResponse.SERVING else 1)"]
+  CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; port = (os.environ.get('RUNCAP_HEALTH_ADDR') or os.environ.get('RUNCAP_LISTEN_ADDR', '0.0.0.0:50051')).rsplit(':', 1)[-1]; channel = grpc.insecure_channel('127.0.0.1:' + port, options=[('grpc.enable_http_proxy', 0)]); status = g.HealthStub(channel).Check(h.HealthCheckRequest(), timeout=3).status; sys.exit(0 if status == h.HealthCheckResponse.SERVING else 1)"]
 # Exec form: runcap is PID 1 and gets SIGTERM for the graceful shutdown path.
 ENTRYPOINT ["runcap", "serve"]

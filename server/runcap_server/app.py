@@ -112,8 +112,11 @@ class RuncapServer:
         self.server = grpc.aio.server(
             options=_server_options(settings), interceptors=self.telemetry.interceptors()
         )
+        # Health only, plaintext (RUNCAP_HEALTH_ADDR): the same statuses as the main port.
+        self.health_server = grpc.aio.server() if settings.health_addr else None
         self._tasks: list[asyncio.Task[None]] = []
         self.port = 0
+        self.health_port = 0
 
     async def start(self) -> int:
         await self.backend.start()
@@ -146,6 +149,10 @@ class RuncapServer:
                 self.settings.listen_addr, self.tls.credentials()
             )
         await self.server.start()
+        if self.health_server is not None:
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(self.settings.health_addr)
+            await self.health_server.start()
         for service in ("", SERVICE_NAME, LIVENESS_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._tasks = [
@@ -200,6 +207,8 @@ class RuncapServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.backend.close()
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         self.telemetry.shutdown()
 
 
@@ -239,6 +248,9 @@ async def serve(settings: Settings) -> None:
         location,
         "plaintext" if server.tls is None else server.tls.describe(),
     )
+    if server.health_server is not None:
+        health_at = _bound_address(settings.health_addr, server.health_port)
+        _log.info("health checks (plaintext, health service only) on %s", health_at)
     await stop.wait()
     _log.info("shutting down: draining for up to %d ms", settings.shutdown_grace_ms)
     await server.stop()

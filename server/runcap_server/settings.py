@@ -54,6 +54,9 @@ class Settings:
     log_format: str = field(default="text", metadata={"env": "LOG_FORMAT"})
     # host:port of a Prometheus scrape endpoint (/metrics); empty: none.
     metrics_addr: str = field(default="", metadata={"env": "METRICS_ADDR"})
+    # A second port serving only grpc.health.v1, in plaintext, for probes that
+    # cannot speak TLS or present a key (empty: health on the main port only).
+    health_addr: str = field(default="", metadata={"env": "HEALTH_ADDR"})
     tenant: str = field(default="default", metadata={"env": "TENANT"})
     # The price table file; empty: the one shipped with the server.
     price_table: str = field(default="", metadata={"env": "PRICE_TABLE"})
@@ -88,10 +91,11 @@ class Settings:
             )
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"RUNCAP_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}")
-        if self.metrics_addr:
-            _, sep, port = self.metrics_addr.rpartition(":")
-            if not sep or not port.isdigit() or int(port) > 65_535:
-                raise ValueError("RUNCAP_METRICS_ADDR must be host:port, such as 127.0.0.1:9464")
+        for name, example in (("metrics_addr", "127.0.0.1:9464"), ("health_addr", "0.0.0.0:8081")):
+            address = getattr(self, name)
+            _, sep, port = address.rpartition(":")
+            if address and (not sep or not port.isdigit() or int(port) > 65_535):
+                raise ValueError(f"RUNCAP_{_env_name(name)} must be host:port, such as {example}")
         if self.fail_open not in FAIL_OPEN:
             raise ValueError(f"RUNCAP_FAIL_OPEN must be one of {', '.join(FAIL_OPEN)}")
         if self.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):

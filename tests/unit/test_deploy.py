@@ -156,10 +156,10 @@ def test_image_runs_as_the_non_root_user_the_deployment_names() -> None:
     assert f"RUNCAP_LISTEN_ADDR=0.0.0.0:{_grpc_port()}" in image_env
 
 
-def _run_healthcheck(listen_addr: str) -> subprocess.CompletedProcess[str]:
+def _run_healthcheck(listen_addr: str, health_addr: str = "") -> subprocess.CompletedProcess[str]:
     argv = _healthcheck_cmd()
     assert argv[0] == "python"  # /opt/venv/bin/python in the image
-    env = {**os.environ, "RUNCAP_LISTEN_ADDR": listen_addr}
+    env = {**os.environ, "RUNCAP_LISTEN_ADDR": listen_addr, "RUNCAP_HEALTH_ADDR": health_addr}
     return subprocess.run(
         [sys.executable, *argv[1:]], env=env, capture_output=True, text=True, timeout=30
     )
@@ -200,6 +200,20 @@ async def test_healthcheck_fails_while_health_is_not_serving() -> None:
         await server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         draining = await asyncio.to_thread(_run_healthcheck, f"127.0.0.1:{port}")
         assert draining.returncode == 1
+    finally:
+        await server.stop()
+
+
+async def test_healthcheck_uses_the_health_port_when_there_is_one() -> None:
+    settings = Settings(backend="memory", listen_addr="127.0.0.1:0", health_addr="127.0.0.1:0")
+    server = RuncapServer(settings)
+    await server.start()
+    try:
+        # The API port is not where it looks: only the health port can answer.
+        checked = await asyncio.to_thread(
+            _run_healthcheck, "127.0.0.1:1", f"127.0.0.1:{server.health_port}"
+        )
+        assert checked.returncode == 0, checked.stderr
     finally:
         await server.stop()
 
@@ -349,10 +363,11 @@ def test_kustomize_renders_the_base() -> None:
     assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "runcap:0.1.0"
 
 
-def test_probes_are_grpc_health_checks_on_the_grpc_port() -> None:
+def test_probes_are_grpc_health_checks_on_the_health_port() -> None:
     container = _container()
-    port = _grpc_port()
-    assert port == 50051
+    assert _grpc_port() == 50051
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["health"]
+    assert _literal_env()["RUNCAP_HEALTH_ADDR"] == f"0.0.0.0:{port}"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         # Kubernetes' grpc probes take a number, not a port name.
         assert container[probe]["grpc"]["port"] == port, probe
@@ -360,7 +375,7 @@ def test_probes_are_grpc_health_checks_on_the_grpc_port() -> None:
     # Readiness follows the storage; liveness only the process (app.LIVENESS_SERVICE).
     assert "service" not in container["readinessProbe"]["grpc"]
     assert container["livenessProbe"]["grpc"]["service"] == app.LIVENESS_SERVICE
-    assert _literal_env()["RUNCAP_LISTEN_ADDR"] == f"0.0.0.0:{port}"
+    assert _literal_env()["RUNCAP_LISTEN_ADDR"] == f"0.0.0.0:{_grpc_port()}"
 
 
 def test_pod_is_locked_down() -> None:
