@@ -332,10 +332,6 @@ class KeyStore:
         )
 
 
-def caller() -> Principal | None:
-    return CALLER.get()
-
-
 def require(role: Role, what: str) -> Principal | None:
     """The caller, when it has at least `role`; PermissionDenied otherwise.
     None when authentication is off (everything is allowed)."""

@@ -431,13 +431,6 @@ class RuncapBudgetHook(CustomLogger):  # type: ignore[misc]
                 error.message,
             )
 
-    async def aclose(self) -> None:
-        """Waits for settlements in flight and closes the client."""
-        if self._settling:
-            await asyncio.gather(*self._settling, return_exceptions=True)
-        if self._client is not None:
-            await self._client.close()
-
 
 def _record(run_id: str, response: pb.ReserveResponse, group: str) -> dict[str, Any]:
     record: dict[str, Any] = {
