@@ -20,6 +20,9 @@ GEN_PY := clients/python/runcap/v1
 GEN_GO := clients/go/runcap/v1
 # TypeScript stubs (buf.gen.ts.yaml); the folder holds nothing hand-written.
 GEN_TS := clients/ts/src/gen
+# The web dashboard's front end: TypeScript in web/src, compiled by `make dashboard` into
+# this folder (committed, shipped in the wheel); the folder holds nothing hand-written.
+DASHBOARD_STATIC := server/runcap_server/dashboard/static
 # The Go protoc plugins, pinned; `make go-plugins` installs them into .bin/ (gitignored).
 # Keep PROTOC_GEN_GO_VERSION equal to google.golang.org/protobuf in clients/go/go.mod.
 GO_BIN := $(CURDIR)/.bin
@@ -92,14 +95,29 @@ $(GO_PLUGINS_STAMP):
 prove-check-gen: gen ## Prove check-gen fails on a proto change without regeneration (scratch clone).
 	@bash tools/prove_check_gen.sh
 
-check-gen: gen ## Fail if `make gen` changes or adds any file under clients/.
-	@if ! git diff --quiet -- clients/ || [ -n "$$(git status --porcelain -- clients/)" ]; then
-	  git status --short -- clients/
-	  git --no-pager diff --stat -- clients/
-	  echo "generated code is out of date: run make gen and commit" >&2
+check-gen: gen dashboard ## Fail if `make gen` or `make dashboard` changes or adds any generated file.
+	@generated=(clients/ $(DASHBOARD_STATIC)/)
+	if ! git diff --quiet -- "$${generated[@]}" || [ -n "$$(git status --porcelain -- "$${generated[@]}")" ]; then
+	  git status --short -- "$${generated[@]}"
+	  git --no-pager diff --stat -- "$${generated[@]}"
+	  echo "generated code is out of date: run make gen and make dashboard, and commit" >&2
 	  exit 1
 	fi
 	echo "generated code is up to date"
+
+.PHONY: dashboard web-deps
+dashboard: web-deps ## Rebuild the web dashboard's static files (server/runcap_server/dashboard/static) from web/src with tsc.
+	@echo "building web/src into $(DASHBOARD_STATIC)"
+	rm -rf $(DASHBOARD_STATIC)
+	mkdir -p $(DASHBOARD_STATIC)
+	npm --prefix web run -s build
+
+web-deps: ## Install web/'s pinned npm packages (npm ci) when node_modules is missing or stale.
+	@lock=web/package-lock.json; installed=web/node_modules/.package-lock.json
+	if [ ! -f "$$installed" ] || [ "$$lock" -nt "$$installed" ]; then
+	  echo "npm ci in web"
+	  npm ci --prefix web --no-audit --no-fund
+	fi
 
 lint: venv ## buf lint, ruff check, ruff format --check and mypy (all run; fails if any fails).
 	@export PATH="$(BIN):$$PATH"
@@ -175,14 +193,36 @@ ci: venv ## Everything CI runs: lint, breaking, check-gen, test (all run; fails 
 	if [ $${#failed[@]} -gt 0 ]; then echo "===== ci FAILED: $${failed[*]} =====" >&2; exit 1; fi
 	echo "===== ci passed ====="
 
-bench: venv ## Run every bench/*.py script (prints a note when there is none).
+bench: venv ## Run every bench/*.py benchmark (BENCH_QUICK=1: about 20 s each, a smoke run).
 	@shopt -s nullglob
 	scripts=(bench/*.py)
 	if [ $${#scripts[@]} -eq 0 ]; then echo "no benchmarks yet"; exit 0; fi
 	for s in "$${scripts[@]}"; do
+	  # The benchmarks' shared helpers, not a benchmark.
+	  if [ "$$s" = bench/common.py ]; then continue; fi
 	  echo "--- $$s"
 	  $(BIN)/python "$$s"
 	done
+
+# Hostile requests per RPC and backend in `make fuzz` (`make test` runs 25).
+FUZZ_EXAMPLES ?= 2000
+
+.PHONY: fuzz
+fuzz: venv ## The fuzz suite's long form (tests/fuzz, FUZZ_EXAMPLES=2000 per RPC and backend; ~1 h).
+	@RUNCAP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -rs -o timeout=0 tests/fuzz
+
+# `make chaos CHAOS=short` is CI's form of the fault suite (under 3 minutes).
+CHAOS ?=
+# How long `make soak` runs (CI: 60), and where it records its output (empty: print only).
+SOAK_SECONDS ?= 600
+SOAK_RECORD ?= bench/results/soak.md
+
+.PHONY: chaos soak
+chaos: venv ## The fault suite (tests/chaos, not in make test; docs/testing.md). CHAOS=short: CI's form.
+	@RUNCAP_CHAOS=$(CHAOS) $(BIN)/pytest -q -rs -m chaos tests/chaos
+
+soak: venv ## The soak: SOAK_SECONDS=600 of mixed load on a Redis cluster, then a hunt for leaks.
+	@$(BIN)/python -m tests.chaos.soak --seconds $(SOAK_SECONDS) $(if $(SOAK_RECORD),--record $(SOAK_RECORD))
 
 prices: venv ## Rebuild the committed server/runcap_server/price_table.json (needs PyPI; CI never runs it).
 	@$(BIN)/python -m pip install -q -e '.[tools]'

@@ -21,6 +21,18 @@ per pair of the server, of redis-server and of the client, from /proc/<pid>/stat
 
     .venv/bin/python bench/reserve_commit.py [--seconds N] [--concurrency C] [--rounds R]
 
+Levers of the Redis hot path, to measure each against the others in one run:
+
+    --event-loop asyncio|uvloop   the runcap servers' RUNCAP_EVENT_LOOP (default: auto)
+    --pipelining off              RUNCAP_REDIS_PIPELINING=false (servers and raw loop)
+    --levers                      adds "runcap redis" servers with each lever off
+    --compare-code DIR            adds "runcap redis" running the runcap_server package
+                                  in DIR (repeatable; e.g. `git archive` of an older
+                                  commit's server/)
+    --only redis,cluster          only the configs whose names contain one of these
+    --open-loop 25,50,75          then latency at fixed offered loads: these percentages
+                                  of each runcap and baseline config's median saturation
+
 The same file is also the baseline server and the load generator (internal subcommands).
 """
 
@@ -54,7 +66,7 @@ from google.protobuf import timestamp_pb2
 from runcap.v1 import budget_pb2, budget_service_pb2, budget_service_pb2_grpc
 from runcap_server import convert
 from runcap_server.ledger.types import MAX_MICROS, BudgetState, RunSpec, RunStatus
-from runcap_server.settings import Settings
+from runcap_server.settings import EVENT_LOOPS, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -187,6 +199,80 @@ async def closed_loop(
     return sample, last_reply[0]
 
 
+async def open_loop(
+    pair: Pair,
+    *,
+    runs: Sequence[str],
+    rate: float,
+    warmup_s: float,
+    seconds: float,
+    server_pid: int,
+    redis_pids: Sequence[int],
+) -> Sample:
+    """Start a pair every 1/rate s whatever the answers (an open loop); measure one window.
+
+    A pair's latency runs from its scheduled start, so a generator that falls
+    behind counts against the server, not in its favour.
+    """
+    done: list[tuple[int, int]] = []  # (end ns, latency ns)
+    errors: list[float] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    def cpu() -> tuple[float, float, float]:
+        server = proc_cpu_s(server_pid) if server_pid else 0.0
+        return server, sum(proc_cpu_s(pid) for pid in redis_pids), time.process_time()
+
+    async def one(index: int, due_ns: int) -> None:
+        try:
+            await pair(index, runs[index % len(runs)], uuid.uuid4().hex)
+        except Exception as error:
+            errors.append(time.perf_counter())
+            if len(errors) == 1:
+                print(f"  first error: {error!r}"[:300], file=sys.stderr)
+            return
+        end = time.perf_counter_ns()
+        done.append((end, end - due_ns))
+
+    start = time.perf_counter_ns()
+    t0 = start + int(warmup_s * 1e9)
+    t1 = t0 + int(seconds * 1e9)
+    interval_ns = 1e9 / rate
+    index = 0
+    cpu0: tuple[float, float, float] | None = None
+    while True:
+        due = start + int(index * interval_ns)
+        if due >= t1:
+            break
+        now = time.perf_counter_ns()
+        if cpu0 is None and now >= t0:
+            cpu0 = cpu()
+        if due > now:
+            await asyncio.sleep((due - now) / 1e9)
+        task = asyncio.create_task(one(index, due))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        index += 1
+    await asyncio.sleep(max(0, t1 - time.perf_counter_ns()) / 1e9)
+    cpu1 = cpu()
+    if tasks:
+        await asyncio.wait(tasks, timeout=30)
+    assert cpu0 is not None
+    # Pairs started inside the window, however late they finished.
+    latencies = sorted(lat / 1e6 for end, lat in done if t0 <= end - lat < t1)
+    in_window = sum(1 for end, _ in done if t0 <= end <= t1)
+    return Sample(
+        pairs=in_window,
+        window_s=(t1 - t0) / 1e9,
+        p50_ms=percentile(latencies, 0.50),
+        p99_ms=percentile(latencies, 0.99),
+        max_ms=latencies[-1] if latencies else float("nan"),
+        errors=sum(1 for at in errors if t0 / 1e9 <= at <= t1 / 1e9),
+        server_cpu_s=cpu1[0] - cpu0[0],
+        redis_cpu_s=cpu1[1] - cpu0[1],
+        client_cpu_s=cpu1[2] - cpu0[2],
+    )
+
+
 # --- the bare baseline server ---------------------------------------------------------
 
 
@@ -309,6 +395,17 @@ async def load_grpc(args: argparse.Namespace) -> Sample:
             )
             return reserved, committed
 
+        redis_pids = [int(p) for p in args.redis_pids.split(",") if p]
+        if args.rate:
+            return await open_loop(
+                pair,
+                runs=runs,
+                rate=args.rate,
+                warmup_s=args.warmup,
+                seconds=args.seconds,
+                server_pid=args.server_pid,
+                redis_pids=redis_pids,
+            )
         sample, reply = await closed_loop(
             pair,
             runs=runs,
@@ -316,7 +413,7 @@ async def load_grpc(args: argparse.Namespace) -> Sample:
             warmup_s=args.warmup,
             seconds=args.seconds,
             server_pid=args.server_pid,
-            redis_pids=[int(p) for p in args.redis_pids.split(",") if p],
+            redis_pids=redis_pids,
         )
         if reply is not None:
             sample.reserve_bytes = reply[0].ByteSize()
@@ -336,6 +433,7 @@ async def load_redis(args: argparse.Namespace) -> Sample:
         cluster_nodes=[n for n in args.cluster_nodes.split(",") if n],
         default_ttl_ms=settings.default_ttl_ms,
         max_connections=settings.redis_max_connections,
+        pipelining=args.pipelining == "on",
     )
     await ledger.start()
     try:
@@ -420,8 +518,9 @@ class BaselineProcess:
             self.process.stdout.close()
 
 
-def measure(config: Config, args: argparse.Namespace) -> Sample:
-    """One window of one configuration, by a fresh load-generator process."""
+def measure(config: Config, args: argparse.Namespace, rate: float = 0) -> Sample:
+    """One window of one configuration, by a fresh load-generator process
+    (an open loop at `rate` pairs/s, else the closed loop)."""
     common = [
         "--run-ids", ",".join(run_ids(args.runs)),
         "--concurrency", str(args.concurrency),
@@ -434,8 +533,9 @@ def measure(config: Config, args: argparse.Namespace) -> Sample:
         argv += ["--server-pid", str(config.server_pid)]
         argv += ["--create"] if config.create_runs else []
         argv += ["--team", config.team] if config.team else []
+        argv += ["--rate", str(rate)] if rate else []
     else:
-        argv = ["redis-loop", "--redis-url", config.redis_url]
+        argv = ["redis-loop", "--redis-url", config.redis_url, "--pipelining", args.pipelining]
         argv += ["--cluster-nodes", ",".join(config.cluster_nodes)]
     done = subprocess.run(
         [sys.executable, __file__, *argv, *common],
@@ -513,8 +613,12 @@ def print_setup(args: argparse.Namespace, configs: Sequence[Config], code: str) 
     )
     print(f"generator:   {LOADGEN.format(channels=args.channels)}; asyncio default loop")
     print(
+        f"servers:     RUNCAP_EVENT_LOOP={args.event_loop}, RUNCAP_REDIS_PIPELINING="
+        f"{'true' if args.pipelining == 'on' else 'false'} (unless a config's name says otherwise)"
+    )
+    print(
         "raw loop:    RedisLedger.reserve + commit (EVALSHA of ledger.lua) in a separate "
-        "process, same workers and runs, no gRPC"
+        f"process, same workers and runs, no gRPC, pipelining {args.pipelining}"
     )
     print(
         f"timing:      {args.rounds} rounds x {len(configs)} configs, each {args.warmup:g} s "
@@ -619,57 +723,57 @@ def interrupts_as_keyboard_interrupt() -> Iterator[None]:
             signal.signal(signum, old)
 
 
+def selected(name: str, only: str) -> bool:
+    parts = [part.strip() for part in only.split(",") if part.strip()]
+    return not parts or name.startswith("baseline") or any(part in name for part in parts)
+
+
+def report_window(config: Config, sample: Sample, ratio: float | None, label: str = "") -> None:
+    """One window's line; `ratio` to the round's baseline (None: an open-loop window)."""
+    server = (
+        f"server {sample.per_pair_us(sample.server_cpu_s):,.0f} µs/pair, "
+        if config.kind == "grpc"
+        else ""
+    )
+    versus = f"x{ratio:4.2f}" if ratio is not None else "     "
+    print(
+        f"  {label + config.name:<34} {sample.rate:8,.0f} pairs/s  {versus}  "
+        f"p50 {sample.p50_ms:6.2f}  p99 {sample.p99_ms:6.2f}  "
+        f"max {sample.max_ms:6.1f} ms  {server}"
+        f"client {sample.per_pair_us(sample.client_cpu_s):,.0f} µs/pair"
+        + (f", script {config.script_us[-1]:.0f} µs/call" if config.script_us else "")
+        + (f"  errors {sample.errors}" if sample.errors else ""),
+        flush=True,
+    )
+
+
 def orchestrate(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT))
     from tests.redis_servers import RedisCluster, RedisServer
     from tests.servers import ServerProcess
 
-    runcap_env = {"RUNCAP_SHUTDOWN_GRACE": "1s"}
+    runcap_env = {
+        "RUNCAP_SHUTDOWN_GRACE": "1s",
+        "RUNCAP_EVENT_LOOP": args.event_loop,
+        "RUNCAP_REDIS_PIPELINING": "true" if args.pipelining == "on" else "false",
+    }
     started_at = revision()  # before any server imports the code
     with interrupts_as_keyboard_interrupt(), contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="runcap-bench-")))
         print("starting servers ...", file=sys.stderr, flush=True)
-        baseline = BaselineProcess()
-        stack.callback(baseline.stop)
-        baseline.start()
-
-        sqlite = ServerProcess(work / "bench.db", env=runcap_env)
-        stack.callback(sqlite.stop)
-        sqlite.start()
-
-        redis_server = RedisServer(work / "redis")
-        stack.callback(redis_server.stop)
-        redis_server.start()
-        redis = ServerProcess(
-            None,
-            env={**runcap_env, "RUNCAP_BACKEND": "redis", "RUNCAP_REDIS_URL": redis_server.url},
-        )
-        stack.callback(redis.stop)
-        redis.start()
-
-        cluster = RedisCluster(primaries=3)
-        stack.callback(cluster.stop)
-        cluster.start()
-        nodes = cluster.startup_nodes
-        cluster_server = ServerProcess(
-            None,
-            env={
-                **runcap_env,
-                "RUNCAP_BACKEND": "redis",
-                "RUNCAP_REDIS_CLUSTER_NODES": ",".join(nodes),
-            },
-        )
-        stack.callback(cluster_server.stop)
-        cluster_server.start()
 
         def pid(process: subprocess.Popen[Any] | None) -> int:
             assert process is not None
             return process.pid
 
-        redis_pids = [pid(redis_server.process)]
-        cluster_pids = [pid(node.process) for node in cluster.nodes]
-        redis_ports = [redis_server.port]
-        cluster_ports = [node.port for node in cluster.nodes]
+        def runcap(db: Path | None, **env: str) -> ServerProcess:
+            server = ServerProcess(db, env={**runcap_env, **env})
+            stack.callback(server.stop)
+            return server.start()
+
+        baseline = BaselineProcess()
+        stack.callback(baseline.stop)
+        baseline.start()
         configs = [
             Config(
                 "baseline (bare grpc.aio)",
@@ -677,48 +781,105 @@ def orchestrate(args: argparse.Namespace) -> None:
                 baseline.target,
                 create_runs=False,
                 server_pid=pid(baseline.process),
-            ),
-            Config("runcap sqlite", "grpc", sqlite.target, server_pid=pid(sqlite.process)),
-            Config(
-                "runcap redis",
-                "grpc",
-                redis.target,
-                server_pid=pid(redis.process),
-                redis_pids=redis_pids,
-                redis_ports=redis_ports,
-            ),
-            Config(
-                "raw redis script",
-                "redis",
-                redis_pids=redis_pids,
-                redis_ports=redis_ports,
-                redis_url=redis_server.url,
-            ),
-            Config(
-                "runcap cluster",
-                "grpc",
-                cluster_server.target,
-                server_pid=pid(cluster_server.process),
-                redis_pids=cluster_pids,
-                redis_ports=cluster_ports,
-            ),
-            Config(
-                "runcap cluster, team",
-                "grpc",
-                cluster_server.target,
-                team=f"bench-{secrets.token_hex(4)}",
-                server_pid=pid(cluster_server.process),
-                redis_pids=cluster_pids,
-                redis_ports=cluster_ports,
-            ),
-            Config(
-                "raw cluster script",
-                "redis",
-                redis_pids=cluster_pids,
-                redis_ports=cluster_ports,
-                cluster_nodes=list(nodes),
-            ),
+            )
         ]
+
+        if selected("runcap sqlite", args.only):
+            sqlite = runcap(work / "bench.db")
+            configs.append(
+                Config("runcap sqlite", "grpc", sqlite.target, server_pid=pid(sqlite.process))
+            )
+
+        redis_server = RedisServer(work / "redis")
+        stack.callback(redis_server.stop)
+        redis_server.start()
+        standalone = {"RUNCAP_BACKEND": "redis", "RUNCAP_REDIS_URL": redis_server.url}
+        redis_pids = [pid(redis_server.process)]
+        redis_ports = [redis_server.port]
+        variants: list[tuple[str, dict[str, str]]] = [("runcap redis", {})]
+        if args.levers:
+            other_loop = "asyncio" if args.event_loop != "asyncio" else "uvloop"
+            variants += [
+                (f"runcap redis, {other_loop} loop", {"RUNCAP_EVENT_LOOP": other_loop}),
+                ("runcap redis, no pipelining", {"RUNCAP_REDIS_PIPELINING": "false"}),
+                (
+                    f"runcap redis, {other_loop}, no pipelining",
+                    {"RUNCAP_EVENT_LOOP": other_loop, "RUNCAP_REDIS_PIPELINING": "false"},
+                ),
+            ]
+        for directory in args.compare_code:
+            code = str(Path(directory).resolve())
+            variants.append((f"runcap redis, code in {Path(code).name}", {"PYTHONPATH": code}))
+        for name, env in variants:
+            if selected(name, args.only):
+                server = runcap(None, **standalone, **env)
+                configs.append(
+                    Config(
+                        name,
+                        "grpc",
+                        server.target,
+                        server_pid=pid(server.process),
+                        redis_pids=redis_pids,
+                        redis_ports=redis_ports,
+                    )
+                )
+        if selected("raw redis script", args.only):
+            configs.append(
+                Config(
+                    "raw redis script",
+                    "redis",
+                    redis_pids=redis_pids,
+                    redis_ports=redis_ports,
+                    redis_url=redis_server.url,
+                )
+            )
+
+        cluster_names = ("runcap cluster", "runcap cluster, team", "raw cluster script")
+        if any(selected(name, args.only) for name in cluster_names):
+            cluster = RedisCluster(primaries=3)
+            stack.callback(cluster.stop)
+            cluster.start()
+            nodes = cluster.startup_nodes
+            cluster_pids = [pid(node.process) for node in cluster.nodes]
+            cluster_ports = [node.port for node in cluster.nodes]
+            if selected("runcap cluster", args.only) or selected("team", args.only):
+                cluster_server = runcap(
+                    None, RUNCAP_BACKEND="redis", RUNCAP_REDIS_CLUSTER_NODES=",".join(nodes)
+                )
+                target, server_pid = cluster_server.target, pid(cluster_server.process)
+                if selected("runcap cluster", args.only):
+                    configs.append(
+                        Config(
+                            "runcap cluster",
+                            "grpc",
+                            target,
+                            server_pid=server_pid,
+                            redis_pids=cluster_pids,
+                            redis_ports=cluster_ports,
+                        )
+                    )
+                if selected("runcap cluster, team", args.only):
+                    configs.append(
+                        Config(
+                            "runcap cluster, team",
+                            "grpc",
+                            target,
+                            team=f"bench-{secrets.token_hex(4)}",
+                            server_pid=server_pid,
+                            redis_pids=cluster_pids,
+                            redis_ports=cluster_ports,
+                        )
+                    )
+            if selected("raw cluster script", args.only):
+                configs.append(
+                    Config(
+                        "raw cluster script",
+                        "redis",
+                        cluster_nodes=list(nodes),
+                        redis_pids=cluster_pids,
+                        redis_ports=cluster_ports,
+                    )
+                )
         print_setup(args, configs, started_at)
 
         for round_no in range(1, args.rounds + 1):
@@ -734,30 +895,53 @@ def orchestrate(args: argparse.Namespace) -> None:
                     base_rate = sample.rate
                 ratio = sample.rate / base_rate if base_rate else float("nan")
                 config.ratios.append(ratio)
-                server = (
-                    f"server {sample.per_pair_us(sample.server_cpu_s):,.0f} µs/pair, "
-                    if config.kind == "grpc"
-                    else ""
-                )
-                print(
-                    f"  {config.name:<26} {sample.rate:8,.0f} pairs/s  x{ratio:4.2f}  "
-                    f"p50 {sample.p50_ms:6.2f}  p99 {sample.p99_ms:6.2f}  "
-                    f"max {sample.max_ms:6.1f} ms  {server}"
-                    f"client {sample.per_pair_us(sample.client_cpu_s):,.0f} µs/pair"
-                    + (f", script {config.script_us[-1]:.0f} µs/call" if config.script_us else "")
-                    + (f"  errors {sample.errors}" if sample.errors else ""),
-                    flush=True,
-                )
+                report_window(config, sample, ratio)
         print()
         print(f"Medians over {args.rounds} rounds (x baseline: median of same-round ratios):")
         print()
         for row in table(configs):
             print(row)
+        if args.open_loop:
+            open_loop_phase(args, [c for c in configs if c.kind == "grpc"])
         print()
         print(f"load average at the end: {loadavg()}")
         if (now := revision()) != started_at:
             print(f"warning: the code under test changed during the run ({started_at} -> {now})")
         print("stopping servers ...", file=sys.stderr, flush=True)
+
+
+def open_loop_phase(args: argparse.Namespace, configs: Sequence[Config]) -> None:
+    """Latency at fixed offered loads: percentages of each config's median closed-loop rate."""
+    percents = [float(p) for p in args.open_loop.split(",") if p.strip()]
+    results: dict[tuple[str, float], list[Sample]] = {}
+    print()
+    print(f"Open loop: a pair started every 1/rate s, {args.rounds} rounds (alternating)")
+    for round_no in range(1, args.rounds + 1):
+        print(f"round {round_no}/{args.rounds} (load {loadavg()})", flush=True)
+        for percent in percents:
+            for config in configs:
+                rate = median([x.rate for x in config.samples]) * percent / 100
+                sample = measure(config, args, rate=rate)
+                results.setdefault((config.name, percent), []).append(sample)
+                report_window(config, sample, None, label=f"{percent:g}% ")
+    print()
+    columns = ["config", "offered", "pairs/s", "p50 ms", "p99 ms", "max ms", "server CPU µs/pair"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for percent in percents:
+        for config in configs:
+            s = results[(config.name, percent)]
+            rate = median([x.rate for x in config.samples]) * percent / 100
+            cells = [
+                config.name,
+                f"{percent:g}% ({rate:,.0f}/s)",
+                f"{median([x.rate for x in s]):,.0f}",
+                f"{median([x.p50_ms for x in s]):.2f}",
+                f"{median([x.p99_ms for x in s]):.2f}",
+                f"{median([x.max_ms for x in s]):.1f}",
+                f"{median([x.per_pair_us(x.server_cpu_s) for x in s]):,.0f}",
+            ]
+            print("| " + " | ".join(cells) + " |")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -768,6 +952,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of all configs (3)")
     parser.add_argument("--channels", type=int, default=4, help="gRPC channels (4)")
     parser.add_argument("--runs", type=int, default=4, help="runs the workers spread over (4)")
+    parser.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default="auto",
+        help="RUNCAP_EVENT_LOOP of the runcap servers (auto: uvloop when installed)",
+    )
+    parser.add_argument(
+        "--pipelining",
+        choices=("on", "off"),
+        default="on",
+        help="RUNCAP_REDIS_PIPELINING of the runcap servers and the raw loop (on)",
+    )
+    parser.add_argument(
+        "--levers",
+        action="store_true",
+        help="also runcap redis with the asyncio loop, without pipelining, and without both",
+    )
+    parser.add_argument(
+        "--compare-code",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also runcap redis running the runcap_server package found in DIR (repeatable)",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated parts of config names: run only those (and the baseline)",
+    )
+    parser.add_argument(
+        "--open-loop",
+        default="",
+        metavar="PCTS",
+        help="then open-loop windows at these percentages of each config's saturation",
+    )
     roles = parser.add_subparsers(dest="role", help="internal: the processes this file starts")
     roles.add_parser("baseline-server", help="serve the bare baseline; print its address")
     for name in ("loadgen", "redis-loop"):
@@ -783,8 +1002,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     loadgen.add_argument("--server-pid", type=int, default=0)
     loadgen.add_argument("--create", action="store_true", help="create the runs first")
     loadgen.add_argument("--team", default="", help="charge the created runs to this team")
+    loadgen.add_argument("--rate", type=float, default=0, help="open loop: pairs/s (0: closed)")
     redis_loop = roles.choices["redis-loop"]
     redis_loop.add_argument("--redis-url", default="")
+    redis_loop.add_argument("--pipelining", choices=("on", "off"), default="on")
     redis_loop.add_argument("--cluster-nodes", default="")
     return parser.parse_args(argv)
 

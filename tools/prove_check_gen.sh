@@ -11,9 +11,10 @@ cd "$scratch/repo"
 ln -s "$repo/.venv" .venv
 ln -s "$repo/.bin" .bin
 ln -s "$repo/clients/ts/node_modules" clients/ts/node_modules
-printf '%s\n' .venv .bin clients/ts/node_modules >>.git/info/exclude
+ln -s "$repo/web/node_modules" web/node_modules
+printf '%s\n' .venv .bin clients/ts/node_modules web/node_modules >>.git/info/exclude
 # Older than what is installed, so make installs nothing.
-touch -d @0 pyproject.toml clients/ts/package-lock.json
+touch -d @0 pyproject.toml clients/ts/package-lock.json web/package-lock.json
 sed -i 's/^  int64 overrun_micros = 9 \[(google.api.field_behavior) = OUTPUT_ONLY\];$/&\n  \/\/ A field added without regenerating the stubs.\n  int64 drift_micros = 99;/' \
   proto/runcap/v1/budget.proto
 grep -q drift_micros proto/runcap/v1/budget.proto || { echo "could not edit the proto" >&2; exit 1; }

@@ -9,21 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from runcap.v1 import budget_service_pb2, budget_service_pb2_grpc
+from runcap.v1 import alerts_pb2, alerts_pb2_grpc, budget_service_pb2
+from runcap_server.alerts.engine import AlertEngine
+from runcap_server.alerts.service import AlertServicer
+from runcap_server.alerts.store import open_store
 from runcap_server.auth import KeyStore
 from runcap_server.backends.base import Backend
 from runcap_server.ledger.model import ModelLedger
+from runcap_server.open_runs import OpenRuns
+from runcap_server.open_runs import open_store as open_runs_store
 from runcap_server.prices import PriceBook
-from runcap_server.servicer import BudgetServicer
+from runcap_server.servicer import BudgetServicer, UndecodableRequests, add_to_server
 from runcap_server.settings import Settings
 from runcap_server.sweeper import sweep_forever
 from runcap_server.telemetry import Telemetry
@@ -31,9 +39,15 @@ from runcap_server.tenant_prices import TenantPrices
 from runcap_server.tls import load_server_tls
 from runcap_server.watch import WatchHub
 
+if TYPE_CHECKING:
+    from runcap_server.dashboard import Dashboard
+
 _log = logging.getLogger("runcap")
 BACKEND_CHECK_S = 1.0
+# How often runs open past the run TTL are looked for.
+RUN_TTL_CHECK_S = 1.0
 SERVICE_NAME: str = budget_service_pb2.DESCRIPTOR.services_by_name["BudgetService"].full_name
+ALERT_SERVICE_NAME: str = alerts_pb2.DESCRIPTOR.services_by_name["AlertService"].full_name
 # A health service name that says only that the process serves: SERVING from
 # start to drain, whatever the storage does, for liveness probes (restarting
 # replicas does not bring Redis back). "" and SERVICE_NAME are for readiness.
@@ -57,6 +71,7 @@ def build_backend(settings: Settings) -> Backend:
             closed_retention_ms=settings.closed_run_retention_ms,
             namespace=settings.redis_namespace,
             max_connections=settings.redis_max_connections,
+            pipelining=settings.redis_pipelining,
         )
     from runcap_server.backends.sqlite import SqliteLedger
 
@@ -109,11 +124,34 @@ class RuncapServer:
         self.keys = (
             KeyStore(Path(settings.api_keys_file), mtls=mtls) if settings.api_keys_file else None
         )
+        # Open runs per principal and the run TTL, counted beside the ledger.
+        self.open_runs = OpenRuns(
+            open_runs_store(self.backend),
+            settings.max_open_runs,
+            settings.run_ttl_ms,
+            clock=getattr(self.backend, "clock", None),
+        )
+        # Alert rules and alerts live beside the ledger; the engine (RUNCAP_ALERTS)
+        # follows runs and delivers, off the Reserve path.
+        self.alert_store = open_store(self.backend)
+        self.alerts = (
+            AlertEngine(self.backend, self.alert_store, self.hub, settings)
+            if settings.alerts
+            else None
+        )
         self.server = grpc.aio.server(
-            options=_server_options(settings), interceptors=self.telemetry.interceptors()
+            options=_server_options(settings),
+            interceptors=[*self.telemetry.interceptors(), UndecodableRequests()],
         )
         # Health only, plaintext (RUNCAP_HEALTH_ADDR): the same statuses as the main port.
         self.health_server = grpc.aio.server() if settings.health_addr else None
+        # The web dashboard (RUNCAP_HTTP_ADDR); aiohttp is loaded only for it.
+        self.dashboard: Dashboard | None = None
+        if settings.http_addr:
+            from runcap_server.dashboard import Dashboard
+
+            self.dashboard = Dashboard(settings, self.tls, auth_required=self.keys is not None)
+        self.http_port = 0
         self._tasks: list[asyncio.Task[None]] = []
         self.port = 0
         self.health_port = 0
@@ -127,8 +165,18 @@ class RuncapServer:
             self.prices,
             self.tenant_prices,
             keys=self.keys,
+            open_runs=self.open_runs,
         )
-        budget_service_pb2_grpc.add_BudgetServiceServicer_to_server(servicer, self.server)
+        add_to_server(servicer, self.server)
+        await self.open_runs.store.start()
+        await self.alert_store.start()
+        alert_servicer = AlertServicer(
+            self.alert_store,
+            self.settings.tenant,
+            keys=self.keys,
+            on_rules_changed=self.alerts.poke if self.alerts else lambda: None,
+        )
+        alerts_pb2_grpc.add_AlertServiceServicer_to_server(alert_servicer, self.server)
         self.telemetry.observe(
             failed_open=lambda: servicer.failed_open, watchers=lambda: self.hub.watchers
         )
@@ -137,6 +185,7 @@ class RuncapServer:
         reflection.enable_server_reflection(
             [
                 SERVICE_NAME,
+                ALERT_SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ],
@@ -148,11 +197,15 @@ class RuncapServer:
             self.port = self.server.add_secure_port(
                 self.settings.listen_addr, self.tls.credentials()
             )
+        if self.dashboard is not None:
+            self.dashboard.add_loopback_port(self.server)
         await self.server.start()
         if self.health_server is not None:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             self.health_port = self.health_server.add_insecure_port(self.settings.health_addr)
             await self.health_server.start()
+        if self.dashboard is not None:
+            self.http_port = await self.dashboard.start(self.port)
         for service in ("", SERVICE_NAME, LIVENESS_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._tasks = [
@@ -165,9 +218,15 @@ class RuncapServer:
                 ),
                 name="expiry-sweeper",
             ),
+            asyncio.create_task(
+                self.open_runs.close_due_forever(self.backend, RUN_TTL_CHECK_S),
+                name="run-ttl-closer",
+            ),
             asyncio.create_task(self._watch_backend(), name="backend-health"),
             asyncio.create_task(self.tenant_prices.refresh_forever(), name="tenant-prices"),
         ]
+        if self.alerts is not None:
+            await self.alerts.start()
         return self.port
 
     async def _watch_backend(self) -> None:
@@ -197,9 +256,13 @@ class RuncapServer:
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
+        if self.alerts is not None:
+            await self.alerts.stop()
         self.hub.close()
         # Give streams a moment to send their final progress message.
         await asyncio.sleep(0.05)
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         await self.server.stop(self.settings.shutdown_grace_ms / 1000)
         await self.hub.stop()
         for task in self._tasks:
@@ -210,6 +273,26 @@ class RuncapServer:
         if self.health_server is not None:
             await self.health_server.stop(0)
         self.telemetry.shutdown()
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop RUNCAP_EVENT_LOOP names (None: asyncio's own).
+
+    uvloop runs the server's Python side (gRPC callbacks, Redis sockets) with
+    less CPU per call; auto uses it when it is installed.
+    """
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if name == "uvloop":
+            raise ValueError(
+                "RUNCAP_EVENT_LOOP=uvloop but uvloop is not installed "
+                "(pip install uvloop, or set RUNCAP_EVENT_LOOP=asyncio)"
+            ) from None
+        return None
+    return uvloop.new_event_loop
 
 
 def _bound_address(listen_addr: str, port: int) -> str:
@@ -223,6 +306,9 @@ async def serve(settings: Settings) -> None:
     port = await server.start()
     if port == 0:
         raise OSError(f"could not listen on {settings.listen_addr}")
+    # What start-up made (modules, descriptors, the price table) lives as long as the
+    # process: out of the collector's sight, a full collection takes a few ms, not 50.
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -242,12 +328,16 @@ async def serve(settings: Settings) -> None:
         "redis": settings.redis_url or settings.redis_cluster_nodes,
     }[settings.backend]
     _log.info(
-        "runcap listening on %s (backend %s: %s; %s)",
+        "runcap listening on %s (backend %s: %s; %s event loop; %s)",
         _bound_address(settings.listen_addr, port),
         settings.backend,
         location,
+        type(loop).__module__.partition(".")[0],
         "plaintext" if server.tls is None else server.tls.describe(),
     )
+    if server.dashboard is not None:
+        dashboard_at = _bound_address(settings.http_addr, server.http_port)
+        _log.info("dashboard on %s://%s/", server.dashboard.scheme, dashboard_at)
     if server.health_server is not None:
         health_at = _bound_address(settings.health_addr, server.health_port)
         _log.info("health checks (plaintext, health service only) on %s", health_at)

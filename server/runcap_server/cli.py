@@ -34,15 +34,22 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"runcap: {error}", file=sys.stderr)
         return 2
-    from runcap_server.app import serve
+    from runcap_server.app import loop_factory, serve
     from runcap_server.telemetry import log_handler
+
+    try:
+        new_loop = loop_factory(settings.event_loop)
+    except ValueError as error:
+        print(f"runcap: {error}", file=sys.stderr)
+        return 2
 
     # RUNCAP_LOG_FORMAT: text, or JSON lines with the trace and span ids.
     logging.basicConfig(
         level=settings.log_level.upper(), handlers=[log_handler(settings.log_format, sys.stderr)]
     )
 
-    asyncio.run(serve(settings))
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        runner.run(serve(settings))
     return 0
 
 
@@ -73,10 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_serve)
 
-    from runcap_server import cli_client, cli_keys
+    from runcap_server import cli_alerts, cli_client, cli_keys, cli_plan
 
     cli_client.add_commands(commands)
     cli_keys.add_commands(commands)
+    cli_alerts.add_commands(commands)
+    cli_plan.add_commands(commands)
     return parser
 
 

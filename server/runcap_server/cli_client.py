@@ -551,6 +551,8 @@ def _run_show(args: argparse.Namespace, client: RuncapClient) -> int:
     for meter in run.meters:
         limit = f" of {meter.limit}" if meter.HasField("limit") else ""
         _field(f"meter {meter.name}", f"{meter.committed} used, {meter.reserved} held{limit}")
+    wall = ", at its wall now" if response.state.blocked else ""
+    _field("blocked", f"{run.blocked_calls:,} calls{wall}")
     _print_state(response.state)
     return EXIT_OK
 
@@ -793,6 +795,7 @@ _EVENT_STYLES: Final = {
     budget_pb2.EVENT_TYPE_REFUNDED: "blue",
     budget_pb2.EVENT_TYPE_EXPIRED: "magenta",
     budget_pb2.EVENT_TYPE_CLOSED: "bold",
+    budget_pb2.EVENT_TYPE_BLOCKED: "bold red",
 }
 
 
@@ -816,6 +819,21 @@ def _event_details(event: budget_pb2.BudgetEvent) -> list[tuple[str, str]]:
             details.append(("overrun", format_usd(event.overrun_micros)))
         if event.late:
             details.append(("late", "yes"))
+    if kind == budget_pb2.EVENT_TYPE_BLOCKED:
+        # `amount` above is the estimate that did not fit.
+        details.append(
+            ("reason", _name(budget_pb2.DecisionReason, event.reason, "DECISION_REASON_"))
+        )
+        if event.HasField("blocking_scope"):
+            scope = event.blocking_scope
+            kind_name = _name(budget_pb2.ScopeKind, scope.kind, "SCOPE_KIND_").lower()
+            details.append(("scope", f"{kind_name}:{scope.id}"))
+        if event.blocking_dimension:
+            dimension = _name(
+                budget_pb2.BudgetDimension, event.blocking_dimension, "BUDGET_DIMENSION_"
+            )
+            meter = event.blocking_meter
+            details.append(("dimension", f"{dimension}:{meter}" if meter else dimension))
     return details
 
 
@@ -831,6 +849,8 @@ def _state_pairs(state: budget_pb2.BudgetState) -> list[tuple[str, str]]:
     if state.exposure_ceiling_micros:  # a calibrated run
         pairs.append(("exposure", format_usd(state.exposure_micros)))
     pairs += [("holds", str(state.active_reservations)), ("status", _status(state))]
+    if state.blocked:
+        pairs.append(("blocked", "yes"))
     return pairs
 
 
@@ -976,6 +996,8 @@ class _LiveView(_View):
         facts = Text()
         facts.append(status, style="green" if status == "OPEN" else "bold")
         facts.append(f"   revision {state.revision}   {_holds(state.active_reservations)}")
+        if state.blocked:
+            facts.append("   BLOCKED", style="bold red")
         if self._last_message is not None:
             facts.append(f"   last message {self._last_message:%H:%M:%S}", style="dim")
         return Panel(

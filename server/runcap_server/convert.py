@@ -88,6 +88,7 @@ def state_pb(state: BudgetState) -> budget_pb2.BudgetState:
         digest=state.digest,
         exposure_micros=state.exposure_micros,
         exposure_ceiling_micros=state.exposure_ceiling_micros,
+        blocked=state.blocked,
     )
 
 
@@ -110,6 +111,7 @@ def run_pb(view: RunView) -> budget_pb2.Run:
     run.policy.CopyFrom(policy_pb(view.policy))
     run.depth_remaining = lineage.depth_left
     run.children = view.children
+    run.blocked_calls = view.blocked_calls
     limits = dict(view.policy.meter_limits)
     used = {dim[2:]: v for dim, v in view.usage.items() if dim != TOKENS}
     for name in sorted(limits.keys() | used.keys()):
@@ -189,7 +191,7 @@ def scope_pb(view: ScopeView) -> budget_pb2.Scope:
 
 
 def event_pb(change: Change) -> budget_pb2.BudgetEvent:
-    return budget_pb2.BudgetEvent(
+    event = budget_pb2.BudgetEvent(
         type=change.type.value,  # type: ignore[arg-type]
         reservation_id=change.reservation_id,
         amount_micros=change.amount_micros,
@@ -200,4 +202,15 @@ def event_pb(change: Change) -> budget_pb2.BudgetEvent:
         state=state_pb(change.state),
         threshold=change.threshold.value,  # type: ignore[arg-type]
         approval_id=approval_id(change.state.run_id, change.approval) if change.approval else "",
+        blocking_meter=change.meter,
     )
+    # A BLOCKED change's verdict.
+    if change.reason is not None:
+        event.reason = change.reason.value  # type: ignore[assignment]
+    if change.blocking_scope is not None:
+        event.blocking_scope.CopyFrom(scope_ref_pb(change.blocking_scope))
+    if change.blocking_period is not None:
+        event.blocking_period = change.blocking_period.value  # type: ignore[assignment]
+    if change.dimension is not None:
+        event.blocking_dimension = change.dimension.value  # type: ignore[assignment]
+    return event

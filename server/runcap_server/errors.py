@@ -46,13 +46,37 @@ class RuncapError(Exception):
         return []
 
 
+# A failed call's status travels in trailing metadata twice (grpc-message,
+# percent-encoded, and grpc-status-details-bin, base64), and gRPC clients drop
+# a call whose metadata passes 8 KiB: a request with many bad fields gets the
+# first of them that fit in MAX_SUMMARY characters and a count of the rest
+# (at most ~6.5 KiB of metadata, even if every character is percent-encoded).
+MAX_SUMMARY = 1000
+MAX_TEXT = 200
+
+
+def _ascii(text: str) -> str:
+    """Echoed input as ASCII (no encoding blow-up; an invisible character shows)."""
+    text = text.encode("ascii", "backslashreplace").decode()
+    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 3] + "..."
+
+
 class InvalidArgument(RuncapError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = errors_pb2.ERROR_REASON_INVALID_ARGUMENT
 
     def __init__(self, violations: Sequence[FieldViolation]) -> None:
-        self.violations = list(violations)
+        self.violations: list[FieldViolation] = []
+        size = 0
+        for v in violations:
+            shown = FieldViolation(_ascii(v.field), _ascii(v.description))
+            size += len(shown.field) + len(shown.description)
+            if self.violations and size > MAX_SUMMARY:
+                break
+            self.violations.append(shown)
         summary = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
+        if len(violations) > len(self.violations):
+            summary += f"; and {len(violations) - len(self.violations)} more"
         super().__init__(f"invalid request: {summary}", fields=",".join(self.fields))
 
     @property
@@ -322,6 +346,28 @@ class Unauthenticated(RuncapError):
 class PermissionDenied(RuncapError):
     code = grpc.StatusCode.PERMISSION_DENIED
     reason = errors_pb2.ERROR_REASON_PERMISSION_DENIED
+
+
+class OpenRunLimit(RuncapError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = errors_pb2.ERROR_REASON_OPEN_RUN_LIMIT
+
+    def __init__(self, principal: str, limit: int) -> None:
+        super().__init__(
+            f"{principal} already has {limit} open runs, the most one caller may have: "
+            "close finished runs (CloseRun) and retry; abandoned runs close by themselves "
+            "after the run TTL",
+            principal=principal,
+            limit=str(limit),
+        )
+        self.principal = principal
+        self.limit = limit
+
+    def details(self) -> list[Message]:
+        violation = error_details_pb2.QuotaFailure.Violation(
+            subject=self.principal, description=f"at most {self.limit} open runs"
+        )
+        return [error_details_pb2.QuotaFailure(violations=[violation])]
 
 
 class _RetryableError(RuncapError):

@@ -1,6 +1,6 @@
 """`runcap report`: showback of spend per team (or agent, user, API key) over
 a time range, from the ListRuns RPC (seed 002: who spent what, which agents,
-which runs hit their thresholds or overran).
+which runs hit their thresholds or overran, how many calls hit a wall).
 
 Aggregation and rendering are pure functions of the listed runs; the command
 only pages through ListRuns. A run counts in the range it was created in, and
@@ -17,7 +17,7 @@ import json
 import os
 import sys
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -61,6 +61,8 @@ class Group:
     spend_micros: int = 0
     overrun_micros: int = 0
     overrun_runs: int = 0
+    # The Reserves of its runs answered DECISION_BLOCK (Run.blocked_calls).
+    blocked_calls: int = 0
     # Runs whose committed spend reached each band (info, warn, throttle, stop).
     reached: dict[str, int] = field(default_factory=lambda: {name: 0 for _, name in LEVELS})
     agents: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -70,30 +72,47 @@ class Group:
         return ranked[:count]
 
 
-def aggregate(runs: Iterable[pb.ListedRun], by: str) -> list[Group]:
+def own_spend(runs: Sequence[pb.ListedRun]) -> dict[str, int]:
+    """Each run's committed spend without its subagents': a run's committed
+    total includes its descendants' commits, so summing listed runs would
+    count a listed child's spend twice. A child whose parent is not listed
+    (created before the range) keeps all of its spend."""
+    own = {run.run.run_id: run.state.committed_micros for run in runs}
+    for run in runs:
+        parent = run.run.parent_run_id
+        if parent in own:
+            own[parent] -= run.state.committed_micros
+    return own
+
+
+def aggregate(runs: Sequence[pb.ListedRun], by: str) -> list[Group]:
     """The report's rows, by spend, highest first."""
     groups: dict[str, Group] = {}
+    own = own_spend(runs)
     for run in runs:
         name = group_of(run, by)
         row = groups.setdefault(name, Group(name))
         state = run.state
+        spend = own[run.run.run_id]
         row.runs += 1
         row.tokens += state.committed_tokens
-        row.spend_micros += state.committed_micros
+        row.spend_micros += spend
         row.overrun_micros += state.overrun_micros
         row.overrun_runs += state.overrun_micros > 0
+        row.blocked_calls += run.run.blocked_calls
         for level, level_name in LEVELS:
             row.reached[level_name] += state.threshold >= level
-        row.agents[run.run.labels.get("agent", "") or NONE] += state.committed_micros
+        row.agents[run.run.labels.get("agent", "") or NONE] += spend
     return sorted(groups.values(), key=lambda g: (-g.spend_micros, g.name))
 
 
-def daily_spend(runs: Iterable[pb.ListedRun], by: str) -> dict[str, dict[str, int]]:
+def daily_spend(runs: Sequence[pb.ListedRun], by: str) -> dict[str, dict[str, int]]:
     """Spend per UTC day (of each run's creation) per group: day -> group -> micros."""
     days: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    own = own_spend(runs)
     for run in runs:
         day = run.run.create_time.ToDatetime(tzinfo=UTC).date().isoformat()
-        days[day][group_of(run, by)] += run.state.committed_micros
+        days[day][group_of(run, by)] += own[run.run.run_id]
     return {day: dict(groups) for day, groups in sorted(days.items())}
 
 
@@ -115,12 +134,13 @@ def _cells(group: Group) -> list[str]:
         top or "-",
         *(str(group.reached[name]) for _, name in LEVELS),
         overrun,
+        f"{group.blocked_calls:,}",
     ]
 
 
 def render(groups: Sequence[Group], by: str, fmt: str) -> str:
     """The report as text in `fmt`."""
-    header = [by, *_COLUMNS, "overruns"]
+    header = [by, *_COLUMNS, "overruns", "blocked calls"]
     if fmt == "json":
         return json.dumps([_json_row(group, by) for group in groups], indent=2) + "\n"
     if fmt == "csv":
@@ -128,14 +148,14 @@ def render(groups: Sequence[Group], by: str, fmt: str) -> str:
         writer = csv.writer(out, lineterminator="\n")
         levels = [name for _, name in LEVELS]
         counts = ["runs", "tokens", "spend_micros", "top_agents"]
-        writer.writerow([by, *counts, *levels, "overrun_micros", "overrun_runs"])
+        writer.writerow([by, *counts, *levels, "overrun_micros", "overrun_runs", "blocked_calls"])
         for group in groups:
             row = _json_row(group, by)
             writer.writerow(
                 [row[by], row["runs"], row["tokens"], row["spend_micros"]]
                 + [";".join(f"{a}={m}" for a, m in group.top_agents())]
                 + [row["thresholds"][name] for _, name in LEVELS]
-                + [row["overrun_micros"], row["overrun_runs"]]
+                + [row["overrun_micros"], row["overrun_runs"], row["blocked_calls"]]
             )
         return out.getvalue()
     rows = [_cells(group) for group in groups]
@@ -162,6 +182,7 @@ def _json_row(group: Group, by: str) -> dict[str, Any]:
         "thresholds": dict(group.reached),
         "overrun_micros": group.overrun_micros,
         "overrun_runs": group.overrun_runs,
+        "blocked_calls": group.blocked_calls,
     }
 
 
@@ -211,8 +232,9 @@ def add_command(commands: argparse._SubParsersAction[Any], target_default: str) 
     report = commands.add_parser(
         "report",
         help="showback: spend per team, agent, user or API key (operator role)",
-        description="Spend, tokens, top agents, threshold bands reached and overruns of the "
-        "runs created in a time range, grouped. From ListRuns, page by page.",
+        description="Spend, tokens, top agents, threshold bands reached, overruns and "
+        "blocked calls of the runs created in a time range, grouped. From ListRuns, page by "
+        "page.",
     )
     report.add_argument("--since", default="7d", help="7d, 24h or an ISO date (default 7d)")
     report.add_argument("--until", help="an ISO date (default now)")

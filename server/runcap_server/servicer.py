@@ -8,16 +8,18 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import inspect
 import json
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from runcap.v1 import budget_pb2, budget_service_pb2, budget_service_pb2_grpc
-from runcap_server import alternatives, auth, convert, decisions, errors
+from runcap_server import alternatives, auth, convert, decisions, errors, open_runs
 from runcap_server.auth import KeyStore
 from runcap_server.backends.base import Backend
 from runcap_server.errors import FieldViolation, InvalidArgument
@@ -27,6 +29,7 @@ from runcap_server.ledger.types import (
     MAX_MICROS,
     ApprovalResult,
     Change,
+    CreateRunResult,
     DecisionReason,
     EnforcementMode,
     Period,
@@ -34,15 +37,17 @@ from runcap_server.ledger.types import (
     ReserveResult,
     RunPolicy,
     RunSpec,
+    RunStatus,
     RunView,
     ScopeKind,
     ScopeRef,
 )
+from runcap_server.open_runs import OpenRuns
 from runcap_server.prices import ModelPrice, PriceBook, TokenUsage
 from runcap_server.settings import Settings
 from runcap_server.tenant_prices import REFRESH_S, TenantPrices
 from runcap_server.validation import Validator
-from runcap_server.watch import Progress, Snapshot, WatchHub, WatchItem
+from runcap_server.watch import EncodedOnce, Progress, Snapshot, WatchHub, WatchItem
 
 # Where gRPC carries the google.rpc.Status with its details.
 _DETAILS_KEY = "grpc-status-details-bin"
@@ -63,15 +68,95 @@ async def _abort(context: Context, error: BaseException) -> NoReturn:
 def _unary(handler: Handler) -> Handler:
     """Turns every exception into its one documented status (errors.to_status)."""
 
+    name = handler.__name__
+
     @functools.wraps(handler)
     async def wrapped(self: BudgetServicer, request: Any, context: Context) -> Any:
         try:
-            await self._enter(handler.__name__, request, context)
+            if self.keys is not None:  # no keys (--insecure-dev): nothing to check
+                await self._enter(name, request, context)
             return await handler(self, request, context)
         except Exception as error:
             await _abort(context, error)
 
     return wrapped  # type: ignore[return-value]
+
+
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # not subscriptable at run time
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
+
+class UndecodableRequests(_ServerInterceptor):
+    """A request body that does not parse as its message (corrupt wire format,
+    bad UTF-8 in a string field) gets INVALID_ARGUMENT with the usual details,
+    like any malformed request, instead of gRPC's own UNKNOWN. Every service.
+
+    Install it last (innermost): it then sees the registered handlers, which
+    never change, and wraps each once.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        method: str = handler_call_details.method
+        handler = self._wrapped.get(method)
+        if handler is None:
+            found = await continuation(handler_call_details)
+            if found is None:  # an unknown method: not cached, gRPC answers UNIMPLEMENTED
+                return found
+            handler = self._wrapped[method] = _tolerant(found)
+        return handler
+
+
+class _Undecodable:
+    """What the request parser hands on instead of a request it cannot parse."""
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = InvalidArgument([FieldViolation("request", f"does not parse: {error}")])
+
+
+def _tolerant(handler: Any) -> Any:
+    """The handler with a parser that never raises, and a behavior that
+    answers an unparsable request with its INVALID_ARGUMENT."""
+    parse = handler.request_deserializer
+    if parse is None or handler.request_streaming:
+        return handler
+
+    def deserialize(body: bytes) -> Any:
+        try:
+            return parse(body)
+        except DecodeError as error:
+            return _Undecodable(error)
+
+    if handler.unary_unary is not None:
+        unary = handler.unary_unary
+
+        async def answer(request: Any, context: Context) -> Any:
+            if isinstance(request, _Undecodable):
+                await _abort(context, request.error)
+            return await unary(request, context)
+
+        return handler._replace(request_deserializer=deserialize, unary_unary=answer)
+    stream = handler.unary_stream
+    if not inspect.isasyncgenfunction(stream):
+        return handler
+
+    async def answers(request: Any, context: Context) -> AsyncGenerator[Any, None]:
+        if isinstance(request, _Undecodable):
+            await _abort(context, request.error)
+        async for response in stream(request, context):
+            yield response
+
+    return handler._replace(request_deserializer=deserialize, unary_stream=answers)
 
 
 # LLM-call reservations whose pricing a replica remembers for their Commit.
@@ -107,8 +192,11 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         prices: PriceBook,
         tenant_prices: TenantPrices,
         keys: KeyStore | None = None,
+        open_runs: OpenRuns | None = None,
     ) -> None:
         self.backend = backend
+        # Open runs per principal and the run TTL; None: not counted (embedded use).
+        self.open_runs = open_runs
         # None: no authentication (--insecure-dev, or embedded use).
         self.keys = keys
         self.prices = prices
@@ -122,6 +210,8 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         # (tenant, run) -> the API key id the run is charged to, for agents' access.
         self._owners: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
         self.hub = hub
+        # Watch events, each serialized once for all of its run's streams.
+        self._encoded = EncodedOnce(lambda change: _watch_response(change).SerializeToString())
         self.settings = settings
         # (tenant, run) -> enforcement mode, newest last (only with RUNCAP_FAIL_OPEN=advisory).
         self._modes: collections.OrderedDict[tuple[str, str], EnforcementMode] = (
@@ -236,7 +326,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             policy=check.policy("policy", request.policy) if request.HasField("policy") else None,
         )
         check.done()
-        result = await self.backend.create_run(self.tenant, spec)
+        result = await self._create_counted(spec)
         self._remember_mode(run_id, result.run.policy.mode)
         self._remember_owner(run_id, result.run.spec.api_key_id)
         return budget_service_pb2.CreateRunResponse(
@@ -244,6 +334,23 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             state=convert.state_pb(result.run.state),
             replayed=result.replayed,
         )
+
+    async def _create_counted(self, spec: RunSpec) -> CreateRunResult:
+        """create_run, with the run counted against its creator's open runs."""
+        if self.open_runs is None:
+            return await self.backend.create_run(self.tenant, spec)
+        caller = auth.CALLER.get()
+        principal = caller.key_id if caller is not None else open_runs.ANONYMOUS
+        admission = await self.open_runs.admit(self.tenant, principal, spec.run_id)
+        try:
+            result = await self.backend.create_run(self.tenant, spec)
+        except BaseException:
+            if admission is open_runs.Admission.NEW:
+                await self.open_runs.release(self.tenant, spec.run_id)
+            raise
+        if result.run.state.status is RunStatus.CLOSED:  # a retry after the close
+            await self.open_runs.release(self.tenant, spec.run_id)
+        return result
 
     @_unary
     async def GetRun(
@@ -269,11 +376,13 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         check = Validator()
         if not request.HasField("created_after"):
             check.fail("created_after", "is required")
-        from_ms = request.created_after.ToMilliseconds()
+        from_ms = check.timestamp_ms("created_after", request.created_after)
         to_ms = (
-            request.created_before.ToMilliseconds() if request.HasField("created_before") else 2**53
+            check.timestamp_ms("created_before", request.created_before)
+            if request.HasField("created_before")
+            else 2**53
         )
-        if to_ms <= from_ms:
+        if from_ms is not None and to_ms is not None and to_ms <= from_ms:
             check.fail("created_before", "must be after created_after")
         size = request.page_size or LIST_PAGE_SIZE
         if not 0 < size <= MAX_LIST_PAGE_SIZE:
@@ -283,6 +392,8 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         if request.page_token and after is None:
             check.fail("page_token", "is not a token of this query (same created_after and before)")
         check.done()
+        assert from_ms is not None
+        assert to_ms is not None
         ids = await self.backend.list_run_ids(self.tenant, from_ms, to_ms, after, size)
 
         async def view(run_id: str) -> RunView | None:
@@ -376,6 +487,9 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
                 return decisions.reserve_response(
                     run_id, held, chosen, listed, requested_model=call.model
                 )
+            # A block after all: the ledger left it uncounted while a downgrade could replace it.
+            state = await self.backend.count_block(self.tenant, run_id, result.reservation_id)
+            result = dataclasses.replace(result, state=state)
         return decisions.reserve_response(run_id, result, priced, listed)
 
     def _estimate(self, call: LlmCall) -> Estimate:
@@ -481,7 +595,9 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             priced = found[-1].estimate
         else:
             return None
-        held = await self._reserve(run_id, downgrade_id, 0, ttl, extras, priced)
+        # Its block, if any, is not counted: the blocked call it stands in for is.
+        stand_in = dataclasses.replace(extras, downgrade=True)
+        held = await self._reserve(run_id, downgrade_id, 0, ttl, stand_in, priced)
         return (priced, held) if held.decision in decisions.HOLDING else None
 
     @_unary
@@ -496,14 +612,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         usage: TokenUsage | None = None
         actual = 0
         if request.HasField("usage"):
-            u = request.usage
-            usage = TokenUsage(
-                input_tokens=check.tokens("usage.input_tokens", u.input_tokens),
-                output_tokens=check.tokens("usage.output_tokens", u.output_tokens),
-                cache_read_tokens=check.tokens("usage.cache_read_tokens", u.cache_read_tokens),
-                cache_write_tokens=check.tokens("usage.cache_write_tokens", u.cache_write_tokens),
-                reasoning_tokens=check.tokens("usage.reasoning_tokens", u.reasoning_tokens),
-            )
+            usage = check.usage("usage", request.usage)
         else:
             actual = check.micros(
                 "actual_micros",
@@ -761,6 +870,8 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         run_id = check.identifier("run_id", request.run_id)
         check.done()
         result = await self.backend.close_run(self.tenant, run_id)
+        if self.open_runs is not None:
+            await self.open_runs.release(self.tenant, run_id)
         return budget_service_pb2.CloseRunResponse(
             state=convert.state_pb(result.state), replayed=result.replayed
         )
@@ -842,11 +953,11 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         view = await self.backend.get_scope(self.tenant, ref)
         return budget_service_pb2.GetScopeResponse(scope=convert.scope_pb(view))
 
-    async def Watch(
+    async def Watch(  # type: ignore[override]  # events are bytes: see add_to_server
         self,
         request: budget_service_pb2.WatchRequest,
         context: Context,
-    ) -> AsyncGenerator[budget_service_pb2.WatchResponse, None]:
+    ) -> AsyncGenerator[budget_service_pb2.WatchResponse | bytes, None]:
         try:
             await self._enter("Watch", request, context)
             check = Validator()
@@ -860,9 +971,51 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             items = self.hub.stream(self.tenant, run_id, after, request.after_digest)
             async with contextlib.aclosing(items):
                 async for item in items:
-                    yield _watch_response(item)
+                    yield self._encoded(item) if isinstance(item, Change) else _watch_response(item)
         except Exception as error:
             await _abort(context, error)
+
+
+class _Registrar:
+    """Stands in for the server while the generated code lists the service's handlers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same handlers arrive through add_registered_method_handlers
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def add_to_server(servicer: BudgetServicer, server: grpc.aio.Server) -> None:
+    """Register the service, with a Watch that sends pre-serialized events as they are.
+
+    The generated registration would serialize every message once per stream.
+    """
+    registrar = _Registrar()
+    budget_service_pb2_grpc.add_BudgetServiceServicer_to_server(
+        servicer, cast(grpc.aio.Server, registrar)
+    )
+    watch = registrar.handlers["Watch"]
+    registrar.handlers["Watch"] = watch._replace(  # type: ignore[attr-defined]
+        response_serializer=_serialize_watch
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(registrar.service, registrar.handlers),)
+    )
+    # (grpc-stubs lag grpcio here)
+    server.add_registered_method_handlers(  # type: ignore[attr-defined]
+        registrar.service, registrar.handlers
+    )
+
+
+def _serialize_watch(message: budget_service_pb2.WatchResponse | bytes) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 def _watch_response(item: WatchItem) -> budget_service_pb2.WatchResponse:

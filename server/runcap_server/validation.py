@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from runcap.v1 import budget_pb2, budget_service_pb2
 from runcap_server.errors import FieldViolation, InvalidArgument
@@ -28,7 +28,7 @@ from runcap_server.ledger.types import (
     ScopeRef,
     parse_approval_id,
 )
-from runcap_server.prices import MAX_RATE, ModelPrice, Rates
+from runcap_server.prices import MAX_RATE, ModelPrice, Rates, TokenUsage
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 METER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
@@ -38,6 +38,10 @@ MAX_MODEL_REFS = 256
 # Counts of calls, units and runs: far below where Lua doubles lose exactness.
 MAX_COUNT = 10**12
 DAY_MS = 86_400_000
+# google.protobuf.Timestamp's range (0001-01-01 to 9999-12-31) and nanos.
+MIN_TIMESTAMP_S = -62_135_596_800
+MAX_TIMESTAMP_S = 253_402_300_799
+MAX_NANOS = 999_999_999
 MODEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}")
 # Token counts: far above any context window, far below where sums lose exactness.
 MAX_TOKENS = 10**9
@@ -92,6 +96,9 @@ class Validator:
         if value.seconds < 0 or value.nanos < 0:
             self.fail(field, "must not be negative")
             return None
+        if value.nanos > MAX_NANOS:
+            self.fail(field, f"is not a Duration: nanos must be at most {MAX_NANOS}")
+            return None
         if value.nanos % 1_000_000:
             self.fail(field, "must be a whole number of milliseconds")
             return None
@@ -101,6 +108,34 @@ class Validator:
         elif ms > max_ms:
             self.fail(field, f"must be at most {max_ms} ms (got {ms} ms)")
         return ms
+
+    def timestamp_ms(self, field: str, value: timestamp_pb2.Timestamp) -> int | None:
+        """A Timestamp in milliseconds, or None when it is not a valid one."""
+        if not (
+            MIN_TIMESTAMP_S <= value.seconds <= MAX_TIMESTAMP_S and 0 <= value.nanos <= MAX_NANOS
+        ):
+            self.fail(
+                field,
+                "is not a Timestamp: seconds must be in years 1 to 9999 "
+                f"and nanos 0 to {MAX_NANOS} (got {value.seconds} s, {value.nanos} ns)",
+            )
+            return None
+        return value.seconds * 1000 + value.nanos // 1_000_000
+
+    def usage(self, field: str, usage: budget_service_pb2.TokenUsage) -> TokenUsage | None:
+        """An LLM call's token usage; None when any count is invalid."""
+        before = len(self.violations)
+        counts = {
+            name: self.tokens(f"{field}.{name}", getattr(usage, name))
+            for name in (
+                "input_tokens",
+                "output_tokens",
+                "cache_read_tokens",
+                "cache_write_tokens",
+                "reasoning_tokens",
+            )
+        }
+        return None if len(self.violations) > before else TokenUsage(**counts)
 
     def model_name(self, field: str, value: str) -> str:
         if not value:

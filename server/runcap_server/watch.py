@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 from runcap_server import errors
@@ -42,12 +42,62 @@ class Progress:
 WatchItem = Snapshot | Change | Progress
 
 
+class EncodedOnce:
+    """Each change's wire form, made once however many streams send it.
+
+    The feed hands the same Change object to every stream of its run, so the
+    first stream to send it encodes it and the others send those same bytes.
+    Keyed by identity: an entry holds its change, so the id cannot be reused
+    while the entry lives. Bounded: an evicted change is only encoded again.
+    """
+
+    def __init__(self, encode: Callable[[Change], bytes], size: int = 4096) -> None:
+        self._encode = encode
+        self._size = size
+        self._entries: dict[int, tuple[Change, bytes]] = {}
+
+    def __call__(self, change: Change) -> bytes:
+        entry = self._entries.get(id(change))
+        if entry is not None and entry[0] is change:
+            return entry[1]
+        data = self._encode(change)
+        self._entries[id(change)] = (change, data)
+        if len(self._entries) > self._size:
+            del self._entries[next(iter(self._entries))]  # the oldest
+        return data
+
+
 class _Subscription:
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, heartbeat_s: float) -> None:
         self.capacity = capacity
         self.pending: deque[Change] = deque()
         self.overflowed = False
         self.wake = asyncio.Event()
+        # One heartbeat timer per stream, moved only when it fires: arming a
+        # timeout on every wait would cost each stream a timer per event.
+        self.heartbeat_s = heartbeat_s
+        self.heartbeat_due = False
+        self._loop = asyncio.get_running_loop()
+        self.busy_at = self._loop.time()
+        self._timer = self._loop.call_at(self.busy_at + heartbeat_s, self._check)
+
+    def _check(self) -> None:
+        due_at = self.busy_at + self.heartbeat_s
+        if self._loop.time() >= due_at:
+            self.heartbeat_due = True
+            self.wake.set()
+        else:
+            self._timer = self._loop.call_at(due_at, self._check)
+
+    def done(self) -> None:
+        """The stream has sent what it was woken for (or its heartbeat)."""
+        self.busy_at = self._loop.time()
+        if self.heartbeat_due:
+            self.heartbeat_due = False
+            self._timer = self._loop.call_at(self.busy_at + self.heartbeat_s, self._check)
+
+    def close(self) -> None:
+        self._timer.cancel()
 
     def offer(self, change: Change) -> None:
         if len(self.pending) >= self.capacity:
@@ -141,12 +191,13 @@ class WatchHub:
             feed = _Feed(self.backend, tenant, run_id)
             self._feeds[key] = feed
             feed.task = asyncio.create_task(feed.run(), name=f"watch-feed-{run_id}")
-        subscription = _Subscription(self.queue_size)
+        subscription = _Subscription(self.queue_size, self.heartbeat_s)
         feed.subscribers.add(subscription)
         self._streams.add(subscription)
         return feed, subscription
 
     def _unsubscribe(self, feed: _Feed, subscription: _Subscription) -> None:
+        subscription.close()
         feed.subscribers.discard(subscription)
         self._streams.discard(subscription)
         if not feed.subscribers and feed.task:
@@ -182,32 +233,32 @@ class WatchHub:
             async for change in self._catch_up(tenant, run_id, cursor):
                 cursor = change.revision
                 yield change
+            subscription.done()
             while True:
-                try:
-                    await asyncio.wait_for(subscription.wake.wait(), self.heartbeat_s)
-                except TimeoutError:
-                    yield Progress(cursor)
-                    continue
+                await subscription.wake.wait()
                 subscription.wake.clear()
                 if self._closing.is_set():
                     yield Progress(cursor, final=True)
                     return
+                if subscription.heartbeat_due and not subscription.pending:
+                    yield Progress(cursor)
+                gap = False
                 while subscription.pending:
                     change = subscription.pending.popleft()
                     if change.revision <= cursor:
                         continue
                     if change.revision > cursor + 1:
-                        break  # a gap: the log fills it below
+                        gap = True  # the log fills it below
+                        break
                     cursor = change.revision
                     yield change
-                else:
-                    if not subscription.overflowed:
-                        continue
-                subscription.pending.clear()
-                subscription.overflowed = False
-                async for change in self._catch_up(tenant, run_id, cursor):
-                    cursor = change.revision
-                    yield change
+                if gap or subscription.overflowed:
+                    subscription.pending.clear()
+                    subscription.overflowed = False
+                    async for change in self._catch_up(tenant, run_id, cursor):
+                        cursor = change.revision
+                        yield change
+                subscription.done()
         finally:
             self._unsubscribe(feed, subscription)
 

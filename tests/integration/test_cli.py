@@ -421,6 +421,36 @@ def test_watch_json_replays_history_after_a_revision(server_target: str) -> None
     assert words(lines[0])["committed"] == "$0.10"
 
 
+def test_show_counts_blocked_calls_and_watch_prints_the_blocked_event(
+    server_target: str,
+) -> None:
+    run_id = new_id("cli")
+    ok(server_target, "run", "create", run_id, "--limit", "1")
+    assert field(ok(server_target, "run", "show", run_id), "blocked") == "0 calls"
+    ok(server_target, "reserve", run_id, "0.75", "--id", "first")
+    for attempt in ("b1", "b2"):
+        assert runcap(server_target, "reserve", run_id, "0.5", "--id", attempt).returncode == 3
+    assert field(ok(server_target, "run", "show", run_id), "blocked") == "2 calls, at its wall now"
+    ok(server_target, "refund", run_id, "first")
+    ok(server_target, "run", "close", run_id)
+    # Closed with nothing held: the replay ends on its own.
+    lines = ok(server_target, "watch", run_id, "--after-revision", "2", "--plain")
+    events = [words(line) for line in lines]
+    assert [e["type"] for e in events] == ["BLOCKED", "REFUNDED", "CLOSED"]
+    blocked = events[0]
+    assert (blocked["reservation"], blocked["amount"], blocked["reason"]) == (
+        "b1",
+        "$0.50",
+        "INSUFFICIENT_BUDGET",
+    )
+    assert (blocked["scope"], blocked["dimension"], blocked["blocked"]) == (
+        f"run:{run_id}",
+        "SPEND",
+        "yes",
+    )
+    assert "blocked" in events[1]  # a refund holds nothing: still at the wall
+
+
 def test_suspend_blocks_reserves_until_resume(server_target: str) -> None:
     run_id = new_id("cli-kill")
     ok(server_target, "run", "create", run_id, "--limit", "1.00")

@@ -220,6 +220,39 @@ async def test_nothing_fits_so_the_block_stands(stub: BudgetServiceAsyncStub) ->
     assert answer.state.reserved_micros == 0
 
 
+async def blocks(stub: BudgetServiceAsyncStub, run_id: str) -> tuple[int, list[str]]:
+    """The run's blocked calls, and the reservations of its BLOCKED events."""
+    shown = await stub.GetRun(pb.GetRunRequest(run_id=run_id))
+    stream = stub.Watch(pb.WatchRequest(run_id=run_id, after_revision=0))
+    events: list[budget_pb2.BudgetEvent] = []
+    while len(events) < shown.state.revision:
+        message = await stream.read()
+        assert isinstance(message, pb.WatchResponse)
+        if message.HasField("event"):
+            events.append(message.event)
+    stream.cancel()
+    blocked = [e.reservation_id for e in events if e.type == budget_pb2.EVENT_TYPE_BLOCKED]
+    return shown.run.blocked_calls, blocked
+
+
+async def test_a_downgrade_is_no_blocked_call_and_a_block_that_stands_counts_once(
+    stub: BudgetServiceAsyncStub,
+) -> None:
+    policy = budget_pb2.RunPolicy(auto_downgrade=True)
+    roomy = await create(stub, 100_000, policy=policy)
+    request = pb.ReserveRequest(run_id=roomy, reservation_id="step", llm_call=flagship_call())
+    for _ in range(2):  # and its replay
+        assert (await stub.Reserve(request)).decision == budget_pb2.DECISION_DOWNGRADE
+    assert await blocks(stub, roomy) == (0, [])
+
+    tight = await create(stub, 1_000, policy=policy)
+    request = pb.ReserveRequest(run_id=tight, reservation_id="step", llm_call=flagship_call())
+    answer = await stub.Reserve(request)
+    assert (answer.decision, answer.state.blocked) == (budget_pb2.DECISION_BLOCK, True)
+    assert (await stub.Reserve(request)).replayed
+    assert await blocks(stub, tight) == (1, ["step"])
+
+
 async def test_a_decision_record_keeps_its_inputs(stub: BudgetServiceAsyncStub) -> None:
     team = new_id("team")
     run_id = await create(stub, 1_000_000, team_id=team, user_id="ann")

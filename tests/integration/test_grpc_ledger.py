@@ -48,12 +48,14 @@ async def test_500_concurrent_reserves_allow_exactly_what_fits(
     assert all(r.reason == budget_pb2.DECISION_REASON_INSUFFICIENT_BUDGET for r in blocked)
     assert all(r.state.committed_micros + r.state.reserved_micros <= 100_000_000 for r in replies)
 
-    state = (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).state
+    shown = await stub.GetRun(pb.GetRunRequest(run_id=run_id))
+    state = shown.state
     assert (state.reserved_micros, state.active_reservations, state.remaining_micros) == (
         100_000_000,
         100,
         0,
     )
+    assert (state.blocked, shown.run.blocked_calls) == (True, 400)
 
     # Settle them concurrently in random order: half committed at varying cost, half refunded.
     random.shuffle(allowed)
@@ -72,8 +74,8 @@ async def test_500_concurrent_reserves_allow_exactly_what_fits(
     assert state.active_reservations == 0
     assert state.overrun_micros == 0
     assert state.remaining_micros == 100_000_000 - sum(to_commit.values())
-    # Created + 100 reserved + 100 settled; blocks change no revision.
-    assert state.revision == 1 + 100 + 100
+    # Created + 100 reserved + one BLOCKED for the 400 blocks + 100 settled.
+    assert state.revision == 1 + 100 + 1 + 100
 
 
 async def test_every_mutation_is_idempotent(stub: BudgetServiceAsyncStub) -> None:
@@ -193,6 +195,7 @@ async def test_expired_hold_is_released_and_a_late_commit_is_recorded(
     assert [e.type for e in events] == [
         budget_pb2.EVENT_TYPE_CREATED,
         budget_pb2.EVENT_TYPE_RESERVED,
+        budget_pb2.EVENT_TYPE_BLOCKED,
         budget_pb2.EVENT_TYPE_EXPIRED,
     ]
     assert events[-1].reservation_id == "slow"

@@ -105,7 +105,8 @@ async def test_an_unknown_model_is_blocked_and_holds_nothing(llm: BudgetServiceA
     assert (reply.amount_micros, reply.estimate.amount_micros) == (0, 0)
     assert reply.estimate.price_table_version == "test-v1"
     assert not reply.HasField("blocking_scope")
-    assert (reply.state.reserved_micros, reply.state.revision) == (0, 1)
+    # Nothing held; the block is the run's first: one BLOCKED change.
+    assert (reply.state.reserved_micros, reply.state.revision, reply.state.blocked) == (0, 2, True)
     # Remembered like any block; a close model name is no match either.
     assert (await llm.Reserve(request)).replayed
     near = pb.ReserveRequest(run_id=run_id, llm_call=call("BIG", 1_000, 100))

@@ -95,6 +95,41 @@ async def test_200_watchers_see_the_same_ordered_events(stub: BudgetServiceAsync
         assert [e.event for e in result] == expected
 
 
+async def test_two_watchers_receive_byte_identical_events(
+    stub: BudgetServiceAsyncStub, server_target: str
+) -> None:
+    # Events go out pre-serialized (once per change): read them as raw bytes.
+    async with grpc.aio.insecure_channel(server_target) as channel:
+        watch = channel.unary_stream(
+            "/runcap.v1.BudgetService/Watch",
+            request_serializer=pb.WatchRequest.SerializeToString,
+            response_deserializer=None,
+        )
+        run_id = await create_run(stub, limit_micros=1_000_000)
+        streams = [watch(pb.WatchRequest(run_id=run_id)) for _ in range(2)]
+
+        async def read(stream: grpc.aio.UnaryStreamCall[pb.WatchRequest, bytes]) -> bytes:
+            raw = await stream.read()
+            assert isinstance(raw, bytes), f"the stream ended: {raw!r}"
+            return raw
+
+        for stream in streams:
+            assert pb.WatchResponse.FromString(await read(stream)).HasField("snapshot")
+        await churn(stub, run_id, 3)
+        received = [[await read(stream) for _ in range(6)] for stream in streams]
+        for stream in streams:
+            stream.cancel()
+    assert received[0] == received[1]
+    events = [pb.WatchResponse.FromString(raw) for raw in received[0]]
+    assert [(e.revision, e.event.state.revision) for e in events] == [(r, r) for r in range(2, 8)]
+    assert [e.event.type for e in events] == [
+        budget_pb2.EVENT_TYPE_RESERVED,
+        budget_pb2.EVENT_TYPE_COMMITTED,
+    ] * 3
+    final = (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).state
+    assert events[-1].event.state == final
+
+
 async def test_unknown_run_and_future_revision_are_rejected(stub: BudgetServiceAsyncStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as missing:
         await stub.Watch(pb.WatchRequest(run_id="no-such-run")).read()
@@ -198,3 +233,63 @@ async def check_calibrated_exposure(
 
 async def test_a_calibrated_runs_events_carry_its_exposure(stub: BudgetServiceAsyncStub) -> None:
     await check_calibrated_exposure(stub, stub)
+
+
+async def check_blocked_events(
+    writer: BudgetServiceAsyncStub, watcher: BudgetServiceAsyncStub
+) -> None:
+    """A run at its wall is one BLOCKED event however many Reserves it blocks;
+    GetRun counts them all; a Reserve that holds money again clears the mark."""
+    run_id = await create_run(writer, limit_micros=1_000_000)
+    stream = watcher.Watch(pb.WatchRequest(run_id=run_id))
+    first = await stream.read()
+    assert isinstance(first, pb.WatchResponse)
+    assert not first.snapshot.blocked
+    await writer.Reserve(
+        pb.ReserveRequest(run_id=run_id, reservation_id="s", amount_micros=980_000)
+    )
+    await writer.Commit(pb.CommitRequest(run_id=run_id, reservation_id="s", actual_micros=980_000))
+
+    async def reserve(rid: str, amount: int) -> pb.ReserveResponse:
+        request = pb.ReserveRequest(run_id=run_id, reservation_id=rid, amount_micros=amount)
+        return await writer.Reserve(request)
+
+    answers = await asyncio.gather(*(reserve(f"loop-{i}", 100_000) for i in range(50)))
+    assert {a.decision for a in answers} == {budget_pb2.DECISION_BLOCK}
+    assert (await reserve("loop-0", 100_000)).replayed  # a retry counts nothing
+    shown = await watcher.GetRun(pb.GetRunRequest(run_id=run_id))
+    # Reserved, committed, three thresholds crossed, one BLOCKED: revision 7.
+    assert (shown.run.blocked_calls, shown.state.blocked, shown.state.revision) == (50, True, 7)
+    assert (await reserve("fits", 10_000)).decision == budget_pb2.DECISION_ALLOW
+    await reserve("again", 100_000)
+    events = await collect_events(stream, 9)
+    stream.cancel()
+    blocks = [e.event for e in events if e.event.type == budget_pb2.EVENT_TYPE_BLOCKED]
+    assert [(b.state.revision, b.state.blocked) for b in blocks] == [(7, True), (9, True)]
+    assert blocks[0].reservation_id.startswith("loop-")
+    assert blocks[1].reservation_id == "again"
+    assert (blocks[0].amount_micros, blocks[0].reason) == (
+        100_000,
+        budget_pb2.DECISION_REASON_INSUFFICIENT_BUDGET,
+    )
+    assert (blocks[0].blocking_scope.kind, blocks[0].blocking_scope.id) == (
+        budget_pb2.SCOPE_KIND_RUN,
+        run_id,
+    )
+    assert (blocks[0].blocking_dimension, blocks[0].blocking_period) == (
+        budget_pb2.BUDGET_DIMENSION_SPEND,
+        budget_pb2.PERIOD_LIFETIME,
+    )
+    (cleared,) = [e.event for e in events if e.event.reservation_id == "fits"]
+    assert (cleared.type, cleared.state.blocked) == (budget_pb2.EVENT_TYPE_RESERVED, False)
+    # A replay from the log carries the same events; GetRun counts 51 blocks now.
+    replayed = await collect_events(
+        watcher.Watch(pb.WatchRequest(run_id=run_id, after_revision=0)), 9
+    )
+    assert [e.event for e in replayed[1:]] == [e.event for e in events]
+    shown = await watcher.GetRun(pb.GetRunRequest(run_id=run_id))
+    assert (shown.run.blocked_calls, shown.state.blocked) == (51, True)
+
+
+async def test_a_run_at_its_wall_is_one_blocked_event(stub: BudgetServiceAsyncStub) -> None:
+    await check_blocked_events(stub, stub)

@@ -204,12 +204,15 @@ async def test_four_replicas_on_the_cluster_allow_exactly_what_fits(
                 for i in allowed
             )
         )
-        state = (await stubs[3].GetRun(pb.GetRunRequest(run_id="shared"))).state
+        shown = await stubs[3].GetRun(pb.GetRunRequest(run_id="shared"))
+        state = shown.state
+        # Created, 100 reserved, one BLOCKED for the 900 blocks, 100 committed.
         assert (state.committed_micros, state.reserved_micros, state.revision) == (
             50_000_000,
             0,
-            201,
+            202,
         )
+        assert shown.run.blocked_calls == 900
         for channel in channels:
             await channel.close(None)
     finally:

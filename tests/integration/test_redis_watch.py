@@ -20,7 +20,7 @@ from runcap_server.backends.redis import RedisLedger
 from runcap_server.ledger.types import Change, RunSpec
 from runcap_server.watch import Snapshot, WatchHub
 from tests.integration.rpc import error_info
-from tests.integration.test_grpc_watch import check_calibrated_exposure
+from tests.integration.test_grpc_watch import check_blocked_events, check_calibrated_exposure
 from tests.redis_servers import RedisCluster, RedisServer, command
 from tests.servers import ServerProcess
 
@@ -103,6 +103,17 @@ async def test_a_calibrated_runs_events_carry_its_exposure_across_replicas(
         grpc.aio.insecure_channel(writer.target) as b,
     ):
         await check_calibrated_exposure(BudgetServiceStub(b), BudgetServiceStub(a))
+
+
+async def test_a_run_at_its_wall_is_one_blocked_event_across_replicas(
+    replicas: list[ServerProcess],
+) -> None:
+    watched, writer = replicas
+    async with (
+        grpc.aio.insecure_channel(watched.target) as a,
+        grpc.aio.insecure_channel(writer.target) as b,
+    ):
+        await check_blocked_events(BudgetServiceStub(b), BudgetServiceStub(a))
 
 
 async def test_a_restarted_replica_hands_watchers_over_without_a_gap(

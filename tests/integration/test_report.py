@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from runcap import AsyncRuncapClient, InvalidArgumentError
+from runcap.v1 import budget_pb2
 from runcap_server import cli
 from runcap_server.app import RuncapServer
 from runcap_server.backends.sqlite import SqliteLedger
@@ -58,7 +59,14 @@ async def week(tmp_path: Path) -> AsyncIterator[Week]:
 async def _seed(client: AsyncRuncapClient, week: Week) -> None:
     teams = {"ml": ("coder", "reviewer"), "web": ("chat",)}
     for team in teams:
-        week.expected[team] = {"runs": 0, "spend": 0, "agents": {}, "warn": 0, "overrun": 0}
+        week.expected[team] = {
+            "runs": 0,
+            "spend": 0,
+            "agents": {},
+            "warn": 0,
+            "overrun": 0,
+            "blocked": 0,
+        }
     for day in range(7):
         week.clock.advance(DAY_MS)
         for team, agents in teams.items():
@@ -71,6 +79,11 @@ async def _seed(client: AsyncRuncapClient, week: Week) -> None:
                 async with client.reserve(run_id, spend) as hold:
                     hold.set_actual(spend)
                 figures = week.expected[team]
+                if day == 6 and agent == "coder":
+                    # The last day's coder hits its wall twice (far over its $10).
+                    for attempt in ("a", "b"):
+                        await blocked(client, run_id, 20_000_000, attempt)
+                    figures["blocked"] += 2
                 figures["runs"] += 1
                 figures["spend"] += spend
                 figures["agents"][agent] = figures["agents"].get(agent, 0) + spend
@@ -78,6 +91,10 @@ async def _seed(client: AsyncRuncapClient, week: Week) -> None:
     hot = (await client.create_run(limit_micros=1_000_000, team_id="web")).run.run_id
     async with client.reserve(hot, 850_000) as hold:
         hold.set_actual(850_000)
+    # It then loops on a $0.20 step that no longer fits: 3 blocks, and a retry
+    # of the first that counts nothing.
+    for attempt in ("a", "b", "c", "a"):
+        await blocked(client, hot, 200_000, attempt)
     over = (await client.create_run(limit_micros=1_000_000, team_id="web")).run.run_id
     async with client.reserve(over, 100_000) as hold:
         hold.set_actual(150_000)
@@ -86,6 +103,12 @@ async def _seed(client: AsyncRuncapClient, week: Week) -> None:
     web["spend"] += 1_000_000
     web["agents"]["(none)"] = 1_000_000
     web["warn"], web["overrun"] = 1, 50_000
+    web["blocked"] += 3
+
+
+async def blocked(client: AsyncRuncapClient, run_id: str, amount: int, attempt: str) -> None:
+    response = await client.reserve_once(run_id, amount, reservation_id=attempt)
+    assert response.decision == budget_pb2.DECISION_BLOCK
 
 
 async def report(week: Week, capsys: pytest.CaptureFixture[str], *args: str) -> str:
@@ -109,6 +132,8 @@ async def test_the_report_has_the_weeks_numbers(
         assert row["thresholds"]["warn"] == expected["warn"]
         assert row["thresholds"]["stop"] == 0
         assert row["overrun_micros"] == expected["overrun"]
+        assert row["blocked_calls"] == expected["blocked"]
+    assert [row["blocked_calls"] for row in rows] == [2, 3]
     assert rows[0]["spend_micros"] == 28 * 120_000  # (1 + ... + 7) x ($0.10 + $0.02)
 
     by_agent = json.loads(await report(week, capsys, "--group-by", "agent", "--format", "json"))
@@ -118,15 +143,28 @@ async def test_the_report_has_the_weeks_numbers(
         "chat": 7,
         "(none)": 2,
     }
+    assert {row["agent"]: row["blocked_calls"] for row in by_agent} == {
+        "coder": 2,
+        "reviewer": 0,
+        "chat": 0,
+        "(none)": 3,
+    }
     table = await report(week, capsys)
-    assert table.splitlines()[0].split()[:4] == ["team", "runs", "tokens", "spend"]
-    assert "$3.36" in table  # ml's spend
-    assert "$0.05 (1 runs)" in table
+    header, ml, web = table.splitlines()
+    assert header.split()[:4] == ["team", "runs", "tokens", "spend"]
+    assert header.split()[-3:] == ["overruns", "blocked", "calls"]
+    assert "$3.36" in ml  # ml's spend
+    assert "$0.05 (1 runs)" in web
+    assert (ml.split()[-1], web.split()[-1]) == ("2", "3")  # blocked calls, the last column
     parsed = list(csv.DictReader(io.StringIO(await report(week, capsys, "--format", "csv"))))
     assert parsed[1]["team"] == "web"
     assert parsed[1]["overrun_micros"] == "50000"
+    assert [row["blocked_calls"] for row in parsed] == ["2", "3"]
     markdown = await report(week, capsys, "--format", "markdown")
     assert markdown.startswith("| team | runs |")
+    assert markdown.splitlines()[0].endswith("| overruns | blocked calls |")
+    assert markdown.splitlines()[2].endswith("| - | 2 |")  # ml: no overrun, 2 blocked calls
+    assert markdown.splitlines()[3].endswith("| 3 |")
 
 
 async def test_the_chart_draws_spend_per_day(

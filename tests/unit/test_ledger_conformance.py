@@ -6,6 +6,7 @@ Run against the reference model and the SQLite backend (tests/ledger_backends.py
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -223,7 +224,10 @@ async def test_reserve_boundary(
         assert result.reason is DecisionReason.INSUFFICIENT_BUDGET
         assert result.held_micros == 0
         assert result.expires_ms is None
-        assert result.state == before
+        # No money moves; the run is marked blocked by one BLOCKED change.
+        assert result.state == dataclasses.replace(
+            before, revision=before.revision + 1, blocked=True
+        )
 
 
 async def test_blocked_reserve_is_remembered(ledger: Ledger, run: RunSpec) -> None:
@@ -581,10 +585,16 @@ def _replay(changes: list[Change]) -> None:
     for change in changes[1:]:
         c = current
         committed, reserved, overrun = c.committed_micros, c.reserved_micros, c.overrun_micros
-        active, status = c.active_reservations, c.status
+        active, status, blocked = c.active_reservations, c.status, c.blocked
         if change.type is EventType.RESERVED:
             reserved += change.amount_micros
             active += 1
+            blocked = False
+        elif change.type is EventType.BLOCKED:
+            # Only the first block of a series is a change; it carries its verdict.
+            assert not c.blocked
+            assert change.reason is not None
+            blocked = True
         elif change.type is EventType.COMMITTED:
             committed += change.actual_micros
             overrun += change.overrun_micros
@@ -607,6 +617,7 @@ def _replay(changes: list[Change]) -> None:
             status=status,
             active_reservations=active,
             overrun_micros=overrun,
+            blocked=blocked,
         )
         assert change.revision == current.revision
         assert change.state == current
@@ -637,12 +648,14 @@ async def test_change_log_replays_to_the_final_state(
         EventType.CREATED,
         EventType.RESERVED,
         EventType.RESERVED,
+        EventType.BLOCKED,
         EventType.COMMITTED,
         EventType.EXPIRED,
         EventType.RESERVED,
         EventType.COMMITTED,
         EventType.REFUNDED,
         EventType.CLOSED,
+        EventType.BLOCKED,
     ]
     _replay(page.changes)
     assert page.changes[-1].state == final
@@ -654,10 +667,10 @@ async def test_read_changes_pages(ledger: Ledger, run: RunSpec, clock: ManualClo
     everything = (await ledger.read_changes(T, RUN, 0, 1_000)).changes
     page = await ledger.read_changes(T, RUN, 3, 2)
     assert page.changes == everything[3:5]
-    assert (page.floor, page.head) == (1, 9)
-    beyond = await ledger.read_changes(T, RUN, 9, 10)
+    assert (page.floor, page.head) == (1, 11)
+    beyond = await ledger.read_changes(T, RUN, 11, 10)
     assert beyond.changes == []
-    assert (beyond.floor, beyond.head) == (1, 9)
+    assert (beyond.floor, beyond.head) == (1, 11)
     assert (await ledger.read_changes(T, RUN, 50, 10)).changes == []
 
 
@@ -765,9 +778,13 @@ async def test_concurrent_reserves_never_oversell(ledger: Ledger, run: RunSpec) 
     results = await asyncio.gather(*(ledger.reserve(T, RUN, f"r{i}", 30, None) for i in range(60)))
     allowed = [r for r in results if r.decision is Decision.ALLOW]
     assert len(allowed) == LIMIT // 30
-    final = await state(ledger)
+    view = await ledger.get_run(T, RUN)
+    final = view.state
     assert final.reserved_micros == 30 * len(allowed)
-    assert final.revision == 1 + len(allowed)
+    # One change per allow, then one BLOCKED for the whole series of blocks.
+    assert final.revision == 1 + len(allowed) + 1
+    assert final.blocked
+    assert view.blocked_calls == 60 - len(allowed)
     # Revisions were handed out one per allow, without gaps or repeats.
     assert sorted(r.state.revision for r in allowed) == list(range(2, 2 + len(allowed)))
 

@@ -2,12 +2,14 @@
 
 Runs get random policies (every enforcement mode, thresholds and throttle
 delays, token, meter, rate and in-flight limits, escalation triggers,
-calibration and exposure allowances), then random reserves (money, LLM-call
-tokens, priced LLM calls, meter units), commits (with and without actual and
-output tokens), refunds, approvals and denials, sweeps and clock moves.
-Every answer, every stored row and every change log must equal the model's;
-a CALIBRATED run's exposure invariant (check_exposure) must hold after every
-step. test_ledger_policy.py pins the model's answers to hand-worked examples.
+calibration and exposure allowances, automatic downgrades), then random
+reserves (money, LLM-call tokens, priced LLM calls, meter units, downgrade
+holds), commits (with and without actual and output tokens), refunds, blocks
+counted late, approvals and denials, sweeps and clock moves. Every answer,
+every stored row and every change log must equal the model's; a CALIBRATED
+run's exposure invariant (check_exposure) and the blocked-call count
+(check_blocks) must hold after every step. test_ledger_policy.py pins the
+model's answers to hand-worked examples.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ from runcap_server.ledger.saga import ReserveExtras
 from runcap_server.ledger.types import (
     SETTLED_BY_COMMIT,
     Account,
+    ChangePage,
+    Decision,
     EnforcementMode,
+    EventType,
     Reservation,
     ReservationStatus,
     RunPolicy,
@@ -82,6 +87,7 @@ POLICIES = st.builds(
     calibration_min_samples=st.integers(1, 4),
     exposure_allowance_micros=st.none() | st.integers(0, 100),
     exposure_allowance_percent=st.none() | st.sampled_from([0, 25]),
+    auto_downgrade=st.booleans(),
 )
 
 
@@ -109,6 +115,8 @@ class PolicyMachine(RuleBasedStateMachine):
         for ledger in self.ledgers:
             self.run(ledger.start())
         self.created: set[str] = set()
+        # Reservations first made as a downgrade's hold: their blocks never count.
+        self.stand_ins: set[tuple[str, str]] = set()
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return self.loop.run_until_complete(coro)
@@ -178,6 +186,7 @@ class PolicyMachine(RuleBasedStateMachine):
         input_tokens=st.integers(0, 20),
         max_output=st.integers(1, 60),
         ttl=st.none() | st.sampled_from([300, 1_000]),
+        downgrade=st.sampled_from([False, False, True]),
     )
     def reserve_llm(
         self,
@@ -187,6 +196,7 @@ class PolicyMachine(RuleBasedStateMachine):
         input_tokens: int,
         max_output: int,
         ttl: int | None,
+        downgrade: bool,
     ) -> None:
         rates = MODELS[model]
         amount = estimate_micros(rates, input_tokens, max_output) if model == "m1" else 0
@@ -199,8 +209,16 @@ class PolicyMachine(RuleBasedStateMachine):
             fingerprint=f"llm:acme:{model}:{input_tokens}:{max_output}",
             pricing=pricing,
             tokens=input_tokens + max_output,
+            downgrade=downgrade,
         )
+        _, before = self.run(snapshot(self.ledgers[0], T, run_id))
+        if downgrade and all(r.reservation_id != reservation_id for r in before):
+            self.stand_ins.add((run_id, reservation_id))
         self.same(lambda ledger: ledger.reserve(T, run_id, reservation_id, amount, ttl, extras))
+
+    @rule(run_id=RUNS, reservation_id=IDS)
+    def count_block(self, run_id: str, reservation_id: str) -> None:
+        self.same(lambda ledger: ledger.count_block(T, run_id, reservation_id))
 
     @rule(
         run_id=RUNS,
@@ -260,6 +278,8 @@ class PolicyMachine(RuleBasedStateMachine):
                 )
             if account.policy.mode is EnforcementMode.CALIBRATED:
                 check_exposure(account, model[1])
+            stand_ins = {i for r, i in self.stand_ins if r == run_id}
+            check_blocks(account, model[1], log, stand_ins)
             # The state every response and Watch event carries: the last change's.
             if log.changes:
                 last = log.changes[-1].state
@@ -268,6 +288,30 @@ class PolicyMachine(RuleBasedStateMachine):
                     account.state().exposure_micros,
                     account.state().exposure_ceiling_micros,
                 )
+
+
+def check_blocks(
+    account: Account, reservations: list[Reservation], log: ChangePage, stand_ins: set[str]
+) -> None:
+    """Every Reserve answered BLOCK counts once, except a downgrade's hold and
+    a block left uncounted; the run is blocked since its last BLOCKED change
+    unless a RESERVED one came after it; the first block of a series is one
+    BLOCKED change."""
+    counted = [
+        r
+        for r in reservations
+        if r.status is ReservationStatus.BLOCKED
+        and r.decision is Decision.BLOCK
+        and not r.uncounted
+        and r.reservation_id not in stand_ins
+    ]
+    assert account.blocked_calls == len(counted)
+    assert all(r.decision is Decision.BLOCK for r in reservations if r.uncounted)
+    marks = [c for c in log.changes if c.type in (EventType.BLOCKED, EventType.RESERVED)]
+    assert account.blocked == bool(marks and marks[-1].type is EventType.BLOCKED)
+    assert sum(1 for c in marks if c.type is EventType.BLOCKED) <= account.blocked_calls
+    for change in log.changes:
+        assert (change.reason is not None) == (change.type is EventType.BLOCKED)
 
 
 def check_exposure(account: Account, reservations: list[Reservation]) -> None:

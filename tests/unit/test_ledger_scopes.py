@@ -239,7 +239,7 @@ async def test_a_team_ceiling_is_shared_by_its_runs(ledger: Ledger) -> None:
     blocked = await ledger.reserve(T, "b", "r", 500, None)  # fits b, not the team
     assert blocked_by(blocked) == (*INSUFFICIENT, TEAM, LIFETIME)
     assert blocked.state.reserved_micros == 0
-    assert blocked.state.revision == 1
+    assert (blocked.state.revision, blocked.state.blocked) == (2, True)  # one BLOCKED change
     assert money(await usage(ledger, TEAM)) == (0, 600, 0, 1)
 
     assert allowed(await ledger.reserve(T, "b", "r2", 400, None))  # exactly the ceiling
@@ -424,7 +424,7 @@ async def test_an_ancestor_limit_blocks_descendants(ledger: Ledger) -> None:
     assert allowed(await ledger.reserve(T, "grandchild", "res", 300, None))
     blocked = await ledger.reserve(T, "grandchild", "big", 800, None)
     assert blocked_by(blocked) == (*INSUFFICIENT, ROOT, LIFETIME)
-    assert (blocked.state.reserved_micros, blocked.state.revision) == (300, 2)
+    assert (blocked.state.reserved_micros, blocked.state.revision) == (300, 3)  # BLOCKED
     # The child held "big" before the root blocked it, then released it.
     child = await state(ledger, "child")
     assert (money(child), child.revision) == ((0, 300, 0, 1), 4)
@@ -458,9 +458,10 @@ async def test_closing_an_ancestor_blocks_its_descendants(ledger: Ledger) -> Non
     for run_id in ("child", "grandchild"):
         blocked = await ledger.reserve(T, run_id, "after", 10, None)
         assert blocked_by(blocked) == (*CLOSED, ROOT, LIFETIME)
-    # Only the grandchild's reserve held on the (open) child, and released it.
+    # Only the grandchild's reserve held on the (open) child, and released it;
+    # the child's own block is one BLOCKED change.
     child = await state(ledger, "child")
-    assert (money(child), child.revision) == ((0, 100, 0, 1), 4)
+    assert (money(child), child.revision) == ((0, 100, 0, 1), 5)
     # Holds made before the close still settle on the closed root.
     await ledger.commit(T, "grandchild", "held", 100)
     root = await state(ledger, "root")  # created, reserved, closed, committed
@@ -530,7 +531,7 @@ async def test_retrying_a_parent_blocked_reserve_replays_the_block(ledger: Ledge
     assert money(await usage(ledger, TEAM)) == (0, 0, 0, 0)
     root = await state(ledger, "root")
     assert (money(root), root.revision) == ((0, 0, 0, 0), root_revision)
-    assert (await state(ledger, "b")).revision == 1
+    assert (await state(ledger, "b")).revision == 2  # the first block's BLOCKED only
     # A new id is decided afresh.
     assert allowed(await ledger.reserve(T, "b", "y", 200, None))
     assert money(await usage(ledger, TEAM)) == (0, 200, 0, 1)

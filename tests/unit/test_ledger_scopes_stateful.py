@@ -6,7 +6,8 @@ changes, clock advances and sweeps. After every step every backend must have
 answered exactly as the model did, every run and the team must read the same,
 and the ledger identities must hold: each run's totals are its own spend plus
 its descendants', the team's are the sum of the root runs', and a parent
-always holds at least what its children hold.
+always holds at least what its children hold. A block counts on the run whose
+Reserve it answered, whichever scope decided it, never on its ancestors.
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from runcap_server import errors
 from runcap_server.clock import ManualClock
-from runcap_server.ledger.types import Period, RunSpec, ScopeKind, ScopeRef
+from runcap_server.ledger.types import (
+    Decision,
+    EventType,
+    Period,
+    ReserveResult,
+    RunSpec,
+    ScopeKind,
+    ScopeRef,
+)
 from tests.ledger_backends import (
     NO_REDIS,
     Ledger,
@@ -63,6 +72,8 @@ class ScopeMachine(RuleBasedStateMachine):
         for ledger in self.ledgers:
             self.run(ledger.start())
         self.team_limit: int | None = None
+        # Each run's blocked Reserves, from the model's answers.
+        self.blocked_calls = dict.fromkeys(TREE, 0)
         for run_id, (parent, limit) in TREE.items():
             spec = RunSpec(run_id, limit, {}, None, parent_run_id=parent)
             if not parent:
@@ -94,7 +105,13 @@ class ScopeMachine(RuleBasedStateMachine):
 
     @rule(run_id=RUNS, reservation_id=IDS, amount=AMOUNTS, ttl=TTLS)
     def reserve(self, run_id: str, reservation_id: str, amount: int, ttl: int | None) -> None:
-        self.same(lambda ledger: ledger.reserve(T, run_id, reservation_id, amount, ttl))
+        status, result = self.same(
+            lambda ledger: ledger.reserve(T, run_id, reservation_id, amount, ttl)
+        )
+        if status == "ok":
+            assert isinstance(result, ReserveResult)
+            if result.decision is Decision.BLOCK and not result.replayed:
+                self.blocked_calls[run_id] += 1
 
     @rule(run_id=RUNS, reservation_id=IDS, actual=st.sampled_from([0, 50, 100, 500]))
     def commit(self, run_id: str, reservation_id: str, actual: int) -> None:
@@ -142,6 +159,13 @@ class ScopeMachine(RuleBasedStateMachine):
         assert state["child"].reserved_micros >= state["grandchild"].reserved_micros
         for s in state.values():
             assert s.committed_micros + s.reserved_micros <= s.limit_micros + s.overrun_micros
+        assert {v.spec.run_id: v.blocked_calls for v in views} == self.blocked_calls
+        for run_id, s in state.items():
+            # Blocked since the last BLOCKED change, unless a RESERVED one (its
+            # own or a descendant's hold on it) came after.
+            log = self.run(self.ledgers[0].read_changes(T, run_id, 0, 10_000)).changes
+            marks = [c.type for c in log if c.type in (EventType.BLOCKED, EventType.RESERVED)]
+            assert s.blocked == bool(marks and marks[-1] is EventType.BLOCKED)
 
 
 SETTINGS = settings(max_examples=60, deadline=None, stateful_step_count=25)

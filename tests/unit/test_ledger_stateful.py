@@ -92,6 +92,10 @@ class Tracked:
     # The number of changes the run has had, counted from the results.
     revision: int = 1
     holds: dict[str, Hold] = field(default_factory=dict)
+    # At the wall (a BLOCKED change since the last RESERVED one), and the
+    # blocked Reserves so far (retries not counted).
+    blocked: bool = False
+    blocked_calls: int = 0
 
     def expire(self, now_ms: int) -> None:
         for hold in self.holds.values():
@@ -296,9 +300,15 @@ class LedgerMachine(RuleBasedStateMachine):
             assert result.expires_ms == now + (ttl or tracked.spec.default_ttl_ms or DEFAULT_TTL_MS)
             tracked.holds[reservation_id] = Hold(ReservationStatus.HELD, amount, result.expires_ms)
             tracked.revision += 1
+            tracked.blocked = False
         else:
             assert result.held_micros == 0
             tracked.holds[reservation_id] = Hold(ReservationStatus.BLOCKED)
+            tracked.blocked_calls += 1
+            # Only the first block of a series is a change.
+            tracked.revision += 0 if tracked.blocked else 1
+            tracked.blocked = True
+        assert result.state.blocked == tracked.blocked
 
     def _track_commit(self, op: Op, tracked: Tracked, result: CommitResult) -> None:
         reservation_id, actual = op.args
@@ -412,6 +422,10 @@ class LedgerMachine(RuleBasedStateMachine):
             assert state.reserved_micros == tracked.reserved
             assert state.active_reservations == tracked.active
             assert state.committed_micros == tracked.committed
+            assert (state.blocked, account.blocked_calls) == (
+                tracked.blocked,
+                tracked.blocked_calls,
+            )
             assert {r.reservation_id: r.status for r in reservations} == {
                 k: h.status for k, h in tracked.holds.items()
             }

@@ -48,6 +48,7 @@ async def test_a_suspended_run_blocks_new_holds_and_still_settles_old_ones(
         EventType.CREATED,
         EventType.RESERVED,
         EventType.SUSPENDED,
+        EventType.BLOCKED,
         EventType.COMMITTED,
         EventType.RESUMED,
         EventType.RESERVED,

@@ -116,6 +116,43 @@ async def test_one_feed_per_run_shared_by_all_streams(ledger: ModelLedger) -> No
     await hub.stop()
 
 
+async def test_live_streams_share_each_change_and_encode_it_once(ledger: ModelLedger) -> None:
+    hub = WatchHub(ledger, queue_size=100, heartbeat_s=30)
+    streams = [hub.stream(TENANT, "run", None) for _ in range(3)]
+    for stream in streams:
+        assert isinstance(await anext(stream), Snapshot)
+    firsts = [asyncio.ensure_future(anext(stream)) for stream in streams]
+    await settle()
+    await ledger.reserve(TENANT, "run", "warm-up", 1, None)
+    await settle()
+    assert [(await first).revision for first in firsts] == [2, 2, 2]  # type: ignore[union-attr]
+    encoded: list[int] = []
+
+    def encode(change: Change) -> bytes:
+        encoded.append(change.revision)
+        return b"rev %d" % change.revision
+
+    await churn(ledger, 2, "x")  # revisions 3 to 6, fanned out by the live feed
+    await settle()
+    seen = [[await anext(stream) for _ in range(4)] for stream in streams]
+    changes = [[item for item in items if isinstance(item, Change)] for items in seen]
+    assert [[c.revision for c in items] for items in changes] == [[3, 4, 5, 6]] * 3
+    # The feed hands every stream the same objects: one encoding serves them all.
+    encode_once = watch.EncodedOnce(encode)
+    sent = [[encode_once(change) for change in items] for items in changes]
+    assert sent[0] == [b"rev 3", b"rev 4", b"rev 5", b"rev 6"]
+    assert all(a is b for other in sent[1:] for a, b in zip(sent[0], other, strict=True))
+    assert encoded == [3, 4, 5, 6]
+    # Past its size the oldest entry goes, and that change is only encoded again.
+    small = watch.EncodedOnce(encode, size=1)
+    again = [small(changes[0][0]), small(changes[0][1]), small(changes[1][0])]
+    assert again == [b"rev 3", b"rev 4", b"rev 3"]
+    assert encoded[4:] == [3, 4, 3]
+    for stream in streams:
+        await stream.aclose()
+    await hub.stop()
+
+
 class _GatedBaseline(ModelLedger):
     """The reference ledger, with a feed's first (baseline) read held back."""
 

@@ -191,6 +191,7 @@ var (
 	ErrUnavailable         = codeKind(codes.Unavailable)
 	ErrUnauthenticated     = codeKind(codes.Unauthenticated)
 	ErrPermissionDenied    = codeKind(codes.PermissionDenied)
+	ErrResourceExhausted   = codeKind(codes.ResourceExhausted)
 	ErrInternal            = codeKind(codes.Internal)
 	ErrRunNotFound         = reasonKind(codes.NotFound, runcapv1.ErrorReason_ERROR_REASON_RUN_NOT_FOUND)
 	ErrReservationNotFound = reasonKind(codes.NotFound, runcapv1.ErrorReason_ERROR_REASON_RESERVATION_NOT_FOUND)
@@ -208,6 +209,7 @@ var (
 	ErrDecisionNotFound    = reasonKind(codes.NotFound, runcapv1.ErrorReason_ERROR_REASON_DECISION_NOT_FOUND)
 	ErrApprovalNotFound    = reasonKind(codes.NotFound, runcapv1.ErrorReason_ERROR_REASON_APPROVAL_NOT_FOUND)
 	ErrApprovalResolved    = reasonKind(codes.FailedPrecondition, runcapv1.ErrorReason_ERROR_REASON_APPROVAL_RESOLVED)
+	ErrOpenRunLimit        = reasonKind(codes.ResourceExhausted, runcapv1.ErrorReason_ERROR_REASON_OPEN_RUN_LIMIT)
 )
 
 // FromError returns the runcap error err is or wraps: an *Error found with

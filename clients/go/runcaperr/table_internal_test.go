@@ -31,6 +31,7 @@ var reasonSentinels = map[runcapv1.ErrorReason]error{
 	runcapv1.ErrorReason_ERROR_REASON_APPROVAL_RESOLVED:     ErrApprovalResolved,
 	runcapv1.ErrorReason_ERROR_REASON_UNAUTHENTICATED:       ErrUnauthenticated,
 	runcapv1.ErrorReason_ERROR_REASON_PERMISSION_DENIED:     ErrPermissionDenied,
+	runcapv1.ErrorReason_ERROR_REASON_OPEN_RUN_LIMIT:        ErrOpenRunLimit,
 }
 
 // TestEveryErrorReasonHasOneSentinel fails when the contract gains an

@@ -73,6 +73,7 @@ from runcap._shared import (
     TokenUsage,
 )
 from runcap.aio import AsyncHold, AsyncRuncapClient, AsyncWatchStream
+from runcap.alerts import AlertClient, AsyncAlertClient
 from runcap.client import Hold, RuncapClient, WatchStream
 from runcap.errors import (
     REASON_TO_ERROR,
@@ -85,6 +86,7 @@ from runcap.errors import (
     IdempotencyConflictError,
     InternalError,
     InvalidArgumentError,
+    OpenRunLimitError,
     ParentRunClosedError,
     ParentRunNotFoundError,
     PermissionDeniedError,
@@ -108,9 +110,11 @@ __all__ = [
     "NO_RETRY",
     "REASON_TO_ERROR",
     "WATCH_RECONNECT",
+    "AlertClient",
     "ApprovalNotFoundError",
     "ApprovalRequiredError",
     "ApprovalResolvedError",
+    "AsyncAlertClient",
     "AsyncHold",
     "AsyncRuncapClient",
     "AsyncWatchStream",
@@ -123,6 +127,7 @@ __all__ = [
     "InternalError",
     "InvalidArgumentError",
     "LlmCall",
+    "OpenRunLimitError",
     "ParentRunClosedError",
     "ParentRunNotFoundError",
     "PermissionDeniedError",

@@ -312,6 +312,18 @@ class PermissionDeniedError(RuncapError):
         return self.metadata.get("key_id", "")
 
 
+class OpenRunLimitError(RuncapError):
+    """RESOURCE_EXHAUSTED: the caller already has as many open runs as the
+    server allows one principal. Close finished runs and retry; abandoned runs
+    are closed by the server after its run TTL."""
+
+    @property
+    def limit(self) -> int | None:
+        """The most open runs one principal may have."""
+        value = self.metadata.get("limit", "")
+        return int(value) if value.isdigit() else None
+
+
 class RevisionOutOfRangeError(RuncapError):
     """OUT_OF_RANGE: Watch cannot resume from the requested revision.
 
@@ -392,6 +404,7 @@ REASON_TO_ERROR: Final[Mapping[str, type[RuncapError]]] = {
     _reason(errors_pb2.ERROR_REASON_APPROVAL_RESOLVED): ApprovalResolvedError,
     _reason(errors_pb2.ERROR_REASON_UNAUTHENTICATED): UnauthenticatedError,
     _reason(errors_pb2.ERROR_REASON_PERMISSION_DENIED): PermissionDeniedError,
+    _reason(errors_pb2.ERROR_REASON_OPEN_RUN_LIMIT): OpenRunLimitError,
 }
 """The one table from ErrorInfo reason to exception class."""
 

@@ -284,6 +284,19 @@ export class PermissionDeniedError extends RuncapError {
 }
 
 /**
+ * RESOURCE_EXHAUSTED: the caller already has as many open runs as the server
+ * allows one principal. Close finished runs and retry; abandoned runs are
+ * closed by the server after its run TTL.
+ */
+export class OpenRunLimitError extends RuncapError {
+  /** The most open runs one principal may have, when the server said. */
+  get limit(): number | undefined {
+    const value = this.metadata["limit"];
+    return value !== undefined && /^\d+$/.test(value) ? Number(value) : undefined;
+  }
+}
+
+/**
  * OUT_OF_RANGE: Watch cannot resume from the requested revision (the server no
  * longer retains it, the run never reached it, or the run's history up to it
  * is not the one `afterDigest` describes: see `diverged`). Watch again without
@@ -374,6 +387,7 @@ export const ERROR_TABLE: readonly ErrorRow[] = [
   { reason: ErrorReason.APPROVAL_RESOLVED, code: Code.FailedPrecondition, error: ApprovalResolvedError },
   { reason: ErrorReason.UNAUTHENTICATED, code: Code.Unauthenticated, error: UnauthenticatedError },
   { reason: ErrorReason.PERMISSION_DENIED, code: Code.PermissionDenied, error: PermissionDeniedError },
+  { reason: ErrorReason.OPEN_RUN_LIMIT, code: Code.ResourceExhausted, error: OpenRunLimitError },
 ];
 
 /** Codes no runcap reason uses, and the class a status with that code gets. */

@@ -41,6 +41,7 @@ export {
   ApprovalNotFoundError,
   ApprovalRequiredError,
   ApprovalResolvedError,
+  OpenRunLimitError,
   PermissionDeniedError,
   UnauthenticatedError,
   BudgetBlockedError,

@@ -118,7 +118,9 @@ describe("unary calls", () => {
     assert.equal(state?.reservedMicros, amount * BigInt(allowedCount));
     assert.equal(state?.remainingMicros, 0n);
     assert.equal(state?.activeReservations, BigInt(allowedCount));
-    assert.equal(state?.revision, 1n + BigInt(allowedCount));
+    // One change per allow, then one BLOCKED change for the whole series of blocks.
+    assert.equal(state?.revision, 1n + BigInt(allowedCount) + 1n);
+    assert.equal(state?.blocked, true);
   });
 });
 

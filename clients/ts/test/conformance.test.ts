@@ -381,7 +381,7 @@ const OPS: Record<string, { args: readonly string[]; expect: readonly string[]; 
 
   get_run: {
     args: ["run_id"],
-    expect: ["state", "labels", "error"],
+    expect: ["state", "labels", "run", "error"],
     async run(ctx: StepContext, client: RuncapClient) {
       const response = await unary(ctx, () => client.getRun(ctx.str("run_id")));
       if (response === undefined) return;

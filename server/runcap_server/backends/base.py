@@ -15,6 +15,7 @@ from runcap_server.ledger.saga import NO_EXTRAS, ReserveExtras
 from runcap_server.ledger.scopes import ScopeView
 from runcap_server.ledger.types import (
     ApprovalResult,
+    BudgetState,
     ChangePage,
     CloseRunResult,
     CommitResult,
@@ -67,6 +68,12 @@ class Backend(Protocol):
         ttl_ms: int | None,
         extras: ReserveExtras = NO_EXTRAS,
     ) -> ReserveResult: ...
+
+    async def count_block(self, tenant: str, run_id: str, reservation_id: str) -> BudgetState:
+        """Count a block Reserve left uncounted (Reservation.uncounted) once the
+        server answers it as a block after all (no downgrade held): idempotent,
+        one atomic write. Returns the run's state after it."""
+        ...
 
     async def get_reservation(self, tenant: str, run_id: str, reservation_id: str) -> Reservation:
         """A reservation's record as stored (nothing expired); raises if unknown."""

@@ -37,12 +37,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import os
 import signal
 import time
+import traceback
 import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -56,6 +58,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from runcap_server import errors
 from runcap_server.backends.base import wait_event
+from runcap_server.backends.redis_pipeline import Pipeliner
 from runcap_server.clock import Clock
 from runcap_server.ledger import saga, scopes
 from runcap_server.ledger.scopes import ParentOutcome, ScopeUsage, ScopeView
@@ -151,14 +154,26 @@ _UNAVAILABLE = (
 Client = aioredis.Redis | RedisCluster
 
 # Tests only: the saga step after which this process kills itself (SIGKILL),
-# to prove a crash between steps heals. Points: reserve:parents-held,
-# reserve:run-decided, commit:run-settled, refund:run-settled.
-_CRASH_AT = os.environ.get("RUNCAP_TEST_CRASH_AT", "")
+# to prove a crash between steps heals. Points: create:parent-adopted,
+# reserve:parents-held, reserve:run-decided, reserve:parents-released,
+# commit:run-settled, refund:run-settled, settle:parents-settled. "POINT@N"
+# dies the N-th time the point is reached (under load: mid-flight sagas).
+_CRASH_AT, _, _CRASH_NTH = os.environ.get("RUNCAP_TEST_CRASH_AT", "").partition("@")
+_crash_countdown = [int(_CRASH_NTH or 1)]
 
 
 def _crash_point(point: str) -> None:
     if point == _CRASH_AT:
-        os.kill(os.getpid(), signal.SIGKILL)
+        _crash_countdown[0] -= 1
+        if _crash_countdown[0] <= 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _raised_by_the_client(error: BaseException) -> bool:
+    """Whether `error` was raised inside redis-py or asyncio's transports."""
+    frames = traceback.extract_tb(error.__traceback__)
+    last = os.path.normpath(frames[-1].filename) if frames else ""
+    return any(f"{os.sep}{package}{os.sep}" in last for package in ("redis", "asyncio"))
 
 
 def _labels_json(labels: Mapping[str, str]) -> str:
@@ -171,15 +186,15 @@ def _opt_int(value: bytes | str | None) -> int | None:
 
 # A run's state in a script's reply: limit, committed, reserved, revision,
 # status, active holds, overrun, digest, threshold, committed and reserved tokens,
-# a CALIBRATED run's exposure and its ceiling (0 in other modes).
-STATE_LEN = 13
+# a CALIBRATED run's exposure and its ceiling (0 in other modes), blocked (0 or 1).
+STATE_LEN = 14
 # A run's configuration in a script's reply (ledger.lua, config()).
-CONFIG_LEN = 14
+CONFIG_LEN = 15
 
 
 def _state(run_id: str, values: Sequence[Any]) -> BudgetState:
     limit, committed, reserved, revision, status, active, overrun = (int(v) for v in values[:7])
-    threshold, committed_tokens, reserved_tokens, exposure, ceiling = (
+    threshold, committed_tokens, reserved_tokens, exposure, ceiling, blocked = (
         int(v) for v in values[8:STATE_LEN]
     )
     return BudgetState(
@@ -197,7 +212,14 @@ def _state(run_id: str, values: Sequence[Any]) -> BudgetState:
         digest=values[7].decode(),
         exposure_micros=exposure,
         exposure_ceiling_micros=ceiling,
+        blocked=blocked == 1,
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _lineage(text: bytes) -> Lineage:
+    """A lineage from a reply (each Commit's): few distinct texts, decoded once each."""
+    return Lineage.decode(text.decode())
 
 
 def _calibration(values: Sequence[Any]) -> dict[str, Any]:
@@ -234,6 +256,7 @@ def _change(run_id: str, entry_id: bytes, fields: Sequence[bytes]) -> Change:
         digest=f["d"].decode(),
         exposure_micros=int(f.get("X", 0)),
         exposure_ceiling_micros=int(f.get("Y", 0)),
+        blocked=f.get("K") == b"1",
     )
     return Change(
         revision=revision,
@@ -247,6 +270,12 @@ def _change(run_id: str, entry_id: bytes, fields: Sequence[bytes]) -> Change:
         late=f["l"] == b"1",
         threshold=Threshold(int(f.get("h", 0))),
         approval=f.get("g", b"").decode(),
+        # Only on BLOCKED changes (ledger.lua, record()).
+        reason=DecisionReason(int(f["k"])) if "k" in f else None,
+        blocking_scope=ScopeRef.parse(f["q"].decode()) if f.get("q") else None,
+        blocking_period=Period(int(f["p"])) if f.get("p") else None,
+        dimension=Dimension(int(f["m"])) if f.get("m") else None,
+        meter=f.get("n", b"").decode(),
     )
 
 
@@ -266,6 +295,7 @@ class RedisLedger:
         max_connections: int = 64,
         expiry_batch: int = 100,
         replica_id: str = "",
+        pipelining: bool = True,
     ) -> None:
         if bool(url) == bool(cluster_nodes):
             raise ValueError("give exactly one of a Redis URL or cluster nodes")
@@ -280,6 +310,9 @@ class RedisLedger:
         self.expiry_batch = expiry_batch
         self.replica_id = replica_id or f"replica-{uuid.uuid4().hex[:12]}"
         self._client: Client | None = None
+        # Script calls share round trips (redis_pipeline); off: one pooled call each.
+        self.pipelining = pipelining
+        self._pipeline: Pipeliner | None = None
         # Bursts wait here instead of failing on an exhausted pool.
         self._slots = asyncio.Semaphore(max_connections)
         self._bells: dict[tuple[str, str], asyncio.Event] = {}
@@ -317,6 +350,14 @@ class RedisLedger:
                 socket_timeout=SOCKET_TIMEOUT_S,
                 socket_connect_timeout=SOCKET_TIMEOUT_S,
             )
+            # Learn the slots now: redis-py's lazy first discovery, raced by a burst of
+            # first calls, closes connections in use. Unreachable: it learns them later.
+            try:
+                await self._client.initialize()
+            except Exception as error:
+                _log.warning("Redis cluster not reachable at start (%s); retrying on use", error)
+        if self.pipelining:
+            self._pipeline = Pipeliner(self._client, timeout_s=SOCKET_TIMEOUT_S)
 
     async def close(self) -> None:
         if self._pubsub_task:
@@ -325,6 +366,9 @@ class RedisLedger:
                 await self._pubsub_task
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush_index(), 2)
+        if self._pipeline is not None:
+            await self._pipeline.aclose()
+            self._pipeline = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -342,6 +386,12 @@ class RedisLedger:
                 return await fn(self.client)
             except _UNAVAILABLE as error:
                 raise errors.BackendUnavailable(f"Redis: {error}") from error
+            except (AttributeError, TypeError) as error:
+                # redis-py leaks these when a connection is torn down under a call
+                # (a failover's topology refresh, a reset peer: redis/redis-py#4287).
+                if not _raised_by_the_client(error):
+                    raise
+                raise errors.BackendUnavailable(f"Redis: connection lost: {error}") from error
 
     async def _cmd(self, command: str, *args: Any, **kwargs: Any) -> Any:
         """One Redis command by its redis-py method name."""
@@ -349,6 +399,11 @@ class RedisLedger:
 
     async def ping(self) -> None:
         await self._cmd("ping")
+
+    async def call(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """fn(client) for a store that keeps keys of its own beside the ledger
+        (alerts): the same connections, failures narrowed as in _call."""
+        return await self._call(fn)
 
     # -- keys and the script ------------------------------------------------
 
@@ -371,7 +426,19 @@ class RedisLedger:
     def _now_arg(self) -> str:
         return "" if self.clock is None else str(self.clock.now_ms())
 
-    async def _eval(self, script: _Script, keys: list[str], argv: list[str]) -> list[Any]:
+    async def _eval(
+        self, script: _Script, keys: list[str], argv: list[str], *, pipelined: bool = True
+    ) -> list[Any]:
+        """One script call: pipelined (redis_pipeline), or on a pooled connection.
+
+        A saga's steps on parents are pooled: pipelined, one replica's burst
+        would reach a shared scope as one contiguous run of holds, and holds
+        that their own runs then refuse would crowd out the others (released
+        too late for them) instead of interleaving with other replicas' calls.
+        """
+        if pipelined and self._pipeline is not None:
+            return await self._pipelined(self._pipeline, script, keys, argv)
+
         async def run(client: Any) -> list[Any]:
             try:
                 return list(await client.evalsha(script.sha, len(keys), *keys, *argv))
@@ -381,7 +448,24 @@ class RedisLedger:
 
         return await self._call(run)
 
-    async def _script(self, tenant: str, run_id: str, op: str, *args: object) -> list[Any]:
+    @staticmethod
+    async def _pipelined(
+        pipeline: Pipeliner, script: _Script, keys: list[str], argv: list[str]
+    ) -> list[Any]:
+        args = (len(keys), *keys, *argv)
+        try:
+            try:
+                reply: list[Any] = await pipeline.execute(keys[0], "EVALSHA", script.sha, *args)
+            except redis.exceptions.NoScriptError:
+                # This node lost its script cache; EVAL runs and caches it.
+                reply = await pipeline.execute(keys[0], "EVAL", script.text, *args)
+        except _UNAVAILABLE as error:
+            raise errors.BackendUnavailable(f"Redis: {error}") from error
+        return reply  # the scripts answer arrays: lists
+
+    async def _script(
+        self, tenant: str, run_id: str, op: str, *args: object, pipelined: bool = True
+    ) -> list[Any]:
         argv = [
             op,
             self._now_arg(),
@@ -390,7 +474,7 @@ class RedisLedger:
             str(self.closed_retention_ms),
             *("" if a is None else str(a) for a in args),
         ]
-        reply = await self._eval(_RUN_SCRIPT, self._keys(tenant, run_id), argv)
+        reply = await self._eval(_RUN_SCRIPT, self._keys(tenant, run_id), argv, pipelined=pipelined)
         if reply[0] == b"ERR":
             raise self._error(reply[1].decode(), reply[2].decode(), run_id, args)
         return reply[1:]
@@ -398,7 +482,9 @@ class RedisLedger:
     async def _scope_script(self, tenant: str, ref: ScopeRef, op: str, *args: object) -> list[Any]:
         argv = [op, self._now_arg(), str(self.expiry_batch)]
         argv += ["" if a is None else str(a) for a in args]
-        reply = await self._eval(_SCOPE_SCRIPT, self._scope_keys(tenant, ref), argv)
+        # Scopes are parents: pooled (see _eval).
+        keys = self._scope_keys(tenant, ref)
+        reply = await self._eval(_SCOPE_SCRIPT, keys, argv, pipelined=False)
         return reply[1:]
 
     @staticmethod
@@ -444,7 +530,7 @@ class RedisLedger:
 
     def _view(self, tenant: str, run_id: str, config: Sequence[Any], state: BudgetState) -> RunView:
         created, closed, labels, ttl, lineage_json, *given = config[:9]
-        given_policy, policy, children, usage, approvals = (
+        given_policy, policy, children, usage, approvals, blocked_calls = (
             c.decode() for c in config[9:CONFIG_LEN]
         )
         lineage = Lineage.decode(lineage_json.decode())
@@ -472,6 +558,7 @@ class RedisLedger:
             children=int(children),
             usage=decode_usage(usage),
             approvals=decode_approvals(approvals),
+            blocked_calls=int(blocked_calls),
         )
 
     async def create_run(self, tenant: str, spec: RunSpec) -> CreateRunResult:
@@ -493,6 +580,7 @@ class RedisLedger:
                 return await self._create(tenant, spec, None, None)
         lineage, policy = saga.place_under(spec, parent)
         await self._adopt(tenant, spec)
+        _crash_point("create:parent-adopted")
         return await self._create(tenant, spec, lineage, policy)
 
     async def _scope_default(self, tenant: str, spec: RunSpec) -> RunPolicy | None:
@@ -582,7 +670,12 @@ class RedisLedger:
         extras: saga.ReserveExtras = saga.NO_EXTRAS,
     ) -> ReserveResult:
         cached = self._lineages.get((tenant, run_id))
-        tail = (extras.fingerprint, extras.pricing, _dims_arg(extras.dims()))
+        tail = (
+            extras.fingerprint,
+            extras.pricing,
+            _dims_arg(extras.dims()),
+            "1" if extras.downgrade else "",
+        )
         if extras.preblock is not None:
             # Decided before any ledger (an unknown price): no saga, no holds.
             reply = await self._script(
@@ -607,6 +700,7 @@ class RedisLedger:
         held = await asyncio.gather(*steps, return_exceptions=True)
         outcomes = [o for o in held if isinstance(o, ParentOutcome)]
         result: ReserveResult | None = None
+        unanswered = False
         try:
             for failure in held:
                 if isinstance(failure, BaseException):
@@ -623,13 +717,21 @@ class RedisLedger:
             )  # fmt: skip
             result = self._reserved(tenant, run_id, reservation_id, reply)
             _crash_point("reserve:run-decided")
+        except (errors.BackendUnavailable, asyncio.CancelledError):
+            # No answer is not a no: Redis may still run a step it got (after a
+            # timeout). Every parent hold stays for the retry to find (releasing
+            # them would let the run hold what its parents do not); unclaimed,
+            # they expire like any hold.
+            unanswered = True
+            raise
         finally:
             # Also after an error: a parent hold the run does not keep is released.
-            releases = saga.to_release(outcomes, result)
+            releases = [] if unanswered else saga.to_release(outcomes, result)
             await asyncio.gather(
                 *(self._settle_on(tenant, scope, hold, None) for scope in releases),
                 return_exceptions=True,
             )
+        _crash_point("reserve:parents-released")
         return result
 
     def _reserved(
@@ -666,7 +768,7 @@ class RedisLedger:
         """The saga's hold on one parent: an ancestor run or a scope."""
         if ref.kind is ScopeKind.RUN:
             reply = await self._script(
-                tenant, ref.id, "child_hold", hold, amount_micros, ttl_ms, ref.id
+                tenant, ref.id, "child_hold", hold, amount_micros, ttl_ms, ref.id, pipelined=False
             )
             replayed, status, reason = reply[0:3]
             outcome = ParentOutcome(
@@ -698,7 +800,7 @@ class RedisLedger:
     ) -> None:
         """Commit `actual` on one parent, or release it (None); idempotent."""
         if ref.kind is ScopeKind.RUN:
-            await self._script(tenant, ref.id, "child_settle", hold, actual_micros)
+            await self._script(tenant, ref.id, "child_settle", hold, actual_micros, pipelined=False)
         else:
             await self._scope_script(tenant, ref, "settle", hold, actual_micros)
 
@@ -722,7 +824,12 @@ class RedisLedger:
                 for parent in parents
             )
         )
+        _crash_point("settle:parents-settled")
         await self._script(tenant, run_id, "settled", *(r for r, _ in settlements))
+
+    async def count_block(self, tenant: str, run_id: str, reservation_id: str) -> BudgetState:
+        reply = await self._script(tenant, run_id, "count_block", reservation_id)
+        return _state(run_id, reply[:STATE_LEN])
 
     async def get_reservation(self, tenant: str, run_id: str, reservation_id: str) -> Reservation:
         a, r = self._keys(tenant, run_id)[:2]
@@ -754,7 +861,7 @@ class RedisLedger:
             overrun_micros=int(overrun),
             replayed=replayed == b"1",
         )
-        lineage = Lineage.decode(reply[5 + STATE_LEN].decode())
+        lineage = _lineage(reply[5 + STATE_LEN])
         if lineage.parents():
             _crash_point("commit:run-settled")
             # A replay settles again too: that finishes what a crash interrupted.
@@ -771,7 +878,7 @@ class RedisLedger:
             released_micros=int(released),
             replayed=replayed == b"1",
         )
-        lineage = Lineage.decode(reply[3 + STATE_LEN].decode())
+        lineage = _lineage(reply[3 + STATE_LEN])
         if lineage.parents() and result.reservation_status is ReservationStatus.RELEASED:
             _crash_point("refund:run-settled")
             self._index(tenant, run_id, self._now_ms_guess() + SETTLE_WAIT_MS)
@@ -1098,6 +1205,8 @@ class RedisLedger:
             approvals=decode_approvals(f.get("apv", "")),
             exposure_micros=int(f.get("xpo", 0)),
             calibration=decode_calibration(f.get("cal", "")),
+            blocked=f.get("blk") == "1",
+            blocked_calls=int(f.get("bc", 0)),
         )
         records = await self._cmd("hgetall", r)
         reservations = [_decode_reservation(k.decode(), v.decode()) for k, v in records.items()]
@@ -1126,6 +1235,7 @@ def _decode_reservation(reservation_id: str, record: str) -> Reservation:
         dimension=Dimension(int(f[15])) if len(f) > 15 and f[15] else None,
         meter=f[16] if len(f) > 16 else "",
         retry_at_ms=_opt_int(f[17]) if len(f) > 17 else None,
+        uncounted=len(f) > 18 and f[18] == "1",
     )
 
 

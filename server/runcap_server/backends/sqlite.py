@@ -68,7 +68,7 @@ from runcap_server.ledger.types import (
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 SYNCHRONOUS_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 
 # Every table is keyed by (tenant, run_id, ...): a run's rows are one range of
@@ -107,6 +107,8 @@ CREATE TABLE IF NOT EXISTS runs (
     approvals TEXT NOT NULL DEFAULT '',
     exposure_micros INTEGER NOT NULL DEFAULT 0,
     calibration TEXT NOT NULL DEFAULT '',
+    blocked INTEGER NOT NULL DEFAULT 0,
+    blocked_calls INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (tenant, run_id)
 ) STRICT, WITHOUT ROWID;
 
@@ -132,6 +134,7 @@ CREATE TABLE IF NOT EXISTS reservations (
     dimension INTEGER,
     meter TEXT NOT NULL DEFAULT '',
     retry_at_ms INTEGER,
+    uncounted INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (tenant, run_id, reservation_id)
 ) STRICT, WITHOUT ROWID;
 
@@ -171,6 +174,12 @@ CREATE TABLE IF NOT EXISTS changes (
     approval TEXT NOT NULL DEFAULT '',
     state_exposure_micros INTEGER NOT NULL DEFAULT 0,
     state_exposure_ceiling_micros INTEGER NOT NULL DEFAULT 0,
+    state_blocked INTEGER NOT NULL DEFAULT 0,
+    reason INTEGER,
+    blocking_scope TEXT,
+    blocking_period INTEGER,
+    dimension INTEGER,
+    meter TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (tenant, run_id, revision)
 ) STRICT, WITHOUT ROWID;
 
@@ -244,12 +253,13 @@ _ACCOUNT_COLUMNS = (
     "committed_micros, reserved_micros, overrun_micros, active_reservations, revision, digest, "
     "parent_run_id, api_key_id, user_id, team_id, lineage, spec_policy, policy, threshold, "
     "throttle_strikes, throttle_until_ms, rate_window_ms, rate_count, children, usage, "
-    "approvals, exposure_micros, calibration"
+    "approvals, exposure_micros, calibration, blocked, blocked_calls"
 )
 _RESERVATION_COLUMNS = (
     "reservation_id, amount_micros, requested_ttl_ms, status, reason, created_ms, "
     "held_micros, expires_ms, actual_micros, overrun_micros, settled_ms, "
-    "blocking_scope, blocking_period, fingerprint, pricing, dims, dimension, meter, retry_at_ms"
+    "blocking_scope, blocking_period, fingerprint, pricing, dims, dimension, meter, retry_at_ms, "
+    "uncounted"
 )
 _HOLD_COLUMNS = (
     "hold_id, amount_micros, status, created_ms, windows, expires_ms, actual_micros, "
@@ -260,7 +270,8 @@ _CHANGE_COLUMNS = (
     "late, state_limit_micros, state_committed_micros, state_reserved_micros, state_status, "
     "state_active_reservations, state_overrun_micros, state_digest, threshold, "
     "state_threshold, state_committed_tokens, state_reserved_tokens, approval, "
-    "state_exposure_micros, state_exposure_ceiling_micros"
+    "state_exposure_micros, state_exposure_ceiling_micros, state_blocked, reason, "
+    "blocking_scope, blocking_period, dimension, meter"
 )
 
 
@@ -311,6 +322,8 @@ def _account(run_id: str, row: tuple[Any, ...]) -> Account:
         approvals=decode_approvals(row[26]),
         exposure_micros=row[27],
         calibration=decode_calibration(row[28]),
+        blocked=bool(row[29]),
+        blocked_calls=row[30],
     )
 
 
@@ -335,6 +348,7 @@ def _reservation(row: tuple[Any, ...]) -> Reservation:
         dimension=Dimension(row[16]) if row[16] else None,
         meter=row[17],
         retry_at_ms=row[18],
+        uncounted=bool(row[19]),
     )
 
 
@@ -365,6 +379,11 @@ def _change(run_id: str, row: tuple[Any, ...]) -> Change:
         late=bool(row[7]),
         threshold=Threshold(row[15]),
         approval=row[19],
+        reason=DecisionReason(row[23]) if row[23] else None,
+        blocking_scope=ScopeRef.parse(row[24]) if row[24] else None,
+        blocking_period=Period(row[25]) if row[25] else None,
+        dimension=Dimension(row[26]) if row[26] else None,
+        meter=row[27],
         state=BudgetState(
             run_id=run_id,
             limit_micros=row[8],
@@ -380,6 +399,7 @@ def _change(run_id: str, row: tuple[Any, ...]) -> Change:
             digest=row[14],
             exposure_micros=row[20],
             exposure_ceiling_micros=row[21],
+            blocked=bool(row[22]),
         ),
     )
 
@@ -458,7 +478,8 @@ class _SqlStore:
             "rate_window_ms = excluded.rate_window_ms, rate_count = excluded.rate_count, "
             "children = excluded.children, usage = excluded.usage, "
             "approvals = excluded.approvals, exposure_micros = excluded.exposure_micros, "
-            "calibration = excluded.calibration",
+            "calibration = excluded.calibration, blocked = excluded.blocked, "
+            "blocked_calls = excluded.blocked_calls",
             (
                 self.tenant,
                 self.run_id,
@@ -491,6 +512,8 @@ class _SqlStore:
                 encode_approvals(account.approvals),
                 account.exposure_micros,
                 encode_calibration(account.calibration),
+                int(account.blocked),
+                account.blocked_calls,
             ),
         )
 
@@ -521,6 +544,7 @@ class _SqlStore:
                 int(r.dimension) if r.dimension else None,
                 r.meter,
                 r.retry_at_ms,
+                int(r.uncounted),
             ),
         )
 
@@ -553,6 +577,12 @@ class _SqlStore:
                 change.approval,
                 s.exposure_micros,
                 s.exposure_ceiling_micros,
+                int(s.blocked),
+                int(change.reason) if change.reason else None,
+                change.blocking_scope.token if change.blocking_scope else None,
+                int(change.blocking_period) if change.blocking_period else None,
+                int(change.dimension) if change.dimension else None,
+                change.meter,
             ),
         )
         cutoff = change.revision - self.retention
@@ -774,6 +804,33 @@ def _migrate_to_policies(conn: sqlite3.Connection) -> None:
     )
 
 
+# Version 8's new columns (blocked calls and BLOCKED changes).
+_BLOCK_COLUMNS = {
+    "runs": ("blocked INTEGER NOT NULL DEFAULT 0", "blocked_calls INTEGER NOT NULL DEFAULT 0"),
+    "reservations": ("uncounted INTEGER NOT NULL DEFAULT 0",),
+    "changes": (
+        "state_blocked INTEGER NOT NULL DEFAULT 0",
+        "reason INTEGER",
+        "blocking_scope TEXT",
+        "blocking_period INTEGER",
+        "dimension INTEGER",
+        "meter TEXT NOT NULL DEFAULT ''",
+    ),
+}
+
+
+def _migrate_to_blocks(conn: sqlite3.Connection) -> None:
+    """Version 8 counts blocked Reserves and logs BLOCKED changes.
+
+    Older runs start unblocked with no blocked calls: blocks stored before
+    were never counted, and inventing a BLOCKED change would rewrite history
+    (revisions and digests) that watchers already saw.
+    """
+    for table, columns in _BLOCK_COLUMNS.items():
+        for column in columns:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+
+
 class SqliteLedger:
     """The ledger in a SQLite file; implements backends.base.Backend."""
 
@@ -914,6 +971,8 @@ class SqliteLedger:
             # states; older entries read 0.
             for column in ("state_exposure_micros", "state_exposure_ceiling_micros"):
                 conn.execute(f"ALTER TABLE changes ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+        if 0 < version < 8:
+            _migrate_to_blocks(conn)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _close_connection(self) -> None:
@@ -946,6 +1005,11 @@ class SqliteLedger:
 
     async def ping(self) -> None:
         await self._call(lambda: self._connection().execute("SELECT 1").fetchone())
+
+    async def transact(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
+        """fn in one transaction on the worker thread, for a store that keeps
+        tables of its own in this file (alerts); failures narrowed as above."""
+        return await self._call(lambda: self._transaction(fn, write=write))
 
     async def create_run(self, tenant: str, spec: RunSpec) -> CreateRunResult:
         account, replayed = await self._op(tenant, lambda s, now: saga.create_run(s, spec, now))
@@ -988,6 +1052,11 @@ class SqliteLedger:
             lambda s, now: saga.reserve(
                 s, run_id, reservation_id, amount_micros, ttl_ms, self.default_ttl_ms, now, extras
             ),
+        )
+
+    async def count_block(self, tenant: str, run_id: str, reservation_id: str) -> BudgetState:
+        return await self._op(
+            tenant, lambda s, now: core.count_block(s.run(run_id), run_id, reservation_id, now)
         )
 
     async def get_reservation(self, tenant: str, run_id: str, reservation_id: str) -> Reservation:

@@ -52,6 +52,7 @@ from runcap_server.ledger.types import (
     ScopeRef,
     Threshold,
     approval_id,
+    block_text,
     chain_digest,
 )
 
@@ -83,6 +84,8 @@ class _Txn:
         self.now_ms = now_ms
         self.reservations: dict[str, Reservation] = {}
         self.changes: list[Change] = []
+        # A counter changed without a revision (Account.blocked_calls).
+        self.counted = False
 
     def record(
         self,
@@ -102,6 +105,8 @@ class _Txn:
         if reservation is not None:
             reservation_id = reservation.reservation_id
             self.reservations[reservation_id] = reservation
+        # A BLOCKED change carries the reservation's verdict.
+        block = reservation if type_ is EventType.BLOCKED else None
         account.digest = chain_digest(
             account.digest,
             account.revision,
@@ -113,6 +118,7 @@ class _Txn:
             late,
             threshold,
             approval,
+            block_text(block) if block is not None else "",
         )
         self.changes.append(
             Change(
@@ -127,8 +133,23 @@ class _Txn:
                 late=late,
                 threshold=threshold,
                 approval=approval,
+                reason=block.reason if block is not None else None,
+                blocking_scope=block.blocking_scope if block is not None else None,
+                blocking_period=block.blocking_period if block is not None else None,
+                dimension=block.dimension if block is not None else None,
+                meter=block.meter if block is not None else "",
             )
         )
+
+    def count_block(self, reservation: Reservation) -> None:
+        """Count a Reserve answered DECISION_BLOCK; the first of a series
+        marks the run blocked, with a BLOCKED change."""
+        account = self.account
+        account.blocked_calls += 1
+        self.counted = True
+        if not account.blocked:
+            account.blocked = True
+            self.record(EventType.BLOCKED, reservation, amount_micros=reservation.amount_micros)
 
     def unhold(self, reservation: Reservation) -> int:
         """Take a held reservation's holds off the run's totals. Returns the money."""
@@ -153,7 +174,7 @@ class _Txn:
             self.store.save_reservation(reservation)
         for change in self.changes:
             self.store.append_change(change)
-        if self.changes:
+        if self.changes or self.counted:
             self.store.save_account(self.account)
         return self.account.state()
 
@@ -265,6 +286,7 @@ def reserve(
     fingerprint: str = "",
     pricing: str = "",
     dims: Mapping[str, int] | None = None,
+    downgrade: bool = False,
 ) -> ReserveResult:
     """Hold `amount` (and `dims`: tokens, meter units) on the run if every
     limit of its policy allows; remember the decision either way.
@@ -273,7 +295,8 @@ def reserve(
     saga's from the run's parent scopes, or an unknown price. When set (and
     this is not a retry), the reservation is blocked by it. A retry is
     compared by `fingerprint` when the request has one, else by amount, and
-    by its meter.
+    by its meter. A block is counted (Account.blocked_calls) unless this is
+    an automatic `downgrade`'s hold: the call it stands in for counts.
     """
     dims = dict(dims or {})
     txn = _open(store, run_id, now_ms)
@@ -285,7 +308,15 @@ def reserve(
         return _reserve_result(previous, txn.apply(), txn.account, now_ms, replayed=True)
     ttl_ms = requested_ttl_ms or txn.account.spec.default_ttl_ms or server_default_ttl_ms
     reservation = _decide(
-        txn, reservation_id, amount_micros, requested_ttl_ms, ttl_ms, parent_block, dims, pricing
+        txn,
+        reservation_id,
+        amount_micros,
+        requested_ttl_ms,
+        ttl_ms,
+        parent_block,
+        dims,
+        pricing,
+        count=not downgrade,
     )
     reservation.fingerprint = fingerprint
     return _reserve_result(reservation, txn.apply(), txn.account, now_ms, replayed=False)
@@ -507,7 +538,10 @@ def _check(
                 retry_at_ms=start + policy.rate_limit[1],
                 scope=run,
             )
-    if _in_throttle_band(account) and now_ms < account.throttle_until_ms:
+    # A pause longer than the policy's maximum delay is from a clock that stepped
+    # back (a Redis failover to a node behind): it is over, not an hour away.
+    until = account.throttle_until_ms
+    if _in_throttle_band(account) and now_ms < until <= now_ms + policy.throttle_max_ms:
         return _Verdict(
             DecisionReason.THROTTLED,
             Dimension.SPEND,
@@ -571,13 +605,16 @@ def _decide(
     pricing: str = "",
     *,
     own_limits: bool = True,
+    count: bool = True,
 ) -> Reservation:
     """A new reservation: held if the run is open and every limit and parent
     allows it (or the run is advisory and only a limit objects), else blocked
     or throttled. The run's own verdict takes precedence over its parents'.
 
     `own_limits` False (an ancestor holding for a descendant) checks the
-    dollar ceiling only: the other limits govern the run's own calls.
+    dollar ceiling only: the other limits govern the run's own calls, and
+    its blocks are the descendant's to count. `count` False leaves a block
+    uncounted (an automatic downgrade's hold).
     """
     account = txn.account
     dims = dict(dims or {})
@@ -662,14 +699,47 @@ def _decide(
             _set_usage(account, dim, reserved + units, committed)
         if own_limits:
             _count_allowed(account, txn.now_ms)
+        account.blocked = False  # money is held again: the run is off its wall
         txn.record(EventType.RESERVED, reservation, amount_micros=held)
     else:
-        # A block (or throttle) changes no money and no revision, but is
-        # remembered so a retry cannot turn it into an allow once budget frees up.
+        # A block (or throttle) changes no money, but is remembered so a retry
+        # cannot turn it into an allow once budget frees up.
         assert verdict is not None
         reservation.retry_at_ms = verdict.retry_at_ms
         txn.reservations[reservation_id] = reservation
+        if own_limits and count and reservation.decision is Decision.BLOCK:
+            if _may_downgrade(account, reservation):
+                reservation.uncounted = True
+            else:
+                txn.count_block(reservation)
     return reservation
+
+
+def _may_downgrade(account: Account, reservation: Reservation) -> bool:
+    """Whether the server may still answer this block with an automatic
+    downgrade (decisions.short_of_money, on a run with auto_downgrade): an
+    LLM call blocked by a dollar or exposure ceiling. Such a block is counted
+    only once the server answers it as a block (count_block)."""
+    return (
+        account.policy.auto_downgrade
+        and bool(reservation.pricing)
+        and reservation.reason is DecisionReason.INSUFFICIENT_BUDGET
+        and reservation.dimension in (Dimension.SPEND, Dimension.EXPOSURE)
+    )
+
+
+def count_block(store: RunStore, run_id: str, reservation_id: str, now_ms: int) -> BudgetState:
+    """Count a block left uncounted (Reservation.uncounted): the server
+    answered it as a block after all. Idempotent. Returns the run's state."""
+    txn = _open(store, run_id, now_ms)
+    reservation = _reservation(txn, reservation_id)
+    if reservation is None:
+        raise errors.ReservationNotFound(run_id, reservation_id)
+    if reservation.uncounted:
+        reservation.uncounted = False
+        txn.reservations[reservation_id] = reservation
+        txn.count_block(reservation)
+    return txn.apply()
 
 
 def hold_for_child(
@@ -934,6 +1004,7 @@ __all__ = [
     "band",
     "close_run",
     "commit",
+    "count_block",
     "create_run",
     "expire_due",
     "get_state",

@@ -20,6 +20,7 @@ from runcap_server.ledger.scopes import ScopeHold, ScopeView, WindowTotals
 from runcap_server.ledger.types import (
     Account,
     ApprovalResult,
+    BudgetState,
     Change,
     ChangePage,
     CloseRunResult,
@@ -236,6 +237,11 @@ class ModelLedger:
             lambda s, now: saga.reserve(
                 s, run_id, reservation_id, amount_micros, ttl_ms, self.default_ttl_ms, now, extras
             ),
+        )
+
+    async def count_block(self, tenant: str, run_id: str, reservation_id: str) -> BudgetState:
+        return self._op(
+            tenant, lambda s, now: core.count_block(s.run(run_id), run_id, reservation_id, now)
         )
 
     async def get_reservation(self, tenant: str, run_id: str, reservation_id: str) -> Reservation:

@@ -60,6 +60,9 @@ class ReserveExtras:
     tokens: int = 0
     meter: str = ""
     meter_units: int = 0
+    # An automatic downgrade's hold: a block of it is not counted, the call
+    # it stands in for is (Account.blocked_calls).
+    downgrade: bool = False
 
     def dims(self) -> dict[str, int]:
         """What the reservation holds beyond money, by dimension."""
@@ -151,14 +154,22 @@ def parent_block(outcomes: Sequence[ParentOutcome]) -> ParentOutcome | None:
 
 
 def to_release(outcomes: Sequence[ParentOutcome], result: ReserveResult | None) -> list[ScopeRef]:
-    """The parent holds step 1 made that the run's answer does not keep.
+    """The parent holds of this reservation that the run's answer does not keep.
 
-    `result` is None when the run's step failed (an error): nothing is kept.
+    `result` is None when the run's step failed with an error (an idempotency
+    conflict): what step 1 newly held goes. A run that holds the reservation
+    keeps every parent's hold, a replay too: the holds are the same whichever
+    attempt made them (an earlier one whose answer was lost, or a concurrent
+    retry), and releasing them would let the run hold what its parents do
+    not. A run that blocked it never holds it (a block is remembered), so
+    every parent's hold of it goes.
     """
+    if result is None:
+        return [o.scope for o in outcomes if o.freshly_held and o.scope]
     # An advisory run's warning holds too, so its parents keep their holds.
-    holding = (Decision.ALLOW, Decision.WARN)
-    kept = result is not None and result.decision in holding and not result.replayed
-    return [] if kept else [o.scope for o in outcomes if o.freshly_held and o.scope]
+    if result.decision in (Decision.ALLOW, Decision.WARN):
+        return []
+    return [o.scope for o in outcomes if o.status is ReservationStatus.HELD and o.scope]
 
 
 # -- the saga inside one transaction (the model and SQLite) ---------------------
@@ -236,6 +247,7 @@ def reserve(
             fingerprint=request.fingerprint,
             pricing=request.pricing,
             dims=request.dims(),
+            downgrade=request.downgrade,
         )
 
     if request.preblock is not None:

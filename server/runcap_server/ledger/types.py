@@ -153,6 +153,7 @@ class EventType(IntEnum):
     APPROVAL_REQUESTED = 10
     APPROVAL_GRANTED = 11
     APPROVAL_DENIED = 12
+    BLOCKED = 13
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -462,6 +463,8 @@ class BudgetState:
     # part of the digest: they follow from the history it fingerprints.
     exposure_micros: int = 0
     exposure_ceiling_micros: int = 0
+    # At the wall: set by a BLOCKED change, cleared by the next RESERVED one.
+    blocked: bool = False
 
     @property
     def remaining_micros(self) -> int:
@@ -502,6 +505,10 @@ class Account:
     # model's observed output tokens (encode_calibration).
     exposure_micros: int = 0
     calibration: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    # At the wall since the last BLOCKED change (BudgetState.blocked), and the
+    # run's blocked Reserves: a counter that moves without a revision.
+    blocked: bool = False
+    blocked_calls: int = 0
 
     @property
     def run_id(self) -> str:
@@ -521,6 +528,7 @@ class Account:
             committed_tokens=self.usage.get(TOKENS, (0, 0))[1],
             reserved_tokens=self.usage.get(TOKENS, (0, 0))[0],
             digest=self.digest,
+            blocked=self.blocked,
             **self.exposure(),
         )
 
@@ -555,6 +563,7 @@ class Account:
             children=self.children,
             usage=dict(self.usage),
             approvals=dict(self.approvals),
+            blocked_calls=self.blocked_calls,
         )
 
 
@@ -590,6 +599,10 @@ class Reservation:
     meter: str = ""
     # For a throttle: when reserving again makes sense.
     retry_at_ms: int | None = None
+    # A block not counted yet (Account.blocked_calls): an LLM call short of
+    # money on a run with auto_downgrade, which the server may still answer
+    # with a downgrade; core.count_block counts it once if it does not.
+    uncounted: bool = False
 
     @property
     def decision(self) -> Decision:
@@ -626,12 +639,13 @@ def chain_digest(
     late: bool,
     threshold: Threshold = Threshold.NONE,
     approval: str = "",
+    block: str = "",
 ) -> str:
     """The digest after one more change: sha1 over the previous digest and the change.
 
     Every backend computes exactly this (the Redis script with redis.sha1hex), so
     a digest names one history whatever stored it. A threshold crossing adds
-    its band as one more field.
+    its band as one more field, a block its verdict (block_text).
     """
     fields = (previous, revision, int(type_), reservation_id, amount_micros, actual_micros)
     text = "|".join(str(f) for f in (*fields, overrun_micros, "1" if late else "0"))
@@ -639,7 +653,18 @@ def chain_digest(
         text += f"|{int(threshold)}"
     if approval:
         text += f"|a:{approval}"
+    if block:
+        text += f"|b:{block}"
     return hashlib.sha1(text.encode()).hexdigest()
+
+
+def block_text(reservation: Reservation) -> str:
+    """A block's verdict as the digest covers it: "reason|dimension|period|scope|meter"
+    (0 or "" when unset; no field holds "|")."""
+    r = reservation
+    scope = r.blocking_scope.token if r.blocking_scope else ""
+    fields = (int(r.reason), int(r.dimension or 0), int(r.blocking_period or 0), scope, r.meter)
+    return "|".join(str(f) for f in fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -658,6 +683,12 @@ class Change:
     threshold: Threshold = Threshold.NONE
     # For the APPROVAL_ events: the trigger.
     approval: str = ""
+    # For BLOCKED: the reservation's verdict.
+    reason: DecisionReason | None = None
+    blocking_scope: ScopeRef | None = None
+    blocking_period: Period | None = None
+    dimension: Dimension | None = None
+    meter: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -674,6 +705,8 @@ class RunView:
     children: int = 0
     usage: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     approvals: Mapping[str, ApprovalStatus] = dataclasses.field(default_factory=dict)
+    # The run's blocked Reserves (Account.blocked_calls).
+    blocked_calls: int = 0
 
 
 @dataclass(frozen=True, slots=True)

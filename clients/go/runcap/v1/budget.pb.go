@@ -779,6 +779,15 @@ const (
 	EventType_EVENT_TYPE_APPROVAL_GRANTED EventType = 11
 	// `approval_id` was denied.
 	EventType_EVENT_TYPE_APPROVAL_DENIED EventType = 12
+	// A Reserve on the run was blocked (DECISION_BLOCK) while the run was not
+	// marked blocked: `state.blocked` turns true, and `reason`, the
+	// `blocking_` fields and `amount_micros` (the estimate that did not fit)
+	// describe the block. Later blocks only count (Run.blocked_calls), with no
+	// change, until a Reserve holds money again (EVENT_TYPE_RESERVED, whose
+	// state clears the mark); the next block after that is a new
+	// EVENT_TYPE_BLOCKED. So a loop that keeps hitting the wall is one change.
+	// Throttles and approval requests are not blocks.
+	EventType_EVENT_TYPE_BLOCKED EventType = 13
 )
 
 // Enum value maps for EventType.
@@ -797,6 +806,7 @@ var (
 		10: "EVENT_TYPE_APPROVAL_REQUESTED",
 		11: "EVENT_TYPE_APPROVAL_GRANTED",
 		12: "EVENT_TYPE_APPROVAL_DENIED",
+		13: "EVENT_TYPE_BLOCKED",
 	}
 	EventType_value = map[string]int32{
 		"EVENT_TYPE_UNSPECIFIED":        0,
@@ -812,6 +822,7 @@ var (
 		"EVENT_TYPE_APPROVAL_REQUESTED": 10,
 		"EVENT_TYPE_APPROVAL_GRANTED":   11,
 		"EVENT_TYPE_APPROVAL_DENIED":    12,
+		"EVENT_TYPE_BLOCKED":            13,
 	}
 )
 
@@ -1538,8 +1549,13 @@ type BudgetState struct {
 	// reach, the limit plus the exposure allowance (a Reserve past it is
 	// blocked with BUDGET_DIMENSION_EXPOSURE); 0 in other modes.
 	ExposureCeilingMicros int64 `protobuf:"varint,15,opt,name=exposure_ceiling_micros,json=exposureCeilingMicros,proto3" json:"exposure_ceiling_micros,omitempty"`
-	unknownFields         protoimpl.UnknownFields
-	sizeCache             protoimpl.SizeCache
+	// Whether the run is at its wall: a Reserve on it was blocked
+	// (DECISION_BLOCK) and no Reserve has held money since. It turns true with
+	// an EVENT_TYPE_BLOCKED change and false with the next EVENT_TYPE_RESERVED
+	// change, and with no other.
+	Blocked       bool `protobuf:"varint,16,opt,name=blocked,proto3" json:"blocked,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *BudgetState) Reset() {
@@ -1677,6 +1693,13 @@ func (x *BudgetState) GetExposureCeilingMicros() int64 {
 	return 0
 }
 
+func (x *BudgetState) GetBlocked() bool {
+	if x != nil {
+		return x.Blocked
+	}
+	return false
+}
+
 // Run is a run's configuration, as given when it was created.
 type Run struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1714,7 +1737,15 @@ type Run struct {
 	// The run's call meters: every meter with a ceiling or any use.
 	Meters []*MeterUsage `protobuf:"bytes,15,rep,name=meters,proto3" json:"meters,omitempty"`
 	// The run's escalations, pending and resolved.
-	Approvals     []*Approval `protobuf:"bytes,16,rep,name=approvals,proto3" json:"approvals,omitempty"`
+	Approvals []*Approval `protobuf:"bytes,16,rep,name=approvals,proto3" json:"approvals,omitempty"`
+	// How many of the run's Reserves were answered DECISION_BLOCK, whatever
+	// blocked them (a ceiling of the run or of a parent scope, a suspended or
+	// closed run, an unknown price, a denied approval); a retry of the same
+	// reservation id counts once. A counter like `children`, not a change of
+	// the run's budget: it moves without a revision, so it is not in
+	// BudgetState and Watch does not show it (only the first block of a
+	// series is an EVENT_TYPE_BLOCKED change).
+	BlockedCalls  int64 `protobuf:"varint,17,opt,name=blocked_calls,json=blockedCalls,proto3" json:"blocked_calls,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1861,6 +1892,13 @@ func (x *Run) GetApprovals() []*Approval {
 	return nil
 }
 
+func (x *Run) GetBlockedCalls() int64 {
+	if x != nil {
+		return x.BlockedCalls
+	}
+	return 0
+}
+
 // MeterUsage is a run's use of one call meter, in units.
 type MeterUsage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1941,7 +1979,8 @@ type BudgetEvent struct {
 	Type EventType `protobuf:"varint,1,opt,name=type,proto3,enum=runcap.v1.EventType" json:"type,omitempty"`
 	// The reservation concerned. Empty for CREATED and CLOSED.
 	ReservationId string `protobuf:"bytes,2,opt,name=reservation_id,json=reservationId,proto3" json:"reservation_id,omitempty"`
-	// The amount held by the reservation, in micro-USD.
+	// The amount held by the reservation, in micro-USD. For BLOCKED: the
+	// estimate that was asked for and not held.
 	AmountMicros int64 `protobuf:"varint,3,opt,name=amount_micros,json=amountMicros,proto3" json:"amount_micros,omitempty"`
 	// The actual cost recorded, in micro-USD. Set for COMMITTED only.
 	ActualMicros int64 `protobuf:"varint,4,opt,name=actual_micros,json=actualMicros,proto3" json:"actual_micros,omitempty"`
@@ -1958,7 +1997,18 @@ type BudgetEvent struct {
 	// For THRESHOLD_CROSSED: the band reached.
 	Threshold ThresholdLevel `protobuf:"varint,9,opt,name=threshold,proto3,enum=runcap.v1.ThresholdLevel" json:"threshold,omitempty"`
 	// For the APPROVAL_ events: the approval.
-	ApprovalId    string `protobuf:"bytes,10,opt,name=approval_id,json=approvalId,proto3" json:"approval_id,omitempty"`
+	ApprovalId string `protobuf:"bytes,10,opt,name=approval_id,json=approvalId,proto3" json:"approval_id,omitempty"`
+	// For BLOCKED: why the Reserve was blocked (as in its ReserveResponse).
+	Reason DecisionReason `protobuf:"varint,11,opt,name=reason,proto3,enum=runcap.v1.DecisionReason" json:"reason,omitempty"`
+	// For BLOCKED: the scope that blocked, the run itself or one of its parent
+	// scopes. Unset for a block decided before any ledger (an unknown price).
+	BlockingScope *ScopeRef `protobuf:"bytes,12,opt,name=blocking_scope,json=blockingScope,proto3" json:"blocking_scope,omitempty"`
+	// For BLOCKED by a ceiling: the period of the ceiling that blocked.
+	BlockingPeriod Period `protobuf:"varint,13,opt,name=blocking_period,json=blockingPeriod,proto3,enum=runcap.v1.Period" json:"blocking_period,omitempty"`
+	// For BLOCKED by a limit: which limit (unset for a closed or suspended run).
+	BlockingDimension BudgetDimension `protobuf:"varint,14,opt,name=blocking_dimension,json=blockingDimension,proto3,enum=runcap.v1.BudgetDimension" json:"blocking_dimension,omitempty"`
+	// For BLOCKED by BUDGET_DIMENSION_METER: the meter.
+	BlockingMeter string `protobuf:"bytes,15,opt,name=blocking_meter,json=blockingMeter,proto3" json:"blocking_meter,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2063,6 +2113,41 @@ func (x *BudgetEvent) GetApprovalId() string {
 	return ""
 }
 
+func (x *BudgetEvent) GetReason() DecisionReason {
+	if x != nil {
+		return x.Reason
+	}
+	return DecisionReason_DECISION_REASON_UNSPECIFIED
+}
+
+func (x *BudgetEvent) GetBlockingScope() *ScopeRef {
+	if x != nil {
+		return x.BlockingScope
+	}
+	return nil
+}
+
+func (x *BudgetEvent) GetBlockingPeriod() Period {
+	if x != nil {
+		return x.BlockingPeriod
+	}
+	return Period_PERIOD_UNSPECIFIED
+}
+
+func (x *BudgetEvent) GetBlockingDimension() BudgetDimension {
+	if x != nil {
+		return x.BlockingDimension
+	}
+	return BudgetDimension_BUDGET_DIMENSION_UNSPECIFIED
+}
+
+func (x *BudgetEvent) GetBlockingMeter() string {
+	if x != nil {
+		return x.BlockingMeter
+	}
+	return ""
+}
+
 var File_runcap_v1_budget_proto protoreflect.FileDescriptor
 
 const file_runcap_v1_budget_proto_rawDesc = "" +
@@ -2133,7 +2218,7 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x05Scope\x12%\n" +
 	"\x03ref\x18\x01 \x01(\v2\x13.runcap.v1.ScopeRefR\x03ref\x12+\n" +
 	"\x05usage\x18\x02 \x03(\v2\x15.runcap.v1.ScopeUsageR\x05usage\x12;\n" +
-	"\x0edefault_policy\x18\x03 \x01(\v2\x14.runcap.v1.RunPolicyR\rdefaultPolicy\"\xc8\x05\n" +
+	"\x0edefault_policy\x18\x03 \x01(\v2\x14.runcap.v1.RunPolicyR\rdefaultPolicy\"\xe8\x05\n" +
 	"\vBudgetState\x12\x1b\n" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x03R\x05runId\x12'\n" +
 	"\flimit_micros\x18\x02 \x01(\x03B\x04\xe2A\x01\x03R\vlimitMicros\x12/\n" +
@@ -2150,7 +2235,8 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x06digest\x18\n" +
 	" \x01(\tB\x04\xe2A\x01\x03R\x06digest\x12-\n" +
 	"\x0fexposure_micros\x18\x0e \x01(\x03B\x04\xe2A\x01\x03R\x0eexposureMicros\x12<\n" +
-	"\x17exposure_ceiling_micros\x18\x0f \x01(\x03B\x04\xe2A\x01\x03R\x15exposureCeilingMicros\"\xa7\x06\n" +
+	"\x17exposure_ceiling_micros\x18\x0f \x01(\x03B\x04\xe2A\x01\x03R\x15exposureCeilingMicros\x12\x1e\n" +
+	"\ablocked\x18\x10 \x01(\bB\x04\xe2A\x01\x03R\ablocked\"\xd2\x06\n" +
 	"\x03Run\x12\x1b\n" +
 	"\x06run_id\x18\x01 \x01(\tB\x04\xe2A\x01\x03R\x05runId\x12'\n" +
 	"\flimit_micros\x18\x02 \x01(\x03B\x04\xe2A\x01\x03R\vlimitMicros\x128\n" +
@@ -2171,7 +2257,8 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x0fdepth_remaining\x18\r \x01(\x05B\x04\xe2A\x01\x03R\x0edepthRemaining\x12 \n" +
 	"\bchildren\x18\x0e \x01(\x05B\x04\xe2A\x01\x03R\bchildren\x123\n" +
 	"\x06meters\x18\x0f \x03(\v2\x15.runcap.v1.MeterUsageB\x04\xe2A\x01\x03R\x06meters\x127\n" +
-	"\tapprovals\x18\x10 \x03(\v2\x13.runcap.v1.ApprovalB\x04\xe2A\x01\x03R\tapprovals\x1a9\n" +
+	"\tapprovals\x18\x10 \x03(\v2\x13.runcap.v1.ApprovalB\x04\xe2A\x01\x03R\tapprovals\x12)\n" +
+	"\rblocked_calls\x18\x11 \x01(\x03B\x04\xe2A\x01\x03R\fblockedCalls\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x7f\n" +
@@ -2181,7 +2268,7 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x05limit\x18\x02 \x01(\x03H\x00R\x05limit\x88\x01\x01\x12\x1c\n" +
 	"\tcommitted\x18\x03 \x01(\x03R\tcommitted\x12\x1a\n" +
 	"\breserved\x18\x04 \x01(\x03R\breservedB\b\n" +
-	"\x06_limit\"\x9b\x03\n" +
+	"\x06_limit\"\xb8\x05\n" +
 	"\vBudgetEvent\x12(\n" +
 	"\x04type\x18\x01 \x01(\x0e2\x14.runcap.v1.EventTypeR\x04type\x12%\n" +
 	"\x0ereservation_id\x18\x02 \x01(\tR\rreservationId\x12#\n" +
@@ -2194,7 +2281,12 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\tthreshold\x18\t \x01(\x0e2\x19.runcap.v1.ThresholdLevelR\tthreshold\x12\x1f\n" +
 	"\vapproval_id\x18\n" +
 	" \x01(\tR\n" +
-	"approvalId*m\n" +
+	"approvalId\x121\n" +
+	"\x06reason\x18\v \x01(\x0e2\x19.runcap.v1.DecisionReasonR\x06reason\x12:\n" +
+	"\x0eblocking_scope\x18\f \x01(\v2\x13.runcap.v1.ScopeRefR\rblockingScope\x12:\n" +
+	"\x0fblocking_period\x18\r \x01(\x0e2\x11.runcap.v1.PeriodR\x0eblockingPeriod\x12I\n" +
+	"\x12blocking_dimension\x18\x0e \x01(\x0e2\x1a.runcap.v1.BudgetDimensionR\x11blockingDimension\x12%\n" +
+	"\x0eblocking_meter\x18\x0f \x01(\tR\rblockingMeter*m\n" +
 	"\tRunStatus\x12\x1a\n" +
 	"\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fRUN_STATUS_OPEN\x10\x01\x12\x15\n" +
@@ -2268,7 +2360,7 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x1bRESERVATION_STATUS_RELEASED\x10\x03\x12\x1e\n" +
 	"\x1aRESERVATION_STATUS_EXPIRED\x10\x04\x12%\n" +
 	"!RESERVATION_STATUS_LATE_COMMITTED\x10\x05\x12\x1e\n" +
-	"\x1aRESERVATION_STATUS_BLOCKED\x10\x06*\xf2\x02\n" +
+	"\x1aRESERVATION_STATUS_BLOCKED\x10\x06*\x8a\x03\n" +
 	"\tEventType\x12\x1a\n" +
 	"\x16EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12EVENT_TYPE_CREATED\x10\x01\x12\x17\n" +
@@ -2283,7 +2375,8 @@ const file_runcap_v1_budget_proto_rawDesc = "" +
 	"\x1dEVENT_TYPE_APPROVAL_REQUESTED\x10\n" +
 	"\x12\x1f\n" +
 	"\x1bEVENT_TYPE_APPROVAL_GRANTED\x10\v\x12\x1e\n" +
-	"\x1aEVENT_TYPE_APPROVAL_DENIED\x10\fB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
+	"\x1aEVENT_TYPE_APPROVAL_DENIED\x10\f\x12\x16\n" +
+	"\x12EVENT_TYPE_BLOCKED\x10\rB8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
 
 var (
 	file_runcap_v1_budget_proto_rawDescOnce sync.Once
@@ -2355,11 +2448,15 @@ var file_runcap_v1_budget_proto_depIdxs = []int32{
 	25, // 24: runcap.v1.BudgetEvent.time:type_name -> google.protobuf.Timestamp
 	18, // 25: runcap.v1.BudgetEvent.state:type_name -> runcap.v1.BudgetState
 	5,  // 26: runcap.v1.BudgetEvent.threshold:type_name -> runcap.v1.ThresholdLevel
-	27, // [27:27] is the sub-list for method output_type
-	27, // [27:27] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	6,  // 27: runcap.v1.BudgetEvent.reason:type_name -> runcap.v1.DecisionReason
+	15, // 28: runcap.v1.BudgetEvent.blocking_scope:type_name -> runcap.v1.ScopeRef
+	8,  // 29: runcap.v1.BudgetEvent.blocking_period:type_name -> runcap.v1.Period
+	4,  // 30: runcap.v1.BudgetEvent.blocking_dimension:type_name -> runcap.v1.BudgetDimension
+	31, // [31:31] is the sub-list for method output_type
+	31, // [31:31] is the sub-list for method input_type
+	31, // [31:31] is the sub-list for extension type_name
+	31, // [31:31] is the sub-list for extension extendee
+	0,  // [0:31] is the sub-list for field type_name
 }
 
 func init() { file_runcap_v1_budget_proto_init() }

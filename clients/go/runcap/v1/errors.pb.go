@@ -100,6 +100,11 @@ const (
 	// belongs to another principal. Checked before existence, so a run of
 	// another principal and a missing run look the same to an agent.
 	ErrorReason_ERROR_REASON_PERMISSION_DENIED ErrorReason = 20
+	// RESOURCE_EXHAUSTED: CreateRun would give the caller more open runs than
+	// the server allows one principal (RUNCAP_MAX_OPEN_RUNS). Close finished
+	// runs (or wait for the run TTL to close abandoned ones) and retry. A
+	// `google.rpc.QuotaFailure` detail names the principal and the limit.
+	ErrorReason_ERROR_REASON_OPEN_RUN_LIMIT ErrorReason = 21
 )
 
 // Enum value maps for ErrorReason.
@@ -126,6 +131,7 @@ var (
 		18: "ERROR_REASON_APPROVAL_RESOLVED",
 		19: "ERROR_REASON_UNAUTHENTICATED",
 		20: "ERROR_REASON_PERMISSION_DENIED",
+		21: "ERROR_REASON_OPEN_RUN_LIMIT",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":           0,
@@ -149,6 +155,7 @@ var (
 		"ERROR_REASON_APPROVAL_RESOLVED":     18,
 		"ERROR_REASON_UNAUTHENTICATED":       19,
 		"ERROR_REASON_PERMISSION_DENIED":     20,
+		"ERROR_REASON_OPEN_RUN_LIMIT":        21,
 	}
 )
 
@@ -183,7 +190,7 @@ var File_runcap_v1_errors_proto protoreflect.FileDescriptor
 
 const file_runcap_v1_errors_proto_rawDesc = "" +
 	"\n" +
-	"\x16runcap/v1/errors.proto\x12\truncap.v1*\xf5\x05\n" +
+	"\x16runcap/v1/errors.proto\x12\truncap.v1*\x96\x06\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x01\x12\x1e\n" +
@@ -206,7 +213,8 @@ const file_runcap_v1_errors_proto_rawDesc = "" +
 	"\x1fERROR_REASON_APPROVAL_NOT_FOUND\x10\x11\x12\"\n" +
 	"\x1eERROR_REASON_APPROVAL_RESOLVED\x10\x12\x12 \n" +
 	"\x1cERROR_REASON_UNAUTHENTICATED\x10\x13\x12\"\n" +
-	"\x1eERROR_REASON_PERMISSION_DENIED\x10\x14B8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
+	"\x1eERROR_REASON_PERMISSION_DENIED\x10\x14\x12\x1f\n" +
+	"\x1bERROR_REASON_OPEN_RUN_LIMIT\x10\x15B8Z6github.com/runcap/runcap/clients/go/runcap/v1;runcapv1b\x06proto3"
 
 var (
 	file_runcap_v1_errors_proto_rawDescOnce sync.Once

@@ -598,6 +598,16 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """`approval_id` was approved."""
     EVENT_TYPE_APPROVAL_DENIED: _EventType.ValueType  # 12
     """`approval_id` was denied."""
+    EVENT_TYPE_BLOCKED: _EventType.ValueType  # 13
+    """A Reserve on the run was blocked (DECISION_BLOCK) while the run was not
+    marked blocked: `state.blocked` turns true, and `reason`, the
+    `blocking_` fields and `amount_micros` (the estimate that did not fit)
+    describe the block. Later blocks only count (Run.blocked_calls), with no
+    change, until a Reserve holds money again (EVENT_TYPE_RESERVED, whose
+    state clears the mark); the next block after that is a new
+    EVENT_TYPE_BLOCKED. So a loop that keeps hitting the wall is one change.
+    Throttles and approval requests are not blocks.
+    """
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """EventType names what changed in a run."""
@@ -634,6 +644,16 @@ EVENT_TYPE_APPROVAL_GRANTED: EventType.ValueType  # 11
 """`approval_id` was approved."""
 EVENT_TYPE_APPROVAL_DENIED: EventType.ValueType  # 12
 """`approval_id` was denied."""
+EVENT_TYPE_BLOCKED: EventType.ValueType  # 13
+"""A Reserve on the run was blocked (DECISION_BLOCK) while the run was not
+marked blocked: `state.blocked` turns true, and `reason`, the
+`blocking_` fields and `amount_micros` (the estimate that did not fit)
+describe the block. Later blocks only count (Run.blocked_calls), with no
+change, until a Reserve holds money again (EVENT_TYPE_RESERVED, whose
+state clears the mark); the next block after that is a new
+EVENT_TYPE_BLOCKED. So a loop that keeps hitting the wall is one change.
+Throttles and approval requests are not blocks.
+"""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final
@@ -1067,6 +1087,7 @@ class BudgetState(_message.Message):
     DIGEST_FIELD_NUMBER: _builtins.int
     EXPOSURE_MICROS_FIELD_NUMBER: _builtins.int
     EXPOSURE_CEILING_MICROS_FIELD_NUMBER: _builtins.int
+    BLOCKED_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id."""
     limit_micros: _builtins.int
@@ -1118,6 +1139,12 @@ class BudgetState(_message.Message):
     reach, the limit plus the exposure allowance (a Reserve past it is
     blocked with BUDGET_DIMENSION_EXPOSURE); 0 in other modes.
     """
+    blocked: _builtins.bool
+    """Whether the run is at its wall: a Reserve on it was blocked
+    (DECISION_BLOCK) and no Reserve has held money since. It turns true with
+    an EVENT_TYPE_BLOCKED change and false with the next EVENT_TYPE_RESERVED
+    change, and with no other.
+    """
     def __init__(
         self,
         *,
@@ -1136,10 +1163,11 @@ class BudgetState(_message.Message):
         digest: _builtins.str = ...,
         exposure_micros: _builtins.int = ...,
         exposure_ceiling_micros: _builtins.int = ...,
+        blocked: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_reservations", b"active_reservations", "committed_micros", b"committed_micros", "committed_tokens", b"committed_tokens", "digest", b"digest", "exposure_ceiling_micros", b"exposure_ceiling_micros", "exposure_micros", b"exposure_micros", "limit_micros", b"limit_micros", "overrun_micros", b"overrun_micros", "remaining_micros", b"remaining_micros", "reserved_micros", b"reserved_micros", "reserved_tokens", b"reserved_tokens", "revision", b"revision", "run_id", b"run_id", "status", b"status", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_reservations", b"active_reservations", "blocked", b"blocked", "committed_micros", b"committed_micros", "committed_tokens", b"committed_tokens", "digest", b"digest", "exposure_ceiling_micros", b"exposure_ceiling_micros", "exposure_micros", b"exposure_micros", "limit_micros", b"limit_micros", "overrun_micros", b"overrun_micros", "remaining_micros", b"remaining_micros", "reserved_micros", b"reserved_micros", "reserved_tokens", b"reserved_tokens", "revision", b"revision", "run_id", b"run_id", "status", b"status", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1187,6 +1215,7 @@ class Run(_message.Message):
     CHILDREN_FIELD_NUMBER: _builtins.int
     METERS_FIELD_NUMBER: _builtins.int
     APPROVALS_FIELD_NUMBER: _builtins.int
+    BLOCKED_CALLS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id."""
     limit_micros: _builtins.int
@@ -1209,6 +1238,15 @@ class Run(_message.Message):
     """
     children: _builtins.int
     """How many child runs the run has."""
+    blocked_calls: _builtins.int
+    """How many of the run's Reserves were answered DECISION_BLOCK, whatever
+    blocked them (a ceiling of the run or of a parent scope, a suspended or
+    closed run, an unknown price, a denied approval); a retry of the same
+    reservation id counts once. A counter like `children`, not a change of
+    the run's budget: it moves without a revision, so it is not in
+    BudgetState and Watch does not show it (only the first block of a
+    series is an EVENT_TYPE_BLOCKED change).
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels (for example agent, team, feature), used for reporting."""
@@ -1258,10 +1296,11 @@ class Run(_message.Message):
         children: _builtins.int = ...,
         meters: _abc.Iterable[Global___MeterUsage] | None = ...,
         approvals: _abc.Iterable[Global___Approval] | None = ...,
+        blocked_calls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["close_time", b"close_time", "create_time", b"create_time", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ancestor_run_ids", b"ancestor_run_ids", "api_key_id", b"api_key_id", "approvals", b"approvals", "children", b"children", "close_time", b"close_time", "create_time", b"create_time", "default_ttl_millis", b"default_ttl_millis", "depth_remaining", b"depth_remaining", "labels", b"labels", "limit_micros", b"limit_micros", "meters", b"meters", "parent_run_id", b"parent_run_id", "policy", b"policy", "run_id", b"run_id", "team_id", b"team_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ancestor_run_ids", b"ancestor_run_ids", "api_key_id", b"api_key_id", "approvals", b"approvals", "blocked_calls", b"blocked_calls", "children", b"children", "close_time", b"close_time", "create_time", b"create_time", "default_ttl_millis", b"default_ttl_millis", "depth_remaining", b"depth_remaining", "labels", b"labels", "limit_micros", b"limit_micros", "meters", b"meters", "parent_run_id", b"parent_run_id", "policy", b"policy", "run_id", b"run_id", "team_id", b"team_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1319,12 +1358,19 @@ class BudgetEvent(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     THRESHOLD_FIELD_NUMBER: _builtins.int
     APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    BLOCKING_SCOPE_FIELD_NUMBER: _builtins.int
+    BLOCKING_PERIOD_FIELD_NUMBER: _builtins.int
+    BLOCKING_DIMENSION_FIELD_NUMBER: _builtins.int
+    BLOCKING_METER_FIELD_NUMBER: _builtins.int
     type: Global___EventType.ValueType
     """What changed."""
     reservation_id: _builtins.str
     """The reservation concerned. Empty for CREATED and CLOSED."""
     amount_micros: _builtins.int
-    """The amount held by the reservation, in micro-USD."""
+    """The amount held by the reservation, in micro-USD. For BLOCKED: the
+    estimate that was asked for and not held.
+    """
     actual_micros: _builtins.int
     """The actual cost recorded, in micro-USD. Set for COMMITTED only."""
     overrun_micros: _builtins.int
@@ -1337,6 +1383,14 @@ class BudgetEvent(_message.Message):
     """For THRESHOLD_CROSSED: the band reached."""
     approval_id: _builtins.str
     """For the APPROVAL_ events: the approval."""
+    reason: Global___DecisionReason.ValueType
+    """For BLOCKED: why the Reserve was blocked (as in its ReserveResponse)."""
+    blocking_period: Global___Period.ValueType
+    """For BLOCKED by a ceiling: the period of the ceiling that blocked."""
+    blocking_dimension: Global___BudgetDimension.ValueType
+    """For BLOCKED by a limit: which limit (unset for a closed or suspended run)."""
+    blocking_meter: _builtins.str
+    """For BLOCKED by BUDGET_DIMENSION_METER: the meter."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the change happened, in server time."""
@@ -1345,6 +1399,12 @@ class BudgetEvent(_message.Message):
     def state(self) -> Global___BudgetState:
         """The run's state right after this change; `state.revision` equals the
         enclosing message's revision.
+        """
+
+    @_builtins.property
+    def blocking_scope(self) -> Global___ScopeRef:
+        """For BLOCKED: the scope that blocked, the run itself or one of its parent
+        scopes. Unset for a block decided before any ledger (an unknown price).
         """
 
     def __init__(
@@ -1360,10 +1420,15 @@ class BudgetEvent(_message.Message):
         state: Global___BudgetState | None = ...,
         threshold: Global___ThresholdLevel.ValueType = ...,
         approval_id: _builtins.str = ...,
+        reason: Global___DecisionReason.ValueType = ...,
+        blocking_scope: Global___ScopeRef | None = ...,
+        blocking_period: Global___Period.ValueType = ...,
+        blocking_dimension: Global___BudgetDimension.ValueType = ...,
+        blocking_meter: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blocking_scope", b"blocking_scope", "state", b"state", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual_micros", b"actual_micros", "amount_micros", b"amount_micros", "approval_id", b"approval_id", "late", b"late", "overrun_micros", b"overrun_micros", "reservation_id", b"reservation_id", "state", b"state", "threshold", b"threshold", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual_micros", b"actual_micros", "amount_micros", b"amount_micros", "approval_id", b"approval_id", "blocking_dimension", b"blocking_dimension", "blocking_meter", b"blocking_meter", "blocking_period", b"blocking_period", "blocking_scope", b"blocking_scope", "late", b"late", "overrun_micros", b"overrun_micros", "reason", b"reason", "reservation_id", b"reservation_id", "state", b"state", "threshold", b"threshold", "time", b"time", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

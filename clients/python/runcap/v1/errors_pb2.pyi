@@ -113,6 +113,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     belongs to another principal. Checked before existence, so a run of
     another principal and a missing run look the same to an agent.
     """
+    ERROR_REASON_OPEN_RUN_LIMIT: _ErrorReason.ValueType  # 21
+    """RESOURCE_EXHAUSTED: CreateRun would give the caller more open runs than
+    the server allows one principal (RUNCAP_MAX_OPEN_RUNS). Close finished
+    runs (or wait for the run TTL to close abandoned ones) and retry. A
+    `google.rpc.QuotaFailure` detail names the principal and the limit.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every reason the server puts in the `google.rpc.ErrorInfo`
@@ -212,5 +218,11 @@ ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 20
 """PERMISSION_DENIED: the caller's role may not make this call, or the run
 belongs to another principal. Checked before existence, so a run of
 another principal and a missing run look the same to an agent.
+"""
+ERROR_REASON_OPEN_RUN_LIMIT: ErrorReason.ValueType  # 21
+"""RESOURCE_EXHAUSTED: CreateRun would give the caller more open runs than
+the server allows one principal (RUNCAP_MAX_OPEN_RUNS). Close finished
+runs (or wait for the run TTL to close abandoned ones) and retry. A
+`google.rpc.QuotaFailure` detail names the principal and the limit.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

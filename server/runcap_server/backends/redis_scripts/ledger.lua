@@ -22,8 +22,10 @@
 -- "spend" or "m:<meter>", as types.encode_approvals, "trigger=status;...",
 -- sorted; written only once an approval is requested; and CALIBRATED runs
 -- only: xpo, the worst cases of the holds in flight, and cal, each model's
--- observed output tokens, types.encode_calibration). A missing counter is 0,
--- a missing use, apv or cal "".
+-- observed output tokens, types.encode_calibration; blk: 1 while the run is
+-- at its wall, since a BLOCKED change; bc: its blocked Reserves, a counter
+-- written without a revision). A missing counter is 0, a missing use, apv or
+-- cal "".
 --
 -- Reservation records are laid out above decode(), change log entries above
 -- record(). A decision's approval trigger is derived from its reason,
@@ -60,6 +62,7 @@ local HELD, COMMITTED, RELEASED, EXPIRED, LATE_COMMITTED, BLOCKED = 1, 2, 3, 4, 
 local CREATED, RESERVED, EV_COMMITTED, REFUNDED, EV_EXPIRED, EV_CLOSED = 1, 2, 3, 4, 5, 6
 local EV_SUSPENDED, EV_RESUMED, EV_THRESHOLD = 7, 8, 9
 local EV_APPROVAL_REQUESTED, EV_APPROVAL_GRANTED, EV_APPROVAL_DENIED = 10, 11, 12
+local EV_BLOCKED = 13
 local TOKENS = 'tokens'
 local SPEND_APPROVAL = 'spend'
 
@@ -91,12 +94,13 @@ end
 
 -- Reservation records: "amount|requested_ttl|status|reason|created|held|expires|actual|
 -- overrun|settled|blocking scope|blocking period|fingerprint|pricing|dims|dimension|
--- meter|retry_at" (no field holds "|"; dims as types.encode_dims, units held).
+-- meter|retry_at|uncounted" (no field holds "|"; dims as types.encode_dims, units
+-- held; uncounted "1" for a block not counted yet, Reservation.uncounted).
 local function decode(id, s)
   local f = {}
   for part in string.gmatch(s, '([^|]*)|?') do
     f[#f + 1] = part
-    if #f == 18 then break end
+    if #f == 19 then break end
   end
   return {
     id = id, amount = tonumber(f[1]), requested_ttl = tonumber(f[2]), status = tonumber(f[3]),
@@ -105,6 +109,7 @@ local function decode(id, s)
     settled = tonumber(f[10]), scope = f[11] or '', period = tonumber(f[12]),
     fingerprint = f[13] or '', pricing = f[14] or '', dims = parse_dims(f[15] or ''),
     dimension = tonumber(f[16]), meter = f[17] or '', retry = tonumber(f[18]),
+    uncounted = f[19] == '1',
   }
 end
 
@@ -112,7 +117,8 @@ local function encode(r)
   return table.concat({num(r.amount), opt(r.requested_ttl), num(r.status), num(r.reason),
     num(r.created), num(r.held), opt(r.expires), opt(r.actual), num(r.overrun),
     opt(r.settled), r.scope or '', opt(r.period), r.fingerprint or '', r.pricing or '',
-    encode_dims(r.dims or {}), opt(r.dimension), r.meter or '', opt(r.retry)}, '|')
+    encode_dims(r.dims or {}), opt(r.dimension), r.meter or '', opt(r.retry),
+    r.uncounted and '1' or ''}, '|')
 end
 
 -- The escalation trigger a decision awaits or was denied by, "" if none
@@ -125,7 +131,7 @@ end
 
 local FIELDS = {'lim', 'com', 'res', 'ovr', 'act', 'rev', 'st', 'cr', 'cl', 'lab', 'ttl', 'dig',
   'pr', 'ak', 'us', 'tm', 'lin', 'np', 'gp', 'pol', 'thr', 'tst', 'tun', 'rw', 'rc', 'use', 'apv',
-  'xpo', 'cal'}
+  'xpo', 'cal', 'blk', 'bc'}
 
 local function load_account()
   local v = redis.call('HMGET', A, unpack(FIELDS))
@@ -138,7 +144,8 @@ local function load_account()
     np = tonumber(v[18]) or 0, gp = v[19] or '', pol = v[20] or '',
     thr = tonumber(v[21]) or 0, tst = tonumber(v[22]) or 0, tun = tonumber(v[23]) or 0,
     rw = tonumber(v[24]) or 0, rc = tonumber(v[25]) or 0, use = v[26] or '', apv = v[27] or '',
-    xpo = tonumber(v[28]) or 0, cal = v[29] or '',
+    xpo = tonumber(v[28]) or 0, cal = v[29] or '', blk = tonumber(v[30]) or 0,
+    bc = tonumber(v[31]) or 0,
   }
 end
 
@@ -161,7 +168,7 @@ local function decode_policy(text)
     thr = raw.thr or DEFAULT_THRESHOLDS, tb = raw.tb or 1000, tm = raw.tm or 60000,
     tok = raw.tok, met = raw.met or {}, rate = raw.rate, inf = raw.inf,
     depth = raw.depth or 5, kids = raw.kids, ap = raw.ap or 0, am = approved,
-    cms = raw.cms or MIN_SAMPLES, xa = raw.xa, xp = raw.xp}
+    cms = raw.cms or MIN_SAMPLES, xa = raw.xa, xp = raw.xp, dg = raw.dg == true}
 end
 
 local function policy_of(acc)
@@ -333,7 +340,7 @@ local function state(acc)
   local xpo, ceiling = exposure(acc)
   return {num(acc.lim), num(acc.com), num(acc.res), num(acc.rev), num(acc.st), num(acc.act),
     num(acc.ovr), acc.dig, num(acc.thr), num(committed_tokens), num(reserved_tokens),
-    num(xpo or 0), num(ceiling or 0)}
+    num(xpo or 0), num(ceiling or 0), num(acc.blk)}
 end
 
 local function put(r)
@@ -345,7 +352,9 @@ end
 -- h threshold crossed, ts time, d digest, then the state after the change: L limit,
 -- C committed, R reserved, S status, N active holds, O overrun, B threshold band,
 -- U committed tokens, V reserved tokens; only on the APPROVAL_ events, g the
--- approval's trigger; and only for a CALIBRATED run, X its exposure and Y the
+-- approval's trigger; only on BLOCKED events, the verdict: k reason, q blocking
+-- scope, p blocking period, m dimension, n meter ("" when unset); only while the
+-- run is blocked, K 1; and only for a CALIBRATED run, X its exposure and Y the
 -- exposure's ceiling. The digest is types.chain_digest's.
 local function record(kind, r, amount, actual, overrun, late, threshold, approval)
   local acc = txn.acc
@@ -356,6 +365,11 @@ local function record(kind, r, amount, actual, overrun, late, threshold, approva
     num(actual or 0), num(overrun or 0), late and '1' or '0'}, '|')
   if threshold and threshold ~= 0 then text = text .. '|' .. num(threshold) end
   if approval and approval ~= '' then text = text .. '|a:' .. approval end
+  if kind == EV_BLOCKED then
+    -- types.block_text: reason|dimension|period|scope|meter.
+    text = text .. '|b:' .. table.concat({num(r.reason), num(r.dimension or 0),
+      num(r.period or 0), r.scope or '', r.meter or ''}, '|')
+  end
   acc.dig = redis.sha1hex(text)
   local reserved_tokens, committed_tokens = tokens(acc)
   local entry = {
@@ -370,6 +384,17 @@ local function record(kind, r, amount, actual, overrun, late, threshold, approva
   if approval and approval ~= '' then
     entry[#entry + 1] = 'g'
     entry[#entry + 1] = approval
+  end
+  if kind == EV_BLOCKED then
+    for _, kv in ipairs({{'k', num(r.reason)}, {'q', r.scope or ''}, {'p', opt(r.period)},
+        {'m', opt(r.dimension)}, {'n', r.meter or ''}}) do
+      entry[#entry + 1] = kv[1]
+      entry[#entry + 1] = kv[2]
+    end
+  end
+  if acc.blk == 1 then
+    entry[#entry + 1] = 'K'
+    entry[#entry + 1] = '1'
   end
   local xpo, ceiling = exposure(acc)
   if xpo then
@@ -392,6 +417,18 @@ local function unhold(r)
   end
   for _, d in ipairs(r.dims) do add_use(acc, d[1], -d[2], 0) end
   return r.held
+end
+
+-- Count a Reserve answered DECISION_BLOCK; the first of a series marks the
+-- run blocked, with a BLOCKED change (core._Txn.count_block).
+local function count_block(r)
+  local acc = txn.acc
+  acc.bc = acc.bc + 1
+  acc.bc_dirty = true
+  if acc.blk ~= 1 then
+    acc.blk = 1
+    record(EV_BLOCKED, r, r.amount)
+  end
 end
 
 local function expire(r)
@@ -445,7 +482,7 @@ local function apply()
   if #txn.changes > 0 then
     redis.call('HSET', A, 'lim', num(acc.lim), 'com', num(acc.com), 'res', num(acc.res),
       'ovr', num(acc.ovr), 'act', num(acc.act), 'rev', num(acc.rev), 'st', num(acc.st),
-      'cl', opt(acc.cl), 'dig', acc.dig)
+      'cl', opt(acc.cl), 'dig', acc.dig, 'blk', num(acc.blk))
     if acc.counters_dirty then
       redis.call('HSET', A, 'thr', num(acc.thr), 'tst', num(acc.tst), 'tun', num(acc.tun),
         'rw', num(acc.rw), 'rc', num(acc.rc))
@@ -458,10 +495,15 @@ local function apply()
     if acc.xpo_dirty then redis.call('HSET', A, 'xpo', num(acc.xpo)) end
     redis.call('SPUBLISH', BELL, num(acc.rev))
   end
+  if acc.bc_dirty then redis.call('HSET', A, 'bc', num(acc.bc)) end
   if acc.st == CLOSED then
-    -- Closed runs age out; holds made before the close can still settle.
+    -- Closed runs age out; holds made before the close can still settle. The
+    -- retention counts from the last change (the close, a settlement): a read
+    -- must not renew it, or a run a dashboard keeps listing would never go.
     for _, key in ipairs({A, R, X, LOG, P, K}) do
-      redis.call('PEXPIRE', key, closed_retention_ms)
+      if #txn.changes > 0 or redis.call('PTTL', key) == -1 then
+        redis.call('PEXPIRE', key, closed_retention_ms)
+      end
     end
   end
   return state(acc)
@@ -485,10 +527,10 @@ end
 
 -- The run's configuration, after apply(): created, closed, labels, default ttl,
 -- lineage, parent run, API key, user, team, policy as given, effective policy,
--- number of children, use per dimension, escalations.
+-- number of children, use per dimension, escalations, blocked Reserves.
 local function config(acc)
   return {num(acc.cr), opt(acc.cl), acc.lab, opt(acc.ttl), acc.lin, acc.pr, acc.ak, acc.us,
-    acc.tm, acc.gp, acc.pol, num(redis.call('SCARD', K)), acc.use, acc.apv}
+    acc.tm, acc.gp, acc.pol, num(redis.call('SCARD', K)), acc.use, acc.apv, num(acc.bc)}
 end
 
 local ops = {}
@@ -514,7 +556,7 @@ function ops.create()
   txn.acc = {lim = lim, com = 0, res = 0, ovr = 0, act = 0, rev = 0, st = OPEN, cr = txn.now,
     cl = nil, lab = lab, ttl = ttl, dig = '', lin = lin, pr = pr, ak = ak, us = us, tm = tm,
     np = tonumber(np), gp = gp, pol = pol, thr = 0, tst = 0, tun = 0, rw = 0, rc = 0, use = '',
-    apv = '', xpo = 0, cal = ''}
+    apv = '', xpo = 0, cal = '', blk = 0, bc = 0}
   redis.call('HSET', A, 'cr', num(txn.now), 'lab', lab, 'ttl', opt(ttl), 'pr', pr, 'ak', ak,
     'us', us, 'tm', tm, 'lin', lin, 'np', np, 'gp', gp, 'pol', pol)
   record(CREATED)
@@ -734,7 +776,8 @@ local function check(acc, p, amount, dims, run, worst)
       return {reason = RATE_LIMITED, dimension = D_RATE, retry = start + p.rate[2], scope = run}
     end
   end
-  if in_throttle_band(acc, p) and txn.now < acc.tun then
+  -- A pause past the maximum delay is from a clock that stepped back (core.py).
+  if in_throttle_band(acc, p) and txn.now < acc.tun and acc.tun <= txn.now + p.tm then
     return {reason = THROTTLED, dimension = D_SPEND, retry = acc.tun, scope = run}
   end
   return nil
@@ -757,14 +800,24 @@ local function count_allowed(acc, p)
   end
 end
 
+-- Whether the server may still answer this block with an automatic downgrade
+-- (core._may_downgrade): an LLM call blocked by a dollar or exposure ceiling
+-- on a run with auto_downgrade. Counted only once answered as a block.
+local function may_downgrade(p, r)
+  return p.dg and r.pricing ~= '' and r.reason == INSUFFICIENT_BUDGET
+    and (r.dimension == D_SPEND or r.dimension == D_EXPOSURE)
+end
+
 -- A new reservation: held if the run is open and every limit and parent allows
 -- it (or the run is advisory and only a limit objects), else blocked or
 -- throttled; the run's own verdict takes precedence over its parents'
 -- (`pb`: reason, scope, period). `own_limits` false (an ancestor holding for a
--- descendant) checks the dollar ceiling only. No mode holds past MAX_MICROS:
--- totals stay exact (com, res and amount are each at most 2^53 - 1, and a sum
--- past 2^53 rounds to at least 2^53, so the comparison is exact).
-local function decide(id, amount, requested_ttl, ttl, pb, dims, own_limits, pricing)
+-- descendant) checks the dollar ceiling only, and leaves its blocks to the
+-- descendant to count; `count` false leaves a block uncounted (an automatic
+-- downgrade's hold). No mode holds past MAX_MICROS: totals stay exact (com,
+-- res and amount are each at most 2^53 - 1, and a sum past 2^53 rounds to at
+-- least 2^53, so the comparison is exact).
+local function decide(id, amount, requested_ttl, ttl, pb, dims, own_limits, pricing, count)
   local acc = txn.acc
   local p = policy_of(acc)
   local run = 'run:' .. acc.run
@@ -822,11 +875,16 @@ local function decide(id, amount, requested_ttl, ttl, pb, dims, own_limits, pric
     end
     for _, d in ipairs(held_dims) do add_use(acc, d[1], d[2], 0) end
     if own_limits then count_allowed(acc, p) end
+    acc.blk = 0 -- money is held again: the run is off its wall
     record(RESERVED, r, held)
   else
-    -- A block (or throttle) changes no money and no revision, but is remembered.
+    -- A block (or throttle) changes no money, but is remembered.
     r.retry = v.retry
     put(r)
+    if own_limits and count and not THROTTLE_REASONS[r.reason]
+        and not APPROVAL_REASONS[r.reason] then
+      if may_downgrade(p, r) then r.uncounted = true else count_block(r) end
+    end
   end
   return r
 end
@@ -863,7 +921,8 @@ end
 -- ms, run id, "1" when the caller runs the parent saga (or needs none), then
 -- the block decided before the run (reason, scope, period) or three "", then
 -- the request's fingerprint and pricing (or ""), then its dims ("name=units;...",
--- sorted, zeros included). A run with parents reserved without the saga
+-- sorted, zeros included), then "1" for an automatic downgrade's hold (its block
+-- is not counted) or "". A run with parents reserved without the saga
 -- answers {"OK", "SAGA", lineage, default ttl} and writes nothing. A retry is
 -- compared by fingerprint when there is one, else by amount, and by its meters.
 function ops.reserve()
@@ -888,9 +947,24 @@ function ops.reserve()
     return ok('1', decision(prev), apply(), calibration(prev))
   end
   local r = decide(id, amount, requested_ttl, requested_ttl or acc.ttl or default_ttl, pb, dims,
-    true, pricing)
+    true, pricing, ARGV[18] ~= '1')
   r.fingerprint = fingerprint
   return ok('0', decision(r), apply(), calibration(r))
+end
+
+-- Count a block left uncounted (core.count_block). ARGV 6: reservation id.
+-- Idempotent. Replies the state.
+function ops.count_block()
+  local id = ARGV[6]
+  if not open_run() then return err('RUN_NOT_FOUND') end
+  local r = reservation(id)
+  if not r then return err('RESERVATION_NOT_FOUND') end
+  if r.uncounted then
+    r.uncounted = false
+    put(r)
+    count_block(r)
+  end
+  return ok(apply())
 end
 
 -- The saga's step on an ancestor run. ARGV 6..: hold id, amount, ttl ms.
@@ -901,7 +975,7 @@ function ops.child_hold()
   txn.acc.run = ARGV[9]
   local r = reservation(id)
   local replayed = r ~= nil
-  if not r then r = decide(id, amount, ttl, ttl, nil, {}, false, '') end
+  if not r then r = decide(id, amount, ttl, ttl, nil, {}, false, '', false) end
   apply()
   return {'OK', replayed and '1' or '0', num(r.status), num(r.reason)}
 end

@@ -1,0 +1,6 @@
+// A page of the app: mounted into <main>, unmounted when the route changes.
+
+export interface View {
+  mount(root: HTMLElement): void;
+  unmount(): void;
+}
