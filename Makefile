@@ -208,7 +208,7 @@ bench: venv ## Run every bench/*.py benchmark (BENCH_QUICK=1: about 20 s each, a
 FUZZ_EXAMPLES ?= 2000
 
 .PHONY: fuzz
-fuzz: venv ## The fuzz suite's long form (tests/fuzz, FUZZ_EXAMPLES=2000 per RPC and backend; ~1 h).
+fuzz: venv ## The fuzz suite's long form (tests/fuzz, FUZZ_EXAMPLES=2000 per RPC and backend; about an hour).
 	@RUNCAP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -rs -o timeout=0 tests/fuzz
 
 # `make chaos CHAOS=short` is CI's form of the fault suite (under 3 minutes).

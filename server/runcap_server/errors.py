@@ -388,7 +388,8 @@ class BackendUnavailable(_RetryableError):
 
     def __init__(self, what: str, retry_after_ms: int = 1000) -> None:
         super().__init__(
-            f"the budget ledger is unavailable ({what}); nothing was decided, retry later",
+            f"the budget ledger is unavailable ({what}); retry later with the same ids "
+            "(a call that timed out may still have been applied: its retry returns the outcome)",
             retry_after_ms,
         )
 

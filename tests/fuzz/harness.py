@@ -636,7 +636,7 @@ class World:
     def reads(self, ids: Ids) -> dict[str, Any]:
         """The fixtures through the API (GetRun, GetScope), read concurrently."""
         stub = BudgetServiceStub(self.channel)
-        pending = {
+        pending: dict[str, grpc.Future[Any]] = {
             f"GetRun {run}": stub.GetRun.future(pb.GetRunRequest(run_id=run), timeout=RPC_TIMEOUT_S)
             for run in (ids.run, ids.child, ids.closed)
         }

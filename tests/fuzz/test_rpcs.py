@@ -163,7 +163,8 @@ def test_templates_are_valid(fuzz_world: World, method: str) -> None:
 @example(method="Watch", body=b"\x0a\x05ab")  # corrupt: was UNKNOWN
 def test_undecodable_bodies(fuzz_world: World, method: str, body: bytes) -> None:
     """Bytes that are not the request message (corrupt wire format, bad UTF-8
-    in a string field): INVALID_ARGUMENT, like any other malformed request."""
+    in a string field) are answered like any malformed request: never UNKNOWN,
+    INVALID_ARGUMENT when they do not parse (test_fixed_edges_...)."""
     fuzz_world.check(method, body, for_rpc(method))
 
 

@@ -354,7 +354,9 @@ class RevisionOutOfRangeError(RuncapError):
 
 
 class UnavailableError(RuncapError):
-    """UNAVAILABLE: nothing was decided; the call can be retried.
+    """UNAVAILABLE: the call can be retried, with the same ids (a call that
+    timed out on the server's storage may still have been applied; its retry
+    returns that outcome, never a second one).
 
     Covers BACKEND_UNAVAILABLE (the ledger's storage is down), SHUTTING_DOWN
     (this replica is draining) and the transport's own UNAVAILABLE (no

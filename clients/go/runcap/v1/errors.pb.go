@@ -32,7 +32,8 @@ const (
 	// The reason is not set. The server never sends this value.
 	ErrorReason_ERROR_REASON_UNSPECIFIED ErrorReason = 0
 	// INVALID_ARGUMENT: a field is missing, malformed or out of range. A
-	// `google.rpc.BadRequest` detail lists every offending field. Do not retry
+	// `google.rpc.BadRequest` detail lists the offending fields (those that fit
+	// in the status; the message then says how many more). Do not retry
 	// unchanged.
 	ErrorReason_ERROR_REASON_INVALID_ARGUMENT ErrorReason = 1
 	// NOT_FOUND: the run does not exist. A `google.rpc.ResourceInfo` detail

@@ -26,7 +26,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The reason is not set. The server never sends this value."""
     ERROR_REASON_INVALID_ARGUMENT: _ErrorReason.ValueType  # 1
     """INVALID_ARGUMENT: a field is missing, malformed or out of range. A
-    `google.rpc.BadRequest` detail lists every offending field. Do not retry
+    `google.rpc.BadRequest` detail lists the offending fields (those that fit
+    in the status; the message then says how many more). Do not retry
     unchanged.
     """
     ERROR_REASON_RUN_NOT_FOUND: _ErrorReason.ValueType  # 2
@@ -132,7 +133,8 @@ ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
 """The reason is not set. The server never sends this value."""
 ERROR_REASON_INVALID_ARGUMENT: ErrorReason.ValueType  # 1
 """INVALID_ARGUMENT: a field is missing, malformed or out of range. A
-`google.rpc.BadRequest` detail lists every offending field. Do not retry
+`google.rpc.BadRequest` detail lists the offending fields (those that fit
+in the status; the message then says how many more). Do not retry
 unchanged.
 """
 ERROR_REASON_RUN_NOT_FOUND: ErrorReason.ValueType  # 2

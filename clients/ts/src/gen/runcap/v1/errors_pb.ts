@@ -30,7 +30,8 @@ export enum ErrorReason {
 
   /**
    * INVALID_ARGUMENT: a field is missing, malformed or out of range. A
-   * `google.rpc.BadRequest` detail lists every offending field. Do not retry
+   * `google.rpc.BadRequest` detail lists the offending fields (those that fit
+   * in the status; the message then says how many more). Do not retry
    * unchanged.
    *
    * @generated from enum value: ERROR_REASON_INVALID_ARGUMENT = 1;
