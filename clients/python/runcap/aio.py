@@ -7,15 +7,13 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from datetime import datetime
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Self
 
 import grpc
 
+from runcap._connection import AsyncConnection
 from runcap._shared import (
-    DEFAULT_TARGET,
     WATCH_RECONNECT,
-    CallMetadata,
-    ChannelOptions,
     Duration,
     HoldBase,
     LlmCallLike,
@@ -26,8 +24,6 @@ from runcap._shared import (
     TokenUsageLike,
     WatchCursor,
     actual_of,
-    api_key_metadata,
-    channel_options,
     commit_request,
     create_run_request,
     estimate_of,
@@ -42,11 +38,8 @@ from runcap._shared import (
 from runcap.errors import RuncapError, from_rpc_error
 from runcap.v1 import budget_service_pb2, budget_service_pb2_grpc
 
-_Req = TypeVar("_Req")
-_Resp = TypeVar("_Resp")
 
-
-class AsyncRuncapClient:
+class AsyncRuncapClient(AsyncConnection):
     """An asyncio client of the runcap BudgetService.
 
     The same methods as `runcap.RuncapClient`, as coroutines; `reserve` is an
@@ -69,65 +62,8 @@ class AsyncRuncapClient:
             Bearer <key>``), for a server with keys configured.
     """
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        channel: grpc.aio.Channel | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        options: ChannelOptions | None = None,
-        timeout: float | None = 10.0,
-        metadata: CallMetadata | None = None,
-        retry: RetryPolicy | None = None,
-        api_key: str | None = None,
-    ) -> None:
-        self._owns_channel = channel is None
-        if channel is None:
-            merged = channel_options(options)
-            if credentials is None:
-                channel = grpc.aio.insecure_channel(target, options=merged)
-            else:
-                channel = grpc.aio.secure_channel(target, credentials, options=merged)
-        self._channel = channel
-        self._stub = budget_service_pb2_grpc.BudgetServiceStub(channel)
-        self._timeout = timeout
-        self._metadata = tuple(metadata or ()) + api_key_metadata(api_key)
-        self._retry = retry or RetryPolicy()
-
-    async def close(self) -> None:
-        """Closes the channel, if the client opened it."""
-        if self._owns_channel:
-            await self._channel.close(None)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def _call(
-        self,
-        method: grpc.aio.UnaryUnaryMultiCallable[_Req, _Resp],
-        request: _Req,
-        *,
-        idempotent: bool,
-    ) -> _Resp:
-        attempt = 1
-        while True:
-            try:
-                return await method(request, timeout=self._timeout, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                error = from_rpc_error(exc)
-                delay = self._retry.delay(attempt, error) if idempotent else None
-                if delay is None:
-                    raise error from exc
-            await asyncio.sleep(delay)
-            attempt += 1
+    _STUB = budget_service_pb2_grpc.BudgetServiceStub
+    _stub: budget_service_pb2_grpc.BudgetServiceAsyncStub
 
     async def create_run(
         self,

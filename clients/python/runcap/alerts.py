@@ -29,30 +29,16 @@ raise `runcap.errors.RuncapError` subclasses, as with `RuncapClient`.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator, Iterator, Mapping
-from types import TracebackType
-from typing import Any, Self, TypeAlias, TypeVar
+from typing import Any, TypeAlias
 
-import grpc
 from google.protobuf import json_format
 
-from runcap._shared import (
-    DEFAULT_TARGET,
-    CallMetadata,
-    ChannelOptions,
-    RetryPolicy,
-    api_key_metadata,
-    channel_options,
-)
-from runcap.errors import from_rpc_error
+from runcap._connection import AsyncConnection, Connection
 from runcap.v1 import alerts_pb2, alerts_pb2_grpc
 
 AlertRuleLike: TypeAlias = alerts_pb2.AlertRule | Mapping[str, Any]
 AlertStateLike: TypeAlias = alerts_pb2.AlertState.ValueType | str | None
-_Req = TypeVar("_Req")
-_Resp = TypeVar("_Resp")
 
 
 def to_alert_rule(rule: AlertRuleLike) -> alerts_pb2.AlertRule:
@@ -102,7 +88,7 @@ def _list_request(
     )
 
 
-class AlertClient:
+class AlertClient(Connection):
     """A synchronous client of the runcap AlertService.
 
     Takes the same connection arguments as `runcap.RuncapClient` (or its
@@ -111,59 +97,8 @@ class AlertClient:
     DeleteAlertRule need an admin key, the reads an operator key.
     """
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        channel: grpc.Channel | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        options: ChannelOptions | None = None,
-        timeout: float | None = 10.0,
-        metadata: CallMetadata | None = None,
-        retry: RetryPolicy | None = None,
-        api_key: str | None = None,
-    ) -> None:
-        self._owns_channel = channel is None
-        if channel is None:
-            merged = channel_options(options)
-            if credentials is None:
-                channel = grpc.insecure_channel(target, options=merged)
-            else:
-                channel = grpc.secure_channel(target, credentials, options=merged)
-        self._channel = channel
-        self._stub = alerts_pb2_grpc.AlertServiceStub(channel)
-        self._timeout = timeout
-        self._metadata = tuple(metadata or ()) + api_key_metadata(api_key)
-        self._retry = retry or RetryPolicy()
-
-    def close(self) -> None:
-        """Closes the channel, if the client opened it."""
-        if self._owns_channel:
-            self._channel.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _call(self, method: grpc.UnaryUnaryMultiCallable[_Req, _Resp], request: _Req) -> _Resp:
-        attempt = 1
-        while True:
-            try:
-                return method(request, timeout=self._timeout, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                error = from_rpc_error(exc)
-                delay = self._retry.delay(attempt, error)
-                if delay is None:
-                    raise error from exc
-            time.sleep(delay)
-            attempt += 1
+    _STUB = alerts_pb2_grpc.AlertServiceStub
+    _stub: alerts_pb2_grpc.AlertServiceStub
 
     def put_rule(self, rule: AlertRuleLike) -> alerts_pb2.PutAlertRuleResponse:
         """Creates or replaces a rule; `changed` is False when the same rule
@@ -207,65 +142,12 @@ class AlertClient:
                 return
 
 
-class AsyncAlertClient:
+class AsyncAlertClient(AsyncConnection):
     """The asyncio twin of `AlertClient`: the same methods, as coroutines
     (`iter_alerts` is an async iterator)."""
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        channel: grpc.aio.Channel | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        options: ChannelOptions | None = None,
-        timeout: float | None = 10.0,
-        metadata: CallMetadata | None = None,
-        retry: RetryPolicy | None = None,
-        api_key: str | None = None,
-    ) -> None:
-        self._owns_channel = channel is None
-        if channel is None:
-            merged = channel_options(options)
-            if credentials is None:
-                channel = grpc.aio.insecure_channel(target, options=merged)
-            else:
-                channel = grpc.aio.secure_channel(target, credentials, options=merged)
-        self._channel = channel
-        self._stub = alerts_pb2_grpc.AlertServiceStub(channel)
-        self._timeout = timeout
-        self._metadata = tuple(metadata or ()) + api_key_metadata(api_key)
-        self._retry = retry or RetryPolicy()
-
-    async def close(self) -> None:
-        """Closes the channel, if the client opened it."""
-        if self._owns_channel:
-            await self._channel.close(None)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def _call(
-        self, method: grpc.aio.UnaryUnaryMultiCallable[_Req, _Resp], request: _Req
-    ) -> _Resp:
-        attempt = 1
-        while True:
-            try:
-                return await method(request, timeout=self._timeout, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                error = from_rpc_error(exc)
-                delay = self._retry.delay(attempt, error)
-                if delay is None:
-                    raise error from exc
-            await asyncio.sleep(delay)
-            attempt += 1
+    _STUB = alerts_pb2_grpc.AlertServiceStub
+    _stub: alerts_pb2_grpc.AlertServiceAsyncStub
 
     async def put_rule(self, rule: AlertRuleLike) -> alerts_pb2.PutAlertRuleResponse:
         """See `AlertClient.put_rule`."""

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import inspect
 import threading
-import time
 from collections.abc import Callable, Generator, Iterator, Mapping
 from datetime import datetime
 from types import TracebackType
-from typing import Protocol, Self, TypeVar, cast
+from typing import Protocol, Self, cast
 
 import grpc
 
+from runcap._connection import Connection
 from runcap._shared import (
-    DEFAULT_TARGET,
     WATCH_RECONNECT,
-    CallMetadata,
-    ChannelOptions,
     Duration,
     HoldBase,
     LlmCallLike,
@@ -27,8 +24,6 @@ from runcap._shared import (
     TokenUsageLike,
     WatchCursor,
     actual_of,
-    api_key_metadata,
-    channel_options,
     commit_request,
     create_run_request,
     estimate_of,
@@ -43,9 +38,6 @@ from runcap._shared import (
 from runcap.errors import RuncapError, from_rpc_error
 from runcap.v1 import budget_service_pb2, budget_service_pb2_grpc
 
-_Req = TypeVar("_Req")
-_Resp = TypeVar("_Resp")
-
 
 class _Cancellable(Protocol):
     def cancel(self) -> bool: ...
@@ -56,7 +48,7 @@ def _cancel(call: object) -> None:
     cast(_Cancellable, call).cancel()
 
 
-class RuncapClient:
+class RuncapClient(Connection):
     """A synchronous client of the runcap BudgetService.
 
     Every failed call raises a `runcap.errors.RuncapError` subclass. Calls that
@@ -82,65 +74,8 @@ class RuncapClient:
             Bearer <key>``), for a server with keys configured.
     """
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        channel: grpc.Channel | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        options: ChannelOptions | None = None,
-        timeout: float | None = 10.0,
-        metadata: CallMetadata | None = None,
-        retry: RetryPolicy | None = None,
-        api_key: str | None = None,
-    ) -> None:
-        self._owns_channel = channel is None
-        if channel is None:
-            merged = channel_options(options)
-            if credentials is None:
-                channel = grpc.insecure_channel(target, options=merged)
-            else:
-                channel = grpc.secure_channel(target, credentials, options=merged)
-        self._channel = channel
-        self._stub = budget_service_pb2_grpc.BudgetServiceStub(channel)
-        self._timeout = timeout
-        self._metadata = tuple(metadata or ()) + api_key_metadata(api_key)
-        self._retry = retry or RetryPolicy()
-
-    def close(self) -> None:
-        """Closes the channel, if the client opened it."""
-        if self._owns_channel:
-            self._channel.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _call(
-        self,
-        method: grpc.UnaryUnaryMultiCallable[_Req, _Resp],
-        request: _Req,
-        *,
-        idempotent: bool,
-    ) -> _Resp:
-        attempt = 1
-        while True:
-            try:
-                return method(request, timeout=self._timeout, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                error = from_rpc_error(exc)
-                delay = self._retry.delay(attempt, error) if idempotent else None
-                if delay is None:
-                    raise error from exc
-            time.sleep(delay)
-            attempt += 1
+    _STUB = budget_service_pb2_grpc.BudgetServiceStub
+    _stub: budget_service_pb2_grpc.BudgetServiceStub
 
     def create_run(
         self,
