@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final, Literal, TypeAlias
 
+import grpc
 from google.protobuf import duration_pb2
 
 from runcap.errors import (
@@ -742,6 +743,13 @@ class WatchCursor:
         if not self._resume:
             return None
         self._failures += 1
+        if error.code is grpc.StatusCode.CANCELLED:
+            # Not ours (the stream checks its own close first): the server
+            # cancelled it, a replica stopping past its grace. Watch is a
+            # read, so it resumes as after UNAVAILABLE.
+            if self._failures >= self._policy.max_attempts:
+                return None
+            return self._policy.backoff(self._failures)
         return self._policy.delay(self._failures, error)
 
     def on_end(self) -> float | None:
