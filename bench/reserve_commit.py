@@ -68,6 +68,7 @@ from common import (
     TENANT,
     BareServicer,
     Sample,
+    ServedProcess,
     closed_loop,
     interrupts_as_keyboard_interrupt,
     loadavg,
@@ -212,42 +213,6 @@ class Config:
     samples: list[Sample] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
     script_us: list[float] = field(default_factory=list)
-
-
-class BaselineProcess:
-    """This file's `baseline-server` subcommand in a subprocess."""
-
-    def __init__(self) -> None:
-        self.process: subprocess.Popen[str] | None = None
-        self.target = ""
-
-    def start(self) -> BaselineProcess:
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "baseline-server"],
-            stdout=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line.startswith("listening on "):
-            self.stop()
-            raise RuntimeError(f"the baseline server did not start: {line!r}")
-        self.target = line.split()[-1]
-        return self
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
 
 
 def measure(config: Config, args: argparse.Namespace, rate: float = 0) -> Sample:
@@ -425,7 +390,7 @@ def orchestrate(args: argparse.Namespace) -> None:
             stack.callback(server.stop)
             return server.start()
 
-        baseline = BaselineProcess()
+        baseline = ServedProcess(__file__, "baseline-server")
         stack.callback(baseline.stop)
         baseline.start()
         configs = [
