@@ -37,6 +37,8 @@ PY_SCRIPTS := tools/protoc-gen-grpc_python
 PRICES_ARGS ?=
 # What `make ci` runs, in order.
 CI_STEPS := lint breaking check-gen test
+# The Python tests take about 8 minutes; past this bound they hung: stop them.
+PYTEST_LIMIT ?= 40m
 # The git revision `make breaking` compares the protos against.
 BREAKING_AGAINST ?= HEAD~1
 
@@ -172,7 +174,10 @@ test: venv ## Run the test suite (installs Debian's redis-server first when miss
 	  fi
 	fi
 	echo "--- python tests"
-	$(BIN)/pytest -q -rs
+	# A hang ends the run with where it hung (SIGINT: pytest prints it) instead of CI's limit.
+	timeout -s INT -k 60 $(PYTEST_LIMIT) $(BIN)/pytest -q -rs || { rc=$$?
+	  [ $$rc -lt 124 ] || echo "python tests: stopped after $(PYTEST_LIMIT) (a hang?)" >&2
+	  exit $$rc; }
 	echo "--- go client tests (clients/go)"
 	(cd clients/go && go vet ./... && RUNCAP_PYTHON="$(BIN)/python" go test ./...)
 	echo "--- typescript client tests (clients/ts)"

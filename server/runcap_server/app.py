@@ -8,7 +8,6 @@ the grace period, then storage closes and the process exits 0.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import signal
@@ -34,6 +33,7 @@ from runcap_server.prices import PriceBook
 from runcap_server.servicer import BudgetServicer, UndecodableRequests, add_to_server
 from runcap_server.settings import Settings
 from runcap_server.sweeper import sweep_forever
+from runcap_server.tasks import cancel_and_wait
 from runcap_server.telemetry import Telemetry
 from runcap_server.tenant_prices import TenantPrices
 from runcap_server.tls import load_server_tls
@@ -235,7 +235,8 @@ class RuncapServer:
         while True:
             await asyncio.sleep(BACKEND_CHECK_S)
             try:
-                await asyncio.wait_for(self.backend.ping(), BACKEND_CHECK_S)
+                async with asyncio.timeout(BACKEND_CHECK_S):
+                    await self.backend.ping()
                 healthy = True
             except Exception as error:
                 healthy = False
@@ -265,10 +266,7 @@ class RuncapServer:
             await self.dashboard.stop()
         await self.server.stop(self.settings.shutdown_grace_ms / 1000)
         await self.hub.stop()
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         await self.backend.close()
         if self.health_server is not None:
             await self.health_server.stop(0)

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import collections
 import contextlib
 import dataclasses
 import functools
 import inspect
-import json
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
@@ -22,6 +19,7 @@ from runcap.v1 import budget_pb2, budget_service_pb2, budget_service_pb2_grpc
 from runcap_server import alternatives, auth, convert, decisions, errors, open_runs
 from runcap_server.auth import KeyStore
 from runcap_server.backends.base import Backend
+from runcap_server.bounded import BoundedDict
 from runcap_server.errors import FieldViolation, InvalidArgument
 from runcap_server.estimates import Estimate, LlmCall, Pricing, actual_micros, estimate
 from runcap_server.ledger.saga import ReserveExtras
@@ -43,6 +41,7 @@ from runcap_server.ledger.types import (
     ScopeRef,
 )
 from runcap_server.open_runs import OpenRuns
+from runcap_server.page_tokens import page_cursor, page_token
 from runcap_server.prices import ModelPrice, PriceBook, TokenUsage
 from runcap_server.settings import Settings
 from runcap_server.tenant_prices import REFRESH_S, TenantPrices
@@ -201,22 +200,18 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         self.keys = keys
         self.prices = prices
         # (tenant, run, reservation) -> pricing of LLM-call holds made here, newest last.
-        self._pricings: collections.OrderedDict[tuple[str, str, str], str] = (
-            collections.OrderedDict()
-        )
+        self._pricings: BoundedDict[tuple[str, str, str], str] = BoundedDict(PRICING_CACHE_SIZE)
         # Each tenant's own prices; the server's tenant is refreshed by the app.
         self._tenant_prices = {settings.tenant: tenant_prices}
         self._prices_read: dict[str, float] = {}
         # (tenant, run) -> the API key id the run is charged to, for agents' access.
-        self._owners: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
+        self._owners: BoundedDict[tuple[str, str], str] = BoundedDict(OWNER_CACHE_SIZE)
         self.hub = hub
         # Watch events, each serialized once for all of its run's streams.
         self._encoded = EncodedOnce(lambda change: _watch_response(change).SerializeToString())
         self.settings = settings
         # (tenant, run) -> enforcement mode, newest last (only with RUNCAP_FAIL_OPEN=advisory).
-        self._modes: collections.OrderedDict[tuple[str, str], EnforcementMode] = (
-            collections.OrderedDict()
-        )
+        self._modes: BoundedDict[tuple[str, str], EnforcementMode] = BoundedDict(MODE_CACHE_SIZE)
         # Reserves answered without the backend (RUNCAP_FAIL_OPEN).
         self.failed_open = 0
 
@@ -293,8 +288,6 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
 
     def _remember_owner(self, run_id: str, api_key_id: str) -> None:
         self._owners[(self.tenant, run_id)] = api_key_id
-        if len(self._owners) > OWNER_CACHE_SIZE:
-            self._owners.popitem(last=False)
 
     @_unary
     async def CreateRun(
@@ -388,7 +381,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         if not 0 < size <= MAX_LIST_PAGE_SIZE:
             check.fail("page_size", f"must be between 1 and {MAX_LIST_PAGE_SIZE} (got {size})")
         query = f"{from_ms}:{to_ms}"
-        after = _page_cursor(request.page_token, query) if request.page_token else None
+        after = page_cursor(request.page_token, query) if request.page_token else None
         if request.page_token and after is None:
             check.fail("page_token", "is not a token of this query (same created_after and before)")
         check.done()
@@ -412,7 +405,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             ]
         )
         if len(ids) == size:
-            response.next_page_token = _page_token(ids[-1], query)
+            response.next_page_token = page_token(ids[-1], query)
         return response
 
     @_unary
@@ -644,9 +637,6 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             return
         key = (self.tenant, run_id)
         self._modes[key] = mode
-        self._modes.move_to_end(key)
-        if len(self._modes) > MODE_CACHE_SIZE:
-            self._modes.popitem(last=False)
 
     def _fails_open(self, run_id: str) -> bool:
         policy = self.settings.fail_open
@@ -683,8 +673,6 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
 
     def _remember_pricing(self, key: tuple[str, str, str], pricing: str) -> None:
         self._pricings[key] = pricing
-        if len(self._pricings) > PRICING_CACHE_SIZE:
-            self._pricings.popitem(last=False)
 
     def _models(self) -> Iterator[tuple[ModelPrice, str]]:
         """Every priced model with its version: the tenant's prices, then the table's."""
@@ -1029,24 +1017,6 @@ def _watch_response(item: WatchItem) -> budget_service_pb2.WatchResponse:
         )
     assert isinstance(item, Change)
     return budget_service_pb2.WatchResponse(revision=item.revision, event=convert.event_pb(item))
-
-
-def _page_token(cursor: tuple[int, str], query: str) -> str:
-    """An opaque ListRuns page token: where the page ended, and for which query."""
-    text = json.dumps([cursor[0], cursor[1], query], separators=(",", ":"))
-    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
-
-
-def _page_cursor(token: str, query: str) -> tuple[int, str] | None:
-    """The cursor of a page token of `query`, or None for any other token."""
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        created_ms, run_id, of = json.loads(base64.urlsafe_b64decode(padded))
-    except (ValueError, TypeError):
-        return None
-    if of != query or not isinstance(created_ms, int) or not isinstance(run_id, str):
-        return None
-    return created_ms, run_id
 
 
 def _run_id(request: Any) -> str:

@@ -10,7 +10,6 @@ when the log no longer holds what it missed. Nothing is dropped silently.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from runcap_server import errors
 from runcap_server.backends.base import Backend
 from runcap_server.ledger.types import BudgetState, Change
+from runcap_server.tasks import cancel_and_wait
 
 _log = logging.getLogger(__name__)
 PAGE_SIZE = 500
@@ -177,11 +177,7 @@ class WatchHub:
 
     async def stop(self) -> None:
         self.close()
-        for feed in list(self._feeds.values()):
-            if feed.task:
-                feed.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await feed.task
+        await cancel_and_wait([feed.task for feed in self._feeds.values() if feed.task])
         self._feeds.clear()
 
     def _subscribe(self, tenant: str, run_id: str) -> tuple[_Feed, _Subscription]:

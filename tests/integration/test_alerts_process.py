@@ -29,6 +29,7 @@ from tests.integration.test_alerts import (
     THRESHOLDS,
     Api,
     Receiver,
+    by_level,
     run_scope,
     verified,
     webhook,
@@ -136,7 +137,7 @@ async def test_two_replicas_send_each_crossing_once(
             rule_id = await api.rule(run_id, triggers, [webhook(receiver.url)])
             await api.run(1_000_000, run_id=run_id, policy=THRESHOLDS)
             await api.spend(run_id, 850_000, 110_000, 40_000)
-            bodies = [verified(r) for r in await receiver.quiet(3)]
+            bodies = by_level(verified(r) for r in await receiver.quiet(3))
             assert [b["trigger"] for b in bodies] == ["threshold", "throttle", "stop"]
             alerts = await api.settled(rule_id, 3)
         # Both engines follow the run; each alert was raised (and sent) once.

@@ -372,3 +372,28 @@ async def test_a_reserve_and_a_commit_are_one_round_trip_each(
     assert await client_commands(lambda: ledger.reserve(T, "run", "r", 10, None)) == ["EVALSHA"]
     assert await client_commands(lambda: ledger.commit(T, "run", "r", 7)) == ["EVALSHA"]
     assert (await ledger.get_run(T, "run")).state.committed_micros == 7
+
+
+async def test_the_lineage_cache_is_bounded_and_a_forgotten_one_still_holds_on_parents(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only runs with parents are remembered, at most LINEAGE_CACHE_SIZE of them; a
+    run forgotten since reserves through the run first (SAGA) and still holds on its team."""
+    monkeypatch.setattr(redis_backend, "LINEAGE_CACHE_SIZE", 3)
+    ledger = new_ledger(ports_of(request, "standalone"), "standalone")
+    await ledger.start()
+    try:
+        team = ScopeRef(ScopeKind.TEAM, "acme")
+        await ledger.set_scope_limit(T, team, Period.LIFETIME, 1_000_000)
+        await ledger.create_run(T, RunSpec("alone", 5_000, {}, None))
+        for n in range(8):
+            await ledger.create_run(T, RunSpec(f"run-{n}", 5_000, {}, None, team_id="acme"))
+        assert list(ledger._lineages) == [(T, "run-5"), (T, "run-6"), (T, "run-7")]
+        reserved = await ledger.reserve(T, "run-0", "r", 1_000, None)
+        assert reserved.decision is Decision.ALLOW
+        usage = (await ledger.get_scope(T, team)).period(Period.LIFETIME)
+        assert (usage.reserved_micros, usage.active_reservations) == (1_000, 1)
+        assert len(ledger._lineages) == 3
+        assert (T, "run-0") in ledger._lineages  # remembered again, the newest
+    finally:
+        await ledger.close()

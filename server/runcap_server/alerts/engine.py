@@ -43,9 +43,10 @@ from runcap_server.alerts.evaluate import RunMemory, Signal, evaluate
 from runcap_server.alerts.facts import AlertFacts, summarize
 from runcap_server.alerts.rules import Rule, Trigger
 from runcap_server.alerts.store import AlertRecord, AlertState, AlertStore, RateLimit
-from runcap_server.backends.base import Backend
+from runcap_server.backends.base import Backend, wait_event
 from runcap_server.ledger.types import BudgetState, Change, RunStatus, RunView
 from runcap_server.settings import Settings
+from runcap_server.tasks import cancel_and_wait
 from runcap_server.watch import WatchHub
 
 _log = logging.getLogger("runcap.alerts")
@@ -127,9 +128,7 @@ class AlertEngine:
         """Stop following and sending; an alert being sent stays PENDING and is
         sent again (by this engine after a restart, or another) once due."""
         tasks = [*self._tasks, *self._followers.values(), *self._refreshing.values()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
         self._tasks.clear()
         self._followers.clear()
         if self._session is not None:
@@ -167,8 +166,7 @@ class AlertEngine:
                 failing = True
             except Exception:
                 _log.exception("alerts: poll failed; retrying")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+            await wait_event(self._wake, self.poll_s)
             self._wake.clear()
 
     async def _tick(self) -> None:
@@ -326,9 +324,8 @@ class AlertEngine:
         finally:
             if revision > saved:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(
-                        self.store.save_cursor(tenant, run_id, revision, memory.encode()), 1.0
-                    )
+                    async with asyncio.timeout(1.0):
+                        await self.store.save_cursor(tenant, run_id, revision, memory.encode())
 
     async def _on_change(
         self, tenant: str, view: RunView, change: Change, memory: RunMemory
@@ -531,7 +528,8 @@ class AlertEngine:
         while True:
             await asyncio.sleep(check_s)
             try:
-                await asyncio.wait_for(self.backend.ping(), max(check_s, 0.5))
+                async with asyncio.timeout(max(check_s, 0.5)):
+                    await self.backend.ping()
             except Exception as error:
                 now = time.time()
                 if down_since is None:

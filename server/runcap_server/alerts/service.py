@@ -7,8 +7,6 @@ admin role, the reads the operator role. Secrets are never returned or logged.
 
 from __future__ import annotations
 
-import base64
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +18,7 @@ from runcap_server.alerts.facts import AlertFacts
 from runcap_server.alerts.store import AlertRecord, AlertState, AlertStore
 from runcap_server.auth import KeyStore
 from runcap_server.convert import timestamp
+from runcap_server.page_tokens import page_cursor, page_token
 from runcap_server.servicer import Context, _unary
 from runcap_server.validation import Validator
 
@@ -112,7 +111,7 @@ class AlertServicer(alerts_pb2_grpc.AlertServiceServicer):
             else:
                 check.fail("state", f"is not an AlertState (got {request.state})")
         query = f"{rule_id}:{int(state or 0)}"
-        before = _page_cursor(request.page_token, query) if request.page_token else None
+        before = page_cursor(request.page_token, query) if request.page_token else None
         if request.page_token and before is None:
             check.fail("page_token", "is not a token of this query (same rule_id and state)")
         check.done()
@@ -120,7 +119,7 @@ class AlertServicer(alerts_pb2_grpc.AlertServiceServicer):
         response = alerts_pb2.ListAlertsResponse(alerts=[alert_pb(a) for a in found])
         if len(found) == size:
             last = found[-1]
-            response.next_page_token = _page_token((last.create_ms, last.alert_id), query)
+            response.next_page_token = page_token((last.create_ms, last.alert_id), query)
         return response
 
 
@@ -141,19 +140,3 @@ def alert_pb(record: AlertRecord) -> alerts_pb2.Alert:
     if facts.budget:
         alert.budget.CopyFrom(facts.state)
     return alert
-
-
-def _page_token(cursor: tuple[int, str], query: str) -> str:
-    text = json.dumps([cursor[0], cursor[1], query], separators=(",", ":"))
-    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
-
-
-def _page_cursor(token: str, query: str) -> tuple[int, str] | None:
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        create_ms, alert_id, of = json.loads(base64.urlsafe_b64decode(padded))
-    except (ValueError, TypeError):
-        return None
-    if of != query or not isinstance(create_ms, int) or not isinstance(alert_id, str):
-        return None
-    return create_ms, alert_id

@@ -176,5 +176,7 @@ class ChangeBell:
 
 
 async def wait_event(event: asyncio.Event, timeout_s: float) -> None:
+    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await event.wait()

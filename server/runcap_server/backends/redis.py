@@ -59,6 +59,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from runcap_server import errors
 from runcap_server.backends.base import wait_event
 from runcap_server.backends.redis_pipeline import Pipeliner
+from runcap_server.bounded import BoundedDict
 from runcap_server.clock import Clock
 from runcap_server.ledger import saga, scopes
 from runcap_server.ledger.scopes import ParentOutcome, ScopeUsage, ScopeView
@@ -99,6 +100,7 @@ from runcap_server.ledger.types import (
     encode_given_policy,
     hold_id,
 )
+from runcap_server.tasks import cancel_and_wait
 
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
@@ -139,6 +141,8 @@ DOORBELL_POLL_S = 0.1
 SOCKET_TIMEOUT_S = 5.0
 # How long a replica may keep a due bucket to itself while it sweeps it.
 SWEEP_LEASE_MS = 5_000
+# Runs with parents whose lineage a replica remembers (a miss costs one round trip).
+LINEAGE_CACHE_SIZE = 65_536
 # Failures that mean "Redis cannot answer now": fail closed, retry later.
 _UNAVAILABLE = (
     redis.exceptions.ConnectionError,
@@ -323,7 +327,11 @@ class RedisLedger:
         self._doorbell_changed = asyncio.Event()
         self._index_pending: dict[str, dict[str, int]] = {}
         # Run lineages (immutable once created), so a saga needs no extra read.
-        self._lineages: dict[tuple[str, str], tuple[Lineage, int | None]] = {}
+        # Runs with parents -> (lineage, default TTL), fixed at creation: with it, a
+        # Reserve goes straight to the saga instead of asking the run first.
+        self._lineages: BoundedDict[tuple[str, str], tuple[Lineage, int | None]] = BoundedDict(
+            LINEAGE_CACHE_SIZE
+        )
         # The first sweep reconciles: a restarted replica repairs what it lost.
         self._next_reconcile = 0.0
 
@@ -361,11 +369,10 @@ class RedisLedger:
 
     async def close(self) -> None:
         if self._pubsub_task:
-            self._pubsub_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pubsub_task
+            await cancel_and_wait([self._pubsub_task])
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._flush_index(), 2)
+            async with asyncio.timeout(2):
+                await self._flush_index()
         if self._pipeline is not None:
             await self._pipeline.aclose()
             self._pipeline = None
@@ -546,7 +553,8 @@ class RedisLedger:
             team,
             decode_given_policy(given_policy),
         )
-        self._lineages[(tenant, run_id)] = (lineage, spec.default_ttl_ms)
+        if lineage.parents():
+            self._lineages[(tenant, run_id)] = (lineage, spec.default_ttl_ms)
         return RunView(
             spec=spec,
             default_ttl_ms=spec.default_ttl_ms or self.default_ttl_ms,
@@ -683,7 +691,7 @@ class RedisLedger:
                 self.default_ttl_ms, run_id, "1", int(extras.preblock), "", "", *tail,
             )  # fmt: skip
             return self._reserved(tenant, run_id, reservation_id, reply)
-        if cached is None or not cached[0].parents():
+        if cached is None:
             # One round trip; a run with parents answers SAGA and writes nothing.
             reply = await self._script(
                 tenant, run_id, "reserve", reservation_id, amount_micros, ttl_ms,
@@ -1021,8 +1029,7 @@ class RedisLedger:
                     self._subscribed = set(subscribed)
                 if not subscribed:
                     # Nothing to read: a read would return at once and spin.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._doorbell_changed.wait(), DOORBELL_POLL_S)
+                    await wait_event(self._doorbell_changed, DOORBELL_POLL_S)
                     continue
                 # Cluster pubsub reads shard messages apart; standalone mixes them in.
                 read = getattr(pubsub, "get_sharded_message", pubsub.get_message)

@@ -42,6 +42,8 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from runcap_server.tasks import cancel_and_wait
+
 # The most calls written in one batch (its replies are read under one deadline).
 MAX_BATCH = 512
 # Cluster replies that redis-py's cluster client knows how to follow or wait out.
@@ -187,9 +189,7 @@ class _Lane:
 
     async def aclose(self) -> None:
         if self._drainer is not None:
-            self._drainer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._drainer
+            await cancel_and_wait([self._drainer])
         await self._drop()
         self._connection = None
 
@@ -274,9 +274,7 @@ class Pipeliner:
 
     async def aclose(self) -> None:
         if self._refresh is not None:
-            self._refresh.cancel()
-            with contextlib.suppress(BaseException):
-                await self._refresh
+            await cancel_and_wait([self._refresh])
         lanes, self._lanes = list(self._lanes.values()), {}
         if self._single is not None:
             lanes.append(self._single)

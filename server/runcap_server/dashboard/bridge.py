@@ -65,6 +65,7 @@ from runcap_server.dashboard.views import (
     state_json,
 )
 from runcap_server.liveview import RunModel
+from runcap_server.tasks import cancel_and_wait
 
 _log = logging.getLogger(__name__)
 
@@ -172,9 +173,7 @@ class Stream:
                 if None in batch:
                     break
         finally:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await cancel_and_wait(self._tasks)
 
     def end(self) -> None:
         """Ends the stream (the page reconnects and resumes)."""
