@@ -8,6 +8,7 @@ stored rows without expiring anything, to compare backends.
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -23,7 +24,7 @@ from runcap_server.backends.redis import RedisLedger
 from runcap_server.backends.sqlite import SqliteLedger
 from runcap_server.clock import ManualClock
 from runcap_server.ledger.model import ModelLedger
-from runcap_server.ledger.types import Account, Reservation
+from runcap_server.ledger.types import Account, Reservation, ScopeRef
 
 BACKENDS = ("model", "sqlite", "redis", "redis-cluster")
 DEFAULT_TTL_MS = 60_000
@@ -125,6 +126,26 @@ async def snapshot(
         return None, []
     reservations = [r.copy() for _, r in sorted(run.reservations.items())]
     return (run.account.copy() if run.account else None), reservations
+
+
+async def scope_hold_ids(backend: Ledger, tenant: str, ref: ScopeRef) -> set[str]:
+    """The ids of every hold record a parent scope keeps, settled ones included."""
+    if isinstance(backend, SqliteLedger):
+
+        def body(conn: sqlite3.Connection) -> set[str]:
+            rows = conn.execute(
+                "SELECT hold_id FROM scope_holds WHERE tenant = ? AND scope = ?",
+                (tenant, ref.token),
+            )
+            return {row[0] for row in rows}
+
+        return await backend.transact(body, write=False)
+    if isinstance(backend, RedisLedger):
+        key = backend._scope_keys(tenant, ref)[2]
+        ids = await backend.call(lambda client: client.hkeys(key))
+        return {i.decode() for i in ids}
+    scope = backend._scopes.get((tenant, ref))
+    return set(scope.holds) if scope else set()
 
 
 def as_backend(backend: Ledger) -> Backend:

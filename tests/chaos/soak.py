@@ -83,7 +83,7 @@ class Window:
     rss_mb: list[float]
     redis_mb: float
     keys: int
-    # The teams' hold records (kept by design, docs/guarantees.md section 8).
+    # The teams' hold records (each kept an hour after it settles, for retries).
     team_records: int
     # Keys of runs that should have aged out by now (closed and checked more than
     # the retention ago).
@@ -377,8 +377,8 @@ class Soak:
             f"({rss_last - rss_first:+.1f} MB)",
             f"  Redis used_memory: {steady[0].redis_mb:.1f} -> {steady[-1].redis_mb:.1f} MB; "
             f"keys {steady[0].keys} -> {steady[-1].keys}; the teams' hold records "
-            f"{steady[0].team_records} -> {steady[-1].team_records} (kept: one per "
-            "reservation, nothing prunes them yet, docs/guarantees.md section 8)",
+            f"{steady[0].team_records} -> {steady[-1].team_records} (one per reservation, "
+            "each pruned an hour after it settles: longer than a soak)",
             f"  p99: {steady[0].p99_ms:.1f} -> {steady[-1].p99_ms:.1f} ms (median of windows "
             f"{statistics.median(p99s):.1f} ms)",
             "",

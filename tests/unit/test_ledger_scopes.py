@@ -9,13 +9,20 @@ conformance suite (tests/ledger_backends.py).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
+import runcap_server
 from runcap_server import errors
 from runcap_server.clock import ManualClock
 from runcap_server.ledger.saga import PARENT_HOLD_GRACE_MS
-from runcap_server.ledger.scopes import DAY_MS, ScopeUsage
+from runcap_server.ledger.scopes import (
+    DAY_MS,
+    PRUNE_BATCH,
+    SETTLED_HOLD_RETENTION_MS,
+    ScopeUsage,
+)
 from runcap_server.ledger.types import (
     MAX_MICROS,
     MAX_RUN_DEPTH,
@@ -32,9 +39,10 @@ from runcap_server.ledger.types import (
     ScopeKind,
     ScopeRef,
 )
-from tests.ledger_backends import Ledger, snapshot
+from tests.ledger_backends import Ledger, scope_hold_ids, snapshot
 
 T = "acme"
+SCRIPTS = Path(runcap_server.__file__).parent / "backends" / "redis_scripts"
 BIG = 1_000_000
 TEAM = ScopeRef(ScopeKind.TEAM, "core")
 KEY = ScopeRef(ScopeKind.API_KEY, "key-1")
@@ -558,6 +566,59 @@ async def test_retrying_settlements_charges_parents_once(ledger: Ledger) -> None
     # A team without a ceiling is tracked all the same.
     team = await usage(ledger, TEAM)
     assert (money(team), team.limit_micros, team.remaining_micros) == ((250, 0, 0, 0), None, 0)
+
+
+async def test_settled_scope_holds_are_forgotten_an_hour_on_and_retries_count_once(
+    ledger: Ledger, clock: ManualClock
+) -> None:
+    """A scope keeps a record per hold for retries; settled ones go an hour after
+    settling, PRUNE_BATCH per operation. A retried Commit or Reserve, or a late
+    commit, still counts exactly once."""
+    await ledger.set_scope_limit(T, TEAM, LIFETIME, 10_000)
+    await ledger.create_run(T, spec("a", team="core"))
+    committed = [f"c{n}" for n in range(8)]
+    for rid in committed:
+        assert allowed(await ledger.reserve(T, "a", rid, 100, None))
+        await ledger.commit(T, "a", rid, 80)
+    for rid in ("f0", "f1", "f2"):
+        await ledger.reserve(T, "a", rid, 100, None)
+        await ledger.refund(T, "a", rid)
+    blocked = await ledger.reserve(T, "a", "big", 20_000, None)
+    assert blocked.decision is Decision.BLOCK
+    assert allowed(await ledger.reserve(T, "a", "late", 100, 1_000))
+    settled = {"a/" + rid for rid in [*committed, "f0", "f1", "f2", "big"]}
+    assert await scope_hold_ids(ledger, T, TEAM) == settled | {"a/late"}
+    assert money(await usage(ledger, TEAM)) == (640, 100, 0, 1)
+
+    clock.advance(SETTLED_HOLD_RETENTION_MS)
+    # "late" expired an hour ago, and settled only now: kept for another hour.
+    assert money(await usage(ledger, TEAM)) == (640, 0, 0, 0)
+    assert await scope_hold_ids(ledger, T, TEAM) == settled | {"a/late"}
+    clock.advance(1)
+    await usage(ledger, TEAM)  # one operation: the oldest PRUNE_BATCH go
+    assert len(await scope_hold_ids(ledger, T, TEAM)) == len(settled) + 1 - PRUNE_BATCH
+    await usage(ledger, TEAM)
+    assert await scope_hold_ids(ledger, T, TEAM) == {"a/late"}
+
+    # Retries of forgotten holds change nothing; a late commit counts once.
+    again = await ledger.commit(T, "a", "c0", 80)
+    assert again.replayed
+    replayed = await ledger.reserve(T, "a", "c1", 100, None)
+    assert replayed.replayed
+    assert replayed.decision is Decision.ALLOW
+    assert money(await usage(ledger, TEAM)) == (640, 0, 0, 0)
+    late = await ledger.commit(T, "a", "late", 70)
+    assert late.reservation_status is ReservationStatus.LATE_COMMITTED
+    assert money(await usage(ledger, TEAM)) == (710, 0, 70, 0)
+    assert (await ledger.commit(T, "a", "late", 70)).replayed
+    assert money(await usage(ledger, TEAM)) == (710, 0, 70, 0)
+
+
+def test_the_scope_script_prunes_as_scopes_py_does() -> None:
+    """The Redis script has its own copies of the retention and batch constants."""
+    script = (SCRIPTS / "scope.lua").read_text()
+    assert f"local SETTLED_RETENTION_MS = {SETTLED_HOLD_RETENTION_MS}\n" in script
+    assert f"local PRUNE_BATCH = {PRUNE_BATCH}\n" in script
 
 
 # -- SetScopeLimit ---------------------------------------------------------------

@@ -428,7 +428,7 @@ class RedisLedger:
 
     def _scope_keys(self, tenant: str, ref: ScopeRef) -> list[str]:
         tag = f"{self.namespace}:{{{tenant}/@{ref.token}}}"
-        return [f"{tag}:l", f"{tag}:w", f"{tag}:h", f"{tag}:x"]
+        return [f"{tag}:l", f"{tag}:w", f"{tag}:h", f"{tag}:x", f"{tag}:done"]
 
     def _now_arg(self) -> str:
         return "" if self.clock is None else str(self.clock.now_ms())
@@ -754,7 +754,7 @@ class RedisLedger:
             held_micros=int(held),
             expires_ms=_opt_int(expires),
             state=_state(run_id, reply[13 : 13 + STATE_LEN]),
-            replayed=replayed == b"1",
+            replayed=replayed != b"0",
             blocking_scope=ScopeRef.parse(scope.decode()) if scope else None,
             blocking_period=Period(int(period)) if period else None,
             dimension=Dimension(int(dimension)) if dimension else None,
@@ -765,6 +765,7 @@ class RedisLedger:
             now_ms=int(now),
             # ledger.lua calibration(): worst case, pricing, exposure, ceiling.
             **_calibration(reply[13 + STATE_LEN : 17 + STATE_LEN]),
+            settled=replayed == b"2",
         )
         if result.expires_ms is not None and not result.replayed:
             self._index(tenant, run_id, result.expires_ms)
@@ -872,7 +873,8 @@ class RedisLedger:
         lineage = _lineage(reply[5 + STATE_LEN])
         if lineage.parents():
             _crash_point("commit:run-settled")
-            # A replay settles again too: that finishes what a crash interrupted.
+            # A replay comes with its parents only while they still wait for it:
+            # settling them again finishes what a crash interrupted.
             self._index(tenant, run_id, self._now_ms_guess() + SETTLE_WAIT_MS)
             await self._settle_parents(tenant, run_id, lineage, [(reservation_id, actual_micros)])
         return result

@@ -246,6 +246,9 @@ CREATE INDEX IF NOT EXISTS scope_holds_held_by_expiry
     ON scope_holds (expires_ms) WHERE status = {_HELD};
 CREATE INDEX IF NOT EXISTS scope_holds_held_by_scope
     ON scope_holds (tenant, scope, expires_ms) WHERE status = {_HELD};
+-- Settled holds, the oldest first: pruned (scopes.SETTLED_HOLD_RETENTION_MS).
+CREATE INDEX IF NOT EXISTS scope_holds_settled
+    ON scope_holds (tenant, scope, settled_ms) WHERE status != {_HELD};
 """
 
 _ACCOUNT_COLUMNS = (
@@ -706,6 +709,15 @@ class _SqlScopeStore:
                 hold.settled_ms,
                 int(hold.blocking_period) if hold.blocking_period else None,
             ),
+        )
+
+    def prune_settled(self, before_ms: int, limit: int) -> None:
+        self.conn.execute(
+            "DELETE FROM scope_holds WHERE tenant = ? AND scope = ? AND hold_id IN ("
+            "SELECT hold_id FROM scope_holds INDEXED BY scope_holds_settled "
+            f"WHERE tenant = ? AND scope = ? AND status != {_HELD} AND settled_ms < ? "
+            "ORDER BY settled_ms LIMIT ?)",
+            (*self.key, *self.key, before_ms, limit),
         )
 
 

@@ -274,6 +274,17 @@ def expire_due(store: RunStore, run_id: str, now_ms: int) -> int:
     return len(txn.changes)
 
 
+# A replay of these is ReserveResult.settled: allowed once, held no longer.
+_SETTLED_ALLOWED = frozenset(
+    {
+        ReservationStatus.COMMITTED,
+        ReservationStatus.RELEASED,
+        ReservationStatus.EXPIRED,
+        ReservationStatus.LATE_COMMITTED,
+    }
+)
+
+
 def reserve(
     store: RunStore,
     run_id: str,
@@ -364,6 +375,7 @@ def _reserve_result(
         now_ms=now_ms,
         worst_micros=reservation.amount_micros,
         pricing=reservation.pricing,
+        settled=replayed and reservation.status in _SETTLED_ALLOWED,
         **account.exposure(),
     )
 

@@ -8,6 +8,7 @@ restart).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -90,6 +91,8 @@ class _Scope:
     policy: str = ""
     windows: dict[str, WindowTotals] = field(default_factory=dict)
     holds: dict[str, ScopeHold] = field(default_factory=dict)
+    # Settled holds' ids -> settled ms, in the order they settled (pruned from the front).
+    settled: dict[str, int] = field(default_factory=dict)
 
 
 class _MemoryScopeStore:
@@ -135,6 +138,17 @@ class _MemoryScopeStore:
 
     def save_hold(self, hold: ScopeHold) -> None:
         self.scope.holds[hold.hold_id] = hold.copy()
+        settled = self.scope.settled
+        settled.pop(hold.hold_id, None)
+        if hold.status is not ReservationStatus.HELD and hold.settled_ms is not None:
+            settled[hold.hold_id] = hold.settled_ms
+
+    def prune_settled(self, before_ms: int, limit: int) -> None:
+        settled = self.scope.settled
+        for hold_id, settled_ms in list(itertools.islice(settled.items(), limit)):
+            if settled_ms >= before_ms:
+                return
+            del settled[hold_id], self.scope.holds[hold_id]
 
 
 class _MemoryStores:

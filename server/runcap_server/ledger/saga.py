@@ -161,10 +161,13 @@ def to_release(outcomes: Sequence[ParentOutcome], result: ReserveResult | None) 
     keeps every parent's hold, a replay too: the holds are the same whichever
     attempt made them (an earlier one whose answer was lost, or a concurrent
     retry), and releasing them would let the run hold what its parents do
-    not. A run that blocked it never holds it (a block is remembered), so
-    every parent's hold of it goes.
+    not. A replay of one the run no longer holds (settled: its parents have
+    forgotten it, scopes.SETTLED_HOLD_RETENTION_MS) releases what step 1 newly
+    held; the original holds settle with the run's settlement. A run that
+    blocked it never holds it (a block is remembered), so every parent's hold
+    of it goes.
     """
-    if result is None:
+    if result is None or result.settled:
         return [o.scope for o in outcomes if o.freshly_held and o.scope]
     # An advisory run's warning holds too, so its parents keep their holds.
     if result.decision in (Decision.ALLOW, Decision.WARN):
@@ -286,6 +289,10 @@ def commit(
         actual_tokens,
         output_tokens,
     )
+    if result.replayed:
+        # Its parents were settled with it, in the same transaction. (Settling
+        # again is not harmless: a parent may have pruned the hold's record since.)
+        return result
     hold = hold_id(run_id, reservation_id)
     for parent in _account(stores, run_id).lineage.parents():
         settle_on(stores, parent, hold, actual_micros, now_ms)

@@ -30,6 +30,12 @@ from runcap_server.ledger.types import (
 )
 
 DAY_MS = 86_400_000
+# A settled hold's record answers only retries and re-driven settlements, which
+# come within seconds (SETTLE_WAIT_MS): it is forgotten an hour after, at most
+# PRUNE_BATCH per operation on the scope. A commit re-driven later (every replica
+# down for an hour between a commit's two steps) would count again.
+SETTLED_HOLD_RETENTION_MS = 3_600_000
+PRUNE_BATCH = 10
 # Checked (and reported when blocking) in this order: the tightest window first.
 CHECK_ORDER = (Period.DAILY, Period.MONTHLY, Period.LIFETIME)
 
@@ -183,6 +189,11 @@ class ScopeStore(Protocol):
 
     def save_hold(self, hold: ScopeHold) -> None: ...
 
+    def prune_settled(self, before_ms: int, limit: int) -> None:
+        """Forget up to `limit` settled holds (any status but HELD) settled before
+        `before_ms`, the oldest first."""
+        ...
+
 
 class _ScopeTxn:
     """One operation's reads and writes; the store sees nothing until apply."""
@@ -234,6 +245,7 @@ class _ScopeTxn:
             self.store.save_window(key, totals)
         for hold in self.holds.values():
             self.store.save_hold(hold)
+        self.store.prune_settled(self.now_ms - SETTLED_HOLD_RETENTION_MS, PRUNE_BATCH)
 
 
 def hold(
@@ -267,10 +279,12 @@ def hold(
         status=ReservationStatus.BLOCKED,
         created_ms=now_ms,
         windows=windows,
+        settled_ms=now_ms,  # a block is settled as it is made
         blocking_period=blocking,
     )
     if blocking is None:
         new.status = ReservationStatus.HELD
+        new.settled_ms = None
         new.expires_ms = now_ms + ttl_ms
         for key in windows:
             totals = txn.window(key)

@@ -743,6 +743,9 @@ class ReserveResult:
     # decision, and what it may reach (limit + allowance); else 0.
     exposure_micros: int = 0
     exposure_ceiling_micros: int = 0
+    # A replay of an allowed reservation that is no longer held (committed,
+    # released, expired): the saga releases parent holds its retry made afresh.
+    settled: bool = False
 
 
 @dataclass(frozen=True, slots=True)

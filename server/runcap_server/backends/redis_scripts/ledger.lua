@@ -944,7 +944,9 @@ function ops.reserve()
         or encode_dims(prev.dims, TOKENS) ~= encode_dims(dims, TOKENS) then
       return err('IDEMPOTENCY_CONFLICT', 'reserved')
     end
-    return ok('1', decision(prev), apply(), calibration(prev))
+    -- "2": a replay of an allowance no longer held (ReserveResult.settled).
+    local settled = prev.status ~= HELD and prev.status ~= BLOCKED
+    return ok(settled and '2' or '1', decision(prev), apply(), calibration(prev))
   end
   local r = decide(id, amount, requested_ttl, requested_ttl or acc.ttl or default_ttl, pb, dims,
     true, pricing, ARGV[18] ~= '1')
@@ -1041,7 +1043,7 @@ end
 
 -- ARGV 6..: reservation id, actual, actual tokens or "" (keep those held),
 -- output tokens or "" (feed a CALIBRATED run's samples). Replies end with the
--- run's lineage.
+-- run's lineage: its parents to settle ("" for a replay they already saw).
 function ops.commit()
   local id, actual, actual_tokens = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
   local output = tonumber(ARGV[9])
@@ -1053,7 +1055,11 @@ function ops.commit()
   if r.status == RELEASED then return err('RESERVATION_RELEASED') end
   if r.status == COMMITTED or r.status == LATE_COMMITTED then
     if r.actual ~= actual then return err('IDEMPOTENCY_CONFLICT', 'committed') end
-    return ok('1', num(r.status), num(actual), num(r.held), num(r.overrun), apply(), acc.lin)
+    -- A replay settles the parents again only while they still wait for it (a
+    -- crash between the saga's steps): once settled, a parent may have pruned
+    -- the hold's record, and would count the commit twice.
+    local lin = redis.call('ZSCORE', P, id) and acc.lin or ''
+    return ok('1', num(r.status), num(actual), num(r.held), num(r.overrun), apply(), lin)
   end
   if acc.com + actual > MAX_MICROS then return err('TOTAL_OUT_OF_RANGE') end
   local overrun = settle_commit(r, actual, actual_tokens)

@@ -8,20 +8,24 @@
 --
 -- KEYS: 1 limits HASH (period -> limit), 2 window totals HASH ("<window>:c|r|o|n"
 --       -> committed, reserved, overrun, active), 3 holds HASH (hold id ->
---       record), 4 expiry ZSET of held ids (score = expires_ms)
+--       record), 4 expiry ZSET of held ids (score = expires_ms), 5 ZSET of
+--       settled ids (score = settled ms): pruned SETTLED_RETENTION_MS after
 -- ARGV: 1 operation, 2 now_ms ("" = the server's TIME; tests only), 3 expiry
 --       batch, 4.. operation args
 --
 -- Replies are flat arrays beginning with "OK". Nothing is written before every
 -- check has passed; numbers are written with %d (Lua numbers are doubles).
 
-local LIM, WIN, HOLDS, X = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local LIM, WIN, HOLDS, X, DONE = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local op = ARGV[1]
 local batch = tonumber(ARGV[3])
 
 local HELD, COMMITTED, RELEASED, EXPIRED, LATE_COMMITTED, BLOCKED = 1, 2, 3, 4, 5, 6
 local LIFETIME, DAILY, MONTHLY = 1, 2, 3
 local DAY_MS = 86400000
+-- As scopes.SETTLED_HOLD_RETENTION_MS and scopes.PRUNE_BATCH (a test holds them equal).
+local SETTLED_RETENTION_MS = 3600000
+local PRUNE_BATCH = 10
 
 -- The windows a hold made at `ms` counts in: lifetime, day, month. The month
 -- is computed from the day number (Hinnant's civil-from-days), as scopes.py does.
@@ -117,7 +121,16 @@ local function apply()
       redis.call('ZADD', X, num(h.expires), id)
     else
       redis.call('ZREM', X, id)
+      redis.call('ZADD', DONE, num(h.settled or txn.now), id)
     end
+  end
+  -- A settled record only answers retries and re-driven settlements, which come
+  -- within seconds: forget the oldest, a few per operation.
+  local old = redis.call('ZRANGEBYSCORE', DONE, '-inf', '(' .. num(txn.now - SETTLED_RETENTION_MS),
+    'LIMIT', 0, PRUNE_BATCH)
+  if #old > 0 then
+    redis.call('HDEL', HOLDS, unpack(old))
+    redis.call('ZREM', DONE, unpack(old))
   end
 end
 
@@ -140,7 +153,7 @@ function ops.hold()
   local limits = redis.call('HMGET', LIM, num(DAILY), num(MONTHLY), num(LIFETIME))
   local order = {{DAILY, windows[2]}, {MONTHLY, windows[3]}, {LIFETIME, windows[1]}}
   local h = {id = id, amount = amount, status = BLOCKED, created = txn.now, windows = windows,
-    overrun = 0}
+    overrun = 0, settled = txn.now}
   for i, check in ipairs(order) do
     local limit = tonumber(limits[i])
     local t = totals(check[2])
@@ -151,6 +164,7 @@ function ops.hold()
   end
   if not h.period then
     h.status = HELD
+    h.settled = nil
     h.expires = txn.now + ttl
     for _, w in ipairs(windows) do
       local t = totals(w)
