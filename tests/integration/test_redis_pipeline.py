@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from runcap_server import errors
 from runcap_server.backends import redis as redis_backend
 from runcap_server.backends.redis import RedisLedger
+from runcap_server.clock import ManualClock
 from runcap_server.ledger.types import (
     Decision,
     Period,
@@ -341,6 +342,28 @@ def monitor(port: int, ready: threading.Event, seen: list[dict[str, Any]]) -> No
             seen.append(entry)
 
 
+async def client_commands(ports: Sequence[int], step: Any) -> list[str]:
+    """The commands clients sent (not scripts) on every node during `step`."""
+    seen: list[dict[str, Any]] = []
+    watchers = []
+    probes = [aioredis.Redis(host="127.0.0.1", port=port) for port in ports]
+    for port, probe in zip(ports, probes, strict=True):
+        await probe.ping()  # connected before the monitor starts
+        ready = threading.Event()
+        watcher = threading.Thread(target=monitor, args=(port, ready, seen))
+        watcher.start()
+        watchers.append(watcher)
+        assert await asyncio.to_thread(ready.wait, 5)
+    await asyncio.sleep(0.1)
+    await step()
+    for probe in probes:
+        await probe.echo("done")
+        await probe.aclose()
+    for watcher in watchers:
+        await asyncio.to_thread(watcher.join, 5)
+    return [e["command"].split()[0] for e in seen if e.get("client_type") != "lua"]
+
+
 async def test_a_reserve_and_a_commit_are_one_round_trip_each(
     ledger_and_ports: tuple[RedisLedger, list[int]],
 ) -> None:
@@ -348,29 +371,9 @@ async def test_a_reserve_and_a_commit_are_one_round_trip_each(
     await ledger.create_run(T, RunSpec("run", 1_000, {}, None))
     await ledger.reserve(T, "run", "warm-up", 1, None)  # routes and loads the script
 
-    async def client_commands(step: Any) -> list[str]:
-        """The commands clients sent (not scripts) on every node during `step`."""
-        seen: list[dict[str, Any]] = []
-        watchers = []
-        probes = [aioredis.Redis(host="127.0.0.1", port=port) for port in ports]
-        for port, probe in zip(ports, probes, strict=True):
-            await probe.ping()  # connected before the monitor starts
-            ready = threading.Event()
-            watcher = threading.Thread(target=monitor, args=(port, ready, seen))
-            watcher.start()
-            watchers.append(watcher)
-            assert await asyncio.to_thread(ready.wait, 5)
-        await asyncio.sleep(0.1)
-        await step()
-        for probe in probes:
-            await probe.echo("done")
-            await probe.aclose()
-        for watcher in watchers:
-            await asyncio.to_thread(watcher.join, 5)
-        return [e["command"].split()[0] for e in seen if e.get("client_type") != "lua"]
-
-    assert await client_commands(lambda: ledger.reserve(T, "run", "r", 10, None)) == ["EVALSHA"]
-    assert await client_commands(lambda: ledger.commit(T, "run", "r", 7)) == ["EVALSHA"]
+    reserve = await client_commands(ports, lambda: ledger.reserve(T, "run", "r", 10, None))
+    assert reserve == ["EVALSHA"]
+    assert await client_commands(ports, lambda: ledger.commit(T, "run", "r", 7)) == ["EVALSHA"]
     assert (await ledger.get_run(T, "run")).state.committed_micros == 7
 
 
@@ -397,3 +400,20 @@ async def test_the_lineage_cache_is_bounded_and_a_forgotten_one_still_holds_on_p
         assert (T, "run-0") in ledger._lineages  # remembered again, the newest
     finally:
         await ledger.close()
+
+
+async def test_a_sweep_with_nothing_due_is_one_script_per_bucket(
+    ledger_and_ports: tuple[RedisLedger, list[int]],
+) -> None:
+    """50 runs hold for another minute: a sweep looks at the 16 due buckets (one
+    script each, sent together) and touches no run and no lease."""
+    ledger, ports = ledger_and_ports
+    for n in range(50):
+        await ledger.create_run(T, RunSpec(f"run-{n}", 1_000, {}, None))
+        await ledger.reserve(T, f"run-{n}", "r", 10, 60_000)
+    await ledger.sweep(100)  # writes the due index
+    commands = await client_commands(ports, lambda: ledger.sweep(100))
+    assert commands == ["EVALSHA"] * redis_backend.DUE_BUCKETS
+    # When they are due, the sweep releases them all.
+    ledger.clock = ManualClock(int(time.time() * 1000) + 61_000)
+    assert await ledger.sweep(100) == 50

@@ -125,6 +125,7 @@ class _Script:
 _RUN_SCRIPT = _Script.load("ledger.lua")
 _SCOPE_SCRIPT = _Script.load("scope.lua")
 _PRICES_SCRIPT = _Script.load("prices.lua")
+_DUE_SCRIPT = _Script.load("due.lua")
 _PRICES_VERSION = "~version"
 # A scope's default run policy: a field of its limits hash (the periods' are digits).
 _SCOPE_POLICY = "policy"
@@ -872,10 +873,10 @@ class RedisLedger:
         )
         lineage = _lineage(reply[5 + STATE_LEN])
         if lineage.parents():
-            _crash_point("commit:run-settled")
             # A replay comes with its parents only while they still wait for it:
             # settling them again finishes what a crash interrupted.
-            self._index(tenant, run_id, self._now_ms_guess() + SETTLE_WAIT_MS)
+            await self._note_pending(tenant, run_id)
+            _crash_point("commit:run-settled")
             await self._settle_parents(tenant, run_id, lineage, [(reservation_id, actual_micros)])
         return result
 
@@ -890,8 +891,8 @@ class RedisLedger:
         )
         lineage = _lineage(reply[3 + STATE_LEN])
         if lineage.parents() and result.reservation_status is ReservationStatus.RELEASED:
+            await self._note_pending(tenant, run_id)
             _crash_point("refund:run-settled")
-            self._index(tenant, run_id, self._now_ms_guess() + SETTLE_WAIT_MS)
             await self._settle_parents(tenant, run_id, lineage, [(reservation_id, None)])
         return result
 
@@ -1073,6 +1074,17 @@ class RedisLedger:
         """This process's idea of server time: good enough for the due index."""
         return self.clock.now_ms() if self.clock else int(time.time() * 1000)
 
+    async def _note_pending(self, tenant: str, run_id: str) -> None:
+        """Put the run in the due index now, for when its parents' settlement is due
+        (not batched, as holds are): if this process dies before it settles them, any
+        replica's sweeper re-drives it (a death before this line: the reconciler)."""
+        member = f"{tenant}/{run_id}"
+        due_ms = self._now_ms_guess() + SETTLE_WAIT_MS
+        await self._cmd("zadd", self._bucket(member), {member: due_ms}, lt=True)
+
+    def _bucket(self, member: str) -> str:
+        return f"{self.namespace}:due:{{{zlib.crc32(member.encode()) % DUE_BUCKETS}}}"
+
     def _index(self, tenant: str, run_id: str, expires_ms: int) -> None:
         self._index_member(f"{tenant}/{run_id}", expires_ms)
 
@@ -1082,15 +1094,15 @@ class RedisLedger:
         Off the Reserve path, so a Reserve stays one round trip. A hold noted
         here and lost in a crash is found by the reconciler.
         """
-        bucket = f"{self.namespace}:due:{{{zlib.crc32(member.encode()) % DUE_BUCKETS}}}"
-        members = self._index_pending.setdefault(bucket, {})
+        members = self._index_pending.setdefault(self._bucket(member), {})
         members[member] = min(due_ms, members.get(member, due_ms))
 
     async def _flush_index(self) -> None:
         pending, self._index_pending = self._index_pending, {}
-        for bucket, members in pending.items():
-            # LT: only ever move a run's next expiry earlier.
-            await self._cmd("zadd", bucket, members, lt=True)
+        # LT: only ever move a run's next expiry earlier.
+        await asyncio.gather(
+            *(self._cmd("zadd", bucket, members, lt=True) for bucket, members in pending.items())
+        )
 
     async def reconcile(self) -> int:
         """Repair the due index from the runs' own expiry sets (slow; one replica at a time).
@@ -1115,29 +1127,22 @@ class RedisLedger:
         return found
 
     async def sweep(self, max_runs: int) -> int:
-        """Expire due holds of runs in the due index, one leased bucket at a time."""
+        """Expire due holds of runs in the due index, each bucket under a lease."""
         now = time.monotonic()
         if now >= self._next_reconcile:
             self._next_reconcile = now + RECONCILE_EVERY_S
             await self.reconcile()
         # This replica's own holds first, so it never misses what it just made.
         await self._flush_index()
-        now_ms = self.clock.now_ms() if self.clock else None
+        # Every bucket at once (one round trip per node): most passes find nothing due.
+        buckets = [f"{self.namespace}:due:{{{n}}}" for n in range(DUE_BUCKETS)]
+        claims = await asyncio.gather(*(self._claim(bucket, max_runs) for bucket in buckets))
         released = 0
-        for n in range(DUE_BUCKETS):
-            if max_runs <= 0:
-                break
-            bucket = f"{self.namespace}:due:{{{n}}}"
-            lease = f"{bucket}:lease"
-            got = await self._cmd("set", lease, self.replica_id, nx=True, px=SWEEP_LEASE_MS)
-            if not got:
-                continue  # another replica sweeps this bucket now
+        for bucket, members in zip(buckets, claims, strict=True):
+            if not members:
+                continue  # nothing due, or another replica sweeps this bucket now
             try:
-                limit = "+inf" if now_ms is None else now_ms
-                members = await self._cmd(
-                    "zrangebyscore", bucket, "-inf", limit, start=0, num=max_runs
-                )
-                for member in members:
+                for member in members[:max_runs]:
                     count, next_due = await self._sweep_member(member.decode())
                     released += count
                     max_runs -= 1
@@ -1146,8 +1151,15 @@ class RedisLedger:
                     else:
                         await self._cmd("zrem", bucket, member)
             finally:
-                await self._cmd("delete", lease)
+                await self._cmd("delete", f"{bucket}:lease")
         return released
+
+    async def _claim(self, bucket: str, max_runs: int) -> list[bytes]:
+        """The bucket's members due now, under its lease; [] if none or leased elsewhere."""
+        if max_runs <= 0:
+            return []
+        argv = [self.replica_id, self._now_arg(), str(SWEEP_LEASE_MS), str(max_runs)]
+        return await self._eval(_DUE_SCRIPT, [bucket, f"{bucket}:lease"], argv)
 
     async def _sweep_member(self, member: str) -> tuple[int, bytes]:
         """Expire a run's or scope's due holds and finish its stale settlements.
