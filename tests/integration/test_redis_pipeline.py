@@ -417,3 +417,50 @@ async def test_a_sweep_with_nothing_due_is_one_script_per_bucket(
     # When they are due, the sweep releases them all.
     ledger.clock = ManualClock(int(time.time() * 1000) + 61_000)
     assert await ledger.sweep(100) == 50
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+async def test_a_commit_whose_answer_was_lost_still_gets_its_parents_settled(
+    request: pytest.FixtureRequest, topology: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis applied the run's step of a Commit, but its answer never came (a timeout):
+    the replica, which knew the run has parents, had put it in the due index with the
+    step, so the next sweep after SETTLE_WAIT_MS settles the team (not the reconciler,
+    a minute later)."""
+    ports = ports_of(request, topology)
+    clock = ManualClock()
+    nodes = [f"127.0.0.1:{port}" for port in ports]
+    target = (
+        {"url": f"redis://127.0.0.1:{ports[0]}"}
+        if topology == "standalone"
+        else {"cluster_nodes": nodes}
+    )
+    ledger = RedisLedger(
+        **target, default_ttl_ms=60_000, clock=clock, namespace=f"lost-{uuid.uuid4().hex[:8]}"
+    )
+    await ledger.start()
+    try:
+        team = ScopeRef(ScopeKind.TEAM, "acme")
+        await ledger.create_run(T, RunSpec("run", 5_000, {}, None, team_id="acme"))
+        await ledger.reserve(T, "run", "r", 1_000, None)
+        await ledger.sweep(100)  # writes the due index (the hold, a minute away)
+        script = ledger._script
+
+        async def answer_lost(*args: Any, **kwargs: Any) -> list[Any]:
+            reply = await script(*args, **kwargs)
+            if args[2] == "commit":
+                raise errors.BackendUnavailable("Redis: Timeout reading from socket")
+            return reply
+
+        monkeypatch.setattr(ledger, "_script", answer_lost)
+        with pytest.raises(errors.BackendUnavailable):
+            await ledger.commit(T, "run", "r", 700)
+        monkeypatch.undo()
+        usage = (await ledger.get_scope(T, team)).period(Period.LIFETIME)
+        assert (usage.committed_micros, usage.reserved_micros) == (0, 1_000)
+        clock.advance(redis_backend.SETTLE_WAIT_MS)
+        await ledger.sweep(100)
+        usage = (await ledger.get_scope(T, team)).period(Period.LIFETIME)
+        assert (usage.committed_micros, usage.reserved_micros) == (700, 0)
+    finally:
+        await ledger.close()

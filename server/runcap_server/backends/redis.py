@@ -859,7 +859,7 @@ class RedisLedger:
         actual_tokens: int | None = None,
         output_tokens: int | None = None,
     ) -> CommitResult:
-        reply = await self._script(
+        reply, noted = await self._settle_run(
             tenant, run_id, "commit", reservation_id, actual_micros, actual_tokens, output_tokens
         )
         replayed, status, actual, held, overrun = reply[0:5]
@@ -875,13 +875,14 @@ class RedisLedger:
         if lineage.parents():
             # A replay comes with its parents only while they still wait for it:
             # settling them again finishes what a crash interrupted.
-            await self._note_pending(tenant, run_id)
+            if not noted:
+                await self._note_pending(tenant, run_id)
             _crash_point("commit:run-settled")
             await self._settle_parents(tenant, run_id, lineage, [(reservation_id, actual_micros)])
         return result
 
     async def refund(self, tenant: str, run_id: str, reservation_id: str) -> RefundResult:
-        reply = await self._script(tenant, run_id, "refund", reservation_id)
+        reply, noted = await self._settle_run(tenant, run_id, "refund", reservation_id)
         replayed, status, released = reply[0:3]
         result = RefundResult(
             state=_state(run_id, reply[3 : 3 + STATE_LEN]),
@@ -891,7 +892,8 @@ class RedisLedger:
         )
         lineage = _lineage(reply[3 + STATE_LEN])
         if lineage.parents() and result.reservation_status is ReservationStatus.RELEASED:
-            await self._note_pending(tenant, run_id)
+            if not noted:
+                await self._note_pending(tenant, run_id)
             _crash_point("refund:run-settled")
             await self._settle_parents(tenant, run_id, lineage, [(reservation_id, None)])
         return result
@@ -1073,6 +1075,20 @@ class RedisLedger:
     def _now_ms_guess(self) -> int:
         """This process's idea of server time: good enough for the due index."""
         return self.clock.now_ms() if self.clock else int(time.time() * 1000)
+
+    async def _settle_run(
+        self, tenant: str, run_id: str, op: str, *args: object
+    ) -> tuple[list[Any], bool]:
+        """A Commit's or Refund's step on the run, and whether the run was put in the
+        due index with it: on a run this replica knows has parents, in parallel (no
+        added latency), so that even a step Redis applies after its timeout gets its
+        parents settled by a sweeper, not only by the reconciler."""
+        if (tenant, run_id) not in self._lineages:
+            return await self._script(tenant, run_id, op, *args), False
+        _, reply = await asyncio.gather(
+            self._note_pending(tenant, run_id), self._script(tenant, run_id, op, *args)
+        )
+        return reply, True
 
     async def _note_pending(self, tenant: str, run_id: str) -> None:
         """Put the run in the due index now, for when its parents' settlement is due
