@@ -30,7 +30,7 @@ from runcap_server.ledger.model import ModelLedger
 from runcap_server.open_runs import OpenRuns
 from runcap_server.open_runs import open_store as open_runs_store
 from runcap_server.prices import PriceBook
-from runcap_server.servicer import BudgetServicer, UndecodableRequests, add_to_server
+from runcap_server.servicer import BudgetServicer, add_to_server, register
 from runcap_server.settings import Settings
 from runcap_server.sweeper import sweep_forever
 from runcap_server.tasks import cancel_and_wait
@@ -141,7 +141,7 @@ class RuncapServer:
         )
         self.server = grpc.aio.server(
             options=_server_options(settings),
-            interceptors=[*self.telemetry.interceptors(), UndecodableRequests()],
+            interceptors=self.telemetry.interceptors(),
         )
         # Health only, plaintext (RUNCAP_HEALTH_ADDR): the same statuses as the main port.
         self.health_server = grpc.aio.server() if settings.health_addr else None
@@ -176,7 +176,7 @@ class RuncapServer:
             keys=self.keys,
             on_rules_changed=self.alerts.poke if self.alerts else lambda: None,
         )
-        alerts_pb2_grpc.add_AlertServiceServicer_to_server(alert_servicer, self.server)
+        register(alerts_pb2_grpc.add_AlertServiceServicer_to_server, alert_servicer, self.server)
         self.telemetry.observe(
             failed_open=lambda: servicer.failed_open, watchers=lambda: self.hub.watchers
         )

@@ -10,7 +10,7 @@ import inspect
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -79,41 +79,6 @@ def _unary(handler: Handler) -> Handler:
             await _abort(context, error)
 
     return wrapped  # type: ignore[return-value]
-
-
-if TYPE_CHECKING:
-    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:  # not subscriptable at run time
-    _ServerInterceptor = grpc.aio.ServerInterceptor
-
-
-class UndecodableRequests(_ServerInterceptor):
-    """A request body that does not parse as its message (corrupt wire format,
-    bad UTF-8 in a string field) gets INVALID_ARGUMENT with the usual details,
-    like any malformed request, instead of gRPC's own UNKNOWN. Every service.
-
-    Install it last (innermost): it then sees the registered handlers, which
-    never change, and wraps each once.
-    """
-
-    def __init__(self) -> None:
-        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        method: str = handler_call_details.method
-        handler = self._wrapped.get(method)
-        if handler is None:
-            found = await continuation(handler_call_details)
-            if found is None:  # an unknown method: not cached, gRPC answers UNIMPLEMENTED
-                return found
-            handler = self._wrapped[method] = _tolerant(found)
-        return handler
 
 
 class _Undecodable:
@@ -985,20 +950,38 @@ def add_to_server(servicer: BudgetServicer, server: grpc.aio.Server) -> None:
 
     The generated registration would serialize every message once per stream.
     """
+
+    def pass_bytes(handlers: dict[str, Any]) -> None:
+        handlers["Watch"] = handlers["Watch"]._replace(response_serializer=_serialize_watch)
+
+    register(
+        budget_service_pb2_grpc.add_BudgetServiceServicer_to_server, servicer, server, pass_bytes
+    )
+
+
+def register(
+    add: Callable[[Any, Any], None],
+    servicer: Any,
+    server: grpc.aio.Server,
+    adjust: Callable[[dict[str, Any]], None] = lambda handlers: None,
+) -> None:
+    """Register a service through its generated `add_..._to_server`, each handler
+    made tolerant of a request that does not parse (INVALID_ARGUMENT with the usual
+    details, like any malformed request, instead of gRPC's own UNKNOWN).
+
+    Done once here rather than by an interceptor: without interceptors grpc.aio
+    takes its direct path, with nothing to await per call before the handler.
+    """
     registrar = _Registrar()
-    budget_service_pb2_grpc.add_BudgetServiceServicer_to_server(
-        servicer, cast(grpc.aio.Server, registrar)
-    )
-    watch = registrar.handlers["Watch"]
-    registrar.handlers["Watch"] = watch._replace(  # type: ignore[attr-defined]
-        response_serializer=_serialize_watch
-    )
+    add(servicer, registrar)
+    handlers = {name: _tolerant(handler) for name, handler in registrar.handlers.items()}
+    adjust(handlers)
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(registrar.service, registrar.handlers),)
+        (grpc.method_handlers_generic_handler(registrar.service, handlers),)
     )
     # (grpc-stubs lag grpcio here)
     server.add_registered_method_handlers(  # type: ignore[attr-defined]
-        registrar.service, registrar.handlers
+        registrar.service, handlers
     )
 
 
