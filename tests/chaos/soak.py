@@ -60,6 +60,8 @@ ROOT = Path(__file__).resolve().parents[2]
 GENERATION_S = 10.0
 ROOTS = 4
 TEAMS = ("acme", "globex", "initech")
+# A team scope's keys: limits, window totals, holds, and settled holds by time (to prune).
+TEAM_KEYS = (":l", ":w", ":h", ":done")
 AGENTS = 8
 RETENTION_S = 10
 MIX = Mix(commit=0.6, refund=0.25, replay=0.1, ttl_ms=2_000, pause_s=0.01)
@@ -328,9 +330,9 @@ class Soak:
             with redis.Redis(port=port) as node:
                 for raw in node.scan_iter(match=f"{prefix}*", count=1000):
                     key = raw.decode()[len(prefix) :]
-                    if key.startswith(f"{{{TENANT}/@team:") and key[-2:] in (":l", ":w", ":h"):
+                    if key.startswith(f"{{{TENANT}/@team:") and key.endswith(TEAM_KEYS):
                         size = node.hlen(raw) if key.endswith(":h") else 0
-                        found[f"kept: team scope {key[-1]}"] += 1
+                        found[f"kept: team scope {key.rsplit(':', 1)[1]}"] += 1
                         found["kept: team hold records"] += size
                     elif key == "{@open}:tenants":
                         found["kept: tenants with open-run counts"] += 1
