@@ -22,6 +22,7 @@ def page_cursor(token: str, query: str) -> Cursor | None:
     except (ValueError, TypeError):
         return None
     # type(), not isinstance: JSON's true and false are bools, and a bool is an int.
-    if of != query or type(ms) is not int or ms < 0 or not isinstance(id_, str):
+    # Within a signed 64-bit integer: the stores compare it as one (SQLite's INTEGER).
+    if of != query or type(ms) is not int or not 0 <= ms < 2**63 or not isinstance(id_, str):
         return None
     return ms, id_

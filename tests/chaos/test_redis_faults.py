@@ -22,6 +22,7 @@ from redis.crc import key_slot
 
 from runcap import AsyncRuncapClient
 from runcap_server import errors
+from runcap_server.backends import redis as redis_backend
 from runcap_server.backends.redis import SOCKET_TIMEOUT_S, RedisLedger
 from runcap_server.ledger.types import Decision, Period, RunSpec, ScopeKind, ScopeRef
 from tests.chaos.harness import TENANT, namespace, reader, redis_env, scaled
@@ -332,3 +333,25 @@ async def test_a_connection_torn_down_under_a_call_is_unavailable_not_internal()
             await ledger._call(buggy)
     finally:
         await ledger.close()
+
+
+async def test_a_torn_connection_under_a_pipelined_script_is_unavailable_not_internal() -> None:
+    """The same through the pipelined path, whose fallback is redis-py's own call
+    (it follows a MOVED during a failover): seen as a Commit answered INTERNAL."""
+    torn = aioredis.Connection()
+    torn._reader, torn._writer = object(), None  # type: ignore[assignment]
+
+    class TornPipeline:
+        async def execute(self, key: str, *args: object) -> list[object]:
+            await torn._send_packed_command([b"EVALSHA"])
+            return []
+
+    class BuggyPipeline:
+        async def execute(self, key: str, *args: object) -> list[object]:
+            raise AttributeError("a bug of ours stays a bug")
+
+    script = redis_backend._RUN_SCRIPT
+    with pytest.raises(errors.BackendUnavailable):
+        await RedisLedger._pipelined(TornPipeline(), script, ["k"], ["get"])  # type: ignore[arg-type]
+    with pytest.raises(AttributeError):
+        await RedisLedger._pipelined(BuggyPipeline(), script, ["k"], ["get"])  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ def test_a_token_round_trips_for_its_query_only() -> None:
         forged(False, "", "q"),  # a bool is an int to isinstance (the fuzz suite found it)
         forged(True, "a", "q"),
         forged(-1, "a", "q"),
+        forged(2**63, "a", "q"),  # past SQLite's INTEGER (the long fuzz form found it)
         forged(1.5, "a", "q"),
         forged("12", "a", "q"),
         forged(12, 7, "q"),

@@ -174,6 +174,18 @@ def _crash_point(point: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _unavailable(error: Exception) -> errors.BackendUnavailable | None:
+    """What a failed Redis call means for the caller: UNAVAILABLE, or None for a
+    failure that is not Redis's (a bug: INTERNAL)."""
+    if isinstance(error, _UNAVAILABLE):
+        return errors.BackendUnavailable(f"Redis: {error}")
+    if isinstance(error, AttributeError | TypeError) and _raised_by_the_client(error):
+        # redis-py leaks these when a connection is torn down under a call (a
+        # failover's topology refresh, a reset peer: redis/redis-py#4287).
+        return errors.BackendUnavailable(f"Redis: connection lost: {error}")
+    return None
+
+
 def _raised_by_the_client(error: BaseException) -> bool:
     """Whether `error` was raised inside redis-py or asyncio's transports."""
     frames = traceback.extract_tb(error.__traceback__)
@@ -392,14 +404,11 @@ class RedisLedger:
         async with self._slots:
             try:
                 return await fn(self.client)
-            except _UNAVAILABLE as error:
-                raise errors.BackendUnavailable(f"Redis: {error}") from error
-            except (AttributeError, TypeError) as error:
-                # redis-py leaks these when a connection is torn down under a call
-                # (a failover's topology refresh, a reset peer: redis/redis-py#4287).
-                if not _raised_by_the_client(error):
+            except Exception as error:
+                unavailable = _unavailable(error)
+                if unavailable is None:
                     raise
-                raise errors.BackendUnavailable(f"Redis: connection lost: {error}") from error
+                raise unavailable from error
 
     async def _cmd(self, command: str, *args: Any, **kwargs: Any) -> Any:
         """One Redis command by its redis-py method name."""
@@ -467,8 +476,12 @@ class RedisLedger:
             except redis.exceptions.NoScriptError:
                 # This node lost its script cache; EVAL runs and caches it.
                 reply = await pipeline.execute(keys[0], "EVAL", script.text, *args)
-        except _UNAVAILABLE as error:
-            raise errors.BackendUnavailable(f"Redis: {error}") from error
+        except Exception as error:
+            # Also redis-py's own call, which follows a redirect during a failover.
+            unavailable = _unavailable(error)
+            if unavailable is None:
+                raise
+            raise unavailable from error
         return reply  # the scripts answer arrays: lists
 
     async def _script(
