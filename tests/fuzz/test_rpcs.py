@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from runcap.v1 import budget_pb2
+from runcap.v1 import alerts_pb2, budget_pb2
 from runcap.v1 import budget_service_pb2 as pb
 from tests.fuzz.harness import (
     FUZZ,
@@ -101,6 +101,12 @@ test_list_runs = fuzz(
     "ListRuns",
     pb.ListRunsRequest(created_after=_ts(2**62), created_before=_ts(2**62 + 5)),
     pb.ListRunsRequest(created_after=_ts(0, 10**9), created_before=_ts(4_102_444_800)),
+    # A page token's time past a signed 64-bit integer (SQLite: OverflowError).
+    pb.ListRunsRequest(
+        created_after=_ts(0),
+        page_size=5,
+        page_token="WzkyMjMzNzIwMzY4NTQ3NzU4MDgsICIiLCAiMDo5MDA3MTk5MjU0NzQwOTkyIl0",
+    ),
 )
 test_reserve = fuzz(
     "Reserve",
@@ -139,7 +145,16 @@ test_deny = fuzz("Deny")
 test_put_alert_rule = fuzz("PutAlertRule")
 test_list_alert_rules = fuzz("ListAlertRules")
 test_delete_alert_rule = fuzz("DeleteAlertRule")
-test_list_alerts = fuzz("ListAlerts")
+test_list_alerts = fuzz(
+    "ListAlerts",
+    # A page token whose time is JSON false (a bool passed isinstance(x, int)).
+    alerts_pb2.ListAlertsRequest(
+        page_size=10,
+        page_token="W2ZhbHNlLCAiIiwgImxpc3RhbGVydHMtcnVsZToyIl0",
+        rule_id="listalerts-rule",
+        state=alerts_pb2.ALERT_STATE_DELIVERED,
+    ),
+)
 
 
 def test_every_rpc_is_fuzzed() -> None:
