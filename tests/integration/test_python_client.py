@@ -41,6 +41,9 @@ FAST_RECONNECT_OPTIONS: list[tuple[str, str | int]] = [
     ("grpc.max_reconnect_backoff_ms", 500),
 ]
 PATIENT = RetryPolicy(max_attempts=200, initial_backoff=0.05, max_backoff=0.5)
+# Calls outlast the channel's reconnect backoff after a restart (the default
+# policy's waits add up to 0.7 s at most, the backoff above to 0.5 s plus jitter).
+RESTART_RETRY = RetryPolicy(max_attempts=20, initial_backoff=0.1, max_backoff=0.5)
 
 
 def new_id(prefix: str) -> str:
@@ -365,7 +368,9 @@ def test_sync_watch_resumes_across_a_server_restart(tmp_path: Path) -> None:
     listen = f"127.0.0.1:{free_port()}"
     server = ServerProcess(tmp_path / "runcap.db", listen=listen).start()
     try:
-        with RuncapClient(server.target, options=FAST_RECONNECT_OPTIONS) as client:
+        with RuncapClient(
+            server.target, options=FAST_RECONNECT_OPTIONS, retry=RESTART_RETRY
+        ) as client:
             run_id = new_id("run")
             client.create_run(run_id, limit_micros=1_000_000)
             seen: list[pb.WatchResponse] = []
@@ -408,7 +413,9 @@ async def test_async_watch_resumes_across_a_server_restart(tmp_path: Path) -> No
     listen = f"127.0.0.1:{free_port()}"
     server = await asyncio.to_thread(ServerProcess(tmp_path / "runcap.db", listen=listen).start)
     try:
-        async with AsyncRuncapClient(server.target, options=FAST_RECONNECT_OPTIONS) as aclient:
+        async with AsyncRuncapClient(
+            server.target, options=FAST_RECONNECT_OPTIONS, retry=RESTART_RETRY
+        ) as aclient:
             run_id = new_id("run")
             await aclient.create_run(run_id, limit_micros=1_000_000)
             seen: list[pb.WatchResponse] = []
