@@ -148,11 +148,13 @@ LINEAGE_CACHE_SIZE = 65_536
 _UNAVAILABLE = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
-    redis.exceptions.ClusterDownError,
+    # CLUSTERDOWN, MASTERDOWN, and "TTL exhausted" (redirected too often: mid-failover).
+    redis.exceptions.ClusterError,
+    # A slot no node serves (yet): a primary lost before its replica took over.
+    redis.exceptions.SlotNotCoveredError,
     redis.exceptions.TryAgainError,
     redis.exceptions.BusyLoadingError,
     redis.exceptions.ReadOnlyError,
-    redis.exceptions.MasterDownError,
     OSError,
 )
 
@@ -179,18 +181,30 @@ def _unavailable(error: Exception) -> errors.BackendUnavailable | None:
     failure that is not Redis's (a bug: INTERNAL)."""
     if isinstance(error, _UNAVAILABLE):
         return errors.BackendUnavailable(f"Redis: {error}")
-    if isinstance(error, AttributeError | TypeError) and _raised_by_the_client(error):
+    if isinstance(error, AttributeError | TypeError | RuntimeError) and _raised_by_the_client(
+        error
+    ):
         # redis-py leaks these when a connection is torn down under a call (a
-        # failover's topology refresh, a reset peer: redis/redis-py#4287).
+        # failover's topology refresh, a reset peer: redis/redis-py#4287), and
+        # uvloop's closed transport refuses a write with RuntimeError.
         return errors.BackendUnavailable(f"Redis: connection lost: {error}")
     return None
 
 
+# Where a connection torn down under a call raises from: redis-py itself, or
+# the event loop's transports (asyncio's in Python; uvloop names its Cython
+# frames by a relative path, "uvloop/handles/handle.pyx").
+_CLIENT_CODE = (
+    os.path.dirname(redis.__file__) + os.sep,
+    os.path.dirname(asyncio.__file__) + os.sep,
+    "uvloop" + os.sep,
+)
+
+
 def _raised_by_the_client(error: BaseException) -> bool:
-    """Whether `error` was raised inside redis-py or asyncio's transports."""
+    """Whether `error` was raised inside redis-py or the event loop's transports."""
     frames = traceback.extract_tb(error.__traceback__)
-    last = os.path.normpath(frames[-1].filename) if frames else ""
-    return any(f"{os.sep}{package}{os.sep}" in last for package in ("redis", "asyncio"))
+    return bool(frames) and os.path.normpath(frames[-1].filename).startswith(_CLIENT_CODE)
 
 
 def _labels_json(labels: Mapping[str, str]) -> str:
