@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -17,6 +19,8 @@ import uvloop
 from runcap_server import errors
 from runcap_server.backends import redis as redis_backend
 from runcap_server.backends.redis import RedisLedger
+from runcap_server.backends.redis_failures import unavailable
+from runcap_server.backends.redis_pipeline import _Call, _Lane
 from tests.chaos.harness import namespace
 
 
@@ -38,7 +42,7 @@ from tests.chaos.harness import namespace
     ids=lambda error: type(error).__name__,
 )
 def test_a_failover_or_a_lost_node_is_unavailable(error: Exception) -> None:
-    assert isinstance(redis_backend._unavailable(error), errors.BackendUnavailable)
+    assert isinstance(unavailable(error), errors.BackendUnavailable)
 
 
 @pytest.mark.parametrize(
@@ -52,7 +56,7 @@ def test_a_failover_or_a_lost_node_is_unavailable(error: Exception) -> None:
     ids=lambda error: type(error).__name__,
 )
 def test_a_script_error_or_a_bug_of_ours_stays_internal(error: Exception) -> None:
-    assert redis_backend._unavailable(error) is None
+    assert unavailable(error) is None
 
 
 async def test_a_connection_torn_down_under_a_call_is_unavailable_not_internal() -> None:
@@ -102,18 +106,30 @@ async def test_a_torn_connection_under_a_pipelined_script_is_unavailable_not_int
         await RedisLedger._pipelined(BuggyPipeline(), script, ["k"], ["get"])  # type: ignore[arg-type]
 
 
+async def closed_connection() -> tuple[aioredis.Connection, socket.socket]:
+    """A redis-py connection whose transport has closed under it, as a failover
+    leaves one, and the peer's end of its socket (to close)."""
+    ours, theirs = socket.socketpair()
+    connection = aioredis.Connection()
+    connection._reader, connection._writer = await asyncio.open_connection(sock=ours)
+    connection._writer.transport.abort()
+    await asyncio.sleep(0)  # the handle closes on the next loop pass
+    return connection, theirs
+
+
+def on_uvloop(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """`runcap serve` runs on uvloop, whose closed transport refuses a write with
+    RuntimeError, raised from Cython frames named "uvloop/handles/..."."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
+
+
 def test_a_write_on_a_closed_uvloop_transport_is_unavailable_not_internal() -> None:
-    """The server runs on uvloop, whose closed transport refuses a write with
-    RuntimeError raised from Cython (frames named "uvloop/handles/..."): seen as
-    a Refund answered INTERNAL when a failover closed its connection mid-call."""
+    """Seen as a Commit and a Refund answered INTERNAL when a failover closed
+    their pooled connection mid-call."""
 
     async def scenario() -> None:
-        ours, theirs = socket.socketpair()
-        connection = aioredis.Connection()
-        connection._reader, connection._writer = await asyncio.open_connection(sock=ours)
-        connection._writer.transport.abort()
-        await asyncio.sleep(0)  # the handle closes on the next loop pass
-        theirs.close()
+        connection, peer = await closed_connection()
 
         async def on_closed(client: object) -> None:
             await connection._send_packed_command([b"EVALSHA"])
@@ -132,7 +148,29 @@ def test_a_write_on_a_closed_uvloop_transport_is_unavailable_not_internal() -> N
                 await ledger._call(buggy)
         finally:
             await ledger.close()
+            peer.close()
             connection._reader = connection._writer = None  # closed: nothing to warn of
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(scenario())
+    on_uvloop(scenario)
+
+
+def test_a_pipelined_batch_on_a_closed_uvloop_transport_fails_unavailable_and_reconnects() -> None:
+    """The pipeline's own connections: the batch's callers get ConnectionError
+    (UNAVAILABLE), the lane drops the connection and marks the topology stale,
+    and its drainer does not die of the RuntimeError."""
+
+    async def scenario() -> None:
+        connection, peer = await closed_connection()
+        broken: list[bool] = []
+        lane = _Lane(lambda: connection, timeout_s=5.0, on_broken=lambda: broken.append(True))
+        lane._connection = connection
+        loop = asyncio.get_running_loop()
+        call = _Call((b"PING",), loop.create_future(), loop.time() + 5.0)
+        await lane._round_trip([call], fresh=False)
+        with pytest.raises(redis.exceptions.ConnectionError, match="connection lost"):
+            await call.future
+        assert broken == [True]
+        assert not connection.is_connected  # dropped: the next batch connects afresh
+        peer.close()
+
+    on_uvloop(scenario)

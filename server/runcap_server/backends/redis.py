@@ -44,7 +44,6 @@ import logging
 import os
 import signal
 import time
-import traceback
 import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -58,6 +57,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from runcap_server import errors
 from runcap_server.backends.base import wait_event
+from runcap_server.backends.redis_failures import unavailable
 from runcap_server.backends.redis_pipeline import Pipeliner
 from runcap_server.bounded import BoundedDict
 from runcap_server.clock import Clock
@@ -144,20 +144,6 @@ SOCKET_TIMEOUT_S = 5.0
 SWEEP_LEASE_MS = 5_000
 # Runs with parents whose lineage a replica remembers (a miss costs one round trip).
 LINEAGE_CACHE_SIZE = 65_536
-# Failures that mean "Redis cannot answer now": fail closed, retry later.
-_UNAVAILABLE = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    # CLUSTERDOWN, MASTERDOWN, and "TTL exhausted" (redirected too often: mid-failover).
-    redis.exceptions.ClusterError,
-    # A slot no node serves (yet): a primary lost before its replica took over.
-    redis.exceptions.SlotNotCoveredError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.BusyLoadingError,
-    redis.exceptions.ReadOnlyError,
-    OSError,
-)
-
 Client = aioredis.Redis | RedisCluster
 
 # Tests only: the saga step after which this process kills itself (SIGKILL),
@@ -174,37 +160,6 @@ def _crash_point(point: str) -> None:
         _crash_countdown[0] -= 1
         if _crash_countdown[0] <= 0:
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _unavailable(error: Exception) -> errors.BackendUnavailable | None:
-    """What a failed Redis call means for the caller: UNAVAILABLE, or None for a
-    failure that is not Redis's (a bug: INTERNAL)."""
-    if isinstance(error, _UNAVAILABLE):
-        return errors.BackendUnavailable(f"Redis: {error}")
-    if isinstance(error, AttributeError | TypeError | RuntimeError) and _raised_by_the_client(
-        error
-    ):
-        # redis-py leaks these when a connection is torn down under a call (a
-        # failover's topology refresh, a reset peer: redis/redis-py#4287), and
-        # uvloop's closed transport refuses a write with RuntimeError.
-        return errors.BackendUnavailable(f"Redis: connection lost: {error}")
-    return None
-
-
-# Where a connection torn down under a call raises from: redis-py itself, or
-# the event loop's transports (asyncio's in Python; uvloop names its Cython
-# frames by a relative path, "uvloop/handles/handle.pyx").
-_CLIENT_CODE = (
-    os.path.dirname(redis.__file__) + os.sep,
-    os.path.dirname(asyncio.__file__) + os.sep,
-    "uvloop" + os.sep,
-)
-
-
-def _raised_by_the_client(error: BaseException) -> bool:
-    """Whether `error` was raised inside redis-py or the event loop's transports."""
-    frames = traceback.extract_tb(error.__traceback__)
-    return bool(frames) and os.path.normpath(frames[-1].filename).startswith(_CLIENT_CODE)
 
 
 def _labels_json(labels: Mapping[str, str]) -> str:
@@ -419,10 +374,10 @@ class RedisLedger:
             try:
                 return await fn(self.client)
             except Exception as error:
-                unavailable = _unavailable(error)
-                if unavailable is None:
+                failure = unavailable(error)
+                if failure is None:
                     raise
-                raise unavailable from error
+                raise failure from error
 
     async def _cmd(self, command: str, *args: Any, **kwargs: Any) -> Any:
         """One Redis command by its redis-py method name."""
@@ -492,10 +447,10 @@ class RedisLedger:
                 reply = await pipeline.execute(keys[0], "EVAL", script.text, *args)
         except Exception as error:
             # Also redis-py's own call, which follows a redirect during a failover.
-            unavailable = _unavailable(error)
-            if unavailable is None:
+            failure = unavailable(error)
+            if failure is None:
                 raise
-            raise unavailable from error
+            raise failure from error
         return reply  # the scripts answer arrays: lists
 
     async def _script(

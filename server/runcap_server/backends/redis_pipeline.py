@@ -42,6 +42,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from runcap_server.backends.redis_failures import connection_lost
 from runcap_server.tasks import cancel_and_wait
 
 # The most calls written in one batch (its replies are read under one deadline).
@@ -148,9 +149,14 @@ class _Lane:
             kind = type(error) if isinstance(error, redis.exceptions.RedisError) else None
             self._fail(live[answered:], kind or redis.exceptions.ConnectionError, str(error), error)
         except BaseException as error:
-            # Cancelled (closing) or a bug: these callers get no reply on this connection.
-            self._fail(live[answered:], redis.exceptions.ConnectionError, f"aborted: {error!r}")
-            raise
+            if not connection_lost(error):
+                # Cancelled (closing) or a bug: these callers get no reply on this connection.
+                self._fail(live[answered:], redis.exceptions.ConnectionError, f"aborted: {error!r}")
+                raise
+            # Torn down under the write (uvloop's closed transport): broken, as above.
+            self._on_broken()
+            lost = f"connection lost: {error}"
+            self._fail(live[answered:], redis.exceptions.ConnectionError, lost, error)
         else:
             return
         # Unread replies would answer the next batch's calls: never reuse the connection.
